@@ -1,0 +1,193 @@
+//! Local administration: enrollment tokens, operator tokens, revocation.
+//!
+//! sled allows one process per database, so while `berth-coordinator serve` runs these
+//! requests go over its admin socket (`<state_dir>/admin.sock`, mode 0600: file permissions are
+//! the authentication); when it does not run, the command opens the store itself. Both paths
+//! execute the same [`AdminRequest`].
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_shared::clock::SystemClock;
+use berth_shared::ids::HostId;
+use berth_shared::store::SledStore;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::config::CoordinatorConfig;
+use crate::core::{Coordinator, RevokeTarget};
+use crate::registry::{Registry, RegistryError};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AdminRequest {
+    CreateEnrollmentToken { host_id: HostId, ttl_ms: u64 },
+    CreateOperatorToken { name: HostId, ttl_ms: Option<u64> },
+    Revoke { target: RevokeTarget },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum AdminResponse {
+    Token { token: String, expires_unix_ms: i64 },
+    Revoked { serials: Vec<String> },
+    Error { message: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("admin socket {path}: {source}")]
+    Socket {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("the coordinator answered: {0}")]
+    Refused(String),
+    #[error("the admin socket sent an unreadable answer: {0}")]
+    Protocol(String),
+}
+
+/// Executes a request against a registry. `on_revoked` puts revocations into force in a
+/// running server (deny-list, open sessions); offline there is nothing to do.
+pub fn execute(
+    registry: &Registry,
+    request: &AdminRequest,
+    revoke: impl FnOnce(&RevokeTarget) -> Result<Vec<String>, RegistryError>,
+) -> Result<AdminResponse, RegistryError> {
+    Ok(match request {
+        AdminRequest::CreateEnrollmentToken { host_id, ttl_ms } => {
+            let (token, expires_unix_ms) =
+                registry.create_enrollment_token(host_id, Duration::from_millis(*ttl_ms))?;
+            tracing::info!(host = %host_id, "enrollment token created");
+            AdminResponse::Token {
+                token,
+                expires_unix_ms,
+            }
+        }
+        AdminRequest::CreateOperatorToken { name, ttl_ms } => {
+            let (token, expires_unix_ms) =
+                registry.create_operator_token(name.as_str(), ttl_ms.map(Duration::from_millis))?;
+            tracing::info!(operator = %name, "operator token created");
+            AdminResponse::Token {
+                token,
+                expires_unix_ms,
+            }
+        }
+        AdminRequest::Revoke { target } => {
+            let serials = revoke(target)?;
+            tracing::warn!(?target, ?serials, "certificates revoked");
+            AdminResponse::Revoked { serials }
+        }
+    })
+}
+
+/// Serves the admin socket until the task is dropped.
+pub async fn serve_socket(path: &Path, coordinator: Arc<Coordinator>) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let coordinator = coordinator.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut line = String::new();
+            // One request line of at most 64 KiB.
+            if BufReader::new(read.take(64 * 1024))
+                .read_line(&mut line)
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let response = match serde_json::from_str::<AdminRequest>(&line) {
+                Err(e) => AdminResponse::Error {
+                    message: format!("bad admin request: {e}"),
+                },
+                Ok(request) => execute(&coordinator.registry, &request, |t| coordinator.revoke(t))
+                    .unwrap_or_else(|e| AdminResponse::Error {
+                        message: e.to_string(),
+                    }),
+            };
+            let mut out = serde_json::to_vec(&response).unwrap_or_default();
+            out.push(b'\n');
+            let _ = write.write_all(&out).await;
+        });
+    }
+}
+
+/// Sends `request` to a running coordinator, or executes it on the store when none runs.
+pub async fn call(
+    config: &CoordinatorConfig,
+    request: &AdminRequest,
+) -> Result<AdminResponse, AdminError> {
+    let path = config.admin_socket();
+    let socket_err = |source| AdminError::Socket {
+        path: path.display().to_string(),
+        source,
+    };
+    match UnixStream::connect(&path).await {
+        Ok(stream) => {
+            let (read, mut write) = stream.into_split();
+            let mut out =
+                serde_json::to_vec(request).map_err(|e| AdminError::Protocol(e.to_string()))?;
+            out.push(b'\n');
+            write.write_all(&out).await.map_err(socket_err)?;
+            let mut line = String::new();
+            BufReader::new(read)
+                .read_line(&mut line)
+                .await
+                .map_err(socket_err)?;
+            match serde_json::from_str(&line).map_err(|e| AdminError::Protocol(e.to_string()))? {
+                AdminResponse::Error { message } => Err(AdminError::Refused(message)),
+                ok => Ok(ok),
+            }
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            let store = SledStore::open(&config.db_dir()).map_err(RegistryError::from)?;
+            let registry = Registry::new(Arc::new(store), Arc::new(SystemClock));
+            let response = execute(&registry, request, |target| match target {
+                RevokeTarget::Host(host) => registry.revoke_host(host),
+                RevokeTarget::Serial(serial) => registry.revoke_serial(serial).map(|s| vec![s]),
+            })?;
+            Ok(response)
+        }
+        Err(e) => Err(socket_err(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_strict() {
+        let err = serde_json::from_str::<AdminRequest>(
+            r#"{"action":"create_enrollment_token","host_id":"../x","ttl_ms":1}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("invalid host id"), "{err}");
+        let err = serde_json::from_str::<AdminRequest>(
+            r#"{"action":"create_enrollment_token","host_id":"a","ttl_ms":1,"x":1}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+        let ok: AdminRequest =
+            serde_json::from_str(r#"{"action":"revoke","target":{"serial":"ab"}}"#).unwrap();
+        assert_eq!(
+            ok,
+            AdminRequest::Revoke {
+                target: RevokeTarget::Serial("ab".into())
+            }
+        );
+    }
+}

@@ -1,0 +1,201 @@
+//! The agent port's gRPC service: sessions (hello, reports, acks) and certificate renewal.
+//!
+//! Ensures: a session speaks only for the host in its certificate; a message that claims
+//! another host ends the session and is logged; a revoked or expired certificate ends it too.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_shared::model::HostFacts;
+use berth_shared::pki::{Subject, Validity};
+use berth_shared::proto::agent_message::Body as AgentBody;
+use berth_shared::proto::agent_service_server::AgentService;
+use berth_shared::proto::coordinator_message::Body as CoordinatorBody;
+use berth_shared::proto::{self, AgentMessage, CoordinatorMessage};
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::core::{AuthenticatedHost, Coordinator};
+use crate::registry::CertRecord;
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct AgentApi {
+    pub coordinator: Arc<Coordinator>,
+}
+
+fn registry_status(e: crate::registry::RegistryError) -> Status {
+    Status::internal(e.to_string())
+}
+
+impl AgentApi {
+    fn check_still_valid(&self, auth: &AuthenticatedHost) -> Result<(), Status> {
+        if self.coordinator.denied.contains(&auth.serial) {
+            return Err(Status::unauthenticated("certificate revoked"));
+        }
+        if auth.not_after_unix_ms <= self.coordinator.registry.now() {
+            return Err(Status::unauthenticated("certificate expired"));
+        }
+        Ok(())
+    }
+
+    fn claim_matches(auth: &AuthenticatedHost, field: &str, claimed: &str) -> Result<(), Status> {
+        if claimed == auth.host_id.as_str() {
+            return Ok(());
+        }
+        tracing::warn!(cert_host = %auth.host_id, claimed = %claimed.chars().take(64).collect::<String>(), field, "message claims another host");
+        Err(Status::permission_denied(format!(
+            "{field} {claimed:?} does not match the certificate's host {:?}",
+            auth.host_id.as_str()
+        )))
+    }
+
+    /// Handles one message after the hello. An error ends the session.
+    fn handle(&self, auth: &AuthenticatedHost, message: AgentMessage) -> Result<(), Status> {
+        self.check_still_valid(auth)?;
+        match message.body {
+            None => Err(Status::invalid_argument("agent message: body is empty")),
+            Some(AgentBody::Hello(_)) => Err(Status::invalid_argument(
+                "hello: only the first message of a session may be a hello",
+            )),
+            Some(AgentBody::Report(report)) => {
+                Self::claim_matches(auth, "report.host_id", &report.host_id)?;
+                if report.memory_available_bytes > report.memory_total_bytes {
+                    return Err(Status::invalid_argument(
+                        "report.memory_available_bytes: larger than report.memory_total_bytes",
+                    ));
+                }
+                self.coordinator
+                    .registry
+                    .record_report(
+                        &auth.host_id,
+                        report.memory_available_bytes,
+                        report.disk_available_bytes,
+                    )
+                    .map_err(registry_status)?;
+                Ok(())
+            }
+            Some(AgentBody::Ack(ack)) => {
+                tracing::debug!(host = %auth.host_id, generation = ack.generation, accepted = ack.accepted, "desired-state ack");
+                Ok(())
+            }
+        }
+    }
+}
+
+type SessionStream = Pin<Box<dyn Stream<Item = Result<CoordinatorMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentService for AgentApi {
+    type SessionStream = SessionStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<SessionStream>, Status> {
+        let auth = self.coordinator.authenticate_host(request.extensions())?;
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello within 10 s"))??
+            .ok_or_else(|| Status::invalid_argument("session closed before the hello"))?;
+        let Some(AgentBody::Hello(hello)) = first.body else {
+            return Err(Status::invalid_argument(
+                "hello: the first message of a session must be a hello",
+            ));
+        };
+        Self::claim_matches(&auth, "hello.host_id", &hello.host_id)?;
+        let facts = HostFacts::try_from(hello.facts.unwrap_or_default()).map_err(|e| {
+            tracing::warn!(host = %auth.host_id, error = %e, "hello refused");
+            Status::invalid_argument(e.to_string())
+        })?;
+        self.coordinator
+            .registry
+            .record_hello(&auth.host_id, facts)
+            .map_err(registry_status)?;
+        tracing::info!(host = %auth.host_id, serial = %auth.serial, "agent session opened");
+
+        let (tx, rx) = mpsc::channel(16);
+        let accepted = CoordinatorMessage {
+            body: Some(CoordinatorBody::Accepted(proto::SessionAccepted {
+                host_id: auth.host_id.to_string(),
+                report_interval_ms: self.coordinator.config.report_interval.as_millis() as u32,
+            })),
+        };
+        tx.send(Ok(accepted))
+            .await
+            .map_err(|_| Status::cancelled("agent went away"))?;
+        let (session_id, mut close) = self
+            .coordinator
+            .sessions
+            .register(&auth.host_id, &auth.serial);
+        let api = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    reason = &mut close => {
+                        if let Ok(status) = reason {
+                            let _ = tx.send(Err(status)).await;
+                        }
+                        break;
+                    }
+                    message = inbound.message() => match message {
+                        Ok(Some(message)) => {
+                            if let Err(status) = api.handle(&auth, message) {
+                                tracing::warn!(host = %auth.host_id, error = %status.message(), "session ended by the coordinator");
+                                let _ = tx.send(Err(status)).await;
+                                break;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(status) => {
+                            tracing::debug!(host = %auth.host_id, error = %status, "session stream error");
+                            break;
+                        }
+                    },
+                }
+            }
+            api.coordinator
+                .sessions
+                .unregister(&auth.host_id, session_id);
+            tracing::info!(host = %auth.host_id, "agent session closed");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn renew_certificate(
+        &self,
+        request: Request<proto::RenewCertificateRequest>,
+    ) -> Result<Response<proto::RenewCertificateResponse>, Status> {
+        let auth = self.coordinator.authenticate_host(request.extensions())?;
+        let now = self.coordinator.registry.now();
+        let validity = Validity::starting_now(now, self.coordinator.config.agent_cert_ttl);
+        let cert = self
+            .coordinator
+            .ca
+            .sign_csr(
+                &request.get_ref().csr_pem,
+                &Subject::Host(auth.host_id.clone()),
+                validity,
+            )
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.coordinator
+            .registry
+            .record_cert(&CertRecord {
+                serial: cert.serial.clone(),
+                subject: auth.host_id.to_string(),
+                issued_unix_ms: now,
+                not_after_unix_ms: cert.not_after_unix_ms,
+            })
+            .map_err(registry_status)?;
+        tracing::info!(host = %auth.host_id, old_serial = %auth.serial, new_serial = %cert.serial, "certificate renewed");
+        Ok(Response::new(proto::RenewCertificateResponse {
+            certificate_pem: cert.pem,
+            not_after_unix_ms: cert.not_after_unix_ms,
+        }))
+    }
+}

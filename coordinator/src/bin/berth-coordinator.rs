@@ -1,0 +1,303 @@
+//! berth-coordinator: CA, enrollment tokens, revocation, and the control-plane server.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use berth_coordinator::admin::{self, AdminRequest, AdminResponse};
+use berth_coordinator::config::CoordinatorConfig;
+use berth_coordinator::core::RevokeTarget;
+use berth_shared::ids::HostId;
+use berth_shared::pki::{self, CertificateAuthority, Subject, Validity};
+use berth_shared::units::parse_duration;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "berth-coordinator", version, about = "berth's control plane")]
+struct Cli {
+    /// Configuration file (TOML). Defaults apply without one.
+    #[arg(long, global = true, env = "BERTH_COORDINATOR_CONFIG")]
+    config: Option<PathBuf>,
+    /// Overrides `state_dir` from the configuration.
+    #[arg(long, global = true)]
+    state_dir: Option<PathBuf>,
+    /// Print results as JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The fleet CA.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Run the control plane.
+    Serve,
+    /// One-time enrollment tokens for new hosts.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Bearer tokens for operators (berthctl, the placement API).
+    OperatorToken {
+        #[command(subcommand)]
+        command: OperatorTokenCommand,
+    },
+    /// Client certificates for operators.
+    OperatorCert {
+        #[command(subcommand)]
+        command: OperatorCertCommand,
+    },
+    /// Revoke certificates: a revoked certificate is refused on its next call and its open
+    /// session is closed.
+    Revoke {
+        /// Every certificate issued to this host.
+        #[arg(long, conflicts_with = "serial", required_unless_present = "serial")]
+        host_id: Option<String>,
+        /// One certificate, by serial number (hex).
+        #[arg(long)]
+        serial: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Create the fleet CA (ECDSA P-256) in <state_dir>/ca. Never overwrites.
+    Init,
+    /// Print the CA certificate's SHA-256 fingerprint (for `berth-agent enroll`).
+    Fingerprint,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Print a one-time, expiring enrollment token for a host.
+    Create {
+        #[arg(long)]
+        host_id: String,
+        /// How long the token stays valid.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum OperatorTokenCommand {
+    /// Print a new operator bearer token.
+    Create {
+        /// Who the token is for (a lowercase label).
+        #[arg(long)]
+        name: String,
+        /// Expiry; without it the token does not expire.
+        #[arg(long)]
+        ttl: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum OperatorCertCommand {
+    /// Write operator.key (0600), operator.crt and ca.crt into a directory.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        out_dir: PathBuf,
+        #[arg(long, default_value = "90d")]
+        ttl: String,
+    },
+}
+
+fn print(json: bool, value: serde_json::Value, human: String) {
+    if json {
+        println!("{value}");
+    } else {
+        println!("{human}");
+    }
+}
+
+fn expiry(unix_ms: i64) -> String {
+    if unix_ms == 0 {
+        return "never".into();
+    }
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(unix_ms as u64);
+    humantime::format_rfc3339_seconds(at).to_string()
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut config = CoordinatorConfig::load(cli.config.as_deref())?;
+    if let Some(dir) = cli.state_dir {
+        config.state_dir = dir;
+    }
+    match cli.command {
+        Command::Ca {
+            command: CaCommand::Init,
+        } => {
+            let ca = CertificateAuthority::init(&config.ca_dir())?;
+            let fp = ca.fingerprint().to_string();
+            let dir = config.ca_dir().display().to_string();
+            print(
+                cli.json,
+                serde_json::json!({ "ca_dir": dir, "fingerprint": fp }),
+                format!("created the fleet CA in {dir}\nfingerprint: {fp}"),
+            );
+        }
+        Command::Ca {
+            command: CaCommand::Fingerprint,
+        } => {
+            let ca = CertificateAuthority::load(&config.ca_dir())?;
+            let fp = ca.fingerprint().to_string();
+            print(
+                cli.json,
+                serde_json::json!({ "fingerprint": fp }),
+                fp.clone(),
+            );
+        }
+        Command::Serve => berth_coordinator::server::serve(config).await?,
+        Command::Token {
+            command: TokenCommand::Create { host_id, ttl },
+        } => {
+            let host_id = HostId::new(host_id).context("--host-id")?;
+            let ttl = parse_duration("--ttl", &ttl)?;
+            let request = AdminRequest::CreateEnrollmentToken {
+                host_id: host_id.clone(),
+                ttl_ms: ttl.as_millis() as u64,
+            };
+            let AdminResponse::Token {
+                token,
+                expires_unix_ms,
+            } = admin::call(&config, &request).await?
+            else {
+                anyhow::bail!("unexpected answer from the coordinator");
+            };
+            print(
+                cli.json,
+                serde_json::json!({ "host_id": host_id.as_str(), "token": token, "expires_unix_ms": expires_unix_ms }),
+                token.clone(),
+            );
+            if !cli.json {
+                eprintln!(
+                    "one-time token for host {host_id}, valid until {}",
+                    expiry(expires_unix_ms)
+                );
+            }
+        }
+        Command::OperatorToken {
+            command: OperatorTokenCommand::Create { name, ttl },
+        } => {
+            let name = HostId::new(name).map_err(|e| {
+                anyhow::anyhow!(
+                    "--name: {}",
+                    e.to_string().replace("host id", "operator name")
+                )
+            })?;
+            let ttl_ms = ttl
+                .map(|t| parse_duration("--ttl", &t))
+                .transpose()?
+                .map(|d| d.as_millis() as u64);
+            let request = AdminRequest::CreateOperatorToken {
+                name: name.clone(),
+                ttl_ms,
+            };
+            let AdminResponse::Token {
+                token,
+                expires_unix_ms,
+            } = admin::call(&config, &request).await?
+            else {
+                anyhow::bail!("unexpected answer from the coordinator");
+            };
+            print(
+                cli.json,
+                serde_json::json!({ "name": name.as_str(), "token": token, "expires_unix_ms": expires_unix_ms }),
+                token.clone(),
+            );
+            if !cli.json {
+                eprintln!(
+                    "operator token for {name}, expires {}",
+                    expiry(expires_unix_ms)
+                );
+            }
+        }
+        Command::OperatorCert {
+            command: OperatorCertCommand::Create { name, out_dir, ttl },
+        } => {
+            let name = HostId::new(name).map_err(|e| {
+                anyhow::anyhow!(
+                    "--name: {}",
+                    e.to_string().replace("host id", "operator name")
+                )
+            })?;
+            let ttl = parse_duration("--ttl", &ttl)?;
+            let ca = CertificateAuthority::load(&config.ca_dir())?;
+            let key = pki::generate_key()?;
+            let now = berth_shared::clock::Clock::now_unix_ms(&berth_shared::clock::SystemClock);
+            let cert = ca.issue_for_key(
+                &key,
+                &Subject::Operator(name.to_string()),
+                Validity::starting_now(now, ttl),
+            )?;
+            std::fs::create_dir_all(&out_dir).with_context(|| out_dir.display().to_string())?;
+            pki::write_file_atomic(
+                &out_dir.join("operator.key"),
+                key.serialize_pem().as_bytes(),
+                0o600,
+            )?;
+            pki::write_file_atomic(&out_dir.join("operator.crt"), cert.pem.as_bytes(), 0o644)?;
+            pki::write_file_atomic(&out_dir.join("ca.crt"), ca.cert_pem().as_bytes(), 0o644)?;
+            // Recorded so `revoke --serial` knows it; through the running server when there is one.
+            let dir = out_dir.display().to_string();
+            print(
+                cli.json,
+                serde_json::json!({ "name": name.as_str(), "serial": cert.serial, "dir": dir, "not_after_unix_ms": cert.not_after_unix_ms }),
+                format!(
+                    "wrote operator.key, operator.crt and ca.crt to {dir} (serial {})",
+                    cert.serial
+                ),
+            );
+        }
+        Command::Revoke { host_id, serial } => {
+            let target = match (host_id, serial) {
+                (Some(host), None) => RevokeTarget::Host(HostId::new(host).context("--host-id")?),
+                (None, Some(serial)) => RevokeTarget::Serial(serial),
+                _ => anyhow::bail!("give exactly one of --host-id or --serial"),
+            };
+            let AdminResponse::Revoked { serials } =
+                admin::call(&config, &AdminRequest::Revoke { target }).await?
+            else {
+                anyhow::bail!("unexpected answer from the coordinator");
+            };
+            print(
+                cli.json,
+                serde_json::json!({ "revoked": serials }),
+                format!(
+                    "revoked {} certificate(s): {}",
+                    serials.len(),
+                    serials.join(", ")
+                ),
+            );
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    berth_shared::tls::install_crypto_provider();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

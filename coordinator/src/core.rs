@@ -1,0 +1,272 @@
+//! The coordinator's shared state and the operations that span registry, CA and sessions
+//! (revocation must update all three).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use berth_shared::ids::HostId;
+use berth_shared::pki::{CertificateAuthority, PeerCert, Subject, parse_peer_cert};
+use berth_shared::proto;
+use berth_shared::tls::SerialDenyList;
+use berth_shared::transport::PeerInfo;
+use tokio::sync::oneshot;
+use tonic::Status;
+
+use crate::config::CoordinatorConfig;
+use crate::registry::{HostRecord, Registry, RegistryError};
+
+/// Everything the services share.
+#[derive(Debug)]
+pub struct Coordinator {
+    pub config: CoordinatorConfig,
+    pub registry: Registry,
+    pub ca: CertificateAuthority,
+    pub denied: Arc<SerialDenyList>,
+    pub sessions: SessionHub,
+    /// The bound agent port, told to enrolling agents.
+    pub agent_port: u16,
+}
+
+/// What to revoke.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RevokeTarget {
+    Host(HostId),
+    Serial(String),
+}
+
+impl Coordinator {
+    /// Revokes in the registry (durably), then in the live deny-list, then closes the open
+    /// sessions of those certificates.
+    pub fn revoke(&self, target: &RevokeTarget) -> Result<Vec<String>, RegistryError> {
+        let serials = match target {
+            RevokeTarget::Host(host) => self.registry.revoke_host(host)?,
+            RevokeTarget::Serial(serial) => vec![self.registry.revoke_serial(serial)?],
+        };
+        self.forget_serials(&serials);
+        Ok(serials)
+    }
+
+    /// Puts already-revoked serials into force: deny-list and open sessions.
+    pub fn forget_serials(&self, serials: &[String]) {
+        for serial in serials {
+            self.denied.insert(serial.clone());
+        }
+        let closed = self
+            .sessions
+            .close_serials(serials, || Status::unauthenticated("certificate revoked"));
+        for host in closed {
+            tracing::warn!(%host, "closed the session of a revoked certificate");
+        }
+    }
+
+    /// The operator view of a host.
+    pub fn host_view(&self, host: &HostRecord) -> proto::Host {
+        let now = self.registry.now();
+        let state = match host.state(now, self.config.down_after) {
+            crate::registry::HostState::Ready => proto::HostState::Ready,
+            crate::registry::HostState::Cordoned => proto::HostState::Cordoned,
+            crate::registry::HostState::Draining => proto::HostState::Draining,
+            crate::registry::HostState::Down => proto::HostState::Down,
+        };
+        proto::Host {
+            host_id: host.host_id.to_string(),
+            state: state as i32,
+            facts: host.facts.as_ref().map(proto::HostFacts::from),
+            last_report_unix_ms: host.last_report_unix_ms,
+            memory_used_bytes: host.memory_used_bytes(),
+            tenant_count: 0,
+            tenants: Vec::new(),
+            enrolled_unix_ms: host.enrolled_unix_ms,
+        }
+    }
+
+    fn peer_cert(&self, extensions: &http::Extensions) -> Result<Option<PeerCert>, Status> {
+        let peer = extensions
+            .get::<PeerInfo>()
+            .ok_or_else(|| Status::internal("request arrived without transport information"))?;
+        let Some(der) = &peer.cert else {
+            return Ok(None);
+        };
+        let cert = parse_peer_cert(der).map_err(|e| Status::unauthenticated(e.to_string()))?;
+        if self.denied.contains(&cert.serial) {
+            return Err(Status::unauthenticated("certificate revoked"));
+        }
+        if cert.not_after_unix_ms <= self.registry.now() {
+            return Err(Status::unauthenticated("certificate expired"));
+        }
+        Ok(Some(cert))
+    }
+
+    /// The host a request speaks for: from its verified, unrevoked, unexpired client
+    /// certificate, and nothing else.
+    pub fn authenticate_host(
+        &self,
+        extensions: &http::Extensions,
+    ) -> Result<AuthenticatedHost, Status> {
+        let cert = self
+            .peer_cert(extensions)?
+            .ok_or_else(|| Status::unauthenticated("client certificate required"))?;
+        match cert.subject {
+            Subject::Host(host_id) => Ok(AuthenticatedHost {
+                host_id,
+                serial: cert.serial,
+                not_after_unix_ms: cert.not_after_unix_ms,
+            }),
+            Subject::Operator(_) => Err(Status::permission_denied(
+                "an operator certificate cannot speak for a host",
+            )),
+        }
+    }
+
+    /// The operator behind a request: an operator certificate, or a valid bearer token.
+    pub fn authenticate_operator(
+        &self,
+        extensions: &http::Extensions,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<String, Status> {
+        if let Some(cert) = self.peer_cert(extensions)? {
+            return match cert.subject {
+                Subject::Operator(name) => Ok(name),
+                Subject::Host(host) => {
+                    tracing::warn!(%host, "a host certificate was presented on the operator port");
+                    Err(Status::permission_denied(
+                        "a host certificate cannot act as an operator",
+                    ))
+                }
+            };
+        }
+        let header = metadata
+            .get("authorization")
+            .ok_or_else(|| Status::unauthenticated("operator credential required: a client certificate or an `authorization: Bearer` token"))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                Status::unauthenticated("authorization header must be `Bearer <token>`")
+            })?;
+        match self.registry.check_operator_token(token.trim()) {
+            Ok(Some(record)) => Ok(record.name),
+            Ok(None) => Err(Status::unauthenticated(
+                "operator token is invalid or expired",
+            )),
+            Err(e) => Err(Status::internal(e.to_string())),
+        }
+    }
+}
+
+/// A host proven by its certificate.
+#[derive(Debug, Clone)]
+pub struct AuthenticatedHost {
+    pub host_id: HostId,
+    pub serial: String,
+    pub not_after_unix_ms: i64,
+}
+
+#[derive(Debug)]
+struct SessionEntry {
+    id: u64,
+    serial: String,
+    close: oneshot::Sender<Status>,
+}
+
+/// The open agent sessions: at most one per host. A newer session supersedes an older one.
+#[derive(Debug, Default)]
+pub struct SessionHub {
+    next_id: AtomicU64,
+    sessions: Mutex<HashMap<HostId, SessionEntry>>,
+}
+
+/// The receiving side of a session's forced close.
+pub type CloseSignal = oneshot::Receiver<Status>;
+
+impl SessionHub {
+    /// Registers a session; returns its id and the signal that closes it.
+    pub fn register(&self, host: &HostId, serial: &str) -> (u64, CloseSignal) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (close, signal) = oneshot::channel();
+        let entry = SessionEntry {
+            id,
+            serial: serial.to_string(),
+            close,
+        };
+        let previous = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(host.clone(), entry);
+        if let Some(old) = previous {
+            let _ = old.close.send(Status::aborted(
+                "superseded by a newer session of the same host",
+            ));
+        }
+        (id, signal)
+    }
+
+    /// Removes a session if it is still the registered one.
+    pub fn unregister(&self, host: &HostId, id: u64) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if sessions.get(host).is_some_and(|e| e.id == id) {
+            sessions.remove(host);
+        }
+    }
+
+    /// Closes the sessions authenticated by any of `serials`; returns their hosts.
+    pub fn close_serials(&self, serials: &[String], status: impl Fn() -> Status) -> Vec<HostId> {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let hosts: Vec<HostId> = sessions
+            .iter()
+            .filter(|(_, e)| serials.contains(&e.serial))
+            .map(|(h, _)| h.clone())
+            .collect();
+        for host in &hosts {
+            if let Some(entry) = sessions.remove(host) {
+                let _ = entry.close.send(status());
+            }
+        }
+        hosts
+    }
+
+    pub fn is_connected(&self, host: &HostId) -> bool {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(host)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn newer_session_supersedes_and_revocation_closes() {
+        let hub = SessionHub::default();
+        let host = HostId::new("a").unwrap();
+        let (first, mut first_signal) = hub.register(&host, "s1");
+        let (second, mut second_signal) = hub.register(&host, "s2");
+        assert_eq!(
+            first_signal.try_recv().unwrap().code(),
+            tonic::Code::Aborted
+        );
+        hub.unregister(&host, first);
+        assert!(
+            hub.is_connected(&host),
+            "a stale unregister must not remove the newer session"
+        );
+        assert!(
+            hub.close_serials(&["s1".into()], || Status::unauthenticated("x"))
+                .is_empty()
+        );
+        let closed = hub.close_serials(&["s2".into()], || Status::unauthenticated("revoked"));
+        assert_eq!(closed, vec![host.clone()]);
+        assert_eq!(
+            second_signal.try_recv().unwrap().code(),
+            tonic::Code::Unauthenticated
+        );
+        hub.unregister(&host, second);
+        assert!(!hub.is_connected(&host));
+    }
+}

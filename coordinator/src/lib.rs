@@ -1,0 +1,15 @@
+//! berth-coordinator: the fleet's control plane.
+//!
+//! Ensures: agents are enrolled only with a one-time token and speak only for the host in their
+//! certificate; the fleet registry survives SIGKILL (every acknowledged write is flushed);
+//! operators are authenticated on every call.
+
+pub mod admin;
+pub mod agent_api;
+pub mod client;
+pub mod config;
+pub mod core;
+pub mod http;
+pub mod operator_api;
+pub mod registry;
+pub mod server;

@@ -1,0 +1,264 @@
+//! The operator port's gRPC services: enrollment (token-authenticated) and the operator API
+//! (operator certificate or bearer token, checked by [`OperatorAuth`] before any handler).
+
+use std::sync::Arc;
+
+use berth_shared::ids::HostId;
+use berth_shared::pki::{Subject, Validity};
+use berth_shared::proto::enrollment_service_server::EnrollmentService;
+use berth_shared::proto::operator_service_server::OperatorService;
+use berth_shared::proto::{self, HostRef};
+use tonic::{Request, Response, Status};
+
+use crate::core::Coordinator;
+use crate::registry::{CertRecord, RegistryError};
+
+fn registry_status(e: RegistryError) -> Status {
+    match e {
+        RegistryError::BadEnrollmentToken => Status::unauthenticated(e.to_string()),
+        RegistryError::UnknownHost(_) | RegistryError::UnknownSerial(_) => {
+            Status::not_found(e.to_string())
+        }
+        RegistryError::WrongState { .. } => Status::failed_precondition(e.to_string()),
+        RegistryError::Store(_) => Status::internal(e.to_string()),
+    }
+}
+
+fn host_id(field: &str, value: &str) -> Result<HostId, Status> {
+    HostId::new(value).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
+}
+
+/// Not yet built: said plainly, with what is missing.
+fn not_built(rpc: &str, what: &str) -> Status {
+    Status::unimplemented(format!("{rpc} is not built yet: {what}"))
+}
+
+#[derive(Debug, Clone)]
+pub struct EnrollmentApi {
+    pub coordinator: Arc<Coordinator>,
+}
+
+/// An enrollment failure that is the caller's fault, as opposed to the registry's.
+enum EnrollError {
+    Registry(RegistryError),
+    Csr(String),
+}
+
+impl From<RegistryError> for EnrollError {
+    fn from(e: RegistryError) -> Self {
+        Self::Registry(e)
+    }
+}
+
+#[tonic::async_trait]
+impl EnrollmentService for EnrollmentApi {
+    async fn enroll(
+        &self,
+        request: Request<proto::EnrollRequest>,
+    ) -> Result<Response<proto::EnrollResponse>, Status> {
+        let remote = request
+            .extensions()
+            .get::<berth_shared::transport::PeerInfo>()
+            .map(|p| p.remote);
+        let req = request.into_inner();
+        if req.token.is_empty() || req.token.len() > 256 {
+            return Err(Status::invalid_argument(
+                "token: must be 1 to 256 characters",
+            ));
+        }
+        if req.csr_pem.is_empty() {
+            return Err(Status::invalid_argument("csr_pem: must not be empty"));
+        }
+        let coordinator = &self.coordinator;
+        let now = coordinator.registry.now();
+        let validity = Validity::starting_now(now, coordinator.config.agent_cert_ttl);
+        let result = coordinator
+            .registry
+            .redeem_enrollment_token(&req.token, |host| {
+                // The CSR is checked before the token is spent: a bad CSR leaves the token usable.
+                let cert = coordinator
+                    .ca
+                    .sign_csr(&req.csr_pem, &Subject::Host(host.clone()), validity)
+                    .map_err(|e| EnrollError::Csr(e.to_string()))?;
+                let record = CertRecord {
+                    serial: cert.serial.clone(),
+                    subject: host.to_string(),
+                    issued_unix_ms: now,
+                    not_after_unix_ms: cert.not_after_unix_ms,
+                };
+                Ok::<_, EnrollError>((cert, record))
+            });
+        let (host, cert, revoked) = match result {
+            Ok(done) => done,
+            Err(EnrollError::Csr(message)) => return Err(Status::invalid_argument(message)),
+            Err(EnrollError::Registry(e)) => {
+                tracing::warn!(?remote, error = %e, "enrollment refused");
+                return Err(registry_status(e));
+            }
+        };
+        coordinator.forget_serials(&revoked);
+        tracing::info!(%host, serial = %cert.serial, ?remote, "host enrolled");
+        Ok(Response::new(proto::EnrollResponse {
+            host_id: host.to_string(),
+            certificate_pem: cert.pem,
+            ca_certificate_pem: coordinator.ca.cert_pem().to_string(),
+            agent_port: u32::from(coordinator.agent_port),
+            not_after_unix_ms: cert.not_after_unix_ms,
+        }))
+    }
+}
+
+/// Runs before every operator call.
+#[derive(Debug, Clone)]
+pub struct OperatorAuth {
+    pub coordinator: Arc<Coordinator>,
+}
+
+impl tonic::service::Interceptor for OperatorAuth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        match self
+            .coordinator
+            .authenticate_operator(request.extensions(), request.metadata())
+        {
+            Ok(_operator) => Ok(request),
+            Err(status) => {
+                let remote = request
+                    .extensions()
+                    .get::<berth_shared::transport::PeerInfo>()
+                    .map(|p| p.remote);
+                tracing::warn!(?remote, error = %status.message(), "operator call refused");
+                Err(status)
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct OperatorApi {
+    pub coordinator: Arc<Coordinator>,
+}
+
+impl OperatorApi {
+    fn host(&self, field: &str, value: &str) -> Result<proto::Host, Status> {
+        let id = host_id(field, value)?;
+        let record = self
+            .coordinator
+            .registry
+            .host(&id)
+            .map_err(registry_status)?
+            .ok_or_else(|| Status::not_found(format!("unknown host {:?}", id.as_str())))?;
+        Ok(self.coordinator.host_view(&record))
+    }
+
+    fn set_cordoned(
+        &self,
+        request: Request<HostRef>,
+        cordoned: bool,
+    ) -> Result<Response<proto::Host>, Status> {
+        let id = host_id("host_id", &request.get_ref().host_id)?;
+        let record = self
+            .coordinator
+            .registry
+            .set_cordoned(&id, cordoned)
+            .map_err(registry_status)?;
+        tracing::info!(host = %id, cordoned, "host admin state changed");
+        Ok(Response::new(self.coordinator.host_view(&record)))
+    }
+}
+
+#[tonic::async_trait]
+impl OperatorService for OperatorApi {
+    async fn list_hosts(
+        &self,
+        _: Request<proto::ListHostsRequest>,
+    ) -> Result<Response<proto::ListHostsResponse>, Status> {
+        let hosts = self.coordinator.registry.hosts().map_err(registry_status)?;
+        let hosts = hosts
+            .iter()
+            .map(|h| self.coordinator.host_view(h))
+            .collect();
+        Ok(Response::new(proto::ListHostsResponse { hosts }))
+    }
+
+    async fn get_host(&self, request: Request<HostRef>) -> Result<Response<proto::Host>, Status> {
+        self.host("host_id", &request.get_ref().host_id)
+            .map(Response::new)
+    }
+
+    async fn cordon_host(
+        &self,
+        request: Request<HostRef>,
+    ) -> Result<Response<proto::Host>, Status> {
+        self.set_cordoned(request, true)
+    }
+
+    async fn uncordon_host(
+        &self,
+        request: Request<HostRef>,
+    ) -> Result<Response<proto::Host>, Status> {
+        self.set_cordoned(request, false)
+    }
+
+    async fn place_tenant(
+        &self,
+        _: Request<proto::PlaceTenantRequest>,
+    ) -> Result<Response<proto::Placement>, Status> {
+        Err(not_built("PlaceTenant", "the placement engine"))
+    }
+
+    async fn remove_tenant(
+        &self,
+        _: Request<proto::RemoveTenantRequest>,
+    ) -> Result<Response<proto::RemoveTenantResponse>, Status> {
+        Err(not_built("RemoveTenant", "the placement engine"))
+    }
+
+    async fn get_tenant(
+        &self,
+        _: Request<proto::TenantRef>,
+    ) -> Result<Response<proto::Tenant>, Status> {
+        Err(not_built("GetTenant", "the placement engine"))
+    }
+
+    async fn list_tenants(
+        &self,
+        _: Request<proto::ListTenantsRequest>,
+    ) -> Result<Response<proto::ListTenantsResponse>, Status> {
+        Err(not_built("ListTenants", "the placement engine"))
+    }
+
+    async fn restart_tenant(
+        &self,
+        _: Request<proto::TenantRef>,
+    ) -> Result<Response<proto::Tenant>, Status> {
+        Err(not_built("RestartTenant", "maintenance-window restarts"))
+    }
+
+    async fn drain_host(
+        &self,
+        _: Request<proto::DrainRequest>,
+    ) -> Result<Response<proto::DrainStatus>, Status> {
+        Err(not_built("DrainHost", "host drain"))
+    }
+
+    async fn get_drain_status(
+        &self,
+        _: Request<HostRef>,
+    ) -> Result<Response<proto::DrainStatus>, Status> {
+        Err(not_built("GetDrainStatus", "host drain"))
+    }
+
+    async fn abort_drain(
+        &self,
+        _: Request<HostRef>,
+    ) -> Result<Response<proto::DrainStatus>, Status> {
+        Err(not_built("AbortDrain", "host drain"))
+    }
+
+    async fn get_capacity(
+        &self,
+        _: Request<proto::CapacityRequest>,
+    ) -> Result<Response<proto::CapacityReport>, Status> {
+        Err(not_built("GetCapacity", "the capacity report"))
+    }
+}

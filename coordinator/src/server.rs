@@ -1,0 +1,159 @@
+//! `berth-coordinator serve`: binds the three ports, then runs until SIGTERM or SIGINT.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use berth_shared::clock::SystemClock;
+use berth_shared::pki::CertificateAuthority;
+use berth_shared::proto::agent_service_server::AgentServiceServer;
+use berth_shared::proto::enrollment_service_server::EnrollmentServiceServer;
+use berth_shared::proto::operator_service_server::OperatorServiceServer;
+use berth_shared::store::SledStore;
+use berth_shared::tls::{ClientAuth, SerialDenyList, server_config};
+use berth_shared::transport::serve_tls;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tonic::service::Routes;
+
+use crate::config::CoordinatorConfig;
+use crate::core::{Coordinator, SessionHub};
+use crate::{admin, agent_api, http, operator_api};
+
+/// The bound addresses, written to `endpoints.json` for scripts and tests.
+#[derive(Debug, Serialize)]
+pub struct Endpoints {
+    pub agent: SocketAddr,
+    pub operator: SocketAddr,
+    pub http: SocketAddr,
+    pub ca_fingerprint: String,
+}
+
+/// The server certificate is re-made at every start; a year covers any realistic uptime.
+const SERVER_CERT_TTL: Duration = Duration::from_secs(397 * 24 * 3600);
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} ({what} port)"))
+}
+
+pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
+    let ca = CertificateAuthority::load(&config.ca_dir()).with_context(|| {
+        format!(
+            "no usable CA in {}: run `berth-coordinator ca init` first",
+            config.ca_dir().display()
+        )
+    })?;
+    let store = SledStore::open(&config.db_dir())
+        .context("is another berth-coordinator running on this state dir?")?;
+    let registry = crate::registry::Registry::new(Arc::new(store), Arc::new(SystemClock));
+    let denied = Arc::new(SerialDenyList::new(registry.revoked_serials()?));
+
+    let agent_listener = bind(config.agent_listen, "agent").await?;
+    let operator_listener = bind(config.operator_listen, "operator").await?;
+    let http_listener = bind(config.http_listen, "http").await?;
+    let endpoints = Endpoints {
+        agent: agent_listener.local_addr()?,
+        operator: operator_listener.local_addr()?,
+        http: http_listener.local_addr()?,
+        ca_fingerprint: ca.fingerprint().to_string(),
+    };
+
+    let (chain, key) = ca.issue_server_cert(&config.server_names, SERVER_CERT_TTL)?;
+    let agent_tls = server_config(
+        chain.clone(),
+        key.clone_key(),
+        Some(ClientAuth::Required {
+            ca: ca.cert_der().clone(),
+            denied: denied.clone(),
+        }),
+    )?;
+    let operator_tls = server_config(
+        chain,
+        key,
+        Some(ClientAuth::Optional {
+            ca: ca.cert_der().clone(),
+            denied: denied.clone(),
+        }),
+    )?;
+
+    let coordinator = Arc::new(Coordinator {
+        config: config.clone(),
+        registry,
+        ca,
+        denied,
+        sessions: SessionHub::default(),
+        agent_port: endpoints.agent.port(),
+    });
+
+    let agent_router = Routes::new(AgentServiceServer::new(agent_api::AgentApi {
+        coordinator: coordinator.clone(),
+    }))
+    .into_axum_router();
+    let operator_router = Routes::new(EnrollmentServiceServer::new(operator_api::EnrollmentApi {
+        coordinator: coordinator.clone(),
+    }))
+    .add_service(OperatorServiceServer::with_interceptor(
+        operator_api::OperatorApi {
+            coordinator: coordinator.clone(),
+        },
+        operator_api::OperatorAuth {
+            coordinator: coordinator.clone(),
+        },
+    ))
+    .into_axum_router();
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(serve_tls(
+        agent_listener,
+        agent_tls,
+        agent_router,
+        stopped(stop_rx.clone()),
+    ));
+    tasks.spawn(serve_tls(
+        operator_listener,
+        operator_tls,
+        operator_router,
+        stopped(stop_rx.clone()),
+    ));
+    let http_stop = stopped(stop_rx.clone());
+    tasks.spawn(async move {
+        if let Err(error) = axum::serve(http_listener, http::router())
+            .with_graceful_shutdown(http_stop)
+            .await
+        {
+            tracing::error!(%error, "http port failed");
+        }
+    });
+    let admin_path = config.admin_socket();
+    let admin_coordinator = coordinator.clone();
+    tasks.spawn(async move {
+        if let Err(error) = admin::serve_socket(&admin_path, admin_coordinator).await {
+            tracing::error!(%error, path = %admin_path.display(), "admin socket failed");
+        }
+    });
+
+    let endpoints_json = serde_json::to_vec_pretty(&endpoints)?;
+    berth_shared::pki::write_file_atomic(&config.endpoints_file(), &endpoints_json, 0o644)?;
+    tracing::info!(
+        agent = %endpoints.agent, operator = %endpoints.operator, http = %endpoints.http,
+        ca_fingerprint = %endpoints.ca_fingerprint, "berth-coordinator ready"
+    );
+
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = terminate.recv() => {},
+    }
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = std::fs::remove_file(config.admin_socket());
+    tasks.abort_all();
+    Ok(())
+}

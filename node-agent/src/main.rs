@@ -1,0 +1,101 @@
+//! berth-agent: `enroll` this host, then `run` the daemon.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use berth_node_agent::config::{AgentConfig, DEFAULT_STATE_DIR};
+use berth_node_agent::identity;
+use berth_shared::pki::Fingerprint;
+use berth_shared::transport::CoordinatorUrl;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "berth-agent", version, about = "berth's host agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Enroll this host: make its key pair here, get a certificate for a one-time token.
+    Enroll {
+        /// The coordinator's operator port, e.g. https://coordinator.example.com:7444.
+        #[arg(long)]
+        coordinator: String,
+        /// The one-time token from `berth-coordinator token create`.
+        #[arg(long, env = "BERTH_ENROLL_TOKEN", hide_env_values = true)]
+        token: String,
+        /// SHA-256 fingerprint of the fleet CA (`berth-coordinator ca fingerprint`).
+        #[arg(long)]
+        ca_fingerprint: String,
+        /// Where the identity is kept.
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the agent daemon.
+    Run {
+        #[arg(long, default_value = "/etc/berth/agent.toml")]
+        config: PathBuf,
+    },
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Enroll {
+            coordinator,
+            token,
+            ca_fingerprint,
+            state_dir,
+            json,
+        } => {
+            let fingerprint = Fingerprint::parse(&ca_fingerprint)
+                .map_err(|e| anyhow::anyhow!("--ca-fingerprint: {e}"))?;
+            let url = CoordinatorUrl::parse("--coordinator", &coordinator)?;
+            if token.trim().is_empty() {
+                anyhow::bail!("invalid --token: must not be empty");
+            }
+            let enrollment = identity::enroll(&state_dir, &url, token.trim(), fingerprint)
+                .await
+                .context("enrollment failed")?;
+            if json {
+                println!("{}", serde_json::to_string(&enrollment)?);
+            } else {
+                println!(
+                    "enrolled as host {} (agent endpoint {}); identity in {}",
+                    enrollment.host_id,
+                    enrollment.agent_endpoint,
+                    state_dir.display()
+                );
+            }
+        }
+        Command::Run { config } => {
+            let config = AgentConfig::load(&config)?;
+            berth_node_agent::session::run(config).await?;
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    berth_shared::tls::install_crypto_provider();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match run(Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! `berth-agent run`: keeps one mTLS session to the coordinator open, sends the hello and a
+//! report every interval, renews the certificate at two thirds of its life, and reconnects with
+//! jittered exponential backoff.
+
+use std::time::Duration;
+
+use berth_shared::clock::{Clock, SystemClock};
+use berth_shared::proto::agent_message::Body as AgentBody;
+use berth_shared::proto::agent_service_client::AgentServiceClient;
+use berth_shared::proto::coordinator_message::Body as CoordinatorBody;
+use berth_shared::proto::{self, AgentMessage};
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::config::AgentConfig;
+use crate::facts::{Meter, host_facts};
+use crate::identity::{Identity, IdentityError};
+
+/// Full-jitter exponential backoff: the n-th wait is uniform in [0, min(cap, base·2ⁿ)].
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    base: Duration,
+    cap: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, cap: Duration) -> Self {
+        Self {
+            base,
+            cap,
+            attempt: 0,
+        }
+    }
+
+    /// The ceiling of the next wait (before jitter).
+    pub fn ceiling(&self) -> Duration {
+        let factor = 1u32.checked_shl(self.attempt.min(20)).unwrap_or(u32::MAX);
+        self.base.saturating_mul(factor).min(self.cap)
+    }
+
+    pub fn next_wait(&mut self, rng: &mut impl Rng) -> Duration {
+        let ceiling = self.ceiling();
+        self.attempt = self.attempt.saturating_add(1);
+        Duration::from_millis(rng.random_range(0..=ceiling.as_millis() as u64))
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+enum SessionEnd {
+    /// The certificate was renewed; reconnect at once with the new one.
+    Renewed,
+    /// The session was accepted and later lost: retry soon.
+    Lost(String),
+    /// It never got accepted.
+    Failed(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+}
+
+/// Runs until SIGTERM/SIGINT.
+pub async fn run(config: AgentConfig) -> Result<(), RunError> {
+    let mut identity = Identity::load(&config.state_dir)?;
+    tracing::info!(host = %identity.host_id(), endpoint = %identity.enrollment.agent_endpoint, "berth-agent starting");
+    let mut meter = Meter::new(&config.state_dir);
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| IdentityError::Io {
+        path: "signal handler".into(),
+        source,
+    })?;
+    loop {
+        let session = run_session(&config, &identity, &mut meter, &mut backoff);
+        let end = tokio::select! {
+            end = session => end,
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = terminate.recv() => return Ok(()),
+        };
+        match end {
+            SessionEnd::Renewed => {
+                identity = Identity::load(&config.state_dir)?;
+                tracing::info!(serial = %identity.cert_info.serial, "reconnecting with the renewed certificate");
+                continue;
+            }
+            SessionEnd::Lost(why) | SessionEnd::Failed(why) => {
+                let wait = backoff.next_wait(&mut rand::rng());
+                tracing::warn!(error = %why, retry_in_ms = wait.as_millis() as u64, "coordinator session down");
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {},
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                    _ = terminate.recv() => return Ok(()),
+                }
+            }
+        }
+    }
+}
+
+async fn run_session(
+    config: &AgentConfig,
+    identity: &Identity,
+    meter: &mut Meter,
+    backoff: &mut Backoff,
+) -> SessionEnd {
+    let channel = match identity.channel(config.coordinator.as_ref()) {
+        Ok(c) => c,
+        Err(e) => return SessionEnd::Failed(e.to_string()),
+    };
+    let host_id = identity.host_id().to_string();
+    let (tx, rx) = mpsc::channel::<AgentMessage>(16);
+    let facts = host_facts(config, meter).await;
+    let hello = AgentMessage {
+        body: Some(AgentBody::Hello(proto::AgentHello {
+            host_id: host_id.clone(),
+            facts: Some(facts),
+            applied_generation: 0,
+        })),
+    };
+    if tx.send(hello).await.is_err() {
+        return SessionEnd::Failed("session channel closed".into());
+    }
+    let mut client = AgentServiceClient::new(channel.clone());
+    let mut inbound = match client.session(ReceiverStream::new(rx)).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => return SessionEnd::Failed(describe(&status)),
+    };
+    let interval = match inbound.message().await {
+        Ok(Some(proto::CoordinatorMessage {
+            body: Some(CoordinatorBody::Accepted(accepted)),
+        })) => config
+            .report_interval
+            .unwrap_or(Duration::from_millis(u64::from(
+                accepted.report_interval_ms.max(100),
+            ))),
+        Ok(_) => return SessionEnd::Failed("the coordinator did not accept the session".into()),
+        Err(status) => return SessionEnd::Failed(describe(&status)),
+    };
+    backoff.reset();
+    tracing::info!(host = %host_id, interval_ms = interval.as_millis() as u64, "session accepted");
+
+    let renew_in = Duration::from_millis(
+        identity
+            .renew_at_unix_ms()
+            .saturating_sub(SystemClock.now_unix_ms())
+            .max(0) as u64,
+    );
+    let renew = tokio::time::sleep(renew_in);
+    tokio::pin!(renew);
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sequence = 0u64;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                sequence += 1;
+                let m = meter.measure();
+                let report = proto::HostReport {
+                    host_id: host_id.clone(),
+                    sequence,
+                    sent_unix_ms: SystemClock.now_unix_ms(),
+                    memory_total_bytes: m.memory_total_bytes,
+                    memory_available_bytes: m.memory_available_bytes,
+                    disk_available_bytes: m.disk_available_bytes,
+                    tenants: Vec::new(),
+                    applied_generation: 0,
+                };
+                if tx.send(AgentMessage { body: Some(AgentBody::Report(report)) }).await.is_err() {
+                    return SessionEnd::Lost("outbound stream closed".into());
+                }
+            }
+            message = inbound.message() => match message {
+                Ok(Some(proto::CoordinatorMessage { body: Some(CoordinatorBody::DesiredState(desired)) })) => {
+                    // Tenant reconciliation is not built yet: refuse explicitly so the coordinator
+                    // never believes a desired state was applied.
+                    let ack = proto::DesiredStateAck {
+                        generation: desired.generation,
+                        accepted: false,
+                        error: "desired state: tenant reconciliation is not built into this agent yet".into(),
+                    };
+                    if tx.send(AgentMessage { body: Some(AgentBody::Ack(ack)) }).await.is_err() {
+                        return SessionEnd::Lost("outbound stream closed".into());
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => return SessionEnd::Lost("the coordinator closed the session".into()),
+                Err(status) => return SessionEnd::Lost(describe(&status)),
+            },
+            () = &mut renew => {
+                return match identity.renew(channel.clone(), &config.state_dir).await {
+                    Ok(renewed) => {
+                        tracing::info!(serial = %renewed.cert_info.serial, not_after_unix_ms = renewed.cert_info.not_after_unix_ms, "certificate renewed");
+                        SessionEnd::Renewed
+                    }
+                    Err(e) => SessionEnd::Lost(format!("certificate renewal failed: {e}")),
+                };
+            }
+        }
+    }
+}
+
+fn describe(status: &tonic::Status) -> String {
+    let mut text = format!("{:?}: {}", status.code(), status.message());
+    if let Some(source) = std::error::Error::source(status) {
+        text.push_str(": ");
+        text.push_str(&crate::identity::rpc_error(source));
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter_and_resets() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+        let mut ceilings = Vec::new();
+        for _ in 0..12 {
+            let ceiling = backoff.ceiling();
+            let wait = backoff.next_wait(&mut rng);
+            assert!(wait <= ceiling);
+            ceilings.push(ceiling.as_millis());
+        }
+        assert_eq!(&ceilings[..5], &[250, 500, 1000, 2000, 4000]);
+        assert_eq!(*ceilings.last().unwrap(), 30_000);
+        let waits: Vec<_> = (0..20).map(|_| backoff.next_wait(&mut rng)).collect();
+        assert!(waits.windows(2).any(|w| w[0] != w[1]), "jittered");
+        backoff.reset();
+        assert_eq!(backoff.ceiling(), Duration::from_millis(250));
+    }
+}

@@ -1,0 +1,16 @@
+//! Compiles proto/berth/v1 with protox (pure Rust, no protoc binary).
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto");
+    let files = [
+        "berth/v1/types.proto",
+        "berth/v1/agent.proto",
+        "berth/v1/operator.proto",
+    ];
+    let fds = protox::compile(files, [&root])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    println!("cargo:rerun-if-changed={}", root.display());
+    Ok(())
+}

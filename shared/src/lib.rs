@@ -1,0 +1,20 @@
+//! berth-shared: what the coordinator and the agent both need.
+//!
+//! Ensures: host and tenant ids are valid wherever they exist ([`ids`]); certificates carry
+//! identities chosen by the CA ([`pki`]); every connection is TLS with verifiers berth controls
+//! ([`tls`], [`transport`]); state sits behind one [`store::Store`] trait.
+
+pub mod clock;
+pub mod ids;
+pub mod model;
+pub mod pki;
+pub mod store;
+pub mod tls;
+pub mod transport;
+pub mod units;
+
+/// Generated protobuf and gRPC code for `proto/berth/v1`.
+#[allow(missing_debug_implementations, clippy::all)]
+pub mod proto {
+    tonic::include_proto!("berth.v1");
+}

@@ -1,0 +1,214 @@
+//! TLS listeners and gRPC channels.
+//!
+//! berth terminates TLS itself (tokio-rustls) rather than through tonic, so that it controls
+//! the verifiers (CA pinning, serial deny-list) and can hand every request the peer's
+//! certificate as a [`PeerInfo`] extension. Handshake failures are logged with the peer address
+//! and never reach a service.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tonic::transport::{Channel, Endpoint, Uri};
+use tower::Service;
+
+use crate::tls::COORDINATOR_SERVER_NAME;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The authenticated transport facts of a request.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub remote: SocketAddr,
+    /// The verified client certificate, when the client presented one.
+    pub cert: Option<CertificateDer<'static>>,
+}
+
+/// Accepts TLS connections on `listener` and serves `router` (gRPC and/or REST) on each, until
+/// `shutdown` completes.
+pub async fn serve_tls(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    router: axum::Router,
+    shutdown: impl Future<Output = ()>,
+) {
+    let acceptor = TlsAcceptor::from(tls);
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, remote) = tokio::select! {
+            () = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let router = router.clone();
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => {
+                    tracing::warn!(%remote, %error, "TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(%remote, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let cert = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|c| c.clone().into_owned());
+            let peer = PeerInfo { remote, cert };
+            let service = hyper::service::service_fn(
+                move |mut request: hyper::Request<hyper::body::Incoming>| {
+                    request.extensions_mut().insert(peer.clone());
+                    router.clone().call(request)
+                },
+            );
+            let served = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .await;
+            if let Err(error) = served {
+                tracing::debug!(%remote, %error, "connection ended with an error");
+            }
+        });
+    }
+}
+
+/// Why a coordinator URL is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error("invalid {field} {value:?}: {reason}")]
+    Invalid {
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+/// A parsed `https://host:port` coordinator address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoordinatorUrl {
+    pub host: String,
+    pub port: u16,
+}
+
+impl CoordinatorUrl {
+    /// Parses `https://host:port` (the port is required; `field` names the flag in errors).
+    pub fn parse(field: &'static str, value: &str) -> Result<Self, EndpointError> {
+        let invalid = |reason: &str| EndpointError::Invalid {
+            field,
+            value: value.chars().take(200).collect(),
+            reason: reason.to_string(),
+        };
+        let uri: Uri = value
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| invalid(&e.to_string()))?;
+        if uri.scheme_str() != Some("https") {
+            return Err(invalid("must start with https://"));
+        }
+        if uri.path() != "/" && !uri.path().is_empty() {
+            return Err(invalid("must not have a path"));
+        }
+        let host = uri.host().ok_or_else(|| invalid("missing host"))?;
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = uri
+            .port_u16()
+            .ok_or_else(|| invalid("missing port (https://host:port)"))?;
+        Ok(Self { host, port })
+    }
+
+    pub fn with_port(&self, port: u16) -> Self {
+        Self {
+            host: self.host.clone(),
+            port,
+        }
+    }
+}
+
+impl std::fmt::Display for CoordinatorUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "https://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "https://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// A lazily connecting gRPC channel to the coordinator over TLS with `tls`. The server is
+/// verified as [`COORDINATOR_SERVER_NAME`] whatever address it is reached at.
+pub fn channel(url: &CoordinatorUrl, tls: Arc<rustls::ClientConfig>) -> Channel {
+    let target = (url.host.clone(), url.port);
+    let connector = TlsConnector::from(tls);
+    let connect = tower::service_fn(move |_: Uri| {
+        let target = target.clone();
+        let connector = connector.clone();
+        async move {
+            let tcp = TcpStream::connect(target).await?;
+            tcp.set_nodelay(true)?;
+            let name = ServerName::try_from(COORDINATOR_SERVER_NAME)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+            let tls = connector.connect(name, tcp).await?;
+            Ok::<_, std::io::Error>(TokioIo::new(tls))
+        }
+    });
+    // The scheme is http because TLS happens in the connector above; tonic never sees it.
+    Endpoint::from_static("http://coordinator.berth.internal")
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .connect_with_connector_lazy(connect)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coordinator_urls() {
+        let url = CoordinatorUrl::parse("--coordinator", "https://10.0.0.1:7444").unwrap();
+        assert_eq!(
+            url,
+            CoordinatorUrl {
+                host: "10.0.0.1".into(),
+                port: 7444
+            }
+        );
+        assert_eq!(url.to_string(), "https://10.0.0.1:7444");
+        let v6 = CoordinatorUrl::parse("--coordinator", "https://[::1]:7").unwrap();
+        assert_eq!(v6.host, "::1");
+        assert_eq!(v6.to_string(), "https://[::1]:7");
+        for (bad, why) in [
+            ("http://a:1", "must start with https://"),
+            ("https://a", "missing port"),
+            ("https://a:1/x", "must not have a path"),
+            ("not a url", "invalid"),
+        ] {
+            let err = CoordinatorUrl::parse("--coordinator", bad)
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("invalid --coordinator"), "{err}");
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+}
