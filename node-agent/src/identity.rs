@@ -151,10 +151,12 @@ impl Identity {
         &self.enrollment.host_id
     }
 
-    /// When to renew: at two thirds of the certificate's life.
+    /// When to renew: at two thirds of the certificate's life, counted from its issue (its
+    /// start is backdated by [`pki::BACKDATE`] for clock skew).
     pub fn renew_at_unix_ms(&self) -> i64 {
-        let life = self.cert_info.not_after_unix_ms - self.cert_info.not_before_unix_ms;
-        self.cert_info.not_before_unix_ms + life * 2 / 3
+        let issued = self.cert_info.not_before_unix_ms + pki::BACKDATE.as_millis() as i64;
+        let life = (self.cert_info.not_after_unix_ms - issued).max(0);
+        issued + life * 2 / 3
     }
 
     /// An mTLS channel to the agent port.

@@ -29,8 +29,9 @@ const HOST_URI_PREFIX: &str = "spiffe://berth/host/";
 const OPERATOR_URI_PREFIX: &str = "spiffe://berth/operator/";
 const CA_CERT_FILE: &str = "ca.crt";
 const CA_KEY_FILE: &str = "ca.key";
-/// Tolerated clock skew between coordinator and hosts.
-const BACKDATE: Duration = Duration::from_secs(300);
+/// Tolerated clock skew between coordinator and hosts: certificates start this long before
+/// they are issued.
+pub const BACKDATE: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {

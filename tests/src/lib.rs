@@ -1,1 +1,49 @@
+//! Harness for berth's cross-process tests: real `berth-coordinator`, `berth-agent` and
+//! `berthctl` processes, optionally each in its own network namespace.
+//!
+//! Ensures: a test that cannot get a real component fails when `BERTH_REQUIRE_REAL=1` instead
+//! of passing silently; every process, namespace and temp directory a test made is removed
+//! when the test ends; logs of the processes are printed when a test fails.
 
+pub mod clients;
+pub mod netns;
+pub mod procs;
+
+/// True when the README's test command runs us: missing components are failures.
+pub fn require_real() -> bool {
+    std::env::var("BERTH_REQUIRE_REAL").is_ok_and(|v| v == "1")
+}
+
+/// Call when a real component is missing. Panics under `BERTH_REQUIRE_REAL=1`; otherwise
+/// prints why the test is skipped and returns, so the caller returns too.
+pub fn missing_component(component: &str, why: &str) {
+    assert!(
+        !require_real(),
+        "{component} is required (BERTH_REQUIRE_REAL=1) but unavailable: {why}"
+    );
+    eprintln!("SKIPPED: {component} unavailable: {why}");
+}
+
+/// Whether we run as root (namespaces, nft, docker need it).
+pub fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, or panics after `timeout` with `what`.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: std::time::Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# berth's main job on embedded defaults (README "Try it"): on a fresh Debian 12 machine, as
+# root, runs a coordinator (embedded sled store, a freshly made fleet CA) and a berth-agent on
+# this same machine, enrolled over mutual TLS, and prints where the API is. Ctrl-C stops both.
+#
+# Environment: BERTH_QUICKSTART_DIR (state, default /var/lib/berth-quickstart),
+# BERTH_BIN_DIR (use these binaries instead of building), BERTH_QUICKSTART_EXIT=1 (stop once
+# everything is up: used by the test suite).
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+state="${BERTH_QUICKSTART_DIR:-/var/lib/berth-quickstart}"
+
+fail() { echo "quickstart: $*" >&2; exit 1; }
+[ "$(id -u)" -eq 0 ] || fail "needs root (the agent manages containers and firewall rules); run it with sudo"
+
+need=()
+command -v nft >/dev/null || need+=(nftables)
+command -v docker >/dev/null || need+=(docker.io)
+if [ "${#need[@]}" -gt 0 ]; then
+  echo "quickstart: installing ${need[*]}"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null \
+    || fail "could not install ${need[*]} with apt-get"
+fi
+if ! docker info >/dev/null 2>&1; then
+  echo "quickstart: starting dockerd"
+  nohup dockerd >/var/log/berth-quickstart-dockerd.log 2>&1 &
+  for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
+  docker info >/dev/null 2>&1 || fail "dockerd did not start; see /var/log/berth-quickstart-dockerd.log"
+fi
+
+if [ -n "${BERTH_BIN_DIR:-}" ]; then
+  bin="$BERTH_BIN_DIR"
+else
+  command -v cargo >/dev/null || fail "cargo not found; install Rust with rustup"
+  echo "quickstart: building (cargo build --release)"
+  (cd "$root" && cargo build --release --locked --bins -q)
+  bin="$root/target/release"
+fi
+for b in berth-coordinator berth-agent berthctl; do [ -x "$bin/$b" ] || fail "$bin/$b missing"; done
+
+mkdir -p "$state" && chmod 700 "$state"
+cat >"$state/coordinator.toml" <<TOML
+state_dir = "$state/coordinator"
+agent_listen = "127.0.0.1:7443"
+operator_listen = "127.0.0.1:7444"
+http_listen = "127.0.0.1:7480"
+TOML
+cat >"$state/agent.toml" <<TOML
+state_dir = "$state/agent"
+provider = "other"
+region = "local"
+instance_type = "$(hostname -s | tr 'A-Z_' 'a-z-' | cut -c1-63)"
+memory_reserved = "1GiB"
+TOML
+coord=("$bin/berth-coordinator" --config "$state/coordinator.toml")
+[ -f "$state/coordinator/ca/ca.crt" ] || "${coord[@]}" ca init >/dev/null
+
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+trap 'exit 0' INT TERM
+
+rm -f "$state/coordinator/endpoints.json"
+"${coord[@]}" serve >>"$state/coordinator.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 100); do [ -f "$state/coordinator/endpoints.json" ] && break; kill -0 "${pids[0]}" 2>/dev/null || break; sleep 0.1; done
+[ -f "$state/coordinator/endpoints.json" ] || fail "the coordinator did not start: $(tail -n 3 "$state/coordinator.log" | tr '\n' ' ')"
+
+fingerprint="$("${coord[@]}" ca fingerprint)"
+if [ ! -f "$state/agent/enrollment.json" ]; then
+  host_id="local-$(hostname -s | tr 'A-Z_' 'a-z-' | tr -cd 'a-z0-9-' | cut -c1-40)"
+  token="$("${coord[@]}" token create --host-id "$host_id" --ttl 5m 2>/dev/null)"
+  BERTH_ENROLL_TOKEN="$token" "$bin/berth-agent" enroll --coordinator https://127.0.0.1:7444 \
+    --ca-fingerprint "$fingerprint" --state-dir "$state/agent" >/dev/null
+fi
+"$bin/berth-agent" run --config "$state/agent.toml" >>"$state/agent.log" 2>&1 &
+pids+=($!)
+
+if [ ! -f "$state/operator.token" ]; then
+  (umask 077 && "${coord[@]}" operator-token create --name quickstart 2>/dev/null >"$state/operator.token")
+fi
+cat >"$state/berthctl.env" <<ENV
+export BERTH_COORDINATOR=https://127.0.0.1:7444
+export BERTH_CA_CERT=$state/coordinator/ca/ca.crt
+export BERTH_TOKEN_FILE=$state/operator.token
+ENV
+# shellcheck disable=SC1091
+. "$state/berthctl.env"
+for _ in $(seq 1 100); do
+  "$bin/berthctl" hosts --json 2>/dev/null | grep -q '"state": "ready"' && break
+  sleep 0.1
+done
+"$bin/berthctl" hosts --json | grep -q '"state": "ready"' || fail "the agent did not report: $(tail -n 3 "$state/agent.log" | tr '\n' ' ')"
+
+cat <<INFO
+
+berth is running on this machine:
+  coordinator  operator API (gRPC, TLS): https://127.0.0.1:7444   agent port (mTLS): 127.0.0.1:7443
+               health: http://127.0.0.1:7480/healthz   (the dashboard is not built yet)
+  agent        enrolled as $(grep -o '"host_id": "[^"]*"' "$state/agent/enrollment.json" | cut -d'"' -f4), reporting every 5 s
+  CA fingerprint $fingerprint
+  logs         $state/coordinator.log  $state/agent.log
+
+Try:  . $state/berthctl.env && $bin/berthctl hosts
+INFO
+"$bin/berthctl" hosts
+
+if [ "${BERTH_QUICKSTART_EXIT:-0}" = 1 ]; then exit 0; fi
+echo
+echo "Ctrl-C stops both."
+wait

@@ -1,0 +1,145 @@
+//! In-process gRPC clients with chosen identities, for probing the coordinator's ports.
+
+use std::path::Path;
+
+use berth_shared::pki::{self, CertificateAuthority, Subject, Validity, cert_der_from_pem};
+use berth_shared::proto::agent_message::Body;
+use berth_shared::proto::agent_service_client::AgentServiceClient;
+use berth_shared::proto::operator_service_client::OperatorServiceClient;
+use berth_shared::proto::{self, AgentMessage, CoordinatorMessage};
+use berth_shared::tls::{ClientIdentity, ServerTrust, client_config};
+use berth_shared::transport::{CoordinatorUrl, channel};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+use crate::procs::CoordinatorProc;
+
+/// The identity an enrolled agent keeps in `<state_dir>/host.pem`.
+pub fn agent_identity(state_dir: &Path) -> ClientIdentity {
+    let path = state_dir.join("host.pem");
+    let key = pki::read_private_key(&path).expect("host key");
+    let pem = std::fs::read_to_string(&path).expect("host.pem");
+    ClientIdentity {
+        chain: vec![cert_der_from_pem(&pem).expect("host cert")],
+        key: pki::private_key_der(&key),
+    }
+}
+
+/// A client certificate for `subject` from `ca` with the given validity (ms from now).
+pub fn identity_from(
+    ca: &CertificateAuthority,
+    subject: Subject,
+    from_ms: i64,
+    to_ms: i64,
+) -> ClientIdentity {
+    let key = pki::generate_key().expect("key");
+    let now = now_ms();
+    let validity = Validity {
+        not_before_unix_ms: now + from_ms,
+        not_after_unix_ms: now + to_ms,
+    };
+    let cert = ca.issue_for_key(&key, &subject, validity).expect("issue");
+    ClientIdentity {
+        chain: vec![cert.der],
+        key: pki::private_key_der(&key),
+    }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64
+}
+
+fn coordinator_channel(
+    coordinator: &CoordinatorProc,
+    addr: std::net::SocketAddr,
+    identity: Option<ClientIdentity>,
+) -> Channel {
+    let ca = cert_der_from_pem(&std::fs::read_to_string(coordinator.ca_cert()).expect("ca.crt"))
+        .expect("ca");
+    let tls = client_config(ServerTrust::Ca(ca), identity).expect("tls config");
+    let url = CoordinatorUrl {
+        host: addr.ip().to_string(),
+        port: addr.port(),
+    };
+    channel(&url, tls)
+}
+
+pub fn agent_client(
+    coordinator: &CoordinatorProc,
+    identity: Option<ClientIdentity>,
+) -> AgentServiceClient<Channel> {
+    AgentServiceClient::new(coordinator_channel(
+        coordinator,
+        coordinator.endpoints.agent,
+        identity,
+    ))
+}
+
+pub fn operator_client(
+    coordinator: &CoordinatorProc,
+    identity: Option<ClientIdentity>,
+) -> OperatorServiceClient<Channel> {
+    OperatorServiceClient::new(coordinator_channel(
+        coordinator,
+        coordinator.endpoints.operator,
+        identity,
+    ))
+}
+
+/// Facts that pass validation.
+pub fn sample_facts() -> proto::HostFacts {
+    proto::HostFacts {
+        provider: "aws".into(),
+        region: "eu-central-1".into(),
+        instance_type: "m6i.large".into(),
+        memory_total_bytes: 8 << 30,
+        memory_available_bytes: 6 << 30,
+        memory_reserved_bytes: 1 << 30,
+        cpu_count: 2,
+        ..Default::default()
+    }
+}
+
+pub fn hello(host_id: &str) -> AgentMessage {
+    AgentMessage {
+        body: Some(Body::Hello(proto::AgentHello {
+            host_id: host_id.into(),
+            facts: Some(sample_facts()),
+            applied_generation: 0,
+        })),
+    }
+}
+
+pub fn report(host_id: &str) -> AgentMessage {
+    AgentMessage {
+        body: Some(Body::Report(proto::HostReport {
+            host_id: host_id.into(),
+            sequence: 1,
+            memory_total_bytes: 8 << 30,
+            memory_available_bytes: 5 << 30,
+            ..Default::default()
+        })),
+    }
+}
+
+/// An open session: the sender for further messages and the coordinator's stream.
+#[derive(Debug)]
+pub struct OpenSession {
+    pub outbound: mpsc::Sender<AgentMessage>,
+    pub inbound: tonic::Streaming<CoordinatorMessage>,
+}
+
+/// Opens a session with `first` as the first message.
+pub async fn open_session(
+    client: &mut AgentServiceClient<Channel>,
+    first: AgentMessage,
+) -> Result<OpenSession, tonic::Status> {
+    let (outbound, rx) = mpsc::channel(8);
+    outbound.send(first).await.expect("queue first message");
+    let inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
+    Ok(OpenSession { outbound, inbound })
+}

@@ -1,0 +1,376 @@
+//! Real berth processes under test. Each owns a temp directory (state, config, log) and is
+//! killed when dropped; its log is printed if the test is failing.
+
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tempfile::TempDir;
+
+use crate::netns::NetHost;
+use crate::wait_for;
+
+/// A workspace binary next to the test executable (`target/<profile>/<name>`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile> directory");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (the README test command does)",
+        path.display()
+    );
+    path
+}
+
+/// `program` run directly, or through `ip netns exec` inside `netns`.
+pub fn command(netns: Option<&str>, program: &Path) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", ns]).arg(program);
+            cmd
+        }
+        None => Command::new(program),
+    }
+}
+
+/// Runs a command to completion; returns (success, stdout, stderr).
+pub fn run(mut cmd: Command) -> (bool, String, String) {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = cmd.stdin(Stdio::null()).output().expect("spawn");
+    (
+        status.success(),
+        String::from_utf8_lossy(&stdout).into_owned(),
+        String::from_utf8_lossy(&stderr).into_owned(),
+    )
+}
+
+fn spawn_logged(mut cmd: Command, log: &Path) -> Child {
+    let out = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log file");
+    let err = out.try_clone().expect("log file");
+    cmd.stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .env("BERTH_LOG", "info,berth_coordinator=debug")
+        .spawn()
+        .expect("spawn")
+}
+
+fn kill9(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Endpoints {
+    pub agent: SocketAddr,
+    pub operator: SocketAddr,
+    pub http: SocketAddr,
+    pub ca_fingerprint: String,
+}
+
+/// A `berth-coordinator serve` process.
+#[derive(Debug)]
+pub struct CoordinatorProc {
+    pub dir: TempDir,
+    pub netns: Option<String>,
+    pub endpoints: Endpoints,
+    child: Option<Child>,
+    listen_ip: String,
+    extra_config: String,
+}
+
+impl CoordinatorProc {
+    /// Creates a CA and starts the coordinator on port 0 (loopback, or the namespace host's
+    /// address). `extra_config` is appended to its TOML config.
+    pub fn start(host: Option<&NetHost>, extra_config: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("berth-coord")
+            .tempdir()
+            .expect("tempdir");
+        let listen_ip = host
+            .map(|h| h.address.clone())
+            .unwrap_or_else(|| "127.0.0.1".into());
+        let placeholder = Endpoints {
+            agent: SocketAddr::from(([0, 0, 0, 0], 0)),
+            operator: SocketAddr::from(([0, 0, 0, 0], 0)),
+            http: SocketAddr::from(([0, 0, 0, 0], 0)),
+            ca_fingerprint: String::new(),
+        };
+        let mut me = Self {
+            dir,
+            netns: host.map(|h| h.netns.clone()),
+            endpoints: placeholder,
+            child: None,
+            listen_ip,
+            extra_config: extra_config.into(),
+        };
+        me.write_config(0, 0, 0);
+        let (ok, _, err) = run(me.admin_command(&["ca", "init"]));
+        assert!(ok, "ca init failed: {err}");
+        me.spawn();
+        me
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("coordinator.toml")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("coordinator.log")
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn write_config(&self, agent: u16, operator: u16, http: u16) {
+        let ip = &self.listen_ip;
+        let text = format!(
+            "state_dir = {:?}\nagent_listen = \"{ip}:{agent}\"\noperator_listen = \"{ip}:{operator}\"\nhttp_listen = \"{ip}:{http}\"\nserver_names = [\"{ip}\"]\n{}\n",
+            self.state_dir().display().to_string(),
+            self.extra_config
+        );
+        fs::write(self.config_path(), text).expect("write config");
+    }
+
+    fn spawn(&mut self) {
+        let endpoints_file = self.state_dir().join("endpoints.json");
+        let _ = fs::remove_file(&endpoints_file);
+        let mut cmd = command(self.netns.as_deref(), &bin("berth-coordinator"));
+        cmd.arg("--config").arg(self.config_path()).arg("serve");
+        self.child = Some(spawn_logged(cmd, &self.log_path()));
+        let log = self.log_path();
+        self.endpoints = wait_for(
+            "the coordinator's endpoints.json",
+            Duration::from_secs(20),
+            || {
+                if let Some(child) = self.child.as_mut()
+                    && let Ok(Some(status)) = child.try_wait()
+                {
+                    panic!(
+                        "berth-coordinator exited with {status}: {}",
+                        fs::read_to_string(&log).unwrap_or_default()
+                    );
+                }
+                fs::read(&endpoints_file)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+            },
+        );
+        // Later restarts keep the same ports, as a real deployment does.
+        self.write_config(
+            self.endpoints.agent.port(),
+            self.endpoints.operator.port(),
+            self.endpoints.http.port(),
+        );
+    }
+
+    /// SIGKILL: no shutdown path runs.
+    pub fn kill9(&mut self) {
+        kill9(&mut self.child);
+    }
+
+    pub fn restart(&mut self) {
+        self.spawn();
+    }
+
+    /// `berth-coordinator --config C <args>` (admin commands reach the server over its Unix
+    /// socket, which works from any namespace).
+    pub fn admin_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin("berth-coordinator"));
+        cmd.arg("--config").arg(self.config_path()).args(args);
+        cmd
+    }
+
+    /// A one-time enrollment token for `host_id`.
+    pub fn token(&self, host_id: &str, ttl: &str) -> String {
+        let (ok, out, err) =
+            run(self.admin_command(&["token", "create", "--host-id", host_id, "--ttl", ttl]));
+        assert!(ok, "token create failed: {err}");
+        out.trim().to_string()
+    }
+
+    /// The operator URL, as berthctl and agents use it.
+    pub fn operator_url(&self) -> String {
+        format!("https://{}", self.endpoints.operator)
+    }
+
+    pub fn ca_cert(&self) -> PathBuf {
+        self.state_dir().join("ca/ca.crt")
+    }
+
+    /// An operator token file (made on first use).
+    pub fn operator_token_file(&self) -> PathBuf {
+        let path = self.dir.path().join("operator.token");
+        if !path.exists() {
+            let (ok, out, err) =
+                run(self.admin_command(&["operator-token", "create", "--name", "tester"]));
+            assert!(ok, "operator-token create failed: {err}");
+            fs::write(&path, out.trim()).expect("write token");
+        }
+        path
+    }
+
+    /// Runs berthctl against this coordinator (inside its namespace, if any).
+    pub fn berthctl(&self, args: &[&str]) -> (bool, String, String) {
+        let token = self.operator_token_file();
+        let mut cmd = command(self.netns.as_deref(), &bin("berthctl"));
+        cmd.args(args)
+            .env("BERTH_COORDINATOR", self.operator_url())
+            .env("BERTH_CA_CERT", self.ca_cert())
+            .env("BERTH_TOKEN_FILE", token)
+            .env_remove("BERTH_TOKEN");
+        run(cmd)
+    }
+
+    /// `berthctl hosts --json`, parsed.
+    pub fn hosts(&self) -> Vec<serde_json::Value> {
+        let (ok, out, err) = self.berthctl(&["hosts", "--json"]);
+        assert!(ok, "berthctl hosts failed: {err}");
+        serde_json::from_str(&out).expect("hosts JSON")
+    }
+
+    /// The state of one host, as berthctl shows it.
+    pub fn host_state(&self, host_id: &str) -> Option<String> {
+        self.hosts()
+            .into_iter()
+            .find(|h| h["host_id"] == host_id)
+            .map(|h| h["state"].as_str().unwrap_or_default().to_string())
+    }
+}
+
+impl Drop for CoordinatorProc {
+    fn drop(&mut self) {
+        kill9(&mut self.child);
+        if std::thread::panicking() {
+            eprintln!("----- coordinator log -----\n{}", self.log());
+        }
+    }
+}
+
+/// A `berth-agent` with its own state directory.
+#[derive(Debug)]
+pub struct AgentProc {
+    pub host_id: String,
+    pub dir: TempDir,
+    pub netns: Option<String>,
+    child: Option<Child>,
+}
+
+impl AgentProc {
+    /// An agent not yet enrolled (its state directory does not exist yet).
+    pub fn enroll_fresh(_coordinator: &CoordinatorProc, host_id: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("berth-agent")
+            .tempdir()
+            .expect("tempdir");
+        Self {
+            host_id: host_id.into(),
+            dir,
+            netns: None,
+            child: None,
+        }
+    }
+
+    /// Enrolls a new agent with a fresh token; panics if enrollment fails.
+    pub fn enroll(coordinator: &CoordinatorProc, host_id: &str, host: Option<&NetHost>) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("berth-agent")
+            .tempdir()
+            .expect("tempdir");
+        let me = Self {
+            host_id: host_id.into(),
+            dir,
+            netns: host.map(|h| h.netns.clone()),
+            child: None,
+        };
+        let token = coordinator.token(host_id, "10m");
+        let (ok, out, err) = run(me.enroll_command(
+            &coordinator.operator_url(),
+            &token,
+            &coordinator.endpoints.ca_fingerprint,
+        ));
+        assert!(ok, "enroll of {host_id} failed: {out}{err}");
+        me
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("agent.log")
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// `berth-agent enroll ...` for this agent's state directory.
+    pub fn enroll_command(&self, coordinator_url: &str, token: &str, fingerprint: &str) -> Command {
+        let mut cmd = command(self.netns.as_deref(), &bin("berth-agent"));
+        cmd.args([
+            "enroll",
+            "--coordinator",
+            coordinator_url,
+            "--token",
+            token,
+            "--ca-fingerprint",
+            fingerprint,
+        ])
+        .arg("--state-dir")
+        .arg(self.state_dir());
+        cmd
+    }
+
+    /// Writes the agent config and starts `berth-agent run`, reporting every second.
+    pub fn start(&mut self) {
+        let config = self.dir.path().join("agent.toml");
+        let text = format!(
+            "state_dir = {:?}\nprovider = \"hetzner\"\nregion = \"fsn1\"\ninstance_type = \"cx22\"\nmonthly_cost = 4.51\nreport_interval = \"1s\"\n",
+            self.state_dir().display().to_string()
+        );
+        fs::write(&config, text).expect("agent config");
+        let mut cmd = command(self.netns.as_deref(), &bin("berth-agent"));
+        cmd.arg("run").arg("--config").arg(&config);
+        self.child = Some(spawn_logged(cmd, &self.log_path()));
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn kill9(&mut self) {
+        kill9(&mut self.child);
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        kill9(&mut self.child);
+        if std::thread::panicking() {
+            eprintln!("----- agent {} log -----\n{}", self.host_id, self.log());
+        }
+    }
+}
