@@ -4,22 +4,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use berth_shared::units::{UnitError, parse_duration};
+pub use berth_shared::config::ConfigError;
+use berth_shared::config::{parse_toml, read};
+use berth_shared::units::parse_duration;
 use serde::Deserialize;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    /// toml's message names the key and the line.
-    #[error("{path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("{path}: {source}")]
-    Value { path: PathBuf, source: UnitError },
-}
 
 /// As written in the file; every key optional, unknown keys refused.
 #[derive(Debug, Deserialize, Default)]
@@ -70,22 +58,13 @@ impl CoordinatorConfig {
         let Some(path) = path else {
             return Ok(Self::default());
         };
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.into(),
-            source,
-        })?;
+        let text = read(path)?;
         Self::parse(path, &text)
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.into(),
-            message: e.to_string().trim().replace('\n', " "),
-        })?;
-        let value = |source| ConfigError::Value {
-            path: path.into(),
-            source,
-        };
+        let raw: RawConfig = parse_toml(path, text)?;
+        let value = |e: berth_shared::units::UnitError| ConfigError::value(path, e);
         let mut config = Self::default();
         if let Some(v) = raw.state_dir {
             config.state_dir = v;

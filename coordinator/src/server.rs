@@ -65,17 +65,19 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
     let agent_tls = server_config(
         chain.clone(),
         key.clone_key(),
-        Some(ClientAuth::Required {
+        Some(ClientAuth {
             ca: ca.cert_der().clone(),
             denied: denied.clone(),
+            mandatory: true,
         }),
     )?;
     let operator_tls = server_config(
         chain,
         key,
-        Some(ClientAuth::Optional {
+        Some(ClientAuth {
             ca: ca.cert_der().clone(),
             denied: denied.clone(),
+            mandatory: false,
         }),
     )?;
 

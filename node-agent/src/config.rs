@@ -4,24 +4,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use berth_shared::config::ConfigError;
+use berth_shared::config::{parse_toml, read};
 use berth_shared::model::{FieldError, Provider, validate_token};
 use berth_shared::transport::CoordinatorUrl;
 use berth_shared::units::{parse_bytes, parse_duration};
 use serde::Deserialize;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    /// toml's message names the key and the line.
-    #[error("{path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("{path}: {message}")]
-    Value { path: PathBuf, message: String },
-}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -66,22 +54,13 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/berth/agent";
 
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.into(),
-            source,
-        })?;
+        let text = read(path)?;
         Self::parse(path, &text)
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.into(),
-            message: e.to_string().trim().replace('\n', " "),
-        })?;
-        let value = |message: String| ConfigError::Value {
-            path: path.into(),
-            message,
-        };
+        let raw: RawConfig = parse_toml(path, text)?;
+        let value = |message: String| ConfigError::value(path, message);
         let field = |e: FieldError| value(e.to_string());
         let provider = Provider::parse("provider", &raw.provider).map_err(field)?;
         validate_token("region", &raw.region, false).map_err(field)?;

@@ -4,7 +4,9 @@
 //! identities chosen by the CA ([`pki`]); every connection is TLS with verifiers berth controls
 //! ([`tls`], [`transport`]); state sits behind one [`store::Store`] trait.
 
+pub mod cli;
 pub mod clock;
+pub mod config;
 pub mod ids;
 pub mod model;
 pub mod pki;

@@ -78,20 +78,14 @@ impl SerialDenyList {
     }
 }
 
-/// Whether the server asks for client certificates.
+/// Client certificates the server accepts: chained to `ca` and not on the deny-list.
 #[derive(Debug)]
-pub enum ClientAuth {
-    /// Agent port: a certificate from the fleet CA, not revoked, is mandatory.
-    Required {
-        ca: CertificateDer<'static>,
-        denied: Arc<SerialDenyList>,
-    },
-    /// Operator port: a certificate is optional (a bearer token may stand in), but one that is
-    /// presented must verify and must not be revoked.
-    Optional {
-        ca: CertificateDer<'static>,
-        denied: Arc<SerialDenyList>,
-    },
+pub struct ClientAuth {
+    pub ca: CertificateDer<'static>,
+    pub denied: Arc<SerialDenyList>,
+    /// Agent port: mandatory. Operator port: optional (a bearer token may stand in), but one
+    /// that is presented must verify and must not be revoked.
+    pub mandatory: bool,
 }
 
 #[derive(Debug)]
@@ -161,17 +155,16 @@ pub fn server_config(
         ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
     let mut config = match client_auth {
         None => builder.with_no_client_auth().with_single_cert(chain, key)?,
-        Some(ClientAuth::Required { ca, denied }) => {
-            let inner =
-                WebPkiClientVerifier::builder_with_provider(roots(&ca)?, provider()).build()?;
-            builder
-                .with_client_cert_verifier(Arc::new(DenyListVerifier { inner, denied }))
-                .with_single_cert(chain, key)?
-        }
-        Some(ClientAuth::Optional { ca, denied }) => {
-            let inner = WebPkiClientVerifier::builder_with_provider(roots(&ca)?, provider())
-                .allow_unauthenticated()
-                .build()?;
+        Some(ClientAuth {
+            ca,
+            denied,
+            mandatory,
+        }) => {
+            let mut verifier = WebPkiClientVerifier::builder_with_provider(roots(&ca)?, provider());
+            if !mandatory {
+                verifier = verifier.allow_unauthenticated();
+            }
+            let inner = verifier.build()?;
             builder
                 .with_client_cert_verifier(Arc::new(DenyListVerifier { inner, denied }))
                 .with_single_cert(chain, key)?

@@ -125,6 +125,43 @@ fn expiry(unix_ms: i64) -> String {
     humantime::format_rfc3339_seconds(at).to_string()
 }
 
+/// Operator names follow the host id rules (they end up in certificate URIs).
+fn operator_name(name: String) -> anyhow::Result<HostId> {
+    HostId::new(name).map_err(|e| {
+        anyhow::anyhow!(
+            "--name: {}",
+            e.to_string().replace("host id", "operator name")
+        )
+    })
+}
+
+/// Sends a token-creating request and prints the token: on stdout alone (for scripts), with
+/// what it is for and its expiry on stderr.
+async fn create_token(
+    config: &CoordinatorConfig,
+    request: &AdminRequest,
+    json: bool,
+    (key, subject, description): (&str, &str, String),
+) -> anyhow::Result<()> {
+    let AdminResponse::Token {
+        token,
+        expires_unix_ms,
+    } = admin::call(config, request).await?
+    else {
+        anyhow::bail!("unexpected answer from the coordinator");
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ key: subject, "token": token, "expires_unix_ms": expires_unix_ms })
+        );
+    } else {
+        println!("{token}");
+        eprintln!("{description}, valid until {}", expiry(expires_unix_ms));
+    }
+    Ok(())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut config = CoordinatorConfig::load(cli.config.as_deref())?;
     if let Some(dir) = cli.state_dir {
@@ -164,34 +201,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 host_id: host_id.clone(),
                 ttl_ms: ttl.as_millis() as u64,
             };
-            let AdminResponse::Token {
-                token,
-                expires_unix_ms,
-            } = admin::call(&config, &request).await?
-            else {
-                anyhow::bail!("unexpected answer from the coordinator");
-            };
-            print(
-                cli.json,
-                serde_json::json!({ "host_id": host_id.as_str(), "token": token, "expires_unix_ms": expires_unix_ms }),
-                token.clone(),
+            let subject = (
+                "host_id",
+                host_id.as_str(),
+                format!("one-time token for host {host_id}"),
             );
-            if !cli.json {
-                eprintln!(
-                    "one-time token for host {host_id}, valid until {}",
-                    expiry(expires_unix_ms)
-                );
-            }
+            create_token(&config, &request, cli.json, subject).await?;
         }
         Command::OperatorToken {
             command: OperatorTokenCommand::Create { name, ttl },
         } => {
-            let name = HostId::new(name).map_err(|e| {
-                anyhow::anyhow!(
-                    "--name: {}",
-                    e.to_string().replace("host id", "operator name")
-                )
-            })?;
+            let name = operator_name(name)?;
             let ttl_ms = ttl
                 .map(|t| parse_duration("--ttl", &t))
                 .transpose()?
@@ -200,34 +220,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 name: name.clone(),
                 ttl_ms,
             };
-            let AdminResponse::Token {
-                token,
-                expires_unix_ms,
-            } = admin::call(&config, &request).await?
-            else {
-                anyhow::bail!("unexpected answer from the coordinator");
-            };
-            print(
-                cli.json,
-                serde_json::json!({ "name": name.as_str(), "token": token, "expires_unix_ms": expires_unix_ms }),
-                token.clone(),
-            );
-            if !cli.json {
-                eprintln!(
-                    "operator token for {name}, expires {}",
-                    expiry(expires_unix_ms)
-                );
-            }
+            let subject = ("name", name.as_str(), format!("operator token for {name}"));
+            create_token(&config, &request, cli.json, subject).await?;
         }
         Command::OperatorCert {
             command: OperatorCertCommand::Create { name, out_dir, ttl },
         } => {
-            let name = HostId::new(name).map_err(|e| {
-                anyhow::anyhow!(
-                    "--name: {}",
-                    e.to_string().replace("host id", "operator name")
-                )
-            })?;
+            let name = operator_name(name)?;
             let ttl = parse_duration("--ttl", &ttl)?;
             let ca = CertificateAuthority::load(&config.ca_dir())?;
             let key = pki::generate_key()?;
@@ -284,20 +283,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     berth_shared::tls::install_crypto_provider();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let cli = Cli::parse();
-    match run(cli).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
-            std::process::ExitCode::FAILURE
-        }
-    }
+    berth_shared::cli::init_logging();
+    berth_shared::cli::finish(run(Cli::parse()).await)
 }
