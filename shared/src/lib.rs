@@ -10,6 +10,7 @@ pub mod config;
 pub mod ids;
 pub mod model;
 pub mod pki;
+pub mod spec;
 pub mod store;
 pub mod tls;
 pub mod transport;

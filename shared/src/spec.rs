@@ -1,0 +1,934 @@
+//! The tenant spec: what an operator or provisioning system asks for, validated into a
+//! [`TenantSpec`] that cannot hold a bad value. Two inputs lead here: the protobuf message (gRPC)
+//! and the human file format [`TenantSpecFile`] (TOML or JSON, also the REST body), which
+//! converts into the protobuf message so that validation happens in one place.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::TenantId;
+use crate::model::{FieldError, Provider, validate_token};
+use crate::proto;
+use crate::units::parse_bytes;
+
+/// The smallest memory cap berth runs a tenant with.
+pub const MIN_MEMORY_BYTES: u64 = 64 << 20;
+/// OpenClaw's data directory, the default mount path of the tenant volume.
+pub const DEFAULT_MOUNT_PATH: &str = "/home/node/.openclaw";
+/// OpenClaw's gateway port inside the container.
+pub const DEFAULT_GATEWAY_PORT: u16 = 18789;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Resources {
+    pub memory_bytes: u64,
+    pub cpu_millicores: u32,
+    pub volume_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+/// Where an egress rule allows traffic to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Destination {
+    /// An address and prefix length (a single address is a /32 or /128).
+    Cidr { addr: IpAddr, prefix: u8 },
+    /// A DNS name, resolved by the agent.
+    Name(String),
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cidr { addr, prefix } => write!(f, "{addr}/{prefix}"),
+            Self::Name(name) => f.write_str(name),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressRule {
+    pub destination: Destination,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeSpec {
+    pub encrypted: bool,
+    pub mount_path: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestartPolicy {
+    pub enabled: bool,
+    pub window: String,
+    pub time_zone: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Constraints {
+    /// Empty: any provider.
+    pub providers: Vec<Provider>,
+    /// Empty: any region. An entry ending in `*` is a prefix (`eu-*`).
+    pub regions: Vec<String>,
+    /// Every label must be on the host with this value.
+    pub labels: BTreeMap<String, String>,
+    /// At most one tenant of a group per host.
+    pub anti_affinity_group: Option<String>,
+}
+
+impl Constraints {
+    pub fn region_allowed(&self, region: &str) -> bool {
+        self.regions.is_empty()
+            || self.regions.iter().any(|r| match r.strip_suffix('*') {
+                Some(prefix) => region.starts_with(prefix),
+                None => r == region,
+            })
+    }
+
+    pub fn provider_allowed(&self, provider: Provider) -> bool {
+        self.providers.is_empty() || self.providers.contains(&provider)
+    }
+}
+
+/// A validated tenant spec, resources resolved from its tier.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantSpec {
+    pub tenant_id: TenantId,
+    pub image: String,
+    pub tier: Option<String>,
+    pub resources: Resources,
+    pub egress: Vec<EgressRule>,
+    pub volume: VolumeSpec,
+    pub restart: RestartPolicy,
+    pub constraints: Constraints,
+    pub gateway_port: u16,
+    pub env: BTreeMap<String, String>,
+}
+
+/// A named resource preset, from the coordinator's configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tier {
+    pub name: String,
+    pub resources: Resources,
+}
+
+/// What the validation needs from the coordinator's configuration.
+#[derive(Debug, Clone)]
+pub struct SpecPolicy {
+    pub tiers: Vec<Tier>,
+    /// Whether `0.0.0.0/0` or `::/0` may be allowlisted.
+    pub allow_unrestricted_egress: bool,
+}
+
+fn field(name: &str, reason: impl Into<String>) -> FieldError {
+    FieldError::new(name, reason)
+}
+
+/// `[registry[:port]/]name[:tag][@sha256:<64 hex>]`, lowercase.
+pub fn validate_image(value: &str) -> Result<(), FieldError> {
+    let bad = |why: &str| Err(field("image", format!("{value:?}: {why}")));
+    if value.is_empty() {
+        return bad("must not be empty");
+    }
+    if value.len() > 255 {
+        return bad("must be at most 255 characters");
+    }
+    let (name, digest) = match value.split_once('@') {
+        Some((name, digest)) => (name, Some(digest)),
+        None => (value, None),
+    };
+    if let Some(digest) = digest {
+        let ok = digest.strip_prefix("sha256:").is_some_and(|h| {
+            h.len() == 64
+                && h.bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        });
+        if !ok {
+            return bad("digest must be sha256: followed by 64 lowercase hex digits");
+        }
+    }
+    if name.is_empty() || name.starts_with(['/', ':', '.', '-']) || name.ends_with(['/', ':']) {
+        return bad("not an image reference");
+    }
+    if !name.bytes().all(|b| {
+        b.is_ascii_lowercase()
+            || b.is_ascii_digit()
+            || matches!(b, b'.' | b'_' | b'-' | b'/' | b':')
+    }) {
+        return bad(
+            "may contain only a-z, 0-9, '.', '_', '-', '/', ':' (and '@sha256:' for a digest)",
+        );
+    }
+    if name.contains("//") || name.contains("..") {
+        return bad("not an image reference");
+    }
+    Ok(())
+}
+
+/// A DNS name as egress destinations and registries use them (RFC 1123, at least one dot).
+fn valid_dns_name(name: &str) -> bool {
+    name.len() <= 253
+        && name.contains('.')
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// Parses a destination: a CIDR, an address, or a DNS name.
+pub fn parse_destination(
+    field_name: &str,
+    value: &str,
+    allow_unrestricted: bool,
+) -> Result<Destination, FieldError> {
+    if let Some((addr, prefix)) = value.split_once('/') {
+        let addr: IpAddr = addr.parse().map_err(|_| {
+            field(
+                field_name,
+                format!("{value:?}: not a CIDR (address/prefix)"),
+            )
+        })?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix: u8 = prefix.parse().ok().filter(|p| *p <= max).ok_or_else(|| {
+            field(
+                field_name,
+                format!("{value:?}: prefix length must be 0 to {max}"),
+            )
+        })?;
+        if prefix == 0 && !allow_unrestricted {
+            return Err(field(
+                field_name,
+                format!(
+                    "{value:?} allows the whole Internet; an operator must enable allow_unrestricted_egress for that"
+                ),
+            ));
+        }
+        return Ok(Destination::Cidr { addr, prefix });
+    }
+    if let Ok(addr) = value.parse::<IpAddr>() {
+        let prefix = if addr.is_ipv4() { 32 } else { 128 };
+        return Ok(Destination::Cidr { addr, prefix });
+    }
+    let name = value.trim_end_matches('.').to_ascii_lowercase();
+    if !valid_dns_name(&name) {
+        return Err(field(
+            field_name,
+            format!("{value:?}: not a CIDR, an address or a DNS name"),
+        ));
+    }
+    Ok(Destination::Name(name))
+}
+
+fn validate_window(value: &str) -> Result<(), FieldError> {
+    let parse_hm = |s: &str| -> Option<u32> {
+        let (h, m) = s.split_once(':')?;
+        let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+        (h < 24 && m < 60 && s.len() == 5).then_some(h * 60 + m)
+    };
+    match value.split_once('-') {
+        Some((a, b)) if parse_hm(a).is_some() && parse_hm(b).is_some() && a != b => Ok(()),
+        _ => Err(field(
+            "restart.window",
+            format!("{value:?}: expected HH:MM-HH:MM such as 02:00-05:00"),
+        )),
+    }
+}
+
+impl TenantSpec {
+    /// Validates a protobuf spec against `policy`, resolving the tier.
+    pub fn from_proto(p: proto::TenantSpec, policy: &SpecPolicy) -> Result<Self, FieldError> {
+        let tenant_id =
+            TenantId::new(&p.tenant_id).map_err(|e| field("tenant_id", e.to_string()))?;
+        validate_image(&p.image)?;
+        let requested = p.resources.unwrap_or_default();
+        let (tier, base) = if p.tier.is_empty() {
+            (None, Resources::default())
+        } else {
+            let tier = policy
+                .tiers
+                .iter()
+                .find(|t| t.name == p.tier)
+                .ok_or_else(|| {
+                    let known: Vec<&str> = policy.tiers.iter().map(|t| t.name.as_str()).collect();
+                    field(
+                        "tier",
+                        format!("unknown tier {:?} (known: {})", p.tier, known.join(", ")),
+                    )
+                })?;
+            (Some(tier.name.clone()), tier.resources)
+        };
+        let pick = |asked: u64, preset: u64| if asked != 0 { asked } else { preset };
+        let resources = Resources {
+            memory_bytes: pick(requested.memory_bytes, base.memory_bytes),
+            cpu_millicores: pick(
+                u64::from(requested.cpu_millicores),
+                u64::from(base.cpu_millicores),
+            ) as u32,
+            volume_bytes: pick(requested.volume_bytes, base.volume_bytes),
+        };
+        if resources.memory_bytes == 0 {
+            return Err(field(
+                "resources.memory_bytes",
+                "required when no tier is given",
+            ));
+        }
+        if resources.memory_bytes < MIN_MEMORY_BYTES {
+            return Err(field(
+                "resources.memory_bytes",
+                format!(
+                    "{} bytes is below the minimum of 64 MiB",
+                    resources.memory_bytes
+                ),
+            ));
+        }
+        if resources.cpu_millicores == 0 {
+            return Err(field(
+                "resources.cpu_millicores",
+                "required when no tier is given",
+            ));
+        }
+        if resources.cpu_millicores > 256_000 {
+            return Err(field(
+                "resources.cpu_millicores",
+                "at most 256000 (256 CPUs)",
+            ));
+        }
+        if p.egress.len() > 256 {
+            return Err(field("egress", "at most 256 entries"));
+        }
+        let mut egress = Vec::with_capacity(p.egress.len());
+        for (i, rule) in p.egress.iter().enumerate() {
+            let name = format!("egress[{i}]");
+            let destination = parse_destination(
+                &format!("{name}.destination"),
+                &rule.destination,
+                policy.allow_unrestricted_egress,
+            )?;
+            let protocol = match rule.protocol.as_str() {
+                "" | "tcp" => Protocol::Tcp,
+                "udp" => Protocol::Udp,
+                other => {
+                    return Err(field(
+                        &format!("{name}.protocol"),
+                        format!("{other:?}: expected tcp or udp"),
+                    ));
+                }
+            };
+            let port = u16::try_from(rule.port)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| {
+                    field(
+                        &format!("{name}.port"),
+                        format!("{} is not a port (1 to 65535)", rule.port),
+                    )
+                })?;
+            egress.push(EgressRule {
+                destination,
+                protocol,
+                port,
+            });
+        }
+        let volume = p.volume.unwrap_or(proto::VolumeSpec {
+            size_bytes: 0,
+            encrypted: true,
+            mount_path: String::new(),
+        });
+        let mount_path = if volume.mount_path.is_empty() {
+            DEFAULT_MOUNT_PATH.to_string()
+        } else {
+            volume.mount_path
+        };
+        if !mount_path.starts_with('/')
+            || mount_path.split('/').any(|c| c == ".." || c == ".")
+            || mount_path.len() > 255
+            || mount_path.contains('\0')
+        {
+            return Err(field(
+                "volume.mount_path",
+                format!("{mount_path:?}: must be an absolute path without . or .. components"),
+            ));
+        }
+        let resources = Resources {
+            volume_bytes: if volume.size_bytes != 0 {
+                volume.size_bytes
+            } else {
+                resources.volume_bytes
+            },
+            ..resources
+        };
+        let restart = p.restart.unwrap_or(proto::RestartPolicy {
+            enabled: true,
+            window: String::new(),
+            time_zone: String::new(),
+        });
+        let restart = RestartPolicy {
+            enabled: restart.enabled,
+            window: if restart.window.is_empty() {
+                "02:00-05:00".into()
+            } else {
+                restart.window
+            },
+            time_zone: if restart.time_zone.is_empty() {
+                "UTC".into()
+            } else {
+                restart.time_zone
+            },
+        };
+        validate_window(&restart.window)?;
+        if restart.time_zone.len() > 64
+            || !restart
+                .time_zone
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'_' | b'-' | b'+'))
+        {
+            return Err(field(
+                "restart.time_zone",
+                format!("{:?}: not an IANA time zone name", restart.time_zone),
+            ));
+        }
+        let c = p.constraints.unwrap_or_default();
+        let providers = c
+            .providers
+            .iter()
+            .map(|p| Provider::parse("constraints.providers", p))
+            .collect::<Result<Vec<_>, _>>()?;
+        for region in &c.regions {
+            validate_token(
+                "constraints.regions",
+                region.strip_suffix('*').unwrap_or(region),
+                false,
+            )?;
+        }
+        for key in c.labels.keys() {
+            validate_token("constraints.labels key", key, false)?;
+        }
+        let anti_affinity_group = if c.anti_affinity_group.is_empty() {
+            None
+        } else {
+            validate_token(
+                "constraints.anti_affinity_group",
+                &c.anti_affinity_group,
+                false,
+            )?;
+            Some(c.anti_affinity_group)
+        };
+        let gateway_port = if p.gateway_port == 0 {
+            DEFAULT_GATEWAY_PORT
+        } else {
+            u16::try_from(p.gateway_port).map_err(|_| {
+                field(
+                    "gateway_port",
+                    format!("{} is not a port (1 to 65535)", p.gateway_port),
+                )
+            })?
+        };
+        if p.env.len() > 64 {
+            return Err(field("env", "at most 64 variables"));
+        }
+        for (k, v) in &p.env {
+            let ok = !k.is_empty()
+                && k.len() <= 128
+                && !k.as_bytes()[0].is_ascii_digit()
+                && k.bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+            if !ok {
+                return Err(field(
+                    "env",
+                    format!("{k:?}: names are A-Z, 0-9 and _, not starting with a digit"),
+                ));
+            }
+            if v.len() > 4096 || v.contains('\0') {
+                return Err(field(&format!("env.{k}"), "at most 4096 bytes, no NUL"));
+            }
+        }
+        Ok(Self {
+            tenant_id,
+            image: p.image,
+            tier,
+            resources,
+            egress,
+            volume: VolumeSpec {
+                encrypted: volume.encrypted,
+                mount_path,
+            },
+            restart,
+            constraints: Constraints {
+                providers,
+                regions: c.regions,
+                labels: c.labels.into_iter().collect(),
+                anti_affinity_group,
+            },
+            gateway_port,
+            env: p.env.into_iter().collect(),
+        })
+    }
+
+    /// The protobuf form, fully resolved (what the agent receives).
+    pub fn to_proto(&self) -> proto::TenantSpec {
+        proto::TenantSpec {
+            tenant_id: self.tenant_id.to_string(),
+            image: self.image.clone(),
+            tier: self.tier.clone().unwrap_or_default(),
+            resources: Some(proto::Resources {
+                memory_bytes: self.resources.memory_bytes,
+                cpu_millicores: self.resources.cpu_millicores,
+                volume_bytes: self.resources.volume_bytes,
+            }),
+            egress: self
+                .egress
+                .iter()
+                .map(|r| proto::EgressRule {
+                    destination: r.destination.to_string(),
+                    protocol: match r.protocol {
+                        Protocol::Tcp => "tcp".into(),
+                        Protocol::Udp => "udp".into(),
+                    },
+                    port: u32::from(r.port),
+                })
+                .collect(),
+            volume: Some(proto::VolumeSpec {
+                size_bytes: self.resources.volume_bytes,
+                encrypted: self.volume.encrypted,
+                mount_path: self.volume.mount_path.clone(),
+            }),
+            restart: Some(proto::RestartPolicy {
+                enabled: self.restart.enabled,
+                window: self.restart.window.clone(),
+                time_zone: self.restart.time_zone.clone(),
+            }),
+            constraints: Some(proto::PlacementConstraints {
+                providers: self
+                    .constraints
+                    .providers
+                    .iter()
+                    .map(|p| p.as_str().to_string())
+                    .collect(),
+                regions: self.constraints.regions.clone(),
+                labels: self.constraints.labels.clone().into_iter().collect(),
+                anti_affinity_group: self
+                    .constraints
+                    .anti_affinity_group
+                    .clone()
+                    .unwrap_or_default(),
+            }),
+            gateway_port: u32::from(self.gateway_port),
+            env: self.env.clone().into_iter().collect(),
+        }
+    }
+}
+
+/// The human spec format: TOML for `berthctl place`, JSON for files and the REST API.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSpecFile {
+    pub tenant_id: String,
+    pub image: String,
+    #[serde(default)]
+    pub tier: Option<String>,
+    #[serde(default)]
+    pub resources: Option<ResourcesFile>,
+    #[serde(default)]
+    pub egress: Vec<EgressFile>,
+    #[serde(default)]
+    pub volume: Option<VolumeFile>,
+    #[serde(default)]
+    pub restart: Option<RestartFile>,
+    #[serde(default)]
+    pub constraints: Option<ConstraintsFile>,
+    #[serde(default)]
+    pub gateway_port: Option<u32>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ResourcesFile {
+    /// `"1GiB"` or bytes.
+    pub memory: Option<SizeFile>,
+    pub cpu_millicores: Option<u32>,
+    pub volume: Option<SizeFile>,
+}
+
+/// A size written as `"512MiB"` or as a number of bytes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SizeFile {
+    Bytes(u64),
+    Text(String),
+}
+
+impl SizeFile {
+    fn bytes(&self, name: &str) -> Result<u64, FieldError> {
+        match self {
+            Self::Bytes(b) => Ok(*b),
+            Self::Text(t) => parse_bytes(name, t).map_err(|e| field(name, e.reason)),
+        }
+    }
+}
+
+/// `"api.anthropic.com:443"` (tcp), or a table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum EgressFile {
+    Short(String),
+    Full {
+        destination: String,
+        port: u32,
+        #[serde(default)]
+        protocol: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeFile {
+    pub size: Option<SizeFile>,
+    pub encrypted: Option<bool>,
+    pub mount_path: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RestartFile {
+    pub enabled: Option<bool>,
+    pub window: Option<String>,
+    pub time_zone: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ConstraintsFile {
+    #[serde(default)]
+    pub providers: Vec<String>,
+    #[serde(default)]
+    pub regions: Vec<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub anti_affinity_group: Option<String>,
+}
+
+impl TenantSpecFile {
+    /// Converts to the protobuf message; only sizes and the egress shorthand are parsed here,
+    /// everything else is validated by [`TenantSpec::from_proto`].
+    pub fn to_proto(&self) -> Result<proto::TenantSpec, FieldError> {
+        let r = self.resources.clone().unwrap_or_default();
+        let v = self.volume.clone().unwrap_or_default();
+        let mut egress = Vec::new();
+        for (i, e) in self.egress.iter().enumerate() {
+            egress.push(match e {
+                EgressFile::Short(s) => {
+                    let (dest, port) = s
+                        .rsplit_once(':')
+                        .filter(|(d, _)| !d.is_empty() && !d.ends_with(':'))
+                        .ok_or_else(|| {
+                            field(
+                                &format!("egress[{i}]"),
+                                format!(
+                                    "{s:?}: expected destination:port, e.g. api.anthropic.com:443"
+                                ),
+                            )
+                        })?;
+                    let port = port.parse().map_err(|_| {
+                        field(
+                            &format!("egress[{i}].port"),
+                            format!("{port:?} is not a port (1 to 65535)"),
+                        )
+                    })?;
+                    proto::EgressRule {
+                        destination: dest.trim_matches(['[', ']']).to_string(),
+                        protocol: "tcp".into(),
+                        port,
+                    }
+                }
+                EgressFile::Full {
+                    destination,
+                    port,
+                    protocol,
+                } => proto::EgressRule {
+                    destination: destination.clone(),
+                    protocol: protocol.clone().unwrap_or_default(),
+                    port: *port,
+                },
+            });
+        }
+        let restart = self.restart.clone().map(|r| proto::RestartPolicy {
+            enabled: r.enabled.unwrap_or(true),
+            window: r.window.unwrap_or_default(),
+            time_zone: r.time_zone.unwrap_or_default(),
+        });
+        let constraints = self
+            .constraints
+            .clone()
+            .map(|c| proto::PlacementConstraints {
+                providers: c.providers,
+                regions: c.regions,
+                labels: c.labels.into_iter().collect(),
+                anti_affinity_group: c.anti_affinity_group.unwrap_or_default(),
+            });
+        Ok(proto::TenantSpec {
+            tenant_id: self.tenant_id.clone(),
+            image: self.image.clone(),
+            tier: self.tier.clone().unwrap_or_default(),
+            resources: Some(proto::Resources {
+                memory_bytes: r
+                    .memory
+                    .map(|m| m.bytes("resources.memory"))
+                    .transpose()?
+                    .unwrap_or(0),
+                cpu_millicores: r.cpu_millicores.unwrap_or(0),
+                volume_bytes: r
+                    .volume
+                    .map(|m| m.bytes("resources.volume"))
+                    .transpose()?
+                    .unwrap_or(0),
+            }),
+            egress,
+            volume: Some(proto::VolumeSpec {
+                size_bytes: v
+                    .size
+                    .map(|s| s.bytes("volume.size"))
+                    .transpose()?
+                    .unwrap_or(0),
+                encrypted: v.encrypted.unwrap_or(true),
+                mount_path: v.mount_path.unwrap_or_default(),
+            }),
+            restart,
+            constraints,
+            gateway_port: self.gateway_port.unwrap_or(0),
+            env: self.env.clone().into_iter().collect(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> SpecPolicy {
+        SpecPolicy {
+            tiers: vec![
+                Tier {
+                    name: "individual".into(),
+                    resources: Resources {
+                        memory_bytes: 256 << 20,
+                        cpu_millicores: 500,
+                        volume_bytes: 1 << 30,
+                    },
+                },
+                Tier {
+                    name: "business".into(),
+                    resources: Resources {
+                        memory_bytes: 1 << 30,
+                        cpu_millicores: 1000,
+                        volume_bytes: 5 << 30,
+                    },
+                },
+            ],
+            allow_unrestricted_egress: false,
+        }
+    }
+
+    fn file(toml_text: &str) -> Result<TenantSpec, String> {
+        let f: TenantSpecFile = toml::from_str(toml_text).map_err(|e| e.to_string())?;
+        let p = f.to_proto().map_err(|e| e.to_string())?;
+        TenantSpec::from_proto(p, &policy()).map_err(|e| e.to_string())
+    }
+
+    const BASE: &str =
+        "tenant_id = \"acme-dental\"\nimage = \"ghcr.io/openclaw/gateway:2026.11\"\n";
+
+    #[test]
+    fn a_tier_fills_resources_and_defaults_apply() {
+        let spec = file(&format!("{BASE}tier = \"business\"\negress = [\"api.anthropic.com:443\", \"203.0.113.0/24:8443\"]\n")).unwrap();
+        assert_eq!(
+            spec.resources,
+            Resources {
+                memory_bytes: 1 << 30,
+                cpu_millicores: 1000,
+                volume_bytes: 5 << 30
+            }
+        );
+        assert!(spec.volume.encrypted, "encrypted by default");
+        assert_eq!(spec.volume.mount_path, DEFAULT_MOUNT_PATH);
+        assert_eq!(spec.gateway_port, DEFAULT_GATEWAY_PORT);
+        assert_eq!(
+            spec.egress[0],
+            EgressRule {
+                destination: Destination::Name("api.anthropic.com".into()),
+                protocol: Protocol::Tcp,
+                port: 443
+            }
+        );
+        assert_eq!(spec.egress[1].destination.to_string(), "203.0.113.0/24");
+        // Round trip through the resolved protobuf form.
+        assert_eq!(
+            TenantSpec::from_proto(spec.to_proto(), &policy()).unwrap(),
+            spec
+        );
+    }
+
+    #[test]
+    fn explicit_resources_override_the_tier() {
+        let spec = file(&format!(
+            "{BASE}tier = \"individual\"\n[resources]\nmemory = \"512MiB\"\n"
+        ))
+        .unwrap();
+        assert_eq!(spec.resources.memory_bytes, 512 << 20);
+        assert_eq!(spec.resources.cpu_millicores, 500);
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let cases = [
+            (
+                format!("{BASE}tier = \"gold\""),
+                "invalid tier: unknown tier \"gold\" (known: individual, business)",
+            ),
+            (
+                format!("{BASE}[resources]\nmemory = \"32MiB\"\ncpu_millicores = 100"),
+                "invalid resources.memory_bytes: 33554432 bytes is below the minimum of 64 MiB",
+            ),
+            (
+                format!("{BASE}[resources]\ncpu_millicores = 100"),
+                "invalid resources.memory_bytes: required",
+            ),
+            (
+                format!("{BASE}[resources]\nmemory = \"1GiB\""),
+                "invalid resources.cpu_millicores: required",
+            ),
+            (
+                "tenant_id = \"Acme\"\nimage = \"x\"\ntier = \"business\"".to_string(),
+                "invalid tenant_id: invalid tenant id \"Acme\"",
+            ),
+            (
+                "tenant_id = \"a/../b\"\nimage = \"x\"\ntier = \"business\"".to_string(),
+                "invalid tenant_id",
+            ),
+            (
+                "tenant_id = \"acme\"\nimage = \"UPPER:case\"\ntier = \"business\"".to_string(),
+                "invalid image",
+            ),
+            (
+                "tenant_id = \"acme\"\nimage = \"x@sha256:123\"\ntier = \"business\"".to_string(),
+                "invalid image: \"x@sha256:123\": digest must be sha256:",
+            ),
+            (
+                format!("{BASE}tier = \"business\"\negress = [\"10.0.0.0/33:443\"]"),
+                "invalid egress[0].destination: \"10.0.0.0/33\": prefix length must be 0 to 32",
+            ),
+            (
+                format!("{BASE}tier = \"business\"\negress = [\"api.anthropic.com:0\"]"),
+                "invalid egress[0].port: 0 is not a port",
+            ),
+            (
+                format!("{BASE}tier = \"business\"\negress = [\"api.anthropic.com:70000\"]"),
+                "invalid egress[0].port: 70000 is not a port",
+            ),
+            (
+                format!("{BASE}tier = \"business\"\negress = [\"0.0.0.0/0:443\"]"),
+                "invalid egress[0].destination: \"0.0.0.0/0\" allows the whole Internet",
+            ),
+            (
+                format!("{BASE}tier = \"business\"\negress = [\"::/0:443\"]"),
+                "allows the whole Internet",
+            ),
+            (
+                format!("{BASE}tier = \"business\"\negress = [\"not a host:443\"]"),
+                "invalid egress[0].destination: \"not a host\": not a CIDR",
+            ),
+            (
+                format!("{BASE}tier = \"business\"\negress = [\"api.anthropic.com\"]"),
+                "invalid egress[0]: \"api.anthropic.com\": expected destination:port",
+            ),
+            (
+                format!(
+                    "{BASE}tier = \"business\"\n[[egress]]\ndestination = \"1.2.3.4\"\nport = 53\nprotocol = \"icmp\""
+                ),
+                "invalid egress[0].protocol",
+            ),
+            (
+                format!("{BASE}tier = \"business\"\n[volume]\nmount_path = \"/data/../etc\""),
+                "invalid volume.mount_path",
+            ),
+            (
+                format!("{BASE}tier = \"business\"\n[restart]\nwindow = \"25:00-05:00\""),
+                "invalid restart.window",
+            ),
+            (
+                format!("{BASE}tier = \"business\"\n[restart]\ntime_zone = \"Europe/Berlin; rm\""),
+                "invalid restart.time_zone",
+            ),
+            (
+                format!("{BASE}tier = \"business\"\n[constraints]\nproviders = [\"gcp\"]"),
+                "invalid constraints.providers: unknown provider \"gcp\"",
+            ),
+            (
+                format!("{BASE}tier = \"business\"\n[constraints]\nregions = [\"EU Central\"]"),
+                "invalid constraints.regions",
+            ),
+            (
+                format!("{BASE}tier = \"business\"\ngateway_port = 70000"),
+                "invalid gateway_port",
+            ),
+            (
+                format!("{BASE}tier = \"business\"\n[env]\n\"bad-name\" = \"x\""),
+                "invalid env",
+            ),
+            (
+                format!("{BASE}tier = \"business\"\nbogus = 1"),
+                "unknown field `bogus`",
+            ),
+            (
+                format!("{BASE}tier = \"business\"\n[resources]\nmemory = \"lots\""),
+                "invalid resources.memory",
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = file(&text).unwrap_err();
+            assert!(
+                err.contains(expected),
+                "{text:?}\n  got: {err}\n  expected: {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn unrestricted_egress_needs_the_operator_flag() {
+        let mut p = policy();
+        p.allow_unrestricted_egress = true;
+        let f: TenantSpecFile = toml::from_str(&format!(
+            "{BASE}tier = \"business\"\negress = [\"0.0.0.0/0:443\"]"
+        ))
+        .unwrap();
+        let spec = TenantSpec::from_proto(f.to_proto().unwrap(), &p).unwrap();
+        assert_eq!(spec.egress[0].destination.to_string(), "0.0.0.0/0");
+    }
+
+    #[test]
+    fn region_patterns() {
+        let c = Constraints {
+            regions: vec!["eu-*".into(), "fsn1".into()],
+            ..Default::default()
+        };
+        assert!(c.region_allowed("eu-central-1"));
+        assert!(c.region_allowed("fsn1"));
+        assert!(!c.region_allowed("us-east-1"));
+        assert!(Constraints::default().region_allowed("anything"));
+    }
+}
