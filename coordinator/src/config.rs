@@ -6,7 +6,13 @@ use std::time::Duration;
 
 pub use berth_shared::config::ConfigError;
 use berth_shared::config::{parse_toml, read};
-use berth_shared::units::parse_duration;
+use std::collections::BTreeMap;
+
+use berth_shared::model::{Provider, validate_token};
+use berth_shared::spec::{Resources, Tier};
+use berth_shared::units::{parse_bytes, parse_duration};
+
+use crate::scheduler::{CatalogEntry, Strategy};
 use serde::Deserialize;
 
 /// As written in the file; every key optional, unknown keys refused.
@@ -21,6 +27,30 @@ struct RawConfig {
     agent_cert_ttl: Option<String>,
     down_after: Option<String>,
     report_interval: Option<String>,
+    strategy: Option<Strategy>,
+    allow_unrestricted_egress: Option<bool>,
+    tiers: Option<BTreeMap<String, RawTier>>,
+    catalog: Option<Vec<RawCatalogEntry>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTier {
+    memory: String,
+    cpu_millicores: u32,
+    volume: String,
+    strategy: Option<Strategy>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCatalogEntry {
+    provider: String,
+    instance_type: String,
+    memory: String,
+    cpus: u32,
+    monthly_cost: f64,
+    regions: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -35,6 +65,69 @@ pub struct CoordinatorConfig {
     pub agent_cert_ttl: Duration,
     pub down_after: Duration,
     pub report_interval: Duration,
+    /// Fleet-wide default strategy; a tier may override it.
+    pub strategy: Strategy,
+    pub allow_unrestricted_egress: bool,
+    pub tiers: Vec<TierConfig>,
+    /// Host types that can be bought, for refusals' recommendations (one currency).
+    pub catalog: Vec<CatalogEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TierConfig {
+    pub tier: Tier,
+    pub strategy: Option<Strategy>,
+}
+
+/// Built-in tiers (the DESIGN's presets).
+fn default_tiers() -> Vec<TierConfig> {
+    let tier = |name: &str, memory_bytes: u64, cpu_millicores: u32, volume_bytes: u64| TierConfig {
+        tier: Tier {
+            name: name.into(),
+            resources: Resources {
+                memory_bytes,
+                cpu_millicores,
+                volume_bytes,
+            },
+        },
+        strategy: None,
+    };
+    vec![
+        tier("individual", 256 << 20, 500, 2 << 30),
+        tier("business", 1 << 30, 1000, 10 << 30),
+        tier("pro", 1536 << 20, 1000, 20 << 30),
+    ]
+}
+
+/// Built-in catalog: list prices per month in EUR (Hetzner's, and AWS on-demand converted),
+/// as examples; configure your own under `[[catalog]]`.
+fn default_catalog() -> Vec<CatalogEntry> {
+    let hz = ["fsn1", "nbg1", "hel1"];
+    let aws = ["eu-central-1", "eu-west-1"];
+    let entry = |provider, t: &str, gib: u64, cpus, cents, regions: &[&str]| CatalogEntry {
+        provider,
+        instance_type: t.into(),
+        memory_bytes: gib << 30,
+        cpus,
+        monthly_cost_cents: cents,
+        regions: regions.iter().map(|r| r.to_string()).collect(),
+    };
+    vec![
+        entry(Provider::Hetzner, "cx22", 4, 2, 379, &hz),
+        entry(Provider::Hetzner, "cx32", 8, 4, 680, &hz),
+        entry(Provider::Hetzner, "cx42", 16, 8, 1640, &hz),
+        entry(Provider::Hetzner, "cx52", 32, 16, 3240, &hz),
+        entry(Provider::Hetzner, "ccx13", 8, 2, 1249, &hz),
+        entry(Provider::Hetzner, "ccx23", 16, 4, 2449, &hz),
+        entry(Provider::Hetzner, "ccx33", 32, 8, 4849, &hz),
+        entry(Provider::Hetzner, "ccx43", 64, 16, 9649, &hz),
+        entry(Provider::Aws, "t3.medium", 4, 2, 3300, &aws),
+        entry(Provider::Aws, "t3.large", 8, 2, 6600, &aws),
+        entry(Provider::Aws, "t3.xlarge", 16, 4, 13200, &aws),
+        entry(Provider::Aws, "m6i.large", 8, 2, 7700, &aws),
+        entry(Provider::Aws, "m6i.xlarge", 16, 4, 15400, &aws),
+        entry(Provider::Aws, "m6i.2xlarge", 32, 8, 30800, &aws),
+    ]
 }
 
 impl Default for CoordinatorConfig {
@@ -48,6 +141,10 @@ impl Default for CoordinatorConfig {
             agent_cert_ttl: Duration::from_secs(30 * 24 * 3600),
             down_after: Duration::from_secs(15),
             report_interval: Duration::from_secs(5),
+            strategy: Strategy::Binpack,
+            allow_unrestricted_egress: false,
+            tiers: default_tiers(),
+            catalog: default_catalog(),
         }
     }
 }
@@ -87,6 +184,73 @@ impl CoordinatorConfig {
         if let Some(v) = raw.down_after {
             config.down_after = parse_duration("down_after", &v).map_err(value)?;
         }
+        if let Some(v) = raw.strategy {
+            config.strategy = v;
+        }
+        if let Some(v) = raw.allow_unrestricted_egress {
+            config.allow_unrestricted_egress = v;
+        }
+        if let Some(tiers) = raw.tiers {
+            config.tiers = Vec::new();
+            for (name, t) in tiers {
+                validate_token("tiers", &name, false).map_err(|e| ConfigError::value(path, e))?;
+                let field = |f: &str| format!("tiers.{name}.{f}");
+                let memory_bytes = parse_bytes(&field("memory"), &t.memory)
+                    .map_err(|e| ConfigError::value(path, e))?;
+                if memory_bytes < berth_shared::spec::MIN_MEMORY_BYTES {
+                    return Err(ConfigError::value(
+                        path,
+                        format!("invalid {}: below the minimum of 64 MiB", field("memory")),
+                    ));
+                }
+                if t.cpu_millicores == 0 {
+                    return Err(ConfigError::value(
+                        path,
+                        format!(
+                            "invalid {}: must be greater than zero",
+                            field("cpu_millicores")
+                        ),
+                    ));
+                }
+                let volume_bytes = parse_bytes(&field("volume"), &t.volume)
+                    .map_err(|e| ConfigError::value(path, e))?;
+                config.tiers.push(TierConfig {
+                    tier: Tier {
+                        name,
+                        resources: Resources {
+                            memory_bytes,
+                            cpu_millicores: t.cpu_millicores,
+                            volume_bytes,
+                        },
+                    },
+                    strategy: t.strategy,
+                });
+            }
+        }
+        if let Some(catalog) = raw.catalog {
+            config.catalog = Vec::new();
+            for (i, e) in catalog.into_iter().enumerate() {
+                let field = |f: &str| format!("catalog[{i}].{f}");
+                let provider = Provider::parse(&field("provider"), &e.provider)
+                    .map_err(|e| ConfigError::value(path, e))?;
+                let memory_bytes = parse_bytes(&field("memory"), &e.memory)
+                    .map_err(|e| ConfigError::value(path, e))?;
+                if !e.monthly_cost.is_finite() || e.monthly_cost < 0.0 {
+                    return Err(ConfigError::value(
+                        path,
+                        format!("invalid {}: must be a price", field("monthly_cost")),
+                    ));
+                }
+                config.catalog.push(CatalogEntry {
+                    provider,
+                    instance_type: e.instance_type,
+                    memory_bytes,
+                    cpus: e.cpus,
+                    monthly_cost_cents: (e.monthly_cost * 100.0).round() as u64,
+                    regions: e.regions,
+                });
+            }
+        }
         if let Some(v) = raw.report_interval {
             config.report_interval = parse_duration("report_interval", &v).map_err(value)?;
         }
@@ -122,6 +286,43 @@ mod tests {
         assert_eq!(c.down_after, Duration::from_secs(20));
         assert_eq!(c.agent_listen.port(), 9000);
         assert_eq!(c.report_interval, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn tiers_and_catalog() {
+        let c = CoordinatorConfig::default();
+        assert_eq!(
+            c.tiers
+                .iter()
+                .map(|t| t.tier.name.as_str())
+                .collect::<Vec<_>>(),
+            ["individual", "business", "pro"]
+        );
+        let text = "strategy = \"spread\"\n[tiers.tiny]\nmemory = \"128MiB\"\ncpu_millicores = 250\nvolume = \"1GiB\"\nstrategy = \"binpack\"\n";
+        let c = CoordinatorConfig::parse(Path::new("c.toml"), text).unwrap();
+        assert_eq!(c.strategy, Strategy::Spread);
+        assert_eq!(c.tiers.len(), 1);
+        assert_eq!(c.tiers[0].strategy, Some(Strategy::Binpack));
+        for (text, expected) in [
+            (
+                "[tiers.tiny]\nmemory = \"1MiB\"\ncpu_millicores = 250\nvolume = \"1GiB\"",
+                "invalid tiers.tiny.memory: below the minimum",
+            ),
+            (
+                "[tiers.tiny]\nmemory = \"1GiB\"\ncpu_millicores = 0\nvolume = \"1GiB\"",
+                "invalid tiers.tiny.cpu_millicores",
+            ),
+            (
+                "[[catalog]]\nprovider = \"gcp\"\ninstance_type = \"x\"\nmemory = \"1GiB\"\ncpus = 1\nmonthly_cost = 1.0\nregions = []",
+                "invalid catalog[0].provider",
+            ),
+            ("strategy = \"random\"", "strategy"),
+        ] {
+            let err = CoordinatorConfig::parse(Path::new("c.toml"), text)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{err}");
+        }
     }
 
     #[test]

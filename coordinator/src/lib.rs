@@ -12,4 +12,5 @@ pub mod core;
 pub mod http;
 pub mod operator_api;
 pub mod registry;
+pub mod scheduler;
 pub mod server;

@@ -45,6 +45,58 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
     /// Applies every write or none.
     fn apply(&self, writes: Vec<Write>, durability: Durability) -> Result<(), StoreError>;
+    /// Makes every write applied before this call durable. Concurrent callers share flushes
+    /// (group commit): one disk flush acknowledges every write that preceded it.
+    fn flush(&self) -> Result<(), StoreError>;
+}
+
+/// Group commit: callers that arrive while a flush runs wait for the next one, which covers
+/// them all.
+#[derive(Debug, Default)]
+struct GroupFlush {
+    state: Mutex<FlushState>,
+    done: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct FlushState {
+    requested: u64,
+    completed: u64,
+    running: bool,
+    failed: Option<String>,
+}
+
+impl GroupFlush {
+    fn flush(&self, flush_now: impl Fn() -> Result<(), StoreError>) -> Result<(), StoreError> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.requested += 1;
+        let mine = state.requested;
+        loop {
+            if let Some(message) = &state.failed {
+                return Err(StoreError::Io(message.clone()));
+            }
+            if state.completed >= mine {
+                return Ok(());
+            }
+            if state.running {
+                state = self.done.wait(state).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            state.running = true;
+            let target = state.requested;
+            drop(state);
+            let result = flush_now();
+            state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.running = false;
+            match result {
+                Ok(()) => state.completed = target,
+                // A failed flush leaves the store in an unknown state: every later flush fails
+                // too, so nothing is ever acknowledged that might not be on disk.
+                Err(e) => state.failed = Some(e.to_string()),
+            }
+            self.done.notify_all();
+        }
+    }
 }
 
 /// Decodes a JSON record, naming the key when it is corrupt.
@@ -65,6 +117,7 @@ pub fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
 #[derive(Debug)]
 pub struct SledStore {
     db: sled::Db,
+    group: GroupFlush,
 }
 
 impl SledStore {
@@ -77,7 +130,10 @@ impl SledStore {
                 path: path.display().to_string(),
                 message: e.to_string(),
             })?;
-        Ok(Self { db })
+        Ok(Self {
+            db,
+            group: GroupFlush::default(),
+        })
     }
 }
 
@@ -112,9 +168,18 @@ impl Store for SledStore {
             .apply_batch(batch)
             .map_err(|e| StoreError::Io(e.to_string()))?;
         if durability == Durability::Flushed {
-            self.db.flush().map_err(|e| StoreError::Io(e.to_string()))?;
+            self.flush()?;
         }
         Ok(())
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.group.flush(|| {
+            self.db
+                .flush()
+                .map(drop)
+                .map_err(|e| StoreError::Io(e.to_string()))
+        })
     }
 }
 
@@ -161,12 +226,18 @@ impl Store for MemStore {
                 Write::Delete(k) => records.remove(&k),
             };
         }
+        drop(records);
         if durability == Durability::Flushed {
-            *self
-                .flushed_batches
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()) += 1;
+            self.flush()?;
         }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        *self
+            .flushed_batches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) += 1;
         Ok(())
     }
 }
@@ -239,6 +310,55 @@ mod tests {
         assert!(
             err.to_string().starts_with("cannot open the store at"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn concurrent_flushes_share_disk_flushes_and_all_return_durable() {
+        let group = std::sync::Arc::new(GroupFlush::default());
+        let disk_flushes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let threads: Vec<_> = (0..16)
+            .map(|_| {
+                let (group, disk_flushes) = (group.clone(), disk_flushes.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..50 {
+                        group
+                            .flush(|| {
+                                disk_flushes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                std::thread::sleep(std::time::Duration::from_micros(200));
+                                Ok(())
+                            })
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let n = disk_flushes.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(n < 800, "800 requests shared {n} disk flushes");
+        let state = group.state.lock().unwrap();
+        assert_eq!(
+            state.completed, state.requested,
+            "every request was covered"
+        );
+    }
+
+    #[test]
+    fn a_failed_flush_fails_every_later_one() {
+        let group = GroupFlush::default();
+        assert!(
+            group
+                .flush(|| Err(StoreError::Io("disk gone".into())))
+                .is_err()
+        );
+        assert!(
+            group
+                .flush(|| Ok(()))
+                .unwrap_err()
+                .to_string()
+                .contains("disk gone")
         );
     }
 
