@@ -11,6 +11,7 @@ pub mod config;
 pub mod core;
 pub mod http;
 pub mod operator_api;
+pub mod placement;
 pub mod registry;
 pub mod scheduler;
 pub mod server;

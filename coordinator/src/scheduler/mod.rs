@@ -9,7 +9,7 @@
 //! looks at a handful of best-fitting hosts instead of the whole fleet; when that fast path
 //! finds nothing, an exhaustive pass decides, so the index never causes a false refusal.
 
-mod explain;
+pub mod explain;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 

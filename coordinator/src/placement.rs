@@ -1,0 +1,541 @@
+//! Tenant placements: which tenant runs where, durably, and the desired state each host must
+//! converge to.
+//!
+//! Ensures: a placement is on disk before it is acknowledged (the caller waits for
+//! [`Placements::make_durable`]); concurrent placements never double-book capacity (decision and
+//! reservation happen under one lock); a host is told only desired states that are on disk;
+//! generations only grow, also across a SIGKILL (they are allocated below a durable ceiling), so
+//! an agent can refuse anything older than what it applied.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use berth_shared::ids::{HostId, TenantId};
+use berth_shared::model::FieldError;
+use berth_shared::proto;
+use berth_shared::spec::{SpecPolicy, TenantSpec};
+use berth_shared::store::{Durability, Store, StoreError, Write, decode, encode};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::registry::HostRecord;
+use crate::scheduler::{
+    CatalogEntry, HostInfo, Refusal, Request, Scheduler, Strategy, Vec3, explain,
+};
+
+const TENANT_PREFIX: &str = "tenant/";
+const HOSTGEN_PREFIX: &str = "hostgen/";
+const CEILING_KEY: &str = "meta/generation-ceiling";
+/// Generations allocated per durable ceiling write.
+const GENERATION_BLOCK: u64 = 1 << 20;
+/// The reserve a recommended host type is assumed to keep for itself.
+const RECOMMENDATION_RESERVE: u64 = 1 << 30;
+
+/// What placement decisions follow, from the coordinator's configuration.
+#[derive(Debug, Clone)]
+pub struct PlacementPolicy {
+    pub spec: SpecPolicy,
+    pub strategy: Strategy,
+    pub tier_strategy: HashMap<String, Strategy>,
+    pub catalog: Vec<CatalogEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TenantRecord {
+    pub spec: TenantSpec,
+    pub host_id: HostId,
+    pub generation: u64,
+    pub placed_unix_ms: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlaceError {
+    #[error(transparent)]
+    Invalid(#[from] FieldError),
+    #[error(
+        "tenant {tenant} already exists with a different {field}; remove it first or send the same spec"
+    )]
+    Conflict { tenant: String, field: &'static str },
+    #[error("{0}")]
+    NoFit(Box<Refusal>),
+    #[error("unknown tenant {0:?}")]
+    UnknownTenant(String),
+    #[error("{what} is not built yet: {missing}")]
+    NotBuilt {
+        what: &'static str,
+        missing: &'static str,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A change waiting for the flush that makes it durable.
+#[derive(Debug)]
+struct Change {
+    seq: u64,
+    host: HostId,
+    tenant: TenantId,
+    generation: u64,
+    spec: Option<Arc<proto::TenantSpec>>,
+}
+
+#[derive(Debug, Default)]
+struct HostDesired {
+    generation: u64,
+    tenants: BTreeMap<TenantId, Arc<proto::TenantSpec>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    scheduler: Scheduler,
+    tenants: BTreeMap<TenantId, TenantRecord>,
+    generation: u64,
+    ceiling: u64,
+    /// Sequence number of the last applied (not necessarily durable) change.
+    seq: u64,
+    pending: VecDeque<Change>,
+    durable: HashMap<HostId, HostDesired>,
+    watchers: HashMap<HostId, watch::Sender<Arc<proto::DesiredState>>>,
+    observed: HashMap<TenantId, proto::TenantStatus>,
+    acks: HashMap<HostId, proto::DesiredStateAck>,
+    tenants_per_host: HashMap<HostId, u32>,
+}
+
+/// The result of a placement or removal: wait for durability with its `seq`.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub seq: u64,
+    pub placement: proto::Placement,
+}
+
+#[derive(Debug)]
+pub struct Placements {
+    store: Arc<dyn Store>,
+    policy: PlacementPolicy,
+    state: Mutex<State>,
+}
+
+/// The scheduler's view of a host record; `None` until the host sent its facts.
+pub fn host_info(record: &HostRecord, schedulable: bool) -> Option<HostInfo> {
+    let facts = record.facts.as_ref()?;
+    Some(HostInfo {
+        id: record.host_id.clone(),
+        provider: facts.provider,
+        region: facts.region.clone(),
+        labels: facts.labels.clone(),
+        dm_crypt: facts.capabilities.dm_crypt,
+        monthly_cost_cents: facts.monthly_cost_cents,
+        allocatable: Vec3 {
+            mem: facts
+                .memory_total_bytes
+                .saturating_sub(facts.memory_reserved_bytes),
+            cpu: u64::from(facts.cpu_count) * 1000,
+            // Keep a tenth of the disk for the host, images and logs.
+            disk: facts.disk_total_bytes / 10 * 9,
+        },
+        schedulable,
+    })
+}
+
+fn need(spec: &TenantSpec) -> Vec3 {
+    Vec3 {
+        mem: spec.resources.memory_bytes,
+        cpu: u64::from(spec.resources.cpu_millicores),
+        disk: spec.resources.volume_bytes,
+    }
+}
+
+/// The first top-level field in which two specs differ, for a precise conflict message.
+fn differing_field(a: &TenantSpec, b: &TenantSpec) -> &'static str {
+    if a.image != b.image {
+        "image"
+    } else if a.tier != b.tier {
+        "tier"
+    } else if a.resources != b.resources {
+        "resources"
+    } else if a.egress != b.egress {
+        "egress"
+    } else if a.volume != b.volume {
+        "volume"
+    } else if a.restart != b.restart {
+        "restart"
+    } else if a.constraints != b.constraints {
+        "constraints"
+    } else if a.gateway_port != b.gateway_port {
+        "gateway_port"
+    } else {
+        "env"
+    }
+}
+
+impl State {
+    /// Allocates a generation; extends the durable ceiling (in the same batch) when needed.
+    fn next_generation(&mut self, writes: &mut Vec<Write>) -> u64 {
+        self.generation += 1;
+        if self.generation >= self.ceiling {
+            self.ceiling = self.generation + GENERATION_BLOCK;
+            writes.push(Write::Put(CEILING_KEY.into(), encode(&self.ceiling)));
+        }
+        self.generation
+    }
+
+    fn desired_state(&self, host: &HostId) -> Arc<proto::DesiredState> {
+        let desired = self.durable.get(host);
+        Arc::new(proto::DesiredState {
+            generation: desired.map_or(0, |d| d.generation),
+            tenants: desired
+                .map(|d| d.tenants.values().map(|s| (**s).clone()).collect())
+                .unwrap_or_default(),
+        })
+    }
+
+    fn placement(&self, record: &TenantRecord) -> proto::Placement {
+        proto::Placement {
+            tenant_id: record.spec.tenant_id.to_string(),
+            host_id: record.host_id.to_string(),
+            generation: record.generation,
+            state: self.tenant_state(record).0 as i32,
+        }
+    }
+
+    /// A tenant's state and the reason, from what its host acknowledged and reported.
+    fn tenant_state(&self, record: &TenantRecord) -> (proto::TenantState, String) {
+        if let Some(ack) = self.acks.get(&record.host_id)
+            && ack.generation >= record.generation
+            && !ack.accepted
+        {
+            return (proto::TenantState::Failed, ack.error.clone());
+        }
+        match self.observed.get(&record.spec.tenant_id) {
+            Some(status) if status.generation >= record.generation => (
+                proto::TenantState::try_from(status.state).unwrap_or(proto::TenantState::Pending),
+                status.message.clone(),
+            ),
+            _ => (proto::TenantState::Pending, String::new()),
+        }
+    }
+}
+
+impl Placements {
+    /// Loads every placement from the store and rebuilds the scheduler's view of `hosts`.
+    pub fn load(
+        store: Arc<dyn Store>,
+        policy: PlacementPolicy,
+        hosts: &[HostInfo],
+    ) -> Result<Self, StoreError> {
+        let mut state = State::default();
+        for host in hosts {
+            state.scheduler.upsert_host(host.clone());
+        }
+        for (key, bytes) in store.scan_prefix(TENANT_PREFIX)? {
+            let record: TenantRecord = decode(&key, &bytes)?;
+            state.scheduler.commit(
+                &record.host_id,
+                need(&record.spec),
+                record.spec.constraints.anti_affinity_group.as_deref(),
+            );
+            let desired = state.durable.entry(record.host_id.clone()).or_default();
+            desired.tenants.insert(
+                record.spec.tenant_id.clone(),
+                Arc::new(record.spec.to_proto()),
+            );
+            *state
+                .tenants_per_host
+                .entry(record.host_id.clone())
+                .or_default() += 1;
+            state.tenants.insert(record.spec.tenant_id.clone(), record);
+        }
+        for (key, bytes) in store.scan_prefix(HOSTGEN_PREFIX)? {
+            let generation: u64 = decode(&key, &bytes)?;
+            if let Ok(host) = HostId::new(&key[HOSTGEN_PREFIX.len()..]) {
+                state.durable.entry(host).or_default().generation = generation;
+            }
+        }
+        // Every generation handed out before a crash, durable or not, is below the old
+        // ceiling: start there, and move the ceiling up durably before anything else.
+        let ceiling: u64 = match store.get(CEILING_KEY)? {
+            Some(bytes) => decode(CEILING_KEY, &bytes)?,
+            None => 0,
+        };
+        state.generation = ceiling;
+        state.ceiling = ceiling + GENERATION_BLOCK;
+        store.apply(
+            vec![Write::Put(CEILING_KEY.into(), encode(&state.ceiling))],
+            Durability::Flushed,
+        )?;
+        Ok(Self {
+            store,
+            policy,
+            state: Mutex::new(state),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Validates a spec without placing it.
+    pub fn validate(&self, spec: proto::TenantSpec) -> Result<TenantSpec, FieldError> {
+        TenantSpec::from_proto(spec, &self.policy.spec)
+    }
+
+    /// Places a tenant (or returns its existing placement for the same spec). Durable only
+    /// after [`Placements::make_durable`] with the returned `seq`.
+    pub fn place(&self, spec: proto::TenantSpec, now_unix_ms: i64) -> Result<Applied, PlaceError> {
+        let spec = self.validate(spec)?;
+        let mut state = self.lock();
+        if let Some(existing) = state.tenants.get(&spec.tenant_id) {
+            if existing.spec == spec {
+                return Ok(Applied {
+                    seq: state.seq,
+                    placement: state.placement(existing),
+                });
+            }
+            return Err(PlaceError::Conflict {
+                tenant: spec.tenant_id.to_string(),
+                field: differing_field(&existing.spec, &spec),
+            });
+        }
+        let need = need(&spec);
+        let largest = state
+            .scheduler
+            .hosts()
+            .map(|(h, _)| h.allocatable.mem)
+            .max();
+        if let Some(largest) = largest
+            && need.mem > largest
+        {
+            return Err(FieldError::new(
+                "resources.memory_bytes",
+                format!(
+                    "{} MiB is larger than the largest host ({} MiB allocatable)",
+                    need.mem >> 20,
+                    largest >> 20
+                ),
+            )
+            .into());
+        }
+        let strategy = spec
+            .tier
+            .as_ref()
+            .and_then(|t| self.policy.tier_strategy.get(t))
+            .copied()
+            .unwrap_or(self.policy.strategy);
+        let request = Request {
+            need,
+            encrypted: spec.volume.encrypted,
+            constraints: &spec.constraints,
+            strategy,
+        };
+        let host = state.scheduler.choose(&request).map_err(|mut refusal| {
+            refusal.recommendation = explain::recommend(
+                &self.policy.catalog,
+                need,
+                RECOMMENDATION_RESERVE,
+                &spec.constraints,
+            );
+            PlaceError::NoFit(Box::new(refusal))
+        })?;
+        let mut writes = Vec::with_capacity(3);
+        let generation = state.next_generation(&mut writes);
+        let record = TenantRecord {
+            spec,
+            host_id: host.clone(),
+            generation,
+            placed_unix_ms: now_unix_ms,
+        };
+        writes.push(Write::Put(
+            format!("{TENANT_PREFIX}{}", record.spec.tenant_id),
+            encode(&record),
+        ));
+        writes.push(Write::Put(
+            format!("{HOSTGEN_PREFIX}{host}"),
+            encode(&generation),
+        ));
+        self.store.apply(writes, Durability::Lazy)?;
+        let group = record.spec.constraints.anti_affinity_group.clone();
+        state.scheduler.commit(&host, need, group.as_deref());
+        *state.tenants_per_host.entry(host.clone()).or_default() += 1;
+        state.seq += 1;
+        let seq = state.seq;
+        let tenant = record.spec.tenant_id.clone();
+        state.pending.push_back(Change {
+            seq,
+            host,
+            tenant: tenant.clone(),
+            generation,
+            spec: Some(Arc::new(record.spec.to_proto())),
+        });
+        let placement = state.placement(&record);
+        state.tenants.insert(tenant, record);
+        Ok(Applied { seq, placement })
+    }
+
+    /// Removes a tenant: its host is told to stop it, its capacity is freed.
+    pub fn remove(&self, tenant_id: &TenantId, purge: bool) -> Result<Applied, PlaceError> {
+        if purge {
+            return Err(PlaceError::NotBuilt {
+                what: "remove --purge",
+                missing: "encrypted tenant volumes (crypto-shredding)",
+            });
+        }
+        let mut state = self.lock();
+        let record = state
+            .tenants
+            .get(tenant_id)
+            .cloned()
+            .ok_or_else(|| PlaceError::UnknownTenant(tenant_id.to_string()))?;
+        let mut writes = Vec::with_capacity(3);
+        let generation = state.next_generation(&mut writes);
+        writes.push(Write::Delete(format!("{TENANT_PREFIX}{tenant_id}")));
+        writes.push(Write::Put(
+            format!("{HOSTGEN_PREFIX}{}", record.host_id),
+            encode(&generation),
+        ));
+        self.store.apply(writes, Durability::Lazy)?;
+        state.scheduler.release(
+            &record.host_id,
+            need(&record.spec),
+            record.spec.constraints.anti_affinity_group.as_deref(),
+        );
+        state.tenants.remove(tenant_id);
+        state.observed.remove(tenant_id);
+        if let Some(n) = state.tenants_per_host.get_mut(&record.host_id) {
+            *n = n.saturating_sub(1);
+        }
+        state.seq += 1;
+        let seq = state.seq;
+        state.pending.push_back(Change {
+            seq,
+            host: record.host_id.clone(),
+            tenant: tenant_id.clone(),
+            generation,
+            spec: None,
+        });
+        let placement = proto::Placement {
+            tenant_id: tenant_id.to_string(),
+            host_id: record.host_id.to_string(),
+            generation,
+            state: proto::TenantState::Stopped as i32,
+        };
+        Ok(Applied { seq, placement })
+    }
+
+    /// Blocks until change `seq` (and every change before it) is on disk, then tells the
+    /// affected hosts. Call from a blocking context.
+    pub fn make_durable(&self, seq: u64) -> Result<(), StoreError> {
+        // Every change up to `upto` was applied to the store before this flush request.
+        let upto = self.lock().seq.max(seq);
+        self.store.flush()?;
+        let mut state = self.lock();
+        let mut touched = Vec::new();
+        while state.pending.front().is_some_and(|c| c.seq <= upto) {
+            let Some(change) = state.pending.pop_front() else {
+                break;
+            };
+            let desired = state.durable.entry(change.host.clone()).or_default();
+            desired.generation = desired.generation.max(change.generation);
+            match change.spec {
+                Some(spec) => desired.tenants.insert(change.tenant, spec),
+                None => desired.tenants.remove(&change.tenant),
+            };
+            touched.push(change.host);
+        }
+        touched.dedup();
+        for host in touched {
+            let desired = state.desired_state(&host);
+            if let Some(watcher) = state.watchers.get(&host) {
+                watcher.send_replace(desired);
+            }
+        }
+        Ok(())
+    }
+
+    /// The durable desired state of `host`, now and as it changes.
+    pub fn subscribe(&self, host: &HostId) -> watch::Receiver<Arc<proto::DesiredState>> {
+        let mut state = self.lock();
+        let current = state.desired_state(host);
+        state
+            .watchers
+            .entry(host.clone())
+            .or_insert_with(|| watch::Sender::new(current))
+            .subscribe()
+    }
+
+    // --- host updates ---
+
+    pub fn upsert_host(&self, info: HostInfo) {
+        self.lock().scheduler.upsert_host(info);
+    }
+
+    pub fn set_schedulable(&self, host: &HostId, schedulable: bool) {
+        self.lock().scheduler.set_schedulable(host, schedulable);
+    }
+
+    /// An agent's answer to a desired state.
+    pub fn record_ack(&self, host: &HostId, ack: proto::DesiredStateAck) {
+        self.lock().acks.insert(host.clone(), ack);
+    }
+
+    /// What an agent reports of its tenants. Statuses of tenants not placed on `host` are
+    /// ignored: an agent speaks only for its own host.
+    pub fn record_statuses(&self, host: &HostId, statuses: Vec<proto::TenantStatus>) {
+        let mut state = self.lock();
+        for status in statuses {
+            let Ok(id) = TenantId::new(&status.tenant_id) else {
+                continue;
+            };
+            if state.tenants.get(&id).is_some_and(|r| r.host_id == *host) {
+                state.observed.insert(id, status);
+            }
+        }
+    }
+
+    // --- views ---
+
+    fn tenant_view(state: &State, record: &TenantRecord) -> proto::Tenant {
+        let (tenant_state, message) = state.tenant_state(record);
+        let mut status = state
+            .observed
+            .get(&record.spec.tenant_id)
+            .cloned()
+            .unwrap_or_default();
+        status.tenant_id = record.spec.tenant_id.to_string();
+        status.state = tenant_state as i32;
+        status.message = message;
+        proto::Tenant {
+            spec: Some(record.spec.to_proto()),
+            placement: Some(state.placement(record)),
+            status: Some(status),
+        }
+    }
+
+    pub fn tenant(&self, id: &TenantId) -> Option<proto::Tenant> {
+        let state = self.lock();
+        state.tenants.get(id).map(|r| Self::tenant_view(&state, r))
+    }
+
+    pub fn tenants(&self, host: Option<&HostId>) -> Vec<proto::Tenant> {
+        let state = self.lock();
+        state
+            .tenants
+            .values()
+            .filter(|r| host.is_none_or(|h| r.host_id == *h))
+            .map(|r| Self::tenant_view(&state, r))
+            .collect()
+    }
+
+    /// Tenants placed on a host and the resources they hold.
+    pub fn host_usage(&self, host: &HostId) -> (u32, Vec3) {
+        let state = self.lock();
+        let used = state
+            .scheduler
+            .host(host)
+            .map(|(_, used)| used)
+            .unwrap_or_default();
+        (state.tenants_per_host.get(host).copied().unwrap_or(0), used)
+    }
+}
+
+#[cfg(test)]
+mod tests;

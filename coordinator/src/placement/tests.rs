@@ -1,0 +1,288 @@
+use std::collections::BTreeMap;
+
+use berth_shared::model::Provider;
+use berth_shared::spec::{Resources, Tier};
+use berth_shared::store::MemStore;
+
+use super::*;
+
+const GIB: u64 = 1 << 30;
+
+fn policy() -> PlacementPolicy {
+    PlacementPolicy {
+        spec: SpecPolicy {
+            tiers: vec![Tier {
+                name: "business".into(),
+                resources: Resources {
+                    memory_bytes: GIB,
+                    cpu_millicores: 1000,
+                    volume_bytes: GIB,
+                },
+            }],
+            allow_unrestricted_egress: false,
+        },
+        strategy: Strategy::Binpack,
+        tier_strategy: HashMap::new(),
+        catalog: vec![CatalogEntry {
+            provider: Provider::Hetzner,
+            instance_type: "ccx33".into(),
+            memory_bytes: 32 * GIB,
+            cpus: 8,
+            monthly_cost_cents: 4849,
+            regions: vec!["fsn1".into()],
+        }],
+    }
+}
+
+fn host(id: &str, mem_gib: u64) -> HostInfo {
+    HostInfo {
+        id: HostId::new(id).unwrap(),
+        provider: Provider::Hetzner,
+        region: "fsn1".into(),
+        labels: BTreeMap::new(),
+        dm_crypt: false,
+        monthly_cost_cents: 1000,
+        allocatable: Vec3 {
+            mem: mem_gib * GIB,
+            cpu: 64_000,
+            disk: 1000 * GIB,
+        },
+        schedulable: true,
+    }
+}
+
+fn spec(id: &str) -> proto::TenantSpec {
+    proto::TenantSpec {
+        tenant_id: id.into(),
+        image: "ghcr.io/openclaw/gateway:1".into(),
+        tier: "business".into(),
+        volume: Some(proto::VolumeSpec {
+            size_bytes: 0,
+            encrypted: false,
+            mount_path: String::new(),
+        }),
+        ..Default::default()
+    }
+}
+
+fn placements(hosts: &[HostInfo]) -> (Placements, Arc<MemStore>) {
+    let store = Arc::new(MemStore::default());
+    (
+        Placements::load(store.clone(), policy(), hosts).unwrap(),
+        store,
+    )
+}
+
+#[test]
+fn a_placement_reaches_its_host_only_once_durable() {
+    let (p, _) = placements(&[host("h1", 8)]);
+    let h1 = HostId::new("h1").unwrap();
+    let mut desired = p.subscribe(&h1);
+    assert_eq!(desired.borrow_and_update().tenants.len(), 0);
+    let applied = p.place(spec("acme"), 1).unwrap();
+    assert_eq!(applied.placement.host_id, "h1");
+    assert!(
+        !desired.has_changed().unwrap(),
+        "not published before the flush"
+    );
+    p.make_durable(applied.seq).unwrap();
+    assert!(desired.has_changed().unwrap());
+    let state = desired.borrow_and_update().clone();
+    assert_eq!(state.generation, applied.placement.generation);
+    assert_eq!(state.tenants[0].tenant_id, "acme");
+    assert_eq!(
+        state.tenants[0].resources.unwrap().memory_bytes,
+        GIB,
+        "the tier is resolved for the agent"
+    );
+}
+
+#[test]
+fn placing_is_idempotent_and_a_different_spec_is_a_conflict() {
+    let (p, _) = placements(&[host("h1", 8), host("h2", 8)]);
+    let first = p.place(spec("acme"), 1).unwrap();
+    let again = p.place(spec("acme"), 2).unwrap();
+    assert_eq!(first.placement, again.placement);
+    let mut other = spec("acme");
+    other.image = "ghcr.io/openclaw/gateway:2".into();
+    let err = p.place(other, 3).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "tenant acme already exists with a different image; remove it first or send the same spec"
+    );
+    assert_eq!(p.tenants(None).len(), 1);
+}
+
+#[test]
+fn removal_frees_capacity_and_raises_the_generation() {
+    let (p, _) = placements(&[host("h1", 2)]);
+    let a = p.place(spec("a"), 1).unwrap();
+    p.make_durable(a.seq).unwrap();
+    // h1 has 2 GiB: a second 1 GiB tenant fits, a third does not.
+    p.place(spec("b"), 1).unwrap();
+    let refusal = p.place(spec("c"), 1).unwrap_err().to_string();
+    assert!(refusal.contains("memory: 1 host short"), "{refusal}");
+    assert!(
+        refusal
+            .contains("cheapest host type that would take it: hetzner ccx33 in fsn1 (48.49/month)"),
+        "{refusal}"
+    );
+    let removed = p.remove(&TenantId::new("a").unwrap(), false).unwrap();
+    assert!(removed.placement.generation > a.placement.generation);
+    p.make_durable(removed.seq).unwrap();
+    let desired = p.subscribe(&HostId::new("h1").unwrap()).borrow().clone();
+    assert_eq!(desired.generation, removed.placement.generation);
+    assert_eq!(
+        desired
+            .tenants
+            .iter()
+            .map(|t| t.tenant_id.as_str())
+            .collect::<Vec<_>>(),
+        ["b"]
+    );
+    assert!(p.place(spec("c"), 1).is_ok(), "a's capacity is free again");
+    assert!(matches!(
+        p.remove(&TenantId::new("zz").unwrap(), false),
+        Err(PlaceError::UnknownTenant(_))
+    ));
+    assert!(matches!(
+        p.remove(&TenantId::new("b").unwrap(), true),
+        Err(PlaceError::NotBuilt { .. })
+    ));
+}
+
+#[test]
+fn bad_requests_are_refused_and_persist_nothing() {
+    let (p, store) = placements(&[host("h1", 4)]);
+    let before = store.scan_prefix("").unwrap();
+    let mut big = spec("big");
+    big.tier.clear();
+    big.resources = Some(proto::Resources {
+        memory_bytes: 64 * GIB,
+        cpu_millicores: 1000,
+        volume_bytes: 0,
+    });
+    let err = p.place(big, 1).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "invalid resources.memory_bytes: 65536 MiB is larger than the largest host (4096 MiB allocatable)"
+    );
+    let mut unknown = spec("x");
+    unknown.tier = "gold".into();
+    assert!(
+        p.place(unknown, 1)
+            .unwrap_err()
+            .to_string()
+            .starts_with("invalid tier")
+    );
+    assert!(
+        p.place(spec("Bad/Id"), 1)
+            .unwrap_err()
+            .to_string()
+            .starts_with("invalid tenant_id")
+    );
+    assert_eq!(store.scan_prefix("").unwrap(), before);
+}
+
+#[test]
+fn reload_keeps_every_placement_and_generations_keep_growing() {
+    let store = Arc::new(MemStore::default());
+    let hosts = [host("h1", 8), host("h2", 8)];
+    let last = {
+        let p = Placements::load(store.clone(), policy(), &hosts).unwrap();
+        let mut last = 0;
+        for i in 0..10 {
+            let a = p.place(spec(&format!("t{i}")), 1).unwrap();
+            p.make_durable(a.seq).unwrap();
+            last = a.placement.generation;
+        }
+        last
+    };
+    let p = Placements::load(store, policy(), &hosts).unwrap();
+    assert_eq!(p.tenants(None).len(), 10);
+    let (count, used) = p.host_usage(&HostId::new("h1").unwrap());
+    assert_eq!(u64::from(count) * GIB, used.mem);
+    let next = p.place(spec("after"), 1).unwrap();
+    assert!(next.placement.generation > last);
+    assert!(
+        next.placement.generation > GENERATION_BLOCK,
+        "new generations start above the old ceiling, beyond any issued before"
+    );
+}
+
+#[test]
+fn concurrent_placements_never_double_book() {
+    // 6 hosts of 8 GiB: exactly 48 one-GiB tenants fit.
+    let hosts: Vec<HostInfo> = (0..6).map(|i| host(&format!("h{i}"), 8)).collect();
+    let (p, _) = placements(&hosts);
+    let p = Arc::new(p);
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let p = p.clone();
+            std::thread::spawn(move || {
+                let mut placed = 0;
+                for i in 0..20 {
+                    if let Ok(a) = p.place(spec(&format!("t{t}-{i}")), 1) {
+                        p.make_durable(a.seq).unwrap();
+                        placed += 1;
+                    }
+                }
+                placed
+            })
+        })
+        .collect();
+    let placed: u32 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_eq!(placed, 48);
+    for h in &hosts {
+        let (count, used) = p.host_usage(&h.id);
+        assert_eq!(count, 8);
+        assert!(used.mem <= h.allocatable.mem);
+    }
+}
+
+#[test]
+fn statuses_count_only_for_the_host_a_tenant_is_placed_on() {
+    let (p, _) = placements(&[host("h1", 8), host("h2", 8)]);
+    p.set_schedulable(&HostId::new("h2").unwrap(), false);
+    let a = p.place(spec("acme"), 1).unwrap();
+    assert_eq!(a.placement.host_id, "h1");
+    let running = proto::TenantStatus {
+        tenant_id: "acme".into(),
+        state: proto::TenantState::Running as i32,
+        generation: a.placement.generation,
+        ..Default::default()
+    };
+    p.record_statuses(&HostId::new("h2").unwrap(), vec![running.clone()]);
+    let view = p.tenant(&TenantId::new("acme").unwrap()).unwrap();
+    assert_eq!(
+        view.placement.unwrap().state,
+        proto::TenantState::Pending as i32,
+        "h2 cannot speak for acme"
+    );
+    p.record_statuses(&HostId::new("h1").unwrap(), vec![running]);
+    assert_eq!(
+        p.tenant(&TenantId::new("acme").unwrap())
+            .unwrap()
+            .placement
+            .unwrap()
+            .state,
+        proto::TenantState::Running as i32
+    );
+    p.record_ack(
+        &HostId::new("h1").unwrap(),
+        proto::DesiredStateAck {
+            generation: a.placement.generation,
+            accepted: false,
+            error: "image: cannot pull".into(),
+        },
+    );
+    let status = p
+        .tenant(&TenantId::new("acme").unwrap())
+        .unwrap()
+        .status
+        .unwrap();
+    assert_eq!(
+        (status.state, status.message.as_str()),
+        (proto::TenantState::Failed as i32, "image: cannot pull")
+    );
+}
