@@ -69,7 +69,8 @@ impl AgentApi {
                         "report.memory_available_bytes: larger than report.memory_total_bytes",
                     ));
                 }
-                self.coordinator
+                let record = self
+                    .coordinator
                     .registry
                     .record_report(
                         &auth.host_id,
@@ -77,10 +78,16 @@ impl AgentApi {
                         report.disk_available_bytes,
                     )
                     .map_err(registry_status)?;
+                self.coordinator.sync_host(&record);
+                self.coordinator.placements.record_statuses(&auth.host_id, report.tenants);
                 Ok(())
             }
             Some(AgentBody::Ack(ack)) => {
                 tracing::debug!(host = %auth.host_id, generation = ack.generation, accepted = ack.accepted, "desired-state ack");
+                if !ack.accepted {
+                    tracing::warn!(host = %auth.host_id, generation = ack.generation, error = %ack.error, "desired state refused by the agent");
+                }
+                self.coordinator.placements.record_ack(&auth.host_id, ack);
                 Ok(())
             }
         }
@@ -113,10 +120,12 @@ impl AgentService for AgentApi {
             tracing::warn!(host = %auth.host_id, error = %e, "hello refused");
             Status::invalid_argument(e.to_string())
         })?;
-        self.coordinator
+        let record = self
+            .coordinator
             .registry
             .record_hello(&auth.host_id, facts)
             .map_err(registry_status)?;
+        self.coordinator.sync_host(&record);
         tracing::info!(host = %auth.host_id, serial = %auth.serial, "agent session opened");
 
         let (tx, rx) = mpsc::channel(16);
@@ -134,9 +143,22 @@ impl AgentService for AgentApi {
             .sessions
             .register(&auth.host_id, &auth.serial);
         let api = self.clone();
+        let mut desired = self.coordinator.placements.subscribe(&auth.host_id);
         tokio::spawn(async move {
+            // The host learns its durable desired state at once, and every change after.
+            desired.mark_changed();
             loop {
                 tokio::select! {
+                    changed = desired.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        let state = (**desired.borrow_and_update()).clone();
+                        let message = CoordinatorMessage { body: Some(CoordinatorBody::DesiredState(state)) };
+                        if tx.send(Ok(message)).await.is_err() {
+                            break;
+                        }
+                    }
                     reason = &mut close => {
                         if let Ok(status) = reason {
                             let _ = tx.send(Err(status)).await;

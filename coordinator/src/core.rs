@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use berth_shared::ids::HostId;
+use berth_shared::ids::{HostId, TenantId};
 use berth_shared::pki::{CertificateAuthority, PeerCert, Subject, parse_peer_cert};
 use berth_shared::proto;
 use berth_shared::tls::SerialDenyList;
@@ -14,7 +14,8 @@ use tokio::sync::oneshot;
 use tonic::Status;
 
 use crate::config::CoordinatorConfig;
-use crate::registry::{HostRecord, Registry, RegistryError};
+use crate::placement::{PlaceError, Placements, host_info};
+use crate::registry::{HostRecord, HostState, Registry, RegistryError};
 
 /// Everything the services share.
 #[derive(Debug)]
@@ -24,6 +25,7 @@ pub struct Coordinator {
     pub ca: CertificateAuthority,
     pub denied: Arc<SerialDenyList>,
     pub sessions: SessionHub,
+    pub placements: Placements,
     /// The bound agent port, told to enrolling agents.
     pub agent_port: u16,
 }
@@ -61,23 +63,67 @@ impl Coordinator {
         }
     }
 
+    /// Places a tenant; returns once the placement is on disk.
+    pub async fn place(self: &Arc<Self>, spec: proto::TenantSpec) -> Result<proto::Placement, PlaceError> {
+        let applied = self.placements.place(spec, self.registry.now())?;
+        self.durable(applied.seq).await?;
+        tracing::info!(tenant = %applied.placement.tenant_id, host = %applied.placement.host_id, generation = applied.placement.generation, "tenant placed");
+        Ok(applied.placement)
+    }
+
+    /// Removes a tenant; returns once the removal is on disk.
+    pub async fn remove(self: &Arc<Self>, tenant: &TenantId, purge: bool) -> Result<proto::Placement, PlaceError> {
+        let applied = self.placements.remove(tenant, purge)?;
+        self.durable(applied.seq).await?;
+        tracing::info!(%tenant, host = %applied.placement.host_id, "tenant removed");
+        Ok(applied.placement)
+    }
+
+    async fn durable(self: &Arc<Self>, seq: u64) -> Result<(), PlaceError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.placements.make_durable(seq))
+            .await
+            .map_err(|e| PlaceError::Store(berth_shared::store::StoreError::Io(format!("flush task: {e}"))))??;
+        Ok(())
+    }
+
+    /// Tells the scheduler what the registry knows of a host (facts, admin state, liveness).
+    pub fn sync_host(&self, host: &HostRecord) {
+        let ready = host.state(self.registry.now(), self.config.down_after) == HostState::Ready;
+        match host_info(host, ready) {
+            Some(info) => self.placements.upsert_host(info),
+            None => self.placements.set_schedulable(&host.host_id, false),
+        }
+    }
+
+    /// Marks hosts whose reports stopped as unschedulable (and returning ones as schedulable).
+    pub fn sweep_liveness(&self) -> Result<(), RegistryError> {
+        let now = self.registry.now();
+        for host in self.registry.hosts()? {
+            let ready = host.state(now, self.config.down_after) == HostState::Ready;
+            self.placements.set_schedulable(&host.host_id, ready);
+        }
+        Ok(())
+    }
+
     /// The operator view of a host.
     pub fn host_view(&self, host: &HostRecord) -> proto::Host {
         let now = self.registry.now();
         let state = match host.state(now, self.config.down_after) {
-            crate::registry::HostState::Ready => proto::HostState::Ready,
-            crate::registry::HostState::Cordoned => proto::HostState::Cordoned,
-            crate::registry::HostState::Draining => proto::HostState::Draining,
-            crate::registry::HostState::Down => proto::HostState::Down,
+            HostState::Ready => proto::HostState::Ready,
+            HostState::Cordoned => proto::HostState::Cordoned,
+            HostState::Draining => proto::HostState::Draining,
+            HostState::Down => proto::HostState::Down,
         };
+        let (tenant_count, _) = self.placements.host_usage(&host.host_id);
         proto::Host {
             host_id: host.host_id.to_string(),
             state: state as i32,
             facts: host.facts.as_ref().map(proto::HostFacts::from),
             last_report_unix_ms: host.last_report_unix_ms,
             memory_used_bytes: host.memory_used_bytes(),
-            tenant_count: 0,
-            tenants: Vec::new(),
+            tenant_count,
+            tenants: self.placements.tenants(Some(&host.host_id)).into_iter().filter_map(|t| t.status).collect(),
             enrolled_unix_ms: host.enrolled_unix_ms,
         }
     }

@@ -13,5 +13,7 @@ pub mod http;
 pub mod operator_api;
 pub mod placement;
 pub mod registry;
+pub mod rest;
 pub mod scheduler;
 pub mod server;
+pub mod views;

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use berth_shared::ids::HostId;
+use berth_shared::ids::{HostId, TenantId};
 use berth_shared::pki::{Subject, Validity};
 use berth_shared::proto::enrollment_service_server::EnrollmentService;
 use berth_shared::proto::operator_service_server::OperatorService;
@@ -11,9 +11,10 @@ use berth_shared::proto::{self, HostRef};
 use tonic::{Request, Response, Status};
 
 use crate::core::Coordinator;
+use crate::placement::PlaceError;
 use crate::registry::{CertRecord, RegistryError};
 
-fn registry_status(e: RegistryError) -> Status {
+pub fn registry_status(e: RegistryError) -> Status {
     match e {
         RegistryError::BadEnrollmentToken => Status::unauthenticated(e.to_string()),
         RegistryError::UnknownHost(_) | RegistryError::UnknownSerial(_) => {
@@ -21,6 +22,23 @@ fn registry_status(e: RegistryError) -> Status {
         }
         RegistryError::WrongState { .. } => Status::failed_precondition(e.to_string()),
         RegistryError::Store(_) => Status::internal(e.to_string()),
+    }
+}
+
+fn tenant_id(field: &str, value: &str) -> Result<TenantId, Status> {
+    TenantId::new(value).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
+}
+
+/// The gRPC status of a placement error (REST maps the same codes to HTTP).
+pub fn place_status(e: PlaceError) -> Status {
+    let message = e.to_string();
+    match e {
+        PlaceError::Invalid(_) => Status::invalid_argument(message),
+        PlaceError::Conflict { .. } => Status::already_exists(message),
+        PlaceError::NoFit(_) => Status::resource_exhausted(message),
+        PlaceError::UnknownTenant(_) => Status::not_found(message),
+        PlaceError::NotBuilt { .. } => Status::unimplemented(message),
+        PlaceError::Store(_) => Status::internal(message),
     }
 }
 
@@ -161,6 +179,7 @@ impl OperatorApi {
             .registry
             .set_cordoned(&id, cordoned)
             .map_err(registry_status)?;
+        self.coordinator.sync_host(&record);
         tracing::info!(host = %id, cordoned, "host admin state changed");
         Ok(Response::new(self.coordinator.host_view(&record)))
     }
@@ -199,32 +218,27 @@ impl OperatorService for OperatorApi {
         self.set_cordoned(request, false)
     }
 
-    async fn place_tenant(
-        &self,
-        _: Request<proto::PlaceTenantRequest>,
-    ) -> Result<Response<proto::Placement>, Status> {
-        Err(not_built("PlaceTenant", "the placement engine"))
+    async fn place_tenant(&self, request: Request<proto::PlaceTenantRequest>) -> Result<Response<proto::Placement>, Status> {
+        let spec = request.into_inner().spec.ok_or_else(|| Status::invalid_argument("spec: required"))?;
+        self.coordinator.place(spec).await.map(Response::new).map_err(place_status)
     }
 
-    async fn remove_tenant(
-        &self,
-        _: Request<proto::RemoveTenantRequest>,
-    ) -> Result<Response<proto::RemoveTenantResponse>, Status> {
-        Err(not_built("RemoveTenant", "the placement engine"))
+    async fn remove_tenant(&self, request: Request<proto::RemoveTenantRequest>) -> Result<Response<proto::RemoveTenantResponse>, Status> {
+        let req = request.into_inner();
+        let id = tenant_id("tenant_id", &req.tenant_id)?;
+        self.coordinator.remove(&id, req.purge).await.map_err(place_status)?;
+        Ok(Response::new(proto::RemoveTenantResponse { tenant_id: id.to_string(), purged: false }))
     }
 
-    async fn get_tenant(
-        &self,
-        _: Request<proto::TenantRef>,
-    ) -> Result<Response<proto::Tenant>, Status> {
-        Err(not_built("GetTenant", "the placement engine"))
+    async fn get_tenant(&self, request: Request<proto::TenantRef>) -> Result<Response<proto::Tenant>, Status> {
+        let id = tenant_id("tenant_id", &request.get_ref().tenant_id)?;
+        self.coordinator.placements.tenant(&id).map(Response::new).ok_or_else(|| Status::not_found(format!("unknown tenant {:?}", id.as_str())))
     }
 
-    async fn list_tenants(
-        &self,
-        _: Request<proto::ListTenantsRequest>,
-    ) -> Result<Response<proto::ListTenantsResponse>, Status> {
-        Err(not_built("ListTenants", "the placement engine"))
+    async fn list_tenants(&self, request: Request<proto::ListTenantsRequest>) -> Result<Response<proto::ListTenantsResponse>, Status> {
+        let host = &request.get_ref().host_id;
+        let host = if host.is_empty() { None } else { Some(host_id("host_id", host)?) };
+        Ok(Response::new(proto::ListTenantsResponse { tenants: self.coordinator.placements.tenants(host.as_ref()) }))
     }
 
     async fn restart_tenant(

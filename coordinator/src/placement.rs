@@ -195,6 +195,10 @@ impl State {
             host_id: record.host_id.to_string(),
             generation: record.generation,
             state: self.tenant_state(record).0 as i32,
+            delivered: self
+                .acks
+                .get(&record.host_id)
+                .is_some_and(|a| a.accepted && a.generation >= record.generation),
         }
     }
 
@@ -417,6 +421,7 @@ impl Placements {
             host_id: record.host_id.to_string(),
             generation,
             state: proto::TenantState::Stopped as i32,
+            delivered: false,
         };
         Ok(Applied { seq, placement })
     }

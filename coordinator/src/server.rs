@@ -10,7 +10,8 @@ use berth_shared::pki::CertificateAuthority;
 use berth_shared::proto::agent_service_server::AgentServiceServer;
 use berth_shared::proto::enrollment_service_server::EnrollmentServiceServer;
 use berth_shared::proto::operator_service_server::OperatorServiceServer;
-use berth_shared::store::SledStore;
+use berth_shared::spec::SpecPolicy;
+use berth_shared::store::{SledStore, Store};
 use berth_shared::tls::{ClientAuth, SerialDenyList, server_config};
 use berth_shared::transport::serve_tls;
 use serde::Serialize;
@@ -19,6 +20,8 @@ use tonic::service::Routes;
 
 use crate::config::CoordinatorConfig;
 use crate::core::{Coordinator, SessionHub};
+use crate::placement::{PlacementPolicy, Placements, host_info};
+use crate::registry::HostState;
 use crate::{admin, agent_api, http, operator_api};
 
 /// The bound addresses, written to `endpoints.json` for scripts and tests.
@@ -46,9 +49,10 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
             config.ca_dir().display()
         )
     })?;
-    let store = SledStore::open(&config.db_dir())
-        .context("is another berth-coordinator running on this state dir?")?;
-    let registry = crate::registry::Registry::new(Arc::new(store), Arc::new(SystemClock));
+    let store: Arc<dyn Store> = Arc::new(
+        SledStore::open(&config.db_dir()).context("is another berth-coordinator running on this state dir?")?,
+    );
+    let registry = crate::registry::Registry::new(store.clone(), Arc::new(SystemClock));
     let denied = Arc::new(SerialDenyList::new(registry.revoked_serials()?));
 
     let agent_listener = bind(config.agent_listen, "agent").await?;
@@ -81,12 +85,26 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
         }),
     )?;
 
+    let policy = PlacementPolicy {
+        spec: SpecPolicy { tiers: config.tiers.iter().map(|t| t.tier.clone()).collect(), allow_unrestricted_egress: config.allow_unrestricted_egress },
+        strategy: config.strategy,
+        tier_strategy: config.tiers.iter().filter_map(|t| t.strategy.map(|s| (t.tier.name.clone(), s))).collect(),
+        catalog: config.catalog.clone(),
+    };
+    let now = registry.now();
+    let hosts: Vec<_> = registry
+        .hosts()?
+        .iter()
+        .filter_map(|h| host_info(h, h.state(now, config.down_after) == HostState::Ready))
+        .collect();
+    let placements = Placements::load(store.clone(), policy, &hosts)?;
     let coordinator = Arc::new(Coordinator {
         config: config.clone(),
         registry,
         ca,
         denied,
         sessions: SessionHub::default(),
+        placements,
         agent_port: endpoints.agent.port(),
     });
 
@@ -105,7 +123,8 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
             coordinator: coordinator.clone(),
         },
     ))
-    .into_axum_router();
+    .into_axum_router()
+    .merge(crate::rest::router(coordinator.clone()));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -131,6 +150,16 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
             .await
         {
             tracing::error!(%error, "http port failed");
+        }
+    });
+    let sweeper = coordinator.clone();
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            if let Err(error) = sweeper.sweep_liveness() {
+                tracing::error!(%error, "liveness sweep failed");
+            }
         }
     });
     let admin_path = config.admin_socket();

@@ -7,6 +7,7 @@
 
 pub mod command;
 pub mod config;
+pub mod desired;
 pub mod facts;
 pub mod identity;
 pub mod session;

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::config::AgentConfig;
+use crate::desired::{Desired, DesiredStore};
 use crate::facts::{Meter, host_facts};
 use crate::identity::{Identity, IdentityError};
 
@@ -66,6 +67,8 @@ enum SessionEnd {
 pub enum RunError {
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    #[error("the agent's own store: {0}")]
+    Store(berth_shared::store::StoreError),
 }
 
 /// Runs until SIGTERM/SIGINT.
@@ -73,6 +76,7 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
     let mut identity = Identity::load(&config.state_dir)?;
     tracing::info!(host = %identity.host_id(), endpoint = %identity.enrollment.agent_endpoint, "berth-agent starting");
     let mut meter = Meter::new(&config.state_dir);
+    let mut desired = DesiredStore::open(&config.state_dir).map_err(RunError::Store)?;
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|source| IdentityError::Io {
@@ -80,7 +84,7 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
         source,
     })?;
     loop {
-        let session = run_session(&config, &identity, &mut meter, &mut backoff);
+        let session = run_session(&config, &identity, &mut meter, &mut desired, &mut backoff);
         let end = tokio::select! {
             end = session => end,
             _ = tokio::signal::ctrl_c() => return Ok(()),
@@ -109,6 +113,7 @@ async fn run_session(
     config: &AgentConfig,
     identity: &Identity,
     meter: &mut Meter,
+    desired: &mut DesiredStore,
     backoff: &mut Backoff,
 ) -> SessionEnd {
     let channel = match identity.channel(config.coordinator.as_ref()) {
@@ -122,7 +127,7 @@ async fn run_session(
         body: Some(AgentBody::Hello(proto::AgentHello {
             host_id: host_id.clone(),
             facts: Some(facts),
-            applied_generation: 0,
+            applied_generation: desired.current().generation,
         })),
     };
     if tx.send(hello).await.is_err() {
@@ -170,21 +175,25 @@ async fn run_session(
                     memory_total_bytes: m.memory_total_bytes,
                     memory_available_bytes: m.memory_available_bytes,
                     disk_available_bytes: m.disk_available_bytes,
-                    tenants: Vec::new(),
-                    applied_generation: 0,
+                    tenants: tenant_statuses(desired.current()),
+                    applied_generation: desired.current().generation,
                 };
                 if tx.send(AgentMessage { body: Some(AgentBody::Report(report)) }).await.is_err() {
                     return SessionEnd::Lost("outbound stream closed".into());
                 }
             }
             message = inbound.message() => match message {
-                Ok(Some(proto::CoordinatorMessage { body: Some(CoordinatorBody::DesiredState(desired)) })) => {
-                    // Tenant reconciliation is not built yet: refuse explicitly so the coordinator
-                    // never believes a desired state was applied.
-                    let ack = proto::DesiredStateAck {
-                        generation: desired.generation,
-                        accepted: false,
-                        error: "desired state: tenant reconciliation is not built into this agent yet".into(),
+                Ok(Some(proto::CoordinatorMessage { body: Some(CoordinatorBody::DesiredState(state)) })) => {
+                    let generation = state.generation;
+                    let ack = match desired.accept(state) {
+                        Ok(()) => {
+                            tracing::info!(generation, tenants = desired.current().tenants.len(), "desired state accepted");
+                            proto::DesiredStateAck { generation, accepted: true, error: String::new() }
+                        }
+                        Err(e) => {
+                            tracing::warn!(generation, error = %e, "desired state refused");
+                            proto::DesiredStateAck { generation, accepted: false, error: e.to_string() }
+                        }
                     };
                     if tx.send(AgentMessage { body: Some(AgentBody::Ack(ack)) }).await.is_err() {
                         return SessionEnd::Lost("outbound stream closed".into());
@@ -205,6 +214,23 @@ async fn run_session(
             }
         }
     }
+}
+
+/// What the agent can say of each desired tenant. Running containers is not built into the
+/// agent yet, so every tenant is reported pending, with that reason.
+fn tenant_statuses(desired: &Desired) -> Vec<proto::TenantStatus> {
+    desired
+        .tenants
+        .iter()
+        .map(|t| proto::TenantStatus {
+            tenant_id: t.tenant_id.to_string(),
+            state: proto::TenantState::Pending as i32,
+            generation: desired.generation,
+            memory_cap_bytes: t.resources.memory_bytes,
+            message: "accepted; this agent does not run tenant containers yet".into(),
+            ..Default::default()
+        })
+        .collect()
 }
 
 fn describe(status: &tonic::Status) -> String {

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use berth_coordinator::client::{ClientOptions, connect};
 use berth_shared::proto::{self, HostRef};
 use clap::{Parser, Subcommand};
-use serde::Serialize;
+use berth_coordinator::views::{HostView, PlacementView, TenantView};
+use berth_shared::spec::TenantSpecFile;
 
 #[derive(Debug, Parser)]
 #[command(name = "berthctl", version, about = "Operate a berth fleet")]
@@ -47,72 +48,40 @@ enum Command {
     Cordon { host: String },
     /// Allow placements on a host again.
     Uncordon { host: String },
+    /// Place a tenant from a spec file (TOML, or JSON when it ends in .json).
+    Place { spec: PathBuf },
+    /// Remove a tenant from its host.
+    Remove {
+        tenant: String,
+        /// Crypto-shred its volume (erase the LUKS header, destroy the key, delete the file).
+        #[arg(long)]
+        purge: bool,
+    },
+    /// List tenants.
+    Tenants {
+        /// Only the tenants of this host.
+        #[arg(long)]
+        host: Option<String>,
+    },
 }
 
-/// The JSON shape of a host.
-#[derive(Debug, Serialize)]
-struct HostView {
-    host_id: String,
-    state: &'static str,
-    provider: String,
-    region: String,
-    instance_type: String,
-    memory_total_bytes: u64,
-    memory_used_bytes: u64,
-    memory_reserved_bytes: u64,
-    cpu_count: u32,
-    tenant_count: u32,
-    /// Milliseconds since the last report; null when it never reported.
-    last_report_age_ms: Option<i64>,
-    capabilities: CapabilitiesView,
-    agent_version: String,
+/// Reads a spec file into the protobuf message; syntax and sizes are checked here, every other
+/// rule by the coordinator.
+fn read_spec(path: &std::path::Path) -> anyhow::Result<proto::TenantSpec> {
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let file: TenantSpecFile = if path.extension().is_some_and(|e| e == "json") {
+        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+    } else {
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim().replace('\n', " ")))?
+    };
+    file.to_proto().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
-#[derive(Debug, Serialize)]
-struct CapabilitiesView {
-    cgroup: &'static str,
-    dm_crypt: bool,
-    nftables: bool,
-    docker_version: String,
-}
-
-fn state_name(state: i32) -> &'static str {
-    match proto::HostState::try_from(state) {
-        Ok(proto::HostState::Ready) => "ready",
-        Ok(proto::HostState::Cordoned) => "cordoned",
-        Ok(proto::HostState::Draining) => "draining",
-        Ok(proto::HostState::Down) => "down",
-        _ => "unknown",
-    }
-}
-
-fn view(host: &proto::Host, now_ms: i64) -> HostView {
-    let facts = host.facts.clone().unwrap_or_default();
-    let caps = facts.capabilities.clone().unwrap_or_default();
-    HostView {
-        host_id: host.host_id.clone(),
-        state: state_name(host.state),
-        provider: facts.provider,
-        region: facts.region,
-        instance_type: facts.instance_type,
-        memory_total_bytes: facts.memory_total_bytes,
-        memory_used_bytes: host.memory_used_bytes,
-        memory_reserved_bytes: facts.memory_reserved_bytes,
-        cpu_count: facts.cpu_count,
-        tenant_count: host.tenant_count,
-        last_report_age_ms: (host.last_report_unix_ms > 0)
-            .then(|| (now_ms - host.last_report_unix_ms).max(0)),
-        capabilities: CapabilitiesView {
-            cgroup: match proto::CgroupVersion::try_from(caps.cgroup_version) {
-                Ok(proto::CgroupVersion::V1) => "v1",
-                Ok(proto::CgroupVersion::V2) => "v2",
-                _ => "none",
-            },
-            dm_crypt: caps.dm_crypt,
-            nftables: caps.nftables,
-            docker_version: caps.docker_version,
-        },
-        agent_version: facts.agent_version,
+fn print_tenants(tenants: &[TenantView]) {
+    println!("{:<24} {:<24} {:<9} {:>10} {:>9} {:<10} MESSAGE", "TENANT", "HOST", "STATE", "GENERATION", "MEMORY", "TIER");
+    for t in tenants {
+        let memory = format!("{} MiB", t.memory_cap_bytes >> 20);
+        println!("{:<24} {:<24} {:<9} {:>10} {:>9} {:<10} {}", t.tenant_id, t.host_id, t.state, t.generation, memory, t.tier, t.message);
     }
 }
 
@@ -168,7 +137,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .into_inner()
                 .hosts;
             let now = now_ms();
-            let views: Vec<HostView> = hosts.iter().map(|h| view(h, now)).collect();
+            let views: Vec<HostView> = hosts.iter().map(|h| HostView::new(h, now)).collect();
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&views)?);
             } else {
@@ -183,14 +152,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .cordon_host(HostRef { host_id: host })
                 .await?
                 .into_inner();
-            print_one(cli.json, &view(&h, now_ms()))?;
+            print_one(cli.json, &HostView::new(&h, now_ms()))?;
+        }
+        Command::Place { spec } => {
+            let spec = read_spec(&spec)?;
+            let placement = client.place_tenant(proto::PlaceTenantRequest { spec: Some(spec) }).await?.into_inner();
+            let view = PlacementView::from(&placement);
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                println!("placed {} on {} (generation {}, {})", view.tenant_id, view.host_id, view.generation, view.state);
+            }
+        }
+        Command::Remove { tenant, purge } => {
+            let removed = client.remove_tenant(proto::RemoveTenantRequest { tenant_id: tenant, purge }).await?.into_inner();
+            if cli.json {
+                println!("{}", serde_json::json!({ "tenant_id": removed.tenant_id, "purged": removed.purged }));
+            } else {
+                println!("removed {}", removed.tenant_id);
+            }
+        }
+        Command::Tenants { host } => {
+            let tenants = client.list_tenants(proto::ListTenantsRequest { host_id: host.unwrap_or_default() }).await?.into_inner().tenants;
+            let views: Vec<TenantView> = tenants.iter().map(TenantView::from).collect();
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&views)?);
+            } else {
+                print_tenants(&views);
+            }
         }
         Command::Uncordon { host } => {
             let h = client
                 .uncordon_host(HostRef { host_id: host })
                 .await?
                 .into_inner();
-            print_one(cli.json, &view(&h, now_ms()))?;
+            print_one(cli.json, &HostView::new(&h, now_ms()))?;
         }
     }
     Ok(())

@@ -1,0 +1,154 @@
+//! REST/JSON on the operator port, with the same semantics as the gRPC operator API: the same
+//! coordinator operations, the same operator authentication, the same errors (gRPC codes
+//! mapped to HTTP statuses), and the same JSON shapes as `berthctl --json`.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use berth_shared::ids::{HostId, TenantId};
+use berth_shared::spec::TenantSpecFile;
+use serde::Deserialize;
+use tonic::{Code, Status};
+
+use crate::core::Coordinator;
+use crate::operator_api::place_status;
+use crate::views::{HostView, PlacementView, TenantView};
+
+type Shared = State<Arc<Coordinator>>;
+
+/// A failed call: the gRPC status, rendered as `{"code": ..., "error": ...}`.
+#[derive(Debug)]
+pub struct ApiError(Status);
+
+impl From<Status> for ApiError {
+    fn from(s: Status) -> Self {
+        Self(s)
+    }
+}
+
+fn http_status(code: Code) -> StatusCode {
+    match code {
+        Code::InvalidArgument => StatusCode::BAD_REQUEST,
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::AlreadyExists => StatusCode::CONFLICT,
+        Code::FailedPrecondition | Code::ResourceExhausted => StatusCode::UNPROCESSABLE_ENTITY,
+        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "code": format!("{:?}", self.0.code()), "error": self.0.message() });
+        (http_status(self.0.code()), Json(body)).into_response()
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+async fn authenticate(State(coordinator): Shared, request: Request, next: Next) -> Response {
+    let metadata = tonic::metadata::MetadataMap::from_headers(request.headers().clone());
+    match coordinator.authenticate_operator(request.extensions(), &metadata) {
+        Ok(_) => next.run(request).await,
+        Err(status) => ApiError(status).into_response(),
+    }
+}
+
+fn now_ms(coordinator: &Coordinator) -> i64 {
+    coordinator.registry.now()
+}
+
+fn host_id(value: &str) -> Result<HostId, ApiError> {
+    HostId::new(value).map_err(|e| ApiError(Status::invalid_argument(format!("host_id: {e}"))))
+}
+
+fn tenant_id(value: &str) -> Result<TenantId, ApiError> {
+    TenantId::new(value).map_err(|e| ApiError(Status::invalid_argument(format!("tenant_id: {e}"))))
+}
+
+async fn list_hosts(State(c): Shared) -> ApiResult<Vec<HostView>> {
+    let hosts = c.registry.hosts().map_err(|e| Status::internal(e.to_string()))?;
+    let now = now_ms(&c);
+    Ok(Json(hosts.iter().map(|h| HostView::new(&c.host_view(h), now)).collect()))
+}
+
+async fn get_host(State(c): Shared, Path(id): Path<String>) -> ApiResult<HostView> {
+    let id = host_id(&id)?;
+    let host = c.registry.host(&id).map_err(|e| Status::internal(e.to_string()))?;
+    let host = host.ok_or_else(|| Status::not_found(format!("unknown host {:?}", id.as_str())))?;
+    Ok(Json(HostView::new(&c.host_view(&host), now_ms(&c))))
+}
+
+async fn set_cordon(c: Arc<Coordinator>, id: String, cordoned: bool) -> ApiResult<HostView> {
+    let id = host_id(&id)?;
+    let host = c.registry.set_cordoned(&id, cordoned).map_err(crate::operator_api::registry_status)?;
+    c.sync_host(&host);
+    Ok(Json(HostView::new(&c.host_view(&host), now_ms(&c))))
+}
+
+async fn cordon(State(c): Shared, Path(id): Path<String>) -> ApiResult<HostView> {
+    set_cordon(c, id, true).await
+}
+
+async fn uncordon(State(c): Shared, Path(id): Path<String>) -> ApiResult<HostView> {
+    set_cordon(c, id, false).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TenantFilter {
+    host: Option<String>,
+}
+
+async fn list_tenants(State(c): Shared, Query(filter): Query<TenantFilter>) -> ApiResult<Vec<TenantView>> {
+    let host = filter.host.as_deref().map(host_id).transpose()?;
+    Ok(Json(c.placements.tenants(host.as_ref()).iter().map(TenantView::from).collect()))
+}
+
+async fn get_tenant(State(c): Shared, Path(id): Path<String>) -> ApiResult<TenantView> {
+    let id = tenant_id(&id)?;
+    let tenant = c.placements.tenant(&id).ok_or_else(|| Status::not_found(format!("unknown tenant {:?}", id.as_str())))?;
+    Ok(Json(TenantView::from(&tenant)))
+}
+
+/// `POST /v1/tenants` with the spec file's JSON form.
+async fn place(State(c): Shared, body: Bytes) -> Result<(StatusCode, Json<PlacementView>), ApiError> {
+    let file: TenantSpecFile = serde_json::from_slice(&body).map_err(|e| Status::invalid_argument(format!("body: {e}")))?;
+    let spec = file.to_proto().map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let placement = c.place(spec).await.map_err(place_status)?;
+    Ok((StatusCode::OK, Json(PlacementView::from(&placement))))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemoveOptions {
+    #[serde(default)]
+    purge: bool,
+}
+
+async fn remove(State(c): Shared, Path(id): Path<String>, Query(options): Query<RemoveOptions>) -> ApiResult<serde_json::Value> {
+    let id = tenant_id(&id)?;
+    c.remove(&id, options.purge).await.map_err(place_status)?;
+    Ok(Json(serde_json::json!({ "tenant_id": id.as_str(), "purged": false })))
+}
+
+/// The REST routes, behind operator authentication.
+pub fn router(coordinator: Arc<Coordinator>) -> axum::Router {
+    axum::Router::new()
+        .route("/v1/hosts", get(list_hosts))
+        .route("/v1/hosts/{id}", get(get_host))
+        .route("/v1/hosts/{id}/cordon", post(cordon))
+        .route("/v1/hosts/{id}/uncordon", post(uncordon))
+        .route("/v1/tenants", get(list_tenants).post(place))
+        .route("/v1/tenants/{id}", get(get_tenant).delete(remove))
+        .layer(middleware::from_fn_with_state(coordinator.clone(), authenticate))
+        .with_state(coordinator)
+}

@@ -1,0 +1,146 @@
+//! The JSON shapes of hosts, tenants and placements: what `berthctl --json` prints and what the
+//! REST API returns (the same fields for the same things).
+
+use berth_shared::proto;
+use serde::Serialize;
+
+#[derive(Debug, Serialize)]
+pub struct HostView {
+    pub host_id: String,
+    pub state: &'static str,
+    pub provider: String,
+    pub region: String,
+    pub instance_type: String,
+    pub memory_total_bytes: u64,
+    pub memory_used_bytes: u64,
+    pub memory_reserved_bytes: u64,
+    pub cpu_count: u32,
+    pub tenant_count: u32,
+    /// Milliseconds since the last report; null when it never reported.
+    pub last_report_age_ms: Option<i64>,
+    pub capabilities: CapabilitiesView,
+    pub agent_version: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CapabilitiesView {
+    pub cgroup: &'static str,
+    pub dm_crypt: bool,
+    pub nftables: bool,
+    pub docker_version: String,
+}
+
+pub fn host_state_name(state: i32) -> &'static str {
+    match proto::HostState::try_from(state) {
+        Ok(proto::HostState::Ready) => "ready",
+        Ok(proto::HostState::Cordoned) => "cordoned",
+        Ok(proto::HostState::Draining) => "draining",
+        Ok(proto::HostState::Down) => "down",
+        _ => "unknown",
+    }
+}
+
+pub fn tenant_state_name(state: i32) -> &'static str {
+    match proto::TenantState::try_from(state) {
+        Ok(proto::TenantState::Pending) => "pending",
+        Ok(proto::TenantState::Running) => "running",
+        Ok(proto::TenantState::Failed) => "failed",
+        Ok(proto::TenantState::Stopped) => "stopped",
+        Ok(proto::TenantState::WaitingForKey) => "waiting_for_key",
+        _ => "unknown",
+    }
+}
+
+impl HostView {
+    pub fn new(host: &proto::Host, now_ms: i64) -> Self {
+        let facts = host.facts.clone().unwrap_or_default();
+        let caps = facts.capabilities.clone().unwrap_or_default();
+        Self {
+            host_id: host.host_id.clone(),
+            state: host_state_name(host.state),
+            provider: facts.provider,
+            region: facts.region,
+            instance_type: facts.instance_type,
+            memory_total_bytes: facts.memory_total_bytes,
+            memory_used_bytes: host.memory_used_bytes,
+            memory_reserved_bytes: facts.memory_reserved_bytes,
+            cpu_count: facts.cpu_count,
+            tenant_count: host.tenant_count,
+            last_report_age_ms: (host.last_report_unix_ms > 0).then(|| (now_ms - host.last_report_unix_ms).max(0)),
+            capabilities: CapabilitiesView {
+                cgroup: match proto::CgroupVersion::try_from(caps.cgroup_version) {
+                    Ok(proto::CgroupVersion::V1) => "v1",
+                    Ok(proto::CgroupVersion::V2) => "v2",
+                    _ => "none",
+                },
+                dm_crypt: caps.dm_crypt,
+                nftables: caps.nftables,
+                docker_version: caps.docker_version,
+            },
+            agent_version: facts.agent_version,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct PlacementView {
+    pub tenant_id: String,
+    pub host_id: String,
+    pub generation: u64,
+    pub state: &'static str,
+    pub delivered: bool,
+}
+
+impl From<&proto::Placement> for PlacementView {
+    fn from(p: &proto::Placement) -> Self {
+        Self { tenant_id: p.tenant_id.clone(), host_id: p.host_id.clone(), generation: p.generation, state: tenant_state_name(p.state), delivered: p.delivered }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct TenantView {
+    pub tenant_id: String,
+    pub host_id: String,
+    pub state: &'static str,
+    pub generation: u64,
+    /// The host acknowledged a desired state containing this placement.
+    pub delivered: bool,
+    pub message: String,
+    pub tier: String,
+    pub image: String,
+    pub memory_cap_bytes: u64,
+    pub memory_used_bytes: u64,
+    pub cpu_millicores: u32,
+    pub volume_bytes: u64,
+    pub encrypted: bool,
+    pub oom_kills: u64,
+    pub restarts: u32,
+    pub egress: Vec<String>,
+}
+
+impl From<&proto::Tenant> for TenantView {
+    fn from(t: &proto::Tenant) -> Self {
+        let spec = t.spec.clone().unwrap_or_default();
+        let placement = t.placement.clone().unwrap_or_default();
+        let status = t.status.clone().unwrap_or_default();
+        let resources = spec.resources.unwrap_or_default();
+        Self {
+            tenant_id: placement.tenant_id,
+            host_id: placement.host_id,
+            state: tenant_state_name(placement.state),
+            generation: placement.generation,
+            delivered: placement.delivered,
+            message: status.message,
+            tier: spec.tier,
+            image: spec.image,
+            memory_cap_bytes: resources.memory_bytes,
+            memory_used_bytes: status.memory_used_bytes,
+            cpu_millicores: resources.cpu_millicores,
+            volume_bytes: resources.volume_bytes,
+            encrypted: spec.volume.is_some_and(|v| v.encrypted),
+            oom_kills: status.oom_kills,
+            restarts: status.restarts,
+            egress: spec.egress.iter().map(|e| format!("{}:{}/{}", e.destination, e.port, e.protocol)).collect(),
+        }
+    }
+}
