@@ -79,7 +79,9 @@ impl AgentApi {
                     )
                     .map_err(registry_status)?;
                 self.coordinator.sync_host(&record);
-                self.coordinator.placements.record_statuses(&auth.host_id, report.tenants);
+                self.coordinator
+                    .placements
+                    .record_statuses(&auth.host_id, report.tenants);
                 Ok(())
             }
             Some(AgentBody::Ack(ack)) => {

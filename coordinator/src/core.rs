@@ -64,7 +64,10 @@ impl Coordinator {
     }
 
     /// Places a tenant; returns once the placement is on disk.
-    pub async fn place(self: &Arc<Self>, spec: proto::TenantSpec) -> Result<proto::Placement, PlaceError> {
+    pub async fn place(
+        self: &Arc<Self>,
+        spec: proto::TenantSpec,
+    ) -> Result<proto::Placement, PlaceError> {
         let applied = self.placements.place(spec, self.registry.now())?;
         self.durable(applied.seq).await?;
         tracing::info!(tenant = %applied.placement.tenant_id, host = %applied.placement.host_id, generation = applied.placement.generation, "tenant placed");
@@ -72,7 +75,11 @@ impl Coordinator {
     }
 
     /// Removes a tenant; returns once the removal is on disk.
-    pub async fn remove(self: &Arc<Self>, tenant: &TenantId, purge: bool) -> Result<proto::Placement, PlaceError> {
+    pub async fn remove(
+        self: &Arc<Self>,
+        tenant: &TenantId,
+        purge: bool,
+    ) -> Result<proto::Placement, PlaceError> {
         let applied = self.placements.remove(tenant, purge)?;
         self.durable(applied.seq).await?;
         tracing::info!(%tenant, host = %applied.placement.host_id, "tenant removed");
@@ -83,7 +90,11 @@ impl Coordinator {
         let me = self.clone();
         tokio::task::spawn_blocking(move || me.placements.make_durable(seq))
             .await
-            .map_err(|e| PlaceError::Store(berth_shared::store::StoreError::Io(format!("flush task: {e}"))))??;
+            .map_err(|e| {
+                PlaceError::Store(berth_shared::store::StoreError::Io(format!(
+                    "flush task: {e}"
+                )))
+            })??;
         Ok(())
     }
 
@@ -123,7 +134,12 @@ impl Coordinator {
             last_report_unix_ms: host.last_report_unix_ms,
             memory_used_bytes: host.memory_used_bytes(),
             tenant_count,
-            tenants: self.placements.tenants(Some(&host.host_id)).into_iter().filter_map(|t| t.status).collect(),
+            tenants: self
+                .placements
+                .tenants(Some(&host.host_id))
+                .into_iter()
+                .filter_map(|t| t.status)
+                .collect(),
             enrolled_unix_ms: host.enrolled_unix_ms,
         }
     }

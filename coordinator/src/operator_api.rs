@@ -218,27 +218,62 @@ impl OperatorService for OperatorApi {
         self.set_cordoned(request, false)
     }
 
-    async fn place_tenant(&self, request: Request<proto::PlaceTenantRequest>) -> Result<Response<proto::Placement>, Status> {
-        let spec = request.into_inner().spec.ok_or_else(|| Status::invalid_argument("spec: required"))?;
-        self.coordinator.place(spec).await.map(Response::new).map_err(place_status)
+    async fn place_tenant(
+        &self,
+        request: Request<proto::PlaceTenantRequest>,
+    ) -> Result<Response<proto::Placement>, Status> {
+        let spec = request
+            .into_inner()
+            .spec
+            .ok_or_else(|| Status::invalid_argument("spec: required"))?;
+        self.coordinator
+            .place(spec)
+            .await
+            .map(Response::new)
+            .map_err(place_status)
     }
 
-    async fn remove_tenant(&self, request: Request<proto::RemoveTenantRequest>) -> Result<Response<proto::RemoveTenantResponse>, Status> {
+    async fn remove_tenant(
+        &self,
+        request: Request<proto::RemoveTenantRequest>,
+    ) -> Result<Response<proto::RemoveTenantResponse>, Status> {
         let req = request.into_inner();
         let id = tenant_id("tenant_id", &req.tenant_id)?;
-        self.coordinator.remove(&id, req.purge).await.map_err(place_status)?;
-        Ok(Response::new(proto::RemoveTenantResponse { tenant_id: id.to_string(), purged: false }))
+        self.coordinator
+            .remove(&id, req.purge)
+            .await
+            .map_err(place_status)?;
+        Ok(Response::new(proto::RemoveTenantResponse {
+            tenant_id: id.to_string(),
+            purged: false,
+        }))
     }
 
-    async fn get_tenant(&self, request: Request<proto::TenantRef>) -> Result<Response<proto::Tenant>, Status> {
+    async fn get_tenant(
+        &self,
+        request: Request<proto::TenantRef>,
+    ) -> Result<Response<proto::Tenant>, Status> {
         let id = tenant_id("tenant_id", &request.get_ref().tenant_id)?;
-        self.coordinator.placements.tenant(&id).map(Response::new).ok_or_else(|| Status::not_found(format!("unknown tenant {:?}", id.as_str())))
+        self.coordinator
+            .placements
+            .tenant(&id)
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("unknown tenant {:?}", id.as_str())))
     }
 
-    async fn list_tenants(&self, request: Request<proto::ListTenantsRequest>) -> Result<Response<proto::ListTenantsResponse>, Status> {
+    async fn list_tenants(
+        &self,
+        request: Request<proto::ListTenantsRequest>,
+    ) -> Result<Response<proto::ListTenantsResponse>, Status> {
         let host = &request.get_ref().host_id;
-        let host = if host.is_empty() { None } else { Some(host_id("host_id", host)?) };
-        Ok(Response::new(proto::ListTenantsResponse { tenants: self.coordinator.placements.tenants(host.as_ref()) }))
+        let host = if host.is_empty() {
+            None
+        } else {
+            Some(host_id("host_id", host)?)
+        };
+        Ok(Response::new(proto::ListTenantsResponse {
+            tenants: self.coordinator.placements.tenants(host.as_ref()),
+        }))
     }
 
     async fn restart_tenant(

@@ -300,6 +300,7 @@ impl Placements {
                 field: differing_field(&existing.spec, &spec),
             });
         }
+        self.check_regions(&state, &spec)?;
         let need = need(&spec);
         let largest = state
             .scheduler
@@ -373,6 +374,36 @@ impl Placements {
         let placement = state.placement(&record);
         state.tenants.insert(tenant, record);
         Ok(Applied { seq, placement })
+    }
+
+    /// Every region constraint must name (or, with `*`, match) a region that a host or the
+    /// catalog has: a typo is an error, not a silent "nothing fits".
+    fn check_regions(&self, state: &State, spec: &TenantSpec) -> Result<(), FieldError> {
+        let known: std::collections::BTreeSet<&str> = state
+            .scheduler
+            .hosts()
+            .map(|(h, _)| h.region.as_str())
+            .chain(
+                self.policy
+                    .catalog
+                    .iter()
+                    .flat_map(|e| e.regions.iter().map(String::as_str)),
+            )
+            .collect();
+        for pattern in &spec.constraints.regions {
+            let matches = |r: &&str| match pattern.strip_suffix('*') {
+                Some(prefix) => r.starts_with(prefix),
+                None => *r == pattern,
+            };
+            if !known.iter().any(matches) {
+                let list: Vec<&str> = known.iter().copied().collect();
+                return Err(FieldError::new(
+                    "constraints.regions",
+                    format!("unknown region {pattern:?} (known: {})", list.join(", ")),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Removes a tenant: its host is told to stop it, its capacity is freed.

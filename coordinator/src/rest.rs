@@ -75,21 +75,35 @@ fn tenant_id(value: &str) -> Result<TenantId, ApiError> {
 }
 
 async fn list_hosts(State(c): Shared) -> ApiResult<Vec<HostView>> {
-    let hosts = c.registry.hosts().map_err(|e| Status::internal(e.to_string()))?;
+    let hosts = c
+        .registry
+        .hosts()
+        .map_err(|e| Status::internal(e.to_string()))?;
     let now = now_ms(&c);
-    Ok(Json(hosts.iter().map(|h| HostView::new(&c.host_view(h), now)).collect()))
+    Ok(Json(
+        hosts
+            .iter()
+            .map(|h| HostView::new(&c.host_view(h), now))
+            .collect(),
+    ))
 }
 
 async fn get_host(State(c): Shared, Path(id): Path<String>) -> ApiResult<HostView> {
     let id = host_id(&id)?;
-    let host = c.registry.host(&id).map_err(|e| Status::internal(e.to_string()))?;
+    let host = c
+        .registry
+        .host(&id)
+        .map_err(|e| Status::internal(e.to_string()))?;
     let host = host.ok_or_else(|| Status::not_found(format!("unknown host {:?}", id.as_str())))?;
     Ok(Json(HostView::new(&c.host_view(&host), now_ms(&c))))
 }
 
 async fn set_cordon(c: Arc<Coordinator>, id: String, cordoned: bool) -> ApiResult<HostView> {
     let id = host_id(&id)?;
-    let host = c.registry.set_cordoned(&id, cordoned).map_err(crate::operator_api::registry_status)?;
+    let host = c
+        .registry
+        .set_cordoned(&id, cordoned)
+        .map_err(crate::operator_api::registry_status)?;
     c.sync_host(&host);
     Ok(Json(HostView::new(&c.host_view(&host), now_ms(&c))))
 }
@@ -108,21 +122,39 @@ struct TenantFilter {
     host: Option<String>,
 }
 
-async fn list_tenants(State(c): Shared, Query(filter): Query<TenantFilter>) -> ApiResult<Vec<TenantView>> {
+async fn list_tenants(
+    State(c): Shared,
+    Query(filter): Query<TenantFilter>,
+) -> ApiResult<Vec<TenantView>> {
     let host = filter.host.as_deref().map(host_id).transpose()?;
-    Ok(Json(c.placements.tenants(host.as_ref()).iter().map(TenantView::from).collect()))
+    Ok(Json(
+        c.placements
+            .tenants(host.as_ref())
+            .iter()
+            .map(TenantView::from)
+            .collect(),
+    ))
 }
 
 async fn get_tenant(State(c): Shared, Path(id): Path<String>) -> ApiResult<TenantView> {
     let id = tenant_id(&id)?;
-    let tenant = c.placements.tenant(&id).ok_or_else(|| Status::not_found(format!("unknown tenant {:?}", id.as_str())))?;
+    let tenant = c
+        .placements
+        .tenant(&id)
+        .ok_or_else(|| Status::not_found(format!("unknown tenant {:?}", id.as_str())))?;
     Ok(Json(TenantView::from(&tenant)))
 }
 
 /// `POST /v1/tenants` with the spec file's JSON form.
-async fn place(State(c): Shared, body: Bytes) -> Result<(StatusCode, Json<PlacementView>), ApiError> {
-    let file: TenantSpecFile = serde_json::from_slice(&body).map_err(|e| Status::invalid_argument(format!("body: {e}")))?;
-    let spec = file.to_proto().map_err(|e| Status::invalid_argument(e.to_string()))?;
+async fn place(
+    State(c): Shared,
+    body: Bytes,
+) -> Result<(StatusCode, Json<PlacementView>), ApiError> {
+    let file: TenantSpecFile = serde_json::from_slice(&body)
+        .map_err(|e| Status::invalid_argument(format!("body: {e}")))?;
+    let spec = file
+        .to_proto()
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
     let placement = c.place(spec).await.map_err(place_status)?;
     Ok((StatusCode::OK, Json(PlacementView::from(&placement))))
 }
@@ -134,10 +166,16 @@ struct RemoveOptions {
     purge: bool,
 }
 
-async fn remove(State(c): Shared, Path(id): Path<String>, Query(options): Query<RemoveOptions>) -> ApiResult<serde_json::Value> {
+async fn remove(
+    State(c): Shared,
+    Path(id): Path<String>,
+    Query(options): Query<RemoveOptions>,
+) -> ApiResult<serde_json::Value> {
     let id = tenant_id(&id)?;
     c.remove(&id, options.purge).await.map_err(place_status)?;
-    Ok(Json(serde_json::json!({ "tenant_id": id.as_str(), "purged": false })))
+    Ok(Json(
+        serde_json::json!({ "tenant_id": id.as_str(), "purged": false }),
+    ))
 }
 
 /// The REST routes, behind operator authentication.
@@ -149,6 +187,9 @@ pub fn router(coordinator: Arc<Coordinator>) -> axum::Router {
         .route("/v1/hosts/{id}/uncordon", post(uncordon))
         .route("/v1/tenants", get(list_tenants).post(place))
         .route("/v1/tenants/{id}", get(get_tenant).delete(remove))
-        .layer(middleware::from_fn_with_state(coordinator.clone(), authenticate))
+        .layer(middleware::from_fn_with_state(
+            coordinator.clone(),
+            authenticate,
+        ))
         .with_state(coordinator)
 }

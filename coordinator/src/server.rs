@@ -50,7 +50,8 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
         )
     })?;
     let store: Arc<dyn Store> = Arc::new(
-        SledStore::open(&config.db_dir()).context("is another berth-coordinator running on this state dir?")?,
+        SledStore::open(&config.db_dir())
+            .context("is another berth-coordinator running on this state dir?")?,
     );
     let registry = crate::registry::Registry::new(store.clone(), Arc::new(SystemClock));
     let denied = Arc::new(SerialDenyList::new(registry.revoked_serials()?));
@@ -86,9 +87,16 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
     )?;
 
     let policy = PlacementPolicy {
-        spec: SpecPolicy { tiers: config.tiers.iter().map(|t| t.tier.clone()).collect(), allow_unrestricted_egress: config.allow_unrestricted_egress },
+        spec: SpecPolicy {
+            tiers: config.tiers.iter().map(|t| t.tier.clone()).collect(),
+            allow_unrestricted_egress: config.allow_unrestricted_egress,
+        },
         strategy: config.strategy,
-        tier_strategy: config.tiers.iter().filter_map(|t| t.strategy.map(|s| (t.tier.name.clone(), s))).collect(),
+        tier_strategy: config
+            .tiers
+            .iter()
+            .filter_map(|t| t.strategy.map(|s| (t.tier.name.clone(), s)))
+            .collect(),
         catalog: config.catalog.clone(),
     };
     let now = registry.now();

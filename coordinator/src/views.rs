@@ -66,7 +66,8 @@ impl HostView {
             memory_reserved_bytes: facts.memory_reserved_bytes,
             cpu_count: facts.cpu_count,
             tenant_count: host.tenant_count,
-            last_report_age_ms: (host.last_report_unix_ms > 0).then(|| (now_ms - host.last_report_unix_ms).max(0)),
+            last_report_age_ms: (host.last_report_unix_ms > 0)
+                .then(|| (now_ms - host.last_report_unix_ms).max(0)),
             capabilities: CapabilitiesView {
                 cgroup: match proto::CgroupVersion::try_from(caps.cgroup_version) {
                     Ok(proto::CgroupVersion::V1) => "v1",
@@ -93,7 +94,13 @@ pub struct PlacementView {
 
 impl From<&proto::Placement> for PlacementView {
     fn from(p: &proto::Placement) -> Self {
-        Self { tenant_id: p.tenant_id.clone(), host_id: p.host_id.clone(), generation: p.generation, state: tenant_state_name(p.state), delivered: p.delivered }
+        Self {
+            tenant_id: p.tenant_id.clone(),
+            host_id: p.host_id.clone(),
+            generation: p.generation,
+            state: tenant_state_name(p.state),
+            delivered: p.delivered,
+        }
     }
 }
 
@@ -140,7 +147,11 @@ impl From<&proto::Tenant> for TenantView {
             encrypted: spec.volume.is_some_and(|v| v.encrypted),
             oom_kills: status.oom_kills,
             restarts: status.restarts,
-            egress: spec.egress.iter().map(|e| format!("{}:{}/{}", e.destination, e.port, e.protocol)).collect(),
+            egress: spec
+                .egress
+                .iter()
+                .map(|e| format!("{}:{}/{}", e.destination, e.port, e.protocol))
+                .collect(),
         }
     }
 }

@@ -57,16 +57,27 @@ impl DesiredStore {
     /// Validates and stores a desired state from the coordinator.
     pub fn accept(&mut self, desired: proto::DesiredState) -> Result<(), AcceptError> {
         if desired.generation < self.current.generation {
-            return Err(AcceptError::Stale { got: desired.generation, applied: self.current.generation });
+            return Err(AcceptError::Stale {
+                got: desired.generation,
+                applied: self.current.generation,
+            });
         }
         let tenants = desired
             .tenants
             .into_iter()
             .enumerate()
-            .map(|(index, t)| TenantSpec::from_resolved(t).map_err(|error| AcceptError::Invalid { index, error }))
+            .map(|(index, t)| {
+                TenantSpec::from_resolved(t).map_err(|error| AcceptError::Invalid { index, error })
+            })
             .collect::<Result<Vec<_>, _>>()?;
-        let next = Desired { generation: desired.generation, tenants };
-        self.store.apply(vec![Write::Put(KEY.into(), encode(&next))], Durability::Flushed)?;
+        let next = Desired {
+            generation: desired.generation,
+            tenants,
+        };
+        self.store.apply(
+            vec![Write::Put(KEY.into(), encode(&next))],
+            Durability::Flushed,
+        )?;
         self.current = next;
         Ok(())
     }
@@ -81,7 +92,11 @@ mod tests {
         proto::TenantSpec {
             tenant_id: id.into(),
             image: "ghcr.io/openclaw/gateway:1".into(),
-            resources: Some(proto::Resources { memory_bytes: memory, cpu_millicores: 500, volume_bytes: 1 << 30 }),
+            resources: Some(proto::Resources {
+                memory_bytes: memory,
+                cpu_millicores: 500,
+                volume_bytes: 1 << 30,
+            }),
             ..Default::default()
         }
     }
@@ -89,25 +104,59 @@ mod tests {
     #[test]
     fn fencing_refuses_older_generations() {
         let mut d = DesiredStore::with_store(Box::new(MemStore::default())).unwrap();
-        d.accept(proto::DesiredState { generation: 5, tenants: vec![tenant("a", 256 << 20)] }).unwrap();
-        let err = d.accept(proto::DesiredState { generation: 4, tenants: vec![] }).unwrap_err();
-        assert_eq!(err.to_string(), "desired state generation 4 is older than the applied generation 5");
+        d.accept(proto::DesiredState {
+            generation: 5,
+            tenants: vec![tenant("a", 256 << 20)],
+        })
+        .unwrap();
+        let err = d
+            .accept(proto::DesiredState {
+                generation: 4,
+                tenants: vec![],
+            })
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "desired state generation 4 is older than the applied generation 5"
+        );
         assert_eq!(d.current().tenants.len(), 1, "nothing changed");
-        d.accept(proto::DesiredState { generation: 5, tenants: vec![tenant("a", 256 << 20)] }).expect("the same generation again is fine");
+        d.accept(proto::DesiredState {
+            generation: 5,
+            tenants: vec![tenant("a", 256 << 20)],
+        })
+        .expect("the same generation again is fine");
     }
 
     #[test]
     fn one_bad_tenant_refuses_the_whole_state() {
         let mut d = DesiredStore::with_store(Box::new(MemStore::default())).unwrap();
         let err = d
-            .accept(proto::DesiredState { generation: 2, tenants: vec![tenant("a", 256 << 20), tenant("b", 1 << 20), tenant("Bad", 1 << 30)] })
+            .accept(proto::DesiredState {
+                generation: 2,
+                tenants: vec![
+                    tenant("a", 256 << 20),
+                    tenant("b", 1 << 20),
+                    tenant("Bad", 1 << 30),
+                ],
+            })
             .unwrap_err()
             .to_string();
-        assert_eq!(err, "tenants[1]: invalid resources.memory_bytes: 1048576 bytes is below the minimum of 64 MiB");
+        assert_eq!(
+            err,
+            "tenants[1]: invalid resources.memory_bytes: 1048576 bytes is below the minimum of 64 MiB"
+        );
         assert_eq!(d.current(), &Desired::default());
         let mut bad_image = tenant("c", 1 << 30);
         bad_image.image = "Not An Image".into();
-        assert!(d.accept(proto::DesiredState { generation: 3, tenants: vec![bad_image] }).unwrap_err().to_string().starts_with("tenants[0]: invalid image"));
+        assert!(
+            d.accept(proto::DesiredState {
+                generation: 3,
+                tenants: vec![bad_image]
+            })
+            .unwrap_err()
+            .to_string()
+            .starts_with("tenants[0]: invalid image")
+        );
     }
 
     #[test]
@@ -115,13 +164,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let mut d = DesiredStore::open(dir.path()).unwrap();
-            d.accept(proto::DesiredState { generation: 9, tenants: vec![tenant("a", 256 << 20)] }).unwrap();
+            d.accept(proto::DesiredState {
+                generation: 9,
+                tenants: vec![tenant("a", 256 << 20)],
+            })
+            .unwrap();
         }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let d = loop {
             match DesiredStore::open(dir.path()) {
                 Ok(d) => break d,
-                Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(20)),
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
                 Err(e) => panic!("{e}"),
             }
         };

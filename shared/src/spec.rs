@@ -482,7 +482,10 @@ impl TenantSpec {
     /// are explicit, the tier is only a name, egress was checked against the fleet's policy.
     pub fn from_resolved(mut p: proto::TenantSpec) -> Result<Self, FieldError> {
         let tier = std::mem::take(&mut p.tier);
-        let policy = SpecPolicy { tiers: Vec::new(), allow_unrestricted_egress: true };
+        let policy = SpecPolicy {
+            tiers: Vec::new(),
+            allow_unrestricted_egress: true,
+        };
         let mut spec = Self::from_proto(p, &policy)?;
         spec.tier = (!tier.is_empty()).then_some(tier);
         Ok(spec)

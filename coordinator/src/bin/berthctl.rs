@@ -3,10 +3,10 @@
 use std::path::PathBuf;
 
 use berth_coordinator::client::{ClientOptions, connect};
-use berth_shared::proto::{self, HostRef};
-use clap::{Parser, Subcommand};
 use berth_coordinator::views::{HostView, PlacementView, TenantView};
+use berth_shared::proto::{self, HostRef};
 use berth_shared::spec::TenantSpecFile;
+use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(name = "berthctl", version, about = "Operate a berth fleet")]
@@ -68,20 +68,34 @@ enum Command {
 /// Reads a spec file into the protobuf message; syntax and sizes are checked here, every other
 /// rule by the coordinator.
 fn read_spec(path: &std::path::Path) -> anyhow::Result<proto::TenantSpec> {
-    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let file: TenantSpecFile = if path.extension().is_some_and(|e| e == "json") {
         serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
     } else {
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim().replace('\n', " ")))?
+        toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: {}",
+                path.display(),
+                e.to_string().trim().replace('\n', " ")
+            )
+        })?
     };
-    file.to_proto().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    file.to_proto()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 fn print_tenants(tenants: &[TenantView]) {
-    println!("{:<24} {:<24} {:<9} {:>10} {:>9} {:<10} MESSAGE", "TENANT", "HOST", "STATE", "GENERATION", "MEMORY", "TIER");
+    println!(
+        "{:<24} {:<24} {:<9} {:>10} {:>9} {:<10} MESSAGE",
+        "TENANT", "HOST", "STATE", "GENERATION", "MEMORY", "TIER"
+    );
     for t in tenants {
         let memory = format!("{} MiB", t.memory_cap_bytes >> 20);
-        println!("{:<24} {:<24} {:<9} {:>10} {:>9} {:<10} {}", t.tenant_id, t.host_id, t.state, t.generation, memory, t.tier, t.message);
+        println!(
+            "{:<24} {:<24} {:<9} {:>10} {:>9} {:<10} {}",
+            t.tenant_id, t.host_id, t.state, t.generation, memory, t.tier, t.message
+        );
     }
 }
 
@@ -156,24 +170,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Place { spec } => {
             let spec = read_spec(&spec)?;
-            let placement = client.place_tenant(proto::PlaceTenantRequest { spec: Some(spec) }).await?.into_inner();
+            let placement = client
+                .place_tenant(proto::PlaceTenantRequest { spec: Some(spec) })
+                .await?
+                .into_inner();
             let view = PlacementView::from(&placement);
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&view)?);
             } else {
-                println!("placed {} on {} (generation {}, {})", view.tenant_id, view.host_id, view.generation, view.state);
+                println!(
+                    "placed {} on {} (generation {}, {})",
+                    view.tenant_id, view.host_id, view.generation, view.state
+                );
             }
         }
         Command::Remove { tenant, purge } => {
-            let removed = client.remove_tenant(proto::RemoveTenantRequest { tenant_id: tenant, purge }).await?.into_inner();
+            let removed = client
+                .remove_tenant(proto::RemoveTenantRequest {
+                    tenant_id: tenant,
+                    purge,
+                })
+                .await?
+                .into_inner();
             if cli.json {
-                println!("{}", serde_json::json!({ "tenant_id": removed.tenant_id, "purged": removed.purged }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "tenant_id": removed.tenant_id, "purged": removed.purged })
+                );
             } else {
                 println!("removed {}", removed.tenant_id);
             }
         }
         Command::Tenants { host } => {
-            let tenants = client.list_tenants(proto::ListTenantsRequest { host_id: host.unwrap_or_default() }).await?.into_inner().tenants;
+            let tenants = client
+                .list_tenants(proto::ListTenantsRequest {
+                    host_id: host.unwrap_or_default(),
+                })
+                .await?
+                .into_inner()
+                .tenants;
             let views: Vec<TenantView> = tenants.iter().map(TenantView::from).collect();
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&views)?);
