@@ -339,7 +339,7 @@ impl Placements {
                 RECOMMENDATION_RESERVE,
                 &spec.constraints,
             );
-            PlaceError::NoFit(Box::new(refusal))
+            PlaceError::NoFit(refusal)
         })?;
         let mut writes = Vec::with_capacity(3);
         let generation = state.next_generation(&mut writes);

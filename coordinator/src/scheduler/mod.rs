@@ -307,7 +307,7 @@ impl Scheduler {
     }
 
     /// Chooses a host for `req`, or explains why none fits.
-    pub fn choose(&self, req: &Request<'_>) -> Result<HostId, Refusal> {
+    pub fn choose(&self, req: &Request<'_>) -> Result<HostId, Box<Refusal>> {
         let mut best: Option<(f64, usize)> = None;
         let mut truncated = false;
         let allowed = self.buckets.iter().filter(|((p, r), _)| {
@@ -342,7 +342,7 @@ impl Scheduler {
         }
         match best {
             Some((_, slot)) => Ok(self.slots[slot].info.id.clone()),
-            None => Err(self.explain(req)),
+            None => Err(Box::new(self.explain(req))),
         }
     }
 
