@@ -10,6 +10,7 @@
 //! finds nothing, an exhaustive pass decides, so the index never causes a false refusal.
 
 pub mod explain;
+pub mod offline;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 

@@ -1,0 +1,147 @@
+//! berth-bench: measures berth's placement engine on real inputs against the lower bound and
+//! against baseline policies run in the same process. See README, "Performance".
+
+mod baselines;
+mod inputs;
+mod replay;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use baselines::Baseline;
+use berth_coordinator::scheduler::offline::{self, Instance};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+#[derive(Debug, Parser)]
+#[command(name = "berth-bench", about = "Benchmarks for berth's placement engine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Offline vector packing of .vbp instances (what drain plans use).
+    Pack {
+        /// .vbp files, or directories searched for them.
+        #[arg(long = "vbp", required = true, num_args = 1..)]
+        vbp: Vec<PathBuf>,
+        /// Panigrahy_summary_known.csv (lower bounds and optima).
+        #[arg(long)]
+        summary: Option<PathBuf>,
+        /// Only instances with this many dimensions.
+        #[arg(long)]
+        dims: Option<usize>,
+        /// Print one JSON line per instance too.
+        #[arg(long)]
+        per_instance: bool,
+    },
+    /// Online arrivals and departures from the Azure trace.
+    Replay {
+        #[arg(long = "azure-v1")]
+        azure_v1: PathBuf,
+        #[arg(long, default_value_t = 16)]
+        host_cpu: u64,
+        #[arg(long, default_value_t = 64)]
+        host_mem_gb: u64,
+        /// Only the first N arrivals.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Skip the baselines (they scan every host for every VM).
+        #[arg(long)]
+        no_baselines: bool,
+    },
+}
+
+fn vbp_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            for entry in std::fs::read_dir(p).with_context(|| p.display().to_string())? {
+                let entry = entry?.path();
+                if entry.is_dir() || entry.extension().is_some_and(|e| e == "vbp") {
+                    out.extend(vbp_files(&[entry])?);
+                }
+            }
+        } else {
+            out.push(p.clone());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Online packing of the items in file order with a baseline policy.
+fn pack_baseline(inst: &Instance, policy: Baseline) -> usize {
+    let mut loads: Vec<Vec<u64>> = Vec::new();
+    for item in &inst.items {
+        let b = policy.choose(&loads, &inst.capacity, item).unwrap_or_else(|| {
+            loads.push(vec![0; inst.capacity.len()]);
+            loads.len() - 1
+        });
+        for (l, s) in loads[b].iter_mut().zip(item) {
+            *l += s;
+        }
+    }
+    loads.len()
+}
+
+fn pack(files: Vec<PathBuf>, summary: Option<PathBuf>, dims: Option<usize>, per_instance: bool) -> anyhow::Result<()> {
+    let known = summary.map(|s| inputs::read_summary(&s)).transpose()?.unwrap_or_default();
+    let mut sums: std::collections::BTreeMap<&str, (f64, f64, usize)> = Default::default();
+    let (mut instances, mut with_opt) = (0usize, 0usize);
+    let started = std::time::Instant::now();
+    for file in files {
+        let inst = inputs::read_vbp(&file)?;
+        if dims.is_some_and(|d| d != inst.capacity.len()) {
+            continue;
+        }
+        let name = file.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+        let packing = offline::pack(&inst);
+        anyhow::ensure!(inst.is_valid(&packing), "{name}: berth's packing is invalid");
+        let (lb, opt, best_published) = known.get(&name).copied().unwrap_or((inst.lower_bound() as u64, None, 0));
+        let mut results = vec![("berth", packing.len())];
+        for b in Baseline::ALL {
+            results.push((b.name(), pack_baseline(&inst, b)));
+        }
+        instances += 1;
+        if opt.is_some() {
+            with_opt += 1;
+        }
+        for (policy, bins) in &results {
+            let entry = sums.entry(policy).or_default();
+            entry.0 += *bins as f64 / lb as f64;
+            if let Some(opt) = opt {
+                entry.1 += *bins as f64 / opt as f64;
+                entry.2 += 1;
+            }
+        }
+        if per_instance {
+            let r: serde_json::Map<String, serde_json::Value> = results.iter().map(|(p, b)| (p.to_string(), json!(b))).collect();
+            println!("{}", json!({ "instance": name, "items": inst.items.len(), "dims": inst.capacity.len(), "lower_bound": lb, "optimum": opt, "best_published": best_published, "bins": r }));
+        }
+    }
+    let summary: serde_json::Map<String, serde_json::Value> = sums
+        .iter()
+        .map(|(p, (lb, opt, n))| {
+            (p.to_string(), json!({ "mean_bins_over_lower_bound": lb / instances as f64, "mean_bins_over_optimum": if *n > 0 { Some(opt / *n as f64) } else { None } }))
+        })
+        .collect();
+    println!(
+        "{}",
+        json!({ "summary": { "instances": instances, "instances_with_known_optimum": with_opt, "seconds": started.elapsed().as_secs_f64(), "policies": summary } })
+    );
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Pack { vbp, summary, dims, per_instance } => vbp_files(&vbp).and_then(|files| pack(files, summary, dims, per_instance)),
+        Command::Replay { azure_v1, host_cpu, host_mem_gb, limit, no_baselines } => {
+            replay::run(&azure_v1, host_cpu * 1000, host_mem_gb * 1024, limit, !no_baselines)
+        }
+    };
+    berth_shared::cli::finish(result)
+}
