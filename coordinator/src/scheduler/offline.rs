@@ -30,11 +30,17 @@ impl Instance {
     }
 
     fn norm(&self, item: &[u64]) -> Vec<f64> {
-        item.iter().zip(&self.capacity).map(|(s, c)| *s as f64 / *c as f64).collect()
+        item.iter()
+            .zip(&self.capacity)
+            .map(|(s, c)| *s as f64 / *c as f64)
+            .collect()
     }
 
     fn fits(&self, load: &[u64], item: &[u64]) -> bool {
-        load.iter().zip(item).zip(&self.capacity).all(|((l, s), c)| l + s <= *c)
+        load.iter()
+            .zip(item)
+            .zip(&self.capacity)
+            .all(|((l, s), c)| l + s <= *c)
     }
 
     /// True when `packing` holds every item exactly once and no bin overflows.
@@ -68,7 +74,13 @@ enum SizeMeasure {
 
 fn dimension_weights(inst: &Instance) -> Vec<f64> {
     (0..inst.capacity.len())
-        .map(|d| inst.items.iter().map(|i| i[d] as f64 / inst.capacity[d] as f64).sum::<f64>().max(1e-9))
+        .map(|d| {
+            inst.items
+                .iter()
+                .map(|i| i[d] as f64 / inst.capacity[d] as f64)
+                .sum::<f64>()
+                .max(1e-9)
+        })
         .collect()
 }
 
@@ -85,16 +97,32 @@ fn size(inst: &Instance, weights: &[f64], item: &[u64], measure: SizeMeasure) ->
 /// First fit (or best fit, by the load left free) over items in decreasing `measure`.
 fn item_centric(inst: &Instance, weights: &[f64], measure: SizeMeasure, best_fit: bool) -> Packing {
     let mut order: Vec<usize> = (0..inst.items.len()).collect();
-    order.sort_by(|a, b| size(inst, weights, &inst.items[*b], measure).total_cmp(&size(inst, weights, &inst.items[*a], measure)));
+    order.sort_by(|a, b| {
+        size(inst, weights, &inst.items[*b], measure).total_cmp(&size(
+            inst,
+            weights,
+            &inst.items[*a],
+            measure,
+        ))
+    });
     let mut bins: Packing = Vec::new();
     let mut loads: Vec<Vec<u64>> = Vec::new();
     for i in order {
         let item = &inst.items[i];
         let chosen = if best_fit {
-            (0..bins.len()).filter(|&b| inst.fits(&loads[b], item)).min_by(|&a, &b| {
-                let free = |b: usize| -> f64 { loads[b].iter().zip(&inst.capacity).zip(item).map(|((l, c), s)| (c - l - s) as f64 / *c as f64).sum() };
-                free(a).total_cmp(&free(b))
-            })
+            (0..bins.len())
+                .filter(|&b| inst.fits(&loads[b], item))
+                .min_by(|&a, &b| {
+                    let free = |b: usize| -> f64 {
+                        loads[b]
+                            .iter()
+                            .zip(&inst.capacity)
+                            .zip(item)
+                            .map(|((l, c), s)| (c - l - s) as f64 / *c as f64)
+                            .sum()
+                    };
+                    free(a).total_cmp(&free(b))
+                })
         } else {
             (0..bins.len()).find(|&b| inst.fits(&loads[b], item))
         };
@@ -126,13 +154,20 @@ fn bin_centric(inst: &Instance, weights: &[f64], rule: BinRule) -> Packing {
     let normed: Vec<Vec<f64>> = inst.items.iter().map(|i| inst.norm(i)).collect();
     let mut left: Vec<usize> = (0..inst.items.len()).collect();
     // Start each bin with the largest remaining item.
-    left.sort_by(|a, b| normed[*b].iter().sum::<f64>().total_cmp(&normed[*a].iter().sum::<f64>()));
+    left.sort_by(|a, b| {
+        normed[*b]
+            .iter()
+            .sum::<f64>()
+            .total_cmp(&normed[*a].iter().sum::<f64>())
+    });
     let mut bins = Vec::new();
     while !left.is_empty() {
         let mut load = vec![0u64; dims];
         let mut bin = Vec::new();
         loop {
-            let free: Vec<f64> = (0..dims).map(|d| (inst.capacity[d] - load[d]) as f64 / inst.capacity[d] as f64).collect();
+            let free: Vec<f64> = (0..dims)
+                .map(|d| (inst.capacity[d] - load[d]) as f64 / inst.capacity[d] as f64)
+                .collect();
             let pick = left
                 .iter()
                 .enumerate()
@@ -140,8 +175,12 @@ fn bin_centric(inst: &Instance, weights: &[f64], rule: BinRule) -> Packing {
                 .map(|(pos, i)| {
                     let n = &normed[*i];
                     let score = match rule {
-                        BinRule::DotProduct => -(0..dims).map(|d| n[d] * free[d] * weights[d]).sum::<f64>(),
-                        BinRule::L2Residual => (0..dims).map(|d| (free[d] - n[d]).powi(2) * weights[d]).sum::<f64>(),
+                        BinRule::DotProduct => {
+                            -(0..dims).map(|d| n[d] * free[d] * weights[d]).sum::<f64>()
+                        }
+                        BinRule::L2Residual => (0..dims)
+                            .map(|d| (free[d] - n[d]).powi(2) * weights[d])
+                            .sum::<f64>(),
                     };
                     (pos, score)
                 })
@@ -170,15 +209,27 @@ fn eliminate_bins(inst: &Instance, mut bins: Packing) -> Packing {
         }
         load
     };
-    let fullness = |load: &[u64]| -> f64 { load.iter().zip(&inst.capacity).map(|(l, c)| *l as f64 / *c as f64).sum() };
+    let fullness = |load: &[u64]| -> f64 {
+        load.iter()
+            .zip(&inst.capacity)
+            .map(|(l, c)| *l as f64 / *c as f64)
+            .sum()
+    };
     'outer: loop {
         let mut order: Vec<usize> = (0..bins.len()).collect();
-        order.sort_by(|a, b| fullness(&load_of(&bins[*a])).total_cmp(&fullness(&load_of(&bins[*b]))));
+        order.sort_by(|a, b| {
+            fullness(&load_of(&bins[*a])).total_cmp(&fullness(&load_of(&bins[*b])))
+        });
         for &victim in &order {
             let mut loads: Vec<Vec<u64>> = bins.iter().map(|b| load_of(b)).collect();
             let mut moves = Vec::new();
             let mut items = bins[victim].clone();
-            items.sort_by(|a, b| inst.norm(&inst.items[*b]).iter().sum::<f64>().total_cmp(&inst.norm(&inst.items[*a]).iter().sum::<f64>()));
+            items.sort_by(|a, b| {
+                inst.norm(&inst.items[*b])
+                    .iter()
+                    .sum::<f64>()
+                    .total_cmp(&inst.norm(&inst.items[*a]).iter().sum::<f64>())
+            });
             let mut ok = true;
             for i in items {
                 let target = (0..bins.len())
@@ -251,7 +302,14 @@ mod tests {
         // Items that pair perfectly: 6 items, 3 bins.
         let inst = Instance {
             capacity: vec![10, 10],
-            items: vec![vec![7, 3], vec![3, 7], vec![6, 4], vec![4, 6], vec![5, 5], vec![5, 5]],
+            items: vec![
+                vec![7, 3],
+                vec![3, 7],
+                vec![6, 4],
+                vec![4, 6],
+                vec![5, 5],
+                vec![5, 5],
+            ],
         };
         let p = pack(&inst);
         assert!(inst.is_valid(&p));
@@ -271,7 +329,9 @@ mod tests {
         for _ in 0..50 {
             let dims = 1 + (next() % 4) as usize;
             let capacity: Vec<u64> = (0..dims).map(|_| 100 + next() % 900).collect();
-            let items: Vec<Vec<u64>> = (0..(5 + next() % 60)).map(|_| capacity.iter().map(|c| 1 + next() % c).collect()).collect();
+            let items: Vec<Vec<u64>> = (0..(5 + next() % 60))
+                .map(|_| capacity.iter().map(|c| 1 + next() % c).collect())
+                .collect();
             let inst = Instance { capacity, items };
             let p = pack(&inst);
             assert!(inst.is_valid(&p));
@@ -281,7 +341,10 @@ mod tests {
 
     #[test]
     fn validity_check_catches_overflow_and_missing_items() {
-        let inst = Instance { capacity: vec![10], items: vec![vec![6], vec![6]] };
+        let inst = Instance {
+            capacity: vec![10],
+            items: vec![vec![6], vec![6]],
+        };
         assert!(!inst.is_valid(&vec![vec![0, 1]]));
         assert!(!inst.is_valid(&vec![vec![0]]));
         assert!(inst.is_valid(&vec![vec![0], vec![1]]));

@@ -11,7 +11,12 @@ pub enum Baseline {
 }
 
 impl Baseline {
-    pub const ALL: [Baseline; 4] = [Baseline::FirstFit, Baseline::BestFit, Baseline::Spread, Baseline::Nomad];
+    pub const ALL: [Baseline; 4] = [
+        Baseline::FirstFit,
+        Baseline::BestFit,
+        Baseline::Spread,
+        Baseline::Nomad,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -26,19 +31,41 @@ impl Baseline {
     /// does only when no loaded bin fits.
     pub fn choose(self, loads: &[Vec<u64>], cap: &[u64], item: &[u64]) -> Option<usize> {
         let fits = |l: &Vec<u64>| l.iter().zip(item).zip(cap).all(|((l, s), c)| l + s <= *c);
-        let free_after = |l: &Vec<u64>| -> Vec<f64> { l.iter().zip(item).zip(cap).map(|((l, s), c)| (c - l - s) as f64 / *c as f64).collect() };
+        let free_after = |l: &Vec<u64>| -> Vec<f64> {
+            l.iter()
+                .zip(item)
+                .zip(cap)
+                .map(|((l, s), c)| (c - l - s) as f64 / *c as f64)
+                .collect()
+        };
         let open = |l: &&Vec<u64>| l.iter().any(|x| *x > 0);
         let candidates = loads.iter().enumerate().filter(|(_, l)| open(l) && fits(l));
         let chosen = match self {
             Self::FirstFit => candidates.map(|(i, _)| i).next(),
             // Least free capacity left (normalized sum over dimensions).
-            Self::BestFit => candidates.min_by(|a, b| free_after(a.1).iter().sum::<f64>().total_cmp(&free_after(b.1).iter().sum::<f64>())).map(|(i, _)| i),
+            Self::BestFit => candidates
+                .min_by(|a, b| {
+                    free_after(a.1)
+                        .iter()
+                        .sum::<f64>()
+                        .total_cmp(&free_after(b.1).iter().sum::<f64>())
+                })
+                .map(|(i, _)| i),
             // Kubernetes NodeResourcesFit LeastAllocated: the most free capacity left.
-            Self::Spread => candidates.max_by(|a, b| free_after(a.1).iter().sum::<f64>().total_cmp(&free_after(b.1).iter().sum::<f64>())).map(|(i, _)| i),
+            Self::Spread => candidates
+                .max_by(|a, b| {
+                    free_after(a.1)
+                        .iter()
+                        .sum::<f64>()
+                        .total_cmp(&free_after(b.1).iter().sum::<f64>())
+                })
+                .map(|(i, _)| i),
             // Nomad's ScoreFitBinPack: 20 - (10^freeCpu + 10^freeMem), higher is better.
             Self::Nomad => candidates
                 .max_by(|a, b| {
-                    let score = |l: &Vec<u64>| 20.0 - free_after(l).iter().map(|f| 10f64.powf(*f)).sum::<f64>();
+                    let score = |l: &Vec<u64>| {
+                        20.0 - free_after(l).iter().map(|f| 10f64.powf(*f)).sum::<f64>()
+                    };
                     score(a.1).total_cmp(&score(b.1))
                 })
                 .map(|(i, _)| i),

@@ -14,7 +14,10 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 
 #[derive(Debug, Parser)]
-#[command(name = "berth-bench", about = "Benchmarks for berth's placement engine")]
+#[command(
+    name = "berth-bench",
+    about = "Benchmarks for berth's placement engine"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -76,10 +79,12 @@ fn vbp_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
 fn pack_baseline(inst: &Instance, policy: Baseline) -> usize {
     let mut loads: Vec<Vec<u64>> = Vec::new();
     for item in &inst.items {
-        let b = policy.choose(&loads, &inst.capacity, item).unwrap_or_else(|| {
-            loads.push(vec![0; inst.capacity.len()]);
-            loads.len() - 1
-        });
+        let b = policy
+            .choose(&loads, &inst.capacity, item)
+            .unwrap_or_else(|| {
+                loads.push(vec![0; inst.capacity.len()]);
+                loads.len() - 1
+            });
         for (l, s) in loads[b].iter_mut().zip(item) {
             *l += s;
         }
@@ -87,8 +92,16 @@ fn pack_baseline(inst: &Instance, policy: Baseline) -> usize {
     loads.len()
 }
 
-fn pack(files: Vec<PathBuf>, summary: Option<PathBuf>, dims: Option<usize>, per_instance: bool) -> anyhow::Result<()> {
-    let known = summary.map(|s| inputs::read_summary(&s)).transpose()?.unwrap_or_default();
+fn pack(
+    files: Vec<PathBuf>,
+    summary: Option<PathBuf>,
+    dims: Option<usize>,
+    per_instance: bool,
+) -> anyhow::Result<()> {
+    let known = summary
+        .map(|s| inputs::read_summary(&s))
+        .transpose()?
+        .unwrap_or_default();
     let mut sums: std::collections::BTreeMap<&str, (f64, f64, usize)> = Default::default();
     let (mut instances, mut with_opt) = (0usize, 0usize);
     let started = std::time::Instant::now();
@@ -97,10 +110,21 @@ fn pack(files: Vec<PathBuf>, summary: Option<PathBuf>, dims: Option<usize>, per_
         if dims.is_some_and(|d| d != inst.capacity.len()) {
             continue;
         }
-        let name = file.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+        let name = file
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default()
+            .to_string();
         let packing = offline::pack(&inst);
-        anyhow::ensure!(inst.is_valid(&packing), "{name}: berth's packing is invalid");
-        let (lb, opt, best_published) = known.get(&name).copied().unwrap_or((inst.lower_bound() as u64, None, 0));
+        anyhow::ensure!(
+            inst.is_valid(&packing),
+            "{name}: berth's packing is invalid"
+        );
+        let (lb, opt, best_published) =
+            known
+                .get(&name)
+                .copied()
+                .unwrap_or((inst.lower_bound() as u64, None, 0));
         let mut results = vec![("berth", packing.len())];
         for b in Baseline::ALL {
             results.push((b.name(), pack_baseline(&inst, b)));
@@ -118,8 +142,14 @@ fn pack(files: Vec<PathBuf>, summary: Option<PathBuf>, dims: Option<usize>, per_
             }
         }
         if per_instance {
-            let r: serde_json::Map<String, serde_json::Value> = results.iter().map(|(p, b)| (p.to_string(), json!(b))).collect();
-            println!("{}", json!({ "instance": name, "items": inst.items.len(), "dims": inst.capacity.len(), "lower_bound": lb, "optimum": opt, "best_published": best_published, "bins": r }));
+            let r: serde_json::Map<String, serde_json::Value> = results
+                .iter()
+                .map(|(p, b)| (p.to_string(), json!(b)))
+                .collect();
+            println!(
+                "{}",
+                json!({ "instance": name, "items": inst.items.len(), "dims": inst.capacity.len(), "lower_bound": lb, "optimum": opt, "best_published": best_published, "bins": r })
+            );
         }
     }
     let summary: serde_json::Map<String, serde_json::Value> = sums
@@ -138,10 +168,25 @@ fn pack(files: Vec<PathBuf>, summary: Option<PathBuf>, dims: Option<usize>, per_
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Pack { vbp, summary, dims, per_instance } => vbp_files(&vbp).and_then(|files| pack(files, summary, dims, per_instance)),
-        Command::Replay { azure_v1, host_cpu, host_mem_gb, limit, no_baselines } => {
-            replay::run(&azure_v1, host_cpu * 1000, host_mem_gb * 1024, limit, !no_baselines)
-        }
+        Command::Pack {
+            vbp,
+            summary,
+            dims,
+            per_instance,
+        } => vbp_files(&vbp).and_then(|files| pack(files, summary, dims, per_instance)),
+        Command::Replay {
+            azure_v1,
+            host_cpu,
+            host_mem_gb,
+            limit,
+            no_baselines,
+        } => replay::run(
+            &azure_v1,
+            host_cpu * 1000,
+            host_mem_gb * 1024,
+            limit,
+            !no_baselines,
+        ),
     };
     berth_shared::cli::finish(result)
 }

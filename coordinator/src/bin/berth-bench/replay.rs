@@ -30,10 +30,13 @@ struct BaselinePlacer {
 impl Placer for BaselinePlacer {
     fn place(&mut self, vm: &Vm) -> usize {
         let item = [vm.cpu, vm.mem];
-        let h = self.policy.choose(&self.loads, &self.cap, &item).unwrap_or_else(|| {
-            self.loads.push(vec![0, 0]);
-            self.loads.len() - 1
-        });
+        let h = self
+            .policy
+            .choose(&self.loads, &self.cap, &item)
+            .unwrap_or_else(|| {
+                self.loads.push(vec![0, 0]);
+                self.loads.len() - 1
+            });
         self.loads[h][0] += vm.cpu;
         self.loads[h][1] += vm.mem;
         h
@@ -55,12 +58,21 @@ struct BerthPlacer {
 
 impl Placer for BerthPlacer {
     fn place(&mut self, vm: &Vm) -> usize {
-        let need = Vec3 { mem: vm.mem, cpu: vm.cpu, disk: 0 };
-        let request = Request { need, encrypted: false, constraints: &self.constraints, strategy: Strategy::Binpack };
+        let need = Vec3 {
+            mem: vm.mem,
+            cpu: vm.cpu,
+            disk: 0,
+        };
+        let request = Request {
+            need,
+            encrypted: false,
+            constraints: &self.constraints,
+            strategy: Strategy::Binpack,
+        };
         let id = match self.scheduler.choose(&request) {
             Ok(id) => id,
             Err(_) => {
-                let id = HostId::new(format!("h{}", self.ids.len())).expect("valid id");
+                let id = HostId::new(format!("h{:07}", self.ids.len())).expect("valid id");
                 self.scheduler.upsert_host(HostInfo {
                     id: id.clone(),
                     provider: Provider::Other,
@@ -80,12 +92,25 @@ impl Placer for BerthPlacer {
         self.index[&id]
     }
     fn remove(&mut self, host: usize, vm: &Vm) {
-        self.scheduler.release(&self.ids[host], Vec3 { mem: vm.mem, cpu: vm.cpu, disk: 0 }, None);
+        self.scheduler.release(
+            &self.ids[host],
+            Vec3 {
+                mem: vm.mem,
+                cpu: vm.cpu,
+                disk: 0,
+            },
+            None,
+        );
     }
 }
 
 /// Replays `vms` through `placer`; returns (used host-seconds, lower-bound host-seconds).
-fn simulate(vms: &[Vm], placer: &mut dyn Placer, host_cpu: u64, host_mem: u64) -> (f64, f64, usize) {
+fn simulate(
+    vms: &[Vm],
+    placer: &mut dyn Placer,
+    host_cpu: u64,
+    host_mem: u64,
+) -> (f64, f64, usize) {
     // Departures sort before arrivals at the same instant: capacity is freed first.
     let mut events: Vec<(u64, bool, usize)> = Vec::with_capacity(vms.len() * 2);
     for (i, vm) in vms.iter().enumerate() {
@@ -105,7 +130,10 @@ fn simulate(vms: &[Vm], placer: &mut dyn Placer, host_cpu: u64, host_mem: u64) -
         if t > last_t {
             let dt = (t.min(window_end).saturating_sub(last_t.min(window_end))) as f64;
             used += used_hosts as f64 * dt;
-            bound += total_cpu.div_ceil(host_cpu).max(total_mem.div_ceil(host_mem)) as f64 * dt;
+            bound += total_cpu
+                .div_ceil(host_cpu)
+                .max(total_mem.div_ceil(host_mem)) as f64
+                * dt;
             last_t = t;
         }
         let vm = &vms[i];
@@ -136,9 +164,17 @@ fn simulate(vms: &[Vm], placer: &mut dyn Placer, host_cpu: u64, host_mem: u64) -
     (used, bound, peak)
 }
 
-pub fn run(dir: &Path, host_cpu: u64, host_mem: u64, limit: Option<usize>, baselines: bool) -> anyhow::Result<()> {
+pub fn run(
+    dir: &Path,
+    host_cpu: u64,
+    host_mem: u64,
+    limit: Option<usize>,
+    baselines: bool,
+) -> anyhow::Result<()> {
     let all = inputs::read_azure(dir, limit)?;
-    let (vms, too_big): (Vec<Vm>, Vec<Vm>) = all.into_iter().partition(|v| v.cpu <= host_cpu && v.mem <= host_mem);
+    let (vms, too_big): (Vec<Vm>, Vec<Vm>) = all
+        .into_iter()
+        .partition(|v| v.cpu <= host_cpu && v.mem <= host_mem);
     let mut results = serde_json::Map::new();
     let mut run_one = |name: &str, placer: &mut dyn Placer| {
         let started = std::time::Instant::now();
@@ -147,13 +183,37 @@ pub fn run(dir: &Path, host_cpu: u64, host_mem: u64, limit: Option<usize>, basel
             name.to_string(),
             json!({ "host_seconds_over_lower_bound": used / bound, "peak_hosts": peak, "seconds": started.elapsed().as_secs_f64() }),
         );
-        eprintln!("{name}: {:.4} (peak {peak} hosts, {:.1}s)", used / bound, started.elapsed().as_secs_f64());
+        eprintln!(
+            "{name}: {:.4} (peak {peak} hosts, {:.1}s)",
+            used / bound,
+            started.elapsed().as_secs_f64()
+        );
     };
-    let cap = Vec3 { mem: host_mem, cpu: host_cpu, disk: 0 };
-    run_one("berth", &mut BerthPlacer { scheduler: Scheduler::new(), ids: Vec::new(), index: BTreeMap::new(), cap, constraints: Constraints::default() });
+    let cap = Vec3 {
+        mem: host_mem,
+        cpu: host_cpu,
+        disk: 0,
+    };
+    run_one(
+        "berth",
+        &mut BerthPlacer {
+            scheduler: Scheduler::new(),
+            ids: Vec::new(),
+            index: BTreeMap::new(),
+            cap,
+            constraints: Constraints::default(),
+        },
+    );
     if baselines {
         for b in Baseline::ALL {
-            run_one(b.name(), &mut BaselinePlacer { policy: b, cap: vec![host_cpu, host_mem], loads: Vec::new() });
+            run_one(
+                b.name(),
+                &mut BaselinePlacer {
+                    policy: b,
+                    cap: vec![host_cpu, host_mem],
+                    loads: Vec::new(),
+                },
+            );
         }
     }
     println!(
