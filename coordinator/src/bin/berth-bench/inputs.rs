@@ -36,8 +36,11 @@ pub fn read_vbp(path: &Path) -> anyhow::Result<Instance> {
     Ok(Instance { capacity, items })
 }
 
-/// Per instance name: (lower bound, optimum if known, best published).
-pub fn read_summary(path: &Path) -> anyhow::Result<HashMap<String, (u64, Option<u64>, u64)>> {
+/// What the summary knows of an instance: (lower bound, optimum if known, best published).
+pub type Known = (u64, Option<u64>, u64);
+
+/// Per instance name, from Panigrahy_summary_known.csv.
+pub fn read_summary(path: &Path) -> anyhow::Result<HashMap<String, Known>> {
     let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
     let mut out = HashMap::new();
     for line in text.lines().skip(1) {
