@@ -155,7 +155,8 @@ impl AgentService for AgentApi {
                         if changed.is_err() {
                             break;
                         }
-                        let state = (**desired.borrow_and_update()).clone();
+                        desired.borrow_and_update();
+                        let state = api.coordinator.placements.desired_state(&auth.host_id);
                         let message = CoordinatorMessage { body: Some(CoordinatorBody::DesiredState(state)) };
                         if tx.send(Ok(message)).await.is_err() {
                             break;

@@ -95,7 +95,9 @@ struct State {
     seq: u64,
     pending: VecDeque<Change>,
     durable: HashMap<HostId, HostDesired>,
-    watchers: HashMap<HostId, watch::Sender<Arc<proto::DesiredState>>>,
+    /// Per host, the generation of its durable desired state; sessions build the state itself
+    /// only when they send it, so a burst of placements costs one snapshot, not one each.
+    watchers: HashMap<HostId, watch::Sender<u64>>,
     observed: HashMap<TenantId, proto::TenantStatus>,
     acks: HashMap<HostId, proto::DesiredStateAck>,
     tenants_per_host: HashMap<HostId, u32>,
@@ -479,23 +481,29 @@ impl Placements {
         }
         touched.dedup();
         for host in touched {
-            let desired = state.desired_state(&host);
+            let generation = state.durable.get(&host).map_or(0, |d| d.generation);
             if let Some(watcher) = state.watchers.get(&host) {
-                watcher.send_replace(desired);
+                watcher.send_replace(generation);
             }
         }
         Ok(())
     }
 
-    /// The durable desired state of `host`, now and as it changes.
-    pub fn subscribe(&self, host: &HostId) -> watch::Receiver<Arc<proto::DesiredState>> {
+    /// Notifies when the durable desired state of `host` changes (the value is its generation;
+    /// read the state with [`Placements::desired_state`]).
+    pub fn subscribe(&self, host: &HostId) -> watch::Receiver<u64> {
         let mut state = self.lock();
-        let current = state.desired_state(host);
+        let current = state.durable.get(host).map_or(0, |d| d.generation);
         state
             .watchers
             .entry(host.clone())
             .or_insert_with(|| watch::Sender::new(current))
             .subscribe()
+    }
+
+    /// The durable desired state of `host`: every tenant placed there whose placement is on disk.
+    pub fn desired_state(&self, host: &HostId) -> proto::DesiredState {
+        (*self.lock().desired_state(host)).clone()
     }
 
     // --- host updates ---

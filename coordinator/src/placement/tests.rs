@@ -78,7 +78,8 @@ fn a_placement_reaches_its_host_only_once_durable() {
     let (p, _) = placements(&[host("h1", 8)]);
     let h1 = HostId::new("h1").unwrap();
     let mut desired = p.subscribe(&h1);
-    assert_eq!(desired.borrow_and_update().tenants.len(), 0);
+    assert_eq!(*desired.borrow_and_update(), 0);
+    assert!(p.desired_state(&h1).tenants.is_empty());
     let applied = p.place(spec("acme"), 1).unwrap();
     assert_eq!(applied.placement.host_id, "h1");
     assert!(
@@ -87,7 +88,8 @@ fn a_placement_reaches_its_host_only_once_durable() {
     );
     p.make_durable(applied.seq).unwrap();
     assert!(desired.has_changed().unwrap());
-    let state = desired.borrow_and_update().clone();
+    assert_eq!(*desired.borrow_and_update(), applied.placement.generation);
+    let state = p.desired_state(&h1);
     assert_eq!(state.generation, applied.placement.generation);
     assert_eq!(state.tenants[0].tenant_id, "acme");
     assert_eq!(
@@ -130,7 +132,7 @@ fn removal_frees_capacity_and_raises_the_generation() {
     let removed = p.remove(&TenantId::new("a").unwrap(), false).unwrap();
     assert!(removed.placement.generation > a.placement.generation);
     p.make_durable(removed.seq).unwrap();
-    let desired = p.subscribe(&HostId::new("h1").unwrap()).borrow().clone();
+    let desired = p.desired_state(&HostId::new("h1").unwrap());
     assert_eq!(desired.generation, removed.placement.generation);
     assert_eq!(
         desired

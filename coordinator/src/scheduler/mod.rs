@@ -11,6 +11,7 @@
 
 pub mod explain;
 pub mod offline;
+pub mod synthetic;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -126,7 +127,7 @@ struct Bucket {
 /// Best-fitting hosts looked at per bucket and per index (memory, CPU) before scoring.
 const CANDIDATES: usize = 8;
 /// Hosts examined per bucket on the fast path before falling back to the exhaustive pass.
-const SCAN_LIMIT: usize = 512;
+const SCAN_LIMIT: usize = 64;
 
 impl Scheduler {
     pub fn new() -> Self {

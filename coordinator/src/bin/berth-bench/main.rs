@@ -40,6 +40,16 @@ enum Command {
         #[arg(long)]
         per_instance: bool,
     },
+    /// Latency of one placement decision in a large fleet (p50, p99, max).
+    Decide {
+        #[arg(long, default_value_t = 10_000)]
+        hosts: usize,
+        #[arg(long, default_value_t = 200_000)]
+        tenants: usize,
+        /// Decisions measured.
+        #[arg(long, default_value_t = 100_000)]
+        samples: usize,
+    },
     /// Online arrivals and departures from the Azure trace.
     Replay {
         #[arg(long = "azure-v1")]
@@ -165,6 +175,33 @@ fn pack(
     Ok(())
 }
 
+fn decide(hosts: usize, tenants: usize, samples: usize) -> anyhow::Result<()> {
+    use berth_coordinator::scheduler::synthetic;
+    let started = std::time::Instant::now();
+    let (scheduler, mut rng) = synthetic::fleet(hosts, tenants, 7);
+    let built = started.elapsed().as_secs_f64();
+    let requests: Vec<_> = (0..samples)
+        .map(|i| synthetic::request(&mut rng, tenants + i))
+        .collect();
+    let mut nanos = Vec::with_capacity(samples);
+    let mut refused = 0;
+    for r in &requests {
+        let t = std::time::Instant::now();
+        let decision = std::hint::black_box(scheduler.choose(std::hint::black_box(&r.request())));
+        nanos.push(t.elapsed().as_nanos() as u64);
+        refused += usize::from(decision.is_err());
+    }
+    nanos.sort_unstable();
+    let pct =
+        |p: f64| nanos[((nanos.len() as f64 * p) as usize).min(nanos.len() - 1)] as f64 / 1000.0;
+    println!(
+        "{}",
+        json!({ "decide": { "hosts": hosts, "tenants_placed": tenants, "samples": samples, "refused": refused,
+            "p50_us": pct(0.50), "p99_us": pct(0.99), "p999_us": pct(0.999), "max_us": pct(1.0), "fleet_build_seconds": built } })
+    );
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -174,6 +211,11 @@ fn main() -> std::process::ExitCode {
             dims,
             per_instance,
         } => vbp_files(&vbp).and_then(|files| pack(files, summary, dims, per_instance)),
+        Command::Decide {
+            hosts,
+            tenants,
+            samples,
+        } => decide(hosts, tenants, samples),
         Command::Replay {
             azure_v1,
             host_cpu,
