@@ -22,6 +22,9 @@ use crate::core::{AuthenticatedHost, Coordinator};
 use crate::registry::CertRecord;
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a session waits after a change before sending the host its desired state, so a
+/// burst of placements on one host costs one snapshot (delivery stays far inside 1 s).
+const DESIRED_STATE_COALESCE: Duration = Duration::from_millis(20);
 
 #[derive(Debug, Clone)]
 pub struct AgentApi {
@@ -155,6 +158,8 @@ impl AgentService for AgentApi {
                         if changed.is_err() {
                             break;
                         }
+                        // Coalesce a burst of placements into one snapshot.
+                        tokio::time::sleep(DESIRED_STATE_COALESCE).await;
                         desired.borrow_and_update();
                         let state = api.coordinator.placements.desired_state(&auth.host_id);
                         let message = CoordinatorMessage { body: Some(CoordinatorBody::DesiredState(state)) };

@@ -1,6 +1,7 @@
 //! berth-bench: measures berth's placement engine on real inputs against the lower bound and
 //! against baseline policies run in the same process. See README, "Performance".
 
+mod api;
 mod baselines;
 mod inputs;
 mod replay;
@@ -49,6 +50,20 @@ enum Command {
         /// Decisions measured.
         #[arg(long, default_value_t = 100_000)]
         samples: usize,
+    },
+    /// The whole API path: a real coordinator, synthetic hosts, concurrent gRPC clients over
+    /// mTLS, every placement flushed to disk before its reply.
+    Api {
+        #[arg(long, default_value_t = 20)]
+        hosts: usize,
+        /// Concurrent requests in flight.
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        /// TLS connections they share.
+        #[arg(long, default_value_t = 8)]
+        connections: usize,
+        #[arg(long, default_value_t = 20_000)]
+        placements: usize,
     },
     /// Online arrivals and departures from the Azure trace.
     Replay {
@@ -216,6 +231,16 @@ fn main() -> std::process::ExitCode {
             tenants,
             samples,
         } => decide(hosts, tenants, samples),
+        Command::Api {
+            hosts,
+            clients,
+            connections,
+            placements,
+        } => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(api::run(hosts, clients, connections, placements))),
         Command::Replay {
             azure_v1,
             host_cpu,
