@@ -143,3 +143,16 @@ pub async fn open_session(
     let inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
     Ok(OpenSession { outbound, inbound })
 }
+
+/// Reads coordinator messages (desired states, ...) until the stream ends with an error, and
+/// returns that error; panics if it ends cleanly or nothing comes within 5 s.
+pub async fn session_error(inbound: &mut tonic::Streaming<CoordinatorMessage>) -> tonic::Status {
+    loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(5), inbound.message()).await {
+            Err(_) => panic!("the session neither failed nor closed within 5 s"),
+            Ok(Ok(Some(_))) => continue,
+            Ok(Ok(None)) => panic!("the session closed without an error"),
+            Ok(Err(status)) => return status,
+        }
+    }
+}

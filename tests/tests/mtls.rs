@@ -167,7 +167,7 @@ async fn a_host_cannot_speak_for_another_host() {
     ));
     assert_eq!(coordinator.host_state("host-a").as_deref(), Some("ready"));
     session.outbound.send(report("host-b")).await.unwrap();
-    let err = session.inbound.message().await.expect_err("session closed");
+    let err = berth_tests::clients::session_error(&mut session.inbound).await;
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
     assert!(
         err.message().contains("report.host_id \"host-b\""),
@@ -199,10 +199,7 @@ async fn revocation_closes_an_open_session_and_refuses_the_next_call() {
     let (ok, _, err) =
         berth_tests::procs::run(coordinator.admin_command(&["revoke", "--serial", &serial]));
     assert!(ok, "{err}");
-    let closed = tokio::time::timeout(Duration::from_secs(5), session.inbound.message())
-        .await
-        .expect("closed promptly");
-    let status = closed.expect_err("the stream ends with an error");
+    let status = berth_tests::clients::session_error(&mut session.inbound).await;
     assert_eq!(status.code(), tonic::Code::Unauthenticated);
     assert_eq!(status.message(), "certificate revoked");
 

@@ -1,0 +1,149 @@
+//! The REST/JSON API on the operator port has the gRPC API's semantics: same operations, same
+//! authentication, same errors (as HTTP statuses), same JSON shapes as `berthctl --json`.
+//! Driven with curl, as an operator's script would.
+
+use std::process::Command;
+use std::time::Duration;
+
+use berth_tests::procs::{AgentProc, CoordinatorProc};
+use berth_tests::wait_for;
+
+/// (HTTP status, parsed JSON body).
+fn curl(
+    coordinator: &CoordinatorProc,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: bool,
+) -> (u16, serde_json::Value) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "-X", method, "-w", "\n%{http_code}", "--cacert"])
+        .arg(coordinator.ca_cert())
+        .arg(format!("{}{path}", coordinator.operator_url()));
+    if token {
+        let t = std::fs::read_to_string(coordinator.operator_token_file()).unwrap();
+        cmd.args(["-H", &format!("Authorization: Bearer {}", t.trim())]);
+    }
+    if let Some(b) = body {
+        cmd.args(["-H", "Content-Type: application/json", "--data", b]);
+    }
+    let out = cmd.output().expect("curl (the test command installs it)");
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (body, code) = text
+        .trim_end()
+        .rsplit_once('\n')
+        .unwrap_or(("", text.trim()));
+    (
+        code.parse().unwrap(),
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+#[test]
+fn rest_has_the_grpc_semantics() {
+    if Command::new("curl").arg("--version").output().is_err() {
+        return berth_tests::missing_component("curl", "not installed");
+    }
+    let coordinator = CoordinatorProc::start(None, "");
+    let mut agent = AgentProc::enroll(&coordinator, "host-a", None);
+    agent.start();
+    wait_for("host-a ready", Duration::from_secs(10), || {
+        (coordinator.host_state("host-a").as_deref() == Some("ready")).then_some(())
+    });
+
+    let (code, body) = curl(&coordinator, "GET", "/v1/hosts", None, false);
+    assert_eq!(code, 401, "{body}");
+    assert_eq!(body["code"], "Unauthenticated");
+
+    let (code, hosts) = curl(&coordinator, "GET", "/v1/hosts", None, true);
+    assert_eq!(code, 200);
+    let mut from_rest = hosts[0].clone();
+    let mut from_cli = coordinator.hosts()[0].clone();
+    // Report ages differ by the time between the two calls; everything else is the same.
+    from_rest["last_report_age_ms"] = serde_json::Value::Null;
+    from_cli["last_report_age_ms"] = serde_json::Value::Null;
+    from_rest["memory_used_bytes"] = serde_json::Value::Null;
+    from_cli["memory_used_bytes"] = serde_json::Value::Null;
+    assert_eq!(
+        from_rest, from_cli,
+        "same shape and figures as berthctl hosts --json"
+    );
+    assert_eq!(hosts[0]["host_id"], "host-a");
+
+    let spec = r#"{"tenant_id":"rest-one","image":"ghcr.io/openclaw/gateway:1","tier":"individual","volume":{"encrypted":false}}"#;
+    let (code, placed) = curl(&coordinator, "POST", "/v1/tenants", Some(spec), true);
+    assert_eq!(code, 200, "{placed}");
+    assert_eq!(placed["host_id"], "host-a");
+    let (code, again) = curl(&coordinator, "POST", "/v1/tenants", Some(spec), true);
+    assert_eq!(
+        (code, &again["generation"]),
+        (200, &placed["generation"]),
+        "idempotent"
+    );
+    let changed = spec.replace("gateway:1", "gateway:2");
+    let (code, conflict) = curl(&coordinator, "POST", "/v1/tenants", Some(&changed), true);
+    assert_eq!(code, 409);
+    assert_eq!(
+        conflict["error"],
+        "tenant rest-one already exists with a different image; remove it first or send the same spec"
+    );
+    let (code, bad) = curl(
+        &coordinator,
+        "POST",
+        "/v1/tenants",
+        Some(r#"{"tenant_id":"x","image":"i","tier":"gold"}"#),
+        true,
+    );
+    assert_eq!((code, bad["code"].as_str()), (400, Some("InvalidArgument")));
+    assert!(bad["error"].as_str().unwrap().starts_with("invalid tier"));
+    let (code, bad) = curl(
+        &coordinator,
+        "POST",
+        "/v1/tenants",
+        Some(r#"{"tenant_id":"x","nonsense":1}"#),
+        true,
+    );
+    assert_eq!(code, 400);
+    assert!(
+        bad["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field `nonsense`"),
+        "{bad}"
+    );
+    let (code, no_fit) = curl(
+        &coordinator,
+        "POST",
+        "/v1/tenants",
+        Some(r#"{"tenant_id":"enc","image":"i","tier":"individual"}"#),
+        true,
+    );
+    assert_eq!(code, 422, "{no_fit}");
+    assert!(
+        no_fit["error"]
+            .as_str()
+            .unwrap()
+            .contains("without dm-crypt")
+    );
+
+    let (code, tenant) = curl(&coordinator, "GET", "/v1/tenants/rest-one", None, true);
+    assert_eq!(code, 200);
+    let (ok, out, _) = coordinator.berthctl(&["tenants", "--json"]);
+    assert!(ok);
+    let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed[0]["tenant_id"], tenant["tenant_id"]);
+    assert_eq!(listed[0]["generation"], tenant["generation"]);
+    let (code, _) = curl(&coordinator, "DELETE", "/v1/tenants/rest-one", None, true);
+    assert_eq!(code, 200);
+    let (code, gone) = curl(&coordinator, "GET", "/v1/tenants/rest-one", None, true);
+    assert_eq!((code, gone["code"].as_str()), (404, Some("NotFound")));
+    let (code, _) = curl(&coordinator, "GET", "/v1/tenants/Bad..Id", None, true);
+    assert_eq!(code, 400);
+    let (code, cordoned) = curl(&coordinator, "POST", "/v1/hosts/host-a/cordon", None, true);
+    assert_eq!((code, cordoned["state"].as_str()), (200, Some("cordoned")));
+}
