@@ -5,9 +5,13 @@
 //! interval, and renews its certificate before it expires. Tenant enforcement (containers,
 //! egress, volumes) is not built yet.
 
+pub mod cgroup;
 pub mod command;
 pub mod config;
 pub mod desired;
 pub mod facts;
+pub mod hardening;
 pub mod identity;
+pub mod reconcile;
+pub mod runtime;
 pub mod session;

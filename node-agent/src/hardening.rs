@@ -1,0 +1,209 @@
+//! The container a tenant gets: every hardening setting in one pure function, so each one is
+//! unit-tested and the runtime only carries it out.
+//!
+//! Ensures: memory = memory+swap = the tenant's cap (hard, no swap); CPU quota from the
+//! request; a pids limit; every capability dropped; no-new-privileges; read-only root with a
+//! tmpfs /tmp; a non-root user; the tenant's own bridge network; the gateway port published on
+//! 127.0.0.1 only; restart with Docker's backoff; size-rotated json-file logs.
+
+use std::collections::HashMap;
+
+use berth_shared::ids::HostId;
+use berth_shared::spec::TenantSpec;
+use bollard::models::{
+    ContainerCreateBody, HostConfig, HostConfigLogConfig, NetworkCreateRequest, PortBinding,
+    RestartPolicy, RestartPolicyNameEnum,
+};
+use sha2::{Digest, Sha256};
+
+pub const LABEL_TENANT: &str = "berth.tenant";
+pub const LABEL_HOST: &str = "berth.host";
+pub const LABEL_GENERATION: &str = "berth.generation";
+pub const LABEL_SPEC: &str = "berth.spec";
+pub const LABEL_PORT: &str = "berth.port";
+/// Unprivileged uid/gid the tenant's process runs as (nobody).
+pub const TENANT_USER: &str = "65534:65534";
+pub const PIDS_LIMIT: i64 = 512;
+pub const TMPFS_SIZE: &str = "64m";
+
+/// Docker names of a tenant's container and network (the id is a validated slug).
+pub fn container_name(spec: &TenantSpec) -> String {
+    format!("berth-{}", spec.tenant_id)
+}
+
+pub fn network_name(spec: &TenantSpec) -> String {
+    format!("berth-{}", spec.tenant_id)
+}
+
+/// A digest of everything that shapes the container: a change means recreate.
+pub fn spec_hash(spec: &TenantSpec) -> String {
+    let json = serde_json::to_vec(spec).unwrap_or_default();
+    hex::encode(&Sha256::digest(&json)[..12])
+}
+
+/// The tenant's bridge network: its own, so no two tenants share a segment.
+pub fn network(host: &HostId, spec: &TenantSpec) -> NetworkCreateRequest {
+    NetworkCreateRequest {
+        name: network_name(spec),
+        driver: Some("bridge".into()),
+        enable_ipv6: Some(false),
+        options: Some(HashMap::from([
+            (
+                "com.docker.network.bridge.enable_icc".to_string(),
+                "false".to_string(),
+            ),
+            (
+                "com.docker.network.bridge.name".to_string(),
+                bridge_name(spec),
+            ),
+        ])),
+        labels: Some(HashMap::from([
+            (LABEL_TENANT.to_string(), spec.tenant_id.to_string()),
+            (LABEL_HOST.to_string(), host.to_string()),
+        ])),
+        ..Default::default()
+    }
+}
+
+/// Linux interface names are at most 15 bytes: `bt` + 13 hex digits of the tenant id's hash.
+pub fn bridge_name(spec: &TenantSpec) -> String {
+    format!(
+        "bt{}",
+        &hex::encode(Sha256::digest(spec.tenant_id.as_str().as_bytes()))[..13]
+    )
+}
+
+/// The hardened container for `spec`, publishing its gateway port on 127.0.0.1:`host_port`.
+pub fn container(
+    host: &HostId,
+    spec: &TenantSpec,
+    generation: u64,
+    host_port: u16,
+) -> ContainerCreateBody {
+    let memory = spec.resources.memory_bytes as i64;
+    let gateway = format!("{}/tcp", spec.gateway_port);
+    let env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    ContainerCreateBody {
+        image: Some(spec.image.clone()),
+        user: Some(TENANT_USER.into()),
+        env: Some(env),
+        exposed_ports: Some(HashMap::from([(gateway.clone(), HashMap::new())])),
+        labels: Some(HashMap::from([
+            (LABEL_TENANT.to_string(), spec.tenant_id.to_string()),
+            (LABEL_HOST.to_string(), host.to_string()),
+            (LABEL_GENERATION.to_string(), generation.to_string()),
+            (LABEL_SPEC.to_string(), spec_hash(spec)),
+            (LABEL_PORT.to_string(), host_port.to_string()),
+        ])),
+        host_config: Some(HostConfig {
+            memory: Some(memory),
+            memory_swap: Some(memory),
+            // Millicores to CFS quota over the default 100 ms period.
+            cpu_period: Some(100_000),
+            cpu_quota: Some(i64::from(spec.resources.cpu_millicores) * 100),
+            pids_limit: Some(PIDS_LIMIT),
+            cap_drop: Some(vec!["ALL".into()]),
+            security_opt: Some(vec!["no-new-privileges:true".into()]),
+            readonly_rootfs: Some(true),
+            tmpfs: Some(HashMap::from([(
+                "/tmp".to_string(),
+                format!("rw,noexec,nosuid,nodev,size={TMPFS_SIZE}"),
+            )])),
+            network_mode: Some(network_name(spec)),
+            port_bindings: Some(HashMap::from([(
+                gateway,
+                Some(vec![PortBinding {
+                    host_ip: Some("127.0.0.1".into()),
+                    host_port: Some(host_port.to_string()),
+                }]),
+            )])),
+            restart_policy: Some(RestartPolicy {
+                name: Some(RestartPolicyNameEnum::UNLESS_STOPPED),
+                maximum_retry_count: None,
+            }),
+            log_config: Some(HostConfigLogConfig {
+                typ: Some("json-file".into()),
+                config: Some(HashMap::from([
+                    ("max-size".to_string(), "10m".to_string()),
+                    ("max-file".to_string(), "3".to_string()),
+                ])),
+            }),
+            init: Some(false),
+            privileged: Some(false),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_shared::proto;
+
+    fn spec() -> TenantSpec {
+        TenantSpec::from_resolved(proto::TenantSpec {
+            tenant_id: "acme-dental".into(),
+            image: "ghcr.io/openclaw/gateway@sha256:".to_string() + &"a".repeat(64),
+            resources: Some(proto::Resources {
+                memory_bytes: 512 << 20,
+                cpu_millicores: 750,
+                volume_bytes: 1 << 30,
+            }),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn every_hardening_setting() {
+        let host = HostId::new("h1").unwrap();
+        let c = container(&host, &spec(), 7, 20001);
+        let hc = c.host_config.clone().unwrap();
+        assert_eq!(hc.memory, Some(512 << 20));
+        assert_eq!(hc.memory_swap, hc.memory, "no swap");
+        assert_eq!((hc.cpu_period, hc.cpu_quota), (Some(100_000), Some(75_000)));
+        assert_eq!(hc.pids_limit, Some(PIDS_LIMIT));
+        assert_eq!(hc.cap_drop, Some(vec!["ALL".to_string()]));
+        assert_eq!(
+            hc.security_opt,
+            Some(vec!["no-new-privileges:true".to_string()])
+        );
+        assert_eq!(hc.readonly_rootfs, Some(true));
+        assert!(hc.tmpfs.unwrap()["/tmp"].contains("noexec"));
+        assert_eq!(c.user.as_deref(), Some(TENANT_USER));
+        assert_eq!(hc.network_mode.as_deref(), Some("berth-acme-dental"));
+        let binding = &hc.port_bindings.unwrap()["18789/tcp"].clone().unwrap()[0];
+        assert_eq!(
+            (binding.host_ip.as_deref(), binding.host_port.as_deref()),
+            (Some("127.0.0.1"), Some("20001"))
+        );
+        assert_eq!(
+            hc.restart_policy.unwrap().name,
+            Some(RestartPolicyNameEnum::UNLESS_STOPPED)
+        );
+        let log = hc.log_config.unwrap();
+        assert_eq!(log.typ.as_deref(), Some("json-file"));
+        assert_eq!(log.config.unwrap()["max-size"], "10m");
+        assert_eq!(hc.privileged, Some(false));
+        let labels = c.labels.unwrap();
+        assert_eq!(labels[LABEL_TENANT], "acme-dental");
+        assert_eq!(labels[LABEL_HOST], "h1");
+        assert_eq!(labels[LABEL_GENERATION], "7");
+        assert_eq!(labels[LABEL_SPEC], spec_hash(&spec()));
+        assert!(
+            c.image.unwrap().contains("@sha256:"),
+            "a digest stays pinned"
+        );
+    }
+
+    #[test]
+    fn spec_hash_changes_with_the_spec_only() {
+        let a = spec();
+        let mut b = spec();
+        assert_eq!(spec_hash(&a), spec_hash(&b));
+        b.resources.memory_bytes += 1 << 20;
+        assert_ne!(spec_hash(&a), spec_hash(&b));
+        assert!(bridge_name(&a).len() <= 15);
+    }
+}

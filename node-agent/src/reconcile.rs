@@ -1,0 +1,308 @@
+//! The reconciler: makes the host match the desired state, level-triggered (on every change
+//! and every few seconds), whether or not the coordinator is reachable.
+//!
+//! Ensures: per tenant the order is volume → egress rules → container, and teardown is the
+//! reverse; a container whose spec is unchanged is adopted, never restarted (an agent restart
+//! leaves tenants running); a stopped one is started; a container of a tenant no longer desired
+//! is removed with its network; containers without this host's berth labels are never listed,
+//! so never touched.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use berth_shared::ids::{HostId, TenantId};
+use berth_shared::proto;
+use berth_shared::spec::TenantSpec;
+
+use crate::cgroup::CgroupReader;
+use crate::desired::Desired;
+use crate::hardening;
+use crate::runtime::{ContainerRuntime, ManagedContainer, RuntimeError};
+
+/// The tenant's data volume. Encrypted volumes are not built yet: [`VolumesNotBuilt`] is the
+/// explicit stand-in.
+#[tonic::async_trait]
+pub trait VolumeStep: Send + Sync + std::fmt::Debug {
+    async fn prepare(&self, spec: &TenantSpec) -> Result<(), String>;
+    async fn release(&self, tenant: &str) -> Result<(), String>;
+    /// What an operator must know about this step, shown in the tenant's status.
+    fn caveat(&self) -> Option<&'static str>;
+}
+
+/// The tenant's egress allowlist. Not built yet: [`EgressNotBuilt`] is the explicit stand-in.
+#[tonic::async_trait]
+pub trait EgressStep: Send + Sync + std::fmt::Debug {
+    async fn apply(&self, spec: &TenantSpec) -> Result<(), String>;
+    async fn release(&self, tenant: &str) -> Result<(), String>;
+    fn caveat(&self) -> Option<&'static str>;
+}
+
+/// No volume is made, so a tenant has no persistent data directory (its root filesystem is
+/// read-only; only its tmpfs /tmp is writable). Stands in until encrypted volumes are built.
+#[derive(Debug, Default)]
+pub struct VolumesNotBuilt;
+
+#[tonic::async_trait]
+impl VolumeStep for VolumesNotBuilt {
+    async fn prepare(&self, _: &TenantSpec) -> Result<(), String> {
+        Ok(())
+    }
+    async fn release(&self, _: &str) -> Result<(), String> {
+        Ok(())
+    }
+    fn caveat(&self) -> Option<&'static str> {
+        Some("no volume: encrypted volumes are not built yet")
+    }
+}
+
+/// No egress rules are installed: the tenant's traffic is not filtered. Stands in until the
+/// nftables allowlists are built.
+#[derive(Debug, Default)]
+pub struct EgressNotBuilt;
+
+#[tonic::async_trait]
+impl EgressStep for EgressNotBuilt {
+    async fn apply(&self, _: &TenantSpec) -> Result<(), String> {
+        Ok(())
+    }
+    async fn release(&self, _: &str) -> Result<(), String> {
+        Ok(())
+    }
+    fn caveat(&self) -> Option<&'static str> {
+        Some("egress not filtered: allowlists are not built yet")
+    }
+}
+
+/// Host ports the agent publishes gateways on (127.0.0.1 only).
+pub const PORT_RANGE: std::ops::RangeInclusive<u16> = 20000..=29999;
+
+#[derive(Debug)]
+pub struct Reconciler {
+    pub host: HostId,
+    pub runtime: Arc<dyn ContainerRuntime>,
+    pub volumes: Arc<dyn VolumeStep>,
+    pub egress: Arc<dyn EgressStep>,
+    pub cgroups: Option<CgroupReader>,
+    /// OOM kills seen in Docker's event stream, per tenant, since the agent started.
+    pub oom_events: Arc<Mutex<HashMap<String, u64>>>,
+    /// Whether a port is free on 127.0.0.1 (tests replace it).
+    pub port_free: fn(u16) -> bool,
+}
+
+pub fn port_free_on_loopback(port: u16) -> bool {
+    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+fn status(
+    tenant: &TenantId,
+    generation: u64,
+    state: proto::TenantState,
+    message: String,
+) -> proto::TenantStatus {
+    proto::TenantStatus {
+        tenant_id: tenant.to_string(),
+        state: state as i32,
+        generation,
+        message,
+        ..Default::default()
+    }
+}
+
+impl Reconciler {
+    fn caveats(&self) -> String {
+        [self.volumes.caveat(), self.egress.caveat()]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// Removes a container, then its egress rules, volume and network (reverse order).
+    async fn teardown(&self, container: &ManagedContainer) -> Result<(), String> {
+        self.runtime
+            .remove(&container.id)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.egress.release(&container.tenant).await?;
+        self.volumes.release(&container.tenant).await?;
+        if TenantId::new(&container.tenant).is_ok() {
+            self.runtime
+                .remove_network(&format!("berth-{}", container.tenant))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn pick_port(&self, used: &[u16]) -> Option<u16> {
+        PORT_RANGE
+            .clone()
+            .find(|p| !used.contains(p) && (self.port_free)(*p))
+    }
+
+    /// Volume → egress → network → container.
+    async fn create(
+        &self,
+        spec: &TenantSpec,
+        generation: u64,
+        used_ports: &mut Vec<u16>,
+    ) -> Result<(), String> {
+        if !self
+            .runtime
+            .image_present(&spec.image)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            self.runtime.pull(&spec.image).await.map_err(|e| {
+                format!(
+                    "image {} is not present and cannot be pulled: {}",
+                    spec.image, e.0
+                )
+            })?;
+        }
+        self.volumes.prepare(spec).await?;
+        self.egress.apply(spec).await?;
+        self.runtime
+            .ensure_network(hardening::network(&self.host, spec))
+            .await
+            .map_err(|e| e.to_string())?;
+        let port = self
+            .pick_port(used_ports)
+            .ok_or("no free gateway port in 20000-29999")?;
+        used_ports.push(port);
+        let body = hardening::container(&self.host, spec, generation, port);
+        self.runtime
+            .create_and_start(&hardening::container_name(spec), body)
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(tenant = %spec.tenant_id, port, "tenant container started");
+        Ok(())
+    }
+
+    /// One pass: returns the status of every desired tenant.
+    pub async fn reconcile(&self, desired: &Desired) -> Vec<proto::TenantStatus> {
+        let generation = desired.generation;
+        let actual = match self.runtime.list(&self.host).await {
+            Ok(a) => a,
+            Err(RuntimeError(e)) => {
+                return desired
+                    .tenants
+                    .iter()
+                    .map(|t| {
+                        status(
+                            &t.tenant_id,
+                            generation,
+                            proto::TenantState::Failed,
+                            format!("docker: {e}"),
+                        )
+                    })
+                    .collect();
+            }
+        };
+        let wanted: BTreeMap<&str, &TenantSpec> = desired
+            .tenants
+            .iter()
+            .map(|t| (t.tenant_id.as_str(), t))
+            .collect();
+        let mut by_tenant: HashMap<&str, Vec<&ManagedContainer>> = HashMap::new();
+        for c in &actual {
+            by_tenant.entry(c.tenant.as_str()).or_default().push(c);
+        }
+        // Tear down what is no longer desired, and duplicates.
+        for c in &actual {
+            let keep = wanted.contains_key(c.tenant.as_str())
+                && by_tenant[c.tenant.as_str()]
+                    .first()
+                    .is_some_and(|first| first.id == c.id);
+            if !keep {
+                match self.teardown(c).await {
+                    Ok(()) => {
+                        tracing::info!(tenant = %c.tenant, container = %c.id, "tenant container removed")
+                    }
+                    Err(e) => {
+                        tracing::warn!(tenant = %c.tenant, error = %e, "teardown failed; retried next pass")
+                    }
+                }
+            }
+        }
+        let mut used_ports: Vec<u16> = actual.iter().map(|c| c.port).collect();
+        let caveats = self.caveats();
+        let mut statuses = Vec::with_capacity(wanted.len());
+        for (tenant, spec) in wanted {
+            let existing = by_tenant.get(tenant).and_then(|v| v.first()).copied();
+            let hash = hardening::spec_hash(spec);
+            let outcome = match existing {
+                Some(c) if c.spec_hash == hash => {
+                    if c.state == "exited" || c.state == "created" {
+                        self.runtime.start(&c.id).await.map_err(|e| e.to_string())
+                    } else {
+                        Ok(())
+                    }
+                }
+                Some(c) => {
+                    tracing::info!(%tenant, "spec changed: recreating the container");
+                    match self.teardown(c).await {
+                        Ok(()) => self.create(spec, generation, &mut used_ports).await,
+                        Err(e) => Err(e),
+                    }
+                }
+                None => self.create(spec, generation, &mut used_ports).await,
+            };
+            let mut s = match outcome {
+                Err(e) => {
+                    tracing::warn!(%tenant, error = %e, "tenant failed");
+                    status(&spec.tenant_id, generation, proto::TenantState::Failed, e)
+                }
+                Ok(()) => status(
+                    &spec.tenant_id,
+                    generation,
+                    proto::TenantState::Pending,
+                    caveats.clone(),
+                ),
+            };
+            s.memory_cap_bytes = spec.resources.memory_bytes;
+            statuses.push(s);
+        }
+        // One more listing sees what this pass created.
+        if let Ok(now) = self.runtime.list(&self.host).await {
+            for s in &mut statuses {
+                if let Some(c) = now.iter().find(|c| c.tenant == s.tenant_id) {
+                    self.observe(s, c).await;
+                }
+            }
+        }
+        statuses
+    }
+
+    /// Fills in what Docker and the cgroup say of a tenant's container.
+    async fn observe(&self, s: &mut proto::TenantStatus, c: &ManagedContainer) {
+        s.published_port = u32::from(c.port);
+        let events = self
+            .oom_events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&s.tenant_id)
+            .copied()
+            .unwrap_or(0);
+        s.oom_kills = events;
+        if let Ok(d) = self.runtime.details(&c.id).await {
+            s.restarts = d.restart_count as u32;
+            if d.oom_killed {
+                s.oom_kills = s.oom_kills.max(1);
+            }
+        }
+        if let Some(figures) = self.cgroups.as_ref().and_then(|r| r.memory(&c.id)) {
+            s.memory_used_bytes = figures.used_bytes;
+            if let Some(cap) = figures.cap_bytes {
+                s.memory_cap_bytes = cap;
+            }
+            s.oom_kills = s.oom_kills.max(figures.oom_kills);
+        }
+        if c.state == "running" && s.state != proto::TenantState::Failed as i32 {
+            s.state = proto::TenantState::Running as i32;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

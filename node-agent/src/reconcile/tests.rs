@@ -1,0 +1,279 @@
+use std::sync::Mutex as StdMutex;
+
+use berth_shared::proto;
+use bollard::models::{ContainerCreateBody, NetworkCreateRequest};
+
+use super::*;
+use crate::runtime::ContainerDetails;
+
+/// Records every call; holds containers in memory.
+#[derive(Debug, Default)]
+struct FakeRuntime {
+    calls: StdMutex<Vec<String>>,
+    containers: StdMutex<Vec<ManagedContainer>>,
+    images: StdMutex<Vec<String>>,
+    next_id: StdMutex<u32>,
+}
+
+impl FakeRuntime {
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+    fn record(&self, call: String) {
+        self.calls.lock().unwrap().push(call);
+    }
+}
+
+#[tonic::async_trait]
+impl ContainerRuntime for FakeRuntime {
+    async fn list(&self, _: &HostId) -> Result<Vec<ManagedContainer>, RuntimeError> {
+        Ok(self.containers.lock().unwrap().clone())
+    }
+    async fn image_present(&self, image: &str) -> Result<bool, RuntimeError> {
+        Ok(self.images.lock().unwrap().iter().any(|i| i == image))
+    }
+    async fn pull(&self, image: &str) -> Result<(), RuntimeError> {
+        self.record(format!("pull {image}"));
+        Err(RuntimeError("connection refused".into()))
+    }
+    async fn ensure_network(&self, n: NetworkCreateRequest) -> Result<(), RuntimeError> {
+        self.record(format!("network {}", n.name));
+        Ok(())
+    }
+    async fn remove_network(&self, name: &str) -> Result<(), RuntimeError> {
+        self.record(format!("rm-network {name}"));
+        Ok(())
+    }
+    async fn create_and_start(
+        &self,
+        name: &str,
+        body: ContainerCreateBody,
+    ) -> Result<String, RuntimeError> {
+        self.record(format!("create {name}"));
+        let mut n = self.next_id.lock().unwrap();
+        *n += 1;
+        let labels = body.labels.unwrap();
+        let id = format!("{:064x}", *n);
+        self.containers.lock().unwrap().push(ManagedContainer {
+            id: id.clone(),
+            tenant: labels[hardening::LABEL_TENANT].clone(),
+            spec_hash: labels[hardening::LABEL_SPEC].clone(),
+            generation: labels[hardening::LABEL_GENERATION].parse().unwrap(),
+            port: labels[hardening::LABEL_PORT].parse().unwrap(),
+            state: "running".into(),
+        });
+        Ok(id)
+    }
+    async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        self.record(format!("start {}", &id[60..]));
+        for c in self
+            .containers
+            .lock()
+            .unwrap()
+            .iter_mut()
+            .filter(|c| c.id == id)
+        {
+            c.state = "running".into();
+        }
+        Ok(())
+    }
+    async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        self.record(format!("remove {}", &id[60..]));
+        self.containers.lock().unwrap().retain(|c| c.id != id);
+        Ok(())
+    }
+    async fn details(&self, _: &str) -> Result<ContainerDetails, RuntimeError> {
+        Ok(ContainerDetails {
+            restart_count: 2,
+            ..Default::default()
+        })
+    }
+}
+
+/// Records the order of volume and egress steps into the runtime's call log.
+#[derive(Debug)]
+struct RecordingSteps(Arc<FakeRuntime>);
+
+#[tonic::async_trait]
+impl VolumeStep for RecordingSteps {
+    async fn prepare(&self, s: &TenantSpec) -> Result<(), String> {
+        self.0.record(format!("volume {}", s.tenant_id));
+        Ok(())
+    }
+    async fn release(&self, t: &str) -> Result<(), String> {
+        self.0.record(format!("rm-volume {t}"));
+        Ok(())
+    }
+    fn caveat(&self) -> Option<&'static str> {
+        None
+    }
+}
+
+#[tonic::async_trait]
+impl EgressStep for RecordingSteps {
+    async fn apply(&self, s: &TenantSpec) -> Result<(), String> {
+        self.0.record(format!("egress {}", s.tenant_id));
+        Ok(())
+    }
+    async fn release(&self, t: &str) -> Result<(), String> {
+        self.0.record(format!("rm-egress {t}"));
+        Ok(())
+    }
+    fn caveat(&self) -> Option<&'static str> {
+        None
+    }
+}
+
+fn spec(id: &str, image: &str) -> TenantSpec {
+    TenantSpec::from_resolved(proto::TenantSpec {
+        tenant_id: id.into(),
+        image: image.into(),
+        resources: Some(proto::Resources {
+            memory_bytes: 128 << 20,
+            cpu_millicores: 100,
+            volume_bytes: 0,
+        }),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+fn reconciler(fake: &Arc<FakeRuntime>) -> Reconciler {
+    let steps = Arc::new(RecordingSteps(fake.clone()));
+    Reconciler {
+        host: HostId::new("h1").unwrap(),
+        runtime: fake.clone(),
+        volumes: steps.clone(),
+        egress: steps,
+        cgroups: None,
+        oom_events: Arc::default(),
+        port_free: |_| true,
+    }
+}
+
+#[tokio::test]
+async fn creates_in_order_adopts_without_restart_and_tears_down_in_reverse() {
+    let fake = Arc::new(FakeRuntime::default());
+    fake.images.lock().unwrap().push("img:1".into());
+    let r = reconciler(&fake);
+    let desired = Desired {
+        generation: 3,
+        tenants: vec![spec("a", "img:1")],
+    };
+    let statuses = r.reconcile(&desired).await;
+    assert_eq!(
+        fake.calls(),
+        ["volume a", "egress a", "network berth-a", "create berth-a"]
+    );
+    assert_eq!(statuses[0].state, proto::TenantState::Running as i32);
+    assert_eq!(statuses[0].published_port, 20000);
+    assert_eq!(statuses[0].restarts, 2);
+
+    // A second pass (or an agent restart) changes nothing: adopted, not restarted.
+    fake.calls.lock().unwrap().clear();
+    r.reconcile(&desired).await;
+    assert!(fake.calls().is_empty(), "{:?}", fake.calls());
+
+    // A stopped container is started again.
+    fake.containers.lock().unwrap()[0].state = "exited".into();
+    r.reconcile(&desired).await;
+    assert_eq!(fake.calls(), ["start 0001"]);
+
+    // Removed from the desired state: container, then egress, volume, network.
+    fake.calls.lock().unwrap().clear();
+    let statuses = r
+        .reconcile(&Desired {
+            generation: 4,
+            tenants: vec![],
+        })
+        .await;
+    assert!(statuses.is_empty());
+    assert_eq!(
+        fake.calls(),
+        [
+            "remove 0001",
+            "rm-egress a",
+            "rm-volume a",
+            "rm-network berth-a"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_changed_spec_recreates_and_an_unpullable_image_fails_with_the_reason() {
+    let fake = Arc::new(FakeRuntime::default());
+    fake.images.lock().unwrap().push("img:1".into());
+    let r = reconciler(&fake);
+    r.reconcile(&Desired {
+        generation: 1,
+        tenants: vec![spec("a", "img:1")],
+    })
+    .await;
+    fake.calls.lock().unwrap().clear();
+    let statuses = r
+        .reconcile(&Desired {
+            generation: 2,
+            tenants: vec![spec("a", "localhost:1/absent:2")],
+        })
+        .await;
+    assert_eq!(
+        fake.calls(),
+        [
+            "remove 0001",
+            "rm-egress a",
+            "rm-volume a",
+            "rm-network berth-a",
+            "pull localhost:1/absent:2"
+        ]
+    );
+    assert_eq!(statuses[0].state, proto::TenantState::Failed as i32);
+    assert_eq!(
+        statuses[0].message,
+        "image localhost:1/absent:2 is not present and cannot be pulled: connection refused"
+    );
+    assert!(
+        fake.containers.lock().unwrap().is_empty(),
+        "nothing half-made"
+    );
+}
+
+#[tokio::test]
+async fn ports_skip_those_in_use_and_duplicates_are_removed() {
+    let fake = Arc::new(FakeRuntime::default());
+    fake.images.lock().unwrap().push("img:1".into());
+    let mut r = reconciler(&fake);
+    r.port_free = |p| p != 20000;
+    let desired = Desired {
+        generation: 1,
+        tenants: vec![spec("a", "img:1"), spec("b", "img:1")],
+    };
+    let statuses = r.reconcile(&desired).await;
+    let ports: Vec<u32> = statuses.iter().map(|s| s.published_port).collect();
+    assert_eq!(ports, [20001, 20002]);
+    // A stray second container of tenant a (same labels) is removed, the first kept.
+    let mut dup = fake.containers.lock().unwrap()[0].clone();
+    dup.id = format!("{:064x}", 99);
+    fake.containers.lock().unwrap().push(dup);
+    fake.calls.lock().unwrap().clear();
+    r.reconcile(&desired).await;
+    assert_eq!(fake.calls()[0], "remove 0063");
+}
+
+#[tokio::test]
+async fn the_not_built_steps_say_so_in_the_status() {
+    let fake = Arc::new(FakeRuntime::default());
+    fake.images.lock().unwrap().push("img:1".into());
+    let mut r = reconciler(&fake);
+    r.volumes = Arc::new(VolumesNotBuilt);
+    r.egress = Arc::new(EgressNotBuilt);
+    let statuses = r
+        .reconcile(&Desired {
+            generation: 1,
+            tenants: vec![spec("a", "img:1")],
+        })
+        .await;
+    assert_eq!(
+        statuses[0].message,
+        "no volume: encrypted volumes are not built yet; egress not filtered: allowlists are not built yet"
+    );
+}

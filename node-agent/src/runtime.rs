@@ -1,0 +1,282 @@
+//! The container runtime behind a trait: Docker through bollard in production, a recording fake
+//! in unit tests. Only containers and networks labelled `berth.host=<this host>` are ever
+//! listed, so nothing else on the host can be touched.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use berth_shared::ids::HostId;
+use bollard::Docker;
+use bollard::models::{ContainerCreateBody, NetworkCreateRequest};
+use bollard::query_parameters::{
+    CreateContainerOptions, CreateImageOptions, EventsOptions, ListContainersOptions,
+    ListNetworksOptions, RemoveContainerOptions, StartContainerOptions,
+};
+use futures::StreamExt;
+
+use crate::hardening::{LABEL_GENERATION, LABEL_HOST, LABEL_PORT, LABEL_SPEC, LABEL_TENANT};
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("docker: {0}")]
+pub struct RuntimeError(pub String);
+
+impl From<bollard::errors::Error> for RuntimeError {
+    fn from(e: bollard::errors::Error) -> Self {
+        Self(e.to_string())
+    }
+}
+
+/// A berth container as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManagedContainer {
+    pub id: String,
+    /// The `berth.tenant` label as found (validated by the reconciler, not trusted).
+    pub tenant: String,
+    pub spec_hash: String,
+    pub generation: u64,
+    pub port: u16,
+    /// Docker's state: `running`, `restarting`, `exited`, `created`, ...
+    pub state: String,
+}
+
+/// What only an inspect tells.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContainerDetails {
+    pub restart_count: u64,
+    pub oom_killed: bool,
+    pub exit_code: i64,
+    pub started_at: String,
+    pub error: String,
+}
+
+#[tonic::async_trait]
+pub trait ContainerRuntime: Send + Sync + std::fmt::Debug {
+    async fn list(&self, host: &HostId) -> Result<Vec<ManagedContainer>, RuntimeError>;
+    async fn image_present(&self, image: &str) -> Result<bool, RuntimeError>;
+    async fn pull(&self, image: &str) -> Result<(), RuntimeError>;
+    /// Creates the network unless one of that name exists.
+    async fn ensure_network(&self, network: NetworkCreateRequest) -> Result<(), RuntimeError>;
+    async fn remove_network(&self, name: &str) -> Result<(), RuntimeError>;
+    /// Creates and starts a container; returns its id.
+    async fn create_and_start(
+        &self,
+        name: &str,
+        body: ContainerCreateBody,
+    ) -> Result<String, RuntimeError>;
+    async fn start(&self, id: &str) -> Result<(), RuntimeError>;
+    /// Stops (with a grace period) and removes a container.
+    async fn remove(&self, id: &str) -> Result<(), RuntimeError>;
+    async fn details(&self, id: &str) -> Result<ContainerDetails, RuntimeError>;
+}
+
+/// Docker Engine over its Unix socket.
+#[derive(Debug, Clone)]
+pub struct DockerRuntime {
+    docker: Docker,
+}
+
+const PULL_TIMEOUT: Duration = Duration::from_secs(120);
+const STOP_GRACE_SECONDS: i32 = 10;
+
+impl DockerRuntime {
+    /// Connects and negotiates the API version (Debian's engine speaks 1.41).
+    pub async fn connect(socket: &Path) -> Result<Self, RuntimeError> {
+        let docker = Docker::connect_with_socket(
+            &socket.to_string_lossy(),
+            30,
+            bollard::API_DEFAULT_VERSION,
+        )?;
+        let docker = docker.negotiate_version().await?;
+        Ok(Self { docker })
+    }
+
+    /// Streams OOM events of this host's tenants: calls `on_oom(tenant label)` for each.
+    pub async fn watch_oom(
+        &self,
+        host: &HostId,
+        on_oom: impl Fn(&str),
+    ) -> Result<(), RuntimeError> {
+        let filters = HashMap::from([
+            ("type".to_string(), vec!["container".to_string()]),
+            ("event".to_string(), vec!["oom".to_string()]),
+            ("label".to_string(), vec![format!("{LABEL_HOST}={host}")]),
+        ]);
+        let mut events = self.docker.events(Some(EventsOptions {
+            filters: Some(filters),
+            ..Default::default()
+        }));
+        while let Some(event) = events.next().await {
+            let event = event?;
+            if let Some(tenant) = event
+                .actor
+                .and_then(|a| a.attributes)
+                .and_then(|a| a.get(LABEL_TENANT).cloned())
+            {
+                on_oom(&tenant);
+            }
+        }
+        Err(RuntimeError("the event stream ended".into()))
+    }
+}
+
+fn label_filter(host: &HostId) -> HashMap<String, Vec<String>> {
+    HashMap::from([("label".to_string(), vec![format!("{LABEL_HOST}={host}")])])
+}
+
+#[tonic::async_trait]
+impl ContainerRuntime for DockerRuntime {
+    async fn list(&self, host: &HostId) -> Result<Vec<ManagedContainer>, RuntimeError> {
+        let options = ListContainersOptions {
+            all: true,
+            filters: Some(label_filter(host)),
+            ..Default::default()
+        };
+        let containers = self.docker.list_containers(Some(options)).await?;
+        Ok(containers
+            .into_iter()
+            .map(|c| {
+                let labels = c.labels.unwrap_or_default();
+                let label = |k: &str| labels.get(k).cloned().unwrap_or_default();
+                ManagedContainer {
+                    id: c.id.unwrap_or_default(),
+                    tenant: label(LABEL_TENANT),
+                    spec_hash: label(LABEL_SPEC),
+                    generation: label(LABEL_GENERATION).parse().unwrap_or(0),
+                    port: label(LABEL_PORT).parse().unwrap_or(0),
+                    state: c.state.map(|s| s.to_string()).unwrap_or_default(),
+                }
+            })
+            .collect())
+    }
+
+    async fn image_present(&self, image: &str) -> Result<bool, RuntimeError> {
+        match self.docker.inspect_image(image).await {
+            Ok(_) => Ok(true),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn pull(&self, image: &str) -> Result<(), RuntimeError> {
+        let options = CreateImageOptions {
+            from_image: Some(image.to_string()),
+            ..Default::default()
+        };
+        let pull = async {
+            let mut progress = self.docker.create_image(Some(options), None, None);
+            while let Some(step) = progress.next().await {
+                step?;
+            }
+            Ok::<_, RuntimeError>(())
+        };
+        tokio::time::timeout(PULL_TIMEOUT, pull)
+            .await
+            .map_err(|_| {
+                RuntimeError(format!("pulling {image} took longer than {PULL_TIMEOUT:?}"))
+            })?
+    }
+
+    async fn ensure_network(&self, network: NetworkCreateRequest) -> Result<(), RuntimeError> {
+        let filters = HashMap::from([("name".to_string(), vec![network.name.clone()])]);
+        let existing = self
+            .docker
+            .list_networks(Some(ListNetworksOptions {
+                filters: Some(filters),
+            }))
+            .await?;
+        if existing
+            .iter()
+            .any(|n| n.name.as_deref() == Some(network.name.as_str()))
+        {
+            return Ok(());
+        }
+        self.docker.create_network(network).await?;
+        Ok(())
+    }
+
+    async fn remove_network(&self, name: &str) -> Result<(), RuntimeError> {
+        match self.docker.remove_network(name).await {
+            Ok(())
+            | Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn create_and_start(
+        &self,
+        name: &str,
+        body: ContainerCreateBody,
+    ) -> Result<String, RuntimeError> {
+        let options = CreateContainerOptions {
+            name: Some(name.to_string()),
+            ..Default::default()
+        };
+        let created = self.docker.create_container(Some(options), body).await?;
+        if let Err(e) = self
+            .docker
+            .start_container(&created.id, None::<StartContainerOptions>)
+            .await
+        {
+            // Never leave a created-but-broken container behind.
+            let _ = self.remove(&created.id).await;
+            return Err(e.into());
+        }
+        Ok(created.id)
+    }
+
+    async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        Ok(self
+            .docker
+            .start_container(id, None::<StartContainerOptions>)
+            .await?)
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        let stop = bollard::query_parameters::StopContainerOptions {
+            t: Some(STOP_GRACE_SECONDS),
+            signal: None,
+        };
+        let _ = self.docker.stop_container(id, Some(stop)).await;
+        match self
+            .docker
+            .remove_container(
+                id,
+                Some(RemoveContainerOptions {
+                    force: true,
+                    v: true,
+                    link: false,
+                }),
+            )
+            .await
+        {
+            Ok(())
+            | Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn details(&self, id: &str) -> Result<ContainerDetails, RuntimeError> {
+        let c = self
+            .docker
+            .inspect_container(
+                id,
+                None::<bollard::query_parameters::InspectContainerOptions>,
+            )
+            .await?;
+        let state = c.state.unwrap_or_default();
+        Ok(ContainerDetails {
+            restart_count: c.restart_count.unwrap_or(0).max(0) as u64,
+            oom_killed: state.oom_killed.unwrap_or(false),
+            exit_code: state.exit_code.unwrap_or(0),
+            started_at: state.started_at.unwrap_or_default(),
+            error: state.error.unwrap_or_default(),
+        })
+    }
+}
