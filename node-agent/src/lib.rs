@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod command;
 pub mod config;
 pub mod desired;
+pub mod enforce;
 pub mod facts;
 pub mod hardening;
 pub mod identity;

@@ -14,7 +14,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::config::AgentConfig;
-use crate::desired::{Desired, DesiredStore};
+use std::sync::Arc;
+
+use crate::desired::DesiredStore;
+use crate::enforce::Enforcement;
 use crate::facts::{Meter, host_facts};
 use crate::identity::{Identity, IdentityError};
 
@@ -76,7 +79,14 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
     let mut identity = Identity::load(&config.state_dir)?;
     tracing::info!(host = %identity.host_id(), endpoint = %identity.enrollment.agent_endpoint, "berth-agent starting");
     let mut meter = Meter::new(&config.state_dir);
-    let mut desired = DesiredStore::open(&config.state_dir).map_err(RunError::Store)?;
+    let enforcement = Arc::new(Enforcement::new(
+        DesiredStore::open(&config.state_dir).map_err(RunError::Store)?,
+    ));
+    tokio::spawn(crate::enforce::run(
+        enforcement.clone(),
+        config.clone(),
+        identity.host_id().clone(),
+    ));
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|source| IdentityError::Io {
@@ -84,7 +94,7 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
         source,
     })?;
     loop {
-        let session = run_session(&config, &identity, &mut meter, &mut desired, &mut backoff);
+        let session = run_session(&config, &identity, &mut meter, &enforcement, &mut backoff);
         let end = tokio::select! {
             end = session => end,
             _ = tokio::signal::ctrl_c() => return Ok(()),
@@ -113,7 +123,7 @@ async fn run_session(
     config: &AgentConfig,
     identity: &Identity,
     meter: &mut Meter,
-    desired: &mut DesiredStore,
+    enforcement: &Enforcement,
     backoff: &mut Backoff,
 ) -> SessionEnd {
     let channel = match identity.channel(config.coordinator.as_ref()) {
@@ -127,7 +137,7 @@ async fn run_session(
         body: Some(AgentBody::Hello(proto::AgentHello {
             host_id: host_id.clone(),
             facts: Some(facts),
-            applied_generation: desired.current().generation,
+            applied_generation: enforcement.current().generation,
         })),
     };
     if tx.send(hello).await.is_err() {
@@ -168,6 +178,7 @@ async fn run_session(
             _ = ticker.tick() => {
                 sequence += 1;
                 let m = meter.measure();
+                let (generation, statuses) = enforcement.statuses();
                 let report = proto::HostReport {
                     host_id: host_id.clone(),
                     sequence,
@@ -175,8 +186,8 @@ async fn run_session(
                     memory_total_bytes: m.memory_total_bytes,
                     memory_available_bytes: m.memory_available_bytes,
                     disk_available_bytes: m.disk_available_bytes,
-                    tenants: tenant_statuses(desired.current()),
-                    applied_generation: desired.current().generation,
+                    tenants: statuses,
+                    applied_generation: generation,
                 };
                 if tx.send(AgentMessage { body: Some(AgentBody::Report(report)) }).await.is_err() {
                     return SessionEnd::Lost("outbound stream closed".into());
@@ -185,9 +196,9 @@ async fn run_session(
             message = inbound.message() => match message {
                 Ok(Some(proto::CoordinatorMessage { body: Some(CoordinatorBody::DesiredState(state)) })) => {
                     let generation = state.generation;
-                    let ack = match desired.accept(state) {
-                        Ok(()) => {
-                            tracing::info!(generation, tenants = desired.current().tenants.len(), "desired state accepted");
+                    let ack = match enforcement.accept(state) {
+                        Ok(tenants) => {
+                            tracing::info!(generation, tenants, "desired state accepted");
                             proto::DesiredStateAck { generation, accepted: true, error: String::new() }
                         }
                         Err(e) => {
@@ -214,23 +225,6 @@ async fn run_session(
             }
         }
     }
-}
-
-/// What the agent can say of each desired tenant. Running containers is not built into the
-/// agent yet, so every tenant is reported pending, with that reason.
-fn tenant_statuses(desired: &Desired) -> Vec<proto::TenantStatus> {
-    desired
-        .tenants
-        .iter()
-        .map(|t| proto::TenantStatus {
-            tenant_id: t.tenant_id.to_string(),
-            state: proto::TenantState::Pending as i32,
-            generation: desired.generation,
-            memory_cap_bytes: t.resources.memory_bytes,
-            message: "accepted; this agent does not run tenant containers yet".into(),
-            ..Default::default()
-        })
-        .collect()
 }
 
 fn describe(status: &tonic::Status) -> String {

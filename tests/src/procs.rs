@@ -276,6 +276,7 @@ pub struct AgentProc {
     pub dir: TempDir,
     pub netns: Option<String>,
     child: Option<Child>,
+    uses_docker: bool,
 }
 
 impl AgentProc {
@@ -290,6 +291,7 @@ impl AgentProc {
             dir,
             netns: None,
             child: None,
+            uses_docker: false,
         }
     }
 
@@ -304,6 +306,7 @@ impl AgentProc {
             dir,
             netns: host.map(|h| h.netns.clone()),
             child: None,
+            uses_docker: false,
         };
         let token = coordinator.token(host_id, "10m");
         let (ok, out, err) = run(me.enroll_command(
@@ -344,11 +347,23 @@ impl AgentProc {
         cmd
     }
 
-    /// Writes the agent config and starts `berth-agent run`, reporting every second.
+    /// Writes the agent config and starts `berth-agent run`, reporting every second, without
+    /// a Docker engine (tenants are reported failed, nothing is ever pulled).
     pub fn start(&mut self) {
+        self.start_with_docker(false);
+    }
+
+    /// Starts the agent; with `docker`, on the real engine (its objects are removed on drop).
+    pub fn start_with_docker(&mut self, docker: bool) {
+        self.uses_docker |= docker;
         let config = self.dir.path().join("agent.toml");
+        let socket = if docker {
+            "/var/run/docker.sock".to_string()
+        } else {
+            self.dir.path().join("no-docker.sock").display().to_string()
+        };
         let text = format!(
-            "state_dir = {:?}\nprovider = \"hetzner\"\nregion = \"fsn1\"\ninstance_type = \"cx22\"\nmonthly_cost = 4.51\nreport_interval = \"1s\"\n",
+            "state_dir = {:?}\nprovider = \"hetzner\"\nregion = \"fsn1\"\ninstance_type = \"cx22\"\nmonthly_cost = 4.51\nreport_interval = \"1s\"\ndocker_socket = {socket:?}\n",
             self.state_dir().display().to_string()
         );
         fs::write(&config, text).expect("agent config");
@@ -369,6 +384,9 @@ impl AgentProc {
 impl Drop for AgentProc {
     fn drop(&mut self) {
         kill9(&mut self.child);
+        if self.uses_docker {
+            crate::docker::remove_host_objects(&self.host_id);
+        }
         if std::thread::panicking() {
             eprintln!("----- agent {} log -----\n{}", self.host_id, self.log());
         }

@@ -30,7 +30,8 @@ fn an_enrolled_agent_reports_real_figures() {
         std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
         0o600
     );
-    agent.start();
+    // The real Docker socket, to see its version probed (no tenant is placed).
+    agent.start_with_docker(true);
     wait_for("host-a ready", Duration::from_secs(10), || {
         (coordinator.host_state("host-a").as_deref() == Some("ready")).then_some(())
     });

@@ -75,7 +75,7 @@ fn rest_has_the_grpc_semantics() {
     );
     assert_eq!(hosts[0]["host_id"], "host-a");
 
-    let spec = r#"{"tenant_id":"rest-one","image":"ghcr.io/openclaw/gateway:1","tier":"individual","volume":{"encrypted":false}}"#;
+    let spec = r#"{"tenant_id":"rest-one","image":"localhost:1/openclaw/gateway:1","tier":"individual","volume":{"encrypted":false}}"#;
     let (code, placed) = curl(&coordinator, "POST", "/v1/tenants", Some(spec), true);
     assert_eq!(code, 200, "{placed}");
     assert_eq!(placed["host_id"], "host-a");

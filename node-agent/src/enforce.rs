@@ -1,0 +1,165 @@
+//! The enforcement loop: owns the desired state and keeps the host converged to it, on every
+//! change and every few seconds, independently of the coordinator session (an agent that loses
+//! its coordinator keeps enforcing the last desired state it applied).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use berth_shared::ids::HostId;
+use berth_shared::proto;
+use tokio::sync::watch;
+
+use crate::cgroup::CgroupReader;
+use crate::config::AgentConfig;
+use crate::desired::{AcceptError, Desired, DesiredStore};
+use crate::facts::{ProbeRoots, probe_cgroup};
+use crate::reconcile::{EgressNotBuilt, Reconciler, VolumesNotBuilt, port_free_on_loopback};
+use crate::runtime::DockerRuntime;
+
+/// How often the host is re-checked without a change.
+pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Shared between the session (which accepts desired states and reports statuses) and the
+/// enforcement loop.
+#[derive(Debug)]
+pub struct Enforcement {
+    desired: Mutex<DesiredStore>,
+    statuses: Mutex<Vec<proto::TenantStatus>>,
+    changed: watch::Sender<u64>,
+}
+
+impl Enforcement {
+    pub fn new(store: DesiredStore) -> Self {
+        let generation = store.current().generation;
+        Self {
+            desired: Mutex::new(store),
+            statuses: Mutex::new(Vec::new()),
+            changed: watch::Sender::new(generation),
+        }
+    }
+
+    fn store(&self) -> std::sync::MutexGuard<'_, DesiredStore> {
+        self.desired.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Validates, stores and enforces a desired state from the coordinator.
+    pub fn accept(&self, state: proto::DesiredState) -> Result<usize, AcceptError> {
+        let mut store = self.store();
+        store.accept(state)?;
+        let current = store.current();
+        self.changed.send_replace(current.generation);
+        Ok(current.tenants.len())
+    }
+
+    pub fn current(&self) -> Desired {
+        self.store().current().clone()
+    }
+
+    /// What the agent reports: the last reconciled status of every desired tenant (pending
+    /// for one not reconciled yet).
+    pub fn statuses(&self) -> (u64, Vec<proto::TenantStatus>) {
+        let desired = self.current();
+        let known = self
+            .statuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let statuses = desired
+            .tenants
+            .iter()
+            .map(|t| {
+                known
+                    .iter()
+                    .find(|s| s.tenant_id == t.tenant_id.as_str())
+                    .cloned()
+                    .unwrap_or_else(|| proto::TenantStatus {
+                        tenant_id: t.tenant_id.to_string(),
+                        state: proto::TenantState::Pending as i32,
+                        generation: desired.generation,
+                        memory_cap_bytes: t.resources.memory_bytes,
+                        message: "not reconciled yet".into(),
+                        ..Default::default()
+                    })
+            })
+            .collect();
+        (desired.generation, statuses)
+    }
+}
+
+/// Runs forever: connects to Docker (retrying), watches OOM events, reconciles.
+pub async fn run(enforcement: Arc<Enforcement>, config: AgentConfig, host: HostId) {
+    let mut changed = enforcement.changed.subscribe();
+    let cgroups = probe_cgroup(&ProbeRoots::system(&config.cgroup_root))
+        .map(|v| CgroupReader::new(&config.cgroup_root, v));
+    let oom_events: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let mut reconciler: Option<Reconciler> = None;
+    loop {
+        if reconciler.is_none() {
+            match DockerRuntime::connect(&config.docker_socket).await {
+                Ok(docker) => {
+                    let watcher = docker.clone();
+                    let (watch_host, counts) = (host.clone(), oom_events.clone());
+                    tokio::spawn(async move {
+                        loop {
+                            let result = watcher
+                                .watch_oom(&watch_host, |tenant| {
+                                    tracing::warn!(%tenant, "tenant OOM-killed");
+                                    *counts
+                                        .lock()
+                                        .unwrap_or_else(|p| p.into_inner())
+                                        .entry(tenant.to_string())
+                                        .or_insert(0) += 1;
+                                })
+                                .await;
+                            if let Err(e) = result {
+                                tracing::warn!(error = %e, "docker event stream; reconnecting");
+                            }
+                            tokio::time::sleep(Duration::from_secs(2)).await;
+                        }
+                    });
+                    reconciler = Some(Reconciler {
+                        host: host.clone(),
+                        runtime: Arc::new(docker),
+                        volumes: Arc::new(VolumesNotBuilt),
+                        egress: Arc::new(EgressNotBuilt),
+                        cgroups: cgroups.clone(),
+                        oom_events: oom_events.clone(),
+                        port_free: port_free_on_loopback,
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "no Docker engine; tenants cannot run");
+                    let desired = enforcement.current();
+                    let failed = desired
+                        .tenants
+                        .iter()
+                        .map(|t| proto::TenantStatus {
+                            tenant_id: t.tenant_id.to_string(),
+                            state: proto::TenantState::Failed as i32,
+                            generation: desired.generation,
+                            message: e.to_string(),
+                            ..Default::default()
+                        })
+                        .collect();
+                    *enforcement
+                        .statuses
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) = failed;
+                }
+            }
+        }
+        if let Some(r) = &reconciler {
+            let desired = enforcement.current();
+            let statuses = r.reconcile(&desired).await;
+            *enforcement
+                .statuses
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = statuses;
+        }
+        tokio::select! {
+            _ = changed.changed() => {}
+            () = tokio::time::sleep(RECONCILE_INTERVAL) => {}
+        }
+    }
+}

@@ -1,0 +1,61 @@
+//! The test tenant: a tiny HTTP server for the gateway port, run in a `FROM scratch` image.
+//!
+//! `GET /healthz` → `ok`; `GET /alloc?mb=N` allocates and touches N MiB (to reach the memory
+//! cap); `GET /connect?addr=IP:PORT` opens a TCP connection and says whether it worked (for
+//! egress tests, against servers the test itself started). Port from `PORT` (default 18789).
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+fn query<'a>(path: &'a str, key: &str) -> Option<&'a str> {
+    path.split_once('?')?
+        .1
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+fn respond(mut stream: TcpStream, code: u16, body: &str) {
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {code} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+fn main() {
+    let port = std::env::var("PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(18789u16);
+    let listener = TcpListener::bind(("0.0.0.0", port)).expect("bind");
+    let mut hoard: Vec<Vec<u8>> = Vec::new();
+    for stream in listener.incoming().flatten() {
+        let mut line = String::new();
+        if BufReader::new(&stream).read_line(&mut line).is_err() {
+            continue;
+        }
+        let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+        if path.starts_with("/healthz") {
+            respond(stream, 200, "ok\n");
+        } else if path.starts_with("/alloc") {
+            let mb: usize = query(&path, "mb").and_then(|m| m.parse().ok()).unwrap_or(0);
+            for _ in 0..mb {
+                // Touch every page so the memory is really committed.
+                hoard.push(vec![1u8; 1 << 20]);
+            }
+            respond(stream, 200, &format!("allocated {mb}\n"));
+        } else if path.starts_with("/connect") {
+            let result = query(&path, "addr")
+                .and_then(|a| a.parse::<SocketAddr>().ok())
+                .map(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)));
+            match result {
+                Some(Ok(_)) => respond(stream, 200, "connected\n"),
+                Some(Err(e)) => respond(stream, 200, &format!("refused: {e}\n")),
+                None => respond(stream, 400, "addr=IP:PORT\n"),
+            }
+        } else {
+            respond(stream, 404, "not found\n");
+        }
+    }
+}
