@@ -122,6 +122,8 @@ pub struct TenantView {
     pub encrypted: bool,
     pub oom_kills: u64,
     pub restarts: u32,
+    /// The gateway port on the host's 127.0.0.1, once the container runs.
+    pub published_port: u32,
     pub egress: Vec<String>,
 }
 
@@ -147,6 +149,7 @@ impl From<&proto::Tenant> for TenantView {
             encrypted: spec.volume.is_some_and(|v| v.encrypted),
             oom_kills: status.oom_kills,
             restarts: status.restarts,
+            published_port: status.published_port,
             egress: spec
                 .egress
                 .iter()

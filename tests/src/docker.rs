@@ -97,10 +97,19 @@ fn fxhash(bytes: &[u8]) -> u64 {
     })
 }
 
-/// `docker inspect` of one object, parsed.
-pub fn inspect(what: &str) -> Option<serde_json::Value> {
+/// `docker container inspect`, parsed.
+pub fn inspect(container: &str) -> Option<serde_json::Value> {
+    inspect_kind("container", container)
+}
+
+/// `docker network inspect`, parsed.
+pub fn inspect_network(network: &str) -> Option<serde_json::Value> {
+    inspect_kind("network", network)
+}
+
+fn inspect_kind(kind: &str, what: &str) -> Option<serde_json::Value> {
     let out = Command::new("docker")
-        .args(["inspect", what])
+        .args([kind, "inspect", what])
         .output()
         .ok()?;
     if !out.status.success() {

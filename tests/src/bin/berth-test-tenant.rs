@@ -23,7 +23,26 @@ fn respond(mut stream: TcpStream, code: u16, body: &str) {
     );
 }
 
+/// As PID 1 in its container the process ignores SIGTERM unless it handles it; a real gateway
+/// does, so `docker stop` ends it at once instead of after the grace period.
+extern "C" fn on_sigterm(_: nix::libc::c_int) {
+    // SAFETY: _exit is async-signal-safe.
+    #[allow(unsafe_code)]
+    unsafe {
+        nix::libc::_exit(0)
+    }
+}
+
 fn main() {
+    // SAFETY: the handler only calls _exit.
+    #[allow(unsafe_code)]
+    let installed = unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGTERM,
+            nix::sys::signal::SigHandler::Handler(on_sigterm),
+        )
+    };
+    installed.expect("SIGTERM handler");
     let port = std::env::var("PORT")
         .ok()
         .and_then(|p| p.parse().ok())

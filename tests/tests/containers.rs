@@ -1,0 +1,321 @@
+//! Tenant containers on the real Docker engine: hardening, memory caps and OOM kills, enforcement
+//! without the coordinator, adoption across an agent restart, removal, and containers berth does
+//! not own. Images are local only (built `FROM scratch`); nothing is ever pulled from outside.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use berth_tests::docker::{inspect, inspect_network, test_tenant_image};
+use berth_tests::procs::{AgentProc, CoordinatorProc};
+use berth_tests::{missing_component, wait_for};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this test process and call (containers are global on the engine).
+fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}{}x{}",
+        std::process::id() % 100_000,
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+struct Fleet {
+    coordinator: CoordinatorProc,
+    agent: AgentProc,
+    image: String,
+}
+
+fn fleet() -> Option<Fleet> {
+    if let Err(why) = berth_tests::docker::available() {
+        missing_component("Docker engine", &why);
+        return None;
+    }
+    let image = test_tenant_image();
+    let coordinator = CoordinatorProc::start(None, "");
+    let mut agent = AgentProc::enroll(&coordinator, &unique("ct"), None);
+    agent.start_with_docker(true);
+    let host = agent.host_id.clone();
+    wait_for("the agent ready", Duration::from_secs(10), || {
+        (coordinator.host_state(&host).as_deref() == Some("ready")).then_some(())
+    });
+    Some(Fleet {
+        coordinator,
+        agent,
+        image,
+    })
+}
+
+impl Fleet {
+    fn place(&self, tenant: &str, memory: &str) -> Instant {
+        let spec = format!(
+            "tenant_id = \"{tenant}\"\nimage = \"{}\"\n[resources]\nmemory = \"{memory}\"\ncpu_millicores = 250\nvolume = \"64MiB\"\n[volume]\nencrypted = false\n",
+            self.image
+        );
+        let path = self.coordinator.dir.path().join(format!("{tenant}.toml"));
+        std::fs::write(&path, spec).unwrap();
+        let (ok, _, err) = self
+            .coordinator
+            .berthctl(&["place", path.to_str().unwrap()]);
+        let replied = Instant::now();
+        assert!(ok, "{err}");
+        replied
+    }
+
+    fn tenant(&self, tenant: &str) -> Option<serde_json::Value> {
+        let (ok, out, err) = self.coordinator.berthctl(&["tenants", "--json"]);
+        assert!(ok, "{err}");
+        serde_json::from_str::<Vec<serde_json::Value>>(&out)
+            .unwrap()
+            .into_iter()
+            .find(|t| t["tenant_id"] == tenant)
+    }
+
+    fn wait_running(&self, tenant: &str, within: Duration) -> serde_json::Value {
+        wait_for(&format!("{tenant} running"), within, || {
+            self.tenant(tenant).filter(|t| t["state"] == "running")
+        })
+    }
+}
+
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut s =
+        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split_once("\r\n\r\n").map(|(_, body)| body.to_string())
+}
+
+fn started_at(container: &str) -> String {
+    inspect(container)
+        .map(|c| {
+            c["State"]["StartedAt"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_placed_tenant_runs_hardened_under_its_cap_within_3_seconds() {
+    let Some(f) = fleet() else { return };
+    let tenant = unique("hard");
+    assert!(inspect_network(&format!("berth-{tenant}")).is_none());
+    let replied = f.place(&tenant, "128MiB");
+    let view = f.wait_running(&tenant, Duration::from_secs(3));
+    let took = replied.elapsed();
+    assert!(
+        took <= Duration::from_secs(3),
+        "running {took:?} after the reply"
+    );
+    let port = view["published_port"].as_u64().unwrap() as u16;
+    assert!((20000..=29999).contains(&port));
+    assert_eq!(
+        http_get(port, "/healthz").as_deref(),
+        Some("ok\n"),
+        "the gateway answers on 127.0.0.1"
+    );
+
+    let c = inspect(&format!("berth-{tenant}")).expect("container");
+    let hc = &c["HostConfig"];
+    assert_eq!(hc["Memory"], 128 << 20);
+    assert_eq!(hc["MemorySwap"], 128 << 20, "no swap");
+    assert_eq!(
+        (hc["CpuPeriod"].as_i64(), hc["CpuQuota"].as_i64()),
+        (Some(100_000), Some(25_000))
+    );
+    assert_eq!(hc["PidsLimit"], 512);
+    assert_eq!(hc["CapDrop"], serde_json::json!(["ALL"]));
+    assert!(hc["SecurityOpt"].to_string().contains("no-new-privileges"));
+    assert_eq!(hc["ReadonlyRootfs"], true);
+    assert!(hc["Tmpfs"]["/tmp"].as_str().unwrap().contains("noexec"));
+    assert_eq!(c["Config"]["User"], "65534:65534");
+    assert_eq!(hc["NetworkMode"], format!("berth-{tenant}"));
+    let binding = &hc["PortBindings"]["18789/tcp"][0];
+    assert_eq!(
+        (binding["HostIp"].as_str(), binding["HostPort"].as_str()),
+        (Some("127.0.0.1"), Some(port.to_string().as_str()))
+    );
+    assert_eq!(hc["RestartPolicy"]["Name"], "unless-stopped");
+    assert_eq!(hc["LogConfig"]["Type"], "json-file");
+    assert_eq!(hc["LogConfig"]["Config"]["max-size"], "10m");
+    assert_eq!(c["Config"]["Labels"]["berth.tenant"], tenant.as_str());
+    assert_eq!(
+        c["Config"]["Labels"]["berth.host"],
+        f.agent.host_id.as_str()
+    );
+    // The cap is in the cgroup file.
+    let id = c["Id"].as_str().unwrap();
+    let limit = [
+        "/sys/fs/cgroup/memory/docker",
+        "/sys/fs/cgroup/system.slice",
+        "/sys/fs/cgroup/docker",
+    ]
+    .iter()
+    .find_map(|root| {
+        let v1 = format!("{root}/{id}/memory.limit_in_bytes");
+        let v2 = format!("{root}/docker-{id}.scope/memory.max");
+        let v2b = format!("{root}/{id}/memory.max");
+        [v1, v2, v2b]
+            .iter()
+            .find_map(|p| std::fs::read_to_string(p).ok())
+    })
+    .expect("the container's memory cgroup");
+    assert_eq!(limit.trim(), (128u64 << 20).to_string());
+    assert!(
+        view["memory_used_bytes"].as_u64().unwrap() > 0,
+        "usage read from the cgroup: {view}"
+    );
+    assert_eq!(view["memory_cap_bytes"].as_u64(), Some(128 << 20));
+    assert!(
+        view["message"]
+            .as_str()
+            .unwrap()
+            .contains("egress not filtered: allowlists are not built yet")
+    );
+}
+
+#[test]
+fn an_oom_kill_is_reported_the_tenant_comes_back_and_its_neighbour_is_untouched() {
+    let Some(f) = fleet() else { return };
+    let (greedy, neighbour) = (unique("oom"), unique("nb"));
+    f.place(&greedy, "96MiB");
+    f.place(&neighbour, "96MiB");
+    let g = f.wait_running(&greedy, Duration::from_secs(5));
+    f.wait_running(&neighbour, Duration::from_secs(5));
+    let neighbour_started = started_at(&format!("berth-{neighbour}"));
+    let port = g["published_port"].as_u64().unwrap() as u16;
+    // Past the cap: the kernel kills it mid-request.
+    assert_ne!(
+        http_get(port, "/alloc?mb=400").as_deref(),
+        Some("allocated 400\n")
+    );
+    let reported = wait_for("the OOM kill reported", Duration::from_secs(15), || {
+        f.tenant(&greedy)
+            .filter(|t| t["oom_kills"].as_u64() >= Some(1))
+    });
+    let c = inspect(&format!("berth-{greedy}")).unwrap();
+    assert!(
+        c["State"]["OOMKilled"] == true || c["RestartCount"].as_u64() >= Some(1),
+        "{}",
+        c["State"]
+    );
+    // Docker restarts it (with backoff); it answers again.
+    wait_for("the tenant back", Duration::from_secs(20), || {
+        (http_get(port, "/healthz").as_deref() == Some("ok\n")).then_some(())
+    });
+    eprintln!(
+        "reported: oom_kills={} restarts={}",
+        reported["oom_kills"], reported["restarts"]
+    );
+    let n = inspect(&format!("berth-{neighbour}")).unwrap();
+    assert_eq!(
+        started_at(&format!("berth-{neighbour}")),
+        neighbour_started,
+        "the neighbour never restarted"
+    );
+    assert_eq!(n["RestartCount"], 0);
+    assert_eq!(n["State"]["OOMKilled"], false);
+}
+
+#[test]
+fn enforcement_goes_on_without_the_coordinator_and_an_agent_restart_restarts_nothing() {
+    let Some(mut f) = fleet() else { return };
+    let tenant = unique("res");
+    f.place(&tenant, "64MiB");
+    f.wait_running(&tenant, Duration::from_secs(5));
+    let name = format!("berth-{tenant}");
+    f.coordinator.kill9();
+    // A stopped container (stopped by hand, so Docker's restart policy does not apply) is
+    // started again by the agent alone.
+    assert!(
+        Command::new("docker")
+            .args(["stop", "-t", "1", &name])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_for("the agent restarting it", Duration::from_secs(12), || {
+        (inspect(&name)?["State"]["Running"] == true).then_some(())
+    });
+    let before = started_at(&name);
+    let restarts = inspect(&name).unwrap()["RestartCount"].clone();
+    // Agent SIGKILL and restart: the running container is adopted, not restarted.
+    f.agent.kill9();
+    f.agent.start_with_docker(true);
+    std::thread::sleep(Duration::from_secs(7));
+    assert!(
+        f.agent.log().matches("berth-agent starting").count() >= 2,
+        "the agent restarted"
+    );
+    assert_eq!(started_at(&name), before, "container start time unchanged");
+    assert_eq!(inspect(&name).unwrap()["RestartCount"], restarts);
+}
+
+#[test]
+fn removal_leaves_nothing_behind_and_foreign_containers_are_never_touched() {
+    let Some(f) = fleet() else { return };
+    let plain = unique("plain");
+    /// Removes the foreign container however the test ends.
+    struct Cleanup(String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = Command::new("docker").args(["rm", "-f", &self.0]).output();
+        }
+    }
+    let _cleanup = Cleanup(plain.clone());
+    let run = Command::new("docker")
+        .args(["run", "-d", "--name", &plain, &f.image])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let plain_started = started_at(&plain);
+    let tenant = unique("rm");
+    f.place(&tenant, "64MiB");
+    f.wait_running(&tenant, Duration::from_secs(5));
+    let (ok, _, err) = f.coordinator.berthctl(&["remove", &tenant]);
+    assert!(ok, "{err}");
+    let name = format!("berth-{tenant}");
+    wait_for(
+        "container and network gone",
+        Duration::from_secs(10),
+        || (inspect(&name).is_none() && inspect_network(&name).is_none()).then_some(()),
+    );
+    assert!(f.tenant(&tenant).is_none());
+    // Several reconcile passes later the unlabelled container is exactly as it was.
+    std::thread::sleep(Duration::from_secs(6));
+    let p = inspect(&plain).expect("the foreign container still exists");
+    assert_eq!(p["State"]["Running"], true);
+    assert_eq!(started_at(&plain), plain_started);
+}
+
+#[test]
+fn an_image_that_is_absent_and_cannot_be_pulled_fails_the_tenant_with_the_reason() {
+    let Some(mut f) = fleet() else { return };
+    // A registry on loopback that refuses: the pull fails at once, nothing leaves the machine.
+    f.image = "localhost:1/berth/absent:1".into();
+    let tenant = unique("abs");
+    f.place(&tenant, "64MiB");
+    let t = wait_for("the failure reported", Duration::from_secs(15), || {
+        f.tenant(&tenant).filter(|t| t["state"] == "failed")
+    });
+    let message = t["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("image localhost:1/berth/absent:1 is not present and cannot be pulled"),
+        "{message}"
+    );
+    assert!(
+        inspect(&format!("berth-{tenant}")).is_none(),
+        "nothing created"
+    );
+}
