@@ -36,7 +36,7 @@ else
   (cd "$root" && cargo build --release --locked --bins -q)
   bin="$root/target/release"
 fi
-for b in berth-coordinator berth-agent berthctl; do [ -x "$bin/$b" ] || fail "$bin/$b missing"; done
+for b in berth-coordinator berth-agent berthctl berth-test-tenant; do [ -x "$bin/$b" ] || fail "$bin/$b missing"; done
 
 mkdir -p "$state" && chmod 700 "$state"
 cat >"$state/coordinator.toml" <<TOML
@@ -55,8 +55,29 @@ TOML
 coord=("$bin/berth-coordinator" --config "$state/coordinator.toml")
 [ -f "$state/coordinator/ca/ca.crt" ] || "${coord[@]}" ca init >/dev/null
 
+# The sample tenant's image: the test tenant (a tiny HTTP gateway) in a FROM scratch image
+# with the shared libraries it needs. No registry is involved.
+image=berth-sample-tenant:latest
+ctx="$(mktemp -d)"
+cp "$bin/berth-test-tenant" "$ctx/"
+for lib in $(ldd "$bin/berth-test-tenant" | grep -o '/[^ ]*') /lib/x86_64-linux-gnu/libgcc_s.so.1; do
+  [ -e "$lib" ] || continue
+  mkdir -p "$ctx$(dirname "$lib")" && cp -L "$lib" "$ctx$lib"
+done
+printf 'FROM scratch\nCOPY . /\nUSER 65534:65534\nENTRYPOINT ["/berth-test-tenant"]\n' >"$ctx/Dockerfile"
+DOCKER_BUILDKIT=0 docker build -q -t "$image" "$ctx" >/dev/null 2>&1 || fail "could not build the sample tenant image"
+rm -rf "$ctx"
+
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+cleanup() {
+  # Remove the sample tenant through berth itself, then stop both daemons.
+  if [ -n "${BERTH_COORDINATOR:-}" ]; then
+    "$bin/berthctl" remove sample >/dev/null 2>&1 || true
+    for _ in $(seq 1 150); do docker container inspect berth-sample >/dev/null 2>&1 || break; sleep 0.1; done
+  fi
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
 trap cleanup EXIT
 trap 'exit 0' INT TERM
 
@@ -92,6 +113,24 @@ for _ in $(seq 1 100); do
 done
 "$bin/berthctl" hosts --json | grep -q '"state": "ready"' || fail "the agent did not report: $(tail -n 3 "$state/agent.log" | tr '\n' ' ')"
 
+# One sample tenant, 128 MiB cap. Its volume is unencrypted: encrypted volumes need dm-crypt
+# and are not built yet.
+cat >"$state/sample.toml" <<TOML
+tenant_id = "sample"
+image = "$image"
+tier = "individual"
+[resources]
+memory = "128MiB"
+[volume]
+encrypted = false
+TOML
+"$bin/berthctl" place "$state/sample.toml" >/dev/null || fail "placing the sample tenant failed"
+for _ in $(seq 1 100); do
+  "$bin/berthctl" tenants --json | grep -q '"state": "running"' && break
+  sleep 0.1
+done
+port="$("$bin/berthctl" tenants --json | grep -o '"published_port": [0-9]*' | grep -o '[0-9]*$')"
+
 cat <<INFO
 
 berth is running on this machine:
@@ -101,9 +140,13 @@ berth is running on this machine:
   CA fingerprint $fingerprint
   logs         $state/coordinator.log  $state/agent.log
 
-Try:  . $state/berthctl.env && $bin/berthctl hosts
+  tenant       sample (128 MiB cap), gateway on http://127.0.0.1:$port/healthz
+
+Try:  . $state/berthctl.env && $bin/berthctl tenants
 INFO
 "$bin/berthctl" hosts
+echo
+"$bin/berthctl" tenants
 
 if [ "${BERTH_QUICKSTART_EXIT:-0}" = 1 ]; then exit 0; fi
 echo
