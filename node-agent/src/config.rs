@@ -9,6 +9,8 @@ use berth_shared::config::{parse_toml, read};
 use berth_shared::model::{FieldError, Provider, validate_token};
 use berth_shared::transport::CoordinatorUrl;
 use berth_shared::units::{parse_bytes, parse_duration};
+
+use crate::subnets::SubnetPool;
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -30,6 +32,7 @@ struct RawConfig {
     report_interval: Option<String>,
     cgroup_root: Option<PathBuf>,
     docker_socket: Option<PathBuf>,
+    tenant_subnets: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -48,6 +51,8 @@ pub struct AgentConfig {
     pub report_interval: Option<Duration>,
     pub cgroup_root: PathBuf,
     pub docker_socket: PathBuf,
+    /// The pool tenant networks get their /28s from.
+    pub tenant_subnets: SubnetPool,
 }
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/berth/agent";
@@ -93,6 +98,10 @@ impl AgentConfig {
             .map(|v| parse_duration("report_interval", &v))
             .transpose()
             .map_err(|e| value(e.to_string()))?;
+        let tenant_subnets = match raw.tenant_subnets {
+            Some(v) => SubnetPool::parse("tenant_subnets", &v).map_err(value)?,
+            None => SubnetPool::default(),
+        };
         Ok(Self {
             state_dir: raw
                 .state_dir
@@ -112,6 +121,7 @@ impl AgentConfig {
             docker_socket: raw
                 .docker_socket
                 .unwrap_or_else(|| PathBuf::from("/var/run/docker.sock")),
+            tenant_subnets,
         })
     }
 }

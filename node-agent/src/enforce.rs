@@ -126,6 +126,7 @@ pub async fn run(enforcement: Arc<Enforcement>, config: AgentConfig, host: HostI
                         cgroups: cgroups.clone(),
                         oom_events: oom_events.clone(),
                         port_free: port_free_on_loopback,
+                        subnets: config.tenant_subnets,
                     });
                 }
                 Err(e) => {

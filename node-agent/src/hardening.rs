@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use berth_shared::ids::HostId;
 use berth_shared::spec::TenantSpec;
 use bollard::models::{
-    ContainerCreateBody, HostConfig, HostConfigLogConfig, NetworkCreateRequest, PortBinding,
-    RestartPolicy, RestartPolicyNameEnum,
+    ContainerCreateBody, HostConfig, HostConfigLogConfig, Ipam, IpamConfig, NetworkCreateRequest,
+    PortBinding, RestartPolicy, RestartPolicyNameEnum,
 };
 use sha2::{Digest, Sha256};
 
@@ -41,11 +41,19 @@ pub fn spec_hash(spec: &TenantSpec) -> String {
     hex::encode(&Sha256::digest(&json)[..12])
 }
 
-/// The tenant's bridge network: its own, so no two tenants share a segment.
-pub fn network(host: &HostId, spec: &TenantSpec) -> NetworkCreateRequest {
+/// The tenant's bridge network: its own, so no two tenants share a segment, on `subnet`.
+pub fn network(host: &HostId, spec: &TenantSpec, subnet: &str) -> NetworkCreateRequest {
     NetworkCreateRequest {
         name: network_name(spec),
         driver: Some("bridge".into()),
+        ipam: Some(Ipam {
+            driver: Some("default".into()),
+            config: Some(vec![IpamConfig {
+                subnet: Some(subnet.into()),
+                ..Default::default()
+            }]),
+            options: None,
+        }),
         enable_ipv6: Some(false),
         options: Some(HashMap::from([
             (
@@ -159,6 +167,11 @@ mod tests {
     fn every_hardening_setting() {
         let host = HostId::new("h1").unwrap();
         let c = container(&host, &spec(), 7, 20001);
+        let n = network(&host, &spec(), "10.213.0.32/28");
+        assert_eq!(
+            n.ipam.unwrap().config.unwrap()[0].subnet.as_deref(),
+            Some("10.213.0.32/28")
+        );
         let hc = c.host_config.clone().unwrap();
         assert_eq!(hc.memory, Some(512 << 20));
         assert_eq!(hc.memory_swap, hc.memory, "no swap");

@@ -16,3 +16,4 @@ pub mod identity;
 pub mod reconcile;
 pub mod runtime;
 pub mod session;
+pub mod subnets;

@@ -18,6 +18,7 @@ use crate::cgroup::CgroupReader;
 use crate::desired::Desired;
 use crate::hardening;
 use crate::runtime::{ContainerRuntime, ManagedContainer, RuntimeError};
+use crate::subnets::SubnetPool;
 
 /// The tenant's data volume. Encrypted volumes are not built yet: [`VolumesNotBuilt`] is the
 /// explicit stand-in.
@@ -87,6 +88,8 @@ pub struct Reconciler {
     pub oom_events: Arc<Mutex<HashMap<String, u64>>>,
     /// Whether a port is free on 127.0.0.1 (tests replace it).
     pub port_free: fn(u16) -> bool,
+    /// Where tenant networks get their /28s.
+    pub subnets: SubnetPool,
 }
 
 pub fn port_free_on_loopback(port: u16) -> bool {
@@ -162,10 +165,27 @@ impl Reconciler {
         }
         self.volumes.prepare(spec).await?;
         self.egress.apply(spec).await?;
-        self.runtime
-            .ensure_network(hardening::network(&self.host, spec))
+        let network = hardening::network_name(spec);
+        if !self
+            .runtime
+            .network_exists(&network)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+        {
+            let used = self
+                .runtime
+                .network_subnets(&self.host)
+                .await
+                .map_err(|e| e.to_string())?;
+            let subnet = self
+                .subnets
+                .next_free(&used)
+                .ok_or("the tenant network pool (tenant_subnets) is exhausted")?;
+            self.runtime
+                .create_network(hardening::network(&self.host, spec, &subnet))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
         let port = self
             .pick_port(used_ports)
             .ok_or("no free gateway port in 20000-29999")?;

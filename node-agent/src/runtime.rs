@@ -55,8 +55,12 @@ pub trait ContainerRuntime: Send + Sync + std::fmt::Debug {
     async fn list(&self, host: &HostId) -> Result<Vec<ManagedContainer>, RuntimeError>;
     async fn image_present(&self, image: &str) -> Result<bool, RuntimeError>;
     async fn pull(&self, image: &str) -> Result<(), RuntimeError>;
-    /// Creates the network unless one of that name exists.
-    async fn ensure_network(&self, network: NetworkCreateRequest) -> Result<(), RuntimeError>;
+    /// Subnets of this host's berth networks.
+    async fn network_subnets(&self, host: &HostId) -> Result<Vec<String>, RuntimeError>;
+    /// Whether a network of that name exists.
+    async fn network_exists(&self, name: &str) -> Result<bool, RuntimeError>;
+    /// Creates a network.
+    async fn create_network(&self, network: NetworkCreateRequest) -> Result<(), RuntimeError>;
     async fn remove_network(&self, name: &str) -> Result<(), RuntimeError>;
     /// Creates and starts a container; returns its id.
     async fn create_and_start(
@@ -179,20 +183,32 @@ impl ContainerRuntime for DockerRuntime {
             })?
     }
 
-    async fn ensure_network(&self, network: NetworkCreateRequest) -> Result<(), RuntimeError> {
-        let filters = HashMap::from([("name".to_string(), vec![network.name.clone()])]);
+    async fn network_subnets(&self, host: &HostId) -> Result<Vec<String>, RuntimeError> {
+        let networks = self
+            .docker
+            .list_networks(Some(ListNetworksOptions {
+                filters: Some(label_filter(host)),
+            }))
+            .await?;
+        Ok(networks
+            .into_iter()
+            .flat_map(|n| n.ipam.and_then(|i| i.config).unwrap_or_default())
+            .filter_map(|c| c.subnet)
+            .collect())
+    }
+
+    async fn network_exists(&self, name: &str) -> Result<bool, RuntimeError> {
+        let filters = HashMap::from([("name".to_string(), vec![name.to_string()])]);
         let existing = self
             .docker
             .list_networks(Some(ListNetworksOptions {
                 filters: Some(filters),
             }))
             .await?;
-        if existing
-            .iter()
-            .any(|n| n.name.as_deref() == Some(network.name.as_str()))
-        {
-            return Ok(());
-        }
+        Ok(existing.iter().any(|n| n.name.as_deref() == Some(name)))
+    }
+
+    async fn create_network(&self, network: NetworkCreateRequest) -> Result<(), RuntimeError> {
         self.docker.create_network(network).await?;
         Ok(())
     }

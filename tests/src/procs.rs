@@ -15,11 +15,12 @@ use crate::wait_for;
 
 /// A workspace binary next to the test executable (`target/<profile>/<name>`).
 pub fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile> directory");
+    let exe = std::env::current_exe().expect("executable path");
+    // Test executables live in target/<profile>/deps, binaries in target/<profile>.
+    let mut dir = exe.parent().expect("executable directory");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target/<profile> directory");
+    }
     let path = dir.join(name);
     assert!(
         path.exists(),

@@ -12,6 +12,8 @@ struct FakeRuntime {
     calls: StdMutex<Vec<String>>,
     containers: StdMutex<Vec<ManagedContainer>>,
     images: StdMutex<Vec<String>>,
+    networks: StdMutex<Vec<String>>,
+    subnets: StdMutex<Vec<String>>,
     next_id: StdMutex<u32>,
 }
 
@@ -36,12 +38,22 @@ impl ContainerRuntime for FakeRuntime {
         self.record(format!("pull {image}"));
         Err(RuntimeError("connection refused".into()))
     }
-    async fn ensure_network(&self, n: NetworkCreateRequest) -> Result<(), RuntimeError> {
-        self.record(format!("network {}", n.name));
+    async fn network_subnets(&self, _: &HostId) -> Result<Vec<String>, RuntimeError> {
+        Ok(self.subnets.lock().unwrap().clone())
+    }
+    async fn network_exists(&self, name: &str) -> Result<bool, RuntimeError> {
+        Ok(self.networks.lock().unwrap().iter().any(|n| n == name))
+    }
+    async fn create_network(&self, n: NetworkCreateRequest) -> Result<(), RuntimeError> {
+        let subnet = n.ipam.unwrap().config.unwrap()[0].subnet.clone().unwrap();
+        self.record(format!("network {} {subnet}", n.name));
+        self.networks.lock().unwrap().push(n.name);
+        self.subnets.lock().unwrap().push(subnet);
         Ok(())
     }
     async fn remove_network(&self, name: &str) -> Result<(), RuntimeError> {
         self.record(format!("rm-network {name}"));
+        self.networks.lock().unwrap().retain(|n| n != name);
         Ok(())
     }
     async fn create_and_start(
@@ -148,6 +160,7 @@ fn reconciler(fake: &Arc<FakeRuntime>) -> Reconciler {
         cgroups: None,
         oom_events: Arc::default(),
         port_free: |_| true,
+        subnets: crate::subnets::SubnetPool::default(),
     }
 }
 
@@ -163,7 +176,12 @@ async fn creates_in_order_adopts_without_restart_and_tears_down_in_reverse() {
     let statuses = r.reconcile(&desired).await;
     assert_eq!(
         fake.calls(),
-        ["volume a", "egress a", "network berth-a", "create berth-a"]
+        [
+            "volume a",
+            "egress a",
+            "network berth-a 10.213.0.0/28",
+            "create berth-a"
+        ]
     );
     assert_eq!(statuses[0].state, proto::TenantState::Running as i32);
     assert_eq!(statuses[0].published_port, 20000);
@@ -250,6 +268,12 @@ async fn ports_skip_those_in_use_and_duplicates_are_removed() {
     let statuses = r.reconcile(&desired).await;
     let ports: Vec<u32> = statuses.iter().map(|s| s.published_port).collect();
     assert_eq!(ports, [20001, 20002]);
+    assert!(
+        fake.calls()
+            .contains(&"network berth-b 10.213.0.16/28".to_string()),
+        "each tenant its own /28: {:?}",
+        fake.calls()
+    );
     // A stray second container of tenant a (same labels) is removed, the first kept.
     let mut dup = fake.containers.lock().unwrap()[0].clone();
     dup.id = format!("{:064x}", 99);

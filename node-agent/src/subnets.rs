@@ -1,0 +1,89 @@
+//! Address space for tenant networks. Docker's default pools hold only 31 bridge networks, and
+//! berth gives every tenant its own: the agent allocates each a /28 from its own pool instead.
+
+use std::net::Ipv4Addr;
+
+/// Prefix length of one tenant network: 11 usable addresses, plenty for one container.
+pub const TENANT_PREFIX: u8 = 28;
+
+/// An IPv4 pool such as `10.213.0.0/16`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubnetPool {
+    base: u32,
+    prefix: u8,
+}
+
+impl SubnetPool {
+    /// Parses `a.b.c.d/n` with n ≤ 28; `field` names it in errors.
+    pub fn parse(field: &str, value: &str) -> Result<Self, String> {
+        let bad = |why: &str| format!("invalid {field} {value:?}: {why}");
+        let (addr, prefix) = value
+            .split_once('/')
+            .ok_or_else(|| bad("expected an IPv4 CIDR such as 10.213.0.0/16"))?;
+        let addr: Ipv4Addr = addr.parse().map_err(|_| bad("not an IPv4 address"))?;
+        let prefix: u8 = prefix.parse().map_err(|_| bad("not a prefix length"))?;
+        if !(8..=TENANT_PREFIX).contains(&prefix) {
+            return Err(bad("prefix length must be 8 to 28"));
+        }
+        let mask = u32::MAX << (32 - prefix);
+        Ok(Self {
+            base: u32::from(addr) & mask,
+            prefix,
+        })
+    }
+
+    /// The first /28 of the pool not in `used` (CIDR strings as Docker reports them).
+    pub fn next_free(&self, used: &[String]) -> Option<String> {
+        let count = 1u32 << (TENANT_PREFIX - self.prefix);
+        let step = 1u32 << (32 - TENANT_PREFIX);
+        (0..count)
+            .map(|i| format!("{}/{TENANT_PREFIX}", Ipv4Addr::from(self.base + i * step)))
+            .find(|candidate| !used.iter().any(|u| u == candidate))
+    }
+}
+
+impl Default for SubnetPool {
+    fn default() -> Self {
+        Self {
+            base: u32::from(Ipv4Addr::new(10, 213, 0, 0)),
+            prefix: 16,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocates_the_first_free_slice() {
+        let pool = SubnetPool::parse("tenant_subnets", "10.213.0.0/16").unwrap();
+        assert_eq!(pool.next_free(&[]).as_deref(), Some("10.213.0.0/28"));
+        assert_eq!(
+            pool.next_free(&["10.213.0.0/28".into()]).as_deref(),
+            Some("10.213.0.16/28")
+        );
+        let small = SubnetPool::parse("tenant_subnets", "192.168.7.0/27").unwrap();
+        assert_eq!(
+            small.next_free(&["192.168.7.0/28".into(), "192.168.7.16/28".into()]),
+            None,
+            "exhausted"
+        );
+    }
+
+    #[test]
+    fn bad_pools_name_the_field() {
+        for (bad, why) in [
+            ("10.0.0.0", "expected an IPv4 CIDR"),
+            ("x/16", "not an IPv4 address"),
+            ("10.0.0.0/30", "8 to 28"),
+            ("::/16", "not an IPv4"),
+        ] {
+            let err = SubnetPool::parse("tenant_subnets", bad).unwrap_err();
+            assert!(
+                err.starts_with("invalid tenant_subnets") && err.contains(why),
+                "{err}"
+            );
+        }
+    }
+}
