@@ -143,6 +143,37 @@ impl Reconciler {
             .find(|p| !used.contains(p) && (self.port_free)(*p))
     }
 
+    /// Creates the tenant's network on the first free /28 of the pool. Another network may
+    /// take the same slice between the listing and the creation: then the next one is tried.
+    async fn create_network(&self, spec: &TenantSpec) -> Result<(), String> {
+        let mut last_error = String::new();
+        for attempt in 0..32u64 {
+            if attempt > 0 {
+                // Let a concurrent creation finish so the next listing shows it.
+                tokio::time::sleep(std::time::Duration::from_millis(20 + 10 * attempt)).await;
+            }
+            let used = self
+                .runtime
+                .network_subnets()
+                .await
+                .map_err(|e| e.to_string())?;
+            let subnet = self
+                .subnets
+                .next_free(&used)
+                .ok_or("the tenant network pool (tenant_subnets) is exhausted")?;
+            match self
+                .runtime
+                .create_network(hardening::network(&self.host, spec, &subnet))
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(e) if e.0.contains("overlaps") => last_error = e.to_string(),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Err(last_error)
+    }
+
     /// Volume → egress → network → container.
     async fn create(
         &self,
@@ -172,31 +203,36 @@ impl Reconciler {
             .await
             .map_err(|e| e.to_string())?
         {
-            let used = self
-                .runtime
-                .network_subnets(&self.host)
-                .await
-                .map_err(|e| e.to_string())?;
-            let subnet = self
-                .subnets
-                .next_free(&used)
-                .ok_or("the tenant network pool (tenant_subnets) is exhausted")?;
-            self.runtime
-                .create_network(hardening::network(&self.host, spec, &subnet))
-                .await
-                .map_err(|e| e.to_string())?;
+            self.create_network(spec).await?;
         }
-        let port = self
-            .pick_port(used_ports)
-            .ok_or("no free gateway port in 20000-29999")?;
-        used_ports.push(port);
-        let body = hardening::container(&self.host, spec, generation, port);
-        self.runtime
-            .create_and_start(&hardening::container_name(spec), body)
-            .await
-            .map_err(|e| e.to_string())?;
-        tracing::info!(tenant = %spec.tenant_id, port, "tenant container started");
-        Ok(())
+        // A port free on loopback may still be reserved by Docker for another container: then
+        // the next one is tried.
+        let mut last_error = String::new();
+        for _ in 0..16 {
+            let port = self
+                .pick_port(used_ports)
+                .ok_or("no free gateway port in 20000-29999")?;
+            used_ports.push(port);
+            let body = hardening::container(&self.host, spec, generation, port);
+            match self
+                .runtime
+                .create_and_start(&hardening::container_name(spec), body)
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(tenant = %spec.tenant_id, port, "tenant container started");
+                    return Ok(());
+                }
+                Err(e)
+                    if e.0.contains("port is already allocated")
+                        || e.0.contains("address already in use") =>
+                {
+                    last_error = e.to_string()
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Err(last_error)
     }
 
     /// One pass: returns the status of every desired tenant.
@@ -245,7 +281,9 @@ impl Reconciler {
                 }
             }
         }
+        // Ports published by any container on the engine, berth's or not.
         let mut used_ports: Vec<u16> = actual.iter().map(|c| c.port).collect();
+        used_ports.extend(self.runtime.published_ports().await.unwrap_or_default());
         let caveats = self.caveats();
         let mut statuses = Vec::with_capacity(wanted.len());
         for (tenant, spec) in wanted {

@@ -55,8 +55,10 @@ pub trait ContainerRuntime: Send + Sync + std::fmt::Debug {
     async fn list(&self, host: &HostId) -> Result<Vec<ManagedContainer>, RuntimeError>;
     async fn image_present(&self, image: &str) -> Result<bool, RuntimeError>;
     async fn pull(&self, image: &str) -> Result<(), RuntimeError>;
-    /// Subnets of this host's berth networks.
-    async fn network_subnets(&self, host: &HostId) -> Result<Vec<String>, RuntimeError>;
+    /// Host ports published by every container on the engine (berth's and others').
+    async fn published_ports(&self) -> Result<Vec<u16>, RuntimeError>;
+    /// Subnets of every network on the engine (berth's and others').
+    async fn network_subnets(&self) -> Result<Vec<String>, RuntimeError>;
     /// Whether a network of that name exists.
     async fn network_exists(&self, name: &str) -> Result<bool, RuntimeError>;
     /// Creates a network.
@@ -183,12 +185,25 @@ impl ContainerRuntime for DockerRuntime {
             })?
     }
 
-    async fn network_subnets(&self, host: &HostId) -> Result<Vec<String>, RuntimeError> {
+    async fn published_ports(&self) -> Result<Vec<u16>, RuntimeError> {
+        let all = self
+            .docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                ..Default::default()
+            }))
+            .await?;
+        Ok(all
+            .into_iter()
+            .flat_map(|c| c.ports.unwrap_or_default())
+            .filter_map(|p| p.public_port)
+            .collect())
+    }
+
+    async fn network_subnets(&self) -> Result<Vec<String>, RuntimeError> {
         let networks = self
             .docker
-            .list_networks(Some(ListNetworksOptions {
-                filters: Some(label_filter(host)),
-            }))
+            .list_networks(None::<ListNetworksOptions>)
             .await?;
         Ok(networks
             .into_iter()

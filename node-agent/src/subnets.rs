@@ -32,14 +32,34 @@ impl SubnetPool {
         })
     }
 
-    /// The first /28 of the pool not in `used` (CIDR strings as Docker reports them).
+    /// The first /28 of the pool that overlaps none of `used` (CIDR strings as Docker reports
+    /// them, for every network on the engine; IPv6 ones cannot overlap and are ignored).
     pub fn next_free(&self, used: &[String]) -> Option<String> {
+        let used: Vec<(u32, u32)> = used.iter().filter_map(|u| range(u)).collect();
         let count = 1u32 << (TENANT_PREFIX - self.prefix);
         let step = 1u32 << (32 - TENANT_PREFIX);
         (0..count)
-            .map(|i| format!("{}/{TENANT_PREFIX}", Ipv4Addr::from(self.base + i * step)))
-            .find(|candidate| !used.iter().any(|u| u == candidate))
+            .map(|i| self.base + i * step)
+            .find(|start| {
+                let end = start + step - 1;
+                !used.iter().any(|(a, b)| *a <= end && *start <= *b)
+            })
+            .map(|start| format!("{}/{TENANT_PREFIX}", Ipv4Addr::from(start)))
     }
+}
+
+/// First and last address of an IPv4 CIDR.
+fn range(cidr: &str) -> Option<(u32, u32)> {
+    let (addr, prefix) = cidr.split_once('/')?;
+    let addr: Ipv4Addr = addr.parse().ok()?;
+    let prefix: u32 = prefix.parse().ok().filter(|p| *p <= 32)?;
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - prefix)
+    };
+    let start = u32::from(addr) & mask;
+    Some((start, start | !mask))
 }
 
 impl Default for SubnetPool {

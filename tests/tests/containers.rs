@@ -51,8 +51,12 @@ fn fleet() -> Option<Fleet> {
 
 impl Fleet {
     fn place(&self, tenant: &str, memory: &str) -> Instant {
+        self.place_with_cpu(tenant, memory, 250)
+    }
+
+    fn place_with_cpu(&self, tenant: &str, memory: &str, cpu_millicores: u32) -> Instant {
         let spec = format!(
-            "tenant_id = \"{tenant}\"\nimage = \"{}\"\n[resources]\nmemory = \"{memory}\"\ncpu_millicores = 250\nvolume = \"64MiB\"\n[volume]\nencrypted = false\n",
+            "tenant_id = \"{tenant}\"\nimage = \"{}\"\n[resources]\nmemory = \"{memory}\"\ncpu_millicores = {cpu_millicores}\nvolume = \"64MiB\"\n[volume]\nencrypted = false\n",
             self.image
         );
         let path = self.coordinator.dir.path().join(format!("{tenant}.toml"));
@@ -317,5 +321,36 @@ fn an_image_that_is_absent_and_cannot_be_pulled_fails_the_tenant_with_the_reason
     assert!(
         inspect(&format!("berth-{tenant}")).is_none(),
         "nothing created"
+    );
+}
+
+#[test]
+fn a_host_runs_more_tenants_than_dockers_default_address_pools_hold() {
+    // Docker's default pools hold 31 bridge networks; every tenant has its own network, so the
+    // agent allocates /28s from its own pool.
+    let Some(f) = fleet() else { return };
+    let tenants: Vec<String> = (0..40).map(|_| unique("many")).collect();
+    for t in &tenants {
+        f.place_with_cpu(t, "64MiB", 20);
+    }
+    wait_for("40 tenants running", Duration::from_secs(90), || {
+        let (_, out, _) = f.coordinator.berthctl(&["tenants", "--json"]);
+        (out.matches("\"state\": \"running\"").count() == tenants.len()).then_some(())
+    });
+    let subnets: std::collections::BTreeSet<String> = tenants
+        .iter()
+        .map(|t| {
+            inspect_network(&format!("berth-{t}")).unwrap()["IPAM"]["Config"][0]["Subnet"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(subnets.len(), tenants.len(), "one subnet each");
+    assert!(
+        subnets
+            .iter()
+            .all(|s| s.starts_with("10.213.") && s.ends_with("/28")),
+        "{subnets:?}"
     );
 }

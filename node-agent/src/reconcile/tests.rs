@@ -14,6 +14,7 @@ struct FakeRuntime {
     images: StdMutex<Vec<String>>,
     networks: StdMutex<Vec<String>>,
     subnets: StdMutex<Vec<String>>,
+    foreign_ports: StdMutex<Vec<u16>>,
     next_id: StdMutex<u32>,
 }
 
@@ -38,7 +39,10 @@ impl ContainerRuntime for FakeRuntime {
         self.record(format!("pull {image}"));
         Err(RuntimeError("connection refused".into()))
     }
-    async fn network_subnets(&self, _: &HostId) -> Result<Vec<String>, RuntimeError> {
+    async fn published_ports(&self) -> Result<Vec<u16>, RuntimeError> {
+        Ok(self.foreign_ports.lock().unwrap().clone())
+    }
+    async fn network_subnets(&self) -> Result<Vec<String>, RuntimeError> {
         Ok(self.subnets.lock().unwrap().clone())
     }
     async fn network_exists(&self, name: &str) -> Result<bool, RuntimeError> {
@@ -261,13 +265,15 @@ async fn ports_skip_those_in_use_and_duplicates_are_removed() {
     fake.images.lock().unwrap().push("img:1".into());
     let mut r = reconciler(&fake);
     r.port_free = |p| p != 20000;
+    // Published by a container berth does not own.
+    fake.foreign_ports.lock().unwrap().push(20001);
     let desired = Desired {
         generation: 1,
         tenants: vec![spec("a", "img:1"), spec("b", "img:1")],
     };
     let statuses = r.reconcile(&desired).await;
     let ports: Vec<u32> = statuses.iter().map(|s| s.published_port).collect();
-    assert_eq!(ports, [20001, 20002]);
+    assert_eq!(ports, [20002, 20003]);
     assert!(
         fake.calls()
             .contains(&"network berth-b 10.213.0.16/28".to_string()),
