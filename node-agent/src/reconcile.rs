@@ -292,7 +292,18 @@ impl Reconciler {
             let outcome = match existing {
                 Some(c) if c.spec_hash == hash => {
                     if c.state == "exited" || c.state == "created" {
-                        self.runtime.start(&c.id).await.map_err(|e| e.to_string())
+                        match self.runtime.start(&c.id).await {
+                            // While it was stopped another container took its port: a new
+                            // container on a fresh port (the network stays).
+                            Err(e) if e.0.contains("port is already allocated") => {
+                                tracing::info!(%tenant, port = c.port, "port taken while stopped: recreating on another port");
+                                match self.runtime.remove(&c.id).await {
+                                    Ok(()) => self.create(spec, generation, &mut used_ports).await,
+                                    Err(e) => Err(e.to_string()),
+                                }
+                            }
+                            other => other.map_err(|e| e.to_string()),
+                        }
                     } else {
                         Ok(())
                     }

@@ -15,6 +15,7 @@ struct FakeRuntime {
     networks: StdMutex<Vec<String>>,
     subnets: StdMutex<Vec<String>>,
     foreign_ports: StdMutex<Vec<u16>>,
+    port_taken: StdMutex<bool>,
     next_id: StdMutex<u32>,
 }
 
@@ -82,6 +83,11 @@ impl ContainerRuntime for FakeRuntime {
     }
     async fn start(&self, id: &str) -> Result<(), RuntimeError> {
         self.record(format!("start {}", &id[60..]));
+        if *self.port_taken.lock().unwrap() {
+            return Err(RuntimeError(
+                "Bind for 127.0.0.1:20000 failed: port is already allocated".into(),
+            ));
+        }
         for c in self
             .containers
             .lock()
@@ -306,4 +312,32 @@ async fn the_not_built_steps_say_so_in_the_status() {
         statuses[0].message,
         "no volume: encrypted volumes are not built yet; egress not filtered: allowlists are not built yet"
     );
+}
+
+#[tokio::test]
+async fn a_port_taken_while_stopped_means_a_new_container_on_a_fresh_port() {
+    let fake = Arc::new(FakeRuntime::default());
+    fake.images.lock().unwrap().push("img:1".into());
+    let r = reconciler(&fake);
+    let desired = Desired {
+        generation: 1,
+        tenants: vec![spec("a", "img:1")],
+    };
+    r.reconcile(&desired).await;
+    fake.containers.lock().unwrap()[0].state = "exited".into();
+    *fake.port_taken.lock().unwrap() = true;
+    fake.foreign_ports.lock().unwrap().push(20000);
+    fake.calls.lock().unwrap().clear();
+    let statuses = r.reconcile(&desired).await;
+    assert_eq!(
+        fake.calls(),
+        [
+            "start 0001",
+            "remove 0001",
+            "volume a",
+            "egress a",
+            "create berth-a"
+        ]
+    );
+    assert_eq!(statuses[0].published_port, 20001);
 }
