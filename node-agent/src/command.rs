@@ -28,9 +28,23 @@ pub fn run_command(
     args: &[&str],
     timeout: Duration,
 ) -> Result<String, CommandError> {
+    run_command_with_input(program, args, None, timeout)
+}
+
+/// Runs `program args` with `input` on its stdin (never argv: secrets and scripts go here).
+pub fn run_command_with_input(
+    program: &str,
+    args: &[&str],
+    input: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<String, CommandError> {
     let mut child = Command::new(program)
         .args(args)
-        .stdin(Stdio::null())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -53,6 +67,18 @@ pub fn run_command(
             text
         })
     });
+    if let (Some(data), Some(mut stdin)) = (input, child.stdin.take()) {
+        use std::io::Write;
+        // Written while stdout/stderr are drained; dropping the handle closes the pipe.
+        if let Err(source) = stdin.write_all(data) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(CommandError::Spawn {
+                program: program.into(),
+                source,
+            });
+        }
+    }
     let started = Instant::now();
     let status = loop {
         match child.try_wait() {
@@ -116,5 +142,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("did not finish"), "{err}");
+        let echoed =
+            run_command_with_input("cat", &[], Some(b"secret on stdin"), Duration::from_secs(5))
+                .unwrap();
+        assert_eq!(echoed, "secret on stdin");
     }
 }

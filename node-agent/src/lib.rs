@@ -13,6 +13,7 @@ pub mod enforce;
 pub mod facts;
 pub mod hardening;
 pub mod identity;
+pub mod nft;
 pub mod reconcile;
 pub mod runtime;
 pub mod session;
