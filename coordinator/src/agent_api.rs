@@ -36,16 +36,6 @@ fn registry_status(e: crate::registry::RegistryError) -> Status {
 }
 
 impl AgentApi {
-    fn check_still_valid(&self, auth: &AuthenticatedHost) -> Result<(), Status> {
-        if self.coordinator.denied.contains(&auth.serial) {
-            return Err(Status::unauthenticated("certificate revoked"));
-        }
-        if auth.not_after_unix_ms <= self.coordinator.registry.now() {
-            return Err(Status::unauthenticated("certificate expired"));
-        }
-        Ok(())
-    }
-
     fn claim_matches(auth: &AuthenticatedHost, field: &str, claimed: &str) -> Result<(), Status> {
         if claimed == auth.host_id.as_str() {
             return Ok(());
@@ -59,7 +49,8 @@ impl AgentApi {
 
     /// Handles one message after the hello. An error ends the session.
     fn handle(&self, auth: &AuthenticatedHost, message: AgentMessage) -> Result<(), Status> {
-        self.check_still_valid(auth)?;
+        self.coordinator
+            .check_still_valid(&auth.serial, auth.not_after_unix_ms)?;
         match message.body {
             None => Err(Status::invalid_argument("agent message: body is empty")),
             Some(AgentBody::Hello(_)) => Err(Status::invalid_argument(

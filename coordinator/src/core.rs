@@ -152,13 +152,20 @@ impl Coordinator {
             return Ok(None);
         };
         let cert = parse_peer_cert(der).map_err(|e| Status::unauthenticated(e.to_string()))?;
-        if self.denied.contains(&cert.serial) {
+        self.check_still_valid(&cert.serial, cert.not_after_unix_ms)?;
+        Ok(Some(cert))
+    }
+
+    /// A certificate verified at the handshake may be revoked or expire while its connection
+    /// (and a session on it) stays open: checked on every call and every session message.
+    pub fn check_still_valid(&self, serial: &str, not_after_unix_ms: i64) -> Result<(), Status> {
+        if self.denied.contains(serial) {
             return Err(Status::unauthenticated("certificate revoked"));
         }
-        if cert.not_after_unix_ms <= self.registry.now() {
+        if not_after_unix_ms <= self.registry.now() {
             return Err(Status::unauthenticated("certificate expired"));
         }
-        Ok(Some(cert))
+        Ok(())
     }
 
     /// The host a request speaks for: from its verified, unrevoked, unexpired client
@@ -291,7 +298,8 @@ impl SessionHub {
         hosts
     }
 
-    pub fn is_connected(&self, host: &HostId) -> bool {
+    #[cfg(test)]
+    fn is_connected(&self, host: &HostId) -> bool {
         self.sessions
             .lock()
             .unwrap_or_else(|p| p.into_inner())

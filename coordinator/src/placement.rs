@@ -181,14 +181,14 @@ impl State {
         self.generation
     }
 
-    fn desired_state(&self, host: &HostId) -> Arc<proto::DesiredState> {
+    fn desired_state(&self, host: &HostId) -> proto::DesiredState {
         let desired = self.durable.get(host);
-        Arc::new(proto::DesiredState {
+        proto::DesiredState {
             generation: desired.map_or(0, |d| d.generation),
             tenants: desired
                 .map(|d| d.tenants.values().map(|s| (**s).clone()).collect())
                 .unwrap_or_default(),
-        })
+        }
     }
 
     fn placement(&self, record: &TenantRecord) -> proto::Placement {
@@ -281,7 +281,7 @@ impl Placements {
     }
 
     /// Validates a spec without placing it.
-    pub fn validate(&self, spec: proto::TenantSpec) -> Result<TenantSpec, FieldError> {
+    fn validate(&self, spec: proto::TenantSpec) -> Result<TenantSpec, FieldError> {
         TenantSpec::from_proto(spec, &self.policy.spec)
     }
 
@@ -503,7 +503,7 @@ impl Placements {
 
     /// The durable desired state of `host`: every tenant placed there whose placement is on disk.
     pub fn desired_state(&self, host: &HostId) -> proto::DesiredState {
-        (*self.lock().desired_state(host)).clone()
+        self.lock().desired_state(host)
     }
 
     // --- host updates ---

@@ -82,7 +82,8 @@ pub fn rpc_error(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-fn status_error(status: &tonic::Status) -> String {
+/// A tonic status on one line: code, message, then its transport cause chain.
+pub fn status_error(status: &tonic::Status) -> String {
     let mut text = format!("{:?}: {}", status.code(), status.message());
     if let Some(source) = std::error::Error::source(status) {
         text.push_str(": ");

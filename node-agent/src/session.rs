@@ -146,7 +146,7 @@ async fn run_session(
     let mut client = AgentServiceClient::new(channel.clone());
     let mut inbound = match client.session(ReceiverStream::new(rx)).await {
         Ok(response) => response.into_inner(),
-        Err(status) => return SessionEnd::Failed(describe(&status)),
+        Err(status) => return SessionEnd::Failed(crate::identity::status_error(&status)),
     };
     let interval = match inbound.message().await {
         Ok(Some(proto::CoordinatorMessage {
@@ -157,7 +157,7 @@ async fn run_session(
                 accepted.report_interval_ms.max(100),
             ))),
         Ok(_) => return SessionEnd::Failed("the coordinator did not accept the session".into()),
-        Err(status) => return SessionEnd::Failed(describe(&status)),
+        Err(status) => return SessionEnd::Failed(crate::identity::status_error(&status)),
     };
     backoff.reset();
     tracing::info!(host = %host_id, interval_ms = interval.as_millis() as u64, "session accepted");
@@ -212,7 +212,7 @@ async fn run_session(
                 }
                 Ok(Some(_)) => {}
                 Ok(None) => return SessionEnd::Lost("the coordinator closed the session".into()),
-                Err(status) => return SessionEnd::Lost(describe(&status)),
+                Err(status) => return SessionEnd::Lost(crate::identity::status_error(&status)),
             },
             () = &mut renew => {
                 return match identity.renew(channel.clone(), &config.state_dir).await {
@@ -225,15 +225,6 @@ async fn run_session(
             }
         }
     }
-}
-
-fn describe(status: &tonic::Status) -> String {
-    let mut text = format!("{:?}: {}", status.code(), status.message());
-    if let Some(source) = std::error::Error::source(status) {
-        text.push_str(": ");
-        text.push_str(&crate::identity::rpc_error(source));
-    }
-    text
 }
 
 #[cfg(test)]
