@@ -74,6 +74,18 @@ impl Coordinator {
         Ok(applied.placement)
     }
 
+    /// Replaces a tenant's egress allowlist; returns once the change is on disk.
+    pub async fn set_egress(
+        self: &Arc<Self>,
+        tenant: &TenantId,
+        egress: Vec<proto::EgressRule>,
+    ) -> Result<proto::Placement, PlaceError> {
+        let applied = self.placements.set_egress(tenant, egress)?;
+        self.durable(applied.seq).await?;
+        tracing::info!(%tenant, host = %applied.placement.host_id, generation = applied.placement.generation, "egress allowlist set");
+        Ok(applied.placement)
+    }
+
     /// Removes a tenant; returns once the removal is on disk.
     pub async fn remove(
         self: &Arc<Self>,

@@ -276,6 +276,19 @@ impl OperatorService for OperatorApi {
         }))
     }
 
+    async fn set_egress(
+        &self,
+        request: Request<proto::SetEgressRequest>,
+    ) -> Result<Response<proto::Placement>, Status> {
+        let req = request.into_inner();
+        let id = tenant_id("tenant_id", &req.tenant_id)?;
+        self.coordinator
+            .set_egress(&id, req.egress)
+            .await
+            .map(Response::new)
+            .map_err(place_status)
+    }
+
     async fn restart_tenant(
         &self,
         _: Request<proto::TenantRef>,

@@ -351,31 +351,76 @@ impl Placements {
             generation,
             placed_unix_ms: now_unix_ms,
         };
+        let group = record.spec.constraints.anti_affinity_group.clone();
+        let applied = self.record(&mut state, record, writes)?;
+        state.scheduler.commit(&host, need, group.as_deref());
+        *state.tenants_per_host.entry(host).or_default() += 1;
+        Ok(applied)
+    }
+
+    /// Persists `record` (lazily: see [`Placements::make_durable`]) with its host's
+    /// generation, queues it for the host, and makes it the tenant's record.
+    fn record(
+        &self,
+        state: &mut State,
+        record: TenantRecord,
+        mut writes: Vec<Write>,
+    ) -> Result<Applied, PlaceError> {
         writes.push(Write::Put(
             format!("{TENANT_PREFIX}{}", record.spec.tenant_id),
             encode(&record),
         ));
         writes.push(Write::Put(
-            format!("{HOSTGEN_PREFIX}{host}"),
-            encode(&generation),
+            format!("{HOSTGEN_PREFIX}{}", record.host_id),
+            encode(&record.generation),
         ));
         self.store.apply(writes, Durability::Lazy)?;
-        let group = record.spec.constraints.anti_affinity_group.clone();
-        state.scheduler.commit(&host, need, group.as_deref());
-        *state.tenants_per_host.entry(host.clone()).or_default() += 1;
         state.seq += 1;
         let seq = state.seq;
         let tenant = record.spec.tenant_id.clone();
         state.pending.push_back(Change {
             seq,
-            host,
+            host: record.host_id.clone(),
             tenant: tenant.clone(),
-            generation,
+            generation: record.generation,
             spec: Some(Arc::new(record.spec.to_proto())),
         });
         let placement = state.placement(&record);
         state.tenants.insert(tenant, record);
         Ok(Applied { seq, placement })
+    }
+
+    /// Replaces a placed tenant's egress allowlist (validated like a placement's); its host
+    /// gets a new generation and updates the rules without restarting the container.
+    pub fn set_egress(
+        &self,
+        tenant_id: &TenantId,
+        egress: Vec<proto::EgressRule>,
+    ) -> Result<Applied, PlaceError> {
+        let mut state = self.lock();
+        let existing = state
+            .tenants
+            .get(tenant_id)
+            .cloned()
+            .ok_or_else(|| PlaceError::UnknownTenant(tenant_id.to_string()))?;
+        let spec = self.validate(proto::TenantSpec {
+            egress,
+            ..existing.spec.to_proto()
+        })?;
+        if spec == existing.spec {
+            return Ok(Applied {
+                seq: state.seq,
+                placement: state.placement(&existing),
+            });
+        }
+        let mut writes = Vec::with_capacity(3);
+        let generation = state.next_generation(&mut writes);
+        let record = TenantRecord {
+            spec,
+            generation,
+            ..existing
+        };
+        self.record(&mut state, record, writes)
     }
 
     /// Every region constraint must name (or, with `*`, match) a region that a host or the

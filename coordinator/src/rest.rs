@@ -10,9 +10,9 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use berth_shared::ids::{HostId, TenantId};
-use berth_shared::spec::TenantSpecFile;
+use berth_shared::spec::{EgressFile, TenantSpecFile};
 use serde::Deserialize;
 use tonic::{Code, Status};
 
@@ -178,6 +178,32 @@ async fn remove(
     ))
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EgressBody {
+    egress: Vec<EgressFile>,
+}
+
+/// `PUT /v1/tenants/{id}/egress` with `{"egress": ["api.anthropic.com:443", ...]}`.
+async fn set_egress(
+    State(c): Shared,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<PlacementView> {
+    let id = tenant_id(&id)?;
+    let body: EgressBody = serde_json::from_slice(&body)
+        .map_err(|e| Status::invalid_argument(format!("body: {e}")))?;
+    let rules = body
+        .egress
+        .iter()
+        .enumerate()
+        .map(|(i, e)| e.to_proto(i))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let placement = c.set_egress(&id, rules).await.map_err(place_status)?;
+    Ok(Json(PlacementView::from(&placement)))
+}
+
 /// The REST routes, behind operator authentication.
 pub fn router(coordinator: Arc<Coordinator>) -> axum::Router {
     axum::Router::new()
@@ -187,6 +213,7 @@ pub fn router(coordinator: Arc<Coordinator>) -> axum::Router {
         .route("/v1/hosts/{id}/uncordon", post(uncordon))
         .route("/v1/tenants", get(list_tenants).post(place))
         .route("/v1/tenants/{id}", get(get_tenant).delete(remove))
+        .route("/v1/tenants/{id}/egress", put(set_egress))
         .layer(middleware::from_fn_with_state(
             coordinator.clone(),
             authenticate,

@@ -124,7 +124,29 @@ pub struct TenantView {
     pub restarts: u32,
     /// The gateway port on the host's 127.0.0.1, once the container runs.
     pub published_port: u32,
-    pub egress: Vec<String>,
+    /// The allowlist, each entry with what its host reported of it.
+    pub egress: Vec<EgressEntryView>,
+    /// Packets the tenant's egress rules rejected.
+    pub egress_denied_packets: u64,
+}
+
+/// One allowlist entry: `destination:port/protocol`, its addresses now, and the packets it let
+/// through (so operators can prune entries nobody uses).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct EgressEntryView {
+    pub entry: String,
+    pub addresses: Vec<String>,
+    pub hits: u64,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub error: String,
+}
+
+fn entry_text(e: &proto::EgressRule) -> String {
+    if e.destination.contains(':') {
+        format!("[{}]:{}/{}", e.destination, e.port, e.protocol)
+    } else {
+        format!("{}:{}/{}", e.destination, e.port, e.protocol)
+    }
 }
 
 impl From<&proto::Tenant> for TenantView {
@@ -153,8 +175,17 @@ impl From<&proto::Tenant> for TenantView {
             egress: spec
                 .egress
                 .iter()
-                .map(|e| format!("{}:{}/{}", e.destination, e.port, e.protocol))
+                .map(|rule| {
+                    let seen = status.egress.iter().find(|s| s.rule.as_ref() == Some(rule));
+                    EgressEntryView {
+                        entry: entry_text(rule),
+                        addresses: seen.map(|s| s.addresses.clone()).unwrap_or_default(),
+                        hits: seen.map_or(0, |s| s.packets),
+                        error: seen.map(|s| s.error.clone()).unwrap_or_default(),
+                    }
+                })
                 .collect(),
+            egress_denied_packets: status.egress_denied_packets,
         }
     }
 }

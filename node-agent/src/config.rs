@@ -1,6 +1,7 @@
 //! The agent's configuration file (`/etc/berth/agent.toml`), validated on load.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use berth_shared::model::{FieldError, Provider, validate_token};
 use berth_shared::transport::CoordinatorUrl;
 use berth_shared::units::{parse_bytes, parse_duration};
 
+use crate::egress::EgressSettings;
 use crate::subnets::SubnetPool;
 use serde::Deserialize;
 
@@ -33,6 +35,123 @@ struct RawConfig {
     cgroup_root: Option<PathBuf>,
     docker_socket: Option<PathBuf>,
     tenant_subnets: Option<String>,
+    #[serde(default)]
+    egress: RawEgress,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEgress {
+    table: Option<String>,
+    name_servers: Option<Vec<String>>,
+    tenant_resolvers: Option<Vec<String>>,
+    ttl_floor: Option<String>,
+    ttl_ceiling: Option<String>,
+    stale_grace: Option<String>,
+}
+
+/// The `[egress]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EgressConfig {
+    /// Everything but the resolvers, which may come from /etc/resolv.conf.
+    pub settings: EgressSettings,
+    /// Where the agent resolves allowlist names; `None`: the host's /etc/resolv.conf.
+    pub name_servers: Option<Vec<SocketAddr>>,
+    /// DNS servers tenants may query; `None`: the non-loopback ones of /etc/resolv.conf.
+    pub tenant_resolvers: Option<BTreeSet<Ipv4Addr>>,
+}
+
+/// The `nameserver` lines of a resolv.conf.
+pub fn resolv_conf_nameservers(text: &str) -> Vec<IpAddr> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|rest| rest.trim().split('%').next()?.parse().ok())
+        .collect()
+}
+
+impl EgressConfig {
+    /// Name servers and tenant resolvers, with the defaults taken from `resolv_conf`.
+    pub fn resolved(&self, resolv_conf: &str) -> (Vec<SocketAddr>, EgressSettings) {
+        let system = resolv_conf_nameservers(resolv_conf);
+        let name_servers = self
+            .name_servers
+            .clone()
+            .unwrap_or_else(|| system.iter().map(|a| SocketAddr::new(*a, 53)).collect());
+        let mut settings = self.settings.clone();
+        settings.tenant_resolvers = self.tenant_resolvers.clone().unwrap_or_else(|| {
+            system
+                .iter()
+                .filter_map(|a| match a {
+                    IpAddr::V4(v4) if !v4.is_loopback() => Some(*v4),
+                    _ => None,
+                })
+                .collect()
+        });
+        (name_servers, settings)
+    }
+
+    fn parse(raw: RawEgress) -> Result<Self, String> {
+        let mut settings = EgressSettings::default();
+        if let Some(t) = raw.table {
+            crate::nft::validate_table(&t)?;
+            settings.table = t;
+        }
+        let duration = |name: &str, v: Option<String>, default: Duration| {
+            v.map(|v| parse_duration(name, &v).map_err(|e| e.to_string()))
+                .unwrap_or(Ok(default))
+        };
+        settings.ttl_floor = duration("egress.ttl_floor", raw.ttl_floor, settings.ttl_floor)?;
+        settings.ttl_ceiling =
+            duration("egress.ttl_ceiling", raw.ttl_ceiling, settings.ttl_ceiling)?;
+        settings.stale_grace =
+            duration("egress.stale_grace", raw.stale_grace, settings.stale_grace)?;
+        if settings.ttl_floor > settings.ttl_ceiling {
+            return Err(format!(
+                "invalid egress.ttl_floor: {:?} is above egress.ttl_ceiling {:?}",
+                settings.ttl_floor, settings.ttl_ceiling
+            ));
+        }
+        let name_servers = raw
+            .name_servers
+            .map(|list| {
+                list.iter()
+                    .enumerate()
+                    .map(|(i, v)| {
+                        v.parse::<SocketAddr>()
+                            .or_else(|_| v.parse::<IpAddr>().map(|a| SocketAddr::new(a, 53)))
+                            .map_err(|_| {
+                                format!(
+                                    "invalid egress.name_servers[{i}]: {v:?} is not an address or address:port"
+                                )
+                            })
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()?;
+        let tenant_resolvers = raw
+            .tenant_resolvers
+            .map(|list| {
+                list.iter()
+                    .enumerate()
+                    .map(|(i, v)| {
+                        v.parse::<Ipv4Addr>()
+                            .ok()
+                            .filter(|a| !a.is_unspecified() && !a.is_broadcast())
+                            .ok_or_else(|| {
+                                format!(
+                                    "invalid egress.tenant_resolvers[{i}]: {v:?} is not an IPv4 address"
+                                )
+                            })
+                    })
+                    .collect::<Result<BTreeSet<_>, _>>()
+            })
+            .transpose()?;
+        Ok(Self {
+            settings,
+            name_servers,
+            tenant_resolvers,
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -53,6 +172,7 @@ pub struct AgentConfig {
     pub docker_socket: PathBuf,
     /// The pool tenant networks get their /28s from.
     pub tenant_subnets: SubnetPool,
+    pub egress: EgressConfig,
 }
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/berth/agent";
@@ -122,6 +242,7 @@ impl AgentConfig {
                 .docker_socket
                 .unwrap_or_else(|| PathBuf::from("/var/run/docker.sock")),
             tenant_subnets,
+            egress: EgressConfig::parse(raw.egress).map_err(value)?,
         })
     }
 }
@@ -139,6 +260,37 @@ mod tests {
         assert_eq!(c.monthly_cost_cents, 5490);
         assert_eq!(c.memory_reserved_bytes, 2 << 30);
         assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+    }
+
+    #[test]
+    fn egress_defaults_come_from_resolv_conf() {
+        let c = AgentConfig::parse(Path::new("a.toml"), GOOD).unwrap();
+        let conf = "# generated\nnameserver 127.0.0.53\nnameserver 192.0.2.53\nnameserver fe80::1%eth0\nsearch example\n";
+        let (servers, settings) = c.egress.resolved(conf);
+        assert_eq!(
+            servers,
+            vec![
+                "127.0.0.53:53".parse().unwrap(),
+                "192.0.2.53:53".parse().unwrap(),
+                "[fe80::1]:53".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            settings.tenant_resolvers,
+            BTreeSet::from([Ipv4Addr::new(192, 0, 2, 53)]),
+            "loopback resolvers are unreachable from tenants"
+        );
+        assert_eq!(settings.table, "berth");
+        let explicit = AgentConfig::parse(
+            Path::new("a.toml"),
+            &format!("{GOOD}[egress]\ntable = \"berth_t1\"\nname_servers = [\"127.0.0.1:5353\"]\ntenant_resolvers = []\nttl_floor = \"5s\"\n"),
+        )
+        .unwrap();
+        let (servers, settings) = explicit.egress.resolved(conf);
+        assert_eq!(servers, vec!["127.0.0.1:5353".parse().unwrap()]);
+        assert!(settings.tenant_resolvers.is_empty());
+        assert_eq!(settings.ttl_floor, Duration::from_secs(5));
+        assert_eq!(settings.table, "berth_t1");
     }
 
     #[test]
@@ -177,6 +329,26 @@ mod tests {
             (
                 "provider = \"aws\"\nregion = \"x\"\n[labels]\n\"Bad Key\" = \"v\"",
                 "invalid labels key",
+            ),
+            (
+                "provider = \"aws\"\nregion = \"x\"\n[egress]\ntable = \"Berth; flush ruleset\"",
+                "invalid egress.table",
+            ),
+            (
+                "provider = \"aws\"\nregion = \"x\"\n[egress]\nname_servers = [\"dns.example\"]",
+                "invalid egress.name_servers[0]",
+            ),
+            (
+                "provider = \"aws\"\nregion = \"x\"\n[egress]\ntenant_resolvers = [\"::1\"]",
+                "invalid egress.tenant_resolvers[0]",
+            ),
+            (
+                "provider = \"aws\"\nregion = \"x\"\n[egress]\nttl_floor = \"2h\"",
+                "invalid egress.ttl_floor",
+            ),
+            (
+                "provider = \"aws\"\nregion = \"x\"\n[egress]\nstale_grace = \"soon\"",
+                "invalid egress.stale_grace",
             ),
             ("\u{1}garbage[[", "a.toml:"),
         ];

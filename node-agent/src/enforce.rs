@@ -13,8 +13,11 @@ use tokio::sync::watch;
 use crate::cgroup::CgroupReader;
 use crate::config::AgentConfig;
 use crate::desired::{AcceptError, Desired, DesiredStore};
+use crate::dns::UdpResolver;
+use crate::egress::NftEgress;
 use crate::facts::{ProbeRoots, probe_cgroup};
-use crate::reconcile::{EgressNotBuilt, Reconciler, VolumesNotBuilt, port_free_on_loopback};
+use crate::nft::NftCommand;
+use crate::reconcile::{Reconciler, VolumesNotBuilt, port_free_on_loopback};
 use crate::runtime::DockerRuntime;
 
 /// How often the host is re-checked without a change.
@@ -93,6 +96,17 @@ pub async fn run(enforcement: Arc<Enforcement>, config: AgentConfig, host: HostI
     let cgroups = probe_cgroup(&ProbeRoots::system(&config.cgroup_root))
         .map(|v| CgroupReader::new(&config.cgroup_root, v));
     let oom_events: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let resolv_conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let (name_servers, settings) = config.egress.resolved(&resolv_conf);
+    let egress = Arc::new(NftEgress::new(
+        Arc::new(NftCommand::default()),
+        Arc::new(UdpResolver {
+            servers: name_servers,
+            timeout: Duration::from_secs(2),
+        }),
+        Arc::new(berth_shared::clock::SystemClock),
+        settings,
+    ));
     let mut reconciler: Option<Reconciler> = None;
     loop {
         if reconciler.is_none() {
@@ -122,7 +136,7 @@ pub async fn run(enforcement: Arc<Enforcement>, config: AgentConfig, host: HostI
                         host: host.clone(),
                         runtime: Arc::new(docker),
                         volumes: Arc::new(VolumesNotBuilt),
-                        egress: Arc::new(EgressNotBuilt),
+                        egress: egress.clone(),
                         cgroups: cgroups.clone(),
                         oom_events: oom_events.clone(),
                         port_free: port_free_on_loopback,

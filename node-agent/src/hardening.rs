@@ -35,9 +35,14 @@ pub fn network_name(spec: &TenantSpec) -> String {
     format!("berth-{}", spec.tenant_id)
 }
 
-/// A digest of everything that shapes the container: a change means recreate.
+/// A digest of everything that shapes the container: a change means recreate. The egress
+/// allowlist is not part of it: it is enforced on the host and updated in place.
 pub fn spec_hash(spec: &TenantSpec) -> String {
-    let json = serde_json::to_vec(spec).unwrap_or_default();
+    let shape = TenantSpec {
+        egress: Vec::new(),
+        ..spec.clone()
+    };
+    let json = serde_json::to_vec(&shape).unwrap_or_default();
     hex::encode(&Sha256::digest(&json)[..12])
 }
 
@@ -138,6 +143,11 @@ pub fn container(
             }),
             init: Some(false),
             privileged: Some(false),
+            // Tenant networks are IPv4-only; no link-local IPv6 path to the host either.
+            sysctls: Some(HashMap::from([(
+                "net.ipv6.conf.all.disable_ipv6".to_string(),
+                "1".to_string(),
+            )])),
             ..Default::default()
         }),
         ..Default::default()

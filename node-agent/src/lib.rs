@@ -1,14 +1,16 @@
 //! berth-agent: runs and confines the tenant containers of one host.
 //!
-//! Ensures so far: the host's key never leaves it; the coordinator is trusted only through the
-//! CA fingerprint pinned at enrollment; the agent keeps one session open, reporting every
-//! interval, and renews its certificate before it expires. Tenant enforcement (containers,
-//! egress, volumes) is not built yet.
+//! Ensures: the host's key never leaves it; the coordinator is trusted only through the CA
+//! fingerprint pinned at enrollment; the last accepted desired state is enforced with or
+//! without the coordinator: hardened containers under their memory caps, each behind its
+//! default-deny egress allowlist (nftables). Encrypted volumes are not built yet.
 
 pub mod cgroup;
 pub mod command;
 pub mod config;
 pub mod desired;
+pub mod dns;
+pub mod egress;
 pub mod enforce;
 pub mod facts;
 pub mod hardening;

@@ -1,13 +1,13 @@
 //! The reconciler: makes the host match the desired state, level-triggered (on every change
 //! and every few seconds), whether or not the coordinator is reachable.
 //!
-//! Ensures: per tenant the order is volume → egress rules → container, and teardown is the
-//! reverse; a container whose spec is unchanged is adopted, never restarted (an agent restart
+//! Ensures: per tenant the order is volume → network → egress rules → container, and teardown
+//! is the reverse (a container whose egress rules cannot be applied is not started); a container whose spec is unchanged is adopted, never restarted (an agent restart
 //! leaves tenants running); a stopped one is started; a container of a tenant no longer desired
 //! is removed with its network; containers without this host's berth labels are never listed,
 //! so never touched.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use berth_shared::ids::{HostId, TenantId};
@@ -16,6 +16,7 @@ use berth_shared::spec::TenantSpec;
 
 use crate::cgroup::CgroupReader;
 use crate::desired::Desired;
+use crate::egress::{EgressReport, EgressStep};
 use crate::hardening;
 use crate::runtime::{ContainerRuntime, ManagedContainer, RuntimeError};
 use crate::subnets::SubnetPool;
@@ -27,14 +28,6 @@ pub trait VolumeStep: Send + Sync + std::fmt::Debug {
     async fn prepare(&self, spec: &TenantSpec) -> Result<(), String>;
     async fn release(&self, tenant: &str) -> Result<(), String>;
     /// What an operator must know about this step, shown in the tenant's status.
-    fn caveat(&self) -> Option<&'static str>;
-}
-
-/// The tenant's egress allowlist. Not built yet: [`EgressNotBuilt`] is the explicit stand-in.
-#[tonic::async_trait]
-pub trait EgressStep: Send + Sync + std::fmt::Debug {
-    async fn apply(&self, spec: &TenantSpec) -> Result<(), String>;
-    async fn release(&self, tenant: &str) -> Result<(), String>;
     fn caveat(&self) -> Option<&'static str>;
 }
 
@@ -53,24 +46,6 @@ impl VolumeStep for VolumesNotBuilt {
     }
     fn caveat(&self) -> Option<&'static str> {
         Some("no volume: encrypted volumes are not built yet")
-    }
-}
-
-/// No egress rules are installed: the tenant's traffic is not filtered. Stands in until the
-/// nftables allowlists are built.
-#[derive(Debug, Default)]
-pub struct EgressNotBuilt;
-
-#[tonic::async_trait]
-impl EgressStep for EgressNotBuilt {
-    async fn apply(&self, _: &TenantSpec) -> Result<(), String> {
-        Ok(())
-    }
-    async fn release(&self, _: &str) -> Result<(), String> {
-        Ok(())
-    }
-    fn caveat(&self) -> Option<&'static str> {
-        Some("egress not filtered: allowlists are not built yet")
     }
 }
 
@@ -112,21 +87,16 @@ fn status(
 }
 
 impl Reconciler {
-    fn caveats(&self) -> String {
-        [self.volumes.caveat(), self.egress.caveat()]
-            .into_iter()
-            .flatten()
-            .collect::<Vec<_>>()
-            .join("; ")
-    }
-
     /// Removes a container, then its egress rules, volume and network (reverse order).
     async fn teardown(&self, container: &ManagedContainer) -> Result<(), String> {
         self.runtime
             .remove(&container.id)
             .await
             .map_err(|e| e.to_string())?;
-        self.egress.release(&container.tenant).await?;
+        // A container whose tenant label is not a valid id had no rules or network made.
+        if let Ok(tenant) = TenantId::new(&container.tenant) {
+            self.egress.release(&tenant).await?;
+        }
         self.volumes.release(&container.tenant).await?;
         if TenantId::new(&container.tenant).is_ok() {
             self.runtime
@@ -145,18 +115,21 @@ impl Reconciler {
 
     /// Creates the tenant's network on the first free /28 of the pool. Another network may
     /// take the same slice between the listing and the creation: then the next one is tried.
-    async fn create_network(&self, spec: &TenantSpec) -> Result<(), String> {
+    async fn create_network(&self, spec: &TenantSpec) -> Result<String, String> {
         let mut last_error = String::new();
         for attempt in 0..32u64 {
             if attempt > 0 {
                 // Let a concurrent creation finish so the next listing shows it.
                 tokio::time::sleep(std::time::Duration::from_millis(20 + 10 * attempt)).await;
             }
-            let used = self
+            let used: Vec<String> = self
                 .runtime
-                .network_subnets()
+                .networks()
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| e.to_string())?
+                .into_values()
+                .flatten()
+                .collect();
             let subnet = self
                 .subnets
                 .next_free(&used)
@@ -166,7 +139,7 @@ impl Reconciler {
                 .create_network(hardening::network(&self.host, spec, &subnet))
                 .await
             {
-                Ok(()) => return Ok(()),
+                Ok(()) => return Ok(subnet),
                 Err(e) if e.0.contains("overlaps") => last_error = e.to_string(),
                 Err(e) => return Err(e.to_string()),
             }
@@ -174,13 +147,33 @@ impl Reconciler {
         Err(last_error)
     }
 
-    /// Volume → egress → network → container.
+    /// The tenant's network (made when missing), then its egress rules for that network.
+    async fn network_and_egress(
+        &self,
+        spec: &TenantSpec,
+        networks: &HashMap<String, Vec<String>>,
+    ) -> Result<EgressReport, String> {
+        let subnet = match networks
+            .get(&hardening::network_name(spec))
+            .and_then(|s| s.first())
+        {
+            Some(subnet) => subnet.clone(),
+            None => self.create_network(spec).await?,
+        };
+        self.egress
+            .apply(spec, &subnet)
+            .await
+            .map_err(|e| format!("egress: {e}"))
+    }
+
+    /// Volume → network → egress → container.
     async fn create(
         &self,
         spec: &TenantSpec,
         generation: u64,
         used_ports: &mut Vec<u16>,
-    ) -> Result<(), String> {
+        networks: &HashMap<String, Vec<String>>,
+    ) -> Result<EgressReport, String> {
         if !self
             .runtime
             .image_present(&spec.image)
@@ -195,16 +188,7 @@ impl Reconciler {
             })?;
         }
         self.volumes.prepare(spec).await?;
-        self.egress.apply(spec).await?;
-        let network = hardening::network_name(spec);
-        if !self
-            .runtime
-            .network_exists(&network)
-            .await
-            .map_err(|e| e.to_string())?
-        {
-            self.create_network(spec).await?;
-        }
+        let report = self.network_and_egress(spec, networks).await?;
         // A port free on loopback may still be reserved by Docker for another container: then
         // the next one is tried.
         let mut last_error = String::new();
@@ -221,7 +205,7 @@ impl Reconciler {
             {
                 Ok(_) => {
                     tracing::info!(tenant = %spec.tenant_id, port, "tenant container started");
-                    return Ok(());
+                    return Ok(report);
                 }
                 Err(e)
                     if e.0.contains("port is already allocated")
@@ -264,7 +248,16 @@ impl Reconciler {
         for c in &actual {
             by_tenant.entry(c.tenant.as_str()).or_default().push(c);
         }
-        // Tear down what is no longer desired, and duplicates.
+        // The table is re-read every pass; without it no container is created (its rules
+        // could not be put in place first), while running ones keep the rules they have.
+        let egress_ready = self.egress.refresh().await;
+        if let Err(e) = &egress_ready {
+            tracing::warn!(error = %e, "cannot read the egress rules");
+        }
+        // Tear down what is no longer desired, and duplicates. Rules of a tenant whose
+        // container could not be removed stay.
+        let mut keep_rules: BTreeSet<TenantId> =
+            wanted.values().map(|s| s.tenant_id.clone()).collect();
         for c in &actual {
             let keep = wanted.contains_key(c.tenant.as_str())
                 && by_tenant[c.tenant.as_str()]
@@ -276,6 +269,7 @@ impl Reconciler {
                         tracing::info!(tenant = %c.tenant, container = %c.id, "tenant container removed")
                     }
                     Err(e) => {
+                        keep_rules.extend(TenantId::new(&c.tenant));
                         tracing::warn!(tenant = %c.tenant, error = %e, "teardown failed; retried next pass")
                     }
                 }
@@ -284,53 +278,86 @@ impl Reconciler {
         // Ports published by any container on the engine, berth's or not.
         let mut used_ports: Vec<u16> = actual.iter().map(|c| c.port).collect();
         used_ports.extend(self.runtime.published_ports().await.unwrap_or_default());
-        let caveats = self.caveats();
+        let networks = self.runtime.networks().await.unwrap_or_default();
         let mut statuses = Vec::with_capacity(wanted.len());
         for (tenant, spec) in wanted {
             let existing = by_tenant.get(tenant).and_then(|v| v.first()).copied();
             let hash = hardening::spec_hash(spec);
-            let outcome = match existing {
-                Some(c) if c.spec_hash == hash => {
-                    if c.state == "exited" || c.state == "created" {
-                        match self.runtime.start(&c.id).await {
+            let outcome = match (&egress_ready, existing) {
+                (Err(e), None) => Err(format!("egress: {e}")),
+                (_, Some(c)) if c.spec_hash == hash => {
+                    // Rules first: a stopped container starts only behind them.
+                    let report = self.network_and_egress(spec, &networks).await;
+                    let stopped = c.state == "exited" || c.state == "created";
+                    match (report, stopped) {
+                        (report, false) => report,
+                        (Err(e), true) => Err(e),
+                        (Ok(report), true) => match self.runtime.start(&c.id).await {
                             // While it was stopped another container took its port: a new
                             // container on a fresh port (the network stays).
                             Err(e) if e.0.contains("port is already allocated") => {
                                 tracing::info!(%tenant, port = c.port, "port taken while stopped: recreating on another port");
                                 match self.runtime.remove(&c.id).await {
-                                    Ok(()) => self.create(spec, generation, &mut used_ports).await,
+                                    Ok(()) => {
+                                        self.create(spec, generation, &mut used_ports, &networks)
+                                            .await
+                                    }
                                     Err(e) => Err(e.to_string()),
                                 }
                             }
-                            other => other.map_err(|e| e.to_string()),
-                        }
-                    } else {
-                        Ok(())
+                            other => other.map(|()| report).map_err(|e| e.to_string()),
+                        },
                     }
                 }
-                Some(c) => {
+                (_, Some(c)) => {
                     tracing::info!(%tenant, "spec changed: recreating the container");
                     match self.teardown(c).await {
-                        Ok(()) => self.create(spec, generation, &mut used_ports).await,
+                        Ok(()) => {
+                            // Teardown removed the network with the container.
+                            let mut networks = networks.clone();
+                            networks.remove(&hardening::network_name(spec));
+                            self.create(spec, generation, &mut used_ports, &networks)
+                                .await
+                        }
                         Err(e) => Err(e),
                     }
                 }
-                None => self.create(spec, generation, &mut used_ports).await,
+                (_, None) => {
+                    self.create(spec, generation, &mut used_ports, &networks)
+                        .await
+                }
             };
             let mut s = match outcome {
                 Err(e) => {
                     tracing::warn!(%tenant, error = %e, "tenant failed");
                     status(&spec.tenant_id, generation, proto::TenantState::Failed, e)
                 }
-                Ok(()) => status(
-                    &spec.tenant_id,
-                    generation,
-                    proto::TenantState::Pending,
-                    caveats.clone(),
-                ),
+                Ok(report) => {
+                    let mut notes: Vec<String> = self
+                        .volumes
+                        .caveat()
+                        .map(String::from)
+                        .into_iter()
+                        .collect();
+                    notes.extend(report.problems);
+                    let mut s = status(
+                        &spec.tenant_id,
+                        generation,
+                        proto::TenantState::Pending,
+                        notes.join("; "),
+                    );
+                    s.egress = report.entries;
+                    s.egress_denied_packets = report.denied_packets;
+                    s
+                }
             };
             s.memory_cap_bytes = spec.resources.memory_bytes;
             statuses.push(s);
+        }
+        if egress_ready.is_ok()
+            && let Err(e) = self.egress.sweep(&keep_rules).await
+        {
+            tracing::warn!(error = %e, "removing stale egress rules failed; retried next pass");
         }
         // One more listing sees what this pass created.
         if let Ok(now) = self.runtime.list(&self.host).await {

@@ -57,10 +57,8 @@ pub trait ContainerRuntime: Send + Sync + std::fmt::Debug {
     async fn pull(&self, image: &str) -> Result<(), RuntimeError>;
     /// Host ports published by every container on the engine (berth's and others').
     async fn published_ports(&self) -> Result<Vec<u16>, RuntimeError>;
-    /// Subnets of every network on the engine (berth's and others').
-    async fn network_subnets(&self) -> Result<Vec<String>, RuntimeError>;
-    /// Whether a network of that name exists.
-    async fn network_exists(&self, name: &str) -> Result<bool, RuntimeError>;
+    /// Every network on the engine (berth's and others') by name, with its subnets.
+    async fn networks(&self) -> Result<HashMap<String, Vec<String>>, RuntimeError>;
     /// Creates a network.
     async fn create_network(&self, network: NetworkCreateRequest) -> Result<(), RuntimeError>;
     async fn remove_network(&self, name: &str) -> Result<(), RuntimeError>;
@@ -200,27 +198,24 @@ impl ContainerRuntime for DockerRuntime {
             .collect())
     }
 
-    async fn network_subnets(&self) -> Result<Vec<String>, RuntimeError> {
+    async fn networks(&self) -> Result<HashMap<String, Vec<String>>, RuntimeError> {
         let networks = self
             .docker
             .list_networks(None::<ListNetworksOptions>)
             .await?;
         Ok(networks
             .into_iter()
-            .flat_map(|n| n.ipam.and_then(|i| i.config).unwrap_or_default())
-            .filter_map(|c| c.subnet)
+            .map(|n| {
+                let subnets = n
+                    .ipam
+                    .and_then(|i| i.config)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|c| c.subnet)
+                    .collect();
+                (n.name.unwrap_or_default(), subnets)
+            })
             .collect())
-    }
-
-    async fn network_exists(&self, name: &str) -> Result<bool, RuntimeError> {
-        let filters = HashMap::from([("name".to_string(), vec![name.to_string()])]);
-        let existing = self
-            .docker
-            .list_networks(Some(ListNetworksOptions {
-                filters: Some(filters),
-            }))
-            .await?;
-        Ok(existing.iter().any(|n| n.name.as_deref() == Some(name)))
     }
 
     async fn create_network(&self, network: NetworkCreateRequest) -> Result<(), RuntimeError> {

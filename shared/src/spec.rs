@@ -27,11 +27,20 @@ pub struct Resources {
     pub volume_bytes: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
     Udp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
 }
 
 /// Where an egress rule allows traffic to.
@@ -58,6 +67,30 @@ pub struct EgressRule {
     pub destination: Destination,
     pub protocol: Protocol,
     pub port: u16,
+}
+
+impl EgressRule {
+    pub fn to_proto(&self) -> proto::EgressRule {
+        proto::EgressRule {
+            destination: self.destination.to_string(),
+            protocol: self.protocol.as_str().into(),
+            port: u32::from(self.port),
+        }
+    }
+}
+
+/// `destination:port/protocol`, as operators write it (IPv6 in brackets).
+impl std::fmt::Display for EgressRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.destination {
+            Destination::Cidr {
+                addr: IpAddr::V6(_),
+                ..
+            } => write!(f, "[{}]", self.destination)?,
+            d => write!(f, "{d}")?,
+        }
+        write!(f, ":{}/{}", self.port, self.protocol.as_str())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -502,18 +535,7 @@ impl TenantSpec {
                 cpu_millicores: self.resources.cpu_millicores,
                 volume_bytes: self.resources.volume_bytes,
             }),
-            egress: self
-                .egress
-                .iter()
-                .map(|r| proto::EgressRule {
-                    destination: r.destination.to_string(),
-                    protocol: match r.protocol {
-                        Protocol::Tcp => "tcp".into(),
-                        Protocol::Udp => "udp".into(),
-                    },
-                    port: u32::from(r.port),
-                })
-                .collect(),
+            egress: self.egress.iter().map(EgressRule::to_proto).collect(),
             volume: Some(proto::VolumeSpec {
                 size_bytes: self.resources.volume_bytes,
                 encrypted: self.volume.encrypted,
@@ -608,6 +630,52 @@ pub enum EgressFile {
     },
 }
 
+impl EgressFile {
+    /// Entry `i` as the protobuf message. The shorthand is `destination:port`, optionally
+    /// followed by `/tcp` or `/udp` (tcp by default); IPv6 addresses go in brackets.
+    pub fn to_proto(&self, i: usize) -> Result<proto::EgressRule, FieldError> {
+        match self {
+            EgressFile::Short(s) => {
+                let (rest, protocol) = match s.rsplit_once('/') {
+                    Some((r, p @ ("tcp" | "udp"))) => (r, p),
+                    _ => (s.as_str(), "tcp"),
+                };
+                let (dest, port) = rest
+                    .rsplit_once(':')
+                    .filter(|(d, _)| !d.is_empty() && !d.ends_with(':'))
+                    .ok_or_else(|| {
+                        field(
+                            &format!("egress[{i}]"),
+                            format!(
+                                "{s:?}: expected destination:port[/udp], e.g. api.anthropic.com:443"
+                            ),
+                        )
+                    })?;
+                let port = port.parse().map_err(|_| {
+                    field(
+                        &format!("egress[{i}].port"),
+                        format!("{port:?} is not a port (1 to 65535)"),
+                    )
+                })?;
+                Ok(proto::EgressRule {
+                    destination: dest.trim_matches(['[', ']']).to_string(),
+                    protocol: protocol.into(),
+                    port,
+                })
+            }
+            EgressFile::Full {
+                destination,
+                port,
+                protocol,
+            } => Ok(proto::EgressRule {
+                destination: destination.clone(),
+                protocol: protocol.clone().unwrap_or_default(),
+                port: *port,
+            }),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeFile {
@@ -642,44 +710,12 @@ impl TenantSpecFile {
     pub fn to_proto(&self) -> Result<proto::TenantSpec, FieldError> {
         let r = self.resources.clone().unwrap_or_default();
         let v = self.volume.clone().unwrap_or_default();
-        let mut egress = Vec::new();
-        for (i, e) in self.egress.iter().enumerate() {
-            egress.push(match e {
-                EgressFile::Short(s) => {
-                    let (dest, port) = s
-                        .rsplit_once(':')
-                        .filter(|(d, _)| !d.is_empty() && !d.ends_with(':'))
-                        .ok_or_else(|| {
-                            field(
-                                &format!("egress[{i}]"),
-                                format!(
-                                    "{s:?}: expected destination:port, e.g. api.anthropic.com:443"
-                                ),
-                            )
-                        })?;
-                    let port = port.parse().map_err(|_| {
-                        field(
-                            &format!("egress[{i}].port"),
-                            format!("{port:?} is not a port (1 to 65535)"),
-                        )
-                    })?;
-                    proto::EgressRule {
-                        destination: dest.trim_matches(['[', ']']).to_string(),
-                        protocol: "tcp".into(),
-                        port,
-                    }
-                }
-                EgressFile::Full {
-                    destination,
-                    port,
-                    protocol,
-                } => proto::EgressRule {
-                    destination: destination.clone(),
-                    protocol: protocol.clone().unwrap_or_default(),
-                    port: *port,
-                },
-            });
-        }
+        let egress = self
+            .egress
+            .iter()
+            .enumerate()
+            .map(|(i, e)| e.to_proto(i))
+            .collect::<Result<Vec<_>, _>>()?;
         let restart = self.restart.clone().map(|r| proto::RestartPolicy {
             enabled: r.enabled.unwrap_or(true),
             window: r.window.unwrap_or_default(),

@@ -7,6 +7,7 @@
 
 pub mod clients;
 pub mod docker;
+pub mod fleet;
 pub mod netns;
 pub mod procs;
 

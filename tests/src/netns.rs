@@ -121,3 +121,78 @@ impl Drop for TestNet {
         }
     }
 }
+
+/// A namespace routed from the host (not bridged): the host side of its veth pair has
+/// `10.231.<n>.1`, the namespace `.2` and `.3`, so containers on the host reach its servers
+/// through the host's forwarding, as they would reach the Internet. Dropping it kills its
+/// servers and deletes the namespace (and so the veth pair).
+#[derive(Debug)]
+pub struct RoutedNet {
+    pub netns: String,
+    /// `10.231.<n>`.
+    pub prefix: String,
+    servers: Vec<std::process::Child>,
+}
+
+impl RoutedNet {
+    pub fn new() -> Result<Self, String> {
+        let n = (std::process::id() + NEXT.fetch_add(1, Ordering::SeqCst) * 7) % 250 + 1;
+        let netns = format!("broute{n}");
+        let prefix = format!("10.231.{n}");
+        let (host_if, ns_if) = (format!("vr{n}h"), format!("vr{n}n"));
+        ip(&["netns", "add", &netns])?;
+        let me = Self {
+            netns: netns.clone(),
+            prefix: prefix.clone(),
+            servers: Vec::new(),
+        };
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
+        ])?;
+        ip(&["link", "set", &ns_if, "netns", &netns])?;
+        ip(&["addr", "add", &format!("{prefix}.1/24"), "dev", &host_if])?;
+        ip(&["link", "set", &host_if, "up"])?;
+        for last in [2, 3] {
+            ip(&[
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("{prefix}.{last}/24"),
+                "dev",
+                &ns_if,
+            ])?;
+        }
+        ip(&["-n", &netns, "link", "set", &ns_if, "up"])?;
+        ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+        Ok(me)
+    }
+
+    /// `10.231.<n>.<last>` (1 is the host, 2 and 3 the namespace).
+    pub fn address(&self, last: u8) -> String {
+        format!("{}.{last}", self.prefix)
+    }
+
+    /// Runs `program` in the namespace with `PORT=port` (the test tenant binary serves HTTP).
+    pub fn serve(&mut self, program: &std::path::Path, port: u16) {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.netns])
+            .arg(program)
+            .env("PORT", port.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("server in the routed namespace");
+        self.servers.push(child);
+    }
+}
+
+impl Drop for RoutedNet {
+    fn drop(&mut self) {
+        for s in &mut self.servers {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        let _ = ip(&["netns", "del", &self.netns]);
+    }
+}

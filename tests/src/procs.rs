@@ -278,9 +278,19 @@ pub struct AgentProc {
     pub netns: Option<String>,
     child: Option<Child>,
     uses_docker: bool,
+    /// Appended to the agent config (e.g. an `[egress]` section).
+    pub extra_config: String,
 }
 
 impl AgentProc {
+    /// This agent's own nftables table, so agents of concurrent tests never touch each
+    /// other's rules (the default `berth` table is for one agent per host).
+    pub fn nft_table(&self) -> String {
+        let mut t = format!("berth_{}", self.host_id.replace('-', "_"));
+        t.truncate(32);
+        t
+    }
+
     /// An agent not yet enrolled (its state directory does not exist yet).
     pub fn enroll_fresh(_coordinator: &CoordinatorProc, host_id: &str) -> Self {
         let dir = tempfile::Builder::new()
@@ -293,6 +303,7 @@ impl AgentProc {
             netns: None,
             child: None,
             uses_docker: false,
+            extra_config: String::new(),
         }
     }
 
@@ -308,6 +319,7 @@ impl AgentProc {
             netns: host.map(|h| h.netns.clone()),
             child: None,
             uses_docker: false,
+            extra_config: String::new(),
         };
         let token = coordinator.token(host_id, "10m");
         let (ok, out, err) = run(me.enroll_command(
@@ -363,9 +375,16 @@ impl AgentProc {
         } else {
             self.dir.path().join("no-docker.sock").display().to_string()
         };
+        let extra = if self.extra_config.contains("[egress]") {
+            self.extra_config.clone()
+        } else {
+            format!("{}\n[egress]\ntenant_resolvers = []\n", self.extra_config)
+        };
+        let table = self.nft_table();
         let text = format!(
-            "state_dir = {:?}\nprovider = \"hetzner\"\nregion = \"fsn1\"\ninstance_type = \"cx22\"\nmonthly_cost = 4.51\nreport_interval = \"1s\"\ndocker_socket = {socket:?}\n",
-            self.state_dir().display().to_string()
+            "state_dir = {:?}\nprovider = \"hetzner\"\nregion = \"fsn1\"\ninstance_type = \"cx22\"\nmonthly_cost = 4.51\nreport_interval = \"1s\"\ndocker_socket = {socket:?}\n{}",
+            self.state_dir().display().to_string(),
+            extra.replace("[egress]", &format!("[egress]\ntable = \"{table}\""))
         );
         fs::write(&config, text).expect("agent config");
         let mut cmd = command(self.netns.as_deref(), &bin("berth-agent"));
@@ -387,6 +406,9 @@ impl Drop for AgentProc {
         kill9(&mut self.child);
         if self.uses_docker {
             crate::docker::remove_host_objects(&self.host_id);
+            let _ = std::process::Command::new("nft")
+                .args(["delete", "table", "inet", &self.nft_table()])
+                .output();
         }
         if std::thread::panicking() {
             eprintln!("----- agent {} log -----\n{}", self.host_id, self.log());

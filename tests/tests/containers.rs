@@ -2,98 +2,12 @@
 //! without the coordinator, adoption across an agent restart, removal, and containers berth does
 //! not own. Images are local only (built `FROM scratch`); nothing is ever pulled from outside.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use berth_tests::docker::{inspect, inspect_network, test_tenant_image};
-use berth_tests::procs::{AgentProc, CoordinatorProc};
-use berth_tests::{missing_component, wait_for};
-
-static NEXT: AtomicU32 = AtomicU32::new(0);
-
-/// A name unique to this test process and call (containers are global on the engine).
-fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}{}x{}",
-        std::process::id() % 100_000,
-        NEXT.fetch_add(1, Ordering::SeqCst)
-    )
-}
-
-struct Fleet {
-    coordinator: CoordinatorProc,
-    agent: AgentProc,
-    image: String,
-}
-
-fn fleet() -> Option<Fleet> {
-    if let Err(why) = berth_tests::docker::available() {
-        missing_component("Docker engine", &why);
-        return None;
-    }
-    let image = test_tenant_image();
-    let coordinator = CoordinatorProc::start(None, "");
-    let mut agent = AgentProc::enroll(&coordinator, &unique("ct"), None);
-    agent.start_with_docker(true);
-    let host = agent.host_id.clone();
-    wait_for("the agent ready", Duration::from_secs(10), || {
-        (coordinator.host_state(&host).as_deref() == Some("ready")).then_some(())
-    });
-    Some(Fleet {
-        coordinator,
-        agent,
-        image,
-    })
-}
-
-impl Fleet {
-    fn place(&self, tenant: &str, memory: &str) -> Instant {
-        self.place_with_cpu(tenant, memory, 250)
-    }
-
-    fn place_with_cpu(&self, tenant: &str, memory: &str, cpu_millicores: u32) -> Instant {
-        let spec = format!(
-            "tenant_id = \"{tenant}\"\nimage = \"{}\"\n[resources]\nmemory = \"{memory}\"\ncpu_millicores = {cpu_millicores}\nvolume = \"64MiB\"\n[volume]\nencrypted = false\n",
-            self.image
-        );
-        let path = self.coordinator.dir.path().join(format!("{tenant}.toml"));
-        std::fs::write(&path, spec).unwrap();
-        let (ok, _, err) = self
-            .coordinator
-            .berthctl(&["place", path.to_str().unwrap()]);
-        let replied = Instant::now();
-        assert!(ok, "{err}");
-        replied
-    }
-
-    fn tenant(&self, tenant: &str) -> Option<serde_json::Value> {
-        let (ok, out, err) = self.coordinator.berthctl(&["tenants", "--json"]);
-        assert!(ok, "{err}");
-        serde_json::from_str::<Vec<serde_json::Value>>(&out)
-            .unwrap()
-            .into_iter()
-            .find(|t| t["tenant_id"] == tenant)
-    }
-
-    fn wait_running(&self, tenant: &str, within: Duration) -> serde_json::Value {
-        wait_for(&format!("{tenant} running"), within, || {
-            self.tenant(tenant).filter(|t| t["state"] == "running")
-        })
-    }
-}
-
-fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut s =
-        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.split_once("\r\n\r\n").map(|(_, body)| body.to_string())
-}
+use berth_tests::docker::{inspect, inspect_network};
+use berth_tests::fleet::{fleet, http_get, unique};
+use berth_tests::wait_for;
 
 fn started_at(container: &str) -> String {
     inspect(container)
@@ -177,11 +91,9 @@ fn a_placed_tenant_runs_hardened_under_its_cap_within_3_seconds() {
         "usage read from the cgroup: {view}"
     );
     assert_eq!(view["memory_cap_bytes"].as_u64(), Some(128 << 20));
-    assert!(
-        view["message"]
-            .as_str()
-            .unwrap()
-            .contains("egress not filtered: allowlists are not built yet")
+    assert_eq!(
+        view["message"],
+        "no volume: encrypted volumes are not built yet"
     );
 }
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use berth_coordinator::client::{ClientOptions, connect};
 use berth_coordinator::views::{HostView, PlacementView, TenantView};
 use berth_shared::proto::{self, HostRef};
-use berth_shared::spec::TenantSpecFile;
+use berth_shared::spec::{EgressFile, TenantSpecFile};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -57,12 +57,30 @@ enum Command {
         #[arg(long)]
         purge: bool,
     },
+    /// A tenant's egress allowlist.
+    Egress {
+        #[command(subcommand)]
+        action: EgressAction,
+    },
     /// List tenants.
     Tenants {
         /// Only the tenants of this host.
         #[arg(long)]
         host: Option<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum EgressAction {
+    /// Replace the allowlist of a placed tenant; its container keeps running.
+    Set {
+        tenant: String,
+        /// Entries `destination:port[/udp]`: a CIDR, an address or a DNS name
+        /// (e.g. api.anthropic.com:443 203.0.113.0/24:8443 192.0.2.53:53/udp). None: deny all.
+        entries: Vec<String>,
+    },
+    /// Show the allowlist with each entry's addresses and hits.
+    Show { tenant: String },
 }
 
 /// Reads a spec file into the protobuf message; syntax and sizes are checked here, every other
@@ -199,6 +217,54 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             } else {
                 println!("removed {}", removed.tenant_id);
+            }
+        }
+        Command::Egress {
+            action: EgressAction::Set { tenant, entries },
+        } => {
+            let egress = entries
+                .into_iter()
+                .enumerate()
+                .map(|(i, e)| EgressFile::Short(e).to_proto(i))
+                .collect::<Result<Vec<_>, _>>()?;
+            let placement = client
+                .set_egress(proto::SetEgressRequest {
+                    tenant_id: tenant,
+                    egress,
+                })
+                .await?
+                .into_inner();
+            let view = PlacementView::from(&placement);
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                println!(
+                    "egress of {} set (host {}, generation {})",
+                    view.tenant_id, view.host_id, view.generation
+                );
+            }
+        }
+        Command::Egress {
+            action: EgressAction::Show { tenant },
+        } => {
+            let t = client
+                .get_tenant(proto::TenantRef { tenant_id: tenant })
+                .await?
+                .into_inner();
+            let view = TenantView::from(&t);
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&view.egress)?);
+            } else {
+                println!("{:<40} {:>10} ADDRESSES", "ENTRY", "HITS");
+                for e in &view.egress {
+                    let detail = if e.error.is_empty() {
+                        e.addresses.join(", ")
+                    } else {
+                        format!("{} ({})", e.addresses.join(", "), e.error)
+                    };
+                    println!("{:<40} {:>10} {}", e.entry, e.hits, detail.trim());
+                }
+                println!("denied packets: {}", view.egress_denied_packets);
             }
         }
         Command::Tenants { host } => {

@@ -288,3 +288,67 @@ fn statuses_count_only_for_the_host_a_tenant_is_placed_on() {
         (proto::TenantState::Failed as i32, "image: cannot pull")
     );
 }
+
+fn rule(destination: &str, port: u32) -> proto::EgressRule {
+    proto::EgressRule {
+        destination: destination.into(),
+        protocol: "tcp".into(),
+        port,
+    }
+}
+
+#[test]
+fn an_allowlist_update_reaches_the_same_host_with_a_new_generation() {
+    let (p, store) = placements(&[host("h1", 8), host("h2", 8)]);
+    let placed = p.place(spec("acme"), 1).unwrap();
+    p.make_durable(placed.seq).unwrap();
+    let host_id = HostId::new(&placed.placement.host_id).unwrap();
+    let acme = TenantId::new("acme").unwrap();
+    let updated = p
+        .set_egress(&acme, vec![rule("api.anthropic.com", 443)])
+        .unwrap();
+    assert_eq!(updated.placement.host_id, placed.placement.host_id);
+    assert!(updated.placement.generation > placed.placement.generation);
+    p.make_durable(updated.seq).unwrap();
+    let desired = p.desired_state(&host_id);
+    assert_eq!(desired.generation, updated.placement.generation);
+    assert_eq!(
+        desired.tenants[0].egress,
+        vec![rule("api.anthropic.com", 443)]
+    );
+    let (count, _) = p.host_usage(&host_id);
+    assert_eq!(count, 1, "capacity is booked once");
+    // The same list again changes nothing.
+    let same = p
+        .set_egress(&acme, vec![rule("api.anthropic.com", 443)])
+        .unwrap();
+    assert_eq!(same.placement.generation, updated.placement.generation);
+    // Bad entries are refused by name and persist nothing.
+    let before = store.scan_prefix("").unwrap();
+    for (entries, expected) in [
+        (
+            vec![rule("api.anthropic.com", 443), rule("10.0.0.0/33", 443)],
+            "invalid egress[1].destination",
+        ),
+        (vec![rule("203.0.113.0/24", 0)], "invalid egress[0].port"),
+        (
+            vec![rule("203.0.113.0/24", 65536)],
+            "invalid egress[0].port",
+        ),
+        (vec![rule("0.0.0.0/0", 443)], "allows the whole Internet"),
+        (
+            vec![rule("bad_name!", 443)],
+            "invalid egress[0].destination",
+        ),
+    ] {
+        let err = p.set_egress(&acme, entries).unwrap_err().to_string();
+        assert!(err.contains(expected), "{expected}: {err}");
+    }
+    assert_eq!(
+        p.set_egress(&TenantId::new("nobody").unwrap(), vec![])
+            .unwrap_err()
+            .to_string(),
+        "unknown tenant \"nobody\""
+    );
+    assert_eq!(store.scan_prefix("").unwrap(), before);
+}

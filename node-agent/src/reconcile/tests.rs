@@ -12,10 +12,11 @@ struct FakeRuntime {
     calls: StdMutex<Vec<String>>,
     containers: StdMutex<Vec<ManagedContainer>>,
     images: StdMutex<Vec<String>>,
-    networks: StdMutex<Vec<String>>,
-    subnets: StdMutex<Vec<String>>,
+    networks: StdMutex<HashMap<String, Vec<String>>>,
     foreign_ports: StdMutex<Vec<u16>>,
     port_taken: StdMutex<bool>,
+    egress_applied: StdMutex<Vec<String>>,
+    egress_broken: StdMutex<bool>,
     next_id: StdMutex<u32>,
 }
 
@@ -43,22 +44,18 @@ impl ContainerRuntime for FakeRuntime {
     async fn published_ports(&self) -> Result<Vec<u16>, RuntimeError> {
         Ok(self.foreign_ports.lock().unwrap().clone())
     }
-    async fn network_subnets(&self) -> Result<Vec<String>, RuntimeError> {
-        Ok(self.subnets.lock().unwrap().clone())
-    }
-    async fn network_exists(&self, name: &str) -> Result<bool, RuntimeError> {
-        Ok(self.networks.lock().unwrap().iter().any(|n| n == name))
+    async fn networks(&self) -> Result<HashMap<String, Vec<String>>, RuntimeError> {
+        Ok(self.networks.lock().unwrap().clone())
     }
     async fn create_network(&self, n: NetworkCreateRequest) -> Result<(), RuntimeError> {
         let subnet = n.ipam.unwrap().config.unwrap()[0].subnet.clone().unwrap();
         self.record(format!("network {} {subnet}", n.name));
-        self.networks.lock().unwrap().push(n.name);
-        self.subnets.lock().unwrap().push(subnet);
+        self.networks.lock().unwrap().insert(n.name, vec![subnet]);
         Ok(())
     }
     async fn remove_network(&self, name: &str) -> Result<(), RuntimeError> {
         self.record(format!("rm-network {name}"));
-        self.networks.lock().unwrap().retain(|n| n != name);
+        self.networks.lock().unwrap().remove(name);
         Ok(())
     }
     async fn create_and_start(
@@ -131,18 +128,47 @@ impl VolumeStep for RecordingSteps {
     }
 }
 
+/// Records applies that change something (a new tenant or subnet), releases and sweeps;
+/// refuses everything while `egress_broken` is set.
 #[tonic::async_trait]
 impl EgressStep for RecordingSteps {
-    async fn apply(&self, s: &TenantSpec) -> Result<(), String> {
-        self.0.record(format!("egress {}", s.tenant_id));
-        Ok(())
+    async fn refresh(&self) -> Result<(), String> {
+        match *self.0.egress_broken.lock().unwrap() {
+            true => Err("cannot run nft: No such file or directory".into()),
+            false => Ok(()),
+        }
     }
-    async fn release(&self, t: &str) -> Result<(), String> {
+    async fn apply(&self, s: &TenantSpec, subnet: &str) -> Result<EgressReport, String> {
+        self.refresh().await?;
+        let mut applied = self.0.egress_applied.lock().unwrap();
+        let entry = format!("{} {subnet}", s.tenant_id);
+        if !applied.contains(&entry) {
+            applied.push(entry.clone());
+            self.0.record(format!("egress {entry}"));
+        }
+        Ok(EgressReport {
+            denied_packets: 3,
+            problems: vec!["egress x.test:443/tcp: does not resolve (NXDOMAIN)".into()],
+            ..Default::default()
+        })
+    }
+    async fn release(&self, t: &TenantId) -> Result<(), String> {
+        self.0
+            .egress_applied
+            .lock()
+            .unwrap()
+            .retain(|e| !e.starts_with(&format!("{t} ")));
         self.0.record(format!("rm-egress {t}"));
         Ok(())
     }
-    fn caveat(&self) -> Option<&'static str> {
-        None
+    async fn sweep(&self, keep: &BTreeSet<TenantId>) -> Result<(), String> {
+        let mut applied = self.0.egress_applied.lock().unwrap();
+        let before = applied.len();
+        applied.retain(|e| keep.iter().any(|t| e.starts_with(&format!("{t} "))));
+        if applied.len() != before {
+            self.0.record("sweep".into());
+        }
+        Ok(())
     }
 }
 
@@ -188,12 +214,17 @@ async fn creates_in_order_adopts_without_restart_and_tears_down_in_reverse() {
         fake.calls(),
         [
             "volume a",
-            "egress a",
             "network berth-a 10.213.0.0/28",
+            "egress a 10.213.0.0/28",
             "create berth-a"
         ]
     );
     assert_eq!(statuses[0].state, proto::TenantState::Running as i32);
+    assert_eq!(statuses[0].egress_denied_packets, 3);
+    assert_eq!(
+        statuses[0].message,
+        "egress x.test:443/tcp: does not resolve (NXDOMAIN)"
+    );
     assert_eq!(statuses[0].published_port, 20000);
     assert_eq!(statuses[0].restarts, 2);
 
@@ -296,12 +327,11 @@ async fn ports_skip_those_in_use_and_duplicates_are_removed() {
 }
 
 #[tokio::test]
-async fn the_not_built_steps_say_so_in_the_status() {
+async fn the_volume_stand_in_says_so_in_the_status() {
     let fake = Arc::new(FakeRuntime::default());
     fake.images.lock().unwrap().push("img:1".into());
     let mut r = reconciler(&fake);
     r.volumes = Arc::new(VolumesNotBuilt);
-    r.egress = Arc::new(EgressNotBuilt);
     let statuses = r
         .reconcile(&Desired {
             generation: 1,
@@ -310,8 +340,66 @@ async fn the_not_built_steps_say_so_in_the_status() {
         .await;
     assert_eq!(
         statuses[0].message,
-        "no volume: encrypted volumes are not built yet; egress not filtered: allowlists are not built yet"
+        "no volume: encrypted volumes are not built yet; egress x.test:443/tcp: does not resolve (NXDOMAIN)"
     );
+}
+
+#[tokio::test]
+async fn no_container_starts_without_its_rules_and_an_allowlist_change_does_not_recreate() {
+    let fake = Arc::new(FakeRuntime::default());
+    fake.images.lock().unwrap().push("img:1".into());
+    let r = reconciler(&fake);
+    *fake.egress_broken.lock().unwrap() = true;
+    let one = Desired {
+        generation: 1,
+        tenants: vec![spec("a", "img:1")],
+    };
+    let statuses = r.reconcile(&one).await;
+    assert_eq!(statuses[0].state, proto::TenantState::Failed as i32);
+    assert_eq!(
+        statuses[0].message,
+        "egress: cannot run nft: No such file or directory"
+    );
+    assert!(fake.containers.lock().unwrap().is_empty());
+    *fake.egress_broken.lock().unwrap() = false;
+    r.reconcile(&one).await;
+    assert_eq!(fake.containers.lock().unwrap().len(), 1);
+    // A new allowlist: same container (egress is not part of its spec hash).
+    let mut changed = spec("a", "img:1");
+    changed.egress = spec_with_egress().egress;
+    fake.calls.lock().unwrap().clear();
+    r.reconcile(&Desired {
+        generation: 2,
+        tenants: vec![changed],
+    })
+    .await;
+    assert!(fake.calls().is_empty(), "{:?}", fake.calls());
+    // A stopped container whose rules cannot be applied stays stopped.
+    fake.containers.lock().unwrap()[0].state = "exited".into();
+    *fake.egress_broken.lock().unwrap() = true;
+    let statuses = r.reconcile(&one).await;
+    assert!(fake.calls().is_empty(), "{:?}", fake.calls());
+    assert_eq!(statuses[0].state, proto::TenantState::Failed as i32);
+    // Stale rules are swept only for tenants whose container is gone.
+    *fake.egress_broken.lock().unwrap() = false;
+    fake.egress_applied
+        .lock()
+        .unwrap()
+        .push("old 10.213.9.0/28".into());
+    r.reconcile(&one).await;
+    assert_eq!(fake.calls(), ["start 0001", "sweep"]);
+}
+
+fn spec_with_egress() -> TenantSpec {
+    TenantSpec::from_resolved(proto::TenantSpec {
+        egress: vec![proto::EgressRule {
+            destination: "203.0.113.0/24".into(),
+            protocol: "tcp".into(),
+            port: 443,
+        }],
+        ..spec("a", "img:1").to_proto()
+    })
+    .unwrap()
 }
 
 #[tokio::test]
@@ -331,13 +419,7 @@ async fn a_port_taken_while_stopped_means_a_new_container_on_a_fresh_port() {
     let statuses = r.reconcile(&desired).await;
     assert_eq!(
         fake.calls(),
-        [
-            "start 0001",
-            "remove 0001",
-            "volume a",
-            "egress a",
-            "create berth-a"
-        ]
+        ["start 0001", "remove 0001", "volume a", "create berth-a"]
     );
     assert_eq!(statuses[0].published_port, 20001);
 }

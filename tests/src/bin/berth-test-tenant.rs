@@ -2,10 +2,15 @@
 //!
 //! `GET /healthz` → `ok`; `GET /alloc?mb=N` allocates and touches N MiB (to reach the memory
 //! cap); `GET /connect?addr=IP:PORT` opens a TCP connection and says whether it worked (for
-//! egress tests, against servers the test itself started). Port from `PORT` (default 18789).
+//! egress tests, against servers the test itself started); `GET /hold?addr=IP:PORT` opens one
+//! and keeps it idle, `GET /check?id=N` then sends an HTTP request over held connection N and
+//! says whether the answer came (an established connection surviving a rule change). Each
+//! connection is served on its own thread, so a held one blocks nobody. Port from `PORT`
+//! (default 18789).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 fn query<'a>(path: &'a str, key: &str) -> Option<&'a str> {
@@ -48,33 +53,74 @@ fn main() {
         .and_then(|p| p.parse().ok())
         .unwrap_or(18789u16);
     let listener = TcpListener::bind(("0.0.0.0", port)).expect("bind");
-    let mut hoard: Vec<Vec<u8>> = Vec::new();
+    let hoard: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let held: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
     for stream in listener.incoming().flatten() {
-        let mut line = String::new();
-        if BufReader::new(&stream).read_line(&mut line).is_err() {
-            continue;
+        let (hoard, held) = (hoard.clone(), held.clone());
+        std::thread::spawn(move || serve(stream, &hoard, &held));
+    }
+}
+
+fn check(stream: &mut TcpStream) -> String {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(3)));
+    if let Err(e) = stream.write_all(b"GET /healthz HTTP/1.0\r\n\r\n") {
+        return format!("broken: {e}\n");
+    }
+    let mut answer = String::new();
+    match stream.read_to_string(&mut answer) {
+        Ok(_) if answer.contains("ok") => "alive\n".into(),
+        Ok(_) => format!("broken: answered {answer:?}\n"),
+        Err(e) => format!("broken: {e}\n"),
+    }
+}
+
+fn serve(stream: TcpStream, hoard: &Mutex<Vec<Vec<u8>>>, held: &Mutex<Vec<TcpStream>>) {
+    let mut line = String::new();
+    if BufReader::new(&stream).read_line(&mut line).is_err() {
+        return;
+    }
+    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let addr = || query(&path, "addr").and_then(|a| a.parse::<SocketAddr>().ok());
+    if path.starts_with("/healthz") {
+        respond(stream, 200, "ok\n");
+    } else if path.starts_with("/alloc") {
+        let mb: usize = query(&path, "mb").and_then(|m| m.parse().ok()).unwrap_or(0);
+        let mut hoard = hoard.lock().unwrap_or_else(|p| p.into_inner());
+        for _ in 0..mb {
+            // Touch every page so the memory is really committed.
+            hoard.push(vec![1u8; 1 << 20]);
         }
-        let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
-        if path.starts_with("/healthz") {
-            respond(stream, 200, "ok\n");
-        } else if path.starts_with("/alloc") {
-            let mb: usize = query(&path, "mb").and_then(|m| m.parse().ok()).unwrap_or(0);
-            for _ in 0..mb {
-                // Touch every page so the memory is really committed.
-                hoard.push(vec![1u8; 1 << 20]);
-            }
-            respond(stream, 200, &format!("allocated {mb}\n"));
-        } else if path.starts_with("/connect") {
-            let result = query(&path, "addr")
-                .and_then(|a| a.parse::<SocketAddr>().ok())
-                .map(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)));
-            match result {
-                Some(Ok(_)) => respond(stream, 200, "connected\n"),
-                Some(Err(e)) => respond(stream, 200, &format!("refused: {e}\n")),
-                None => respond(stream, 400, "addr=IP:PORT\n"),
-            }
-        } else {
-            respond(stream, 404, "not found\n");
+        respond(stream, 200, &format!("allocated {mb}\n"));
+    } else if path.starts_with("/connect") {
+        match addr().map(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2))) {
+            Some(Ok(_)) => respond(stream, 200, "connected\n"),
+            Some(Err(e)) => respond(stream, 200, &format!("refused: {e}\n")),
+            None => respond(stream, 400, "addr=IP:PORT\n"),
         }
+    } else if path.starts_with("/hold") {
+        match addr().map(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2))) {
+            Some(Ok(conn)) => {
+                let mut held = held.lock().unwrap_or_else(|p| p.into_inner());
+                held.push(conn);
+                respond(stream, 200, &format!("held {}\n", held.len() - 1));
+            }
+            Some(Err(e)) => respond(stream, 200, &format!("refused: {e}\n")),
+            None => respond(stream, 400, "addr=IP:PORT\n"),
+        }
+    } else if path.starts_with("/check") {
+        let id: Option<usize> = query(&path, "id").and_then(|i| i.parse().ok());
+        let conn = id.and_then(|i| {
+            let held = held.lock().unwrap_or_else(|p| p.into_inner());
+            held.get(i).and_then(|c| c.try_clone().ok())
+        });
+        match conn {
+            Some(mut c) => {
+                let verdict = check(&mut c);
+                respond(stream, 200, &verdict)
+            }
+            None => respond(stream, 404, "no such held connection\n"),
+        }
+    } else {
+        respond(stream, 404, "not found\n");
     }
 }

@@ -1,0 +1,389 @@
+//! Egress allowlists: keeps berth's nftables table equal to the desired tenants' allowlists.
+//!
+//! Ensures: a tenant's rules are in place before its container starts (the reconciler applies
+//! them first and does not start a container whose rules failed); every change is one nft
+//! transaction, so a refused change leaves the previous rules in force; an update only adds
+//! and deletes set elements, so per-entry counters survive and established connections pass
+//! (`ct state established` comes first); what the table holds is re-read every pass, so rules
+//! removed or damaged by hand are rebuilt and chains of tenants no longer here are removed.
+//! DNS names are resolved by the agent, refreshed at their TTL clamped to
+//! [floor, ceiling], and an address a name stops returning stays allowed for a grace period.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_shared::clock::Clock;
+use berth_shared::ids::TenantId;
+use berth_shared::proto;
+use berth_shared::spec::{Destination, EgressRule, TenantSpec};
+
+use crate::dns::Resolve;
+use crate::nft::{
+    Element, Installed, InstalledTenant, Nft, Prefix, TenantRules, base_script, chain, gc_script,
+    normalize, parse_listing, remove_script, tenant_script,
+};
+
+/// What the egress step says about one tenant after applying its rules.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EgressReport {
+    pub entries: Vec<proto::EgressEntryStatus>,
+    pub denied_packets: u64,
+    /// Entries that allow nothing right now, with the reason (shown in the tenant's status).
+    pub problems: Vec<String>,
+}
+
+/// The tenant's egress allowlist (a trait so the reconciler is tested with a recording fake).
+#[tonic::async_trait]
+pub trait EgressStep: Send + Sync + std::fmt::Debug {
+    /// Reads what is installed (at most every `relist_interval`); called at the start of
+    /// every pass.
+    async fn refresh(&self) -> Result<(), String>;
+    /// Makes the tenant's rules match `spec`, for its network `subnet`.
+    async fn apply(&self, spec: &TenantSpec, subnet: &str) -> Result<EgressReport, String>;
+    /// Removes the tenant's rules (after its container is gone).
+    async fn release(&self, tenant: &TenantId) -> Result<(), String>;
+    /// Removes the rules of every tenant not in `keep`, and deletes withdrawn elements (the
+    /// slow part of an update, which changes no verdict, so it is kept off the update path).
+    async fn sweep(&self, keep: &BTreeSet<TenantId>) -> Result<(), String>;
+}
+
+/// Settings from the agent's `[egress]` configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EgressSettings {
+    pub table: String,
+    /// DNS servers tenants may query (UDP and TCP port 53).
+    pub tenant_resolvers: BTreeSet<Ipv4Addr>,
+    pub ttl_floor: Duration,
+    pub ttl_ceiling: Duration,
+    pub stale_grace: Duration,
+    /// How long a listing of the table is trusted (the model follows every change berth
+    /// makes); listing 200 tenants' sets takes ~150 ms, so passes triggered by a desired-state
+    /// change within this time apply from the model without re-reading.
+    pub relist_interval: Duration,
+}
+
+impl Default for EgressSettings {
+    fn default() -> Self {
+        Self {
+            table: crate::nft::DEFAULT_TABLE.into(),
+            tenant_resolvers: BTreeSet::new(),
+            ttl_floor: Duration::from_secs(30),
+            ttl_ceiling: Duration::from_secs(3600),
+            stale_grace: Duration::from_secs(600),
+            relist_interval: Duration::from_secs(4),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct NameState {
+    /// Address → until when it stays allowed (Unix ms).
+    addresses: BTreeMap<Ipv4Addr, i64>,
+    refresh_at_ms: i64,
+    error: Option<String>,
+    last_used_ms: i64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// `None` until a listing succeeded, or after one failed.
+    installed: Option<Installed>,
+    listed_at_ms: i64,
+    names: HashMap<String, NameState>,
+}
+
+/// The allowlists, enforced with nftables.
+#[derive(Debug)]
+pub struct NftEgress {
+    nft: Arc<dyn Nft>,
+    resolver: Arc<dyn Resolve>,
+    clock: Arc<dyn Clock>,
+    settings: EgressSettings,
+    state: tokio::sync::Mutex<State>,
+}
+
+/// Runs a blocking nft call off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| format!("nft task: {e}"))?
+}
+
+impl NftEgress {
+    pub fn new(
+        nft: Arc<dyn Nft>,
+        resolver: Arc<dyn Resolve>,
+        clock: Arc<dyn Clock>,
+        settings: EgressSettings,
+    ) -> Self {
+        Self {
+            nft,
+            resolver,
+            clock,
+            settings,
+            state: tokio::sync::Mutex::default(),
+        }
+    }
+
+    async fn run(&self, script: String) -> Result<(), String> {
+        let nft = self.nft.clone();
+        blocking(move || nft.apply(&script).map_err(|e| e.to_string())).await
+    }
+
+    async fn listing(&self) -> Result<Option<Installed>, String> {
+        let (nft, table) = (self.nft.clone(), self.settings.table.clone());
+        let json = blocking(move || nft.list(&table).map_err(|e| e.to_string())).await?;
+        json.map(|j| parse_listing(&j)).transpose()
+    }
+
+    /// The addresses `name` allows now, resolving it when its TTL ran out.
+    async fn addresses(&self, names: &mut HashMap<String, NameState>, name: &str) -> NameView {
+        let now = self.clock.now_unix_ms();
+        let entry = names.entry(name.to_string()).or_default();
+        entry.last_used_ms = now;
+        if now >= entry.refresh_at_ms {
+            let floor = self.settings.ttl_floor.as_millis() as i64;
+            match self.resolver.resolve(name).await {
+                Ok(answer) => {
+                    let ttl = Duration::from_secs(u64::from(answer.ttl_secs))
+                        .clamp(self.settings.ttl_floor, self.settings.ttl_ceiling);
+                    entry.refresh_at_ms = now + ttl.as_millis() as i64;
+                    let keep_until =
+                        entry.refresh_at_ms + self.settings.stale_grace.as_millis() as i64;
+                    for a in answer.addresses {
+                        entry.addresses.insert(a, keep_until);
+                    }
+                    entry.error = None;
+                }
+                Err(e) => {
+                    tracing::warn!(%name, error = %e, "allowlist name did not resolve");
+                    entry.refresh_at_ms = now + floor;
+                    entry.error = Some(e.to_string());
+                }
+            }
+        }
+        entry.addresses.retain(|_, until| *until > now);
+        NameView {
+            addresses: entry.addresses.keys().copied().collect(),
+            error: entry.error.clone(),
+        }
+    }
+
+    /// The elements of each rule, and the reason a rule allows nothing.
+    async fn resolve_rules(
+        &self,
+        names: &mut HashMap<String, NameState>,
+        rules: &[EgressRule],
+    ) -> Vec<(Vec<Element>, Option<String>)> {
+        let mut out = Vec::with_capacity(rules.len());
+        for rule in rules {
+            let element = |net: Prefix| Element {
+                net,
+                protocol: rule.protocol,
+                port: rule.port,
+            };
+            out.push(match &rule.destination {
+                Destination::Cidr {
+                    addr: IpAddr::V4(a),
+                    prefix,
+                } => (vec![element(Prefix::new(*a, *prefix))], None),
+                Destination::Cidr { .. } => (
+                    Vec::new(),
+                    Some("IPv6 destinations are unreachable: tenant networks are IPv4-only".into()),
+                ),
+                Destination::Name(name) => {
+                    let view = self.addresses(names, name).await;
+                    let els = view
+                        .addresses
+                        .into_iter()
+                        .map(|a| element(Prefix::new(a, 32)))
+                        .collect();
+                    (els, view.error)
+                }
+            });
+        }
+        out
+    }
+}
+
+struct NameView {
+    addresses: Vec<Ipv4Addr>,
+    error: Option<String>,
+}
+
+/// Packets counted for `e`: its own counter, or that of the element covering it.
+fn hits(installed: &InstalledTenant, e: &Element) -> u64 {
+    installed.elements.get(e).copied().unwrap_or_else(|| {
+        installed
+            .elements
+            .iter()
+            .find(|(o, _)| o.protocol == e.protocol && o.port == e.port && o.net.contains(&e.net))
+            .map_or(0, |(_, n)| *n)
+    })
+}
+
+#[tonic::async_trait]
+impl EgressStep for NftEgress {
+    async fn refresh(&self) -> Result<(), String> {
+        let mut state = self.state.lock().await;
+        let now = self.clock.now_unix_ms();
+        if state.installed.is_some()
+            && now - state.listed_at_ms < self.settings.relist_interval.as_millis() as i64
+        {
+            return Ok(());
+        }
+        state.installed = None;
+        let mut installed = self.listing().await?.unwrap_or_default();
+        if !installed.base_complete || installed.resolvers != self.settings.tenant_resolvers {
+            self.run(base_script(
+                &self.settings.table,
+                &self.settings.tenant_resolvers,
+            ))
+            .await
+            .map_err(|e| format!("cannot install berth's nftables table: {e}"))?;
+            installed = self.listing().await?.unwrap_or_default();
+        }
+        state.installed = Some(installed);
+        state.listed_at_ms = now;
+        // Names no tenant asked for in a while are forgotten.
+        let idle = (self.settings.ttl_ceiling + self.settings.stale_grace).as_millis() as i64;
+        state.names.retain(|_, n| now - n.last_used_ms < idle);
+        Ok(())
+    }
+
+    async fn apply(&self, spec: &TenantSpec, subnet: &str) -> Result<EgressReport, String> {
+        let subnet = Prefix::parse(subnet)
+            .filter(|p| p.len < 32)
+            .ok_or_else(|| format!("tenant network subnet {subnet:?} is not an IPv4 prefix"))?;
+        let mut state = self.state.lock().await;
+        let state = &mut *state;
+        let installed = state
+            .installed
+            .as_mut()
+            .ok_or("the nftables table could not be read this pass")?;
+        let per_rule = self.resolve_rules(&mut state.names, &spec.egress).await;
+        let want = TenantRules {
+            chain: chain(&spec.tenant_id),
+            subnet,
+            elements: normalize(per_rule.iter().flat_map(|(els, _)| els.iter().copied())),
+        };
+        let current = installed.tenants.get(&want.chain);
+        if let Some(script) = tenant_script(&self.settings.table, &want, current) {
+            self.run(script).await.map_err(|e| {
+                format!("nft refused the allowlist update (the previous rules stay): {e}")
+            })?;
+            let kept = current.filter(|c| c.complete());
+            let mut elements: BTreeMap<Element, u64> = want
+                .elements
+                .iter()
+                .map(|e| {
+                    (
+                        *e,
+                        kept.and_then(|k| k.elements.get(e)).copied().unwrap_or(0),
+                    )
+                })
+                .collect();
+            // Withdrawn elements stay in the allow set (behind the deny set) until the
+            // clean-up in `sweep`.
+            let mut withdrawn = BTreeSet::new();
+            if let Some(k) = kept {
+                for (e, n) in &k.elements {
+                    if !want.elements.contains(e) {
+                        elements.insert(*e, *n);
+                        withdrawn.insert(*e);
+                    }
+                }
+            }
+            let updated = InstalledTenant {
+                fwd_subnet: Some(subnet),
+                host_subnet: Some(subnet),
+                has_set: true,
+                has_deny_set: true,
+                fwd_chain: true,
+                host_chain: true,
+                fwd_rules: 5,
+                host_rules: 3,
+                elements,
+                withdrawn,
+                denied_packets: kept.map_or(0, |k| k.denied_packets),
+            };
+            debug_assert!(updated.complete());
+            installed.tenants.insert(want.chain.clone(), updated);
+        }
+        let now = &installed.tenants[&want.chain];
+        let mut report = EgressReport {
+            denied_packets: now.denied_packets,
+            ..Default::default()
+        };
+        for (rule, (els, error)) in spec.egress.iter().zip(per_rule) {
+            let text = rule.to_string();
+            let error = match (&error, els.is_empty()) {
+                (Some(e), true) => Some(e.clone()),
+                (Some(e), false) => {
+                    Some(format!("{e}; the last addresses stay for the grace period"))
+                }
+                (None, _) => None,
+            };
+            if let Some(e) = &error {
+                report.problems.push(format!("egress {text}: {e}"));
+            }
+            report.entries.push(proto::EgressEntryStatus {
+                rule: Some(rule.to_proto()),
+                addresses: els.iter().map(|e| e.net.to_string()).collect(),
+                packets: els.iter().map(|e| hits(now, e)).sum(),
+                error: error.unwrap_or_default(),
+            });
+        }
+        Ok(report)
+    }
+
+    async fn release(&self, tenant: &TenantId) -> Result<(), String> {
+        let mut state = self.state.lock().await;
+        let Some(installed) = state.installed.as_mut() else {
+            return Err("the nftables table could not be read this pass".into());
+        };
+        let c = chain(tenant);
+        if let Some(t) = installed.tenants.get(&c) {
+            self.run(remove_script(&self.settings.table, &c, t)).await?;
+            installed.tenants.remove(&c);
+            tracing::info!(%tenant, "egress rules removed");
+        }
+        Ok(())
+    }
+
+    async fn sweep(&self, keep: &BTreeSet<TenantId>) -> Result<(), String> {
+        let mut state = self.state.lock().await;
+        let Some(installed) = state.installed.as_mut() else {
+            return Ok(());
+        };
+        let keep: BTreeSet<String> = keep.iter().map(chain).collect();
+        let stale: Vec<(String, InstalledTenant)> = installed
+            .tenants
+            .iter()
+            .filter(|(c, _)| !keep.contains(*c))
+            .map(|(c, t)| (c.clone(), t.clone()))
+            .collect();
+        for (c, t) in stale {
+            self.run(remove_script(&self.settings.table, &c, &t))
+                .await?;
+            installed.tenants.remove(&c);
+            tracing::info!(chain = %c, "removed the egress rules of a tenant no longer here");
+        }
+        for (c, t) in installed.tenants.iter_mut() {
+            if let Some(script) = gc_script(&self.settings.table, c, t) {
+                self.run(script).await?;
+                for e in std::mem::take(&mut t.withdrawn) {
+                    t.elements.remove(&e);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
