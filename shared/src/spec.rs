@@ -53,9 +53,17 @@ pub enum Destination {
     Name(String),
 }
 
+fn max_prefix(addr: &IpAddr) -> u32 {
+    if addr.is_ipv4() { 32 } else { 128 }
+}
+
 impl std::fmt::Display for Destination {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            // A single address is written as one.
+            Self::Cidr { addr, prefix } if u32::from(*prefix) == max_prefix(addr) => {
+                write!(f, "{addr}")
+            }
             Self::Cidr { addr, prefix } => write!(f, "{addr}/{prefix}"),
             Self::Name(name) => f.write_str(name),
         }

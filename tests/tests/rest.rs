@@ -138,6 +138,36 @@ fn rest_has_the_grpc_semantics() {
     let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(listed[0]["tenant_id"], tenant["tenant_id"]);
     assert_eq!(listed[0]["generation"], tenant["generation"]);
+    // The allowlist of a placed tenant, replaced over REST; a bad entry names its field.
+    let (code, set) = curl(
+        &coordinator,
+        "PUT",
+        "/v1/tenants/rest-one/egress",
+        Some(r#"{"egress": ["api.anthropic.com:443", "192.0.2.10:123/udp"]}"#),
+        true,
+    );
+    assert_eq!(code, 200, "{set}");
+    assert!(set["generation"].as_u64() > tenant["generation"].as_u64());
+    let (_, shown) = curl(&coordinator, "GET", "/v1/tenants/rest-one", None, true);
+    let entries: Vec<&str> = shown["egress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["entry"].as_str().unwrap())
+        .collect();
+    assert_eq!(entries, ["api.anthropic.com:443/tcp", "192.0.2.10:123/udp"]);
+    let (code, bad) = curl(
+        &coordinator,
+        "PUT",
+        "/v1/tenants/rest-one/egress",
+        Some(r#"{"egress": ["203.0.113.1:0"]}"#),
+        true,
+    );
+    assert_eq!(code, 400, "{bad}");
+    assert!(
+        bad["error"].as_str().unwrap().contains("egress[0].port"),
+        "{bad}"
+    );
     let (code, _) = curl(&coordinator, "DELETE", "/v1/tenants/rest-one", None, true);
     assert_eq!(code, 200);
     let (code, gone) = curl(&coordinator, "GET", "/v1/tenants/rest-one", None, true);

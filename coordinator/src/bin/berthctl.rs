@@ -192,15 +192,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .place_tenant(proto::PlaceTenantRequest { spec: Some(spec) })
                 .await?
                 .into_inner();
-            let view = PlacementView::from(&placement);
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&view)?);
-            } else {
-                println!(
+            print_placement(cli.json, &placement, |v| {
+                format!(
                     "placed {} on {} (generation {}, {})",
-                    view.tenant_id, view.host_id, view.generation, view.state
-                );
-            }
+                    v.tenant_id, v.host_id, v.generation, v.state
+                )
+            })?;
         }
         Command::Remove { tenant, purge } => {
             let removed = client
@@ -234,15 +231,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 })
                 .await?
                 .into_inner();
-            let view = PlacementView::from(&placement);
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&view)?);
-            } else {
-                println!(
+            print_placement(cli.json, &placement, |v| {
+                format!(
                     "egress of {} set (host {}, generation {})",
-                    view.tenant_id, view.host_id, view.generation
-                );
-            }
+                    v.tenant_id, v.host_id, v.generation
+                )
+            })?;
         }
         Command::Egress {
             action: EgressAction::Show { tenant },
@@ -289,6 +283,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .into_inner();
             print_one(cli.json, &HostView::new(&h, now_ms()))?;
         }
+    }
+    Ok(())
+}
+
+/// Prints a placement as JSON, or as the line `text` makes of it.
+fn print_placement(
+    json: bool,
+    placement: &proto::Placement,
+    text: impl Fn(&PlacementView) -> String,
+) -> anyhow::Result<()> {
+    let view = PlacementView::from(placement);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+    } else {
+        println!("{}", text(&view));
     }
     Ok(())
 }
