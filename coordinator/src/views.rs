@@ -2,6 +2,7 @@
 //! REST API returns (the same fields for the same things).
 
 use berth_shared::proto;
+use berth_shared::spec::egress_entry_text;
 use serde::Serialize;
 
 #[derive(Debug, Serialize)]
@@ -141,14 +142,6 @@ pub struct EgressEntryView {
     pub error: String,
 }
 
-fn entry_text(e: &proto::EgressRule) -> String {
-    if e.destination.contains(':') {
-        format!("[{}]:{}/{}", e.destination, e.port, e.protocol)
-    } else {
-        format!("{}:{}/{}", e.destination, e.port, e.protocol)
-    }
-}
-
 impl From<&proto::Tenant> for TenantView {
     fn from(t: &proto::Tenant) -> Self {
         let spec = t.spec.clone().unwrap_or_default();
@@ -178,7 +171,7 @@ impl From<&proto::Tenant> for TenantView {
                 .map(|rule| {
                     let seen = status.egress.iter().find(|s| s.rule.as_ref() == Some(rule));
                     EgressEntryView {
-                        entry: entry_text(rule),
+                        entry: egress_entry_text(&rule.destination, rule.port, &rule.protocol),
                         addresses: seen.map(|s| s.addresses.clone()).unwrap_or_default(),
                         hits: seen.map_or(0, |s| s.packets),
                         error: seen.map(|s| s.error.clone()).unwrap_or_default(),

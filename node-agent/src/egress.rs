@@ -3,9 +3,10 @@
 //! Ensures: a tenant's rules are in place before its container starts (the reconciler applies
 //! them first and does not start a container whose rules failed); every change is one nft
 //! transaction, so a refused change leaves the previous rules in force; an update only adds
-//! and deletes set elements, so per-entry counters survive and established connections pass
-//! (`ct state established` comes first); what the table holds is re-read every pass, so rules
-//! removed or damaged by hand are rebuilt and chains of tenants no longer here are removed.
+//! set elements (withdrawn ones go to the deny set; see `nft`), so per-entry counters survive
+//! and established connections pass (`ct state established` comes first); what the table
+//! holds is re-read every few seconds, so rules removed or damaged by hand are rebuilt and
+//! chains of tenants no longer here are removed.
 //! DNS names are resolved by the agent, refreshed at their TTL clamped to
 //! [floor, ceiling], and an address a name stops returning stays allowed for a grace period.
 
@@ -21,8 +22,8 @@ use berth_shared::spec::{Destination, EgressRule, TenantSpec};
 
 use crate::dns::Resolve;
 use crate::nft::{
-    Element, Installed, InstalledTenant, Nft, Prefix, TenantRules, base_script, chain, gc_script,
-    normalize, parse_listing, remove_script, tenant_script,
+    Element, Installed, InstalledTenant, Nft, Prefix, TenantRules, base_script, chain,
+    collect_garbage, gc_script, normalize, parse_listing, remove_script, tenant_script,
 };
 
 /// What the egress step says about one tenant after applying its rules.
@@ -140,6 +141,16 @@ impl NftEgress {
         json.map(|j| parse_listing(&j)).transpose()
     }
 
+    /// Removes everything of tenant chain `c` that the table holds (nothing when it holds none).
+    async fn remove(&self, installed: &mut Installed, c: &str) -> Result<(), String> {
+        if let Some(t) = installed.tenants.get(c) {
+            self.run(remove_script(&self.settings.table, c, t)).await?;
+            installed.tenants.remove(c);
+            tracing::info!(chain = %c, "egress rules removed");
+        }
+        Ok(())
+    }
+
     /// The addresses `name` allows now, resolving it when its TTL ran out.
     async fn addresses(&self, names: &mut HashMap<String, NameState>, name: &str) -> NameView {
         let now = self.clock.now_unix_ms();
@@ -215,17 +226,6 @@ struct NameView {
     error: Option<String>,
 }
 
-/// Packets counted for `e`: its own counter, or that of the element covering it.
-fn hits(installed: &InstalledTenant, e: &Element) -> u64 {
-    installed.elements.get(e).copied().unwrap_or_else(|| {
-        installed
-            .elements
-            .iter()
-            .find(|(o, _)| o.protocol == e.protocol && o.port == e.port && o.net.contains(&e.net))
-            .map_or(0, |(_, n)| *n)
-    })
-}
-
 #[tonic::async_trait]
 impl EgressStep for NftEgress {
     async fn refresh(&self) -> Result<(), String> {
@@ -276,41 +276,7 @@ impl EgressStep for NftEgress {
             self.run(script).await.map_err(|e| {
                 format!("nft refused the allowlist update (the previous rules stay): {e}")
             })?;
-            let kept = current.filter(|c| c.complete());
-            let mut elements: BTreeMap<Element, u64> = want
-                .elements
-                .iter()
-                .map(|e| {
-                    (
-                        *e,
-                        kept.and_then(|k| k.elements.get(e)).copied().unwrap_or(0),
-                    )
-                })
-                .collect();
-            // Withdrawn elements stay in the allow set (behind the deny set) until the
-            // clean-up in `sweep`.
-            let mut withdrawn = BTreeSet::new();
-            if let Some(k) = kept {
-                for (e, n) in &k.elements {
-                    if !want.elements.contains(e) {
-                        elements.insert(*e, *n);
-                        withdrawn.insert(*e);
-                    }
-                }
-            }
-            let updated = InstalledTenant {
-                fwd_subnet: Some(subnet),
-                host_subnet: Some(subnet),
-                has_set: true,
-                has_deny_set: true,
-                fwd_chain: true,
-                host_chain: true,
-                fwd_rules: 5,
-                host_rules: 3,
-                elements,
-                withdrawn,
-                denied_packets: kept.map_or(0, |k| k.denied_packets),
-            };
+            let updated = InstalledTenant::after(&want, current);
             debug_assert!(updated.complete());
             installed.tenants.insert(want.chain.clone(), updated);
         }
@@ -334,7 +300,7 @@ impl EgressStep for NftEgress {
             report.entries.push(proto::EgressEntryStatus {
                 rule: Some(rule.to_proto()),
                 addresses: els.iter().map(|e| e.net.to_string()).collect(),
-                packets: els.iter().map(|e| hits(now, e)).sum(),
+                packets: els.iter().map(|e| now.hits(e)).sum(),
                 error: error.unwrap_or_default(),
             });
         }
@@ -346,13 +312,7 @@ impl EgressStep for NftEgress {
         let Some(installed) = state.installed.as_mut() else {
             return Err("the nftables table could not be read this pass".into());
         };
-        let c = chain(tenant);
-        if let Some(t) = installed.tenants.get(&c) {
-            self.run(remove_script(&self.settings.table, &c, t)).await?;
-            installed.tenants.remove(&c);
-            tracing::info!(%tenant, "egress rules removed");
-        }
-        Ok(())
+        self.remove(installed, &chain(tenant)).await
     }
 
     async fn sweep(&self, keep: &BTreeSet<TenantId>) -> Result<(), String> {
@@ -361,25 +321,18 @@ impl EgressStep for NftEgress {
             return Ok(());
         };
         let keep: BTreeSet<String> = keep.iter().map(chain).collect();
-        let stale: Vec<(String, InstalledTenant)> = installed
+        let stale: Vec<String> = installed
             .tenants
-            .iter()
-            .filter(|(c, _)| !keep.contains(*c))
-            .map(|(c, t)| (c.clone(), t.clone()))
+            .keys()
+            .filter(|c| !keep.contains(*c))
+            .cloned()
             .collect();
-        for (c, t) in stale {
-            self.run(remove_script(&self.settings.table, &c, &t))
-                .await?;
-            installed.tenants.remove(&c);
-            tracing::info!(chain = %c, "removed the egress rules of a tenant no longer here");
+        for c in stale {
+            self.remove(installed, &c).await?;
         }
-        for (c, t) in installed.tenants.iter_mut() {
-            if let Some(script) = gc_script(&self.settings.table, c, t) {
-                self.run(script).await?;
-                for e in std::mem::take(&mut t.withdrawn) {
-                    t.elements.remove(&e);
-                }
-            }
+        if let Some(script) = gc_script(&self.settings.table, installed) {
+            self.run(script).await?;
+            collect_garbage(installed);
         }
         Ok(())
     }

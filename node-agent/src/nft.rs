@@ -116,16 +116,20 @@ impl std::fmt::Display for Element {
     }
 }
 
-/// Drops elements covered by another one with the same protocol and port: nft refuses
-/// overlapping intervals, and the covering element already allows the traffic.
+impl Element {
+    /// Whether this element allows everything `other` does (same protocol and port, a prefix
+    /// containing `other`'s).
+    pub fn covers(&self, other: &Element) -> bool {
+        self.protocol == other.protocol && self.port == other.port && self.net.contains(&other.net)
+    }
+}
+
+/// Drops elements covered by another one: nft refuses overlapping intervals, and the covering
+/// element already allows the traffic.
 pub fn normalize(elements: impl IntoIterator<Item = Element>) -> BTreeSet<Element> {
     let all: BTreeSet<Element> = elements.into_iter().collect();
     all.iter()
-        .filter(|e| {
-            !all.iter().any(|o| {
-                o != *e && o.protocol == e.protocol && o.port == e.port && o.net.contains(&e.net)
-            })
-        })
+        .filter(|e| !all.iter().any(|o| o != *e && o.covers(e)))
         .copied()
         .collect()
 }
@@ -169,6 +173,53 @@ const FWD_RULES: usize = 5;
 const HOST_RULES: usize = 3;
 
 impl InstalledTenant {
+    /// What the table holds for the tenant once `tenant_script(_, want, before)` is applied:
+    /// counters of kept elements carry over; elements `want` drops stay in the allow set,
+    /// withdrawn behind the deny set, until [`gc_script`].
+    pub fn after(want: &TenantRules, before: Option<&InstalledTenant>) -> Self {
+        let kept = before.filter(|b| b.complete());
+        let mut elements: BTreeMap<Element, u64> = want
+            .elements
+            .iter()
+            .map(|e| {
+                (
+                    *e,
+                    kept.and_then(|k| k.elements.get(e)).copied().unwrap_or(0),
+                )
+            })
+            .collect();
+        let mut withdrawn = BTreeSet::new();
+        for (e, n) in kept.iter().flat_map(|k| &k.elements) {
+            if !want.elements.contains(e) {
+                elements.insert(*e, *n);
+                withdrawn.insert(*e);
+            }
+        }
+        Self {
+            fwd_subnet: Some(want.subnet),
+            host_subnet: Some(want.subnet),
+            has_set: true,
+            has_deny_set: true,
+            fwd_chain: true,
+            host_chain: true,
+            fwd_rules: FWD_RULES,
+            host_rules: HOST_RULES,
+            elements,
+            withdrawn,
+            denied_packets: kept.map_or(0, |k| k.denied_packets),
+        }
+    }
+
+    /// Packets counted for `e`: its own counter, or that of the element covering it.
+    pub fn hits(&self, e: &Element) -> u64 {
+        self.elements.get(e).copied().unwrap_or_else(|| {
+            self.elements
+                .iter()
+                .find(|(o, _)| o.covers(e))
+                .map_or(0, |(_, n)| *n)
+        })
+    }
+
     /// Everything in place, so only differences need applying.
     pub fn complete(&self) -> bool {
         self.has_set
@@ -380,34 +431,43 @@ pub fn remove_script(table: &str, chain: &str, installed: &InstalledTenant) -> S
     out
 }
 
-/// Deletes withdrawn elements from both sets: no verdict changes (they are denied before and
-/// absent after), so it runs off the update path. `None` when nothing is withdrawn.
-pub fn gc_script(table: &str, chain: &str, installed: &InstalledTenant) -> Option<String> {
-    let withdrawn: Vec<&Element> = installed.withdrawn.iter().collect();
-    if withdrawn.is_empty() {
-        return None;
-    }
-    let in_allow: Vec<&Element> = withdrawn
-        .iter()
-        .copied()
-        .filter(|e| installed.elements.contains_key(e))
-        .collect();
+/// Deletes withdrawn elements from both sets of every tenant, in one transaction (one RCU
+/// grace period for them all). No verdict changes: they are denied before and absent after,
+/// so it runs off the update path. `None` when nothing is withdrawn.
+pub fn gc_script(table: &str, installed: &Installed) -> Option<String> {
     let mut out = String::new();
-    elements_line(
-        &mut out,
-        "delete",
-        table,
-        &format!("{chain}_allow"),
-        &in_allow,
-    );
-    elements_line(
-        &mut out,
-        "delete",
-        table,
-        &format!("{chain}_deny"),
-        &withdrawn,
-    );
-    Some(out)
+    for (chain, t) in &installed.tenants {
+        let withdrawn: Vec<&Element> = t.withdrawn.iter().collect();
+        let in_allow: Vec<&Element> = t
+            .withdrawn
+            .iter()
+            .filter(|e| t.elements.contains_key(e))
+            .collect();
+        elements_line(
+            &mut out,
+            "delete",
+            table,
+            &format!("{chain}_allow"),
+            &in_allow,
+        );
+        elements_line(
+            &mut out,
+            "delete",
+            table,
+            &format!("{chain}_deny"),
+            &withdrawn,
+        );
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// The model after [`gc_script`] succeeded.
+pub fn collect_garbage(installed: &mut Installed) {
+    for t in installed.tenants.values_mut() {
+        for e in std::mem::take(&mut t.withdrawn) {
+            t.elements.remove(&e);
+        }
+    }
 }
 
 fn tenant_chain_of(name: &str) -> Option<(&str, bool)> {

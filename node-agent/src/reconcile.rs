@@ -2,8 +2,9 @@
 //! and every few seconds), whether or not the coordinator is reachable.
 //!
 //! Ensures: per tenant the order is volume → network → egress rules → container, and teardown
-//! is the reverse (a container whose egress rules cannot be applied is not started); a container whose spec is unchanged is adopted, never restarted (an agent restart
-//! leaves tenants running); a stopped one is started; a container of a tenant no longer desired
+//! is the reverse (a container whose egress rules cannot be applied is not started); a
+//! container whose spec is unchanged is adopted, never restarted (an agent restart leaves
+//! tenants running); a stopped one is started; a container of a tenant no longer desired
 //! is removed with its network; containers without this host's berth labels are never listed,
 //! so never touched.
 
@@ -94,11 +95,12 @@ impl Reconciler {
             .await
             .map_err(|e| e.to_string())?;
         // A container whose tenant label is not a valid id had no rules or network made.
-        if let Ok(tenant) = TenantId::new(&container.tenant) {
-            self.egress.release(&tenant).await?;
+        let tenant = TenantId::new(&container.tenant).ok();
+        if let Some(tenant) = &tenant {
+            self.egress.release(tenant).await?;
         }
         self.volumes.release(&container.tenant).await?;
-        if TenantId::new(&container.tenant).is_ok() {
+        if tenant.is_some() {
             self.runtime
                 .remove_network(&format!("berth-{}", container.tenant))
                 .await
@@ -248,8 +250,8 @@ impl Reconciler {
         for c in &actual {
             by_tenant.entry(c.tenant.as_str()).or_default().push(c);
         }
-        // The table is re-read every pass; without it no container is created (its rules
-        // could not be put in place first), while running ones keep the rules they have.
+        // Without a readable table no container is created (its rules could not be put in
+        // place first), while running ones keep the rules they have.
         let egress_ready = self.egress.refresh().await;
         if let Err(e) = &egress_ready {
             tracing::warn!(error = %e, "cannot read the egress rules");

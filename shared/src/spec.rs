@@ -87,17 +87,23 @@ impl EgressRule {
     }
 }
 
-/// `destination:port/protocol`, as operators write it (IPv6 in brackets).
+/// `destination:port/protocol`, as operators write an egress entry (an IPv6 destination in
+/// brackets); also for entries read back from the protobuf message.
+pub fn egress_entry_text(destination: &str, port: u32, protocol: &str) -> String {
+    if destination.contains(':') {
+        format!("[{destination}]:{port}/{protocol}")
+    } else {
+        format!("{destination}:{port}/{protocol}")
+    }
+}
+
 impl std::fmt::Display for EgressRule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.destination {
-            Destination::Cidr {
-                addr: IpAddr::V6(_),
-                ..
-            } => write!(f, "[{}]", self.destination)?,
-            d => write!(f, "{d}")?,
-        }
-        write!(f, ":{}/{}", self.port, self.protocol.as_str())
+        f.write_str(&egress_entry_text(
+            &self.destination.to_string(),
+            u32::from(self.port),
+            self.protocol.as_str(),
+        ))
     }
 }
 

@@ -102,12 +102,23 @@ fn scripts_touch_only_berths_table_and_updates_only_elements() {
         ..installed.clone()
     };
     assert_eq!(
-        gc_script("berth", c, &after).unwrap(),
+        InstalledTenant::after(&rules("acme", "10.213.0.0/28", &[a, c2]), Some(&installed)),
+        after,
+        "the model keeps counters and the withdrawn element"
+    );
+    let mut table = Installed {
+        tenants: BTreeMap::from([(c.clone(), after.clone())]),
+        ..Installed::default()
+    };
+    assert_eq!(
+        gc_script("berth", &table).unwrap(),
         format!(
             "delete element inet berth {c}_allow {{ 198.51.100.7 . udp . 123 }}\ndelete element inet berth {c}_deny {{ 198.51.100.7 . udp . 123 }}\n"
         )
     );
-    assert_eq!(gc_script("berth", c, &installed), None);
+    collect_garbage(&mut table);
+    assert_eq!(table.tenants[c].elements, BTreeMap::from([(a, 5), (c2, 0)]));
+    assert_eq!(gc_script("berth", &table), None);
     // Wanted again before the clean-up: out of the deny set.
     let again = tenant_script("berth", &want, Some(&after)).unwrap();
     assert_eq!(
@@ -221,13 +232,23 @@ fn the_real_nft_loads_updates_lists_and_removes() {
     let withdrawn = list();
     let w = &withdrawn.tenants[&acme.chain];
     assert_eq!(w.withdrawn, BTreeSet::from([b]), "{w:?}");
+    assert_eq!(
+        InstalledTenant::after(&updated, Some(got)),
+        *w,
+        "the model after an update is what nft lists"
+    );
     assert!(
         tenant_script(table, &updated, Some(w)).is_none(),
         "in force as listed"
     );
-    nft.apply(&gc_script(table, &acme.chain, w).unwrap())
-        .unwrap();
+    let mut model = withdrawn.clone();
+    nft.apply(&gc_script(table, &model).unwrap()).unwrap();
+    collect_garbage(&mut model);
     let after = list();
+    assert_eq!(
+        after, model,
+        "the model after the clean-up is what nft lists"
+    );
     let t = &after.tenants[&acme.chain];
     assert!(t.withdrawn.is_empty() && t.complete(), "{t:?}");
     assert_eq!(
