@@ -107,11 +107,13 @@ export BERTH_TOKEN_FILE=$state/operator.token
 ENV
 # shellcheck disable=SC1091
 . "$state/berthctl.env"
+# Outputs are read whole before grep: `grep -q` closing a pipe early would fail the pipeline.
 for _ in $(seq 1 100); do
-  "$bin/berthctl" hosts --json 2>/dev/null | grep -q '"state": "ready"' && break
+  hosts="$("$bin/berthctl" hosts --json 2>/dev/null || true)"
+  grep -q '"state": "ready"' <<<"$hosts" && break
   sleep 0.1
 done
-"$bin/berthctl" hosts --json | grep -q '"state": "ready"' || fail "the agent did not report: $(tail -n 3 "$state/agent.log" | tr '\n' ' ')"
+grep -q '"state": "ready"' <<<"$hosts" || fail "the agent did not report: $(tail -n 3 "$state/agent.log" | tr '\n' ' ')"
 
 # One sample tenant, 128 MiB cap. Its volume is unencrypted: encrypted volumes need dm-crypt
 # and are not built yet.
@@ -126,10 +128,11 @@ encrypted = false
 TOML
 "$bin/berthctl" place "$state/sample.toml" >/dev/null || fail "placing the sample tenant failed"
 for _ in $(seq 1 100); do
-  "$bin/berthctl" tenants --json | grep -q '"state": "running"' && break
+  tenants="$("$bin/berthctl" tenants --json)"
+  grep -q '"state": "running"' <<<"$tenants" && break
   sleep 0.1
 done
-port="$("$bin/berthctl" tenants --json | grep -o '"published_port": [0-9]*' | grep -o '[0-9]*$')"
+port="$(grep -o '"published_port": [0-9]*' <<<"$tenants" | grep -o '[0-9]*$')"
 
 cat <<INFO
 

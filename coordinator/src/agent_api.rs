@@ -78,6 +78,17 @@ impl AgentApi {
                     .record_statuses(&auth.host_id, report.tenants);
                 Ok(())
             }
+            Some(AgentBody::RestartResult(result)) => {
+                let (tenant, request) = (result.tenant_id.clone(), result.request_id);
+                if !self
+                    .coordinator
+                    .sessions
+                    .complete_restart(&auth.host_id, result)
+                {
+                    tracing::warn!(host = %auth.host_id, tenant = %tenant.chars().take(64).collect::<String>(), request, "restart result nobody waits for");
+                }
+                Ok(())
+            }
             Some(AgentBody::Ack(ack)) => {
                 tracing::debug!(host = %auth.host_id, generation = ack.generation, accepted = ack.accepted, "desired-state ack");
                 if !ack.accepted {
@@ -134,10 +145,10 @@ impl AgentService for AgentApi {
         tx.send(Ok(accepted))
             .await
             .map_err(|_| Status::cancelled("agent went away"))?;
-        let (session_id, mut close) = self
-            .coordinator
-            .sessions
-            .register(&auth.host_id, &auth.serial);
+        let (session_id, mut close) =
+            self.coordinator
+                .sessions
+                .register(&auth.host_id, &auth.serial, tx.clone());
         let api = self.clone();
         let mut desired = self.coordinator.placements.subscribe(&auth.host_id);
         tokio::spawn(async move {

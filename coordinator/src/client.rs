@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use berth_shared::pki::{self, Fingerprint, cert_der_from_pem};
 use berth_shared::proto::operator_service_client::OperatorServiceClient;
 use berth_shared::tls::{ClientIdentity, ServerTrust, client_config};
-use berth_shared::transport::{CoordinatorUrl, channel};
+use berth_shared::transport::{CoordinatorUrl, channel_with_timeout};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
@@ -106,7 +106,12 @@ pub fn connect(options: &ClientOptions) -> Result<OperatorClient, ClientError> {
         .transpose()?;
     let tls = client_config(trust, identity)?;
     Ok(OperatorServiceClient::with_interceptor(
-        channel(&url, tls),
+        // A restart answers only once the tenant is healthy again.
+        channel_with_timeout(
+            &url,
+            tls,
+            crate::core::RESTART_WAIT + std::time::Duration::from_secs(30),
+        ),
         BearerToken(bearer),
     ))
 }

@@ -10,12 +10,16 @@ use berth_shared::pki::{CertificateAuthority, PeerCert, Subject, parse_peer_cert
 use berth_shared::proto;
 use berth_shared::tls::SerialDenyList;
 use berth_shared::transport::PeerInfo;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
 use crate::config::CoordinatorConfig;
 use crate::placement::{PlaceError, Placements, host_info};
 use crate::registry::{HostRecord, HostState, Registry, RegistryError};
+
+/// How long a requested restart may take, waiting for a place and the health gate included
+/// (the agent's default health timeout is 5 minutes).
+pub const RESTART_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Everything the services share.
 #[derive(Debug)]
@@ -96,6 +100,33 @@ impl Coordinator {
         self.durable(applied.seq).await?;
         tracing::info!(%tenant, host = %applied.placement.host_id, "tenant removed");
         Ok(applied.placement)
+    }
+
+    /// Restarts a placed tenant's container now, through its host's agent (the same health
+    /// gate and limit of concurrent restarts as the nightly ones); answers once it is healthy.
+    pub async fn restart(&self, tenant: &TenantId) -> Result<proto::RestartTenantResponse, Status> {
+        let placement = self
+            .placements
+            .tenant(tenant)
+            .and_then(|t| t.placement)
+            .ok_or_else(|| Status::not_found(format!("unknown tenant {:?}", tenant.as_str())))?;
+        let host = HostId::new(&placement.host_id)
+            .map_err(|e| Status::internal(format!("stored placement: {e}")))?;
+        let result = self.sessions.restart(&host, tenant, RESTART_WAIT).await?;
+        if !result.ok {
+            return Err(Status::failed_precondition(format!(
+                "restart of {} on {}: {}",
+                tenant.as_str(),
+                host.as_str(),
+                result.error
+            )));
+        }
+        tracing::info!(%tenant, %host, downtime_ms = result.downtime_ms, "tenant restarted");
+        Ok(proto::RestartTenantResponse {
+            tenant_id: tenant.to_string(),
+            host_id: host.to_string(),
+            downtime_ms: result.downtime_ms,
+        })
     }
 
     async fn durable(self: &Arc<Self>, seq: u64) -> Result<(), PlaceError> {
@@ -251,13 +282,36 @@ struct SessionEntry {
     id: u64,
     serial: String,
     close: oneshot::Sender<Status>,
+    outbound: SessionSender,
 }
 
+/// What a session sends its agent.
+pub type SessionSender = mpsc::Sender<Result<proto::CoordinatorMessage, Status>>;
+
 /// The open agent sessions: at most one per host. A newer session supersedes an older one.
+/// Also the restarts asked of agents and not answered yet.
 #[derive(Debug, Default)]
 pub struct SessionHub {
     next_id: AtomicU64,
     sessions: Mutex<HashMap<HostId, SessionEntry>>,
+    next_request: AtomicU64,
+    pending_restarts: Mutex<HashMap<u64, (HostId, oneshot::Sender<proto::RestartResult>)>>,
+}
+
+/// Forgets a pending restart when its caller stops waiting, however that happens.
+struct PendingRestart<'a> {
+    hub: &'a SessionHub,
+    request_id: u64,
+}
+
+impl Drop for PendingRestart<'_> {
+    fn drop(&mut self) {
+        self.hub
+            .pending_restarts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.request_id);
+    }
 }
 
 /// The receiving side of a session's forced close.
@@ -265,13 +319,19 @@ pub type CloseSignal = oneshot::Receiver<Status>;
 
 impl SessionHub {
     /// Registers a session; returns its id and the signal that closes it.
-    pub fn register(&self, host: &HostId, serial: &str) -> (u64, CloseSignal) {
+    pub fn register(
+        &self,
+        host: &HostId,
+        serial: &str,
+        outbound: SessionSender,
+    ) -> (u64, CloseSignal) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (close, signal) = oneshot::channel();
         let entry = SessionEntry {
             id,
             serial: serial.to_string(),
             close,
+            outbound,
         };
         let previous = self
             .sessions
@@ -310,6 +370,81 @@ impl SessionHub {
         hosts
     }
 
+    /// Asks `host`'s agent to restart `tenant` now and waits up to `wait` for the result.
+    pub async fn restart(
+        &self,
+        host: &HostId,
+        tenant: &TenantId,
+        wait: std::time::Duration,
+    ) -> Result<proto::RestartResult, Status> {
+        let outbound = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(host)
+            .map(|e| e.outbound.clone())
+            .ok_or_else(|| {
+                Status::unavailable(format!(
+                    "host {:?} is not connected: the restart cannot be delivered",
+                    host.as_str()
+                ))
+            })?;
+        // Unique across coordinator restarts too, so a late answer to an old request never
+        // completes a new one.
+        let sequence = self.next_request.fetch_add(1, Ordering::Relaxed) & 0xfffff;
+        let now = berth_shared::clock::Clock::now_unix_ms(&berth_shared::clock::SystemClock);
+        let request_id = ((now as u64) << 20) | sequence;
+        let (tx, rx) = oneshot::channel();
+        self.pending_restarts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(request_id, (host.clone(), tx));
+        let _pending = PendingRestart {
+            hub: self,
+            request_id,
+        };
+        let command = proto::CoordinatorMessage {
+            body: Some(proto::coordinator_message::Body::Restart(
+                proto::RestartCommand {
+                    tenant_id: tenant.to_string(),
+                    request_id,
+                },
+            )),
+        };
+        outbound.send(Ok(command)).await.map_err(|_| {
+            Status::unavailable(format!("host {:?}: session closed", host.as_str()))
+        })?;
+        match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(result)) => Ok(result),
+            Ok(Err(_)) => Err(Status::unavailable(format!(
+                "host {:?}: the restart result was lost",
+                host.as_str()
+            ))),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "host {:?} did not answer within {wait:?}; the restart may still finish: see berthctl tenants",
+                host.as_str()
+            ))),
+        }
+    }
+
+    /// Hands a restart result to its waiting caller; a result for another host's request, or
+    /// for one nobody waits for any more, is dropped (and `false` returned).
+    pub fn complete_restart(&self, host: &HostId, result: proto::RestartResult) -> bool {
+        let mut pending = self
+            .pending_restarts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match pending.get(&result.request_id) {
+            Some((asked, _)) if asked == host => {
+                let (_, tx) = pending
+                    .remove(&result.request_id)
+                    .unwrap_or_else(|| unreachable!());
+                tx.send(result).is_ok()
+            }
+            _ => false,
+        }
+    }
+
     #[cfg(test)]
     fn is_connected(&self, host: &HostId) -> bool {
         self.sessions
@@ -323,12 +458,64 @@ impl SessionHub {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn a_restart_goes_to_the_hosts_session_and_only_that_host_answers_it() {
+        let hub = Arc::new(SessionHub::default());
+        let (a, b) = (HostId::new("a").unwrap(), HostId::new("b").unwrap());
+        let tenant = TenantId::new("t1").unwrap();
+        let err = hub
+            .restart(&a, &tenant, std::time::Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        assert_eq!(
+            err.message(),
+            "host \"a\" is not connected: the restart cannot be delivered"
+        );
+        let (tx, mut rx) = mpsc::channel(4);
+        hub.register(&a, "s1", tx);
+        let waiting = {
+            let (hub, a, tenant) = (hub.clone(), a.clone(), tenant.clone());
+            tokio::spawn(async move {
+                hub.restart(&a, &tenant, std::time::Duration::from_secs(30))
+                    .await
+            })
+        };
+        let Some(proto::coordinator_message::Body::Restart(command)) =
+            rx.recv().await.unwrap().unwrap().body
+        else {
+            panic!("a restart command")
+        };
+        assert_eq!(command.tenant_id, "t1");
+        let result = proto::RestartResult {
+            tenant_id: "t1".into(),
+            request_id: command.request_id,
+            ok: true,
+            error: String::new(),
+            downtime_ms: 640,
+        };
+        assert!(
+            !hub.complete_restart(&b, result.clone()),
+            "another host cannot answer it"
+        );
+        assert!(hub.complete_restart(&a, result.clone()));
+        assert_eq!(waiting.await.unwrap().unwrap(), result);
+        assert!(!hub.complete_restart(&a, result), "answered once");
+        // Nobody answers: a deadline, and the request is forgotten.
+        let err = hub
+            .restart(&a, &tenant, std::time::Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::DeadlineExceeded);
+        assert!(hub.pending_restarts.lock().unwrap().is_empty());
+    }
+
     #[test]
     fn newer_session_supersedes_and_revocation_closes() {
         let hub = SessionHub::default();
         let host = HostId::new("a").unwrap();
-        let (first, mut first_signal) = hub.register(&host, "s1");
-        let (second, mut second_signal) = hub.register(&host, "s2");
+        let (first, mut first_signal) = hub.register(&host, "s1", mpsc::channel(1).0);
+        let (second, mut second_signal) = hub.register(&host, "s2", mpsc::channel(1).0);
         assert_eq!(
             first_signal.try_recv().unwrap().code(),
             tonic::Code::Aborted

@@ -291,9 +291,10 @@ impl OperatorService for OperatorApi {
 
     async fn restart_tenant(
         &self,
-        _: Request<proto::TenantRef>,
-    ) -> Result<Response<proto::Tenant>, Status> {
-        Err(not_built("RestartTenant", "maintenance-window restarts"))
+        request: Request<proto::RestartTenantRequest>,
+    ) -> Result<Response<proto::RestartTenantResponse>, Status> {
+        let id = tenant_id("tenant_id", &request.get_ref().tenant_id)?;
+        self.coordinator.restart(&id).await.map(Response::new)
     }
 
     async fn drain_host(

@@ -18,7 +18,7 @@ use tonic::{Code, Status};
 
 use crate::core::Coordinator;
 use crate::operator_api::place_status;
-use crate::views::{HostView, PlacementView, TenantView};
+use crate::views::{HostView, PlacementView, RestartView, TenantView};
 
 type Shared = State<Arc<Coordinator>>;
 
@@ -41,6 +41,8 @@ fn http_status(code: Code) -> StatusCode {
         Code::AlreadyExists => StatusCode::CONFLICT,
         Code::FailedPrecondition | Code::ResourceExhausted => StatusCode::UNPROCESSABLE_ENTITY,
         Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -204,6 +206,13 @@ async fn set_egress(
     Ok(Json(PlacementView::from(&placement)))
 }
 
+/// `POST /v1/tenants/{id}/restart`: answers once the tenant is healthy again.
+async fn restart(State(c): Shared, Path(id): Path<String>) -> ApiResult<RestartView> {
+    let id = tenant_id(&id)?;
+    let done = c.restart(&id).await?;
+    Ok(Json(RestartView::from(&done)))
+}
+
 /// The REST routes, behind operator authentication.
 pub fn router(coordinator: Arc<Coordinator>) -> axum::Router {
     axum::Router::new()
@@ -214,6 +223,7 @@ pub fn router(coordinator: Arc<Coordinator>) -> axum::Router {
         .route("/v1/tenants", get(list_tenants).post(place))
         .route("/v1/tenants/{id}", get(get_tenant).delete(remove))
         .route("/v1/tenants/{id}/egress", put(set_egress))
+        .route("/v1/tenants/{id}/restart", post(restart))
         .layer(middleware::from_fn_with_state(
             coordinator.clone(),
             authenticate,

@@ -129,6 +129,40 @@ pub struct TenantView {
     pub egress: Vec<EgressEntryView>,
     /// Packets the tenant's egress rules rejected.
     pub egress_denied_packets: u64,
+    /// When the container last started, for any reason (RFC 3339, UTC).
+    pub last_restart: Option<String>,
+    /// The next nightly restart (RFC 3339, UTC); none when restarts are off or it is not running.
+    pub next_restart: Option<String>,
+    /// What the host's restart scheduler last did for this tenant.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub restart_note: String,
+}
+
+/// A finished `berthctl restart`.
+#[derive(Debug, Serialize)]
+pub struct RestartView {
+    pub tenant_id: String,
+    pub host_id: String,
+    /// From the stop until the health check passed.
+    pub downtime_ms: u64,
+}
+
+impl From<&proto::RestartTenantResponse> for RestartView {
+    fn from(r: &proto::RestartTenantResponse) -> Self {
+        Self {
+            tenant_id: r.tenant_id.clone(),
+            host_id: r.host_id.clone(),
+            downtime_ms: r.downtime_ms,
+        }
+    }
+}
+
+/// Unix milliseconds as RFC 3339 (UTC); `None` for 0 (not known).
+pub fn rfc3339(unix_ms: i64) -> Option<String> {
+    (unix_ms > 0)
+        .then(|| jiff::Timestamp::from_millisecond(unix_ms).ok())
+        .flatten()
+        .map(|t| t.round(jiff::Unit::Second).unwrap_or(t).to_string())
 }
 
 /// One allowlist entry: `destination:port/protocol`, its addresses now, and the packets it let
@@ -179,6 +213,9 @@ impl From<&proto::Tenant> for TenantView {
                 })
                 .collect(),
             egress_denied_packets: status.egress_denied_packets,
+            last_restart: rfc3339(status.last_restart_unix_ms),
+            next_restart: rfc3339(status.next_restart_unix_ms),
+            restart_note: status.restart_note,
         }
     }
 }

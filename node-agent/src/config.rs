@@ -12,7 +12,9 @@ use berth_shared::transport::CoordinatorUrl;
 use berth_shared::units::{parse_bytes, parse_duration};
 
 use crate::egress::EgressSettings;
+use crate::restarts::RestartSettings;
 use crate::subnets::SubnetPool;
+use berth_shared::spec::ZoneName;
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -37,6 +39,58 @@ struct RawConfig {
     tenant_subnets: Option<String>,
     #[serde(default)]
     egress: RawEgress,
+    #[serde(default)]
+    restarts: RawRestarts,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRestarts {
+    window: Option<String>,
+    time_zone: Option<String>,
+    max_concurrent: Option<u32>,
+    skip_if_started_within: Option<String>,
+    health_timeout: Option<String>,
+}
+
+impl RawRestarts {
+    fn parse(self) -> Result<RestartSettings, String> {
+        let mut settings = RestartSettings::default();
+        if let Some(w) = self.window {
+            settings.window = w
+                .parse()
+                .map_err(|e| format!("invalid restarts.window: {e}"))?;
+        }
+        if let Some(z) = self.time_zone {
+            settings.time_zone =
+                ZoneName::new(&z).map_err(|e| format!("invalid restarts.time_zone: {e}"))?;
+        }
+        if let Some(k) = self.max_concurrent {
+            if !(1..=64).contains(&k) {
+                return Err(format!(
+                    "invalid restarts.max_concurrent: {k}: must be between 1 and 64"
+                ));
+            }
+            settings.max_concurrent = k as usize;
+        }
+        if let Some(v) = self.skip_if_started_within {
+            settings.skip_if_started_within =
+                parse_duration_or_zero("restarts.skip_if_started_within", &v)?;
+        }
+        if let Some(v) = self.health_timeout {
+            settings.health_timeout =
+                parse_duration("restarts.health_timeout", &v).map_err(|e| e.to_string())?;
+        }
+        Ok(settings)
+    }
+}
+
+/// A duration that may be zero (`0s` turns a rule off).
+fn parse_duration_or_zero(name: &str, v: &str) -> Result<Duration, String> {
+    if v.trim() == "0s" || v.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(name, v).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -173,6 +227,7 @@ pub struct AgentConfig {
     /// The pool tenant networks get their /28s from.
     pub tenant_subnets: SubnetPool,
     pub egress: EgressConfig,
+    pub restarts: RestartSettings,
 }
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/berth/agent";
@@ -243,6 +298,7 @@ impl AgentConfig {
                 .unwrap_or_else(|| PathBuf::from("/var/run/docker.sock")),
             tenant_subnets,
             egress: EgressConfig::parse(raw.egress).map_err(value)?,
+            restarts: raw.restarts.parse().map_err(value)?,
         })
     }
 }
@@ -260,6 +316,28 @@ mod tests {
         assert_eq!(c.monthly_cost_cents, 5490);
         assert_eq!(c.memory_reserved_bytes, 2 << 30);
         assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+    }
+
+    #[test]
+    fn restart_defaults_and_overrides() {
+        let c = AgentConfig::parse(Path::new("a.toml"), GOOD).unwrap();
+        assert_eq!(c.restarts, RestartSettings::default());
+        assert_eq!(c.restarts.window.to_string(), "02:00-05:00");
+        assert_eq!(c.restarts.max_concurrent, 1);
+        assert_eq!(
+            c.restarts.skip_if_started_within,
+            Duration::from_secs(12 * 3600)
+        );
+        let c = AgentConfig::parse(
+            Path::new("a.toml"),
+            &format!("{GOOD}[restarts]\nwindow = \"23:00-01:00\"\ntime_zone = \"Europe/Berlin\"\nmax_concurrent = 3\nskip_if_started_within = \"0s\"\nhealth_timeout = \"90s\"\n"),
+        )
+        .unwrap();
+        assert_eq!(c.restarts.window.to_string(), "23:00-01:00");
+        assert_eq!(c.restarts.time_zone.as_str(), "Europe/Berlin");
+        assert_eq!(c.restarts.max_concurrent, 3);
+        assert_eq!(c.restarts.skip_if_started_within, Duration::ZERO);
+        assert_eq!(c.restarts.health_timeout, Duration::from_secs(90));
     }
 
     #[test]
@@ -349,6 +427,26 @@ mod tests {
             (
                 "provider = \"aws\"\nregion = \"x\"\n[egress]\nstale_grace = \"soon\"",
                 "invalid egress.stale_grace",
+            ),
+            (
+                "provider = \"aws\"\nregion = \"x\"\n[restarts]\nwindow = \"2-5\"",
+                "invalid restarts.window: \"2-5\": expected HH:MM-HH:MM",
+            ),
+            (
+                "provider = \"aws\"\nregion = \"x\"\n[restarts]\ntime_zone = \"Europe/Atlantis\"",
+                "invalid restarts.time_zone: \"Europe/Atlantis\": not in the time zone database",
+            ),
+            (
+                "provider = \"aws\"\nregion = \"x\"\n[restarts]\nmax_concurrent = 0",
+                "invalid restarts.max_concurrent: 0: must be between 1 and 64",
+            ),
+            (
+                "provider = \"aws\"\nregion = \"x\"\n[restarts]\nhealth_timeout = \"0s\"",
+                "invalid restarts.health_timeout",
+            ),
+            (
+                "provider = \"aws\"\nregion = \"x\"\n[restarts]\nskip_if_started_within = \"later\"",
+                "invalid restarts.skip_if_started_within",
             ),
             ("\u{1}garbage[[", "a.toml:"),
         ];

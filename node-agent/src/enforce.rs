@@ -18,6 +18,7 @@ use crate::egress::NftEgress;
 use crate::facts::{ProbeRoots, probe_cgroup};
 use crate::nft::NftCommand;
 use crate::reconcile::{Reconciler, VolumesNotBuilt, port_free_on_loopback};
+use crate::restarts::{Driver, RestartSettings, Restarts, TcpProbe};
 use crate::runtime::DockerRuntime;
 
 /// How often the host is re-checked without a change.
@@ -30,16 +31,26 @@ pub struct Enforcement {
     desired: Mutex<DesiredStore>,
     statuses: Mutex<Vec<proto::TenantStatus>>,
     changed: watch::Sender<u64>,
+    pub restarts: Arc<Restarts>,
 }
 
 impl Enforcement {
-    pub fn new(store: DesiredStore) -> Self {
+    pub fn new(store: DesiredStore, restarts: RestartSettings) -> Self {
         let generation = store.current().generation;
         Self {
             desired: Mutex::new(store),
             statuses: Mutex::new(Vec::new()),
             changed: watch::Sender::new(generation),
+            restarts: Arc::new(Restarts::new(restarts)),
         }
+    }
+
+    /// The reconciler's last statuses, as they are (for the restart driver).
+    fn reconciled(&self) -> Vec<proto::TenantStatus> {
+        self.statuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn store(&self) -> std::sync::MutexGuard<'_, DesiredStore> {
@@ -63,16 +74,12 @@ impl Enforcement {
     /// for one not reconciled yet).
     pub fn statuses(&self) -> (u64, Vec<proto::TenantStatus>) {
         let desired = self.current();
-        let known = self
-            .statuses
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let known = self.reconciled();
         let statuses = desired
             .tenants
             .iter()
             .map(|t| {
-                known
+                let mut status = known
                     .iter()
                     .find(|s| s.tenant_id == t.tenant_id.as_str())
                     .cloned()
@@ -83,7 +90,9 @@ impl Enforcement {
                         memory_cap_bytes: t.resources.memory_bytes,
                         message: "not reconciled yet".into(),
                         ..Default::default()
-                    })
+                    });
+                self.restarts.annotate(&mut status);
+                status
             })
             .collect();
         (desired.generation, statuses)
@@ -132,9 +141,22 @@ pub async fn run(enforcement: Arc<Enforcement>, config: AgentConfig, host: HostI
                             tokio::time::sleep(Duration::from_secs(2)).await;
                         }
                     });
+                    let runtime: Arc<DockerRuntime> = Arc::new(docker);
+                    let driver = Driver {
+                        restarts: enforcement.restarts.clone(),
+                        runtime: runtime.clone(),
+                        probe: Arc::new(TcpProbe {
+                            timeout: Duration::from_secs(1),
+                        }),
+                        clock: Arc::new(berth_shared::clock::SystemClock),
+                        host: host.clone(),
+                    };
+                    let source = enforcement.clone();
+                    tokio::spawn(driver.run(move || (source.current(), source.reconciled())));
                     reconciler = Some(Reconciler {
                         host: host.clone(),
-                        runtime: Arc::new(docker),
+                        restarting: enforcement.restarts.busy(),
+                        runtime,
                         volumes: Arc::new(VolumesNotBuilt),
                         egress: egress.clone(),
                         cgroups: cgroups.clone(),

@@ -38,8 +38,11 @@ pub fn network_name(spec: &TenantSpec) -> String {
 /// A digest of everything that shapes the container: a change means recreate. The egress
 /// allowlist is not part of it: it is enforced on the host and updated in place.
 pub fn spec_hash(spec: &TenantSpec) -> String {
+    // The allowlist and the restart policy are enforced around the container, not in it:
+    // changing them must not recreate it.
     let shape = TenantSpec {
         egress: Vec::new(),
+        restart: berth_shared::spec::RestartPolicy::default(),
         ..spec.clone()
     };
     let json = serde_json::to_vec(&shape).unwrap_or_default();
@@ -225,6 +228,13 @@ mod tests {
         let a = spec();
         let mut b = spec();
         assert_eq!(spec_hash(&a), spec_hash(&b));
+        b.restart.window = Some("04:00-05:00".parse().unwrap());
+        b.restart.enabled = false;
+        assert_eq!(
+            spec_hash(&a),
+            spec_hash(&b),
+            "restart policy is not in the hash"
+        );
         b.resources.memory_bytes += 1 << 20;
         assert_ne!(spec_hash(&a), spec_hash(&b));
         assert!(bridge_name(&a).len() <= 15);

@@ -13,10 +13,14 @@ pub mod dns;
 pub mod egress;
 pub mod enforce;
 pub mod facts;
+#[cfg(test)]
+pub(crate) mod fake_runtime;
 pub mod hardening;
 pub mod identity;
 pub mod nft;
 pub mod reconcile;
+pub mod restarts;
 pub mod runtime;
+pub mod schedule;
 pub mod session;
 pub mod subnets;

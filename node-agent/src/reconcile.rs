@@ -66,6 +66,8 @@ pub struct Reconciler {
     pub port_free: fn(u16) -> bool,
     /// Where tenant networks get their /28s.
     pub subnets: SubnetPool,
+    /// Tenants whose container the restart driver is restarting: not started from here.
+    pub restarting: Arc<Mutex<BTreeSet<String>>>,
 }
 
 pub fn port_free_on_loopback(port: u16) -> bool {
@@ -290,7 +292,13 @@ impl Reconciler {
                 (_, Some(c)) if c.spec_hash == hash => {
                     // Rules first: a stopped container starts only behind them.
                     let report = self.network_and_egress(spec, &networks).await;
-                    let stopped = c.state == "exited" || c.state == "created";
+                    // Mid-restart a container is briefly stopped: the restart starts it.
+                    let stopped = (c.state == "exited" || c.state == "created")
+                        && !self
+                            .restarting
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .contains(tenant);
                     match (report, stopped) {
                         (report, false) => report,
                         (Err(e), true) => Err(e),
@@ -385,6 +393,7 @@ impl Reconciler {
         s.oom_kills = events;
         if let Ok(d) = self.runtime.details(&c.id).await {
             s.restarts = d.restart_count as u32;
+            s.last_restart_unix_ms = d.started().map_or(0, |t| t.as_millisecond());
             if d.oom_killed {
                 s.oom_kills = s.oom_kills.max(1);
             }

@@ -46,8 +46,25 @@ pub struct ContainerDetails {
     pub restart_count: u64,
     pub oom_killed: bool,
     pub exit_code: i64,
+    /// RFC 3339; Docker writes year 1 for a container that never started.
     pub started_at: String,
     pub error: String,
+    pub running: bool,
+    /// The image's healthcheck status (`starting`, `healthy`, `unhealthy`); `None`: the image
+    /// has no healthcheck.
+    pub health: Option<String>,
+    /// Its address on its tenant network.
+    pub address: Option<std::net::IpAddr>,
+}
+
+impl ContainerDetails {
+    /// When it last started; `None` if it never did.
+    pub fn started(&self) -> Option<jiff::Timestamp> {
+        self.started_at
+            .parse::<jiff::Timestamp>()
+            .ok()
+            .filter(|t| t.as_second() > 0)
+    }
 }
 
 #[tonic::async_trait]
@@ -69,6 +86,8 @@ pub trait ContainerRuntime: Send + Sync + std::fmt::Debug {
         body: ContainerCreateBody,
     ) -> Result<String, RuntimeError>;
     async fn start(&self, id: &str) -> Result<(), RuntimeError>;
+    /// Stops (with the same grace period as a removal) and starts a container again.
+    async fn restart(&self, id: &str) -> Result<(), RuntimeError>;
     /// Stops (with a grace period) and removes a container.
     async fn remove(&self, id: &str) -> Result<(), RuntimeError>;
     async fn details(&self, id: &str) -> Result<ContainerDetails, RuntimeError>;
@@ -262,6 +281,14 @@ impl ContainerRuntime for DockerRuntime {
             .await?)
     }
 
+    async fn restart(&self, id: &str) -> Result<(), RuntimeError> {
+        let options = bollard::query_parameters::RestartContainerOptions {
+            t: Some(STOP_GRACE_SECONDS),
+            signal: None,
+        };
+        Ok(self.docker.restart_container(id, Some(options)).await?)
+    }
+
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
         let stop = bollard::query_parameters::StopContainerOptions {
             t: Some(STOP_GRACE_SECONDS),
@@ -297,12 +324,48 @@ impl ContainerRuntime for DockerRuntime {
             )
             .await?;
         let state = c.state.unwrap_or_default();
+        let address = c
+            .network_settings
+            .and_then(|n| n.networks)
+            .unwrap_or_default()
+            .into_values()
+            .find_map(|e| e.ip_address.and_then(|a| a.parse().ok()));
+        let health = state
+            .health
+            .and_then(|h| h.status)
+            .map(|s| s.to_string())
+            .filter(|s| !s.is_empty() && s != "none");
         Ok(ContainerDetails {
             restart_count: c.restart_count.unwrap_or(0).max(0) as u64,
             oom_killed: state.oom_killed.unwrap_or(false),
             exit_code: state.exit_code.unwrap_or(0),
             started_at: state.started_at.unwrap_or_default(),
             error: state.error.unwrap_or_default(),
+            running: state.running.unwrap_or(false),
+            health,
+            address,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_start_times_parse_and_year_one_means_never() {
+        let started = |s: &str| {
+            ContainerDetails {
+                started_at: s.into(),
+                ..Default::default()
+            }
+            .started()
+        };
+        assert_eq!(
+            started("2026-11-21T07:45:19.302144871Z").map(|t| t.as_millisecond()),
+            Some(1_795_247_119_302)
+        );
+        assert_eq!(started("0001-01-01T00:00:00Z"), None);
+        assert_eq!(started(""), None);
     }
 }

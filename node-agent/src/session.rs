@@ -81,6 +81,7 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
     let mut meter = Meter::new(&config.state_dir);
     let enforcement = Arc::new(Enforcement::new(
         DesiredStore::open(&config.state_dir).map_err(RunError::Store)?,
+        config.restarts.clone(),
     ));
     tokio::spawn(crate::enforce::run(
         enforcement.clone(),
@@ -210,10 +211,21 @@ async fn run_session(
                         return SessionEnd::Lost("outbound stream closed".into());
                     }
                 }
+                Ok(Some(proto::CoordinatorMessage { body: Some(CoordinatorBody::Restart(command)) })) => {
+                    tracing::info!(tenant = %command.tenant_id.chars().take(64).collect::<String>(), request = command.request_id, "restart requested");
+                    enforcement.restarts.request(&command.tenant_id, command.request_id);
+                }
                 Ok(Some(_)) => {}
                 Ok(None) => return SessionEnd::Lost("the coordinator closed the session".into()),
                 Err(status) => return SessionEnd::Lost(crate::identity::status_error(&status)),
             },
+            () = enforcement.restarts.results_ready() => {
+                for result in enforcement.restarts.take_results() {
+                    if tx.send(AgentMessage { body: Some(AgentBody::RestartResult(result)) }).await.is_err() {
+                        return SessionEnd::Lost("outbound stream closed".into());
+                    }
+                }
+            }
             () = &mut renew => {
                 return match identity.renew(channel.clone(), &config.state_dir).await {
                     Ok(renewed) => {

@@ -113,11 +113,146 @@ pub struct VolumeSpec {
     pub mount_path: String,
 }
 
+/// When a tenant's container is restarted each night. A field left out takes the host's
+/// default (the agent's `[restarts]` configuration).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RestartPolicy {
     pub enabled: bool,
-    pub window: String,
-    pub time_zone: String,
+    pub window: Option<Window>,
+    pub time_zone: Option<ZoneName>,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            window: None,
+            time_zone: None,
+        }
+    }
+}
+
+/// A daily maintenance window in local civil time, `HH:MM-HH:MM`; it may cross midnight
+/// (`23:00-01:00`). Start and end differ, so it is never empty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Window {
+    start_minute: u16,
+    end_minute: u16,
+}
+
+impl Window {
+    /// Minutes after local midnight at which the window opens.
+    pub fn start_minute(&self) -> u16 {
+        self.start_minute
+    }
+
+    /// The window's length in civil minutes (a daylight-saving change makes the real length
+    /// differ on two nights a year).
+    pub fn length_minutes(&self) -> u16 {
+        (self.end_minute + 24 * 60 - self.start_minute) % (24 * 60)
+    }
+}
+
+impl std::str::FromStr for Window {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, String> {
+        let minute = |s: &str| -> Option<u16> {
+            let (h, m) = s.split_once(':')?;
+            let (h, m): (u16, u16) = (h.parse().ok()?, m.parse().ok()?);
+            (h < 24 && m < 60 && s.len() == 5).then_some(h * 60 + m)
+        };
+        match value.split_once('-') {
+            Some((a, b)) => match (minute(a), minute(b)) {
+                (Some(start_minute), Some(end_minute)) if start_minute != end_minute => Ok(Self {
+                    start_minute,
+                    end_minute,
+                }),
+                _ => Err(format!(
+                    "{value:?}: expected HH:MM-HH:MM with two different times, such as 02:00-05:00"
+                )),
+            },
+            None => Err(format!(
+                "{value:?}: expected HH:MM-HH:MM with two different times, such as 02:00-05:00"
+            )),
+        }
+    }
+}
+
+impl TryFrom<String> for Window {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, String> {
+        value.parse()
+    }
+}
+
+impl From<Window> for String {
+    fn from(w: Window) -> String {
+        w.to_string()
+    }
+}
+
+impl std::fmt::Display for Window {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hm = |m: u16| format!("{:02}:{:02}", m / 60, m % 60);
+        write!(f, "{}-{}", hm(self.start_minute), hm(self.end_minute))
+    }
+}
+
+/// An IANA time zone name the time zone database knows (`Europe/Berlin`, `UTC`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ZoneName(String);
+
+impl ZoneName {
+    pub fn new(name: &str) -> Result<Self, String> {
+        // Checked as characters first: the name is looked up as a path in the zoneinfo tree.
+        let plausible = !name.is_empty()
+            && name.len() <= 64
+            && !name.starts_with('/')
+            && !name
+                .split('/')
+                .any(|part| part.is_empty() || part.starts_with('.'))
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'_' | b'-' | b'+'));
+        if !plausible {
+            return Err(format!("{name:?}: not an IANA time zone name"));
+        }
+        jiff::tz::TimeZone::get(name)
+            .map_err(|_| format!("{name:?}: not in the time zone database"))?;
+        Ok(Self(name.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The zone's rules (the name was checked when made, so this only fails if the database
+    /// changed underneath).
+    pub fn time_zone(&self) -> Result<jiff::tz::TimeZone, String> {
+        jiff::tz::TimeZone::get(&self.0).map_err(|e| format!("time zone {}: {e}", self.0))
+    }
+}
+
+impl TryFrom<String> for ZoneName {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, String> {
+        Self::new(&value)
+    }
+}
+
+impl From<ZoneName> for String {
+    fn from(z: ZoneName) -> String {
+        z.0
+    }
+}
+
+impl std::fmt::Display for ZoneName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -280,21 +415,6 @@ pub fn parse_destination(
     Ok(Destination::Name(name))
 }
 
-fn validate_window(value: &str) -> Result<(), FieldError> {
-    let parse_hm = |s: &str| -> Option<u32> {
-        let (h, m) = s.split_once(':')?;
-        let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
-        (h < 24 && m < 60 && s.len() == 5).then_some(h * 60 + m)
-    };
-    match value.split_once('-') {
-        Some((a, b)) if parse_hm(a).is_some() && parse_hm(b).is_some() && a != b => Ok(()),
-        _ => Err(field(
-            "restart.window",
-            format!("{value:?}: expected HH:MM-HH:MM such as 02:00-05:00"),
-        )),
-    }
-}
-
 impl TenantSpec {
     /// Validates a protobuf spec against `policy`, resolving the tier.
     pub fn from_proto(p: proto::TenantSpec, policy: &SpecPolicy) -> Result<Self, FieldError> {
@@ -418,36 +538,20 @@ impl TenantSpec {
             },
             ..resources
         };
-        let restart = p.restart.unwrap_or(proto::RestartPolicy {
-            enabled: true,
-            window: String::new(),
-            time_zone: String::new(),
-        });
-        let restart = RestartPolicy {
-            enabled: restart.enabled,
-            window: if restart.window.is_empty() {
-                "02:00-05:00".into()
-            } else {
-                restart.window
-            },
-            time_zone: if restart.time_zone.is_empty() {
-                "UTC".into()
-            } else {
-                restart.time_zone
+        let restart = match p.restart {
+            None => RestartPolicy::default(),
+            Some(r) => RestartPolicy {
+                enabled: r.enabled,
+                window: (!r.window.is_empty())
+                    .then(|| r.window.parse())
+                    .transpose()
+                    .map_err(|e| field("restart.window", e))?,
+                time_zone: (!r.time_zone.is_empty())
+                    .then(|| ZoneName::new(&r.time_zone))
+                    .transpose()
+                    .map_err(|e| field("restart.time_zone", e))?,
             },
         };
-        validate_window(&restart.window)?;
-        if restart.time_zone.len() > 64
-            || !restart
-                .time_zone
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'_' | b'-' | b'+'))
-        {
-            return Err(field(
-                "restart.time_zone",
-                format!("{:?}: not an IANA time zone name", restart.time_zone),
-            ));
-        }
         let c = p.constraints.unwrap_or_default();
         let providers = c
             .providers
@@ -557,8 +661,13 @@ impl TenantSpec {
             }),
             restart: Some(proto::RestartPolicy {
                 enabled: self.restart.enabled,
-                window: self.restart.window.clone(),
-                time_zone: self.restart.time_zone.clone(),
+                window: self.restart.window.map(String::from).unwrap_or_default(),
+                time_zone: self
+                    .restart
+                    .time_zone
+                    .as_ref()
+                    .map(|z| z.to_string())
+                    .unwrap_or_default(),
             }),
             constraints: Some(proto::PlacementConstraints {
                 providers: self
@@ -938,6 +1047,18 @@ mod tests {
                 "invalid restart.time_zone",
             ),
             (
+                format!("{BASE}tier = \"business\"\n[restart]\ntime_zone = \"Mars/Olympus\""),
+                "invalid restart.time_zone: \"Mars/Olympus\": not in the time zone database",
+            ),
+            (
+                format!("{BASE}tier = \"business\"\n[restart]\ntime_zone = \"../../etc/passwd\""),
+                "invalid restart.time_zone: \"../../etc/passwd\": not an IANA time zone name",
+            ),
+            (
+                format!("{BASE}tier = \"business\"\n[restart]\nwindow = \"03:00-03:00\""),
+                "invalid restart.window: \"03:00-03:00\": expected HH:MM-HH:MM with two different times",
+            ),
+            (
                 format!("{BASE}tier = \"business\"\n[constraints]\nproviders = [\"gcp\"]"),
                 "invalid constraints.providers: unknown provider \"gcp\"",
             ),
@@ -981,6 +1102,45 @@ mod tests {
         .unwrap();
         let spec = TenantSpec::from_proto(f.to_proto().unwrap(), &p).unwrap();
         assert_eq!(spec.egress[0].destination.to_string(), "0.0.0.0/0");
+    }
+
+    #[test]
+    fn windows_parse_print_and_measure_across_midnight() {
+        let w: Window = "23:30-01:15".parse().unwrap();
+        assert_eq!(w.to_string(), "23:30-01:15");
+        assert_eq!(w.start_minute(), 23 * 60 + 30);
+        assert_eq!(w.length_minutes(), 105);
+        let w: Window = "02:00-05:00".parse().unwrap();
+        assert_eq!(w.length_minutes(), 180);
+        for bad in [
+            "2:00-05:00",
+            "02:00",
+            "02:60-03:00",
+            "24:00-01:00",
+            "02:00-05:00-06:00",
+        ] {
+            assert!(bad.parse::<Window>().is_err(), "{bad}");
+        }
+        // Stored specs keep the plain string form.
+        assert_eq!(serde_json::to_string(&w).unwrap(), "\"02:00-05:00\"");
+        assert!(serde_json::from_str::<Window>("\"05:00-05:00\"").is_err());
+    }
+
+    #[test]
+    fn a_left_out_window_or_zone_is_the_hosts_default() {
+        let spec = file(&format!("{BASE}tier = \"business\"")).unwrap();
+        assert_eq!(spec.restart, RestartPolicy::default());
+        let spec = file(&format!(
+            "{BASE}tier = \"business\"\n[restart]\nwindow = \"01:00-04:00\"\ntime_zone = \"America/New_York\""
+        ))
+        .unwrap();
+        assert_eq!(spec.restart.window.unwrap().to_string(), "01:00-04:00");
+        assert_eq!(spec.restart.time_zone.unwrap().as_str(), "America/New_York");
+        let off = file(&format!(
+            "{BASE}tier = \"business\"\n[restart]\nenabled = false"
+        ))
+        .unwrap();
+        assert!(!off.restart.enabled);
     }
 
     #[test]

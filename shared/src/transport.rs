@@ -154,8 +154,19 @@ impl std::fmt::Display for CoordinatorUrl {
 }
 
 /// A lazily connecting gRPC channel to the coordinator over TLS with `tls`. The server is
-/// verified as [`COORDINATOR_SERVER_NAME`] whatever address it is reached at.
+/// verified as [`COORDINATOR_SERVER_NAME`] whatever address it is reached at. A call may take
+/// up to 30 s.
 pub fn channel(url: &CoordinatorUrl, tls: Arc<rustls::ClientConfig>) -> Channel {
+    channel_with_timeout(url, tls, Duration::from_secs(30))
+}
+
+/// [`channel`] whose calls may take up to `timeout` (an operator's `berthctl restart` waits
+/// for the tenant's health gate).
+pub fn channel_with_timeout(
+    url: &CoordinatorUrl,
+    tls: Arc<rustls::ClientConfig>,
+    timeout: Duration,
+) -> Channel {
     let target = (url.host.clone(), url.port);
     let connector = TlsConnector::from(tls);
     let connect = tower::service_fn(move |_: Uri| {
@@ -173,7 +184,7 @@ pub fn channel(url: &CoordinatorUrl, tls: Arc<rustls::ClientConfig>) -> Channel 
     // The scheme is http because TLS happens in the connector above; tonic never sees it.
     Endpoint::from_static("http://coordinator.berth.internal")
         .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(30))
+        .timeout(timeout)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true)

@@ -102,6 +102,13 @@ pub fn inspect(container: &str) -> Option<serde_json::Value> {
     inspect_kind("container", container)
 }
 
+/// When the container last started (Docker's `State.StartedAt`); empty if it does not exist.
+pub fn started_at(container: &str) -> String {
+    inspect(container)
+        .and_then(|c| c["State"]["StartedAt"].as_str().map(String::from))
+        .unwrap_or_default()
+}
+
 /// `docker network inspect`, parsed.
 pub fn inspect_network(network: &str) -> Option<serde_json::Value> {
     inspect_kind("network", network)

@@ -6,6 +6,12 @@ use std::net::TcpStream;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use berth_node_agent::schedule::slot_on;
+use berth_shared::ids::TenantId;
+use berth_shared::spec::Window;
+use jiff::Timestamp;
+use jiff::tz::TimeZone;
+
 use crate::docker::test_tenant_image;
 use crate::procs::{AgentProc, CoordinatorProc};
 use crate::{missing_component, wait_for};
@@ -72,8 +78,31 @@ impl Fleet {
         cpu_millicores: u32,
         egress: &[&str],
     ) -> Instant {
+        self.place_toml(tenant, memory, cpu_millicores, egress, "")
+    }
+
+    /// Places the test tenant (128 MiB) with nightly restarts in `window`, UTC.
+    pub fn place_with_window(&self, tenant: &str, window: &str) -> Instant {
+        self.place_toml(
+            tenant,
+            "128MiB",
+            250,
+            &[],
+            &format!("[restart]\nwindow = \"{window}\"\ntime_zone = \"UTC\"\n"),
+        )
+    }
+
+    /// [`Fleet::place_spec`] with `tables` (TOML tables such as `[restart]`) added to the spec.
+    pub fn place_toml(
+        &self,
+        tenant: &str,
+        memory: &str,
+        cpu_millicores: u32,
+        egress: &[&str],
+        tables: &str,
+    ) -> Instant {
         let spec = format!(
-            "tenant_id = \"{tenant}\"\nimage = \"{}\"\negress = {egress:?}\n[resources]\nmemory = \"{memory}\"\ncpu_millicores = {cpu_millicores}\nvolume = \"64MiB\"\n[volume]\nencrypted = false\n",
+            "tenant_id = \"{tenant}\"\nimage = \"{}\"\negress = {egress:?}\n[resources]\nmemory = \"{memory}\"\ncpu_millicores = {cpu_millicores}\nvolume = \"64MiB\"\n[volume]\nencrypted = false\n{tables}",
             self.image
         );
         let path = self.coordinator.dir.path().join(format!("{tenant}.toml"));
@@ -95,6 +124,32 @@ impl Fleet {
             .find(|t| t["tenant_id"] == tenant)
     }
 
+    /// Waits until `tenant`'s container started again after `before` (Docker's StartedAt), then
+    /// until the agent reports that nightly restart done; returns the new start and the view.
+    pub fn wait_nightly_restart(
+        &self,
+        tenant: &str,
+        before: &str,
+        within: Duration,
+    ) -> (String, serde_json::Value) {
+        let container = format!("berth-{tenant}");
+        let started = wait_for(&format!("{tenant} restarted"), within, || {
+            Some(crate::docker::started_at(&container)).filter(|s| !s.is_empty() && s != before)
+        });
+        let view = wait_for(
+            &format!("{tenant}'s restart reported"),
+            Duration::from_secs(30),
+            || {
+                self.tenant(tenant).filter(|t| {
+                    t["restart_note"]
+                        .as_str()
+                        .is_some_and(|n| n.starts_with("nightly restart at"))
+                })
+            },
+        );
+        (started, view)
+    }
+
     pub fn wait_running(&self, tenant: &str, within: Duration) -> serde_json::Value {
         wait_for(&format!("{tenant} running"), within, || {
             self.tenant(tenant).filter(|t| t["state"] == "running")
@@ -104,11 +159,107 @@ impl Fleet {
 
 /// The body of `GET path` on 127.0.0.1:`port`, or `None` when nothing answered.
 pub fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut s =
-        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    http_get_within(port, path, Duration::from_secs(5))
+}
+
+/// [`http_get`] that gives up after `timeout` (connect and read each).
+pub fn http_get_within(port: u16, path: &str, timeout: Duration) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), timeout).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
     write!(s, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     out.split_once("\r\n\r\n").map(|(_, body)| body.to_string())
+}
+
+/// A tenant id starting with `prefix` and a UTC window (opening this minute, 3 minutes long)
+/// that puts its nightly slot between `from` and `to` from now: the agent's own slot
+/// arithmetic, so a real nightly restart can be watched without waiting for the night.
+pub fn nightly_slot_soon(
+    prefix: &str,
+    from: Duration,
+    to: Duration,
+) -> (String, String, Timestamp) {
+    let now = Timestamp::now();
+    let opens = now
+        .round(
+            jiff::TimestampRound::new()
+                .smallest(jiff::Unit::Minute)
+                .mode(jiff::RoundMode::Trunc),
+        )
+        .unwrap();
+    let utc = TimeZone::UTC;
+    let start = utc.to_datetime(opens);
+    let end = utc.to_datetime(
+        opens
+            .checked_add(jiff::SignedDuration::from_mins(3))
+            .unwrap(),
+    );
+    let window: Window = format!(
+        "{:02}:{:02}-{:02}:{:02}",
+        start.hour(),
+        start.minute(),
+        end.hour(),
+        end.minute()
+    )
+    .parse()
+    .unwrap();
+    let (earliest, latest) = (
+        now.checked_add(jiff::SignedDuration::try_from(from).unwrap())
+            .unwrap(),
+        now.checked_add(jiff::SignedDuration::try_from(to).unwrap())
+            .unwrap(),
+    );
+    for i in 0..10_000 {
+        let tenant = format!("{prefix}s{i}");
+        let slot = slot_on(&TenantId::new(&tenant).unwrap(), window, &utc, start.date()).unwrap();
+        if slot.at >= earliest && slot.at <= latest {
+            return (tenant, window.to_string(), slot.at);
+        }
+    }
+    panic!("no tenant id with a slot between {from:?} and {to:?} from now")
+}
+
+/// Polls the tenant's health endpoint every 10 ms on a thread until stopped; returns the
+/// longest time it did not answer.
+#[derive(Debug)]
+pub struct Outage {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Duration>>,
+}
+
+impl Outage {
+    pub fn watch(port: u16) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut longest = Duration::ZERO;
+            let mut down_since: Option<Instant> = None;
+            while !flag.load(Ordering::SeqCst) {
+                let up = http_get_within(port, "/healthz", Duration::from_millis(500)).as_deref()
+                    == Some("ok\n");
+                match (up, down_since) {
+                    (false, None) => down_since = Some(Instant::now()),
+                    (true, Some(since)) => {
+                        longest = longest.max(since.elapsed());
+                        down_since = None;
+                    }
+                    _ => {}
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            // Still down when stopped: that counts too.
+            longest.max(down_since.map_or(Duration::ZERO, |s| s.elapsed()))
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops watching; the longest outage seen.
+    pub fn stop(mut self) -> Duration {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.take().unwrap().join().unwrap()
+    }
 }

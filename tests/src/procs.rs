@@ -98,6 +98,43 @@ pub struct CoordinatorProc {
 }
 
 impl CoordinatorProc {
+    /// A REST call with curl, as an operator's script would make it (with the operator token
+    /// when `token`): the HTTP status and the parsed JSON body.
+    pub fn rest(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        token: bool,
+    ) -> (u16, serde_json::Value) {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "-X", method, "-w", "\n%{http_code}", "--cacert"])
+            .arg(self.ca_cert())
+            .arg(format!("{}{path}", self.operator_url()));
+        if token {
+            let t = std::fs::read_to_string(self.operator_token_file()).unwrap();
+            cmd.args(["-H", &format!("Authorization: Bearer {}", t.trim())]);
+        }
+        if let Some(b) = body {
+            cmd.args(["-H", "Content-Type: application/json", "--data", b]);
+        }
+        let out = cmd.output().expect("curl (the test command installs it)");
+        assert!(
+            out.status.success(),
+            "curl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let (body, code) = text
+            .trim_end()
+            .rsplit_once('\n')
+            .unwrap_or(("", text.trim()));
+        (
+            code.parse().unwrap(),
+            serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
     /// Creates a CA and starts the coordinator on port 0 (loopback, or the namespace host's
     /// address). `extra_config` is appended to its TOML config.
     pub fn start(host: Option<&NetHost>, extra_config: &str) -> Self {

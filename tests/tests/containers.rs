@@ -5,20 +5,9 @@
 use std::process::Command;
 use std::time::Duration;
 
-use berth_tests::docker::{inspect, inspect_network};
+use berth_tests::docker::{inspect, inspect_network, started_at};
 use berth_tests::fleet::{fleet, http_get, unique};
 use berth_tests::wait_for;
-
-fn started_at(container: &str) -> String {
-    inspect(container)
-        .map(|c| {
-            c["State"]["StartedAt"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string()
-        })
-        .unwrap_or_default()
-}
 
 #[test]
 fn a_placed_tenant_runs_hardened_under_its_cap_within_3_seconds() {

@@ -8,42 +8,6 @@ use std::time::Duration;
 use berth_tests::procs::{AgentProc, CoordinatorProc};
 use berth_tests::wait_for;
 
-/// (HTTP status, parsed JSON body).
-fn curl(
-    coordinator: &CoordinatorProc,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-    token: bool,
-) -> (u16, serde_json::Value) {
-    let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "-X", method, "-w", "\n%{http_code}", "--cacert"])
-        .arg(coordinator.ca_cert())
-        .arg(format!("{}{path}", coordinator.operator_url()));
-    if token {
-        let t = std::fs::read_to_string(coordinator.operator_token_file()).unwrap();
-        cmd.args(["-H", &format!("Authorization: Bearer {}", t.trim())]);
-    }
-    if let Some(b) = body {
-        cmd.args(["-H", "Content-Type: application/json", "--data", b]);
-    }
-    let out = cmd.output().expect("curl (the test command installs it)");
-    assert!(
-        out.status.success(),
-        "curl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let (body, code) = text
-        .trim_end()
-        .rsplit_once('\n')
-        .unwrap_or(("", text.trim()));
-    (
-        code.parse().unwrap(),
-        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
-    )
-}
-
 #[test]
 fn rest_has_the_grpc_semantics() {
     if Command::new("curl").arg("--version").output().is_err() {
@@ -56,11 +20,11 @@ fn rest_has_the_grpc_semantics() {
         (coordinator.host_state("host-a").as_deref() == Some("ready")).then_some(())
     });
 
-    let (code, body) = curl(&coordinator, "GET", "/v1/hosts", None, false);
+    let (code, body) = coordinator.rest("GET", "/v1/hosts", None, false);
     assert_eq!(code, 401, "{body}");
     assert_eq!(body["code"], "Unauthenticated");
 
-    let (code, hosts) = curl(&coordinator, "GET", "/v1/hosts", None, true);
+    let (code, hosts) = coordinator.rest("GET", "/v1/hosts", None, true);
     assert_eq!(code, 200);
     let mut from_rest = hosts[0].clone();
     let mut from_cli = coordinator.hosts()[0].clone();
@@ -76,24 +40,23 @@ fn rest_has_the_grpc_semantics() {
     assert_eq!(hosts[0]["host_id"], "host-a");
 
     let spec = r#"{"tenant_id":"rest-one","image":"localhost:1/openclaw/gateway:1","tier":"individual","volume":{"encrypted":false}}"#;
-    let (code, placed) = curl(&coordinator, "POST", "/v1/tenants", Some(spec), true);
+    let (code, placed) = coordinator.rest("POST", "/v1/tenants", Some(spec), true);
     assert_eq!(code, 200, "{placed}");
     assert_eq!(placed["host_id"], "host-a");
-    let (code, again) = curl(&coordinator, "POST", "/v1/tenants", Some(spec), true);
+    let (code, again) = coordinator.rest("POST", "/v1/tenants", Some(spec), true);
     assert_eq!(
         (code, &again["generation"]),
         (200, &placed["generation"]),
         "idempotent"
     );
     let changed = spec.replace("gateway:1", "gateway:2");
-    let (code, conflict) = curl(&coordinator, "POST", "/v1/tenants", Some(&changed), true);
+    let (code, conflict) = coordinator.rest("POST", "/v1/tenants", Some(&changed), true);
     assert_eq!(code, 409);
     assert_eq!(
         conflict["error"],
         "tenant rest-one already exists with a different image; remove it first or send the same spec"
     );
-    let (code, bad) = curl(
-        &coordinator,
+    let (code, bad) = coordinator.rest(
         "POST",
         "/v1/tenants",
         Some(r#"{"tenant_id":"x","image":"i","tier":"gold"}"#),
@@ -101,8 +64,7 @@ fn rest_has_the_grpc_semantics() {
     );
     assert_eq!((code, bad["code"].as_str()), (400, Some("InvalidArgument")));
     assert!(bad["error"].as_str().unwrap().starts_with("invalid tier"));
-    let (code, bad) = curl(
-        &coordinator,
+    let (code, bad) = coordinator.rest(
         "POST",
         "/v1/tenants",
         Some(r#"{"tenant_id":"x","nonsense":1}"#),
@@ -116,8 +78,7 @@ fn rest_has_the_grpc_semantics() {
             .contains("unknown field `nonsense`"),
         "{bad}"
     );
-    let (code, no_fit) = curl(
-        &coordinator,
+    let (code, no_fit) = coordinator.rest(
         "POST",
         "/v1/tenants",
         Some(r#"{"tenant_id":"enc","image":"i","tier":"individual"}"#),
@@ -131,7 +92,7 @@ fn rest_has_the_grpc_semantics() {
             .contains("without dm-crypt")
     );
 
-    let (code, tenant) = curl(&coordinator, "GET", "/v1/tenants/rest-one", None, true);
+    let (code, tenant) = coordinator.rest("GET", "/v1/tenants/rest-one", None, true);
     assert_eq!(code, 200);
     let (ok, out, _) = coordinator.berthctl(&["tenants", "--json"]);
     assert!(ok);
@@ -139,8 +100,7 @@ fn rest_has_the_grpc_semantics() {
     assert_eq!(listed[0]["tenant_id"], tenant["tenant_id"]);
     assert_eq!(listed[0]["generation"], tenant["generation"]);
     // The allowlist of a placed tenant, replaced over REST; a bad entry names its field.
-    let (code, set) = curl(
-        &coordinator,
+    let (code, set) = coordinator.rest(
         "PUT",
         "/v1/tenants/rest-one/egress",
         Some(r#"{"egress": ["api.anthropic.com:443", "192.0.2.10:123/udp"]}"#),
@@ -148,7 +108,7 @@ fn rest_has_the_grpc_semantics() {
     );
     assert_eq!(code, 200, "{set}");
     assert!(set["generation"].as_u64() > tenant["generation"].as_u64());
-    let (_, shown) = curl(&coordinator, "GET", "/v1/tenants/rest-one", None, true);
+    let (_, shown) = coordinator.rest("GET", "/v1/tenants/rest-one", None, true);
     let entries: Vec<&str> = shown["egress"]
         .as_array()
         .unwrap()
@@ -156,8 +116,7 @@ fn rest_has_the_grpc_semantics() {
         .map(|e| e["entry"].as_str().unwrap())
         .collect();
     assert_eq!(entries, ["api.anthropic.com:443/tcp", "192.0.2.10:123/udp"]);
-    let (code, bad) = curl(
-        &coordinator,
+    let (code, bad) = coordinator.rest(
         "PUT",
         "/v1/tenants/rest-one/egress",
         Some(r#"{"egress": ["203.0.113.1:0"]}"#),
@@ -168,12 +127,12 @@ fn rest_has_the_grpc_semantics() {
         bad["error"].as_str().unwrap().contains("egress[0].port"),
         "{bad}"
     );
-    let (code, _) = curl(&coordinator, "DELETE", "/v1/tenants/rest-one", None, true);
+    let (code, _) = coordinator.rest("DELETE", "/v1/tenants/rest-one", None, true);
     assert_eq!(code, 200);
-    let (code, gone) = curl(&coordinator, "GET", "/v1/tenants/rest-one", None, true);
+    let (code, gone) = coordinator.rest("GET", "/v1/tenants/rest-one", None, true);
     assert_eq!((code, gone["code"].as_str()), (404, Some("NotFound")));
-    let (code, _) = curl(&coordinator, "GET", "/v1/tenants/Bad..Id", None, true);
+    let (code, _) = coordinator.rest("GET", "/v1/tenants/Bad..Id", None, true);
     assert_eq!(code, 400);
-    let (code, cordoned) = curl(&coordinator, "POST", "/v1/hosts/host-a/cordon", None, true);
+    let (code, cordoned) = coordinator.rest("POST", "/v1/hosts/host-a/cordon", None, true);
     assert_eq!((code, cordoned["state"].as_str()), (200, Some("cordoned")));
 }

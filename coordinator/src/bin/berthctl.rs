@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use berth_coordinator::client::{ClientOptions, connect};
-use berth_coordinator::views::{HostView, PlacementView, TenantView};
+use berth_coordinator::views::{HostView, PlacementView, RestartView, TenantView};
 use berth_shared::proto::{self, HostRef};
 use berth_shared::spec::{EgressFile, TenantSpecFile};
 use clap::{Parser, Subcommand};
@@ -62,6 +62,8 @@ enum Command {
         #[command(subcommand)]
         action: EgressAction,
     },
+    /// Restart a tenant's container now; waits until it is healthy again.
+    Restart { tenant: String },
     /// List tenants.
     Tenants {
         /// Only the tenants of this host.
@@ -105,14 +107,28 @@ fn read_spec(path: &std::path::Path) -> anyhow::Result<proto::TenantSpec> {
 
 fn print_tenants(tenants: &[TenantView]) {
     println!(
-        "{:<24} {:<24} {:<9} {:>10} {:>9} {:<10} MESSAGE",
-        "TENANT", "HOST", "STATE", "GENERATION", "MEMORY", "TIER"
+        "{:<24} {:<24} {:<9} {:>10} {:>9} {:<10} {:<20} {:<20} MESSAGE",
+        "TENANT", "HOST", "STATE", "GENERATION", "MEMORY", "TIER", "LAST RESTART", "NEXT RESTART"
     );
+    let time = |t: &Option<String>| t.clone().unwrap_or_else(|| "-".into());
     for t in tenants {
         let memory = format!("{} MiB", t.memory_cap_bytes >> 20);
+        let message = [t.message.as_str(), t.restart_note.as_str()]
+            .into_iter()
+            .filter(|m| !m.is_empty())
+            .collect::<Vec<_>>()
+            .join("; ");
         println!(
-            "{:<24} {:<24} {:<9} {:>10} {:>9} {:<10} {}",
-            t.tenant_id, t.host_id, t.state, t.generation, memory, t.tier, t.message
+            "{:<24} {:<24} {:<9} {:>10} {:>9} {:<10} {:<20} {:<20} {}",
+            t.tenant_id,
+            t.host_id,
+            t.state,
+            t.generation,
+            memory,
+            t.tier,
+            time(&t.last_restart),
+            time(&t.next_restart),
+            message
         );
     }
 }
@@ -259,6 +275,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     println!("{:<40} {:>10} {}", e.entry, e.hits, detail.trim());
                 }
                 println!("denied packets: {}", view.egress_denied_packets);
+            }
+        }
+        Command::Restart { tenant } => {
+            let done = client
+                .restart_tenant(proto::RestartTenantRequest { tenant_id: tenant })
+                .await?
+                .into_inner();
+            let view = RestartView::from(&done);
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                println!(
+                    "restarted {} on {}: healthy again after {:.1} s",
+                    view.tenant_id,
+                    view.host_id,
+                    view.downtime_ms as f64 / 1000.0
+                );
             }
         }
         Command::Tenants { host } => {

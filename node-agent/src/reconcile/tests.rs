@@ -1,113 +1,7 @@
-use std::sync::Mutex as StdMutex;
-
 use berth_shared::proto;
-use bollard::models::{ContainerCreateBody, NetworkCreateRequest};
 
 use super::*;
-use crate::runtime::ContainerDetails;
-
-/// Records every call; holds containers in memory.
-#[derive(Debug, Default)]
-struct FakeRuntime {
-    calls: StdMutex<Vec<String>>,
-    containers: StdMutex<Vec<ManagedContainer>>,
-    images: StdMutex<Vec<String>>,
-    networks: StdMutex<HashMap<String, Vec<String>>>,
-    foreign_ports: StdMutex<Vec<u16>>,
-    port_taken: StdMutex<bool>,
-    egress_applied: StdMutex<Vec<String>>,
-    egress_broken: StdMutex<bool>,
-    next_id: StdMutex<u32>,
-}
-
-impl FakeRuntime {
-    fn calls(&self) -> Vec<String> {
-        self.calls.lock().unwrap().clone()
-    }
-    fn record(&self, call: String) {
-        self.calls.lock().unwrap().push(call);
-    }
-}
-
-#[tonic::async_trait]
-impl ContainerRuntime for FakeRuntime {
-    async fn list(&self, _: &HostId) -> Result<Vec<ManagedContainer>, RuntimeError> {
-        Ok(self.containers.lock().unwrap().clone())
-    }
-    async fn image_present(&self, image: &str) -> Result<bool, RuntimeError> {
-        Ok(self.images.lock().unwrap().iter().any(|i| i == image))
-    }
-    async fn pull(&self, image: &str) -> Result<(), RuntimeError> {
-        self.record(format!("pull {image}"));
-        Err(RuntimeError("connection refused".into()))
-    }
-    async fn published_ports(&self) -> Result<Vec<u16>, RuntimeError> {
-        Ok(self.foreign_ports.lock().unwrap().clone())
-    }
-    async fn networks(&self) -> Result<HashMap<String, Vec<String>>, RuntimeError> {
-        Ok(self.networks.lock().unwrap().clone())
-    }
-    async fn create_network(&self, n: NetworkCreateRequest) -> Result<(), RuntimeError> {
-        let subnet = n.ipam.unwrap().config.unwrap()[0].subnet.clone().unwrap();
-        self.record(format!("network {} {subnet}", n.name));
-        self.networks.lock().unwrap().insert(n.name, vec![subnet]);
-        Ok(())
-    }
-    async fn remove_network(&self, name: &str) -> Result<(), RuntimeError> {
-        self.record(format!("rm-network {name}"));
-        self.networks.lock().unwrap().remove(name);
-        Ok(())
-    }
-    async fn create_and_start(
-        &self,
-        name: &str,
-        body: ContainerCreateBody,
-    ) -> Result<String, RuntimeError> {
-        self.record(format!("create {name}"));
-        let mut n = self.next_id.lock().unwrap();
-        *n += 1;
-        let labels = body.labels.unwrap();
-        let id = format!("{:064x}", *n);
-        self.containers.lock().unwrap().push(ManagedContainer {
-            id: id.clone(),
-            tenant: labels[hardening::LABEL_TENANT].clone(),
-            spec_hash: labels[hardening::LABEL_SPEC].clone(),
-            generation: labels[hardening::LABEL_GENERATION].parse().unwrap(),
-            port: labels[hardening::LABEL_PORT].parse().unwrap(),
-            state: "running".into(),
-        });
-        Ok(id)
-    }
-    async fn start(&self, id: &str) -> Result<(), RuntimeError> {
-        self.record(format!("start {}", &id[60..]));
-        if *self.port_taken.lock().unwrap() {
-            return Err(RuntimeError(
-                "Bind for 127.0.0.1:20000 failed: port is already allocated".into(),
-            ));
-        }
-        for c in self
-            .containers
-            .lock()
-            .unwrap()
-            .iter_mut()
-            .filter(|c| c.id == id)
-        {
-            c.state = "running".into();
-        }
-        Ok(())
-    }
-    async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
-        self.record(format!("remove {}", &id[60..]));
-        self.containers.lock().unwrap().retain(|c| c.id != id);
-        Ok(())
-    }
-    async fn details(&self, _: &str) -> Result<ContainerDetails, RuntimeError> {
-        Ok(ContainerDetails {
-            restart_count: 2,
-            ..Default::default()
-        })
-    }
-}
+use crate::fake_runtime::FakeRuntime;
 
 /// Records the order of volume and egress steps into the runtime's call log.
 #[derive(Debug)]
@@ -197,6 +91,7 @@ fn reconciler(fake: &Arc<FakeRuntime>) -> Reconciler {
         oom_events: Arc::default(),
         port_free: |_| true,
         subnets: crate::subnets::SubnetPool::default(),
+        restarting: Arc::default(),
     }
 }
 
@@ -227,14 +122,23 @@ async fn creates_in_order_adopts_without_restart_and_tears_down_in_reverse() {
     );
     assert_eq!(statuses[0].published_port, 20000);
     assert_eq!(statuses[0].restarts, 2);
+    assert_eq!(
+        statuses[0].last_restart_unix_ms, 0,
+        "never started per Docker"
+    );
 
     // A second pass (or an agent restart) changes nothing: adopted, not restarted.
     fake.calls.lock().unwrap().clear();
     r.reconcile(&desired).await;
     assert!(fake.calls().is_empty(), "{:?}", fake.calls());
 
-    // A stopped container is started again.
+    // A container stopped in the middle of a restart is left to the restart.
     fake.containers.lock().unwrap()[0].state = "exited".into();
+    r.restarting.lock().unwrap().insert("a".into());
+    r.reconcile(&desired).await;
+    assert!(fake.calls().is_empty(), "{:?}", fake.calls());
+    // Otherwise a stopped container is started again.
+    r.restarting.lock().unwrap().clear();
     r.reconcile(&desired).await;
     assert_eq!(fake.calls(), ["start 0001"]);
 

@@ -1,0 +1,130 @@
+//! A recording, in-memory container runtime for unit tests (youki's recording `Syscall`).
+
+use std::collections::HashMap;
+use std::sync::Mutex as StdMutex;
+
+use berth_shared::ids::HostId;
+use bollard::models::{ContainerCreateBody, NetworkCreateRequest};
+
+use crate::hardening;
+use crate::runtime::{ContainerDetails, ContainerRuntime, ManagedContainer, RuntimeError};
+
+/// Records every call; holds containers in memory.
+#[derive(Debug, Default)]
+pub struct FakeRuntime {
+    pub calls: StdMutex<Vec<String>>,
+    pub containers: StdMutex<Vec<ManagedContainer>>,
+    pub images: StdMutex<Vec<String>>,
+    pub networks: StdMutex<HashMap<String, Vec<String>>>,
+    pub foreign_ports: StdMutex<Vec<u16>>,
+    pub port_taken: StdMutex<bool>,
+    pub egress_applied: StdMutex<Vec<String>>,
+    pub egress_broken: StdMutex<bool>,
+    pub next_id: StdMutex<u32>,
+    /// What `details` answers; `None`: a running container restarted twice.
+    pub details: StdMutex<Option<ContainerDetails>>,
+    /// Makes `restart` fail.
+    pub restart_error: StdMutex<Option<String>>,
+}
+
+impl FakeRuntime {
+    pub fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+    pub fn record(&self, call: String) {
+        self.calls.lock().unwrap().push(call);
+    }
+}
+
+#[tonic::async_trait]
+impl ContainerRuntime for FakeRuntime {
+    async fn list(&self, _: &HostId) -> Result<Vec<ManagedContainer>, RuntimeError> {
+        Ok(self.containers.lock().unwrap().clone())
+    }
+    async fn image_present(&self, image: &str) -> Result<bool, RuntimeError> {
+        Ok(self.images.lock().unwrap().iter().any(|i| i == image))
+    }
+    async fn pull(&self, image: &str) -> Result<(), RuntimeError> {
+        self.record(format!("pull {image}"));
+        Err(RuntimeError("connection refused".into()))
+    }
+    async fn published_ports(&self) -> Result<Vec<u16>, RuntimeError> {
+        Ok(self.foreign_ports.lock().unwrap().clone())
+    }
+    async fn networks(&self) -> Result<HashMap<String, Vec<String>>, RuntimeError> {
+        Ok(self.networks.lock().unwrap().clone())
+    }
+    async fn create_network(&self, n: NetworkCreateRequest) -> Result<(), RuntimeError> {
+        let subnet = n.ipam.unwrap().config.unwrap()[0].subnet.clone().unwrap();
+        self.record(format!("network {} {subnet}", n.name));
+        self.networks.lock().unwrap().insert(n.name, vec![subnet]);
+        Ok(())
+    }
+    async fn remove_network(&self, name: &str) -> Result<(), RuntimeError> {
+        self.record(format!("rm-network {name}"));
+        self.networks.lock().unwrap().remove(name);
+        Ok(())
+    }
+    async fn create_and_start(
+        &self,
+        name: &str,
+        body: ContainerCreateBody,
+    ) -> Result<String, RuntimeError> {
+        self.record(format!("create {name}"));
+        let mut n = self.next_id.lock().unwrap();
+        *n += 1;
+        let labels = body.labels.unwrap();
+        let id = format!("{:064x}", *n);
+        self.containers.lock().unwrap().push(ManagedContainer {
+            id: id.clone(),
+            tenant: labels[hardening::LABEL_TENANT].clone(),
+            spec_hash: labels[hardening::LABEL_SPEC].clone(),
+            generation: labels[hardening::LABEL_GENERATION].parse().unwrap(),
+            port: labels[hardening::LABEL_PORT].parse().unwrap(),
+            state: "running".into(),
+        });
+        Ok(id)
+    }
+    async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        self.record(format!("start {}", &id[60..]));
+        if *self.port_taken.lock().unwrap() {
+            return Err(RuntimeError(
+                "Bind for 127.0.0.1:20000 failed: port is already allocated".into(),
+            ));
+        }
+        for c in self
+            .containers
+            .lock()
+            .unwrap()
+            .iter_mut()
+            .filter(|c| c.id == id)
+        {
+            c.state = "running".into();
+        }
+        Ok(())
+    }
+    async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        self.record(format!("remove {}", &id[60..]));
+        self.containers.lock().unwrap().retain(|c| c.id != id);
+        Ok(())
+    }
+    async fn restart(&self, id: &str) -> Result<(), RuntimeError> {
+        self.record(format!("restart {}", &id[60..]));
+        match self.restart_error.lock().unwrap().clone() {
+            Some(e) => Err(RuntimeError(e)),
+            None => Ok(()),
+        }
+    }
+    async fn details(&self, _: &str) -> Result<ContainerDetails, RuntimeError> {
+        Ok(self
+            .details
+            .lock()
+            .unwrap()
+            .clone()
+            .unwrap_or(ContainerDetails {
+                restart_count: 2,
+                running: true,
+                ..Default::default()
+            }))
+    }
+}

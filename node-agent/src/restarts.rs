@@ -1,0 +1,429 @@
+//! Runs the restarts the [`Scheduler`] asks for, nightly and requested: `docker restart`, then
+//! a health gate (the image's Docker healthcheck, or else a TCP connect to the gateway port on
+//! the tenant's own network) before its place goes to the next one.
+//!
+//! Ensures: at most `max_concurrent` restarts run on the host; a restart counts as done only
+//! once the container is healthy again, and a failing check is reported in the tenant's status
+//! and retried with backoff until `health_timeout`; the reconciler leaves a container alone
+//! while it is being restarted; every requested restart gets exactly one result.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use berth_shared::clock::Clock;
+use berth_shared::ids::{HostId, TenantId};
+use berth_shared::proto;
+use berth_shared::spec::{RestartPolicy, Window, ZoneName};
+use jiff::tz::TimeZone;
+use jiff::{SignedDuration, Timestamp};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::desired::Desired;
+use crate::runtime::ContainerRuntime;
+use crate::schedule::{Reason, Scheduler, Start, TenantClock, humanize};
+
+/// The `[restarts]` section: host-wide defaults and limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestartSettings {
+    /// For tenants whose spec names no window.
+    pub window: Window,
+    /// For tenants whose spec names no time zone.
+    pub time_zone: ZoneName,
+    /// Restarts running at the same time on this host (K).
+    pub max_concurrent: usize,
+    /// A container that started this long before its slot is not restarted that night.
+    pub skip_if_started_within: Duration,
+    /// How long a restarted container may take to pass its health check.
+    pub health_timeout: Duration,
+}
+
+impl Default for RestartSettings {
+    fn default() -> Self {
+        Self {
+            window: "02:00-05:00".parse().unwrap_or_else(|_| unreachable!()),
+            time_zone: ZoneName::new("UTC").unwrap_or_else(|_| unreachable!()),
+            max_concurrent: 1,
+            skip_if_started_within: Duration::from_secs(12 * 3600),
+            health_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+impl RestartSettings {
+    /// The window and zone `policy` resolves to on this host; `None` when it is off.
+    pub fn plan(&self, policy: &RestartPolicy) -> Option<(Window, TimeZone)> {
+        if !policy.enabled {
+            return None;
+        }
+        let zone = policy.time_zone.as_ref().unwrap_or(&self.time_zone);
+        let tz = zone.time_zone().ok()?;
+        Some((policy.window.unwrap_or(self.window), tz))
+    }
+}
+
+/// Connects to a tenant's gateway port (a trait so the health gate is tested without sockets).
+#[tonic::async_trait]
+pub trait Probe: Send + Sync + std::fmt::Debug {
+    async fn connect(&self, address: SocketAddr) -> Result<(), String>;
+}
+
+/// A plain TCP connect with a timeout.
+#[derive(Debug, Clone, Copy)]
+pub struct TcpProbe {
+    pub timeout: Duration,
+}
+
+#[tonic::async_trait]
+impl Probe for TcpProbe {
+    async fn connect(&self, address: SocketAddr) -> Result<(), String> {
+        match tokio::time::timeout(self.timeout, tokio::net::TcpStream::connect(address)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {:?}", self.timeout)),
+        }
+    }
+}
+
+/// How a restarted container is checked: often at first (so the measured downtime is close to
+/// the real one), then with growing pauses.
+#[derive(Debug, Clone, Copy)]
+pub struct HealthGate {
+    pub every: Duration,
+    /// Checks stay `every` apart this long after the restart, then back off.
+    pub fast_for: Duration,
+    pub max_backoff: Duration,
+    pub timeout: Duration,
+}
+
+impl HealthGate {
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            every: Duration::from_millis(50),
+            fast_for: Duration::from_secs(10),
+            max_backoff: Duration::from_secs(15),
+            timeout,
+        }
+    }
+}
+
+/// One health check: Docker's healthcheck verdict when the image has one, else a TCP connect to
+/// the gateway port at the container's address on its tenant network (not the published port,
+/// which Docker's proxy answers even while the tenant is down).
+async fn check(
+    runtime: &dyn ContainerRuntime,
+    probe: &dyn Probe,
+    container: &str,
+    gateway_port: u16,
+) -> Result<(), String> {
+    let d = runtime
+        .details(container)
+        .await
+        .map_err(|e| e.to_string())?;
+    if !d.running {
+        return Err(format!("not running (exit code {})", d.exit_code));
+    }
+    match d.health.as_deref() {
+        Some("healthy") => Ok(()),
+        Some(other) => Err(format!("Docker healthcheck says {other}")),
+        None => {
+            let address = d.address.ok_or("no address on its tenant network")?;
+            probe
+                .connect(SocketAddr::new(address, gateway_port))
+                .await
+                .map_err(|e| format!("gateway port {gateway_port}: {e}"))
+        }
+    }
+}
+
+/// Restarts `container` and waits until it is healthy again; returns the downtime (from the
+/// restart until the first passing check). `progress` hears each failed check once the gate
+/// has started backing off.
+pub async fn restart_and_wait(
+    runtime: &dyn ContainerRuntime,
+    probe: &dyn Probe,
+    gate: HealthGate,
+    container: &str,
+    gateway_port: u16,
+    progress: impl Fn(String),
+) -> Result<Duration, String> {
+    let began = Instant::now();
+    runtime
+        .restart(container)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut pause = gate.every;
+    let mut checks = 0u32;
+    loop {
+        let result = check(runtime, probe, container, gateway_port).await;
+        checks += 1;
+        let elapsed = began.elapsed();
+        let error = match result {
+            Ok(()) => return Ok(elapsed),
+            Err(e) => e,
+        };
+        if elapsed >= gate.timeout {
+            return Err(format!(
+                "not healthy {} after the restart ({checks} checks; last: {error})",
+                humanize(SignedDuration::try_from(gate.timeout).unwrap_or(SignedDuration::MAX))
+            ));
+        }
+        if elapsed >= gate.fast_for {
+            pause = (pause * 2).min(gate.max_backoff);
+            progress(format!(
+                "restarted {} ago, not healthy yet: {error}; next check in {}",
+                humanize(SignedDuration::try_from(elapsed).unwrap_or(SignedDuration::MAX)),
+                humanize(SignedDuration::try_from(pause).unwrap_or(SignedDuration::MAX))
+            ));
+        }
+        tokio::time::sleep(pause.min(gate.timeout.saturating_sub(elapsed))).await;
+    }
+}
+
+/// The agent's restart state, shared by the driver, the session and the reconciler.
+#[derive(Debug)]
+pub struct Restarts {
+    settings: RestartSettings,
+    scheduler: Mutex<Scheduler>,
+    results: Mutex<VecDeque<proto::RestartResult>>,
+    results_ready: Notify,
+    requested: Notify,
+    /// Tenants whose container is being restarted: the reconciler leaves them alone.
+    busy: Arc<Mutex<BTreeSet<String>>>,
+}
+
+/// Results kept for a session that is down; older ones are dropped (the coordinator has given
+/// up on them by then).
+const MAX_PENDING_RESULTS: usize = 256;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Restarts {
+    pub fn new(settings: RestartSettings) -> Self {
+        let skip = SignedDuration::try_from(settings.skip_if_started_within)
+            .unwrap_or(SignedDuration::MAX);
+        Self {
+            scheduler: Mutex::new(Scheduler::new(settings.max_concurrent, skip)),
+            settings,
+            results: Mutex::new(VecDeque::new()),
+            results_ready: Notify::new(),
+            requested: Notify::new(),
+            busy: Arc::default(),
+        }
+    }
+
+    /// The set of tenants being restarted, for the reconciler.
+    pub fn busy(&self) -> Arc<Mutex<BTreeSet<String>>> {
+        self.busy.clone()
+    }
+
+    /// Queues a restart the coordinator asked for; its result comes out of [`Self::take_results`].
+    pub fn request(&self, tenant: &str, request_id: u64) {
+        match TenantId::new(tenant) {
+            Ok(id) => {
+                lock(&self.scheduler).request(id, request_id);
+                self.requested.notify_one();
+            }
+            Err(e) => self.push_result(proto::RestartResult {
+                tenant_id: tenant.chars().take(64).collect(),
+                request_id,
+                ok: false,
+                error: format!("tenant_id: {e}"),
+                downtime_ms: 0,
+            }),
+        }
+    }
+
+    fn push_result(&self, result: proto::RestartResult) {
+        let mut results = lock(&self.results);
+        if results.len() >= MAX_PENDING_RESULTS {
+            results.pop_front();
+        }
+        results.push_back(result);
+        drop(results);
+        self.results_ready.notify_one();
+    }
+
+    /// Waits until a result is ready to send.
+    pub async fn results_ready(&self) {
+        self.results_ready.notified().await
+    }
+
+    pub fn take_results(&self) -> Vec<proto::RestartResult> {
+        lock(&self.results).drain(..).collect()
+    }
+
+    /// Adds the next restart and the scheduler's note to a tenant's status.
+    pub fn annotate(&self, status: &mut proto::TenantStatus) {
+        let Ok(tenant) = TenantId::new(&status.tenant_id) else {
+            return;
+        };
+        let view = lock(&self.scheduler).view(&tenant);
+        status.next_restart_unix_ms = view.next.map_or(0, |t| t.as_millisecond());
+        status.restart_note = view.note;
+    }
+
+    /// One scheduling pass at `now`: returns what must start (already holding their places).
+    fn plan(
+        &self,
+        now: Timestamp,
+        desired: &Desired,
+        statuses: &[proto::TenantStatus],
+    ) -> Vec<Start> {
+        let clocks: Vec<TenantClock> = desired
+            .tenants
+            .iter()
+            .map(|spec| {
+                let status = statuses
+                    .iter()
+                    .find(|s| s.tenant_id == spec.tenant_id.as_str());
+                TenantClock {
+                    tenant: spec.tenant_id.clone(),
+                    plan: self.settings.plan(&spec.restart),
+                    running: status.is_some_and(|s| s.state == proto::TenantState::Running as i32),
+                    started_at: status
+                        .filter(|s| s.last_restart_unix_ms > 0)
+                        .and_then(|s| Timestamp::from_millisecond(s.last_restart_unix_ms).ok()),
+                }
+            })
+            .collect();
+        let (starts, refused) = lock(&self.scheduler).tick(now, &clocks);
+        for (tenant, request_id, error) in refused {
+            self.push_result(proto::RestartResult {
+                tenant_id: tenant.to_string(),
+                request_id,
+                ok: false,
+                error,
+                downtime_ms: 0,
+            });
+        }
+        starts
+    }
+
+    /// Runs one restart to its end and records it.
+    async fn execute(
+        &self,
+        start: Start,
+        gateway_port: u16,
+        host: &HostId,
+        runtime: &dyn ContainerRuntime,
+        probe: &dyn Probe,
+        clock: &dyn Clock,
+    ) {
+        let tenant = start.tenant.clone();
+        lock(&self.busy).insert(tenant.to_string());
+        let container = runtime
+            .list(host)
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|all| {
+                all.into_iter()
+                    .find(|c| c.tenant == tenant.as_str())
+                    .map(|c| c.id)
+                    .ok_or_else(|| "the container is gone".to_string())
+            });
+        let outcome = match container {
+            Ok(id) => {
+                tracing::info!(%tenant, reason = ?start.reason, "restarting");
+                let gate = HealthGate::new(self.settings.health_timeout);
+                restart_and_wait(runtime, probe, gate, &id, gateway_port, |note| {
+                    tracing::warn!(%tenant, %note, "restart health check");
+                    lock(&self.scheduler).progress(&tenant, note);
+                })
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        lock(&self.busy).remove(tenant.as_str());
+        let now = Timestamp::from_millisecond(clock.now_unix_ms()).unwrap_or(Timestamp::UNIX_EPOCH);
+        let down = outcome
+            .as_ref()
+            .map(|d| SignedDuration::try_from(*d).unwrap_or(SignedDuration::MAX))
+            .map_err(Clone::clone);
+        match &outcome {
+            Ok(d) => {
+                tracing::info!(%tenant, downtime_ms = d.as_millis() as u64, "restarted and healthy")
+            }
+            Err(e) => tracing::warn!(%tenant, error = %e, "restart failed"),
+        }
+        lock(&self.scheduler).finished(&tenant, now, &down);
+        if let Reason::Requested(request_id) = start.reason {
+            self.push_result(proto::RestartResult {
+                tenant_id: tenant.to_string(),
+                request_id,
+                ok: outcome.is_ok(),
+                error: outcome.as_ref().err().cloned().unwrap_or_default(),
+                downtime_ms: outcome.map_or(0, |d| d.as_millis() as u64),
+            });
+        }
+    }
+}
+
+/// How often the driver looks at the clock without a request.
+const TICK: Duration = Duration::from_secs(1);
+
+/// What the driver needs from the agent.
+#[derive(Debug, Clone)]
+pub struct Driver {
+    pub restarts: Arc<Restarts>,
+    pub runtime: Arc<dyn ContainerRuntime>,
+    pub probe: Arc<dyn Probe>,
+    pub clock: Arc<dyn Clock>,
+    pub host: HostId,
+}
+
+impl Driver {
+    /// One pass: starts what is due, each in its own task; returns the tasks.
+    pub fn step(
+        &self,
+        desired: &Desired,
+        statuses: &[proto::TenantStatus],
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let now =
+            Timestamp::from_millisecond(self.clock.now_unix_ms()).unwrap_or(Timestamp::UNIX_EPOCH);
+        self.restarts
+            .plan(now, desired, statuses)
+            .into_iter()
+            .map(|start| {
+                let port = desired
+                    .tenants
+                    .iter()
+                    .find(|t| t.tenant_id == start.tenant)
+                    .map_or(0, |t| t.gateway_port);
+                let driver = self.clone();
+                tokio::spawn(async move {
+                    driver
+                        .restarts
+                        .execute(
+                            start,
+                            port,
+                            &driver.host,
+                            driver.runtime.as_ref(),
+                            driver.probe.as_ref(),
+                            driver.clock.as_ref(),
+                        )
+                        .await
+                })
+            })
+            .collect()
+    }
+
+    /// Runs forever: a pass every second and at once on a request.
+    pub async fn run(self, current: impl Fn() -> (Desired, Vec<proto::TenantStatus>)) {
+        loop {
+            let (desired, statuses) = current();
+            self.step(&desired, &statuses);
+            tokio::select! {
+                () = tokio::time::sleep(TICK) => {}
+                () = self.restarts.requested.notified() => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

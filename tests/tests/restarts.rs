@@ -1,0 +1,165 @@
+//! Restarts on the real Docker engine: a nightly restart in its window (a window opened this
+//! minute, with a tenant id whose slot falls a few seconds ahead), exactly once, behind the
+//! health gate, with the tenant's downtime measured from outside; and `berthctl restart`.
+
+use std::time::Duration;
+
+use berth_tests::docker::inspect;
+use berth_tests::fleet::{Fleet, Outage, fleet_with, nightly_slot_soon, unique};
+use berth_tests::wait_for;
+use jiff::Timestamp;
+
+fn started_at(container: &str) -> Timestamp {
+    berth_tests::docker::started_at(container).parse().unwrap()
+}
+
+fn timestamp(view: &serde_json::Value, field: &str) -> Option<Timestamp> {
+    view[field].as_str().map(|s| s.parse().unwrap())
+}
+
+/// A fleet whose agent also restarts containers that started recently (every test tenant
+/// did), so the nightly restart is not skipped.
+fn restart_fleet() -> Option<Fleet> {
+    fleet_with("[restarts]\nskip_if_started_within = \"0s\"\n")
+}
+
+#[test]
+fn a_nightly_restart_runs_once_in_its_slot_behind_the_health_gate() {
+    let Some(f) = restart_fleet() else { return };
+    let (tenant, window, slot) = nightly_slot_soon(
+        &unique("night"),
+        Duration::from_secs(12),
+        Duration::from_secs(40),
+    );
+    f.place_with_window(&tenant, &window);
+    let view = f.wait_running(&tenant, Duration::from_secs(10));
+    let port = view["published_port"].as_u64().unwrap() as u16;
+    let container = format!("berth-{tenant}");
+    let first_start = berth_tests::docker::started_at(&container);
+    // The agent reports the slot the test computed, to the second.
+    let reported = wait_for("the next restart reported", Duration::from_secs(10), || {
+        f.tenant(&tenant)
+            .and_then(|t| timestamp(&t, "next_restart"))
+    });
+    assert!(
+        reported.duration_since(slot).abs() <= jiff::SignedDuration::from_secs(1),
+        "reported {reported}, slot {slot}"
+    );
+
+    let outage = Outage::watch(port);
+    // The driver gives the place back only when the gateway answers again.
+    let (restarted, after) = f.wait_nightly_restart(&tenant, &first_start, Duration::from_secs(60));
+    let restarted: Timestamp = restarted.parse().unwrap();
+    assert!(
+        restarted >= slot,
+        "restarted at {restarted}, before its slot {slot}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let down = outage.stop();
+    let note = after["restart_note"].as_str().unwrap();
+    assert!(note.contains(": healthy again after "), "{note}");
+    eprintln!("nightly restart: the tenant did not answer for {down:?}; the agent says: {note}");
+    assert!(down > Duration::ZERO, "a restart is seen from outside");
+    assert!(down < Duration::from_secs(5), "down for {down:?}");
+    // Exactly once: the next one is tomorrow's, and nothing restarts it again meanwhile.
+    let next = timestamp(&after, "next_restart").unwrap();
+    assert!(
+        next.duration_since(slot) > jiff::SignedDuration::from_hours(23),
+        "next {next} after slot {slot}"
+    );
+    // The container's start as Docker saw it, once the agent has looked again.
+    wait_for("the last restart reported", Duration::from_secs(15), || {
+        f.tenant(&tenant)
+            .and_then(|t| timestamp(&t, "last_restart"))
+            .filter(|t| *t == restarted.round(jiff::Unit::Second).unwrap())
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(started_at(&container), restarted, "restarted once");
+    assert_eq!(
+        inspect(&container).unwrap()["RestartCount"],
+        0,
+        "Docker's own restart policy never fired"
+    );
+}
+
+#[test]
+fn berthctl_restart_waits_for_the_health_gate_and_refuses_unknown_tenants() {
+    let Some(f) = restart_fleet() else { return };
+    let tenant = unique("now");
+    f.place(&tenant, "128MiB");
+    let view = f.wait_running(&tenant, Duration::from_secs(10));
+    let port = view["published_port"].as_u64().unwrap() as u16;
+    let container = format!("berth-{tenant}");
+    let before = started_at(&container);
+
+    let outage = Outage::watch(port);
+    let (ok, out, err) = f.coordinator.berthctl(&["--json", "restart", &tenant]);
+    assert!(ok, "{err}");
+    // Answered only once healthy: the gateway answers right away.
+    assert_eq!(
+        berth_tests::fleet::http_get(port, "/healthz").as_deref(),
+        Some("ok\n")
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let down = outage.stop();
+    let done: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(done["tenant_id"], tenant.as_str());
+    assert_eq!(done["host_id"], f.agent.host_id.as_str());
+    let reported = Duration::from_millis(done["downtime_ms"].as_u64().unwrap());
+    eprintln!("berthctl restart: the agent measured {reported:?}; outside, no answer for {down:?}");
+    assert!(reported > Duration::ZERO && reported < Duration::from_secs(5));
+    assert!(down < Duration::from_secs(5));
+    assert!(started_at(&container) > before);
+
+    // The text form and the tenant list.
+    let (ok, out, err) = f.coordinator.berthctl(&["restart", &tenant]);
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with(&format!(
+            "restarted {tenant} on {}: healthy again after ",
+            f.agent.host_id
+        )),
+        "{out}"
+    );
+    // The next report carries the note.
+    let line = wait_for(
+        "the restart in the tenant list",
+        Duration::from_secs(10),
+        || {
+            let (ok, out, _) = f.coordinator.berthctl(&["tenants"]);
+            assert!(ok);
+            assert!(
+                out.lines().next().unwrap().contains("LAST RESTART"),
+                "{out}"
+            );
+            out.lines()
+                .find(|l| l.starts_with(&tenant) && l.contains("requested restart at"))
+                .map(String::from)
+        },
+    );
+    assert!(line.contains("healthy again after"), "{line}");
+
+    // REST: the same operation and errors.
+    let path = format!("/v1/tenants/{tenant}/restart");
+    let (code, body) = f.coordinator.rest("POST", &path, None, true);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["tenant_id"], tenant.as_str());
+    assert!(body["downtime_ms"].as_u64().unwrap() > 0);
+    let (code, body) = f
+        .coordinator
+        .rest("POST", "/v1/tenants/nosuch/restart", None, true);
+    assert_eq!(
+        (code, body["code"].as_str()),
+        (404, Some("NotFound")),
+        "{body}"
+    );
+    let (code, _) = f.coordinator.rest("POST", &path, None, false);
+    assert_eq!(code, 401);
+
+    let (ok, _, err) = f.coordinator.berthctl(&["restart", "nosuch"]);
+    assert!(!ok);
+    assert!(err.contains("unknown tenant \"nosuch\""), "{err}");
+    let (ok, _, err) = f.coordinator.berthctl(&["restart", "Bad/Id"]);
+    assert!(!ok);
+    assert!(err.contains("tenant_id"), "{err}");
+}
