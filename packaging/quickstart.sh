@@ -138,7 +138,7 @@ cat <<INFO
 
 berth is running on this machine:
   coordinator  operator API (gRPC, TLS): https://127.0.0.1:7444   agent port (mTLS): 127.0.0.1:7443
-               health: http://127.0.0.1:7480/healthz   (the dashboard is not built yet)
+               dashboard: http://127.0.0.1:7480/   metrics: http://127.0.0.1:7480/metrics
   agent        enrolled as $(grep -o '"host_id": "[^"]*"' "$state/agent/enrollment.json" | cut -d'"' -f4), reporting every 5 s
   CA fingerprint $fingerprint
   logs         $state/coordinator.log  $state/agent.log

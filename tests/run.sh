@@ -14,7 +14,7 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 
-packages=(docker.io nftables cryptsetup-bin iproute2 ca-certificates curl)
+packages=(docker.io nftables cryptsetup-bin iproute2 ca-certificates curl chromium fonts-dejavu-core)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -5,16 +5,18 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use berth_shared::clock::Clock;
 use berth_shared::ids::{HostId, TenantId};
 use berth_shared::pki::{CertificateAuthority, PeerCert, Subject, parse_peer_cert};
 use berth_shared::proto;
+use berth_shared::store::Store;
 use berth_shared::tls::SerialDenyList;
 use berth_shared::transport::PeerInfo;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
 use crate::config::CoordinatorConfig;
-use crate::placement::{PlaceError, Placements, host_info};
+use crate::placement::{PlaceError, PlacementPolicy, Placements, host_info};
 use crate::registry::{HostRecord, HostState, Registry, RegistryError};
 
 /// How long a requested restart may take, waiting for a place and the health gate included
@@ -32,6 +34,7 @@ pub struct Coordinator {
     pub placements: Placements,
     /// The bound agent port, told to enrolling agents.
     pub agent_port: u16,
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// What to revoke.
@@ -42,7 +45,46 @@ pub enum RevokeTarget {
     Serial(String),
 }
 
+/// Why the coordinator's state could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Store(#[from] berth_shared::store::StoreError),
+}
+
 impl Coordinator {
+    /// The shared state over `store`: the registry, the live deny-list of revoked serials, and
+    /// the placements with the scheduler's view of every registered host.
+    pub fn open(
+        config: CoordinatorConfig,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        ca: CertificateAuthority,
+        agent_port: u16,
+    ) -> Result<Self, OpenError> {
+        let registry = Registry::new(store.clone(), clock);
+        let denied = Arc::new(SerialDenyList::new(registry.revoked_serials()?));
+        let now = registry.now();
+        let hosts: Vec<_> = registry
+            .hosts()?
+            .iter()
+            .filter_map(|h| host_info(h, h.state(now, config.down_after) == HostState::Ready))
+            .collect();
+        let placements = Placements::load(store, PlacementPolicy::from_config(&config), &hosts)?;
+        Ok(Self {
+            config,
+            registry,
+            ca,
+            denied,
+            sessions: SessionHub::default(),
+            placements,
+            agent_port,
+            metrics: crate::metrics::Metrics::default(),
+        })
+    }
+
     /// Revokes in the registry (durably), then in the live deny-list, then closes the open
     /// sessions of those certificates.
     pub fn revoke(&self, target: &RevokeTarget) -> Result<Vec<String>, RegistryError> {
@@ -72,8 +114,18 @@ impl Coordinator {
         self: &Arc<Self>,
         spec: proto::TenantSpec,
     ) -> Result<proto::Placement, PlaceError> {
-        let applied = self.placements.place(spec, self.registry.now())?;
+        let began = std::time::Instant::now();
+        let applied = match self.placements.place(spec, self.registry.now()) {
+            Ok(applied) => applied,
+            Err(e) => {
+                self.metrics
+                    .placements_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
         self.durable(applied.seq).await?;
+        self.metrics.placement_latency.observe(began.elapsed());
         tracing::info!(tenant = %applied.placement.tenant_id, host = %applied.placement.host_id, generation = applied.placement.generation, "tenant placed");
         Ok(applied.placement)
     }

@@ -40,6 +40,24 @@ pub struct PlacementPolicy {
     pub catalog: Vec<CatalogEntry>,
 }
 
+impl PlacementPolicy {
+    pub fn from_config(config: &crate::config::CoordinatorConfig) -> Self {
+        Self {
+            spec: SpecPolicy {
+                tiers: config.tiers.iter().map(|t| t.tier.clone()).collect(),
+                allow_unrestricted_egress: config.allow_unrestricted_egress,
+            },
+            strategy: config.strategy,
+            tier_strategy: config
+                .tiers
+                .iter()
+                .filter_map(|t| t.strategy.map(|s| (t.tier.name.clone(), s)))
+                .collect(),
+            catalog: config.catalog.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TenantRecord {
     pub spec: TenantSpec,
@@ -101,6 +119,17 @@ struct State {
     observed: HashMap<TenantId, proto::TenantStatus>,
     acks: HashMap<HostId, proto::DesiredStateAck>,
     tenants_per_host: HashMap<HostId, u32>,
+}
+
+/// What one host holds: its tenants' caps (committed) and what they reported using.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostLoad {
+    pub tenants: u32,
+    pub running: u32,
+    pub memory_committed: u64,
+    pub cpu_committed_millicores: u64,
+    pub memory_used: u64,
+    pub oom_kills: u64,
 }
 
 /// The result of a placement or removal: wait for durability with its `seq`.
@@ -612,6 +641,26 @@ impl Placements {
             .filter(|r| host.is_none_or(|h| r.host_id == *h))
             .map(|r| Self::tenant_view(&state, r))
             .collect()
+    }
+
+    /// What every host holds, in one pass over the tenants.
+    pub fn host_loads(&self) -> HashMap<HostId, HostLoad> {
+        let state = self.lock();
+        let mut loads: HashMap<HostId, HostLoad> = HashMap::new();
+        for record in state.tenants.values() {
+            let load = loads.entry(record.host_id.clone()).or_default();
+            load.tenants += 1;
+            load.memory_committed += record.spec.resources.memory_bytes;
+            load.cpu_committed_millicores += u64::from(record.spec.resources.cpu_millicores);
+            if let Some(status) = state.observed.get(&record.spec.tenant_id) {
+                load.memory_used += status.memory_used_bytes;
+                load.oom_kills += status.oom_kills;
+            }
+            if state.tenant_state(record).0 == proto::TenantState::Running {
+                load.running += 1;
+            }
+        }
+        loads
     }
 
     /// Tenants placed on a host and the resources they hold.

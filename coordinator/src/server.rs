@@ -10,19 +10,16 @@ use berth_shared::pki::CertificateAuthority;
 use berth_shared::proto::agent_service_server::AgentServiceServer;
 use berth_shared::proto::enrollment_service_server::EnrollmentServiceServer;
 use berth_shared::proto::operator_service_server::OperatorServiceServer;
-use berth_shared::spec::SpecPolicy;
 use berth_shared::store::{SledStore, Store};
-use berth_shared::tls::{ClientAuth, SerialDenyList, server_config};
+use berth_shared::tls::{ClientAuth, server_config};
 use berth_shared::transport::serve_tls;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 
 use crate::config::CoordinatorConfig;
-use crate::core::{Coordinator, SessionHub};
-use crate::placement::{PlacementPolicy, Placements, host_info};
-use crate::registry::HostState;
-use crate::{admin, agent_api, http, operator_api};
+use crate::core::Coordinator;
+use crate::{admin, agent_api, dashboard, operator_api};
 
 /// The bound addresses, written to `endpoints.json` for scripts and tests.
 #[derive(Debug, Serialize)]
@@ -53,8 +50,6 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
         SledStore::open(&config.db_dir())
             .context("is another berth-coordinator running on this state dir?")?,
     );
-    let registry = crate::registry::Registry::new(store.clone(), Arc::new(SystemClock));
-    let denied = Arc::new(SerialDenyList::new(registry.revoked_serials()?));
 
     let agent_listener = bind(config.agent_listen, "agent").await?;
     let operator_listener = bind(config.operator_listen, "operator").await?;
@@ -66,6 +61,15 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
         ca_fingerprint: ca.fingerprint().to_string(),
     };
 
+    let coordinator = Arc::new(Coordinator::open(
+        config.clone(),
+        store,
+        Arc::new(SystemClock),
+        ca,
+        endpoints.agent.port(),
+    )?);
+
+    let (ca, denied) = (&coordinator.ca, &coordinator.denied);
     let (chain, key) = ca.issue_server_cert(&config.server_names, SERVER_CERT_TTL)?;
     let agent_tls = server_config(
         chain.clone(),
@@ -85,36 +89,6 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
             mandatory: false,
         }),
     )?;
-
-    let policy = PlacementPolicy {
-        spec: SpecPolicy {
-            tiers: config.tiers.iter().map(|t| t.tier.clone()).collect(),
-            allow_unrestricted_egress: config.allow_unrestricted_egress,
-        },
-        strategy: config.strategy,
-        tier_strategy: config
-            .tiers
-            .iter()
-            .filter_map(|t| t.strategy.map(|s| (t.tier.name.clone(), s)))
-            .collect(),
-        catalog: config.catalog.clone(),
-    };
-    let now = registry.now();
-    let hosts: Vec<_> = registry
-        .hosts()?
-        .iter()
-        .filter_map(|h| host_info(h, h.state(now, config.down_after) == HostState::Ready))
-        .collect();
-    let placements = Placements::load(store.clone(), policy, &hosts)?;
-    let coordinator = Arc::new(Coordinator {
-        config: config.clone(),
-        registry,
-        ca,
-        denied,
-        sessions: SessionHub::default(),
-        placements,
-        agent_port: endpoints.agent.port(),
-    });
 
     let agent_router = Routes::new(AgentServiceServer::new(agent_api::AgentApi {
         coordinator: coordinator.clone(),
@@ -152,8 +126,9 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
         stopped(stop_rx.clone()),
     ));
     let http_stop = stopped(stop_rx.clone());
+    let http_router = dashboard::router(coordinator.clone(), config.http_listen.ip().is_loopback());
     tasks.spawn(async move {
-        if let Err(error) = axum::serve(http_listener, http::router())
+        if let Err(error) = axum::serve(http_listener, http_router)
             .with_graceful_shutdown(http_stop)
             .await
         {

@@ -1,6 +1,7 @@
 //! The JSON shapes of hosts, tenants and placements: what `berthctl --json` prints and what the
 //! REST API returns (the same fields for the same things).
 
+pub use berth_shared::model::tenant_state_name;
 use berth_shared::proto;
 use berth_shared::spec::egress_entry_text;
 use serde::Serialize;
@@ -37,17 +38,6 @@ pub fn host_state_name(state: i32) -> &'static str {
         Ok(proto::HostState::Cordoned) => "cordoned",
         Ok(proto::HostState::Draining) => "draining",
         Ok(proto::HostState::Down) => "down",
-        _ => "unknown",
-    }
-}
-
-pub fn tenant_state_name(state: i32) -> &'static str {
-    match proto::TenantState::try_from(state) {
-        Ok(proto::TenantState::Pending) => "pending",
-        Ok(proto::TenantState::Running) => "running",
-        Ok(proto::TenantState::Failed) => "failed",
-        Ok(proto::TenantState::Stopped) => "stopped",
-        Ok(proto::TenantState::WaitingForKey) => "waiting_for_key",
         _ => "unknown",
     }
 }

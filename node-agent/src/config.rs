@@ -37,6 +37,8 @@ struct RawConfig {
     cgroup_root: Option<PathBuf>,
     docker_socket: Option<PathBuf>,
     tenant_subnets: Option<String>,
+    metrics_listen: Option<String>,
+    metrics_token_file: Option<PathBuf>,
     #[serde(default)]
     egress: RawEgress,
     #[serde(default)]
@@ -228,6 +230,10 @@ pub struct AgentConfig {
     pub tenant_subnets: SubnetPool,
     pub egress: EgressConfig,
     pub restarts: RestartSettings,
+    /// Where `/metrics` is served.
+    pub metrics_listen: SocketAddr,
+    /// The token `/metrics` requests must carry; required off loopback.
+    pub metrics_token: Option<String>,
 }
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/berth/agent";
@@ -273,6 +279,36 @@ impl AgentConfig {
             .map(|v| parse_duration("report_interval", &v))
             .transpose()
             .map_err(|e| value(e.to_string()))?;
+        let metrics_listen: SocketAddr = match &raw.metrics_listen {
+            Some(v) => v.parse().map_err(|_| {
+                value(format!(
+                    "invalid metrics_listen: {v:?} is not an address:port such as 127.0.0.1:7481"
+                ))
+            })?,
+            None => SocketAddr::from(([127, 0, 0, 1], 7481)),
+        };
+        let metrics_token = raw
+            .metrics_token_file
+            .as_ref()
+            .map(|p| {
+                let token = read(p)
+                    .map_err(|e| value(format!("invalid metrics_token_file: {e}")))?
+                    .trim()
+                    .to_string();
+                if token.len() < 16 {
+                    return Err(value(format!(
+                        "invalid metrics_token_file: {} holds fewer than 16 characters",
+                        p.display()
+                    )));
+                }
+                Ok(token)
+            })
+            .transpose()?;
+        if !metrics_listen.ip().is_loopback() && metrics_token.is_none() {
+            return Err(value(format!(
+                "invalid metrics_listen: {metrics_listen} is reachable from other machines: set metrics_token_file too"
+            )));
+        }
         let tenant_subnets = match raw.tenant_subnets {
             Some(v) => SubnetPool::parse("tenant_subnets", &v).map_err(value)?,
             None => SubnetPool::default(),
@@ -299,6 +335,8 @@ impl AgentConfig {
             tenant_subnets,
             egress: EgressConfig::parse(raw.egress).map_err(value)?,
             restarts: raw.restarts.parse().map_err(value)?,
+            metrics_listen,
+            metrics_token,
         })
     }
 }
@@ -316,6 +354,30 @@ mod tests {
         assert_eq!(c.monthly_cost_cents, 5490);
         assert_eq!(c.memory_reserved_bytes, 2 << 30);
         assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+    }
+
+    #[test]
+    fn metrics_off_loopback_need_a_token() {
+        let c = AgentConfig::parse(Path::new("a.toml"), GOOD).unwrap();
+        assert_eq!(c.metrics_listen, "127.0.0.1:7481".parse().unwrap());
+        assert_eq!(c.metrics_token, None);
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("metrics.token");
+        std::fs::write(&token, "0123456789abcdef0123\n").unwrap();
+        let c = AgentConfig::parse(
+            Path::new("a.toml"),
+            &format!("metrics_listen = \"0.0.0.0:9100\"\nmetrics_token_file = {token:?}\n{GOOD}"),
+        )
+        .unwrap();
+        assert_eq!(c.metrics_token.as_deref(), Some("0123456789abcdef0123"));
+        std::fs::write(&token, "short").unwrap();
+        let err = AgentConfig::parse(
+            Path::new("a.toml"),
+            &format!("metrics_token_file = {token:?}\n{GOOD}"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("holds fewer than 16 characters"), "{err}");
     }
 
     #[test]
@@ -427,6 +489,18 @@ mod tests {
             (
                 "provider = \"aws\"\nregion = \"x\"\n[egress]\nstale_grace = \"soon\"",
                 "invalid egress.stale_grace",
+            ),
+            (
+                "provider = \"aws\"\nregion = \"x\"\nmetrics_listen = \"0.0.0.0:7481\"",
+                "invalid metrics_listen: 0.0.0.0:7481 is reachable from other machines: set metrics_token_file too",
+            ),
+            (
+                "provider = \"aws\"\nregion = \"x\"\nmetrics_listen = \"localhost\"",
+                "invalid metrics_listen: \"localhost\" is not an address:port",
+            ),
+            (
+                "provider = \"aws\"\nregion = \"x\"\nmetrics_token_file = \"/nonexistent/token\"",
+                "invalid metrics_token_file: /nonexistent/token:",
             ),
             (
                 "provider = \"aws\"\nregion = \"x\"\n[restarts]\nwindow = \"2-5\"",

@@ -17,6 +17,7 @@ pub mod facts;
 pub(crate) mod fake_runtime;
 pub mod hardening;
 pub mod identity;
+pub mod metrics;
 pub mod nft;
 pub mod reconcile;
 pub mod restarts;

@@ -20,6 +20,8 @@ use crate::desired::DesiredStore;
 use crate::enforce::Enforcement;
 use crate::facts::{Meter, host_facts};
 use crate::identity::{Identity, IdentityError};
+use crate::metrics::Telemetry;
+use std::sync::atomic::Ordering;
 
 /// Full-jitter exponential backoff: the n-th wait is uniform in [0, min(cap, base·2ⁿ)].
 #[derive(Debug, Clone)]
@@ -88,6 +90,15 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
         config.clone(),
         identity.host_id().clone(),
     ));
+    let telemetry = Arc::new(Telemetry::default());
+    tokio::spawn(crate::metrics::serve(
+        config.metrics_listen,
+        crate::metrics::router(
+            enforcement.clone(),
+            telemetry.clone(),
+            config.metrics_token.clone(),
+        ),
+    ));
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|source| IdentityError::Io {
@@ -95,7 +106,14 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
         source,
     })?;
     loop {
-        let session = run_session(&config, &identity, &mut meter, &enforcement, &mut backoff);
+        let session = run_session(
+            &config,
+            &identity,
+            &mut meter,
+            &enforcement,
+            &telemetry,
+            &mut backoff,
+        );
         let end = tokio::select! {
             end = session => end,
             _ = tokio::signal::ctrl_c() => return Ok(()),
@@ -125,6 +143,20 @@ async fn run_session(
     identity: &Identity,
     meter: &mut Meter,
     enforcement: &Enforcement,
+    telemetry: &Telemetry,
+    backoff: &mut Backoff,
+) -> SessionEnd {
+    let end = session_loop(config, identity, meter, enforcement, telemetry, backoff).await;
+    telemetry.connected.store(false, Ordering::Relaxed);
+    end
+}
+
+async fn session_loop(
+    config: &AgentConfig,
+    identity: &Identity,
+    meter: &mut Meter,
+    enforcement: &Enforcement,
+    telemetry: &Telemetry,
     backoff: &mut Backoff,
 ) -> SessionEnd {
     let channel = match identity.channel(config.coordinator.as_ref()) {
@@ -161,6 +193,7 @@ async fn run_session(
         Err(status) => return SessionEnd::Failed(crate::identity::status_error(&status)),
     };
     backoff.reset();
+    telemetry.connected.store(true, Ordering::Relaxed);
     tracing::info!(host = %host_id, interval_ms = interval.as_millis() as u64, "session accepted");
 
     let renew_in = Duration::from_millis(
@@ -190,9 +223,11 @@ async fn run_session(
                     tenants: statuses,
                     applied_generation: generation,
                 };
+                let sent = (report.sent_unix_ms, report.memory_total_bytes, report.memory_available_bytes);
                 if tx.send(AgentMessage { body: Some(AgentBody::Report(report)) }).await.is_err() {
                     return SessionEnd::Lost("outbound stream closed".into());
                 }
+                telemetry.reported(sent.0, sent.1, sent.2);
             }
             message = inbound.message() => match message {
                 Ok(Some(proto::CoordinatorMessage { body: Some(CoordinatorBody::DesiredState(state)) })) => {

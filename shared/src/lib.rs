@@ -8,6 +8,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod ids;
+pub mod metrics;
 pub mod model;
 pub mod pki;
 pub mod spec;

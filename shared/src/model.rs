@@ -260,6 +260,18 @@ impl From<&HostFacts> for proto::HostFacts {
     }
 }
 
+/// How a tenant state is written in views, JSON and metrics labels.
+pub fn tenant_state_name(state: i32) -> &'static str {
+    match proto::TenantState::try_from(state) {
+        Ok(proto::TenantState::Pending) => "pending",
+        Ok(proto::TenantState::Running) => "running",
+        Ok(proto::TenantState::Failed) => "failed",
+        Ok(proto::TenantState::Stopped) => "stopped",
+        Ok(proto::TenantState::WaitingForKey) => "waiting_for_key",
+        _ => "unknown",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

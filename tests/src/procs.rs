@@ -419,7 +419,7 @@ impl AgentProc {
         };
         let table = self.nft_table();
         let text = format!(
-            "state_dir = {:?}\nprovider = \"hetzner\"\nregion = \"fsn1\"\ninstance_type = \"cx22\"\nmonthly_cost = 4.51\nreport_interval = \"1s\"\ndocker_socket = {socket:?}\n{}",
+            "state_dir = {:?}\nprovider = \"hetzner\"\nregion = \"fsn1\"\ninstance_type = \"cx22\"\nmonthly_cost = 4.51\nreport_interval = \"1s\"\ndocker_socket = {socket:?}\nmetrics_listen = \"127.0.0.1:0\"\n{}",
             self.state_dir().display().to_string(),
             extra.replace("[egress]", &format!("[egress]\ntable = \"{table}\""))
         );
@@ -431,6 +431,21 @@ impl AgentProc {
 
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// `http://127.0.0.1:PORT/metrics` (in the agent's namespace), from the agent's log: it
+    /// listens on a port of its own choosing so concurrent agents never collide.
+    pub fn metrics_url(&self) -> String {
+        wait_for(
+            "the agent's metrics address",
+            Duration::from_secs(10),
+            || {
+                let log = self.log();
+                let start = log.find("metrics on http://")? + "metrics on ".len();
+                let rest = &log[start..];
+                Some(rest[..rest.find("/metrics")? + "/metrics".len()].to_string())
+            },
+        )
     }
 
     pub fn kill9(&mut self) {

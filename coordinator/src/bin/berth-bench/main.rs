@@ -3,6 +3,7 @@
 
 mod api;
 mod baselines;
+mod dashboard;
 mod inputs;
 mod replay;
 
@@ -64,6 +65,18 @@ enum Command {
         connections: usize,
         #[arg(long, default_value_t = 20_000)]
         placements: usize,
+    },
+    /// The fleet page of a seeded fleet: render time and size (or `--serve` it).
+    Dashboard {
+        #[arg(long, default_value_t = 500)]
+        hosts: usize,
+        #[arg(long, default_value_t = 10_000)]
+        tenants: usize,
+        #[arg(long, default_value_t = 200)]
+        renders: usize,
+        /// Serve the seeded fleet's dashboard on this address instead (for screenshots).
+        #[arg(long)]
+        serve: Option<std::net::SocketAddr>,
     },
     /// Online arrivals and departures from the Azure trace.
     Replay {
@@ -241,6 +254,22 @@ fn main() -> std::process::ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(api::run(hosts, clients, connections, placements))),
+        Command::Dashboard {
+            hosts,
+            tenants,
+            renders,
+            serve: None,
+        } => dashboard::run(hosts, tenants, renders.max(1)),
+        Command::Dashboard {
+            hosts,
+            tenants,
+            serve: Some(addr),
+            ..
+        } => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(dashboard::serve(hosts, tenants, addr))),
         Command::Replay {
             azure_v1,
             host_cpu,

@@ -1,0 +1,184 @@
+//! The capacity dashboard on the coordinator's HTTP port: `/` (the fleet), `/hosts/{id}` (one
+//! host and its tenants) and `/metrics` (Prometheus text), next to the always-open `/healthz`.
+//!
+//! Ensures: pages are rendered from one consistent [`Snapshot`] read per request; when the port
+//! is bound to anything but loopback, every page needs an operator token (`Authorization:
+//! Bearer`, or HTTP Basic with the token as password so a browser can sign in) and an
+//! unauthenticated request gets 401.
+
+pub mod figures;
+pub mod pages;
+pub mod seed;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use base64::Engine;
+use berth_shared::ids::HostId;
+
+use crate::core::Coordinator;
+use crate::placement::HostLoad;
+use crate::registry::{HostRecord, RegistryError};
+use crate::views::TenantView;
+use figures::{HostRow, Snapshot};
+
+/// A host as the dashboard shows it.
+fn host_row(c: &Coordinator, record: &HostRecord, load: HostLoad, now_ms: i64) -> HostRow {
+    // A host enrolled but never connected has no facts yet.
+    let facts = record.facts.as_ref();
+    HostRow {
+        host_id: record.host_id.to_string(),
+        state: record.state(now_ms, c.config.down_after).as_str(),
+        provider: facts.map_or("unknown", |f| f.provider.as_str()).to_string(),
+        region: facts.map(|f| f.region.clone()).unwrap_or_default(),
+        instance_type: facts.map(|f| f.instance_type.clone()).unwrap_or_default(),
+        memory_total: facts.map_or(0, |f| f.memory_total_bytes),
+        memory_reserved: facts.map_or(0, |f| f.memory_reserved_bytes),
+        memory_committed: load.memory_committed,
+        memory_used: load.memory_used,
+        cpu_millicores: facts.map_or(0, |f| u64::from(f.cpu_count) * 1000),
+        cpu_committed_millicores: load.cpu_committed_millicores,
+        tenants: load.tenants,
+        running: load.running,
+        oom_kills: load.oom_kills,
+        monthly_cost_cents: facts.map_or(0, |f| f.monthly_cost_cents),
+        currency: facts.map(|f| f.currency.clone()).unwrap_or_default(),
+        report_age_ms: (record.last_report_unix_ms > 0)
+            .then(|| (now_ms - record.last_report_unix_ms).max(0)),
+    }
+}
+
+/// The fleet now: every registered host with what it holds, and the tiers.
+pub fn snapshot(c: &Coordinator) -> Result<Snapshot, RegistryError> {
+    let now_ms = c.registry.now();
+    let loads: HashMap<HostId, HostLoad> = c.placements.host_loads();
+    let mut hosts: Vec<HostRow> = c
+        .registry
+        .hosts()?
+        .iter()
+        .map(|r| {
+            let load = loads.get(&r.host_id).copied().unwrap_or_default();
+            host_row(c, r, load, now_ms)
+        })
+        .collect();
+    hosts.sort_by(|a, b| a.host_id.cmp(&b.host_id));
+    Ok(Snapshot {
+        now_ms,
+        hosts,
+        tiers: c.config.tiers.iter().map(|t| t.tier.clone()).collect(),
+    })
+}
+
+/// The fleet page's HTML.
+pub fn fleet_page(c: &Coordinator) -> Result<String, RegistryError> {
+    Ok(pages::fleet(&snapshot(c)?).into_string())
+}
+
+/// A host page's HTML; `None` for a host that is not registered.
+pub fn host_page(c: &Coordinator, host: &HostId) -> Result<Option<String>, RegistryError> {
+    let Some(record) = c.registry.host(host)? else {
+        return Ok(None);
+    };
+    let now_ms = c.registry.now();
+    let load = c
+        .placements
+        .host_loads()
+        .get(host)
+        .copied()
+        .unwrap_or_default();
+    let row = host_row(c, &record, load, now_ms);
+    let mut tenants: Vec<TenantView> = c
+        .placements
+        .tenants(Some(host))
+        .iter()
+        .map(TenantView::from)
+        .collect();
+    tenants.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
+    Ok(Some(pages::host(&row, &tenants).into_string()))
+}
+
+fn internal(e: RegistryError) -> Response {
+    tracing::error!(error = %e, "dashboard");
+    (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response()
+}
+
+async fn fleet(State(c): State<Arc<Coordinator>>) -> Response {
+    match fleet_page(&c) {
+        Ok(html) => Html(html).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+async fn host(State(c): State<Arc<Coordinator>>, Path(id): Path<String>) -> Response {
+    let Ok(id) = HostId::new(&id) else {
+        return (StatusCode::BAD_REQUEST, "host_id: not a host id\n").into_response();
+    };
+    match host_page(&c, &id) {
+        Ok(Some(html)) => Html(html).into_response(),
+        Ok(None) => (
+            StatusCode::NOT_FOUND,
+            format!("unknown host {:?}\n", id.as_str()),
+        )
+            .into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+/// The operator token a request carries: `Bearer TOKEN`, or HTTP Basic with TOKEN as password.
+fn presented_token(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    if let Some(token) = value.strip_prefix("Bearer ") {
+        return Some(token.trim().to_string());
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(value.strip_prefix("Basic ")?.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    Some(text.split_once(':')?.1.to_string())
+}
+
+async fn require_token(
+    State(c): State<Arc<Coordinator>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let allowed = presented_token(request.headers())
+        .is_some_and(|t| matches!(c.registry.check_operator_token(&t), Ok(Some(_))));
+    if allowed {
+        return next.run(request).await;
+    }
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Basic realm=\"berth\", charset=\"UTF-8\"")],
+        "an operator token is needed: Authorization: Bearer TOKEN (or Basic with the token as password)\n",
+    )
+        .into_response()
+}
+
+/// The HTTP port's routes. `open`: the port is bound to loopback, so no credential is asked.
+pub fn router(coordinator: Arc<Coordinator>, open: bool) -> Router {
+    let pages = Router::new()
+        .route("/", get(fleet))
+        .route("/hosts/{id}", get(host))
+        .route("/metrics", get(crate::metrics::serve));
+    let pages = if open {
+        pages
+    } else {
+        pages.layer(middleware::from_fn_with_state(
+            coordinator.clone(),
+            require_token,
+        ))
+    };
+    pages
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(coordinator)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,317 @@
+use std::collections::BTreeMap;
+
+use axum::body::Body;
+use axum::http::Request as HttpRequest;
+use berth_shared::metrics::testing;
+use tower::ServiceExt;
+
+use super::*;
+use crate::dashboard::pages::gib;
+
+/// The fleet as the placements and the registry hold it, summed here independently of the
+/// dashboard: (hosts per state, tenants, committed bytes, used bytes) and per host
+/// (tenants, committed, used).
+struct Truth {
+    states: BTreeMap<&'static str, usize>,
+    tenants: usize,
+    committed: u64,
+    used: u64,
+    per_host: BTreeMap<String, (u32, u64, u64)>,
+}
+
+fn truth(c: &Coordinator) -> Truth {
+    let now = c.registry.now();
+    let mut states = BTreeMap::new();
+    for h in c.registry.hosts().unwrap() {
+        *states
+            .entry(h.state(now, c.config.down_after).as_str())
+            .or_default() += 1;
+    }
+    let tenants = c.placements.tenants(None);
+    let mut per_host: BTreeMap<String, (u32, u64, u64)> = BTreeMap::new();
+    let (mut committed, mut used) = (0, 0);
+    for t in &tenants {
+        let cap = t.spec.as_ref().unwrap().resources.unwrap().memory_bytes;
+        let u = t.status.as_ref().unwrap().memory_used_bytes;
+        let host = t.placement.as_ref().unwrap().host_id.clone();
+        let e = per_host.entry(host).or_default();
+        *e = (e.0 + 1, e.1 + cap, e.2 + u);
+        committed += cap;
+        used += u;
+    }
+    Truth {
+        states,
+        tenants: tenants.len(),
+        committed,
+        used,
+        per_host,
+    }
+}
+
+#[test]
+fn the_fleet_page_shows_the_seeded_fleets_figures() {
+    let c = seed::seeded(40, 600).unwrap();
+    let t = truth(&c);
+    assert_eq!(t.tenants, 600, "everything fits in 40 hosts");
+    assert_eq!(t.states.get("cordoned"), Some(&2), "hosts 3 and 28");
+    assert_eq!(t.states.get("down"), Some(&1), "host 7");
+    let html = fleet_page(&c).unwrap();
+    // Cards.
+    assert!(html.contains("<small>hosts</small><b>40</b><small>37 ready · 2 cordoned · 0 draining · 1 down</small>"), "{html}");
+    assert!(html.contains(&format!(
+        "<small>tenants</small><b>600</b><small>{:.1} per host</small>",
+        600.0 / 40.0
+    )));
+    assert!(html.contains(&format!(
+        "<small>{} committed · {} used</small>",
+        gib(t.committed),
+        gib(t.used)
+    )));
+    // The cost: every seeded host's price, summed from the registry.
+    let cost: u64 = c
+        .registry
+        .hosts()
+        .unwrap()
+        .iter()
+        .map(|h| h.facts.as_ref().unwrap().monthly_cost_cents)
+        .sum();
+    assert!(html.contains(&format!(
+        "<small>monthly cost</small><b>{:.2} EUR</b><small>{:.2} EUR per tenant</small>",
+        cost as f64 / 100.0,
+        cost as f64 / 100.0 / 600.0
+    )));
+    // The "all" row of the groups table, and one row per provider.
+    assert!(html.contains("<tr><td>all</td><td class=\"n\">40</td><td class=\"n\">600</td>"));
+    let hetzner: u32 = t
+        .per_host
+        .iter()
+        .filter(|(h, _)| h.starts_with("hetzner-"))
+        .map(|(_, v)| v.0)
+        .sum();
+    let hetzner_hosts = c
+        .registry
+        .hosts()
+        .unwrap()
+        .iter()
+        .filter(|h| h.host_id.as_str().starts_with("hetzner-"))
+        .count();
+    assert!(html.contains(&format!(
+        "<tr><td>hetzner</td><td class=\"n\">{hetzner_hosts}</td><td class=\"n\">{hetzner}</td>"
+    )));
+    // Every host has its row, with its own figures and state.
+    for h in c.registry.hosts().unwrap() {
+        let id = h.host_id.as_str();
+        let (n, committed, used) = t.per_host.get(id).copied().unwrap_or_default();
+        let state = h.state(c.registry.now(), c.config.down_after).as_str();
+        let facts = h.facts.as_ref().unwrap();
+        let class = if state == "ready" {
+            String::new()
+        } else {
+            format!(" class=\"{state}\"")
+        };
+        let row = format!(
+            "<tr{class}><td><a href=\"/hosts/{id}\">{id}</a></td><td>{} {} {}</td><td>{state}</td><td>{n}</td>",
+            facts.provider.as_str(),
+            facts.region,
+            facts.instance_type
+        );
+        assert!(html.contains(&row), "{row}");
+        let figures = format!(
+            "</svg></td><td>{}/{}/{}</td>",
+            gib(used),
+            gib(committed),
+            gib(facts.memory_total_bytes - facts.memory_reserved_bytes)
+        );
+        assert!(html.contains(&figures), "{id}: {figures}");
+    }
+    assert_eq!(
+        html.matches("<tr><td><a href=\"/hosts/").count(),
+        37,
+        "ready hosts"
+    );
+    assert_eq!(html.matches("<tr class=\"cordoned\">").count(), 2);
+    assert_eq!(html.matches("<tr class=\"down\">").count(), 1);
+}
+
+#[test]
+fn what_still_fits_counts_room_on_ready_hosts_by_memory_and_cpu() {
+    let c = seed::seeded(40, 600).unwrap();
+    let snapshot = snapshot(&c).unwrap();
+    let figures = figures::FleetFigures::of(&snapshot);
+    let now = c.registry.now();
+    let loads = c.placements.host_loads();
+    for (tier, fit) in c.config.tiers.iter().zip(&figures.fits) {
+        let r = tier.tier.resources;
+        let mut expected = 0;
+        for h in c.registry.hosts().unwrap() {
+            if h.state(now, c.config.down_after).as_str() != "ready" {
+                continue;
+            }
+            let f = h.facts.as_ref().unwrap();
+            let load = loads.get(&h.host_id).copied().unwrap_or_default();
+            let memory = (f.memory_total_bytes - f.memory_reserved_bytes - load.memory_committed)
+                / r.memory_bytes;
+            let cpu = (u64::from(f.cpu_count) * 1000 - load.cpu_committed_millicores)
+                / u64::from(r.cpu_millicores);
+            expected += memory.min(cpu);
+        }
+        assert_eq!(fit.total, expected, "{}", tier.tier.name);
+        assert!(expected > 0);
+        assert_eq!(fit.regions.iter().map(|r| r.tenants).sum::<u64>(), expected);
+    }
+    let html = pages::fleet(&snapshot).into_string();
+    let pro = &figures.fits[2];
+    assert!(html.contains(&format!("<td class=\"n\">{}</td>", pro.total)));
+    // A full fleet says where to add capacity.
+    let full = seed::seeded(2, 10_000).unwrap();
+    let html = fleet_page(&full).unwrap();
+    assert!(html.contains("nowhere: add a host"), "{html}");
+}
+
+#[test]
+fn a_host_page_lists_its_tenants_with_their_figures() {
+    let c = seed::seeded(10, 120).unwrap();
+    let host = c.registry.hosts().unwrap()[0].host_id.clone();
+    let html = host_page(&c, &host).unwrap().unwrap();
+    let tenants = c.placements.tenants(Some(&host));
+    assert!(!tenants.is_empty());
+    assert_eq!(html.matches("<tr><td>tenant-").count(), tenants.len());
+    for t in tenants {
+        let v = TenantView::from(&t);
+        let row = format!(
+            "<td class=\"n\">{} / {}</td><td class=\"n\">{}</td><td>{}</td><td>{}</td><td class=\"n\">{}</td>",
+            v.memory_used_bytes >> 20,
+            v.memory_cap_bytes >> 20,
+            v.oom_kills,
+            v.last_restart.as_deref().unwrap(),
+            v.next_restart.as_deref().unwrap(),
+            v.egress_denied_packets
+        );
+        assert!(html.contains(&format!("<tr><td>{}</td><td>running</td>", v.tenant_id)));
+        assert!(html.contains(&row), "{row}");
+    }
+    assert_eq!(
+        host_page(&c, &HostId::new("nosuch").unwrap()).unwrap(),
+        None
+    );
+}
+
+async fn get(router: Router, path: &str, auth: Option<&str>) -> (StatusCode, HeaderMap, String) {
+    let mut request = HttpRequest::get(path);
+    if let Some(a) = auth {
+        request = request.header(header::AUTHORIZATION, a);
+    }
+    let response = router
+        .oneshot(request.body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let (parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, 1 << 24).await.unwrap();
+    (
+        parts.status,
+        parts.headers,
+        String::from_utf8(bytes.to_vec()).unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn off_loopback_every_page_needs_an_operator_token() {
+    let c = seed::seeded(3, 10).unwrap();
+    let (token, _) = c.registry.create_operator_token("viewer", None).unwrap();
+    let guarded = router(c.clone(), false);
+    for path in ["/", "/hosts/hetzner-fsn1-000", "/metrics"] {
+        let (status, headers, _) = get(guarded.clone(), path, None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
+        assert_eq!(
+            headers[header::WWW_AUTHENTICATE],
+            "Basic realm=\"berth\", charset=\"UTF-8\""
+        );
+        let (status, _, _) = get(guarded.clone(), path, Some("Bearer bto_wrong")).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
+    }
+    let (status, _, body) = get(guarded.clone(), "/", Some(&format!("Bearer {token}"))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.contains("<small>hosts</small><b>3</b>"));
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("alice:{token}"));
+    let (status, _, _) = get(guarded.clone(), "/metrics", Some(&format!("Basic {basic}"))).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, body) = get(guarded, "/healthz", None).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "ok\n"));
+    // On loopback the pages are open.
+    let (status, _, _) = get(router(c, true), "/", None).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn metrics_parse_as_prometheus_text_and_match_the_fleet() {
+    let c = seed::seeded(20, 300).unwrap();
+    let t = truth(&c);
+    let (status, headers, text) = get(router(c.clone(), true), "/metrics", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        headers[header::CONTENT_TYPE],
+        berth_shared::metrics::CONTENT_TYPE
+    );
+    let value = |name: &str, labels: &[(&str, &str)]| testing::value(&text, name, labels);
+    for (state, n) in &t.states {
+        assert_eq!(value("berth_hosts", &[("state", state)]), *n as f64);
+    }
+    for (host, (n, committed, used)) in &t.per_host {
+        assert_eq!(
+            value("berth_host_tenants", &[("host", host)]),
+            f64::from(*n)
+        );
+        let memory = |kind| value("berth_host_memory_bytes", &[("host", host), ("kind", kind)]);
+        assert_eq!(memory("committed"), *committed as f64);
+        assert_eq!(memory("used"), *used as f64);
+    }
+    let tenant = c.placements.tenants(None).remove(0);
+    let v = TenantView::from(&tenant);
+    let labels = [
+        ("tenant", v.tenant_id.as_str()),
+        ("host", v.host_id.as_str()),
+    ];
+    assert_eq!(
+        value("berth_tenant_memory_cap_bytes", &labels),
+        v.memory_cap_bytes as f64
+    );
+    assert_eq!(
+        value("berth_tenant_oom_kills_total", &labels),
+        v.oom_kills as f64
+    );
+    // Every host reported 3 s ago, but host 7, which stopped a minute before.
+    for h in c.registry.hosts().unwrap() {
+        let expected = if h.host_id.as_str().ends_with("-007") {
+            63.0
+        } else {
+            3.0
+        };
+        assert_eq!(
+            value(
+                "berth_host_report_age_seconds",
+                &[("host", h.host_id.as_str())]
+            ),
+            expected
+        );
+    }
+    // The placement histogram counts what goes through the API path.
+    let spec = berth_shared::proto::TenantSpec {
+        tenant_id: "via-api".into(),
+        image: "ghcr.io/openclaw/gateway:1".into(),
+        tier: "individual".into(),
+        ..Default::default()
+    };
+    c.place(spec).await.unwrap();
+    c.place(berth_shared::proto::TenantSpec::default())
+        .await
+        .unwrap_err();
+    let text = crate::metrics::render(&c).unwrap();
+    let buckets = testing::histogram(&text, "berth_placement_duration_seconds");
+    assert_eq!(
+        buckets.len(),
+        berth_shared::metrics::LATENCY_BUCKETS.len() + 1
+    );
+    assert_eq!(buckets.last().unwrap().1, 1.0, "one placement made");
+    assert!(text.contains("berth_placement_duration_seconds_count 1\n"));
+    assert!(text.contains("berth_placements_refused_total 1\n"));
+}
