@@ -14,7 +14,8 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 
-packages=(docker.io nftables cryptsetup-bin iproute2 ca-certificates curl chromium fonts-dejavu-core)
+packages=(docker.io nftables cryptsetup-bin iproute2 ca-certificates curl chromium fonts-dejavu-core
+  lintian debootstrap systemd)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -38,5 +39,39 @@ if ! docker info >/dev/null 2>&1; then
   fi
 fi
 
+# The packaging tools, pinned (the package tests check what they build).
+for tool in cargo-deb@3.8.0 cargo-generate-rpm@0.21.1; do
+  name="${tool%@*}"
+  version="${tool#*@}"
+  if ! "$name" --version 2>/dev/null | grep -q "$version"; then
+    echo "tests/run.sh: installing $tool"
+    cargo install --locked --quiet "$tool"
+  fi
+done
+
+# A Debian 12 root the package test installs the .deb files into: made once with debootstrap
+# (about a minute), then copied by each run.
+debian_root="${BERTH_DEBIAN_ROOT:-/var/cache/berth-test/bookworm}"
+if [ ! -x "$debian_root/usr/bin/dpkg" ]; then
+  echo "tests/run.sh: making a Debian 12 root in $debian_root (log: /var/log/berth-test-debootstrap.log)"
+  rm -rf "$debian_root.partial"
+  mkdir -p "$(dirname "$debian_root")"
+  debootstrap --variant=minbase \
+    --include=adduser,ca-certificates,nftables,iproute2,docker.io,init-system-helpers,systemd \
+    bookworm "$debian_root.partial" http://deb.debian.org/debian >/var/log/berth-test-debootstrap.log 2>&1
+  mv "$debian_root.partial" "$debian_root"
+fi
+export BERTH_DEBIAN_ROOT="$debian_root"
+
 cargo build --workspace --bins --locked
+
+# The packages (release builds): .deb for both daemons, the agent again as the "previous"
+# version for the upgrade test, and .rpm.
+rm -rf target/packages
+mkdir -p target/packages/previous
+cargo deb --locked -p berth-node-agent --output target/packages/
+cargo deb --locked -p berth-coordinator --output target/packages/
+cargo deb --locked -p berth-node-agent --no-build --deb-version 0.0.9-1 --output target/packages/previous/
+cargo generate-rpm -p node-agent -o target/packages/
+cargo generate-rpm -p coordinator -o target/packages/
 BERTH_REQUIRE_REAL=1 cargo test --workspace --locked -- --test-threads="${BERTH_TEST_THREADS:-4}"

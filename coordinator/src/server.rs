@@ -11,6 +11,7 @@ use berth_shared::proto::agent_service_server::AgentServiceServer;
 use berth_shared::proto::enrollment_service_server::EnrollmentServiceServer;
 use berth_shared::proto::operator_service_server::OperatorServiceServer;
 use berth_shared::store::{SledStore, Store};
+use berth_shared::systemd::Notifier;
 use berth_shared::tls::{ClientAuth, server_config};
 use berth_shared::transport::serve_tls;
 use serde::Serialize;
@@ -159,6 +160,12 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
         agent = %endpoints.agent, operator = %endpoints.operator, http = %endpoints.http,
         ca_fingerprint = %endpoints.ca_fingerprint, "berth-coordinator ready"
     );
+    let systemd = Arc::new(Notifier::from_env());
+    systemd.ready(&format!(
+        "agents on {}, operators on {}, dashboard on {}",
+        endpoints.agent, endpoints.operator, endpoints.http
+    ));
+    systemd.clone().spawn_watchdog();
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -166,6 +173,7 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
         _ = terminate.recv() => {},
     }
     tracing::info!("shutting down");
+    systemd.stopping();
     let _ = stop_tx.send(true);
     let _ = std::fs::remove_file(config.admin_socket());
     tasks.abort_all();

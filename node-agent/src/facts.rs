@@ -95,7 +95,6 @@ pub async fn probe_docker(socket: &Path) -> Option<String> {
 #[derive(Debug)]
 pub struct Meter {
     system: Option<sysinfo::System>,
-    disks: Option<sysinfo::Disks>,
     state_dir: PathBuf,
 }
 
@@ -112,12 +111,8 @@ impl Meter {
         let system = sysinfo::System::new()
             .map_err(|e| tracing::error!(error = %e, "cannot read memory figures"))
             .ok();
-        let disks = sysinfo::Disks::new_with_refreshed_list()
-            .map_err(|e| tracing::error!(error = %e, "cannot read disk figures"))
-            .ok();
         Self {
             system,
-            disks,
             state_dir: state_dir.to_path_buf(),
         }
     }
@@ -126,16 +121,15 @@ impl Meter {
         if let Some(system) = &mut self.system {
             system.refresh_memory();
         }
-        if let Some(disks) = &mut self.disks {
-            disks.refresh(true);
-        }
-        // The disk holding the state directory: the longest mount point that prefixes it.
-        let disk = self
-            .disks
-            .iter()
-            .flat_map(|disks| disks.iter())
-            .filter(|d| self.state_dir.starts_with(d.mount_point()))
-            .max_by_key(|d| d.mount_point().as_os_str().len());
+        // The filesystem holding the state directory, asked directly: a mount table can miss it
+        // (in a chroot or a container the table lists only what is mounted below the root).
+        let disk = nix::sys::statvfs::statvfs(&self.state_dir)
+            .map_err(|e| tracing::warn!(path = %self.state_dir.display(), error = %e, "cannot read disk figures"))
+            .ok()
+            .map(|v| {
+                let unit = v.fragment_size();
+                (v.blocks() * unit, v.blocks_available() * unit)
+            });
         Measured {
             memory_total_bytes: self.system.as_ref().map(|s| s.total_memory()).unwrap_or(0),
             memory_available_bytes: self
@@ -143,8 +137,8 @@ impl Meter {
                 .as_ref()
                 .map(|s| s.available_memory())
                 .unwrap_or(0),
-            disk_total_bytes: disk.map(|d| d.total_space()).unwrap_or(0),
-            disk_available_bytes: disk.map(|d| d.available_space()).unwrap_or(0),
+            disk_total_bytes: disk.map_or(0, |d| d.0),
+            disk_available_bytes: disk.map_or(0, |d| d.1),
         }
     }
 }

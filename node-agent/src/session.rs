@@ -9,6 +9,7 @@ use berth_shared::proto::agent_message::Body as AgentBody;
 use berth_shared::proto::agent_service_client::AgentServiceClient;
 use berth_shared::proto::coordinator_message::Body as CoordinatorBody;
 use berth_shared::proto::{self, AgentMessage};
+use berth_shared::systemd::Notifier;
 use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -99,6 +100,10 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
             config.metrics_token.clone(),
         ),
     ));
+    // Ready once enforcing: the agent keeps the host converged with or without its coordinator.
+    let systemd = Arc::new(Notifier::from_env());
+    systemd.ready(&format!("enforcing as {}", identity.host_id()));
+    systemd.clone().spawn_watchdog();
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|source| IdentityError::Io {
@@ -116,8 +121,8 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
         );
         let end = tokio::select! {
             end = session => end,
-            _ = tokio::signal::ctrl_c() => return Ok(()),
-            _ = terminate.recv() => return Ok(()),
+            _ = tokio::signal::ctrl_c() => return stop(&systemd),
+            _ = terminate.recv() => return stop(&systemd),
         };
         match end {
             SessionEnd::Renewed => {
@@ -130,12 +135,19 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
                 tracing::warn!(error = %why, retry_in_ms = wait.as_millis() as u64, "coordinator session down");
                 tokio::select! {
                     () = tokio::time::sleep(wait) => {},
-                    _ = tokio::signal::ctrl_c() => return Ok(()),
-                    _ = terminate.recv() => return Ok(()),
+                    _ = tokio::signal::ctrl_c() => return stop(&systemd),
+                    _ = terminate.recv() => return stop(&systemd),
                 }
             }
         }
     }
+}
+
+/// A clean exit: systemd hears it is on purpose; tenant containers stay up (they are dockerd's).
+fn stop(systemd: &Notifier) -> Result<(), RunError> {
+    tracing::info!("berth-agent stopping; tenant containers keep running");
+    systemd.stopping();
+    Ok(())
 }
 
 async fn run_session(

@@ -13,6 +13,7 @@ pub mod model;
 pub mod pki;
 pub mod spec;
 pub mod store;
+pub mod systemd;
 pub mod tls;
 pub mod transport;
 pub mod units;

@@ -6,6 +6,7 @@
 //! when the test ends; logs of the processes are printed when a test fails.
 
 pub mod clients;
+pub mod debroot;
 pub mod docker;
 pub mod fleet;
 pub mod netns;

@@ -56,7 +56,7 @@ pub fn run(mut cmd: Command) -> (bool, String, String) {
     )
 }
 
-fn spawn_logged(mut cmd: Command, log: &Path) -> Child {
+fn spawn_logged(mut cmd: Command, log: &Path, env: &[(String, String)]) -> Child {
     let out = fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -67,6 +67,7 @@ fn spawn_logged(mut cmd: Command, log: &Path) -> Child {
         .stdout(out)
         .stderr(err)
         .env("BERTH_LOG", "info,berth_coordinator=debug")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .spawn()
         .expect("spawn")
 }
@@ -95,6 +96,8 @@ pub struct CoordinatorProc {
     child: Option<Child>,
     listen_ip: String,
     extra_config: String,
+    /// Added to the daemon's environment.
+    env: Vec<(String, String)>,
 }
 
 impl CoordinatorProc {
@@ -138,6 +141,15 @@ impl CoordinatorProc {
     /// Creates a CA and starts the coordinator on port 0 (loopback, or the namespace host's
     /// address). `extra_config` is appended to its TOML config.
     pub fn start(host: Option<&NetHost>, extra_config: &str) -> Self {
+        Self::start_with_env(host, extra_config, &[])
+    }
+
+    /// [`CoordinatorProc::start`] with `env` added to the daemon's environment.
+    pub fn start_with_env(
+        host: Option<&NetHost>,
+        extra_config: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("berth-coord")
             .tempdir()
@@ -158,6 +170,10 @@ impl CoordinatorProc {
             child: None,
             listen_ip,
             extra_config: extra_config.into(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         me.write_config(0, 0, 0);
         let (ok, _, err) = run(me.admin_command(&["ca", "init"]));
@@ -197,7 +213,7 @@ impl CoordinatorProc {
         let _ = fs::remove_file(&endpoints_file);
         let mut cmd = command(self.netns.as_deref(), &bin("berth-coordinator"));
         cmd.arg("--config").arg(self.config_path()).arg("serve");
-        self.child = Some(spawn_logged(cmd, &self.log_path()));
+        self.child = Some(spawn_logged(cmd, &self.log_path(), &self.env));
         let log = self.log_path();
         self.endpoints = wait_for(
             "the coordinator's endpoints.json",
@@ -225,6 +241,10 @@ impl CoordinatorProc {
     }
 
     /// SIGKILL: no shutdown path runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn kill9(&mut self) {
         kill9(&mut self.child);
     }
@@ -317,6 +337,8 @@ pub struct AgentProc {
     uses_docker: bool,
     /// Appended to the agent config (e.g. an `[egress]` section).
     pub extra_config: String,
+    /// Added to the daemon's environment.
+    pub env: Vec<(String, String)>,
 }
 
 impl AgentProc {
@@ -341,6 +363,7 @@ impl AgentProc {
             child: None,
             uses_docker: false,
             extra_config: String::new(),
+            env: Vec::new(),
         }
     }
 
@@ -357,6 +380,7 @@ impl AgentProc {
             child: None,
             uses_docker: false,
             extra_config: String::new(),
+            env: Vec::new(),
         };
         let token = coordinator.token(host_id, "10m");
         let (ok, out, err) = run(me.enroll_command(
@@ -426,7 +450,7 @@ impl AgentProc {
         fs::write(&config, text).expect("agent config");
         let mut cmd = command(self.netns.as_deref(), &bin("berth-agent"));
         cmd.arg("run").arg("--config").arg(&config);
-        self.child = Some(spawn_logged(cmd, &self.log_path()));
+        self.child = Some(spawn_logged(cmd, &self.log_path(), &self.env));
     }
 
     pub fn pid(&self) -> Option<u32> {
