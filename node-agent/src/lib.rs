@@ -8,6 +8,7 @@
 pub mod cgroup;
 pub mod command;
 pub mod config;
+pub mod cryptsetup;
 pub mod desired;
 pub mod dns;
 pub mod egress;
