@@ -266,6 +266,11 @@ impl CoordinatorConfig {
     pub fn admin_socket(&self) -> PathBuf {
         self.state_dir.join("admin.sock")
     }
+    /// The master key that wraps the volume keys (mode 0600; a systemd credential named
+    /// `master-key` takes its place when the unit passes one).
+    pub fn master_key_file(&self) -> PathBuf {
+        self.state_dir.join("master.key")
+    }
     /// Written after the listeners are bound: their real addresses (port 0 resolved).
     pub fn endpoints_file(&self) -> PathBuf {
         self.state_dir.join("endpoints.json")

@@ -9,13 +9,14 @@ use berth_shared::clock::Clock;
 use berth_shared::ids::{HostId, TenantId};
 use berth_shared::pki::{CertificateAuthority, PeerCert, Subject, parse_peer_cert};
 use berth_shared::proto;
-use berth_shared::store::Store;
+use berth_shared::store::{Durability, Store};
 use berth_shared::tls::SerialDenyList;
 use berth_shared::transport::PeerInfo;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
 use crate::config::CoordinatorConfig;
+use crate::keys::{KeyError, KeyVault, MasterKey};
 use crate::placement::{PlaceError, PlacementPolicy, Placements, host_info};
 use crate::registry::{HostRecord, HostState, Registry, RegistryError};
 
@@ -35,6 +36,8 @@ pub struct Coordinator {
     /// The bound agent port, told to enrolling agents.
     pub agent_port: u16,
     pub metrics: crate::metrics::Metrics,
+    /// The tenants' volume keys, wrapped.
+    pub keys: KeyVault,
 }
 
 /// What to revoke.
@@ -45,6 +48,12 @@ pub enum RevokeTarget {
     Serial(String),
 }
 
+fn key_error(e: KeyError) -> PlaceError {
+    PlaceError::Store(berth_shared::store::StoreError::Io(format!(
+        "volume keys: {e}"
+    )))
+}
+
 /// Why the coordinator's state could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -52,6 +61,8 @@ pub enum OpenError {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Store(#[from] berth_shared::store::StoreError),
+    #[error(transparent)]
+    Keys(#[from] KeyError),
 }
 
 impl Coordinator {
@@ -62,8 +73,10 @@ impl Coordinator {
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
         ca: CertificateAuthority,
+        master_key: MasterKey,
         agent_port: u16,
     ) -> Result<Self, OpenError> {
+        let keys = KeyVault::new(master_key, store.clone());
         let registry = Registry::new(store.clone(), clock);
         let denied = Arc::new(SerialDenyList::new(registry.revoked_serials()?));
         let now = registry.now();
@@ -82,6 +95,7 @@ impl Coordinator {
             placements,
             agent_port,
             metrics: crate::metrics::Metrics::default(),
+            keys,
         })
     }
 
@@ -115,12 +129,26 @@ impl Coordinator {
         spec: proto::TenantSpec,
     ) -> Result<proto::Placement, PlaceError> {
         let began = std::time::Instant::now();
+        // An encrypted volume's key exists, durably, before the placement is acknowledged; a
+        // key made for a placement that then fails is destroyed again.
+        let encrypted = spec.volume.as_ref().is_none_or(|v| v.encrypted);
+        let new_key = match TenantId::new(&spec.tenant_id) {
+            Ok(id) if encrypted => {
+                let created = self.keys.get(&id).map_err(key_error)?.is_none();
+                self.keys.ensure(&id, Durability::Lazy).map_err(key_error)?;
+                created.then_some(id)
+            }
+            _ => None,
+        };
         let applied = match self.placements.place(spec, self.registry.now()) {
             Ok(applied) => applied,
             Err(e) => {
                 self.metrics
                     .placements_refused
                     .fetch_add(1, Ordering::Relaxed);
+                if let Some(id) = new_key {
+                    self.keys.destroy(&id).map_err(key_error)?;
+                }
                 return Err(e);
             }
         };
@@ -509,6 +537,41 @@ impl SessionHub {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_encrypted_placement_has_its_key_before_the_reply_and_a_refused_one_none() {
+        let c = crate::dashboard::seed::seeded(3, 0).unwrap();
+        let spec = |id: &str, encrypted: bool, tier: &str| proto::TenantSpec {
+            tenant_id: id.into(),
+            image: "ghcr.io/openclaw/gateway:1".into(),
+            tier: tier.into(),
+            volume: Some(proto::VolumeSpec {
+                size_bytes: 0,
+                encrypted,
+                mount_path: String::new(),
+            }),
+            ..Default::default()
+        };
+        let id = |s: &str| TenantId::new(s).unwrap();
+        c.place(spec("sealed", true, "business")).await.unwrap();
+        let key = c.keys.get(&id("sealed")).unwrap().expect("a key");
+        // The same spec again keeps the same key.
+        c.place(spec("sealed", true, "business")).await.unwrap();
+        assert_eq!(c.keys.get(&id("sealed")).unwrap().unwrap(), key);
+        c.place(spec("plain", false, "business")).await.unwrap();
+        assert!(
+            c.keys.get(&id("plain")).unwrap().is_none(),
+            "asked for no encryption"
+        );
+        // Refused (an unknown tier): no key left behind.
+        c.place(spec("refused", true, "platinum"))
+            .await
+            .unwrap_err();
+        assert!(c.keys.get(&id("refused")).unwrap().is_none());
+        // Removed without purge: the key stays, so the tenant can come back.
+        c.remove(&id("sealed"), false).await.unwrap();
+        assert_eq!(c.keys.get(&id("sealed")).unwrap().unwrap(), key);
+    }
 
     #[tokio::test]
     async fn a_restart_goes_to_the_hosts_session_and_only_that_host_answers_it() {

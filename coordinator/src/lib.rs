@@ -10,6 +10,7 @@ pub mod client;
 pub mod config;
 pub mod core;
 pub mod dashboard;
+pub mod keys;
 pub mod metrics;
 pub mod operator_api;
 pub mod placement;

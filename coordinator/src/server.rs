@@ -20,6 +20,7 @@ use tonic::service::Routes;
 
 use crate::config::CoordinatorConfig;
 use crate::core::Coordinator;
+use crate::keys::KeyVault;
 use crate::{admin, agent_api, dashboard, operator_api};
 
 /// The bound addresses, written to `endpoints.json` for scripts and tests.
@@ -62,11 +63,14 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
         ca_fingerprint: ca.fingerprint().to_string(),
     };
 
+    let master_key = crate::keys::master_key_path(&config.master_key_file());
+    let master_key = KeyVault::open_master(&master_key, store.as_ref())?;
     let coordinator = Arc::new(Coordinator::open(
         config.clone(),
         store,
         Arc::new(SystemClock),
         ca,
+        master_key,
         endpoints.agent.port(),
     )?);
 

@@ -15,6 +15,7 @@ use berth_shared::store::MemStore;
 
 use crate::config::CoordinatorConfig;
 use crate::core::Coordinator;
+use crate::keys::MasterKey;
 use crate::registry::CertRecord;
 
 /// Seeding failed (a bug in the seed, or in what it exercises).
@@ -73,6 +74,7 @@ pub fn seeded(hosts: usize, tenants: usize) -> Result<Arc<Coordinator>, SeedErro
         Arc::new(MemStore::default()),
         clock.clone(),
         CertificateAuthority::generate("seed").map_err(err)?,
+        MasterKey::generate().map_err(err)?,
         0,
     )
     .map_err(err)?;

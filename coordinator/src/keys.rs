@@ -1,0 +1,228 @@
+//! Volume-key custody: one random 256-bit key per tenant with an encrypted volume, kept in the
+//! fleet store only wrapped (AES-256-GCM) under a master key that comes from a file of mode
+//! 0600 or a systemd credential — never from the store.
+//!
+//! Ensures: a wrapped key is bound to its tenant (the tenant id is the AEAD's associated data,
+//! so a blob moved to another tenant does not open); a missing master key with keys wrapped
+//! under it is an error, never a silently new master key; destroying a key deletes its only
+//! copy.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use berth_shared::ids::TenantId;
+use berth_shared::store::{Durability, Store, StoreError, Write};
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use ring::rand::{SecureRandom, SystemRandom};
+use zeroize::Zeroizing;
+
+/// Bytes in a master key and in a volume key.
+pub const KEY_BYTES: usize = 32;
+const PREFIX: &str = "volkey/";
+/// The first byte of a wrapped key: the format.
+const FORMAT_V1: u8 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("master key {path}: {message}")]
+    Master { path: PathBuf, message: String },
+    #[error("the wrapped volume key of {0} does not open with this master key")]
+    Unwrap(String),
+    #[error("no randomness from the system")]
+    Random,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn master_error(path: &Path, message: impl Into<String>) -> KeyError {
+    KeyError::Master {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+/// Where the master key is: the systemd credential `master-key` when the unit passes one
+/// (`LoadCredential=`), else `fallback` (a file of mode 0600).
+pub fn master_key_path(fallback: &Path) -> PathBuf {
+    std::env::var_os("CREDENTIALS_DIRECTORY")
+        .map(|dir| PathBuf::from(dir).join("master-key"))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| fallback.to_path_buf())
+}
+
+/// The key that wraps every volume key.
+pub struct MasterKey(LessSafeKey);
+
+impl std::fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MasterKey(..)")
+    }
+}
+
+impl MasterKey {
+    /// Reads the key file: exactly 32 bytes, readable by its owner only.
+    pub fn load(path: &Path) -> Result<Self, KeyError> {
+        let meta = std::fs::metadata(path).map_err(|e| master_error(path, e.to_string()))?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(master_error(
+                path,
+                format!("mode {mode:o} lets others read it: chmod 600"),
+            ));
+        }
+        let bytes =
+            Zeroizing::new(std::fs::read(path).map_err(|e| master_error(path, e.to_string()))?);
+        if bytes.len() != KEY_BYTES {
+            return Err(master_error(
+                path,
+                format!("holds {} bytes, not {KEY_BYTES}", bytes.len()),
+            ));
+        }
+        Self::from_bytes(&bytes).map_err(|()| master_error(path, "not an AES-256 key"))
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Result<Self, ()> {
+        let key = UnboundKey::new(&AES_256_GCM, bytes).map_err(|_| ())?;
+        Ok(Self(LessSafeKey::new(key)))
+    }
+
+    /// A new master key in memory only (seeded fleets and tests).
+    pub fn generate() -> Result<Self, KeyError> {
+        let mut bytes = Zeroizing::new([0u8; KEY_BYTES]);
+        SystemRandom::new()
+            .fill(&mut bytes[..])
+            .map_err(|_| KeyError::Random)?;
+        Self::from_bytes(&bytes[..]).map_err(|()| KeyError::Random)
+    }
+
+    /// Makes a new master key file (mode 0600); refuses to replace one.
+    pub fn create(path: &Path) -> Result<Self, KeyError> {
+        if path.exists() {
+            return Err(master_error(path, "exists already"));
+        }
+        let mut bytes = Zeroizing::new([0u8; KEY_BYTES]);
+        SystemRandom::new()
+            .fill(&mut bytes[..])
+            .map_err(|_| KeyError::Random)?;
+        berth_shared::pki::write_file_atomic(path, &bytes[..], 0o600)
+            .map_err(|e| master_error(path, e.to_string()))?;
+        Self::load(path)
+    }
+}
+
+fn aad(tenant: &TenantId) -> Vec<u8> {
+    format!("berth volume key\0{tenant}").into_bytes()
+}
+
+/// The wrapped volume keys in the store.
+#[derive(Debug)]
+pub struct KeyVault {
+    master: MasterKey,
+    store: Arc<dyn Store>,
+}
+
+impl KeyVault {
+    pub fn new(master: MasterKey, store: Arc<dyn Store>) -> Self {
+        Self { master, store }
+    }
+
+    /// The master key at `path` for the keys in `store`: a missing one is made only while no
+    /// key is wrapped yet.
+    pub fn open_master(path: &Path, store: &dyn Store) -> Result<MasterKey, KeyError> {
+        if path.exists() {
+            return MasterKey::load(path);
+        }
+        let wrapped = store.scan_prefix(PREFIX)?.len();
+        if wrapped > 0 {
+            return Err(master_error(
+                path,
+                format!("is missing but {wrapped} volume keys are wrapped with it: restore it"),
+            ));
+        }
+        MasterKey::create(path)
+    }
+
+    /// The vault of `store`, with the master key at `path` ([`KeyVault::open_master`]).
+    pub fn open(path: &Path, store: Arc<dyn Store>) -> Result<Self, KeyError> {
+        let master = Self::open_master(path, store.as_ref())?;
+        Ok(Self::new(master, store))
+    }
+
+    fn wrap(&self, tenant: &TenantId, key: &[u8]) -> Result<Vec<u8>, KeyError> {
+        let mut nonce = [0u8; NONCE_LEN];
+        SystemRandom::new()
+            .fill(&mut nonce)
+            .map_err(|_| KeyError::Random)?;
+        let mut sealed = key.to_vec();
+        self.master
+            .0
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad(tenant)),
+                &mut sealed,
+            )
+            .map_err(|_| KeyError::Random)?;
+        let mut blob = Vec::with_capacity(1 + NONCE_LEN + sealed.len());
+        blob.push(FORMAT_V1);
+        blob.extend_from_slice(&nonce);
+        blob.extend_from_slice(&sealed);
+        Ok(blob)
+    }
+
+    fn unwrap_blob(&self, tenant: &TenantId, blob: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        let unwrap = || KeyError::Unwrap(tenant.to_string());
+        let (format, rest) = blob.split_first().ok_or_else(unwrap)?;
+        if *format != FORMAT_V1 || rest.len() < NONCE_LEN {
+            return Err(unwrap());
+        }
+        let (nonce, sealed) = rest.split_at(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| unwrap())?;
+        let mut buffer = Zeroizing::new(sealed.to_vec());
+        let plain = self
+            .master
+            .0
+            .open_in_place(nonce, Aad::from(aad(tenant)), &mut buffer)
+            .map_err(|_| unwrap())?;
+        if plain.len() != KEY_BYTES {
+            return Err(unwrap());
+        }
+        Ok(Zeroizing::new(plain.to_vec()))
+    }
+
+    /// Makes `tenant`'s key unless it has one, written with `durability` (a placement writes
+    /// it lazily: the flush that makes the placement durable covers it, before the reply).
+    pub fn ensure(&self, tenant: &TenantId, durability: Durability) -> Result<(), KeyError> {
+        let name = format!("{PREFIX}{tenant}");
+        if self.store.get(&name)?.is_some() {
+            return Ok(());
+        }
+        let mut key = Zeroizing::new([0u8; KEY_BYTES]);
+        SystemRandom::new()
+            .fill(&mut key[..])
+            .map_err(|_| KeyError::Random)?;
+        let blob = self.wrap(tenant, &key[..])?;
+        self.store.apply(vec![Write::Put(name, blob)], durability)?;
+        Ok(())
+    }
+
+    /// `tenant`'s key, unwrapped; `None` when it has none.
+    pub fn get(&self, tenant: &TenantId) -> Result<Option<Zeroizing<Vec<u8>>>, KeyError> {
+        self.store
+            .get(&format!("{PREFIX}{tenant}"))?
+            .map(|blob| self.unwrap_blob(tenant, &blob))
+            .transpose()
+    }
+
+    /// Destroys `tenant`'s key (crypto-shredding); `false` when it had none.
+    pub fn destroy(&self, tenant: &TenantId) -> Result<bool, KeyError> {
+        let name = format!("{PREFIX}{tenant}");
+        let existed = self.store.get(&name)?.is_some();
+        self.store
+            .apply(vec![Write::Delete(name)], Durability::Flushed)?;
+        Ok(existed)
+    }
+}
+
+#[cfg(test)]
+mod tests;
