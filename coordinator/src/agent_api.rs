@@ -164,9 +164,19 @@ impl AgentService for AgentApi {
                         tokio::time::sleep(DESIRED_STATE_COALESCE).await;
                         desired.borrow_and_update();
                         let state = api.coordinator.placements.desired_state(&auth.host_id);
+                        let keys = api.coordinator.volume_keys(&state);
                         let message = CoordinatorMessage { body: Some(CoordinatorBody::DesiredState(state)) };
                         if tx.send(Ok(message)).await.is_err() {
                             break;
+                        }
+                        match keys {
+                            Ok(keys) => {
+                                let message = CoordinatorMessage { body: Some(CoordinatorBody::VolumeKeys(keys)) };
+                                if tx.send(Ok(message)).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Err(e) => tracing::error!(host = %auth.host_id, error = %e, "volume keys not sent"),
                         }
                     }
                     reason = &mut close => {

@@ -182,6 +182,30 @@ impl Coordinator {
         Ok(applied.placement)
     }
 
+    /// The keys of the encrypted tenants in `state` (one host's desired state): what that host,
+    /// and only that host, is sent.
+    pub fn volume_keys(&self, state: &proto::DesiredState) -> Result<proto::VolumeKeys, KeyError> {
+        let mut keys = Vec::new();
+        for spec in &state.tenants {
+            if !spec.volume.as_ref().is_some_and(|v| v.encrypted) {
+                continue;
+            }
+            let Ok(id) = TenantId::new(&spec.tenant_id) else {
+                continue;
+            };
+            if let Some(key) = self.keys.get(&id)? {
+                keys.push(proto::VolumeKey {
+                    tenant_id: id.to_string(),
+                    key: key.to_vec(),
+                });
+            }
+        }
+        Ok(proto::VolumeKeys {
+            generation: state.generation,
+            keys,
+        })
+    }
+
     /// Restarts a placed tenant's container now, through its host's agent (the same health
     /// gate and limit of concurrent restarts as the nightly ones); answers once it is healthy.
     pub async fn restart(&self, tenant: &TenantId) -> Result<proto::RestartTenantResponse, Status> {

@@ -6,12 +6,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use berth_shared::ids::HostId;
+use berth_shared::ids::{HostId, TenantId};
 use berth_shared::proto;
 use tokio::sync::watch;
 
 use crate::cgroup::CgroupReader;
 use crate::config::AgentConfig;
+use crate::cryptsetup::VolumeKey;
 use crate::desired::{AcceptError, Desired, DesiredStore};
 use crate::dns::UdpResolver;
 use crate::egress::NftEgress;
@@ -32,6 +33,8 @@ pub struct Enforcement {
     statuses: Mutex<Vec<proto::TenantStatus>>,
     changed: watch::Sender<u64>,
     pub restarts: Arc<Restarts>,
+    /// The volume keys of this host's encrypted tenants: in memory only, never written.
+    volume_keys: Mutex<HashMap<TenantId, VolumeKey>>,
 }
 
 impl Enforcement {
@@ -42,7 +45,52 @@ impl Enforcement {
             statuses: Mutex::new(Vec::new()),
             changed: watch::Sender::new(generation),
             restarts: Arc::new(Restarts::new(restarts)),
+            volume_keys: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Takes the volume keys the coordinator sent: only for tenants of the desired state, only
+    /// well-formed ones (the others are named in the error, and the good ones still kept).
+    /// Returns how many are held.
+    pub fn set_volume_keys(&self, keys: proto::VolumeKeys) -> Result<usize, String> {
+        let desired = self.current();
+        let mut held = HashMap::new();
+        let mut refused = Vec::new();
+        for (i, k) in keys.keys.into_iter().enumerate() {
+            let tenant = match TenantId::new(&k.tenant_id) {
+                Ok(t) if desired.tenants.iter().any(|s| s.tenant_id == t) => t,
+                Ok(t) => {
+                    refused.push(format!("keys[{i}]: {t} is not placed on this host"));
+                    continue;
+                }
+                Err(e) => {
+                    refused.push(format!("keys[{i}].tenant_id: {e}"));
+                    continue;
+                }
+            };
+            match VolumeKey::from_bytes(&k.key) {
+                Ok(key) => {
+                    held.insert(tenant, key);
+                }
+                Err(e) => refused.push(format!("keys[{i}].key: {e}")),
+            }
+        }
+        let count = held.len();
+        *self.volume_keys.lock().unwrap_or_else(|p| p.into_inner()) = held;
+        if refused.is_empty() {
+            Ok(count)
+        } else {
+            Err(refused.join("; "))
+        }
+    }
+
+    /// Whether the coordinator delivered `tenant`'s volume key.
+    #[cfg(test)]
+    fn has_volume_key(&self, tenant: &TenantId) -> bool {
+        self.volume_keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(tenant)
     }
 
     /// The reconciler's last statuses, as they are (for the restart driver).
@@ -198,5 +246,66 @@ pub async fn run(enforcement: Arc<Enforcement>, config: AgentConfig, host: HostI
             _ = changed.changed() => {}
             () = tokio::time::sleep(RECONCILE_INTERVAL) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use berth_shared::store::MemStore;
+
+    use super::*;
+
+    #[test]
+    fn volume_keys_are_held_only_for_this_hosts_tenants_and_bad_ones_are_named() {
+        let mut store = DesiredStore::with_store(Box::new(MemStore::default())).unwrap();
+        store
+            .accept(proto::DesiredState {
+                generation: 1,
+                tenants: vec![proto::TenantSpec {
+                    tenant_id: "acme".into(),
+                    image: "ghcr.io/openclaw/gateway:1".into(),
+                    resources: Some(proto::Resources {
+                        memory_bytes: 256 << 20,
+                        cpu_millicores: 500,
+                        volume_bytes: 1 << 30,
+                    }),
+                    ..Default::default()
+                }],
+            })
+            .unwrap();
+        let e = Enforcement::new(store, RestartSettings::default());
+        let key = |tenant: &str, len: usize| proto::VolumeKey {
+            tenant_id: tenant.into(),
+            key: vec![9; len],
+        };
+        let err = e
+            .set_volume_keys(proto::VolumeKeys {
+                generation: 1,
+                keys: vec![
+                    key("acme", 32),
+                    key("other", 32),
+                    key("Bad/Id", 32),
+                    key("acme", 16),
+                ],
+            })
+            .unwrap_err();
+        assert_eq!(
+            err,
+            "keys[1]: other is not placed on this host; keys[2].tenant_id: invalid tenant id \"Bad/Id\": must start with a lowercase letter a-z; keys[3].key: a volume key must be 32 bytes, not 16"
+        );
+        assert!(
+            e.has_volume_key(&TenantId::new("acme").unwrap()),
+            "the good one is kept"
+        );
+        assert!(!e.has_volume_key(&TenantId::new("other").unwrap()));
+        // The next delivery replaces the set: a tenant moved away loses its key here.
+        assert_eq!(
+            e.set_volume_keys(proto::VolumeKeys {
+                generation: 2,
+                keys: vec![]
+            }),
+            Ok(0)
+        );
+        assert!(!e.has_volume_key(&TenantId::new("acme").unwrap()));
     }
 }

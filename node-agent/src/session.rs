@@ -258,6 +258,12 @@ async fn session_loop(
                         return SessionEnd::Lost("outbound stream closed".into());
                     }
                 }
+                Ok(Some(proto::CoordinatorMessage { body: Some(CoordinatorBody::VolumeKeys(keys)) })) => {
+                    match enforcement.set_volume_keys(keys) {
+                        Ok(held) => tracing::debug!(held, "volume keys received"),
+                        Err(e) => tracing::warn!(error = %e, "volume keys refused"),
+                    }
+                }
                 Ok(Some(proto::CoordinatorMessage { body: Some(CoordinatorBody::Restart(command)) })) => {
                     tracing::info!(tenant = %command.tenant_id.chars().take(64).collect::<String>(), request = command.request_id, "restart requested");
                     enforcement.restarts.request(&command.tenant_id, command.request_id);

@@ -1,0 +1,121 @@
+//! Volume-key custody through the real coordinator: an encrypted tenant's key is made at
+//! placement, goes over the mTLS session to the one host the tenant is placed on (a host
+//! without dm-crypt never gets the tenant, nor any key), and is nowhere in the coordinator's
+//! state directory or log in plaintext.
+
+use std::time::Duration;
+
+use berth_shared::proto::{self, coordinator_message::Body};
+use berth_tests::clients::{agent_client, agent_identity, open_session, sample_facts};
+use berth_tests::procs::{AgentProc, CoordinatorProc};
+
+fn hello(host: &str, dm_crypt: bool) -> proto::AgentMessage {
+    let mut facts = sample_facts();
+    facts.disk_total_bytes = 200 << 30;
+    facts.disk_available_bytes = 150 << 30;
+    facts.capabilities = Some(proto::Capabilities {
+        dm_crypt,
+        nftables: true,
+        docker_version: "20.10.24".into(),
+        ..Default::default()
+    });
+    proto::AgentMessage {
+        body: Some(proto::agent_message::Body::Hello(proto::AgentHello {
+            host_id: host.into(),
+            facts: Some(facts),
+            applied_generation: 0,
+        })),
+    }
+}
+
+/// Every file under `dir`, read whole.
+fn files(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files(&path));
+        } else if let Ok(bytes) = std::fs::read(&path) {
+            out.push((path, bytes));
+        }
+    }
+    out
+}
+
+/// Reads the session until a VolumeKeys message holding `tenant` arrives (or `within` passes).
+async fn keys_for(
+    inbound: &mut tonic::Streaming<proto::CoordinatorMessage>,
+    tenant: &str,
+    within: Duration,
+) -> Option<Vec<u8>> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let message = tokio::time::timeout_at(deadline, inbound.message())
+            .await
+            .ok()?
+            .ok()??;
+        if let Some(Body::VolumeKeys(keys)) = message.body
+            && let Some(k) = keys.keys.iter().find(|k| k.tenant_id == tenant)
+        {
+            return Some(k.key.clone());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_volume_key_reaches_only_the_host_its_tenant_is_placed_on() {
+    berth_shared::tls::install_crypto_provider();
+    let coordinator = CoordinatorProc::start(None, "");
+    let crypt = AgentProc::enroll(&coordinator, "crypt-host", None);
+    let plain = AgentProc::enroll(&coordinator, "plain-host", None);
+    let mut client = agent_client(&coordinator, Some(agent_identity(&crypt.state_dir())));
+    let mut crypt_session = open_session(&mut client, hello("crypt-host", true))
+        .await
+        .unwrap();
+    let mut client = agent_client(&coordinator, Some(agent_identity(&plain.state_dir())));
+    let mut plain_session = open_session(&mut client, hello("plain-host", false))
+        .await
+        .unwrap();
+
+    let spec = coordinator.dir.path().join("sealed.toml");
+    std::fs::write(
+        &spec,
+        "tenant_id = \"sealed\"\nimage = \"ghcr.io/openclaw/gateway:1\"\ntier = \"individual\"\n",
+    )
+    .unwrap();
+    let (ok, out, err) = coordinator.berthctl(&["--json", "place", spec.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let placed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        placed["host_id"], "crypt-host",
+        "only a dm-crypt host takes it"
+    );
+
+    let key = keys_for(
+        &mut crypt_session.inbound,
+        "sealed",
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("the key arrives on the tenant's host");
+    assert_eq!(key.len(), 32);
+    assert!(
+        keys_for(&mut plain_session.inbound, "sealed", Duration::from_secs(3))
+            .await
+            .is_none(),
+        "the other host never gets it"
+    );
+
+    // Nowhere in plaintext: not in the store, the CA directory or the log.
+    for (path, bytes) in files(coordinator.dir.path()) {
+        assert!(
+            !bytes.windows(key.len()).any(|w| w == key.as_slice()),
+            "the key is in {} in plaintext",
+            path.display()
+        );
+    }
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    assert!(!coordinator.log().contains(&hex));
+    drop(crypt_session.outbound);
+    drop(plain_session.outbound);
+}
