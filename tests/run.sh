@@ -15,7 +15,7 @@ if ! command -v cargo >/dev/null; then
 fi
 
 packages=(docker.io nftables cryptsetup-bin iproute2 ca-certificates curl chromium fonts-dejavu-core
-  lintian debootstrap systemd)
+  lintian debootstrap systemd qemu-system-x86 busybox-static linux-image-amd64 cpio kmod)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

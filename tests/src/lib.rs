@@ -11,6 +11,7 @@ pub mod docker;
 pub mod fleet;
 pub mod netns;
 pub mod procs;
+pub mod vm;
 
 /// True when the README's test command runs us: missing components are failures.
 pub fn require_real() -> bool {
