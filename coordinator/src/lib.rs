@@ -2,7 +2,8 @@
 //!
 //! Ensures: agents are enrolled only with a one-time token and speak only for the host in their
 //! certificate; the fleet registry survives SIGKILL (every acknowledged write is flushed);
-//! operators are authenticated on every call.
+//! operators are authenticated on every call (and on the dashboard unless it is on loopback);
+//! volume keys are stored only wrapped and go only to the host their tenant is placed on.
 
 pub mod admin;
 pub mod agent_api;

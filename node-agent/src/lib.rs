@@ -3,7 +3,9 @@
 //! Ensures: the host's key never leaves it; the coordinator is trusted only through the CA
 //! fingerprint pinned at enrollment; the last accepted desired state is enforced with or
 //! without the coordinator: hardened containers under their memory caps, each behind its
-//! default-deny egress allowlist (nftables). Encrypted volumes are not built yet.
+//! default-deny egress allowlist (nftables), restarted once a night inside its maintenance
+//! window behind a health gate; volume keys are held in memory only. The encrypted volumes
+//! themselves are not built yet (the cryptsetup layer is).
 
 pub mod cgroup;
 pub mod command;

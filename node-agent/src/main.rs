@@ -62,9 +62,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .context("enrollment failed")?;
             if json {
-                println!("{}", serde_json::to_string(&enrollment)?);
+                berth_shared::outln!("{}", serde_json::to_string(&enrollment)?);
             } else {
-                println!(
+                berth_shared::outln!(
                     "enrolled as host {} (agent endpoint {}); identity in {}",
                     enrollment.host_id,
                     enrollment.agent_endpoint,

@@ -111,9 +111,9 @@ enum OperatorCertCommand {
 
 fn print(json: bool, value: serde_json::Value, human: String) {
     if json {
-        println!("{value}");
+        berth_shared::outln!("{value}");
     } else {
-        println!("{human}");
+        berth_shared::outln!("{human}");
     }
 }
 
@@ -151,12 +151,12 @@ async fn create_token(
         anyhow::bail!("unexpected answer from the coordinator");
     };
     if json {
-        println!(
+        berth_shared::outln!(
             "{}",
             serde_json::json!({ key: subject, "token": token, "expires_unix_ms": expires_unix_ms })
         );
     } else {
-        println!("{token}");
+        berth_shared::outln!("{token}");
         eprintln!("{description}, valid until {}", expiry(expires_unix_ms));
     }
     Ok(())

@@ -106,9 +106,16 @@ fn read_spec(path: &std::path::Path) -> anyhow::Result<proto::TenantSpec> {
 }
 
 fn print_tenants(tenants: &[TenantView]) {
-    println!(
+    berth_shared::outln!(
         "{:<24} {:<24} {:<9} {:>10} {:>9} {:<10} {:<20} {:<20} MESSAGE",
-        "TENANT", "HOST", "STATE", "GENERATION", "MEMORY", "TIER", "LAST RESTART", "NEXT RESTART"
+        "TENANT",
+        "HOST",
+        "STATE",
+        "GENERATION",
+        "MEMORY",
+        "TIER",
+        "LAST RESTART",
+        "NEXT RESTART"
     );
     let time = |t: &Option<String>| t.clone().unwrap_or_else(|| "-".into());
     for t in tenants {
@@ -118,7 +125,7 @@ fn print_tenants(tenants: &[TenantView]) {
             .filter(|m| !m.is_empty())
             .collect::<Vec<_>>()
             .join("; ");
-        println!(
+        berth_shared::outln!(
             "{:<24} {:<24} {:<9} {:>10} {:>9} {:<10} {:<20} {:<20} {}",
             t.tenant_id,
             t.host_id,
@@ -138,9 +145,15 @@ fn gib(bytes: u64) -> String {
 }
 
 fn print_hosts(hosts: &[HostView]) {
-    println!(
+    berth_shared::outln!(
         "{:<24} {:<8} {:<14} {:<9} {:>14} {:>7} {:>11}",
-        "HOST", "PROVIDER", "REGION", "STATE", "RAM USED/TOTAL", "TENANTS", "LAST REPORT"
+        "HOST",
+        "PROVIDER",
+        "REGION",
+        "STATE",
+        "RAM USED/TOTAL",
+        "TENANTS",
+        "LAST REPORT"
     );
     for h in hosts {
         let age = h
@@ -152,9 +165,15 @@ fn print_hosts(hosts: &[HostView]) {
             gib(h.memory_used_bytes),
             gib(h.memory_total_bytes)
         );
-        println!(
+        berth_shared::outln!(
             "{:<24} {:<8} {:<14} {:<9} {:>14} {:>7} {:>11}",
-            h.host_id, h.provider, h.region, h.state, ram, h.tenant_count, age
+            h.host_id,
+            h.provider,
+            h.region,
+            h.state,
+            ram,
+            h.tenant_count,
+            age
         );
     }
 }
@@ -187,7 +206,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let now = now_ms();
             let views: Vec<HostView> = hosts.iter().map(|h| HostView::new(h, now)).collect();
             if cli.json {
-                println!("{}", serde_json::to_string_pretty(&views)?);
+                berth_shared::outln!("{}", serde_json::to_string_pretty(&views)?);
             } else {
                 print_hosts(&views);
             }
@@ -224,12 +243,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await?
                 .into_inner();
             if cli.json {
-                println!(
+                berth_shared::outln!(
                     "{}",
                     serde_json::json!({ "tenant_id": removed.tenant_id, "purged": removed.purged })
                 );
             } else {
-                println!("removed {}", removed.tenant_id);
+                berth_shared::outln!("removed {}", removed.tenant_id);
             }
         }
         Command::Egress {
@@ -263,18 +282,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .into_inner();
             let view = TenantView::from(&t);
             if cli.json {
-                println!("{}", serde_json::to_string_pretty(&view.egress)?);
+                berth_shared::outln!("{}", serde_json::to_string_pretty(&view.egress)?);
             } else {
-                println!("{:<40} {:>10} ADDRESSES", "ENTRY", "HITS");
+                berth_shared::outln!("{:<40} {:>10} ADDRESSES", "ENTRY", "HITS");
                 for e in &view.egress {
                     let detail = if e.error.is_empty() {
                         e.addresses.join(", ")
                     } else {
                         format!("{} ({})", e.addresses.join(", "), e.error)
                     };
-                    println!("{:<40} {:>10} {}", e.entry, e.hits, detail.trim());
+                    berth_shared::outln!("{:<40} {:>10} {}", e.entry, e.hits, detail.trim());
                 }
-                println!("denied packets: {}", view.egress_denied_packets);
+                berth_shared::outln!("denied packets: {}", view.egress_denied_packets);
             }
         }
         Command::Restart { tenant } => {
@@ -284,9 +303,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .into_inner();
             let view = RestartView::from(&done);
             if cli.json {
-                println!("{}", serde_json::to_string_pretty(&view)?);
+                berth_shared::outln!("{}", serde_json::to_string_pretty(&view)?);
             } else {
-                println!(
+                berth_shared::outln!(
                     "restarted {} on {}: healthy again after {:.1} s",
                     view.tenant_id,
                     view.host_id,
@@ -304,7 +323,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .tenants;
             let views: Vec<TenantView> = tenants.iter().map(TenantView::from).collect();
             if cli.json {
-                println!("{}", serde_json::to_string_pretty(&views)?);
+                berth_shared::outln!("{}", serde_json::to_string_pretty(&views)?);
             } else {
                 print_tenants(&views);
             }
@@ -328,18 +347,18 @@ fn print_placement(
 ) -> anyhow::Result<()> {
     let view = PlacementView::from(placement);
     if json {
-        println!("{}", serde_json::to_string_pretty(&view)?);
+        berth_shared::outln!("{}", serde_json::to_string_pretty(&view)?);
     } else {
-        println!("{}", text(&view));
+        berth_shared::outln!("{}", text(&view));
     }
     Ok(())
 }
 
 fn print_one(json: bool, host: &HostView) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(host)?);
+        berth_shared::outln!("{}", serde_json::to_string_pretty(host)?);
     } else {
-        println!("host {} is {}", host.host_id, host.state);
+        berth_shared::outln!("host {} is {}", host.host_id, host.state);
     }
     Ok(())
 }
