@@ -28,3 +28,4 @@ pub mod runtime;
 pub mod schedule;
 pub mod session;
 pub mod subnets;
+pub mod volume;

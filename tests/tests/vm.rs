@@ -1,7 +1,8 @@
 //! The agent's volume code in a real kernel (the host kernel here has no device-mapper):
 //! qemu in software emulation boots Debian's kernel with an initramfs holding
-//! `berth-vm-volume`, which drives the agent's cryptsetup layer through a whole LUKS2 cycle on
-//! a virtio disk. The host then reads the raw disk: neither the plaintext nor the key is in it.
+//! `berth-vm-volume`, which drives the agent's `Volumes` (cryptsetup, mke2fs, mount) through a
+//! whole cycle on a virtio disk: attach, write, detach, wrong key refused, reattach and read
+//! back, purge. The host then reads the raw disk: neither the plaintext nor the key is in it.
 
 use std::time::{Duration, Instant};
 

@@ -1,32 +1,18 @@
-//! berth-vm-volume: runs inside the test VM (a real kernel with device-mapper), on `/dev/vda`,
-//! through the agent's own cryptsetup layer: LUKS2 format, open, mkfs, mount, write, close,
-//! reopen and read back; a wrong key refused; then luksErase, after which the old key opens
-//! nothing. Prints `VOLUME-OK` (and the key, so the host can prove it is not on the disk), or
-//! `VOLUME-FAIL step: error`.
+//! berth-vm-volume: runs inside the test VM (a real kernel with device-mapper) the agent's own
+//! volume code on `/dev/vda` as a tenant's block device: attach (LUKS2 format, open, mkfs,
+//! mount), write, detach (unmount, close), a wrong key refused, reattach and read back, then
+//! purge (luksErase), after which the old key opens nothing. Prints `VOLUME-OK` (and the key,
+//! so the host can prove it is not on the disk), or `VOLUME-FAIL step: error`.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use berth_node_agent::cryptsetup::{Cryptsetup, CryptsetupCommand, KEY_BYTES, VolumeKey};
+use berth_node_agent::volume::{Attached, SystemMounter, VolumeError, VolumePaths, Volumes};
+use berth_shared::ids::TenantId;
 
 /// What the tenant writes; the host looks for it in the raw disk image.
 const PLAINTEXT: &str = "berth-vm-plaintext-marker: customer chats live here";
-
-fn sh(program: &str, args: &[&str]) -> Result<String, String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .map_err(|e| format!("{program}: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "{program} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
 
 fn check(step: &str, ok: bool) -> Result<(), String> {
     ok.then_some(())
@@ -35,53 +21,64 @@ fn check(step: &str, ok: bool) -> Result<(), String> {
 
 fn run() -> Result<String, String> {
     let device = Path::new("/dev/vda");
-    let mapped = "/dev/mapper/berth-vm";
-    let c = CryptsetupCommand {
+    let crypt = CryptsetupCommand {
         program: "/sbin/cryptsetup".into(),
         timeout: Duration::from_secs(60),
     };
+    let mounter = SystemMounter {
+        mke2fs: "/sbin/mke2fs".into(),
+        timeout: Duration::from_secs(60),
+    };
+    let volumes = Volumes {
+        crypt: &crypt,
+        mounter: &mounter,
+    };
+    let tenant = TenantId::new("vm-tenant").map_err(|e| e.to_string())?;
+    let paths = VolumePaths::block_device(Path::new("/run/berth"), &tenant, device);
     let bytes: [u8; KEY_BYTES] = rand::random();
     let key = VolumeKey::from_bytes(&bytes).map_err(|e| e.to_string())?;
     let wrong =
         VolumeKey::from_bytes(&rand::random::<[u8; KEY_BYTES]>()).map_err(|e| e.to_string())?;
-    let e = |step: &'static str| {
-        move |err: berth_node_agent::cryptsetup::CryptError| format!("{step}: {err}")
-    };
+    let step = |name: &'static str| move |e: VolumeError| format!("{name}: {e}");
 
-    check("not LUKS before", !c.is_luks(device).map_err(e("isLuks"))?)?;
-    c.format(device, &key).map_err(e("format"))?;
-    check("LUKS after", c.is_luks(device).map_err(e("isLuks"))?)?;
-    c.open(device, "berth-vm", &key).map_err(e("open"))?;
-    sh("/sbin/mke2fs", &["-q", "-t", "ext4", mapped])?;
-    sh("mount", &[mapped, "/mnt"])?;
-    std::fs::write("/mnt/data", PLAINTEXT).map_err(|e| format!("write: {e}"))?;
-    sh("umount", &["/mnt"])?;
-    c.close("berth-vm").map_err(e("close"))?;
+    let first = volumes.attach(&paths, 0, &key).map_err(step("attach"))?;
+    check("made on first use", first == Attached::Created)?;
+    check("LUKS", crypt.is_luks(device).map_err(|e| e.to_string())?)?;
+    std::fs::write(paths.mount.join("data"), PLAINTEXT).map_err(|e| format!("write: {e}"))?;
+    let again = volumes
+        .attach(&paths, 0, &key)
+        .map_err(step("attach again"))?;
+    check(
+        "attaching twice changes nothing",
+        again == Attached::AlreadyMounted,
+    )?;
+    volumes.detach(&paths).map_err(step("detach"))?;
+    check("closed", !paths.mapped().exists())?;
 
     check(
         "the wrong key",
-        !c.key_opens(device, &wrong).map_err(e("test wrong key"))?,
+        !crypt.key_opens(device, &wrong).map_err(|e| e.to_string())?,
     )?;
     check(
-        "open with the wrong key fails",
-        c.open(device, "berth-vm", &wrong).is_err(),
+        "attach with the wrong key fails",
+        volumes.attach(&paths, 0, &wrong).is_err(),
     )?;
-    c.open(device, "berth-vm", &key).map_err(e("reopen"))?;
-    sh("mount", &[mapped, "/mnt"])?;
-    let read = std::fs::read_to_string("/mnt/data").map_err(|e| format!("read: {e}"))?;
+    let reopened = volumes.attach(&paths, 0, &key).map_err(step("reopen"))?;
+    check("reopened, not formatted", reopened == Attached::Opened)?;
+    let read =
+        std::fs::read_to_string(paths.mount.join("data")).map_err(|e| format!("read: {e}"))?;
     check("read back", read == PLAINTEXT)?;
-    sh("umount", &["/mnt"])?;
-    c.close("berth-vm").map_err(e("close again"))?;
 
-    c.erase(device).map_err(e("erase"))?;
+    volumes.purge(&paths).map_err(step("purge"))?;
     check(
-        "no key after erase",
-        !c.key_opens(device, &key).map_err(e("test after erase"))?,
+        "no key after purge",
+        !crypt.key_opens(device, &key).map_err(|e| e.to_string())?,
     )?;
     check(
-        "no open after erase",
-        c.open(device, "berth-vm", &key).is_err(),
+        "no attach after purge",
+        volumes.attach(&paths, 0, &key).is_err(),
     )?;
+    // Only for the host to search the raw disk with: the key is never written anywhere.
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 

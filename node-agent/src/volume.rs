@@ -1,0 +1,283 @@
+//! One tenant's encrypted volume on this host: a sparse backing file under
+//! `<root>/volumes/<tenant>.img` (or a given block device), LUKS2 with the tenant's key, ext4
+//! inside, mounted at `<root>/mnt/<tenant>`, mapped as `/dev/mapper/berth-<tenant>`.
+//!
+//! Ensures: nothing is formatted unless the backing store is new (an existing file or device
+//! that is not LUKS is refused, never overwritten); a size of 0 or above the free disk is
+//! refused before anything is made; attaching twice changes nothing; a purge erases the
+//! keyslots before the file goes, so even a recovered file opens with no key.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use berth_shared::ids::TenantId;
+
+use crate::command::{CommandError, run_command};
+use crate::cryptsetup::{CryptError, Cryptsetup, VolumeKey};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    /// A volume needs a size.
+    #[error("volume size: must be greater than 0")]
+    ZeroSize,
+    #[error("volume size: {size} bytes is more than the {free} bytes free on {path}")]
+    NoRoom { size: u64, free: u64, path: PathBuf },
+    #[error("{0}: exists and is not a LUKS volume; refusing to format it")]
+    NotLuks(PathBuf),
+    #[error("{0}: the block device does not exist")]
+    NoDevice(PathBuf),
+    #[error("{path}: {message}")]
+    Io { path: PathBuf, message: String },
+    #[error(transparent)]
+    Crypt(#[from] CryptError),
+    #[error(transparent)]
+    Command(#[from] CommandError),
+}
+
+fn io(path: &Path, e: std::io::Error) -> VolumeError {
+    VolumeError::Io {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+/// Filesystems and mounts, behind a trait so the volume logic is tested with a recording fake.
+pub trait Mounter: Send + Sync + std::fmt::Debug {
+    /// Whether `device` already holds an ext4 filesystem.
+    fn has_filesystem(&self, device: &Path) -> Result<bool, VolumeError>;
+    fn make_filesystem(&self, device: &Path) -> Result<(), VolumeError>;
+    fn is_mounted(&self, target: &Path) -> Result<bool, VolumeError>;
+    fn mount(&self, device: &Path, target: &Path) -> Result<(), VolumeError>;
+    fn unmount(&self, target: &Path) -> Result<(), VolumeError>;
+    /// Bytes free on the filesystem holding `path`.
+    fn free_bytes(&self, path: &Path) -> Result<u64, VolumeError>;
+}
+
+/// The real programs: `mke2fs`, `mount`, `umount`; mounts read from /proc/self/mountinfo.
+#[derive(Debug, Clone)]
+pub struct SystemMounter {
+    pub mke2fs: String,
+    pub timeout: Duration,
+}
+
+impl Default for SystemMounter {
+    fn default() -> Self {
+        Self {
+            mke2fs: "mke2fs".into(),
+            timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// ext4's superblock magic, 0xEF53 little-endian at byte 1080 of the device.
+const EXT4_MAGIC_AT: u64 = 1080;
+
+impl Mounter for SystemMounter {
+    fn has_filesystem(&self, device: &Path) -> Result<bool, VolumeError> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open(device).map_err(|e| io(device, e))?;
+        let mut magic = [0u8; 2];
+        f.seek(SeekFrom::Start(EXT4_MAGIC_AT))
+            .and_then(|_| f.read_exact(&mut magic))
+            .map_err(|e| io(device, e))?;
+        Ok(magic == [0x53, 0xEF])
+    }
+
+    fn make_filesystem(&self, device: &Path) -> Result<(), VolumeError> {
+        let device = device.to_string_lossy();
+        run_command(&self.mke2fs, &["-q", "-t", "ext4", &device], self.timeout)?;
+        Ok(())
+    }
+
+    fn is_mounted(&self, target: &Path) -> Result<bool, VolumeError> {
+        let table = std::fs::read_to_string("/proc/self/mountinfo")
+            .map_err(|e| io(Path::new("/proc/self/mountinfo"), e))?;
+        let target = target.to_string_lossy();
+        Ok(table
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some(target.as_ref())))
+    }
+
+    fn mount(&self, device: &Path, target: &Path) -> Result<(), VolumeError> {
+        std::fs::create_dir_all(target).map_err(|e| io(target, e))?;
+        run_command(
+            "mount",
+            &[
+                "-o",
+                "nodev,nosuid",
+                &device.to_string_lossy(),
+                &target.to_string_lossy(),
+            ],
+            self.timeout,
+        )?;
+        Ok(())
+    }
+
+    fn unmount(&self, target: &Path) -> Result<(), VolumeError> {
+        run_command("umount", &[&target.to_string_lossy()], self.timeout)?;
+        Ok(())
+    }
+
+    fn free_bytes(&self, path: &Path) -> Result<u64, VolumeError> {
+        let v = nix::sys::statvfs::statvfs(path).map_err(|e| io(path, e.into()))?;
+        Ok(v.blocks_available() * v.fragment_size())
+    }
+}
+
+/// Where one tenant's volume lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumePaths {
+    /// The backing file, or the block device given for the tenant.
+    pub backing: PathBuf,
+    /// Whether `backing` is a block device that must already exist.
+    pub device: bool,
+    pub mapper_name: String,
+    pub mount: PathBuf,
+}
+
+impl VolumePaths {
+    /// A sparse file under `<root>/volumes`, mounted under `<root>/mnt` (the tenant id is a
+    /// validated DNS label, so it is safe in paths and device names).
+    pub fn file(root: &Path, tenant: &TenantId) -> Self {
+        Self {
+            backing: root.join("volumes").join(format!("{tenant}.img")),
+            device: false,
+            mapper_name: format!("berth-{tenant}"),
+            mount: root.join("mnt").join(tenant.as_str()),
+        }
+    }
+
+    /// A given block device (a Hetzner Volume, an EBS disk) instead of a file.
+    pub fn block_device(root: &Path, tenant: &TenantId, device: &Path) -> Self {
+        Self {
+            backing: device.to_path_buf(),
+            device: true,
+            ..Self::file(root, tenant)
+        }
+    }
+
+    pub fn mapped(&self) -> PathBuf {
+        Path::new("/dev/mapper").join(&self.mapper_name)
+    }
+}
+
+/// What a step did, for logs and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attached {
+    /// Made, formatted and mounted for the first time.
+    Created,
+    /// An existing volume, opened and mounted.
+    Opened,
+    /// Already open and mounted: nothing done.
+    AlreadyMounted,
+}
+
+/// The volume operations over the two host-side traits.
+#[derive(Debug)]
+pub struct Volumes<'a> {
+    pub crypt: &'a dyn Cryptsetup,
+    pub mounter: &'a dyn Mounter,
+}
+
+impl Volumes<'_> {
+    /// Makes (when new), opens and mounts the volume; `size` for a new backing file.
+    pub fn attach(
+        &self,
+        paths: &VolumePaths,
+        size: u64,
+        key: &VolumeKey,
+    ) -> Result<Attached, VolumeError> {
+        if self.mounter.is_mounted(&paths.mount)? {
+            return Ok(Attached::AlreadyMounted);
+        }
+        let fresh = self.ensure_backing(paths, size, key)?;
+        if !paths.mapped().exists() {
+            self.crypt.open(&paths.backing, &paths.mapper_name, key)?;
+        }
+        let mapped = paths.mapped();
+        if fresh || !self.mounter.has_filesystem(&mapped)? {
+            self.mounter.make_filesystem(&mapped)?;
+        }
+        self.mounter.mount(&mapped, &paths.mount)?;
+        Ok(if fresh {
+            Attached::Created
+        } else {
+            Attached::Opened
+        })
+    }
+
+    /// The backing store exists and is LUKS; returns whether it was formatted just now.
+    fn ensure_backing(
+        &self,
+        paths: &VolumePaths,
+        size: u64,
+        key: &VolumeKey,
+    ) -> Result<bool, VolumeError> {
+        let exists = paths.backing.exists();
+        if paths.device && !exists {
+            return Err(VolumeError::NoDevice(paths.backing.clone()));
+        }
+        if exists {
+            if !self.crypt.is_luks(&paths.backing)? {
+                if paths.device && !self.mounter.has_filesystem(&paths.backing)? {
+                    // A new, empty device given for this tenant.
+                    self.crypt.format(&paths.backing, key)?;
+                    return Ok(true);
+                }
+                return Err(VolumeError::NotLuks(paths.backing.clone()));
+            }
+            return Ok(false);
+        }
+        if size == 0 {
+            return Err(VolumeError::ZeroSize);
+        }
+        let dir = paths.backing.parent().unwrap_or(Path::new("/"));
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        let free = self.mounter.free_bytes(dir)?;
+        if size > free {
+            return Err(VolumeError::NoRoom {
+                size,
+                free,
+                path: dir.to_path_buf(),
+            });
+        }
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&paths.backing)
+            .map_err(|e| io(&paths.backing, e))?;
+        file.set_len(size).map_err(|e| io(&paths.backing, e))?;
+        if let Err(e) = self.crypt.format(&paths.backing, key) {
+            let _ = std::fs::remove_file(&paths.backing);
+            return Err(e.into());
+        }
+        Ok(true)
+    }
+
+    /// Unmounts and closes; the ciphertext stays.
+    pub fn detach(&self, paths: &VolumePaths) -> Result<(), VolumeError> {
+        if self.mounter.is_mounted(&paths.mount)? {
+            self.mounter.unmount(&paths.mount)?;
+        }
+        if paths.mapped().exists() {
+            self.crypt.close(&paths.mapper_name)?;
+        }
+        Ok(())
+    }
+
+    /// Crypto-shreds: detach, erase every keyslot, then delete the backing file (a given
+    /// block device is erased, not deleted).
+    pub fn purge(&self, paths: &VolumePaths) -> Result<(), VolumeError> {
+        self.detach(paths)?;
+        if paths.backing.exists() && self.crypt.is_luks(&paths.backing)? {
+            self.crypt.erase(&paths.backing)?;
+        }
+        if !paths.device && paths.backing.exists() {
+            std::fs::remove_file(&paths.backing).map_err(|e| io(&paths.backing, e))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,238 @@
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+
+use super::*;
+use crate::cryptsetup::KEY_BYTES;
+
+/// Records every call; LUKS-ness, filesystems and mounts live in sets.
+#[derive(Debug, Default)]
+struct Fake {
+    calls: Mutex<Vec<String>>,
+    luks: Mutex<BTreeSet<PathBuf>>,
+    filesystems: Mutex<BTreeSet<PathBuf>>,
+    mounted: Mutex<BTreeSet<PathBuf>>,
+    free: u64,
+    format_fails: bool,
+}
+
+impl Fake {
+    fn with_free(free: u64) -> Self {
+        Self {
+            free,
+            ..Default::default()
+        }
+    }
+    fn log(&self, call: String) {
+        self.calls.lock().unwrap().push(call);
+    }
+    fn calls(&self) -> Vec<String> {
+        std::mem::take(&mut *self.calls.lock().unwrap())
+    }
+    fn volumes(&self) -> Volumes<'_> {
+        Volumes {
+            crypt: self,
+            mounter: self,
+        }
+    }
+}
+
+fn name(p: &Path) -> String {
+    p.file_name().unwrap().to_string_lossy().into_owned()
+}
+
+impl Cryptsetup for Fake {
+    fn format(&self, device: &Path, _: &VolumeKey) -> Result<(), CryptError> {
+        self.log(format!("format {}", name(device)));
+        if self.format_fails {
+            return Err(CryptError::KeyLength(0));
+        }
+        self.luks.lock().unwrap().insert(device.to_path_buf());
+        Ok(())
+    }
+    fn is_luks(&self, device: &Path) -> Result<bool, CryptError> {
+        self.log(format!("isLuks {}", name(device)));
+        Ok(self.luks.lock().unwrap().contains(device))
+    }
+    fn dump(&self, _: &Path) -> Result<String, CryptError> {
+        unreachable!("not used by volumes")
+    }
+    fn key_opens(&self, _: &Path, _: &VolumeKey) -> Result<bool, CryptError> {
+        unreachable!("not used by volumes")
+    }
+    fn open(&self, device: &Path, mapper: &str, _: &VolumeKey) -> Result<(), CryptError> {
+        self.log(format!("open {} {mapper}", name(device)));
+        Ok(())
+    }
+    fn close(&self, mapper: &str) -> Result<(), CryptError> {
+        self.log(format!("close {mapper}"));
+        Ok(())
+    }
+    fn erase(&self, device: &Path) -> Result<(), CryptError> {
+        self.log(format!("erase {}", name(device)));
+        Ok(())
+    }
+}
+
+impl Mounter for Fake {
+    fn has_filesystem(&self, device: &Path) -> Result<bool, VolumeError> {
+        self.log(format!("hasFs {}", name(device)));
+        Ok(self.filesystems.lock().unwrap().contains(device))
+    }
+    fn make_filesystem(&self, device: &Path) -> Result<(), VolumeError> {
+        self.log(format!("mkfs {}", name(device)));
+        self.filesystems
+            .lock()
+            .unwrap()
+            .insert(device.to_path_buf());
+        Ok(())
+    }
+    fn is_mounted(&self, target: &Path) -> Result<bool, VolumeError> {
+        Ok(self.mounted.lock().unwrap().contains(target))
+    }
+    fn mount(&self, device: &Path, target: &Path) -> Result<(), VolumeError> {
+        self.log(format!("mount {} {}", name(device), name(target)));
+        self.mounted.lock().unwrap().insert(target.to_path_buf());
+        Ok(())
+    }
+    fn unmount(&self, target: &Path) -> Result<(), VolumeError> {
+        self.log(format!("umount {}", name(target)));
+        self.mounted.lock().unwrap().remove(target);
+        Ok(())
+    }
+    fn free_bytes(&self, _: &Path) -> Result<u64, VolumeError> {
+        Ok(self.free)
+    }
+}
+
+fn key() -> VolumeKey {
+    VolumeKey::from_bytes(&[3; KEY_BYTES]).unwrap()
+}
+
+fn paths(root: &Path) -> VolumePaths {
+    VolumePaths::file(root, &TenantId::new("acme").unwrap())
+}
+
+#[test]
+fn a_new_volume_is_made_formatted_and_mounted_then_only_reopened() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::with_free(10 << 30);
+    let p = paths(dir.path());
+    assert_eq!(p.mapped(), Path::new("/dev/mapper/berth-acme"));
+    assert_eq!(
+        fake.volumes().attach(&p, 1 << 30, &key()).unwrap(),
+        Attached::Created
+    );
+    assert_eq!(
+        fake.calls(),
+        [
+            "format acme.img",
+            "open acme.img berth-acme",
+            "mkfs berth-acme",
+            "mount berth-acme acme"
+        ]
+    );
+    let meta = std::fs::metadata(&p.backing).unwrap();
+    assert_eq!(meta.len(), 1 << 30);
+    assert!(
+        std::os::unix::fs::MetadataExt::blocks(&meta) < 16,
+        "sparse: no disk is taken until written"
+    );
+    // Mounted: nothing to do.
+    assert_eq!(
+        fake.volumes().attach(&p, 1 << 30, &key()).unwrap(),
+        Attached::AlreadyMounted
+    );
+    assert!(fake.calls().is_empty());
+    // Closed (the container stopped), then back: opened, never formatted again.
+    fake.volumes().detach(&p).unwrap();
+    assert_eq!(
+        fake.calls(),
+        ["umount acme"],
+        "/dev/mapper/berth-acme is not there to close"
+    );
+    assert_eq!(
+        fake.volumes().attach(&p, 1 << 30, &key()).unwrap(),
+        Attached::Opened
+    );
+    assert_eq!(
+        fake.calls(),
+        [
+            "isLuks acme.img",
+            "open acme.img berth-acme",
+            "hasFs berth-acme",
+            "mount berth-acme acme"
+        ]
+    );
+}
+
+#[test]
+fn bad_input_is_refused_before_anything_is_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::with_free(1 << 30);
+    let p = paths(dir.path());
+    let err = fake.volumes().attach(&p, 0, &key()).unwrap_err();
+    assert_eq!(err.to_string(), "volume size: must be greater than 0");
+    let err = fake
+        .volumes()
+        .attach(&p, 2 << 30, &key())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("volume size: 2147483648 bytes is more than the 1073741824 bytes free on "),
+        "{err}"
+    );
+    assert!(!p.backing.exists(), "nothing made");
+    assert!(fake.calls().is_empty());
+    // An existing file that is not LUKS (someone's data): refused, never formatted.
+    std::fs::write(&p.backing, b"precious").unwrap();
+    let err = fake
+        .volumes()
+        .attach(&p, 1 << 20, &key())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.ends_with("acme.img: exists and is not a LUKS volume; refusing to format it"),
+        "{err}"
+    );
+    assert_eq!(fake.calls(), ["isLuks acme.img"]);
+    assert_eq!(std::fs::read(&p.backing).unwrap(), b"precious");
+    // A block device that is not there.
+    let missing = VolumePaths::block_device(
+        dir.path(),
+        &TenantId::new("acme").unwrap(),
+        Path::new("/dev/disk/by-id/scsi-0HC_Volume_404"),
+    );
+    let err = fake
+        .volumes()
+        .attach(&missing, 1 << 30, &key())
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "/dev/disk/by-id/scsi-0HC_Volume_404: the block device does not exist"
+    );
+    assert!(fake.calls().is_empty());
+}
+
+#[test]
+fn a_failed_format_leaves_no_file_and_a_purge_erases_before_deleting() {
+    let dir = tempfile::tempdir().unwrap();
+    let failing = Fake {
+        format_fails: true,
+        ..Fake::with_free(1 << 30)
+    };
+    let p = paths(dir.path());
+    failing.volumes().attach(&p, 1 << 20, &key()).unwrap_err();
+    assert!(!p.backing.exists());
+
+    let fake = Fake::with_free(1 << 30);
+    fake.volumes().attach(&p, 1 << 20, &key()).unwrap();
+    fake.calls();
+    fake.volumes().purge(&p).unwrap();
+    assert_eq!(
+        fake.calls(),
+        ["umount acme", "isLuks acme.img", "erase acme.img"]
+    );
+    assert!(!p.backing.exists(), "the ciphertext is gone too");
+    // Again: nothing left to do, and no error.
+    fake.volumes().purge(&p).unwrap();
+}
