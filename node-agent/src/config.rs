@@ -39,6 +39,7 @@ struct RawConfig {
     tenant_subnets: Option<String>,
     metrics_listen: Option<String>,
     metrics_token_file: Option<PathBuf>,
+    volume_root: Option<PathBuf>,
     #[serde(default)]
     egress: RawEgress,
     #[serde(default)]
@@ -234,6 +235,8 @@ pub struct AgentConfig {
     pub metrics_listen: SocketAddr,
     /// The token `/metrics` requests must carry; required off loopback.
     pub metrics_token: Option<String>,
+    /// Tenant volumes: `volumes/` (backing files), `mnt/` (mounted), `plain/` (unencrypted).
+    pub volume_root: PathBuf,
 }
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/berth/agent";
@@ -337,6 +340,9 @@ impl AgentConfig {
             restarts: raw.restarts.parse().map_err(value)?,
             metrics_listen,
             metrics_token,
+            volume_root: raw
+                .volume_root
+                .unwrap_or_else(|| PathBuf::from("/var/lib/berth")),
         })
     }
 }

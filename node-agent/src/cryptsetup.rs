@@ -16,6 +16,7 @@ use crate::command::{CommandError, run_command, run_command_with_input};
 pub const KEY_BYTES: usize = 32;
 
 /// A tenant's volume key.
+#[derive(Clone)]
 pub struct VolumeKey(Zeroizing<[u8; KEY_BYTES]>);
 
 impl std::fmt::Debug for VolumeKey {

@@ -12,15 +12,16 @@ use tokio::sync::watch;
 
 use crate::cgroup::CgroupReader;
 use crate::config::AgentConfig;
-use crate::cryptsetup::VolumeKey;
+use crate::cryptsetup::{CryptsetupCommand, VolumeKey};
 use crate::desired::{AcceptError, Desired, DesiredStore};
 use crate::dns::UdpResolver;
 use crate::egress::NftEgress;
-use crate::facts::{ProbeRoots, probe_cgroup};
+use crate::facts::{ProbeRoots, probe_cgroup, probe_dm_crypt};
 use crate::nft::NftCommand;
-use crate::reconcile::{Reconciler, VolumesNotBuilt, port_free_on_loopback};
+use crate::reconcile::{Reconciler, port_free_on_loopback};
 use crate::restarts::{Driver, RestartSettings, Restarts, TcpProbe};
 use crate::runtime::DockerRuntime;
+use crate::volume::{HostVolumes, KeySource, SystemMounter};
 
 /// How often the host is re-checked without a change.
 pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(5);
@@ -87,10 +88,7 @@ impl Enforcement {
     /// Whether the coordinator delivered `tenant`'s volume key.
     #[cfg(test)]
     fn has_volume_key(&self, tenant: &TenantId) -> bool {
-        self.volume_keys
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(tenant)
+        self.volume_key(tenant).is_some()
     }
 
     /// The reconciler's last statuses, as they are (for the restart driver).
@@ -147,11 +145,28 @@ impl Enforcement {
     }
 }
 
+impl KeySource for Enforcement {
+    fn volume_key(&self, tenant: &TenantId) -> Option<VolumeKey> {
+        self.volume_keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(tenant)
+            .cloned()
+    }
+}
+
 /// Runs forever: connects to Docker (retrying), watches OOM events, reconciles.
 pub async fn run(enforcement: Arc<Enforcement>, config: AgentConfig, host: HostId) {
     let mut changed = enforcement.changed.subscribe();
-    let cgroups = probe_cgroup(&ProbeRoots::system(&config.cgroup_root))
-        .map(|v| CgroupReader::new(&config.cgroup_root, v));
+    let roots = ProbeRoots::system(&config.cgroup_root);
+    let volumes = Arc::new(HostVolumes {
+        root: config.volume_root.clone(),
+        crypt: Arc::new(CryptsetupCommand::default()),
+        mounter: Arc::new(SystemMounter::default()),
+        keys: enforcement.clone(),
+        dm_crypt: probe_dm_crypt(&roots),
+    });
+    let cgroups = probe_cgroup(&roots).map(|v| CgroupReader::new(&config.cgroup_root, v));
     let oom_events: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
     let resolv_conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     let (name_servers, settings) = config.egress.resolved(&resolv_conf);
@@ -205,7 +220,7 @@ pub async fn run(enforcement: Arc<Enforcement>, config: AgentConfig, host: HostI
                         host: host.clone(),
                         restarting: enforcement.restarts.busy(),
                         runtime,
-                        volumes: Arc::new(VolumesNotBuilt),
+                        volumes: volumes.clone(),
                         egress: egress.clone(),
                         cgroups: cgroups.clone(),
                         oom_events: oom_events.clone(),

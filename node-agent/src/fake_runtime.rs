@@ -25,6 +25,8 @@ pub struct FakeRuntime {
     pub details: StdMutex<Option<ContainerDetails>>,
     /// Makes `restart` fail.
     pub restart_error: StdMutex<Option<String>>,
+    /// Makes the recording volume step wait for a key.
+    pub volume_key_missing: StdMutex<bool>,
 }
 
 impl FakeRuntime {

@@ -89,12 +89,14 @@ pub fn bridge_name(spec: &TenantSpec) -> String {
     )
 }
 
-/// The hardened container for `spec`, publishing its gateway port on 127.0.0.1:`host_port`.
+/// The hardened container for `spec`, publishing its gateway port on 127.0.0.1:`host_port`,
+/// with the host directory `volume` (the mounted tenant volume) at the spec's mount path.
 pub fn container(
     host: &HostId,
     spec: &TenantSpec,
     generation: u64,
     host_port: u16,
+    volume: &std::path::Path,
 ) -> ContainerCreateBody {
     let memory = spec.resources.memory_bytes as i64;
     let gateway = format!("{}/tcp", spec.gateway_port);
@@ -126,6 +128,11 @@ pub fn container(
                 format!("rw,noexec,nosuid,nodev,size={TMPFS_SIZE}"),
             )])),
             network_mode: Some(network_name(spec)),
+            binds: Some(vec![format!(
+                "{}:{}:rw",
+                volume.display(),
+                spec.volume.mount_path
+            )]),
             port_bindings: Some(HashMap::from([(
                 gateway,
                 Some(vec![PortBinding {
@@ -133,8 +140,11 @@ pub fn container(
                     host_port: Some(host_port.to_string()),
                 }]),
             )])),
+            // Not `unless-stopped`: after a reboot dockerd would start the container before the
+            // agent attached its volume, and the tenant would write into an empty, unencrypted
+            // mount point. The agent starts it; Docker only restarts it after a crash.
             restart_policy: Some(RestartPolicy {
-                name: Some(RestartPolicyNameEnum::UNLESS_STOPPED),
+                name: Some(RestartPolicyNameEnum::ON_FAILURE),
                 maximum_retry_count: None,
             }),
             log_config: Some(HostConfigLogConfig {
@@ -179,7 +189,8 @@ mod tests {
     #[test]
     fn every_hardening_setting() {
         let host = HostId::new("h1").unwrap();
-        let c = container(&host, &spec(), 7, 20001);
+        let volume = std::path::Path::new("/var/lib/berth/mnt/acme-dental");
+        let c = container(&host, &spec(), 7, 20001, volume);
         let n = network(&host, &spec(), "10.213.0.32/28");
         assert_eq!(
             n.ipam.unwrap().config.unwrap()[0].subnet.as_deref(),
@@ -206,7 +217,14 @@ mod tests {
         );
         assert_eq!(
             hc.restart_policy.unwrap().name,
-            Some(RestartPolicyNameEnum::UNLESS_STOPPED)
+            Some(RestartPolicyNameEnum::ON_FAILURE),
+            "dockerd never starts it before its volume is there"
+        );
+        assert_eq!(
+            hc.binds,
+            Some(vec![
+                "/var/lib/berth/mnt/acme-dental:/home/node/.openclaw:rw".to_string()
+            ])
         );
         let log = hc.log_config.unwrap();
         assert_eq!(log.typ.as_deref(), Some("json-file"));

@@ -22,32 +22,34 @@ use crate::hardening;
 use crate::runtime::{ContainerRuntime, ManagedContainer, RuntimeError};
 use crate::subnets::SubnetPool;
 
-/// The tenant's data volume. Encrypted volumes are not built yet: [`VolumesNotBuilt`] is the
-/// explicit stand-in.
-#[tonic::async_trait]
-pub trait VolumeStep: Send + Sync + std::fmt::Debug {
-    async fn prepare(&self, spec: &TenantSpec) -> Result<(), String>;
-    async fn release(&self, tenant: &str) -> Result<(), String>;
-    /// What an operator must know about this step, shown in the tenant's status.
-    fn caveat(&self) -> Option<&'static str>;
+/// Why a tenant is not running: failed, or waiting for its volume key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub state: proto::TenantState,
+    pub message: String,
 }
 
-/// No volume is made, so a tenant has no persistent data directory (its root filesystem is
-/// read-only; only its tmpfs /tmp is writable). Stands in until encrypted volumes are built.
-#[derive(Debug, Default)]
-pub struct VolumesNotBuilt;
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Self {
+            state: proto::TenantState::Failed,
+            message,
+        }
+    }
+}
 
+impl From<&str> for Failure {
+    fn from(message: &str) -> Self {
+        message.to_string().into()
+    }
+}
+
+/// The tenant's data volume, ready before its container starts.
 #[tonic::async_trait]
-impl VolumeStep for VolumesNotBuilt {
-    async fn prepare(&self, _: &TenantSpec) -> Result<(), String> {
-        Ok(())
-    }
-    async fn release(&self, _: &str) -> Result<(), String> {
-        Ok(())
-    }
-    fn caveat(&self) -> Option<&'static str> {
-        Some("no volume: encrypted volumes are not built yet")
-    }
+pub trait VolumeStep: Send + Sync + std::fmt::Debug {
+    /// Makes the volume ready; returns the host directory to bind at the spec's mount path.
+    async fn prepare(&self, spec: &TenantSpec) -> Result<std::path::PathBuf, Failure>;
+    async fn release(&self, tenant: &str) -> Result<(), String>;
 }
 
 /// Host ports the agent publishes gateways on (127.0.0.1 only).
@@ -177,7 +179,7 @@ impl Reconciler {
         generation: u64,
         used_ports: &mut Vec<u16>,
         networks: &HashMap<String, Vec<String>>,
-    ) -> Result<EgressReport, String> {
+    ) -> Result<EgressReport, Failure> {
         if !self
             .runtime
             .image_present(&spec.image)
@@ -191,7 +193,7 @@ impl Reconciler {
                 )
             })?;
         }
-        self.volumes.prepare(spec).await?;
+        let volume = self.volumes.prepare(spec).await?;
         let report = self.network_and_egress(spec, networks).await?;
         // A port free on loopback may still be reserved by Docker for another container: then
         // the next one is tried.
@@ -201,7 +203,7 @@ impl Reconciler {
                 .pick_port(used_ports)
                 .ok_or("no free gateway port in 20000-29999")?;
             used_ports.push(port);
-            let body = hardening::container(&self.host, spec, generation, port);
+            let body = hardening::container(&self.host, spec, generation, port, &volume);
             match self
                 .runtime
                 .create_and_start(&hardening::container_name(spec), body)
@@ -217,10 +219,10 @@ impl Reconciler {
                 {
                     last_error = e.to_string()
                 }
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(e.to_string().into()),
             }
         }
-        Err(last_error)
+        Err(last_error.into())
     }
 
     /// One pass: returns the status of every desired tenant.
@@ -288,10 +290,13 @@ impl Reconciler {
             let existing = by_tenant.get(tenant).and_then(|v| v.first()).copied();
             let hash = hardening::spec_hash(spec);
             let outcome = match (&egress_ready, existing) {
-                (Err(e), None) => Err(format!("egress: {e}")),
+                (Err(e), None) => Err(format!("egress: {e}").into()),
                 (_, Some(c)) if c.spec_hash == hash => {
                     // Rules first: a stopped container starts only behind them.
-                    let report = self.network_and_egress(spec, &networks).await;
+                    let report = self
+                        .network_and_egress(spec, &networks)
+                        .await
+                        .map_err(Failure::from);
                     // Mid-restart a container is briefly stopped: the restart starts it.
                     let stopped = (c.state == "exited" || c.state == "created")
                         && !self
@@ -302,20 +307,29 @@ impl Reconciler {
                     match (report, stopped) {
                         (report, false) => report,
                         (Err(e), true) => Err(e),
-                        (Ok(report), true) => match self.runtime.start(&c.id).await {
-                            // While it was stopped another container took its port: a new
-                            // container on a fresh port (the network stays).
-                            Err(e) if e.0.contains("port is already allocated") => {
-                                tracing::info!(%tenant, port = c.port, "port taken while stopped: recreating on another port");
-                                match self.runtime.remove(&c.id).await {
-                                    Ok(()) => {
-                                        self.create(spec, generation, &mut used_ports, &networks)
+                        // And only with its volume attached (after a reboot: once its key came).
+                        (Ok(report), true) => match self.volumes.prepare(spec).await {
+                            Err(f) => Err(f),
+                            Ok(_) => match self.runtime.start(&c.id).await {
+                                // While it was stopped another container took its port: a new
+                                // container on a fresh port (the network stays).
+                                Err(e) if e.0.contains("port is already allocated") => {
+                                    tracing::info!(%tenant, port = c.port, "port taken while stopped: recreating on another port");
+                                    match self.runtime.remove(&c.id).await {
+                                        Ok(()) => {
+                                            self.create(
+                                                spec,
+                                                generation,
+                                                &mut used_ports,
+                                                &networks,
+                                            )
                                             .await
+                                        }
+                                        Err(e) => Err(e.to_string().into()),
                                     }
-                                    Err(e) => Err(e.to_string()),
                                 }
-                            }
-                            other => other.map(|()| report).map_err(|e| e.to_string()),
+                                other => other.map(|()| report).map_err(|e| e.to_string().into()),
+                            },
                         },
                     }
                 }
@@ -329,7 +343,7 @@ impl Reconciler {
                             self.create(spec, generation, &mut used_ports, &networks)
                                 .await
                         }
-                        Err(e) => Err(e),
+                        Err(e) => Err(e.into()),
                     }
                 }
                 (_, None) => {
@@ -338,23 +352,16 @@ impl Reconciler {
                 }
             };
             let mut s = match outcome {
-                Err(e) => {
-                    tracing::warn!(%tenant, error = %e, "tenant failed");
-                    status(&spec.tenant_id, generation, proto::TenantState::Failed, e)
+                Err(f) => {
+                    tracing::warn!(%tenant, error = %f.message, "tenant not running");
+                    status(&spec.tenant_id, generation, f.state, f.message)
                 }
                 Ok(report) => {
-                    let mut notes: Vec<String> = self
-                        .volumes
-                        .caveat()
-                        .map(String::from)
-                        .into_iter()
-                        .collect();
-                    notes.extend(report.problems);
                     let mut s = status(
                         &spec.tenant_id,
                         generation,
                         proto::TenantState::Pending,
-                        notes.join("; "),
+                        report.problems.join("; "),
                     );
                     s.egress = report.entries;
                     s.egress_denied_packets = report.denied_packets;

@@ -10,10 +10,15 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use berth_shared::ids::TenantId;
+use berth_shared::proto;
+use berth_shared::spec::TenantSpec;
 
 use crate::command::{CommandError, run_command};
 use crate::cryptsetup::{CryptError, Cryptsetup, VolumeKey};
+use crate::reconcile::{Failure, VolumeStep};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
@@ -276,6 +281,96 @@ impl Volumes<'_> {
             std::fs::remove_file(&paths.backing).map_err(|e| io(&paths.backing, e))?;
         }
         Ok(())
+    }
+}
+
+/// Where the agent gets a tenant's volume key: the coordinator's last delivery, in memory.
+pub trait KeySource: Send + Sync + std::fmt::Debug {
+    fn volume_key(&self, tenant: &TenantId) -> Option<VolumeKey>;
+}
+
+/// The uid and gid tenant containers run as; they own their volume's root.
+const TENANT_ID: u32 = 65534;
+
+/// The agent's volume step: an encrypted volume (with the key the coordinator delivered) for
+/// a tenant whose spec asks for one, a plain directory on the host disk otherwise.
+#[derive(Debug)]
+pub struct HostVolumes {
+    /// `/var/lib/berth` by default.
+    pub root: PathBuf,
+    pub crypt: Arc<dyn Cryptsetup>,
+    pub mounter: Arc<dyn Mounter>,
+    pub keys: Arc<dyn KeySource>,
+    /// The host has device-mapper with the crypt target.
+    pub dm_crypt: bool,
+}
+
+fn own_by_tenant(dir: &Path) -> Result<(), VolumeError> {
+    nix::unistd::chown(
+        dir,
+        Some(nix::unistd::Uid::from_raw(TENANT_ID)),
+        Some(nix::unistd::Gid::from_raw(TENANT_ID)),
+    )
+    .map_err(|e| io(dir, e.into()))
+}
+
+#[tonic::async_trait]
+impl VolumeStep for HostVolumes {
+    async fn prepare(&self, spec: &TenantSpec) -> Result<PathBuf, Failure> {
+        let tenant = spec.tenant_id.clone();
+        if !spec.volume.encrypted {
+            let dir = self.root.join("plain").join(tenant.as_str());
+            std::fs::create_dir_all(&dir).map_err(|e| format!("volume: {}", io(&dir, e)))?;
+            own_by_tenant(&dir).map_err(|e| format!("volume: {e}"))?;
+            return Ok(dir);
+        }
+        if !self.dm_crypt {
+            return Err(
+                "encrypted volume: this host has no dm-crypt (device-mapper with the crypt target)"
+                    .into(),
+            );
+        }
+        let Some(key) = self.keys.volume_key(&tenant) else {
+            return Err(Failure {
+                state: proto::TenantState::WaitingForKey,
+                message: "waiting for its volume key from the coordinator".into(),
+            });
+        };
+        let paths = VolumePaths::file(&self.root, &tenant);
+        let (crypt, mounter) = (self.crypt.clone(), self.mounter.clone());
+        let size = spec.resources.volume_bytes;
+        tokio::task::spawn_blocking(move || {
+            let volumes = Volumes {
+                crypt: crypt.as_ref(),
+                mounter: mounter.as_ref(),
+            };
+            if volumes.attach(&paths, size, &key)? == Attached::Created {
+                own_by_tenant(&paths.mount)?;
+            }
+            Ok::<_, VolumeError>(paths.mount)
+        })
+        .await
+        .map_err(|e| format!("volume: {e}"))?
+        .map_err(|e| format!("volume: {e}").into())
+    }
+
+    async fn release(&self, tenant: &str) -> Result<(), String> {
+        // A container whose tenant label is not a valid id never had a volume made.
+        let Ok(tenant) = TenantId::new(tenant) else {
+            return Ok(());
+        };
+        let paths = VolumePaths::file(&self.root, &tenant);
+        let (crypt, mounter) = (self.crypt.clone(), self.mounter.clone());
+        tokio::task::spawn_blocking(move || {
+            Volumes {
+                crypt: crypt.as_ref(),
+                mounter: mounter.as_ref(),
+            }
+            .detach(&paths)
+        })
+        .await
+        .map_err(|e| format!("volume: {e}"))?
+        .map_err(|e| format!("volume: {e}"))
     }
 }
 

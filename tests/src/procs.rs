@@ -443,8 +443,9 @@ impl AgentProc {
         };
         let table = self.nft_table();
         let text = format!(
-            "state_dir = {:?}\nprovider = \"hetzner\"\nregion = \"fsn1\"\ninstance_type = \"cx22\"\nmonthly_cost = 4.51\nreport_interval = \"1s\"\ndocker_socket = {socket:?}\nmetrics_listen = \"127.0.0.1:0\"\n{}",
+            "state_dir = {:?}\nprovider = \"hetzner\"\nregion = \"fsn1\"\ninstance_type = \"cx22\"\nmonthly_cost = 4.51\nreport_interval = \"1s\"\ndocker_socket = {socket:?}\nmetrics_listen = \"127.0.0.1:0\"\nvolume_root = {:?}\n{}",
             self.state_dir().display().to_string(),
+            self.dir.path().join("volumes").display().to_string(),
             extra.replace("[egress]", &format!("[egress]\ntable = \"{table}\""))
         );
         fs::write(&config, text).expect("agent config");

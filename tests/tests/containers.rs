@@ -49,7 +49,7 @@ fn a_placed_tenant_runs_hardened_under_its_cap_within_3_seconds() {
         (binding["HostIp"].as_str(), binding["HostPort"].as_str()),
         (Some("127.0.0.1"), Some(port.to_string().as_str()))
     );
-    assert_eq!(hc["RestartPolicy"]["Name"], "unless-stopped");
+    assert_eq!(hc["RestartPolicy"]["Name"], "on-failure");
     assert_eq!(hc["LogConfig"]["Type"], "json-file");
     assert_eq!(hc["LogConfig"]["Config"]["max-size"], "10m");
     assert_eq!(c["Config"]["Labels"]["berth.tenant"], tenant.as_str());
@@ -80,10 +80,17 @@ fn a_placed_tenant_runs_hardened_under_its_cap_within_3_seconds() {
         "usage read from the cgroup: {view}"
     );
     assert_eq!(view["memory_cap_bytes"].as_u64(), Some(128 << 20));
-    assert_eq!(
-        view["message"],
-        "no volume: encrypted volumes are not built yet"
+    assert_eq!(view["message"], "");
+    // Its (unencrypted, as the spec asks) volume is bound in, owned by the tenant's user.
+    let binds = hc["Binds"].as_array().expect("binds");
+    let bind = binds[0].as_str().unwrap();
+    assert!(
+        bind.ends_with(&format!("/plain/{tenant}:/home/node/.openclaw:rw")),
+        "{bind}"
     );
+    let dir = bind.split(':').next().unwrap();
+    let meta = std::fs::metadata(dir).unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), 65534);
 }
 
 #[test]

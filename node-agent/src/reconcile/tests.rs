@@ -9,16 +9,19 @@ struct RecordingSteps(Arc<FakeRuntime>);
 
 #[tonic::async_trait]
 impl VolumeStep for RecordingSteps {
-    async fn prepare(&self, s: &TenantSpec) -> Result<(), String> {
+    async fn prepare(&self, s: &TenantSpec) -> Result<std::path::PathBuf, Failure> {
+        if *self.0.volume_key_missing.lock().unwrap() {
+            return Err(Failure {
+                state: proto::TenantState::WaitingForKey,
+                message: "waiting for its volume key from the coordinator".into(),
+            });
+        }
         self.0.record(format!("volume {}", s.tenant_id));
-        Ok(())
+        Ok(format!("/vol/{}", s.tenant_id).into())
     }
     async fn release(&self, t: &str) -> Result<(), String> {
         self.0.record(format!("rm-volume {t}"));
         Ok(())
-    }
-    fn caveat(&self) -> Option<&'static str> {
-        None
     }
 }
 
@@ -137,10 +140,10 @@ async fn creates_in_order_adopts_without_restart_and_tears_down_in_reverse() {
     r.restarting.lock().unwrap().insert("a".into());
     r.reconcile(&desired).await;
     assert!(fake.calls().is_empty(), "{:?}", fake.calls());
-    // Otherwise a stopped container is started again.
+    // Otherwise a stopped container is started again, its volume attached first.
     r.restarting.lock().unwrap().clear();
     r.reconcile(&desired).await;
-    assert_eq!(fake.calls(), ["start 0001"]);
+    assert_eq!(fake.calls(), ["volume a", "start 0001"]);
 
     // Removed from the desired state: container, then egress, volume, network.
     fake.calls.lock().unwrap().clear();
@@ -231,21 +234,44 @@ async fn ports_skip_those_in_use_and_duplicates_are_removed() {
 }
 
 #[tokio::test]
-async fn the_volume_stand_in_says_so_in_the_status() {
+async fn without_its_volume_key_a_tenant_waits_and_its_container_never_starts() {
     let fake = Arc::new(FakeRuntime::default());
     fake.images.lock().unwrap().push("img:1".into());
-    let mut r = reconciler(&fake);
-    r.volumes = Arc::new(VolumesNotBuilt);
-    let statuses = r
-        .reconcile(&Desired {
-            generation: 1,
-            tenants: vec![spec("a", "img:1")],
-        })
-        .await;
+    let r = reconciler(&fake);
+    let desired = Desired {
+        generation: 1,
+        tenants: vec![spec("a", "img:1")],
+    };
+    *fake.volume_key_missing.lock().unwrap() = true;
+    let statuses = r.reconcile(&desired).await;
+    assert_eq!(statuses[0].state, proto::TenantState::WaitingForKey as i32);
     assert_eq!(
         statuses[0].message,
-        "no volume: encrypted volumes are not built yet; egress x.test:443/tcp: does not resolve (NXDOMAIN)"
+        "waiting for its volume key from the coordinator"
     );
+    assert!(
+        !fake.calls().iter().any(|c| c.starts_with("create")),
+        "{:?}",
+        fake.calls()
+    );
+    // The key came: made and started, its volume bound in.
+    *fake.volume_key_missing.lock().unwrap() = false;
+    let statuses = r.reconcile(&desired).await;
+    assert_eq!(statuses[0].state, proto::TenantState::Running as i32);
+    // After a reboot (stopped, key not here again): it stays stopped until the key comes.
+    fake.containers.lock().unwrap()[0].state = "exited".into();
+    *fake.volume_key_missing.lock().unwrap() = true;
+    fake.calls.lock().unwrap().clear();
+    let statuses = r.reconcile(&desired).await;
+    assert_eq!(statuses[0].state, proto::TenantState::WaitingForKey as i32);
+    assert!(
+        !fake.calls().iter().any(|c| c.starts_with("start")),
+        "{:?}",
+        fake.calls()
+    );
+    *fake.volume_key_missing.lock().unwrap() = false;
+    r.reconcile(&desired).await;
+    assert_eq!(fake.calls(), ["volume a", "start 0001"]);
 }
 
 #[tokio::test]
@@ -291,7 +317,7 @@ async fn no_container_starts_without_its_rules_and_an_allowlist_change_does_not_
         .unwrap()
         .push("old 10.213.9.0/28".into());
     r.reconcile(&one).await;
-    assert_eq!(fake.calls(), ["start 0001", "sweep"]);
+    assert_eq!(fake.calls(), ["volume a", "start 0001", "sweep"]);
 }
 
 fn spec_with_egress() -> TenantSpec {
@@ -323,7 +349,13 @@ async fn a_port_taken_while_stopped_means_a_new_container_on_a_fresh_port() {
     let statuses = r.reconcile(&desired).await;
     assert_eq!(
         fake.calls(),
-        ["start 0001", "remove 0001", "volume a", "create berth-a"]
+        [
+            "volume a",
+            "start 0001",
+            "remove 0001",
+            "volume a",
+            "create berth-a"
+        ]
     );
     assert_eq!(statuses[0].published_port, 20001);
 }
