@@ -115,8 +115,8 @@ for _ in $(seq 1 100); do
 done
 grep -q '"state": "ready"' <<<"$hosts" || fail "the agent did not report: $(tail -n 3 "$state/agent.log" | tr '\n' ' ')"
 
-# One sample tenant, 128 MiB cap. Its volume is unencrypted: encrypted volumes need dm-crypt
-# and are not built yet.
+# One sample tenant, 128 MiB cap. Its volume is unencrypted: encrypted volumes need a kernel
+# with dm-crypt, which a machine like this may lack.
 cat >"$state/sample.toml" <<TOML
 tenant_id = "sample"
 image = "$image"

@@ -4,8 +4,8 @@
 //! fingerprint pinned at enrollment; the last accepted desired state is enforced with or
 //! without the coordinator: hardened containers under their memory caps, each behind its
 //! default-deny egress allowlist (nftables), restarted once a night inside its maintenance
-//! window behind a health gate; volume keys are held in memory only. The encrypted volumes
-//! themselves are not built yet (the cryptsetup layer is).
+//! window behind a health gate, with its data on a LUKS2 volume opened by a key held in memory
+//! only (a tenant without its key waits, stopped).
 
 pub mod cgroup;
 pub mod command;
