@@ -133,11 +133,11 @@ impl Coordinator {
         // key made for a placement that then fails is destroyed again.
         let encrypted = spec.volume.as_ref().is_none_or(|v| v.encrypted);
         let new_key = match TenantId::new(&spec.tenant_id) {
-            Ok(id) if encrypted => {
-                let created = self.keys.get(&id).map_err(key_error)?.is_none();
-                self.keys.ensure(&id, Durability::Lazy).map_err(key_error)?;
-                created.then_some(id)
-            }
+            Ok(id) if encrypted => self
+                .keys
+                .ensure(&id, Durability::Lazy)
+                .map_err(key_error)?
+                .then_some(id),
             _ => None,
         };
         let applied = match self.placements.place(spec, self.registry.now()) {

@@ -192,10 +192,11 @@ impl KeyVault {
 
     /// Makes `tenant`'s key unless it has one, written with `durability` (a placement writes
     /// it lazily: the flush that makes the placement durable covers it, before the reply).
-    pub fn ensure(&self, tenant: &TenantId, durability: Durability) -> Result<(), KeyError> {
+    /// Returns whether it made one.
+    pub fn ensure(&self, tenant: &TenantId, durability: Durability) -> Result<bool, KeyError> {
         let name = format!("{PREFIX}{tenant}");
         if self.store.get(&name)?.is_some() {
-            return Ok(());
+            return Ok(false);
         }
         let mut key = Zeroizing::new([0u8; KEY_BYTES]);
         SystemRandom::new()
@@ -203,7 +204,7 @@ impl KeyVault {
             .map_err(|_| KeyError::Random)?;
         let blob = self.wrap(tenant, &key[..])?;
         self.store.apply(vec![Write::Put(name, blob)], durability)?;
-        Ok(())
+        Ok(true)
     }
 
     /// `tenant`'s key, unwrapped; `None` when it has none.

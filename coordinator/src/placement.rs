@@ -645,9 +645,22 @@ impl Placements {
 
     /// What every host holds, in one pass over the tenants.
     pub fn host_loads(&self) -> HashMap<HostId, HostLoad> {
+        self.loads(None)
+    }
+
+    /// What one host holds.
+    pub fn host_load(&self, host: &HostId) -> HostLoad {
+        self.loads(Some(host)).remove(host).unwrap_or_default()
+    }
+
+    fn loads(&self, only: Option<&HostId>) -> HashMap<HostId, HostLoad> {
         let state = self.lock();
         let mut loads: HashMap<HostId, HostLoad> = HashMap::new();
-        for record in state.tenants.values() {
+        for record in state
+            .tenants
+            .values()
+            .filter(|r| only.is_none_or(|h| r.host_id == *h))
+        {
             let load = loads.entry(record.host_id.clone()).or_default();
             load.tenants += 1;
             load.memory_committed += record.spec.resources.memory_bytes;

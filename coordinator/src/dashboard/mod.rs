@@ -86,12 +86,7 @@ pub fn host_page(c: &Coordinator, host: &HostId) -> Result<Option<String>, Regis
         return Ok(None);
     };
     let now_ms = c.registry.now();
-    let load = c
-        .placements
-        .host_loads()
-        .get(host)
-        .copied()
-        .unwrap_or_default();
+    let load = c.placements.host_load(host);
     let row = host_row(c, &record, load, now_ms);
     let mut tenants: Vec<TenantView> = c
         .placements

@@ -18,10 +18,10 @@ fn keys_are_stored_only_wrapped_and_bound_to_their_tenant() {
     );
     let (acme, beta) = (tenant("acme"), tenant("beta"));
     assert!(vault.get(&acme).unwrap().is_none());
-    vault.ensure(&acme, Durability::Flushed).unwrap();
+    assert!(vault.ensure(&acme, Durability::Flushed).unwrap(), "made");
     let key = vault.get(&acme).unwrap().unwrap();
     assert_eq!(key.len(), KEY_BYTES);
-    vault.ensure(&acme, Durability::Flushed).unwrap();
+    assert!(!vault.ensure(&acme, Durability::Flushed).unwrap(), "kept");
     assert_eq!(
         vault.get(&acme).unwrap().unwrap(),
         key,

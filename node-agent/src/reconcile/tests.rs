@@ -83,6 +83,14 @@ fn spec(id: &str, image: &str) -> TenantSpec {
     .unwrap()
 }
 
+/// A fake engine holding the image `img:1`, and a reconciler over it.
+fn with_image() -> (Arc<FakeRuntime>, Reconciler) {
+    let fake = Arc::new(FakeRuntime::default());
+    fake.images.lock().unwrap().push("img:1".into());
+    let r = reconciler(&fake);
+    (fake, r)
+}
+
 fn reconciler(fake: &Arc<FakeRuntime>) -> Reconciler {
     let steps = Arc::new(RecordingSteps(fake.clone()));
     Reconciler {
@@ -100,9 +108,7 @@ fn reconciler(fake: &Arc<FakeRuntime>) -> Reconciler {
 
 #[tokio::test]
 async fn creates_in_order_adopts_without_restart_and_tears_down_in_reverse() {
-    let fake = Arc::new(FakeRuntime::default());
-    fake.images.lock().unwrap().push("img:1".into());
-    let r = reconciler(&fake);
+    let (fake, r) = with_image();
     let desired = Desired {
         generation: 3,
         tenants: vec![spec("a", "img:1")],
@@ -167,9 +173,7 @@ async fn creates_in_order_adopts_without_restart_and_tears_down_in_reverse() {
 
 #[tokio::test]
 async fn a_changed_spec_recreates_and_an_unpullable_image_fails_with_the_reason() {
-    let fake = Arc::new(FakeRuntime::default());
-    fake.images.lock().unwrap().push("img:1".into());
-    let r = reconciler(&fake);
+    let (fake, r) = with_image();
     r.reconcile(&Desired {
         generation: 1,
         tenants: vec![spec("a", "img:1")],
@@ -205,9 +209,7 @@ async fn a_changed_spec_recreates_and_an_unpullable_image_fails_with_the_reason(
 
 #[tokio::test]
 async fn ports_skip_those_in_use_and_duplicates_are_removed() {
-    let fake = Arc::new(FakeRuntime::default());
-    fake.images.lock().unwrap().push("img:1".into());
-    let mut r = reconciler(&fake);
+    let (fake, mut r) = with_image();
     r.port_free = |p| p != 20000;
     // Published by a container berth does not own.
     fake.foreign_ports.lock().unwrap().push(20001);
@@ -235,9 +237,7 @@ async fn ports_skip_those_in_use_and_duplicates_are_removed() {
 
 #[tokio::test]
 async fn without_its_volume_key_a_tenant_waits_and_its_container_never_starts() {
-    let fake = Arc::new(FakeRuntime::default());
-    fake.images.lock().unwrap().push("img:1".into());
-    let r = reconciler(&fake);
+    let (fake, r) = with_image();
     let desired = Desired {
         generation: 1,
         tenants: vec![spec("a", "img:1")],
@@ -276,9 +276,7 @@ async fn without_its_volume_key_a_tenant_waits_and_its_container_never_starts() 
 
 #[tokio::test]
 async fn no_container_starts_without_its_rules_and_an_allowlist_change_does_not_recreate() {
-    let fake = Arc::new(FakeRuntime::default());
-    fake.images.lock().unwrap().push("img:1".into());
-    let r = reconciler(&fake);
+    let (fake, r) = with_image();
     *fake.egress_broken.lock().unwrap() = true;
     let one = Desired {
         generation: 1,
@@ -334,9 +332,7 @@ fn spec_with_egress() -> TenantSpec {
 
 #[tokio::test]
 async fn a_port_taken_while_stopped_means_a_new_container_on_a_fresh_port() {
-    let fake = Arc::new(FakeRuntime::default());
-    fake.images.lock().unwrap().push("img:1".into());
-    let r = reconciler(&fake);
+    let (fake, r) = with_image();
     let desired = Desired {
         generation: 1,
         tenants: vec![spec("a", "img:1")],
