@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::core::{AuthenticatedHost, Coordinator};
+use crate::core::{AgentReply, AuthenticatedHost, Coordinator};
 use crate::registry::CertRecord;
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,6 +45,13 @@ impl AgentApi {
             "{field} {claimed:?} does not match the certificate's host {:?}",
             auth.host_id.as_str()
         )))
+    }
+
+    fn complete(&self, auth: &AuthenticatedHost, reply: AgentReply) {
+        let request = reply.request_id();
+        if !self.coordinator.sessions.complete(&auth.host_id, reply) {
+            tracing::warn!(host = %auth.host_id, request, "a result nobody waits for");
+        }
     }
 
     /// Handles one message after the hello. An error ends the session.
@@ -79,14 +86,11 @@ impl AgentApi {
                 Ok(())
             }
             Some(AgentBody::RestartResult(result)) => {
-                let (tenant, request) = (result.tenant_id.clone(), result.request_id);
-                if !self
-                    .coordinator
-                    .sessions
-                    .complete_restart(&auth.host_id, result)
-                {
-                    tracing::warn!(host = %auth.host_id, tenant = %tenant.chars().take(64).collect::<String>(), request, "restart result nobody waits for");
-                }
+                self.complete(auth, AgentReply::Restart(result));
+                Ok(())
+            }
+            Some(AgentBody::VolumeResult(result)) => {
+                self.complete(auth, AgentReply::Volume(result));
                 Ok(())
             }
             Some(AgentBody::Ack(ack)) => {

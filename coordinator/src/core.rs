@@ -24,6 +24,10 @@ use crate::registry::{HostRecord, HostState, Registry, RegistryError};
 /// (the agent's default health timeout is 5 minutes).
 pub const RESTART_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
 
+/// How long a purge waits for the host to drop the tenant and then to shred its volume
+/// (`luksErase` and deleting a sparse file take well under a second).
+pub const PURGE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Everything the services share.
 #[derive(Debug)]
 pub struct Coordinator {
@@ -170,16 +174,95 @@ impl Coordinator {
         Ok(applied.placement)
     }
 
-    /// Removes a tenant; returns once the removal is on disk.
+    /// Removes a tenant; returns once the removal is on disk. Its volume and key are kept so it
+    /// can come back, unless `purge`: then (also for a tenant removed earlier) its host
+    /// crypto-shreds the volume and the key is destroyed, and only when both are done is the
+    /// answer `purged`.
     pub async fn remove(
         self: &Arc<Self>,
         tenant: &TenantId,
         purge: bool,
-    ) -> Result<proto::Placement, PlaceError> {
-        let applied = self.placements.remove(tenant, purge)?;
-        self.durable(applied.seq).await?;
-        tracing::info!(%tenant, host = %applied.placement.host_id, "tenant removed");
-        Ok(applied.placement)
+    ) -> Result<proto::RemoveTenantResponse, PlaceError> {
+        let host = if self.placements.tenant(tenant).is_some() {
+            let applied = self.placements.remove(tenant)?;
+            self.durable(applied.seq).await?;
+            let host = HostId::new(&applied.placement.host_id).map_err(|e| {
+                PlaceError::Store(berth_shared::store::StoreError::Io(format!(
+                    "stored placement: {e}"
+                )))
+            })?;
+            tracing::info!(%tenant, %host, "tenant removed");
+            if !purge {
+                return Ok(proto::RemoveTenantResponse {
+                    tenant_id: tenant.to_string(),
+                    host_id: host.to_string(),
+                    ..Default::default()
+                });
+            }
+            self.await_delivery(&host, applied.placement.generation)
+                .await
+                .map_err(|reason| PlaceError::PurgeIncomplete {
+                    tenant: tenant.to_string(),
+                    host: host.to_string(),
+                    reason,
+                })?;
+            host
+        } else if purge && let Some(host) = self.placements.retained(tenant) {
+            host
+        } else {
+            return Err(PlaceError::UnknownTenant(tenant.to_string()));
+        };
+        self.purge(tenant, &host).await
+    }
+
+    /// Waits until `host` acknowledged `generation` (so its agent no longer runs a tenant that
+    /// generation removed).
+    async fn await_delivery(&self, host: &HostId, generation: u64) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + PURGE_WAIT;
+        while !self.placements.delivered(host, generation) {
+            if !self.sessions.is_connected(host) {
+                return Err("the host is not connected".into());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "the host did not acknowledge the removal (generation {generation}) within {PURGE_WAIT:?}"
+                ));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// Shreds a removed tenant's volume on `host`, then destroys its key and forgets the volume.
+    async fn purge(
+        &self,
+        tenant: &TenantId,
+        host: &HostId,
+    ) -> Result<proto::RemoveTenantResponse, PlaceError> {
+        let incomplete = |reason: String| PlaceError::PurgeIncomplete {
+            tenant: tenant.to_string(),
+            host: host.to_string(),
+            reason,
+        };
+        let result = self
+            .sessions
+            .volume(host, tenant, proto::VolumeAction::Purge, PURGE_WAIT)
+            .await
+            .map_err(|status| incomplete(status.message().to_string()))?;
+        if !result.ok {
+            return Err(incomplete(format!("the agent: {}", result.error)));
+        }
+        let key_destroyed = self.keys.destroy(tenant).map_err(key_error)?;
+        self.placements.forget_retained(tenant)?;
+        tracing::info!(%tenant, %host, erased = result.erased, deleted = result.deleted, key_destroyed, "tenant volume purged");
+        Ok(proto::RemoveTenantResponse {
+            tenant_id: tenant.to_string(),
+            purged: true,
+            host_id: host.to_string(),
+            erased: result.erased,
+            deleted: result.deleted,
+            key_destroyed,
+        })
     }
 
     /// The keys of the encrypted tenants in `state` (one host's desired state): what that host,
@@ -392,26 +475,42 @@ struct SessionEntry {
 /// What a session sends its agent.
 pub type SessionSender = mpsc::Sender<Result<proto::CoordinatorMessage, Status>>;
 
+/// An agent's answer to a command of the coordinator.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AgentReply {
+    Restart(proto::RestartResult),
+    Volume(proto::VolumeResult),
+}
+
+impl AgentReply {
+    pub fn request_id(&self) -> u64 {
+        match self {
+            AgentReply::Restart(r) => r.request_id,
+            AgentReply::Volume(r) => r.request_id,
+        }
+    }
+}
+
 /// The open agent sessions: at most one per host. A newer session supersedes an older one.
-/// Also the restarts asked of agents and not answered yet.
+/// Also the commands sent to agents and not answered yet.
 #[derive(Debug, Default)]
 pub struct SessionHub {
     next_id: AtomicU64,
     sessions: Mutex<HashMap<HostId, SessionEntry>>,
     next_request: AtomicU64,
-    pending_restarts: Mutex<HashMap<u64, (HostId, oneshot::Sender<proto::RestartResult>)>>,
+    pending: Mutex<HashMap<u64, (HostId, oneshot::Sender<AgentReply>)>>,
 }
 
-/// Forgets a pending restart when its caller stops waiting, however that happens.
-struct PendingRestart<'a> {
+/// Forgets a pending command when its caller stops waiting, however that happens.
+struct PendingCommand<'a> {
     hub: &'a SessionHub,
     request_id: u64,
 }
 
-impl Drop for PendingRestart<'_> {
+impl Drop for PendingCommand<'_> {
     fn drop(&mut self) {
         self.hub
-            .pending_restarts
+            .pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.request_id);
@@ -481,6 +580,48 @@ impl SessionHub {
         tenant: &TenantId,
         wait: std::time::Duration,
     ) -> Result<proto::RestartResult, Status> {
+        let command = |request_id| {
+            proto::coordinator_message::Body::Restart(proto::RestartCommand {
+                tenant_id: tenant.to_string(),
+                request_id,
+            })
+        };
+        match self.ask(host, "restart", command, wait).await? {
+            AgentReply::Restart(result) => Ok(result),
+            other => Err(mismatched(host, "restart", &other)),
+        }
+    }
+
+    /// Asks `host`'s agent to run `action` on `tenant`'s volume and waits up to `wait`.
+    pub async fn volume(
+        &self,
+        host: &HostId,
+        tenant: &TenantId,
+        action: proto::VolumeAction,
+        wait: std::time::Duration,
+    ) -> Result<proto::VolumeResult, Status> {
+        let command = |request_id| {
+            proto::coordinator_message::Body::Volume(proto::VolumeCommand {
+                tenant_id: tenant.to_string(),
+                request_id,
+                action: action as i32,
+            })
+        };
+        match self.ask(host, "volume command", command, wait).await? {
+            AgentReply::Volume(result) => Ok(result),
+            other => Err(mismatched(host, "volume command", &other)),
+        }
+    }
+
+    /// Sends `host` the command `body` makes for a fresh request id and waits up to `wait` for
+    /// the answer with that id.
+    async fn ask(
+        &self,
+        host: &HostId,
+        what: &str,
+        body: impl FnOnce(u64) -> proto::coordinator_message::Body,
+        wait: std::time::Duration,
+    ) -> Result<AgentReply, Status> {
         let outbound = self
             .sessions
             .lock()
@@ -489,7 +630,7 @@ impl SessionHub {
             .map(|e| e.outbound.clone())
             .ok_or_else(|| {
                 Status::unavailable(format!(
-                    "host {:?} is not connected: the restart cannot be delivered",
+                    "host {:?} is not connected: the {what} cannot be delivered",
                     host.as_str()
                 ))
             })?;
@@ -499,58 +640,50 @@ impl SessionHub {
         let now = berth_shared::clock::Clock::now_unix_ms(&berth_shared::clock::SystemClock);
         let request_id = ((now as u64) << 20) | sequence;
         let (tx, rx) = oneshot::channel();
-        self.pending_restarts
+        self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(request_id, (host.clone(), tx));
-        let _pending = PendingRestart {
+        let _pending = PendingCommand {
             hub: self,
             request_id,
         };
         let command = proto::CoordinatorMessage {
-            body: Some(proto::coordinator_message::Body::Restart(
-                proto::RestartCommand {
-                    tenant_id: tenant.to_string(),
-                    request_id,
-                },
-            )),
+            body: Some(body(request_id)),
         };
         outbound.send(Ok(command)).await.map_err(|_| {
             Status::unavailable(format!("host {:?}: session closed", host.as_str()))
         })?;
         match tokio::time::timeout(wait, rx).await {
-            Ok(Ok(result)) => Ok(result),
+            Ok(Ok(reply)) => Ok(reply),
             Ok(Err(_)) => Err(Status::unavailable(format!(
-                "host {:?}: the restart result was lost",
+                "host {:?}: the {what} result was lost",
                 host.as_str()
             ))),
             Err(_) => Err(Status::deadline_exceeded(format!(
-                "host {:?} did not answer within {wait:?}; the restart may still finish: see berthctl tenants",
+                "host {:?} did not answer within {wait:?}; the {what} may still finish: see berthctl tenants",
                 host.as_str()
             ))),
         }
     }
 
-    /// Hands a restart result to its waiting caller; a result for another host's request, or
-    /// for one nobody waits for any more, is dropped (and `false` returned).
-    pub fn complete_restart(&self, host: &HostId, result: proto::RestartResult) -> bool {
-        let mut pending = self
-            .pending_restarts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        match pending.get(&result.request_id) {
+    /// Hands an agent's answer to its waiting caller; an answer to another host's request, or
+    /// to one nobody waits for any more, is dropped (and `false` returned).
+    pub fn complete(&self, host: &HostId, reply: AgentReply) -> bool {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let request_id = reply.request_id();
+        match pending.get(&request_id) {
             Some((asked, _)) if asked == host => {
                 let (_, tx) = pending
-                    .remove(&result.request_id)
+                    .remove(&request_id)
                     .unwrap_or_else(|| unreachable!());
-                tx.send(result).is_ok()
+                tx.send(reply).is_ok()
             }
             _ => false,
         }
     }
 
-    #[cfg(test)]
-    fn is_connected(&self, host: &HostId) -> bool {
+    pub fn is_connected(&self, host: &HostId) -> bool {
         self.sessions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -558,6 +691,14 @@ impl SessionHub {
     }
 }
 
+/// An agent answered a command with the result of another kind.
+fn mismatched(host: &HostId, asked: &str, reply: &AgentReply) -> Status {
+    tracing::warn!(%host, asked, ?reply, "agent answered with the wrong kind of result");
+    Status::internal(format!(
+        "host {:?} answered the {asked} with another kind of result",
+        host.as_str()
+    ))
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -597,6 +738,147 @@ mod tests {
         assert_eq!(c.keys.get(&id("sealed")).unwrap().unwrap(), key);
     }
 
+    /// Plays a host's agent in a purge: acknowledges the removal, then answers the volume
+    /// command with `answer` (ok, error).
+    async fn answer_purge(
+        c: Arc<Coordinator>,
+        host: HostId,
+        mut rx: mpsc::Receiver<Result<proto::CoordinatorMessage, Status>>,
+        answer: (bool, &'static str),
+    ) -> proto::VolumeCommand {
+        let generation = c.placements.desired_state(&host).generation;
+        c.placements.record_ack(
+            &host,
+            proto::DesiredStateAck {
+                generation,
+                accepted: true,
+                error: String::new(),
+            },
+        );
+        let Some(proto::coordinator_message::Body::Volume(command)) =
+            rx.recv().await.unwrap().unwrap().body
+        else {
+            panic!("a volume command")
+        };
+        c.sessions.complete(
+            &host,
+            AgentReply::Volume(proto::VolumeResult {
+                tenant_id: command.tenant_id.clone(),
+                request_id: command.request_id,
+                ok: answer.0,
+                error: answer.1.into(),
+                erased: answer.0,
+                deleted: answer.0,
+            }),
+        );
+        command
+    }
+
+    #[tokio::test]
+    async fn a_purge_is_done_only_when_the_host_shredded_the_volume_and_the_key_is_gone() {
+        let c = crate::dashboard::seed::seeded(3, 0).unwrap();
+        let id = TenantId::new("sealed").unwrap();
+        let placed = c
+            .place(proto::TenantSpec {
+                tenant_id: "sealed".into(),
+                image: "ghcr.io/openclaw/gateway:1".into(),
+                tier: "business".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let host = HostId::new(&placed.host_id).unwrap();
+        // The host is not connected: removed, but not purged; the key and the volume's host stay.
+        let err = c.remove(&id, true).await.unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "tenant sealed is removed, but its volume on host {host} is not purged yet: the host is not connected; its key is kept: run `berthctl remove sealed --purge` again"
+            )
+        );
+        assert!(c.placements.tenant(&id).is_none());
+        assert!(c.keys.get(&id).unwrap().is_some());
+        assert_eq!(c.placements.retained(&id), Some(host.clone()));
+        // Connected, the agent refuses: still nothing destroyed.
+        let (tx, rx) = mpsc::channel(4);
+        c.sessions.register(&host, "s1", tx);
+        let agent = tokio::spawn(answer_purge(
+            c.clone(),
+            host.clone(),
+            rx,
+            (false, "volume: luksErase failed"),
+        ));
+        let err = c.remove(&id, true).await.unwrap_err().to_string();
+        assert!(
+            err.ends_with("is not purged yet: the agent: volume: luksErase failed; its key is kept: run `berthctl remove sealed --purge` again"),
+            "{err}"
+        );
+        let command = agent.await.unwrap();
+        assert_eq!(
+            (command.tenant_id.as_str(), command.action),
+            ("sealed", proto::VolumeAction::Purge as i32)
+        );
+        assert!(c.keys.get(&id).unwrap().is_some());
+        // The agent shreds it: purged, the key destroyed, the volume forgotten.
+        let (tx, rx) = mpsc::channel(4);
+        c.sessions.register(&host, "s2", tx);
+        let agent = tokio::spawn(answer_purge(c.clone(), host.clone(), rx, (true, "")));
+        let removed = c.remove(&id, true).await.unwrap();
+        agent.await.unwrap();
+        assert_eq!(
+            removed,
+            proto::RemoveTenantResponse {
+                tenant_id: "sealed".into(),
+                purged: true,
+                host_id: host.to_string(),
+                erased: true,
+                deleted: true,
+                key_destroyed: true,
+            }
+        );
+        assert!(c.keys.get(&id).unwrap().is_none());
+        assert_eq!(c.placements.retained(&id), None);
+        // Nothing left to purge or remove.
+        assert!(matches!(
+            c.remove(&id, true).await,
+            Err(PlaceError::UnknownTenant(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_placed_tenant_is_purged_only_after_its_host_acknowledged_the_removal() {
+        let c = crate::dashboard::seed::seeded(3, 0).unwrap();
+        let id = TenantId::new("open").unwrap();
+        let placed = c
+            .place(proto::TenantSpec {
+                tenant_id: "open".into(),
+                image: "ghcr.io/openclaw/gateway:1".into(),
+                tier: "business".into(),
+                volume: Some(proto::VolumeSpec {
+                    size_bytes: 0,
+                    encrypted: false,
+                    mount_path: String::new(),
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let host = HostId::new(&placed.host_id).unwrap();
+        let (tx, mut rx) = mpsc::channel(4);
+        c.sessions.register(&host, "s1", tx);
+        let removing = {
+            let (c, id) = (c.clone(), id.clone());
+            tokio::spawn(async move { c.remove(&id, true).await })
+        };
+        // No command while the removal is unacknowledged.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(rx.try_recv().is_err(), "nothing sent before the ack");
+        answer_purge(c.clone(), host.clone(), rx, (true, "")).await;
+        let removed = removing.await.unwrap().unwrap();
+        assert!(removed.purged && removed.deleted);
+        assert!(!removed.key_destroyed, "a plain volume has no key");
+    }
+
     #[tokio::test]
     async fn a_restart_goes_to_the_hosts_session_and_only_that_host_answers_it() {
         let hub = Arc::new(SessionHub::default());
@@ -634,19 +916,22 @@ mod tests {
             downtime_ms: 640,
         };
         assert!(
-            !hub.complete_restart(&b, result.clone()),
+            !hub.complete(&b, AgentReply::Restart(result.clone())),
             "another host cannot answer it"
         );
-        assert!(hub.complete_restart(&a, result.clone()));
+        assert!(hub.complete(&a, AgentReply::Restart(result.clone())));
         assert_eq!(waiting.await.unwrap().unwrap(), result);
-        assert!(!hub.complete_restart(&a, result), "answered once");
+        assert!(
+            !hub.complete(&a, AgentReply::Restart(result)),
+            "answered once"
+        );
         // Nobody answers: a deadline, and the request is forgotten.
         let err = hub
             .restart(&a, &tenant, std::time::Duration::from_millis(50))
             .await
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::DeadlineExceeded);
-        assert!(hub.pending_restarts.lock().unwrap().is_empty());
+        assert!(hub.pending.lock().unwrap().is_empty());
     }
 
     #[test]

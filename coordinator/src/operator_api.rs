@@ -37,7 +37,8 @@ pub fn place_status(e: PlaceError) -> Status {
         PlaceError::Conflict { .. } => Status::already_exists(message),
         PlaceError::NoFit(_) => Status::resource_exhausted(message),
         PlaceError::UnknownTenant(_) => Status::not_found(message),
-        PlaceError::NotBuilt { .. } => Status::unimplemented(message),
+        PlaceError::RetainedVolume { .. } => Status::failed_precondition(message),
+        PlaceError::PurgeIncomplete { .. } => Status::unavailable(message),
         PlaceError::Store(_) => Status::internal(message),
     }
 }
@@ -242,11 +243,8 @@ impl OperatorService for OperatorApi {
         self.coordinator
             .remove(&id, req.purge)
             .await
-            .map_err(place_status)?;
-        Ok(Response::new(proto::RemoveTenantResponse {
-            tenant_id: id.to_string(),
-            purged: false,
-        }))
+            .map(Response::new)
+            .map_err(place_status)
     }
 
     async fn get_tenant(

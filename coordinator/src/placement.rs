@@ -25,6 +25,8 @@ use crate::scheduler::{
 
 const TENANT_PREFIX: &str = "tenant/";
 const HOSTGEN_PREFIX: &str = "hostgen/";
+/// Where the volume of a removed (not purged) tenant stays: `retained/<tenant>` → host.
+const RETAINED_PREFIX: &str = "retained/";
 const CEILING_KEY: &str = "meta/generation-ceiling";
 /// Generations allocated per durable ceiling write.
 const GENERATION_BLOCK: u64 = 1 << 20;
@@ -78,10 +80,21 @@ pub enum PlaceError {
     NoFit(Box<Refusal>),
     #[error("unknown tenant {0:?}")]
     UnknownTenant(String),
-    #[error("{what} is not built yet: {missing}")]
-    NotBuilt {
-        what: &'static str,
-        missing: &'static str,
+    #[error(
+        "tenant {tenant} was removed with its volume kept on host {host}, which cannot take it back: {reason}; free that host or purge the volume (berthctl remove {tenant} --purge)"
+    )]
+    RetainedVolume {
+        tenant: String,
+        host: String,
+        reason: &'static str,
+    },
+    #[error(
+        "tenant {tenant} is removed, but its volume on host {host} is not purged yet: {reason}; its key is kept: run `berthctl remove {tenant} --purge` again"
+    )]
+    PurgeIncomplete {
+        tenant: String,
+        host: String,
+        reason: String,
     },
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -119,6 +132,8 @@ struct State {
     observed: HashMap<TenantId, proto::TenantStatus>,
     acks: HashMap<HostId, proto::DesiredStateAck>,
     tenants_per_host: HashMap<HostId, u32>,
+    /// Removed tenants whose volume is kept, and the host that keeps it.
+    retained: HashMap<TenantId, HostId>,
 }
 
 /// What one host holds: its tenants' caps (committed) and what they reported using.
@@ -280,6 +295,12 @@ impl Placements {
                 .or_default() += 1;
             state.tenants.insert(record.spec.tenant_id.clone(), record);
         }
+        for (key, bytes) in store.scan_prefix(RETAINED_PREFIX)? {
+            let host: HostId = decode(&key, &bytes)?;
+            if let Ok(tenant) = TenantId::new(&key[RETAINED_PREFIX.len()..]) {
+                state.retained.insert(tenant, host);
+            }
+        }
         for (key, bytes) in store.scan_prefix(HOSTGEN_PREFIX)? {
             let generation: u64 = decode(&key, &bytes)?;
             if let Ok(host) = HostId::new(&key[HOSTGEN_PREFIX.len()..]) {
@@ -363,16 +384,35 @@ impl Placements {
             constraints: &spec.constraints,
             strategy,
         };
-        let host = state.scheduler.choose(&request).map_err(|mut refusal| {
-            refusal.recommendation = explain::recommend(
-                &self.policy.catalog,
-                need,
-                RECOMMENDATION_RESERVE,
-                &spec.constraints,
-            );
-            PlaceError::NoFit(refusal)
-        })?;
-        let mut writes = Vec::with_capacity(3);
+        // A tenant removed with its volume kept comes back to the host that keeps it.
+        let retained = state.retained.get(&spec.tenant_id).cloned();
+        let host = match &retained {
+            Some(host) => state
+                .scheduler
+                .check(host, &request)
+                .map(|()| host.clone())
+                .map_err(|filter| PlaceError::RetainedVolume {
+                    tenant: spec.tenant_id.to_string(),
+                    host: host.to_string(),
+                    reason: filter.reason(),
+                })?,
+            None => state.scheduler.choose(&request).map_err(|mut refusal| {
+                refusal.recommendation = explain::recommend(
+                    &self.policy.catalog,
+                    need,
+                    RECOMMENDATION_RESERVE,
+                    &spec.constraints,
+                );
+                PlaceError::NoFit(refusal)
+            })?,
+        };
+        let mut writes = Vec::with_capacity(4);
+        if retained.is_some() {
+            writes.push(Write::Delete(format!(
+                "{RETAINED_PREFIX}{}",
+                spec.tenant_id
+            )));
+        }
         let generation = state.next_generation(&mut writes);
         let record = TenantRecord {
             spec,
@@ -381,7 +421,9 @@ impl Placements {
             placed_unix_ms: now_unix_ms,
         };
         let group = record.spec.constraints.anti_affinity_group.clone();
+        let tenant = record.spec.tenant_id.clone();
         let applied = self.record(&mut state, record, writes)?;
+        state.retained.remove(&tenant);
         state.scheduler.commit(&host, need, group.as_deref());
         *state.tenants_per_host.entry(host).or_default() += 1;
         Ok(applied)
@@ -482,14 +524,9 @@ impl Placements {
         Ok(())
     }
 
-    /// Removes a tenant: its host is told to stop it, its capacity is freed.
-    pub fn remove(&self, tenant_id: &TenantId, purge: bool) -> Result<Applied, PlaceError> {
-        if purge {
-            return Err(PlaceError::NotBuilt {
-                what: "remove --purge",
-                missing: "encrypted tenant volumes (crypto-shredding)",
-            });
-        }
+    /// Removes a tenant: its host is told to stop it, its capacity is freed; its volume stays
+    /// on that host (recorded, so a purge or a new placement finds it).
+    pub fn remove(&self, tenant_id: &TenantId) -> Result<Applied, PlaceError> {
         let mut state = self.lock();
         let record = state
             .tenants
@@ -503,7 +540,14 @@ impl Placements {
             format!("{HOSTGEN_PREFIX}{}", record.host_id),
             encode(&generation),
         ));
+        writes.push(Write::Put(
+            format!("{RETAINED_PREFIX}{tenant_id}"),
+            encode(&record.host_id),
+        ));
         self.store.apply(writes, Durability::Lazy)?;
+        state
+            .retained
+            .insert(tenant_id.clone(), record.host_id.clone());
         state.scheduler.release(
             &record.host_id,
             need(&record.spec),
@@ -531,6 +575,30 @@ impl Placements {
             delivered: false,
         };
         Ok(Applied { seq, placement })
+    }
+
+    /// The host that keeps a removed tenant's volume.
+    pub fn retained(&self, tenant_id: &TenantId) -> Option<HostId> {
+        self.lock().retained.get(tenant_id).cloned()
+    }
+
+    /// Forgets a removed tenant's volume (it was purged), durably.
+    pub fn forget_retained(&self, tenant_id: &TenantId) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        self.store.apply(
+            vec![Write::Delete(format!("{RETAINED_PREFIX}{tenant_id}"))],
+            Durability::Flushed,
+        )?;
+        state.retained.remove(tenant_id);
+        Ok(())
+    }
+
+    /// Whether `host` acknowledged a desired state of at least `generation`.
+    pub fn delivered(&self, host: &HostId, generation: u64) -> bool {
+        self.lock()
+            .acks
+            .get(host)
+            .is_some_and(|a| a.accepted && a.generation >= generation)
     }
 
     /// Blocks until change `seq` (and every change before it) is on disk, then tells the

@@ -18,7 +18,7 @@ use tonic::{Code, Status};
 
 use crate::core::Coordinator;
 use crate::operator_api::place_status;
-use crate::views::{HostView, PlacementView, RestartView, TenantView};
+use crate::views::{HostView, PlacementView, RemovalView, RestartView, TenantView};
 
 type Shared = State<Arc<Coordinator>>;
 
@@ -172,12 +172,10 @@ async fn remove(
     State(c): Shared,
     Path(id): Path<String>,
     Query(options): Query<RemoveOptions>,
-) -> ApiResult<serde_json::Value> {
+) -> ApiResult<RemovalView> {
     let id = tenant_id(&id)?;
-    c.remove(&id, options.purge).await.map_err(place_status)?;
-    Ok(Json(
-        serde_json::json!({ "tenant_id": id.as_str(), "purged": false }),
-    ))
+    let removed = c.remove(&id, options.purge).await.map_err(place_status)?;
+    Ok(Json(RemovalView::from(&removed)))
 }
 
 #[derive(Debug, Deserialize)]

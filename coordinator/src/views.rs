@@ -95,6 +95,57 @@ impl From<&proto::Placement> for PlacementView {
     }
 }
 
+/// The answer to a removal.
+#[derive(Debug, Serialize)]
+pub struct RemovalView {
+    pub tenant_id: String,
+    pub host_id: String,
+    pub purged: bool,
+    pub erased: bool,
+    pub deleted: bool,
+    pub key_destroyed: bool,
+}
+
+impl From<&proto::RemoveTenantResponse> for RemovalView {
+    fn from(r: &proto::RemoveTenantResponse) -> Self {
+        Self {
+            tenant_id: r.tenant_id.clone(),
+            host_id: r.host_id.clone(),
+            purged: r.purged,
+            erased: r.erased,
+            deleted: r.deleted,
+            key_destroyed: r.key_destroyed,
+        }
+    }
+}
+
+impl RemovalView {
+    /// One line for a person.
+    pub fn summary(&self) -> String {
+        if !self.purged {
+            return format!(
+                "removed {} from {} (its volume and key are kept: it can be placed again)",
+                self.tenant_id, self.host_id
+            );
+        }
+        let done = |yes: bool, what: &str| {
+            if yes {
+                what.to_string()
+            } else {
+                format!("no {what} found")
+            }
+        };
+        format!(
+            "removed and purged {} on {}: {}, {}, {}",
+            self.tenant_id,
+            self.host_id,
+            done(self.erased, "LUKS header erased"),
+            done(self.deleted, "backing store deleted"),
+            done(self.key_destroyed, "key destroyed"),
+        )
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct TenantView {
     pub tenant_id: String,

@@ -2,13 +2,13 @@
 //! change and every few seconds, independently of the coordinator session (an agent that loses
 //! its coordinator keeps enforcing the last desired state it applied).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use berth_shared::ids::{HostId, TenantId};
 use berth_shared::proto;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use crate::cgroup::CgroupReader;
 use crate::config::AgentConfig;
@@ -18,7 +18,7 @@ use crate::dns::UdpResolver;
 use crate::egress::NftEgress;
 use crate::facts::{ProbeRoots, probe_cgroup, probe_dm_crypt};
 use crate::nft::NftCommand;
-use crate::reconcile::{Reconciler, port_free_on_loopback};
+use crate::reconcile::{Reconciler, VolumeStep, port_free_on_loopback};
 use crate::restarts::{Driver, RestartSettings, Restarts, TcpProbe};
 use crate::runtime::DockerRuntime;
 use crate::volume::{HostVolumes, KeySource, SystemMounter};
@@ -36,7 +36,15 @@ pub struct Enforcement {
     pub restarts: Arc<Restarts>,
     /// The volume keys of this host's encrypted tenants: in memory only, never written.
     volume_keys: Mutex<HashMap<TenantId, VolumeKey>>,
+    /// Volume commands from the coordinator, run between two reconcile passes (so never
+    /// while a pass creates or tears down the same tenant), and their results.
+    volume_commands: Mutex<Vec<proto::VolumeCommand>>,
+    volume_results: Mutex<VecDeque<proto::VolumeResult>>,
+    volume_results_ready: Notify,
 }
+
+/// Results kept for a coordinator that is not listening (the oldest are dropped).
+const MAX_PENDING_VOLUME_RESULTS: usize = 64;
 
 impl Enforcement {
     pub fn new(store: DesiredStore, restarts: RestartSettings) -> Self {
@@ -47,7 +55,90 @@ impl Enforcement {
             changed: watch::Sender::new(generation),
             restarts: Arc::new(Restarts::new(restarts)),
             volume_keys: Mutex::new(HashMap::new()),
+            volume_commands: Mutex::new(Vec::new()),
+            volume_results: Mutex::new(VecDeque::new()),
+            volume_results_ready: Notify::new(),
         }
+    }
+
+    /// Queues a volume command for the enforcement loop (which it wakes); its result comes out
+    /// of [`Self::take_volume_results`].
+    pub fn request_volume(&self, command: proto::VolumeCommand) {
+        self.volume_commands
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(command);
+        self.changed.send_modify(|_| ());
+    }
+
+    /// Resolves when volume results are waiting.
+    pub async fn volume_results_ready(&self) {
+        self.volume_results_ready.notified().await
+    }
+
+    pub fn take_volume_results(&self) -> Vec<proto::VolumeResult> {
+        self.volume_results
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect()
+    }
+
+    /// Runs the queued volume commands against `volumes` and queues their results. A purge
+    /// is refused for a tenant the desired state still places here: it must be removed first.
+    async fn run_volume_commands(&self, volumes: &dyn VolumeStep) {
+        let commands: Vec<_> = std::mem::take(
+            &mut *self
+                .volume_commands
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        if commands.is_empty() {
+            return;
+        }
+        let desired = self.current();
+        for command in commands {
+            let mut result = proto::VolumeResult {
+                tenant_id: command.tenant_id.clone(),
+                request_id: command.request_id,
+                ..Default::default()
+            };
+            let outcome = match (
+                TenantId::new(&command.tenant_id),
+                proto::VolumeAction::try_from(command.action),
+            ) {
+                (Err(e), _) => Err(format!("tenant_id: {e}")),
+                (_, Ok(proto::VolumeAction::Unspecified) | Err(_)) => {
+                    Err(format!("action: unknown volume action {}", command.action))
+                }
+                (Ok(t), _) if desired.tenants.iter().any(|s| s.tenant_id == t) => Err(format!(
+                    "{t} is still placed on this host (generation {}): remove it first",
+                    desired.generation
+                )),
+                (Ok(t), Ok(proto::VolumeAction::Purge)) => volumes.purge(&t).await,
+            };
+            match outcome {
+                Ok(purged) => {
+                    tracing::info!(tenant = %result.tenant_id, erased = purged.erased, deleted = purged.deleted, "volume purged");
+                    result.ok = true;
+                    result.erased = purged.erased;
+                    result.deleted = purged.deleted;
+                }
+                Err(e) => {
+                    tracing::warn!(tenant = %result.tenant_id.chars().take(64).collect::<String>(), error = %e, "volume command failed");
+                    result.error = e;
+                }
+            }
+            let mut results = self
+                .volume_results
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if results.len() >= MAX_PENDING_VOLUME_RESULTS {
+                results.pop_front();
+            }
+            results.push_back(result);
+        }
+        self.volume_results_ready.notify_one();
     }
 
     /// Takes the volume keys the coordinator sent: only for tenants of the desired state, only
@@ -58,6 +149,8 @@ impl Enforcement {
         let mut held = HashMap::new();
         let mut refused = Vec::new();
         for (i, k) in keys.keys.into_iter().enumerate() {
+            // The message's copy is wiped however this entry ends.
+            let bytes = zeroize::Zeroizing::new(k.key);
             let tenant = match TenantId::new(&k.tenant_id) {
                 Ok(t) if desired.tenants.iter().any(|s| s.tenant_id == t) => t,
                 Ok(t) => {
@@ -69,7 +162,7 @@ impl Enforcement {
                     continue;
                 }
             };
-            match VolumeKey::from_bytes(&k.key) {
+            match VolumeKey::from_bytes(&bytes) {
                 Ok(key) => {
                     held.insert(tenant, key);
                 }
@@ -257,6 +350,9 @@ pub async fn run(enforcement: Arc<Enforcement>, config: AgentConfig, host: HostI
                 .lock()
                 .unwrap_or_else(|p| p.into_inner()) = statuses;
         }
+        // After the pass: a tenant just removed from the desired state has no container and
+        // no open volume any more. Volumes need no Docker engine.
+        enforcement.run_volume_commands(volumes.as_ref()).await;
         tokio::select! {
             _ = changed.changed() => {}
             () = tokio::time::sleep(RECONCILE_INTERVAL) => {}
@@ -270,8 +366,8 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn volume_keys_are_held_only_for_this_hosts_tenants_and_bad_ones_are_named() {
+    /// An enforcement whose desired state (generation 1) places only `acme`.
+    fn placing_acme() -> Enforcement {
         let mut store = DesiredStore::with_store(Box::new(MemStore::default())).unwrap();
         store
             .accept(proto::DesiredState {
@@ -288,7 +384,82 @@ mod tests {
                 }],
             })
             .unwrap();
-        let e = Enforcement::new(store, RestartSettings::default());
+        Enforcement::new(store, RestartSettings::default())
+    }
+
+    /// Records the purges it is asked for.
+    #[derive(Debug, Default)]
+    struct RecordingVolumes(Mutex<Vec<String>>);
+
+    #[tonic::async_trait]
+    impl VolumeStep for RecordingVolumes {
+        async fn prepare(
+            &self,
+            _: &berth_shared::spec::TenantSpec,
+        ) -> Result<std::path::PathBuf, crate::reconcile::Failure> {
+            unreachable!("volume commands never prepare")
+        }
+        async fn release(&self, _: &str) -> Result<(), String> {
+            unreachable!("volume commands never release")
+        }
+        async fn purge(&self, tenant: &TenantId) -> Result<crate::volume::Purged, String> {
+            self.0.lock().unwrap().push(tenant.to_string());
+            Ok(crate::volume::Purged {
+                erased: true,
+                deleted: true,
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_purge_runs_only_for_a_tenant_no_longer_placed_here_and_every_command_is_answered() {
+        let e = placing_acme();
+        let volumes = RecordingVolumes::default();
+        let command = |tenant: &str, request_id: u64, action: i32| proto::VolumeCommand {
+            tenant_id: tenant.into(),
+            request_id,
+            action,
+        };
+        let purge = proto::VolumeAction::Purge as i32;
+        e.request_volume(command("acme", 1, purge));
+        e.request_volume(command("gone", 2, purge));
+        e.request_volume(command("../etc", 3, purge));
+        e.request_volume(command("gone", 4, 99));
+        e.run_volume_commands(&volumes).await;
+        assert_eq!(
+            *volumes.0.lock().unwrap(),
+            ["gone"],
+            "only the removed tenant"
+        );
+        let results = e.take_volume_results();
+        let answers: Vec<(u64, bool, &str)> = results
+            .iter()
+            .map(|r| (r.request_id, r.ok, r.error.as_str()))
+            .collect();
+        assert_eq!(
+            answers,
+            [
+                (
+                    1,
+                    false,
+                    "acme is still placed on this host (generation 1): remove it first"
+                ),
+                (2, true, ""),
+                (
+                    3,
+                    false,
+                    "tenant_id: invalid tenant id \"../etc\": must start with a lowercase letter a-z"
+                ),
+                (4, false, "action: unknown volume action 99"),
+            ]
+        );
+        assert!(results[1].erased && results[1].deleted);
+        assert!(e.take_volume_results().is_empty(), "each result once");
+    }
+
+    #[test]
+    fn volume_keys_are_held_only_for_this_hosts_tenants_and_bad_ones_are_named() {
+        let e = placing_acme();
         let key = |tenant: &str, len: usize| proto::VolumeKey {
             tenant_id: tenant.into(),
             key: vec![9; len],

@@ -50,6 +50,8 @@ pub trait VolumeStep: Send + Sync + std::fmt::Debug {
     /// Makes the volume ready; returns the host directory to bind at the spec's mount path.
     async fn prepare(&self, spec: &TenantSpec) -> Result<std::path::PathBuf, Failure>;
     async fn release(&self, tenant: &str) -> Result<(), String>;
+    /// Crypto-shreds the volume of a tenant no longer desired here (its container gone).
+    async fn purge(&self, tenant: &TenantId) -> Result<crate::volume::Purged, String>;
 }
 
 /// Host ports the agent publishes gateways on (127.0.0.1 only).

@@ -268,6 +268,10 @@ async fn session_loop(
                     tracing::info!(tenant = %command.tenant_id.chars().take(64).collect::<String>(), request = command.request_id, "restart requested");
                     enforcement.restarts.request(&command.tenant_id, command.request_id);
                 }
+                Ok(Some(proto::CoordinatorMessage { body: Some(CoordinatorBody::Volume(command)) })) => {
+                    tracing::info!(tenant = %command.tenant_id.chars().take(64).collect::<String>(), request = command.request_id, action = command.action, "volume command");
+                    enforcement.request_volume(command);
+                }
                 Ok(Some(_)) => {}
                 Ok(None) => return SessionEnd::Lost("the coordinator closed the session".into()),
                 Err(status) => return SessionEnd::Lost(crate::identity::status_error(&status)),
@@ -275,6 +279,13 @@ async fn session_loop(
             () = enforcement.restarts.results_ready() => {
                 for result in enforcement.restarts.take_results() {
                     if tx.send(AgentMessage { body: Some(AgentBody::RestartResult(result)) }).await.is_err() {
+                        return SessionEnd::Lost("outbound stream closed".into());
+                    }
+                }
+            }
+            () = enforcement.volume_results_ready() => {
+                for result in enforcement.take_volume_results() {
+                    if tx.send(AgentMessage { body: Some(AgentBody::VolumeResult(result)) }).await.is_err() {
                         return SessionEnd::Lost("outbound stream closed".into());
                     }
                 }

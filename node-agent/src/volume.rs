@@ -271,17 +271,28 @@ impl Volumes<'_> {
     }
 
     /// Crypto-shreds: detach, erase every keyslot, then delete the backing file (a given
-    /// block device is erased, not deleted).
-    pub fn purge(&self, paths: &VolumePaths) -> Result<(), VolumeError> {
+    /// block device is erased, not deleted). Says what it found to erase and delete.
+    pub fn purge(&self, paths: &VolumePaths) -> Result<Purged, VolumeError> {
         self.detach(paths)?;
+        let mut purged = Purged::default();
         if paths.backing.exists() && self.crypt.is_luks(&paths.backing)? {
             self.crypt.erase(&paths.backing)?;
+            purged.erased = true;
         }
         if !paths.device && paths.backing.exists() {
             std::fs::remove_file(&paths.backing).map_err(|e| io(&paths.backing, e))?;
+            purged.deleted = true;
         }
-        Ok(())
+        Ok(purged)
     }
+}
+
+/// What a purge removed: keyslots erased, a backing file (or a plain directory) deleted. Both
+/// false when there was nothing left on the host.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Purged {
+    pub erased: bool,
+    pub deleted: bool,
 }
 
 /// Where the agent gets a tenant's volume key: the coordinator's last delivery, in memory.
@@ -336,22 +347,15 @@ impl VolumeStep for HostVolumes {
                 message: "waiting for its volume key from the coordinator".into(),
             });
         };
-        let paths = VolumePaths::file(&self.root, &tenant);
-        let (crypt, mounter) = (self.crypt.clone(), self.mounter.clone());
         let size = spec.resources.volume_bytes;
-        tokio::task::spawn_blocking(move || {
-            let volumes = Volumes {
-                crypt: crypt.as_ref(),
-                mounter: mounter.as_ref(),
-            };
-            if volumes.attach(&paths, size, &key)? == Attached::Created {
+        self.blocking(&tenant, move |volumes, paths| {
+            if volumes.attach(paths, size, &key)? == Attached::Created {
                 own_by_tenant(&paths.mount)?;
             }
-            Ok::<_, VolumeError>(paths.mount)
+            Ok(paths.mount.clone())
         })
         .await
-        .map_err(|e| format!("volume: {e}"))?
-        .map_err(|e| format!("volume: {e}").into())
+        .map_err(Failure::from)
     }
 
     async fn release(&self, tenant: &str) -> Result<(), String> {
@@ -359,14 +363,39 @@ impl VolumeStep for HostVolumes {
         let Ok(tenant) = TenantId::new(tenant) else {
             return Ok(());
         };
-        let paths = VolumePaths::file(&self.root, &tenant);
+        self.blocking(&tenant, |volumes, paths| volumes.detach(paths))
+            .await
+    }
+
+    async fn purge(&self, tenant: &TenantId) -> Result<Purged, String> {
+        let plain = self.root.join("plain").join(tenant.as_str());
+        let mut purged = self
+            .blocking(tenant, |volumes, paths| volumes.purge(paths))
+            .await?;
+        if plain.exists() {
+            std::fs::remove_dir_all(&plain).map_err(|e| format!("volume: {}", io(&plain, e)))?;
+            purged.deleted = true;
+        }
+        Ok(purged)
+    }
+}
+
+impl HostVolumes {
+    /// Runs `op` on the tenant's file-backed volume off the async runtime (cryptsetup and
+    /// mount block).
+    async fn blocking<T: Send + 'static>(
+        &self,
+        tenant: &TenantId,
+        op: impl FnOnce(&Volumes<'_>, &VolumePaths) -> Result<T, VolumeError> + Send + 'static,
+    ) -> Result<T, String> {
+        let paths = VolumePaths::file(&self.root, tenant);
         let (crypt, mounter) = (self.crypt.clone(), self.mounter.clone());
         tokio::task::spawn_blocking(move || {
-            Volumes {
+            let volumes = Volumes {
                 crypt: crypt.as_ref(),
                 mounter: mounter.as_ref(),
-            }
-            .detach(&paths)
+            };
+            op(&volumes, &paths)
         })
         .await
         .map_err(|e| format!("volume: {e}"))?

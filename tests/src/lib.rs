@@ -9,6 +9,7 @@ pub mod clients;
 pub mod debroot;
 pub mod docker;
 pub mod fleet;
+pub mod keyscan;
 pub mod netns;
 pub mod procs;
 pub mod vm;

@@ -262,3 +262,58 @@ fn a_host_runs_more_tenants_than_dockers_default_address_pools_hold() {
         "{subnets:?}"
     );
 }
+
+#[test]
+fn a_plain_remove_keeps_the_volume_for_a_return_and_a_purge_deletes_it_after_the_container() {
+    let Some(f) = fleet() else { return };
+    let tenant = unique("pg");
+    f.place(&tenant, "64MiB");
+    f.wait_running(&tenant, Duration::from_secs(5));
+    let name = format!("berth-{tenant}");
+    let volume_dir = |name: &str| -> std::path::PathBuf {
+        let c = inspect(name).expect("the container");
+        let bind = c["HostConfig"]["Binds"][0].as_str().unwrap().to_string();
+        bind.split(':').next().unwrap().into()
+    };
+    let dir = volume_dir(&name);
+    std::fs::write(dir.join("chat.log"), "customer data").unwrap();
+
+    // Removed without purge: the container goes, the volume stays, and comes back with it.
+    let (ok, out, err) = f.coordinator.berthctl(&["remove", &tenant]);
+    assert!(ok, "{err}");
+    assert!(out.contains("its volume and key are kept"), "{out}");
+    wait_for("container gone", Duration::from_secs(10), || {
+        inspect(&name).is_none().then_some(())
+    });
+    assert_eq!(
+        std::fs::read_to_string(dir.join("chat.log")).unwrap(),
+        "customer data"
+    );
+    f.place(&tenant, "64MiB");
+    f.wait_running(&tenant, Duration::from_secs(5));
+    assert_eq!(volume_dir(&name), dir);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("chat.log")).unwrap(),
+        "customer data"
+    );
+
+    // Purged: answered only once the agent removed the container and deleted the volume.
+    let (ok, out, err) = f
+        .coordinator
+        .berthctl(&["--json", "remove", &tenant, "--purge"]);
+    assert!(ok, "{err}");
+    let removed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(removed["purged"], true, "{removed}");
+    assert_eq!(removed["deleted"], true, "{removed}");
+    assert_eq!(removed["host_id"], f.agent.host_id.as_str(), "{removed}");
+    assert_eq!(removed["key_destroyed"], false, "a plain volume has no key");
+    assert!(inspect(&name).is_none(), "the container went first");
+    assert!(!dir.exists(), "the volume is deleted");
+    // Nothing is left to remove or purge.
+    let (ok, _, err) = f.coordinator.berthctl(&["remove", &tenant, "--purge"]);
+    assert!(!ok);
+    assert!(
+        err.contains(&format!("unknown tenant \"{tenant}\"")),
+        "{err}"
+    );
+}

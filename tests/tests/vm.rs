@@ -34,6 +34,11 @@ fn a_luks2_volume_cycle_in_a_real_kernel_leaves_no_plaintext_and_no_key_on_disk(
     eprintln!("VM run: {took:?}");
     assert!(console.contains("BERTH-VM-BOOTED"), "{console}");
     assert!(console.contains("VOLUME-OK"), "{console}");
+    let scan = console
+        .lines()
+        .find(|l| l.trim().starts_with("SCAN "))
+        .expect("the key scan's summary");
+    eprintln!("{}", scan.trim());
     assert!(took < Duration::from_secs(120), "{took:?}");
     let key_hex = console
         .lines()
@@ -54,4 +59,10 @@ fn a_luks2_volume_cycle_in_a_real_kernel_leaves_no_plaintext_and_no_key_on_disk(
         !raw.windows(key.len()).any(|w| w == key.as_slice()),
         "the key on the disk"
     );
+    // No log line shows it either (the KEY line is the test's own, printed for this check).
+    let leaked: Vec<&str> = console
+        .lines()
+        .filter(|l| !l.trim().starts_with("KEY ") && l.contains(key_hex))
+        .collect();
+    assert!(leaked.is_empty(), "the key in the console log: {leaked:?}");
 }

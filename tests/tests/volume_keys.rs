@@ -1,12 +1,13 @@
 //! Volume-key custody through the real coordinator: an encrypted tenant's key is made at
 //! placement, goes over the mTLS session to the one host the tenant is placed on (a host
 //! without dm-crypt never gets the tenant, nor any key), and is nowhere in the coordinator's
-//! state directory or log in plaintext.
+//! state directory or log in plaintext, nor in any process's argv or environment meanwhile.
 
 use std::time::Duration;
 
 use berth_shared::proto::{self, coordinator_message::Body};
 use berth_tests::clients::{agent_client, agent_identity, open_session, sample_facts};
+use berth_tests::keyscan::{ProcScan, files_holding, key_forms};
 use berth_tests::procs::{AgentProc, CoordinatorProc};
 
 fn hello(host: &str, dm_crypt: bool) -> proto::AgentMessage {
@@ -26,20 +27,6 @@ fn hello(host: &str, dm_crypt: bool) -> proto::AgentMessage {
             applied_generation: 0,
         })),
     }
-}
-
-/// Every file under `dir`, read whole.
-fn files(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            out.extend(files(&path));
-        } else if let Ok(bytes) = std::fs::read(&path) {
-            out.push((path, bytes));
-        }
-    }
-    out
 }
 
 /// Reads the session until a VolumeKeys message holding `tenant` arrives (or `within` passes).
@@ -83,6 +70,7 @@ async fn a_volume_key_reaches_only_the_host_its_tenant_is_placed_on() {
         "tenant_id = \"sealed\"\nimage = \"ghcr.io/openclaw/gateway:1\"\ntier = \"individual\"\n",
     )
     .unwrap();
+    let scan = ProcScan::start();
     let (ok, out, err) = coordinator.berthctl(&["--json", "place", spec.to_str().unwrap()]);
     assert!(ok, "{err}");
     let placed: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -106,16 +94,26 @@ async fn a_volume_key_reaches_only_the_host_its_tenant_is_placed_on() {
         "the other host never gets it"
     );
 
-    // Nowhere in plaintext: not in the store, the CA directory or the log.
-    for (path, bytes) in files(coordinator.dir.path()) {
-        assert!(
-            !bytes.windows(key.len()).any(|w| w == key.as_slice()),
-            "the key is in {} in plaintext",
-            path.display()
-        );
-    }
-    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-    assert!(!coordinator.log().contains(&hex));
+    // Nowhere in plaintext: not in the store, the CA directory or the log, not in any
+    // process's argv or environment while it was made, wrapped, unwrapped and sent.
+    let forms = key_forms(&key);
+    let seen = scan.finish();
+    assert!(
+        seen.count("berth-coordinat") > 0 && seen.count("berthctl") > 0,
+        "the scan watched the coordinator and berthctl ({} passes)",
+        seen.passes
+    );
+    assert_eq!(seen.holding(&forms), Vec::<String>::new());
+    assert_eq!(
+        files_holding(coordinator.dir.path(), &forms),
+        Vec::<std::path::PathBuf>::new()
+    );
+    let log = coordinator.log();
+    assert!(
+        forms
+            .iter()
+            .all(|f| !log.contains(&*String::from_utf8_lossy(f)))
+    );
     drop(crypt_session.outbound);
     drop(plain_session.outbound);
 }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use berth_coordinator::client::{ClientOptions, connect};
-use berth_coordinator::views::{HostView, PlacementView, RestartView, TenantView};
+use berth_coordinator::views::{HostView, PlacementView, RemovalView, RestartView, TenantView};
 use berth_shared::proto::{self, HostRef};
 use berth_shared::spec::{EgressFile, TenantSpecFile};
 use clap::{Parser, Subcommand};
@@ -242,13 +242,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 })
                 .await?
                 .into_inner();
+            let view = RemovalView::from(&removed);
             if cli.json {
-                berth_shared::outln!(
-                    "{}",
-                    serde_json::json!({ "tenant_id": removed.tenant_id, "purged": removed.purged })
-                );
+                berth_shared::outln!("{}", serde_json::to_string(&view)?);
             } else {
-                berth_shared::outln!("removed {}", removed.tenant_id);
+                berth_shared::outln!("{}", view.summary());
             }
         }
         Command::Egress {

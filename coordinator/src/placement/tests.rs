@@ -129,7 +129,7 @@ fn removal_frees_capacity_and_raises_the_generation() {
             .contains("cheapest host type that would take it: hetzner ccx33 in fsn1 (48.49/month)"),
         "{refusal}"
     );
-    let removed = p.remove(&TenantId::new("a").unwrap(), false).unwrap();
+    let removed = p.remove(&TenantId::new("a").unwrap()).unwrap();
     assert!(removed.placement.generation > a.placement.generation);
     p.make_durable(removed.seq).unwrap();
     let desired = p.desired_state(&HostId::new("h1").unwrap());
@@ -144,13 +144,40 @@ fn removal_frees_capacity_and_raises_the_generation() {
     );
     assert!(p.place(spec("c"), 1).is_ok(), "a's capacity is free again");
     assert!(matches!(
-        p.remove(&TenantId::new("zz").unwrap(), false),
+        p.remove(&TenantId::new("zz").unwrap()),
         Err(PlaceError::UnknownTenant(_))
     ));
-    assert!(matches!(
-        p.remove(&TenantId::new("b").unwrap(), true),
-        Err(PlaceError::NotBuilt { .. })
-    ));
+}
+
+#[test]
+fn a_removed_tenant_comes_back_to_the_host_that_keeps_its_volume_until_it_is_purged() {
+    let (p, store) = placements(&[host("h1", 2), host("h2", 8)]);
+    let id = TenantId::new("a").unwrap();
+    let h1 = HostId::new("h1").unwrap();
+    // Binpack puts the first tenant on the fullest host that fits: h1.
+    let placed = p.place(spec("a"), 1).unwrap();
+    assert_eq!(placed.placement.host_id, "h1");
+    p.remove(&id).unwrap();
+    assert_eq!(p.retained(&id), Some(h1.clone()));
+    // Reloaded from the store, the volume's host is still known.
+    let reloaded =
+        Placements::load(store.clone(), policy(), &[host("h1", 2), host("h2", 8)]).unwrap();
+    assert_eq!(reloaded.retained(&id), Some(h1.clone()));
+    // Back on h1, even with h1 filled meanwhile by a tenant that leaves exactly its room.
+    p.place(spec("b"), 1).unwrap();
+    assert_eq!(p.place(spec("a"), 2).unwrap().placement.host_id, "h1");
+    assert_eq!(p.retained(&id), None, "placed again: nothing retained");
+    p.remove(&id).unwrap();
+    // h1 full now: refused, naming the host and why, rather than placed on an empty volume.
+    p.place(spec("c"), 1).unwrap();
+    let err = p.place(spec("a"), 3).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "tenant a was removed with its volume kept on host h1, which cannot take it back: short of memory; free that host or purge the volume (berthctl remove a --purge)"
+    );
+    p.forget_retained(&id).unwrap();
+    assert_eq!(p.place(spec("a"), 4).unwrap().placement.host_id, "h2");
+    assert!(store.scan_prefix(RETAINED_PREFIX).unwrap().is_empty());
 }
 
 #[test]

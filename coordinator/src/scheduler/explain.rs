@@ -24,6 +24,23 @@ pub enum Filter {
     Disk,
 }
 
+impl Filter {
+    /// What the filter says of one host that it removes.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Filter::State => "not ready (cordoned, draining or down)",
+            Filter::Provider => "outside the allowed providers",
+            Filter::Region => "outside the allowed regions",
+            Filter::Labels => "without the required labels",
+            Filter::Capability => "without dm-crypt (the volume is encrypted)",
+            Filter::AntiAffinity => "already runs a tenant of the anti-affinity group",
+            Filter::Memory => "short of memory",
+            Filter::Cpu => "short of CPU",
+            Filter::Disk => "short of disk",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FilterCount {
     pub filter: Filter,

@@ -236,6 +236,13 @@ impl Scheduler {
         self.reindex(slot);
     }
 
+    /// Whether `req` fits on one given host; the first filter that removes it otherwise (an
+    /// unknown host is not ready).
+    pub fn check(&self, id: &HostId, req: &Request<'_>) -> Result<(), Filter> {
+        let slot = *self.index.get(id).ok_or(Filter::State)?;
+        self.reject(slot, req).map_or(Ok(()), Err)
+    }
+
     /// The first filter that removes `slot` for `req`, if any.
     fn reject(&self, slot: usize, req: &Request<'_>) -> Option<Filter> {
         let s = &self.slots[slot];

@@ -23,6 +23,13 @@ impl VolumeStep for RecordingSteps {
         self.0.record(format!("rm-volume {t}"));
         Ok(())
     }
+    async fn purge(&self, t: &TenantId) -> Result<crate::volume::Purged, String> {
+        self.0.record(format!("purge-volume {t}"));
+        Ok(crate::volume::Purged {
+            erased: true,
+            deleted: true,
+        })
+    }
 }
 
 /// Records applies that change something (a new tenant or subnet), releases and sweeps;

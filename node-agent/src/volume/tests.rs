@@ -91,6 +91,8 @@ impl Mounter for Fake {
     }
     fn mount(&self, device: &Path, target: &Path) -> Result<(), VolumeError> {
         self.log(format!("mount {} {}", name(device), name(target)));
+        // Like the system mounter, which makes the mount point.
+        std::fs::create_dir_all(target).unwrap();
         self.mounted.lock().unwrap().insert(target.to_path_buf());
         Ok(())
     }
@@ -235,4 +237,79 @@ fn a_failed_format_leaves_no_file_and_a_purge_erases_before_deleting() {
     assert!(!p.backing.exists(), "the ciphertext is gone too");
     // Again: nothing left to do, and no error.
     fake.volumes().purge(&p).unwrap();
+}
+
+/// Holds one key, for any tenant.
+#[derive(Debug)]
+struct OneKey;
+
+impl KeySource for OneKey {
+    fn volume_key(&self, _: &TenantId) -> Option<VolumeKey> {
+        Some(key())
+    }
+}
+
+fn host_volumes(root: &Path, fake: &Arc<Fake>) -> HostVolumes {
+    HostVolumes {
+        root: root.to_path_buf(),
+        crypt: fake.clone(),
+        mounter: fake.clone(),
+        keys: Arc::new(OneKey),
+        dm_crypt: true,
+    }
+}
+
+fn tenant_spec(id: &str, encrypted: bool) -> TenantSpec {
+    TenantSpec::from_resolved(proto::TenantSpec {
+        tenant_id: id.into(),
+        image: "ghcr.io/openclaw/gateway:1".into(),
+        resources: Some(proto::Resources {
+            memory_bytes: 128 << 20,
+            cpu_millicores: 100,
+            volume_bytes: 1 << 20,
+        }),
+        volume: Some(proto::VolumeSpec {
+            size_bytes: 1 << 20,
+            encrypted,
+            mount_path: String::new(),
+        }),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_host_purge_shreds_an_encrypted_volume_and_deletes_a_plain_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(Fake::with_free(1 << 30));
+    let host = host_volumes(dir.path(), &fake);
+    let sealed = TenantId::new("sealed").unwrap();
+    let mount = host.prepare(&tenant_spec("sealed", true)).await.unwrap();
+    assert_eq!(mount, dir.path().join("mnt/sealed"));
+    fake.calls();
+    assert_eq!(
+        host.purge(&sealed).await.unwrap(),
+        Purged {
+            erased: true,
+            deleted: true
+        }
+    );
+    assert_eq!(
+        fake.calls(),
+        ["umount sealed", "isLuks sealed.img", "erase sealed.img"]
+    );
+    assert!(!dir.path().join("volumes/sealed.img").exists());
+
+    let plain = host.prepare(&tenant_spec("open", false)).await.unwrap();
+    std::fs::write(plain.join("chat.log"), "hello").unwrap();
+    assert_eq!(
+        host.purge(&TenantId::new("open").unwrap()).await.unwrap(),
+        Purged {
+            erased: false,
+            deleted: true
+        }
+    );
+    assert!(!plain.exists());
+    // Nothing left: a second purge finds nothing and is no error.
+    assert_eq!(host.purge(&sealed).await.unwrap(), Purged::default());
 }

@@ -1,8 +1,10 @@
 //! berth-vm-volume: runs inside the test VM (a real kernel with device-mapper) the agent's own
 //! volume code on `/dev/vda` as a tenant's block device: attach (LUKS2 format, open, mkfs,
 //! mount), write, detach (unmount, close), a wrong key refused, reattach and read back, then
-//! purge (luksErase), after which the old key opens nothing. Prints `VOLUME-OK` (and the key,
-//! so the host can prove it is not on the disk), or `VOLUME-FAIL step: error`.
+//! purge (luksErase), after which the old key opens nothing. All the while it scans every
+//! process's argv and environment, and the files under /var/lib/berth, for the key. Prints
+//! `VOLUME-OK` (and the key, so the host can prove it is not on the disk), or
+//! `VOLUME-FAIL step: error`.
 
 use std::path::Path;
 use std::time::Duration;
@@ -10,6 +12,10 @@ use std::time::Duration;
 use berth_node_agent::cryptsetup::{Cryptsetup, CryptsetupCommand, KEY_BYTES, VolumeKey};
 use berth_node_agent::volume::{Attached, SystemMounter, VolumeError, VolumePaths, Volumes};
 use berth_shared::ids::TenantId;
+use berth_tests::keyscan::{ProcScan, files_holding, key_forms};
+
+/// The agent's volume root, as on a host.
+const ROOT: &str = "/var/lib/berth";
 
 /// What the tenant writes; the host looks for it in the raw disk image.
 const PLAINTEXT: &str = "berth-vm-plaintext-marker: customer chats live here";
@@ -34,9 +40,11 @@ fn run() -> Result<String, String> {
         mounter: &mounter,
     };
     let tenant = TenantId::new("vm-tenant").map_err(|e| e.to_string())?;
-    let paths = VolumePaths::block_device(Path::new("/run/berth"), &tenant, device);
+    let paths = VolumePaths::block_device(Path::new(ROOT), &tenant, device);
     let bytes: [u8; KEY_BYTES] = rand::random();
     let key = VolumeKey::from_bytes(&bytes).map_err(|e| e.to_string())?;
+    let forms = key_forms(&bytes);
+    let scan = ProcScan::start();
     let wrong =
         VolumeKey::from_bytes(&rand::random::<[u8; KEY_BYTES]>()).map_err(|e| e.to_string())?;
     let step = |name: &'static str| move |e: VolumeError| format!("{name}: {e}");
@@ -45,6 +53,11 @@ fn run() -> Result<String, String> {
     check("made on first use", first == Attached::Created)?;
     check("LUKS", crypt.is_luks(device).map_err(|e| e.to_string())?)?;
     std::fs::write(paths.mount.join("data"), PLAINTEXT).map_err(|e| format!("write: {e}"))?;
+    let files = files_holding(Path::new(ROOT), &forms);
+    check(
+        &format!("no file under {ROOT} holds the key while mounted: {files:?}"),
+        files.is_empty(),
+    )?;
     let again = volumes
         .attach(&paths, 0, &key)
         .map_err(step("attach again"))?;
@@ -78,6 +91,21 @@ fn run() -> Result<String, String> {
         "no attach after purge",
         volumes.attach(&paths, 0, &key).is_err(),
     )?;
+    let files = files_holding(Path::new(ROOT), &forms);
+    check(
+        &format!("no file under {ROOT} holds the key after: {files:?}"),
+        files.is_empty(),
+    )?;
+    let seen = scan.finish();
+    let holding = seen.holding(&forms);
+    check(
+        &format!("no process's argv or environment holds the key: {holding:?}"),
+        holding.is_empty(),
+    )?;
+    // The scan must have watched cryptsetup at work, or it proved nothing.
+    let cryptsetups = seen.count("cryptsetup");
+    println!("SCAN passes={} cryptsetup={cryptsetups}", seen.passes);
+    check("the scan saw cryptsetup run", cryptsetups > 0)?;
     // Only for the host to search the raw disk with: the key is never written anywhere.
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
