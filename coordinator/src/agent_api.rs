@@ -106,10 +106,43 @@ impl AgentApi {
 }
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<CoordinatorMessage, Status>> + Send>>;
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<proto::VolumeChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl AgentService for AgentApi {
     type SessionStream = SessionStream;
+    type ReceiveVolumeStream = ChunkStream;
+
+    async fn send_volume(
+        &self,
+        request: Request<Streaming<proto::VolumeChunk>>,
+    ) -> Result<Response<proto::VolumeSent>, Status> {
+        let auth = self.coordinator.authenticate_host(request.extensions())?;
+        let data_bytes = self
+            .coordinator
+            .transfers
+            .relay(&auth.host_id, request.into_inner())
+            .await
+            .inspect_err(|status| {
+                tracing::warn!(host = %auth.host_id, error = %status.message(), "volume stream refused or broken");
+            })?;
+        Ok(Response::new(proto::VolumeSent { data_bytes }))
+    }
+
+    async fn receive_volume(
+        &self,
+        request: Request<proto::ReceiveVolumeRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        let auth = self.coordinator.authenticate_host(request.extensions())?;
+        let receiver = self
+            .coordinator
+            .transfers
+            .take_receiver(&auth.host_id, request.get_ref().transfer_id)
+            .inspect_err(|status| {
+                tracing::warn!(host = %auth.host_id, error = %status.message(), "volume stream refused");
+            })?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
 
     async fn session(
         &self,

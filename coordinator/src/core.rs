@@ -42,6 +42,9 @@ pub struct Coordinator {
     pub metrics: crate::metrics::Metrics,
     /// The tenants' volume keys, wrapped.
     pub keys: KeyVault,
+    /// Volume copies under way between agents.
+    pub transfers: crate::transfer::Transfers,
+    pub drains: crate::drain::Drains,
 }
 
 /// What to revoke.
@@ -89,6 +92,7 @@ impl Coordinator {
             .iter()
             .filter_map(|h| host_info(h, h.state(now, config.down_after) == HostState::Ready))
             .collect();
+        let drains = crate::drain::Drains::load(store.clone())?;
         let placements = Placements::load(store, PlacementPolicy::from_config(&config), &hosts)?;
         Ok(Self {
             config,
@@ -100,6 +104,8 @@ impl Coordinator {
             agent_port,
             metrics: crate::metrics::Metrics::default(),
             keys,
+            transfers: Default::default(),
+            drains,
         })
     }
 
@@ -199,7 +205,7 @@ impl Coordinator {
                     ..Default::default()
                 });
             }
-            self.await_delivery(&host, applied.placement.generation)
+            self.await_delivery(&host, applied.placement.generation, PURGE_WAIT)
                 .await
                 .map_err(|reason| PlaceError::PurgeIncomplete {
                     tenant: tenant.to_string(),
@@ -215,17 +221,22 @@ impl Coordinator {
         self.purge(tenant, &host).await
     }
 
-    /// Waits until `host` acknowledged `generation` (so its agent no longer runs a tenant that
-    /// generation removed).
-    async fn await_delivery(&self, host: &HostId, generation: u64) -> Result<(), String> {
-        let deadline = tokio::time::Instant::now() + PURGE_WAIT;
+    /// Waits up to `wait` until `host` acknowledged `generation` (so its agent no longer runs
+    /// a tenant that generation removed).
+    pub(crate) async fn await_delivery(
+        &self,
+        host: &HostId,
+        generation: u64,
+        wait: std::time::Duration,
+    ) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + wait;
         while !self.placements.delivered(host, generation) {
             if !self.sessions.is_connected(host) {
                 return Err("the host is not connected".into());
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(format!(
-                    "the host did not acknowledge the removal (generation {generation}) within {PURGE_WAIT:?}"
+                    "the host did not acknowledge generation {generation} within {wait:?}"
                 ));
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -246,7 +257,7 @@ impl Coordinator {
         };
         let result = self
             .sessions
-            .volume(host, tenant, proto::VolumeAction::Purge, PURGE_WAIT)
+            .volume(host, tenant, proto::VolumeAction::Purge, 0, PURGE_WAIT)
             .await
             .map_err(|status| incomplete(status.message().to_string()))?;
         if !result.ok {
@@ -316,7 +327,7 @@ impl Coordinator {
         })
     }
 
-    async fn durable(self: &Arc<Self>, seq: u64) -> Result<(), PlaceError> {
+    pub(crate) async fn durable(self: &Arc<Self>, seq: u64) -> Result<(), PlaceError> {
         let me = self.clone();
         tokio::task::spawn_blocking(move || me.placements.make_durable(seq))
             .await
@@ -592,12 +603,14 @@ impl SessionHub {
         }
     }
 
-    /// Asks `host`'s agent to run `action` on `tenant`'s volume and waits up to `wait`.
+    /// Asks `host`'s agent to run `action` on `tenant`'s volume (for a transfer: as
+    /// `transfer_id`) and waits up to `wait`.
     pub async fn volume(
         &self,
         host: &HostId,
         tenant: &TenantId,
         action: proto::VolumeAction,
+        transfer_id: u64,
         wait: std::time::Duration,
     ) -> Result<proto::VolumeResult, Status> {
         let command = |request_id| {
@@ -605,6 +618,7 @@ impl SessionHub {
                 tenant_id: tenant.to_string(),
                 request_id,
                 action: action as i32,
+                transfer_id,
             })
         };
         match self.ask(host, "volume command", command, wait).await? {
@@ -769,6 +783,7 @@ mod tests {
                 error: answer.1.into(),
                 erased: answer.0,
                 deleted: answer.0,
+                ..Default::default()
             }),
         );
         command

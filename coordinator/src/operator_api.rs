@@ -11,6 +11,7 @@ use berth_shared::proto::{self, HostRef};
 use tonic::{Request, Response, Status};
 
 use crate::core::Coordinator;
+use crate::drain::DrainOptions;
 use crate::placement::PlaceError;
 use crate::registry::{CertRecord, RegistryError};
 
@@ -297,23 +298,37 @@ impl OperatorService for OperatorApi {
 
     async fn drain_host(
         &self,
-        _: Request<proto::DrainRequest>,
+        request: Request<proto::DrainRequest>,
     ) -> Result<Response<proto::DrainStatus>, Status> {
-        Err(not_built("DrainHost", "host drain"))
+        let options = DrainOptions::from_request(request.get_ref())?;
+        self.coordinator
+            .drain(options)
+            .await
+            .map(Response::new)
+            .map_err(|e| e.status())
     }
 
     async fn get_drain_status(
         &self,
-        _: Request<HostRef>,
+        request: Request<HostRef>,
     ) -> Result<Response<proto::DrainStatus>, Status> {
-        Err(not_built("GetDrainStatus", "host drain"))
+        let host = host_id("host_id", &request.get_ref().host_id)?;
+        self.coordinator
+            .drain_status(&host)
+            .map(Response::new)
+            .map_err(|e| e.status())
     }
 
     async fn abort_drain(
         &self,
-        _: Request<HostRef>,
+        request: Request<HostRef>,
     ) -> Result<Response<proto::DrainStatus>, Status> {
-        Err(not_built("AbortDrain", "host drain"))
+        let host = host_id("host_id", &request.get_ref().host_id)?;
+        self.coordinator
+            .abort_drain(&host)
+            .await
+            .map(Response::new)
+            .map_err(|e| e.status())
     }
 
     async fn get_capacity(

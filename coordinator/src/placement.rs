@@ -66,6 +66,10 @@ pub struct TenantRecord {
     pub host_id: HostId,
     pub generation: u64,
     pub placed_unix_ms: i64,
+    /// Assigned to `host_id` but not delivered to it yet: its volume is on the way there
+    /// (a drain), so no host runs it meanwhile.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub held: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +138,8 @@ struct State {
     tenants_per_host: HashMap<HostId, u32>,
     /// Removed tenants whose volume is kept, and the host that keeps it.
     retained: HashMap<TenantId, HostId>,
+    /// Capacity reserved on a target host for a drain's planned move, per tenant.
+    reserved: HashMap<TenantId, HostId>,
 }
 
 /// What one host holds: its tenants' caps (committed) and what they reported using.
@@ -214,7 +220,31 @@ fn differing_field(a: &TenantSpec, b: &TenantSpec) -> &'static str {
     }
 }
 
+/// One tenant's move in a drain plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedMove {
+    pub tenant: TenantId,
+    pub target: HostId,
+    pub memory_bytes: u64,
+    pub volume_bytes: u64,
+}
+
 impl State {
+    /// Commits a tenant's need on `target` as a drain's reservation.
+    fn reserve(&mut self, tenant: &TenantId, target: &HostId) {
+        if self.reserved.contains_key(tenant) {
+            return;
+        }
+        if let Some(record) = self.tenants.get(tenant).cloned() {
+            self.scheduler.commit(
+                target,
+                need(&record.spec),
+                record.spec.constraints.anti_affinity_group.as_deref(),
+            );
+            self.reserved.insert(tenant.clone(), target.clone());
+        }
+    }
+
     /// Allocates a generation; extends the durable ceiling (in the same batch) when needed.
     fn next_generation(&mut self, writes: &mut Vec<Write>) -> u64 {
         self.generation += 1;
@@ -285,10 +315,12 @@ impl Placements {
                 record.spec.constraints.anti_affinity_group.as_deref(),
             );
             let desired = state.durable.entry(record.host_id.clone()).or_default();
-            desired.tenants.insert(
-                record.spec.tenant_id.clone(),
-                Arc::new(record.spec.to_proto()),
-            );
+            if !record.held {
+                desired.tenants.insert(
+                    record.spec.tenant_id.clone(),
+                    Arc::new(record.spec.to_proto()),
+                );
+            }
             *state
                 .tenants_per_host
                 .entry(record.host_id.clone())
@@ -372,17 +404,11 @@ impl Placements {
             )
             .into());
         }
-        let strategy = spec
-            .tier
-            .as_ref()
-            .and_then(|t| self.policy.tier_strategy.get(t))
-            .copied()
-            .unwrap_or(self.policy.strategy);
         let request = Request {
             need,
             encrypted: spec.volume.encrypted,
             constraints: &spec.constraints,
-            strategy,
+            strategy: self.strategy_for(&spec),
         };
         // A tenant removed with its volume kept comes back to the host that keeps it.
         let retained = state.retained.get(&spec.tenant_id).cloned();
@@ -419,6 +445,7 @@ impl Placements {
             host_id: host.clone(),
             generation,
             placed_unix_ms: now_unix_ms,
+            held: false,
         };
         let group = record.spec.constraints.anti_affinity_group.clone();
         let tenant = record.spec.tenant_id.clone();
@@ -492,6 +519,14 @@ impl Placements {
             ..existing
         };
         self.record(&mut state, record, writes)
+    }
+
+    fn strategy_for(&self, spec: &TenantSpec) -> Strategy {
+        spec.tier
+            .as_ref()
+            .and_then(|t| self.policy.tier_strategy.get(t))
+            .copied()
+            .unwrap_or(self.policy.strategy)
     }
 
     /// Every region constraint must name (or, with `*`, match) a region that a host or the
@@ -575,6 +610,165 @@ impl Placements {
             delivered: false,
         };
         Ok(Applied { seq, placement })
+    }
+
+    // --- drains ---
+
+    /// Plans moving every tenant off `source` under all its constraints and the fleet's
+    /// capacity now, biggest first; with `reserve`, atomically reserves the targets' capacity
+    /// and takes `source` out of scheduling. Returns the moves, or one refusal per tenant that
+    /// cannot move (then nothing changed).
+    pub fn plan_drain(
+        &self,
+        source: &HostId,
+        reserve: bool,
+    ) -> Result<Vec<PlannedMove>, Vec<String>> {
+        let mut state = self.lock();
+        let mut scratch = state.scheduler.clone();
+        scratch.set_schedulable(source, false);
+        let mut tenants: Vec<&TenantRecord> = state
+            .tenants
+            .values()
+            .filter(|r| r.host_id == *source)
+            .collect();
+        tenants.sort_by(|a, b| {
+            let (na, nb) = (need(&a.spec), need(&b.spec));
+            (nb.mem, nb.cpu, &a.spec.tenant_id).cmp(&(na.mem, na.cpu, &b.spec.tenant_id))
+        });
+        let mut moves = Vec::new();
+        let mut refusals = Vec::new();
+        for record in tenants {
+            let spec = &record.spec;
+            let request = Request {
+                need: need(spec),
+                encrypted: spec.volume.encrypted,
+                constraints: &spec.constraints,
+                strategy: self.strategy_for(spec),
+            };
+            match scratch.choose(&request) {
+                Ok(target) => {
+                    scratch.commit(
+                        &target,
+                        request.need,
+                        spec.constraints.anti_affinity_group.as_deref(),
+                    );
+                    moves.push(PlannedMove {
+                        tenant: spec.tenant_id.clone(),
+                        target,
+                        memory_bytes: spec.resources.memory_bytes,
+                        volume_bytes: spec.resources.volume_bytes,
+                    });
+                }
+                Err(refusal) => refusals.push(format!("{}: {refusal}", spec.tenant_id)),
+            }
+        }
+        if !refusals.is_empty() {
+            return Err(refusals);
+        }
+        if reserve {
+            state.scheduler.set_schedulable(source, false);
+            for m in &moves {
+                state.reserve(&m.tenant, &m.target);
+            }
+        }
+        Ok(moves)
+    }
+
+    /// Reserves a planned move's target again (a coordinator restart resumes a drain).
+    pub fn reserve(&self, tenant: &TenantId, target: &HostId) {
+        self.lock().reserve(tenant, target);
+    }
+
+    /// Gives back the capacity reserved for a move that will not happen.
+    pub fn release_reservation(&self, tenant: &TenantId) {
+        let mut state = self.lock();
+        if let Some(target) = state.reserved.remove(tenant)
+            && let Some(record) = state.tenants.get(tenant).cloned()
+        {
+            state.scheduler.release(
+                &target,
+                need(&record.spec),
+                record.spec.constraints.anti_affinity_group.as_deref(),
+            );
+        }
+    }
+
+    /// Assigns a tenant to `host`, delivered there unless `held`, with a new generation (so
+    /// the host it leaves stops it and can never start the old copy again). The capacity
+    /// reserved for it on `host` becomes its placement.
+    pub fn relocate(
+        &self,
+        tenant_id: &TenantId,
+        host: &HostId,
+        held: bool,
+    ) -> Result<Applied, PlaceError> {
+        let mut state = self.lock();
+        let old = state
+            .tenants
+            .get(tenant_id)
+            .cloned()
+            .ok_or_else(|| PlaceError::UnknownTenant(tenant_id.to_string()))?;
+        let mut writes = Vec::with_capacity(4);
+        let generation = state.next_generation(&mut writes);
+        let record = TenantRecord {
+            host_id: host.clone(),
+            generation,
+            held,
+            ..old.clone()
+        };
+        writes.push(Write::Put(
+            format!("{TENANT_PREFIX}{tenant_id}"),
+            encode(&record),
+        ));
+        for h in [&old.host_id, host] {
+            writes.push(Write::Put(
+                format!("{HOSTGEN_PREFIX}{h}"),
+                encode(&generation),
+            ));
+        }
+        self.store.apply(writes, Durability::Lazy)?;
+        let group = old.spec.constraints.anti_affinity_group.as_deref();
+        if old.host_id != *host {
+            state
+                .scheduler
+                .release(&old.host_id, need(&old.spec), group);
+            if state.reserved.get(tenant_id) == Some(host) {
+                state.reserved.remove(tenant_id);
+            } else {
+                state.scheduler.commit(host, need(&old.spec), group);
+            }
+            if let Some(n) = state.tenants_per_host.get_mut(&old.host_id) {
+                *n = n.saturating_sub(1);
+            }
+            *state.tenants_per_host.entry(host.clone()).or_default() += 1;
+            state.observed.remove(tenant_id);
+        }
+        state.seq += 1;
+        let seq = state.seq;
+        if old.host_id != *host {
+            state.pending.push_back(Change {
+                seq,
+                host: old.host_id.clone(),
+                tenant: tenant_id.clone(),
+                generation,
+                spec: None,
+            });
+        }
+        state.pending.push_back(Change {
+            seq,
+            host: host.clone(),
+            tenant: tenant_id.clone(),
+            generation,
+            spec: (!held).then(|| Arc::new(record.spec.to_proto())),
+        });
+        let placement = state.placement(&record);
+        state.tenants.insert(tenant_id.clone(), record);
+        Ok(Applied { seq, placement })
+    }
+
+    /// A placed tenant's record.
+    pub fn tenant_record(&self, tenant_id: &TenantId) -> Option<TenantRecord> {
+        self.lock().tenants.get(tenant_id).cloned()
     }
 
     /// The host that keeps a removed tenant's volume.

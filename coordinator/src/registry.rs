@@ -464,6 +464,23 @@ impl Registry {
         })
     }
 
+    /// Starts (`true`) or ends a drain. A draining host takes no placements and cannot be
+    /// cordoned or uncordoned; after its drain it stays cordoned.
+    pub fn set_draining(
+        &self,
+        host_id: &HostId,
+        draining: bool,
+    ) -> Result<HostRecord, RegistryError> {
+        self.update_host(host_id, Durability::Flushed, |h| {
+            h.admin = if draining {
+                AdminState::Draining
+            } else {
+                AdminState::Cordoned
+            };
+            Ok(())
+        })
+    }
+
     /// Every record, for `berth-coordinator` debugging dumps and tests.
     pub fn counts(&self) -> Result<BTreeMap<&'static str, usize>, RegistryError> {
         let mut out = BTreeMap::new();

@@ -17,8 +17,9 @@ use serde::Deserialize;
 use tonic::{Code, Status};
 
 use crate::core::Coordinator;
+use crate::drain::DrainOptions;
 use crate::operator_api::place_status;
-use crate::views::{HostView, PlacementView, RemovalView, RestartView, TenantView};
+use crate::views::{DrainView, HostView, PlacementView, RemovalView, RestartView, TenantView};
 
 type Shared = State<Arc<Coordinator>>;
 
@@ -211,6 +212,56 @@ async fn restart(State(c): Shared, Path(id): Path<String>) -> ApiResult<RestartV
     Ok(Json(RestartView::from(&done)))
 }
 
+/// `POST /v1/hosts/{id}/drain` options (all optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DrainBody {
+    #[serde(default)]
+    dry_run: bool,
+    /// "30m", "1h30m".
+    deadline: Option<String>,
+    max_parallel: Option<u32>,
+    #[serde(default)]
+    force_lost: bool,
+}
+
+async fn drain(State(c): Shared, Path(id): Path<String>, body: Bytes) -> ApiResult<DrainView> {
+    let body: DrainBody = if body.is_empty() {
+        DrainBody::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| Status::invalid_argument(format!("drain body: {e}")))?
+    };
+    let deadline_ms = match &body.deadline {
+        None => 0,
+        Some(text) => humantime::parse_duration(text)
+            .map_err(|e| Status::invalid_argument(format!("deadline: {text:?}: {e}")))?
+            .as_millis() as u64,
+    };
+    let options = DrainOptions::from_request(&berth_shared::proto::DrainRequest {
+        host_id: id,
+        dry_run: body.dry_run,
+        deadline_ms,
+        max_parallel: body.max_parallel.unwrap_or(0),
+        force_lost: body.force_lost,
+    })?;
+    let status = c.drain(options).await.map_err(|e| e.status())?;
+    Ok(Json(DrainView::from(&status)))
+}
+
+async fn drain_status(State(c): Shared, Path(id): Path<String>) -> ApiResult<DrainView> {
+    let status = c.drain_status(&host_id(&id)?).map_err(|e| e.status())?;
+    Ok(Json(DrainView::from(&status)))
+}
+
+async fn drain_abort(State(c): Shared, Path(id): Path<String>) -> ApiResult<DrainView> {
+    let status = c
+        .abort_drain(&host_id(&id)?)
+        .await
+        .map_err(|e| e.status())?;
+    Ok(Json(DrainView::from(&status)))
+}
+
 /// The REST routes, behind operator authentication.
 pub fn router(coordinator: Arc<Coordinator>) -> axum::Router {
     axum::Router::new()
@@ -218,6 +269,8 @@ pub fn router(coordinator: Arc<Coordinator>) -> axum::Router {
         .route("/v1/hosts/{id}", get(get_host))
         .route("/v1/hosts/{id}/cordon", post(cordon))
         .route("/v1/hosts/{id}/uncordon", post(uncordon))
+        .route("/v1/hosts/{id}/drain", get(drain_status).post(drain))
+        .route("/v1/hosts/{id}/drain/abort", post(drain_abort))
         .route("/v1/tenants", get(list_tenants).post(place))
         .route("/v1/tenants/{id}", get(get_tenant).delete(remove))
         .route("/v1/tenants/{id}/egress", put(set_egress))

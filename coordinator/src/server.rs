@@ -73,6 +73,7 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
         master_key,
         endpoints.agent.port(),
     )?);
+    coordinator.resume_drains();
 
     let (ca, denied) = (&coordinator.ca, &coordinator.denied);
     let (chain, key) = ca.issue_server_cert(&config.server_names, SERVER_CERT_TTL)?;

@@ -198,6 +198,105 @@ impl From<&proto::RestartTenantResponse> for RestartView {
     }
 }
 
+/// A drain, as `berthctl drain-status --json` and the REST API show it.
+#[derive(Debug, Serialize)]
+pub struct DrainView {
+    pub host_id: String,
+    pub phase: String,
+    pub started: Option<String>,
+    pub deadline: Option<String>,
+    pub max_parallel: u32,
+    pub force_lost: bool,
+    pub moves: Vec<MoveView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MoveView {
+    pub tenant_id: String,
+    pub target_host_id: String,
+    pub phase: String,
+    pub bytes_copied: u64,
+    pub bytes_total: u64,
+    pub eta_ms: u64,
+    pub memory_bytes: u64,
+    pub error: String,
+}
+
+impl From<&proto::DrainStatus> for DrainView {
+    fn from(d: &proto::DrainStatus) -> Self {
+        Self {
+            host_id: d.host_id.clone(),
+            phase: d.phase.clone(),
+            started: rfc3339(d.started_unix_ms),
+            deadline: rfc3339(d.deadline_unix_ms),
+            max_parallel: d.max_parallel,
+            force_lost: d.force_lost,
+            moves: d
+                .moves
+                .iter()
+                .map(|m| MoveView {
+                    tenant_id: m.tenant_id.clone(),
+                    target_host_id: m.target_host_id.clone(),
+                    phase: m.phase.clone(),
+                    bytes_copied: m.bytes_copied,
+                    bytes_total: m.bytes_total,
+                    eta_ms: m.eta_ms,
+                    memory_bytes: m.memory_bytes,
+                    error: m.error.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl DrainView {
+    /// A table for a person.
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "drain of {}: {} ({} moves, {} at once{})\n",
+            self.host_id,
+            self.phase,
+            self.moves.len(),
+            self.max_parallel,
+            self.deadline
+                .as_deref()
+                .map(|d| format!(", deadline {d}"))
+                .unwrap_or_default()
+        );
+        out.push_str(&format!(
+            "{:<24} {:<24} {:<14} {:>8} {:>19} {:>8}  {}\n",
+            "TENANT", "TARGET", "PHASE", "MEMORY", "COPIED", "ETA", "NOTE"
+        ));
+        for m in &self.moves {
+            let copied = if m.bytes_total > 0 || m.bytes_copied > 0 {
+                format!(
+                    "{}/{} MiB",
+                    m.bytes_copied >> 20,
+                    m.bytes_total.div_ceil(1 << 20)
+                )
+            } else {
+                "-".into()
+            };
+            let eta = if m.eta_ms > 0 {
+                format!("{}s", m.eta_ms.div_ceil(1000))
+            } else {
+                "-".into()
+            };
+            out.push_str(&format!(
+                "{:<24} {:<24} {:<14} {:>5}MiB {:>19} {:>8}  {}\n",
+                m.tenant_id,
+                m.target_host_id,
+                m.phase,
+                m.memory_bytes >> 20,
+                copied,
+                eta,
+                m.error
+            ));
+        }
+        out.trim_end().to_string()
+    }
+}
+
 /// Unix milliseconds as RFC 3339 (UTC); `None` for 0 (not known).
 pub fn rfc3339(unix_ms: i64) -> Option<String> {
     (unix_ms > 0)

@@ -21,7 +21,10 @@ use crate::nft::NftCommand;
 use crate::reconcile::{Reconciler, VolumeStep, port_free_on_loopback};
 use crate::restarts::{Driver, RestartSettings, Restarts, TcpProbe};
 use crate::runtime::DockerRuntime;
+use crate::transfer::{VolumeLocation, receive_volume, send_volume};
 use crate::volume::{HostVolumes, KeySource, SystemMounter};
+use berth_shared::proto::agent_service_client::AgentServiceClient;
+use std::path::Path;
 
 /// How often the host is re-checked without a change.
 pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(5);
@@ -41,6 +44,8 @@ pub struct Enforcement {
     volume_commands: Mutex<Vec<proto::VolumeCommand>>,
     volume_results: Mutex<VecDeque<proto::VolumeResult>>,
     volume_results_ready: Notify,
+    /// The channel of the current coordinator session, for volume transfers.
+    transfer_channel: Mutex<Option<tonic::transport::Channel>>,
 }
 
 /// Results kept for a coordinator that is not listening (the oldest are dropped).
@@ -58,7 +63,29 @@ impl Enforcement {
             volume_commands: Mutex::new(Vec::new()),
             volume_results: Mutex::new(VecDeque::new()),
             volume_results_ready: Notify::new(),
+            transfer_channel: Mutex::new(None),
         }
+    }
+
+    /// The session's channel (`None` once it is gone): volume transfers go over it.
+    pub fn set_transfer_channel(&self, channel: Option<tonic::transport::Channel>) {
+        *self
+            .transfer_channel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = channel;
+    }
+
+    fn push_volume_result(&self, result: proto::VolumeResult) {
+        let mut results = self
+            .volume_results
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if results.len() >= MAX_PENDING_VOLUME_RESULTS {
+            results.pop_front();
+        }
+        results.push_back(result);
+        drop(results);
+        self.volume_results_ready.notify_one();
     }
 
     /// Queues a volume command for the enforcement loop (which it wakes); its result comes out
@@ -84,9 +111,12 @@ impl Enforcement {
             .collect()
     }
 
-    /// Runs the queued volume commands against `volumes` and queues their results. A purge
-    /// is refused for a tenant the desired state still places here: it must be removed first.
-    async fn run_volume_commands(&self, volumes: &dyn VolumeStep) {
+    /// Runs the queued volume commands against `volumes` (under `root`) and queues their
+    /// results. Every command is refused for a tenant the desired state places here: a purge
+    /// or an export only once its container is gone (this runs right after a reconcile pass),
+    /// an import only before it may start. A transfer runs on its own task, so reconciling
+    /// the other tenants goes on meanwhile.
+    async fn run_volume_commands(self: &Arc<Self>, volumes: &dyn VolumeStep, root: &Path) {
         let commands: Vec<_> = std::mem::take(
             &mut *self
                 .volume_commands
@@ -116,6 +146,20 @@ impl Enforcement {
                     desired.generation
                 )),
                 (Ok(t), Ok(proto::VolumeAction::Purge)) => volumes.purge(&t).await,
+                (
+                    Ok(t),
+                    Ok(action @ (proto::VolumeAction::Export | proto::VolumeAction::Import)),
+                ) => {
+                    let at = VolumeLocation {
+                        root: root.to_path_buf(),
+                        tenant: t,
+                    };
+                    tokio::spawn(
+                        self.clone()
+                            .transfer(action, at, command.transfer_id, result),
+                    );
+                    continue;
+                }
             };
             match outcome {
                 Ok(purged) => {
@@ -129,16 +173,47 @@ impl Enforcement {
                     result.error = e;
                 }
             }
-            let mut results = self
-                .volume_results
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if results.len() >= MAX_PENDING_VOLUME_RESULTS {
-                results.pop_front();
-            }
-            results.push_back(result);
+            self.push_volume_result(result);
         }
-        self.volume_results_ready.notify_one();
+    }
+
+    /// Sends or receives a tenant's volume through the coordinator, then queues the result.
+    async fn transfer(
+        self: Arc<Self>,
+        action: proto::VolumeAction,
+        at: VolumeLocation,
+        transfer_id: u64,
+        mut result: proto::VolumeResult,
+    ) {
+        let channel = self
+            .transfer_channel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let began = std::time::Instant::now();
+        let outcome = match channel {
+            None => Err("not connected to the coordinator".to_string()),
+            Some(channel) => {
+                let client = AgentServiceClient::new(channel);
+                match action {
+                    proto::VolumeAction::Export => send_volume(client, at, transfer_id).await,
+                    _ => receive_volume(client, at, transfer_id).await,
+                }
+            }
+        };
+        match outcome {
+            Ok((bytes, sha256)) => {
+                tracing::info!(tenant = %result.tenant_id, ?action, bytes, ms = began.elapsed().as_millis() as u64, "volume transferred");
+                result.ok = true;
+                result.data_bytes = bytes;
+                result.sha256 = sha256;
+            }
+            Err(e) => {
+                tracing::warn!(tenant = %result.tenant_id, ?action, error = %e, "volume transfer failed");
+                result.error = e;
+            }
+        }
+        self.push_volume_result(result);
     }
 
     /// Takes the volume keys the coordinator sent: only for tenants of the desired state, only
@@ -352,7 +427,9 @@ pub async fn run(enforcement: Arc<Enforcement>, config: AgentConfig, host: HostI
         }
         // After the pass: a tenant just removed from the desired state has no container and
         // no open volume any more. Volumes need no Docker engine.
-        enforcement.run_volume_commands(volumes.as_ref()).await;
+        enforcement
+            .run_volume_commands(volumes.as_ref(), &config.volume_root)
+            .await;
         tokio::select! {
             _ = changed.changed() => {}
             () = tokio::time::sleep(RECONCILE_INTERVAL) => {}
@@ -419,13 +496,26 @@ mod tests {
             tenant_id: tenant.into(),
             request_id,
             action,
+            transfer_id: 9,
         };
         let purge = proto::VolumeAction::Purge as i32;
         e.request_volume(command("acme", 1, purge));
         e.request_volume(command("gone", 2, purge));
         e.request_volume(command("../etc", 3, purge));
         e.request_volume(command("gone", 4, 99));
-        e.run_volume_commands(&volumes).await;
+        // A transfer needs the session: without one it fails, and says so.
+        e.request_volume(command("gone", 5, proto::VolumeAction::Export as i32));
+        e.request_volume(command("acme", 6, proto::VolumeAction::Import as i32));
+        let e = Arc::new(e);
+        e.run_volume_commands(&volumes, Path::new("/nonexistent"))
+            .await;
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while e.volume_results.lock().unwrap().len() < 6 {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("every command answered");
         assert_eq!(
             *volumes.0.lock().unwrap(),
             ["gone"],
@@ -451,6 +541,12 @@ mod tests {
                     "tenant_id: invalid tenant id \"../etc\": must start with a lowercase letter a-z"
                 ),
                 (4, false, "action: unknown volume action 99"),
+                (
+                    6,
+                    false,
+                    "acme is still placed on this host (generation 1): remove it first"
+                ),
+                (5, false, "not connected to the coordinator"),
             ]
         );
         assert!(results[1].erased && results[1].deleted);

@@ -28,4 +28,5 @@ pub mod runtime;
 pub mod schedule;
 pub mod session;
 pub mod subnets;
+pub mod transfer;
 pub mod volume;

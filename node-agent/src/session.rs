@@ -160,6 +160,7 @@ async fn run_session(
 ) -> SessionEnd {
     let end = session_loop(config, identity, meter, enforcement, telemetry, backoff).await;
     telemetry.connected.store(false, Ordering::Relaxed);
+    enforcement.set_transfer_channel(None);
     end
 }
 
@@ -206,6 +207,7 @@ async fn session_loop(
     };
     backoff.reset();
     telemetry.connected.store(true, Ordering::Relaxed);
+    enforcement.set_transfer_channel(Some(channel.clone()));
     tracing::info!(host = %host_id, interval_ms = interval.as_millis() as u64, "session accepted");
 
     let renew_in = Duration::from_millis(

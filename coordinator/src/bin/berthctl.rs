@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 
 use berth_coordinator::client::{ClientOptions, connect};
-use berth_coordinator::views::{HostView, PlacementView, RemovalView, RestartView, TenantView};
+use berth_coordinator::views::{
+    DrainView, HostView, PlacementView, RemovalView, RestartView, TenantView,
+};
 use berth_shared::proto::{self, HostRef};
 use berth_shared::spec::{EgressFile, TenantSpecFile};
 use clap::{Parser, Subcommand};
@@ -64,6 +66,29 @@ enum Command {
     },
     /// Restart a tenant's container now; waits until it is healthy again.
     Restart { tenant: String },
+    /// Move every tenant off a host (cordoned first), with its volume; or, with --dry-run,
+    /// only show the plan (or why it cannot be done).
+    Drain {
+        host: String,
+        #[arg(long)]
+        dry_run: bool,
+        /// Stop starting moves after this long, and roll back unfinished ones.
+        #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+        deadline: std::time::Duration,
+        /// Tenants moved at once.
+        #[arg(long, default_value_t = 2)]
+        max_parallel: u32,
+        /// The host is lost: start its tenants elsewhere with empty volumes.
+        #[arg(long)]
+        force_lost: bool,
+        /// Wait until the drain ends, printing its progress.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// A host's drain: each tenant's target, phase, bytes copied and ETA.
+    DrainStatus { host: String },
+    /// Stop a host's drain: moves under way roll back, the host stays cordoned.
+    DrainAbort { host: String },
     /// List tenants.
     Tenants {
         /// Only the tenants of this host.
@@ -103,6 +128,16 @@ fn read_spec(path: &std::path::Path) -> anyhow::Result<proto::TenantSpec> {
     };
     file.to_proto()
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+fn print_drain(json: bool, status: &proto::DrainStatus) -> anyhow::Result<()> {
+    let view = DrainView::from(status);
+    if json {
+        berth_shared::outln!("{}", serde_json::to_string_pretty(&view)?);
+    } else {
+        berth_shared::outln!("{}", view.table());
+    }
+    Ok(())
 }
 
 fn print_tenants(tenants: &[TenantView]) {
@@ -293,6 +328,55 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 berth_shared::outln!("denied packets: {}", view.egress_denied_packets);
             }
+        }
+        Command::Drain {
+            host,
+            dry_run,
+            deadline,
+            max_parallel,
+            force_lost,
+            wait,
+        } => {
+            let mut status = client
+                .drain_host(proto::DrainRequest {
+                    host_id: host.clone(),
+                    dry_run,
+                    deadline_ms: deadline.as_millis() as u64,
+                    max_parallel,
+                    force_lost,
+                })
+                .await?
+                .into_inner();
+            while wait && status.phase == "running" {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                status = client
+                    .get_drain_status(HostRef {
+                        host_id: host.clone(),
+                    })
+                    .await?
+                    .into_inner();
+                if !cli.json {
+                    berth_shared::outln!("{}\n", DrainView::from(&status).table());
+                }
+            }
+            print_drain(cli.json, &status)?;
+            if wait && status.phase != "done" {
+                anyhow::bail!("the drain of {host} ended {}", status.phase);
+            }
+        }
+        Command::DrainStatus { host } => {
+            let status = client
+                .get_drain_status(HostRef { host_id: host })
+                .await?
+                .into_inner();
+            print_drain(cli.json, &status)?;
+        }
+        Command::DrainAbort { host } => {
+            let status = client
+                .abort_drain(HostRef { host_id: host })
+                .await?
+                .into_inner();
+            print_drain(cli.json, &status)?;
         }
         Command::Restart { tenant } => {
             let done = client

@@ -1,4 +1,4 @@
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use berth_shared::model::Provider;
 use berth_shared::spec::{Resources, Tier};
@@ -378,4 +378,84 @@ fn an_allowlist_update_reaches_the_same_host_with_a_new_generation() {
         "unknown tenant \"nobody\""
     );
     assert_eq!(store.scan_prefix("").unwrap(), before);
+}
+
+/// Places `id` (1 GiB) on the one schedulable host among `hosts` by cordoning the others.
+fn place_on(p: &Placements, id: &str, host: &str, all: &[&str]) {
+    for h in all {
+        p.set_schedulable(&HostId::new(*h).unwrap(), *h == host);
+    }
+    let applied = p.place(spec(id), 1).unwrap();
+    assert_eq!(applied.placement.host_id, host);
+    p.make_durable(applied.seq).unwrap();
+    for h in all {
+        p.set_schedulable(&HostId::new(*h).unwrap(), true);
+    }
+}
+
+#[test]
+fn a_drain_plan_names_every_tenant_that_cannot_move_and_changes_nothing() {
+    let all = ["src", "big", "small"];
+    let (p, store) = placements(&[host("src", 8), host("big", 2), host("small", 1)]);
+    for t in ["a", "b", "c", "d"] {
+        place_on(&p, t, "src", &all);
+    }
+    let before = store.scan_prefix("").unwrap();
+    let refusals = p
+        .plan_drain(&HostId::new("src").unwrap(), true)
+        .unwrap_err();
+    // 3 GiB of room elsewhere for 4 GiB of tenants: the last one in the order cannot move.
+    assert_eq!(refusals.len(), 1, "{refusals:?}");
+    assert!(
+        refusals[0].starts_with("d: no host fits (3 considered)")
+            && refusals[0].contains("memory: 2 hosts short"),
+        "{refusals:?}"
+    );
+    assert_eq!(store.scan_prefix("").unwrap(), before, "nothing written");
+    // Nothing reserved: the smallest host's whole room is still free for binpack.
+    let e = p.place(spec("e"), 1).unwrap();
+    assert_eq!(e.placement.host_id, "small");
+    // And the source still takes tenants.
+    place_on(&p, "f", "src", &all);
+}
+
+#[test]
+fn a_drain_reserves_its_targets_and_a_move_fences_the_source_then_delivers_the_target() {
+    let all = ["src", "t1", "t2"];
+    let (p, _) = placements(&[host("src", 8), host("t1", 1), host("t2", 1)]);
+    place_on(&p, "a", "src", &all);
+    place_on(&p, "b", "src", &all);
+    let src = HostId::new("src").unwrap();
+    let plan = p.plan_drain(&src, true).unwrap();
+    let targets: BTreeSet<String> = plan.iter().map(|m| m.target.to_string()).collect();
+    assert_eq!(targets, BTreeSet::from(["t1".into(), "t2".into()]));
+    // The targets' room is reserved and the source takes nothing new: no host fits.
+    assert!(matches!(p.place(spec("x"), 1), Err(PlaceError::NoFit(_))));
+
+    let a = TenantId::new("a").unwrap();
+    let target = plan.iter().find(|m| m.tenant == a).unwrap().target.clone();
+    let before = p.tenant_record(&a).unwrap().generation;
+    // Held on the target: the source loses it at a higher generation, the target does not
+    // get it yet.
+    let held = p.relocate(&a, &target, true).unwrap();
+    p.make_durable(held.seq).unwrap();
+    assert!(held.placement.generation > before);
+    let names = |h: &HostId| -> Vec<String> {
+        p.desired_state(h)
+            .tenants
+            .iter()
+            .map(|t| t.tenant_id.clone())
+            .collect()
+    };
+    assert_eq!(names(&src), ["b"]);
+    assert!(p.desired_state(&src).generation >= held.placement.generation);
+    assert!(names(&target).is_empty());
+    // Released: delivered to the target.
+    let delivered = p.relocate(&a, &target, false).unwrap();
+    p.make_durable(delivered.seq).unwrap();
+    assert_eq!(names(&target), ["a"]);
+    // b's move is given up: its reservation is freed, a tenant fits there again.
+    let b = TenantId::new("b").unwrap();
+    p.release_reservation(&b);
+    p.place(spec("x"), 1).unwrap();
 }

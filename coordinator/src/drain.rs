@@ -1,0 +1,955 @@
+//! Draining a host: every tenant moved to another host with its volume, then the host left
+//! empty and cordoned.
+//!
+//! Ensures: nothing stops before a complete plan exists — every tenant with a target under
+//! all its constraints, that capacity reserved atomically — or else a refusal names each
+//! tenant that cannot move and why, and nothing changed; a tenant runs on at most one host at
+//! any moment (the source stops it and its agent confirms before the target gets it, and a
+//! rollback takes it from the target before the source gets it back); every step raises the
+//! placement generation, so a host that comes back never restarts an old copy; each move's
+//! phase is on disk before its step runs, so a coordinator killed mid-drain resumes each move
+//! where it was; a failure, an abort or the deadline before the target is healthy rolls the
+//! tenant back to the source; a lost host's tenants stay assigned to it (blocked) unless the
+//! operator accepts starting them elsewhere with empty volumes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use berth_shared::ids::{HostId, TenantId};
+use berth_shared::proto;
+use berth_shared::store::{Durability, Store, StoreError, Write, decode, encode};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tonic::Status;
+
+use crate::core::Coordinator;
+use crate::placement::PlaceError;
+use crate::transfer::Progress;
+
+const DRAIN_PREFIX: &str = "drain/";
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30 * 60);
+pub const DEFAULT_MAX_PARALLEL: u32 = 2;
+/// How long the source may take to confirm it stopped a tenant.
+const STOP_WAIT: Duration = Duration::from_secs(60);
+/// How long a moved tenant may take to run on its target.
+const START_WAIT: Duration = Duration::from_secs(120);
+/// How long a drain waits for its hosts' sessions before it starts (or resumes).
+const RECONNECT_WAIT: Duration = Duration::from_secs(30);
+/// How long the releasing host may take to shred its old copy.
+const RELEASE_WAIT: Duration = Duration::from_secs(60);
+
+/// Where a drain is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DrainPhase {
+    Running,
+    Done,
+    /// Ended with tenants that could not move (blocked on a lost host, or rolled back).
+    Incomplete,
+    Aborted,
+    StoppedAtDeadline,
+}
+
+impl DrainPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Done => "done",
+            Self::Incomplete => "incomplete",
+            Self::Aborted => "aborted",
+            Self::StoppedAtDeadline => "stopped_at_deadline",
+        }
+    }
+}
+
+/// Where one tenant's move is. The order of the first five is the order of the steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MovePhase {
+    /// Target chosen and its capacity reserved; nothing done yet.
+    Planned,
+    /// Assigned (held) to the target: the source is stopping it.
+    Stopping,
+    /// Its volume is streaming from the source to the target.
+    Copying,
+    /// Delivered to the target, which opens the volume and starts it.
+    Starting,
+    /// Running on the target; the source shreds its old copy.
+    Releasing,
+    Done,
+    /// Back on the source after a failure, an abort or the deadline.
+    RolledBack,
+    /// Not moved: its host is unreachable (see `--force-lost`).
+    Blocked,
+    /// Its host was lost: started on the target with an empty volume, as the operator asked.
+    StartedEmpty,
+    /// Not started before the drain was aborted or hit its deadline: still on the source.
+    NotMoved,
+}
+
+impl MovePhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Planned => "planned",
+            Self::Stopping => "stopping",
+            Self::Copying => "copying",
+            Self::Starting => "starting",
+            Self::Releasing => "releasing",
+            Self::Done => "done",
+            Self::RolledBack => "rolled_back",
+            Self::Blocked => "blocked",
+            Self::StartedEmpty => "started_empty",
+            Self::NotMoved => "not_moved",
+        }
+    }
+
+    fn finished(self) -> bool {
+        matches!(
+            self,
+            Self::Done | Self::RolledBack | Self::Blocked | Self::StartedEmpty | Self::NotMoved
+        )
+    }
+
+    /// Between the source stopping it and the target running it.
+    fn in_flight(self) -> bool {
+        matches!(
+            self,
+            Self::Stopping | Self::Copying | Self::Starting | Self::Releasing
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveRecord {
+    pub tenant: TenantId,
+    pub target: HostId,
+    pub memory_bytes: u64,
+    pub phase: MovePhase,
+    #[serde(default)]
+    pub error: String,
+    #[serde(default)]
+    pub bytes_total: u64,
+    #[serde(default)]
+    pub bytes_copied: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainRecord {
+    pub host: HostId,
+    pub phase: DrainPhase,
+    pub started_unix_ms: i64,
+    pub deadline_unix_ms: i64,
+    pub max_parallel: u32,
+    pub force_lost: bool,
+    pub moves: Vec<MoveRecord>,
+}
+
+/// What the operator asked for.
+#[derive(Debug, Clone)]
+pub struct DrainOptions {
+    pub host: HostId,
+    pub dry_run: bool,
+    pub deadline: Duration,
+    pub max_parallel: u32,
+    pub force_lost: bool,
+}
+
+impl DrainOptions {
+    /// From the API request, with defaults for zeros; the host id is validated.
+    pub fn from_request(r: &proto::DrainRequest) -> Result<Self, Status> {
+        let host = HostId::new(&r.host_id)
+            .map_err(|e| Status::invalid_argument(format!("host_id: {e}")))?;
+        if r.max_parallel > 64 {
+            return Err(Status::invalid_argument(format!(
+                "max_parallel: {} is more than 64",
+                r.max_parallel
+            )));
+        }
+        if r.deadline_ms > 0 && r.deadline_ms < 10_000 {
+            return Err(Status::invalid_argument(format!(
+                "deadline_ms: {} ms is less than 10 s",
+                r.deadline_ms
+            )));
+        }
+        Ok(Self {
+            host,
+            dry_run: r.dry_run,
+            deadline: match r.deadline_ms {
+                0 => DEFAULT_DEADLINE,
+                ms => Duration::from_millis(ms),
+            },
+            max_parallel: match r.max_parallel {
+                0 => DEFAULT_MAX_PARALLEL,
+                n => n,
+            },
+            force_lost: r.force_lost,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DrainError {
+    #[error("unknown host {0:?}")]
+    UnknownHost(String),
+    #[error("host {0} is already draining: see `berthctl drain-status {0}`")]
+    AlreadyDraining(String),
+    #[error("no drain of host {0}")]
+    NoDrain(String),
+    #[error(
+        "cannot drain {host}: {count} of its tenants cannot move; nothing was changed:\n  {list}",
+        count = .refusals.len(),
+        list = .refusals.join("\n  ")
+    )]
+    Refused { host: String, refusals: Vec<String> },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
+}
+
+impl DrainError {
+    pub fn status(&self) -> Status {
+        let message = self.to_string();
+        match self {
+            Self::UnknownHost(_) | Self::NoDrain(_) => Status::not_found(message),
+            Self::AlreadyDraining(_) => Status::already_exists(message),
+            Self::Refused { .. } => Status::failed_precondition(message),
+            Self::Store(_) | Self::Registry(_) => Status::internal(message),
+        }
+    }
+}
+
+/// The drains: their records (durable) and, for running ones, the abort switch and live copy
+/// progress.
+#[derive(Debug)]
+pub struct Drains {
+    store: Arc<dyn Store>,
+    records: Mutex<BTreeMap<HostId, DrainRecord>>,
+    cancel: Mutex<BTreeMap<HostId, watch::Sender<Option<DrainPhase>>>>,
+    progress: Mutex<BTreeMap<TenantId, Arc<Progress>>>,
+    finished: Mutex<BTreeMap<HostId, watch::Sender<bool>>>,
+}
+
+impl Drains {
+    pub fn load(store: Arc<dyn Store>) -> Result<Self, StoreError> {
+        let mut records = BTreeMap::new();
+        for (key, bytes) in store.scan_prefix(DRAIN_PREFIX)? {
+            let record: DrainRecord = decode(&key, &bytes)?;
+            records.insert(record.host.clone(), record);
+        }
+        Ok(Self {
+            store,
+            records: Mutex::new(records),
+            cancel: Mutex::default(),
+            progress: Mutex::default(),
+            finished: Mutex::default(),
+        })
+    }
+
+    fn records(&self) -> std::sync::MutexGuard<'_, BTreeMap<HostId, DrainRecord>> {
+        self.records.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn get(&self, host: &HostId) -> Option<DrainRecord> {
+        self.records().get(host).cloned()
+    }
+
+    pub fn running(&self) -> Vec<DrainRecord> {
+        self.records()
+            .values()
+            .filter(|r| r.phase == DrainPhase::Running)
+            .cloned()
+            .collect()
+    }
+
+    /// Changes a drain's record and writes it through before returning.
+    fn update(
+        &self,
+        host: &HostId,
+        change: impl FnOnce(&mut DrainRecord),
+    ) -> Result<DrainRecord, StoreError> {
+        let mut records = self.records();
+        let record = records
+            .get_mut(host)
+            .ok_or_else(|| StoreError::Io(format!("no drain record for {host}")))?;
+        change(record);
+        let record = record.clone();
+        self.store.apply(
+            vec![Write::Put(format!("{DRAIN_PREFIX}{host}"), encode(&record))],
+            Durability::Flushed,
+        )?;
+        Ok(record)
+    }
+
+    fn insert(&self, record: DrainRecord) -> Result<(), StoreError> {
+        self.store.apply(
+            vec![Write::Put(
+                format!("{DRAIN_PREFIX}{}", record.host),
+                encode(&record),
+            )],
+            Durability::Flushed,
+        )?;
+        self.records().insert(record.host.clone(), record);
+        Ok(())
+    }
+
+    fn set_move(
+        &self,
+        host: &HostId,
+        tenant: &TenantId,
+        change: impl FnOnce(&mut MoveRecord),
+    ) -> Result<(), StoreError> {
+        self.update(host, |r| {
+            if let Some(m) = r.moves.iter_mut().find(|m| m.tenant == *tenant) {
+                change(m);
+            }
+        })
+        .map(|_| ())
+    }
+
+    fn phase_of(&self, host: &HostId, tenant: &TenantId) -> Option<MovePhase> {
+        self.records()
+            .get(host)?
+            .moves
+            .iter()
+            .find(|m| m.tenant == *tenant)
+            .map(|m| m.phase)
+    }
+
+    /// The status of a drain, with the live progress of its copies.
+    pub fn status(&self, record: &DrainRecord) -> proto::DrainStatus {
+        let progress = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        proto::DrainStatus {
+            host_id: record.host.to_string(),
+            phase: record.phase.as_str().into(),
+            started_unix_ms: record.started_unix_ms,
+            deadline_unix_ms: record.deadline_unix_ms,
+            max_parallel: record.max_parallel,
+            force_lost: record.force_lost,
+            refusals: Vec::new(),
+            moves: record
+                .moves
+                .iter()
+                .map(|m| {
+                    let live = progress
+                        .get(&m.tenant)
+                        .filter(|_| m.phase == MovePhase::Copying);
+                    let load = |a: &std::sync::atomic::AtomicU64| {
+                        a.load(std::sync::atomic::Ordering::Relaxed)
+                    };
+                    proto::TenantMove {
+                        tenant_id: m.tenant.to_string(),
+                        target_host_id: m.target.to_string(),
+                        phase: m.phase.as_str().into(),
+                        bytes_copied: live.map_or(m.bytes_copied, |p| load(&p.copied)),
+                        bytes_total: live.map_or(m.bytes_total, |p| load(&p.total)),
+                        error: m.error.clone(),
+                        eta_ms: live.map_or(0, |p| p.eta_ms()),
+                        memory_bytes: m.memory_bytes,
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Resolves once the drain of `host` has no driver running (at once if none runs).
+    pub async fn wait_finished(&self, host: &HostId) {
+        let receiver = self
+            .finished
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(host)
+            .map(watch::Sender::subscribe);
+        if let Some(mut r) = receiver {
+            let _ = r.wait_for(|done| *done).await;
+        }
+    }
+}
+
+/// Why a move stopped before its target ran the tenant.
+#[derive(Debug)]
+enum MoveFailure {
+    /// Aborted or the deadline passed.
+    Stopped(DrainPhase),
+    Failed(String),
+}
+
+impl From<PlaceError> for MoveFailure {
+    fn from(e: PlaceError) -> Self {
+        Self::Failed(e.to_string())
+    }
+}
+
+impl From<StoreError> for MoveFailure {
+    fn from(e: StoreError) -> Self {
+        Self::Failed(e.to_string())
+    }
+}
+
+impl std::fmt::Display for MoveFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Stopped(DrainPhase::StoppedAtDeadline) => {
+                f.write_str("the drain's deadline passed")
+            }
+            Self::Stopped(_) => f.write_str("the drain was aborted"),
+            Self::Failed(why) => f.write_str(why),
+        }
+    }
+}
+
+/// Runs `work` unless the drain is told to stop first.
+async fn unless_stopped<T>(
+    stop: &mut watch::Receiver<Option<DrainPhase>>,
+    work: impl std::future::Future<Output = Result<T, MoveFailure>>,
+) -> Result<T, MoveFailure> {
+    if let Some(phase) = *stop.borrow() {
+        return Err(MoveFailure::Stopped(phase));
+    }
+    tokio::select! {
+        result = work => result,
+        phase = stop.wait_for(Option::is_some) => Err(MoveFailure::Stopped(
+            phase.ok().and_then(|p| *p).unwrap_or(DrainPhase::Aborted),
+        )),
+    }
+}
+
+impl Coordinator {
+    /// Starts draining a host (or, with `dry_run`, only plans it): see the module doc.
+    pub async fn drain(
+        self: &Arc<Self>,
+        options: DrainOptions,
+    ) -> Result<proto::DrainStatus, DrainError> {
+        let host = options.host.clone();
+        self.registry
+            .host(&host)?
+            .ok_or_else(|| DrainError::UnknownHost(host.to_string()))?;
+        if self
+            .drains
+            .get(&host)
+            .is_some_and(|d| d.phase == DrainPhase::Running)
+        {
+            return Err(DrainError::AlreadyDraining(host.to_string()));
+        }
+        let plan = self
+            .placements
+            .plan_drain(&host, !options.dry_run)
+            .map_err(|refusals| DrainError::Refused {
+                host: host.to_string(),
+                refusals,
+            })?;
+        let now = self.registry.now();
+        let drain = DrainRecord {
+            host: host.clone(),
+            phase: DrainPhase::Running,
+            started_unix_ms: now,
+            deadline_unix_ms: now + options.deadline.as_millis() as i64,
+            max_parallel: options.max_parallel,
+            force_lost: options.force_lost,
+            moves: plan
+                .into_iter()
+                .map(|m| MoveRecord {
+                    tenant: m.tenant,
+                    target: m.target,
+                    memory_bytes: m.memory_bytes,
+                    phase: MovePhase::Planned,
+                    error: String::new(),
+                    bytes_total: m.volume_bytes,
+                    bytes_copied: 0,
+                })
+                .collect(),
+        };
+        if options.dry_run {
+            let mut status = self.drains.status(&drain);
+            status.phase = "planned".into();
+            return Ok(status);
+        }
+        let cordoned = self.registry.set_draining(&host, true)?;
+        self.sync_host(&cordoned);
+        self.drains.insert(drain.clone())?;
+        tracing::info!(%host, moves = drain.moves.len(), max_parallel = drain.max_parallel, "drain started");
+        self.spawn_driver(&host);
+        Ok(self.drains.status(&drain))
+    }
+
+    /// The status of the last drain of `host`.
+    pub fn drain_status(&self, host: &HostId) -> Result<proto::DrainStatus, DrainError> {
+        self.drains
+            .get(host)
+            .map(|d| self.drains.status(&d))
+            .ok_or_else(|| DrainError::NoDrain(host.to_string()))
+    }
+
+    /// Aborts a running drain: moves not started stay, moves under way roll back unless
+    /// their tenant already runs on its target. Answers once the drain has stopped.
+    pub async fn abort_drain(&self, host: &HostId) -> Result<proto::DrainStatus, DrainError> {
+        let record = self
+            .drains
+            .get(host)
+            .ok_or_else(|| DrainError::NoDrain(host.to_string()))?;
+        if record.phase == DrainPhase::Running {
+            if let Some(stop) = self
+                .drains
+                .cancel
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(host)
+            {
+                stop.send_replace(Some(DrainPhase::Aborted));
+            }
+            tracing::warn!(%host, "drain abort requested");
+            self.drains.wait_finished(host).await;
+        }
+        self.drain_status(host)
+    }
+
+    /// Resumes the drains a stopped coordinator left running, where each move was.
+    pub fn resume_drains(self: &Arc<Self>) {
+        for drain in self.drains.running() {
+            for m in &drain.moves {
+                if m.phase == MovePhase::Planned {
+                    self.placements.reserve(&m.tenant, &m.target);
+                }
+            }
+            self.placements.set_schedulable(&drain.host, false);
+            tracing::info!(host = %drain.host, "resuming drain");
+            self.spawn_driver(&drain.host);
+        }
+    }
+
+    fn spawn_driver(self: &Arc<Self>, host: &HostId) {
+        let (stop, stopped) = watch::channel(None);
+        self.drains
+            .cancel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(host.clone(), stop);
+        self.drains
+            .finished
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(host.clone(), watch::Sender::new(false));
+        tokio::spawn(self.clone().drive(host.clone(), stopped));
+    }
+
+    /// Runs a drain's moves, at most `max_parallel` at once, until all are finished or the
+    /// drain is aborted or hits its deadline.
+    async fn drive(self: Arc<Self>, host: HostId, stop: watch::Receiver<Option<DrainPhase>>) {
+        let Some(record) = self.drains.get(&host) else {
+            return;
+        };
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_millis(
+                record
+                    .deadline_unix_ms
+                    .saturating_sub(self.registry.now())
+                    .max(0) as u64,
+            );
+        // After a coordinator restart the agents reconnect within seconds: give them that long
+        // before a host counts as unreachable.
+        let involved: BTreeSet<HostId> = std::iter::once(host.clone())
+            .chain(record.moves.iter().map(|m| m.target.clone()))
+            .collect();
+        let reconnect = tokio::time::Instant::now() + RECONNECT_WAIT;
+        while tokio::time::Instant::now() < reconnect
+            && !involved.iter().all(|h| self.sessions.is_connected(h))
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut moves = tokio::task::JoinSet::new();
+        let mut started: BTreeSet<TenantId> = BTreeSet::new();
+        loop {
+            let record = self.drains.get(&host).unwrap_or(record.clone());
+            let stopped = stop.borrow().is_some();
+            if !stopped && tokio::time::Instant::now() >= deadline {
+                if let Some(s) = self
+                    .drains
+                    .cancel
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&host)
+                {
+                    s.send_replace(Some(DrainPhase::StoppedAtDeadline));
+                }
+                continue;
+            }
+            // Moves a killed coordinator left under way go first, then planned ones.
+            let mut next: Vec<&MoveRecord> = record
+                .moves
+                .iter()
+                .filter(|m| !m.phase.finished() && !started.contains(&m.tenant))
+                .filter(|m| m.phase.in_flight() || !stopped)
+                .collect();
+            next.sort_by_key(|m| !m.phase.in_flight());
+            for m in next {
+                if moves.len() >= record.max_parallel as usize && !m.phase.in_flight() {
+                    break;
+                }
+                started.insert(m.tenant.clone());
+                moves.spawn(self.clone().migrate(
+                    host.clone(),
+                    m.tenant.clone(),
+                    m.target.clone(),
+                    record.force_lost,
+                    stop.clone(),
+                ));
+            }
+            if moves.is_empty() {
+                break;
+            }
+            let mut watch_stop = stop.clone();
+            tokio::select! {
+                _ = moves.join_next() => {}
+                _ = watch_stop.wait_for(Option::is_some), if !stopped => {}
+                () = tokio::time::sleep_until(deadline), if !stopped => {}
+            }
+        }
+        self.finish_drain(&host, *stop.borrow());
+    }
+
+    /// Marks what never started, gives back its reservations, leaves the host cordoned.
+    fn finish_drain(&self, host: &HostId, stopped: Option<DrainPhase>) {
+        let record = self.drains.update(host, |r| {
+            for m in &mut r.moves {
+                if m.phase == MovePhase::Planned {
+                    m.phase = MovePhase::NotMoved;
+                }
+            }
+            let all_moved = r
+                .moves
+                .iter()
+                .all(|m| matches!(m.phase, MovePhase::Done | MovePhase::StartedEmpty));
+            r.phase = match stopped {
+                Some(phase) => phase,
+                None if all_moved => DrainPhase::Done,
+                None => DrainPhase::Incomplete,
+            };
+        });
+        match record {
+            Ok(record) => {
+                for m in &record.moves {
+                    if m.phase != MovePhase::Done && m.phase != MovePhase::StartedEmpty {
+                        self.placements.release_reservation(&m.tenant);
+                    }
+                }
+                tracing::info!(%host, phase = record.phase.as_str(), "drain finished");
+            }
+            Err(e) => tracing::error!(%host, error = %e, "drain record not written"),
+        }
+        match self.registry.set_draining(host, false) {
+            Ok(h) => self.sync_host(&h),
+            Err(e) => tracing::error!(%host, error = %e, "host left draining"),
+        }
+        self.drains
+            .cancel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(host);
+        if let Some(done) = self
+            .drains
+            .finished
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(host)
+        {
+            done.send_replace(true);
+        }
+    }
+
+    /// Moves one tenant from `source` to `target`, from whatever phase it is in.
+    async fn migrate(
+        self: Arc<Self>,
+        source: HostId,
+        tenant: TenantId,
+        target: HostId,
+        force_lost: bool,
+        mut stop: watch::Receiver<Option<DrainPhase>>,
+    ) {
+        let Some(phase) = self.drains.phase_of(&source, &tenant) else {
+            return;
+        };
+        let outcome = self
+            .run_move(&source, &tenant, &target, phase, force_lost, &mut stop)
+            .await;
+        let result = match outcome {
+            Ok(final_phase) => self
+                .drains
+                .set_move(&source, &tenant, |m| m.phase = final_phase),
+            Err(failure) => {
+                let why = failure.to_string();
+                tracing::warn!(%tenant, %source, %target, error = %why, "move failed; rolling back");
+                let rolled = self.roll_back(&source, &tenant, &target).await;
+                self.drains.set_move(&source, &tenant, |m| match rolled {
+                    Ok(phase) => {
+                        m.phase = phase;
+                        m.error = why;
+                    }
+                    Err(e) => {
+                        m.phase = MovePhase::Blocked;
+                        m.error = format!("{why}; and the rollback failed: {e}");
+                    }
+                })
+            }
+        };
+        if let Err(e) = result {
+            tracing::error!(%tenant, error = %e, "drain record not written");
+        }
+    }
+
+    /// The steps of a move from `phase` on; returns its final phase.
+    async fn run_move(
+        self: &Arc<Self>,
+        source: &HostId,
+        tenant: &TenantId,
+        target: &HostId,
+        mut phase: MovePhase,
+        force_lost: bool,
+        stop: &mut watch::Receiver<Option<DrainPhase>>,
+    ) -> Result<MovePhase, MoveFailure> {
+        let set = |phase: MovePhase| self.drains.set_move(source, tenant, |m| m.phase = phase);
+        if phase == MovePhase::Planned {
+            if !self.sessions.is_connected(source) {
+                if !force_lost {
+                    self.placements.release_reservation(tenant);
+                    self.drains.set_move(source, tenant, |m| {
+                        m.error = format!("host {source} is unreachable: {tenant} stays assigned to it; `berthctl drain {source} --force-lost` starts it on {target} with an empty volume");
+                    })?;
+                    return Ok(MovePhase::Blocked);
+                }
+                return self.start_empty(source, tenant, target, stop).await;
+            }
+            set(MovePhase::Stopping)?;
+            phase = MovePhase::Stopping;
+        }
+        if phase == MovePhase::Stopping {
+            // Held on the target: the source stops it, nobody starts it. (Resumed after a
+            // restart, that may be done already: then its generation is awaited.)
+            let generation = match self.placements.tenant_record(tenant) {
+                Some(r) if r.host_id == *target && r.held => r.generation,
+                _ => {
+                    let applied = self.placements.relocate(tenant, target, true)?;
+                    self.durable(applied.seq).await?;
+                    applied.placement.generation
+                }
+            };
+            unless_stopped(stop, async {
+                self.await_delivery(source, generation, STOP_WAIT)
+                    .await
+                    .map_err(|e| MoveFailure::Failed(format!("stopping on {source}: {e}")))
+            })
+            .await?;
+            set(MovePhase::Copying)?;
+            phase = MovePhase::Copying;
+        }
+        if phase == MovePhase::Copying {
+            unless_stopped(stop, self.copy_volume(source, tenant, target)).await?;
+            set(MovePhase::Starting)?;
+            phase = MovePhase::Starting;
+        }
+        if phase == MovePhase::Starting {
+            let applied = match self.placements.tenant_record(tenant) {
+                Some(r) if r.host_id == *target && !r.held => r.generation,
+                _ => {
+                    let applied = self.placements.relocate(tenant, target, false)?;
+                    self.durable(applied.seq).await?;
+                    applied.placement.generation
+                }
+            };
+            unless_stopped(stop, self.await_running(tenant, target, applied)).await?;
+            set(MovePhase::Releasing)?;
+        }
+        // The tenant runs on its target: from here on nothing rolls back.
+        let released = self
+            .sessions
+            .volume(source, tenant, proto::VolumeAction::Purge, 0, RELEASE_WAIT)
+            .await;
+        let note = match released {
+            Ok(r) if r.ok => String::new(),
+            Ok(r) => format!("its old copy on {source} is not deleted: {}", r.error),
+            Err(s) => format!("its old copy on {source} is not deleted: {}", s.message()),
+        };
+        if !note.is_empty() {
+            tracing::warn!(%tenant, %source, error = %note, "source copy left");
+            self.drains.set_move(source, tenant, |m| m.error = note)?;
+        }
+        tracing::info!(%tenant, %source, %target, "tenant moved");
+        Ok(MovePhase::Done)
+    }
+
+    /// Streams the volume from the source agent to the target agent through the relay.
+    async fn copy_volume(
+        &self,
+        source: &HostId,
+        tenant: &TenantId,
+        target: &HostId,
+    ) -> Result<(), MoveFailure> {
+        let transfer = self.transfers.open(tenant, source, target);
+        self.drains
+            .progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tenant.clone(), transfer.progress.clone());
+        // A copy is bounded by the drain's deadline (which stops it), not by a guess here.
+        let wait = Duration::from_secs(24 * 3600);
+        let (received, sent) = tokio::join!(
+            self.sessions.volume(
+                target,
+                tenant,
+                proto::VolumeAction::Import,
+                transfer.id,
+                wait
+            ),
+            self.sessions.volume(
+                source,
+                tenant,
+                proto::VolumeAction::Export,
+                transfer.id,
+                wait
+            ),
+        );
+        let progress = self
+            .drains
+            .progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(tenant);
+        let failed =
+            |host: &HostId, why: &str| MoveFailure::Failed(format!("copy ({host}): {why}"));
+        let sent = sent.map_err(|s| failed(source, s.message()))?;
+        let received = received.map_err(|s| failed(target, s.message()))?;
+        if !sent.ok {
+            return Err(failed(source, &sent.error));
+        }
+        if !received.ok {
+            return Err(failed(target, &received.error));
+        }
+        if sent.sha256 != received.sha256 || sent.data_bytes != received.data_bytes {
+            return Err(MoveFailure::Failed(format!(
+                "copy: {source} sent {} bytes ({}), {target} received {} bytes ({})",
+                sent.data_bytes, sent.sha256, received.data_bytes, received.sha256
+            )));
+        }
+        let copied = progress.map_or(sent.data_bytes, |p| {
+            p.copied.load(std::sync::atomic::Ordering::Relaxed)
+        });
+        tracing::info!(%tenant, bytes = sent.data_bytes, sha256 = %sent.sha256, "volume copied");
+        self.drains.set_move(source, tenant, |m| {
+            m.bytes_total = sent.data_bytes;
+            m.bytes_copied = copied;
+        })?;
+        Ok(())
+    }
+
+    /// A lost host's tenant, on the operator's word: started on the target with an empty
+    /// volume (an encrypted one under a new key, so the old copy can never be opened again).
+    async fn start_empty(
+        self: &Arc<Self>,
+        source: &HostId,
+        tenant: &TenantId,
+        target: &HostId,
+        stop: &mut watch::Receiver<Option<DrainPhase>>,
+    ) -> Result<MovePhase, MoveFailure> {
+        if self
+            .keys
+            .destroy(tenant)
+            .map_err(|e| MoveFailure::Failed(e.to_string()))?
+        {
+            self.keys
+                .ensure(tenant, Durability::Flushed)
+                .map_err(|e| MoveFailure::Failed(e.to_string()))?;
+        }
+        let applied = self.placements.relocate(tenant, target, false)?;
+        self.durable(applied.seq).await?;
+        self.drains.set_move(source, tenant, |m| {
+            m.error = format!("{source} was lost: started on {target} with an empty volume");
+        })?;
+        unless_stopped(
+            stop,
+            self.await_running(tenant, target, applied.placement.generation),
+        )
+        .await?;
+        Ok(MovePhase::StartedEmpty)
+    }
+
+    /// Takes a tenant back to its source: first away from the target (confirmed by the
+    /// target shredding its copy, so two copies never run), then delivered to the source.
+    async fn roll_back(
+        self: &Arc<Self>,
+        source: &HostId,
+        tenant: &TenantId,
+        target: &HostId,
+    ) -> Result<MovePhase, String> {
+        let Some(record) = self.placements.tenant_record(tenant) else {
+            return Err(format!("{tenant} is no longer placed"));
+        };
+        if record.host_id == *source {
+            return Ok(MovePhase::RolledBack);
+        }
+        if record.host_id == *target {
+            if !record.held {
+                let applied = self
+                    .placements
+                    .relocate(tenant, target, true)
+                    .map_err(|e| e.to_string())?;
+                self.durable(applied.seq).await.map_err(|e| e.to_string())?;
+                self.await_delivery(target, applied.placement.generation, STOP_WAIT)
+                    .await
+                    .map_err(|e| format!("{target} did not stop it: {e}"))?;
+            }
+            // Whatever the target received goes; a target that cannot say so never ran it
+            // (it was held there), so the source may start it anyway.
+            let shredded = self
+                .sessions
+                .volume(target, tenant, proto::VolumeAction::Purge, 0, RELEASE_WAIT)
+                .await;
+            match (&shredded, record.held) {
+                (Ok(r), _) if r.ok => {}
+                (_, true) => {
+                    tracing::warn!(%tenant, %target, "partial copy on the target not deleted")
+                }
+                (Ok(r), false) => return Err(format!("{target} did not release it: {}", r.error)),
+                (Err(s), false) => {
+                    return Err(format!("{target} did not release it: {}", s.message()));
+                }
+            }
+        }
+        let applied = self
+            .placements
+            .relocate(tenant, source, false)
+            .map_err(|e| e.to_string())?;
+        self.durable(applied.seq).await.map_err(|e| e.to_string())?;
+        tracing::info!(%tenant, %source, "move rolled back");
+        Ok(MovePhase::RolledBack)
+    }
+
+    /// Waits until `tenant` runs on `host` at `generation` or later.
+    async fn await_running(
+        &self,
+        tenant: &TenantId,
+        host: &HostId,
+        generation: u64,
+    ) -> Result<(), MoveFailure> {
+        let deadline = tokio::time::Instant::now() + START_WAIT;
+        loop {
+            if let Some(t) = self.placements.tenant(tenant) {
+                let status = t.status.unwrap_or_default();
+                let placed = t.placement.unwrap_or_default();
+                if placed.host_id == host.as_str()
+                    && status.generation >= generation
+                    && status.state == proto::TenantState::Running as i32
+                {
+                    return Ok(());
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(MoveFailure::Failed(format!(
+                        "not running on {host} within {START_WAIT:?}: {} {}",
+                        crate::views::tenant_state_name(status.state),
+                        status.message
+                    )));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
