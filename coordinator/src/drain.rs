@@ -166,9 +166,9 @@ impl DrainOptions {
                 r.max_parallel
             )));
         }
-        if r.deadline_ms > 0 && r.deadline_ms < 10_000 {
+        if r.deadline_ms > 0 && r.deadline_ms < 1000 {
             return Err(Status::invalid_argument(format!(
-                "deadline_ms: {} ms is less than 10 s",
+                "deadline_ms: {} ms is less than 1 s",
                 r.deadline_ms
             )));
         }
@@ -469,7 +469,7 @@ impl Coordinator {
         self.sync_host(&cordoned);
         self.drains.insert(drain.clone())?;
         tracing::info!(%host, moves = drain.moves.len(), max_parallel = drain.max_parallel, "drain started");
-        self.spawn_driver(&host);
+        self.spawn_driver(&host, false);
         Ok(self.drains.status(&drain))
     }
 
@@ -514,11 +514,13 @@ impl Coordinator {
             }
             self.placements.set_schedulable(&drain.host, false);
             tracing::info!(host = %drain.host, "resuming drain");
-            self.spawn_driver(&drain.host);
+            self.spawn_driver(&drain.host, true);
         }
     }
 
-    fn spawn_driver(self: &Arc<Self>, host: &HostId) {
+    /// Runs the drain of `host` on its own task; a `resumed` one first gives the agents time
+    /// to reconnect to the restarted coordinator.
+    fn spawn_driver(self: &Arc<Self>, host: &HostId, resumed: bool) {
         let (stop, stopped) = watch::channel(None);
         self.drains
             .cancel
@@ -530,12 +532,17 @@ impl Coordinator {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(host.clone(), watch::Sender::new(false));
-        tokio::spawn(self.clone().drive(host.clone(), stopped));
+        tokio::spawn(self.clone().drive(host.clone(), resumed, stopped));
     }
 
     /// Runs a drain's moves, at most `max_parallel` at once, until all are finished or the
     /// drain is aborted or hits its deadline.
-    async fn drive(self: Arc<Self>, host: HostId, stop: watch::Receiver<Option<DrainPhase>>) {
+    async fn drive(
+        self: Arc<Self>,
+        host: HostId,
+        resumed: bool,
+        stop: watch::Receiver<Option<DrainPhase>>,
+    ) {
         let Some(record) = self.drains.get(&host) else {
             return;
         };
@@ -552,7 +559,8 @@ impl Coordinator {
             .chain(record.moves.iter().map(|m| m.target.clone()))
             .collect();
         let reconnect = tokio::time::Instant::now() + RECONNECT_WAIT;
-        while tokio::time::Instant::now() < reconnect
+        while resumed
+            && tokio::time::Instant::now() < reconnect
             && !involved.iter().all(|h| self.sessions.is_connected(h))
         {
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -199,44 +199,51 @@ fn assert_consistent(
     }
 }
 
-#[test]
-fn a_host_drains_with_its_volumes_never_running_a_tenant_twice_through_abort_and_a_coordinator_kill()
- {
+/// A coordinator and `n` agents on Docker, each in its own namespace; `None` (or a failure
+/// under BERTH_REQUIRE_REAL=1) without namespaces or Docker.
+fn fleet(n: u8) -> Option<(TestNet, CoordinatorProc, Vec<Host>)> {
     if let Err(why) = berth_tests::netns::available() {
-        return missing_component("network namespaces", &why);
+        missing_component("network namespaces", &why);
+        return None;
     }
     if let Err(why) = berth_tests::docker::available() {
-        return missing_component("Docker engine", &why);
+        missing_component("Docker engine", &why);
+        return None;
     }
-    let image = test_tenant_image();
     let mut net = TestNet::new().expect("test network");
     let coordinator_net = net.add_host(1).unwrap();
-    let mut coordinator = CoordinatorProc::start(Some(&coordinator_net), "");
-    let names = [unique("src"), unique("ta"), unique("tb")];
-    let hosts: Vec<Host> = names
-        .iter()
-        .enumerate()
-        .map(|(i, id)| {
-            let host = net.add_host(2 + i as u8).unwrap();
-            let mut agent = AgentProc::enroll(&coordinator, id, Some(&host));
+    let coordinator = CoordinatorProc::start(Some(&coordinator_net), "");
+    let hosts: Vec<Host> = (0..n)
+        .map(|i| {
+            let host = net.add_host(2 + i).unwrap();
+            let mut agent =
+                AgentProc::enroll(&coordinator, &unique(&format!("h{i}x")), Some(&host));
             agent.start_with_docker(true);
             Host { agent, net: host }
         })
         .collect();
-    let by_id: BTreeMap<String, &Host> =
-        hosts.iter().map(|h| (h.agent.host_id.clone(), h)).collect();
-    let (src, ta, tb) = (&names[0], &names[1], &names[2]);
-    wait_for("three ready hosts", Duration::from_secs(20), || {
+    wait_for("ready hosts", Duration::from_secs(20), || {
         let h = coordinator.hosts();
-        (h.len() == 3 && h.iter().all(|h| h["state"] == "ready")).then_some(())
+        (h.len() == usize::from(n) && h.iter().all(|h| h["state"] == "ready")).then_some(())
     });
+    Some((net, coordinator, hosts))
+}
 
-    // Six tenants on the source (the others cordoned meanwhile), each with an egress rule
-    // and 4 MiB of data in its volume.
-    for t in [ta, tb] {
+/// Places `count` tenants (64 MiB, an egress rule, an unencrypted volume) on `source` with the
+/// `others` cordoned meanwhile, waits until they run, and writes 4 MiB of random data and a
+/// chat log into each volume. Returns each tenant's data digest.
+fn tenants_on(
+    coordinator: &CoordinatorProc,
+    source: &Host,
+    others: &[&str],
+    count: usize,
+) -> BTreeMap<String, String> {
+    let image = test_tenant_image();
+    let src = source.agent.host_id.as_str();
+    for t in others {
         assert!(coordinator.berthctl(&["cordon", t]).0);
     }
-    let tenants: Vec<String> = (0..6).map(|i| unique(&format!("d{i}t"))).collect();
+    let tenants: Vec<String> = (0..count).map(|i| unique(&format!("d{i}t"))).collect();
     for tenant in &tenants {
         let spec = format!(
             "tenant_id = \"{tenant}\"\nimage = \"{image}\"\negress = [\"10.77.0.1:443\"]\n[resources]\nmemory = \"64MiB\"\ncpu_millicores = 100\nvolume = \"64MiB\"\n[volume]\nencrypted = false\n"
@@ -246,22 +253,46 @@ fn a_host_drains_with_its_volumes_never_running_a_tenant_twice_through_abort_and
         let (ok, _, err) = coordinator.berthctl(&["place", path.to_str().unwrap()]);
         assert!(ok, "{err}");
     }
+    wait_for(
+        "tenants running on the source",
+        Duration::from_secs(60),
+        || {
+            let p = placed(coordinator);
+            tenants
+                .iter()
+                .all(|t| p.get(t).is_some_and(|(h, s)| h == src && s == "running"))
+                .then_some(())
+        },
+    );
     let mut data = BTreeMap::new();
-    wait_for("six running on the source", Duration::from_secs(60), || {
-        let p = placed(&coordinator);
-        (p.len() == 6 && p.values().all(|(h, s)| h == src && s == "running")).then_some(())
-    });
     for tenant in &tenants {
         let bytes: Vec<u8> = (0..4 << 20).map(|_| rand::random::<u8>()).collect();
-        let volume = by_id[src].volume(tenant);
+        let volume = source.volume(tenant);
         std::fs::create_dir_all(volume.join("chats")).unwrap();
         std::fs::write(volume.join("data.bin"), &bytes).unwrap();
         std::fs::write(volume.join("chats/today.log"), format!("{tenant} says hi")).unwrap();
         data.insert(tenant.clone(), hex_digest(&bytes));
     }
-    for t in [ta, tb] {
+    for t in others {
         assert!(coordinator.berthctl(&["uncordon", t]).0);
     }
+    data
+}
+
+#[test]
+fn a_host_drains_with_its_volumes_never_running_a_tenant_twice_through_abort_and_a_coordinator_kill()
+ {
+    let Some((_net, mut coordinator, hosts)) = fleet(3) else {
+        return;
+    };
+    let image = test_tenant_image();
+    let by_id: BTreeMap<String, &Host> =
+        hosts.iter().map(|h| (h.agent.host_id.clone(), h)).collect();
+    let names: Vec<String> = hosts.iter().map(|h| h.agent.host_id.clone()).collect();
+    let (src, ta, tb) = (&names[0], &names[1], &names[2]);
+    // Six tenants on the source, each with an egress rule and 4 MiB of data in its volume.
+    let data = tenants_on(&coordinator, &hosts[0], &[ta, tb], 6);
+    let tenants: Vec<String> = data.keys().cloned().collect();
     let watcher = Watcher::start(tenants.iter().cloned().collect());
 
     // 1. Not enough room elsewhere: the dry run (and the real thing) refuse, naming every
@@ -425,4 +456,98 @@ fn a_host_drains_with_its_volumes_never_running_a_tenant_twice_through_abort_and
     assert!(polls > 100, "the watcher kept watching: {polls} polls");
     assert_eq!(doubles, Vec::<String>::new(), "a tenant ran twice");
     drop(hosts);
+}
+
+#[test]
+fn a_drain_stops_at_its_deadline_and_a_lost_hosts_tenants_move_only_when_the_operator_accepts_empty_volumes()
+ {
+    let Some((_net, coordinator, mut hosts)) = fleet(2) else {
+        return;
+    };
+    let (src, target) = (
+        hosts[0].agent.host_id.clone(),
+        hosts[1].agent.host_id.clone(),
+    );
+    let data = tenants_on(&coordinator, &hosts[0], &[&target], 3);
+    let by_id: BTreeMap<String, &Host> =
+        hosts.iter().map(|h| (h.agent.host_id.clone(), h)).collect();
+
+    // A deadline no move can meet: the one under way rolls back, the others never start,
+    // and every tenant runs once, where it is placed, with its data.
+    let started = json(
+        &coordinator,
+        &["drain", &src, "--deadline", "1s", "--max-parallel", "1"],
+    );
+    assert_eq!(started["phase"], "running");
+    let ended = wait_for("the drain stopped", Duration::from_secs(60), || {
+        let s = drain_status(&coordinator, &src);
+        (s["phase"] != "running").then_some(s)
+    });
+    assert_eq!(ended["phase"], "stopped_at_deadline", "{ended:#}");
+    let phases: Vec<&str> = ended["moves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["phase"].as_str().unwrap())
+        .collect();
+    assert!(phases.contains(&"rolled_back"), "{phases:?}");
+    assert!(
+        phases
+            .iter()
+            .all(|p| ["rolled_back", "not_moved"].contains(p)),
+        "{phases:?}"
+    );
+    assert!(
+        ended.to_string().contains("the drain's deadline passed"),
+        "{ended:#}"
+    );
+    assert_consistent(&coordinator, &by_id, &data);
+    assert_eq!(coordinator.host_state(&src).as_deref(), Some("cordoned"));
+    drop(by_id);
+
+    // The source is lost (its machine gone, containers and all).
+    hosts[0].agent.kill9();
+    remove_host_objects(&src);
+    let blocked = json(&coordinator, &["drain", &src]);
+    assert_eq!(blocked["phase"], "running");
+    let blocked = wait_for("the drain ended", Duration::from_secs(30), || {
+        let s = drain_status(&coordinator, &src);
+        (s["phase"] != "running").then_some(s)
+    });
+    assert_eq!(blocked["phase"], "incomplete", "{blocked:#}");
+    for m in blocked["moves"].as_array().unwrap() {
+        assert_eq!(m["phase"], "blocked");
+        assert!(
+            m["error"].as_str().unwrap().contains("is unreachable: ")
+                && m["error"].as_str().unwrap().contains("--force-lost"),
+            "{m}"
+        );
+    }
+    let placements = placed(&coordinator);
+    assert!(
+        data.keys().all(|t| placements[t].0 == src),
+        "still assigned to the lost host: {placements:?}"
+    );
+
+    // Accepted: each starts on the target, with an empty volume.
+    let forced = json(&coordinator, &["drain", &src, "--force-lost"]);
+    assert_eq!(forced["force_lost"], true);
+    let done = wait_for("the forced drain ended", Duration::from_secs(90), || {
+        let s = drain_status(&coordinator, &src);
+        (s["phase"] != "running").then_some(s)
+    });
+    assert_eq!(done["phase"], "done", "{done:#}");
+    let placements = wait_for("all running on the target", Duration::from_secs(60), || {
+        let p = placed(&coordinator);
+        data.keys()
+            .all(|t| p[t] == (target.clone(), "running".to_string()))
+            .then_some(p)
+    });
+    for (tenant, m) in data.keys().zip(done["moves"].as_array().unwrap()) {
+        assert_eq!(m["phase"], "started_empty", "{m}");
+        assert_eq!(placements[tenant].0, target);
+        let volume = hosts[1].volume(tenant);
+        assert!(volume.is_dir(), "a fresh volume for {tenant}");
+        assert!(!volume.join("data.bin").exists(), "empty, as accepted");
+    }
 }

@@ -95,7 +95,13 @@ pub fn host_page(c: &Coordinator, host: &HostId) -> Result<Option<String>, Regis
         .map(TenantView::from)
         .collect();
     tenants.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
-    Ok(Some(pages::host(&row, &tenants).into_string()))
+    let drain = c
+        .drain_status(host)
+        .ok()
+        .map(|s| crate::views::DrainView::from(&s));
+    Ok(Some(
+        pages::host(&row, &tenants, drain.as_ref()).into_string(),
+    ))
 }
 
 fn internal(e: RegistryError) -> Response {

@@ -4,7 +4,7 @@
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 
 use super::figures::{FleetFigures, HostRow, Snapshot, Totals};
-use crate::views::TenantView;
+use crate::views::{DrainView, TenantView};
 
 /// How often an open page refreshes itself.
 pub const REFRESH_SECONDS: u32 = 5;
@@ -208,7 +208,7 @@ pub fn fleet(snapshot: &Snapshot) -> Markup {
 }
 
 /// `/hosts/{id}`: one host and its tenants.
-pub fn host(h: &HostRow, tenants: &[TenantView]) -> Markup {
+pub fn host(h: &HostRow, tenants: &[TenantView], drain: Option<&DrainView>) -> Markup {
     let currency = h.currency.as_str();
     page(
         &h.host_id,
@@ -220,6 +220,26 @@ pub fn host(h: &HostRow, tenants: &[TenantView]) -> Markup {
                     div.card { small { "tenants" } b { (h.tenants) } small { (h.running) " running · " (h.oom_kills) " OOM kills" } }
                     div.card { small { "RAM (GiB)" } b { (ram_bar(h.memory_total, h.memory_reserved, h.memory_committed, h.memory_used)) }
                         small { (gib(h.memory_used)) " used · " (gib(h.memory_committed)) " committed · " (gib(h.memory_capacity())) " for tenants · " (gib(h.memory_total)) " total" } }
+                }
+                @if let Some(d) = drain {
+                    h2 { "Drain: " (d.phase) }
+                    p { small { "started " (d.started.as_deref().unwrap_or("–")) " · deadline "
+                        (d.deadline.as_deref().unwrap_or("–")) " · " (d.max_parallel) " at once" } }
+                    table #drain {
+                        tr { th { "tenant" } th { "target" } th { "phase" } th.n { "copied MiB" }
+                             th.n { "of MiB" } th.n { "ETA s" } th { "note" } }
+                        @for m in &d.moves {
+                            tr {
+                                td { (m.tenant_id) }
+                                td { a href={ "/hosts/" (m.target_host_id) } { (m.target_host_id) } }
+                                td { (m.phase) }
+                                td.n { (m.bytes_copied >> 20) }
+                                td.n { (m.bytes_total.div_ceil(1 << 20)) }
+                                td.n { @if m.eta_ms > 0 { (m.eta_ms.div_ceil(1000)) } @else { "–" } }
+                                td { small { (m.error) } }
+                            }
+                        }
+                    }
                 }
                 h2 { "Tenants" }
                 table #tenants {

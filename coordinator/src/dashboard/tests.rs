@@ -315,3 +315,38 @@ async fn metrics_parse_as_prometheus_text_and_match_the_fleet() {
     assert!(text.contains("berth_placement_duration_seconds_count 1\n"));
     assert!(text.contains("berth_placements_refused_total 1\n"));
 }
+
+#[tokio::test]
+async fn a_draining_hosts_page_shows_each_moves_target_and_phase() {
+    let c = seed::seeded(10, 60).unwrap();
+    let host = c
+        .registry
+        .hosts()
+        .unwrap()
+        .into_iter()
+        .map(|h| h.host_id)
+        .max_by_key(|h| c.placements.host_usage(h).0)
+        .unwrap();
+    let before = host_page(&c, &host).unwrap().unwrap();
+    assert!(!before.contains("Drain:"), "no drain, no drain section");
+    let status = c
+        .drain(crate::drain::DrainOptions {
+            host: host.clone(),
+            dry_run: false,
+            deadline: std::time::Duration::from_secs(600),
+            max_parallel: 2,
+            force_lost: false,
+        })
+        .await
+        .unwrap();
+    assert!(!status.moves.is_empty());
+    let html = host_page(&c, &host).unwrap().unwrap();
+    assert!(html.contains("<h2>Drain: running</h2>"), "{html}");
+    for m in &status.moves {
+        let row = format!(
+            "<tr><td>{}</td><td><a href=\"/hosts/{}\">{}</a></td><td>planned</td>",
+            m.tenant_id, m.target_host_id, m.target_host_id
+        );
+        assert!(html.contains(&row), "{row}");
+    }
+}
