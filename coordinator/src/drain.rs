@@ -715,7 +715,10 @@ impl Coordinator {
         force_lost: bool,
         stop: &mut watch::Receiver<Option<DrainPhase>>,
     ) -> Result<MovePhase, MoveFailure> {
-        let set = |phase: MovePhase| self.drains.set_move(source, tenant, |m| m.phase = phase);
+        let set = |phase: MovePhase| {
+            tracing::info!(%tenant, %source, %target, phase = phase.as_str(), "move");
+            self.drains.set_move(source, tenant, |m| m.phase = phase)
+        };
         if phase == MovePhase::Planned {
             if !self.sessions.is_connected(source) {
                 if !force_lost {
@@ -957,7 +960,7 @@ impl Coordinator {
                     )));
                 }
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }

@@ -112,12 +112,15 @@ struct Change {
     tenant: TenantId,
     generation: u64,
     spec: Option<Arc<proto::TenantSpec>>,
+    /// With `spec`: staged on the host (made ready, not run).
+    held: bool,
 }
 
 #[derive(Debug, Default)]
 struct HostDesired {
     generation: u64,
     tenants: BTreeMap<TenantId, Arc<proto::TenantSpec>>,
+    staged: BTreeMap<TenantId, Arc<proto::TenantSpec>>,
 }
 
 #[derive(Debug, Default)]
@@ -262,6 +265,9 @@ impl State {
             tenants: desired
                 .map(|d| d.tenants.values().map(|s| (**s).clone()).collect())
                 .unwrap_or_default(),
+            staged: desired
+                .map(|d| d.staged.values().map(|s| (**s).clone()).collect())
+                .unwrap_or_default(),
         }
     }
 
@@ -315,12 +321,11 @@ impl Placements {
                 record.spec.constraints.anti_affinity_group.as_deref(),
             );
             let desired = state.durable.entry(record.host_id.clone()).or_default();
-            if !record.held {
-                desired.tenants.insert(
-                    record.spec.tenant_id.clone(),
-                    Arc::new(record.spec.to_proto()),
-                );
-            }
+            let spec = Arc::new(record.spec.to_proto());
+            match record.held {
+                true => desired.staged.insert(record.spec.tenant_id.clone(), spec),
+                false => desired.tenants.insert(record.spec.tenant_id.clone(), spec),
+            };
             *state
                 .tenants_per_host
                 .entry(record.host_id.clone())
@@ -482,6 +487,7 @@ impl Placements {
             tenant: tenant.clone(),
             generation: record.generation,
             spec: Some(Arc::new(record.spec.to_proto())),
+            held: record.held,
         });
         let placement = state.placement(&record);
         state.tenants.insert(tenant, record);
@@ -601,6 +607,7 @@ impl Placements {
             tenant: tenant_id.clone(),
             generation,
             spec: None,
+            held: false,
         });
         let placement = proto::Placement {
             tenant_id: tenant_id.to_string(),
@@ -693,9 +700,9 @@ impl Placements {
         }
     }
 
-    /// Assigns a tenant to `host`, delivered there unless `held`, with a new generation (so
-    /// the host it leaves stops it and can never start the old copy again). The capacity
-    /// reserved for it on `host` becomes its placement.
+    /// Assigns a tenant to `host`, to run there or, `held`, only staged there (made ready, not
+    /// run), with a new generation (so the host it leaves stops it and can never start the old
+    /// copy again). The capacity reserved for it on `host` becomes its placement.
     pub fn relocate(
         &self,
         tenant_id: &TenantId,
@@ -752,6 +759,7 @@ impl Placements {
                 tenant: tenant_id.clone(),
                 generation,
                 spec: None,
+                held: false,
             });
         }
         state.pending.push_back(Change {
@@ -759,7 +767,8 @@ impl Placements {
             host: host.clone(),
             tenant: tenant_id.clone(),
             generation,
-            spec: (!held).then(|| Arc::new(record.spec.to_proto())),
+            spec: Some(Arc::new(record.spec.to_proto())),
+            held,
         });
         let placement = state.placement(&record);
         state.tenants.insert(tenant_id.clone(), record);
@@ -809,9 +818,12 @@ impl Placements {
             };
             let desired = state.durable.entry(change.host.clone()).or_default();
             desired.generation = desired.generation.max(change.generation);
-            match change.spec {
-                Some(spec) => desired.tenants.insert(change.tenant, spec),
-                None => desired.tenants.remove(&change.tenant),
+            desired.tenants.remove(&change.tenant);
+            desired.staged.remove(&change.tenant);
+            match (change.spec, change.held) {
+                (Some(spec), false) => desired.tenants.insert(change.tenant, spec),
+                (Some(spec), true) => desired.staged.insert(change.tenant, spec),
+                (None, _) => None,
             };
             touched.push(change.host);
         }

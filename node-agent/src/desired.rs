@@ -21,6 +21,8 @@ pub enum AcceptError {
     Stale { got: u64, applied: u64 },
     #[error("tenants[{index}]: {error}")]
     Invalid { index: usize, error: FieldError },
+    #[error("staged[{index}]: {error}")]
+    InvalidStaged { index: usize, error: FieldError },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -29,6 +31,9 @@ pub enum AcceptError {
 pub struct Desired {
     pub generation: u64,
     pub tenants: Vec<TenantSpec>,
+    /// Made ready (image, network, egress rules) but not run: their volume is on its way.
+    #[serde(default)]
+    pub staged: Vec<TenantSpec>,
 }
 
 #[derive(Debug)]
@@ -70,9 +75,19 @@ impl DesiredStore {
                 TenantSpec::from_resolved(t).map_err(|error| AcceptError::Invalid { index, error })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let staged = desired
+            .staged
+            .into_iter()
+            .enumerate()
+            .map(|(index, t)| {
+                TenantSpec::from_resolved(t)
+                    .map_err(|error| AcceptError::InvalidStaged { index, error })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let next = Desired {
             generation: desired.generation,
             tenants,
+            staged,
         };
         self.store.apply(
             vec![Write::Put(KEY.into(), encode(&next))],
@@ -107,12 +122,14 @@ mod tests {
         d.accept(proto::DesiredState {
             generation: 5,
             tenants: vec![tenant("a", 256 << 20)],
+            staged: vec![],
         })
         .unwrap();
         let err = d
             .accept(proto::DesiredState {
                 generation: 4,
                 tenants: vec![],
+                staged: vec![],
             })
             .unwrap_err();
         assert_eq!(
@@ -123,6 +140,7 @@ mod tests {
         d.accept(proto::DesiredState {
             generation: 5,
             tenants: vec![tenant("a", 256 << 20)],
+            staged: vec![],
         })
         .expect("the same generation again is fine");
     }
@@ -138,6 +156,7 @@ mod tests {
                     tenant("b", 1 << 20),
                     tenant("Bad", 1 << 30),
                 ],
+                staged: vec![],
             })
             .unwrap_err()
             .to_string();
@@ -151,7 +170,8 @@ mod tests {
         assert!(
             d.accept(proto::DesiredState {
                 generation: 3,
-                tenants: vec![bad_image]
+                tenants: vec![bad_image],
+                staged: vec![],
             })
             .unwrap_err()
             .to_string()
@@ -167,6 +187,7 @@ mod tests {
             d.accept(proto::DesiredState {
                 generation: 9,
                 tenants: vec![tenant("a", 256 << 20)],
+                staged: vec![],
             })
             .unwrap();
         }

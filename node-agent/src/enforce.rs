@@ -18,13 +18,13 @@ use crate::dns::UdpResolver;
 use crate::egress::NftEgress;
 use crate::facts::{ProbeRoots, probe_cgroup, probe_dm_crypt};
 use crate::nft::NftCommand;
-use crate::reconcile::{Reconciler, VolumeStep, port_free_on_loopback};
+use crate::reconcile::{Passes, Reconciler, VolumeStep, port_free_on_loopback};
 use crate::restarts::{Driver, RestartSettings, Restarts, TcpProbe};
 use crate::runtime::DockerRuntime;
 use crate::transfer::{VolumeLocation, receive_volume, send_volume};
 use crate::volume::{HostVolumes, KeySource, SystemMounter};
 use berth_shared::proto::agent_service_client::AgentServiceClient;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// How often the host is re-checked without a change.
 pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(5);
@@ -41,11 +41,18 @@ pub struct Enforcement {
     volume_keys: Mutex<HashMap<TenantId, VolumeKey>>,
     /// Volume commands from the coordinator, run between two reconcile passes (so never
     /// while a pass creates or tears down the same tenant), and their results.
-    volume_commands: Mutex<Vec<proto::VolumeCommand>>,
+    /// Each with the pass whose teardown it waits for (0: none, an import).
+    volume_commands: Mutex<Vec<(u64, proto::VolumeCommand)>>,
+    volume_commands_queued: Notify,
+    /// The reconciler's passes, which volume commands wait for.
+    pub passes: Arc<Passes>,
     volume_results: Mutex<VecDeque<proto::VolumeResult>>,
     volume_results_ready: Notify,
     /// The channel of the current coordinator session, for volume transfers.
     transfer_channel: Mutex<Option<tonic::transport::Channel>>,
+    /// A tenant's state changed in the last pass: report now, not at the next interval
+    /// (a drain waits for a moved tenant to run).
+    states_changed: Notify,
 }
 
 /// Results kept for a coordinator that is not listening (the oldest are dropped).
@@ -61,9 +68,33 @@ impl Enforcement {
             restarts: Arc::new(Restarts::new(restarts)),
             volume_keys: Mutex::new(HashMap::new()),
             volume_commands: Mutex::new(Vec::new()),
+            volume_commands_queued: Notify::new(),
+            passes: Arc::default(),
             volume_results: Mutex::new(VecDeque::new()),
             volume_results_ready: Notify::new(),
             transfer_channel: Mutex::new(None),
+            states_changed: Notify::new(),
+        }
+    }
+
+    /// Resolves when a reconcile pass changed a tenant's state.
+    pub async fn states_changed(&self) {
+        self.states_changed.notified().await
+    }
+
+    /// Keeps a pass's statuses; wakes the reporter when a tenant's state changed.
+    fn set_statuses(&self, statuses: Vec<proto::TenantStatus>) {
+        let states = |s: &[proto::TenantStatus]| -> Vec<(String, i32, u64)> {
+            s.iter()
+                .map(|t| (t.tenant_id.clone(), t.state, t.generation))
+                .collect()
+        };
+        let mut current = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = states(&current) != states(&statuses);
+        *current = statuses;
+        drop(current);
+        if changed {
+            self.states_changed.notify_one();
         }
     }
 
@@ -88,14 +119,35 @@ impl Enforcement {
         self.volume_results_ready.notify_one();
     }
 
-    /// Queues a volume command for the enforcement loop (which it wakes); its result comes out
-    /// of [`Self::take_volume_results`].
+    /// Queues a volume command; its result comes out of [`Self::take_volume_results`]. A
+    /// purge or an export waits for the teardown of the next reconcile pass (which it wakes),
+    /// so the tenant's container is gone and its volume closed; an import, of a tenant that
+    /// runs nowhere here, goes at once.
     pub fn request_volume(&self, command: proto::VolumeCommand) {
+        let after = match proto::VolumeAction::try_from(command.action) {
+            Ok(proto::VolumeAction::Import) => 0,
+            _ => self.passes.next(),
+        };
         self.volume_commands
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(command);
+            .push((after, command));
+        self.volume_commands_queued.notify_one();
         self.changed.send_modify(|_| ());
+    }
+
+    /// Runs volume commands as they become due, for ever.
+    async fn serve_volume_commands(self: Arc<Self>, volumes: Arc<dyn VolumeStep>, root: PathBuf) {
+        let mut torn_down = self.passes.torn_down();
+        loop {
+            let pass = *torn_down.borrow_and_update();
+            self.run_volume_commands(volumes.as_ref(), &root, pass)
+                .await;
+            tokio::select! {
+                changed = torn_down.changed() => if changed.is_err() { return },
+                () = self.volume_commands_queued.notified() => {}
+            }
+        }
     }
 
     /// Resolves when volume results are waiting.
@@ -116,13 +168,23 @@ impl Enforcement {
     /// or an export only once its container is gone (this runs right after a reconcile pass),
     /// an import only before it may start. A transfer runs on its own task, so reconciling
     /// the other tenants goes on meanwhile.
-    async fn run_volume_commands(self: &Arc<Self>, volumes: &dyn VolumeStep, root: &Path) {
-        let commands: Vec<_> = std::mem::take(
-            &mut *self
+    async fn run_volume_commands(
+        self: &Arc<Self>,
+        volumes: &dyn VolumeStep,
+        root: &Path,
+        torn_down: u64,
+    ) {
+        let commands: Vec<proto::VolumeCommand> = {
+            let mut queued = self
                 .volume_commands
                 .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        );
+                .unwrap_or_else(|p| p.into_inner());
+            let (due, waiting) = std::mem::take(&mut *queued)
+                .into_iter()
+                .partition(|(after, _)| *after <= torn_down);
+            *queued = waiting;
+            due.into_iter().map(|(_, c)| c).collect()
+        };
         if commands.is_empty() {
             return;
         }
@@ -334,6 +396,11 @@ pub async fn run(enforcement: Arc<Enforcement>, config: AgentConfig, host: HostI
         keys: enforcement.clone(),
         dm_crypt: probe_dm_crypt(&roots),
     });
+    tokio::spawn(
+        enforcement
+            .clone()
+            .serve_volume_commands(volumes.clone(), config.volume_root.clone()),
+    );
     let cgroups = probe_cgroup(&roots).map(|v| CgroupReader::new(&config.cgroup_root, v));
     let oom_events: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
     let resolv_conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
@@ -387,6 +454,7 @@ pub async fn run(enforcement: Arc<Enforcement>, config: AgentConfig, host: HostI
                     reconciler = Some(Reconciler {
                         host: host.clone(),
                         restarting: enforcement.restarts.busy(),
+                        passes: enforcement.passes.clone(),
                         runtime,
                         volumes: volumes.clone(),
                         egress: egress.clone(),
@@ -418,18 +486,8 @@ pub async fn run(enforcement: Arc<Enforcement>, config: AgentConfig, host: HostI
             }
         }
         if let Some(r) = &reconciler {
-            let desired = enforcement.current();
-            let statuses = r.reconcile(&desired).await;
-            *enforcement
-                .statuses
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()) = statuses;
+            enforcement.set_statuses(r.reconcile_current(|| enforcement.current()).await);
         }
-        // After the pass: a tenant just removed from the desired state has no container and
-        // no open volume any more. Volumes need no Docker engine.
-        enforcement
-            .run_volume_commands(volumes.as_ref(), &config.volume_root)
-            .await;
         tokio::select! {
             _ = changed.changed() => {}
             () = tokio::time::sleep(RECONCILE_INTERVAL) => {}
@@ -459,6 +517,7 @@ mod tests {
                     }),
                     ..Default::default()
                 }],
+                staged: vec![],
             })
             .unwrap();
         Enforcement::new(store, RestartSettings::default())
@@ -507,7 +566,15 @@ mod tests {
         e.request_volume(command("gone", 5, proto::VolumeAction::Export as i32));
         e.request_volume(command("acme", 6, proto::VolumeAction::Import as i32));
         let e = Arc::new(e);
-        e.run_volume_commands(&volumes, Path::new("/nonexistent"))
+        // Nothing but the import is due before a pass tore down what it no longer wants.
+        e.run_volume_commands(&volumes, Path::new("/nonexistent"), 0)
+            .await;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(e.volume_results.lock().unwrap().len(), 1, "only the import");
+        assert!(volumes.0.lock().unwrap().is_empty());
+        let pass = e.passes.start();
+        e.passes.finish_teardown(pass);
+        e.run_volume_commands(&volumes, Path::new("/nonexistent"), pass)
             .await;
         tokio::time::timeout(std::time::Duration::from_secs(5), async {
             while e.volume_results.lock().unwrap().len() < 6 {
@@ -530,6 +597,11 @@ mod tests {
             answers,
             [
                 (
+                    6,
+                    false,
+                    "acme is still placed on this host (generation 1): remove it first"
+                ),
+                (
                     1,
                     false,
                     "acme is still placed on this host (generation 1): remove it first"
@@ -541,15 +613,10 @@ mod tests {
                     "tenant_id: invalid tenant id \"../etc\": must start with a lowercase letter a-z"
                 ),
                 (4, false, "action: unknown volume action 99"),
-                (
-                    6,
-                    false,
-                    "acme is still placed on this host (generation 1): remove it first"
-                ),
                 (5, false, "not connected to the coordinator"),
             ]
         );
-        assert!(results[1].erased && results[1].deleted);
+        assert!(results[2].erased && results[2].deleted);
         assert!(e.take_volume_results().is_empty(), "each result once");
     }
 

@@ -54,6 +54,48 @@ pub trait VolumeStep: Send + Sync + std::fmt::Debug {
     async fn purge(&self, tenant: &TenantId) -> Result<crate::volume::Purged, String>;
 }
 
+/// Counts reconcile passes, for work that must wait until a tenant just removed from the
+/// desired state has no container and no open volume any more: work queued now may run once
+/// the teardown of pass [`Passes::next`] is complete (that pass reads the desired state after
+/// the work was queued).
+#[derive(Debug)]
+pub struct Passes {
+    started: std::sync::atomic::AtomicU64,
+    torn_down: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Passes {
+    fn default() -> Self {
+        Self {
+            started: Default::default(),
+            torn_down: tokio::sync::watch::Sender::new(0),
+        }
+    }
+}
+
+impl Passes {
+    /// The pass whose teardown work queued now waits for.
+    pub fn next(&self) -> u64 {
+        self.started.load(std::sync::atomic::Ordering::SeqCst) + 1
+    }
+
+    /// Starts a pass; read the desired state only after this.
+    pub fn start(&self) -> u64 {
+        self.started
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1
+    }
+
+    /// The pass whose teardown completed last, watched.
+    pub fn torn_down(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.torn_down.subscribe()
+    }
+
+    pub fn finish_teardown(&self, pass: u64) {
+        self.torn_down.send_modify(|p| *p = (*p).max(pass));
+    }
+}
+
 /// Host ports the agent publishes gateways on (127.0.0.1 only).
 pub const PORT_RANGE: std::ops::RangeInclusive<u16> = 20000..=29999;
 
@@ -72,6 +114,7 @@ pub struct Reconciler {
     pub subnets: SubnetPool,
     /// Tenants whose container the restart driver is restarting: not started from here.
     pub restarting: Arc<Mutex<BTreeSet<String>>>,
+    pub passes: Arc<Passes>,
 }
 
 pub fn port_free_on_loopback(port: u16) -> bool {
@@ -132,7 +175,7 @@ impl Reconciler {
             }
             let used: Vec<String> = self
                 .runtime
-                .networks()
+                .networks(None)
                 .await
                 .map_err(|e| e.to_string())?
                 .into_values()
@@ -174,14 +217,17 @@ impl Reconciler {
             .map_err(|e| format!("egress: {e}"))
     }
 
-    /// Volume → network → egress → container.
-    async fn create(
+    /// The image, the network and the egress rules of a tenant about to arrive.
+    async fn stage(
         &self,
         spec: &TenantSpec,
-        generation: u64,
-        used_ports: &mut Vec<u16>,
         networks: &HashMap<String, Vec<String>>,
-    ) -> Result<EgressReport, Failure> {
+    ) -> Result<(), String> {
+        self.ensure_image(spec).await?;
+        self.network_and_egress(spec, networks).await.map(|_| ())
+    }
+
+    async fn ensure_image(&self, spec: &TenantSpec) -> Result<(), String> {
         if !self
             .runtime
             .image_present(&spec.image)
@@ -195,6 +241,18 @@ impl Reconciler {
                 )
             })?;
         }
+        Ok(())
+    }
+
+    /// Volume → network → egress → container.
+    async fn create(
+        &self,
+        spec: &TenantSpec,
+        generation: u64,
+        used_ports: &mut Vec<u16>,
+        networks: &HashMap<String, Vec<String>>,
+    ) -> Result<EgressReport, Failure> {
+        self.ensure_image(spec).await?;
         let volume = self.volumes.prepare(spec).await?;
         let report = self.network_and_egress(spec, networks).await?;
         // A port free on loopback may still be reserved by Docker for another container: then
@@ -227,8 +285,23 @@ impl Reconciler {
         Err(last_error.into())
     }
 
-    /// One pass: returns the status of every desired tenant.
+    /// One pass over `desired`: returns the status of every desired tenant.
     pub async fn reconcile(&self, desired: &Desired) -> Vec<proto::TenantStatus> {
+        self.reconcile_current(|| desired.clone()).await
+    }
+
+    /// One pass over the desired state `read` returns, read after the pass has started (see
+    /// [`Passes`]).
+    pub async fn reconcile_current(
+        &self,
+        read: impl FnOnce() -> Desired,
+    ) -> Vec<proto::TenantStatus> {
+        let pass = self.passes.start();
+        let desired = read();
+        self.pass(&desired, pass).await
+    }
+
+    async fn pass(&self, desired: &Desired, pass: u64) -> Vec<proto::TenantStatus> {
         let generation = desired.generation;
         let actual = match self.runtime.list(&self.host).await {
             Ok(a) => a,
@@ -264,6 +337,7 @@ impl Reconciler {
         }
         // Tear down what is no longer desired, and duplicates. Rules of a tenant whose
         // container could not be removed stay.
+        let mut all_torn_down = true;
         let mut keep_rules: BTreeSet<TenantId> =
             wanted.values().map(|s| s.tenant_id.clone()).collect();
         for c in &actual {
@@ -278,17 +352,26 @@ impl Reconciler {
                     }
                     Err(e) => {
                         keep_rules.extend(TenantId::new(&c.tenant));
+                        all_torn_down = false;
                         tracing::warn!(tenant = %c.tenant, error = %e, "teardown failed; retried next pass")
                     }
                 }
             }
         }
+        // Work waiting for this teardown runs only if nothing undesired is left.
+        if all_torn_down {
+            self.passes.finish_teardown(pass);
+        }
         // Ports published by any container on the engine, berth's or not.
         let mut used_ports: Vec<u16> = actual.iter().map(|c| c.port).collect();
         used_ports.extend(self.runtime.published_ports().await.unwrap_or_default());
-        let networks = self.runtime.networks().await.unwrap_or_default();
+        let networks = self
+            .runtime
+            .networks(Some(&self.host))
+            .await
+            .unwrap_or_default();
         let mut statuses = Vec::with_capacity(wanted.len());
-        for (tenant, spec) in wanted {
+        for (&tenant, &spec) in &wanted {
             let existing = by_tenant.get(tenant).and_then(|v| v.first()).copied();
             let hash = hardening::spec_hash(spec);
             let outcome = match (&egress_ready, existing) {
@@ -372,6 +455,19 @@ impl Reconciler {
             };
             s.memory_cap_bytes = spec.resources.memory_bytes;
             statuses.push(s);
+        }
+        // Staged tenants (their volume on its way here) get everything but volume and
+        // container, so they start as fast as a restart once it arrives.
+        for spec in &desired.staged {
+            if wanted.contains_key(spec.tenant_id.as_str()) {
+                continue;
+            }
+            keep_rules.insert(spec.tenant_id.clone());
+            if egress_ready.is_ok()
+                && let Err(e) = self.stage(spec, &networks).await
+            {
+                tracing::warn!(tenant = %spec.tenant_id, error = %e, "staging failed; retried next pass");
+            }
         }
         if egress_ready.is_ok()
             && let Err(e) = self.egress.sweep(&keep_rules).await

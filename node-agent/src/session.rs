@@ -223,7 +223,12 @@ async fn session_loop(
     let mut sequence = 0u64;
     loop {
         tokio::select! {
-            _ = ticker.tick() => {
+            _ = async {
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    () = enforcement.states_changed() => ticker.reset(),
+                }
+            } => {
                 sequence += 1;
                 let m = meter.measure();
                 let (generation, statuses) = enforcement.statuses();

@@ -10,6 +10,7 @@ pub mod debroot;
 pub mod docker;
 pub mod fleet;
 pub mod keyscan;
+pub mod multihost;
 pub mod netns;
 pub mod procs;
 pub mod vm;

@@ -156,6 +156,7 @@ async fn a_bad_desired_state_is_refused_precisely_and_changes_nothing() {
         desired: proto::DesiredState {
             generation: 5,
             tenants: vec![first_good, first_bad],
+            staged: vec![],
         },
         acks: acks_tx,
     };
@@ -200,6 +201,7 @@ async fn a_bad_desired_state_is_refused_precisely_and_changes_nothing() {
             .accept(proto::DesiredState {
                 generation: 1,
                 tenants: vec![good.clone(), bad.clone()],
+                staged: vec![],
             })
             .unwrap_err();
         assert!(err.to_string().starts_with(expected), "{err}");

@@ -110,6 +110,7 @@ fn reconciler(fake: &Arc<FakeRuntime>) -> Reconciler {
         port_free: |_| true,
         subnets: crate::subnets::SubnetPool::default(),
         restarting: Arc::default(),
+        passes: Arc::default(),
     }
 }
 
@@ -119,6 +120,7 @@ async fn creates_in_order_adopts_without_restart_and_tears_down_in_reverse() {
     let desired = Desired {
         generation: 3,
         tenants: vec![spec("a", "img:1")],
+        staged: vec![],
     };
     let statuses = r.reconcile(&desired).await;
     assert_eq!(
@@ -164,6 +166,7 @@ async fn creates_in_order_adopts_without_restart_and_tears_down_in_reverse() {
         .reconcile(&Desired {
             generation: 4,
             tenants: vec![],
+            staged: vec![],
         })
         .await;
     assert!(statuses.is_empty());
@@ -184,6 +187,7 @@ async fn a_changed_spec_recreates_and_an_unpullable_image_fails_with_the_reason(
     r.reconcile(&Desired {
         generation: 1,
         tenants: vec![spec("a", "img:1")],
+        staged: vec![],
     })
     .await;
     fake.calls.lock().unwrap().clear();
@@ -191,6 +195,7 @@ async fn a_changed_spec_recreates_and_an_unpullable_image_fails_with_the_reason(
         .reconcile(&Desired {
             generation: 2,
             tenants: vec![spec("a", "localhost:1/absent:2")],
+            staged: vec![],
         })
         .await;
     assert_eq!(
@@ -223,6 +228,7 @@ async fn ports_skip_those_in_use_and_duplicates_are_removed() {
     let desired = Desired {
         generation: 1,
         tenants: vec![spec("a", "img:1"), spec("b", "img:1")],
+        staged: vec![],
     };
     let statuses = r.reconcile(&desired).await;
     let ports: Vec<u32> = statuses.iter().map(|s| s.published_port).collect();
@@ -248,6 +254,7 @@ async fn without_its_volume_key_a_tenant_waits_and_its_container_never_starts() 
     let desired = Desired {
         generation: 1,
         tenants: vec![spec("a", "img:1")],
+        staged: vec![],
     };
     *fake.volume_key_missing.lock().unwrap() = true;
     let statuses = r.reconcile(&desired).await;
@@ -288,6 +295,7 @@ async fn no_container_starts_without_its_rules_and_an_allowlist_change_does_not_
     let one = Desired {
         generation: 1,
         tenants: vec![spec("a", "img:1")],
+        staged: vec![],
     };
     let statuses = r.reconcile(&one).await;
     assert_eq!(statuses[0].state, proto::TenantState::Failed as i32);
@@ -306,6 +314,7 @@ async fn no_container_starts_without_its_rules_and_an_allowlist_change_does_not_
     r.reconcile(&Desired {
         generation: 2,
         tenants: vec![changed],
+        staged: vec![],
     })
     .await;
     assert!(fake.calls().is_empty(), "{:?}", fake.calls());
@@ -343,6 +352,7 @@ async fn a_port_taken_while_stopped_means_a_new_container_on_a_fresh_port() {
     let desired = Desired {
         generation: 1,
         tenants: vec![spec("a", "img:1")],
+        staged: vec![],
     };
     r.reconcile(&desired).await;
     fake.containers.lock().unwrap()[0].state = "exited".into();
@@ -361,4 +371,43 @@ async fn a_port_taken_while_stopped_means_a_new_container_on_a_fresh_port() {
         ]
     );
     assert_eq!(statuses[0].published_port, 20001);
+}
+
+#[tokio::test]
+async fn a_staged_tenant_gets_its_network_and_rules_but_no_volume_or_container_until_it_runs() {
+    let (fake, r) = with_image();
+    // The tenant's network on the host it leaves, on the same engine (as in tests): not
+    // this host's, so neither used nor its subnet taken.
+    fake.networks
+        .lock()
+        .unwrap()
+        .insert("berth-m".into(), vec!["10.213.0.0/28".into()]);
+    fake.network_owners
+        .lock()
+        .unwrap()
+        .insert("berth-m".into(), "h0".into());
+    let staged = Desired {
+        generation: 5,
+        tenants: vec![],
+        staged: vec![spec("m", "img:1")],
+    };
+    let statuses = r.reconcile(&staged).await;
+    assert!(statuses.is_empty(), "a staged tenant is not reported");
+    assert_eq!(
+        fake.calls(),
+        ["network berth-m 10.213.0.16/28", "egress m 10.213.0.16/28"]
+    );
+    // Staged again: nothing new, and its rules are not swept.
+    fake.calls.lock().unwrap().clear();
+    r.reconcile(&staged).await;
+    assert!(fake.calls().is_empty(), "{:?}", fake.calls());
+    // Its volume arrived and it is delivered: only the volume and the container are left.
+    fake.calls.lock().unwrap().clear();
+    r.reconcile(&Desired {
+        generation: 6,
+        tenants: vec![spec("m", "img:1")],
+        staged: vec![],
+    })
+    .await;
+    assert_eq!(fake.calls(), ["volume m", "create berth-m"]);
 }

@@ -212,6 +212,7 @@ async fn a_requested_restart_runs_behind_the_gate_and_answers_once() {
     let desired = Desired {
         generation: 3,
         tenants: vec![spec("a"), spec("b")],
+        staged: vec![],
     };
     let statuses = [
         status("a", proto::TenantState::Running),
@@ -280,6 +281,7 @@ async fn a_failed_restart_is_reported_and_frees_its_place() {
     let desired = Desired {
         generation: 1,
         tenants: vec![spec("a")],
+        staged: vec![],
     };
     let statuses = [status("a", proto::TenantState::Running)];
     restarts.request("a", 1);

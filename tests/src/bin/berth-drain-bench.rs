@@ -1,0 +1,137 @@
+//! berth-drain-bench: how long a drain takes against the bound
+//! `1.2 × (volume bytes ÷ stream throughput) + restart time × ⌈tenants ÷ max-parallel⌉`.
+//!
+//! A coordinator and three agents on the local Docker engine (in this host's network
+//! namespace, so the agents' health probes reach the tenants). First a probe tenant with a `--probe-mib` volume is drained alone: the target
+//! agent's own log gives the stream throughput (bytes and milliseconds of the import), and a
+//! `berthctl restart` of the moved probe gives one tenant's restart time. Then `--tenants`
+//! tenants with `--volume-mib` of random data each are drained with `--max-parallel`, timed
+//! from the drain call until `drain-status` says done (polled every 100 ms).
+//!
+//! Run as root with dockerd running, after `cargo build --release --workspace --bins`:
+//! `target/release/berth-drain-bench --tenants 6 --volume-mib 64 --max-parallel 2`
+
+use std::time::{Duration, Instant};
+
+use berth_tests::multihost::{Host, drain_status, fleet, json, tenants_on};
+use berth_tests::procs::CoordinatorProc;
+use berth_tests::wait_for;
+
+fn arg(args: &[String], name: &str, default: usize) -> usize {
+    match args.iter().position(|a| a == name) {
+        None => default,
+        Some(i) => args
+            .get(i + 1)
+            .and_then(|v| v.parse().ok())
+            .filter(|n| *n > 0)
+            .unwrap_or_else(|| {
+                eprintln!("{name}: a positive number");
+                std::process::exit(2)
+            }),
+    }
+}
+
+/// Drains `host` and waits until it is done; returns the wall time.
+fn drain(c: &CoordinatorProc, host: &str, max_parallel: usize) -> Duration {
+    let began = Instant::now();
+    json(
+        c,
+        &["drain", host, "--max-parallel", &max_parallel.to_string()],
+    );
+    let ended = wait_for("the drain done", Duration::from_secs(1800), || {
+        let s = drain_status(c, host);
+        (s["phase"] != "running").then_some(s)
+    });
+    let took = began.elapsed();
+    if ended["phase"] != "done" {
+        eprintln!("the drain ended {}: {ended:#}", ended["phase"]);
+        std::process::exit(1)
+    }
+    took
+}
+
+/// Bytes and milliseconds of the last import logged by `host`'s agent.
+fn last_import(host: &Host) -> (u64, u64) {
+    let log = host.agent.log();
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("volume transferred") && l.contains("Import"))
+        .unwrap_or_else(|| panic!("no import in the agent's log:\n{log}"));
+    let field = |name: &str| -> u64 {
+        let start = line.find(&format!("{name}=")).expect(name) + name.len() + 1;
+        line[start..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|v| v.parse().ok())
+            .expect(name)
+    };
+    (field("bytes"), field("ms"))
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let tenants = arg(&args, "--tenants", 6);
+    let volume_mib = arg(&args, "--volume-mib", 64);
+    let max_parallel = arg(&args, "--max-parallel", 2);
+    let probe_mib = arg(&args, "--probe-mib", 256);
+    let Some((_net, coordinator, hosts)) = fleet(3, false) else {
+        eprintln!("needs root, network namespaces and a Docker engine");
+        std::process::exit(1)
+    };
+    let ids: Vec<String> = hosts.iter().map(|h| h.agent.host_id.clone()).collect();
+
+    // The probe: one tenant's volume alone, and one restart.
+    let probe = tenants_on(&coordinator, &hosts[2], &[&ids[0], &ids[1]], 1, probe_mib);
+    let probe_id = probe.keys().next().unwrap().clone();
+    drain(&coordinator, &ids[2], 1);
+    let placed = json(&coordinator, &["tenants"]);
+    let probe_host = placed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["tenant_id"] == probe_id.as_str())
+        .and_then(|t| t["host_id"].as_str())
+        .unwrap()
+        .to_string();
+    let target = hosts
+        .iter()
+        .find(|h| h.agent.host_id == probe_host)
+        .unwrap();
+    let (bytes, ms) = last_import(target);
+    let throughput = bytes as f64 / (ms.max(1) as f64 / 1000.0);
+    let restart = json(&coordinator, &["restart", &probe_id]);
+    let restart_s = restart["downtime_ms"].as_u64().unwrap() as f64 / 1000.0;
+    assert!(coordinator.berthctl(&["uncordon", &ids[2]]).0);
+    assert!(coordinator.berthctl(&["remove", &probe_id, "--purge"]).0);
+
+    // The drain itself.
+    let data = tenants_on(
+        &coordinator,
+        &hosts[0],
+        &[&ids[1], &ids[2]],
+        tenants,
+        volume_mib,
+    );
+    let total_bytes = (data.len() * (volume_mib << 20)) as f64;
+    let took = drain(&coordinator, &ids[0], max_parallel).as_secs_f64();
+    let rounds = tenants.div_ceil(max_parallel) as f64;
+    let limit = 1.2 * total_bytes / throughput + restart_s * rounds;
+    if std::env::var_os("BERTH_BENCH_LOG").is_some() {
+        eprintln!("{}", coordinator.log());
+        for h in &hosts {
+            eprintln!("--- {}\n{}", h.agent.host_id, h.agent.log());
+        }
+    }
+    println!(
+        "stream throughput: {:.1} MiB/s ({} MiB in {ms} ms)",
+        throughput / f64::from(1 << 20),
+        bytes >> 20
+    );
+    println!("one tenant's restart: {restart_s:.2} s");
+    println!(
+        "drain of {tenants} tenants × {volume_mib} MiB, {max_parallel} at once: {took:.2} s; bound 1.2 × {:.2} s + {restart_s:.2} s × {rounds} = {limit:.2} s; ratio {:.2}",
+        total_bytes / throughput,
+        took / limit
+    );
+}
