@@ -25,6 +25,8 @@ pub struct Progress {
     pub copied: AtomicU64,
     pub total: AtomicU64,
     pub started: Instant,
+    /// Its owner gave up (an abort, a deadline): the relay stops at the next chunk.
+    pub abandoned: std::sync::atomic::AtomicBool,
 }
 
 impl Progress {
@@ -72,6 +74,7 @@ pub struct TransferGuard<'a> {
 
 impl Drop for TransferGuard<'_> {
     fn drop(&mut self) {
+        self.progress.abandoned.store(true, Ordering::Relaxed);
         self.transfers
             .slots
             .lock()
@@ -91,6 +94,7 @@ impl Transfers {
             copied: AtomicU64::new(0),
             total: AtomicU64::new(0),
             started: Instant::now(),
+            abandoned: Default::default(),
         });
         self.slots.lock().unwrap_or_else(|p| p.into_inner()).insert(
             id,
@@ -173,6 +177,11 @@ impl Transfers {
         let mut passed = 0u64;
         loop {
             match inbound.message().await {
+                Ok(Some(_)) if progress.abandoned.load(Ordering::Relaxed) => {
+                    let status = Status::aborted("the transfer was abandoned (drain stopped)");
+                    let _ = sender.send(Err(status.clone())).await;
+                    return Err(status);
+                }
                 Ok(Some(chunk)) => {
                     if let Some(Body::Data(d)) = &chunk.body {
                         passed += d.data.len() as u64;
@@ -257,6 +266,7 @@ mod tests {
             copied: AtomicU64::new(25),
             total: AtomicU64::new(100),
             started: Instant::now() - std::time::Duration::from_secs(1),
+            abandoned: Default::default(),
         };
         let eta = progress.eta_ms();
         assert!((2900..=3100).contains(&eta), "{eta}");

@@ -44,8 +44,14 @@ pub struct Enforcement {
     /// Each with the pass whose teardown it waits for (0: none, an import).
     volume_commands: Mutex<Vec<(u64, proto::VolumeCommand)>>,
     volume_commands_queued: Notify,
+    /// Tenants whose volume is being sent or received: a purge of theirs waits for the end
+    /// (an import finishing after the purge would leave a copy behind).
+    transferring: Mutex<std::collections::BTreeSet<String>>,
     /// The reconciler's passes, which volume commands wait for.
     pub passes: Arc<Passes>,
+    /// The first pass that reads the last accepted desired state: a purge or export of a
+    /// tenant that state dropped waits for its teardown.
+    reads_latest: std::sync::atomic::AtomicU64,
     volume_results: Mutex<VecDeque<proto::VolumeResult>>,
     volume_results_ready: Notify,
     /// The channel of the current coordinator session, for volume transfers.
@@ -69,7 +75,9 @@ impl Enforcement {
             volume_keys: Mutex::new(HashMap::new()),
             volume_commands: Mutex::new(Vec::new()),
             volume_commands_queued: Notify::new(),
+            transferring: Mutex::default(),
             passes: Arc::default(),
+            reads_latest: std::sync::atomic::AtomicU64::new(1),
             volume_results: Mutex::new(VecDeque::new()),
             volume_results_ready: Notify::new(),
             transfer_channel: Mutex::new(None),
@@ -120,13 +128,14 @@ impl Enforcement {
     }
 
     /// Queues a volume command; its result comes out of [`Self::take_volume_results`]. A
-    /// purge or an export waits for the teardown of the next reconcile pass (which it wakes),
-    /// so the tenant's container is gone and its volume closed; an import, of a tenant that
-    /// runs nowhere here, goes at once.
+    /// purge or an export waits for the teardown of the first pass that read the last accepted
+    /// desired state (the coordinator asks only once that state dropped the tenant), so the
+    /// tenant's container is gone and its volume closed; an import, of a tenant that runs
+    /// nowhere here, goes at once.
     pub fn request_volume(&self, command: proto::VolumeCommand) {
         let after = match proto::VolumeAction::try_from(command.action) {
             Ok(proto::VolumeAction::Import) => 0,
-            _ => self.passes.next(),
+            _ => self.reads_latest.load(std::sync::atomic::Ordering::SeqCst),
         };
         self.volume_commands
             .lock()
@@ -179,9 +188,17 @@ impl Enforcement {
                 .volume_commands
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
+            let transferring = self
+                .transferring
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             let (due, waiting) = std::mem::take(&mut *queued)
                 .into_iter()
-                .partition(|(after, _)| *after <= torn_down);
+                .partition(|(after, c)| {
+                    *after <= torn_down
+                        && !(c.action == proto::VolumeAction::Purge as i32
+                            && transferring.contains(&c.tenant_id))
+                });
             *queued = waiting;
             due.into_iter().map(|(_, c)| c).collect()
         };
@@ -212,6 +229,10 @@ impl Enforcement {
                     Ok(t),
                     Ok(action @ (proto::VolumeAction::Export | proto::VolumeAction::Import)),
                 ) => {
+                    self.transferring
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(t.to_string());
                     let at = VolumeLocation {
                         root: root.to_path_buf(),
                         tenant: t,
@@ -275,6 +296,12 @@ impl Enforcement {
                 result.error = e;
             }
         }
+        self.transferring
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&result.tenant_id);
+        // A purge may have waited for this transfer.
+        self.volume_commands_queued.notify_one();
         self.push_volume_result(result);
     }
 
@@ -337,6 +364,8 @@ impl Enforcement {
     pub fn accept(&self, state: proto::DesiredState) -> Result<usize, AcceptError> {
         let mut store = self.store();
         store.accept(state)?;
+        self.reads_latest
+            .store(self.passes.next(), std::sync::atomic::Ordering::SeqCst);
         let current = store.current();
         self.changed.send_replace(current.generation);
         Ok(current.tenants.len())
@@ -618,6 +647,31 @@ mod tests {
         );
         assert!(results[2].erased && results[2].deleted);
         assert!(e.take_volume_results().is_empty(), "each result once");
+    }
+
+    #[tokio::test]
+    async fn a_purge_waits_for_the_end_of_a_transfer_of_the_same_tenant() {
+        let e = Arc::new(placing_acme());
+        let volumes = RecordingVolumes::default();
+        e.transferring.lock().unwrap().insert("gone".into());
+        e.request_volume(proto::VolumeCommand {
+            tenant_id: "gone".into(),
+            request_id: 1,
+            action: proto::VolumeAction::Purge as i32,
+            transfer_id: 0,
+        });
+        let pass = e.passes.start();
+        e.passes.finish_teardown(pass);
+        e.run_volume_commands(&volumes, Path::new("/nonexistent"), pass)
+            .await;
+        assert!(
+            volumes.0.lock().unwrap().is_empty(),
+            "not while its import may still land"
+        );
+        e.transferring.lock().unwrap().clear();
+        e.run_volume_commands(&volumes, Path::new("/nonexistent"), pass)
+            .await;
+        assert_eq!(*volumes.0.lock().unwrap(), ["gone"]);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use berth_shared::ids::HostId;
+use berth_shared::ids::{HostId, TenantId};
 use berth_shared::spec::TenantSpec;
 use bollard::models::{
     ContainerCreateBody, HostConfig, HostConfigLogConfig, Ipam, IpamConfig, NetworkCreateRequest,
@@ -31,8 +31,18 @@ pub fn container_name(spec: &TenantSpec) -> String {
     format!("berth-{}", spec.tenant_id)
 }
 
-pub fn network_name(spec: &TenantSpec) -> String {
-    format!("berth-{}", spec.tenant_id)
+/// A tenant's network on `host`: named for the host too, so while a tenant moves the source's
+/// and the target's networks can coexist (hosts that share a Docker engine, as in tests).
+pub fn network_name(host: &HostId, tenant: &TenantId) -> String {
+    format!(
+        "berth-{tenant}-{}",
+        &hex::encode(Sha256::digest(host.as_str().as_bytes()))[..8]
+    )
+}
+
+/// The network name agents before 0.1 used, still recognized (and removed) on their hosts.
+pub fn legacy_network_name(tenant: &TenantId) -> String {
+    format!("berth-{tenant}")
 }
 
 /// A digest of everything that shapes the container: a change means recreate. The egress
@@ -52,7 +62,7 @@ pub fn spec_hash(spec: &TenantSpec) -> String {
 /// The tenant's bridge network: its own, so no two tenants share a segment, on `subnet`.
 pub fn network(host: &HostId, spec: &TenantSpec, subnet: &str) -> NetworkCreateRequest {
     NetworkCreateRequest {
-        name: network_name(spec),
+        name: network_name(host, &spec.tenant_id),
         driver: Some("bridge".into()),
         ipam: Some(Ipam {
             driver: Some("default".into()),
@@ -70,7 +80,7 @@ pub fn network(host: &HostId, spec: &TenantSpec, subnet: &str) -> NetworkCreateR
             ),
             (
                 "com.docker.network.bridge.name".to_string(),
-                bridge_name(spec),
+                bridge_name(host, &spec.tenant_id),
             ),
         ])),
         labels: Some(HashMap::from([
@@ -81,11 +91,12 @@ pub fn network(host: &HostId, spec: &TenantSpec, subnet: &str) -> NetworkCreateR
     }
 }
 
-/// Linux interface names are at most 15 bytes: `bt` + 13 hex digits of the tenant id's hash.
-pub fn bridge_name(spec: &TenantSpec) -> String {
+/// Linux interface names are at most 15 bytes: `bt` + 13 hex digits of a hash of the host and
+/// tenant ids.
+pub fn bridge_name(host: &HostId, tenant: &TenantId) -> String {
     format!(
         "bt{}",
-        &hex::encode(Sha256::digest(spec.tenant_id.as_str().as_bytes()))[..13]
+        &hex::encode(Sha256::digest(format!("{host}/{tenant}").as_bytes()))[..13]
     )
 }
 
@@ -127,7 +138,7 @@ pub fn container(
                 "/tmp".to_string(),
                 format!("rw,noexec,nosuid,nodev,size={TMPFS_SIZE}"),
             )])),
-            network_mode: Some(network_name(spec)),
+            network_mode: Some(network_name(host, &spec.tenant_id)),
             binds: Some(vec![format!(
                 "{}:{}:rw",
                 volume.display(),
@@ -209,7 +220,11 @@ mod tests {
         assert_eq!(hc.readonly_rootfs, Some(true));
         assert!(hc.tmpfs.unwrap()["/tmp"].contains("noexec"));
         assert_eq!(c.user.as_deref(), Some(TENANT_USER));
-        assert_eq!(hc.network_mode.as_deref(), Some("berth-acme-dental"));
+        assert_eq!(
+            hc.network_mode.as_deref(),
+            Some("berth-acme-dental-33112ee1"),
+            "the host's own network"
+        );
         let binding = &hc.port_bindings.unwrap()["18789/tcp"].clone().unwrap()[0];
         assert_eq!(
             (binding.host_ip.as_deref(), binding.host_port.as_deref()),
@@ -255,6 +270,15 @@ mod tests {
         );
         b.resources.memory_bytes += 1 << 20;
         assert_ne!(spec_hash(&a), spec_hash(&b));
-        assert!(bridge_name(&a).len() <= 15);
+        let (h1, h2) = (HostId::new("h1").unwrap(), HostId::new("h2").unwrap());
+        assert_eq!(bridge_name(&h1, &a.tenant_id).len(), 15);
+        assert_ne!(
+            bridge_name(&h1, &a.tenant_id),
+            bridge_name(&h2, &a.tenant_id)
+        );
+        assert_ne!(
+            network_name(&h1, &a.tenant_id),
+            network_name(&h2, &a.tenant_id)
+        );
     }
 }

@@ -139,19 +139,34 @@ fn status(
 impl Reconciler {
     /// Removes a container, then its egress rules, volume and network (reverse order).
     async fn teardown(&self, container: &ManagedContainer) -> Result<(), String> {
+        self.release_container(container).await?;
+        self.remove_network(container).await
+    }
+
+    /// Removes a container, then its egress rules and volume.
+    async fn release_container(&self, container: &ManagedContainer) -> Result<(), String> {
         self.runtime
             .remove(&container.id)
             .await
             .map_err(|e| e.to_string())?;
         // A container whose tenant label is not a valid id had no rules or network made.
-        let tenant = TenantId::new(&container.tenant).ok();
-        if let Some(tenant) = &tenant {
-            self.egress.release(tenant).await?;
+        if let Ok(tenant) = TenantId::new(&container.tenant) {
+            self.egress.release(&tenant).await?;
         }
-        self.volumes.release(&container.tenant).await?;
-        if tenant.is_some() {
+        self.volumes.release(&container.tenant).await
+    }
+
+    /// Removes the network of a removed container's tenant (under its current or legacy name).
+    async fn remove_network(&self, container: &ManagedContainer) -> Result<(), String> {
+        let Ok(tenant) = TenantId::new(&container.tenant) else {
+            return Ok(());
+        };
+        for name in [
+            hardening::network_name(&self.host, &tenant),
+            hardening::legacy_network_name(&tenant),
+        ] {
             self.runtime
-                .remove_network(&format!("berth-{}", container.tenant))
+                .remove_network(&name)
                 .await
                 .map_err(|e| e.to_string())?;
         }
@@ -205,7 +220,8 @@ impl Reconciler {
         networks: &HashMap<String, Vec<String>>,
     ) -> Result<EgressReport, String> {
         let subnet = match networks
-            .get(&hardening::network_name(spec))
+            .get(&hardening::network_name(&self.host, &spec.tenant_id))
+            .or_else(|| networks.get(&hardening::legacy_network_name(&spec.tenant_id)))
             .and_then(|s| s.first())
         {
             Some(subnet) => subnet.clone(),
@@ -338,6 +354,7 @@ impl Reconciler {
         // Tear down what is no longer desired, and duplicates. Rules of a tenant whose
         // container could not be removed stay.
         let mut all_torn_down = true;
+        let mut released = Vec::new();
         let mut keep_rules: BTreeSet<TenantId> =
             wanted.values().map(|s| s.tenant_id.clone()).collect();
         for c in &actual {
@@ -346,9 +363,10 @@ impl Reconciler {
                     .first()
                     .is_some_and(|first| first.id == c.id);
             if !keep {
-                match self.teardown(c).await {
+                match self.release_container(c).await {
                     Ok(()) => {
-                        tracing::info!(tenant = %c.tenant, container = %c.id, "tenant container removed")
+                        tracing::info!(tenant = %c.tenant, container = %c.id, "tenant container removed");
+                        released.push(c);
                     }
                     Err(e) => {
                         keep_rules.extend(TenantId::new(&c.tenant));
@@ -358,9 +376,15 @@ impl Reconciler {
                 }
             }
         }
-        // Work waiting for this teardown runs only if nothing undesired is left.
+        // Work waiting for this teardown runs only if nothing undesired is left; the networks
+        // (slow to remove, and no volume's business) go after.
         if all_torn_down {
             self.passes.finish_teardown(pass);
+        }
+        for c in released {
+            if let Err(e) = self.remove_network(c).await {
+                tracing::warn!(tenant = %c.tenant, error = %e, "tenant network not removed");
+            }
         }
         // Ports published by any container on the engine, berth's or not.
         let mut used_ports: Vec<u16> = actual.iter().map(|c| c.port).collect();
@@ -424,7 +448,8 @@ impl Reconciler {
                         Ok(()) => {
                             // Teardown removed the network with the container.
                             let mut networks = networks.clone();
-                            networks.remove(&hardening::network_name(spec));
+                            networks.remove(&hardening::network_name(&self.host, &spec.tenant_id));
+                            networks.remove(&hardening::legacy_network_name(&spec.tenant_id));
                             self.create(spec, generation, &mut used_ports, &networks)
                                 .await
                         }
@@ -476,11 +501,12 @@ impl Reconciler {
         }
         // One more listing sees what this pass created.
         if let Ok(now) = self.runtime.list(&self.host).await {
-            for s in &mut statuses {
-                if let Some(c) = now.iter().find(|c| c.tenant == s.tenant_id) {
-                    self.observe(s, c).await;
-                }
-            }
+            // Concurrently: the report waits for this pass, and a drain for the report.
+            futures::future::join_all(statuses.iter_mut().filter_map(|s| {
+                let c = now.iter().find(|c| c.tenant == s.tenant_id)?;
+                Some(self.observe(s, c))
+            }))
+            .await;
         }
         statuses
     }

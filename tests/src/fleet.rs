@@ -62,6 +62,14 @@ pub fn fleet_with(agent_config: &str) -> Option<Fleet> {
 }
 
 impl Fleet {
+    /// The Docker network of `tenant` on this fleet's host.
+    pub fn network(&self, tenant: &str) -> String {
+        berth_node_agent::hardening::network_name(
+            &berth_shared::ids::HostId::new(&self.agent.host_id).unwrap(),
+            &TenantId::new(tenant).unwrap(),
+        )
+    }
+
     pub fn place(&self, tenant: &str, memory: &str) -> Instant {
         self.place_with_cpu(tenant, memory, 250)
     }

@@ -28,7 +28,12 @@ pub fn available() -> Result<(), String> {
     if !crate::is_root() {
         return Err("network namespaces need root".into());
     }
-    let probe = format!("bprobe{}", std::process::id());
+    // Unique per call: tests of one binary probe concurrently.
+    let probe = format!(
+        "bprobe{}x{}",
+        std::process::id() % 100_000,
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    );
     ip(&["netns", "add", &probe])?;
     ip(&["netns", "del", &probe])
 }

@@ -13,7 +13,7 @@ use berth_tests::wait_for;
 fn a_placed_tenant_runs_hardened_under_its_cap_within_3_seconds() {
     let Some(f) = fleet() else { return };
     let tenant = unique("hard");
-    assert!(inspect_network(&format!("berth-{tenant}")).is_none());
+    assert!(inspect_network(&f.network(&tenant)).is_none());
     let replied = f.place(&tenant, "128MiB");
     let view = f.wait_running(&tenant, Duration::from_secs(3));
     let took = replied.elapsed();
@@ -43,7 +43,7 @@ fn a_placed_tenant_runs_hardened_under_its_cap_within_3_seconds() {
     assert_eq!(hc["ReadonlyRootfs"], true);
     assert!(hc["Tmpfs"]["/tmp"].as_str().unwrap().contains("noexec"));
     assert_eq!(c["Config"]["User"], "65534:65534");
-    assert_eq!(hc["NetworkMode"], format!("berth-{tenant}"));
+    assert_eq!(hc["NetworkMode"], f.network(&tenant));
     let binding = &hc["PortBindings"]["18789/tcp"][0];
     assert_eq!(
         (binding["HostIp"].as_str(), binding["HostPort"].as_str()),
@@ -201,7 +201,10 @@ fn removal_leaves_nothing_behind_and_foreign_containers_are_never_touched() {
     wait_for(
         "container and network gone",
         Duration::from_secs(10),
-        || (inspect(&name).is_none() && inspect_network(&name).is_none()).then_some(()),
+        || {
+            (inspect(&name).is_none() && inspect_network(&f.network(&tenant)).is_none())
+                .then_some(())
+        },
     );
     assert!(f.tenant(&tenant).is_none());
     // Several reconcile passes later the unlabelled container is exactly as it was.
@@ -248,7 +251,7 @@ fn a_host_runs_more_tenants_than_dockers_default_address_pools_hold() {
     let subnets: std::collections::BTreeSet<String> = tenants
         .iter()
         .map(|t| {
-            inspect_network(&format!("berth-{t}")).unwrap()["IPAM"]["Config"][0]["Subnet"]
+            inspect_network(&f.network(t)).unwrap()["IPAM"]["Config"][0]["Subnet"]
                 .as_str()
                 .unwrap()
                 .to_string()

@@ -294,8 +294,9 @@ fn a_drain_stops_at_its_deadline_and_a_lost_hosts_tenants_move_only_when_the_ope
     let by_id: BTreeMap<String, &Host> =
         hosts.iter().map(|h| (h.agent.host_id.clone(), h)).collect();
 
-    // A deadline no move can meet: the one under way rolls back, the others never start,
-    // and every tenant runs once, where it is placed, with its data.
+    // A deadline that stops the drain midway: what moved stays moved, the move under way
+    // rolls back, the rest never starts, and every tenant runs once, where it is placed, with
+    // its data.
     let started = json(
         &coordinator,
         &["drain", &src, "--deadline", "1s", "--max-parallel", "1"],
@@ -312,20 +313,31 @@ fn a_drain_stops_at_its_deadline_and_a_lost_hosts_tenants_move_only_when_the_ope
         .iter()
         .map(|m| m["phase"].as_str().unwrap())
         .collect();
-    assert!(phases.contains(&"rolled_back"), "{phases:?}");
     assert!(
         phases
             .iter()
-            .all(|p| ["rolled_back", "not_moved"].contains(p)),
-        "{phases:?}"
+            .all(|p| ["done", "rolled_back", "not_moved"].contains(p)),
+        "nothing left half-way: {phases:?}"
     );
     assert!(
-        ended.to_string().contains("the drain's deadline passed"),
-        "{ended:#}"
+        phases.iter().any(|p| *p != "done"),
+        "3 moves cannot all finish in 1 s: {phases:?}"
     );
+    if phases.contains(&"rolled_back") {
+        assert!(
+            ended.to_string().contains("the drain's deadline passed"),
+            "{ended:#}"
+        );
+    }
     assert_consistent(&coordinator, &by_id, &data);
     assert_eq!(coordinator.host_state(&src).as_deref(), Some("cordoned"));
     drop(by_id);
+    let stranded: Vec<String> = placed(&coordinator)
+        .into_iter()
+        .filter(|(_, (h, _))| *h == src)
+        .map(|(t, _)| t)
+        .collect();
+    assert!(!stranded.is_empty());
 
     // The source is lost (its machine gone, containers and all).
     hosts[0].agent.kill9();
@@ -345,9 +357,10 @@ fn a_drain_stops_at_its_deadline_and_a_lost_hosts_tenants_move_only_when_the_ope
             "{m}"
         );
     }
+    assert_eq!(blocked["moves"].as_array().unwrap().len(), stranded.len());
     let placements = placed(&coordinator);
     assert!(
-        data.keys().all(|t| placements[t].0 == src),
+        stranded.iter().all(|t| placements[t].0 == src),
         "still assigned to the lost host: {placements:?}"
     );
 
@@ -359,17 +372,22 @@ fn a_drain_stops_at_its_deadline_and_a_lost_hosts_tenants_move_only_when_the_ope
         (s["phase"] != "running").then_some(s)
     });
     assert_eq!(done["phase"], "done", "{done:#}");
-    let placements = wait_for("all running on the target", Duration::from_secs(60), || {
+    wait_for("all running on the target", Duration::from_secs(60), || {
         let p = placed(&coordinator);
         data.keys()
             .all(|t| p[t] == (target.clone(), "running".to_string()))
-            .then_some(p)
+            .then_some(())
     });
-    for (tenant, m) in data.keys().zip(done["moves"].as_array().unwrap()) {
+    for m in done["moves"].as_array().unwrap() {
         assert_eq!(m["phase"], "started_empty", "{m}");
-        assert_eq!(placements[tenant].0, target);
+    }
+    for tenant in data.keys() {
         let volume = hosts[1].volume(tenant);
-        assert!(volume.is_dir(), "a fresh volume for {tenant}");
-        assert!(!volume.join("data.bin").exists(), "empty, as accepted");
+        assert!(volume.is_dir(), "a volume for {tenant}");
+        assert_eq!(
+            volume.join("data.bin").exists(),
+            !stranded.contains(tenant),
+            "{tenant}: moved in time with its data, or lost and started empty as accepted"
+        );
     }
 }

@@ -232,15 +232,15 @@ fn allowlists_confine_tenants_and_change_live() {
     // Not the other tenant, not the host: its address on the tenant bridge, on the routed
     // link, and a listener the test opens on every host address.
     let b_ip = inspect(&format!("berth-{b}")).unwrap()["NetworkSettings"]["Networks"]
-        [format!("berth-{b}")]["IPAddress"]
+        [e.f.network(&b)]["IPAddress"]
         .as_str()
         .unwrap()
         .to_string();
-    let a_gateway =
-        inspect(&container_a).unwrap()["NetworkSettings"]["Networks"][&container_a]["Gateway"]
-            .as_str()
-            .unwrap()
-            .to_string();
+    let a_gateway = inspect(&container_a).unwrap()["NetworkSettings"]["Networks"][e.f.network(&a)]
+        ["Gateway"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let host_listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
     let host_port = host_listener.local_addr().unwrap().port();
     for target in [

@@ -127,7 +127,7 @@ async fn creates_in_order_adopts_without_restart_and_tears_down_in_reverse() {
         fake.calls(),
         [
             "volume a",
-            "network berth-a 10.213.0.0/28",
+            "network berth-a-33112ee1 10.213.0.0/28",
             "egress a 10.213.0.0/28",
             "create berth-a"
         ]
@@ -176,6 +176,7 @@ async fn creates_in_order_adopts_without_restart_and_tears_down_in_reverse() {
             "remove 0001",
             "rm-egress a",
             "rm-volume a",
+            "rm-network berth-a-33112ee1",
             "rm-network berth-a"
         ]
     );
@@ -204,6 +205,7 @@ async fn a_changed_spec_recreates_and_an_unpullable_image_fails_with_the_reason(
             "remove 0001",
             "rm-egress a",
             "rm-volume a",
+            "rm-network berth-a-33112ee1",
             "rm-network berth-a",
             "pull localhost:1/absent:2"
         ]
@@ -235,7 +237,7 @@ async fn ports_skip_those_in_use_and_duplicates_are_removed() {
     assert_eq!(ports, [20002, 20003]);
     assert!(
         fake.calls()
-            .contains(&"network berth-b 10.213.0.16/28".to_string()),
+            .contains(&"network berth-b-33112ee1 10.213.0.16/28".to_string()),
         "each tenant its own /28: {:?}",
         fake.calls()
     );
@@ -395,7 +397,10 @@ async fn a_staged_tenant_gets_its_network_and_rules_but_no_volume_or_container_u
     assert!(statuses.is_empty(), "a staged tenant is not reported");
     assert_eq!(
         fake.calls(),
-        ["network berth-m 10.213.0.16/28", "egress m 10.213.0.16/28"]
+        [
+            "network berth-m-33112ee1 10.213.0.16/28",
+            "egress m 10.213.0.16/28"
+        ]
     );
     // Staged again: nothing new, and its rules are not swept.
     fake.calls.lock().unwrap().clear();
