@@ -188,17 +188,15 @@ impl Enforcement {
                 .volume_commands
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            let transferring = self
-                .transferring
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            let (due, waiting) = std::mem::take(&mut *queued)
-                .into_iter()
-                .partition(|(after, c)| {
-                    *after <= torn_down
-                        && !(c.action == proto::VolumeAction::Purge as i32
-                            && transferring.contains(&c.tenant_id))
-                });
+            let transferring = self.transferring.lock().unwrap_or_else(|p| p.into_inner());
+            let (due, waiting) =
+                std::mem::take(&mut *queued)
+                    .into_iter()
+                    .partition(|(after, c)| {
+                        *after <= torn_down
+                            && !(c.action == proto::VolumeAction::Purge as i32
+                                && transferring.contains(&c.tenant_id))
+                    });
             *queued = waiting;
             due.into_iter().map(|(_, c)| c).collect()
         };
