@@ -717,10 +717,9 @@ fn mismatched(host: &HostId, asked: &str, reply: &AgentReply) -> Status {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn an_encrypted_placement_has_its_key_before_the_reply_and_a_refused_one_none() {
-        let c = crate::dashboard::seed::seeded(3, 0).unwrap();
-        let spec = |id: &str, encrypted: bool, tier: &str| proto::TenantSpec {
+    /// A gateway tenant of `tier`, its volume encrypted or not.
+    fn spec(id: &str, encrypted: bool, tier: &str) -> proto::TenantSpec {
+        proto::TenantSpec {
             tenant_id: id.into(),
             image: "ghcr.io/openclaw/gateway:1".into(),
             tier: tier.into(),
@@ -730,7 +729,12 @@ mod tests {
                 mount_path: String::new(),
             }),
             ..Default::default()
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn an_encrypted_placement_has_its_key_before_the_reply_and_a_refused_one_none() {
+        let c = crate::dashboard::seed::seeded(3, 0).unwrap();
         let id = |s: &str| TenantId::new(s).unwrap();
         c.place(spec("sealed", true, "business")).await.unwrap();
         let key = c.keys.get(&id("sealed")).unwrap().expect("a key");
@@ -793,15 +797,7 @@ mod tests {
     async fn a_purge_is_done_only_when_the_host_shredded_the_volume_and_the_key_is_gone() {
         let c = crate::dashboard::seed::seeded(3, 0).unwrap();
         let id = TenantId::new("sealed").unwrap();
-        let placed = c
-            .place(proto::TenantSpec {
-                tenant_id: "sealed".into(),
-                image: "ghcr.io/openclaw/gateway:1".into(),
-                tier: "business".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let placed = c.place(spec("sealed", true, "business")).await.unwrap();
         let host = HostId::new(&placed.host_id).unwrap();
         // The host is not connected: removed, but not purged; the key and the volume's host stay.
         let err = c.remove(&id, true).await.unwrap_err().to_string();
@@ -864,20 +860,7 @@ mod tests {
     async fn a_placed_tenant_is_purged_only_after_its_host_acknowledged_the_removal() {
         let c = crate::dashboard::seed::seeded(3, 0).unwrap();
         let id = TenantId::new("open").unwrap();
-        let placed = c
-            .place(proto::TenantSpec {
-                tenant_id: "open".into(),
-                image: "ghcr.io/openclaw/gateway:1".into(),
-                tier: "business".into(),
-                volume: Some(proto::VolumeSpec {
-                    size_bytes: 0,
-                    encrypted: false,
-                    mount_path: String::new(),
-                }),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let placed = c.place(spec("open", false, "business")).await.unwrap();
         let host = HostId::new(&placed.host_id).unwrap();
         let (tx, mut rx) = mpsc::channel(4);
         c.sessions.register(&host, "s1", tx);
