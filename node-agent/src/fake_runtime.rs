@@ -16,8 +16,6 @@ pub struct FakeRuntime {
     pub containers: StdMutex<Vec<ManagedContainer>>,
     pub images: StdMutex<Vec<String>>,
     pub networks: StdMutex<HashMap<String, Vec<String>>>,
-    /// The host label each network was made with.
-    pub network_owners: StdMutex<HashMap<String, String>>,
     pub foreign_ports: StdMutex<Vec<u16>>,
     pub port_taken: StdMutex<bool>,
     pub egress_applied: StdMutex<Vec<String>>,
@@ -55,35 +53,12 @@ impl ContainerRuntime for FakeRuntime {
     async fn published_ports(&self) -> Result<Vec<u16>, RuntimeError> {
         Ok(self.foreign_ports.lock().unwrap().clone())
     }
-    async fn networks(
-        &self,
-        owner: Option<&HostId>,
-    ) -> Result<HashMap<String, Vec<String>>, RuntimeError> {
-        let owners = self.network_owners.lock().unwrap();
-        Ok(self
-            .networks
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(name, _)| {
-                owner.is_none_or(|h| owners.get(*name).is_some_and(|o| o == h.as_str()))
-            })
-            .map(|(n, s)| (n.clone(), s.clone()))
-            .collect())
+    async fn networks(&self) -> Result<HashMap<String, Vec<String>>, RuntimeError> {
+        Ok(self.networks.lock().unwrap().clone())
     }
     async fn create_network(&self, n: NetworkCreateRequest) -> Result<(), RuntimeError> {
         let subnet = n.ipam.unwrap().config.unwrap()[0].subnet.clone().unwrap();
         self.record(format!("network {} {subnet}", n.name));
-        let owner = n
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(crate::hardening::LABEL_HOST))
-            .cloned()
-            .unwrap_or_default();
-        self.network_owners
-            .lock()
-            .unwrap()
-            .insert(n.name.clone(), owner);
         self.networks.lock().unwrap().insert(n.name, vec![subnet]);
         Ok(())
     }

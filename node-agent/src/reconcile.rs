@@ -190,7 +190,7 @@ impl Reconciler {
             }
             let used: Vec<String> = self
                 .runtime
-                .networks(None)
+                .networks()
                 .await
                 .map_err(|e| e.to_string())?
                 .into_values()
@@ -389,11 +389,7 @@ impl Reconciler {
         // Ports published by any container on the engine, berth's or not.
         let mut used_ports: Vec<u16> = actual.iter().map(|c| c.port).collect();
         used_ports.extend(self.runtime.published_ports().await.unwrap_or_default());
-        let networks = self
-            .runtime
-            .networks(Some(&self.host))
-            .await
-            .unwrap_or_default();
+        let networks = self.runtime.networks().await.unwrap_or_default();
         let mut statuses = Vec::with_capacity(wanted.len());
         for (&tenant, &spec) in &wanted {
             let existing = by_tenant.get(tenant).and_then(|v| v.first()).copied();

@@ -75,13 +75,7 @@ pub trait ContainerRuntime: Send + Sync + std::fmt::Debug {
     /// Host ports published by every container on the engine (berth's and others').
     async fn published_ports(&self) -> Result<Vec<u16>, RuntimeError>;
     /// Every network on the engine (berth's and others') by name, with its subnets.
-    /// Networks by name with their subnets: all of them (to find a free subnet), or only
-    /// those `owner` made (to find a tenant's own network; during a move the same tenant's
-    /// network of another host may still exist on a shared engine).
-    async fn networks(
-        &self,
-        owner: Option<&HostId>,
-    ) -> Result<HashMap<String, Vec<String>>, RuntimeError>;
+    async fn networks(&self) -> Result<HashMap<String, Vec<String>>, RuntimeError>;
     /// Creates a network.
     async fn create_network(&self, network: NetworkCreateRequest) -> Result<(), RuntimeError>;
     async fn remove_network(&self, name: &str) -> Result<(), RuntimeError>;
@@ -223,14 +217,11 @@ impl ContainerRuntime for DockerRuntime {
             .collect())
     }
 
-    async fn networks(
-        &self,
-        owner: Option<&HostId>,
-    ) -> Result<HashMap<String, Vec<String>>, RuntimeError> {
-        let options = ListNetworksOptions {
-            filters: owner.map(label_filter),
-        };
-        let networks = self.docker.list_networks(Some(options)).await?;
+    async fn networks(&self) -> Result<HashMap<String, Vec<String>>, RuntimeError> {
+        let networks = self
+            .docker
+            .list_networks(None::<ListNetworksOptions>)
+            .await?;
         Ok(networks
             .into_iter()
             .map(|n| {

@@ -378,16 +378,12 @@ async fn a_port_taken_while_stopped_means_a_new_container_on_a_fresh_port() {
 #[tokio::test]
 async fn a_staged_tenant_gets_its_network_and_rules_but_no_volume_or_container_until_it_runs() {
     let (fake, r) = with_image();
-    // The tenant's network on the host it leaves, on the same engine (as in tests): not
-    // this host's, so neither used nor its subnet taken.
-    fake.networks
-        .lock()
-        .unwrap()
-        .insert("berth-m".into(), vec!["10.213.0.0/28".into()]);
-    fake.network_owners
-        .lock()
-        .unwrap()
-        .insert("berth-m".into(), "h0".into());
+    // The tenant's network on the host it leaves, on the same engine (as in tests): named for
+    // that host, so neither used here nor its subnet taken.
+    fake.networks.lock().unwrap().insert(
+        hardening::network_name(&HostId::new("h0").unwrap(), &TenantId::new("m").unwrap()),
+        vec!["10.213.0.0/28".into()],
+    );
     let staged = Desired {
         generation: 5,
         tenants: vec![],
