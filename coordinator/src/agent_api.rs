@@ -22,8 +22,9 @@ use crate::core::{AgentReply, AuthenticatedHost, Coordinator};
 use crate::registry::CertRecord;
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a session waits after a change before sending the host its desired state, so a
-/// burst of placements on one host costs one snapshot (delivery stays far inside 1 s).
+/// The least time between two desired-state snapshots to one host: a change after a quiet
+/// spell goes out at once, and the rest of a burst of placements waits out this window and
+/// goes out as one snapshot (delivery stays far inside 1 s).
 const DESIRED_STATE_COALESCE: Duration = Duration::from_millis(20);
 
 #[derive(Debug, Clone)]
@@ -191,6 +192,7 @@ impl AgentService for AgentApi {
         tokio::spawn(async move {
             // The host learns its durable desired state at once, and every change after.
             desired.mark_changed();
+            let mut last_sent: Option<tokio::time::Instant> = None;
             loop {
                 tokio::select! {
                     changed = desired.changed() => {
@@ -198,7 +200,10 @@ impl AgentService for AgentApi {
                             break;
                         }
                         // Coalesce a burst of placements into one snapshot.
-                        tokio::time::sleep(DESIRED_STATE_COALESCE).await;
+                        if let Some(sent) = last_sent {
+                            tokio::time::sleep_until(sent + DESIRED_STATE_COALESCE).await;
+                        }
+                        last_sent = Some(tokio::time::Instant::now());
                         desired.borrow_and_update();
                         let state = api.coordinator.placements.desired_state(&auth.host_id);
                         let keys = api.coordinator.volume_keys(&state);

@@ -28,6 +28,9 @@ pub const RESTART_WAIT: std::time::Duration = std::time::Duration::from_secs(600
 /// (`luksErase` and deleting a sparse file take well under a second).
 pub const PURGE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// How often a wait for an agent's report also checks what no report changes (the session).
+pub(crate) const RECHECK: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Everything the services share.
 #[derive(Debug)]
 pub struct Coordinator {
@@ -230,18 +233,22 @@ impl Coordinator {
         wait: std::time::Duration,
     ) -> Result<(), String> {
         let deadline = tokio::time::Instant::now() + wait;
-        while !self.placements.delivered(host, generation) {
-            if !self.sessions.is_connected(host) {
-                return Err("the host is not connected".into());
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(format!(
+        self.placements
+            .wait_for_report(deadline, RECHECK, || {
+                if self.placements.delivered(host, generation) {
+                    Some(Ok(()))
+                } else if !self.sessions.is_connected(host) {
+                    Some(Err("the host is not connected".to_string()))
+                } else {
+                    None
+                }
+            })
+            .await
+            .unwrap_or_else(|| {
+                Err(format!(
                     "the host did not acknowledge generation {generation} within {wait:?}"
-                ));
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        Ok(())
+                ))
+            })
     }
 
     /// Shreds a removed tenant's volume on `host`, then destroys its key and forgets the volume.

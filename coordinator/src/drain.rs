@@ -565,7 +565,10 @@ impl Coordinator {
         {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        // A move holds one of `max_parallel` places until its tenant runs on the target; the
+        // source's old copy is released after that, outside the count.
         let mut moves = tokio::task::JoinSet::new();
+        let mut releases = tokio::task::JoinSet::new();
         let mut started: BTreeSet<TenantId> = BTreeSet::new();
         loop {
             let record = self.drains.get(&host).unwrap_or(record.clone());
@@ -608,11 +611,16 @@ impl Coordinator {
             }
             let mut watch_stop = stop.clone();
             tokio::select! {
-                _ = moves.join_next() => {}
+                joined = moves.join_next() => {
+                    if let Some(Ok(Some((tenant, target)))) = joined {
+                        releases.spawn(self.clone().release(host.clone(), tenant, target));
+                    }
+                }
                 _ = watch_stop.wait_for(Option::is_some), if !stopped => {}
                 () = tokio::time::sleep_until(deadline), if !stopped => {}
             }
         }
+        while releases.join_next().await.is_some() {}
         self.finish_drain(&host, *stop.borrow());
     }
 
@@ -665,7 +673,8 @@ impl Coordinator {
         }
     }
 
-    /// Moves one tenant from `source` to `target`, from whatever phase it is in.
+    /// Moves one tenant from `source` to `target`, from whatever phase it is in. Returns the
+    /// tenant and its target when it runs there and the source's copy is to be released.
     async fn migrate(
         self: Arc<Self>,
         source: HostId,
@@ -673,14 +682,13 @@ impl Coordinator {
         target: HostId,
         force_lost: bool,
         mut stop: watch::Receiver<Option<DrainPhase>>,
-    ) {
-        let Some(phase) = self.drains.phase_of(&source, &tenant) else {
-            return;
-        };
+    ) -> Option<(TenantId, HostId)> {
+        let phase = self.drains.phase_of(&source, &tenant)?;
         let outcome = self
             .run_move(&source, &tenant, &target, phase, force_lost, &mut stop)
             .await;
         let result = match outcome {
+            Ok(MovePhase::Releasing) => return Some((tenant, target)),
             Ok(final_phase) => self
                 .drains
                 .set_move(&source, &tenant, |m| m.phase = final_phase),
@@ -703,6 +711,7 @@ impl Coordinator {
         if let Err(e) = result {
             tracing::error!(%tenant, error = %e, "drain record not written");
         }
+        None
     }
 
     /// The steps of a move from `phase` on; returns its final phase.
@@ -771,9 +780,21 @@ impl Coordinator {
             set(MovePhase::Releasing)?;
         }
         // The tenant runs on its target: from here on nothing rolls back.
+        Ok(MovePhase::Releasing)
+    }
+
+    /// Deletes the source's copy of a tenant that runs on its target; the move is done then
+    /// (a copy that cannot be deleted is noted, not retried: fencing keeps it from running).
+    async fn release(self: Arc<Self>, source: HostId, tenant: TenantId, target: HostId) {
         let released = self
             .sessions
-            .volume(source, tenant, proto::VolumeAction::Purge, 0, RELEASE_WAIT)
+            .volume(
+                &source,
+                &tenant,
+                proto::VolumeAction::Purge,
+                0,
+                RELEASE_WAIT,
+            )
             .await;
         let note = match released {
             Ok(r) if r.ok => String::new(),
@@ -782,10 +803,17 @@ impl Coordinator {
         };
         if !note.is_empty() {
             tracing::warn!(%tenant, %source, error = %note, "source copy left");
-            self.drains.set_move(source, tenant, |m| m.error = note)?;
         }
         tracing::info!(%tenant, %source, %target, "tenant moved");
-        Ok(MovePhase::Done)
+        let done = self.drains.set_move(&source, &tenant, |m| {
+            m.phase = MovePhase::Done;
+            if !note.is_empty() {
+                m.error = note;
+            }
+        });
+        if let Err(e) = done {
+            tracing::error!(%tenant, error = %e, "drain record not written");
+        }
     }
 
     /// Streams the volume from the source agent to the target agent through the relay.
@@ -942,25 +970,26 @@ impl Coordinator {
         generation: u64,
     ) -> Result<(), MoveFailure> {
         let deadline = tokio::time::Instant::now() + START_WAIT;
-        loop {
-            if let Some(t) = self.placements.tenant(tenant) {
+        let mut last = proto::TenantStatus::default();
+        let running = self
+            .placements
+            .wait_for_report(deadline, crate::core::RECHECK, || {
+                let t = self.placements.tenant(tenant)?;
                 let status = t.status.unwrap_or_default();
                 let placed = t.placement.unwrap_or_default();
-                if placed.host_id == host.as_str()
+                let done = placed.host_id == host.as_str()
                     && status.generation >= generation
-                    && status.state == proto::TenantState::Running as i32
-                {
-                    return Ok(());
-                }
-                if tokio::time::Instant::now() >= deadline {
-                    return Err(MoveFailure::Failed(format!(
-                        "not running on {host} within {START_WAIT:?}: {} {}",
-                        crate::views::tenant_state_name(status.state),
-                        status.message
-                    )));
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+                    && status.state == proto::TenantState::Running as i32;
+                last = status;
+                done.then_some(())
+            })
+            .await;
+        running.ok_or_else(|| {
+            MoveFailure::Failed(format!(
+                "not running on {host} within {START_WAIT:?}: {} {}",
+                crate::views::tenant_state_name(last.state),
+                last.message
+            ))
+        })
     }
 }

@@ -168,6 +168,8 @@ pub struct Placements {
     store: Arc<dyn Store>,
     policy: PlacementPolicy,
     state: Mutex<State>,
+    /// Woken by every acknowledgement and report from an agent.
+    reports: tokio::sync::Notify,
 }
 
 /// The scheduler's view of a host record; `None` until the host sent its facts.
@@ -360,7 +362,33 @@ impl Placements {
             store,
             policy,
             state: Mutex::new(state),
+            reports: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Waits until `check` gives an answer, checking again after every acknowledgement and
+    /// report from an agent (and at least every `recheck`, for conditions they do not
+    /// change); `None` once `deadline` passes without one.
+    pub async fn wait_for_report<T>(
+        &self,
+        deadline: tokio::time::Instant,
+        recheck: std::time::Duration,
+        mut check: impl FnMut() -> Option<T>,
+    ) -> Option<T> {
+        loop {
+            // Registered before the check, so a report between the two is not missed.
+            let reported = self.reports.notified();
+            tokio::pin!(reported);
+            reported.as_mut().enable();
+            if let Some(answer) = check() {
+                return Some(answer);
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            let _ = tokio::time::timeout_at(deadline.min(now + recheck), reported).await;
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -867,6 +895,7 @@ impl Placements {
     /// An agent's answer to a desired state.
     pub fn record_ack(&self, host: &HostId, ack: proto::DesiredStateAck) {
         self.lock().acks.insert(host.clone(), ack);
+        self.reports.notify_waiters();
     }
 
     /// What an agent reports of its tenants. Statuses of tenants not placed on `host` are
@@ -881,6 +910,8 @@ impl Placements {
                 state.observed.insert(id, status);
             }
         }
+        drop(state);
+        self.reports.notify_waiters();
     }
 
     // --- views ---

@@ -459,3 +459,53 @@ fn a_drain_reserves_its_targets_and_a_move_fences_the_source_then_delivers_the_t
     p.release_reservation(&b);
     p.place(spec("x"), 1).unwrap();
 }
+
+#[tokio::test]
+async fn a_wait_for_a_report_wakes_on_the_acknowledgement_and_gives_up_at_its_deadline() {
+    let (p, _) = placements(&[host("h1", 8)]);
+    let p = Arc::new(p);
+    let h1 = HostId::new("h1").unwrap();
+    let long = std::time::Duration::from_secs(60);
+    let far = tokio::time::Instant::now() + long;
+    let waiter = {
+        let (p, h1) = (p.clone(), h1.clone());
+        tokio::spawn(async move {
+            let began = tokio::time::Instant::now();
+            let answer = p
+                .wait_for_report(far, long, || p.delivered(&h1, 7).then_some("delivered"))
+                .await;
+            (answer, began.elapsed())
+        })
+    };
+    // The waiter is waiting by now (an ack before its first check would also answer it).
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    p.record_ack(
+        &h1,
+        proto::DesiredStateAck {
+            generation: 6,
+            accepted: true,
+            error: String::new(),
+        },
+    );
+    p.record_ack(
+        &h1,
+        proto::DesiredStateAck {
+            generation: 7,
+            accepted: true,
+            error: String::new(),
+        },
+    );
+    let (answer, took) = waiter.await.unwrap();
+    assert_eq!(answer, Some("delivered"));
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "woken by the ack, not the recheck: {took:?}"
+    );
+    // Nothing answers: `None` at the deadline.
+    let soon = tokio::time::Instant::now() + std::time::Duration::from_millis(50);
+    let none: Option<()> = p
+        .wait_for_report(soon, long, || p.delivered(&h1, 8).then_some(()))
+        .await;
+    assert_eq!(none, None);
+    assert!(tokio::time::Instant::now() >= soon);
+}
