@@ -31,6 +31,15 @@ pub const PURGE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 /// How often a wait for an agent's report also checks what no report changes (the session).
 pub(crate) const RECHECK: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// The command that shreds `tenant`'s volume (and whatever a copy left aside) on a host.
+pub(crate) fn purge_command(tenant: &TenantId) -> proto::VolumeCommand {
+    proto::VolumeCommand {
+        tenant_id: tenant.to_string(),
+        action: proto::VolumeAction::Purge as i32,
+        ..Default::default()
+    }
+}
+
 /// Everything the services share.
 #[derive(Debug)]
 pub struct Coordinator {
@@ -264,7 +273,7 @@ impl Coordinator {
         };
         let result = self
             .sessions
-            .volume(host, tenant, proto::VolumeAction::Purge, 0, PURGE_WAIT)
+            .volume(host, purge_command(tenant), PURGE_WAIT)
             .await
             .map_err(|status| incomplete(status.message().to_string()))?;
         if !result.ok {
@@ -610,22 +619,18 @@ impl SessionHub {
         }
     }
 
-    /// Asks `host`'s agent to run `action` on `tenant`'s volume (for a transfer: as
-    /// `transfer_id`) and waits up to `wait`.
+    /// Asks `host`'s agent to run a volume command (a fresh request id is filled in) and
+    /// waits up to `wait`.
     pub async fn volume(
         &self,
         host: &HostId,
-        tenant: &TenantId,
-        action: proto::VolumeAction,
-        transfer_id: u64,
+        command: proto::VolumeCommand,
         wait: std::time::Duration,
     ) -> Result<proto::VolumeResult, Status> {
         let command = |request_id| {
             proto::coordinator_message::Body::Volume(proto::VolumeCommand {
-                tenant_id: tenant.to_string(),
                 request_id,
-                action: action as i32,
-                transfer_id,
+                ..command
             })
         };
         match self.ask(host, "volume command", command, wait).await? {

@@ -8,8 +8,9 @@
 //! rollback takes it from the target before the source gets it back); every step raises the
 //! placement generation, so a host that comes back never restarts an old copy; each move's
 //! phase is on disk before its step runs, so a coordinator killed mid-drain resumes each move
-//! where it was; a failure, an abort or the deadline before the target is healthy rolls the
-//! tenant back to the source; a lost host's tenants stay assigned to it (blocked) unless the
+//! where it was; a tenant's volume is first copied while it runs (a pre-copy), so its
+//! downtime carries only what changed since; a failure, an abort or the deadline before the
+//! target is healthy rolls the tenant back to the source; a lost host's tenants stay assigned to it (blocked) unless the
 //! operator accepts starting them elsewhere with empty volumes.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -38,6 +39,9 @@ const START_WAIT: Duration = Duration::from_secs(120);
 const RECONNECT_WAIT: Duration = Duration::from_secs(30);
 /// How long the releasing host may take to shred its old copy.
 const RELEASE_WAIT: Duration = Duration::from_secs(60);
+/// Moves that pre-copy their volume while `max_parallel` others are under way: a copy
+/// overlaps the other moves' stops and starts.
+const PRECOPIES_AHEAD: usize = 1;
 
 /// Where a drain is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +73,9 @@ impl DrainPhase {
 pub enum MovePhase {
     /// Target chosen and its capacity reserved; nothing done yet.
     Planned,
+    /// Still running on the source while its volume is copied to the target as it is (a
+    /// pre-copy), so after the stop only what changed since has to travel.
+    Precopying,
     /// Assigned (held) to the target: the source is stopping it.
     Stopping,
     /// Its volume is streaming from the source to the target.
@@ -92,6 +99,7 @@ impl MovePhase {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Planned => "planned",
+            Self::Precopying => "precopying",
             Self::Stopping => "stopping",
             Self::Copying => "copying",
             Self::Starting => "starting",
@@ -120,6 +128,21 @@ impl MovePhase {
     }
 }
 
+/// How the operator asked the moves to go.
+#[derive(Debug, Clone, Copy)]
+struct Options {
+    force_lost: bool,
+    precopy: bool,
+}
+
+/// One tenant to move, and from where to where.
+#[derive(Debug, Clone)]
+struct Move {
+    source: HostId,
+    tenant: TenantId,
+    target: HostId,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MoveRecord {
     pub tenant: TenantId,
@@ -132,6 +155,8 @@ pub struct MoveRecord {
     pub bytes_total: u64,
     #[serde(default)]
     pub bytes_copied: u64,
+    #[serde(default)]
+    pub bytes_after_stop: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,6 +167,8 @@ pub struct DrainRecord {
     pub deadline_unix_ms: i64,
     pub max_parallel: u32,
     pub force_lost: bool,
+    #[serde(default)]
+    pub no_precopy: bool,
     pub moves: Vec<MoveRecord>,
 }
 
@@ -153,6 +180,7 @@ pub struct DrainOptions {
     pub deadline: Duration,
     pub max_parallel: u32,
     pub force_lost: bool,
+    pub no_precopy: bool,
 }
 
 impl DrainOptions {
@@ -184,6 +212,7 @@ impl DrainOptions {
                 n => n,
             },
             force_lost: r.force_lost,
+            no_precopy: r.no_precopy,
         })
     }
 }
@@ -334,7 +363,7 @@ impl Drains {
                 .map(|m| {
                     let live = progress
                         .get(&m.tenant)
-                        .filter(|_| m.phase == MovePhase::Copying);
+                        .filter(|_| matches!(m.phase, MovePhase::Precopying | MovePhase::Copying));
                     let load = |a: &std::sync::atomic::AtomicU64| {
                         a.load(std::sync::atomic::Ordering::Relaxed)
                     };
@@ -342,11 +371,16 @@ impl Drains {
                         tenant_id: m.tenant.to_string(),
                         target_host_id: m.target.to_string(),
                         phase: m.phase.as_str().into(),
-                        bytes_copied: live.map_or(m.bytes_copied, |p| load(&p.copied)),
-                        bytes_total: live.map_or(m.bytes_total, |p| load(&p.total)),
+                        bytes_copied: m.bytes_copied + live.map_or(0, |p| load(&p.copied)),
+                        // After a pre-copy, the copy under way is of the changes only.
+                        bytes_total: match live {
+                            Some(p) if m.bytes_copied == 0 => load(&p.total),
+                            _ => m.bytes_total,
+                        },
                         error: m.error.clone(),
                         eta_ms: live.map_or(0, |p| p.eta_ms()),
                         memory_bytes: m.memory_bytes,
+                        bytes_after_stop: m.bytes_after_stop,
                     }
                 })
                 .collect(),
@@ -447,6 +481,7 @@ impl Coordinator {
             deadline_unix_ms: now + options.deadline.as_millis() as i64,
             max_parallel: options.max_parallel,
             force_lost: options.force_lost,
+            no_precopy: options.no_precopy,
             moves: plan
                 .into_iter()
                 .map(|m| MoveRecord {
@@ -457,6 +492,7 @@ impl Coordinator {
                     error: String::new(),
                     bytes_total: m.volume_bytes,
                     bytes_copied: 0,
+                    bytes_after_stop: 0,
                 })
                 .collect(),
         };
@@ -508,7 +544,7 @@ impl Coordinator {
     pub fn resume_drains(self: &Arc<Self>) {
         for drain in self.drains.running() {
             for m in &drain.moves {
-                if m.phase == MovePhase::Planned {
+                if matches!(m.phase, MovePhase::Planned | MovePhase::Precopying) {
                     self.placements.reserve(&m.tenant, &m.target);
                 }
             }
@@ -569,6 +605,7 @@ impl Coordinator {
         // source's old copy is released after that, outside the count.
         let mut moves = tokio::task::JoinSet::new();
         let mut releases = tokio::task::JoinSet::new();
+        let places = Arc::new(tokio::sync::Semaphore::new(record.max_parallel as usize));
         let mut started: BTreeSet<TenantId> = BTreeSet::new();
         loop {
             let record = self.drains.get(&host).unwrap_or(record.clone());
@@ -593,16 +630,27 @@ impl Coordinator {
                 .filter(|m| m.phase.in_flight() || !stopped)
                 .collect();
             next.sort_by_key(|m| !m.phase.in_flight());
+            let ahead = if record.no_precopy {
+                0
+            } else {
+                PRECOPIES_AHEAD
+            };
             for m in next {
-                if moves.len() >= record.max_parallel as usize && !m.phase.in_flight() {
+                if moves.len() >= record.max_parallel as usize + ahead && !m.phase.in_flight() {
                     break;
                 }
                 started.insert(m.tenant.clone());
                 moves.spawn(self.clone().migrate(
-                    host.clone(),
-                    m.tenant.clone(),
-                    m.target.clone(),
-                    record.force_lost,
+                    Move {
+                        source: host.clone(),
+                        tenant: m.tenant.clone(),
+                        target: m.target.clone(),
+                    },
+                    Options {
+                        force_lost: record.force_lost,
+                        precopy: !record.no_precopy,
+                    },
+                    places.clone(),
                     stop.clone(),
                 ));
             }
@@ -628,7 +676,7 @@ impl Coordinator {
     fn finish_drain(&self, host: &HostId, stopped: Option<DrainPhase>) {
         let record = self.drains.update(host, |r| {
             for m in &mut r.moves {
-                if m.phase == MovePhase::Planned {
+                if matches!(m.phase, MovePhase::Planned | MovePhase::Precopying) {
                     m.phase = MovePhase::NotMoved;
                 }
             }
@@ -673,20 +721,26 @@ impl Coordinator {
         }
     }
 
-    /// Moves one tenant from `source` to `target`, from whatever phase it is in. Returns the
+    /// Moves one tenant from `source` to `target`, from whatever phase it is in, holding one
+    /// of `places` from its stop until it runs on the target (or is rolled back). Returns the
     /// tenant and its target when it runs there and the source's copy is to be released.
     async fn migrate(
         self: Arc<Self>,
-        source: HostId,
-        tenant: TenantId,
-        target: HostId,
-        force_lost: bool,
+        m: Move,
+        options: Options,
+        places: Arc<tokio::sync::Semaphore>,
         mut stop: watch::Receiver<Option<DrainPhase>>,
     ) -> Option<(TenantId, HostId)> {
-        let phase = self.drains.phase_of(&source, &tenant)?;
+        let phase = self.drains.phase_of(&m.source, &m.tenant)?;
+        let mut place = None;
         let outcome = self
-            .run_move(&source, &tenant, &target, phase, force_lost, &mut stop)
+            .run_move(&m, phase, options, (&places, &mut place), &mut stop)
             .await;
+        let Move {
+            source,
+            tenant,
+            target,
+        } = m;
         let result = match outcome {
             Ok(MovePhase::Releasing) => return Some((tenant, target)),
             Ok(final_phase) => self
@@ -711,36 +765,77 @@ impl Coordinator {
         if let Err(e) = result {
             tracing::error!(%tenant, error = %e, "drain record not written");
         }
+        drop(place);
         None
     }
 
     /// The steps of a move from `phase` on; returns its final phase.
     async fn run_move(
         self: &Arc<Self>,
-        source: &HostId,
-        tenant: &TenantId,
-        target: &HostId,
+        Move {
+            source,
+            tenant,
+            target,
+        }: &Move,
         mut phase: MovePhase,
-        force_lost: bool,
+        options: Options,
+        (places, place): (
+            &Arc<tokio::sync::Semaphore>,
+            &mut Option<tokio::sync::OwnedSemaphorePermit>,
+        ),
         stop: &mut watch::Receiver<Option<DrainPhase>>,
     ) -> Result<MovePhase, MoveFailure> {
         let set = |phase: MovePhase| {
             tracing::info!(%tenant, %source, %target, phase = phase.as_str(), "move");
             self.drains.set_move(source, tenant, |m| m.phase = phase)
         };
-        if phase == MovePhase::Planned {
+        let take_place = || async {
+            places
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| MoveFailure::Failed("the drain's places are gone".into()))
+        };
+        // What the target holds of a pre-copy (a transfer id; 0: nothing).
+        let mut base = 0;
+        if matches!(phase, MovePhase::Planned | MovePhase::Precopying) {
             if !self.sessions.is_connected(source) {
-                if !force_lost {
+                if !options.force_lost {
                     self.placements.release_reservation(tenant);
                     self.drains.set_move(source, tenant, |m| {
-                        m.error = format!("host {source} is unreachable: {tenant} stays assigned to it; `berthctl drain {source} --force-lost` starts it on {target} with an empty volume");
+                        m.error = format!("{source} is unreachable: {tenant} stays assigned to it; `berthctl drain {source} --force-lost` starts it on {target} with an empty volume");
                     })?;
                     return Ok(MovePhase::Blocked);
                 }
+                *place = Some(take_place().await?);
                 return self.start_empty(source, tenant, target, stop).await;
+            }
+            if options.precopy {
+                set(MovePhase::Precopying)?;
+            }
+            let ready = unless_stopped(stop, async {
+                let copied = match options.precopy {
+                    true => self.precopy(source, tenant, target).await,
+                    false => 0,
+                };
+                Ok((copied, take_place().await?))
+            })
+            .await;
+            match ready {
+                Ok((copied, taken)) => {
+                    base = copied;
+                    *place = Some(taken);
+                }
+                Err(MoveFailure::Stopped(why)) => {
+                    return self.forget_precopy(source, tenant, target, why).await;
+                }
+                Err(e) => return Err(e),
             }
             set(MovePhase::Stopping)?;
             phase = MovePhase::Stopping;
+        } else if phase != MovePhase::Releasing {
+            // Resumed under way: it takes its place first.
+            *place = Some(take_place().await?);
         }
         if phase == MovePhase::Stopping {
             // Held on the target: the source stops it, nobody starts it. (Resumed after a
@@ -763,7 +858,17 @@ impl Coordinator {
             phase = MovePhase::Copying;
         }
         if phase == MovePhase::Copying {
-            unless_stopped(stop, self.copy_volume(source, tenant, target)).await?;
+            unless_stopped(stop, async {
+                let copied = self.copy_volume(source, tenant, target, false, base).await;
+                match copied {
+                    Err(e) if base != 0 => {
+                        tracing::warn!(%tenant, %source, %target, error = %e, "copy of the changes since the pre-copy failed; copying the whole volume");
+                        self.copy_volume(source, tenant, target, false, 0).await
+                    }
+                    other => other,
+                }
+            })
+            .await?;
             set(MovePhase::Starting)?;
             phase = MovePhase::Starting;
         }
@@ -788,13 +893,7 @@ impl Coordinator {
     async fn release(self: Arc<Self>, source: HostId, tenant: TenantId, target: HostId) {
         let released = self
             .sessions
-            .volume(
-                &source,
-                &tenant,
-                proto::VolumeAction::Purge,
-                0,
-                RELEASE_WAIT,
-            )
+            .volume(&source, crate::core::purge_command(&tenant), RELEASE_WAIT)
             .await;
         let note = match released {
             Ok(r) if r.ok => String::new(),
@@ -816,13 +915,57 @@ impl Coordinator {
         }
     }
 
-    /// Streams the volume from the source agent to the target agent through the relay.
+    /// Copies the volume of a tenant still running on `source` to `target`, kept aside there;
+    /// returns the transfer the copy after the stop can build on (0 when this one failed,
+    /// which only makes that copy whole).
+    async fn precopy(&self, source: &HostId, tenant: &TenantId, target: &HostId) -> u64 {
+        match self.copy_volume(source, tenant, target, true, 0).await {
+            Ok(transfer) => transfer,
+            Err(e) => {
+                tracing::warn!(%tenant, %source, %target, error = %e, "pre-copy failed; the whole volume is copied after the stop");
+                0
+            }
+        }
+    }
+
+    /// A move stopped before its tenant left the source: the target drops what a pre-copy
+    /// left there, and the tenant stays where it runs.
+    async fn forget_precopy(
+        &self,
+        source: &HostId,
+        tenant: &TenantId,
+        target: &HostId,
+        why: DrainPhase,
+    ) -> Result<MovePhase, MoveFailure> {
+        let dropped = self
+            .sessions
+            .volume(target, crate::core::purge_command(tenant), RELEASE_WAIT)
+            .await;
+        let left = match dropped {
+            Ok(r) if r.ok => String::new(),
+            Ok(r) => format!("; its pre-copy on {target} is not deleted: {}", r.error),
+            Err(s) => format!("; its pre-copy on {target} is not deleted: {}", s.message()),
+        };
+        self.drains.set_move(source, tenant, |m| {
+            m.error = format!(
+                "{} before {tenant} stopped on {source}{left}",
+                MoveFailure::Stopped(why)
+            );
+        })?;
+        Ok(MovePhase::NotMoved)
+    }
+
+    /// Streams the volume from the source agent to the target agent through the relay: a
+    /// pre-copy of a running tenant, or the copy after its stop (of only what changed since
+    /// the pre-copy `base`, when both agents hold it). Returns the transfer's id.
     async fn copy_volume(
         &self,
         source: &HostId,
         tenant: &TenantId,
         target: &HostId,
-    ) -> Result<(), MoveFailure> {
+        precopy: bool,
+        base: u64,
+    ) -> Result<u64, MoveFailure> {
         let transfer = self.transfers.open(tenant, source, target);
         self.drains
             .progress
@@ -831,21 +974,19 @@ impl Coordinator {
             .insert(tenant.clone(), transfer.progress.clone());
         // A copy is bounded by the drain's deadline (which stops it), not by a guess here.
         let wait = Duration::from_secs(24 * 3600);
+        let command = |action: proto::VolumeAction| proto::VolumeCommand {
+            tenant_id: tenant.to_string(),
+            action: action as i32,
+            transfer_id: transfer.id,
+            precopy,
+            base_transfer_id: base,
+            ..Default::default()
+        };
         let (received, sent) = tokio::join!(
-            self.sessions.volume(
-                target,
-                tenant,
-                proto::VolumeAction::Import,
-                transfer.id,
-                wait
-            ),
-            self.sessions.volume(
-                source,
-                tenant,
-                proto::VolumeAction::Export,
-                transfer.id,
-                wait
-            ),
+            self.sessions
+                .volume(target, command(proto::VolumeAction::Import), wait),
+            self.sessions
+                .volume(source, command(proto::VolumeAction::Export), wait),
         );
         let progress = self
             .drains
@@ -872,12 +1013,18 @@ impl Coordinator {
         let copied = progress.map_or(sent.data_bytes, |p| {
             p.copied.load(std::sync::atomic::Ordering::Relaxed)
         });
-        tracing::info!(%tenant, bytes = sent.data_bytes, sha256 = %sent.sha256, "volume copied");
+        tracing::info!(%tenant, precopy, base, bytes = sent.data_bytes, sha256 = %sent.sha256, "volume copied");
         self.drains.set_move(source, tenant, |m| {
-            m.bytes_total = sent.data_bytes;
-            m.bytes_copied = copied;
+            // A copy that builds on a pre-copy sends part of the volume only.
+            if base == 0 {
+                m.bytes_total = sent.data_bytes;
+            }
+            m.bytes_copied += copied;
+            if !precopy {
+                m.bytes_after_stop = copied;
+            }
         })?;
-        Ok(())
+        Ok(transfer.id)
     }
 
     /// A lost host's tenant, on the operator's word: started on the target with an empty
@@ -940,7 +1087,7 @@ impl Coordinator {
             // (it was held there), so the source may start it anyway.
             let shredded = self
                 .sessions
-                .volume(target, tenant, proto::VolumeAction::Purge, 0, RELEASE_WAIT)
+                .volume(target, crate::core::purge_command(tenant), RELEASE_WAIT)
                 .await;
             match (&shredded, record.held) {
                 (Ok(r), _) if r.ok => {}

@@ -223,6 +223,8 @@ struct DrainBody {
     max_parallel: Option<u32>,
     #[serde(default)]
     force_lost: bool,
+    #[serde(default)]
+    no_precopy: bool,
 }
 
 async fn drain(State(c): Shared, Path(id): Path<String>, body: Bytes) -> ApiResult<DrainView> {
@@ -244,6 +246,7 @@ async fn drain(State(c): Shared, Path(id): Path<String>, body: Bytes) -> ApiResu
         deadline_ms,
         max_parallel: body.max_parallel.unwrap_or(0),
         force_lost: body.force_lost,
+        no_precopy: body.no_precopy,
     })?;
     let status = c.drain(options).await.map_err(|e| e.status())?;
     Ok(Json(DrainView::from(&status)))

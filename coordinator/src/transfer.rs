@@ -215,6 +215,7 @@ mod tests {
             tenant_id: tenant.into(),
             layout: proto::VolumeLayout::PlainDirectory as i32,
             data_bytes: 100,
+            ..Default::default()
         }
     }
 

@@ -217,6 +217,7 @@ pub struct MoveView {
     pub phase: String,
     pub bytes_copied: u64,
     pub bytes_total: u64,
+    pub bytes_after_stop: u64,
     pub eta_ms: u64,
     pub memory_bytes: u64,
     pub error: String,
@@ -240,6 +241,7 @@ impl From<&proto::DrainStatus> for DrainView {
                     phase: m.phase.clone(),
                     bytes_copied: m.bytes_copied,
                     bytes_total: m.bytes_total,
+                    bytes_after_stop: m.bytes_after_stop,
                     eta_ms: m.eta_ms,
                     memory_bytes: m.memory_bytes,
                     error: m.error.clone(),
@@ -264,8 +266,8 @@ impl DrainView {
                 .unwrap_or_default()
         );
         out.push_str(&format!(
-            "{:<24} {:<24} {:<14} {:>8} {:>19} {:>8}  {}\n",
-            "TENANT", "TARGET", "PHASE", "MEMORY", "COPIED", "ETA", "NOTE"
+            "{:<24} {:<24} {:<14} {:>8} {:>19} {:>12} {:>8}  {}\n",
+            "TENANT", "TARGET", "PHASE", "MEMORY", "COPIED", "AFTER STOP", "ETA", "NOTE"
         ));
         for m in &self.moves {
             let copied = if m.bytes_total > 0 || m.bytes_copied > 0 {
@@ -282,13 +284,19 @@ impl DrainView {
             } else {
                 "-".into()
             };
+            let after_stop = if m.bytes_after_stop > 0 || m.phase == "done" {
+                format!("{:.1} MiB", m.bytes_after_stop as f64 / f64::from(1 << 20))
+            } else {
+                "-".into()
+            };
             out.push_str(&format!(
-                "{:<24} {:<24} {:<14} {:>5}MiB {:>19} {:>8}  {}\n",
+                "{:<24} {:<24} {:<14} {:>5}MiB {:>19} {:>12} {:>8}  {}\n",
                 m.tenant_id,
                 m.target_host_id,
                 m.phase,
                 m.memory_bytes >> 20,
                 copied,
+                after_stop,
                 eta,
                 m.error
             ));

@@ -21,7 +21,7 @@ use crate::nft::NftCommand;
 use crate::reconcile::{Passes, Reconciler, VolumeStep, port_free_on_loopback};
 use crate::restarts::{Driver, RestartSettings, Restarts, TcpProbe};
 use crate::runtime::DockerRuntime;
-use crate::transfer::{VolumeLocation, receive_volume, send_volume};
+use crate::transfer::{Base, VolumeLocation, receive_volume, send_volume};
 use crate::volume::{HostVolumes, KeySource, SystemMounter};
 use berth_shared::proto::agent_service_client::AgentServiceClient;
 use std::path::{Path, PathBuf};
@@ -59,6 +59,9 @@ pub struct Enforcement {
     /// A tenant's state changed in the last pass: report now, not at the next interval
     /// (a drain waits for a moved tenant to run).
     states_changed: Notify,
+    /// Per tenant, the last pre-copy this host sent or received (what a later copy may send
+    /// only the changes to); in memory only, so after a restart copies are whole again.
+    bases: Mutex<HashMap<String, Base>>,
 }
 
 /// Results kept for a coordinator that is not listening (the oldest are dropped).
@@ -82,6 +85,7 @@ impl Enforcement {
             volume_results_ready: Notify::new(),
             transfer_channel: Mutex::new(None),
             states_changed: Notify::new(),
+            bases: Mutex::default(),
         }
     }
 
@@ -131,10 +135,13 @@ impl Enforcement {
     /// purge or an export waits for the teardown of the first pass that read the last accepted
     /// desired state (the coordinator asks only once that state dropped the tenant), so the
     /// tenant's container is gone and its volume closed; an import, of a tenant that runs
-    /// nowhere here, goes at once.
+    /// nowhere here, and a pre-copy export, which reads a running tenant's volume as it is,
+    /// go at once.
     pub fn request_volume(&self, command: proto::VolumeCommand) {
         let after = match proto::VolumeAction::try_from(command.action) {
             Ok(proto::VolumeAction::Import) => 0,
+            // A pre-copy reads the volume of a tenant that runs on.
+            Ok(proto::VolumeAction::Export) if command.precopy => 0,
             _ => self.reads_latest.load(std::sync::atomic::Ordering::SeqCst),
         };
         self.volume_commands
@@ -218,10 +225,15 @@ impl Enforcement {
                 (_, Ok(proto::VolumeAction::Unspecified) | Err(_)) => {
                     Err(format!("action: unknown volume action {}", command.action))
                 }
-                (Ok(t), _) if desired.tenants.iter().any(|s| s.tenant_id == t) => Err(format!(
-                    "{t} is still placed on this host (generation {}): remove it first",
-                    desired.generation
-                )),
+                (Ok(t), action)
+                    if desired.tenants.iter().any(|s| s.tenant_id == t)
+                        && !(command.precopy && action == Ok(proto::VolumeAction::Export)) =>
+                {
+                    Err(format!(
+                        "{t} is still placed on this host (generation {}): remove it first",
+                        desired.generation
+                    ))
+                }
                 (Ok(t), Ok(proto::VolumeAction::Purge)) => volumes.purge(&t).await,
                 (
                     Ok(t),
@@ -235,15 +247,16 @@ impl Enforcement {
                         root: root.to_path_buf(),
                         tenant: t,
                     };
-                    tokio::spawn(
-                        self.clone()
-                            .transfer(action, at, command.transfer_id, result),
-                    );
+                    tokio::spawn(self.clone().transfer(action, at, command, result));
                     continue;
                 }
             };
             match outcome {
                 Ok(purged) => {
+                    self.bases
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&result.tenant_id);
                     tracing::info!(tenant = %result.tenant_id, erased = purged.erased, deleted = purged.deleted, "volume purged");
                     result.ok = true;
                     result.erased = purged.erased;
@@ -263,9 +276,17 @@ impl Enforcement {
         self: Arc<Self>,
         action: proto::VolumeAction,
         at: VolumeLocation,
-        transfer_id: u64,
+        command: proto::VolumeCommand,
         mut result: proto::VolumeResult,
     ) {
+        let (transfer_id, precopy) = (command.transfer_id, command.precopy);
+        let base = self
+            .bases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(at.tenant.as_str())
+            .filter(|b| b.transfer_id == command.base_transfer_id && b.transfer_id != 0)
+            .cloned();
         let channel = self
             .transfer_channel
             .lock()
@@ -277,21 +298,36 @@ impl Enforcement {
             Some(channel) => {
                 let client = AgentServiceClient::new(channel);
                 match action {
-                    proto::VolumeAction::Export => send_volume(client, at, transfer_id).await,
-                    _ => receive_volume(client, at, transfer_id).await,
+                    proto::VolumeAction::Export => {
+                        send_volume(client, at, transfer_id, precopy, base).await
+                    }
+                    _ => receive_volume(client, at, transfer_id, precopy, base).await,
                 }
             }
         };
         match outcome {
-            Ok((bytes, sha256)) => {
-                tracing::info!(tenant = %result.tenant_id, ?action, bytes, ms = began.elapsed().as_millis() as u64, "volume transferred");
+            Ok(copied) => {
+                tracing::info!(tenant = %result.tenant_id, ?action, precopy, base = command.base_transfer_id, bytes = copied.data_bytes, ms = began.elapsed().as_millis() as u64, "volume transferred");
                 result.ok = true;
-                result.data_bytes = bytes;
-                result.sha256 = sha256;
+                result.data_bytes = copied.data_bytes;
+                result.sha256 = copied.volume_sha256;
+                let mut bases = self.bases.lock().unwrap_or_else(|p| p.into_inner());
+                match precopy {
+                    true => bases.insert(result.tenant_id.clone(), copied.base),
+                    // The volume went (or came) whole: no base is left to build on.
+                    false => bases.remove(&result.tenant_id),
+                };
             }
             Err(e) => {
                 tracing::warn!(tenant = %result.tenant_id, ?action, error = %e, "volume transfer failed");
                 result.error = e;
+                if action == proto::VolumeAction::Import {
+                    // A failed import leaves no staging area, so no base either.
+                    self.bases
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&result.tenant_id);
+                }
             }
         }
         self.transferring
@@ -583,6 +619,7 @@ mod tests {
             request_id,
             action,
             transfer_id: 9,
+            ..Default::default()
         };
         let purge = proto::VolumeAction::Purge as i32;
         e.request_volume(command("acme", 1, purge));
@@ -648,6 +685,52 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_precopy_export_of_a_running_tenant_goes_at_once_and_a_plain_export_waits() {
+        let e = Arc::new(placing_acme());
+        let volumes = RecordingVolumes::default();
+        let export = |request_id, precopy| proto::VolumeCommand {
+            tenant_id: "acme".into(),
+            request_id,
+            action: proto::VolumeAction::Export as i32,
+            transfer_id: 9,
+            precopy,
+            ..Default::default()
+        };
+        e.request_volume(export(1, true));
+        e.request_volume(export(2, false));
+        e.run_volume_commands(&volumes, Path::new("/nonexistent"), 0)
+            .await;
+        let first = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            loop {
+                let results = e.take_volume_results();
+                if !results.is_empty() {
+                    return results;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the pre-copy answered");
+        // It got as far as the transfer (refused only for want of a session).
+        let answers: Vec<(u64, &str)> = first
+            .iter()
+            .map(|r| (r.request_id, r.error.as_str()))
+            .collect();
+        assert_eq!(answers, [(1, "not connected to the coordinator")]);
+        // The plain export waits for the teardown, and acme is still placed here.
+        let pass = e.passes.start();
+        e.passes.finish_teardown(pass);
+        e.run_volume_commands(&volumes, Path::new("/nonexistent"), pass)
+            .await;
+        let second = e.take_volume_results();
+        assert_eq!(second.len(), 1);
+        assert_eq!(
+            second[0].error,
+            "acme is still placed on this host (generation 1): remove it first"
+        );
+    }
+
+    #[tokio::test]
     async fn a_purge_waits_for_the_end_of_a_transfer_of_the_same_tenant() {
         let e = Arc::new(placing_acme());
         let volumes = RecordingVolumes::default();
@@ -656,7 +739,7 @@ mod tests {
             tenant_id: "gone".into(),
             request_id: 1,
             action: proto::VolumeAction::Purge as i32,
-            transfer_id: 0,
+            ..Default::default()
         });
         let pass = e.passes.start();
         e.passes.finish_teardown(pass);

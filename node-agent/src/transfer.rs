@@ -1,17 +1,25 @@
 //! A tenant's volume as a stream, and back, for moving it to another host during a drain.
 //!
 //! Ensures: only what is on disk is sent (the holes of a sparse backing file are skipped, and
-//! come back as holes); the sender and the receiver each compute a SHA-256 over the stream and
-//! the volume is put in place only when both agree; nothing from the stream can write outside
+//! come back as holes); the sender and the receiver each compute a SHA-256 of the volume
+//! (every entry, and the SHA-256 of every 1 MiB block of every file) and the volume is put in
+//! place only when both agree; nothing from the stream can write outside
 //! the volume (paths are relative and plain, links are recreated, never followed); a volume
 //! that is attached (open or mounted) is never read; a received volume replaces whatever an
 //! earlier failed attempt left only once it is complete.
 //!
 //! An encrypted volume travels as its LUKS2 backing file, so only ciphertext leaves the host;
 //! a plain volume as its directory tree. Both take the same path through this code.
+//!
+//! A volume can be copied twice: a *pre-copy* while its tenant still runs (read as it is,
+//! kept aside on the receiver, never put in place), then, once the tenant stopped, a copy
+//! that sends only the 1 MiB blocks whose SHA-256 differs from what the pre-copy sent; the
+//! volume's SHA-256 counts the blocks kept from the pre-copy, so a pre-copied volume is
+//! checked end to end like a whole one.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use berth_shared::ids::TenantId;
@@ -22,8 +30,57 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-/// Data bytes per chunk.
+/// Data bytes per chunk, and the size of the blocks a pre-copied file is compared by: a chunk
+/// never spans two blocks.
 pub const CHUNK_BYTES: usize = 1 << 20;
+
+type BlockHash = [u8; 32];
+
+/// What a copy was, on either end: the SHA-256 of each block of each regular file (by
+/// relative path). Kept after a pre-copy, it is the base the next copy sends changes to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Base {
+    pub transfer_id: u64,
+    pub layout: i32,
+    pub files: BTreeMap<String, Vec<BlockHash>>,
+}
+
+/// The outcome of an export or an import.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Copied {
+    /// Data bytes streamed.
+    pub data_bytes: u64,
+    /// The digest of the whole volume (hex).
+    pub volume_sha256: String,
+    pub base: Base,
+}
+
+fn blocks_in(size: u64) -> usize {
+    size.div_ceil(CHUNK_BYTES as u64) as usize
+}
+
+/// Feeds one piece of a block's data (at `offset` in the file) to the block's hash.
+fn hash_piece(block: &mut Sha256, offset: u64, data: &[u8]) {
+    block.update(offset.to_le_bytes());
+    block.update((data.len() as u64).to_le_bytes());
+    block.update(data);
+}
+
+/// The pieces of `extents` to read, each within one block and at most one chunk long.
+fn pieces(extents: &[(u64, u64)]) -> impl Iterator<Item = (u64, usize)> + '_ {
+    extents.iter().flat_map(|&(start, len)| {
+        let end = start + len;
+        let mut offset = start;
+        std::iter::from_fn(move || {
+            (offset < end).then(|| {
+                let boundary = (offset / CHUNK_BYTES as u64 + 1) * CHUNK_BYTES as u64;
+                let piece = (offset, (boundary.min(end) - offset) as usize);
+                offset += piece.1 as u64;
+                piece
+            })
+        })
+    })
+}
 
 /// The uid and gid a plain volume's files belong to (the tenant's user).
 const TENANT_ID: u32 = 65534;
@@ -91,12 +148,13 @@ impl VolumeLocation {
     }
 }
 
-/// The running SHA-256 of a stream, fed the same way on both ends.
+/// The digest of a whole volume: each entry's metadata and each of its blocks' SHA-256, in
+/// stream order (what was sent in a pre-copy counts as much as what was sent now).
 #[derive(Debug, Default, Clone)]
-struct StreamDigest(Sha256);
+struct VolumeDigest(Sha256);
 
-impl StreamDigest {
-    fn entry(&mut self, e: &proto::VolumeEntry) {
+impl VolumeDigest {
+    fn entry(&mut self, e: &proto::VolumeEntry, blocks: &[BlockHash]) {
         self.0.update(b"E");
         self.0.update(e.path.as_bytes());
         self.0.update([0, u8::from(e.directory)]);
@@ -104,12 +162,10 @@ impl StreamDigest {
         self.0.update(e.size.to_le_bytes());
         self.0.update(e.symlink.as_bytes());
         self.0.update([0]);
-    }
-    fn data(&mut self, d: &proto::VolumeData) {
-        self.0.update(b"D");
-        self.0.update(d.offset.to_le_bytes());
-        self.0.update((d.data.len() as u64).to_le_bytes());
-        self.0.update(&d.data);
+        self.0.update((blocks.len() as u64).to_le_bytes());
+        for b in blocks {
+            self.0.update(b);
+        }
     }
     fn hex(&self) -> String {
         hex::encode(self.0.clone().finalize())
@@ -209,20 +265,42 @@ fn walk(dir: &Path, prefix: &str, out: &mut Vec<Item>) -> Result<(), TransferErr
     Ok(())
 }
 
-/// Streams the tenant's closed volume into `send`, one chunk at a time (blocking: `send` may
-/// wait for the network). Returns the data bytes sent and the stream's SHA-256.
+/// The SHA-256 of each block of a file, read piece by piece.
+fn block_hashes(it: &Item, buffer: &mut [u8]) -> Result<Vec<BlockHash>, TransferError> {
+    let mut blocks = vec![Sha256::new(); blocks_in(it.entry.size)];
+    let file = File::open(&it.path).map_err(|e| io(&it.path, e))?;
+    for (offset, len) in pieces(&it.extents) {
+        let got = read_at(&file, &mut buffer[..len], offset).map_err(|e| io(&it.path, e))?;
+        if got == 0 {
+            continue;
+        }
+        hash_piece(
+            &mut blocks[(offset / CHUNK_BYTES as u64) as usize],
+            offset,
+            &buffer[..got],
+        );
+    }
+    Ok(blocks.into_iter().map(|b| b.finalize().into()).collect())
+}
+
+/// Streams the tenant's volume into `send`, one chunk at a time (blocking: `send` may wait for
+/// the network): a closed volume, or with `precopy` one still in use, read as it is. With a
+/// `base` this host sent before (of the same layout), a file it held is sent as its changed
+/// blocks only. Returns what was sent and the new base.
 pub fn export(
     at: &VolumeLocation,
     transfer_id: u64,
+    precopy: bool,
+    base: Option<&Base>,
     mut send: impl FnMut(proto::VolumeChunk) -> Result<(), TransferError>,
-) -> Result<(u64, String), TransferError> {
+) -> Result<Copied, TransferError> {
     let mapped = Path::new("/dev/mapper").join(format!("berth-{}", at.tenant));
     let mounted = at.mount().is_dir()
         && std::fs::read_dir(at.mount())
             .map_err(|e| io(&at.mount(), e))?
             .next()
             .is_some();
-    if mounted || mapped.exists() {
+    if !precopy && (mounted || mapped.exists()) {
         return Err(TransferError::Attached(at.tenant.to_string()));
     }
     let layout = at
@@ -236,56 +314,104 @@ pub fn export(
             items
         }
     };
-    let data_bytes: u64 = items
-        .iter()
-        .flat_map(|i| i.extents.iter().map(|(_, len)| len))
-        .sum();
+    let base = base.filter(|b| b.layout == layout as i32);
+    let mut buffer = vec![0u8; CHUNK_BYTES];
+    // A file the base holds: its blocks now, and which of them differ (read before the
+    // header, which says how many bytes follow).
+    let mut against_base: Vec<Option<(Vec<BlockHash>, BTreeSet<u64>)>> = Vec::new();
+    let mut data_bytes = 0u64;
+    for it in &items {
+        let known = base.and_then(|b| b.files.get(&it.entry.path));
+        let plan = match known {
+            Some(before) if !it.entry.directory && it.entry.symlink.is_empty() => {
+                let now = block_hashes(it, &mut buffer)?;
+                let changed: BTreeSet<u64> = (0..now.len())
+                    .filter(|&i| before.get(i) != Some(&now[i]))
+                    .map(|i| i as u64)
+                    .collect();
+                data_bytes += pieces(&it.extents)
+                    .filter(|(o, _)| changed.contains(&(o / CHUNK_BYTES as u64)))
+                    .map(|(_, len)| len as u64)
+                    .sum::<u64>();
+                Some((now, changed))
+            }
+            _ => {
+                data_bytes += it.extents.iter().map(|(_, len)| len).sum::<u64>();
+                None
+            }
+        };
+        against_base.push(plan);
+    }
     send(chunk(Body::Header(proto::VolumeStreamHeader {
         transfer_id,
         tenant_id: at.tenant.to_string(),
         layout: layout as i32,
         data_bytes,
+        base_transfer_id: base.map_or(0, |b| b.transfer_id),
     })))?;
-    let mut digest = StreamDigest::default();
+    let mut volume = VolumeDigest::default();
+    let mut sent_base = Base {
+        transfer_id,
+        layout: layout as i32,
+        files: BTreeMap::new(),
+    };
     let mut sent = 0u64;
-    let mut buffer = vec![0u8; CHUNK_BYTES];
-    for it in items {
-        digest.entry(&it.entry);
-        send(chunk(Body::Entry(it.entry.clone())))?;
-        if it.extents.is_empty() {
-            continue;
+    for (it, plan) in items.into_iter().zip(against_base) {
+        let mut entry = it.entry.clone();
+        if let Some((_, changed)) = &plan {
+            entry.from_base = true;
+            entry.changed_blocks = changed.iter().copied().collect();
         }
-        let mut file = File::open(&it.path).map_err(|e| io(&it.path, e))?;
-        for (start, len) in it.extents {
-            let mut offset = start;
-            while offset < start + len {
-                let want = (start + len - offset).min(CHUNK_BYTES as u64) as usize;
+        send(chunk(Body::Entry(entry)))?;
+        let is_file = !it.entry.directory && it.entry.symlink.is_empty();
+        let mut blocks = vec![Sha256::new(); if is_file { blocks_in(it.entry.size) } else { 0 }];
+        if !it.extents.is_empty() {
+            let file = File::open(&it.path).map_err(|e| io(&it.path, e))?;
+            for (offset, len) in pieces(&it.extents) {
+                let block = offset / CHUNK_BYTES as u64;
+                if plan
+                    .as_ref()
+                    .is_some_and(|(_, changed)| !changed.contains(&block))
+                {
+                    continue;
+                }
                 let got =
-                    read_at(&mut file, &mut buffer[..want], offset).map_err(|e| io(&it.path, e))?;
+                    read_at(&file, &mut buffer[..len], offset).map_err(|e| io(&it.path, e))?;
                 if got == 0 {
                     // The file shrank since it was listed: what is left is a hole.
-                    break;
+                    continue;
                 }
+                hash_piece(&mut blocks[block as usize], offset, &buffer[..got]);
                 let data = proto::VolumeData {
                     offset,
                     data: buffer[..got].to_vec(),
                 };
-                digest.data(&data);
                 sent += got as u64;
-                offset += got as u64;
                 send(chunk(Body::Data(data)))?;
             }
         }
+        let hashes: Vec<BlockHash> = match plan {
+            Some((now, _)) => now,
+            None => blocks.into_iter().map(|b| b.finalize().into()).collect(),
+        };
+        volume.entry(&it.entry, &hashes);
+        if is_file {
+            sent_base.files.insert(it.entry.path.clone(), hashes);
+        }
     }
-    let sha256 = digest.hex();
+    let volume_sha256 = volume.hex();
     send(chunk(Body::End(proto::VolumeStreamEnd {
-        sha256: sha256.clone(),
         data_bytes: sent,
+        volume_sha256: volume_sha256.clone(),
     })))?;
-    Ok((sent, sha256))
+    Ok(Copied {
+        data_bytes: sent,
+        volume_sha256,
+        base: sent_base,
+    })
 }
 
-fn read_at(file: &mut File, buffer: &mut [u8], offset: u64) -> std::io::Result<usize> {
+fn read_at(file: &File, buffer: &mut [u8], offset: u64) -> std::io::Result<usize> {
     let mut filled = 0;
     while filled < buffer.len() {
         match file.read_at(&mut buffer[filled..], offset + filled as u64)? {
@@ -315,35 +441,55 @@ fn safe_relative(path: &str) -> Result<PathBuf, TransferError> {
     Ok(p.to_path_buf())
 }
 
-/// Writes a received stream into a staging area and puts it in place once it checks out.
+/// A block of the file being received: kept from the base, or being written now.
+#[derive(Debug)]
+enum Block {
+    Kept(BlockHash),
+    Fresh(Sha256),
+}
+
+/// The regular file being received.
+#[derive(Debug)]
+struct Receiving {
+    file: File,
+    entry: proto::VolumeEntry,
+    blocks: Vec<Block>,
+}
+
+/// Writes a received stream into a staging area and puts it in place once it checks out. A
+/// stream that builds on a pre-copy is written over the pre-copy the staging area holds.
 #[derive(Debug)]
 pub struct Importer {
     at: VolumeLocation,
     transfer_id: u64,
+    /// The pre-copy in the staging area, if this host holds one.
+    base: Option<Base>,
     layout: Option<proto::VolumeLayout>,
-    digest: StreamDigest,
+    volume: VolumeDigest,
     received: u64,
-    current: Option<(File, u64)>,
+    current: Option<Receiving>,
+    /// Every path the stream listed: what else the staging area holds goes at the end.
+    listed: BTreeSet<PathBuf>,
+    files: BTreeMap<String, Vec<BlockHash>>,
     done: Option<(u64, String)>,
 }
 
 impl Importer {
-    /// Clears what an earlier failed import left in the staging area.
-    pub fn new(at: VolumeLocation, transfer_id: u64) -> Result<Self, TransferError> {
-        let staging = at.staging();
-        if staging.exists() {
-            std::fs::remove_dir_all(&staging).map_err(|e| io(&staging, e))?;
-        }
-        std::fs::create_dir_all(&staging).map_err(|e| io(&staging, e))?;
-        Ok(Self {
+    /// An import of transfer `transfer_id`; `base` is the pre-copy this host holds in its
+    /// staging area (a stream that does not build on it clears the area first).
+    pub fn new(at: VolumeLocation, transfer_id: u64, base: Option<Base>) -> Self {
+        Self {
             at,
             transfer_id,
+            base,
             layout: None,
-            digest: StreamDigest::default(),
+            volume: VolumeDigest::default(),
             received: 0,
             current: None,
+            listed: BTreeSet::new(),
+            files: BTreeMap::new(),
             done: None,
-        })
+        }
     }
 
     /// Takes one chunk, in stream order.
@@ -353,60 +499,64 @@ impl Importer {
         }
         let body = chunk.body.ok_or_else(|| bad("a chunk without a body"))?;
         match (self.layout, body) {
-            (None, Body::Header(h)) => {
-                if h.transfer_id != self.transfer_id {
-                    return Err(bad(format!(
-                        "transfer {} is not the expected {}",
-                        h.transfer_id, self.transfer_id
-                    )));
-                }
-                if h.tenant_id != self.at.tenant.as_str() {
-                    return Err(bad(format!(
-                        "the stream is {}'s volume, not {}'s",
-                        h.tenant_id, self.at.tenant
-                    )));
-                }
-                self.layout = match proto::VolumeLayout::try_from(h.layout) {
-                    Ok(
-                        l @ (proto::VolumeLayout::LuksFile | proto::VolumeLayout::PlainDirectory),
-                    ) => Some(l),
-                    _ => return Err(bad(format!("unknown layout {}", h.layout))),
-                };
-                Ok(())
-            }
+            (None, Body::Header(h)) => self.header(h),
             (None, _) => Err(bad("the first chunk must be the header")),
             (Some(_), Body::Header(_)) => Err(bad("a second header")),
             (Some(layout), Body::Entry(e)) => self.entry(layout, e),
-            (Some(_), Body::Data(d)) => {
-                let (file, size) = self
-                    .current
-                    .as_ref()
-                    .ok_or_else(|| bad("data outside a regular file"))?;
-                if d.offset.saturating_add(d.data.len() as u64) > *size {
-                    return Err(bad(format!(
-                        "data at {}+{} beyond the file's {size} bytes",
-                        d.offset,
-                        d.data.len()
-                    )));
-                }
-                file.write_all_at(&d.data, d.offset)
-                    .map_err(|e| io(&self.at.staging(), e))?;
-                self.received += d.data.len() as u64;
-                self.digest.data(&d);
-                Ok(())
+            (Some(_), Body::Data(d)) => self.data(d),
+            (Some(_), Body::End(end)) => self.end(end),
+        }
+    }
+
+    fn header(&mut self, h: proto::VolumeStreamHeader) -> Result<(), TransferError> {
+        if h.transfer_id != self.transfer_id {
+            return Err(bad(format!(
+                "transfer {} is not the expected {}",
+                h.transfer_id, self.transfer_id
+            )));
+        }
+        if h.tenant_id != self.at.tenant.as_str() {
+            return Err(bad(format!(
+                "the stream is {}'s volume, not {}'s",
+                h.tenant_id, self.at.tenant
+            )));
+        }
+        let layout = match proto::VolumeLayout::try_from(h.layout) {
+            Ok(l @ (proto::VolumeLayout::LuksFile | proto::VolumeLayout::PlainDirectory)) => l,
+            _ => return Err(bad(format!("unknown layout {}", h.layout))),
+        };
+        let staging = self.at.staging();
+        if h.base_transfer_id == 0 {
+            self.base = None;
+            if staging.exists() {
+                std::fs::remove_dir_all(&staging).map_err(|e| io(&staging, e))?;
             }
-            (Some(_), Body::End(end)) => {
-                let ours = self.digest.hex();
-                if end.sha256 != ours || end.data_bytes != self.received {
-                    return Err(bad(format!(
-                        "checksum mismatch: sent {} bytes with SHA-256 {}, received {} bytes with {ours}",
-                        end.data_bytes, end.sha256, self.received
-                    )));
-                }
-                self.current = None;
-                self.done = Some((self.received, ours));
-                Ok(())
-            }
+            std::fs::create_dir_all(&staging).map_err(|e| io(&staging, e))?;
+        } else if !self.base.as_ref().is_some_and(|b| {
+            b.transfer_id == h.base_transfer_id && b.layout == h.layout && staging.is_dir()
+        }) {
+            return Err(bad(format!(
+                "the stream builds on pre-copy {}, which this host does not hold",
+                h.base_transfer_id
+            )));
+        }
+        self.layout = Some(layout);
+        Ok(())
+    }
+
+    /// Ends the file being received: its blocks' hashes go into the volume's digest.
+    fn close_current(&mut self) {
+        if let Some(r) = self.current.take() {
+            let hashes: Vec<BlockHash> = r
+                .blocks
+                .into_iter()
+                .map(|b| match b {
+                    Block::Kept(h) => h,
+                    Block::Fresh(h) => h.finalize().into(),
+                })
+                .collect();
+            self.volume.entry(&r.entry, &hashes);
+            self.files.insert(r.entry.path, hashes);
         }
     }
 
@@ -415,6 +565,7 @@ impl Importer {
         layout: proto::VolumeLayout,
         e: proto::VolumeEntry,
     ) -> Result<(), TransferError> {
+        self.close_current();
         let relative = safe_relative(&e.path)?;
         if layout == proto::VolumeLayout::LuksFile
             && (e.path != format!("{}.img", self.at.tenant) || e.directory || !e.symlink.is_empty())
@@ -424,7 +575,13 @@ impl Importer {
                 self.at.tenant, e.path
             )));
         }
-        let path = self.at.staging().join(relative);
+        if e.from_base && (e.directory || !e.symlink.is_empty()) {
+            return Err(bad(format!(
+                "{:?}: only a regular file comes from the base",
+                e.path
+            )));
+        }
+        let path = self.at.staging().join(&relative);
         // Parents arrive before children, so a missing parent is a broken stream; a parent
         // that is a link would lead outside.
         let parent = path.parent().unwrap_or(&path);
@@ -432,43 +589,179 @@ impl Importer {
         if !parent_meta.is_dir() {
             return Err(bad(format!("{:?}: its parent is not a directory", e.path)));
         }
-        self.digest.entry(&e);
-        self.current = None;
+        if !self.listed.insert(relative) {
+            return Err(bad(format!("{:?} listed twice", e.path)));
+        }
         let mode = e.mode & 0o777;
+        // What a pre-copy left at this path, unless the stream keeps it.
+        let existing = std::fs::symlink_metadata(&path).ok();
+        let keep_dir = e.directory && existing.as_ref().is_some_and(|m| m.is_dir());
+        match &existing {
+            Some(_) if e.from_base || keep_dir => {}
+            Some(m) if m.is_dir() => {
+                std::fs::remove_dir_all(&path).map_err(|err| io(&path, err))?
+            }
+            Some(_) => std::fs::remove_file(&path).map_err(|err| io(&path, err))?,
+            None => {}
+        }
         if !e.symlink.is_empty() {
             std::os::unix::fs::symlink(&e.symlink, &path).map_err(|err| io(&path, err))?;
+            self.volume.entry(&e, &[]);
         } else if e.directory {
-            std::fs::create_dir(&path).map_err(|err| io(&path, err))?;
+            if !keep_dir {
+                std::fs::create_dir(&path).map_err(|err| io(&path, err))?;
+            }
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
                 .map_err(|err| io(&path, err))?;
+            self.volume.entry(&e, &[]);
         } else {
+            let blocks = if e.from_base {
+                self.kept_blocks(&e, &path)?
+            } else {
+                (0..blocks_in(e.size))
+                    .map(|_| Block::Fresh(Sha256::new()))
+                    .collect()
+            };
             let file = std::fs::OpenOptions::new()
                 .write(true)
-                .create_new(true)
+                .create_new(!e.from_base)
+                .custom_flags(nix::libc::O_NOFOLLOW)
                 .open(&path)
                 .map_err(|err| io(&path, err))?;
             file.set_len(e.size).map_err(|err| io(&path, err))?;
             file.set_permissions(std::fs::Permissions::from_mode(mode))
                 .map_err(|err| io(&path, err))?;
-            self.current = Some((file, e.size));
+            for (i, block) in blocks.iter().enumerate() {
+                if matches!(block, Block::Fresh(_)) && e.from_base {
+                    clear_block(&file, i as u64, e.size).map_err(|err| io(&path, err))?;
+                }
+            }
+            self.current = Some(Receiving {
+                file,
+                entry: e,
+                blocks,
+            });
+            return self.own(layout, &path);
         }
+        self.own(layout, &path)
+    }
+
+    /// The blocks of a file kept from the base: all but its changed ones, which must exist.
+    fn kept_blocks(
+        &self,
+        e: &proto::VolumeEntry,
+        path: &Path,
+    ) -> Result<Vec<Block>, TransferError> {
+        let before = self
+            .base
+            .as_ref()
+            .and_then(|b| b.files.get(&e.path))
+            .filter(|_| std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file()))
+            .ok_or_else(|| bad(format!("{:?} is not a file of the pre-copy", e.path)))?;
+        let count = blocks_in(e.size);
+        let changed: BTreeSet<u64> = e.changed_blocks.iter().copied().collect();
+        if changed.iter().any(|&b| b >= count as u64) {
+            return Err(bad(format!("{:?}: a changed block past its end", e.path)));
+        }
+        (0..count)
+            .map(|i| match changed.contains(&(i as u64)) {
+                true => Ok(Block::Fresh(Sha256::new())),
+                false => before.get(i).map(|h| Block::Kept(*h)).ok_or_else(|| {
+                    bad(format!(
+                        "{:?}: block {i} is neither sent nor in the pre-copy",
+                        e.path
+                    ))
+                }),
+            })
+            .collect()
+    }
+
+    /// A plain volume's entries belong to the tenant's user.
+    fn own(&self, layout: proto::VolumeLayout, path: &Path) -> Result<(), TransferError> {
         if layout == proto::VolumeLayout::PlainDirectory {
             nix::unistd::fchownat(
                 nix::fcntl::AT_FDCWD,
-                &path,
+                path,
                 Some(nix::unistd::Uid::from_raw(TENANT_ID)),
                 Some(nix::unistd::Gid::from_raw(TENANT_ID)),
                 nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
             )
-            .map_err(|err| io(&path, err.into()))?;
+            .map_err(|err| io(path, err.into()))?;
         }
         Ok(())
     }
 
-    /// After the end: moves the volume into place (replacing an older copy) and returns the
-    /// data bytes and the checksum.
-    pub fn finish(self) -> Result<(u64, String), TransferError> {
-        let done = self.done.clone().ok_or(TransferError::Cut)?;
+    fn data(&mut self, d: proto::VolumeData) -> Result<(), TransferError> {
+        let r = self
+            .current
+            .as_mut()
+            .ok_or_else(|| bad("data outside a regular file"))?;
+        let size = r.entry.size;
+        let end = d.offset.saturating_add(d.data.len() as u64);
+        if end > size {
+            return Err(bad(format!(
+                "data at {}+{} beyond the file's {size} bytes",
+                d.offset,
+                d.data.len()
+            )));
+        }
+        let block = d.offset / CHUNK_BYTES as u64;
+        if d.data.is_empty() || (end - 1) / CHUNK_BYTES as u64 != block {
+            return Err(bad(format!(
+                "data at {}+{} is not within one block",
+                d.offset,
+                d.data.len()
+            )));
+        }
+        match r.blocks.get_mut(block as usize) {
+            Some(Block::Fresh(h)) => hash_piece(h, d.offset, &d.data),
+            _ => {
+                return Err(bad(format!(
+                    "data at {} for a block kept from the pre-copy",
+                    d.offset
+                )));
+            }
+        }
+        r.file
+            .write_all_at(&d.data, d.offset)
+            .map_err(|e| io(&self.at.staging(), e))?;
+        self.received += d.data.len() as u64;
+        Ok(())
+    }
+
+    fn end(&mut self, end: proto::VolumeStreamEnd) -> Result<(), TransferError> {
+        self.close_current();
+        if end.data_bytes != self.received {
+            return Err(bad(format!(
+                "sent {} data bytes, received {}",
+                end.data_bytes, self.received
+            )));
+        }
+        remove_unlisted(&self.at.staging(), Path::new(""), &self.listed)?;
+        let volume = self.volume.hex();
+        if end.volume_sha256 != volume {
+            return Err(bad(format!(
+                "checksum mismatch: the volume's SHA-256 was {} when sent, {volume} as received",
+                end.volume_sha256
+            )));
+        }
+        self.done = Some((self.received, volume));
+        Ok(())
+    }
+
+    /// After the end: moves the volume into place (replacing an older copy), or with
+    /// `keep_aside` (a pre-copy) leaves it in the staging area as the next import's base.
+    pub fn finish(self, keep_aside: bool) -> Result<Copied, TransferError> {
+        let (data_bytes, volume_sha256) = self.done.clone().ok_or(TransferError::Cut)?;
+        let copied = Copied {
+            data_bytes,
+            volume_sha256,
+            base: Base {
+                transfer_id: self.transfer_id,
+                layout: self.layout.map_or(0, |l| l as i32),
+                files: self.files.clone(),
+            },
+        };
         let staging = self.at.staging();
         let (from, to) = match self.layout {
             Some(proto::VolumeLayout::LuksFile) => (
@@ -479,6 +772,9 @@ impl Importer {
         };
         if !from.exists() {
             return Err(bad("the stream held no volume"));
+        }
+        if keep_aside {
+            return Ok(copied);
         }
         if let Some(parent) = to.parent() {
             std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
@@ -499,22 +795,61 @@ impl Importer {
         } else if staging.exists() {
             std::fs::remove_dir_all(&staging).map_err(|e| io(&staging, e))?;
         }
-        Ok(done)
+        Ok(copied)
     }
+}
+
+/// Empties block `index` of a file of `size` bytes (a hole where the filesystem can punch
+/// one, zeros elsewhere) before its new data is written.
+fn clear_block(file: &File, index: u64, size: u64) -> std::io::Result<()> {
+    use nix::fcntl::{FallocateFlags, fallocate};
+    let start = index * CHUNK_BYTES as u64;
+    let len = (start + CHUNK_BYTES as u64).min(size) - start;
+    let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+    match fallocate(file, punch, start as i64, len as i64) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EOPNOTSUPP) => file.write_all_at(&vec![0u8; len as usize], start),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Removes what the staging area holds under `relative` that the stream did not list (what a
+/// pre-copy had and the volume no longer has). Never follows a link.
+fn remove_unlisted(
+    staging: &Path,
+    relative: &Path,
+    listed: &BTreeSet<PathBuf>,
+) -> Result<(), TransferError> {
+    let dir = staging.join(relative);
+    for name in std::fs::read_dir(&dir).map_err(|e| io(&dir, e))? {
+        let name = name.map_err(|e| io(&dir, e))?.file_name();
+        let rel = relative.join(&name);
+        let path = staging.join(&rel);
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| io(&path, e))?;
+        match (listed.contains(&rel), meta.is_dir()) {
+            (true, true) => remove_unlisted(staging, &rel, listed)?,
+            (true, false) => {}
+            (false, true) => std::fs::remove_dir_all(&path).map_err(|e| io(&path, e))?,
+            (false, false) => std::fs::remove_file(&path).map_err(|e| io(&path, e))?,
+        }
+    }
+    Ok(())
 }
 
 /// Chunks in flight between the disk and the network, per transfer.
 const PIPE_CHUNKS: usize = 4;
 
-/// Exports the tenant's volume to the coordinator's transfer `transfer_id`.
+/// Exports the tenant's volume to the coordinator's transfer `transfer_id` (see [`export`]).
 pub async fn send_volume(
     mut client: AgentServiceClient<Channel>,
     at: VolumeLocation,
     transfer_id: u64,
-) -> Result<(u64, String), String> {
+    precopy: bool,
+    base: Option<Base>,
+) -> Result<Copied, String> {
     let (tx, rx) = mpsc::channel(PIPE_CHUNKS);
     let reader = tokio::task::spawn_blocking(move || {
-        export(&at, transfer_id, |c| {
+        export(&at, transfer_id, precopy, base.as_ref(), |c| {
             tx.blocking_send(c)
                 .map_err(|_| bad("the coordinator stopped taking the stream"))
         })
@@ -528,13 +863,16 @@ pub async fn send_volume(
     }
 }
 
-/// Imports the coordinator's transfer `transfer_id` as the tenant's volume; a failed import
+/// Imports the coordinator's transfer `transfer_id` as the tenant's volume, or with
+/// `precopy` as a base kept aside; `base` is the pre-copy this host holds. A failed import
 /// leaves nothing behind.
 pub async fn receive_volume(
     mut client: AgentServiceClient<Channel>,
     at: VolumeLocation,
     transfer_id: u64,
-) -> Result<(u64, String), String> {
+    precopy: bool,
+    base: Option<Base>,
+) -> Result<Copied, String> {
     let mut stream = client
         .receive_volume(proto::ReceiveVolumeRequest { transfer_id })
         .await
@@ -543,11 +881,11 @@ pub async fn receive_volume(
     let (tx, mut rx) = mpsc::channel::<proto::VolumeChunk>(PIPE_CHUNKS);
     let staging = at.staging();
     let writer = tokio::task::spawn_blocking(move || {
-        let mut importer = Importer::new(at, transfer_id)?;
+        let mut importer = Importer::new(at, transfer_id, base);
         while let Some(chunk) = rx.blocking_recv() {
             importer.accept(chunk)?;
         }
-        importer.finish()
+        importer.finish(precopy)
     });
     let mut broken = None;
     loop {

@@ -372,9 +372,14 @@ impl VolumeStep for HostVolumes {
         let mut purged = self
             .blocking(tenant, |volumes, paths| volumes.purge(paths))
             .await?;
-        if plain.exists() {
-            std::fs::remove_dir_all(&plain).map_err(|e| format!("volume: {}", io(&plain, e)))?;
-            purged.deleted = true;
+        // A plain volume, and what a copy to this host left aside (a pre-copy, or an import
+        // cut short).
+        let staging = self.root.join("incoming").join(tenant.as_str());
+        for dir in [plain, staging] {
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir).map_err(|e| format!("volume: {}", io(&dir, e)))?;
+                purged.deleted = true;
+            }
         }
         Ok(purged)
     }

@@ -211,6 +211,15 @@ fn a_host_drains_with_its_volumes_never_running_a_tenant_twice_through_abort_and
     });
     let aborted = json(&coordinator, &["drain-abort", src]);
     assert_eq!(aborted["phase"], "aborted", "{aborted}");
+    // A moved tenant's volume was copied while it ran; after its stop only what changed since
+    // travelled (nothing: it wrote nothing meanwhile).
+    for m in aborted["moves"].as_array().unwrap() {
+        if m["phase"] == "done" {
+            let copied = m["bytes_copied"].as_u64().unwrap();
+            assert!(copied >= 1 << 20, "the pre-copy carried the volume: {m}");
+            assert_eq!(m["bytes_after_stop"], 0, "{m}");
+        }
+    }
     assert_eq!(coordinator.host_state(src).as_deref(), Some("cordoned"));
     assert_consistent(&coordinator, &by_id, &data);
     let moved_first = placed(&coordinator)

@@ -81,6 +81,9 @@ enum Command {
         /// The host is lost: start its tenants elsewhere with empty volumes.
         #[arg(long)]
         force_lost: bool,
+        /// Copy each volume only once its tenant stopped (no pre-copy while it runs).
+        #[arg(long)]
+        no_precopy: bool,
         /// Wait until the drain ends, printing its progress.
         #[arg(long)]
         wait: bool,
@@ -335,6 +338,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             deadline,
             max_parallel,
             force_lost,
+            no_precopy,
             wait,
         } => {
             let mut status = client
@@ -344,6 +348,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     deadline_ms: deadline.as_millis() as u64,
                     max_parallel,
                     force_lost,
+                    no_precopy,
                 })
                 .await?
                 .into_inner();

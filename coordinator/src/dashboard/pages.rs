@@ -227,7 +227,8 @@ pub fn host(h: &HostRow, tenants: &[TenantView], drain: Option<&DrainView>) -> M
                         (d.deadline.as_deref().unwrap_or("–")) " · " (d.max_parallel) " at once" } }
                     table #drain {
                         tr { th { "tenant" } th { "target" } th { "phase" } th.n { "copied MiB" }
-                             th.n { "of MiB" } th.n { "ETA s" } th { "note" } }
+                             th.n { "of MiB" } th.n { "after stop MiB" } th.n { "ETA s" }
+                             th { "note" } }
                         @for m in &d.moves {
                             tr {
                                 td { (m.tenant_id) }
@@ -235,6 +236,7 @@ pub fn host(h: &HostRow, tenants: &[TenantView], drain: Option<&DrainView>) -> M
                                 td { (m.phase) }
                                 td.n { (m.bytes_copied >> 20) }
                                 td.n { (m.bytes_total.div_ceil(1 << 20)) }
+                                td.n { (format!("{:.1}", m.bytes_after_stop as f64 / f64::from(1 << 20))) }
                                 td.n { @if m.eta_ms > 0 { (m.eta_ms.div_ceil(1000)) } @else { "–" } }
                                 td { small { (m.error) } }
                             }

@@ -9,29 +9,46 @@ fn at(root: &Path, tenant: &str) -> VolumeLocation {
     }
 }
 
-/// Exports `from` and imports the chunks into `to`; returns what each end reported.
-fn copy(from: &VolumeLocation, to: &VolumeLocation) -> ((u64, String), (u64, String)) {
+/// Exports `from` as transfer `id` (a pre-copy, or building on `base`); returns the chunks and
+/// what the sender reported.
+fn stream(
+    from: &VolumeLocation,
+    id: u64,
+    precopy: bool,
+    base: Option<&Base>,
+) -> (Vec<proto::VolumeChunk>, Copied) {
     let mut chunks = Vec::new();
-    let sent = export(from, 7, |c| {
+    let sent = export(from, id, precopy, base, |c| {
         chunks.push(c);
         Ok(())
     })
     .unwrap();
-    let mut importer = Importer::new(to.clone(), 7).unwrap();
+    (chunks, sent)
+}
+
+/// Imports `chunks` of transfer `id` into `to`, holding `base`; `keep_aside` for a pre-copy.
+fn import(
+    to: &VolumeLocation,
+    id: u64,
+    base: Option<Base>,
+    chunks: Vec<proto::VolumeChunk>,
+    keep_aside: bool,
+) -> Result<Copied, String> {
+    let mut importer = Importer::new(to.clone(), id, base);
     for c in chunks {
-        importer.accept(c).unwrap();
+        importer.accept(c).map_err(|e| e.to_string())?;
     }
-    (sent, importer.finish().unwrap())
+    importer.finish(keep_aside).map_err(|e| e.to_string())
+}
+
+/// Exports `from` and imports the chunks into `to`; returns what each end reported.
+fn copy(from: &VolumeLocation, to: &VolumeLocation) -> (Copied, Copied) {
+    let (chunks, sent) = stream(from, 7, false, None);
+    (sent, import(to, 7, None, chunks, false).unwrap())
 }
 
 fn chunks_of(from: &VolumeLocation) -> Vec<proto::VolumeChunk> {
-    let mut chunks = Vec::new();
-    export(from, 7, |c| {
-        chunks.push(c);
-        Ok(())
-    })
-    .unwrap();
-    chunks
+    stream(from, 7, false, None).0
 }
 
 #[test]
@@ -50,11 +67,11 @@ fn a_sparse_luks_file_arrives_identical_with_its_holes_and_only_its_data_is_sent
     let (sent, received) = copy(&from, &to);
     assert_eq!(sent, received);
     assert!(
-        sent.0 < 8 << 20,
+        sent.data_bytes < 8 << 20,
         "only the data extents travel, not 64 MiB: {}",
-        sent.0
+        sent.data_bytes
     );
-    assert!(sent.0 >= (3 << 20) + 16);
+    assert!(sent.data_bytes >= (3 << 20) + 16);
     let copied = dst.path().join("volumes/acme.img");
     assert_eq!(
         std::fs::read(&copied).unwrap(),
@@ -116,13 +133,7 @@ fn a_damaged_or_hostile_stream_is_refused_and_nothing_is_put_in_place() {
     let run = |mutate: &dyn Fn(&mut Vec<proto::VolumeChunk>)| -> String {
         let mut chunks = chunks_of(&from);
         mutate(&mut chunks);
-        let mut importer = Importer::new(to.clone(), 7).unwrap();
-        for c in chunks {
-            if let Err(e) = importer.accept(c) {
-                return e.to_string();
-            }
-        }
-        importer.finish().unwrap_err().to_string()
+        import(&to, 7, None, chunks, false).unwrap_err()
     };
     let flipped = run(&|c| {
         if let Some(Body::Data(d)) = &mut c[2].body {
@@ -186,7 +197,7 @@ fn a_luks_stream_holds_exactly_the_tenants_image_and_an_attached_volume_is_not_r
     if let Some(Body::Entry(e)) = &mut chunks[1].body {
         e.path = "other.img".into();
     }
-    let mut importer = Importer::new(at(dst.path(), "acme"), 7).unwrap();
+    let mut importer = Importer::new(at(dst.path(), "acme"), 7, None);
     importer.accept(chunks.remove(0)).unwrap();
     assert_eq!(
         importer.accept(chunks.remove(0)).unwrap_err().to_string(),
@@ -195,7 +206,7 @@ fn a_luks_stream_holds_exactly_the_tenants_image_and_an_attached_volume_is_not_r
     // Mounted (its mount point holds the filesystem): refused before anything is sent.
     std::fs::create_dir_all(src.path().join("mnt/acme/lost+found")).unwrap();
     let mut sent = 0;
-    let err = export(&from, 7, |_| {
+    let err = export(&from, 7, false, None, |_| {
         sent += 1;
         Ok(())
     })
@@ -205,6 +216,202 @@ fn a_luks_stream_holds_exactly_the_tenants_image_and_an_attached_volume_is_not_r
         "the volume of acme is attached (open or mounted): it is read only once closed"
     );
     assert_eq!(sent, 0);
-    let none = export(&at(src.path(), "nobody"), 7, |_| Ok(())).unwrap_err();
+    let none = export(&at(src.path(), "nobody"), 7, false, None, |_| Ok(())).unwrap_err();
     assert_eq!(none.to_string(), "nobody has no volume on this host");
+}
+
+/// Every entry under `dir`: its path, and its content, link target or `dir`, and mode.
+fn tree(dir: &Path) -> Vec<(String, Vec<u8>, u32)> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let mut names: Vec<_> = std::fs::read_dir(dir.join(&rel))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        for name in names {
+            let rel = rel.join(name);
+            let path = dir.join(&rel);
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            let content = if meta.file_type().is_symlink() {
+                std::fs::read_link(&path)
+                    .unwrap()
+                    .into_os_string()
+                    .into_encoded_bytes()
+            } else if meta.is_dir() {
+                stack.push(rel.clone());
+                b"dir".to_vec()
+            } else {
+                std::fs::read(&path).unwrap()
+            };
+            out.push((
+                rel.to_string_lossy().into_owned(),
+                content,
+                meta.mode() & 0o777,
+            ));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Bytes that differ from block to block.
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i / 4096) as u8 ^ (i as u8) ^ seed)
+        .collect()
+}
+
+#[test]
+fn after_a_precopy_only_changed_blocks_travel_and_the_volume_arrives_as_it_is_now() {
+    let (src, dst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (from, to) = (at(src.path(), "open"), at(dst.path(), "open"));
+    let plain = src.path().join("plain/open");
+    std::fs::create_dir_all(plain.join("chats")).unwrap();
+    std::fs::write(plain.join("chats/big.db"), pattern(5 << 20, 1)).unwrap();
+    std::fs::write(plain.join("gone.txt"), "deleted after the pre-copy").unwrap();
+    std::fs::write(plain.join("becomes-dir"), "a file, then a directory").unwrap();
+    std::fs::write(plain.join("same.txt"), "unchanged").unwrap();
+
+    // The pre-copy, while the tenant runs: kept aside on the receiver, nothing in place.
+    let (chunks, pre_sent) = stream(&from, 1, true, None);
+    let pre = import(&to, 1, None, chunks, true).unwrap();
+    assert_eq!(pre_sent, pre, "both ends hold the same base");
+    assert!(
+        !dst.path().join("plain/open").exists(),
+        "a pre-copy is never put in place"
+    );
+    assert!(dst.path().join("incoming/open/chats/big.db").is_file());
+
+    // The tenant writes on: one block of the big file, a deletion, a new file, a type change,
+    // a mode change.
+    let big = File::options()
+        .write(true)
+        .open(plain.join("chats/big.db"))
+        .unwrap();
+    big.write_all_at(&[0xee; 100], (3 << 20) + 17).unwrap();
+    big.set_len((5 << 20) - 10).unwrap();
+    drop(big);
+    std::fs::remove_file(plain.join("gone.txt")).unwrap();
+    std::fs::write(plain.join("new.txt"), "written after the pre-copy").unwrap();
+    std::fs::remove_file(plain.join("becomes-dir")).unwrap();
+    std::fs::create_dir(plain.join("becomes-dir")).unwrap();
+    std::fs::set_permissions(
+        plain.join("same.txt"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+
+    let (chunks, sent) = stream(&from, 2, false, Some(&pre_sent.base));
+    let received = import(&to, 2, Some(pre.base.clone()), chunks, false).unwrap();
+    assert_eq!(sent, received);
+    assert_eq!(
+        sent.data_bytes,
+        (1 << 20) + ((1 << 20) - 10) + 26,
+        "the rewritten block, the truncated last one and the new file, not 5 MiB"
+    );
+    assert_eq!(tree(&dst.path().join("plain/open")), tree(&plain));
+    assert!(
+        !dst.path().join("incoming/open").exists(),
+        "staging cleaned up"
+    );
+    // The digest is that of the volume, however it travelled.
+    let (_, whole) = stream(&from, 3, false, None);
+    assert_eq!(whole.volume_sha256, received.volume_sha256);
+    assert_eq!(whole.base.files, received.base.files);
+}
+
+#[test]
+fn a_precopied_sparse_file_keeps_its_unchanged_blocks_and_loses_data_punched_out_since() {
+    let (src, dst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (from, to) = (at(src.path(), "acme"), at(dst.path(), "acme"));
+    std::fs::create_dir_all(src.path().join("volumes")).unwrap();
+    let image = src.path().join("volumes/acme.img");
+    let file = File::create(&image).unwrap();
+    file.set_len(32 << 20).unwrap();
+    file.write_all_at(&pattern(4 << 20, 9), 0).unwrap();
+    file.write_all_at(&pattern(2 << 20, 3), 20 << 20).unwrap();
+    let (chunks, pre_sent) = stream(&from, 1, true, None);
+    let pre = import(&to, 1, None, chunks, true).unwrap();
+    // Block 1 rewritten, block 21 made a hole again, block 30 written for the first time.
+    file.write_all_at(&[1; 512], (1 << 20) + 512).unwrap();
+    nix::fcntl::fallocate(
+        &file,
+        nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+            | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        21 << 20,
+        1 << 20,
+    )
+    .unwrap();
+    file.write_all_at(b"late", 30 << 20).unwrap();
+    drop(file);
+    let (chunks, sent) = stream(&from, 2, false, Some(&pre_sent.base));
+    let Some(Body::Entry(entry)) = &chunks[1].body else {
+        panic!("an entry second")
+    };
+    assert!(entry.from_base);
+    assert_eq!(entry.changed_blocks, [1, 21, 30]);
+    let received = import(&to, 2, Some(pre.base), chunks, false).unwrap();
+    assert_eq!(sent.volume_sha256, received.volume_sha256);
+    assert_eq!(
+        sent.data_bytes,
+        (1 << 20) + 4096,
+        "block 1 whole and the filesystem block holding the late bytes"
+    );
+    assert_eq!(
+        std::fs::read(dst.path().join("volumes/acme.img")).unwrap(),
+        std::fs::read(&image).unwrap()
+    );
+}
+
+#[test]
+fn a_stream_that_does_not_fit_the_precopy_held_here_is_refused() {
+    let (src, dst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (from, to) = (at(src.path(), "open"), at(dst.path(), "open"));
+    std::fs::create_dir_all(src.path().join("plain/open")).unwrap();
+    let data = src.path().join("plain/open/data");
+    std::fs::write(&data, pattern(3 << 20, 5)).unwrap();
+    let (chunks, pre_sent) = stream(&from, 1, true, None);
+    let pre = import(&to, 1, None, chunks, true).unwrap();
+    let file = File::options().write(true).open(&data).unwrap();
+    file.write_all_at(&[9; 10], 2 << 20).unwrap();
+    let (delta, _) = stream(&from, 2, false, Some(&pre_sent.base));
+    let Some(Body::Entry(entry)) = &delta[1].body else {
+        panic!("an entry second")
+    };
+    assert_eq!(entry.changed_blocks, [2]);
+
+    // The two ends disagree on what the pre-copy held: the whole volume's digest differs.
+    let mut wrong = pre.base.clone();
+    wrong.files.get_mut("data").unwrap()[0] = [0; 32];
+    let err = import(&to, 2, Some(wrong), delta.clone(), false).unwrap_err();
+    assert!(
+        err.contains("checksum mismatch: the volume's SHA-256"),
+        "{err}"
+    );
+    // The receiver lost its pre-copy (a restart).
+    let lost = import(&to, 2, None, delta.clone(), false).unwrap_err();
+    assert_eq!(
+        lost,
+        "volume stream: the stream builds on pre-copy 1, which this host does not hold"
+    );
+    // Data for a block the stream says is kept.
+    let mut kept = delta.clone();
+    if let Some(Body::Entry(e)) = &mut kept[1].body {
+        e.changed_blocks.clear();
+    }
+    let err = import(&to, 2, Some(pre.base.clone()), kept, false).unwrap_err();
+    assert!(err.contains("for a block kept from the pre-copy"), "{err}");
+    // A file the pre-copy never had.
+    let mut foreign = delta;
+    if let Some(Body::Entry(e)) = &mut foreign[1].body {
+        e.path = "other".into();
+    }
+    let err = import(&to, 2, Some(pre.base), foreign, false).unwrap_err();
+    assert_eq!(
+        err,
+        "volume stream: \"other\" is not a file of the pre-copy"
+    );
+    assert!(!dst.path().join("plain/open").exists(), "nothing in place");
 }
