@@ -10,8 +10,8 @@
 //! phase is on disk before its step runs, so a coordinator killed mid-drain resumes each move
 //! where it was; a tenant's volume is first copied while it runs (a pre-copy), so its
 //! downtime carries only what changed since; a failure, an abort or the deadline before the
-//! target is healthy rolls the tenant back to the source; a lost host's tenants stay assigned to it (blocked) unless the
-//! operator accepts starting them elsewhere with empty volumes.
+//! target is healthy rolls the tenant back to the source; a lost host's tenants stay assigned
+//! to it (blocked) unless the operator accepts starting them elsewhere with empty volumes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -803,7 +803,7 @@ impl Coordinator {
                 if !options.force_lost {
                     self.placements.release_reservation(tenant);
                     self.drains.set_move(source, tenant, |m| {
-                        m.error = format!("{source} is unreachable: {tenant} stays assigned to it; `berthctl drain {source} --force-lost` starts it on {target} with an empty volume");
+                        m.error = format!("host {source} is unreachable: {tenant} stays assigned to it; `berthctl drain {source} --force-lost` starts it on {target} with an empty volume");
                     })?;
                     return Ok(MovePhase::Blocked);
                 }
