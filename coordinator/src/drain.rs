@@ -827,7 +827,9 @@ impl Coordinator {
                     *place = Some(taken);
                 }
                 Err(MoveFailure::Stopped(why)) => {
-                    return self.forget_precopy(source, tenant, target, why).await;
+                    return self
+                        .not_moved(source, tenant, target, why, options.precopy)
+                        .await;
                 }
                 Err(e) => return Err(e),
             }
@@ -928,23 +930,28 @@ impl Coordinator {
         }
     }
 
-    /// A move stopped before its tenant left the source: the target drops what a pre-copy
-    /// left there, and the tenant stays where it runs.
-    async fn forget_precopy(
+    /// A move stopped before its tenant left the source: the tenant stays where it runs, and
+    /// the target drops what a pre-copy (if one ran) left there.
+    async fn not_moved(
         &self,
         source: &HostId,
         tenant: &TenantId,
         target: &HostId,
         why: DrainPhase,
+        precopied: bool,
     ) -> Result<MovePhase, MoveFailure> {
-        let dropped = self
-            .sessions
-            .volume(target, crate::core::purge_command(tenant), RELEASE_WAIT)
-            .await;
+        let dropped = match precopied {
+            true => Some(
+                self.sessions
+                    .volume(target, crate::core::purge_command(tenant), RELEASE_WAIT)
+                    .await,
+            ),
+            false => None,
+        };
         let left = match dropped {
-            Ok(r) if r.ok => String::new(),
-            Ok(r) => format!("; its pre-copy on {target} is not deleted: {}", r.error),
-            Err(s) => format!("; its pre-copy on {target} is not deleted: {}", s.message()),
+            None | Some(Ok(proto::VolumeResult { ok: true, .. })) => String::new(),
+            Some(Ok(r)) => format!("; its pre-copy on {target} is not deleted: {}", r.error),
+            Some(Err(s)) => format!("; its pre-copy on {target} is not deleted: {}", s.message()),
         };
         self.drains.set_move(source, tenant, |m| {
             m.error = format!(

@@ -3,8 +3,8 @@
 //! Ensures: only what is on disk is sent (the holes of a sparse backing file are skipped, and
 //! come back as holes); the sender and the receiver each compute a SHA-256 of the volume
 //! (every entry, and the SHA-256 of every 1 MiB block of every file) and the volume is put in
-//! place only when both agree; nothing from the stream can write outside
-//! the volume (paths are relative and plain, links are recreated, never followed); a volume
+//! place only when both agree; nothing from the stream can write outside the volume (paths
+//! are relative and plain, links are recreated, never followed); a volume
 //! that is attached (open or mounted) is never read; a received volume replaces whatever an
 //! earlier failed attempt left only once it is complete.
 //!
@@ -202,6 +202,12 @@ struct Item {
     extents: Vec<(u64, u64)>,
 }
 
+impl Item {
+    fn is_file(&self) -> bool {
+        !self.entry.directory && self.entry.symlink.is_empty()
+    }
+}
+
 fn item(path: &Path, relative: String) -> Result<Item, TransferError> {
     let meta = std::fs::symlink_metadata(path).map_err(|e| io(path, e))?;
     let mut entry = proto::VolumeEntry {
@@ -323,7 +329,7 @@ pub fn export(
     for it in &items {
         let known = base.and_then(|b| b.files.get(&it.entry.path));
         let plan = match known {
-            Some(before) if !it.entry.directory && it.entry.symlink.is_empty() => {
+            Some(before) if it.is_file() => {
                 let now = block_hashes(it, &mut buffer)?;
                 let changed: BTreeSet<u64> = (0..now.len())
                     .filter(|&i| before.get(i) != Some(&now[i]))
@@ -363,8 +369,11 @@ pub fn export(
             entry.changed_blocks = changed.iter().copied().collect();
         }
         send(chunk(Body::Entry(entry)))?;
-        let is_file = !it.entry.directory && it.entry.symlink.is_empty();
-        let mut blocks = vec![Sha256::new(); if is_file { blocks_in(it.entry.size) } else { 0 }];
+        // The blocks' hashes as sent; a file sent against the base has them already.
+        let mut blocks = match plan {
+            None if it.is_file() => vec![Sha256::new(); blocks_in(it.entry.size)],
+            _ => Vec::new(),
+        };
         if !it.extents.is_empty() {
             let file = File::open(&it.path).map_err(|e| io(&it.path, e))?;
             for (offset, len) in pieces(&it.extents) {
@@ -381,7 +390,9 @@ pub fn export(
                     // The file shrank since it was listed: what is left is a hole.
                     continue;
                 }
-                hash_piece(&mut blocks[block as usize], offset, &buffer[..got]);
+                if plan.is_none() {
+                    hash_piece(&mut blocks[block as usize], offset, &buffer[..got]);
+                }
                 let data = proto::VolumeData {
                     offset,
                     data: buffer[..got].to_vec(),
@@ -395,7 +406,7 @@ pub fn export(
             None => blocks.into_iter().map(|b| b.finalize().into()).collect(),
         };
         volume.entry(&it.entry, &hashes);
-        if is_file {
+        if it.is_file() {
             sent_base.files.insert(it.entry.path.clone(), hashes);
         }
     }
