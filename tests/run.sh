@@ -26,6 +26,15 @@ if [ "${#missing[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# systemd mounts / shared at boot, so the network namespace files Docker binds under
+# /run/docker/netns reach services that have a mount namespace of their own (the agent's unit
+# does); a machine booted without systemd leaves / private. The multi-host tests run agents
+# under `ip netns exec` (its own mount namespace) and their health checks enter those files.
+if ! awk '$5 == "/" { for (i = 7; $i != "-"; i++) if ($i ~ /^shared:/) found = 1 } END { exit !found }' /proc/self/mountinfo; then
+  echo "tests/run.sh: mounting / shared, as systemd does"
+  mount --make-rshared /
+fi
+
 if ! docker info >/dev/null 2>&1; then
   echo "tests/run.sh: starting dockerd (log: /var/log/berth-test-dockerd.log)"
   nohup dockerd >/var/log/berth-test-dockerd.log 2>&1 &

@@ -33,15 +33,47 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30 * 60);
 pub const DEFAULT_MAX_PARALLEL: u32 = 2;
 /// How long the source may take to confirm it stopped a tenant.
 const STOP_WAIT: Duration = Duration::from_secs(60);
-/// How long a moved tenant may take to run on its target.
+/// How long a moved tenant may take to run and be healthy on its target.
 const START_WAIT: Duration = Duration::from_secs(120);
 /// How long a drain waits for its hosts' sessions before it starts (or resumes).
 const RECONNECT_WAIT: Duration = Duration::from_secs(30);
 /// How long the releasing host may take to shred its old copy.
 const RELEASE_WAIT: Duration = Duration::from_secs(60);
 /// Moves that pre-copy their volume while `max_parallel` others are under way: a copy
-/// overlaps the other moves' stops and starts.
+/// overlaps the other moves' starts.
 const PRECOPIES_AHEAD: usize = 1;
+
+/// What a drain's moves take turns at, `max_parallel` of each.
+#[derive(Debug, Clone)]
+struct Slots {
+    /// Held from a move's stop until its tenant runs on the target (or is rolled back).
+    places: Arc<tokio::sync::Semaphore>,
+    /// Held from the start of a move's pre-copy until the end of its copy after the stop. A
+    /// pre-copy so overlaps the previous tenant's start on its target, never its stop and the
+    /// copy of its changes, which are that tenant's downtime and compete for the same disk
+    /// and CPUs.
+    streams: Arc<tokio::sync::Semaphore>,
+}
+
+impl Slots {
+    fn new(max_parallel: u32) -> Self {
+        let each = || Arc::new(tokio::sync::Semaphore::new(max_parallel as usize));
+        Self {
+            places: each(),
+            streams: each(),
+        }
+    }
+}
+
+async fn take(
+    slots: &Arc<tokio::sync::Semaphore>,
+) -> Result<tokio::sync::OwnedSemaphorePermit, MoveFailure> {
+    slots
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| MoveFailure::Failed("the drain's slots are gone".into()))
+}
 
 /// Where a drain is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -605,7 +637,7 @@ impl Coordinator {
         // source's old copy is released after that, outside the count.
         let mut moves = tokio::task::JoinSet::new();
         let mut releases = tokio::task::JoinSet::new();
-        let places = Arc::new(tokio::sync::Semaphore::new(record.max_parallel as usize));
+        let slots = Slots::new(record.max_parallel);
         let mut started: BTreeSet<TenantId> = BTreeSet::new();
         loop {
             let record = self.drains.get(&host).unwrap_or(record.clone());
@@ -650,7 +682,7 @@ impl Coordinator {
                         force_lost: record.force_lost,
                         precopy: !record.no_precopy,
                     },
-                    places.clone(),
+                    slots.clone(),
                     stop.clone(),
                 ));
             }
@@ -728,13 +760,13 @@ impl Coordinator {
         self: Arc<Self>,
         m: Move,
         options: Options,
-        places: Arc<tokio::sync::Semaphore>,
+        slots: Slots,
         mut stop: watch::Receiver<Option<DrainPhase>>,
     ) -> Option<(TenantId, HostId)> {
         let phase = self.drains.phase_of(&m.source, &m.tenant)?;
         let mut place = None;
         let outcome = self
-            .run_move(&m, phase, options, (&places, &mut place), &mut stop)
+            .run_move(&m, phase, options, (&slots, &mut place), &mut stop)
             .await;
         let Move {
             source,
@@ -779,25 +811,17 @@ impl Coordinator {
         }: &Move,
         mut phase: MovePhase,
         options: Options,
-        (places, place): (
-            &Arc<tokio::sync::Semaphore>,
-            &mut Option<tokio::sync::OwnedSemaphorePermit>,
-        ),
+        (slots, place): (&Slots, &mut Option<tokio::sync::OwnedSemaphorePermit>),
         stop: &mut watch::Receiver<Option<DrainPhase>>,
     ) -> Result<MovePhase, MoveFailure> {
         let set = |phase: MovePhase| {
             tracing::info!(%tenant, %source, %target, phase = phase.as_str(), "move");
             self.drains.set_move(source, tenant, |m| m.phase = phase)
         };
-        let take_place = || async {
-            places
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|_| MoveFailure::Failed("the drain's places are gone".into()))
-        };
         // What the target holds of a pre-copy (a transfer id; 0: nothing).
         let mut base = 0;
+        // This move's turn at streaming, while it pre-copies and until its copy after the stop.
+        let mut stream_turn = None;
         if matches!(phase, MovePhase::Planned | MovePhase::Precopying) {
             if !self.sessions.is_connected(source) {
                 if !options.force_lost {
@@ -807,23 +831,25 @@ impl Coordinator {
                     })?;
                     return Ok(MovePhase::Blocked);
                 }
-                *place = Some(take_place().await?);
+                *place = Some(take(&slots.places).await?);
                 return self.start_empty(source, tenant, target, stop).await;
             }
-            if options.precopy {
-                set(MovePhase::Precopying)?;
-            }
             let ready = unless_stopped(stop, async {
-                let copied = match options.precopy {
-                    true => self.precopy(source, tenant, target).await,
-                    false => 0,
+                let (copied, turn) = match options.precopy {
+                    true => {
+                        let turn = take(&slots.streams).await?;
+                        set(MovePhase::Precopying)?;
+                        (self.precopy(source, tenant, target).await, Some(turn))
+                    }
+                    false => (0, None),
                 };
-                Ok((copied, take_place().await?))
+                Ok((copied, turn, take(&slots.places).await?))
             })
             .await;
             match ready {
-                Ok((copied, taken)) => {
+                Ok((copied, turn, taken)) => {
                     base = copied;
+                    stream_turn = turn;
                     *place = Some(taken);
                 }
                 Err(MoveFailure::Stopped(why)) => {
@@ -837,7 +863,7 @@ impl Coordinator {
             phase = MovePhase::Stopping;
         } else if phase != MovePhase::Releasing {
             // Resumed under way: it takes its place first.
-            *place = Some(take_place().await?);
+            *place = Some(take(&slots.places).await?);
         }
         if phase == MovePhase::Stopping {
             // Held on the target: the source stops it, nobody starts it. (Resumed after a
@@ -871,6 +897,7 @@ impl Coordinator {
                 }
             })
             .await?;
+            drop(stream_turn);
             set(MovePhase::Starting)?;
             phase = MovePhase::Starting;
         }
@@ -883,7 +910,7 @@ impl Coordinator {
                     applied.placement.generation
                 }
             };
-            unless_stopped(stop, self.await_running(tenant, target, applied)).await?;
+            unless_stopped(stop, self.await_healthy(tenant, target, applied)).await?;
             set(MovePhase::Releasing)?;
         }
         // The tenant runs on its target: from here on nothing rolls back.
@@ -1059,7 +1086,7 @@ impl Coordinator {
         })?;
         unless_stopped(
             stop,
-            self.await_running(tenant, target, applied.placement.generation),
+            self.await_healthy(tenant, target, applied.placement.generation),
         )
         .await?;
         Ok(MovePhase::StartedEmpty)
@@ -1116,8 +1143,9 @@ impl Coordinator {
         Ok(MovePhase::RolledBack)
     }
 
-    /// Waits until `tenant` runs on `host` at `generation` or later.
-    async fn await_running(
+    /// Waits until `tenant` runs on `host` at `generation` or later and passed its health check
+    /// since it started there.
+    async fn await_healthy(
         &self,
         tenant: &TenantId,
         host: &HostId,
@@ -1133,15 +1161,19 @@ impl Coordinator {
                 let placed = t.placement.unwrap_or_default();
                 let done = placed.host_id == host.as_str()
                     && status.generation >= generation
-                    && status.state == proto::TenantState::Running as i32;
+                    && status.state == proto::TenantState::Running as i32
+                    && status.healthy;
                 last = status;
                 done.then_some(())
             })
             .await;
         running.ok_or_else(|| {
+            let state = match last.state == proto::TenantState::Running as i32 {
+                true => "running but not healthy",
+                false => crate::views::tenant_state_name(last.state),
+            };
             MoveFailure::Failed(format!(
-                "not running on {host} within {START_WAIT:?}: {} {}",
-                crate::views::tenant_state_name(last.state),
+                "not healthy on {host} within {START_WAIT:?}: {state} {}",
                 last.message
             ))
         })

@@ -154,6 +154,8 @@ pub struct TenantView {
     pub generation: u64,
     /// The host acknowledged a desired state containing this placement.
     pub delivered: bool,
+    /// Its container passed its health check since it last started.
+    pub healthy: bool,
     pub message: String,
     pub tier: String,
     pub image: String,
@@ -336,6 +338,7 @@ impl From<&proto::Tenant> for TenantView {
             state: tenant_state_name(placement.state),
             generation: placement.generation,
             delivered: placement.delivered,
+            healthy: status.healthy,
             message: status.message,
             tier: spec.tier,
             image: spec.image,

@@ -17,9 +17,10 @@ use crate::desired::{AcceptError, Desired, DesiredStore};
 use crate::dns::UdpResolver;
 use crate::egress::NftEgress;
 use crate::facts::{ProbeRoots, probe_cgroup, probe_dm_crypt};
+use crate::health::HealthWatch;
 use crate::nft::NftCommand;
 use crate::reconcile::{Passes, Reconciler, VolumeStep, port_free_on_loopback};
-use crate::restarts::{Driver, RestartSettings, Restarts, TcpProbe};
+use crate::restarts::{Driver, HealthGate, NetnsProbe, RestartSettings, Restarts};
 use crate::runtime::DockerRuntime;
 use crate::transfer::{Base, VolumeLocation, receive_volume, send_volume};
 use crate::volume::{HostVolumes, KeySource, SystemMounter};
@@ -96,9 +97,9 @@ impl Enforcement {
 
     /// Keeps a pass's statuses; wakes the reporter when a tenant's state changed.
     fn set_statuses(&self, statuses: Vec<proto::TenantStatus>) {
-        let states = |s: &[proto::TenantStatus]| -> Vec<(String, i32, u64)> {
+        let states = |s: &[proto::TenantStatus]| -> Vec<(String, i32, u64, bool)> {
             s.iter()
-                .map(|t| (t.tenant_id.clone(), t.state, t.generation))
+                .map(|t| (t.tenant_id.clone(), t.state, t.generation, t.healthy))
                 .collect()
         };
         let mut current = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
@@ -478,6 +479,8 @@ pub async fn run(enforcement: Arc<Enforcement>, config: AgentConfig, host: HostI
         settings,
     ));
     let mut reconciler: Option<Reconciler> = None;
+    // A tenant passed its health check: a pass reports it.
+    let health_passed = Arc::new(tokio::sync::Notify::new());
     loop {
         if reconciler.is_none() {
             match DockerRuntime::connect(&config.docker_socket).await {
@@ -503,12 +506,13 @@ pub async fn run(enforcement: Arc<Enforcement>, config: AgentConfig, host: HostI
                         }
                     });
                     let runtime: Arc<DockerRuntime> = Arc::new(docker);
+                    let probe = Arc::new(NetnsProbe {
+                        timeout: Duration::from_secs(1),
+                    });
                     let driver = Driver {
                         restarts: enforcement.restarts.clone(),
                         runtime: runtime.clone(),
-                        probe: Arc::new(TcpProbe {
-                            timeout: Duration::from_secs(1),
-                        }),
+                        probe: probe.clone(),
                         clock: Arc::new(berth_shared::clock::SystemClock),
                         host: host.clone(),
                     };
@@ -518,13 +522,19 @@ pub async fn run(enforcement: Arc<Enforcement>, config: AgentConfig, host: HostI
                         host: host.clone(),
                         restarting: enforcement.restarts.busy(),
                         passes: enforcement.passes.clone(),
-                        runtime,
+                        runtime: runtime.clone(),
                         volumes: volumes.clone(),
                         egress: egress.clone(),
                         cgroups: cgroups.clone(),
                         oom_events: oom_events.clone(),
                         port_free: port_free_on_loopback,
                         subnets: config.tenant_subnets,
+                        health: HealthWatch::new(
+                            runtime.clone(),
+                            probe,
+                            HealthGate::new(config.restarts.health_timeout),
+                            health_passed.clone(),
+                        ),
                     });
                 }
                 Err(e) => {
@@ -553,6 +563,7 @@ pub async fn run(enforcement: Arc<Enforcement>, config: AgentConfig, host: HostI
         }
         tokio::select! {
             _ = changed.changed() => {}
+            () = health_passed.notified() => {}
             () = tokio::time::sleep(RECONCILE_INTERVAL) => {}
         }
     }

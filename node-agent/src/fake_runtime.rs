@@ -1,7 +1,10 @@
 //! A recording, in-memory container runtime for unit tests (youki's recording `Syscall`).
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex as StdMutex;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use berth_shared::ids::HostId;
 use bollard::models::{ContainerCreateBody, NetworkCreateRequest};
@@ -128,5 +131,29 @@ impl ContainerRuntime for FakeRuntime {
                 running: true,
                 ..Default::default()
             }))
+    }
+}
+
+/// A health probe that refuses the first `failures` connects, then accepts; records where it
+/// connected from and to.
+#[derive(Debug, Default)]
+pub struct FakeProbe {
+    pub failures: u32,
+    pub attempts: AtomicU32,
+    pub addresses: StdMutex<Vec<SocketAddr>>,
+    pub namespaces: StdMutex<Vec<PathBuf>>,
+}
+
+#[tonic::async_trait]
+impl crate::restarts::Probe for FakeProbe {
+    async fn connect(&self, netns: &Path, address: SocketAddr) -> Result<(), String> {
+        self.addresses.lock().unwrap().push(address);
+        self.namespaces.lock().unwrap().push(netns.to_path_buf());
+        let n = self.attempts.fetch_add(1, Ordering::SeqCst);
+        if n < self.failures {
+            Err("Connection refused (os error 111)".into())
+        } else {
+            Ok(())
+        }
     }
 }

@@ -19,6 +19,7 @@ pub mod facts;
 #[cfg(test)]
 pub(crate) mod fake_runtime;
 pub mod hardening;
+pub mod health;
 pub mod identity;
 pub mod metrics;
 pub mod nft;

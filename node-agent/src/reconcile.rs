@@ -19,6 +19,7 @@ use crate::cgroup::CgroupReader;
 use crate::desired::Desired;
 use crate::egress::{EgressReport, EgressStep};
 use crate::hardening;
+use crate::health::HealthWatch;
 use crate::runtime::{ContainerRuntime, ManagedContainer, RuntimeError};
 use crate::subnets::SubnetPool;
 
@@ -115,6 +116,8 @@ pub struct Reconciler {
     /// Tenants whose container the restart driver is restarting: not started from here.
     pub restarting: Arc<Mutex<BTreeSet<String>>>,
     pub passes: Arc<Passes>,
+    /// Whether each running container passed its health check since it started.
+    pub health: Arc<HealthWatch>,
 }
 
 pub fn port_free_on_loopback(port: u16) -> bool {
@@ -500,15 +503,20 @@ impl Reconciler {
             // Concurrently: the report waits for this pass, and a drain for the report.
             futures::future::join_all(statuses.iter_mut().filter_map(|s| {
                 let c = now.iter().find(|c| c.tenant == s.tenant_id)?;
-                Some(self.observe(s, c))
+                let port = wanted.get(s.tenant_id.as_str())?.gateway_port;
+                Some(self.observe(s, c, port))
             }))
             .await;
+            self.health.retain(|tenant| {
+                now.iter()
+                    .any(|c| c.tenant == tenant && c.state == "running")
+            });
         }
         statuses
     }
 
-    /// Fills in what Docker and the cgroup say of a tenant's container.
-    async fn observe(&self, s: &mut proto::TenantStatus, c: &ManagedContainer) {
+    /// Fills in what Docker, the cgroup and the health check say of a tenant's container.
+    async fn observe(&self, s: &mut proto::TenantStatus, c: &ManagedContainer, gateway_port: u16) {
         s.published_port = u32::from(c.port);
         let events = self
             .oom_events
@@ -523,6 +531,23 @@ impl Reconciler {
             s.last_restart_unix_ms = d.started().map_or(0, |t| t.as_millisecond());
             if d.oom_killed {
                 s.oom_kills = s.oom_kills.max(1);
+            }
+            // Mid-restart the restart driver's own gate checks it.
+            let restarting = self
+                .restarting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&s.tenant_id);
+            if d.running && !restarting {
+                match self
+                    .health
+                    .healthy(&s.tenant_id, &c.id, &d.started_at, gateway_port)
+                {
+                    Ok(()) => s.healthy = true,
+                    Err(note) if note.is_empty() => {}
+                    Err(note) if s.message.is_empty() => s.message = note,
+                    Err(note) => s.message = format!("{}; {note}", s.message),
+                }
             }
         }
         if let Some(figures) = self.cgroups.as_ref().and_then(|r| r.memory(&c.id)) {

@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -67,23 +68,59 @@ impl RestartSettings {
 /// Connects to a tenant's gateway port (a trait so the health gate is tested without sockets).
 #[tonic::async_trait]
 pub trait Probe: Send + Sync + std::fmt::Debug {
-    async fn connect(&self, address: SocketAddr) -> Result<(), String>;
+    /// Connects to `address` from inside the network namespace at `netns`.
+    async fn connect(&self, netns: &Path, address: SocketAddr) -> Result<(), String>;
 }
 
-/// A plain TCP connect with a timeout.
+/// A plain TCP connect with a timeout, made from inside the container's own network namespace:
+/// the agent may run in another one (or have no route to the tenant networks at all), and the
+/// published port is no proof (Docker's proxy answers it while the tenant is down).
 #[derive(Debug, Clone, Copy)]
-pub struct TcpProbe {
+pub struct NetnsProbe {
     pub timeout: Duration,
 }
 
 #[tonic::async_trait]
-impl Probe for TcpProbe {
-    async fn connect(&self, address: SocketAddr) -> Result<(), String> {
-        match tokio::time::timeout(self.timeout, tokio::net::TcpStream::connect(address)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("no answer within {:?}", self.timeout)),
-        }
+impl Probe for NetnsProbe {
+    async fn connect(&self, netns: &Path, address: SocketAddr) -> Result<(), String> {
+        let (netns, timeout) = (netns.to_path_buf(), self.timeout);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        // A thread of its own, which ends with the probe: a thread that entered another
+        // namespace must never run anything else (a pooled one would).
+        std::thread::Builder::new()
+            .name("berth-probe".into())
+            .spawn(move || {
+                let connected = std::fs::File::open(&netns)
+                    .map_err(|e| format!("{}: {e}", netns.display()))
+                    .and_then(|ns| {
+                        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(
+                            |e| match e {
+                                // The file is there but not bound to the namespace: Docker
+                                // bound it after this process got its own mount namespace,
+                                // which sees later mounts only where / is mounted shared (as
+                                // systemd mounts it).
+                                nix::errno::Errno::EINVAL => format!(
+                                    "{} is no network namespace in the agent's mount namespace (is / mounted shared?)",
+                                    netns.display()
+                                ),
+                                e => format!("entering {}: {e}", netns.display()),
+                            },
+                        )
+                    })
+                    .and_then(|()| {
+                        std::net::TcpStream::connect_timeout(&address, timeout)
+                            .map(drop)
+                            .map_err(|e| match e.kind() {
+                                std::io::ErrorKind::TimedOut => {
+                                    format!("no answer within {timeout:?}")
+                                }
+                                _ => e.to_string(),
+                            })
+                    });
+                let _ = tx.send(connected);
+            })
+            .map_err(|e| format!("probe thread: {e}"))?;
+        rx.await.map_err(|_| "the probe thread died".to_string())?
     }
 }
 
@@ -112,7 +149,7 @@ impl HealthGate {
 /// One health check: Docker's healthcheck verdict when the image has one, else a TCP connect to
 /// the gateway port at the container's address on its tenant network (not the published port,
 /// which Docker's proxy answers even while the tenant is down).
-async fn check(
+pub(crate) async fn check(
     runtime: &dyn ContainerRuntime,
     probe: &dyn Probe,
     container: &str,
@@ -130,8 +167,9 @@ async fn check(
         Some(other) => Err(format!("Docker healthcheck says {other}")),
         None => {
             let address = d.address.ok_or("no address on its tenant network")?;
+            let netns = d.netns.ok_or("no network namespace")?;
             probe
-                .connect(SocketAddr::new(address, gateway_port))
+                .connect(&netns, SocketAddr::new(address, gateway_port))
                 .await
                 .map_err(|e| format!("gateway port {gateway_port}: {e}"))
         }

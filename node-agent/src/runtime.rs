@@ -55,6 +55,8 @@ pub struct ContainerDetails {
     pub health: Option<String>,
     /// Its address on its tenant network.
     pub address: Option<std::net::IpAddr>,
+    /// Its network namespace (Docker's sandbox key) while it runs.
+    pub netns: Option<std::path::PathBuf>,
 }
 
 impl ContainerDetails {
@@ -324,9 +326,13 @@ impl ContainerRuntime for DockerRuntime {
             )
             .await?;
         let state = c.state.unwrap_or_default();
-        let address = c
-            .network_settings
-            .and_then(|n| n.networks)
+        let network = c.network_settings.unwrap_or_default();
+        let netns = network
+            .sandbox_key
+            .filter(|k| !k.is_empty())
+            .map(std::path::PathBuf::from);
+        let address = network
+            .networks
             .unwrap_or_default()
             .into_values()
             .find_map(|e| e.ip_address.and_then(|a| a.parse().ok()));
@@ -344,6 +350,7 @@ impl ContainerRuntime for DockerRuntime {
             running: state.running.unwrap_or(false),
             health,
             address,
+            netns,
         })
     }
 }

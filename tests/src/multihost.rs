@@ -115,8 +115,8 @@ pub fn placed(c: &CoordinatorProc) -> BTreeMap<String, (String, String)> {
 }
 
 /// A coordinator and `n` agents on Docker, each in its own network namespace when
-/// `namespaces` (else all on this host's, where the agents' health probes reach the tenants'
-/// published ports); `None` (or a failure under BERTH_REQUIRE_REAL=1) without them.
+/// `namespaces` (else all on this host's); `None` (or a failure under BERTH_REQUIRE_REAL=1)
+/// without them.
 pub fn fleet(n: u8, namespaces: bool) -> Option<(Option<TestNet>, CoordinatorProc, Vec<Host>)> {
     if namespaces && let Err(why) = crate::netns::available() {
         missing_component("network namespaces", &why);

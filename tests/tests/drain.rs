@@ -252,9 +252,13 @@ fn a_host_drains_with_its_volumes_never_running_a_tenant_twice_through_abort_and
     assert_eq!(done["phase"], "done", "{done:#}");
     assert!(coordinator.log().contains("resuming drain"));
 
-    // 5. All six elsewhere, once each, data identical, rules moved, the source empty.
+    // 5. All six elsewhere, once each, healthy (checked from inside each container's network
+    // namespace), data identical, rules moved, the source empty.
     assert_consistent(&coordinator, &by_id, &data);
     let placements = placed(&coordinator);
+    for t in json(&coordinator, &["tenants"]).as_array().unwrap() {
+        assert_eq!(t["healthy"], true, "healthy on its target: {t:#}");
+    }
     let source = by_id[src];
     let source_rules = source.nft_table();
     for tenant in &tenants {

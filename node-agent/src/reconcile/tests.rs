@@ -111,6 +111,12 @@ fn reconciler(fake: &Arc<FakeRuntime>) -> Reconciler {
         subnets: crate::subnets::SubnetPool::default(),
         restarting: Arc::default(),
         passes: Arc::default(),
+        health: HealthWatch::new(
+            fake.clone(),
+            Arc::new(crate::fake_runtime::FakeProbe::default()),
+            crate::restarts::HealthGate::new(std::time::Duration::from_secs(300)),
+            Arc::default(),
+        ),
     }
 }
 

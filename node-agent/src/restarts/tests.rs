@@ -1,38 +1,18 @@
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 
 use berth_shared::clock::ManualClock;
 use berth_shared::spec::TenantSpec;
 
 use super::*;
-use crate::fake_runtime::FakeRuntime;
+use crate::fake_runtime::{FakeProbe, FakeRuntime};
 use crate::runtime::{ContainerDetails, ManagedContainer};
-
-/// Refuses the first `failures` connects, then accepts; records the addresses.
-#[derive(Debug, Default)]
-struct FakeProbe {
-    failures: u32,
-    attempts: AtomicU32,
-    addresses: Mutex<Vec<SocketAddr>>,
-}
-
-#[tonic::async_trait]
-impl Probe for FakeProbe {
-    async fn connect(&self, address: SocketAddr) -> Result<(), String> {
-        self.addresses.lock().unwrap().push(address);
-        let n = self.attempts.fetch_add(1, Ordering::SeqCst);
-        if n < self.failures {
-            Err("Connection refused (os error 111)".into())
-        } else {
-            Ok(())
-        }
-    }
-}
 
 fn running(address: &str, health: Option<&str>) -> ContainerDetails {
     ContainerDetails {
         running: true,
         health: health.map(String::from),
         address: Some(address.parse().unwrap()),
+        netns: Some("/run/docker/netns/0123456789ab".into()),
         started_at: "2026-11-21T10:00:00Z".into(),
         ..Default::default()
     }

@@ -1,8 +1,8 @@
 //! berth-drain-bench: how long a drain takes against the bound
 //! `1.2 × (volume bytes ÷ stream throughput) + restart time × ⌈tenants ÷ max-parallel⌉`.
 //!
-//! A coordinator and three agents on the local Docker engine (in this host's network
-//! namespace, so the agents' health probes reach the tenants). First a probe tenant with a
+//! A coordinator and three agents on the local Docker engine, in this host's network
+//! namespace. First a probe tenant with a
 //! `--probe-mib` volume is drained alone: the source agent's own log gives the stream
 //! throughput (bytes and milliseconds of the export, which starts once the volume is closed
 //! and ends when the last chunk is sent), and the median downtime of five `berthctl restart`s
@@ -38,6 +38,14 @@ fn arg(args: &[String], name: &str, default: usize) -> usize {
 /// Drains `host` (with pre-copies unless `no_precopy`) and waits until it is done; returns
 /// the wall time.
 fn drain(c: &CoordinatorProc, host: &str, max_parallel: usize, no_precopy: bool) -> Duration {
+    // The kernel writes back the volumes just filled in its own time: first all of it, so the
+    // drain is not charged with the set-up's writes.
+    assert!(
+        std::process::Command::new("sync")
+            .status()
+            .is_ok_and(|s| s.success()),
+        "sync failed"
+    );
     let began = Instant::now();
     let max_parallel = max_parallel.to_string();
     let mut args = vec!["drain", host, "--max-parallel", &max_parallel];
