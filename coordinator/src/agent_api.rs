@@ -187,6 +187,12 @@ impl AgentService for AgentApi {
             self.coordinator
                 .sessions
                 .register(&auth.host_id, &auth.serial, tx.clone());
+        // Back after a drain moved tenants away without it: what it still holds of them goes.
+        tokio::spawn(
+            self.coordinator
+                .clone()
+                .delete_stale_copies(auth.host_id.clone()),
+        );
         let api = self.clone();
         let mut desired = self.coordinator.placements.subscribe(&auth.host_id);
         tokio::spawn(async move {

@@ -11,7 +11,8 @@
 //! where it was; a tenant's volume is first copied while it runs (a pre-copy), so its
 //! downtime carries only what changed since; a failure, an abort or the deadline before the
 //! target is healthy rolls the tenant back to the source; a lost host's tenants stay assigned
-//! to it (blocked) unless the operator accepts starting them elsewhere with empty volumes.
+//! to it (blocked) unless the operator accepts starting them elsewhere with empty volumes, and
+//! what such a host still holds of them is deleted when it comes back.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -202,6 +203,11 @@ pub struct DrainRecord {
     #[serde(default)]
     pub no_precopy: bool,
     pub moves: Vec<MoveRecord>,
+    /// Tenants whose copy on this host outlived their move (started elsewhere while the host
+    /// was lost, or an old copy its agent could not delete): deleted once its agent is back,
+    /// and carried over to the host's next drain until then.
+    #[serde(default)]
+    pub stale_copies: BTreeSet<TenantId>,
 }
 
 /// What the operator asked for.
@@ -361,7 +367,31 @@ impl Drains {
         tenant: &TenantId,
         change: impl FnOnce(&mut MoveRecord),
     ) -> Result<(), StoreError> {
+        self.change_move(host, tenant, false, change)
+    }
+
+    /// [`Self::set_move`] for a move that left a copy of its tenant on `host` (see
+    /// [`DrainRecord::stale_copies`]).
+    fn set_move_leaving_copy(
+        &self,
+        host: &HostId,
+        tenant: &TenantId,
+        change: impl FnOnce(&mut MoveRecord),
+    ) -> Result<(), StoreError> {
+        self.change_move(host, tenant, true, change)
+    }
+
+    fn change_move(
+        &self,
+        host: &HostId,
+        tenant: &TenantId,
+        leaves_copy: bool,
+        change: impl FnOnce(&mut MoveRecord),
+    ) -> Result<(), StoreError> {
         self.update(host, |r| {
+            if leaves_copy {
+                r.stale_copies.insert(tenant.clone());
+            }
             if let Some(m) = r.moves.iter_mut().find(|m| m.tenant == *tenant) {
                 change(m);
             }
@@ -389,6 +419,7 @@ impl Drains {
             max_parallel: record.max_parallel,
             force_lost: record.force_lost,
             refusals: Vec::new(),
+            stale_copies: record.stale_copies.iter().map(|t| t.to_string()).collect(),
             moves: record
                 .moves
                 .iter()
@@ -514,6 +545,11 @@ impl Coordinator {
             max_parallel: options.max_parallel,
             force_lost: options.force_lost,
             no_precopy: options.no_precopy,
+            stale_copies: self
+                .drains
+                .get(&host)
+                .map(|r| r.stale_copies)
+                .unwrap_or_default(),
             moves: plan
                 .into_iter()
                 .map(|m| MoveRecord {
@@ -775,6 +811,10 @@ impl Coordinator {
         } = m;
         let result = match outcome {
             Ok(MovePhase::Releasing) => return Some((tenant, target)),
+            Ok(MovePhase::StartedEmpty) => {
+                self.drains
+                    .set_move_leaving_copy(&source, &tenant, |m| m.phase = MovePhase::StartedEmpty)
+            }
             Ok(final_phase) => self
                 .drains
                 .set_move(&source, &tenant, |m| m.phase = final_phase),
@@ -933,14 +973,54 @@ impl Coordinator {
             tracing::warn!(%tenant, %source, error = %note, "source copy left");
         }
         tracing::info!(%tenant, %source, %target, "tenant moved");
-        let done = self.drains.set_move(&source, &tenant, |m| {
-            m.phase = MovePhase::Done;
-            if !note.is_empty() {
+        let done = match note.is_empty() {
+            true => self
+                .drains
+                .set_move(&source, &tenant, |m| m.phase = MovePhase::Done),
+            false => self.drains.set_move_leaving_copy(&source, &tenant, |m| {
+                m.phase = MovePhase::Done;
                 m.error = note;
-            }
-        });
+            }),
+        };
         if let Err(e) = done {
             tracing::error!(%tenant, error = %e, "drain record not written");
+        }
+    }
+
+    /// Deletes the copies `host` still holds of tenants that moved away while it was lost (or
+    /// whose deletion failed); runs when its agent opens a session. A tenant placed on `host`
+    /// again since has its live copy there, and is only struck off the list.
+    pub async fn delete_stale_copies(self: Arc<Self>, host: HostId) {
+        let Some(record) = self.drains.get(&host) else {
+            return;
+        };
+        for tenant in record.stale_copies {
+            let placed_here = self
+                .placements
+                .tenant_record(&tenant)
+                .is_some_and(|r| r.host_id == host);
+            if !placed_here {
+                let deleted = self
+                    .sessions
+                    .volume(&host, crate::core::purge_command(&tenant), RELEASE_WAIT)
+                    .await;
+                let failure = match deleted {
+                    Ok(r) if r.ok => None,
+                    Ok(r) => Some(r.error),
+                    Err(s) => Some(s.message().to_string()),
+                };
+                if let Some(error) = failure {
+                    tracing::warn!(%tenant, %host, %error, "stale copy not deleted; tried again at the host's next session");
+                    continue;
+                }
+                tracing::info!(%tenant, %host, "stale copy deleted");
+            }
+            let struck = self.drains.update(&host, |r| {
+                r.stale_copies.remove(&tenant);
+            });
+            if let Err(e) = struck {
+                tracing::error!(%tenant, error = %e, "drain record not written");
+            }
         }
     }
 

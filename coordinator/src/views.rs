@@ -210,6 +210,9 @@ pub struct DrainView {
     pub max_parallel: u32,
     pub force_lost: bool,
     pub moves: Vec<MoveView>,
+    /// Tenants whose old copies are still on the host: deleted once its agent is back.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stale_copies: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -234,6 +237,7 @@ impl From<&proto::DrainStatus> for DrainView {
             deadline: rfc3339(d.deadline_unix_ms),
             max_parallel: d.max_parallel,
             force_lost: d.force_lost,
+            stale_copies: d.stale_copies.clone(),
             moves: d
                 .moves
                 .iter()
@@ -301,6 +305,13 @@ impl DrainView {
                 after_stop,
                 eta,
                 m.error
+            ));
+        }
+        if !self.stale_copies.is_empty() {
+            out.push_str(&format!(
+                "old copies still on {} (deleted once its agent is back): {}\n",
+                self.host_id,
+                self.stale_copies.join(", ")
             ));
         }
         out.trim_end().to_string()

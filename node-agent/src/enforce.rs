@@ -30,6 +30,10 @@ use std::path::{Path, PathBuf};
 /// How often the host is re-checked without a change.
 pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How long a starting agent waits for the coordinator's desired state before it enforces
+/// the one on disk.
+pub const STARTUP_WAIT: Duration = Duration::from_secs(15);
+
 /// Shared between the session (which accepts desired states and reports statuses) and the
 /// enforcement loop.
 #[derive(Debug)]
@@ -37,6 +41,8 @@ pub struct Enforcement {
     desired: Mutex<DesiredStore>,
     statuses: Mutex<Vec<proto::TenantStatus>>,
     changed: watch::Sender<u64>,
+    /// A coordinator sent a desired state since the agent started.
+    heard: watch::Sender<bool>,
     pub restarts: Arc<Restarts>,
     /// The volume keys of this host's encrypted tenants: in memory only, never written.
     volume_keys: Mutex<HashMap<TenantId, VolumeKey>>,
@@ -75,6 +81,7 @@ impl Enforcement {
             desired: Mutex::new(store),
             statuses: Mutex::new(Vec::new()),
             changed: watch::Sender::new(generation),
+            heard: watch::Sender::new(false),
             restarts: Arc::new(Restarts::new(restarts)),
             volume_keys: Mutex::new(HashMap::new()),
             volume_commands: Mutex::new(Vec::new()),
@@ -403,7 +410,16 @@ impl Enforcement {
             .store(self.passes.next(), std::sync::atomic::Ordering::SeqCst);
         let current = store.current();
         self.changed.send_replace(current.generation);
+        self.heard.send_replace(true);
         Ok(current.tenants.len())
+    }
+
+    /// Whether a coordinator sends a desired state within `wait` (or did already).
+    pub async fn heard_from_coordinator(&self, wait: Duration) -> bool {
+        let mut heard = self.heard.subscribe();
+        tokio::time::timeout(wait, heard.wait_for(|h| *h))
+            .await
+            .is_ok_and(|h| h.is_ok())
     }
 
     pub fn current(&self) -> Desired {
@@ -478,6 +494,13 @@ pub async fn run(enforcement: Arc<Enforcement>, config: AgentConfig, host: HostI
         Arc::new(berth_shared::clock::SystemClock),
         settings,
     ));
+    // A host back from an outage must not start what the coordinator moved away meanwhile
+    // (fencing; its tenants may run elsewhere now): the first pass waits for the coordinator's
+    // current desired state, and enforces the one on disk only if none comes. Containers that
+    // run are left running either way.
+    if !enforcement.heard_from_coordinator(STARTUP_WAIT).await {
+        tracing::warn!(waited = ?STARTUP_WAIT, "no desired state from the coordinator: enforcing the last one applied");
+    }
     let mut reconciler: Option<Reconciler> = None;
     // A tenant passed its health check: a pass reports it.
     let health_passed = Arc::new(tokio::sync::Notify::new());
@@ -595,6 +618,26 @@ mod tests {
             })
             .unwrap();
         Enforcement::new(store, RestartSettings::default())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_starting_agent_hears_whether_the_coordinator_sent_a_desired_state() {
+        let e = Arc::new(placing_acme());
+        // The state on disk is not the coordinator's word.
+        assert!(!e.heard_from_coordinator(STARTUP_WAIT).await);
+        let waiting = tokio::spawn({
+            let e = e.clone();
+            async move { e.heard_from_coordinator(STARTUP_WAIT).await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        e.accept(proto::DesiredState {
+            generation: 2,
+            tenants: vec![],
+            staged: vec![],
+        })
+        .unwrap();
+        assert!(waiting.await.unwrap());
+        assert!(e.heard_from_coordinator(Duration::ZERO).await);
     }
 
     /// Records the purges it is asked for.

@@ -403,4 +403,54 @@ fn a_drain_stops_at_its_deadline_and_a_lost_hosts_tenants_move_only_when_the_ope
             "{tenant}: moved in time with its data, or lost and started empty as accepted"
         );
     }
+
+    // The lost host comes back: fenced (none of the tenants that left runs there again), and
+    // the copies it still holds of them are deleted.
+    assert_eq!(
+        done["stale_copies"],
+        serde_json::json!(stranded),
+        "{done:#}"
+    );
+    for tenant in &stranded {
+        assert!(hosts[0].volume(tenant).join("data.bin").exists());
+    }
+    hosts[0].agent.start_with_docker(true);
+    wait_for(
+        "the old copies on the host that came back deleted",
+        Duration::from_secs(60),
+        || {
+            stranded
+                .iter()
+                .all(|t| !hosts[0].volume(t).exists())
+                .then_some(())
+        },
+    );
+    wait_for("the old copies struck off", Duration::from_secs(10), || {
+        drain_status(&coordinator, &src)["stale_copies"]
+            .is_null()
+            .then_some(())
+    });
+    assert!(
+        running().iter().all(|(_, h)| *h != src),
+        "nothing runs on the host that came back"
+    );
+    // Its agent waited for the coordinator's word instead of enforcing the state it had
+    // before it was lost: it never even tried to start the tenants that left.
+    let log = hosts[0].agent.log();
+    let back = &log[log.rfind("berth-agent starting").unwrap()..];
+    let tried: Vec<&str> = back
+        .lines()
+        .filter(|l| l.contains("tenant container started") || l.contains("tenant not running"))
+        .collect();
+    assert!(
+        tried.is_empty(),
+        "the returning agent tried:\n{}",
+        tried.join("\n")
+    );
+    for tenant in data.keys() {
+        assert!(
+            hosts[1].volume(tenant).is_dir(),
+            "{tenant} kept on the target"
+        );
+    }
 }
