@@ -27,6 +27,7 @@ struct RawConfig {
     agent_cert_ttl: Option<String>,
     down_after: Option<String>,
     report_interval: Option<String>,
+    drain_start_timeout: Option<String>,
     strategy: Option<Strategy>,
     allow_unrestricted_egress: Option<bool>,
     tiers: Option<BTreeMap<String, RawTier>>,
@@ -65,6 +66,9 @@ pub struct CoordinatorConfig {
     pub agent_cert_ttl: Duration,
     pub down_after: Duration,
     pub report_interval: Duration,
+    /// How long a drained tenant may take to run and pass its health check on its target
+    /// before its move rolls back.
+    pub drain_start_timeout: Duration,
     /// Fleet-wide default strategy; a tier may override it.
     pub strategy: Strategy,
     pub allow_unrestricted_egress: bool,
@@ -141,6 +145,7 @@ impl Default for CoordinatorConfig {
             agent_cert_ttl: Duration::from_secs(30 * 24 * 3600),
             down_after: Duration::from_secs(15),
             report_interval: Duration::from_secs(5),
+            drain_start_timeout: Duration::from_secs(120),
             strategy: Strategy::Binpack,
             allow_unrestricted_egress: false,
             tiers: default_tiers(),
@@ -254,6 +259,10 @@ impl CoordinatorConfig {
         if let Some(v) = raw.report_interval {
             config.report_interval = parse_duration("report_interval", &v).map_err(value)?;
         }
+        if let Some(v) = raw.drain_start_timeout {
+            config.drain_start_timeout =
+                parse_duration("drain_start_timeout", &v).map_err(value)?;
+        }
         Ok(config)
     }
 
@@ -291,6 +300,10 @@ mod tests {
         assert_eq!(c.down_after, Duration::from_secs(20));
         assert_eq!(c.agent_listen.port(), 9000);
         assert_eq!(c.report_interval, Duration::from_secs(5));
+        assert_eq!(c.drain_start_timeout, Duration::from_secs(120));
+        let c = CoordinatorConfig::parse(Path::new("c.toml"), "drain_start_timeout = \"5m\"\n")
+            .unwrap();
+        assert_eq!(c.drain_start_timeout, Duration::from_secs(300));
     }
 
     #[test]
@@ -351,5 +364,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(garbage.starts_with("c.toml:"), "{garbage}");
+        let zero = CoordinatorConfig::parse(Path::new("c.toml"), "drain_start_timeout = \"0s\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            zero.contains("invalid drain_start_timeout \"0s\": must be greater than zero"),
+            "{zero}"
+        );
     }
 }

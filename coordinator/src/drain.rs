@@ -34,8 +34,6 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30 * 60);
 pub const DEFAULT_MAX_PARALLEL: u32 = 2;
 /// How long the source may take to confirm it stopped a tenant.
 const STOP_WAIT: Duration = Duration::from_secs(60);
-/// How long a moved tenant may take to run and be healthy on its target.
-const START_WAIT: Duration = Duration::from_secs(120);
 /// How long a drain waits for its hosts' sessions before it starts (or resumes).
 const RECONNECT_WAIT: Duration = Duration::from_secs(30);
 /// How long the releasing host may take to shred its old copy.
@@ -1231,7 +1229,8 @@ impl Coordinator {
         host: &HostId,
         generation: u64,
     ) -> Result<(), MoveFailure> {
-        let deadline = tokio::time::Instant::now() + START_WAIT;
+        let wait = self.config.drain_start_timeout;
+        let deadline = tokio::time::Instant::now() + wait;
         let mut last = proto::TenantStatus::default();
         let running = self
             .placements
@@ -1253,7 +1252,7 @@ impl Coordinator {
                 false => crate::views::tenant_state_name(last.state),
             };
             MoveFailure::Failed(format!(
-                "not healthy on {host} within {START_WAIT:?}: {state} {}",
+                "not healthy on {host} within {wait:?}: {state} {}",
                 last.message
             ))
         })

@@ -118,6 +118,15 @@ pub fn placed(c: &CoordinatorProc) -> BTreeMap<String, (String, String)> {
 /// `namespaces` (else all on this host's); `None` (or a failure under BERTH_REQUIRE_REAL=1)
 /// without them.
 pub fn fleet(n: u8, namespaces: bool) -> Option<(Option<TestNet>, CoordinatorProc, Vec<Host>)> {
+    fleet_configured(n, namespaces, "")
+}
+
+/// [`fleet`] with `coordinator_config` added to the coordinator's config file.
+pub fn fleet_configured(
+    n: u8,
+    namespaces: bool,
+    coordinator_config: &str,
+) -> Option<(Option<TestNet>, CoordinatorProc, Vec<Host>)> {
     if namespaces && let Err(why) = crate::netns::available() {
         missing_component("network namespaces", &why);
         return None;
@@ -129,7 +138,7 @@ pub fn fleet(n: u8, namespaces: bool) -> Option<(Option<TestNet>, CoordinatorPro
     let mut net = namespaces.then(|| TestNet::new().expect("test network"));
     let mut namespace = |i: u8| net.as_mut().map(|net| net.add_host(i).unwrap());
     let coordinator_net = namespace(1);
-    let coordinator = CoordinatorProc::start(coordinator_net.as_ref(), "");
+    let coordinator = CoordinatorProc::start(coordinator_net.as_ref(), coordinator_config);
     let hosts: Vec<Host> = (0..n)
         .map(|i| {
             let host = namespace(2 + i);
@@ -156,6 +165,18 @@ pub fn tenants_on(
     count: usize,
     data_mib: usize,
 ) -> BTreeMap<String, String> {
+    tenants_on_with(coordinator, source, others, count, data_mib, "")
+}
+
+/// [`tenants_on`] with `spec_tables` (TOML tables) added to each tenant's spec.
+pub fn tenants_on_with(
+    coordinator: &CoordinatorProc,
+    source: &Host,
+    others: &[&str],
+    count: usize,
+    data_mib: usize,
+    spec_tables: &str,
+) -> BTreeMap<String, String> {
     let image = test_tenant_image();
     let src = source.agent.host_id.as_str();
     for t in others {
@@ -164,7 +185,7 @@ pub fn tenants_on(
     let tenants: Vec<String> = (0..count).map(|i| unique(&format!("d{i}t"))).collect();
     for tenant in &tenants {
         let spec = format!(
-            "tenant_id = \"{tenant}\"\nimage = \"{image}\"\negress = [\"10.77.0.1:443\"]\n[resources]\nmemory = \"64MiB\"\ncpu_millicores = 100\nvolume = \"{}MiB\"\n[volume]\nencrypted = false\n",
+            "tenant_id = \"{tenant}\"\nimage = \"{image}\"\negress = [\"10.77.0.1:443\"]\n[resources]\nmemory = \"64MiB\"\ncpu_millicores = 100\nvolume = \"{}MiB\"\n[volume]\nencrypted = false\n{spec_tables}",
             2 * data_mib.max(32)
         );
         let path = coordinator.dir.path().join(format!("{tenant}.toml"));

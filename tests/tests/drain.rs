@@ -19,7 +19,8 @@ use berth_shared::ids::TenantId;
 use berth_tests::docker::{remove_host_objects, test_tenant_image};
 use berth_tests::fleet::unique;
 use berth_tests::multihost::{
-    Host, drain_status, fleet, json, placed, running, sha256_file, tenants_on,
+    Host, drain_status, fleet, fleet_configured, json, placed, running, sha256_file, tenants_on,
+    tenants_on_with,
 };
 use berth_tests::procs::CoordinatorProc;
 use berth_tests::wait_for;
@@ -453,4 +454,59 @@ fn a_drain_stops_at_its_deadline_and_a_lost_hosts_tenants_move_only_when_the_ope
             "{tenant} kept on the target"
         );
     }
+}
+
+#[test]
+fn a_tenant_that_never_turns_healthy_on_its_target_rolls_back_to_its_source() {
+    let Some((_net, coordinator, hosts)) =
+        fleet_configured(2, true, "drain_start_timeout = \"3s\"\n")
+    else {
+        return;
+    };
+    let (src, target) = (
+        hosts[0].agent.host_id.clone(),
+        hosts[1].agent.host_id.clone(),
+    );
+    // Its gateway port is 18789 but it listens on 18790: it runs, and no check ever passes.
+    let data = tenants_on_with(
+        &coordinator,
+        &hosts[0],
+        &[&target],
+        1,
+        4,
+        "[env]\nPORT = \"18790\"\n",
+    );
+    let tenant = data.keys().next().unwrap().clone();
+    let watcher = Watcher::start(data.keys().cloned().collect());
+
+    json(&coordinator, &["drain", &src, "--max-parallel", "1"]);
+    let ended = wait_for("the drain ended", Duration::from_secs(60), || {
+        let s = drain_status(&coordinator, &src);
+        (s["phase"] != "running").then_some(s)
+    });
+    assert_eq!(ended["phase"], "incomplete", "{ended:#}");
+    let m = &ended["moves"][0];
+    assert_eq!(m["phase"], "rolled_back", "{m}");
+    let error = m["error"].as_str().unwrap();
+    assert!(
+        error.contains(&format!(
+            "not healthy on {target} within 3s: running but not healthy"
+        )),
+        "{error}"
+    );
+
+    // Back on its source with its data; the target kept nothing.
+    let by_id: BTreeMap<String, &Host> =
+        hosts.iter().map(|h| (h.agent.host_id.clone(), h)).collect();
+    wait_for("back on its source", Duration::from_secs(30), || {
+        (placed(&coordinator)[&tenant].0 == src).then_some(())
+    });
+    assert_consistent(&coordinator, &by_id, &data);
+    assert!(
+        !hosts[1].volume(&tenant).exists(),
+        "the target deleted what it received"
+    );
+    let (polls, doubles) = watcher.finish();
+    assert!(polls > 20, "the watcher kept watching: {polls} polls");
+    assert_eq!(doubles, Vec::<String>::new(), "a tenant ran twice");
 }
