@@ -78,6 +78,15 @@ impl EgressStep for RecordingSteps {
     }
 }
 
+/// Tenant `a` (on host `h1`) torn down: container, then egress, volume, network.
+const TEARDOWN_OF_A: [&str; 5] = [
+    "remove 0001",
+    "rm-egress a",
+    "rm-volume a",
+    "rm-network berth-a-33112ee1",
+    "rm-network berth-a",
+];
+
 fn spec(id: &str, image: &str) -> TenantSpec {
     TenantSpec::from_resolved(proto::TenantSpec {
         tenant_id: id.into(),
@@ -180,16 +189,7 @@ async fn creates_in_order_adopts_without_restart_and_tears_down_in_reverse() {
         })
         .await;
     assert!(statuses.is_empty());
-    assert_eq!(
-        fake.calls(),
-        [
-            "remove 0001",
-            "rm-egress a",
-            "rm-volume a",
-            "rm-network berth-a-33112ee1",
-            "rm-network berth-a"
-        ]
-    );
+    assert_eq!(fake.calls(), TEARDOWN_OF_A);
 }
 
 #[tokio::test]
@@ -528,15 +528,6 @@ async fn a_tenant_dropped_while_its_container_is_made_keeps_its_rules_and_the_te
     fake.calls.lock().unwrap().clear();
     r.reconcile_current(|| none.clone()).await;
     assert!(*torn_down.borrow() > dropped, "torn down");
-    assert_eq!(
-        fake.calls(),
-        [
-            "remove 0001",
-            "rm-egress a",
-            "rm-volume a",
-            "rm-network berth-a-33112ee1",
-            "rm-network berth-a"
-        ]
-    );
+    assert_eq!(fake.calls(), TEARDOWN_OF_A);
     assert!(fake.containers.lock().unwrap().is_empty());
 }
