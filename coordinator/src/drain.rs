@@ -958,14 +958,9 @@ impl Coordinator {
     /// Deletes the source's copy of a tenant that runs on its target; the move is done then
     /// (a copy that cannot be deleted is noted, not retried: fencing keeps it from running).
     async fn release(self: Arc<Self>, source: HostId, tenant: TenantId, target: HostId) {
-        let released = self
-            .sessions
-            .volume(&source, crate::core::purge_command(&tenant), RELEASE_WAIT)
-            .await;
-        let note = match released {
-            Ok(r) if r.ok => String::new(),
-            Ok(r) => format!("its old copy on {source} is not deleted: {}", r.error),
-            Err(s) => format!("its old copy on {source} is not deleted: {}", s.message()),
+        let note = match self.shred_copy(&source, &tenant).await {
+            Ok(()) => String::new(),
+            Err(e) => format!("its old copy on {source} is not deleted: {e}"),
         };
         if !note.is_empty() {
             tracing::warn!(%tenant, %source, error = %note, "source copy left");
@@ -985,6 +980,20 @@ impl Coordinator {
         }
     }
 
+    /// Asks `host` to shred its copy of `tenant` (volume, key, what a transfer left); `Err`
+    /// says why it did not.
+    async fn shred_copy(&self, host: &HostId, tenant: &TenantId) -> Result<(), String> {
+        match self
+            .sessions
+            .volume(host, crate::core::purge_command(tenant), RELEASE_WAIT)
+            .await
+        {
+            Ok(r) if r.ok => Ok(()),
+            Ok(r) => Err(r.error),
+            Err(s) => Err(s.message().to_string()),
+        }
+    }
+
     /// Deletes the copies `host` still holds of tenants that moved away while it was lost (or
     /// whose deletion failed); runs when its agent opens a session. A tenant placed on `host`
     /// again since has its live copy there, and is only struck off the list.
@@ -998,16 +1007,7 @@ impl Coordinator {
                 .tenant_record(&tenant)
                 .is_some_and(|r| r.host_id == host);
             if !placed_here {
-                let deleted = self
-                    .sessions
-                    .volume(&host, crate::core::purge_command(&tenant), RELEASE_WAIT)
-                    .await;
-                let failure = match deleted {
-                    Ok(r) if r.ok => None,
-                    Ok(r) => Some(r.error),
-                    Err(s) => Some(s.message().to_string()),
-                };
-                if let Some(error) = failure {
+                if let Err(error) = self.shred_copy(&host, &tenant).await {
                     tracing::warn!(%tenant, %host, %error, "stale copy not deleted; tried again at the host's next session");
                     continue;
                 }
@@ -1046,17 +1046,12 @@ impl Coordinator {
         precopied: bool,
     ) -> Result<MovePhase, MoveFailure> {
         let dropped = match precopied {
-            true => Some(
-                self.sessions
-                    .volume(target, crate::core::purge_command(tenant), RELEASE_WAIT)
-                    .await,
-            ),
-            false => None,
+            true => self.shred_copy(target, tenant).await,
+            false => Ok(()),
         };
         let left = match dropped {
-            None | Some(Ok(proto::VolumeResult { ok: true, .. })) => String::new(),
-            Some(Ok(r)) => format!("; its pre-copy on {target} is not deleted: {}", r.error),
-            Some(Err(s)) => format!("; its pre-copy on {target} is not deleted: {}", s.message()),
+            Ok(()) => String::new(),
+            Err(e) => format!("; its pre-copy on {target} is not deleted: {e}"),
         };
         self.drains.set_move(source, tenant, |m| {
             m.error = format!(
@@ -1197,19 +1192,12 @@ impl Coordinator {
             }
             // Whatever the target received goes; a target that cannot say so never ran it
             // (it was held there), so the source may start it anyway.
-            let shredded = self
-                .sessions
-                .volume(target, crate::core::purge_command(tenant), RELEASE_WAIT)
-                .await;
-            match (&shredded, record.held) {
-                (Ok(r), _) if r.ok => {}
-                (_, true) => {
+            match (self.shred_copy(target, tenant).await, record.held) {
+                (Ok(()), _) => {}
+                (Err(_), true) => {
                     tracing::warn!(%tenant, %target, "partial copy on the target not deleted")
                 }
-                (Ok(r), false) => return Err(format!("{target} did not release it: {}", r.error)),
-                (Err(s), false) => {
-                    return Err(format!("{target} did not release it: {}", s.message()));
-                }
+                (Err(e), false) => return Err(format!("{target} did not release it: {e}")),
             }
         }
         let applied = self
