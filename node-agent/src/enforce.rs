@@ -501,9 +501,9 @@ pub async fn run(enforcement: Arc<Enforcement>, config: AgentConfig, host: HostI
     if !enforcement.heard_from_coordinator(STARTUP_WAIT).await {
         tracing::warn!(waited = ?STARTUP_WAIT, "no desired state from the coordinator: enforcing the last one applied");
     }
-    let mut reconciler: Option<Reconciler> = None;
-    // A tenant passed its health check: a pass reports it.
-    let health_passed = Arc::new(tokio::sync::Notify::new());
+    let mut reconciler: Option<Arc<Reconciler>> = None;
+    // A tenant passed its health check, or a container's creation ended: a pass reports it.
+    let wake = Arc::new(tokio::sync::Notify::new());
     loop {
         if reconciler.is_none() {
             match DockerRuntime::connect(&config.docker_socket).await {
@@ -541,7 +541,7 @@ pub async fn run(enforcement: Arc<Enforcement>, config: AgentConfig, host: HostI
                     };
                     let source = enforcement.clone();
                     tokio::spawn(driver.run(move || (source.current(), source.reconciled())));
-                    reconciler = Some(Reconciler {
+                    reconciler = Some(Arc::new(Reconciler {
                         host: host.clone(),
                         restarting: enforcement.restarts.busy(),
                         passes: enforcement.passes.clone(),
@@ -556,9 +556,11 @@ pub async fn run(enforcement: Arc<Enforcement>, config: AgentConfig, host: HostI
                             runtime.clone(),
                             probe,
                             HealthGate::new(config.restarts.health_timeout),
-                            health_passed.clone(),
+                            wake.clone(),
                         ),
-                    });
+                        creations: Mutex::default(),
+                        wake: wake.clone(),
+                    }));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "no Docker engine; tenants cannot run");
@@ -586,7 +588,7 @@ pub async fn run(enforcement: Arc<Enforcement>, config: AgentConfig, host: HostI
         }
         tokio::select! {
             _ = changed.changed() => {}
-            () = health_passed.notified() => {}
+            () = wake.notified() => {}
             () = tokio::time::sleep(RECONCILE_INTERVAL) => {}
         }
     }

@@ -30,6 +30,8 @@ pub struct FakeRuntime {
     pub restart_error: StdMutex<Option<String>>,
     /// Makes the recording volume step wait for a key.
     pub volume_key_missing: StdMutex<bool>,
+    /// How long a container takes to start, or to stop (none: at once).
+    pub start_time: StdMutex<Option<std::time::Duration>>,
 }
 
 impl FakeRuntime {
@@ -76,6 +78,10 @@ impl ContainerRuntime for FakeRuntime {
         body: ContainerCreateBody,
     ) -> Result<String, RuntimeError> {
         self.record(format!("create {name}"));
+        let start_time = *self.start_time.lock().unwrap();
+        if let Some(t) = start_time {
+            tokio::time::sleep(t).await;
+        }
         let mut n = self.next_id.lock().unwrap();
         *n += 1;
         let labels = body.labels.unwrap();
@@ -110,6 +116,10 @@ impl ContainerRuntime for FakeRuntime {
     }
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
         self.record(format!("remove {}", &id[60..]));
+        let stop_time = *self.start_time.lock().unwrap();
+        if let Some(t) = stop_time {
+            tokio::time::sleep(t).await;
+        }
         self.containers.lock().unwrap().retain(|c| c.id != id);
         Ok(())
     }

@@ -6,7 +6,9 @@
 //! container whose spec is unchanged is adopted, never restarted (an agent restart leaves
 //! tenants running); a stopped one is started; a container of a tenant no longer desired
 //! is removed with its network; containers without this host's berth labels are never listed,
-//! so never touched.
+//! so never touched. A new tenant's container is made in the background, so tenants arriving
+//! together, or while another starts, start side by side; the rules of a tenant being created
+//! stay, and work waiting for a teardown waits for its creation too.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -97,6 +99,11 @@ impl Passes {
     }
 }
 
+/// Containers an agent creates, or stops and removes, at once. Two side by side take about
+/// the time of one on a small host; dozens at once (a host coming up with all its tenants)
+/// would slow every container on the engine, other hosts' included where engines are shared.
+pub const SIDE_BY_SIDE: usize = 2;
+
 /// Host ports the agent publishes gateways on (127.0.0.1 only).
 pub const PORT_RANGE: std::ops::RangeInclusive<u16> = 20000..=29999;
 
@@ -118,6 +125,39 @@ pub struct Reconciler {
     pub passes: Arc<Passes>,
     /// Whether each running container passed its health check since it started.
     pub health: Arc<HealthWatch>,
+    /// New tenants' containers being made in the background.
+    pub creations: Mutex<Creations>,
+    /// Woken when a background creation ends (the reconcile loop waits on it).
+    pub wake: Arc<tokio::sync::Notify>,
+}
+
+/// New tenants' containers being made outside the pass, and how the last ones ended.
+#[derive(Debug)]
+pub struct Creations {
+    /// Those waiting for one of the [`SIDE_BY_SIDE`] slots included.
+    under_way: BTreeSet<String>,
+    slots: Arc<tokio::sync::Semaphore>,
+    /// Per tenant, how its last creation ended, with the first pass whose listing shows what
+    /// it made; kept until a pass reports it.
+    ended: HashMap<String, (u64, Result<EgressReport, Failure>)>,
+    /// Gateway ports taken by creations under way (Docker lists them only once created).
+    ports: BTreeSet<u16>,
+    /// Where the search for the next gateway port starts: ports are handed out round-robin,
+    /// so a port freed a moment ago (a crashed container Docker is about to restart, a tenant
+    /// that just moved away) is the last one given out again.
+    next_port: u16,
+}
+
+impl Default for Creations {
+    fn default() -> Self {
+        Self {
+            under_way: BTreeSet::new(),
+            slots: Arc::new(tokio::sync::Semaphore::new(SIDE_BY_SIDE)),
+            ended: HashMap::new(),
+            ports: BTreeSet::new(),
+            next_port: *PORT_RANGE.start(),
+        }
+    }
 }
 
 pub fn port_free_on_loopback(port: u16) -> bool {
@@ -176,10 +216,29 @@ impl Reconciler {
         Ok(())
     }
 
-    fn pick_port(&self, used: &[u16]) -> Option<u16> {
-        PORT_RANGE
-            .clone()
-            .find(|p| !used.contains(p) && (self.port_free)(*p))
+    /// A free gateway port, taken until [`Self::give_back_port`] or until a listing shows a
+    /// container publishing it. The search goes round the range from after the last port given.
+    fn take_port(&self, used: &[u16]) -> Option<u16> {
+        let mut creations = self.creations();
+        let start = creations.next_port;
+        let port = (start..=*PORT_RANGE.end())
+            .chain(*PORT_RANGE.start()..start)
+            .find(|p| !used.contains(p) && !creations.ports.contains(p) && (self.port_free)(*p))?;
+        creations.ports.insert(port);
+        creations.next_port = if port == *PORT_RANGE.end() {
+            *PORT_RANGE.start()
+        } else {
+            port + 1
+        };
+        Some(port)
+    }
+
+    fn give_back_port(&self, port: u16) {
+        self.creations().ports.remove(&port);
+    }
+
+    fn creations(&self) -> std::sync::MutexGuard<'_, Creations> {
+        self.creations.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Creates the tenant's network on the first free /28 of the pool. Another network may
@@ -268,7 +327,7 @@ impl Reconciler {
         &self,
         spec: &TenantSpec,
         generation: u64,
-        used_ports: &mut Vec<u16>,
+        mut used_ports: Vec<u16>,
         networks: &HashMap<String, Vec<String>>,
     ) -> Result<EgressReport, Failure> {
         self.ensure_image(spec).await?;
@@ -279,15 +338,19 @@ impl Reconciler {
         let mut last_error = String::new();
         for _ in 0..16 {
             let port = self
-                .pick_port(used_ports)
+                .take_port(&used_ports)
                 .ok_or("no free gateway port in 20000-29999")?;
             used_ports.push(port);
             let body = hardening::container(&self.host, spec, generation, port, &volume);
-            match self
+            let created = self
                 .runtime
                 .create_and_start(&hardening::container_name(spec), body)
-                .await
-            {
+                .await;
+            if created.is_err() {
+                // Taken by someone else, it stays in `used_ports` here.
+                self.give_back_port(port);
+            }
+            match created {
                 Ok(_) => {
                     tracing::info!(tenant = %spec.tenant_id, port, "tenant container started");
                     return Ok(report);
@@ -304,15 +367,24 @@ impl Reconciler {
         Err(last_error.into())
     }
 
-    /// One pass over `desired`: returns the status of every desired tenant.
-    pub async fn reconcile(&self, desired: &Desired) -> Vec<proto::TenantStatus> {
+    /// One pass over `desired`, and if it started creations, another once they have ended:
+    /// the statuses once the containers asked for exist.
+    #[cfg(test)]
+    pub async fn reconcile(self: &Arc<Self>, desired: &Desired) -> Vec<proto::TenantStatus> {
+        let statuses = self.reconcile_current(|| desired.clone()).await;
+        if self.creations().under_way.is_empty() {
+            return statuses;
+        }
+        while !self.creations().under_way.is_empty() {
+            self.wake.notified().await;
+        }
         self.reconcile_current(|| desired.clone()).await
     }
 
     /// One pass over the desired state `read` returns, read after the pass has started (see
     /// [`Passes`]).
     pub async fn reconcile_current(
-        &self,
+        self: &Arc<Self>,
         read: impl FnOnce() -> Desired,
     ) -> Vec<proto::TenantStatus> {
         let pass = self.passes.start();
@@ -320,7 +392,67 @@ impl Reconciler {
         self.pass(&desired, pass).await
     }
 
-    async fn pass(&self, desired: &Desired, pass: u64) -> Vec<proto::TenantStatus> {
+    /// Makes a new tenant's container in the background (see the module doc); returns how the
+    /// last creation ended if a pass has not reported it yet, else `Ok` (pending) while one
+    /// is under way. A failure is reported once; the pass after that tries again.
+    fn create_in_background(
+        self: &Arc<Self>,
+        spec: &TenantSpec,
+        generation: u64,
+        used_ports: &[u16],
+        networks: &HashMap<String, Vec<String>>,
+    ) -> Result<EgressReport, Failure> {
+        let tenant = spec.tenant_id.to_string();
+        let mut creations = self.creations();
+        if creations.under_way.contains(&tenant) {
+            return Ok(EgressReport::default());
+        }
+        if let Some((_, ended)) = creations.ended.remove(&tenant) {
+            return ended;
+        }
+        creations.under_way.insert(tenant.clone());
+        let slots = creations.slots.clone();
+        drop(creations);
+        let (this, spec, used, networks) = (
+            self.clone(),
+            spec.clone(),
+            used_ports.to_vec(),
+            networks.clone(),
+        );
+        tokio::spawn(async move {
+            let outcome = match slots.acquire_owned().await {
+                Ok(_slot) => this.create(&spec, generation, used, &networks).await,
+                Err(_) => Err("the agent is shutting down".into()),
+            };
+            let mut creations = this.creations();
+            creations.under_way.remove(&tenant);
+            creations
+                .ended
+                .insert(tenant, (this.passes.next(), outcome));
+            drop(creations);
+            this.wake.notify_one();
+        });
+        Ok(EgressReport::default())
+    }
+
+    /// Tenants whose containers creations under way, or ended after `pass`'s listing, may
+    /// have made without that listing showing them.
+    fn unlisted_creations(&self, pass: u64) -> BTreeSet<String> {
+        let creations = self.creations();
+        let ended_since = creations
+            .ended
+            .iter()
+            .filter(|(_, (seen_from, _))| *seen_from > pass)
+            .map(|(t, _)| t);
+        creations
+            .under_way
+            .iter()
+            .chain(ended_since)
+            .cloned()
+            .collect()
+    }
+
+    async fn pass(self: &Arc<Self>, desired: &Desired, pass: u64) -> Vec<proto::TenantStatus> {
         let generation = desired.generation;
         let actual = match self.runtime.list(&self.host).await {
             Ok(a) => a,
@@ -360,25 +492,41 @@ impl Reconciler {
         let mut released = Vec::new();
         let mut keep_rules: BTreeSet<TenantId> =
             wanted.values().map(|s| s.tenant_id.clone()).collect();
-        for c in &actual {
-            let keep = wanted.contains_key(c.tenant.as_str())
-                && by_tenant[c.tenant.as_str()]
-                    .first()
-                    .is_some_and(|first| first.id == c.id);
-            if !keep {
-                match self.release_container(c).await {
-                    Ok(()) => {
-                        tracing::info!(tenant = %c.tenant, container = %c.id, "tenant container removed");
-                        released.push(c);
-                    }
-                    Err(e) => {
-                        keep_rules.extend(TenantId::new(&c.tenant));
-                        all_torn_down = false;
-                        tracing::warn!(tenant = %c.tenant, error = %e, "teardown failed; retried next pass")
-                    }
+        let doomed: Vec<&ManagedContainer> = actual
+            .iter()
+            .filter(|c| {
+                !(wanted.contains_key(c.tenant.as_str())
+                    && by_tenant[c.tenant.as_str()]
+                        .first()
+                        .is_some_and(|first| first.id == c.id))
+            })
+            .collect();
+        let mut outcomes = Vec::with_capacity(doomed.len());
+        for some in doomed.chunks(SIDE_BY_SIDE) {
+            let removed = some.iter().map(|c| self.release_container(c));
+            outcomes.extend(futures::future::join_all(removed).await);
+        }
+        for (c, outcome) in doomed.into_iter().zip(outcomes) {
+            match outcome {
+                Ok(()) => {
+                    tracing::info!(tenant = %c.tenant, container = %c.id, "tenant container removed");
+                    released.push(c);
+                }
+                Err(e) => {
+                    keep_rules.extend(TenantId::new(&c.tenant));
+                    all_torn_down = false;
+                    tracing::warn!(tenant = %c.tenant, error = %e, "teardown failed; retried next pass")
                 }
             }
         }
+        // A container this listing may have missed (a creation under way or just ended) keeps
+        // its rules, and one of a tenant no longer desired keeps this teardown unfinished: a
+        // later pass tears it down.
+        let unlisted = self.unlisted_creations(pass);
+        if unlisted.iter().any(|t| !wanted.contains_key(t.as_str())) {
+            all_torn_down = false;
+        }
+        keep_rules.extend(unlisted.iter().filter_map(|t| TenantId::new(t).ok()));
         // Work waiting for this teardown runs only if nothing undesired is left; the networks
         // (slow to remove, and no volume's business) go after.
         if all_torn_down {
@@ -392,6 +540,8 @@ impl Reconciler {
         // Ports published by any container on the engine, berth's or not.
         let mut used_ports: Vec<u16> = actual.iter().map(|c| c.port).collect();
         used_ports.extend(self.runtime.published_ports().await.unwrap_or_default());
+        // Ports Docker lists now need no claim.
+        self.creations().ports.retain(|p| !used_ports.contains(p));
         let networks = self.runtime.networks().await.unwrap_or_default();
         let mut statuses = Vec::with_capacity(wanted.len());
         for (&tenant, &spec) in &wanted {
@@ -428,7 +578,7 @@ impl Reconciler {
                                             self.create(
                                                 spec,
                                                 generation,
-                                                &mut used_ports,
+                                                used_ports.clone(),
                                                 &networks,
                                             )
                                             .await
@@ -449,16 +599,13 @@ impl Reconciler {
                             let mut networks = networks.clone();
                             networks.remove(&hardening::network_name(&self.host, &spec.tenant_id));
                             networks.remove(&hardening::legacy_network_name(&spec.tenant_id));
-                            self.create(spec, generation, &mut used_ports, &networks)
+                            self.create(spec, generation, used_ports.clone(), &networks)
                                 .await
                         }
                         Err(e) => Err(e.into()),
                     }
                 }
-                (_, None) => {
-                    self.create(spec, generation, &mut used_ports, &networks)
-                        .await
-                }
+                (_, None) => self.create_in_background(spec, generation, &used_ports, &networks),
             };
             let mut s = match outcome {
                 Err(f) => {
@@ -480,6 +627,10 @@ impl Reconciler {
             s.memory_cap_bytes = spec.resources.memory_bytes;
             statuses.push(s);
         }
+        // Ended creations this listing showed are reported, or their containers were.
+        self.creations()
+            .ended
+            .retain(|_, (seen_from, _)| *seen_from > pass);
         // Staged tenants (their volume on its way here) get everything but volume and
         // container, so they start as fast as a restart once it arrives.
         for spec in &desired.staged {

@@ -74,7 +74,10 @@ pub trait ContainerRuntime: Send + Sync + std::fmt::Debug {
     async fn list(&self, host: &HostId) -> Result<Vec<ManagedContainer>, RuntimeError>;
     async fn image_present(&self, image: &str) -> Result<bool, RuntimeError>;
     async fn pull(&self, image: &str) -> Result<(), RuntimeError>;
-    /// Host ports published by every container on the engine (berth's and others').
+    /// Host ports published by every container on the engine (berth's and others'), and the
+    /// gateway port of every berth container whatever its state or host: Docker lists a
+    /// container's ports only while it runs, and a crashed one it is about to restart still
+    /// needs its own.
     async fn published_ports(&self) -> Result<Vec<u16>, RuntimeError>;
     /// Every network on the engine (berth's and others') by name, with its subnets.
     async fn networks(&self) -> Result<HashMap<String, Vec<String>>, RuntimeError>;
@@ -214,8 +217,15 @@ impl ContainerRuntime for DockerRuntime {
             .await?;
         Ok(all
             .into_iter()
-            .flat_map(|c| c.ports.unwrap_or_default())
-            .filter_map(|p| p.public_port)
+            .flat_map(|c| {
+                let claimed = c
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(LABEL_PORT))
+                    .and_then(|p| p.parse().ok());
+                let published = c.ports.unwrap_or_default().into_iter();
+                published.filter_map(|p| p.public_port).chain(claimed)
+            })
             .collect())
     }
 

@@ -1,3 +1,5 @@
+use std::time::Duration;
+
 use berth_shared::proto;
 
 use super::*;
@@ -76,6 +78,15 @@ impl EgressStep for RecordingSteps {
     }
 }
 
+/// Tenant `a` (on host `h1`) torn down: container, then egress, volume, network.
+const TEARDOWN_OF_A: [&str; 5] = [
+    "remove 0001",
+    "rm-egress a",
+    "rm-volume a",
+    "rm-network berth-a-33112ee1",
+    "rm-network berth-a",
+];
+
 fn spec(id: &str, image: &str) -> TenantSpec {
     TenantSpec::from_resolved(proto::TenantSpec {
         tenant_id: id.into(),
@@ -91,16 +102,16 @@ fn spec(id: &str, image: &str) -> TenantSpec {
 }
 
 /// A fake engine holding the image `img:1`, and a reconciler over it.
-fn with_image() -> (Arc<FakeRuntime>, Reconciler) {
+fn with_image() -> (Arc<FakeRuntime>, Arc<Reconciler>) {
     let fake = Arc::new(FakeRuntime::default());
     fake.images.lock().unwrap().push("img:1".into());
     let r = reconciler(&fake);
     (fake, r)
 }
 
-fn reconciler(fake: &Arc<FakeRuntime>) -> Reconciler {
+fn reconciler(fake: &Arc<FakeRuntime>) -> Arc<Reconciler> {
     let steps = Arc::new(RecordingSteps(fake.clone()));
-    Reconciler {
+    Arc::new(Reconciler {
         host: HostId::new("h1").unwrap(),
         runtime: fake.clone(),
         volumes: steps.clone(),
@@ -114,10 +125,12 @@ fn reconciler(fake: &Arc<FakeRuntime>) -> Reconciler {
         health: HealthWatch::new(
             fake.clone(),
             Arc::new(crate::fake_runtime::FakeProbe::default()),
-            crate::restarts::HealthGate::new(std::time::Duration::from_secs(300)),
+            crate::restarts::HealthGate::new(Duration::from_secs(300)),
             Arc::default(),
         ),
-    }
+        creations: Mutex::default(),
+        wake: Arc::default(),
+    })
 }
 
 #[tokio::test]
@@ -176,16 +189,7 @@ async fn creates_in_order_adopts_without_restart_and_tears_down_in_reverse() {
         })
         .await;
     assert!(statuses.is_empty());
-    assert_eq!(
-        fake.calls(),
-        [
-            "remove 0001",
-            "rm-egress a",
-            "rm-volume a",
-            "rm-network berth-a-33112ee1",
-            "rm-network berth-a"
-        ]
-    );
+    assert_eq!(fake.calls(), TEARDOWN_OF_A);
 }
 
 #[tokio::test]
@@ -229,8 +233,11 @@ async fn a_changed_spec_recreates_and_an_unpullable_image_fails_with_the_reason(
 
 #[tokio::test]
 async fn ports_skip_those_in_use_and_duplicates_are_removed() {
-    let (fake, mut r) = with_image();
+    let fake = Arc::new(FakeRuntime::default());
+    fake.images.lock().unwrap().push("img:1".into());
+    let mut r = Arc::into_inner(reconciler(&fake)).unwrap();
     r.port_free = |p| p != 20000;
+    let r = Arc::new(r);
     // Published by a container berth does not own.
     fake.foreign_ports.lock().unwrap().push(20001);
     let desired = Desired {
@@ -254,6 +261,27 @@ async fn ports_skip_those_in_use_and_duplicates_are_removed() {
     fake.calls.lock().unwrap().clear();
     r.reconcile(&desired).await;
     assert_eq!(fake.calls()[0], "remove 0063");
+}
+
+#[tokio::test]
+async fn gateway_ports_go_round_the_range_so_a_freed_port_is_the_last_given_again() {
+    let (fake, r) = with_image();
+    let only = |tenant: &str, generation| Desired {
+        generation,
+        tenants: vec![spec(tenant, "img:1")],
+        staged: vec![],
+    };
+    assert_eq!(r.reconcile(&only("a", 1)).await[0].published_port, 20000);
+    // a leaves and frees 20000; b, c and d still get the ports after it.
+    for (generation, tenant, port) in [(2, "b", 20001), (3, "c", 20002), (4, "d", 20003)] {
+        let statuses = r.reconcile(&only(tenant, generation)).await;
+        assert_eq!(statuses[0].published_port, port, "{tenant}");
+    }
+    // At the end of the range the search starts again from its beginning.
+    r.creations().next_port = *PORT_RANGE.end();
+    assert_eq!(r.reconcile(&only("e", 5)).await[0].published_port, 29999);
+    assert_eq!(r.reconcile(&only("f", 6)).await[0].published_port, 20000);
+    assert_eq!(fake.containers.lock().unwrap().len(), 1);
 }
 
 #[tokio::test]
@@ -417,4 +445,110 @@ async fn a_staged_tenant_gets_its_network_and_rules_but_no_volume_or_container_u
     })
     .await;
     assert_eq!(fake.calls(), ["volume m", "create berth-m"]);
+}
+
+/// Waits until no container is being made.
+async fn creations_ended(r: &Reconciler) {
+    while !r.creations().under_way.is_empty() {
+        r.wake.notified().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn new_tenants_start_two_side_by_side_no_pass_waits_for_a_start_and_two_stop_side_by_side() {
+    let (fake, r) = with_image();
+    *fake.start_time.lock().unwrap() = Some(Duration::from_secs(1));
+    let desired = Desired {
+        generation: 1,
+        tenants: vec![spec("a", "img:1"), spec("b", "img:1"), spec("c", "img:1")],
+        staged: vec![],
+    };
+    let began = tokio::time::Instant::now();
+    let statuses = r.reconcile_current(|| desired.clone()).await;
+    assert_eq!(began.elapsed(), Duration::ZERO, "the pass did not wait");
+    assert!(
+        statuses
+            .iter()
+            .all(|s| s.state == proto::TenantState::Pending as i32),
+        "{statuses:?}"
+    );
+    // A pass meanwhile starts nothing twice.
+    r.reconcile_current(|| desired.clone()).await;
+    creations_ended(&r).await;
+    assert_eq!(
+        began.elapsed(),
+        Duration::from_secs(2),
+        "two side by side, then the third"
+    );
+    let creates: Vec<String> = fake
+        .calls()
+        .into_iter()
+        .filter(|c| c.starts_with("create"))
+        .collect();
+    assert_eq!(
+        creates,
+        ["create berth-a", "create berth-b", "create berth-c"]
+    );
+
+    let statuses = r.reconcile_current(|| desired.clone()).await;
+    assert!(
+        statuses
+            .iter()
+            .all(|s| s.state == proto::TenantState::Running as i32),
+        "{statuses:?}"
+    );
+    let ports: BTreeSet<u32> = statuses.iter().map(|s| s.published_port).collect();
+    assert_eq!(ports.len(), 3, "each its own port: {ports:?}");
+
+    // Gone from the desired state: stopped and removed two side by side as well.
+    let began = tokio::time::Instant::now();
+    let statuses = r
+        .reconcile_current(|| Desired {
+            generation: 2,
+            tenants: vec![],
+            staged: vec![],
+        })
+        .await;
+    assert!(statuses.is_empty());
+    assert_eq!(began.elapsed(), Duration::from_secs(2));
+    assert!(fake.containers.lock().unwrap().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tenant_dropped_while_its_container_is_made_keeps_its_rules_and_the_teardown_open_until_it_is_gone()
+ {
+    let (fake, r) = with_image();
+    *fake.start_time.lock().unwrap() = Some(Duration::from_secs(1));
+    let a = Desired {
+        generation: 1,
+        tenants: vec![spec("a", "img:1")],
+        staged: vec![],
+    };
+    let none = Desired {
+        generation: 2,
+        tenants: vec![],
+        staged: vec![],
+    };
+    r.reconcile_current(|| a.clone()).await;
+    // Its rules are in place and its container is starting.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let torn_down = r.passes.torn_down();
+    let dropped = r.passes.next();
+    r.reconcile_current(|| none.clone()).await;
+    assert!(
+        *torn_down.borrow() < dropped,
+        "what waits for a's teardown (a purge) waits for its container"
+    );
+    assert_eq!(
+        *fake.egress_applied.lock().unwrap(),
+        ["a 10.213.0.0/28"],
+        "its rules stay while its container may start"
+    );
+
+    creations_ended(&r).await;
+    fake.calls.lock().unwrap().clear();
+    r.reconcile_current(|| none.clone()).await;
+    assert!(*torn_down.borrow() > dropped, "torn down");
+    assert_eq!(fake.calls(), TEARDOWN_OF_A);
+    assert!(fake.containers.lock().unwrap().is_empty());
 }
