@@ -10,6 +10,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // A volume's data is decoded as a view of the received buffer, not copied out of it
+        // (the coordinator relays every byte of a drain, and the target writes it).
+        .bytes(".berth.v1.VolumeData.data")
         .compile_fds(fds)?;
     println!("cargo:rerun-if-changed={}", root.display());
     Ok(())

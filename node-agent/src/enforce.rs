@@ -48,7 +48,7 @@ pub struct Enforcement {
     volume_keys: Mutex<HashMap<TenantId, VolumeKey>>,
     /// Volume commands from the coordinator, run between two reconcile passes (so never
     /// while a pass creates or tears down the same tenant), and their results.
-    /// Each with the pass whose teardown it waits for (0: none, an import).
+    /// Each with the desired-state generation whose teardown it waits for (0: none, an import).
     volume_commands: Mutex<Vec<(u64, proto::VolumeCommand)>>,
     volume_commands_queued: Notify,
     /// Tenants whose volume is being sent or received: a purge of theirs waits for the end
@@ -56,9 +56,6 @@ pub struct Enforcement {
     transferring: Mutex<std::collections::BTreeSet<String>>,
     /// The reconciler's passes, which volume commands wait for.
     pub passes: Arc<Passes>,
-    /// The first pass that reads the last accepted desired state: a purge or export of a
-    /// tenant that state dropped waits for its teardown.
-    reads_latest: std::sync::atomic::AtomicU64,
     volume_results: Mutex<VecDeque<proto::VolumeResult>>,
     volume_results_ready: Notify,
     /// The channel of the current coordinator session, for volume transfers.
@@ -88,7 +85,6 @@ impl Enforcement {
             volume_commands_queued: Notify::new(),
             transferring: Mutex::default(),
             passes: Arc::default(),
-            reads_latest: std::sync::atomic::AtomicU64::new(1),
             volume_results: Mutex::new(VecDeque::new()),
             volume_results_ready: Notify::new(),
             transfer_channel: Mutex::new(None),
@@ -140,9 +136,9 @@ impl Enforcement {
     }
 
     /// Queues a volume command; its result comes out of [`Self::take_volume_results`]. A
-    /// purge or an export waits for the teardown of the first pass that read the last accepted
-    /// desired state (the coordinator asks only once that state dropped the tenant), so the
-    /// tenant's container is gone and its volume closed; an import, of a tenant that runs
+    /// purge or an export waits until a pass that read the last accepted desired state (the
+    /// coordinator asks only once that state dropped the tenant) has finished its teardown, so
+    /// the tenant's container is gone and its volume closed; an import, of a tenant that runs
     /// nowhere here, and a pre-copy export, which reads a running tenant's volume as it is,
     /// go at once.
     pub fn request_volume(&self, command: proto::VolumeCommand) {
@@ -150,7 +146,7 @@ impl Enforcement {
             Ok(proto::VolumeAction::Import) => 0,
             // A pre-copy reads the volume of a tenant that runs on.
             Ok(proto::VolumeAction::Export) if command.precopy => 0,
-            _ => self.reads_latest.load(std::sync::atomic::Ordering::SeqCst),
+            _ => self.store().current().generation,
         };
         self.volume_commands
             .lock()
@@ -164,8 +160,8 @@ impl Enforcement {
     async fn serve_volume_commands(self: Arc<Self>, volumes: Arc<dyn VolumeStep>, root: PathBuf) {
         let mut torn_down = self.passes.torn_down();
         loop {
-            let pass = *torn_down.borrow_and_update();
-            self.run_volume_commands(volumes.as_ref(), &root, pass)
+            let generation = *torn_down.borrow_and_update();
+            self.run_volume_commands(volumes.as_ref(), &root, generation)
                 .await;
             tokio::select! {
                 changed = torn_down.changed() => if changed.is_err() { return },
@@ -191,7 +187,8 @@ impl Enforcement {
     /// results. Every command is refused for a tenant the desired state places here: a purge
     /// or an export only once its container is gone (this runs right after a reconcile pass),
     /// an import only before it may start. A transfer runs on its own task, so reconciling
-    /// the other tenants goes on meanwhile.
+    /// the other tenants goes on meanwhile. `torn_down`: the highest desired-state generation
+    /// whose teardown is complete.
     async fn run_volume_commands(
         self: &Arc<Self>,
         volumes: &dyn VolumeStep,
@@ -406,8 +403,6 @@ impl Enforcement {
     pub fn accept(&self, state: proto::DesiredState) -> Result<usize, AcceptError> {
         let mut store = self.store();
         store.accept(state)?;
-        self.reads_latest
-            .store(self.passes.next(), std::sync::atomic::Ordering::SeqCst);
         let current = store.current();
         self.changed.send_replace(current.generation);
         self.heard.send_replace(true);
@@ -601,6 +596,21 @@ mod tests {
     use super::*;
 
     /// An enforcement whose desired state (generation 1) places only `acme`.
+    /// The first volume results to come (a transfer answers from a task of its own).
+    async fn first_results(e: &Enforcement) -> Vec<proto::VolumeResult> {
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            loop {
+                let results = e.take_volume_results();
+                if !results.is_empty() {
+                    return results;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("a volume command answered")
+    }
+
     fn placing_acme() -> Enforcement {
         let mut store = DesiredStore::with_store(Box::new(MemStore::default())).unwrap();
         store
@@ -692,9 +702,9 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert_eq!(e.volume_results.lock().unwrap().len(), 1, "only the import");
         assert!(volumes.0.lock().unwrap().is_empty());
-        let pass = e.passes.start();
-        e.passes.finish_teardown(pass);
-        e.run_volume_commands(&volumes, Path::new("/nonexistent"), pass)
+        let generation = e.current().generation;
+        e.passes.finish_teardown(generation);
+        e.run_volume_commands(&volumes, Path::new("/nonexistent"), generation)
             .await;
         tokio::time::timeout(std::time::Duration::from_secs(5), async {
             while e.volume_results.lock().unwrap().len() < 6 {
@@ -756,17 +766,7 @@ mod tests {
         e.request_volume(export(2, false));
         e.run_volume_commands(&volumes, Path::new("/nonexistent"), 0)
             .await;
-        let first = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-            loop {
-                let results = e.take_volume_results();
-                if !results.is_empty() {
-                    return results;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
-        })
-        .await
-        .expect("the pre-copy answered");
+        let first = first_results(&e).await;
         // It got as far as the transfer (refused only for want of a session).
         let answers: Vec<(u64, &str)> = first
             .iter()
@@ -774,9 +774,9 @@ mod tests {
             .collect();
         assert_eq!(answers, [(1, "not connected to the coordinator")]);
         // The plain export waits for the teardown, and acme is still placed here.
-        let pass = e.passes.start();
-        e.passes.finish_teardown(pass);
-        e.run_volume_commands(&volumes, Path::new("/nonexistent"), pass)
+        let generation = e.current().generation;
+        e.passes.finish_teardown(generation);
+        e.run_volume_commands(&volumes, Path::new("/nonexistent"), generation)
             .await;
         let second = e.take_volume_results();
         assert_eq!(second.len(), 1);
@@ -784,6 +784,42 @@ mod tests {
             second[0].error,
             "acme is still placed on this host (generation 1): remove it first"
         );
+    }
+
+    #[tokio::test]
+    async fn an_export_is_due_once_a_pass_that_read_the_state_dropping_its_tenant_tore_down() {
+        let e = Arc::new(placing_acme());
+        let volumes = RecordingVolumes::default();
+        // A pass starts; the state that drops acme arrives before it reads the desired state,
+        // and the coordinator's export after that.
+        e.passes.start();
+        e.accept(proto::DesiredState {
+            generation: 2,
+            tenants: vec![],
+            staged: vec![],
+        })
+        .unwrap();
+        e.request_volume(proto::VolumeCommand {
+            tenant_id: "acme".into(),
+            request_id: 1,
+            action: proto::VolumeAction::Export as i32,
+            transfer_id: 9,
+            ..Default::default()
+        });
+        let read = e.current();
+        e.run_volume_commands(&volumes, Path::new("/nonexistent"), 1)
+            .await;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(
+            e.take_volume_results().is_empty(),
+            "not while acme's container may still run"
+        );
+        // That very pass finished its teardown: no later pass is waited for.
+        e.passes.finish_teardown(read.generation);
+        e.run_volume_commands(&volumes, Path::new("/nonexistent"), read.generation)
+            .await;
+        let results = first_results(&e).await;
+        assert_eq!(results[0].error, "not connected to the coordinator");
     }
 
     #[tokio::test]
@@ -797,16 +833,16 @@ mod tests {
             action: proto::VolumeAction::Purge as i32,
             ..Default::default()
         });
-        let pass = e.passes.start();
-        e.passes.finish_teardown(pass);
-        e.run_volume_commands(&volumes, Path::new("/nonexistent"), pass)
+        let generation = e.current().generation;
+        e.passes.finish_teardown(generation);
+        e.run_volume_commands(&volumes, Path::new("/nonexistent"), generation)
             .await;
         assert!(
             volumes.0.lock().unwrap().is_empty(),
             "not while its import may still land"
         );
         e.transferring.lock().unwrap().clear();
-        e.run_volume_commands(&volumes, Path::new("/nonexistent"), pass)
+        e.run_volume_commands(&volumes, Path::new("/nonexistent"), generation)
             .await;
         assert_eq!(*volumes.0.lock().unwrap(), ["gone"]);
     }

@@ -57,13 +57,13 @@ pub trait VolumeStep: Send + Sync + std::fmt::Debug {
     async fn purge(&self, tenant: &TenantId) -> Result<crate::volume::Purged, String>;
 }
 
-/// Counts reconcile passes, for work that must wait until a tenant just removed from the
-/// desired state has no container and no open volume any more: work queued now may run once
-/// the teardown of pass [`Passes::next`] is complete (that pass reads the desired state after
-/// the work was queued).
+/// Counts reconcile passes, and tells work that must wait until a tenant just removed from the
+/// desired state has no container and no open volume any more when it may run: once a pass
+/// that read that desired state's generation, or a later one, has finished its teardown.
 #[derive(Debug)]
 pub struct Passes {
     started: std::sync::atomic::AtomicU64,
+    /// The highest generation of the desired state whose teardown is complete.
     torn_down: tokio::sync::watch::Sender<u64>,
 }
 
@@ -77,7 +77,7 @@ impl Default for Passes {
 }
 
 impl Passes {
-    /// The pass whose teardown work queued now waits for.
+    /// The pass that starts next.
     pub fn next(&self) -> u64 {
         self.started.load(std::sync::atomic::Ordering::SeqCst) + 1
     }
@@ -89,13 +89,14 @@ impl Passes {
             + 1
     }
 
-    /// The pass whose teardown completed last, watched.
+    /// The highest desired-state generation whose teardown is complete, watched.
     pub fn torn_down(&self) -> tokio::sync::watch::Receiver<u64> {
         self.torn_down.subscribe()
     }
 
-    pub fn finish_teardown(&self, pass: u64) {
-        self.torn_down.send_modify(|p| *p = (*p).max(pass));
+    /// A pass that read the desired state of `generation` tore down all it no longer wants.
+    pub fn finish_teardown(&self, generation: u64) {
+        self.torn_down.send_modify(|g| *g = (*g).max(generation));
     }
 }
 
@@ -530,7 +531,7 @@ impl Reconciler {
         // Work waiting for this teardown runs only if nothing undesired is left; the networks
         // (slow to remove, and no volume's business) go after.
         if all_torn_down {
-            self.passes.finish_teardown(pass);
+            self.passes.finish_teardown(generation);
         }
         for c in released {
             if let Err(e) = self.remove_network(c).await {

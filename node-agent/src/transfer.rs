@@ -15,12 +15,14 @@
 //! kept aside on the receiver, never put in place), then, once the tenant stopped, a copy
 //! that sends only the 1 MiB blocks whose SHA-256 differs from what the pre-copy sent; the
 //! volume's SHA-256 counts the blocks kept from the pre-copy, so a pre-copied volume is
-//! checked end to end like a whole one.
+//! checked end to end like a whole one. A file the sender finds with the same inode stamp as
+//! when it pre-copied it (see [`Stamp`]) is not even read again.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use berth_shared::ids::TenantId;
 use berth_shared::proto::agent_service_client::AgentServiceClient;
@@ -43,6 +45,43 @@ pub struct Base {
     pub transfer_id: u64,
     pub layout: i32,
     pub files: BTreeMap<String, Vec<BlockHash>>,
+    /// The sender's only: each file's stamp when it was read, if it was settled then.
+    pub stamps: BTreeMap<String, Stamp>,
+}
+
+/// How long after a file's last change its stamp is trusted: more than the coarsest timestamp
+/// granularity of the filesystems volumes live on (1 s: ext4 with small inodes) plus a clock
+/// tick, so that a write in the same tick as the stat cannot leave the stamp as it was.
+const STAMP_SETTLED: Duration = Duration::from_secs(2);
+
+/// What a regular file's inode says of its contents. Its ctime changes with every write and
+/// cannot be set, so a file whose stamp is the same as when it was read, and which had been
+/// settled then, holds what was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    /// The stamp of a file stat'ed at `now`; `None` while its last change is too recent to
+    /// rule out another in the same timestamp tick.
+    fn settled(meta: &std::fs::Metadata, now: SystemTime) -> Option<Self> {
+        let changed = UNIX_EPOCH.checked_add(Duration::new(
+            u64::try_from(meta.ctime()).ok()?,
+            u32::try_from(meta.ctime_nsec()).ok()?,
+        ))?;
+        (changed.checked_add(STAMP_SETTLED)? <= now).then_some(Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        })
+    }
 }
 
 /// The outcome of an export or an import.
@@ -200,6 +239,8 @@ struct Item {
     path: PathBuf,
     entry: proto::VolumeEntry,
     extents: Vec<(u64, u64)>,
+    /// A regular file's stamp, taken before any of it is read.
+    stamp: Option<Stamp>,
 }
 
 impl Item {
@@ -209,6 +250,7 @@ impl Item {
 }
 
 fn item(path: &Path, relative: String) -> Result<Item, TransferError> {
+    let now = SystemTime::now();
     let meta = std::fs::symlink_metadata(path).map_err(|e| io(path, e))?;
     let mut entry = proto::VolumeEntry {
         path: relative,
@@ -216,6 +258,7 @@ fn item(path: &Path, relative: String) -> Result<Item, TransferError> {
         ..Default::default()
     };
     let mut extents_of = Vec::new();
+    let mut stamp = None;
     if meta.file_type().is_symlink() {
         entry.symlink = std::fs::read_link(path)
             .map_err(|e| io(path, e))?
@@ -225,6 +268,7 @@ fn item(path: &Path, relative: String) -> Result<Item, TransferError> {
         entry.directory = true;
     } else if meta.is_file() {
         entry.size = meta.len();
+        stamp = Stamp::settled(&meta, now);
         let file = File::open(path).map_err(|e| io(path, e))?;
         extents_of = extents(&file, meta.len()).map_err(|e| io(path, e))?;
     } else {
@@ -233,12 +277,14 @@ fn item(path: &Path, relative: String) -> Result<Item, TransferError> {
             path: path.to_path_buf(),
             entry: proto::VolumeEntry::default(),
             extents: Vec::new(),
+            stamp: None,
         });
     }
     Ok(Item {
         path: path.to_path_buf(),
         entry,
         extents: extents_of,
+        stamp,
     })
 }
 
@@ -330,7 +376,11 @@ pub fn export(
         let known = base.and_then(|b| b.files.get(&it.entry.path));
         let plan = match known {
             Some(before) if it.is_file() => {
-                let now = block_hashes(it, &mut buffer)?;
+                let was = base.and_then(|b| b.stamps.get(&it.entry.path));
+                let now = match (it.stamp, was) {
+                    (Some(stamp), Some(was)) if stamp == *was => before.clone(),
+                    _ => block_hashes(it, &mut buffer)?,
+                };
                 let changed: BTreeSet<u64> = (0..now.len())
                     .filter(|&i| before.get(i) != Some(&now[i]))
                     .map(|i| i as u64)
@@ -360,6 +410,7 @@ pub fn export(
         transfer_id,
         layout: layout as i32,
         files: BTreeMap::new(),
+        stamps: BTreeMap::new(),
     };
     let mut sent = 0u64;
     for (it, plan) in items.into_iter().zip(against_base) {
@@ -395,7 +446,7 @@ pub fn export(
                 }
                 let data = proto::VolumeData {
                     offset,
-                    data: buffer[..got].to_vec(),
+                    data: buffer[..got].to_vec().into(),
                 };
                 sent += got as u64;
                 send(chunk(Body::Data(data)))?;
@@ -408,6 +459,9 @@ pub fn export(
         volume.entry(&it.entry, &hashes);
         if it.is_file() {
             sent_base.files.insert(it.entry.path.clone(), hashes);
+            if let Some(stamp) = it.stamp {
+                sent_base.stamps.insert(it.entry.path.clone(), stamp);
+            }
         }
     }
     let volume_sha256 = volume.hex();
@@ -771,6 +825,7 @@ impl Importer {
                 transfer_id: self.transfer_id,
                 layout: self.layout.map_or(0, |l| l as i32),
                 files: self.files.clone(),
+                stamps: BTreeMap::new(),
             },
         };
         let staging = self.at.staging();

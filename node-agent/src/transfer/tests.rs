@@ -47,6 +47,18 @@ fn copy(from: &VolumeLocation, to: &VolumeLocation) -> (Copied, Copied) {
     (sent, import(to, 7, None, chunks, false).unwrap())
 }
 
+/// Both ends report the same copy and hold the same base (the sender's stamps aside).
+fn agree(sent: &Copied, received: &Copied) {
+    let without_stamps = |c: &Copied| Copied {
+        base: Base {
+            stamps: BTreeMap::new(),
+            ..c.base.clone()
+        },
+        ..c.clone()
+    };
+    assert_eq!(without_stamps(sent), without_stamps(received));
+}
+
 fn chunks_of(from: &VolumeLocation) -> Vec<proto::VolumeChunk> {
     stream(from, 7, false, None).0
 }
@@ -65,7 +77,7 @@ fn a_sparse_luks_file_arrives_identical_with_its_holes_and_only_its_data_is_sent
     drop(file);
     let to = at(dst.path(), "acme");
     let (sent, received) = copy(&from, &to);
-    assert_eq!(sent, received);
+    agree(&sent, &received);
     assert!(
         sent.data_bytes < 8 << 20,
         "only the data extents travel, not 64 MiB: {}",
@@ -137,7 +149,9 @@ fn a_damaged_or_hostile_stream_is_refused_and_nothing_is_put_in_place() {
     };
     let flipped = run(&|c| {
         if let Some(Body::Data(d)) = &mut c[2].body {
-            d.data[0] ^= 1;
+            let mut data = d.data.to_vec();
+            data[0] ^= 1;
+            d.data = data.into();
         }
     });
     assert!(
@@ -277,7 +291,7 @@ fn after_a_precopy_only_changed_blocks_travel_and_the_volume_arrives_as_it_is_no
     // The pre-copy, while the tenant runs: kept aside on the receiver, nothing in place.
     let (chunks, pre_sent) = stream(&from, 1, true, None);
     let pre = import(&to, 1, None, chunks, true).unwrap();
-    assert_eq!(pre_sent, pre, "both ends hold the same base");
+    agree(&pre_sent, &pre);
     assert!(
         !dst.path().join("plain/open").exists(),
         "a pre-copy is never put in place"
@@ -305,7 +319,7 @@ fn after_a_precopy_only_changed_blocks_travel_and_the_volume_arrives_as_it_is_no
 
     let (chunks, sent) = stream(&from, 2, false, Some(&pre_sent.base));
     let received = import(&to, 2, Some(pre.base.clone()), chunks, false).unwrap();
-    assert_eq!(sent, received);
+    agree(&sent, &received);
     assert_eq!(
         sent.data_bytes,
         (1 << 20) + ((1 << 20) - 10) + 26,
@@ -414,4 +428,76 @@ fn a_stream_that_does_not_fit_the_precopy_held_here_is_refused() {
         "volume stream: \"other\" is not a file of the pre-copy"
     );
     assert!(!dst.path().join("plain/open").exists(), "nothing in place");
+}
+
+#[test]
+fn a_file_settled_before_its_precopy_and_unchanged_since_is_not_read_again() {
+    let (src, dst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (from, to) = (at(src.path(), "calm"), at(dst.path(), "calm"));
+    let plain = src.path().join("plain/calm");
+    std::fs::create_dir_all(&plain).unwrap();
+    std::fs::write(plain.join("old.db"), pattern(3 << 20, 4)).unwrap();
+    std::fs::write(plain.join("busy.db"), pattern(2 << 20, 5)).unwrap();
+    // Both settle; then busy.db is written just before the pre-copy reads it.
+    std::thread::sleep(STAMP_SETTLED + Duration::from_millis(100));
+    File::options()
+        .write(true)
+        .open(plain.join("busy.db"))
+        .unwrap()
+        .write_all_at(&[7; 10], 5)
+        .unwrap();
+    let (chunks, pre_sent) = stream(&from, 1, true, None);
+    let pre = import(&to, 1, None, chunks, true).unwrap();
+    assert_eq!(
+        pre_sent.base.stamps.keys().collect::<Vec<_>>(),
+        ["old.db"],
+        "a file changed less than {STAMP_SETTLED:?} ago has no stamp"
+    );
+    assert!(pre.base.stamps.is_empty(), "stamps are the sender's only");
+
+    // The sender's base says every block of both files differs from what is on disk now.
+    let mut wrong = pre_sent.base.clone();
+    for blocks in wrong.files.values_mut() {
+        blocks.iter_mut().for_each(|b| *b = [0; 32]);
+    }
+    let changed_blocks = |base: &Base| -> Vec<(String, Vec<u64>)> {
+        stream(&from, 2, false, Some(base))
+            .0
+            .into_iter()
+            .filter_map(|c| match c.body {
+                Some(Body::Entry(e)) => Some((e.path, e.changed_blocks)),
+                _ => None,
+            })
+            .collect()
+    };
+    // old.db's stamp is as it was: its base is taken on trust, unread; busy.db is read.
+    assert_eq!(
+        changed_blocks(&wrong),
+        [("busy.db".into(), vec![0, 1]), ("old.db".into(), vec![])]
+    );
+    // Without the stamp, old.db is read and found to differ.
+    wrong.stamps.clear();
+    assert_eq!(
+        changed_blocks(&wrong),
+        [
+            ("busy.db".into(), vec![0, 1]),
+            ("old.db".into(), vec![0, 1, 2])
+        ]
+    );
+    // Any write changes the stamp (even one that leaves size and mtime as they were).
+    let old = plain.join("old.db");
+    let mtime = std::fs::metadata(&old).unwrap().modified().unwrap();
+    let file = File::options().write(true).open(&old).unwrap();
+    file.write_all_at(&[1; 4], 1 << 20).unwrap();
+    file.set_modified(mtime).unwrap();
+    drop(file);
+    let (chunks, sent) = stream(&from, 3, false, Some(&pre_sent.base));
+    assert_eq!(sent.data_bytes, 1 << 20, "old.db's block 1 only");
+    let received = import(&to, 3, Some(pre.base), chunks, false).unwrap();
+    assert_eq!(tree(&dst.path().join("plain/calm")), tree(&plain));
+    assert_eq!(sent.volume_sha256, received.volume_sha256);
+    assert_eq!(
+        stream(&from, 4, false, None).1.volume_sha256,
+        received.volume_sha256
+    );
 }
