@@ -51,6 +51,9 @@ provider = "other"
 region = "local"
 instance_type = "$(hostname -s | tr 'A-Z_' 'a-z-' | cut -c1-63)"
 memory_reserved = "1GiB"
+[egress]
+# A table of its own: stopping the quickstart removes it, never a real agent's.
+table = "berth_quickstart"
 TOML
 coord=("$bin/berth-coordinator" --config "$state/coordinator.toml")
 [ -f "$state/coordinator/ca/ca.crt" ] || "${coord[@]}" ca init >/dev/null
@@ -77,6 +80,8 @@ cleanup() {
   fi
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  # A stopped agent leaves its rules in force (tenants stay fenced); the quickstart's go.
+  nft delete table inet berth_quickstart 2>/dev/null || true
 }
 trap cleanup EXIT
 trap 'exit 0' INT TERM

@@ -87,4 +87,13 @@ fn the_main_job_command_brings_up_a_coordinator_and_an_enrolled_agent() {
         logs.contains("agent session opened"),
         "the agent holds an mTLS session"
     );
+    let tables = Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .unwrap();
+    let tables = String::from_utf8_lossy(&tables.stdout);
+    assert!(
+        !tables.contains("berth_quickstart"),
+        "the quickstart removes its table when it stops: {tables}"
+    );
 }
