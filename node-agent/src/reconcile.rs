@@ -183,16 +183,25 @@ fn status(
 impl Reconciler {
     /// Removes a container, then its egress rules, volume and network (reverse order).
     async fn teardown(&self, container: &ManagedContainer) -> Result<(), String> {
-        self.release_container(container).await?;
+        self.release_container(container, true).await?;
         self.remove_network(container).await
     }
 
-    /// Removes a container, then its egress rules and volume.
-    async fn release_container(&self, container: &ManagedContainer) -> Result<(), String> {
+    /// Removes a container, then, when its tenant `leaves`, the tenant's egress rules and
+    /// volume. A stray duplicate of a tenant that runs on goes alone: its tenant's rules and
+    /// volume are the running container's.
+    async fn release_container(
+        &self,
+        container: &ManagedContainer,
+        leaves: bool,
+    ) -> Result<(), String> {
         self.runtime
             .remove(&container.id)
             .await
             .map_err(|e| e.to_string())?;
+        if !leaves {
+            return Ok(());
+        }
         // A container whose tenant label is not a valid id had no rules or network made.
         if let Ok(tenant) = TenantId::new(&container.tenant) {
             self.egress.release(&tenant).await?;
@@ -504,14 +513,19 @@ impl Reconciler {
             .collect();
         let mut outcomes = Vec::with_capacity(doomed.len());
         for some in doomed.chunks(SIDE_BY_SIDE) {
-            let removed = some.iter().map(|c| self.release_container(c));
+            let removed = some
+                .iter()
+                .map(|c| self.release_container(c, !wanted.contains_key(c.tenant.as_str())));
             outcomes.extend(futures::future::join_all(removed).await);
         }
         for (c, outcome) in doomed.into_iter().zip(outcomes) {
             match outcome {
                 Ok(()) => {
                     tracing::info!(tenant = %c.tenant, container = %c.id, "tenant container removed");
-                    released.push(c);
+                    // A duplicate's tenant runs on in its network.
+                    if !wanted.contains_key(c.tenant.as_str()) {
+                        released.push(c);
+                    }
                 }
                 Err(e) => {
                     keep_rules.extend(TenantId::new(&c.tenant));

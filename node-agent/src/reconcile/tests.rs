@@ -254,13 +254,23 @@ async fn ports_skip_those_in_use_and_duplicates_are_removed() {
         "each tenant its own /28: {:?}",
         fake.calls()
     );
-    // A stray second container of tenant a (same labels) is removed, the first kept.
+    // A stray second container of tenant a (same labels) is removed, the first kept, and
+    // a's rules, volume and network, which the first one uses, are left alone.
     let mut dup = fake.containers.lock().unwrap()[0].clone();
     dup.id = format!("{:064x}", 99);
     fake.containers.lock().unwrap().push(dup);
     fake.calls.lock().unwrap().clear();
     r.reconcile(&desired).await;
-    assert_eq!(fake.calls()[0], "remove 0063");
+    assert_eq!(fake.calls(), ["remove 0063"]);
+    assert_eq!(fake.containers.lock().unwrap().len(), 2);
+    assert!(
+        fake.egress_applied
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e.starts_with("a ")),
+        "a keeps its rules"
+    );
 }
 
 #[tokio::test]
