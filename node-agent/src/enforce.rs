@@ -595,7 +595,6 @@ mod tests {
 
     use super::*;
 
-    /// An enforcement whose desired state (generation 1) places only `acme`.
     /// The first volume results to come (a transfer answers from a task of its own).
     async fn first_results(e: &Enforcement) -> Vec<proto::VolumeResult> {
         tokio::time::timeout(std::time::Duration::from_secs(5), async {
@@ -611,6 +610,7 @@ mod tests {
         .expect("a volume command answered")
     }
 
+    /// An enforcement whose desired state (generation 1) places only `acme`.
     fn placing_acme() -> Enforcement {
         let mut store = DesiredStore::with_store(Box::new(MemStore::default())).unwrap();
         store

@@ -502,28 +502,31 @@ impl Reconciler {
         let mut released = Vec::new();
         let mut keep_rules: BTreeSet<TenantId> =
             wanted.values().map(|s| s.tenant_id.clone()).collect();
-        let doomed: Vec<&ManagedContainer> = actual
+        // Each with whether its tenant leaves (else it is a stray duplicate of one that runs on).
+        let doomed: Vec<(&ManagedContainer, bool)> = actual
             .iter()
-            .filter(|c| {
-                !(wanted.contains_key(c.tenant.as_str())
+            .filter_map(|c| {
+                let leaves = !wanted.contains_key(c.tenant.as_str());
+                let kept = !leaves
                     && by_tenant[c.tenant.as_str()]
                         .first()
-                        .is_some_and(|first| first.id == c.id))
+                        .is_some_and(|first| first.id == c.id);
+                (!kept).then_some((c, leaves))
             })
             .collect();
         let mut outcomes = Vec::with_capacity(doomed.len());
         for some in doomed.chunks(SIDE_BY_SIDE) {
             let removed = some
                 .iter()
-                .map(|c| self.release_container(c, !wanted.contains_key(c.tenant.as_str())));
+                .map(|&(c, leaves)| self.release_container(c, leaves));
             outcomes.extend(futures::future::join_all(removed).await);
         }
-        for (c, outcome) in doomed.into_iter().zip(outcomes) {
+        for ((c, leaves), outcome) in doomed.into_iter().zip(outcomes) {
             match outcome {
                 Ok(()) => {
                     tracing::info!(tenant = %c.tenant, container = %c.id, "tenant container removed");
                     // A duplicate's tenant runs on in its network.
-                    if !wanted.contains_key(c.tenant.as_str()) {
+                    if leaves {
                         released.push(c);
                     }
                 }
