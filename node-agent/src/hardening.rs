@@ -165,7 +165,10 @@ pub fn container(
                     ("max-file".to_string(), "3".to_string()),
                 ])),
             }),
-            init: Some(false),
+            // Docker's init (tini) as PID 1 passes SIGTERM on and reaps zombies. A Node.js
+            // gateway as PID 1 would ignore SIGTERM unless it handles it: every stop, nightly
+            // restart and move would wait out the grace period, then kill it.
+            init: Some(true),
             privileged: Some(false),
             // Tenant networks are IPv4-only; no link-local IPv6 path to the host either.
             sysctls: Some(HashMap::from([(
@@ -245,6 +248,7 @@ mod tests {
         assert_eq!(log.typ.as_deref(), Some("json-file"));
         assert_eq!(log.config.unwrap()["max-size"], "10m");
         assert_eq!(hc.privileged, Some(false));
+        assert_eq!(hc.init, Some(true));
         let labels = c.labels.unwrap();
         assert_eq!(labels[LABEL_TENANT], "acme-dental");
         assert_eq!(labels[LABEL_HOST], "h1");

@@ -163,3 +163,42 @@ fn berthctl_restart_waits_for_the_health_gate_and_refuses_unknown_tenants() {
     assert!(!ok);
     assert!(err.contains("tenant_id"), "{err}");
 }
+
+/// A gateway that leaves SIGTERM alone (as a Node.js process does unless it handles it) still
+/// ends at once on a restart: Docker's init, PID 1 in every tenant container, passes the
+/// signal on. As PID 1 itself the gateway would ignore it, and every stop would wait out the
+/// 10 s grace period and then kill it.
+#[test]
+fn a_gateway_that_does_not_handle_sigterm_still_stops_at_once() {
+    let Some(f) = restart_fleet() else { return };
+    let tenant = unique("noterm");
+    f.place_toml(
+        &tenant,
+        "128MiB",
+        250,
+        &[],
+        "[env]\nTEST_TENANT_SIGTERM = \"default\"\n",
+    );
+    f.wait_running(&tenant, Duration::from_secs(10));
+    let container = format!("berth-{tenant}");
+    let c = inspect(&container).expect("the container");
+    assert_eq!(c["HostConfig"]["Init"], true, "{c}");
+    assert!(
+        c["Config"]["Env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e == "TEST_TENANT_SIGTERM=default"),
+        "{c}"
+    );
+    let before = started_at(&container);
+    let (ok, out, err) = f.coordinator.berthctl(&["--json", "restart", &tenant]);
+    assert!(ok, "{err}");
+    let done: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let downtime = Duration::from_millis(done["downtime_ms"].as_u64().unwrap());
+    assert!(
+        downtime < Duration::from_secs(5),
+        "{downtime:?}: the stop waited out the grace period"
+    );
+    assert!(started_at(&container) > before);
+}

@@ -6,7 +6,8 @@
 //! and keeps it idle, `GET /check?id=N` then sends an HTTP request over held connection N and
 //! says whether the answer came (an established connection surviving a rule change). Each
 //! connection is served on its own thread, so a held one blocks nobody. Port from `PORT`
-//! (default 18789).
+//! (default 18789). It ends at once on SIGTERM, unless `TEST_TENANT_SIGTERM=default` leaves
+//! the signal's disposition alone, as a Node.js gateway that does not handle it does.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -39,15 +40,17 @@ extern "C" fn on_sigterm(_: nix::libc::c_int) {
 }
 
 fn main() {
-    // SAFETY: the handler only calls _exit.
-    #[allow(unsafe_code)]
-    let installed = unsafe {
-        nix::sys::signal::signal(
-            nix::sys::signal::Signal::SIGTERM,
-            nix::sys::signal::SigHandler::Handler(on_sigterm),
-        )
-    };
-    installed.expect("SIGTERM handler");
+    if std::env::var("TEST_TENANT_SIGTERM").as_deref() != Ok("default") {
+        // SAFETY: the handler only calls _exit.
+        #[allow(unsafe_code)]
+        let installed = unsafe {
+            nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGTERM,
+                nix::sys::signal::SigHandler::Handler(on_sigterm),
+            )
+        };
+        installed.expect("SIGTERM handler");
+    }
     let port = std::env::var("PORT")
         .ok()
         .and_then(|p| p.parse().ok())
