@@ -1,7 +1,7 @@
 //! A recording, in-memory container runtime for unit tests (youki's recording `Syscall`).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex as StdMutex;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -145,13 +145,14 @@ impl ContainerRuntime for FakeRuntime {
 }
 
 /// A health probe that refuses the first `failures` connects, then accepts; records where it
-/// connected from and to.
+/// connected from and to, and what it announced from where.
 #[derive(Debug, Default)]
 pub struct FakeProbe {
     pub failures: u32,
     pub attempts: AtomicU32,
     pub addresses: StdMutex<Vec<SocketAddr>>,
     pub namespaces: StdMutex<Vec<PathBuf>>,
+    pub announced: StdMutex<Vec<(PathBuf, IpAddr)>>,
 }
 
 #[tonic::async_trait]
@@ -165,5 +166,13 @@ impl crate::restarts::Probe for FakeProbe {
         } else {
             Ok(())
         }
+    }
+
+    async fn announce(&self, netns: &Path, address: IpAddr) -> Result<(), String> {
+        self.announced
+            .lock()
+            .unwrap()
+            .push((netns.to_path_buf(), address));
+        Ok(())
     }
 }

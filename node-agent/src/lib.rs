@@ -7,6 +7,7 @@
 //! window behind a health gate, with its data on a LUKS2 volume opened by a key held in memory
 //! only (a tenant without its key waits, stopped).
 
+pub mod announce;
 pub mod cgroup;
 pub mod command;
 pub mod config;

@@ -8,7 +8,7 @@
 //! while it is being restarted; every requested restart gets exactly one result.
 
 use std::collections::{BTreeSet, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -65,62 +65,81 @@ impl RestartSettings {
     }
 }
 
-/// Connects to a tenant's gateway port (a trait so the health gate is tested without sockets).
+/// Connects to a tenant's gateway port, and announces its address once it answers (a trait so
+/// the health gate is tested without sockets).
 #[tonic::async_trait]
 pub trait Probe: Send + Sync + std::fmt::Debug {
     /// Connects to `address` from inside the network namespace at `netns`.
     async fn connect(&self, netns: &Path, address: SocketAddr) -> Result<(), String>;
+    /// Announces `address` on its network from inside the network namespace at `netns` (see
+    /// [`crate::announce`]).
+    async fn announce(&self, netns: &Path, address: IpAddr) -> Result<(), String>;
 }
 
 /// A plain TCP connect with a timeout, made from inside the container's own network namespace:
 /// the agent may run in another one (or have no route to the tenant networks at all), and the
-/// published port is no proof (Docker's proxy answers it while the tenant is down).
+/// published port is no proof (Docker's proxy answers it while the tenant is down). The
+/// announcement leaves from there too, for the same reasons.
 #[derive(Debug, Clone, Copy)]
 pub struct NetnsProbe {
     pub timeout: Duration,
 }
 
+/// Runs `work` on a thread of its own inside the network namespace at `netns`.
+async fn in_netns<T: Send + 'static>(
+    netns: &Path,
+    work: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    let netns = netns.to_path_buf();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    // A thread of its own, which ends with the work: a thread that entered another namespace
+    // must never run anything else (a pooled one would).
+    std::thread::Builder::new()
+        .name("berth-probe".into())
+        .spawn(move || {
+            let done = std::fs::File::open(&netns)
+                .map_err(|e| format!("{}: {e}", netns.display()))
+                .and_then(|ns| {
+                    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+                        match e {
+                            // The file is there but not bound to the namespace: Docker bound it
+                            // after this process got its own mount namespace, which sees later
+                            // mounts only where / is mounted shared (as systemd mounts it).
+                            nix::errno::Errno::EINVAL => format!(
+                                "{} is no network namespace in the agent's mount namespace (is / mounted shared?)",
+                                netns.display()
+                            ),
+                            e => format!("entering {}: {e}", netns.display()),
+                        }
+                    })
+                })
+                .and_then(|()| work());
+            let _ = tx.send(done);
+        })
+        .map_err(|e| format!("probe thread: {e}"))?;
+    rx.await.map_err(|_| "the probe thread died".to_string())?
+}
+
 #[tonic::async_trait]
 impl Probe for NetnsProbe {
     async fn connect(&self, netns: &Path, address: SocketAddr) -> Result<(), String> {
-        let (netns, timeout) = (netns.to_path_buf(), self.timeout);
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        // A thread of its own, which ends with the probe: a thread that entered another
-        // namespace must never run anything else (a pooled one would).
-        std::thread::Builder::new()
-            .name("berth-probe".into())
-            .spawn(move || {
-                let connected = std::fs::File::open(&netns)
-                    .map_err(|e| format!("{}: {e}", netns.display()))
-                    .and_then(|ns| {
-                        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(
-                            |e| match e {
-                                // The file is there but not bound to the namespace: Docker
-                                // bound it after this process got its own mount namespace,
-                                // which sees later mounts only where / is mounted shared (as
-                                // systemd mounts it).
-                                nix::errno::Errno::EINVAL => format!(
-                                    "{} is no network namespace in the agent's mount namespace (is / mounted shared?)",
-                                    netns.display()
-                                ),
-                                e => format!("entering {}: {e}", netns.display()),
-                            },
-                        )
-                    })
-                    .and_then(|()| {
-                        std::net::TcpStream::connect_timeout(&address, timeout)
-                            .map(drop)
-                            .map_err(|e| match e.kind() {
-                                std::io::ErrorKind::TimedOut => {
-                                    format!("no answer within {timeout:?}")
-                                }
-                                _ => e.to_string(),
-                            })
-                    });
-                let _ = tx.send(connected);
-            })
-            .map_err(|e| format!("probe thread: {e}"))?;
-        rx.await.map_err(|_| "the probe thread died".to_string())?
+        let timeout = self.timeout;
+        in_netns(netns, move || {
+            std::net::TcpStream::connect_timeout(&address, timeout)
+                .map(drop)
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::TimedOut => format!("no answer within {timeout:?}"),
+                    _ => e.to_string(),
+                })
+        })
+        .await
+    }
+
+    async fn announce(&self, netns: &Path, address: IpAddr) -> Result<(), String> {
+        let IpAddr::V4(address) = address else {
+            return Err(format!("{address}: tenant networks are IPv4 only"));
+        };
+        in_netns(netns, move || crate::announce::announce(address)).await
     }
 }
 
@@ -148,7 +167,10 @@ impl HealthGate {
 
 /// One health check: Docker's healthcheck verdict when the image has one, else a TCP connect to
 /// the gateway port at the container's address on its tenant network (not the published port,
-/// which Docker's proxy answers even while the tenant is down).
+/// which Docker's proxy answers even while the tenant is down). A check that passes also has
+/// the container announce its address (see [`crate::announce`]): clients' connections that
+/// waited on the host for it go through now rather than at the host's next ARP retry. A failed
+/// announcement is logged; the check still passes.
 pub(crate) async fn check(
     runtime: &dyn ContainerRuntime,
     probe: &dyn Probe,
@@ -163,17 +185,23 @@ pub(crate) async fn check(
         return Err(format!("not running (exit code {})", d.exit_code));
     }
     match d.health.as_deref() {
-        Some("healthy") => Ok(()),
-        Some(other) => Err(format!("Docker healthcheck says {other}")),
+        Some("healthy") => {}
+        Some(other) => return Err(format!("Docker healthcheck says {other}")),
         None => {
             let address = d.address.ok_or("no address on its tenant network")?;
-            let netns = d.netns.ok_or("no network namespace")?;
+            let netns = d.netns.as_deref().ok_or("no network namespace")?;
             probe
-                .connect(&netns, SocketAddr::new(address, gateway_port))
+                .connect(netns, SocketAddr::new(address, gateway_port))
                 .await
-                .map_err(|e| format!("gateway port {gateway_port}: {e}"))
+                .map_err(|e| format!("gateway port {gateway_port}: {e}"))?;
         }
     }
+    if let (Some(address), Some(netns)) = (d.address, d.netns.as_deref())
+        && let Err(e) = probe.announce(netns, address).await
+    {
+        tracing::warn!(container, error = %e, "the container's address was not announced");
+    }
+    Ok(())
 }
 
 /// Restarts `container` and waits until it is healthy again; returns the downtime (from the

@@ -202,3 +202,50 @@ fn a_gateway_that_does_not_handle_sigterm_still_stops_at_once() {
     );
     assert!(started_at(&container) > before);
 }
+
+/// Clients that knock on a gateway's published port while it restarts get through as soon as
+/// it is healthy again. Their connections made the host look up the container's address while
+/// nothing answered it; without an announcement from the container, the host's entry would
+/// stay unresolved until its next ARP retry (about a second) and hold every connection back.
+#[test]
+fn clients_that_knocked_during_a_restart_get_through_once_it_is_healthy() {
+    let Some(f) = restart_fleet() else { return };
+    let tenant = unique("knock");
+    f.place(&tenant, "128MiB");
+    let view = f.wait_running(&tenant, Duration::from_secs(10));
+    let port = view["published_port"].as_u64().unwrap() as u16;
+    let c = inspect(&format!("berth-{tenant}")).expect("the container");
+    let endpoint = &c["NetworkSettings"]["Networks"][f.network(&tenant)];
+    let (address, mac) = (
+        endpoint["IPAddress"].as_str().unwrap().to_string(),
+        endpoint["MacAddress"].as_str().unwrap().to_string(),
+    );
+    let bridge = berth_node_agent::hardening::bridge_name(
+        &berth_shared::ids::HostId::new(&f.agent.host_id).unwrap(),
+        &berth_shared::ids::TenantId::new(&tenant).unwrap(),
+    );
+
+    let knocking = Outage::watch(port);
+    let (ok, out, err) = f.coordinator.berthctl(&["--json", "restart", &tenant]);
+    assert!(ok, "{err}");
+    // At once, before any retry of the host's own: its entry for the address is resolved.
+    let neighbour = std::process::Command::new("ip")
+        .args(["neigh", "show", &address, "dev", &bridge])
+        .output()
+        .expect("ip");
+    let neighbour = String::from_utf8_lossy(&neighbour.stdout).to_string();
+    assert!(
+        neighbour.contains(&format!("lladdr {mac}")),
+        "the host's entry for {address} on {bridge}: {neighbour:?}"
+    );
+    assert_eq!(
+        berth_tests::fleet::http_get(port, "/healthz").as_deref(),
+        Some("ok\n")
+    );
+    let down = knocking.stop();
+    let done: serde_json::Value = serde_json::from_str(&out).unwrap();
+    eprintln!(
+        "the agent measured {} ms; the knocking clients, no answer for {down:?}",
+        done["downtime_ms"]
+    );
+}

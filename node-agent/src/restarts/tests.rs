@@ -59,6 +59,14 @@ async fn the_gate_connects_to_the_gateway_on_the_tenant_network_until_it_answers
     );
     // Three failed checks 50 ms apart.
     assert_eq!(down, Duration::from_millis(150));
+    // Announced once, when it answered, from its own namespace.
+    assert_eq!(
+        *probe.announced.lock().unwrap(),
+        vec![(
+            "/run/docker/netns/0123456789ab".into(),
+            "10.213.0.2".parse().unwrap()
+        )]
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -76,6 +84,11 @@ async fn a_docker_healthcheck_decides_when_the_image_has_one() {
     .await
     .unwrap();
     assert_eq!(probe.attempts.load(Ordering::SeqCst), 0, "no TCP probe");
+    assert_eq!(
+        probe.announced.lock().unwrap().len(),
+        1,
+        "healthy: announced"
+    );
     *fake.details.lock().unwrap() = Some(running("10.213.0.2", Some("unhealthy")));
     let err = restart_and_wait(
         fake.as_ref(),
@@ -94,6 +107,11 @@ async fn a_docker_healthcheck_decides_when_the_image_has_one() {
     assert!(
         err.ends_with("checks; last: Docker healthcheck says unhealthy)"),
         "{err}"
+    );
+    assert_eq!(
+        probe.announced.lock().unwrap().len(),
+        1,
+        "never healthy again"
     );
 }
 
@@ -132,6 +150,10 @@ async fn a_failing_check_is_reported_and_retried_with_backoff_until_the_timeout(
         format!(
             "not healthy 2 min after the restart ({attempts} checks; last: gateway port 18789: Connection refused (os error 111))"
         )
+    );
+    assert!(
+        probe.announced.lock().unwrap().is_empty(),
+        "nothing announced for a gateway that never answered"
     );
     // Stopped, or never got an address: said so.
     *fake.details.lock().unwrap() = Some(ContainerDetails {
