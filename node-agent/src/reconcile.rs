@@ -343,6 +343,15 @@ impl Reconciler {
         self.ensure_image(spec).await?;
         let volume = self.volumes.prepare(spec).await?;
         let report = self.network_and_egress(spec, networks).await?;
+        // The pass's listing may be seconds old by now (a creation waits for its slot). A port
+        // claimed since is taken even while nothing listens on it: a container that crashed
+        // and that Docker is about to start again on it would otherwise lose it.
+        used_ports.extend(
+            self.runtime
+                .published_ports()
+                .await
+                .map_err(|e| e.to_string())?,
+        );
         // A port free on loopback may still be reserved by Docker for another container: then
         // the next one is tried.
         let mut last_error = String::new();

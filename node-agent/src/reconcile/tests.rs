@@ -295,6 +295,26 @@ async fn gateway_ports_go_round_the_range_so_a_freed_port_is_the_last_given_agai
 }
 
 #[tokio::test]
+async fn a_creation_takes_its_port_from_a_listing_made_then_not_from_its_pass() {
+    let (fake, r) = with_image();
+    // Claimed after the pass listed the ports (the creation waited for its slot meanwhile), by
+    // a container that is down this moment, so nothing listens on it.
+    fake.foreign_ports.lock().unwrap().push(20000);
+    let stale_listing = vec![];
+    r.create(&spec("a", "img:1"), 1, stale_listing, &HashMap::new())
+        .await
+        .unwrap();
+    let ports: Vec<u16> = fake
+        .containers
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|c| c.port)
+        .collect();
+    assert_eq!(ports, vec![20001]);
+}
+
+#[tokio::test]
 async fn without_its_volume_key_a_tenant_waits_and_its_container_never_starts() {
     let (fake, r) = with_image();
     let desired = Desired {
