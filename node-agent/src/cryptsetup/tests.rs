@@ -1,5 +1,3 @@
-use std::os::unix::fs::PermissionsExt;
-
 use super::*;
 
 fn key(byte: u8) -> VolumeKey {
@@ -10,15 +8,21 @@ fn key(byte: u8) -> VolumeKey {
 /// with the code in `exit` (0 when absent).
 fn recording_program(dir: &Path) -> CryptsetupCommand {
     let script = dir.join("cryptsetup");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\necho \"$*\" >> {d}/argv\nod -An -tx1 -v | tr -d ' \\n' >> {d}/stdin\necho >> {d}/stdin\nexit $(cat {d}/exit 2>/dev/null || echo 0)\n",
-            d = dir.display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let text = format!(
+        "#!/bin/sh\necho \"$*\" >> {d}/argv\nod -An -tx1 -v | tr -d ' \\n' >> {d}/stdin\necho >> {d}/stdin\nexit $(cat {d}/exit 2>/dev/null || echo 0)\n",
+        d = dir.display()
+    );
+    // Written by a child process: a file this process held open for writing would be
+    // inherited by whatever another test thread forks meanwhile, and executing it would then
+    // fail with ETXTBSY ("Text file busy") until that child has exec'd.
+    let mut writer = std::process::Command::new("sh")
+        .args(["-c", "cat > \"$0\" && chmod 755 \"$0\""])
+        .arg(&script)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut writer.stdin.take().unwrap(), text.as_bytes()).unwrap();
+    assert!(writer.wait().unwrap().success());
     CryptsetupCommand {
         program: script,
         timeout: Duration::from_secs(10),
