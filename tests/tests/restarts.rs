@@ -23,6 +23,14 @@ fn restart_fleet() -> Option<Fleet> {
     fleet_with("[restarts]\nskip_if_started_within = \"0s\"\n")
 }
 
+/// A 128 MiB test tenant placed and running: its id (from `prefix`) and published port.
+fn running_tenant(f: &Fleet, prefix: &str) -> (String, u16) {
+    let tenant = unique(prefix);
+    f.place(&tenant, "128MiB");
+    let view = f.wait_running(&tenant, Duration::from_secs(10));
+    (tenant, view["published_port"].as_u64().unwrap() as u16)
+}
+
 #[test]
 fn a_nightly_restart_runs_once_in_its_slot_behind_the_health_gate() {
     let Some(f) = restart_fleet() else { return };
@@ -85,10 +93,7 @@ fn a_nightly_restart_runs_once_in_its_slot_behind_the_health_gate() {
 #[test]
 fn berthctl_restart_waits_for_the_health_gate_and_refuses_unknown_tenants() {
     let Some(f) = restart_fleet() else { return };
-    let tenant = unique("now");
-    f.place(&tenant, "128MiB");
-    let view = f.wait_running(&tenant, Duration::from_secs(10));
-    let port = view["published_port"].as_u64().unwrap() as u16;
+    let (tenant, port) = running_tenant(&f, "now");
     let container = format!("berth-{tenant}");
     let before = started_at(&container);
 
@@ -210,10 +215,7 @@ fn a_gateway_that_does_not_handle_sigterm_still_stops_at_once() {
 #[test]
 fn clients_that_knocked_during_a_restart_get_through_once_it_is_healthy() {
     let Some(f) = restart_fleet() else { return };
-    let tenant = unique("knock");
-    f.place(&tenant, "128MiB");
-    let view = f.wait_running(&tenant, Duration::from_secs(10));
-    let port = view["published_port"].as_u64().unwrap() as u16;
+    let (tenant, port) = running_tenant(&f, "knock");
     let c = inspect(&format!("berth-{tenant}")).expect("the container");
     let endpoint = &c["NetworkSettings"]["Networks"][f.network(&tenant)];
     let (address, mac) = (
