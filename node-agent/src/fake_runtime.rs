@@ -55,8 +55,11 @@ impl ContainerRuntime for FakeRuntime {
         self.record(format!("pull {image}"));
         Err(RuntimeError("connection refused".into()))
     }
+    /// As Docker's: other containers' ports and every berth container's, in any state.
     async fn published_ports(&self) -> Result<Vec<u16>, RuntimeError> {
-        Ok(self.foreign_ports.lock().unwrap().clone())
+        let mut ports = self.foreign_ports.lock().unwrap().clone();
+        ports.extend(self.containers.lock().unwrap().iter().map(|c| c.port));
+        Ok(ports)
     }
     async fn networks(&self) -> Result<HashMap<String, Vec<String>>, RuntimeError> {
         Ok(self.networks.lock().unwrap().clone())

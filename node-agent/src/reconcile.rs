@@ -337,21 +337,19 @@ impl Reconciler {
         &self,
         spec: &TenantSpec,
         generation: u64,
-        mut used_ports: Vec<u16>,
         networks: &HashMap<String, Vec<String>>,
     ) -> Result<EgressReport, Failure> {
         self.ensure_image(spec).await?;
         let volume = self.volumes.prepare(spec).await?;
         let report = self.network_and_egress(spec, networks).await?;
-        // The pass's listing may be seconds old by now (a creation waits for its slot). A port
-        // claimed since is taken even while nothing listens on it: a container that crashed
-        // and that Docker is about to start again on it would otherwise lose it.
-        used_ports.extend(
-            self.runtime
-                .published_ports()
-                .await
-                .map_err(|e| e.to_string())?,
-        );
+        // Listed now, not by the pass that asked for the container: a creation may wait seconds
+        // for its slot, and a port claimed meanwhile is taken even while nothing listens on it
+        // (a crashed container Docker is about to start again would lose it).
+        let mut used_ports = self
+            .runtime
+            .published_ports()
+            .await
+            .map_err(|e| e.to_string())?;
         // A port free on loopback may still be reserved by Docker for another container: then
         // the next one is tried.
         let mut last_error = String::new();
@@ -418,7 +416,6 @@ impl Reconciler {
         self: &Arc<Self>,
         spec: &TenantSpec,
         generation: u64,
-        used_ports: &[u16],
         networks: &HashMap<String, Vec<String>>,
     ) -> Result<EgressReport, Failure> {
         let tenant = spec.tenant_id.to_string();
@@ -432,15 +429,10 @@ impl Reconciler {
         creations.under_way.insert(tenant.clone());
         let slots = creations.slots.clone();
         drop(creations);
-        let (this, spec, used, networks) = (
-            self.clone(),
-            spec.clone(),
-            used_ports.to_vec(),
-            networks.clone(),
-        );
+        let (this, spec, networks) = (self.clone(), spec.clone(), networks.clone());
         tokio::spawn(async move {
             let outcome = match slots.acquire_owned().await {
-                Ok(_slot) => this.create(&spec, generation, used, &networks).await,
+                Ok(_slot) => this.create(&spec, generation, &networks).await,
                 Err(_) => Err("the agent is shutting down".into()),
             };
             let mut creations = this.creations();
@@ -564,11 +556,9 @@ impl Reconciler {
                 tracing::warn!(tenant = %c.tenant, error = %e, "tenant network not removed");
             }
         }
-        // Ports published by any container on the engine, berth's or not.
-        let mut used_ports: Vec<u16> = actual.iter().map(|c| c.port).collect();
-        used_ports.extend(self.runtime.published_ports().await.unwrap_or_default());
-        // Ports Docker lists now need no claim.
-        self.creations().ports.retain(|p| !used_ports.contains(p));
+        // Ports Docker lists now (every container's, berth's in any state) need no claim.
+        let listed = self.runtime.published_ports().await.unwrap_or_default();
+        self.creations().ports.retain(|p| !listed.contains(p));
         let networks = self.runtime.networks().await.unwrap_or_default();
         let mut statuses = Vec::with_capacity(wanted.len());
         for (&tenant, &spec) in &wanted {
@@ -601,15 +591,7 @@ impl Reconciler {
                                 Err(e) if e.0.contains("port is already allocated") => {
                                     tracing::info!(%tenant, port = c.port, "port taken while stopped: recreating on another port");
                                     match self.runtime.remove(&c.id).await {
-                                        Ok(()) => {
-                                            self.create(
-                                                spec,
-                                                generation,
-                                                used_ports.clone(),
-                                                &networks,
-                                            )
-                                            .await
-                                        }
+                                        Ok(()) => self.create(spec, generation, &networks).await,
                                         Err(e) => Err(e.to_string().into()),
                                     }
                                 }
@@ -626,13 +608,12 @@ impl Reconciler {
                             let mut networks = networks.clone();
                             networks.remove(&hardening::network_name(&self.host, &spec.tenant_id));
                             networks.remove(&hardening::legacy_network_name(&spec.tenant_id));
-                            self.create(spec, generation, used_ports.clone(), &networks)
-                                .await
+                            self.create(spec, generation, &networks).await
                         }
                         Err(e) => Err(e.into()),
                     }
                 }
-                (_, None) => self.create_in_background(spec, generation, &used_ports, &networks),
+                (_, None) => self.create_in_background(spec, generation, &networks),
             };
             let mut s = match outcome {
                 Err(f) => {

@@ -297,11 +297,10 @@ async fn gateway_ports_go_round_the_range_so_a_freed_port_is_the_last_given_agai
 #[tokio::test]
 async fn a_creation_takes_its_port_from_a_listing_made_then_not_from_its_pass() {
     let (fake, r) = with_image();
-    // Claimed after the pass listed the ports (the creation waited for its slot meanwhile), by
-    // a container that is down this moment, so nothing listens on it.
+    // Claimed after any pass listed the ports (a creation waits for its slot meanwhile), by a
+    // container that is down this moment, so nothing listens on it.
     fake.foreign_ports.lock().unwrap().push(20000);
-    let stale_listing = vec![];
-    r.create(&spec("a", "img:1"), 1, stale_listing, &HashMap::new())
+    r.create(&spec("a", "img:1"), 1, &HashMap::new())
         .await
         .unwrap();
     let ports: Vec<u16> = fake
