@@ -76,7 +76,11 @@ cleanup() {
   # Remove the sample tenant through berth itself, then stop both daemons.
   if [ -n "${BERTH_COORDINATOR:-}" ]; then
     "$bin/berthctl" remove sample >/dev/null 2>&1 || true
-    for _ in $(seq 1 150); do docker container inspect berth-sample >/dev/null 2>&1 || break; sleep 0.1; done
+    # Until the agent has removed its container and its network.
+    for _ in $(seq 1 150); do
+      [ -z "$(docker ps -aq --filter label=berth.tenant=sample; docker network ls -q --filter label=berth.tenant=sample)" ] && break
+      sleep 0.1
+    done
   fi
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true

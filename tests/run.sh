@@ -14,6 +14,16 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 
+# A build from scratch takes about 5 GB under target/ (measured on a clean checkout with
+# CARGO_INCREMENTAL=0, as .ci/run builds), and the tests some hundred MB more. Out of disk, the
+# linker dies with a bus error a quarter of an hour in: say so before anything starts.
+needed_mib=$((6 * 1024 - $(du -sm target 2>/dev/null | cut -f1 || echo 0)))
+free_mib=$(df -Pm . | awk 'NR == 2 { print $4 }')
+if [ "$needed_mib" -gt "$free_mib" ]; then
+  echo "tests/run.sh: ${free_mib} MiB free on $(df -P . | awk 'NR == 2 { print $6 }'), the build and the tests need about ${needed_mib} MiB more; free some disk (\`cargo clean\` removes target/)" >&2
+  exit 1
+fi
+
 packages=(docker.io nftables cryptsetup-bin iproute2 ca-certificates curl chromium fonts-dejavu-core
   lintian debootstrap systemd qemu-system-x86 busybox-static linux-image-amd64 cpio kmod)
 missing=()

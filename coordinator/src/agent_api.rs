@@ -71,16 +71,15 @@ impl AgentApi {
                         "report.memory_available_bytes: larger than report.memory_total_bytes",
                     ));
                 }
-                let record = self
-                    .coordinator
+                self.coordinator
                     .registry
                     .record_report(
                         &auth.host_id,
                         report.memory_available_bytes,
                         report.disk_available_bytes,
+                        |h| self.coordinator.sync_host(h),
                     )
                     .map_err(registry_status)?;
-                self.coordinator.sync_host(&record);
                 self.coordinator
                     .placements
                     .record_statuses(&auth.host_id, report.tenants);
@@ -165,12 +164,10 @@ impl AgentService for AgentApi {
             tracing::warn!(host = %auth.host_id, error = %e, "hello refused");
             Status::invalid_argument(e.to_string())
         })?;
-        let record = self
-            .coordinator
+        self.coordinator
             .registry
-            .record_hello(&auth.host_id, facts)
+            .record_hello(&auth.host_id, facts, |h| self.coordinator.sync_host(h))
             .map_err(registry_status)?;
-        self.coordinator.sync_host(&record);
         tracing::info!(host = %auth.host_id, serial = %auth.serial, "agent session opened");
 
         let (tx, rx) = mpsc::channel(16);

@@ -567,8 +567,8 @@ impl Coordinator {
             status.phase = "planned".into();
             return Ok(status);
         }
-        let cordoned = self.registry.set_draining(&host, true)?;
-        self.sync_host(&cordoned);
+        self.registry
+            .set_draining(&host, true, |h| self.sync_host(h))?;
         self.drains.insert(drain.clone())?;
         tracing::info!(%host, moves = drain.moves.len(), max_parallel = drain.max_parallel, "drain started");
         self.spawn_driver(&host, false);
@@ -735,11 +735,25 @@ impl Coordinator {
             }
         }
         while releases.join_next().await.is_some() {}
-        self.finish_drain(&host, *stop.borrow());
+        let stopped = *stop.borrow();
+        self.finish_drain(&host, stopped).await;
+    }
+
+    /// Gives back what a move that ends without moving its tenant reserved on its target, and
+    /// unstages the tenant there.
+    async fn give_back(self: &Arc<Self>, tenant: &TenantId) {
+        let unstaged = match self.placements.release_reservation(tenant) {
+            Ok(Some(seq)) => self.durable(seq).await.map_err(|e| e.to_string()),
+            Ok(None) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = unstaged {
+            tracing::warn!(%tenant, error = %e, "not unstaged on its move's target");
+        }
     }
 
     /// Marks what never started, gives back its reservations, leaves the host cordoned.
-    fn finish_drain(&self, host: &HostId, stopped: Option<DrainPhase>) {
+    async fn finish_drain(self: &Arc<Self>, host: &HostId, stopped: Option<DrainPhase>) {
         let record = self.drains.update(host, |r| {
             for m in &mut r.moves {
                 if matches!(m.phase, MovePhase::Planned | MovePhase::Precopying) {
@@ -760,16 +774,18 @@ impl Coordinator {
             Ok(record) => {
                 for m in &record.moves {
                     if m.phase != MovePhase::Done && m.phase != MovePhase::StartedEmpty {
-                        self.placements.release_reservation(&m.tenant);
+                        self.give_back(&m.tenant).await;
                     }
                 }
                 tracing::info!(%host, phase = record.phase.as_str(), "drain finished");
             }
             Err(e) => tracing::error!(%host, error = %e, "drain record not written"),
         }
-        match self.registry.set_draining(host, false) {
-            Ok(h) => self.sync_host(&h),
-            Err(e) => tracing::error!(%host, error = %e, "host left draining"),
+        if let Err(e) = self
+            .registry
+            .set_draining(host, false, |h| self.sync_host(h))
+        {
+            tracing::error!(%host, error = %e, "host left draining");
         }
         self.drains
             .cancel
@@ -835,6 +851,7 @@ impl Coordinator {
         if let Err(e) = result {
             tracing::error!(%tenant, error = %e, "drain record not written");
         }
+        self.give_back(&tenant).await;
         drop(place);
         None
     }
@@ -863,7 +880,7 @@ impl Coordinator {
         if matches!(phase, MovePhase::Planned | MovePhase::Precopying) {
             if !self.sessions.is_connected(source) {
                 if !options.force_lost {
-                    self.placements.release_reservation(tenant);
+                    self.give_back(tenant).await;
                     self.drains.set_move(source, tenant, |m| {
                         m.error = format!("host {source} is unreachable: {tenant} stays assigned to it; `berthctl drain {source} --force-lost` starts it on {target} with an empty volume");
                     })?;
@@ -877,6 +894,9 @@ impl Coordinator {
                     true => {
                         let turn = take(&slots.streams).await?;
                         set(MovePhase::Precopying)?;
+                        if let Some(seq) = self.placements.prestage(tenant)? {
+                            self.durable(seq).await?;
+                        }
                         (self.precopy(source, tenant, target).await, Some(turn))
                     }
                     false => (0, None),

@@ -179,9 +179,8 @@ impl OperatorApi {
         let record = self
             .coordinator
             .registry
-            .set_cordoned(&id, cordoned)
+            .set_cordoned(&id, cordoned, |h| self.coordinator.sync_host(h))
             .map_err(registry_status)?;
-        self.coordinator.sync_host(&record);
         tracing::info!(host = %id, cordoned, "host admin state changed");
         Ok(Response::new(self.coordinator.host_view(&record)))
     }

@@ -143,6 +143,8 @@ struct State {
     retained: HashMap<TenantId, HostId>,
     /// Capacity reserved on a target host for a drain's planned move, per tenant.
     reserved: HashMap<TenantId, HostId>,
+    /// Tenants staged on their move's target while they still run where they are placed.
+    prestaged: HashMap<TenantId, HostId>,
 }
 
 /// What one host holds: its tenants' caps (committed) and what they reported using.
@@ -248,6 +250,34 @@ impl State {
             );
             self.reserved.insert(tenant.clone(), target.clone());
         }
+    }
+
+    /// Queues a new desired state for `host` that stages `tenant` there (with its `spec`) or no
+    /// longer does (`None`); returns the change's sequence number.
+    fn stage_change(
+        &mut self,
+        store: &dyn Store,
+        tenant: &TenantId,
+        host: &HostId,
+        spec: Option<Arc<proto::TenantSpec>>,
+    ) -> Result<u64, StoreError> {
+        let mut writes = Vec::with_capacity(2);
+        let generation = self.next_generation(&mut writes);
+        writes.push(Write::Put(
+            format!("{HOSTGEN_PREFIX}{host}"),
+            encode(&generation),
+        ));
+        store.apply(writes, Durability::Lazy)?;
+        self.seq += 1;
+        self.pending.push_back(Change {
+            seq: self.seq,
+            host: host.clone(),
+            tenant: tenant.clone(),
+            generation,
+            held: spec.is_some(),
+            spec,
+        });
+        Ok(self.seq)
     }
 
     /// Allocates a generation; extends the durable ceiling (in the same batch) when needed.
@@ -714,18 +744,50 @@ impl Placements {
         self.lock().reserve(tenant, target);
     }
 
-    /// Gives back the capacity reserved for a move that will not happen.
-    pub fn release_reservation(&self, tenant: &TenantId) {
+    /// Gives back the capacity reserved for a move that will not happen, and unstages the
+    /// tenant on its target; returns the change to wait for when there is one.
+    pub fn release_reservation(&self, tenant: &TenantId) -> Result<Option<u64>, StoreError> {
         let mut state = self.lock();
-        if let Some(target) = state.reserved.remove(tenant)
-            && let Some(record) = state.tenants.get(tenant).cloned()
-        {
+        let Some(record) = state.tenants.get(tenant).cloned() else {
+            return Ok(None);
+        };
+        if let Some(target) = state.reserved.remove(tenant) {
             state.scheduler.release(
                 &target,
                 need(&record.spec),
                 record.spec.constraints.anti_affinity_group.as_deref(),
             );
         }
+        match state.prestaged.remove(tenant) {
+            Some(target) if target != record.host_id => state
+                .stage_change(self.store.as_ref(), tenant, &target, None)
+                .map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// Stages a tenant on the target of its reserved move while it still runs where it is
+    /// placed: the target readies its image, network and egress rules while the volume is
+    /// pre-copied, so that the tenant starts there as soon as its volume arrives. Undone by
+    /// [`Self::release_reservation`]; superseded by the move's [`Self::relocate`]. Returns the
+    /// change to wait for, if this staged anything new.
+    pub fn prestage(&self, tenant: &TenantId) -> Result<Option<u64>, PlaceError> {
+        let mut state = self.lock();
+        let record = state
+            .tenants
+            .get(tenant)
+            .cloned()
+            .ok_or_else(|| PlaceError::UnknownTenant(tenant.to_string()))?;
+        let Some(target) = state.reserved.get(tenant).cloned() else {
+            return Ok(None);
+        };
+        if target == record.host_id || state.prestaged.get(tenant) == Some(&target) {
+            return Ok(None);
+        }
+        let spec = Arc::new(record.spec.to_proto());
+        let seq = state.stage_change(self.store.as_ref(), tenant, &target, Some(spec))?;
+        state.prestaged.insert(tenant.clone(), target);
+        Ok(Some(seq))
     }
 
     /// Assigns a tenant to `host`, to run there or, `held`, only staged there (made ready, not
@@ -763,6 +825,11 @@ impl Placements {
         }
         self.store.apply(writes, Durability::Lazy)?;
         let group = old.spec.constraints.anti_affinity_group.as_deref();
+        // Staged on `host` ahead of this, it is now simply assigned there (staged elsewhere, the
+        // reservation's release unstages it).
+        if state.prestaged.get(tenant_id) == Some(host) {
+            state.prestaged.remove(tenant_id);
+        }
         if old.host_id != *host {
             state
                 .scheduler

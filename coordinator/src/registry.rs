@@ -390,17 +390,23 @@ impl Registry {
             .collect()
     }
 
+    /// Changes a host record. `publish` sees the changed record before anyone can read it
+    /// here (the coordinator tells its scheduler), so a host shown ready already takes
+    /// placements and one shown cordoned or draining already takes none. A refused change
+    /// publishes nothing.
     fn update_host(
         &self,
         host_id: &HostId,
         durability: Durability,
         change: impl FnOnce(&mut HostRecord) -> Result<(), RegistryError>,
+        publish: impl FnOnce(&HostRecord),
     ) -> Result<HostRecord, RegistryError> {
         let _guard = self.lock();
         let mut host = self
             .host(host_id)?
             .ok_or_else(|| RegistryError::UnknownHost(host_id.to_string()))?;
         change(&mut host)?;
+        publish(&host);
         self.store.apply(
             vec![Write::Put(format!("{HOST_PREFIX}{host_id}"), encode(&host))],
             durability,
@@ -409,76 +415,104 @@ impl Registry {
     }
 
     /// Records a session's hello: the host's facts, durably.
+    /// `publish` sees the new record before any reader of the registry does.
     pub fn record_hello(
         &self,
         host_id: &HostId,
         facts: HostFacts,
+        publish: impl FnOnce(&HostRecord),
     ) -> Result<HostRecord, RegistryError> {
         let now = self.now();
-        self.update_host(host_id, Durability::Flushed, |h| {
-            h.memory_available_bytes = facts.memory_available_bytes;
-            h.disk_available_bytes = facts.disk_available_bytes;
-            h.facts = Some(facts);
-            h.last_report_unix_ms = now;
-            Ok(())
-        })
+        self.update_host(
+            host_id,
+            Durability::Flushed,
+            |h| {
+                h.memory_available_bytes = facts.memory_available_bytes;
+                h.disk_available_bytes = facts.disk_available_bytes;
+                h.facts = Some(facts);
+                h.last_report_unix_ms = now;
+                Ok(())
+            },
+            publish,
+        )
     }
 
     /// Records a periodic report. Not flushed: the next report supersedes it.
+    /// `publish` sees the new record before any reader of the registry does.
     pub fn record_report(
         &self,
         host_id: &HostId,
         memory_available: u64,
         disk_available: u64,
+        publish: impl FnOnce(&HostRecord),
     ) -> Result<HostRecord, RegistryError> {
         let now = self.now();
-        self.update_host(host_id, Durability::Lazy, |h| {
-            h.memory_available_bytes = memory_available;
-            h.disk_available_bytes = disk_available;
-            h.last_report_unix_ms = now;
-            Ok(())
-        })
+        self.update_host(
+            host_id,
+            Durability::Lazy,
+            |h| {
+                h.memory_available_bytes = memory_available;
+                h.disk_available_bytes = disk_available;
+                h.last_report_unix_ms = now;
+                Ok(())
+            },
+            publish,
+        )
     }
 
     /// Cordons (`true`) or uncordons a host. A draining host is left to its drain.
+    /// `publish` sees the new record before any reader of the registry does.
     pub fn set_cordoned(
         &self,
         host_id: &HostId,
         cordoned: bool,
+        publish: impl FnOnce(&HostRecord),
     ) -> Result<HostRecord, RegistryError> {
-        self.update_host(host_id, Durability::Flushed, |h| {
-            if h.admin == AdminState::Draining {
-                return Err(RegistryError::WrongState {
-                    host: h.host_id.to_string(),
-                    state: "draining",
-                    action: if cordoned { "cordon" } else { "uncordon" },
-                    needed: "not draining (abort the drain first)",
-                });
-            }
-            h.admin = if cordoned {
-                AdminState::Cordoned
-            } else {
-                AdminState::Active
-            };
-            Ok(())
-        })
+        self.update_host(
+            host_id,
+            Durability::Flushed,
+            |h| {
+                if h.admin == AdminState::Draining {
+                    return Err(RegistryError::WrongState {
+                        host: h.host_id.to_string(),
+                        state: "draining",
+                        action: if cordoned { "cordon" } else { "uncordon" },
+                        needed: "not draining (abort the drain first)",
+                    });
+                }
+                h.admin = if cordoned {
+                    AdminState::Cordoned
+                } else {
+                    AdminState::Active
+                };
+                Ok(())
+            },
+            publish,
+        )
     }
 
     /// Starts (`true`) or ends a drain. A draining host takes no placements and cannot be
     /// cordoned or uncordoned; after its drain it stays cordoned.
+    /// `publish` sees the new record before any reader of the registry does.
     pub fn set_draining(
         &self,
         host_id: &HostId,
         draining: bool,
+        publish: impl FnOnce(&HostRecord),
     ) -> Result<HostRecord, RegistryError> {
-        self.update_host(host_id, Durability::Flushed, |h| {
-            h.admin = if draining {
-                AdminState::Draining
-            } else {
-                AdminState::Cordoned
-            };
-            Ok(())
-        })
+        self.update_host(
+            host_id,
+            Durability::Flushed,
+            |h| {
+                h.admin = if draining {
+                    AdminState::Draining
+                } else {
+                    AdminState::Cordoned
+                };
+                Ok(())
+            },
+            publish,
+        )
     }
 
     /// Every record, for `berth-coordinator` debugging dumps and tests.
@@ -595,7 +629,7 @@ mod tests {
             reg.host(&host).unwrap().unwrap().state(reg.now(), deadline),
             HostState::Down
         );
-        reg.record_report(&host, 1, 1).unwrap();
+        reg.record_report(&host, 1, 1, |_| {}).unwrap();
         assert_eq!(
             reg.host(&host).unwrap().unwrap().state(reg.now(), deadline),
             HostState::Ready
@@ -610,12 +644,54 @@ mod tests {
             reg.host(&host).unwrap().unwrap().state(reg.now(), deadline),
             HostState::Down
         );
-        reg.record_report(&host, 1, 1).unwrap();
-        reg.set_cordoned(&host, true).unwrap();
+        reg.record_report(&host, 1, 1, |_| {}).unwrap();
+        reg.set_cordoned(&host, true, |_| {}).unwrap();
         assert_eq!(
             reg.host(&host).unwrap().unwrap().state(reg.now(), deadline),
             HostState::Cordoned
         );
+    }
+
+    /// The coordinator's scheduler hears of a change before the registry shows it: a host
+    /// listed ready must take a placement at once (a test placed on a host `berthctl hosts`
+    /// showed ready while the hello was still being flushed, and was told the fleet had no
+    /// hosts). A refused change publishes nothing.
+    #[test]
+    fn a_change_is_published_before_anyone_can_read_it() {
+        let (reg, clock, _) = registry();
+        let host = HostId::new("host-a").unwrap();
+        let (token, _) = reg
+            .create_enrollment_token(&host, Duration::from_secs(60))
+            .unwrap();
+        reg.redeem_enrollment_token(&token, |_| {
+            Ok::<_, RegistryError>(((), cert("01", "host-a")))
+        })
+        .unwrap();
+        let deadline = Duration::from_secs(15);
+        let stored = |reg: &Registry| reg.host(&host).unwrap().unwrap();
+        let published = std::cell::RefCell::new(Vec::new());
+        let publish = |h: &HostRecord| {
+            // What readers see while the scheduler is being told: still the old record.
+            let shown = stored(&reg).state(reg.now(), deadline);
+            published
+                .borrow_mut()
+                .push((h.state(reg.now(), deadline), shown));
+        };
+        reg.record_report(&host, 1, 1, publish).unwrap();
+        clock.advance_ms(1);
+        reg.set_cordoned(&host, true, publish).unwrap();
+        reg.set_draining(&host, true, publish).unwrap();
+        let refused = reg.set_cordoned(&host, false, publish);
+        assert!(matches!(refused, Err(RegistryError::WrongState { .. })));
+        assert_eq!(
+            published.into_inner(),
+            vec![
+                (HostState::Ready, HostState::Down),
+                (HostState::Cordoned, HostState::Ready),
+                (HostState::Draining, HostState::Cordoned),
+            ]
+        );
+        assert_eq!(stored(&reg).state(reg.now(), deadline), HostState::Draining);
     }
 
     #[test]

@@ -105,9 +105,8 @@ async fn set_cordon(c: Arc<Coordinator>, id: String, cordoned: bool) -> ApiResul
     let id = host_id(&id)?;
     let host = c
         .registry
-        .set_cordoned(&id, cordoned)
+        .set_cordoned(&id, cordoned, |h| c.sync_host(h))
         .map_err(crate::operator_api::registry_status)?;
-    c.sync_host(&host);
     Ok(Json(HostView::new(&c.host_view(&host), now_ms(&c))))
 }
 

@@ -19,7 +19,7 @@ use crate::egress::NftEgress;
 use crate::facts::{ProbeRoots, probe_cgroup, probe_dm_crypt};
 use crate::health::HealthWatch;
 use crate::nft::NftCommand;
-use crate::reconcile::{Passes, Reconciler, VolumeStep, port_free_on_loopback};
+use crate::reconcile::{Passes, Reconciler, TornDown, VolumeStep, port_free_on_loopback};
 use crate::restarts::{Driver, HealthGate, NetnsProbe, RestartSettings, Restarts};
 use crate::runtime::DockerRuntime;
 use crate::transfer::{Base, VolumeLocation, receive_volume, send_volume};
@@ -160,8 +160,8 @@ impl Enforcement {
     async fn serve_volume_commands(self: Arc<Self>, volumes: Arc<dyn VolumeStep>, root: PathBuf) {
         let mut torn_down = self.passes.torn_down();
         loop {
-            let generation = *torn_down.borrow_and_update();
-            self.run_volume_commands(volumes.as_ref(), &root, generation)
+            let done = *torn_down.borrow_and_update();
+            self.run_volume_commands(volumes.as_ref(), &root, done)
                 .await;
             tokio::select! {
                 changed = torn_down.changed() => if changed.is_err() { return },
@@ -184,16 +184,16 @@ impl Enforcement {
     }
 
     /// Runs the queued volume commands against `volumes` (under `root`) and queues their
-    /// results. Every command is refused for a tenant the desired state places here: a purge
-    /// or an export only once its container is gone (this runs right after a reconcile pass),
-    /// an import only before it may start. A transfer runs on its own task, so reconciling
-    /// the other tenants goes on meanwhile. `torn_down`: the highest desired-state generation
-    /// whose teardown is complete.
+    /// results. Every command is refused for a tenant the desired state places here: an
+    /// export only once its container has stopped and released the volume, a purge only once
+    /// its container is gone (this runs right after a reconcile pass), an import only before
+    /// it may start. A transfer runs on its own task, so reconciling the other tenants goes on
+    /// meanwhile. `torn_down`: how far the teardown of the desired state has come.
     async fn run_volume_commands(
         self: &Arc<Self>,
         volumes: &dyn VolumeStep,
         root: &Path,
-        torn_down: u64,
+        torn_down: TornDown,
     ) {
         let commands: Vec<proto::VolumeCommand> = {
             let mut queued = self
@@ -205,9 +205,12 @@ impl Enforcement {
                 std::mem::take(&mut *queued)
                     .into_iter()
                     .partition(|(after, c)| {
-                        *after <= torn_down
-                            && !(c.action == proto::VolumeAction::Purge as i32
-                                && transferring.contains(&c.tenant_id))
+                        let purge = c.action == proto::VolumeAction::Purge as i32;
+                        let done = match purge {
+                            true => torn_down.removed,
+                            false => torn_down.released,
+                        };
+                        *after <= done && !(purge && transferring.contains(&c.tenant_id))
                     });
             *queued = waiting;
             due.into_iter().map(|(_, c)| c).collect()
@@ -554,6 +557,7 @@ pub async fn run(enforcement: Arc<Enforcement>, config: AgentConfig, host: HostI
                             wake.clone(),
                         ),
                         creations: Mutex::default(),
+                        removals: Mutex::default(),
                         wake: wake.clone(),
                     }));
                 }
@@ -652,6 +656,18 @@ mod tests {
         assert!(e.heard_from_coordinator(Duration::ZERO).await);
     }
 
+    /// Runs the queued volume commands as a pass that tore down all the desired state of
+    /// `generation` no longer wants lets them.
+    async fn run_torn_down(e: &Arc<Enforcement>, volumes: &RecordingVolumes, generation: u64) {
+        e.passes.finish_teardown(generation);
+        e.run_volume_commands(
+            volumes,
+            Path::new("/nonexistent"),
+            TornDown::complete(generation),
+        )
+        .await;
+    }
+
     /// Records the purges it is asked for.
     #[derive(Debug, Default)]
     struct RecordingVolumes(Mutex<Vec<String>>);
@@ -697,15 +713,30 @@ mod tests {
         e.request_volume(command("acme", 6, proto::VolumeAction::Import as i32));
         let e = Arc::new(e);
         // Nothing but the import is due before a pass tore down what it no longer wants.
-        e.run_volume_commands(&volumes, Path::new("/nonexistent"), 0)
+        e.run_volume_commands(&volumes, Path::new("/nonexistent"), TornDown::complete(0))
             .await;
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert_eq!(e.volume_results.lock().unwrap().len(), 1, "only the import");
         assert!(volumes.0.lock().unwrap().is_empty());
         let generation = e.current().generation;
-        e.passes.finish_teardown(generation);
-        e.run_volume_commands(&volumes, Path::new("/nonexistent"), generation)
+        // Containers stopped and volumes released, not yet removed: all but the purges.
+        let released = TornDown {
+            released: generation,
+            removed: 0,
+        };
+        e.run_volume_commands(&volumes, Path::new("/nonexistent"), released)
             .await;
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while e.volume_results.lock().unwrap().len() < 3 {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the import, the export and the unknown action answered");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(e.volume_results.lock().unwrap().len(), 3, "no purge yet");
+        assert!(volumes.0.lock().unwrap().is_empty());
+        run_torn_down(&e, &volumes, generation).await;
         tokio::time::timeout(std::time::Duration::from_secs(5), async {
             while e.volume_results.lock().unwrap().len() < 6 {
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await;
@@ -731,6 +762,8 @@ mod tests {
                     false,
                     "acme is still placed on this host (generation 1): remove it first"
                 ),
+                (4, false, "action: unknown volume action 99"),
+                (5, false, "not connected to the coordinator"),
                 (
                     1,
                     false,
@@ -742,11 +775,9 @@ mod tests {
                     false,
                     "tenant_id: invalid tenant id \"../etc\": must start with a lowercase letter a-z"
                 ),
-                (4, false, "action: unknown volume action 99"),
-                (5, false, "not connected to the coordinator"),
             ]
         );
-        assert!(results[2].erased && results[2].deleted);
+        assert!(results[4].erased && results[4].deleted);
         assert!(e.take_volume_results().is_empty(), "each result once");
     }
 
@@ -764,7 +795,7 @@ mod tests {
         };
         e.request_volume(export(1, true));
         e.request_volume(export(2, false));
-        e.run_volume_commands(&volumes, Path::new("/nonexistent"), 0)
+        e.run_volume_commands(&volumes, Path::new("/nonexistent"), TornDown::complete(0))
             .await;
         let first = first_results(&e).await;
         // It got as far as the transfer (refused only for want of a session).
@@ -775,9 +806,7 @@ mod tests {
         assert_eq!(answers, [(1, "not connected to the coordinator")]);
         // The plain export waits for the teardown, and acme is still placed here.
         let generation = e.current().generation;
-        e.passes.finish_teardown(generation);
-        e.run_volume_commands(&volumes, Path::new("/nonexistent"), generation)
-            .await;
+        run_torn_down(&e, &volumes, generation).await;
         let second = e.take_volume_results();
         assert_eq!(second.len(), 1);
         assert_eq!(
@@ -807,7 +836,7 @@ mod tests {
             ..Default::default()
         });
         let read = e.current();
-        e.run_volume_commands(&volumes, Path::new("/nonexistent"), 1)
+        e.run_volume_commands(&volumes, Path::new("/nonexistent"), TornDown::complete(1))
             .await;
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(
@@ -815,9 +844,7 @@ mod tests {
             "not while acme's container may still run"
         );
         // That very pass finished its teardown: no later pass is waited for.
-        e.passes.finish_teardown(read.generation);
-        e.run_volume_commands(&volumes, Path::new("/nonexistent"), read.generation)
-            .await;
+        run_torn_down(&e, &volumes, read.generation).await;
         let results = first_results(&e).await;
         assert_eq!(results[0].error, "not connected to the coordinator");
     }
@@ -834,16 +861,18 @@ mod tests {
             ..Default::default()
         });
         let generation = e.current().generation;
-        e.passes.finish_teardown(generation);
-        e.run_volume_commands(&volumes, Path::new("/nonexistent"), generation)
-            .await;
+        run_torn_down(&e, &volumes, generation).await;
         assert!(
             volumes.0.lock().unwrap().is_empty(),
             "not while its import may still land"
         );
         e.transferring.lock().unwrap().clear();
-        e.run_volume_commands(&volumes, Path::new("/nonexistent"), generation)
-            .await;
+        e.run_volume_commands(
+            &volumes,
+            Path::new("/nonexistent"),
+            TornDown::complete(generation),
+        )
+        .await;
         assert_eq!(*volumes.0.lock().unwrap(), ["gone"]);
     }
 

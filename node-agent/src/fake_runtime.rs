@@ -28,10 +28,17 @@ pub struct FakeRuntime {
     pub details: StdMutex<Option<ContainerDetails>>,
     /// Makes `restart` fail.
     pub restart_error: StdMutex<Option<String>>,
+    /// Makes `remove` fail.
+    pub remove_error: StdMutex<Option<String>>,
     /// Makes the recording volume step wait for a key.
     pub volume_key_missing: StdMutex<bool>,
     /// How long a container takes to start, or to stop (none: at once).
     pub start_time: StdMutex<Option<std::time::Duration>>,
+    /// How long removing a container takes (none: at once).
+    pub remove_time: StdMutex<Option<std::time::Duration>>,
+    /// Containers being started: listed as created and, as Docker holds a container while it
+    /// starts, answered by `details`, `start`, `stop` and `remove` only once they started.
+    pub starting: StdMutex<std::collections::BTreeSet<String>>,
 }
 
 impl FakeRuntime {
@@ -40,6 +47,23 @@ impl FakeRuntime {
     }
     pub fn record(&self, call: String) {
         self.calls.lock().unwrap().push(call);
+    }
+    /// Returns once the container `id` is not being started.
+    async fn held_while_starting(&self, id: &str) {
+        while self.starting.lock().unwrap().contains(id) {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+    fn set_state(&self, id: &str, state: &str) {
+        for c in self
+            .containers
+            .lock()
+            .unwrap()
+            .iter_mut()
+            .filter(|c| c.id == id)
+        {
+            c.state = state.into();
+        }
     }
 }
 
@@ -64,6 +88,10 @@ impl ContainerRuntime for FakeRuntime {
     async fn networks(&self) -> Result<HashMap<String, Vec<String>>, RuntimeError> {
         Ok(self.networks.lock().unwrap().clone())
     }
+    /// Every network it holds (it keeps no labels).
+    async fn host_networks(&self, _: &HostId) -> Result<Vec<String>, RuntimeError> {
+        Ok(self.networks.lock().unwrap().keys().cloned().collect())
+    }
     async fn create_network(&self, n: NetworkCreateRequest) -> Result<(), RuntimeError> {
         let subnet = n.ipam.unwrap().config.unwrap()[0].subnet.clone().unwrap();
         self.record(format!("network {} {subnet}", n.name));
@@ -81,47 +109,59 @@ impl ContainerRuntime for FakeRuntime {
         body: ContainerCreateBody,
     ) -> Result<String, RuntimeError> {
         self.record(format!("create {name}"));
-        let start_time = *self.start_time.lock().unwrap();
-        if let Some(t) = start_time {
-            tokio::time::sleep(t).await;
-        }
-        let mut n = self.next_id.lock().unwrap();
-        *n += 1;
+        let id = {
+            let mut n = self.next_id.lock().unwrap();
+            *n += 1;
+            format!("{:064x}", *n)
+        };
         let labels = body.labels.unwrap();
-        let id = format!("{:064x}", *n);
         self.containers.lock().unwrap().push(ManagedContainer {
             id: id.clone(),
             tenant: labels[hardening::LABEL_TENANT].clone(),
             spec_hash: labels[hardening::LABEL_SPEC].clone(),
             generation: labels[hardening::LABEL_GENERATION].parse().unwrap(),
             port: labels[hardening::LABEL_PORT].parse().unwrap(),
-            state: "running".into(),
+            state: "created".into(),
         });
+        let start_time = *self.start_time.lock().unwrap();
+        if let Some(t) = start_time {
+            self.starting.lock().unwrap().insert(id.clone());
+            tokio::time::sleep(t).await;
+            self.starting.lock().unwrap().remove(&id);
+        }
+        self.set_state(&id, "running");
         Ok(id)
     }
     async fn start(&self, id: &str) -> Result<(), RuntimeError> {
         self.record(format!("start {}", &id[60..]));
+        self.held_while_starting(id).await;
         if *self.port_taken.lock().unwrap() {
             return Err(RuntimeError(
                 "Bind for 127.0.0.1:20000 failed: port is already allocated".into(),
             ));
         }
-        for c in self
-            .containers
-            .lock()
-            .unwrap()
-            .iter_mut()
-            .filter(|c| c.id == id)
-        {
-            c.state = "running".into();
+        self.set_state(id, "running");
+        Ok(())
+    }
+    async fn stop(&self, id: &str) -> Result<(), RuntimeError> {
+        self.record(format!("stop {}", &id[60..]));
+        self.held_while_starting(id).await;
+        let stop_time = *self.start_time.lock().unwrap();
+        if let Some(t) = stop_time {
+            tokio::time::sleep(t).await;
         }
+        self.set_state(id, "exited");
         Ok(())
     }
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
         self.record(format!("remove {}", &id[60..]));
-        let stop_time = *self.start_time.lock().unwrap();
-        if let Some(t) = stop_time {
+        self.held_while_starting(id).await;
+        let remove_time = *self.remove_time.lock().unwrap();
+        if let Some(t) = remove_time {
             tokio::time::sleep(t).await;
+        }
+        if let Some(e) = self.remove_error.lock().unwrap().clone() {
+            return Err(RuntimeError(e));
         }
         self.containers.lock().unwrap().retain(|c| c.id != id);
         Ok(())
@@ -133,7 +173,8 @@ impl ContainerRuntime for FakeRuntime {
             None => Ok(()),
         }
     }
-    async fn details(&self, _: &str) -> Result<ContainerDetails, RuntimeError> {
+    async fn details(&self, id: &str) -> Result<ContainerDetails, RuntimeError> {
+        self.held_while_starting(id).await;
         Ok(self
             .details
             .lock()

@@ -26,18 +26,31 @@ pub const TENANT_USER: &str = "65534:65534";
 pub const PIDS_LIMIT: i64 = 512;
 pub const TMPFS_SIZE: &str = "64m";
 
-/// Docker names of a tenant's container and network (the id is a validated slug).
-pub fn container_name(spec: &TenantSpec) -> String {
-    format!("berth-{}", spec.tenant_id)
+/// The Docker name of a tenant's container and of its network on `host` (the id is a
+/// validated slug). Named for the host too, so while a tenant moves the source's and the
+/// target's can coexist (hosts that share a Docker engine, as in tests): the source removes
+/// its stopped container while the target starts its own.
+pub fn container_name(host: &HostId, tenant: &TenantId) -> String {
+    format!("berth-{tenant}-{}", host_suffix(host))
 }
 
-/// A tenant's network on `host`: named for the host too, so while a tenant moves the source's
-/// and the target's networks can coexist (hosts that share a Docker engine, as in tests).
+fn host_suffix(host: &HostId) -> String {
+    hex::encode(&Sha256::digest(host.as_str().as_bytes())[..4])
+}
+
+/// A tenant's network on `host`: named as its container.
 pub fn network_name(host: &HostId, tenant: &TenantId) -> String {
-    format!(
-        "berth-{tenant}-{}",
-        &hex::encode(Sha256::digest(host.as_str().as_bytes()))[..8]
-    )
+    container_name(host, tenant)
+}
+
+/// The tenant a network named by [`network_name`] for `host` belongs to; `None` for any other
+/// network, legacy names included.
+pub fn network_tenant(host: &HostId, name: &str) -> Option<TenantId> {
+    let tenant = name
+        .strip_prefix("berth-")?
+        .strip_suffix(&host_suffix(host))?
+        .strip_suffix('-')?;
+    TenantId::new(tenant).ok()
 }
 
 /// The network name agents before 0.1 used, still recognized (and removed) on their hosts.
@@ -284,5 +297,28 @@ mod tests {
             network_name(&h1, &a.tenant_id),
             network_name(&h2, &a.tenant_id)
         );
+    }
+
+    #[test]
+    fn containers_and_networks_are_named_for_their_host_and_only_its_own_map_back_to_tenants() {
+        let (h1, h2) = (HostId::new("h1").unwrap(), HostId::new("h2").unwrap());
+        let tenant = TenantId::new("acme-eu-2").unwrap();
+        let name = container_name(&h1, &tenant);
+        assert!(name.starts_with("berth-acme-eu-2-"), "{name}");
+        assert_ne!(name, container_name(&h2, &tenant));
+        assert_eq!(
+            network_tenant(&h1, &network_name(&h1, &tenant)),
+            Some(tenant.clone())
+        );
+        for other in [
+            network_name(&h2, &tenant),
+            legacy_network_name(&tenant),
+            "bridge".to_string(),
+            format!("berth-{}", &name[name.len() - 8..]),
+            format!("berth--{}", &name[name.len() - 8..]),
+            format!("berth-../x-{}", &name[name.len() - 8..]),
+        ] {
+            assert_eq!(network_tenant(&h1, &other), None, "{other}");
+        }
     }
 }

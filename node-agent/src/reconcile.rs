@@ -8,7 +8,10 @@
 //! is removed with its network; containers without this host's berth labels are never listed,
 //! so never touched. A new tenant's container is made in the background, so tenants arriving
 //! together, or while another starts, start side by side; the rules of a tenant being created
-//! stay, and work waiting for a teardown waits for its creation too.
+//! stay, and work waiting for a teardown waits for its creation too. A leaving tenant's
+//! container is stopped and its rules and volume released in the pass, then the container and
+//! its network are removed in the background, so the next tenant to leave is stopped at once;
+//! a pass never waits on a container being made or removed (Docker holds one until then).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -58,20 +61,41 @@ pub trait VolumeStep: Send + Sync + std::fmt::Debug {
 }
 
 /// Counts reconcile passes, and tells work that must wait until a tenant just removed from the
-/// desired state has no container and no open volume any more when it may run: once a pass
-/// that read that desired state's generation, or a later one, has finished its teardown.
+/// desired state has no running container and no open volume (or no container at all) any more
+/// when it may run: once a pass that read that desired state's generation, or a later one, has
+/// got that far in its teardown.
 #[derive(Debug)]
 pub struct Passes {
     started: std::sync::atomic::AtomicU64,
-    /// The highest generation of the desired state whose teardown is complete.
-    torn_down: tokio::sync::watch::Sender<u64>,
+    torn_down: tokio::sync::watch::Sender<TornDown>,
+}
+
+/// How far the teardown of what the desired state no longer wants has come: per step, the
+/// highest desired-state generation for which it is complete.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TornDown {
+    /// Every leaving tenant's container has stopped and its egress rules and volume are
+    /// released: its volume may be copied.
+    pub released: u64,
+    /// Their containers are removed as well: their volumes may be deleted.
+    pub removed: u64,
+}
+
+impl TornDown {
+    /// Both steps complete for `generation`.
+    pub fn complete(generation: u64) -> Self {
+        Self {
+            released: generation,
+            removed: generation,
+        }
+    }
 }
 
 impl Default for Passes {
     fn default() -> Self {
         Self {
             started: Default::default(),
-            torn_down: tokio::sync::watch::Sender::new(0),
+            torn_down: tokio::sync::watch::Sender::new(TornDown::default()),
         }
     }
 }
@@ -89,14 +113,24 @@ impl Passes {
             + 1
     }
 
-    /// The highest desired-state generation whose teardown is complete, watched.
-    pub fn torn_down(&self) -> tokio::sync::watch::Receiver<u64> {
+    /// How far the teardown has come, watched.
+    pub fn torn_down(&self) -> tokio::sync::watch::Receiver<TornDown> {
         self.torn_down.subscribe()
     }
 
-    /// A pass that read the desired state of `generation` tore down all it no longer wants.
+    /// A pass that read the desired state of `generation` stopped and released all it no
+    /// longer wants.
+    pub fn finish_release(&self, generation: u64) {
+        self.torn_down
+            .send_modify(|t| t.released = t.released.max(generation));
+    }
+
+    /// A pass that read the desired state of `generation` removed all it no longer wants.
     pub fn finish_teardown(&self, generation: u64) {
-        self.torn_down.send_modify(|g| *g = (*g).max(generation));
+        self.torn_down.send_modify(|t| {
+            t.released = t.released.max(generation);
+            t.removed = t.removed.max(generation);
+        });
     }
 }
 
@@ -128,7 +162,11 @@ pub struct Reconciler {
     pub health: Arc<HealthWatch>,
     /// New tenants' containers being made in the background.
     pub creations: Mutex<Creations>,
-    /// Woken when a background creation ends (the reconcile loop waits on it).
+    /// Containers of tenants that left, released and being removed in the background (id →
+    /// tenant): Docker takes a while to remove one and its network, and the next tenant to
+    /// leave (a drain's next move) should not wait for that to be stopped.
+    pub removals: Mutex<BTreeMap<String, String>>,
+    /// Woken when a background creation or removal ends (the reconcile loop waits on it).
     pub wake: Arc<tokio::sync::Notify>,
 }
 
@@ -181,27 +219,26 @@ fn status(
 }
 
 impl Reconciler {
-    /// Removes a container, then its egress rules, volume and network (reverse order).
+    /// Stops a container, releases its tenant's egress rules and volume, then removes the
+    /// container and its network (the reverse of the order they were made in).
     async fn teardown(&self, container: &ManagedContainer) -> Result<(), String> {
-        self.release_container(container, true).await?;
-        self.remove_network(container).await
-    }
-
-    /// Removes a container, then, when its tenant `leaves`, the tenant's egress rules and
-    /// volume. A stray duplicate of a tenant that runs on goes alone: its tenant's rules and
-    /// volume are the running container's.
-    async fn release_container(
-        &self,
-        container: &ManagedContainer,
-        leaves: bool,
-    ) -> Result<(), String> {
+        self.release_tenant(container).await?;
         self.runtime
             .remove(&container.id)
             .await
             .map_err(|e| e.to_string())?;
-        if !leaves {
-            return Ok(());
-        }
+        self.remove_network(container).await
+    }
+
+    /// Stops the container of a tenant that leaves this host, then releases the tenant's egress
+    /// rules and volume. The container itself is removed after, apart: Docker takes down its
+    /// network endpoint and root filesystem after its processes exited, and a drain need not
+    /// wait for that to copy the volume.
+    async fn release_tenant(&self, container: &ManagedContainer) -> Result<(), String> {
+        self.runtime
+            .stop(&container.id)
+            .await
+            .map_err(|e| e.to_string())?;
         // A container whose tenant label is not a valid id had no rules or network made.
         if let Ok(tenant) = TenantId::new(&container.tenant) {
             self.egress.release(&tenant).await?;
@@ -361,7 +398,10 @@ impl Reconciler {
             let body = hardening::container(&self.host, spec, generation, port, &volume);
             let created = self
                 .runtime
-                .create_and_start(&hardening::container_name(spec), body)
+                .create_and_start(
+                    &hardening::container_name(&self.host, &spec.tenant_id),
+                    body,
+                )
                 .await;
             if created.is_err() {
                 // Taken by someone else, it stays in `used_ports` here.
@@ -384,18 +424,26 @@ impl Reconciler {
         Err(last_error.into())
     }
 
-    /// One pass over `desired`, and if it started creations, another once they have ended:
-    /// the statuses once the containers asked for exist.
+    /// One pass over `desired`, and if it started creations or removals, another once they
+    /// have ended: the statuses once the containers asked for exist and the others are gone.
     #[cfg(test)]
     pub async fn reconcile(self: &Arc<Self>, desired: &Desired) -> Vec<proto::TenantStatus> {
         let statuses = self.reconcile_current(|| desired.clone()).await;
-        if self.creations().under_way.is_empty() {
+        if self.busy_tenants().is_empty() {
             return statuses;
         }
-        while !self.creations().under_way.is_empty() {
-            self.wake.notified().await;
-        }
+        self.settled().await;
         self.reconcile_current(|| desired.clone()).await
+    }
+
+    /// Returns once no container is being made or removed outside a pass.
+    #[cfg(test)]
+    pub async fn settled(&self) {
+        while !self.busy_tenants().is_empty() {
+            // A failed removal wakes no pass: look again every millisecond as well.
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(1), self.wake.notified())
+                .await;
+        }
     }
 
     /// One pass over the desired state `read` returns, read after the pass has started (see
@@ -444,6 +492,63 @@ impl Reconciler {
             this.wake.notify_one();
         });
         Ok(EgressReport::default())
+    }
+
+    /// Tenants whose container is being made or removed outside the pass.
+    fn busy_tenants(&self) -> BTreeSet<String> {
+        let mut busy = self.creations().under_way.clone();
+        busy.extend(self.removing().values().cloned());
+        busy
+    }
+
+    fn removing(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
+        self.removals.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Removes released containers and their networks, [`SIDE_BY_SIDE`] at once, outside the
+    /// pass. The teardown of `generation` is finished once they and every other removal under
+    /// way are done, if the pass released all it no longer wants (`complete`). A container
+    /// not removed is torn down again by a later pass; a network left behind is swept by one.
+    fn remove_in_background(
+        self: &Arc<Self>,
+        released: Vec<ManagedContainer>,
+        generation: u64,
+        complete: bool,
+    ) {
+        self.removing()
+            .extend(released.iter().map(|c| (c.id.clone(), c.tenant.clone())));
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut all_removed = true;
+            for some in released.chunks(SIDE_BY_SIDE) {
+                let removed = some.iter().map(|c| async {
+                    let removed = this.runtime.remove(&c.id).await;
+                    if let Err(e) = &removed {
+                        tracing::warn!(tenant = %c.tenant, error = %e, "tenant container not removed; retried next pass");
+                    } else {
+                        tracing::info!(tenant = %c.tenant, container = %c.id, "tenant container removed");
+                        if let Err(e) = this.remove_network(c).await {
+                            tracing::warn!(tenant = %c.tenant, error = %e, "tenant network not removed");
+                        }
+                    }
+                    this.removing().remove(&c.id);
+                    removed.is_ok()
+                });
+                all_removed &= futures::future::join_all(removed)
+                    .await
+                    .into_iter()
+                    .all(|ok| ok);
+            }
+            // A pass now finishes what is left (staged work, the report); after a failure the
+            // next pass on its own schedule retries, not one at once (a removal Docker keeps
+            // refusing would be retried in a loop).
+            if all_removed {
+                if complete && this.removing().is_empty() {
+                    this.passes.finish_teardown(generation);
+                }
+                this.wake.notify_one();
+            }
+        });
     }
 
     /// Tenants whose containers creations under way, or ended after `pass`'s listing, may
@@ -499,13 +604,18 @@ impl Reconciler {
         }
         // Tear down what is no longer desired, and duplicates. Rules of a tenant whose
         // container could not be removed stay.
-        let mut all_torn_down = true;
+        let mut all_released = true;
         let mut released = Vec::new();
         let mut keep_rules: BTreeSet<TenantId> =
             wanted.values().map(|s| s.tenant_id.clone()).collect();
         // Each with whether its tenant leaves (else it is a stray duplicate of one that runs on).
+        // Not one being made: Docker would stop it only once it started, and this pass would
+        // wait for that; the pass after its creation ends tears it down (the teardown stays
+        // unfinished until then, see below). Nor one being removed.
+        let busy = self.busy_tenants();
         let doomed: Vec<(&ManagedContainer, bool)> = actual
             .iter()
+            .filter(|c| !busy.contains(&c.tenant))
             .filter_map(|c| {
                 let leaves = !wanted.contains_key(c.tenant.as_str());
                 let kept = !leaves
@@ -517,23 +627,28 @@ impl Reconciler {
             .collect();
         let mut outcomes = Vec::with_capacity(doomed.len());
         for some in doomed.chunks(SIDE_BY_SIDE) {
-            let removed = some
-                .iter()
-                .map(|&(c, leaves)| self.release_container(c, leaves));
-            outcomes.extend(futures::future::join_all(removed).await);
+            // A stray duplicate of a tenant that runs on goes alone: the tenant's rules and
+            // volume are the running container's.
+            let released = some.iter().map(|&(c, leaves)| async move {
+                match leaves {
+                    true => self.release_tenant(c).await,
+                    false => self.runtime.remove(&c.id).await.map_err(|e| e.to_string()),
+                }
+            });
+            outcomes.extend(futures::future::join_all(released).await);
         }
         for ((c, leaves), outcome) in doomed.into_iter().zip(outcomes) {
             match outcome {
+                Ok(()) if leaves => {
+                    tracing::info!(tenant = %c.tenant, container = %c.id, "tenant container stopped and released");
+                    released.push(c);
+                }
                 Ok(()) => {
-                    tracing::info!(tenant = %c.tenant, container = %c.id, "tenant container removed");
-                    // A duplicate's tenant runs on in its network.
-                    if leaves {
-                        released.push(c);
-                    }
+                    tracing::info!(tenant = %c.tenant, container = %c.id, "duplicate container removed");
                 }
                 Err(e) => {
                     keep_rules.extend(TenantId::new(&c.tenant));
-                    all_torn_down = false;
+                    all_released = false;
                     tracing::warn!(tenant = %c.tenant, error = %e, "teardown failed; retried next pass")
                 }
             }
@@ -543,18 +658,22 @@ impl Reconciler {
         // later pass tears it down.
         let unlisted = self.unlisted_creations(pass);
         if unlisted.iter().any(|t| !wanted.contains_key(t.as_str())) {
-            all_torn_down = false;
+            all_released = false;
         }
         keep_rules.extend(unlisted.iter().filter_map(|t| TenantId::new(t).ok()));
-        // Work waiting for this teardown runs only if nothing undesired is left; the networks
-        // (slow to remove, and no volume's business) go after.
-        if all_torn_down {
-            self.passes.finish_teardown(generation);
+        // Work waiting for this teardown runs only if nothing undesired is left: a copy of a
+        // volume once the containers stopped; a deletion once they are removed too, which,
+        // with their networks, Docker takes longer for.
+        if all_released {
+            self.passes.finish_release(generation);
         }
-        for c in released {
-            if let Err(e) = self.remove_network(c).await {
-                tracing::warn!(tenant = %c.tenant, error = %e, "tenant network not removed");
+        if released.is_empty() {
+            if all_released && self.removing().is_empty() {
+                self.passes.finish_teardown(generation);
             }
+        } else {
+            let released: Vec<ManagedContainer> = released.into_iter().cloned().collect();
+            self.remove_in_background(released, generation, all_released);
         }
         // Ports Docker lists now (every container's, berth's in any state) need no claim.
         let listed = self.runtime.published_ports().await.unwrap_or_default();
@@ -565,6 +684,10 @@ impl Reconciler {
             let existing = by_tenant.get(tenant).and_then(|v| v.first()).copied();
             let hash = hardening::spec_hash(spec);
             let outcome = match (&egress_ready, existing) {
+                // Its creation is under way: the container it lists as created is being started
+                // (and Docker holds it until then), not one to start here. Or its old container
+                // (it left and came back) is being removed: a new one once that is done.
+                _ if busy.contains(tenant) => Ok(EgressReport::default()),
                 (Err(e), None) => Err(format!("egress: {e}").into()),
                 (_, Some(c)) if c.spec_hash == hash => {
                     // Rules first: a stopped container starts only behind them.
@@ -657,10 +780,43 @@ impl Reconciler {
         {
             tracing::warn!(error = %e, "removing stale egress rules failed; retried next pass");
         }
+        // This host's networks of tenants with neither a container nor a place here: staged
+        // for a move that was called off, or left by a removal that failed half-way. Named as
+        // this host's, and (listed only when there are any, not every pass) labelled so.
+        let busy = self.busy_tenants();
+        let orphans: Vec<&String> = networks
+            .keys()
+            .filter(|name| {
+                hardening::network_tenant(&self.host, name).is_some_and(|t| {
+                    !keep_rules.contains(&t)
+                        && !by_tenant.contains_key(t.as_str())
+                        && !busy.contains(t.as_str())
+                })
+            })
+            .collect();
+        if !orphans.is_empty() {
+            let labelled = self
+                .runtime
+                .host_networks(&self.host)
+                .await
+                .unwrap_or_default();
+            for name in orphans.into_iter().filter(|n| labelled.contains(n)) {
+                if let Err(e) = self.runtime.remove_network(name).await {
+                    tracing::warn!(network = %name, error = %e, "orphaned tenant network not removed; retried next pass");
+                }
+            }
+        }
         // One more listing sees what this pass created.
         if let Ok(now) = self.runtime.list(&self.host).await {
-            // Concurrently: the report waits for this pass, and a drain for the report.
+            // Concurrently: the report waits for this pass, and a drain for the report. Not a
+            // container being started: Docker answers an inspect of it only once it started,
+            // and the other tenants' statuses would wait for that (the pass after the creation
+            // reports it).
+            let busy = self.busy_tenants();
             futures::future::join_all(statuses.iter_mut().filter_map(|s| {
+                if busy.contains(&s.tenant_id) {
+                    return None;
+                }
                 let c = now.iter().find(|c| c.tenant == s.tenant_id)?;
                 let port = wanted.get(s.tenant_id.as_str())?.gateway_port;
                 Some(self.observe(s, c, port))

@@ -3,6 +3,7 @@
 //! listed, so nothing else on the host can be touched.
 
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::time::Duration;
 
@@ -81,6 +82,8 @@ pub trait ContainerRuntime: Send + Sync + std::fmt::Debug {
     async fn published_ports(&self) -> Result<Vec<u16>, RuntimeError>;
     /// Every network on the engine (berth's and others') by name, with its subnets.
     async fn networks(&self) -> Result<HashMap<String, Vec<String>>, RuntimeError>;
+    /// The names of the networks labelled for `host`.
+    async fn host_networks(&self, host: &HostId) -> Result<Vec<String>, RuntimeError>;
     /// Creates a network.
     async fn create_network(&self, network: NetworkCreateRequest) -> Result<(), RuntimeError>;
     async fn remove_network(&self, name: &str) -> Result<(), RuntimeError>;
@@ -93,6 +96,10 @@ pub trait ContainerRuntime: Send + Sync + std::fmt::Debug {
     async fn start(&self, id: &str) -> Result<(), RuntimeError>;
     /// Stops (with the same grace period as a removal) and starts a container again.
     async fn restart(&self, id: &str) -> Result<(), RuntimeError>;
+    /// Stops a container (with a grace period). Returns once its processes have exited, which
+    /// can be before Docker has taken down its network endpoint and its root filesystem:
+    /// [`Self::remove`] waits for that.
+    async fn stop(&self, id: &str) -> Result<(), RuntimeError>;
     /// Stops (with a grace period) and removes a container.
     async fn remove(&self, id: &str) -> Result<(), RuntimeError>;
     async fn details(&self, id: &str) -> Result<ContainerDetails, RuntimeError>;
@@ -249,6 +256,17 @@ impl ContainerRuntime for DockerRuntime {
             .collect())
     }
 
+    async fn host_networks(&self, host: &HostId) -> Result<Vec<String>, RuntimeError> {
+        let filters = HashMap::from([("label".to_string(), vec![format!("{LABEL_HOST}={host}")])]);
+        let networks = self
+            .docker
+            .list_networks(Some(ListNetworksOptions {
+                filters: Some(filters),
+            }))
+            .await?;
+        Ok(networks.into_iter().filter_map(|n| n.name).collect())
+    }
+
     async fn create_network(&self, network: NetworkCreateRequest) -> Result<(), RuntimeError> {
         self.docker.create_network(network).await?;
         Ok(())
@@ -301,12 +319,47 @@ impl ContainerRuntime for DockerRuntime {
         Ok(self.docker.restart_container(id, Some(options)).await?)
     }
 
-    async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
-        let stop = bollard::query_parameters::StopContainerOptions {
-            t: Some(STOP_GRACE_SECONDS),
-            signal: None,
+    async fn stop(&self, id: &str) -> Result<(), RuntimeError> {
+        let state = match self
+            .docker
+            .inspect_container(
+                id,
+                None::<bollard::query_parameters::InspectContainerOptions>,
+            )
+            .await
+        {
+            Ok(c) => c.state.unwrap_or_default(),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => return Ok(()),
+            Err(e) => return Err(e.into()),
         };
-        let _ = self.docker.stop_container(id, Some(stop)).await;
+        // Docker answers a stop only after it took down the container's network endpoint and
+        // root filesystem, 0.1-0.2 s after its processes exited; the tenant's volume and rules
+        // are free from that exit on.
+        let exit = state
+            .running
+            .unwrap_or(false)
+            .then_some(state.pid)
+            .flatten()
+            .and_then(|pid| ProcessExit::of_container(pid, id));
+        let stopping = tokio::spawn(stop_container(self.docker.clone(), id.to_string()));
+        let stopped = async {
+            stopping
+                .await
+                .map_err(|e| RuntimeError(format!("stopping: {e}")))?
+        };
+        match exit {
+            Some(exit) => tokio::select! {
+                stopped = stopped => stopped,
+                () = exit.exited() => Ok(()),
+            },
+            None => stopped.await,
+        }
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        let _ = stop_container(self.docker.clone(), id.to_string()).await;
         match self
             .docker
             .remove_container(
@@ -365,9 +418,87 @@ impl ContainerRuntime for DockerRuntime {
     }
 }
 
+/// Stops a container with the grace period; one already stopped or gone is no error.
+async fn stop_container(docker: Docker, id: String) -> Result<(), RuntimeError> {
+    let options = bollard::query_parameters::StopContainerOptions {
+        t: Some(STOP_GRACE_SECONDS),
+        signal: None,
+    };
+    match docker.stop_container(&id, Some(options)).await {
+        Ok(())
+        | Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 304 | 404,
+            ..
+        }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The exit of a container's first process, awaited through a pidfd.
+struct ProcessExit(tokio::io::unix::AsyncFd<OwnedFd>);
+
+impl ProcessExit {
+    /// Watches process `pid` if it is container `id`'s (it is not when this agent sees
+    /// another pid namespace than Docker's); `None` when it cannot be watched.
+    fn of_container(pid: i64, id: &str) -> Option<Self> {
+        let pid = libc::pid_t::try_from(pid).ok().filter(|p| *p > 0)?;
+        // pidfd_open(2): Linux 5.3 and later.
+        #[allow(unsafe_code)]
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        let fd = std::os::fd::RawFd::try_from(fd)
+            .ok()
+            .filter(|fd| *fd >= 0)?;
+        // SAFETY: the syscall returned this new descriptor, owned by no one else.
+        #[allow(unsafe_code)]
+        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // Checked after the pidfd is open, so a pid reused since cannot pass: a process of the
+        // container is in the container's cgroup, whose path holds its id.
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        if !cgroup.contains(id) {
+            return None;
+        }
+        // SAFETY: an `OwnedFd` stays open, and the same, for as long as the `AsyncFd` owns it.
+        #[allow(unsafe_code)]
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        };
+        registered.ok().map(Self)
+    }
+
+    /// Once the process has exited: a pidfd turns readable then. When the first process of a
+    /// PID namespace exits, the kernel has ended every other process in it first.
+    async fn exited(self) {
+        let _ = self.0.readable().await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A real process and the kernel's pidfd: the wait ends when the process exits, not before;
+    /// a process outside the named cgroup is not watched.
+    #[tokio::test]
+    async fn a_process_exit_is_seen_when_it_happens_and_only_for_a_process_of_the_container() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("0.3")
+            .spawn()
+            .expect("sleep");
+        let pid = i64::from(child.id());
+        let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        let cgroup = own.trim().rsplit(':').next().unwrap().to_string();
+        assert!(ProcessExit::of_container(pid, "no-such-container-id").is_none());
+        assert!(ProcessExit::of_container(0, &cgroup).is_none());
+        let exit = ProcessExit::of_container(pid, &cgroup).expect("watchable");
+        let began = std::time::Instant::now();
+        exit.exited().await;
+        assert!(
+            began.elapsed() >= Duration::from_millis(200),
+            "{:?}",
+            began.elapsed()
+        );
+        assert!(child.try_wait().unwrap().is_some(), "it has exited");
+    }
 
     #[test]
     fn docker_start_times_parse_and_year_one_means_never() {

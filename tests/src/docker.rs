@@ -97,6 +97,14 @@ fn fxhash(bytes: &[u8]) -> u64 {
     })
 }
 
+/// The name of `tenant`'s container on `host`.
+pub fn container_name(host: &str, tenant: &str) -> String {
+    berth_node_agent::hardening::container_name(
+        &berth_shared::ids::HostId::new(host).expect("a host id"),
+        &berth_shared::ids::TenantId::new(tenant).expect("a tenant id"),
+    )
+}
+
 /// `docker container inspect`, parsed.
 pub fn inspect(container: &str) -> Option<serde_json::Value> {
     inspect_kind("container", container)

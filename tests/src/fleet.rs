@@ -2,7 +2,7 @@
 //! tenant and read its state back through `berthctl`.
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -68,6 +68,60 @@ impl Fleet {
             &berth_shared::ids::HostId::new(&self.agent.host_id).unwrap(),
             &TenantId::new(tenant).unwrap(),
         )
+    }
+
+    /// What lies between 127.0.0.1:`port` and `tenant`'s gateway, for a failure message: the
+    /// container's address and state as Docker sees them, the host's route and neighbour
+    /// entries towards it, the bridge's ports and who listens on the published port.
+    pub fn path_report(&self, tenant: &str, port: u16) -> String {
+        let bridge = berth_node_agent::hardening::bridge_name(
+            &berth_shared::ids::HostId::new(&self.agent.host_id).unwrap(),
+            &TenantId::new(tenant).unwrap(),
+        );
+        let container = crate::docker::inspect(&self.container(tenant));
+        let endpoint = container
+            .as_ref()
+            .map(|c| c["NetworkSettings"]["Networks"][self.network(tenant)].clone());
+        let address = endpoint
+            .as_ref()
+            .and_then(|e| e["IPAddress"].as_str().map(String::from))
+            .unwrap_or_default();
+        let run = |program: &str, args: &[&str]| {
+            let out = std::process::Command::new(program).args(args).output();
+            match out {
+                Ok(o) => format!(
+                    "$ {program} {}\n{}{}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                ),
+                Err(e) => format!("$ {program}: {e}\n"),
+            }
+        };
+        let sport = format!("sport = :{port}");
+        [
+            format!(
+                "container state {} endpoint {}\n",
+                container
+                    .as_ref()
+                    .map_or("gone".into(), |c| c["State"].to_string()),
+                endpoint.map_or("none".into(), |e| e.to_string())
+            ),
+            run("ip", &["route", "get", &address]),
+            run("ip", &["neigh", "show", "dev", &bridge]),
+            run("ip", &["-br", "link", "show", "master", &bridge]),
+            run(
+                "ip",
+                &["-br", "addr", "show", "to", &format!("{address}/28")],
+            ),
+            run("ss", &["-ltnpH", &sport]),
+        ]
+        .concat()
+    }
+
+    /// The Docker container of `tenant` on this fleet's host.
+    pub fn container(&self, tenant: &str) -> String {
+        crate::docker::container_name(&self.agent.host_id, tenant)
     }
 
     pub fn place(&self, tenant: &str, memory: &str) -> Instant {
@@ -140,7 +194,7 @@ impl Fleet {
         before: &str,
         within: Duration,
     ) -> (String, serde_json::Value) {
-        let container = format!("berth-{tenant}");
+        let container = self.container(tenant);
         let started = wait_for(&format!("{tenant} restarted"), within, || {
             Some(crate::docker::started_at(&container)).filter(|s| !s.is_empty() && s != before)
         });
@@ -172,7 +226,12 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
 
 /// [`http_get`] that gives up after `timeout` (connect and read each).
 pub fn http_get_within(port: u16, path: &str, timeout: Duration) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), timeout).ok()?;
+    http_get_at(([127, 0, 0, 1], port).into(), path, timeout)
+}
+
+/// [`http_get_within`] at `address`.
+pub fn http_get_at(address: SocketAddr, path: &str, timeout: Duration) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&address, timeout).ok()?;
     s.set_read_timeout(Some(timeout)).ok()?;
     write!(s, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
     let mut out = String::new();
@@ -238,13 +297,18 @@ pub struct Outage {
 
 impl Outage {
     pub fn watch(port: u16) -> Self {
+        Self::watch_at(([127, 0, 0, 1], port).into())
+    }
+
+    /// [`Outage::watch`] of the gateway at `address`.
+    pub fn watch_at(address: SocketAddr) -> Self {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
             let mut longest = Duration::ZERO;
             let mut down_since: Option<Instant> = None;
             while !flag.load(Ordering::SeqCst) {
-                let up = http_get_within(port, "/healthz", Duration::from_millis(500)).as_deref()
+                let up = http_get_at(address, "/healthz", Duration::from_millis(500)).as_deref()
                     == Some("ok\n");
                 match (up, down_since) {
                     (false, None) => down_since = Some(Instant::now()),

@@ -14,18 +14,28 @@ use crate::netns::{NetHost, TestNet};
 use crate::procs::{AgentProc, CoordinatorProc};
 use crate::{missing_component, wait_for};
 
-/// Running containers per tenant, from Docker: (tenant, host) pairs.
+/// Every running berth container on the engine, as (tenant, host) label pairs.
 pub fn running() -> Vec<(String, String)> {
+    labelled(&["ps"])
+}
+
+/// Every berth network on the engine, as (tenant, host) label pairs.
+pub fn networks() -> Vec<(String, String)> {
+    labelled(&["network", "ls"])
+}
+
+/// The (tenant, host) labels of what the docker listing `command` shows with a tenant label.
+fn labelled(command: &[&str]) -> Vec<(String, String)> {
     let out = Command::new("docker")
+        .args(command)
         .args([
-            "ps",
             "--filter",
             "label=berth.tenant",
             "--format",
             "{{.Label \"berth.tenant\"}} {{.Label \"berth.host\"}}",
         ])
         .output()
-        .expect("docker ps");
+        .expect("docker");
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| {

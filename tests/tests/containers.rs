@@ -9,6 +9,31 @@ use berth_tests::docker::{inspect, inspect_network, started_at};
 use berth_tests::fleet::{fleet, http_get, unique};
 use berth_tests::wait_for;
 
+/// Removes a container (or a network) the test made itself, however the test ends.
+struct RemovedAtEnd {
+    name: String,
+    network: bool,
+}
+
+impl RemovedAtEnd {
+    fn container(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            network: false,
+        }
+    }
+}
+
+impl Drop for RemovedAtEnd {
+    fn drop(&mut self) {
+        let args = match self.network {
+            true => ["network", "rm", &self.name],
+            false => ["rm", "-f", &self.name],
+        };
+        let _ = Command::new("docker").args(args).output();
+    }
+}
+
 #[test]
 fn a_placed_tenant_runs_hardened_under_its_cap_within_3_seconds() {
     let Some(f) = fleet() else { return };
@@ -29,7 +54,7 @@ fn a_placed_tenant_runs_hardened_under_its_cap_within_3_seconds() {
         "the gateway answers on 127.0.0.1"
     );
 
-    let c = inspect(&format!("berth-{tenant}")).expect("container");
+    let c = inspect(&f.container(&tenant)).expect("container");
     let hc = &c["HostConfig"];
     assert_eq!(hc["Memory"], 128 << 20);
     assert_eq!(hc["MemorySwap"], 128 << 20, "no swap");
@@ -101,7 +126,7 @@ fn an_oom_kill_is_reported_the_tenant_comes_back_and_its_neighbour_is_untouched(
     f.place(&neighbour, "96MiB");
     let g = f.wait_running(&greedy, Duration::from_secs(5));
     f.wait_running(&neighbour, Duration::from_secs(5));
-    let neighbour_started = started_at(&format!("berth-{neighbour}"));
+    let neighbour_started = started_at(&f.container(&neighbour));
     let port = g["published_port"].as_u64().unwrap() as u16;
     // Past the cap: the kernel kills it mid-request.
     assert_ne!(
@@ -117,7 +142,7 @@ fn an_oom_kill_is_reported_the_tenant_comes_back_and_its_neighbour_is_untouched(
         "Docker's record of the kill",
         Duration::from_secs(5),
         || {
-            let c = inspect(&format!("berth-{greedy}"))?;
+            let c = inspect(&f.container(&greedy))?;
             (c["State"]["OOMKilled"] == true || c["RestartCount"].as_u64() >= Some(1)).then_some(())
         },
     );
@@ -129,9 +154,9 @@ fn an_oom_kill_is_reported_the_tenant_comes_back_and_its_neighbour_is_untouched(
         "reported: oom_kills={} restarts={}",
         reported["oom_kills"], reported["restarts"]
     );
-    let n = inspect(&format!("berth-{neighbour}")).unwrap();
+    let n = inspect(&f.container(&neighbour)).unwrap();
     assert_eq!(
-        started_at(&format!("berth-{neighbour}")),
+        started_at(&f.container(&neighbour)),
         neighbour_started,
         "the neighbour never restarted"
     );
@@ -145,7 +170,7 @@ fn enforcement_goes_on_without_the_coordinator_and_an_agent_restart_restarts_not
     let tenant = unique("res");
     f.place(&tenant, "64MiB");
     f.wait_running(&tenant, Duration::from_secs(5));
-    let name = format!("berth-{tenant}");
+    let name = f.container(&tenant);
     f.coordinator.kill9();
     // A stopped container (stopped by hand, so Docker's restart policy does not apply) is
     // started again by the agent alone.
@@ -177,14 +202,7 @@ fn enforcement_goes_on_without_the_coordinator_and_an_agent_restart_restarts_not
 fn removal_leaves_nothing_behind_and_foreign_containers_are_never_touched() {
     let Some(f) = fleet() else { return };
     let plain = unique("plain");
-    /// Removes the foreign container however the test ends.
-    struct Cleanup(String);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = Command::new("docker").args(["rm", "-f", &self.0]).output();
-        }
-    }
-    let _cleanup = Cleanup(plain.clone());
+    let _cleanup = RemovedAtEnd::container(&plain);
     let run = Command::new("docker")
         .args(["run", "-d", "--name", &plain, &f.image])
         .output()
@@ -195,12 +213,23 @@ fn removal_leaves_nothing_behind_and_foreign_containers_are_never_touched() {
         String::from_utf8_lossy(&run.stderr)
     );
     let plain_started = started_at(&plain);
+    // A network named as this host's tenant networks are, without berth's labels.
+    let foreign_network = f.network(&unique("fgn"));
+    let _network_cleanup = RemovedAtEnd {
+        name: foreign_network.clone(),
+        network: true,
+    };
+    let made = Command::new("docker")
+        .args(["network", "create", &foreign_network])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
     let tenant = unique("rm");
     f.place(&tenant, "64MiB");
     f.wait_running(&tenant, Duration::from_secs(5));
     let (ok, _, err) = f.coordinator.berthctl(&["remove", &tenant]);
     assert!(ok, "{err}");
-    let name = format!("berth-{tenant}");
+    let name = f.container(&tenant);
     wait_for(
         "container and network gone",
         Duration::from_secs(10),
@@ -215,6 +244,10 @@ fn removal_leaves_nothing_behind_and_foreign_containers_are_never_touched() {
     let p = inspect(&plain).expect("the foreign container still exists");
     assert_eq!(p["State"]["Running"], true);
     assert_eq!(started_at(&plain), plain_started);
+    assert!(
+        inspect_network(&foreign_network).is_some(),
+        "the unlabelled network still exists"
+    );
 }
 
 #[test]
@@ -232,10 +265,7 @@ fn an_image_that_is_absent_and_cannot_be_pulled_fails_the_tenant_with_the_reason
         message.starts_with("image localhost:1/berth/absent:1 is not present and cannot be pulled"),
         "{message}"
     );
-    assert!(
-        inspect(&format!("berth-{tenant}")).is_none(),
-        "nothing created"
-    );
+    assert!(inspect(&f.container(&tenant)).is_none(), "nothing created");
 }
 
 #[test]
@@ -275,7 +305,7 @@ fn a_plain_remove_keeps_the_volume_for_a_return_and_a_purge_deletes_it_after_the
     let tenant = unique("pg");
     f.place(&tenant, "64MiB");
     f.wait_running(&tenant, Duration::from_secs(5));
-    let name = format!("berth-{tenant}");
+    let name = f.container(&tenant);
     let volume_dir = |name: &str| -> std::path::PathBuf {
         let c = inspect(name).expect("the container");
         let bind = c["HostConfig"]["Binds"][0].as_str().unwrap().to_string();
@@ -322,4 +352,64 @@ fn a_plain_remove_keeps_the_volume_for_a_return_and_a_purge_deletes_it_after_the
         err.contains(&format!("unknown tenant \"{tenant}\"")),
         "{err}"
     );
+}
+
+/// The agent's stop of a leaving tenant returns once the container's processes have exited
+/// (before Docker has taken down its network endpoint and root filesystem): at that moment
+/// nothing of it runs any more, so its volume may be released and copied.
+#[test]
+fn a_stop_returns_only_once_every_process_of_the_container_has_exited() {
+    use berth_node_agent::runtime::{ContainerRuntime, DockerRuntime};
+    if let Err(why) = berth_tests::docker::available() {
+        return berth_tests::missing_component("docker", &why);
+    }
+    let image = berth_tests::docker::test_tenant_image();
+    let name = unique("stop");
+    let _cleanup = RemovedAtEnd::container(&name);
+    let run = Command::new("docker")
+        .args(["run", "-d", "--init", "--name", &name, &image])
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{run:?}");
+    let id = String::from_utf8_lossy(&run.stdout).trim().to_string();
+    // Every live process in the container's cgroup (v1 or v2), whose path holds its id. A
+    // zombie (exited, its memory, files and namespaces released, waiting for containerd's
+    // shim to reap it) runs nothing and is left out.
+    let in_container = || -> Vec<String> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+            .filter(|e| {
+                std::fs::read_to_string(e.path().join("cgroup")).is_ok_and(|c| c.contains(&id))
+            })
+            .filter(|e| {
+                // The state follows the command name in parentheses.
+                std::fs::read_to_string(e.path().join("stat")).is_ok_and(|stat| {
+                    let state = stat.rsplit_once(") ").map_or("", |(_, rest)| rest);
+                    !state.starts_with(['Z', 'X'])
+                })
+            })
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let running = in_container();
+    assert_eq!(
+        running.len(),
+        2,
+        "Docker's init and the gateway: {running:?}"
+    );
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let docker = DockerRuntime::connect(std::path::Path::new("/var/run/docker.sock"))
+            .await
+            .unwrap();
+        docker.stop(&id).await.unwrap();
+        let left: Vec<String> = in_container()
+            .iter()
+            .map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default())
+            .collect();
+        assert!(left.is_empty(), "still running in the container: {left:?}");
+        docker.remove(&id).await.unwrap();
+    });
+    assert!(inspect(&id).is_none(), "removed");
 }

@@ -19,8 +19,8 @@ use berth_shared::ids::TenantId;
 use berth_tests::docker::{remove_host_objects, test_tenant_image};
 use berth_tests::fleet::unique;
 use berth_tests::multihost::{
-    Host, drain_status, fleet, fleet_configured, json, placed, running, sha256_file, tenants_on,
-    tenants_on_with,
+    Host, drain_status, fleet, fleet_configured, json, networks, placed, running, sha256_file,
+    tenants_on, tenants_on_with,
 };
 use berth_tests::procs::CoordinatorProc;
 use berth_tests::wait_for;
@@ -100,6 +100,25 @@ fn assert_consistent(
             "{tenant}'s data on {host}"
         );
     }
+    // A network where a tenant was staged for a move that did not happen, or that it left, is
+    // removed by that host's next pass.
+    wait_for(
+        "each tenant's network only on its host",
+        Duration::from_secs(20),
+        || {
+            let networks = networks();
+            data.keys()
+                .all(|tenant| {
+                    let on: Vec<&String> = networks
+                        .iter()
+                        .filter(|(t, _)| t == tenant)
+                        .map(|(_, h)| h)
+                        .collect();
+                    on == [&placements[tenant].0]
+                })
+                .then_some(())
+        },
+    );
 }
 
 #[test]

@@ -206,7 +206,7 @@ fn allowlists_confine_tenants_and_change_live() {
     e.f.place_spec(&b, "64MiB", 100, &[]);
     e.f.wait_running(&a, Duration::from_secs(10));
     e.f.wait_running(&b, Duration::from_secs(10));
-    let container_a = format!("berth-{a}");
+    let container_a = e.f.container(&a);
     let started = inspect(&container_a).unwrap()["State"]["StartedAt"].clone();
 
     // IPv6 is off inside the tenant: no address at all, so no link-local path to the host.
@@ -231,8 +231,8 @@ fn allowlists_confine_tenants_and_change_live() {
     assert!(r.starts_with("refused"), "{r}");
     // Not the other tenant, not the host: its address on the tenant bridge, on the routed
     // link, and a listener the test opens on every host address.
-    let b_ip = inspect(&format!("berth-{b}")).unwrap()["NetworkSettings"]["Networks"]
-        [e.f.network(&b)]["IPAddress"]
+    let b_ip = inspect(&e.f.container(&b)).unwrap()["NetworkSettings"]["Networks"][e.f.network(&b)]
+        ["IPAddress"]
         .as_str()
         .unwrap()
         .to_string();

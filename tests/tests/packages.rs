@@ -377,7 +377,7 @@ fn installed_from_the_packages_an_agent_enrolls_reports_and_an_upgrade_keeps_its
     wait_for("the tenant running", Duration::from_secs(30), || {
         running().then_some(())
     });
-    let container = format!("berth-{host}-t");
+    let container = berth_tests::docker::container_name(&host, &format!("{host}-t"));
     let started = started_at(&container);
 
     // Upgrade: dpkg replaces the package; the daemon is restarted (systemd's try-restart,

@@ -96,4 +96,16 @@ fn the_main_job_command_brings_up_a_coordinator_and_an_enrolled_agent() {
         !tables.contains("berth_quickstart"),
         "the quickstart removes its table when it stops: {tables}"
     );
+    for listing in [&["ps", "-a"][..], &["network", "ls"]] {
+        let left = Command::new("docker")
+            .args(listing)
+            .args(["-q", "--filter", "label=berth.tenant=sample"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&left.stdout).trim(),
+            "",
+            "the quickstart's sample tenant is gone when it stops ({listing:?})"
+        );
+    }
 }

@@ -16,7 +16,7 @@ use berth_shared::store::MemStore;
 use crate::config::CoordinatorConfig;
 use crate::core::Coordinator;
 use crate::keys::MasterKey;
-use crate::registry::CertRecord;
+use crate::registry::{CertRecord, HostRecord};
 
 /// Seeding failed (a bug in the seed, or in what it exercises).
 #[derive(Debug, thiserror::Error)]
@@ -126,11 +126,10 @@ pub fn seeded(hosts: usize, tenants: usize) -> Result<Arc<Coordinator>, SeedErro
             os_version: "Debian GNU/Linux 12".into(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
         };
-        let record = c.registry.record_hello(&id, facts).map_err(err)?;
-        c.sync_host(&record);
+        let publish = |h: &HostRecord| c.sync_host(h);
+        c.registry.record_hello(&id, facts, publish).map_err(err)?;
         if i % 25 == 3 {
-            let record = c.registry.set_cordoned(&id, true).map_err(err)?;
-            c.sync_host(&record);
+            c.registry.set_cordoned(&id, true, publish).map_err(err)?;
         }
         ids.push(id);
     }
@@ -196,11 +195,9 @@ pub fn seeded(hosts: usize, tenants: usize) -> Result<Arc<Coordinator>, SeedErro
                 .and_then(|h| h.facts)
                 .map_or(0, |f| f.memory_total_bytes);
             let available = total.saturating_sub(used + (1 << 30));
-            let record = c
-                .registry
-                .record_report(id, available, 400 << 30)
+            c.registry
+                .record_report(id, available, 400 << 30, |h| c.sync_host(h))
                 .map_err(err)?;
-            c.sync_host(&record);
         }
     }
     clock.advance_ms(3_000);

@@ -419,14 +419,20 @@ fn a_drain_plan_names_every_tenant_that_cannot_move_and_changes_nothing() {
     place_on(&p, "f", "src", &all);
 }
 
-#[test]
-fn a_drain_reserves_its_targets_and_a_move_fences_the_source_then_delivers_the_target() {
+/// Tenants a and b on host src, planned to move to t1 and t2 (one fits on each).
+fn two_tenants_planned_off_src() -> (Placements, HostId, Vec<crate::placement::PlannedMove>) {
     let all = ["src", "t1", "t2"];
     let (p, _) = placements(&[host("src", 8), host("t1", 1), host("t2", 1)]);
     place_on(&p, "a", "src", &all);
     place_on(&p, "b", "src", &all);
     let src = HostId::new("src").unwrap();
     let plan = p.plan_drain(&src, true).unwrap();
+    (p, src, plan)
+}
+
+#[test]
+fn a_drain_reserves_its_targets_and_a_move_fences_the_source_then_delivers_the_target() {
+    let (p, src, plan) = two_tenants_planned_off_src();
     let targets: BTreeSet<String> = plan.iter().map(|m| m.target.to_string()).collect();
     assert_eq!(targets, BTreeSet::from(["t1".into(), "t2".into()]));
     // The targets' room is reserved and the source takes nothing new: no host fits.
@@ -456,8 +462,55 @@ fn a_drain_reserves_its_targets_and_a_move_fences_the_source_then_delivers_the_t
     assert_eq!(names(&target), ["a"]);
     // b's move is given up: its reservation is freed, a tenant fits there again.
     let b = TenantId::new("b").unwrap();
-    p.release_reservation(&b);
+    assert_eq!(p.release_reservation(&b).unwrap(), None, "never staged");
     p.place(spec("x"), 1).unwrap();
+}
+
+#[test]
+fn a_move_stages_its_tenant_on_the_target_while_it_runs_and_a_given_up_move_unstages_it() {
+    let (p, src, plan) = two_tenants_planned_off_src();
+    let target_of = |t: &TenantId| plan.iter().find(|m| m.tenant == *t).unwrap().target.clone();
+    let names = |h: &HostId| -> (Vec<String>, Vec<String>) {
+        let d = p.desired_state(h);
+        let ids = |specs: &[proto::TenantSpec]| specs.iter().map(|t| t.tenant_id.clone()).collect();
+        (ids(&d.tenants), ids(&d.staged))
+    };
+    let (a, b) = (TenantId::new("a").unwrap(), TenantId::new("b").unwrap());
+    let (ta, tb) = (target_of(&a), target_of(&b));
+
+    // Staged on its target at a new generation, while it still runs on the source.
+    let before = p.desired_state(&ta).generation;
+    let seq = p.prestage(&a).unwrap().expect("staged");
+    p.make_durable(seq).unwrap();
+    assert_eq!(names(&ta), (vec![], vec!["a".into()]));
+    assert!(p.desired_state(&ta).generation > before);
+    assert_eq!(names(&src), (vec!["a".into(), "b".into()], vec![]));
+    assert_eq!(p.tenant_record(&a).unwrap().host_id, src);
+    assert_eq!(p.prestage(&a).unwrap(), None, "staged once");
+    // Its move goes on: held, then delivered, on the target; nothing is left to unstage.
+    let held = p.relocate(&a, &ta, true).unwrap();
+    p.make_durable(held.seq).unwrap();
+    assert_eq!(names(&ta), (vec![], vec!["a".into()]));
+    assert_eq!(names(&src), (vec!["b".into()], vec![]));
+    let delivered = p.relocate(&a, &ta, false).unwrap();
+    p.make_durable(delivered.seq).unwrap();
+    assert_eq!(names(&ta), (vec!["a".into()], vec![]));
+    assert_eq!(p.release_reservation(&a).unwrap(), None);
+    assert_eq!(names(&ta), (vec!["a".into()], vec![]));
+
+    // b's move is given up after it was staged: unstaged there, still running on the source.
+    let seq = p.prestage(&b).unwrap().expect("staged");
+    p.make_durable(seq).unwrap();
+    assert_eq!(names(&tb).1, ["b"]);
+    let seq = p.release_reservation(&b).unwrap().expect("unstaged");
+    p.make_durable(seq).unwrap();
+    assert!(!names(&tb).1.contains(&"b".to_string()), "{:?}", names(&tb));
+    assert_eq!(names(&src), (vec!["b".into()], vec![]));
+    assert_eq!(
+        p.prestage(&b).unwrap(),
+        None,
+        "no reservation, nothing to stage"
+    );
 }
 
 #[tokio::test]

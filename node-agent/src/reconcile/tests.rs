@@ -79,10 +79,11 @@ impl EgressStep for RecordingSteps {
 }
 
 /// Tenant `a` (on host `h1`) torn down: container, then egress, volume, network.
-const TEARDOWN_OF_A: [&str; 5] = [
-    "remove 0001",
+const TEARDOWN_OF_A: [&str; 6] = [
+    "stop 0001",
     "rm-egress a",
     "rm-volume a",
+    "remove 0001",
     "rm-network berth-a-33112ee1",
     "rm-network berth-a",
 ];
@@ -109,6 +110,18 @@ fn with_image() -> (Arc<FakeRuntime>, Arc<Reconciler>) {
     (fake, r)
 }
 
+/// Tenant a running (its container 0001), placed at generation 1.
+async fn with_a_running() -> (Arc<FakeRuntime>, Arc<Reconciler>) {
+    let (fake, r) = with_image();
+    r.reconcile(&Desired {
+        generation: 1,
+        tenants: vec![spec("a", "img:1")],
+        staged: vec![],
+    })
+    .await;
+    (fake, r)
+}
+
 fn reconciler(fake: &Arc<FakeRuntime>) -> Arc<Reconciler> {
     let steps = Arc::new(RecordingSteps(fake.clone()));
     Arc::new(Reconciler {
@@ -129,6 +142,7 @@ fn reconciler(fake: &Arc<FakeRuntime>) -> Arc<Reconciler> {
             Arc::default(),
         ),
         creations: Mutex::default(),
+        removals: Mutex::default(),
         wake: Arc::default(),
     })
 }
@@ -148,7 +162,7 @@ async fn creates_in_order_adopts_without_restart_and_tears_down_in_reverse() {
             "volume a",
             "network berth-a-33112ee1 10.213.0.0/28",
             "egress a 10.213.0.0/28",
-            "create berth-a"
+            "create berth-a-33112ee1"
         ]
     );
     assert_eq!(statuses[0].state, proto::TenantState::Running as i32);
@@ -194,13 +208,7 @@ async fn creates_in_order_adopts_without_restart_and_tears_down_in_reverse() {
 
 #[tokio::test]
 async fn a_changed_spec_recreates_and_an_unpullable_image_fails_with_the_reason() {
-    let (fake, r) = with_image();
-    r.reconcile(&Desired {
-        generation: 1,
-        tenants: vec![spec("a", "img:1")],
-        staged: vec![],
-    })
-    .await;
+    let (fake, r) = with_a_running().await;
     fake.calls.lock().unwrap().clear();
     let statuses = r
         .reconcile(&Desired {
@@ -211,14 +219,7 @@ async fn a_changed_spec_recreates_and_an_unpullable_image_fails_with_the_reason(
         .await;
     assert_eq!(
         fake.calls(),
-        [
-            "remove 0001",
-            "rm-egress a",
-            "rm-volume a",
-            "rm-network berth-a-33112ee1",
-            "rm-network berth-a",
-            "pull localhost:1/absent:2"
-        ]
+        [TEARDOWN_OF_A.as_slice(), &["pull localhost:1/absent:2"]].concat()
     );
     assert_eq!(statuses[0].state, proto::TenantState::Failed as i32);
     assert_eq!(
@@ -432,7 +433,7 @@ async fn a_port_taken_while_stopped_means_a_new_container_on_a_fresh_port() {
             "start 0001",
             "remove 0001",
             "volume a",
-            "create berth-a"
+            "create berth-a-33112ee1"
         ]
     );
     assert_eq!(statuses[0].published_port, 20001);
@@ -473,14 +474,174 @@ async fn a_staged_tenant_gets_its_network_and_rules_but_no_volume_or_container_u
         staged: vec![],
     })
     .await;
-    assert_eq!(fake.calls(), ["volume m", "create berth-m"]);
+    assert_eq!(fake.calls(), ["volume m", "create berth-m-33112ee1"]);
 }
 
-/// Waits until no container is being made.
-async fn creations_ended(r: &Reconciler) {
-    while !r.creations().under_way.is_empty() {
-        r.wake.notified().await;
+#[tokio::test]
+async fn a_staged_tenant_whose_move_is_called_off_loses_its_rules_and_network_here_only() {
+    let (fake, r) = with_image();
+    let elsewhere =
+        hardening::network_name(&HostId::new("h0").unwrap(), &TenantId::new("m").unwrap());
+    fake.networks
+        .lock()
+        .unwrap()
+        .insert(elsewhere.clone(), vec!["10.213.0.0/28".into()]);
+    r.reconcile(&Desired {
+        generation: 5,
+        tenants: vec![],
+        staged: vec![spec("m", "img:1")],
+    })
+    .await;
+    fake.calls.lock().unwrap().clear();
+    r.reconcile(&Desired {
+        generation: 6,
+        tenants: vec![],
+        staged: vec![],
+    })
+    .await;
+    assert_eq!(fake.calls(), ["sweep", "rm-network berth-m-33112ee1"]);
+    assert_eq!(
+        fake.networks.lock().unwrap().keys().collect::<Vec<_>>(),
+        [&elsewhere],
+        "another host's network of the same tenant stays"
+    );
+}
+
+#[tokio::test]
+async fn a_leaving_tenants_volume_is_free_once_its_container_stopped_and_a_failed_removal_is_retried()
+ {
+    let (fake, r) = with_a_running().await;
+    *fake.remove_error.lock().unwrap() =
+        Some("removal of container 0001 is already in progress".into());
+    fake.calls.lock().unwrap().clear();
+    let torn_down = r.passes.torn_down();
+    let none = Desired {
+        generation: 2,
+        tenants: vec![],
+        staged: vec![],
+    };
+    // Whatever woke a pass so far is spent.
+    let _ = futures::FutureExt::now_or_never(r.wake.notified());
+    r.reconcile_current(|| none.clone()).await;
+    while !r.removing().is_empty() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        futures::FutureExt::now_or_never(r.wake.notified()).is_none(),
+        "a failed removal woke a pass at once (a removal Docker keeps refusing would loop)"
+    );
+    assert_eq!(
+        *torn_down.borrow(),
+        TornDown {
+            released: none.generation,
+            removed: 1
+        },
+        "a copy of its volume (a drain's) goes on, its deletion waits for the removal"
+    );
+    assert_eq!(
+        fake.calls(),
+        ["stop 0001", "rm-egress a", "rm-volume a", "remove 0001"]
+    );
+    assert_eq!(fake.containers.lock().unwrap()[0].state, "exited");
+    assert_eq!(
+        fake.networks.lock().unwrap().len(),
+        1,
+        "its network stays with its container"
+    );
+
+    *fake.remove_error.lock().unwrap() = None;
+    fake.calls.lock().unwrap().clear();
+    r.reconcile(&none).await;
+    assert_eq!(fake.calls(), TEARDOWN_OF_A);
+    assert!(fake.containers.lock().unwrap().is_empty());
+    assert_eq!(*torn_down.borrow(), TornDown::complete(none.generation));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_next_tenant_to_leave_is_stopped_while_the_last_ones_container_is_being_removed() {
+    let (fake, r) = with_image();
+    let both = Desired {
+        generation: 1,
+        tenants: vec![spec("a", "img:1"), spec("b", "img:1")],
+        staged: vec![],
+    };
+    r.reconcile(&both).await;
+    *fake.remove_time.lock().unwrap() = Some(Duration::from_secs(5));
+    let torn_down = r.passes.torn_down();
+    fake.calls.lock().unwrap().clear();
+
+    let began = tokio::time::Instant::now();
+    let only_b = Desired {
+        generation: 2,
+        tenants: vec![spec("b", "img:1")],
+        staged: vec![],
+    };
+    r.reconcile_current(|| only_b.clone()).await;
+    assert_eq!(
+        began.elapsed(),
+        Duration::ZERO,
+        "the pass waited for the removal"
+    );
+    assert_eq!(
+        *torn_down.borrow(),
+        TornDown {
+            released: 2,
+            removed: 1
+        },
+        "a's volume may be copied, not yet deleted"
+    );
+    let none = Desired {
+        generation: 3,
+        tenants: vec![],
+        staged: vec![],
+    };
+    r.reconcile_current(|| none.clone()).await;
+    assert_eq!(
+        began.elapsed(),
+        Duration::ZERO,
+        "b's stop waited for a's removal"
+    );
+    assert_eq!(
+        *torn_down.borrow(),
+        TornDown {
+            released: 3,
+            removed: 1
+        }
+    );
+    let released = [
+        "stop 0001",
+        "rm-egress a",
+        "rm-volume a",
+        "stop 0002",
+        "rm-egress b",
+        "rm-volume b",
+    ];
+    let calls_but = |removals: bool| -> Vec<String> {
+        fake.calls()
+            .into_iter()
+            .filter(|c| c.starts_with("remove") == removals)
+            .collect()
+    };
+    assert_eq!(calls_but(false), released);
+    // Another pass meanwhile (the removals under way) tears neither down again nor sweeps
+    // their networks.
+    tokio::task::yield_now().await;
+    r.reconcile_current(|| none.clone()).await;
+    assert_eq!(calls_but(false), released);
+    assert_eq!(calls_but(true), ["remove 0001", "remove 0002"]);
+    assert_eq!(fake.networks.lock().unwrap().len(), 2);
+
+    r.settled().await;
+    // (`settled` looks every millisecond.)
+    assert!(
+        began.elapsed().abs_diff(Duration::from_secs(5)) <= Duration::from_millis(1),
+        "side by side: {:?}",
+        began.elapsed()
+    );
+    assert_eq!(*torn_down.borrow(), TornDown::complete(3));
+    assert!(fake.containers.lock().unwrap().is_empty());
+    assert!(fake.networks.lock().unwrap().is_empty());
 }
 
 #[tokio::test(start_paused = true)]
@@ -503,7 +664,7 @@ async fn new_tenants_start_two_side_by_side_no_pass_waits_for_a_start_and_two_st
     );
     // A pass meanwhile starts nothing twice.
     r.reconcile_current(|| desired.clone()).await;
-    creations_ended(&r).await;
+    r.settled().await;
     assert_eq!(
         began.elapsed(),
         Duration::from_secs(2),
@@ -516,7 +677,11 @@ async fn new_tenants_start_two_side_by_side_no_pass_waits_for_a_start_and_two_st
         .collect();
     assert_eq!(
         creates,
-        ["create berth-a", "create berth-b", "create berth-c"]
+        [
+            "create berth-a-33112ee1",
+            "create berth-b-33112ee1",
+            "create berth-c-33112ee1"
+        ]
     );
 
     let statuses = r.reconcile_current(|| desired.clone()).await;
@@ -540,7 +705,63 @@ async fn new_tenants_start_two_side_by_side_no_pass_waits_for_a_start_and_two_st
         .await;
     assert!(statuses.is_empty());
     assert_eq!(began.elapsed(), Duration::from_secs(2));
+    r.settled().await;
     assert!(fake.containers.lock().unwrap().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pass_reports_at_once_while_another_tenants_container_is_being_started() {
+    let (fake, r) = with_image();
+    let a = spec("a", "img:1");
+    let only_a = Desired {
+        generation: 1,
+        tenants: vec![a.clone()],
+        staged: vec![],
+    };
+    r.reconcile(&only_a).await;
+    // b's container is made, and Docker holds it while it starts (here: 5 s).
+    *fake.start_time.lock().unwrap() = Some(Duration::from_secs(5));
+    let both = Desired {
+        generation: 2,
+        tenants: vec![a, spec("b", "img:1")],
+        staged: vec![],
+    };
+    r.reconcile_current(|| both.clone()).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        fake.containers
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|c| c.tenant == "b" && c.state == "created"),
+        "b's container is listed while it starts"
+    );
+    fake.calls.lock().unwrap().clear();
+
+    let began = tokio::time::Instant::now();
+    let statuses = r.reconcile_current(|| both.clone()).await;
+    assert_eq!(
+        began.elapsed(),
+        Duration::ZERO,
+        "the pass (and a's status in its report) waited for b's start"
+    );
+    let state = |t: &str| statuses.iter().find(|s| s.tenant_id == t).unwrap().state;
+    assert_eq!(state("a"), proto::TenantState::Running as i32);
+    assert_eq!(state("b"), proto::TenantState::Pending as i32);
+    assert!(
+        !fake.calls().iter().any(|c| c.starts_with("start")),
+        "the pass started b's container beside its creation: {:?}",
+        fake.calls()
+    );
+
+    r.settled().await;
+    let statuses = r.reconcile_current(|| both.clone()).await;
+    assert!(
+        statuses
+            .iter()
+            .all(|s| s.state == proto::TenantState::Running as i32),
+        "{statuses:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -564,7 +785,7 @@ async fn a_tenant_dropped_while_its_container_is_made_keeps_its_rules_and_the_te
     let torn_down = r.passes.torn_down();
     r.reconcile_current(|| none.clone()).await;
     assert!(
-        *torn_down.borrow() < none.generation,
+        torn_down.borrow().released < none.generation,
         "what waits for a's teardown (a purge) waits for its container"
     );
     assert_eq!(
@@ -573,10 +794,14 @@ async fn a_tenant_dropped_while_its_container_is_made_keeps_its_rules_and_the_te
         "its rules stay while its container may start"
     );
 
-    creations_ended(&r).await;
+    r.settled().await;
     fake.calls.lock().unwrap().clear();
-    r.reconcile_current(|| none.clone()).await;
-    assert_eq!(*torn_down.borrow(), none.generation, "torn down");
+    r.reconcile(&none).await;
+    assert_eq!(
+        *torn_down.borrow(),
+        TornDown::complete(none.generation),
+        "torn down"
+    );
     assert_eq!(fake.calls(), TEARDOWN_OF_A);
     assert!(fake.containers.lock().unwrap().is_empty());
 }

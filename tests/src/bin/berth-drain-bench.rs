@@ -236,10 +236,18 @@ fn main() {
     // that many restarts at once against one (the moved tenants' containers, restarted by
     // Docker alone; berth's own restarts take a host's tenants one at a time by default).
     let docker_factor = (max_parallel > 1).then(|| {
+        let placed = json(&coordinator, &["tenants"]);
         let containers: Vec<String> = data
             .keys()
             .take(max_parallel)
-            .map(|t| format!("berth-{t}"))
+            .map(|t| {
+                let host = placed
+                    .as_array()
+                    .and_then(|all| all.iter().find(|p| p["tenant_id"] == t.as_str()))
+                    .and_then(|p| p["host_id"].as_str())
+                    .expect("the moved tenant's host");
+                berth_tests::docker::container_name(host, t)
+            })
             .collect();
         docker_restarts(&containers) / docker_restarts(&containers[..1])
     });

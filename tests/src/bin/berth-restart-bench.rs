@@ -54,7 +54,7 @@ fn main() {
     for (tenant, slot) in &placed {
         let view = f.wait_running(tenant, Duration::from_secs(20));
         let port = view["published_port"].as_u64().unwrap() as u16;
-        let container = format!("berth-{tenant}");
+        let container = f.container(tenant);
         watched.push((
             tenant.clone(),
             *slot,
