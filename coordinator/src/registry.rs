@@ -543,6 +543,17 @@ mod tests {
         (Registry::new(store.clone(), clock.clone()), clock, store)
     }
 
+    /// `host` enrolled, with certificate serial 01.
+    fn enrolled(reg: &Registry, host: &str) -> HostId {
+        let id = HostId::new(host).unwrap();
+        let (token, _) = reg
+            .create_enrollment_token(&id, Duration::from_secs(60))
+            .unwrap();
+        reg.redeem_enrollment_token(&token, |_| Ok::<_, RegistryError>(((), cert("01", host))))
+            .unwrap();
+        id
+    }
+
     fn cert(serial: &str, subject: &str) -> CertRecord {
         CertRecord {
             serial: serial.into(),
@@ -616,14 +627,7 @@ mod tests {
     #[test]
     fn host_goes_down_after_the_deadline_and_back() {
         let (reg, clock, _) = registry();
-        let host = HostId::new("host-a").unwrap();
-        let (token, _) = reg
-            .create_enrollment_token(&host, Duration::from_secs(60))
-            .unwrap();
-        reg.redeem_enrollment_token(&token, |_| {
-            Ok::<_, RegistryError>(((), cert("01", "host-a")))
-        })
-        .unwrap();
+        let host = enrolled(&reg, "host-a");
         let deadline = Duration::from_secs(15);
         assert_eq!(
             reg.host(&host).unwrap().unwrap().state(reg.now(), deadline),
@@ -659,14 +663,7 @@ mod tests {
     #[test]
     fn a_change_is_published_before_anyone_can_read_it() {
         let (reg, clock, _) = registry();
-        let host = HostId::new("host-a").unwrap();
-        let (token, _) = reg
-            .create_enrollment_token(&host, Duration::from_secs(60))
-            .unwrap();
-        reg.redeem_enrollment_token(&token, |_| {
-            Ok::<_, RegistryError>(((), cert("01", "host-a")))
-        })
-        .unwrap();
+        let host = enrolled(&reg, "host-a");
         let deadline = Duration::from_secs(15);
         let stored = |reg: &Registry| reg.host(&host).unwrap().unwrap();
         let published = std::cell::RefCell::new(Vec::new());
