@@ -70,14 +70,19 @@ impl Fleet {
         )
     }
 
+    /// The Linux bridge of `tenant`'s network on this fleet's host.
+    pub fn bridge(&self, tenant: &str) -> String {
+        berth_node_agent::hardening::bridge_name(
+            &berth_shared::ids::HostId::new(&self.agent.host_id).unwrap(),
+            &TenantId::new(tenant).unwrap(),
+        )
+    }
+
     /// What lies between 127.0.0.1:`port` and `tenant`'s gateway, for a failure message: the
     /// container's address and state as Docker sees them, the host's route and neighbour
     /// entries towards it, the bridge's ports and who listens on the published port.
     pub fn path_report(&self, tenant: &str, port: u16) -> String {
-        let bridge = berth_node_agent::hardening::bridge_name(
-            &berth_shared::ids::HostId::new(&self.agent.host_id).unwrap(),
-            &TenantId::new(tenant).unwrap(),
-        );
+        let bridge = self.bridge(tenant);
         let container = crate::docker::inspect(&self.container(tenant));
         let endpoint = container
             .as_ref()
@@ -112,7 +117,13 @@ impl Fleet {
             run("ip", &["-br", "link", "show", "master", &bridge]),
             run(
                 "ip",
-                &["-br", "addr", "show", "to", &format!("{address}/28")],
+                &[
+                    "-br",
+                    "addr",
+                    "show",
+                    "to",
+                    &format!("{address}/{}", berth_node_agent::subnets::TENANT_PREFIX),
+                ],
             ),
             run("ss", &["-ltnpH", &sport]),
         ]

@@ -231,10 +231,7 @@ fn clients_that_knocked_during_a_restart_get_through_once_it_is_healthy() {
         endpoint["IPAddress"].as_str().unwrap().to_string(),
         endpoint["MacAddress"].as_str().unwrap().to_string(),
     );
-    let bridge = berth_node_agent::hardening::bridge_name(
-        &berth_shared::ids::HostId::new(&f.agent.host_id).unwrap(),
-        &berth_shared::ids::TenantId::new(&tenant).unwrap(),
-    );
+    let bridge = f.bridge(&tenant);
 
     // Clients through the published port, and one at the container's address on its network:
     // Docker's proxy for the port may come up only as the gateway does, so its clients alone
