@@ -11,7 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         // A volume's data is decoded as a view of the received buffer, not copied out of it
-        // (the coordinator relays every byte of a drain, and the target writes it).
+        // (the target agent of a drain writes every byte as it came).
         .bytes(".berth.v1.VolumeData.data")
         .compile_fds(fds)?;
     println!("cargo:rerun-if-changed={}", root.display());

@@ -1,8 +1,11 @@
-//! The agent port's gRPC service: sessions (hello, reports, acks) and certificate renewal.
+//! The agent port's gRPC service: sessions (hello, reports, acks, results) and certificate
+//! renewal.
 //!
 //! Ensures: a session speaks only for the host in its certificate; a message that claims
-//! another host ends the session and is logged; a revoked or expired certificate ends it too.
+//! another host ends the session and is logged; a revoked or expired certificate ends it too;
+//! a host reports progress only of the transfers it receives.
 
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +29,39 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// spell goes out at once, and the rest of a burst of placements waits out this window and
 /// goes out as one snapshot (delivery stays far inside 1 s).
 const DESIRED_STATE_COALESCE: Duration = Duration::from_millis(20);
+
+/// Where a host's transfer port is, from its hello and the address its session comes from
+/// (`remote`): `None` when it serves none.
+fn transfer_address(
+    hello: &proto::AgentHello,
+    remote: Option<IpAddr>,
+) -> Result<Option<SocketAddr>, Status> {
+    let port = match u16::try_from(hello.transfer_port) {
+        Ok(0) => return Ok(None),
+        Ok(port) => port,
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "hello.transfer_port: {} is not a port",
+                hello.transfer_port
+            )));
+        }
+    };
+    let ip = match hello.transfer_host.as_str() {
+        "" => remote,
+        host => Some(
+            host.parse::<IpAddr>()
+                .ok()
+                .filter(|ip| !ip.is_unspecified())
+                .ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "hello.transfer_host: {:?} is not an IP address",
+                        host.chars().take(64).collect::<String>()
+                    ))
+                })?,
+        ),
+    };
+    Ok(ip.map(|ip| SocketAddr::new(ip, port)))
+}
 
 #[derive(Debug, Clone)]
 pub struct AgentApi {
@@ -93,6 +129,16 @@ impl AgentApi {
                 self.complete(auth, AgentReply::Volume(result));
                 Ok(())
             }
+            Some(AgentBody::VolumeProgress(progress)) => {
+                if !self
+                    .coordinator
+                    .transfers
+                    .record_progress(&auth.host_id, &progress)
+                {
+                    tracing::debug!(host = %auth.host_id, transfer = progress.transfer_id, "progress of a transfer not open to this host");
+                }
+                Ok(())
+            }
             Some(AgentBody::Ack(ack)) => {
                 tracing::debug!(host = %auth.host_id, generation = ack.generation, accepted = ack.accepted, "desired-state ack");
                 if !ack.accepted {
@@ -106,49 +152,20 @@ impl AgentApi {
 }
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<CoordinatorMessage, Status>> + Send>>;
-type ChunkStream = Pin<Box<dyn Stream<Item = Result<proto::VolumeChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl AgentService for AgentApi {
     type SessionStream = SessionStream;
-    type ReceiveVolumeStream = ChunkStream;
-
-    async fn send_volume(
-        &self,
-        request: Request<Streaming<proto::VolumeChunk>>,
-    ) -> Result<Response<proto::VolumeSent>, Status> {
-        let auth = self.coordinator.authenticate_host(request.extensions())?;
-        let data_bytes = self
-            .coordinator
-            .transfers
-            .relay(&auth.host_id, request.into_inner())
-            .await
-            .inspect_err(|status| {
-                tracing::warn!(host = %auth.host_id, error = %status.message(), "volume stream refused or broken");
-            })?;
-        Ok(Response::new(proto::VolumeSent { data_bytes }))
-    }
-
-    async fn receive_volume(
-        &self,
-        request: Request<proto::ReceiveVolumeRequest>,
-    ) -> Result<Response<ChunkStream>, Status> {
-        let auth = self.coordinator.authenticate_host(request.extensions())?;
-        let receiver = self
-            .coordinator
-            .transfers
-            .take_receiver(&auth.host_id, request.get_ref().transfer_id)
-            .inspect_err(|status| {
-                tracing::warn!(host = %auth.host_id, error = %status.message(), "volume stream refused");
-            })?;
-        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
-    }
 
     async fn session(
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<SessionStream>, Status> {
         let auth = self.coordinator.authenticate_host(request.extensions())?;
+        let remote = request
+            .extensions()
+            .get::<berth_shared::transport::PeerInfo>()
+            .map(|p| p.remote.ip());
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -160,6 +177,7 @@ impl AgentService for AgentApi {
             ));
         };
         Self::claim_matches(&auth, "hello.host_id", &hello.host_id)?;
+        let transfer_address = transfer_address(&hello, remote)?;
         let facts = HostFacts::try_from(hello.facts.unwrap_or_default()).map_err(|e| {
             tracing::warn!(host = %auth.host_id, error = %e, "hello refused");
             Status::invalid_argument(e.to_string())
@@ -180,10 +198,12 @@ impl AgentService for AgentApi {
         tx.send(Ok(accepted))
             .await
             .map_err(|_| Status::cancelled("agent went away"))?;
-        let (session_id, mut close) =
-            self.coordinator
-                .sessions
-                .register(&auth.host_id, &auth.serial, tx.clone());
+        let (session_id, mut close) = self.coordinator.sessions.register(
+            &auth.host_id,
+            &auth.serial,
+            tx.clone(),
+            transfer_address,
+        );
         // Back after a drain moved tenants away without it: what it still holds of them goes.
         tokio::spawn(
             self.coordinator
@@ -284,5 +304,43 @@ impl AgentService for AgentApi {
             certificate_pem: cert.pem,
             not_after_unix_ms: cert.not_after_unix_ms,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(port: u32, host: &str) -> proto::AgentHello {
+        proto::AgentHello {
+            transfer_port: port,
+            transfer_host: host.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_transfer_port_is_where_the_hello_says_or_where_the_session_comes_from() {
+        let seen: Option<IpAddr> = Some("10.77.0.3".parse().unwrap());
+        let at = |port, host| transfer_address(&hello(port, host), seen);
+        assert_eq!(at(0, "").unwrap(), None, "serves none");
+        assert_eq!(
+            at(7445, "").unwrap(),
+            Some("10.77.0.3:7445".parse().unwrap())
+        );
+        assert_eq!(
+            at(7445, "203.0.113.7").unwrap(),
+            Some("203.0.113.7:7445".parse().unwrap())
+        );
+        assert_eq!(transfer_address(&hello(7445, ""), None).unwrap(), None);
+        for (port, host, field) in [
+            (70000, "", "hello.transfer_port"),
+            (7445, "0.0.0.0", "hello.transfer_host"),
+            (7445, "evil.example", "hello.transfer_host"),
+        ] {
+            let status = at(port, host).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert!(status.message().starts_with(field), "{}", status.message());
+        }
     }
 }

@@ -497,6 +497,8 @@ struct SessionEntry {
     serial: String,
     close: oneshot::Sender<Status>,
     outbound: SessionSender,
+    /// Where other agents push volumes to this host (from its hello).
+    transfer_address: Option<std::net::SocketAddr>,
 }
 
 /// What a session sends its agent.
@@ -554,6 +556,7 @@ impl SessionHub {
         host: &HostId,
         serial: &str,
         outbound: SessionSender,
+        transfer_address: Option<std::net::SocketAddr>,
     ) -> (u64, CloseSignal) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (close, signal) = oneshot::channel();
@@ -562,6 +565,7 @@ impl SessionHub {
             serial: serial.to_string(),
             close,
             outbound,
+            transfer_address,
         };
         let previous = self
             .sessions
@@ -709,6 +713,44 @@ impl SessionHub {
         }
     }
 
+    /// Where `host`'s transfer port is, while it is connected and serves one.
+    pub fn transfer_address(&self, host: &HostId) -> Option<std::net::SocketAddr> {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(host)
+            .and_then(|e| e.transfer_address)
+    }
+
+    /// Tells `host` to stop transfer `transfer_id`, without waiting (its agent does not answer;
+    /// a host that is not connected has cancelled its transfers already).
+    pub fn cancel_transfer(&self, host: &HostId, transfer_id: u64) {
+        let Some(outbound) = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(host)
+            .map(|e| e.outbound.clone())
+        else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let command = proto::CoordinatorMessage {
+            body: Some(proto::coordinator_message::Body::Volume(
+                proto::VolumeCommand {
+                    action: proto::VolumeAction::Cancel as i32,
+                    transfer_id,
+                    ..Default::default()
+                },
+            )),
+        };
+        runtime.spawn(async move {
+            let _ = outbound.send(Ok(command)).await;
+        });
+    }
+
     pub fn is_connected(&self, host: &HostId) -> bool {
         self.sessions
             .lock()
@@ -824,7 +866,7 @@ mod tests {
         assert_eq!(c.placements.retained(&id), Some(host.clone()));
         // Connected, the agent refuses: still nothing destroyed.
         let (tx, rx) = mpsc::channel(4);
-        c.sessions.register(&host, "s1", tx);
+        c.sessions.register(&host, "s1", tx, None);
         let agent = tokio::spawn(answer_purge(
             c.clone(),
             host.clone(),
@@ -844,7 +886,7 @@ mod tests {
         assert!(c.keys.get(&id).unwrap().is_some());
         // The agent shreds it: purged, the key destroyed, the volume forgotten.
         let (tx, rx) = mpsc::channel(4);
-        c.sessions.register(&host, "s2", tx);
+        c.sessions.register(&host, "s2", tx, None);
         let agent = tokio::spawn(answer_purge(c.clone(), host.clone(), rx, (true, "")));
         let removed = c.remove(&id, true).await.unwrap();
         agent.await.unwrap();
@@ -875,7 +917,7 @@ mod tests {
         let placed = c.place(spec("open", false, "business")).await.unwrap();
         let host = HostId::new(&placed.host_id).unwrap();
         let (tx, mut rx) = mpsc::channel(4);
-        c.sessions.register(&host, "s1", tx);
+        c.sessions.register(&host, "s1", tx, None);
         let removing = {
             let (c, id) = (c.clone(), id.clone());
             tokio::spawn(async move { c.remove(&id, true).await })
@@ -904,7 +946,7 @@ mod tests {
             "host \"a\" is not connected: the restart cannot be delivered"
         );
         let (tx, mut rx) = mpsc::channel(4);
-        hub.register(&a, "s1", tx);
+        hub.register(&a, "s1", tx, None);
         let waiting = {
             let (hub, a, tenant) = (hub.clone(), a.clone(), tenant.clone());
             tokio::spawn(async move {
@@ -948,8 +990,8 @@ mod tests {
     fn newer_session_supersedes_and_revocation_closes() {
         let hub = SessionHub::default();
         let host = HostId::new("a").unwrap();
-        let (first, mut first_signal) = hub.register(&host, "s1", mpsc::channel(1).0);
-        let (second, mut second_signal) = hub.register(&host, "s2", mpsc::channel(1).0);
+        let (first, mut first_signal) = hub.register(&host, "s1", mpsc::channel(1).0, None);
+        let (second, mut second_signal) = hub.register(&host, "s2", mpsc::channel(1).0, None);
         assert_eq!(
             first_signal.try_recv().unwrap().code(),
             tonic::Code::Aborted

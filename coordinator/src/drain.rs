@@ -1082,7 +1082,7 @@ impl Coordinator {
         Ok(MovePhase::NotMoved)
     }
 
-    /// Streams the volume from the source agent to the target agent through the relay: a
+    /// Has the source agent push the volume straight to the target agent's transfer port: a
     /// pre-copy of a running tenant, or the copy after its stop (of only what changed since
     /// the pre-copy `base`, when both agents hold it). Returns the transfer's id.
     async fn copy_volume(
@@ -1093,7 +1093,12 @@ impl Coordinator {
         precopy: bool,
         base: u64,
     ) -> Result<u64, MoveFailure> {
-        let transfer = self.transfers.open(tenant, source, target);
+        let address = self.sessions.transfer_address(target).ok_or_else(|| {
+            MoveFailure::Failed(format!(
+                "copy: {target} has no transfer port (not connected, or its agent serves none)"
+            ))
+        })?;
+        let transfer = self.transfers.open(target);
         self.drains
             .progress
             .lock()
@@ -1101,22 +1106,51 @@ impl Coordinator {
             .insert(tenant.clone(), transfer.progress.clone());
         // A copy is bounded by the drain's deadline (which stops it), not by a guess here.
         let wait = Duration::from_secs(24 * 3600);
-        let command = |action: proto::VolumeAction| proto::VolumeCommand {
-            tenant_id: tenant.to_string(),
-            action: action as i32,
-            transfer_id: transfer.id,
-            precopy,
-            base_transfer_id: base,
-            ..Default::default()
+        let command = |action: proto::VolumeAction, peer: &HostId, peer_address: String| {
+            proto::VolumeCommand {
+                tenant_id: tenant.to_string(),
+                action: action as i32,
+                transfer_id: transfer.id,
+                precopy,
+                base_transfer_id: base,
+                peer_host_id: peer.to_string(),
+                peer_address,
+                transfer_token: transfer.token.to_vec(),
+                ..Default::default()
+            }
         };
-        let (received, sent) = tokio::join!(
-            self.sessions
-                .volume(target, command(proto::VolumeAction::Import), wait),
-            self.sessions
-                .volume(source, command(proto::VolumeAction::Export), wait),
-        );
-        let progress = self
-            .drains
+        let import = command(proto::VolumeAction::Import, source, String::new());
+        let export = command(proto::VolumeAction::Export, target, address.to_string());
+        // Whatever stops this copy before both ends answered (an abort, the deadline) stops
+        // both ends too.
+        let mut both = CancelOnDrop {
+            sessions: &self.sessions,
+            hosts: [source, target],
+            transfer_id: transfer.id,
+            armed: true,
+        };
+        let received = self.sessions.volume(target, import, wait);
+        let sent = self.sessions.volume(source, export, wait);
+        tokio::pin!(received, sent);
+        let done = |r: &Result<proto::VolumeResult, Status>| matches!(r, Ok(r) if r.ok);
+        // An end that failed leaves the other waiting for a stream that never comes (or
+        // goes): it is stopped.
+        let (received, sent) = tokio::select! {
+            received = &mut received => {
+                if !done(&received) {
+                    self.sessions.cancel_transfer(source, transfer.id);
+                }
+                (received, sent.await)
+            }
+            sent = &mut sent => {
+                if !done(&sent) {
+                    self.sessions.cancel_transfer(target, transfer.id);
+                }
+                (received.await, sent)
+            }
+        };
+        both.armed = false;
+        self.drains
             .progress
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -1137,9 +1171,7 @@ impl Coordinator {
                 sent.data_bytes, sent.sha256, received.data_bytes, received.sha256
             )));
         }
-        let copied = progress.map_or(sent.data_bytes, |p| {
-            p.copied.load(std::sync::atomic::Ordering::Relaxed)
-        });
+        let copied = received.data_bytes;
         tracing::info!(%tenant, precopy, base, bytes = sent.data_bytes, sha256 = %sent.sha256, "volume copied");
         self.drains.set_move(source, tenant, |m| {
             // A copy that builds on a pre-copy sends part of the volume only.
@@ -1264,5 +1296,23 @@ impl Coordinator {
                 last.message
             ))
         })
+    }
+}
+
+/// Cancels a transfer at both ends when dropped while armed.
+struct CancelOnDrop<'a> {
+    sessions: &'a crate::core::SessionHub,
+    hosts: [&'a HostId; 2],
+    transfer_id: u64,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            for host in self.hosts {
+                self.sessions.cancel_transfer(host, self.transfer_id);
+            }
+        }
     }
 }

@@ -39,6 +39,8 @@ struct RawConfig {
     tenant_subnets: Option<String>,
     metrics_listen: Option<String>,
     metrics_token_file: Option<PathBuf>,
+    transfer_listen: Option<String>,
+    transfer_advertise: Option<String>,
     volume_root: Option<PathBuf>,
     #[serde(default)]
     egress: RawEgress,
@@ -233,6 +235,11 @@ pub struct AgentConfig {
     pub restarts: RestartSettings,
     /// Where `/metrics` is served.
     pub metrics_listen: SocketAddr,
+    /// The transfer port, where other agents push drained volumes (mTLS under the fleet CA).
+    pub transfer_listen: SocketAddr,
+    /// The address other hosts reach the transfer port at; `None`: the address the
+    /// coordinator sees this host's session come from.
+    pub transfer_advertise: Option<std::net::IpAddr>,
     /// The token `/metrics` requests must carry; required off loopback.
     pub metrics_token: Option<String>,
     /// Tenant volumes: `volumes/` (backing files), `mnt/` (mounted), `plain/` (unencrypted).
@@ -240,6 +247,9 @@ pub struct AgentConfig {
 }
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/berth/agent";
+
+/// The transfer port's default: next to the coordinator's agent (7443) and operator (7444) ports.
+pub const DEFAULT_TRANSFER_PORT: u16 = 7445;
 
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -282,14 +292,37 @@ impl AgentConfig {
             .map(|v| parse_duration("report_interval", &v))
             .transpose()
             .map_err(|e| value(e.to_string()))?;
-        let metrics_listen: SocketAddr = match &raw.metrics_listen {
-            Some(v) => v.parse().map_err(|_| {
+        let listen = |field: &str, v: &Option<String>, default: SocketAddr| match v {
+            Some(v) => v.parse::<SocketAddr>().map_err(|_| {
                 value(format!(
-                    "invalid metrics_listen: {v:?} is not an address:port such as 127.0.0.1:7481"
+                    "invalid {field}: {v:?} is not an address:port such as {default}"
                 ))
-            })?,
-            None => SocketAddr::from(([127, 0, 0, 1], 7481)),
+            }),
+            None => Ok(default),
         };
+        let metrics_listen = listen(
+            "metrics_listen",
+            &raw.metrics_listen,
+            SocketAddr::from(([127, 0, 0, 1], 7481)),
+        )?;
+        let transfer_listen = listen(
+            "transfer_listen",
+            &raw.transfer_listen,
+            SocketAddr::from(([0, 0, 0, 0], DEFAULT_TRANSFER_PORT)),
+        )?;
+        let transfer_advertise = raw
+            .transfer_advertise
+            .map(|v| {
+                v.parse::<std::net::IpAddr>()
+                    .ok()
+                    .filter(|ip| !ip.is_unspecified())
+                    .ok_or_else(|| {
+                        value(format!(
+                            "invalid transfer_advertise: {v:?} is not an IP address other hosts can reach"
+                        ))
+                    })
+            })
+            .transpose()?;
         let metrics_token = raw
             .metrics_token_file
             .as_ref()
@@ -340,6 +373,8 @@ impl AgentConfig {
             restarts: raw.restarts.parse().map_err(value)?,
             metrics_listen,
             metrics_token,
+            transfer_listen,
+            transfer_advertise,
             volume_root: raw
                 .volume_root
                 .unwrap_or_else(|| PathBuf::from("/var/lib/berth")),
@@ -360,6 +395,35 @@ mod tests {
         assert_eq!(c.monthly_cost_cents, 5490);
         assert_eq!(c.memory_reserved_bytes, 2 << 30);
         assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+    }
+
+    #[test]
+    fn the_transfer_port_and_its_advertised_address() {
+        let c = AgentConfig::parse(Path::new("a.toml"), GOOD).unwrap();
+        assert_eq!(c.transfer_listen, "0.0.0.0:7445".parse().unwrap());
+        assert_eq!(c.transfer_advertise, None);
+        let c = AgentConfig::parse(
+            Path::new("a.toml"),
+            &format!(
+                "transfer_listen = \"10.0.0.5:0\"\ntransfer_advertise = \"203.0.113.9\"\n{GOOD}"
+            ),
+        )
+        .unwrap();
+        assert_eq!(c.transfer_listen, "10.0.0.5:0".parse().unwrap());
+        assert_eq!(c.transfer_advertise, Some("203.0.113.9".parse().unwrap()));
+        for (line, field) in [
+            ("transfer_listen = \"7445\"", "transfer_listen"),
+            ("transfer_advertise = \"0.0.0.0\"", "transfer_advertise"),
+            (
+                "transfer_advertise = \"host.example\"",
+                "transfer_advertise",
+            ),
+        ] {
+            let err = AgentConfig::parse(Path::new("a.toml"), &format!("{line}\n{GOOD}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("invalid {field}")), "{line}: {err}");
+        }
     }
 
     #[test]

@@ -19,12 +19,12 @@ use crate::egress::NftEgress;
 use crate::facts::{ProbeRoots, probe_cgroup, probe_dm_crypt};
 use crate::health::HealthWatch;
 use crate::nft::NftCommand;
+use crate::peer::{Incoming, PeerTls};
 use crate::reconcile::{Passes, Reconciler, TornDown, VolumeStep, port_free_on_loopback};
 use crate::restarts::{Driver, HealthGate, NetnsProbe, RestartSettings, Restarts};
 use crate::runtime::DockerRuntime;
 use crate::transfer::{Base, VolumeLocation, receive_volume, send_volume};
 use crate::volume::{HostVolumes, KeySource, SystemMounter};
-use berth_shared::proto::agent_service_client::AgentServiceClient;
 use std::path::{Path, PathBuf};
 
 /// How often the host is re-checked without a change.
@@ -57,9 +57,16 @@ pub struct Enforcement {
     /// The reconciler's passes, which volume commands wait for.
     pub passes: Arc<Passes>,
     volume_results: Mutex<VecDeque<proto::VolumeResult>>,
-    volume_results_ready: Notify,
-    /// The channel of the current coordinator session, for volume transfers.
-    transfer_channel: Mutex<Option<tonic::transport::Channel>>,
+    /// The latest progress of each import under way, by transfer id, not sent yet.
+    volume_progress: Mutex<HashMap<u64, proto::VolumeProgress>>,
+    volume_messages_ready: Notify,
+    /// This host's identity while a coordinator session is up: volume transfers are made
+    /// with it, and only then.
+    peer_tls: Mutex<Option<Arc<PeerTls>>>,
+    /// The transfers other hosts may push to this one (served on the transfer port).
+    pub incoming: Arc<Incoming>,
+    /// What stops each transfer under way, by transfer id.
+    cancels: Mutex<HashMap<u64, watch::Sender<bool>>>,
     /// A tenant's state changed in the last pass: report now, not at the next interval
     /// (a drain waits for a moved tenant to run).
     states_changed: Notify,
@@ -86,8 +93,11 @@ impl Enforcement {
             transferring: Mutex::default(),
             passes: Arc::default(),
             volume_results: Mutex::new(VecDeque::new()),
-            volume_results_ready: Notify::new(),
-            transfer_channel: Mutex::new(None),
+            volume_progress: Mutex::default(),
+            volume_messages_ready: Notify::new(),
+            peer_tls: Mutex::new(None),
+            incoming: Arc::default(),
+            cancels: Mutex::default(),
             states_changed: Notify::new(),
             bases: Mutex::default(),
         }
@@ -114,12 +124,32 @@ impl Enforcement {
         }
     }
 
-    /// The session's channel (`None` once it is gone): volume transfers go over it.
-    pub fn set_transfer_channel(&self, channel: Option<tonic::transport::Channel>) {
-        *self
-            .transfer_channel
+    /// This host's identity for volume transfers, while a coordinator session is up.
+    pub fn set_peer_tls(&self, tls: Option<Arc<PeerTls>>) {
+        *self.peer_tls.lock().unwrap_or_else(|p| p.into_inner()) = tls;
+    }
+
+    /// Stops the transfers under way (the session that ordered them is lost, so nobody
+    /// could hear how they ended): each ends as failed, and imports leave nothing behind.
+    pub fn cancel_transfers(&self) {
+        for cancel in self
+            .cancels
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) = channel;
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
+            cancel.send_replace(true);
+        }
+    }
+
+    /// Queues the progress of import `transfer_id` for the coordinator (only the latest of
+    /// each transfer is kept).
+    fn push_volume_progress(&self, progress: proto::VolumeProgress) {
+        self.volume_progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(progress.transfer_id, progress);
+        self.volume_messages_ready.notify_one();
     }
 
     fn push_volume_result(&self, result: proto::VolumeResult) {
@@ -132,7 +162,7 @@ impl Enforcement {
         }
         results.push_back(result);
         drop(results);
-        self.volume_results_ready.notify_one();
+        self.volume_messages_ready.notify_one();
     }
 
     /// Queues a volume command; its result comes out of [`Self::take_volume_results`]. A
@@ -142,6 +172,18 @@ impl Enforcement {
     /// nowhere here, and a pre-copy export, which reads a running tenant's volume as it is,
     /// go at once.
     pub fn request_volume(&self, command: proto::VolumeCommand) {
+        if command.action == proto::VolumeAction::Cancel as i32 {
+            // Not queued behind anything: the transfer is stopped now, or had ended.
+            if let Some(cancel) = self
+                .cancels
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&command.transfer_id)
+            {
+                cancel.send_replace(true);
+            }
+            return;
+        }
         let after = match proto::VolumeAction::try_from(command.action) {
             Ok(proto::VolumeAction::Import) => 0,
             // A pre-copy reads the volume of a tenant that runs on.
@@ -170,16 +212,30 @@ impl Enforcement {
         }
     }
 
-    /// Resolves when volume results are waiting.
-    pub async fn volume_results_ready(&self) {
-        self.volume_results_ready.notified().await
+    /// Resolves when volume results or progress are waiting.
+    pub async fn volume_messages_ready(&self) {
+        self.volume_messages_ready.notified().await
     }
 
-    pub fn take_volume_results(&self) -> Vec<proto::VolumeResult> {
-        self.volume_results
+    /// The volume messages for the coordinator: progress of imports, then results.
+    pub fn take_volume_messages(&self) -> Vec<proto::agent_message::Body> {
+        use proto::agent_message::Body;
+        let progress = std::mem::take(
+            &mut *self
+                .volume_progress
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        let results = self
+            .volume_results
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .drain(..)
+            .collect::<Vec<_>>();
+        progress
+            .into_values()
+            .map(Body::VolumeProgress)
+            .chain(results.into_iter().map(Body::VolumeResult))
             .collect()
     }
 
@@ -230,9 +286,10 @@ impl Enforcement {
                 proto::VolumeAction::try_from(command.action),
             ) {
                 (Err(e), _) => Err(format!("tenant_id: {e}")),
-                (_, Ok(proto::VolumeAction::Unspecified) | Err(_)) => {
-                    Err(format!("action: unknown volume action {}", command.action))
-                }
+                (
+                    _,
+                    Ok(proto::VolumeAction::Unspecified | proto::VolumeAction::Cancel) | Err(_),
+                ) => Err(format!("action: unknown volume action {}", command.action)),
                 (Ok(t), action)
                     if desired.tenants.iter().any(|s| s.tenant_id == t)
                         && !(command.precopy && action == Ok(proto::VolumeAction::Export)) =>
@@ -279,7 +336,8 @@ impl Enforcement {
         }
     }
 
-    /// Sends or receives a tenant's volume through the coordinator, then queues the result.
+    /// Pushes a tenant's volume to the target's transfer port, or takes one pushed to this
+    /// host's, then queues the result.
     async fn transfer(
         self: Arc<Self>,
         action: proto::VolumeAction,
@@ -295,24 +353,52 @@ impl Enforcement {
             .get(at.tenant.as_str())
             .filter(|b| b.transfer_id == command.base_transfer_id && b.transfer_id != 0)
             .cloned();
-        let channel = self
-            .transfer_channel
+        let (cancel, cancelled) = watch::channel(false);
+        self.cancels
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone();
+            .insert(transfer_id, cancel);
         let began = std::time::Instant::now();
-        let outcome = match channel {
-            None => Err("not connected to the coordinator".to_string()),
-            Some(channel) => {
-                let client = AgentServiceClient::new(channel);
-                match action {
-                    proto::VolumeAction::Export => {
-                        send_volume(client, at, transfer_id, precopy, base).await
+        let outcome = match action {
+            proto::VolumeAction::Export => {
+                let tls = self
+                    .peer_tls
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                match crate::peer::push_target(&command, tls.as_deref()) {
+                    Err(e) => Err(e),
+                    Ok(client) => {
+                        let token = command.transfer_token.clone();
+                        send_volume(client, at, transfer_id, token, precopy, base, cancelled).await
                     }
-                    _ => receive_volume(client, at, transfer_id, precopy, base).await,
                 }
             }
+            _ => match crate::peer::source_of(&command) {
+                Err(e) => Err(e),
+                Ok(source) => {
+                    let (_expecting, chunks) = self.incoming.expect(
+                        transfer_id,
+                        &at.tenant,
+                        source,
+                        command.transfer_token.clone(),
+                    );
+                    let reporter = self.clone();
+                    let report = move |data_bytes, received_bytes| {
+                        reporter.push_volume_progress(proto::VolumeProgress {
+                            transfer_id,
+                            data_bytes,
+                            received_bytes,
+                        })
+                    };
+                    receive_volume(chunks, at, transfer_id, precopy, base, report, cancelled).await
+                }
+            },
         };
+        self.cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&transfer_id);
         match outcome {
             Ok(copied) => {
                 tracing::info!(tenant = %result.tenant_id, ?action, precopy, base = command.base_transfer_id, bytes = copied.data_bytes, ms = began.elapsed().as_millis() as u64, "volume transferred");
@@ -599,11 +685,33 @@ mod tests {
 
     use super::*;
 
+    /// The volume results waiting (progress reports aside).
+    fn take_results(e: &Enforcement) -> Vec<proto::VolumeResult> {
+        e.take_volume_messages()
+            .into_iter()
+            .filter_map(|body| match body {
+                proto::agent_message::Body::VolumeResult(r) => Some(r),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A transfer command's other end as the coordinator fills it in (transfer 9).
+    fn to_peer() -> proto::VolumeCommand {
+        proto::VolumeCommand {
+            transfer_id: 9,
+            peer_host_id: "other-host".into(),
+            peer_address: "127.0.0.1:9".into(),
+            transfer_token: vec![1; 32],
+            ..Default::default()
+        }
+    }
+
     /// The first volume results to come (a transfer answers from a task of its own).
     async fn first_results(e: &Enforcement) -> Vec<proto::VolumeResult> {
         tokio::time::timeout(std::time::Duration::from_secs(5), async {
             loop {
-                let results = e.take_volume_results();
+                let results = take_results(e);
                 if !results.is_empty() {
                     return results;
                 }
@@ -700,8 +808,7 @@ mod tests {
             tenant_id: tenant.into(),
             request_id,
             action,
-            transfer_id: 9,
-            ..Default::default()
+            ..to_peer()
         };
         let purge = proto::VolumeAction::Purge as i32;
         e.request_volume(command("acme", 1, purge));
@@ -749,7 +856,7 @@ mod tests {
             ["gone"],
             "only the removed tenant"
         );
-        let results = e.take_volume_results();
+        let results = take_results(&e);
         let answers: Vec<(u64, bool, &str)> = results
             .iter()
             .map(|r| (r.request_id, r.ok, r.error.as_str()))
@@ -778,7 +885,7 @@ mod tests {
             ]
         );
         assert!(results[4].erased && results[4].deleted);
-        assert!(e.take_volume_results().is_empty(), "each result once");
+        assert!(take_results(&e).is_empty(), "each result once");
     }
 
     #[tokio::test]
@@ -789,9 +896,8 @@ mod tests {
             tenant_id: "acme".into(),
             request_id,
             action: proto::VolumeAction::Export as i32,
-            transfer_id: 9,
             precopy,
-            ..Default::default()
+            ..to_peer()
         };
         e.request_volume(export(1, true));
         e.request_volume(export(2, false));
@@ -807,7 +913,7 @@ mod tests {
         // The plain export waits for the teardown, and acme is still placed here.
         let generation = e.current().generation;
         run_torn_down(&e, &volumes, generation).await;
-        let second = e.take_volume_results();
+        let second = take_results(&e);
         assert_eq!(second.len(), 1);
         assert_eq!(
             second[0].error,
@@ -832,15 +938,14 @@ mod tests {
             tenant_id: "acme".into(),
             request_id: 1,
             action: proto::VolumeAction::Export as i32,
-            transfer_id: 9,
-            ..Default::default()
+            ..to_peer()
         });
         let read = e.current();
         e.run_volume_commands(&volumes, Path::new("/nonexistent"), TornDown::complete(1))
             .await;
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(
-            e.take_volume_results().is_empty(),
+            take_results(&e).is_empty(),
             "not while acme's container may still run"
         );
         // That very pass finished its teardown: no later pass is waited for.

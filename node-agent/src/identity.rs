@@ -152,6 +152,31 @@ impl Identity {
         &self.enrollment.host_id
     }
 
+    /// This identity, for calls to other agents' transfer ports.
+    pub fn peer_tls(&self) -> crate::peer::PeerTls {
+        crate::peer::PeerTls {
+            ca: self.ca.clone(),
+            chain: vec![self.cert.clone()],
+            key: self.key.clone_key(),
+        }
+    }
+
+    /// The certificate the transfer port presents.
+    pub fn presented(&self) -> Result<berth_shared::tls::CurrentCert, IdentityError> {
+        Ok(berth_shared::tls::CurrentCert::new(
+            vec![self.cert.clone()],
+            self.key.clone_key(),
+        )?)
+    }
+
+    /// Has `presented` show this (renewed) certificate from the next handshake on.
+    pub fn present_on(
+        &self,
+        presented: &berth_shared::tls::CurrentCert,
+    ) -> Result<(), IdentityError> {
+        Ok(presented.replace(vec![self.cert.clone()], self.key.clone_key())?)
+    }
+
     /// When to renew: at two thirds of the certificate's life, counted from its issue (its
     /// start is backdated by [`pki::BACKDATE`] for clock skew).
     pub fn renew_at_unix_ms(&self) -> i64 {

@@ -24,6 +24,7 @@ pub mod health;
 pub mod identity;
 pub mod metrics;
 pub mod nft;
+pub mod peer;
 pub mod reconcile;
 pub mod restarts;
 pub mod runtime;

@@ -75,6 +75,12 @@ pub enum RunError {
     Identity(#[from] IdentityError),
     #[error("the agent's own store: {0}")]
     Store(berth_shared::store::StoreError),
+    /// The transfer port could not be opened.
+    #[error("transfer_listen {addr}: {source}")]
+    TransferPort {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Runs until SIGTERM/SIGINT.
@@ -91,6 +97,7 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
         config.clone(),
         identity.host_id().clone(),
     ));
+    let transfer_port = open_transfer_port(&config, &identity, &enforcement).await?;
     let telemetry = Arc::new(Telemetry::default());
     tokio::spawn(crate::metrics::serve(
         config.metrics_listen,
@@ -114,6 +121,7 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
         let session = run_session(
             &config,
             &identity,
+            transfer_port.port,
             &mut meter,
             &enforcement,
             &telemetry,
@@ -127,6 +135,7 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
         match end {
             SessionEnd::Renewed => {
                 identity = Identity::load(&config.state_dir)?;
+                identity.present_on(&transfer_port.presented)?;
                 tracing::info!(serial = %identity.cert_info.serial, "reconnecting with the renewed certificate");
                 continue;
             }
@@ -143,6 +152,48 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
     }
 }
 
+/// The open transfer port: the port it is on, and the certificate it presents.
+struct TransferPort {
+    port: u16,
+    presented: Arc<berth_shared::tls::CurrentCert>,
+}
+
+/// Opens the transfer port, where other agents push drained volumes to this host.
+async fn open_transfer_port(
+    config: &AgentConfig,
+    identity: &Identity,
+    enforcement: &Enforcement,
+) -> Result<TransferPort, RunError> {
+    let addr = config.transfer_listen;
+    let failed = |source| RunError::TransferPort { addr, source };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(failed)?;
+    let port = listener.local_addr().map_err(failed)?.port();
+    let presented = Arc::new(identity.presented()?);
+    let tls = berth_shared::tls::server_config_presenting(
+        presented.clone(),
+        Some(berth_shared::tls::ClientAuth {
+            ca: identity.ca.clone(),
+            // The coordinator's deny-list is not here: a transfer is accepted only from the
+            // host, and with the token, the coordinator named over this host's session.
+            denied: Arc::default(),
+            mandatory: true,
+        }),
+    )
+    .map_err(IdentityError::from)?;
+    let router = crate::peer::PeerApi {
+        incoming: enforcement.incoming.clone(),
+    }
+    .router();
+    tokio::spawn(berth_shared::transport::serve_tls(
+        listener,
+        tls,
+        router,
+        std::future::pending(),
+    ));
+    tracing::info!(listen = %addr, port, "transfer port open");
+    Ok(TransferPort { port, presented })
+}
+
 /// A clean exit: systemd hears it is on purpose; tenant containers stay up (they are dockerd's).
 fn stop(systemd: &Notifier) -> Result<(), RunError> {
     tracing::info!("berth-agent stopping; tenant containers keep running");
@@ -153,20 +204,36 @@ fn stop(systemd: &Notifier) -> Result<(), RunError> {
 async fn run_session(
     config: &AgentConfig,
     identity: &Identity,
+    transfer_port: u16,
     meter: &mut Meter,
     enforcement: &Enforcement,
     telemetry: &Telemetry,
     backoff: &mut Backoff,
 ) -> SessionEnd {
-    let end = session_loop(config, identity, meter, enforcement, telemetry, backoff).await;
+    let end = session_loop(
+        config,
+        identity,
+        transfer_port,
+        meter,
+        enforcement,
+        telemetry,
+        backoff,
+    )
+    .await;
     telemetry.connected.store(false, Ordering::Relaxed);
-    enforcement.set_transfer_channel(None);
+    enforcement.set_peer_tls(None);
+    // A renewal reconnects at once, and the coordinator hears of the transfers over the new
+    // session; a lost session's transfers could end unheard.
+    if !matches!(end, SessionEnd::Renewed) {
+        enforcement.cancel_transfers();
+    }
     end
 }
 
 async fn session_loop(
     config: &AgentConfig,
     identity: &Identity,
+    transfer_port: u16,
     meter: &mut Meter,
     enforcement: &Enforcement,
     telemetry: &Telemetry,
@@ -184,6 +251,11 @@ async fn session_loop(
             host_id: host_id.clone(),
             facts: Some(facts),
             applied_generation: enforcement.current().generation,
+            transfer_port: u32::from(transfer_port),
+            transfer_host: config
+                .transfer_advertise
+                .map(|ip| ip.to_string())
+                .unwrap_or_default(),
         })),
     };
     if tx.send(hello).await.is_err() {
@@ -207,7 +279,7 @@ async fn session_loop(
     };
     backoff.reset();
     telemetry.connected.store(true, Ordering::Relaxed);
-    enforcement.set_transfer_channel(Some(channel.clone()));
+    enforcement.set_peer_tls(Some(Arc::new(identity.peer_tls())));
     tracing::info!(host = %host_id, interval_ms = interval.as_millis() as u64, "session accepted");
 
     let renew_in = Duration::from_millis(
@@ -290,9 +362,9 @@ async fn session_loop(
                     }
                 }
             }
-            () = enforcement.volume_results_ready() => {
-                for result in enforcement.take_volume_results() {
-                    if tx.send(AgentMessage { body: Some(AgentBody::VolumeResult(result)) }).await.is_err() {
+            () = enforcement.volume_messages_ready() => {
+                for body in enforcement.take_volume_messages() {
+                    if tx.send(AgentMessage { body: Some(body) }).await.is_err() {
                         return SessionEnd::Lost("outbound stream closed".into());
                     }
                 }

@@ -25,12 +25,14 @@ use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use berth_shared::ids::TenantId;
-use berth_shared::proto::agent_service_client::AgentServiceClient;
+use berth_shared::proto::peer_service_client::PeerServiceClient;
 use berth_shared::proto::{self, volume_chunk::Body};
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
+
+use crate::peer::IncomingChunks;
 
 /// Data bytes per chunk, and the size of the blocks a pre-copied file is compared by: a chunk
 /// never spans two blocks.
@@ -138,6 +140,8 @@ pub enum TransferError {
     Stream(String),
     #[error("the volume stream ended early")]
     Cut,
+    #[error("the target stopped taking the stream")]
+    TargetGone,
 }
 
 fn io(path: &Path, e: std::io::Error) -> TransferError {
@@ -404,6 +408,8 @@ pub fn export(
         layout: layout as i32,
         data_bytes,
         base_transfer_id: base.map_or(0, |b| b.transfer_id),
+        // Set by the transport that carries the stream (see send_volume).
+        transfer_token: Vec::new(),
     })))?;
     let mut volume = VolumeDigest::default();
     let mut sent_base = Base {
@@ -947,45 +953,70 @@ async fn off_runtime<T: Send + 'static>(
     rx.await.map_err(|_| "the pre-copy thread died".to_string())
 }
 
-/// Exports the tenant's volume to the coordinator's transfer `transfer_id` (see [`export`]).
+/// How often an import reports its progress at most.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+/// Resolves once `cancelled` turns true (never when its sender is gone).
+async fn cancelled_by(mut cancelled: watch::Receiver<bool>) {
+    if cancelled.wait_for(|c| *c).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+const CANCELLED: &str = "cancelled by the coordinator";
+
+/// Exports the tenant's volume (see [`export`]) as transfer `transfer_id` with its `token`,
+/// pushed to the target's transfer port through `target`.
 pub async fn send_volume(
-    mut client: AgentServiceClient<Channel>,
+    mut target: PeerServiceClient<Channel>,
     at: VolumeLocation,
     transfer_id: u64,
+    token: Vec<u8>,
     precopy: bool,
     base: Option<Base>,
+    cancelled: watch::Receiver<bool>,
 ) -> Result<Copied, String> {
     let (tx, rx) = mpsc::channel(PIPE_CHUNKS);
     let reader = off_runtime(precopy, move || {
-        export(&at, transfer_id, precopy, base.as_ref(), |c| {
-            tx.blocking_send(c)
-                .map_err(|_| bad("the coordinator stopped taking the stream"))
+        let mut token = Some(token);
+        export(&at, transfer_id, precopy, base.as_ref(), |mut c| {
+            // The token belongs to the transport, not to the volume: only the header has it.
+            if let (Some(Body::Header(h)), Some(token)) = (&mut c.body, token.take()) {
+                h.transfer_token = token;
+            }
+            tx.blocking_send(c).map_err(|_| TransferError::TargetGone)
         })
     });
-    let (read, call) = tokio::join!(reader, client.send_volume(ReceiverStream::new(rx)));
+    let copy = async { tokio::join!(reader, target.push_volume(ReceiverStream::new(rx))) };
+    // Cancelled, the stream is dropped, so the reader's next send fails and it ends.
+    let (read, call) = tokio::select! {
+        done = copy => done,
+        () = cancelled_by(cancelled) => return Err(CANCELLED.into()),
+    };
     let read = read.map_err(|e| format!("export task: {e}"))?;
     match (read, call) {
+        // The call says why the target stopped taking the stream.
+        (Ok(_) | Err(TransferError::TargetGone), Err(status)) => {
+            Err(format!("the target: {}", status.message()))
+        }
         (Err(e), _) => Err(e.to_string()),
-        (Ok(_), Err(status)) => Err(format!("the coordinator: {}", status.message())),
         (Ok(done), Ok(_)) => Ok(done),
     }
 }
 
-/// Imports the coordinator's transfer `transfer_id` as the tenant's volume, or with
-/// `precopy` as a base kept aside; `base` is the pre-copy this host holds. A failed import
-/// leaves nothing behind.
+/// Imports the transfer `transfer_id` pushed to this host (`chunks`) as the tenant's
+/// volume, or with `precopy` as a base kept aside; `base` is the pre-copy this host holds.
+/// `report` hears the stream's data bytes and those received so far, a few times a second.
+/// A failed or cancelled import leaves nothing behind.
 pub async fn receive_volume(
-    mut client: AgentServiceClient<Channel>,
+    mut chunks: IncomingChunks,
     at: VolumeLocation,
     transfer_id: u64,
     precopy: bool,
     base: Option<Base>,
+    report: impl Fn(u64, u64),
+    cancelled: watch::Receiver<bool>,
 ) -> Result<Copied, String> {
-    let mut stream = client
-        .receive_volume(proto::ReceiveVolumeRequest { transfer_id })
-        .await
-        .map_err(|status| format!("the coordinator: {}", status.message()))?
-        .into_inner();
     let (tx, mut rx) = mpsc::channel::<proto::VolumeChunk>(PIPE_CHUNKS);
     let staging = at.staging();
     let writer = tokio::spawn(off_runtime(precopy, move || {
@@ -995,22 +1026,36 @@ pub async fn receive_volume(
         }
         importer.finish(precopy)
     }));
-    let mut broken = None;
-    loop {
-        match stream.message().await {
-            Ok(Some(chunk)) => {
+    let (mut total, mut received) = (0u64, 0u64);
+    let mut reported = std::time::Instant::now();
+    let cancel = cancelled_by(cancelled);
+    tokio::pin!(cancel);
+    let broken = loop {
+        let next = tokio::select! {
+            next = chunks.recv() => next,
+            () = &mut cancel => break Some(CANCELLED.to_string()),
+        };
+        match next {
+            Some(Ok(chunk)) => {
+                match &chunk.body {
+                    Some(Body::Header(h)) => total = h.data_bytes,
+                    Some(Body::Data(d)) => received += d.data.len() as u64,
+                    _ => {}
+                }
+                if reported.elapsed() >= PROGRESS_EVERY {
+                    report(total, received);
+                    reported = std::time::Instant::now();
+                }
                 if tx.send(chunk).await.is_err() {
-                    break;
+                    break None;
                 }
             }
-            Ok(None) => break,
-            Err(status) => {
-                broken = Some(format!("the coordinator: {}", status.message()));
-                break;
-            }
+            None => break None,
+            Some(Err(why)) => break Some(why),
         }
-    }
+    };
     drop(tx);
+    // Cancelled or broken, the writer sees the stream end early and fails.
     let written = writer
         .await
         .map_err(|e| e.to_string())

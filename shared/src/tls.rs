@@ -2,7 +2,9 @@
 //!
 //! Ensures: the agent port accepts only client certificates chained to the fleet CA and not on
 //! the serial deny-list; enrollment pins the CA by fingerprint (no trust on first use); every
-//! client verifies the coordinator as [`COORDINATOR_SERVER_NAME`] under the fleet CA.
+//! client verifies the coordinator as [`COORDINATOR_SERVER_NAME`] under the fleet CA; between
+//! two agents (a drain's volume copy) each side holds a host certificate of the fleet CA and
+//! the caller accepts only the host it meant to reach.
 
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
@@ -11,14 +13,16 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore,
     ServerConfig, SignatureScheme,
 };
 
-use crate::pki::{Fingerprint, parse_peer_cert};
+use crate::ids::HostId;
+use crate::pki::{Fingerprint, Subject, parse_peer_cert};
 
 pub use crate::pki::COORDINATOR_SERVER_NAME;
 
@@ -151,10 +155,18 @@ pub fn server_config(
     key: PrivateKeyDer<'static>,
     client_auth: Option<ClientAuth>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
+    server_config_presenting(Arc::new(CurrentCert::new(chain, key)?), client_auth)
+}
+
+/// A server configuration presenting whatever certificate `cert` holds at each handshake.
+pub fn server_config_presenting(
+    cert: Arc<CurrentCert>,
+    client_auth: Option<ClientAuth>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let builder =
         ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
     let mut config = match client_auth {
-        None => builder.with_no_client_auth().with_single_cert(chain, key)?,
+        None => builder.with_no_client_auth().with_cert_resolver(cert),
         Some(ClientAuth {
             ca,
             denied,
@@ -167,11 +179,128 @@ pub fn server_config(
             let inner = verifier.build()?;
             builder
                 .with_client_cert_verifier(Arc::new(DenyListVerifier { inner, denied }))
-                .with_single_cert(chain, key)?
+                .with_cert_resolver(cert)
         }
     };
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The certificate a server presents, replaceable while it serves (an agent renews its own).
+#[derive(Debug)]
+pub struct CurrentCert(RwLock<Arc<CertifiedKey>>);
+
+impl CurrentCert {
+    /// Checks that `key` belongs to the chain's leaf.
+    fn certified(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<Arc<CertifiedKey>, TlsError> {
+        Ok(Arc::new(CertifiedKey::from_der(chain, key, &provider())?))
+    }
+
+    pub fn new(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<Self, TlsError> {
+        Ok(Self(RwLock::new(Self::certified(chain, key)?)))
+    }
+
+    /// Presents `chain` from the next handshake on; connections made already keep theirs.
+    pub fn replace(
+        &self,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<(), TlsError> {
+        let certified = Self::certified(chain, key)?;
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = certified;
+        Ok(())
+    }
+}
+
+impl ResolvesServerCert for CurrentCert {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.read().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+}
+
+/// The name an agent's transfer port is dialled by. Its certificate is checked for the host the
+/// caller expects instead (see [`peer_client_config`]).
+pub const PEER_SERVER_NAME: &str = "transfer.berth.internal";
+
+/// A client configuration for `expected`'s transfer port: the server must present a host
+/// certificate of the fleet CA `ca` naming `expected`; this host presents `identity`.
+pub fn peer_client_config(
+    ca: CertificateDer<'static>,
+    identity: ClientIdentity,
+    expected: HostId,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    // Host certificates are issued for client authentication: the server's is verified as one.
+    let hosts = WebPkiClientVerifier::builder_with_provider(roots(&ca)?, provider()).build()?;
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(HostPeerVerifier { hosts, expected }))
+        .with_client_auth_cert(identity.chain, identity.key)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Verifies another agent's transfer port: its chain under the fleet CA, and the host its
+/// certificate names.
+#[derive(Debug)]
+struct HostPeerVerifier {
+    hosts: Arc<dyn ClientCertVerifier>,
+    expected: HostId,
+}
+
+impl ServerCertVerifier for HostPeerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.hosts
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let peer = parse_peer_cert(end_entity)
+            .map_err(|e| rustls::Error::General(format!("the transfer port's certificate: {e}")))?;
+        let presented = match peer.subject {
+            Subject::Host(host) if host == self.expected => {
+                return Ok(ServerCertVerified::assertion());
+            }
+            Subject::Host(host) => format!("host {host}"),
+            Subject::Operator(name) => format!("operator {name}"),
+        };
+        Err(rustls::Error::General(format!(
+            "the transfer port presented {presented}, not host {}",
+            self.expected
+        )))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.hosts.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.hosts.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.hosts.supported_verify_schemes()
+    }
 }
 
 /// How a client decides to trust the coordinator.
@@ -283,5 +412,124 @@ impl ServerCertVerifier for PinnedCaVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         Self::schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{self, CertificateAuthority, Validity};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A host certificate of `ca` for `host`: (chain, key).
+    fn host_cert(
+        ca: &CertificateAuthority,
+        host: &str,
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let key = pki::generate_key().unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        let issued = ca
+            .issue_for_key(
+                &key,
+                &Subject::Host(HostId::new(host).unwrap()),
+                Validity::starting_now(now, std::time::Duration::from_secs(3600)),
+            )
+            .unwrap();
+        (vec![issued.der], pki::private_key_der(&key))
+    }
+
+    /// A handshake (and one byte each way) between a transfer port presenting `served` and a
+    /// caller that is `caller` and expects `expected`.
+    async fn handshake(
+        ca: &CertificateAuthority,
+        served: &Arc<CurrentCert>,
+        caller: (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+        expected: &str,
+    ) -> Result<(), String> {
+        let server = server_config_presenting(
+            served.clone(),
+            Some(ClientAuth {
+                ca: ca.cert_der().clone(),
+                denied: Arc::default(),
+                mandatory: true,
+            }),
+        )
+        .unwrap();
+        let client = peer_client_config(
+            ca.cert_der().clone(),
+            ClientIdentity {
+                chain: caller.0,
+                key: caller.1,
+            },
+            HostId::new(expected).unwrap(),
+        )
+        .unwrap();
+        let (near, far) = tokio::io::duplex(64 * 1024);
+        let accept = async move {
+            let mut stream = tokio_rustls::TlsAcceptor::from(server)
+                .accept(far)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut byte = [0u8; 1];
+            stream
+                .read_exact(&mut byte)
+                .await
+                .map_err(|e| e.to_string())?;
+            stream.write_all(&byte).await.map_err(|e| e.to_string())?;
+            stream.flush().await.map_err(|e| e.to_string())
+        };
+        let connect = async move {
+            let name = ServerName::try_from(PEER_SERVER_NAME).unwrap();
+            let mut stream = tokio_rustls::TlsConnector::from(client)
+                .connect(name, near)
+                .await
+                .map_err(|e| e.to_string())?;
+            stream.write_all(b"x").await.map_err(|e| e.to_string())?;
+            let mut byte = [0u8; 1];
+            stream
+                .read_exact(&mut byte)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        let (accepted, connected) = tokio::join!(accept, connect);
+        connected.and(accepted.map(|_| ()))
+    }
+
+    #[tokio::test]
+    async fn an_agent_reaches_only_the_host_it_expects_and_only_as_a_fleet_host() {
+        install_crypto_provider();
+        let ca = CertificateAuthority::generate("test").unwrap();
+        let (chain, key) = host_cert(&ca, "target");
+        let target = Arc::new(CurrentCert::new(chain, key).unwrap());
+        handshake(&ca, &target, host_cert(&ca, "source"), "target")
+            .await
+            .unwrap();
+        let wrong = handshake(&ca, &target, host_cert(&ca, "source"), "other")
+            .await
+            .unwrap_err();
+        assert!(wrong.contains("not host other"), "{wrong}");
+        // A certificate of another CA is refused whichever side holds it.
+        let stranger = CertificateAuthority::generate("stranger").unwrap();
+        handshake(&ca, &target, host_cert(&stranger, "source"), "target")
+            .await
+            .unwrap_err();
+        let (chain, key) = host_cert(&stranger, "target");
+        let impostor = Arc::new(CurrentCert::new(chain, key).unwrap());
+        handshake(&ca, &impostor, host_cert(&ca, "source"), "target")
+            .await
+            .unwrap_err();
+        // A renewed certificate is presented from the next handshake on.
+        let (chain, key) = host_cert(&ca, "renamed");
+        target.replace(chain, key).unwrap();
+        handshake(&ca, &target, host_cert(&ca, "source"), "renamed")
+            .await
+            .unwrap();
+        // A key that is not the certificate's is refused up front.
+        let (chain, _) = host_cert(&ca, "target");
+        let (_, other_key) = host_cert(&ca, "target");
+        assert!(CurrentCert::new(chain, other_key).is_err());
     }
 }

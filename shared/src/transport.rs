@@ -167,7 +167,22 @@ pub fn channel_with_timeout(
     tls: Arc<rustls::ClientConfig>,
     timeout: Duration,
 ) -> Channel {
-    let target = (url.host.clone(), url.port);
+    tls_channel(
+        (url.host.clone(), url.port),
+        COORDINATOR_SERVER_NAME,
+        tls,
+        Some(timeout),
+    )
+}
+
+/// A lazily connecting gRPC channel to `target` over TLS with `tls`, verifying the server as
+/// `server_name` (or as `tls`'s verifier decides). A call may take up to `timeout`, if any.
+pub fn tls_channel(
+    target: (String, u16),
+    server_name: &'static str,
+    tls: Arc<rustls::ClientConfig>,
+    timeout: Option<Duration>,
+) -> Channel {
     let connector = TlsConnector::from(tls);
     let connect = tower::service_fn(move |_: Uri| {
         let target = target.clone();
@@ -175,20 +190,23 @@ pub fn channel_with_timeout(
         async move {
             let tcp = TcpStream::connect(target).await?;
             tcp.set_nodelay(true)?;
-            let name = ServerName::try_from(COORDINATOR_SERVER_NAME)
+            let name = ServerName::try_from(server_name)
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
             let tls = connector.connect(name, tcp).await?;
             Ok::<_, std::io::Error>(TokioIo::new(tls))
         }
     });
     // The scheme is http because TLS happens in the connector above; tonic never sees it.
-    Endpoint::from_static("http://coordinator.berth.internal")
+    let endpoint = Endpoint::from_static("http://berth.internal")
         .connect_timeout(Duration::from_secs(5))
-        .timeout(timeout)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true)
-        .connect_with_connector_lazy(connect)
+        .keep_alive_while_idle(true);
+    match timeout {
+        Some(timeout) => endpoint.timeout(timeout),
+        None => endpoint,
+    }
+    .connect_with_connector_lazy(connect)
 }
 
 #[cfg(test)]

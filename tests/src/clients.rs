@@ -109,7 +109,7 @@ pub fn hello(host_id: &str) -> AgentMessage {
         body: Some(Body::Hello(proto::AgentHello {
             host_id: host_id.into(),
             facts: Some(sample_facts()),
-            applied_generation: 0,
+            ..Default::default()
         })),
     }
 }

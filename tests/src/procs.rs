@@ -442,8 +442,13 @@ impl AgentProc {
             format!("{}\n[egress]\ntenant_resolvers = []\n", self.extra_config)
         };
         let table = self.nft_table();
+        // Any free port; other hosts reach it inside their namespaces, never from outside.
+        let transfer_listen = match self.netns {
+            Some(_) => "0.0.0.0:0",
+            None => "127.0.0.1:0",
+        };
         let text = format!(
-            "state_dir = {:?}\nprovider = \"hetzner\"\nregion = \"fsn1\"\ninstance_type = \"cx22\"\nmonthly_cost = 4.51\nreport_interval = \"1s\"\ndocker_socket = {socket:?}\nmetrics_listen = \"127.0.0.1:0\"\nvolume_root = {:?}\n{}",
+            "state_dir = {:?}\nprovider = \"hetzner\"\nregion = \"fsn1\"\ninstance_type = \"cx22\"\nmonthly_cost = 4.51\nreport_interval = \"1s\"\ndocker_socket = {socket:?}\nmetrics_listen = \"127.0.0.1:0\"\ntransfer_listen = \"{transfer_listen}\"\nvolume_root = {:?}\n{}",
             self.state_dir().display().to_string(),
             self.dir.path().join("volumes").display().to_string(),
             extra.replace("[egress]", &format!("[egress]\ntable = \"{table}\""))

@@ -69,23 +69,6 @@ impl AgentService for RogueCoordinator {
     ) -> Result<Response<proto::RenewCertificateResponse>, Status> {
         Err(Status::unimplemented("not in this test"))
     }
-
-    type ReceiveVolumeStream =
-        std::pin::Pin<Box<dyn futures::Stream<Item = Result<proto::VolumeChunk, Status>> + Send>>;
-
-    async fn send_volume(
-        &self,
-        _: Request<Streaming<proto::VolumeChunk>>,
-    ) -> Result<Response<proto::VolumeSent>, Status> {
-        Err(Status::unimplemented("not in this test"))
-    }
-
-    async fn receive_volume(
-        &self,
-        _: Request<proto::ReceiveVolumeRequest>,
-    ) -> Result<Response<Self::ReceiveVolumeStream>, Status> {
-        Err(Status::unimplemented("not in this test"))
-    }
 }
 
 fn tenant(id: &str, image: &str, memory: u64) -> proto::TenantSpec {

@@ -24,7 +24,7 @@ fn hello(host: &str, dm_crypt: bool) -> proto::AgentMessage {
         body: Some(proto::agent_message::Body::Hello(proto::AgentHello {
             host_id: host.into(),
             facts: Some(facts),
-            applied_generation: 0,
+            ..Default::default()
         })),
     }
 }

@@ -157,7 +157,7 @@ async fn synthetic_host(
     let hello = proto::AgentHello {
         host_id: host.to_string(),
         facts: Some(facts),
-        applied_generation: 0,
+        ..Default::default()
     };
     tx.send(AgentMessage {
         body: Some(AgentBody::Hello(hello)),
