@@ -445,45 +445,29 @@ mod tests {
         let report = move |total, received| heard.lock().unwrap().push((total, received));
         let receiving = receive_volume(chunks, at(&to_dir), 11, false, None, report, never());
 
+        // The source's push, as `tls`, to the transfer port as if it were `target`'s.
+        let push = |tls: &PeerTls, target: &str| {
+            send_volume(
+                push_target(&export(target), Some(tls)).unwrap(),
+                at(&from_dir),
+                11,
+                token.clone(),
+                false,
+                None,
+                never(),
+            )
+        };
         // The source refuses a transfer port that is not the host it was sent to.
-        let wrong = send_volume(
-            push_target(&export("elsewhere"), Some(&source_tls)).unwrap(),
-            at(&from_dir),
-            11,
-            token.clone(),
-            false,
-            None,
-            never(),
-        )
-        .await
-        .unwrap_err();
+        let wrong = push(&source_tls, "elsewhere").await.unwrap_err();
         assert!(
             wrong.contains("the transfer port presented host target, not host elsewhere"),
             "{wrong}"
         );
         // Another host of the fleet, though it holds the token, is not the source named.
-        let refused = send_volume(
-            push_target(&export("target"), Some(&intruder_tls)).unwrap(),
-            at(&from_dir),
-            11,
-            token.clone(),
-            false,
-            None,
-            never(),
-        )
-        .await
-        .unwrap_err();
+        let refused = push(&intruder_tls, "target").await.unwrap_err();
         assert!(refused.contains("not intruder's to send"), "{refused}");
 
-        let sending = send_volume(
-            push_target(&export("target"), Some(&source_tls)).unwrap(),
-            at(&from_dir),
-            11,
-            token.clone(),
-            false,
-            None,
-            never(),
-        );
+        let sending = push(&source_tls, "target");
         let (sent, received) = tokio::join!(sending, receiving);
         let (sent, received) = (sent.unwrap(), received.unwrap());
         assert_eq!(sent.volume_sha256, received.volume_sha256);
