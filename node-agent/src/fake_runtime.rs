@@ -36,6 +36,8 @@ pub struct FakeRuntime {
     pub start_time: StdMutex<Option<std::time::Duration>>,
     /// How long removing a container takes (none: at once).
     pub remove_time: StdMutex<Option<std::time::Duration>>,
+    /// How long creating a network takes (none: at once).
+    pub network_time: StdMutex<Option<std::time::Duration>>,
     /// Containers being started: listed as created and, as Docker holds a container while it
     /// starts, answered by `details`, `start`, `stop` and `remove` only once they started.
     pub starting: StdMutex<std::collections::BTreeSet<String>>,
@@ -95,6 +97,10 @@ impl ContainerRuntime for FakeRuntime {
     async fn create_network(&self, n: NetworkCreateRequest) -> Result<(), RuntimeError> {
         let subnet = n.ipam.unwrap().config.unwrap()[0].subnet.clone().unwrap();
         self.record(format!("network {} {subnet}", n.name));
+        let network_time = *self.network_time.lock().unwrap();
+        if let Some(t) = network_time {
+            tokio::time::sleep(t).await;
+        }
         self.networks.lock().unwrap().insert(n.name, vec![subnet]);
         Ok(())
     }

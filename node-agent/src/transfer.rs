@@ -54,7 +54,7 @@ pub struct Base {
 /// How long after a file's last change its stamp is trusted: more than the coarsest timestamp
 /// granularity of the filesystems volumes live on (1 s: ext4 with small inodes) plus a clock
 /// tick, so that a write in the same tick as the stat cannot leave the stamp as it was.
-const STAMP_SETTLED: Duration = Duration::from_secs(2);
+pub const STAMP_SETTLED: Duration = Duration::from_secs(2);
 
 /// What a regular file's inode says of its contents. Its ctime changes with every write and
 /// cannot be set, so a file whose stamp is the same as when it was read, and which had been

@@ -330,15 +330,27 @@ fn a_drain_stops_at_its_deadline_and_a_lost_hosts_tenants_move_only_when_the_ope
     // A deadline that stops the drain midway: what moved stays moved, the move under way
     // rolls back, the rest never starts, and every tenant runs once, where it is placed, with
     // its data.
-    let started = json(
-        &coordinator,
-        &["drain", &src, "--deadline", "1s", "--max-parallel", "1"],
+    // `--wait` returns once it ended, prints where it ended and fails, since not done.
+    let (ok, out, err) = coordinator.berthctl(&[
+        "--json",
+        "drain",
+        &src,
+        "--deadline",
+        "1s",
+        "--max-parallel",
+        "1",
+        "--wait",
+    ]);
+    assert!(!ok, "a drain stopped at its deadline is a failure: {out}");
+    assert_eq!(
+        err.trim(),
+        format!("error: the drain of {src} ended stopped_at_deadline")
     );
-    assert_eq!(started["phase"], "running");
-    let ended = wait_for("the drain stopped", Duration::from_secs(60), || {
-        let s = drain_status(&coordinator, &src);
-        (s["phase"] != "running").then_some(s)
-    });
+    let ended: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        drain_status(&coordinator, &src)["phase"],
+        "stopped_at_deadline"
+    );
     assert_eq!(ended["phase"], "stopped_at_deadline", "{ended:#}");
     let phases: Vec<&str> = ended["moves"]
         .as_array()

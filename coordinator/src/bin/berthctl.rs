@@ -133,6 +133,11 @@ fn read_spec(path: &std::path::Path) -> anyhow::Result<proto::TenantSpec> {
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
+/// How often `drain --wait` asks for the drain's status.
+const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+/// How often `drain --wait` prints the status while no move changes phase.
+const DRAIN_PRINT_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn print_drain(json: bool, status: &proto::DrainStatus) -> anyhow::Result<()> {
     let view = DrainView::from(status);
     if json {
@@ -352,16 +357,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 })
                 .await?
                 .into_inner();
+            // Looked at often on the one connection (cheap, and the end is seen at once);
+            // the table is printed when a move changes phase, else every few seconds.
+            let phases = |s: &proto::DrainStatus| -> Vec<(String, String)> {
+                s.moves
+                    .iter()
+                    .map(|m| (m.tenant_id.clone(), m.phase.clone()))
+                    .collect()
+            };
+            let mut printed = (phases(&status), std::time::Instant::now());
             while wait && status.phase == "running" {
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                tokio::time::sleep(DRAIN_POLL).await;
                 status = client
                     .get_drain_status(HostRef {
                         host_id: host.clone(),
                     })
                     .await?
                     .into_inner();
-                if !cli.json {
+                let now = phases(&status);
+                if !cli.json
+                    && (now != printed.0 || printed.1.elapsed() >= DRAIN_PRINT_EVERY)
+                    && status.phase == "running"
+                {
                     berth_shared::outln!("{}\n", DrainView::from(&status).table());
+                    printed = (now, std::time::Instant::now());
                 }
             }
             print_drain(cli.json, &status)?;

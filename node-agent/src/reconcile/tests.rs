@@ -477,6 +477,70 @@ async fn a_staged_tenant_gets_its_network_and_rules_but_no_volume_or_container_u
     assert_eq!(fake.calls(), ["volume m", "create berth-m-33112ee1"]);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_staged_tenants_network_is_made_outside_the_pass_and_a_tenant_arriving_meanwhile_is_not_held()
+ {
+    let (fake, r) = with_image();
+    // Every network takes Docker 5 s here.
+    *fake.network_time.lock().unwrap() = Some(Duration::from_secs(5));
+    let staging_m = Desired {
+        generation: 1,
+        tenants: vec![],
+        staged: vec![spec("m", "img:1")],
+    };
+    let began = tokio::time::Instant::now();
+    r.reconcile_current(|| staging_m.clone()).await;
+    assert_eq!(
+        began.elapsed(),
+        Duration::ZERO,
+        "the pass waited for m's network"
+    );
+    assert!(r.busy_tenants().contains("m"));
+    // A tenant arriving meanwhile has its creation begun at once; m is not staged twice.
+    let a_arrives = Desired {
+        generation: 2,
+        tenants: vec![spec("a", "img:1")],
+        staged: vec![spec("m", "img:1")],
+    };
+    r.reconcile_current(|| a_arrives.clone()).await;
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(began.elapsed(), Duration::from_millis(1));
+    assert_eq!(
+        fake.calls(),
+        [
+            "network berth-m-33112ee1 10.213.0.0/28",
+            "volume a",
+            "network berth-a-33112ee1 10.213.0.0/28",
+        ]
+    );
+    // m arrives before its staging ended: its container waits for it, on the staged network.
+    let m_arrives = Desired {
+        generation: 3,
+        tenants: vec![spec("a", "img:1"), spec("m", "img:1")],
+        staged: vec![],
+    };
+    let statuses = r.reconcile_current(|| m_arrives.clone()).await;
+    let m = statuses.iter().find(|s| s.tenant_id == "m").unwrap();
+    assert_eq!(m.state, proto::TenantState::Pending as i32, "{m:?}");
+    r.settled().await;
+    assert_eq!(began.elapsed(), Duration::from_secs(5));
+    r.reconcile(&m_arrives).await;
+    let m_calls: Vec<String> = fake
+        .calls()
+        .into_iter()
+        .filter(|c| c.contains(" m") || c.contains("berth-m"))
+        .collect();
+    assert_eq!(
+        m_calls,
+        [
+            "network berth-m-33112ee1 10.213.0.0/28",
+            "egress m 10.213.0.0/28",
+            "volume m",
+            "create berth-m-33112ee1"
+        ]
+    );
+}
+
 #[tokio::test]
 async fn a_staged_tenant_whose_move_is_called_off_loses_its_rules_and_network_here_only() {
     let (fake, r) = with_image();

@@ -2,15 +2,16 @@
 //! `1.2 × (volume bytes ÷ stream throughput) + restart time × ⌈tenants ÷ max-parallel⌉`.
 //!
 //! A coordinator and three agents on the local Docker engine, in this host's network
-//! namespace. First a probe tenant with a
-//! `--probe-mib` volume is drained alone: the source agent's own log gives the stream
-//! throughput (bytes and milliseconds of the export, which starts once the volume is closed
-//! and ends when the last chunk is sent), and the median downtime of five `berthctl restart`s
-//! of the moved probe gives one tenant's restart time. Then `--tenants`
-//! tenants with `--volume-mib` of random data each are drained with `--max-parallel` (and
-//! `--no-precopy` if given), timed from the drain call until `drain-status` says done (polled
-//! every 100 ms). The probe is drained without a pre-copy, so its stream is the whole volume
-//! of a closed volume.
+//! namespace. First a probe tenant with a `--probe-mib` volume is drained alone: the source
+//! agent's own log gives the stream throughput (bytes and milliseconds of the export, which
+//! starts once the volume is closed and ends when the last chunk is sent), and the median
+//! downtime of five `berthctl restart`s of the moved probe gives one tenant's restart time.
+//! The probe is drained without a pre-copy, so its stream is the whole of a closed volume.
+//! Then `--tenants` tenants with `--volume-mib` of random data each are drained with
+//! `--max-parallel` (and `--no-precopy` if given), timed from the drain call until it is done,
+//! as one `berthctl drain --wait` sees it. Their files are first left to settle, as a running
+//! tenant's mostly are (`--fresh-data`: drained at once, every file just written and so read
+//! again after the stop).
 //!
 //! It also prints the machine's busy CPU time during the drain and one restart (from
 //! `/proc/stat`), and berth's processes' share of it (from `/proc/PID/stat`): divided by the
@@ -24,9 +25,9 @@
 
 use std::time::{Duration, Instant};
 
-use berth_tests::multihost::{Host, drain_status, fleet, json, tenants_on};
+use berth_node_agent::transfer::STAMP_SETTLED;
+use berth_tests::multihost::{Host, fleet, json, tenants_on};
 use berth_tests::procs::CoordinatorProc;
-use berth_tests::wait_for;
 
 fn arg(args: &[String], name: &str, default: usize) -> usize {
     match args.iter().position(|a| a == name) {
@@ -108,17 +109,17 @@ fn drain(
     let (busy_before, _) = cpu_busy();
     let began = Instant::now();
     let max_parallel = max_parallel.to_string();
-    let mut args = vec!["drain", host, "--max-parallel", &max_parallel];
+    // One berthctl that waits on its connection: a process and a TLS handshake every look
+    // would take CPU from the drain it times.
+    let mut args = vec!["drain", host, "--max-parallel", &max_parallel, "--wait"];
     if no_precopy {
         args.push("--no-precopy");
     }
-    json(c, &args);
-    let ended = wait_for("the drain done", Duration::from_secs(1800), || {
-        let s = drain_status(c, host);
-        (s["phase"] != "running").then_some(s)
-    });
+    let (_, out, err) = c.berthctl(&[&["--json"], &args[..]].concat());
     let took = began.elapsed();
     let busy = cpu_busy().0 - busy_before;
+    let ended: serde_json::Value = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("berthctl drain --wait: {e}: {out}{err}"));
     if ended["phase"] != "done" {
         eprintln!("the drain ended {}: {ended:#}", ended["phase"]);
         std::process::exit(1)
@@ -214,6 +215,12 @@ fn main() {
         tenants,
         volume_mib,
     );
+    // A tenant's files were mostly written long before a drain; files written within the
+    // last STAMP_SETTLED are read again after the stop (see berth_node_agent::transfer).
+    // `--fresh-data` drains at once, every file just written: the worst case.
+    if !args.iter().any(|a| a == "--fresh-data") {
+        std::thread::sleep(STAMP_SETTLED);
+    }
     let total_bytes = (data.len() * (volume_mib << 20)) as f64;
     // berth's own processes' share of the machine's CPU time during the drain.
     let berth_cpu = || {
