@@ -147,6 +147,42 @@ fn last_export(host: &Host) -> (u64, u64) {
     (field("bytes"), field("ms"))
 }
 
+/// Each moved tenant's downtime in the drain of `host`, sorted: from the coordinator's log,
+/// the time from its move's stop until it was healthy on its target (phases `stopping` and
+/// `releasing`).
+fn move_downtimes(c: &CoordinatorProc, host: &str) -> Vec<Duration> {
+    let log = c.log();
+    let started = log
+        .rfind(&format!("drain started host={host} "))
+        .expect("the drain's start in the coordinator's log");
+    let mut stops = std::collections::BTreeMap::new();
+    let mut downtimes = Vec::new();
+    for line in log[started..].lines() {
+        let (Some(at), Some(tenant), Some(phase)) = (
+            line.split_whitespace()
+                .next()
+                .and_then(|t| t.parse::<jiff::Timestamp>().ok()),
+            line.split(" tenant=")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next()),
+            line.split(" phase=").nth(1),
+        ) else {
+            continue;
+        };
+        match phase.trim_matches('"') {
+            "stopping" => {
+                stops.insert(tenant.to_string(), at);
+            }
+            "releasing" => downtimes.extend(stops.get(tenant).map(|s| {
+                Duration::try_from(at.duration_since(*s)).expect("released after its stop")
+            })),
+            _ => {}
+        }
+    }
+    downtimes.sort_unstable();
+    downtimes
+}
+
 /// How long `docker restart` of all of `containers` at once takes, until the last is back:
 /// the median of five rounds.
 fn docker_restarts(containers: &[String]) -> f64 {
@@ -233,6 +269,7 @@ fn main() {
     let berth_before = berth_cpu();
     let (took, busy) = drain(&coordinator, &ids[0], max_parallel, no_precopy);
     let berth_after = berth_cpu();
+    let move_downtimes = move_downtimes(&coordinator, &ids[0]);
     let [coordinator_cpu, source_cpu, targets_cpu]: [f64; 3] =
         std::array::from_fn(|i| (berth_after[i] - berth_before[i]).as_secs_f64());
     let (took, busy) = (took.as_secs_f64(), busy.as_secs_f64());
@@ -278,6 +315,12 @@ fn main() {
         if no_precopy { ", no pre-copy" } else { "" },
         total_bytes / throughput,
         took / limit
+    );
+    let ms: Vec<u128> = move_downtimes.iter().map(Duration::as_millis).collect();
+    println!(
+        "each tenant's downtime (its stop until healthy on its target): median {} ms, max {} ms ({ms:?} ms)",
+        ms.get(ms.len().saturating_sub(1) / 2).unwrap_or(&0),
+        ms.last().unwrap_or(&0)
     );
     if let Some(factor) = docker_factor {
         let limit = 1.2 * total_bytes / throughput + restart_s * factor * rounds;
