@@ -228,6 +228,16 @@ impl Fleet {
             self.tenant(tenant).filter(|t| t["state"] == "running")
         })
     }
+
+    /// Waits until `tenant` runs and its gateway answers (the agent's health check passed
+    /// since its container started): a test that talks to the gateway starts there, not at
+    /// "running", which Docker's start alone makes true.
+    pub fn wait_serving(&self, tenant: &str, within: Duration) -> serde_json::Value {
+        wait_for(&format!("{tenant} running and healthy"), within, || {
+            self.tenant(tenant)
+                .filter(|t| t["state"] == "running" && t["healthy"] == true)
+        })
+    }
 }
 
 /// The body of `GET path` on 127.0.0.1:`port`, or `None` when nothing answered.

@@ -124,8 +124,8 @@ fn an_oom_kill_is_reported_the_tenant_comes_back_and_its_neighbour_is_untouched(
     let (greedy, neighbour) = (unique("oom"), unique("nb"));
     f.place(&greedy, "96MiB");
     f.place(&neighbour, "96MiB");
-    let g = f.wait_running(&greedy, Duration::from_secs(5));
-    f.wait_running(&neighbour, Duration::from_secs(5));
+    let g = f.wait_serving(&greedy, Duration::from_secs(5));
+    f.wait_serving(&neighbour, Duration::from_secs(5));
     let neighbour_started = started_at(&f.container(&neighbour));
     let port = g["published_port"].as_u64().unwrap() as u16;
     // Past the cap: the kernel kills it mid-request.

@@ -204,8 +204,8 @@ fn allowlists_confine_tenants_and_change_live() {
     let b = unique("egb");
     e.f.place_spec(&a, "64MiB", 100, &["allowed.test:8080"]);
     e.f.place_spec(&b, "64MiB", 100, &[]);
-    e.f.wait_running(&a, Duration::from_secs(10));
-    e.f.wait_running(&b, Duration::from_secs(10));
+    e.f.wait_serving(&a, Duration::from_secs(10));
+    e.f.wait_serving(&b, Duration::from_secs(10));
     let container_a = e.f.container(&a);
     let started = inspect(&container_a).unwrap()["State"]["StartedAt"].clone();
 

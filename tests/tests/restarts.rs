@@ -27,7 +27,7 @@ fn restart_fleet() -> Option<Fleet> {
 fn running_tenant(f: &Fleet, prefix: &str) -> (String, u16) {
     let tenant = unique(prefix);
     f.place(&tenant, "128MiB");
-    let view = f.wait_running(&tenant, Duration::from_secs(10));
+    let view = f.wait_serving(&tenant, Duration::from_secs(10));
     (tenant, view["published_port"].as_u64().unwrap() as u16)
 }
 
@@ -40,7 +40,7 @@ fn a_nightly_restart_runs_once_in_its_slot_behind_the_health_gate() {
         Duration::from_secs(40),
     );
     f.place_with_window(&tenant, &window);
-    let view = f.wait_running(&tenant, Duration::from_secs(10));
+    let view = f.wait_serving(&tenant, Duration::from_secs(10));
     let port = view["published_port"].as_u64().unwrap() as u16;
     let container = f.container(&tenant);
     let first_start = berth_tests::docker::started_at(&container);
@@ -191,7 +191,7 @@ fn a_gateway_that_does_not_handle_sigterm_still_stops_at_once() {
         &[],
         "[env]\nTEST_TENANT_SIGTERM = \"default\"\n",
     );
-    f.wait_running(&tenant, Duration::from_secs(10));
+    f.wait_serving(&tenant, Duration::from_secs(10));
     let container = f.container(&tenant);
     let c = inspect(&container).expect("the container");
     assert_eq!(c["HostConfig"]["Init"], true, "{c}");

@@ -52,7 +52,7 @@ fn main() {
     }
     let mut watched = Vec::new();
     for (tenant, slot) in &placed {
-        let view = f.wait_running(tenant, Duration::from_secs(20));
+        let view = f.wait_serving(tenant, Duration::from_secs(20));
         let port = view["published_port"].as_u64().unwrap() as u16;
         let container = f.container(tenant);
         watched.push((
