@@ -369,10 +369,11 @@ impl Reconciler {
         }
         let (this, spec, networks) = (self.clone(), spec.clone(), networks.clone());
         tokio::spawn(async move {
-            let staged = match this.ensure_image(&spec).await {
-                Ok(()) => this.network_and_egress(&spec, &networks).await.map(|_| ()),
-                Err(e) => Err(e),
-            };
+            let staged = async {
+                this.ensure_image(&spec).await?;
+                this.network_and_egress(&spec, &networks).await.map(|_| ())
+            }
+            .await;
             this.creations().staging.remove(spec.tenant_id.as_str());
             match staged {
                 Ok(()) => this.wake.notify_one(),
@@ -813,12 +814,8 @@ impl Reconciler {
                 continue;
             }
             let staged = match self.listed_subnet(spec, &networks) {
-                Some(subnet) => self
-                    .egress
-                    .apply(spec, subnet)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| format!("egress: {e}")),
+                // Only its rules to apply: no Docker call.
+                Some(_) => self.network_and_egress(spec, &networks).await.map(|_| ()),
                 None => {
                     self.stage_in_background(spec, &networks);
                     Ok(())
