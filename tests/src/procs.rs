@@ -72,6 +72,21 @@ fn spawn_logged(mut cmd: Command, log: &Path, env: &[(String, String)]) -> Child
         .expect("spawn")
 }
 
+/// The default maintenance window of test agents: an hour, UTC, opening 12 h from now, so no
+/// nightly restart of a test's tenants happens while it runs unless the test gives a tenant a
+/// window of its own ([`crate::fleet::Fleet::place_with_window`]). With the agent's default
+/// (02:00-05:00 host time) a test run at those hours had its tenants restarted under it.
+fn quiet_window() -> String {
+    let opens = jiff::Timestamp::now()
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .checked_add(jiff::SignedDuration::from_hours(12))
+        .expect("12 h from now");
+    let closes = opens
+        .checked_add(jiff::SignedDuration::from_hours(1))
+        .expect("an hour later");
+    format!("{}-{}", opens.strftime("%H:%M"), closes.strftime("%H:%M"))
+}
+
 fn kill9(child: &mut Option<Child>) {
     if let Some(mut c) = child.take() {
         let _ = c.kill();
@@ -441,6 +456,18 @@ impl AgentProc {
         } else {
             format!("{}\n[egress]\ntenant_resolvers = []\n", self.extra_config)
         };
+        let extra = if extra.contains("[restarts]") {
+            extra
+        } else {
+            format!("{extra}\n[restarts]\n")
+        };
+        let extra = extra.replace(
+            "[restarts]",
+            &format!(
+                "[restarts]\nwindow = \"{}\"\ntime_zone = \"UTC\"",
+                quiet_window()
+            ),
+        );
         let table = self.nft_table();
         // Any free port; other hosts reach it inside their namespaces, never from outside.
         let transfer_listen = match self.netns {
