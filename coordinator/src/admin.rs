@@ -1,4 +1,4 @@
-//! Local administration: enrollment tokens, operator tokens, revocation.
+//! Local administration: enrollment tokens, operator tokens and certificates, revocation.
 //!
 //! sled allows one process per database, so while `berth-coordinator serve` runs these
 //! requests go over its admin socket (`<state_dir>/admin.sock`, mode 0600: file permissions are
@@ -18,20 +18,43 @@ use tokio::net::{UnixListener, UnixStream};
 
 use crate::config::CoordinatorConfig;
 use crate::core::{Coordinator, RevokeTarget};
-use crate::registry::{Registry, RegistryError};
+use crate::registry::{CertRecord, OperatorTokenRecord, Registry, RegistryError, Scope};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
 pub enum AdminRequest {
-    CreateEnrollmentToken { host_id: HostId, ttl_ms: u64 },
-    CreateOperatorToken { name: HostId, ttl_ms: Option<u64> },
-    Revoke { target: RevokeTarget },
+    CreateEnrollmentToken {
+        host_id: HostId,
+        ttl_ms: u64,
+    },
+    CreateOperatorToken {
+        name: HostId,
+        scope: Scope,
+        ttl_ms: u64,
+    },
+    ListOperatorTokens,
+    RevokeOperatorTokens {
+        name: HostId,
+    },
+    /// An operator certificate made from the CA's files, recorded so it can be revoked.
+    RecordOperatorCert {
+        name: HostId,
+        serial: String,
+        issued_unix_ms: i64,
+        not_after_unix_ms: i64,
+    },
+    Revoke {
+        target: RevokeTarget,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum AdminResponse {
     Token { token: String, expires_unix_ms: i64 },
+    OperatorTokens { tokens: Vec<OperatorTokenRecord> },
+    OperatorTokensRevoked { count: usize },
+    Recorded,
     Revoked { serials: Vec<String> },
     Error { message: String },
 }
@@ -68,14 +91,41 @@ pub fn execute(
                 expires_unix_ms,
             }
         }
-        AdminRequest::CreateOperatorToken { name, ttl_ms } => {
+        AdminRequest::CreateOperatorToken {
+            name,
+            scope,
+            ttl_ms,
+        } => {
             let (token, expires_unix_ms) =
-                registry.create_operator_token(name.as_str(), ttl_ms.map(Duration::from_millis))?;
-            tracing::info!(operator = %name, "operator token created");
+                registry.create_operator_token(name, *scope, Duration::from_millis(*ttl_ms))?;
+            tracing::info!(operator = %name, scope = scope.as_str(), "operator token created");
             AdminResponse::Token {
                 token,
                 expires_unix_ms,
             }
+        }
+        AdminRequest::ListOperatorTokens => AdminResponse::OperatorTokens {
+            tokens: registry.operator_tokens()?,
+        },
+        AdminRequest::RevokeOperatorTokens { name } => {
+            let count = registry.revoke_operator_tokens(name)?;
+            tracing::warn!(operator = %name, count, "operator tokens revoked");
+            AdminResponse::OperatorTokensRevoked { count }
+        }
+        AdminRequest::RecordOperatorCert {
+            name,
+            serial,
+            issued_unix_ms,
+            not_after_unix_ms,
+        } => {
+            registry.record_cert(&CertRecord {
+                serial: serial.clone(),
+                subject: format!("operator:{name}"),
+                issued_unix_ms: *issued_unix_ms,
+                not_after_unix_ms: *not_after_unix_ms,
+            })?;
+            tracing::info!(operator = %name, %serial, "operator certificate recorded");
+            AdminResponse::Recorded
         }
         AdminRequest::Revoke { target } => {
             let serials = revoke(target)?;
@@ -85,11 +135,11 @@ pub fn execute(
     })
 }
 
-/// Serves the admin socket until the task is dropped.
-pub async fn serve_socket(path: &Path, coordinator: Arc<Coordinator>) -> std::io::Result<()> {
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+/// Serves the admin socket (from [`bind_private`]) until the task is dropped.
+pub async fn serve_socket(
+    listener: UnixListener,
+    coordinator: Arc<Coordinator>,
+) -> std::io::Result<()> {
     loop {
         let (stream, _) = listener.accept().await?;
         let coordinator = coordinator.clone();
@@ -118,6 +168,18 @@ pub async fn serve_socket(path: &Path, coordinator: Arc<Coordinator>) -> std::io
             let _ = write.write_all(&out).await;
         });
     }
+}
+
+/// Binds the admin socket at `path` (replacing a stale one) so that only its owner can connect
+/// from the moment it exists: the process's umask is 0177 during the bind (a chmod afterwards
+/// would leave a window). Call it before other threads create files: the umask is the
+/// process's.
+pub fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+    let _ = std::fs::remove_file(path);
+    let previous = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(path);
+    nix::sys::stat::umask(previous);
+    bound
 }
 
 /// Sends `request` to a running coordinator, or executes it on the store when none runs.

@@ -30,11 +30,14 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// goes out as one snapshot (delivery stays far inside 1 s).
 const DESIRED_STATE_COALESCE: Duration = Duration::from_millis(20);
 
-/// Where a host's transfer port is, from its hello and the address its session comes from
-/// (`remote`): `None` when it serves none.
+/// Where a host's transfer port is: the port from its hello, at the address the coordinator's
+/// `transfer_hosts` names for it, else at the address its session comes from (`remote`).
+/// `None` when it serves none. An address the hello claims must be that one: a host cannot
+/// point other hosts' volume pushes at an address of its choosing.
 fn transfer_address(
     hello: &proto::AgentHello,
     remote: Option<IpAddr>,
+    configured: Option<IpAddr>,
 ) -> Result<Option<SocketAddr>, Status> {
     let port = match u16::try_from(hello.transfer_port) {
         Ok(0) => return Ok(None),
@@ -46,20 +49,26 @@ fn transfer_address(
             )));
         }
     };
-    let ip = match hello.transfer_host.as_str() {
-        "" => remote,
-        host => Some(
-            host.parse::<IpAddr>()
-                .ok()
-                .filter(|ip| !ip.is_unspecified())
-                .ok_or_else(|| {
-                    Status::invalid_argument(format!(
-                        "hello.transfer_host: {:?} is not an IP address",
-                        host.chars().take(64).collect::<String>()
-                    ))
-                })?,
-        ),
-    };
+    let ip = configured.or(remote);
+    if !hello.transfer_host.is_empty() {
+        let claimed = hello
+            .transfer_host
+            .parse::<IpAddr>()
+            .ok()
+            .filter(|ip| !ip.is_unspecified())
+            .ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "hello.transfer_host: {:?} is not an IP address",
+                    hello.transfer_host.chars().take(64).collect::<String>()
+                ))
+            })?;
+        if Some(claimed) != ip {
+            let expected = ip.map_or("unknown".to_string(), |ip| ip.to_string());
+            return Err(Status::invalid_argument(format!(
+                "hello.transfer_host: {claimed} is not this host's address ({expected}); name it in the coordinator's transfer_hosts"
+            )));
+        }
+    }
     Ok(ip.map(|ip| SocketAddr::new(ip, port)))
 }
 
@@ -177,7 +186,8 @@ impl AgentService for AgentApi {
             ));
         };
         Self::claim_matches(&auth, "hello.host_id", &hello.host_id)?;
-        let transfer_address = transfer_address(&hello, remote)?;
+        let configured = self.coordinator.config.transfer_hosts.get(&auth.host_id);
+        let transfer_address = transfer_address(&hello, remote, configured.copied())?;
         let facts = HostFacts::try_from(hello.facts.unwrap_or_default()).map_err(|e| {
             tracing::warn!(host = %auth.host_id, error = %e, "hello refused");
             Status::invalid_argument(e.to_string())
@@ -204,6 +214,21 @@ impl AgentService for AgentApi {
             tx.clone(),
             transfer_address,
         );
+        // A renewed certificate that works retires the ones before it.
+        match self
+            .coordinator
+            .registry
+            .retire_older_certs(&auth.host_id, &auth.serial)
+        {
+            Ok(retired) if !retired.is_empty() => {
+                tracing::info!(host = %auth.host_id, ?retired, "older certificates revoked");
+                self.coordinator.forget_serials(&retired);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(host = %auth.host_id, error = %e, "older certificates not revoked")
+            }
+        }
         // Back after a drain moved tenants away without it: what it still holds of them goes.
         tokio::spawn(
             self.coordinator
@@ -290,15 +315,22 @@ impl AgentService for AgentApi {
                 validity,
             )
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let record = CertRecord {
+            serial: cert.serial.clone(),
+            subject: auth.host_id.to_string(),
+            issued_unix_ms: now,
+            not_after_unix_ms: cert.not_after_unix_ms,
+        };
+        // Agents renew at two thirds of a certificate's life: a tenth of it between two
+        // renewals leaves room for a retry and none for minting certificates at will.
+        let min_interval = self.coordinator.config.agent_cert_ttl / 10;
         self.coordinator
             .registry
-            .record_cert(&CertRecord {
-                serial: cert.serial.clone(),
-                subject: auth.host_id.to_string(),
-                issued_unix_ms: now,
-                not_after_unix_ms: cert.not_after_unix_ms,
-            })
-            .map_err(registry_status)?;
+            .record_renewal(&record, min_interval)
+            .map_err(|e| {
+                tracing::warn!(host = %auth.host_id, error = %e, "renewal refused");
+                crate::operator_api::registry_status(e)
+            })?;
         tracing::info!(host = %auth.host_id, old_serial = %auth.serial, new_serial = %cert.serial, "certificate renewed");
         Ok(Response::new(proto::RenewCertificateResponse {
             certificate_pem: cert.pem,
@@ -320,27 +352,64 @@ mod tests {
     }
 
     #[test]
-    fn a_transfer_port_is_where_the_hello_says_or_where_the_session_comes_from() {
+    fn a_transfer_port_is_where_the_session_comes_from_or_where_the_coordinator_says() {
         let seen: Option<IpAddr> = Some("10.77.0.3".parse().unwrap());
-        let at = |port, host| transfer_address(&hello(port, host), seen);
-        assert_eq!(at(0, "").unwrap(), None, "serves none");
+        let named: Option<IpAddr> = Some("203.0.113.7".parse().unwrap());
+        let at = |port, host, configured| transfer_address(&hello(port, host), seen, configured);
+        assert_eq!(at(0, "", None).unwrap(), None, "serves none");
         assert_eq!(
-            at(7445, "").unwrap(),
+            at(7445, "", None).unwrap(),
             Some("10.77.0.3:7445".parse().unwrap())
         );
         assert_eq!(
-            at(7445, "203.0.113.7").unwrap(),
-            Some("203.0.113.7:7445".parse().unwrap())
+            at(7445, "10.77.0.3", None).unwrap(),
+            Some("10.77.0.3:7445".parse().unwrap())
         );
-        assert_eq!(transfer_address(&hello(7445, ""), None).unwrap(), None);
-        for (port, host, field) in [
-            (70000, "", "hello.transfer_port"),
-            (7445, "0.0.0.0", "hello.transfer_host"),
-            (7445, "evil.example", "hello.transfer_host"),
+        for claimed in ["", "203.0.113.7"] {
+            assert_eq!(
+                at(7445, claimed, named).unwrap(),
+                Some("203.0.113.7:7445".parse().unwrap())
+            );
+        }
+        assert_eq!(
+            transfer_address(&hello(7445, ""), None, None).unwrap(),
+            None
+        );
+        for (port, host, configured, field, why) in [
+            (70000, "", None, "hello.transfer_port", "not a port"),
+            (
+                7445,
+                "0.0.0.0",
+                None,
+                "hello.transfer_host",
+                "not an IP address",
+            ),
+            (
+                7445,
+                "evil.example",
+                None,
+                "hello.transfer_host",
+                "not an IP address",
+            ),
+            (
+                7445,
+                "203.0.113.7",
+                None,
+                "hello.transfer_host",
+                "is not this host's address (10.77.0.3)",
+            ),
+            (
+                7445,
+                "10.77.0.3",
+                named,
+                "hello.transfer_host",
+                "is not this host's address (203.0.113.7)",
+            ),
         ] {
-            let status = at(port, host).unwrap_err();
+            let status = at(port, host, configured).unwrap_err();
             assert_eq!(status.code(), tonic::Code::InvalidArgument);
             assert!(status.message().starts_with(field), "{}", status.message());
+            assert!(status.message().contains(why), "{}", status.message());
         }
     }
 }

@@ -113,5 +113,7 @@ pub fn connect(options: &ClientOptions) -> Result<OperatorClient, ClientError> {
             crate::core::RESTART_WAIT + std::time::Duration::from_secs(30),
         ),
         BearerToken(bearer),
-    ))
+    )
+    .max_decoding_message_size(berth_shared::transport::OPERATOR_MESSAGE_BYTES)
+    .max_encoding_message_size(berth_shared::transport::OPERATOR_MESSAGE_BYTES))
 }

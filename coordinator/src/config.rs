@@ -8,6 +8,7 @@ pub use berth_shared::config::ConfigError;
 use berth_shared::config::{parse_toml, read};
 use std::collections::BTreeMap;
 
+use berth_shared::ids::HostId;
 use berth_shared::model::{Provider, validate_token};
 use berth_shared::spec::{Resources, Tier};
 use berth_shared::units::{parse_bytes, parse_duration};
@@ -23,6 +24,10 @@ struct RawConfig {
     agent_listen: Option<SocketAddr>,
     operator_listen: Option<SocketAddr>,
     http_listen: Option<SocketAddr>,
+    http_tls_cert: Option<PathBuf>,
+    http_tls_key: Option<PathBuf>,
+    http_insecure_listen: Option<bool>,
+    transfer_hosts: Option<BTreeMap<String, String>>,
     server_names: Option<Vec<String>>,
     agent_cert_ttl: Option<String>,
     down_after: Option<String>,
@@ -60,6 +65,15 @@ pub struct CoordinatorConfig {
     pub agent_listen: SocketAddr,
     pub operator_listen: SocketAddr,
     pub http_listen: SocketAddr,
+    /// TLS for the HTTP port (certificate chain and key, PEM): required to listen anywhere but
+    /// loopback unless `http_insecure_listen`.
+    pub http_tls: Option<HttpTls>,
+    /// Plain HTTP off loopback, said out loud at start: read tokens then cross the network in
+    /// clear text.
+    pub http_insecure_listen: bool,
+    /// Where a host's transfer port is, when not at the address its session comes from (a
+    /// host behind NAT, or with a private network for drains).
+    pub transfer_hosts: BTreeMap<HostId, std::net::IpAddr>,
     /// Extra DNS names or IPs for the server certificate (for curl and browsers; berth's own
     /// clients verify the fixed internal name).
     pub server_names: Vec<String>,
@@ -75,6 +89,13 @@ pub struct CoordinatorConfig {
     pub tiers: Vec<TierConfig>,
     /// Host types that can be bought, for refusals' recommendations (one currency).
     pub catalog: Vec<CatalogEntry>,
+}
+
+/// The HTTP port's certificate chain and key (PEM files).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -141,6 +162,9 @@ impl Default for CoordinatorConfig {
             agent_listen: SocketAddr::from(([0, 0, 0, 0], 7443)),
             operator_listen: SocketAddr::from(([0, 0, 0, 0], 7444)),
             http_listen: SocketAddr::from(([127, 0, 0, 1], 7480)),
+            http_tls: None,
+            http_insecure_listen: false,
+            transfer_hosts: BTreeMap::new(),
             server_names: vec!["localhost".into(), "127.0.0.1".into()],
             agent_cert_ttl: Duration::from_secs(30 * 24 * 3600),
             down_after: Duration::from_secs(15),
@@ -179,6 +203,43 @@ impl CoordinatorConfig {
         }
         if let Some(v) = raw.http_listen {
             config.http_listen = v;
+        }
+        config.http_tls = match (raw.http_tls_cert, raw.http_tls_key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(HttpTls { cert, key }),
+            (Some(_), None) => {
+                return Err(ConfigError::value(
+                    path,
+                    "invalid http_tls_cert: needs http_tls_key too",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::value(
+                    path,
+                    "invalid http_tls_key: needs http_tls_cert too",
+                ));
+            }
+        };
+        if let Some(v) = raw.http_insecure_listen {
+            config.http_insecure_listen = v;
+        }
+        for (host, ip) in raw.transfer_hosts.unwrap_or_default() {
+            let id = HostId::new(&host).map_err(|e| {
+                ConfigError::value(path, format!("invalid transfer_hosts.{host:?}: {e}"))
+            })?;
+            let ip: std::net::IpAddr = ip.parse().map_err(|_| {
+                ConfigError::value(
+                    path,
+                    format!("invalid transfer_hosts.{host}: {ip:?} is not an IP address"),
+                )
+            })?;
+            if ip.is_unspecified() || ip.is_multicast() {
+                return Err(ConfigError::value(
+                    path,
+                    format!("invalid transfer_hosts.{host}: {ip} is not a host's address"),
+                ));
+            }
+            config.transfer_hosts.insert(id, ip);
         }
         if let Some(v) = raw.server_names {
             config.server_names = v;
@@ -364,6 +425,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(garbage.starts_with("c.toml:"), "{garbage}");
+        for (text, expected) in [
+            (
+                "http_tls_cert = \"/c.pem\"",
+                "invalid http_tls_cert: needs http_tls_key too",
+            ),
+            (
+                "[transfer_hosts]\n\"../x\" = \"10.0.0.1\"",
+                "invalid transfer_hosts.\"../x\"",
+            ),
+            (
+                "[transfer_hosts]\nh1 = \"0.0.0.0\"",
+                "invalid transfer_hosts.h1: 0.0.0.0 is not a host's address",
+            ),
+            (
+                "[transfer_hosts]\nh1 = \"nowhere\"",
+                "invalid transfer_hosts.h1: \"nowhere\" is not an IP address",
+            ),
+        ] {
+            let err = CoordinatorConfig::parse(Path::new("c.toml"), text)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{text}: {err}");
+        }
         let zero = CoordinatorConfig::parse(Path::new("c.toml"), "drain_start_timeout = \"0s\"")
             .unwrap_err()
             .to_string();

@@ -18,7 +18,7 @@ use tonic::Status;
 use crate::config::CoordinatorConfig;
 use crate::keys::{KeyError, KeyVault, MasterKey};
 use crate::placement::{PlaceError, PlacementPolicy, Placements, host_info};
-use crate::registry::{HostRecord, HostState, Registry, RegistryError};
+use crate::registry::{HostRecord, HostState, Registry, RegistryError, Scope};
 
 /// How long a requested restart may take, waiting for a place and the health gate included
 /// (the agent's default health timeout is 5 minutes).
@@ -57,6 +57,8 @@ pub struct Coordinator {
     /// Volume copies under way between agents.
     pub transfers: crate::transfer::Transfers,
     pub drains: crate::drain::Drains,
+    /// Held while a placement makes its key and commits (see `commit_placement`).
+    placing: Mutex<()>,
 }
 
 /// What to revoke.
@@ -118,6 +120,7 @@ impl Coordinator {
             keys,
             transfers: Default::default(),
             drains,
+            placing: Mutex::new(()),
         })
     }
 
@@ -151,8 +154,28 @@ impl Coordinator {
         spec: proto::TenantSpec,
     ) -> Result<proto::Placement, PlaceError> {
         let began = std::time::Instant::now();
-        // An encrypted volume's key exists, durably, before the placement is acknowledged; a
-        // key made for a placement that then fails is destroyed again.
+        let applied = self.commit_placement(spec).inspect_err(|_| {
+            self.metrics
+                .placements_refused
+                .fetch_add(1, Ordering::Relaxed);
+        })?;
+        self.durable(applied.seq).await?;
+        self.metrics.placement_latency.observe(began.elapsed());
+        tracing::info!(tenant = %applied.placement.tenant_id, host = %applied.placement.host_id, generation = applied.placement.generation, "tenant placed");
+        Ok(applied.placement)
+    }
+
+    /// Makes an encrypted tenant's key and commits its placement as one step: the key is
+    /// written before the placement (so the flush that makes the placement durable covers it),
+    /// and a key made for a placement that then fails is destroyed again. Under `placing`, so
+    /// no other placement of the same tenant can see a key this one is about to destroy (two
+    /// concurrent placements of one new tenant, one refused, would otherwise leave the placed
+    /// one without its key).
+    fn commit_placement(
+        &self,
+        spec: proto::TenantSpec,
+    ) -> Result<crate::placement::Applied, PlaceError> {
+        let _placing = self.placing.lock().unwrap_or_else(|p| p.into_inner());
         let encrypted = spec.volume.as_ref().is_none_or(|v| v.encrypted);
         let new_key = match TenantId::new(&spec.tenant_id) {
             Ok(id) if encrypted => self
@@ -162,22 +185,15 @@ impl Coordinator {
                 .then_some(id),
             _ => None,
         };
-        let applied = match self.placements.place(spec, self.registry.now()) {
-            Ok(applied) => applied,
-            Err(e) => {
-                self.metrics
-                    .placements_refused
-                    .fetch_add(1, Ordering::Relaxed);
-                if let Some(id) = new_key {
+        self.placements
+            .place(spec, self.registry.now())
+            .or_else(|e| match new_key {
+                Some(id) => {
                     self.keys.destroy(&id).map_err(key_error)?;
+                    Err(e)
                 }
-                return Err(e);
-            }
-        };
-        self.durable(applied.seq).await?;
-        self.metrics.placement_latency.observe(began.elapsed());
-        tracing::info!(tenant = %applied.placement.tenant_id, host = %applied.placement.host_id, generation = applied.placement.generation, "tenant placed");
-        Ok(applied.placement)
+                None => Err(e),
+            })
     }
 
     /// Replaces a tenant's egress allowlist; returns once the change is on disk.
@@ -446,15 +462,35 @@ impl Coordinator {
         }
     }
 
-    /// The operator behind a request: an operator certificate, or a valid bearer token.
-    pub fn authenticate_operator(
+    /// The operator behind a request: an operator certificate (scope `admin`), or a valid
+    /// bearer token (its own scope); refused unless its scope allows `access`.
+    pub fn authorize_operator(
         &self,
         extensions: &http::Extensions,
-        metadata: &tonic::metadata::MetadataMap,
-    ) -> Result<String, Status> {
+        headers: &http::HeaderMap,
+        access: Access,
+    ) -> Result<Operator, Status> {
+        let operator = self.authenticate_operator(extensions, headers)?;
+        if access == Access::Write && operator.scope != Scope::Admin {
+            return Err(Status::permission_denied(format!(
+                "operator {} holds a read token; this call changes the fleet and needs an admin credential",
+                operator.name
+            )));
+        }
+        Ok(operator)
+    }
+
+    fn authenticate_operator(
+        &self,
+        extensions: &http::Extensions,
+        headers: &http::HeaderMap,
+    ) -> Result<Operator, Status> {
         if let Some(cert) = self.peer_cert(extensions)? {
             return match cert.subject {
-                Subject::Operator(name) => Ok(name),
+                Subject::Operator(name) => Ok(Operator {
+                    name,
+                    scope: Scope::Admin,
+                }),
                 Subject::Host(host) => {
                     tracing::warn!(%host, "a host certificate was presented on the operator port");
                     Err(Status::permission_denied(
@@ -463,8 +499,8 @@ impl Coordinator {
                 }
             };
         }
-        let header = metadata
-            .get("authorization")
+        let header = headers
+            .get(http::header::AUTHORIZATION)
             .ok_or_else(|| Status::unauthenticated("operator credential required: a client certificate or an `authorization: Bearer` token"))?;
         let token = header
             .to_str()
@@ -473,14 +509,36 @@ impl Coordinator {
             .ok_or_else(|| {
                 Status::unauthenticated("authorization header must be `Bearer <token>`")
             })?;
-        match self.registry.check_operator_token(token.trim()) {
-            Ok(Some(record)) => Ok(record.name),
+        self.check_token(token.trim())
+    }
+
+    /// The operator a bearer token belongs to, when it is known, unrevoked and unexpired.
+    pub fn check_token(&self, token: &str) -> Result<Operator, Status> {
+        match self.registry.check_operator_token(token) {
+            Ok(Some(record)) => Ok(Operator {
+                name: record.name,
+                scope: record.scope,
+            }),
             Ok(None) => Err(Status::unauthenticated(
-                "operator token is invalid or expired",
+                "operator token is invalid, revoked or expired",
             )),
             Err(e) => Err(Status::internal(e.to_string())),
         }
     }
+}
+
+/// What a call does to the fleet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+}
+
+/// An authenticated operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Operator {
+    pub name: String,
+    pub scope: Scope,
 }
 
 /// A host proven by its certificate.
@@ -808,6 +866,62 @@ mod tests {
         // Removed without purge: the key stays, so the tenant can come back.
         c.remove(&id("sealed"), false).await.unwrap();
         assert_eq!(c.keys.get(&id("sealed")).unwrap().unwrap(), key);
+    }
+
+    /// 200 pairs at once of a valid placement and a refused one (an unknown tier) of the same
+    /// new tenant: every placed encrypted tenant has its key, and each refused tenant alone none.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_refused_placement_racing_a_valid_one_of_the_same_tenant_never_takes_its_key() {
+        /// Key writes take a millisecond, so the two placements of a pair overlap.
+        #[derive(Debug, Default)]
+        struct SlowKeys(berth_shared::store::MemStore);
+        impl Store for SlowKeys {
+            fn get(&self, key: &str) -> Result<Option<Vec<u8>>, berth_shared::store::StoreError> {
+                self.0.get(key)
+            }
+            fn scan_prefix(
+                &self,
+                prefix: &str,
+            ) -> Result<Vec<(String, Vec<u8>)>, berth_shared::store::StoreError> {
+                self.0.scan_prefix(prefix)
+            }
+            fn apply(
+                &self,
+                writes: Vec<berth_shared::store::Write>,
+                durability: Durability,
+            ) -> Result<(), berth_shared::store::StoreError> {
+                use berth_shared::store::Write;
+                if writes.iter().any(|w| matches!(w, Write::Put(k, _) | Write::Delete(k) if k.starts_with("volkey/"))) {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                self.0.apply(writes, durability)
+            }
+            fn flush(&self) -> Result<(), berth_shared::store::StoreError> {
+                self.0.flush()
+            }
+        }
+        let c = crate::dashboard::seed::seeded_on(Arc::new(SlowKeys::default()), 20, 0).unwrap();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..200 {
+            for tier in ["individual", "platinum"] {
+                let c = c.clone();
+                tasks.spawn(async move {
+                    c.place(spec(&format!("race-{i}"), true, tier))
+                        .await
+                        .is_ok()
+                });
+            }
+        }
+        let mut placed = 0;
+        while let Some(ok) = tasks.join_next().await {
+            placed += usize::from(ok.unwrap());
+        }
+        assert_eq!(placed, 200, "every valid placement placed");
+        for i in 0..200 {
+            let id = TenantId::new(format!("race-{i}")).unwrap();
+            assert!(c.placements.tenant(&id).is_some());
+            assert!(c.keys.get(&id).unwrap().is_some(), "{id} lost its key");
+        }
     }
 
     /// Plays a host's agent in a purge: acknowledges the removal, then answers the volume

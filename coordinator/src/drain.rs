@@ -1197,11 +1197,11 @@ impl Coordinator {
     ) -> Result<MovePhase, MoveFailure> {
         if self
             .keys
-            .destroy(tenant)
+            .has(tenant)
             .map_err(|e| MoveFailure::Failed(e.to_string()))?
         {
             self.keys
-                .ensure(tenant, Durability::Flushed)
+                .replace(tenant)
                 .map_err(|e| MoveFailure::Failed(e.to_string()))?;
         }
         let applied = self.placements.relocate(tenant, target, false)?;

@@ -194,17 +194,35 @@ impl KeyVault {
     /// it lazily: the flush that makes the placement durable covers it, before the reply).
     /// Returns whether it made one.
     pub fn ensure(&self, tenant: &TenantId, durability: Durability) -> Result<bool, KeyError> {
-        let name = format!("{PREFIX}{tenant}");
-        if self.store.get(&name)?.is_some() {
+        if self.has(tenant)? {
             return Ok(false);
         }
+        self.write_new(tenant, durability)?;
+        Ok(true)
+    }
+
+    /// Gives `tenant` a new key in one flushed write (the old one, if any, is gone with it):
+    /// a tenant restarted with an empty volume after its host was lost.
+    pub fn replace(&self, tenant: &TenantId) -> Result<(), KeyError> {
+        self.write_new(tenant, Durability::Flushed)
+    }
+
+    fn write_new(&self, tenant: &TenantId, durability: Durability) -> Result<(), KeyError> {
         let mut key = Zeroizing::new([0u8; KEY_BYTES]);
         SystemRandom::new()
             .fill(&mut key[..])
             .map_err(|_| KeyError::Random)?;
         let blob = self.wrap(tenant, &key[..])?;
-        self.store.apply(vec![Write::Put(name, blob)], durability)?;
-        Ok(true)
+        self.store.apply(
+            vec![Write::Put(format!("{PREFIX}{tenant}"), blob)],
+            durability,
+        )?;
+        Ok(())
+    }
+
+    /// Whether `tenant` has a key (none is unwrapped).
+    pub fn has(&self, tenant: &TenantId) -> Result<bool, KeyError> {
+        Ok(self.store.get(&format!("{PREFIX}{tenant}"))?.is_some())
     }
 
     /// `tenant`'s key, unwrapped; `None` when it has none.

@@ -1,5 +1,5 @@
 //! The operator port's gRPC services: enrollment (token-authenticated) and the operator API
-//! (operator certificate or bearer token, checked by [`OperatorAuth`] before any handler).
+//! (operator certificate or bearer token, checked by [`authorize_grpc`] before any handler).
 
 use std::sync::Arc;
 
@@ -10,7 +10,10 @@ use berth_shared::proto::operator_service_server::OperatorService;
 use berth_shared::proto::{self, HostRef};
 use tonic::{Request, Response, Status};
 
-use crate::core::Coordinator;
+use axum::extract::State;
+use axum::middleware::Next;
+
+use crate::core::{Access, Coordinator};
 use crate::drain::DrainOptions;
 use crate::placement::PlaceError;
 use crate::registry::{CertRecord, RegistryError};
@@ -18,9 +21,10 @@ use crate::registry::{CertRecord, RegistryError};
 pub fn registry_status(e: RegistryError) -> Status {
     match e {
         RegistryError::BadEnrollmentToken => Status::unauthenticated(e.to_string()),
-        RegistryError::UnknownHost(_) | RegistryError::UnknownSerial(_) => {
-            Status::not_found(e.to_string())
-        }
+        RegistryError::UnknownHost(_)
+        | RegistryError::UnknownSerial(_)
+        | RegistryError::UnknownOperator(_) => Status::not_found(e.to_string()),
+        RegistryError::RenewalTooSoon { .. } => Status::resource_exhausted(e.to_string()),
         RegistryError::WrongState { .. } => Status::failed_precondition(e.to_string()),
         RegistryError::Store(_) => Status::internal(e.to_string()),
     }
@@ -128,27 +132,52 @@ impl EnrollmentService for EnrollmentApi {
     }
 }
 
-/// Runs before every operator call.
-#[derive(Debug, Clone)]
-pub struct OperatorAuth {
-    pub coordinator: Arc<Coordinator>,
+/// The operator service's calls that only read (a `read` token may make these).
+const READ_CALLS: &[&str] = &[
+    "ListHosts",
+    "GetHost",
+    "GetTenant",
+    "ListTenants",
+    "GetDrainStatus",
+    "GetCapacity",
+];
+
+/// The enrollment service: its token is its credential.
+const ENROLLMENT_PATH: &str = "/berth.v1.EnrollmentService/";
+
+/// What a gRPC call at `path` (`/berth.v1.OperatorService/Name`) needs: nothing (enrollment),
+/// any operator credential (a read), or an admin one (everything else, unknown names included).
+pub fn grpc_access(path: &str) -> Option<Access> {
+    if path.starts_with(ENROLLMENT_PATH) {
+        return None;
+    }
+    let method = path.rsplit('/').next().unwrap_or_default();
+    Some(if READ_CALLS.contains(&method) {
+        Access::Read
+    } else {
+        Access::Write
+    })
 }
 
-impl tonic::service::Interceptor for OperatorAuth {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        match self
-            .coordinator
-            .authenticate_operator(request.extensions(), request.metadata())
-        {
-            Ok(_operator) => Ok(request),
-            Err(status) => {
-                let remote = request
-                    .extensions()
-                    .get::<berth_shared::transport::PeerInfo>()
-                    .map(|p| p.remote);
-                tracing::warn!(?remote, error = %status.message(), "operator call refused");
-                Err(status)
-            }
+/// Runs before every gRPC call of the operator port: an admin credential for what changes the
+/// fleet, any credential for what reads it, none for enrollment.
+pub async fn authorize_grpc(
+    State(coordinator): State<Arc<Coordinator>>,
+    request: axum::extract::Request,
+    next: Next,
+) -> axum::response::Response {
+    let Some(access) = grpc_access(request.uri().path()) else {
+        return next.run(request).await;
+    };
+    match coordinator.authorize_operator(request.extensions(), request.headers(), access) {
+        Ok(_) => next.run(request).await,
+        Err(status) => {
+            let remote = request
+                .extensions()
+                .get::<berth_shared::transport::PeerInfo>()
+                .map(|p| p.remote);
+            tracing::warn!(?remote, path = %request.uri().path(), error = %status.message(), "operator call refused");
+            status.into_http()
         }
     }
 }

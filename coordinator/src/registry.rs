@@ -34,6 +34,17 @@ pub enum RegistryError {
     UnknownHost(String),
     #[error("unknown certificate serial {0:?}")]
     UnknownSerial(String),
+    #[error("operator {0:?} has no tokens")]
+    UnknownOperator(String),
+    /// Renewals are rate-limited per host.
+    #[error(
+        "host {host} renewed its certificate {ago_s} s ago; the next renewal is allowed in {wait_s} s"
+    )]
+    RenewalTooSoon {
+        host: String,
+        ago_s: i64,
+        wait_s: i64,
+    },
     #[error("host {host} is {state}; {action} needs it {needed}")]
     WrongState {
         host: String,
@@ -117,12 +128,55 @@ struct EnrollmentTokenRecord {
     expires_unix_ms: i64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// What an operator credential may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Everything: placements, removals, purges, drains.
+    #[default]
+    Admin,
+    /// Reading only: listings, the dashboard, `/metrics`.
+    Read,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Admin => "admin",
+            Self::Read => "read",
+        }
+    }
+}
+
+/// How long an operator token lives when nobody says (and what a token stored without an
+/// expiry is given, counted from its creation).
+pub const OPERATOR_TOKEN_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
+
+/// A token's last use is written at most this often (a busy script would otherwise write the
+/// store on every call).
+pub const LAST_USE_RESOLUTION: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OperatorTokenRecord {
     pub name: String,
     pub created_unix_ms: i64,
-    /// 0: never expires.
+    /// 0 in records written before every token expired: read as created + 90 days.
     pub expires_unix_ms: i64,
+    #[serde(default)]
+    pub scope: Scope,
+    /// 0: never used.
+    #[serde(default)]
+    pub last_used_unix_ms: i64,
+}
+
+impl OperatorTokenRecord {
+    pub fn expiry_unix_ms(&self) -> i64 {
+        if self.expires_unix_ms == 0 {
+            self.created_unix_ms + OPERATOR_TOKEN_TTL.as_millis() as i64
+        } else {
+            self.expires_unix_ms
+        }
+    }
 }
 
 /// A certificate the CA issued, kept so a host's certificates can be revoked by host id.
@@ -264,17 +318,22 @@ impl Registry {
 
     // --- operator tokens ---
 
+    /// Makes a bearer token for operator `name` with `scope`, valid for `ttl`; returns it and
+    /// its expiry. A name may hold several tokens (one per script, say); `revoke` ends them all.
     pub fn create_operator_token(
         &self,
-        name: &str,
-        ttl: Option<Duration>,
+        name: &HostId,
+        scope: Scope,
+        ttl: Duration,
     ) -> Result<(String, i64), RegistryError> {
         let token = new_token("bto_");
         let now = self.now();
         let record = OperatorTokenRecord {
             name: name.to_string(),
             created_unix_ms: now,
-            expires_unix_ms: ttl.map(|t| now + t.as_millis() as i64).unwrap_or(0),
+            expires_unix_ms: now.saturating_add(ttl.as_millis().min(i64::MAX as u128) as i64),
+            scope,
+            last_used_unix_ms: 0,
         };
         let key = format!("{OPERATOR_TOKEN_PREFIX}{}", digest(&token));
         self.store
@@ -282,7 +341,8 @@ impl Registry {
         Ok((token, record.expires_unix_ms))
     }
 
-    /// The operator a bearer token belongs to, when it is valid.
+    /// The operator a bearer token belongs to, when it is valid (known, not revoked, not
+    /// expired). Records the use, at most once per [`LAST_USE_RESOLUTION`].
     pub fn check_operator_token(
         &self,
         token: &str,
@@ -292,10 +352,52 @@ impl Registry {
             return Ok(None);
         };
         let record: OperatorTokenRecord = decode(&key, &bytes)?;
-        if record.expires_unix_ms != 0 && record.expires_unix_ms <= self.now() {
+        let now = self.now();
+        if record.expiry_unix_ms() <= now {
             return Ok(None);
         }
+        if now - record.last_used_unix_ms >= LAST_USE_RESOLUTION.as_millis() as i64 {
+            let _guard = self.lock();
+            // Re-read under the lock: a revocation meanwhile must not be undone by this write.
+            if let Some(bytes) = self.store.get(&key)? {
+                let mut current: OperatorTokenRecord = decode(&key, &bytes)?;
+                current.last_used_unix_ms = now;
+                self.store
+                    .apply(vec![Write::Put(key, encode(&current))], Durability::Lazy)?;
+            }
+        }
         Ok(Some(record))
+    }
+
+    /// Every operator token, by name then creation (the tokens themselves are not stored).
+    pub fn operator_tokens(&self) -> Result<Vec<OperatorTokenRecord>, RegistryError> {
+        let mut records = self
+            .store
+            .scan_prefix(OPERATOR_TOKEN_PREFIX)?
+            .into_iter()
+            .map(|(k, v)| decode::<OperatorTokenRecord>(&k, &v))
+            .collect::<Result<Vec<_>, _>>()?;
+        records.sort_by(|a, b| (&a.name, a.created_unix_ms).cmp(&(&b.name, b.created_unix_ms)));
+        Ok(records)
+    }
+
+    /// Revokes every token of operator `name` (deleted, flushed: the next call with one is
+    /// refused); returns how many there were.
+    pub fn revoke_operator_tokens(&self, name: &HostId) -> Result<usize, RegistryError> {
+        let _guard = self.lock();
+        let mut writes = Vec::new();
+        for (key, bytes) in self.store.scan_prefix(OPERATOR_TOKEN_PREFIX)? {
+            let record: OperatorTokenRecord = decode(&key, &bytes)?;
+            if record.name == name.as_str() {
+                writes.push(Write::Delete(key));
+            }
+        }
+        if writes.is_empty() {
+            return Err(RegistryError::UnknownOperator(name.to_string()));
+        }
+        let count = writes.len();
+        self.store.apply(writes, Durability::Flushed)?;
+        Ok(count)
     }
 
     // --- certificates ---
@@ -305,6 +407,62 @@ impl Registry {
         self.store
             .apply(vec![Write::Put(key, encode(cert))], Durability::Flushed)?;
         Ok(())
+    }
+
+    /// Records a renewed host certificate, unless the host's newest certificate was issued
+    /// less than `min_interval` ago (a stolen key cannot mint certificates at will).
+    pub fn record_renewal(
+        &self,
+        cert: &CertRecord,
+        min_interval: Duration,
+    ) -> Result<(), RegistryError> {
+        let _guard = self.lock();
+        let newest = self
+            .certs_of(&cert.subject)?
+            .iter()
+            .map(|c| c.issued_unix_ms)
+            .max();
+        if let Some(newest) = newest {
+            let ago = cert.issued_unix_ms - newest;
+            let min = min_interval.as_millis() as i64;
+            if ago < min {
+                return Err(RegistryError::RenewalTooSoon {
+                    host: cert.subject.clone(),
+                    ago_s: ago / 1000,
+                    wait_s: (min - ago + 999) / 1000,
+                });
+            }
+        }
+        self.record_cert(cert)
+    }
+
+    /// Revokes the certificates of `host` issued before the one with `serial` (which a session
+    /// has just proven to work); returns the serials newly revoked.
+    pub fn retire_older_certs(
+        &self,
+        host: &HostId,
+        serial: &str,
+    ) -> Result<Vec<String>, RegistryError> {
+        let _guard = self.lock();
+        let certs = self.certs_of(host.as_str())?;
+        let Some(current) = certs.iter().find(|c| c.serial == serial) else {
+            return Ok(Vec::new());
+        };
+        let mut older = Vec::new();
+        for cert in &certs {
+            if cert.issued_unix_ms < current.issued_unix_ms
+                && self
+                    .store
+                    .get(&format!("{REVOKED_PREFIX}{}", cert.serial))?
+                    .is_none()
+            {
+                older.push(cert.serial.clone());
+            }
+        }
+        if !older.is_empty() {
+            self.revoke_serials(&older)?;
+        }
+        Ok(older)
     }
 
     fn certs_of(&self, subject: &str) -> Result<Vec<CertRecord>, RegistryError> {
@@ -694,16 +852,104 @@ mod tests {
     #[test]
     fn operator_tokens_expire() {
         let (reg, clock, _) = registry();
+        let alice = HostId::new("alice").unwrap();
         let (token, _) = reg
-            .create_operator_token("alice", Some(Duration::from_secs(10)))
+            .create_operator_token(&alice, Scope::Read, Duration::from_secs(10))
             .unwrap();
-        assert_eq!(
-            reg.check_operator_token(&token).unwrap().unwrap().name,
-            "alice"
-        );
+        let record = reg.check_operator_token(&token).unwrap().unwrap();
+        assert_eq!((record.name.as_str(), record.scope), ("alice", Scope::Read));
         assert!(reg.check_operator_token("bto_wrong").unwrap().is_none());
         clock.advance_ms(10_000);
         assert!(reg.check_operator_token(&token).unwrap().is_none());
+    }
+
+    /// A record written before tokens had to expire (expiry 0) lives 90 days from its creation.
+    #[test]
+    fn a_stored_token_without_expiry_lives_ninety_days() {
+        let (reg, clock, store) = registry();
+        let token = "bto_legacy";
+        let created = reg.now();
+        let legacy =
+            serde_json::json!({ "name": "ops", "created_unix_ms": created, "expires_unix_ms": 0 });
+        store
+            .apply(
+                vec![Write::Put(
+                    format!("{OPERATOR_TOKEN_PREFIX}{}", digest(token)),
+                    legacy.to_string().into_bytes(),
+                )],
+                Durability::Flushed,
+            )
+            .unwrap();
+        let record = reg.check_operator_token(token).unwrap().unwrap();
+        assert_eq!(record.scope, Scope::Admin);
+        clock.advance_ms(OPERATOR_TOKEN_TTL.as_millis() as i64 - 1);
+        assert!(reg.check_operator_token(token).unwrap().is_some());
+        clock.advance_ms(1);
+        assert!(reg.check_operator_token(token).unwrap().is_none());
+    }
+
+    #[test]
+    fn revoking_an_operator_ends_all_its_tokens_and_records_their_last_use() {
+        let (reg, clock, _) = registry();
+        let (ops, ci) = (HostId::new("ops").unwrap(), HostId::new("ci").unwrap());
+        let day = Duration::from_secs(86_400);
+        let (a, _) = reg.create_operator_token(&ops, Scope::Admin, day).unwrap();
+        clock.advance_ms(1);
+        let (b, _) = reg.create_operator_token(&ops, Scope::Read, day).unwrap();
+        let (c, _) = reg.create_operator_token(&ci, Scope::Admin, day).unwrap();
+        clock.advance_ms(5_000);
+        reg.check_operator_token(&a).unwrap().unwrap();
+        let used = |reg: &Registry| -> Vec<(String, i64)> {
+            reg.operator_tokens()
+                .unwrap()
+                .into_iter()
+                .map(|r| (r.name, r.last_used_unix_ms))
+                .collect()
+        };
+        let t = reg.now();
+        assert_eq!(
+            used(&reg),
+            vec![("ci".into(), 0), ("ops".into(), t), ("ops".into(), 0)]
+        );
+        // Within the resolution a use is not written again.
+        clock.advance_ms(1_000);
+        reg.check_operator_token(&a).unwrap().unwrap();
+        assert_eq!(used(&reg)[1].1, t);
+
+        assert_eq!(reg.revoke_operator_tokens(&ops).unwrap(), 2);
+        assert!(reg.check_operator_token(&a).unwrap().is_none());
+        assert!(reg.check_operator_token(&b).unwrap().is_none());
+        assert!(reg.check_operator_token(&c).unwrap().is_some());
+        assert!(matches!(
+            reg.revoke_operator_tokens(&ops),
+            Err(RegistryError::UnknownOperator(n)) if n == "ops"
+        ));
+    }
+
+    #[test]
+    fn renewals_are_rate_limited_and_a_working_renewal_retires_the_older_certificates() {
+        let (reg, clock, _) = registry();
+        let host = enrolled(&reg, "host-a");
+        let min = Duration::from_secs(60);
+        let at = |serial: &str, reg: &Registry| CertRecord {
+            issued_unix_ms: reg.now(),
+            ..cert(serial, "host-a")
+        };
+        // Enrolled (serial 01, issued at 0 in the helper): long enough ago.
+        reg.record_renewal(&at("02", &reg), min).unwrap();
+        clock.advance_ms(59_000);
+        let refused = reg.record_renewal(&at("03", &reg), min).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "host host-a renewed its certificate 59 s ago; the next renewal is allowed in 1 s"
+        );
+        clock.advance_ms(1_000);
+        reg.record_renewal(&at("03", &reg), min).unwrap();
+        // A session with 02 retires 01 only; then one with 03 retires 02.
+        assert_eq!(reg.retire_older_certs(&host, "02").unwrap(), vec!["01"]);
+        assert_eq!(reg.retire_older_certs(&host, "03").unwrap(), vec!["02"]);
+        assert!(reg.retire_older_certs(&host, "03").unwrap().is_empty());
+        assert_eq!(reg.revoked_serials().unwrap(), vec!["01", "02"]);
     }
 
     #[test]

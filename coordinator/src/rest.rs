@@ -16,7 +16,7 @@ use berth_shared::spec::{EgressFile, TenantSpecFile};
 use serde::Deserialize;
 use tonic::{Code, Status};
 
-use crate::core::Coordinator;
+use crate::core::{Access, Coordinator};
 use crate::drain::DrainOptions;
 use crate::operator_api::place_status;
 use crate::views::{DrainView, HostView, PlacementView, RemovalView, RestartView, TenantView};
@@ -57,11 +57,25 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
-async fn authenticate(State(coordinator): Shared, request: Request, next: Next) -> Response {
-    let metadata = tonic::metadata::MetadataMap::from_headers(request.headers().clone());
-    match coordinator.authenticate_operator(request.extensions(), &metadata) {
+/// How much of a refused request's body is read before the refusal.
+const REFUSED_BODY_BYTES: usize = 64 << 10;
+
+/// Any credential may read (`GET`); changing the fleet needs an admin credential.
+async fn authorize(State(coordinator): Shared, request: Request, next: Next) -> Response {
+    let access = if request.method() == http::Method::GET {
+        Access::Read
+    } else {
+        Access::Write
+    };
+    match coordinator.authorize_operator(request.extensions(), request.headers(), access) {
         Ok(_) => next.run(request).await,
-        Err(status) => ApiError(status).into_response(),
+        Err(status) => {
+            // Read what the client is sending (up to a bound) before answering: an HTTP/2
+            // stream reset over an unread body makes clients report a framing error instead
+            // of the refusal.
+            let _ = axum::body::to_bytes(request.into_body(), REFUSED_BODY_BYTES).await;
+            ApiError(status).into_response()
+        }
     }
 }
 
@@ -279,7 +293,7 @@ pub fn router(coordinator: Arc<Coordinator>) -> axum::Router {
         .route("/v1/tenants/{id}/restart", post(restart))
         .layer(middleware::from_fn_with_state(
             coordinator.clone(),
-            authenticate,
+            authorize,
         ))
         .with_state(coordinator)
 }

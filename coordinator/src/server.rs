@@ -13,7 +13,10 @@ use berth_shared::proto::operator_service_server::OperatorServiceServer;
 use berth_shared::store::{SledStore, Store};
 use berth_shared::systemd::Notifier;
 use berth_shared::tls::{ClientAuth, server_config};
-use berth_shared::transport::serve_tls;
+use berth_shared::transport::{OPERATOR_MESSAGE_BYTES, SESSION_MESSAGE_BYTES, serve_tls};
+
+/// An enrollment request is a token and a CSR.
+const ENROLL_MESSAGE_BYTES: usize = 64 << 10;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tonic::service::Routes;
@@ -41,6 +44,40 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen on {addr} ({what} port)"))
 }
 
+/// Who may read the HTTP port and whether it speaks TLS. Off loopback it needs a certificate,
+/// or `http_insecure_listen = true` said explicitly (and said again in the log): its read
+/// tokens would otherwise cross the network in clear text.
+fn http_port(
+    config: &CoordinatorConfig,
+) -> anyhow::Result<(dashboard::HttpAccess, Option<Arc<rustls::ServerConfig>>)> {
+    let loopback = config.http_listen.ip().is_loopback();
+    let tls = match &config.http_tls {
+        Some(files) => {
+            let (chain, key) = berth_shared::pki::read_chain_and_key(&files.cert, &files.key)
+                .context("http_tls_cert / http_tls_key")?;
+            Some(server_config(chain, key, None)?)
+        }
+        None if loopback => None,
+        None if config.http_insecure_listen => {
+            tracing::warn!(
+                listen = %config.http_listen,
+                "the HTTP port listens off loopback without TLS (http_insecure_listen = true): read tokens and fleet figures cross the network in clear text"
+            );
+            None
+        }
+        None => anyhow::bail!(
+            "http_listen = {} is not loopback: give the HTTP port a certificate (http_tls_cert and http_tls_key), or set http_insecure_listen = true to serve read tokens over plain HTTP",
+            config.http_listen
+        ),
+    };
+    let access = if loopback {
+        dashboard::HttpAccess::Loopback
+    } else {
+        dashboard::HttpAccess::ReadToken
+    };
+    Ok((access, tls))
+}
+
 pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
     let ca = CertificateAuthority::load(&config.ca_dir()).with_context(|| {
         format!(
@@ -53,6 +90,9 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
             .context("is another berth-coordinator running on this state dir?")?,
     );
 
+    let admin_listener = admin::bind_private(&config.admin_socket())
+        .with_context(|| format!("cannot bind {}", config.admin_socket().display()))?;
+    let (http_access, http_tls) = http_port(&config)?;
     let agent_listener = bind(config.agent_listen, "agent").await?;
     let operator_listener = bind(config.operator_listen, "operator").await?;
     let http_listener = bind(config.http_listen, "http").await?;
@@ -96,22 +136,32 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
         }),
     )?;
 
-    let agent_router = Routes::new(AgentServiceServer::new(agent_api::AgentApi {
-        coordinator: coordinator.clone(),
-    }))
+    let agent_router = Routes::new(
+        AgentServiceServer::new(agent_api::AgentApi {
+            coordinator: coordinator.clone(),
+        })
+        .max_decoding_message_size(SESSION_MESSAGE_BYTES)
+        .max_encoding_message_size(SESSION_MESSAGE_BYTES),
+    )
     .into_axum_router();
-    let operator_router = Routes::new(EnrollmentServiceServer::new(operator_api::EnrollmentApi {
-        coordinator: coordinator.clone(),
-    }))
-    .add_service(OperatorServiceServer::with_interceptor(
-        operator_api::OperatorApi {
+    let operator_router = Routes::new(
+        EnrollmentServiceServer::new(operator_api::EnrollmentApi {
             coordinator: coordinator.clone(),
-        },
-        operator_api::OperatorAuth {
+        })
+        .max_decoding_message_size(ENROLL_MESSAGE_BYTES),
+    )
+    .add_service(
+        OperatorServiceServer::new(operator_api::OperatorApi {
             coordinator: coordinator.clone(),
-        },
-    ))
+        })
+        .max_decoding_message_size(OPERATOR_MESSAGE_BYTES)
+        .max_encoding_message_size(OPERATOR_MESSAGE_BYTES),
+    )
     .into_axum_router()
+    .layer(axum::middleware::from_fn_with_state(
+        coordinator.clone(),
+        operator_api::authorize_grpc,
+    ))
     .merge(crate::rest::router(coordinator.clone()));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -132,15 +182,22 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
         stopped(stop_rx.clone()),
     ));
     let http_stop = stopped(stop_rx.clone());
-    let http_router = dashboard::router(coordinator.clone(), config.http_listen.ip().is_loopback());
-    tasks.spawn(async move {
-        if let Err(error) = axum::serve(http_listener, http_router)
-            .with_graceful_shutdown(http_stop)
-            .await
-        {
-            tracing::error!(%error, "http port failed");
+    let http_router = dashboard::router(coordinator.clone(), http_access);
+    match http_tls {
+        Some(tls) => {
+            tasks.spawn(serve_tls(http_listener, tls, http_router, http_stop));
         }
-    });
+        None => {
+            tasks.spawn(async move {
+                if let Err(error) = axum::serve(http_listener, http_router)
+                    .with_graceful_shutdown(http_stop)
+                    .await
+                {
+                    tracing::error!(%error, "http port failed");
+                }
+            });
+        }
+    }
     let sweeper = coordinator.clone();
     tasks.spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -154,7 +211,7 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
     let admin_path = config.admin_socket();
     let admin_coordinator = coordinator.clone();
     tasks.spawn(async move {
-        if let Err(error) = admin::serve_socket(&admin_path, admin_coordinator).await {
+        if let Err(error) = admin::serve_socket(admin_listener, admin_coordinator).await {
             tracing::error!(%error, path = %admin_path.display(), "admin socket failed");
         }
     });

@@ -7,6 +7,7 @@
 //! before a byte is written. The caller checks the other way round that it reached the target
 //! the coordinator named ([`berth_shared::tls::peer_client_config`]).
 
+use berth_shared::transport::PEER_MESSAGE_BYTES;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -173,7 +174,12 @@ pub struct PeerApi {
 
 impl PeerApi {
     pub fn router(self) -> axum::Router {
-        tonic::service::Routes::new(PeerServiceServer::new(self)).into_axum_router()
+        tonic::service::Routes::new(
+            PeerServiceServer::new(self)
+                .max_decoding_message_size(PEER_MESSAGE_BYTES)
+                .max_encoding_message_size(PEER_MESSAGE_BYTES),
+        )
+        .into_axum_router()
     }
 
     async fn take_stream(
@@ -291,7 +297,9 @@ pub fn push_target(
         config,
         None,
     );
-    Ok(PeerServiceClient::new(channel))
+    Ok(PeerServiceClient::new(channel)
+        .max_decoding_message_size(PEER_MESSAGE_BYTES)
+        .max_encoding_message_size(PEER_MESSAGE_BYTES))
 }
 
 #[cfg(test)]

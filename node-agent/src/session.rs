@@ -261,7 +261,9 @@ async fn session_loop(
     if tx.send(hello).await.is_err() {
         return SessionEnd::Failed("session channel closed".into());
     }
-    let mut client = AgentServiceClient::new(channel.clone());
+    let mut client = AgentServiceClient::new(channel.clone())
+        .max_decoding_message_size(berth_shared::transport::SESSION_MESSAGE_BYTES)
+        .max_encoding_message_size(berth_shared::transport::SESSION_MESSAGE_BYTES);
     let mut inbound = match client.session(ReceiverStream::new(rx)).await {
         Ok(response) => response.into_inner(),
         Err(status) => return SessionEnd::Failed(crate::identity::status_error(&status)),

@@ -239,6 +239,37 @@ fn pem_block(pem: &str, label: &str) -> Result<Vec<u8>, PkiError> {
         .map_err(|e| PkiError::BadCertificate(format!("{label} PEM body: {e}")))
 }
 
+/// A server's certificate chain and private key from PEM files (an operator's own
+/// certificate, say, for the coordinator's HTTP port). The key file must be private.
+pub fn read_chain_and_key(
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), PkiError> {
+    use rustls_pki_types::pem::PemObject;
+    let meta = fs::metadata(key_path).map_err(io_err(key_path))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(PkiError::InsecureKeyMode {
+            path: key_path.to_path_buf(),
+            mode,
+        });
+    }
+    let pem = fs::read(cert_path).map_err(io_err(cert_path))?;
+    let chain = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| PkiError::BadCertificate(format!("{}: {e}", cert_path.display())))?;
+    if chain.is_empty() {
+        return Err(PkiError::BadCertificate(format!(
+            "{}: no CERTIFICATE PEM block",
+            cert_path.display()
+        )));
+    }
+    let key_pem = zeroize::Zeroizing::new(fs::read(key_path).map_err(io_err(key_path))?);
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|e| PkiError::BadCertificate(format!("{}: {e}", key_path.display())))?;
+    Ok((chain, key))
+}
+
 /// A private key (PKCS#8) kept in memory.
 pub fn private_key_der(key: &KeyPair) -> PrivateKeyDer<'static> {
     PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()))

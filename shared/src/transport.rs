@@ -21,6 +21,14 @@ use crate::tls::COORDINATOR_SERVER_NAME;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The largest message on an agent session, either way: a host's desired state of 2,048
+/// tenants with the largest spec allowed ([`crate::spec::MAX_SPEC_BYTES`]), with room.
+pub const SESSION_MESSAGE_BYTES: usize = 80 << 20;
+/// The largest operator API message, either way (a listing of a large fleet's tenants).
+pub const OPERATOR_MESSAGE_BYTES: usize = 64 << 20;
+/// The largest message of a volume push (chunks are 1 MiB).
+pub const PEER_MESSAGE_BYTES: usize = 4 << 20;
+
 /// The authenticated transport facts of a request.
 #[derive(Debug, Clone)]
 pub struct PeerInfo {

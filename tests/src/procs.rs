@@ -102,6 +102,31 @@ pub struct Endpoints {
     pub ca_fingerprint: String,
 }
 
+/// A self-signed server certificate for `ip` made with openssl, as an operator would bring
+/// one for the coordinator's HTTP port: `(cert.pem, key.pem)` in `dir` (the key mode 0600).
+pub fn server_cert_files(dir: &Path, ip: &str) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("http-cert.pem"), dir.join("http-key.pem"));
+    let mut cmd = Command::new("openssl");
+    cmd.args([
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+    ])
+    .args(["-nodes", "-days", "1", "-subj", "/CN=berth-test", "-addext"])
+    .arg(format!("subjectAltName=IP:{ip}"))
+    .arg("-keyout")
+    .arg(&key)
+    .arg("-out")
+    .arg(&cert);
+    let (ok, _, err) = run(cmd);
+    assert!(ok, "openssl req: {err}");
+    fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    (cert, key)
+}
+
 /// A `berth-coordinator serve` process.
 #[derive(Debug)]
 pub struct CoordinatorProc {
@@ -110,6 +135,9 @@ pub struct CoordinatorProc {
     pub endpoints: Endpoints,
     child: Option<Child>,
     listen_ip: String,
+    /// The HTTP port's address: loopback (of the namespace, if any) unless a test asks for
+    /// the listen address (which then needs TLS or `http_insecure_listen`).
+    http_ip: String,
     extra_config: String,
     /// Added to the daemon's environment.
     env: Vec<(String, String)>,
@@ -165,6 +193,21 @@ impl CoordinatorProc {
         extra_config: &str,
         env: &[(&str, &str)],
     ) -> Self {
+        Self::start_configured(host, extra_config, env, None)
+    }
+
+    /// [`CoordinatorProc::start`] with its HTTP port on `http_ip` (`extra_config` must give it
+    /// TLS or `http_insecure_listen` unless that is loopback).
+    pub fn start_with_http_at(host: Option<&NetHost>, http_ip: &str, extra_config: &str) -> Self {
+        Self::start_configured(host, extra_config, &[], Some(http_ip))
+    }
+
+    fn start_configured(
+        host: Option<&NetHost>,
+        extra_config: &str,
+        env: &[(&str, &str)],
+        http_ip: Option<&str>,
+    ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("berth-coord")
             .tempdir()
@@ -178,12 +221,14 @@ impl CoordinatorProc {
             http: SocketAddr::from(([0, 0, 0, 0], 0)),
             ca_fingerprint: String::new(),
         };
+        let http_ip = http_ip.unwrap_or("127.0.0.1").to_string();
         let mut me = Self {
             dir,
             netns: host.map(|h| h.netns.clone()),
             endpoints: placeholder,
             child: None,
             listen_ip,
+            http_ip,
             extra_config: extra_config.into(),
             env: env
                 .iter()
@@ -214,9 +259,9 @@ impl CoordinatorProc {
     }
 
     fn write_config(&self, agent: u16, operator: u16, http: u16) {
-        let ip = &self.listen_ip;
+        let (ip, http_ip) = (&self.listen_ip, &self.http_ip);
         let text = format!(
-            "state_dir = {:?}\nagent_listen = \"{ip}:{agent}\"\noperator_listen = \"{ip}:{operator}\"\nhttp_listen = \"{ip}:{http}\"\nserver_names = [\"{ip}\"]\n{}\n",
+            "state_dir = {:?}\nagent_listen = \"{ip}:{agent}\"\noperator_listen = \"{ip}:{operator}\"\nhttp_listen = \"{http_ip}:{http}\"\nserver_names = [\"{ip}\"]\n{}\n",
             self.state_dir().display().to_string(),
             self.extra_config
         );
@@ -303,6 +348,23 @@ impl CoordinatorProc {
             fs::write(&path, out.trim()).expect("write token");
         }
         path
+    }
+
+    /// A new operator token: `berth-coordinator operator-token create --name NAME --scope
+    /// SCOPE --ttl TTL`.
+    pub fn operator_token(&self, name: &str, scope: &str, ttl: &str) -> String {
+        let (ok, out, err) = run(self.admin_command(&[
+            "operator-token",
+            "create",
+            "--name",
+            name,
+            "--scope",
+            scope,
+            "--ttl",
+            ttl,
+        ]));
+        assert!(ok, "operator-token create failed: {err}");
+        out.trim().to_string()
     }
 
     /// Runs berthctl against this coordinator (inside its namespace, if any).

@@ -1,5 +1,6 @@
 //! The dashboard and `/metrics` of real processes: a coordinator whose HTTP port is not on
-//! loopback (a test namespace's address) asks for a token; agents serve their own metrics; and
+//! loopback (a test namespace's address) speaks TLS and asks for a read token; agents serve
+//! their own metrics; and
 //! headless Chromium screenshots of each page of a seeded fleet, left under
 //! `target/dashboard-screenshots/` for review.
 
@@ -13,8 +14,13 @@ use berth_tests::netns::TestNet;
 use berth_tests::procs::{AgentProc, CoordinatorProc, bin};
 use berth_tests::{missing_component, wait_for};
 
-/// `curl` inside `netns`: (HTTP status, body).
-fn curl(netns: &str, url: &str, token: Option<&str>) -> (u16, String) {
+/// `curl` inside `netns` (trusting `ca`, for https): (HTTP status, body).
+fn curl_with_ca(
+    netns: &str,
+    ca: Option<&std::path::Path>,
+    url: &str,
+    token: Option<&str>,
+) -> (u16, String) {
     let mut cmd = Command::new("ip");
     cmd.args([
         "netns",
@@ -26,6 +32,9 @@ fn curl(netns: &str, url: &str, token: Option<&str>) -> (u16, String) {
         "\n%{http_code}",
         url,
     ]);
+    if let Some(ca) = ca {
+        cmd.arg("--cacert").arg(ca);
+    }
     if let Some(t) = token {
         cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
     }
@@ -40,15 +49,29 @@ fn curl(netns: &str, url: &str, token: Option<&str>) -> (u16, String) {
     (code.parse().unwrap(), body.to_string())
 }
 
+fn curl(netns: &str, url: &str, token: Option<&str>) -> (u16, String) {
+    curl_with_ca(netns, None, url, token)
+}
+
 #[test]
-fn off_loopback_the_dashboard_needs_a_token_and_shows_the_real_fleet() {
+fn off_loopback_the_dashboard_needs_tls_and_a_read_token_and_shows_the_real_fleet() {
     if let Err(why) = berth_tests::netns::available() {
         return missing_component("network namespaces", &why);
     }
     let mut net = TestNet::new().expect("test network");
     let coordinator_host = net.add_host(1).expect("coordinator namespace");
-    let coordinator = CoordinatorProc::start(Some(&coordinator_host), "");
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) =
+        berth_tests::procs::server_cert_files(certs.path(), &coordinator_host.address);
+    let coordinator = CoordinatorProc::start_with_http_at(
+        Some(&coordinator_host),
+        &coordinator_host.address,
+        &format!("http_tls_cert = {cert:?}\nhttp_tls_key = {key:?}"),
+    );
     let ns = coordinator_host.netns.clone();
+    let https = |url: &str, token: Option<&str>| {
+        curl_with_ca(&ns, Some(&cert), &url.replace("http://", "https://"), token)
+    };
     let http = coordinator.endpoints.http;
     assert_eq!(http.ip().to_string(), "10.77.0.1", "not loopback");
     let mut agents = Vec::new();
@@ -64,14 +87,18 @@ fn off_loopback_the_dashboard_needs_a_token_and_shows_the_real_fleet() {
     });
 
     for path in ["/", "/hosts/hetzner-fsn1-07", "/metrics"] {
-        let (code, body) = curl(&ns, &format!("http://{http}{path}"), None);
+        let (code, body) = https(&format!("http://{http}{path}"), None);
         assert_eq!(code, 401, "{path}: {body}");
     }
-    let (code, _) = curl(&ns, &format!("http://{http}/healthz"), None);
+    let (code, _) = https(&format!("http://{http}/healthz"), None);
     assert_eq!(code, 200, "health stays open");
-    let token = std::fs::read_to_string(coordinator.operator_token_file()).unwrap();
-    let token = token.trim();
-    let (code, page) = curl(&ns, &format!("http://{http}/"), Some(token));
+    // An admin token never works here; a read token does.
+    let admin = std::fs::read_to_string(coordinator.operator_token_file()).unwrap();
+    let (code, body) = https(&format!("http://{http}/metrics"), Some(admin.trim()));
+    assert_eq!(code, 403, "{body}");
+    let token = coordinator.operator_token("scraper", "read", "1h");
+    let token = token.as_str();
+    let (code, page) = https(&format!("http://{http}/"), Some(token));
     assert_eq!(code, 200);
     assert!(
         page.contains(
@@ -85,14 +112,10 @@ fn off_loopback_the_dashboard_needs_a_token_and_shows_the_real_fleet() {
             "{id}"
         );
     }
-    let (code, host_page) = curl(
-        &ns,
-        &format!("http://{http}/hosts/aws-euc1-02"),
-        Some(token),
-    );
+    let (code, host_page) = https(&format!("http://{http}/hosts/aws-euc1-02"), Some(token));
     assert_eq!(code, 200);
     assert!(host_page.contains("<b>ready</b>"), "{host_page}");
-    let (code, metrics) = curl(&ns, &format!("http://{http}/metrics"), Some(token));
+    let (code, metrics) = https(&format!("http://{http}/metrics"), Some(token));
     assert_eq!(code, 200);
     assert_eq!(value(&metrics, "berth_hosts", &[("state", "ready")]), 2.0);
     let total = value(

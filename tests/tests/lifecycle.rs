@@ -190,6 +190,43 @@ fn the_agent_renews_its_certificate_at_two_thirds_of_its_life() {
         agent.log()
     );
     assert!(coordinator.log().contains("certificate renewed"));
+    // Once a session ran on a renewed certificate, the ones before it were revoked.
+    let log = coordinator.log();
+    for old in [&first, &second] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("older certificates revoked") && l.contains(old.as_str())),
+            "{old} revoked after its renewal worked: {log}"
+        );
+    }
+}
+
+/// A host may not renew again within a tenth of its certificate's life.
+#[tokio::test(flavor = "multi_thread")]
+async fn renewals_are_rate_limited_per_host() {
+    berth_shared::tls::install_crypto_provider();
+    let coordinator = CoordinatorProc::start(None, "agent_cert_ttl = \"1h\"");
+    let agent = AgentProc::enroll(&coordinator, "host-a", None);
+    let identity = berth_tests::clients::agent_identity(&agent.state_dir());
+    let mut client = berth_tests::clients::agent_client(&coordinator, Some(identity));
+    let key = berth_shared::pki::generate_key().unwrap();
+    let csr_pem = berth_shared::pki::make_csr(&key).unwrap();
+    let refused = client
+        .renew_certificate(berth_shared::proto::RenewCertificateRequest { csr_pem })
+        .await
+        .expect_err("enrolled a moment ago");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().starts_with(
+            "host host-a renewed its certificate 0 s ago; the next renewal is allowed in 36"
+        ),
+        "{}",
+        refused.message()
+    );
 }
 
 #[test]

@@ -6,6 +6,7 @@ use anyhow::Context;
 use berth_coordinator::admin::{self, AdminRequest, AdminResponse};
 use berth_coordinator::config::CoordinatorConfig;
 use berth_coordinator::core::RevokeTarget;
+use berth_coordinator::registry::Scope;
 use berth_shared::ids::HostId;
 use berth_shared::pki::{self, CertificateAuthority, Subject, Validity};
 use berth_shared::units::parse_duration;
@@ -90,9 +91,20 @@ enum OperatorTokenCommand {
         /// Who the token is for (a lowercase label).
         #[arg(long)]
         name: String,
-        /// Expiry; without it the token does not expire.
+        /// How long the token stays valid.
+        #[arg(long, default_value = "90d")]
+        ttl: String,
+        /// `admin` (everything) or `read` (listings, dashboard, /metrics: the only scope the
+        /// HTTP port accepts).
+        #[arg(long, default_value = "admin")]
+        scope: String,
+    },
+    /// List operator tokens: name, scope, creation, expiry, last use (never the tokens).
+    List,
+    /// Revoke every token of an operator, at once on every port.
+    Revoke {
         #[arg(long)]
-        ttl: Option<String>,
+        name: String,
     },
 }
 
@@ -209,19 +221,84 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             create_token(&config, &request, cli.json, subject).await?;
         }
         Command::OperatorToken {
-            command: OperatorTokenCommand::Create { name, ttl },
+            command: OperatorTokenCommand::Create { name, ttl, scope },
         } => {
             let name = operator_name(name)?;
-            let ttl_ms = ttl
-                .map(|t| parse_duration("--ttl", &t))
-                .transpose()?
-                .map(|d| d.as_millis() as u64);
+            let ttl = parse_duration("--ttl", &ttl)?;
+            let scope = match scope.as_str() {
+                "admin" => Scope::Admin,
+                "read" => Scope::Read,
+                other => anyhow::bail!("--scope: {other:?} is not a scope (admin or read)"),
+            };
             let request = AdminRequest::CreateOperatorToken {
                 name: name.clone(),
-                ttl_ms,
+                scope,
+                ttl_ms: ttl.as_millis().try_into().unwrap_or(u64::MAX),
             };
-            let subject = ("name", name.as_str(), format!("operator token for {name}"));
+            let subject = (
+                "name",
+                name.as_str(),
+                format!("{} operator token for {name}", scope.as_str()),
+            );
             create_token(&config, &request, cli.json, subject).await?;
+        }
+        Command::OperatorToken {
+            command: OperatorTokenCommand::List,
+        } => {
+            let AdminResponse::OperatorTokens { tokens } =
+                admin::call(&config, &AdminRequest::ListOperatorTokens).await?
+            else {
+                anyhow::bail!("unexpected answer from the coordinator");
+            };
+            let mut table = format!(
+                "{:<24} {:<6} {:<21} {:<21} {}",
+                "NAME", "SCOPE", "CREATED", "EXPIRES", "LAST USED"
+            );
+            for t in &tokens {
+                table.push_str(&format!(
+                    "\n{:<24} {:<6} {:<21} {:<21} {}",
+                    t.name,
+                    t.scope.as_str(),
+                    expiry(t.created_unix_ms),
+                    expiry(t.expiry_unix_ms()),
+                    if t.last_used_unix_ms == 0 {
+                        "never".to_string()
+                    } else {
+                        expiry(t.last_used_unix_ms)
+                    }
+                ));
+            }
+            let json: Vec<_> = tokens
+                .iter()
+                .map(|t| {
+                    serde_json::json!({
+                        "name": t.name,
+                        "scope": t.scope.as_str(),
+                        "created_unix_ms": t.created_unix_ms,
+                        "expires_unix_ms": t.expiry_unix_ms(),
+                        "last_used_unix_ms": t.last_used_unix_ms,
+                    })
+                })
+                .collect();
+            print(cli.json, serde_json::Value::Array(json), table);
+        }
+        Command::OperatorToken {
+            command: OperatorTokenCommand::Revoke { name },
+        } => {
+            let name = operator_name(name)?;
+            let AdminResponse::OperatorTokensRevoked { count } = admin::call(
+                &config,
+                &AdminRequest::RevokeOperatorTokens { name: name.clone() },
+            )
+            .await?
+            else {
+                anyhow::bail!("unexpected answer from the coordinator");
+            };
+            print(
+                cli.json,
+                serde_json::json!({ "name": name.as_str(), "revoked": count }),
+                format!("revoked {count} token(s) of operator {name}"),
+            );
         }
         Command::OperatorCert {
             command: OperatorCertCommand::Create { name, out_dir, ttl },
@@ -236,6 +313,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 &Subject::Operator(name.to_string()),
                 Validity::starting_now(now, ttl),
             )?;
+            // Recorded first, so `revoke --serial` knows every certificate that exists; through
+            // the running server when there is one.
+            let record = AdminRequest::RecordOperatorCert {
+                name: name.clone(),
+                serial: cert.serial.clone(),
+                issued_unix_ms: now,
+                not_after_unix_ms: cert.not_after_unix_ms,
+            };
+            admin::call(&config, &record)
+                .await
+                .context("the certificate could not be recorded, so it was not written")?;
             std::fs::create_dir_all(&out_dir).with_context(|| out_dir.display().to_string())?;
             pki::write_file_atomic(
                 &out_dir.join("operator.key"),
@@ -244,7 +332,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )?;
             pki::write_file_atomic(&out_dir.join("operator.crt"), cert.pem.as_bytes(), 0o644)?;
             pki::write_file_atomic(&out_dir.join("ca.crt"), ca.cert_pem().as_bytes(), 0o644)?;
-            // Recorded so `revoke --serial` knows it; through the running server when there is one.
             let dir = out_dir.display().to_string();
             print(
                 cli.json,

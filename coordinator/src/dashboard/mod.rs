@@ -2,9 +2,12 @@
 //! host and its tenants) and `/metrics` (Prometheus text), next to the always-open `/healthz`.
 //!
 //! Ensures: pages are rendered from one consistent [`Snapshot`] read per request; when the port
-//! is bound to anything but loopback, every page needs an operator token (`Authorization:
-//! Bearer`, or HTTP Basic with the token as password so a browser can sign in) and an
-//! unauthenticated request gets 401.
+//! is bound to anything but loopback, every page needs a `read` operator token
+//! (`Authorization: Bearer`, or HTTP Basic with the token as password so a browser can sign
+//! in): an unauthenticated request gets 401 and an admin token 403, so the credential this
+//! port sees can never change the fleet. On loopback no token is asked, but a request whose
+//! `Host` is not a loopback name gets 421 (a web page that rebinds its DNS name to 127.0.0.1
+//! cannot read the fleet through a browser).
 
 pub mod figures;
 pub mod pages;
@@ -24,7 +27,7 @@ use berth_shared::ids::HostId;
 
 use crate::core::Coordinator;
 use crate::placement::HostLoad;
-use crate::registry::{HostRecord, RegistryError};
+use crate::registry::{HostRecord, RegistryError, Scope};
 use crate::views::TenantView;
 use figures::{HostRow, Snapshot};
 
@@ -144,37 +147,97 @@ fn presented_token(headers: &HeaderMap) -> Option<String> {
     Some(text.split_once(':')?.1.to_string())
 }
 
-async fn require_token(
+async fn require_read_token(
     State(c): State<Arc<Coordinator>>,
     request: Request,
     next: Next,
 ) -> Response {
-    let allowed = presented_token(request.headers())
-        .is_some_and(|t| matches!(c.registry.check_operator_token(&t), Ok(Some(_))));
-    if allowed {
-        return next.run(request).await;
+    let refused = |status: StatusCode, message: String| {
+        (
+            status,
+            [(
+                header::WWW_AUTHENTICATE,
+                "Basic realm=\"berth\", charset=\"UTF-8\"",
+            )],
+            message,
+        )
+            .into_response()
+    };
+    let Some(token) = presented_token(request.headers()) else {
+        return refused(
+            StatusCode::UNAUTHORIZED,
+            "a read token is needed: Authorization: Bearer TOKEN (or Basic with the token as password)\n".into(),
+        );
+    };
+    match c.check_token(&token) {
+        Ok(operator) if operator.scope == Scope::Read => next.run(request).await,
+        Ok(operator) => refused(
+            StatusCode::FORBIDDEN,
+            format!(
+                "this port takes read tokens only, and {}'s token is an admin token: make one with `berth-coordinator operator-token create --scope read`\n",
+                operator.name
+            ),
+        ),
+        Err(status) => refused(StatusCode::UNAUTHORIZED, format!("{}\n", status.message())),
     }
-    (
-        StatusCode::UNAUTHORIZED,
-        [(header::WWW_AUTHENTICATE, "Basic realm=\"berth\", charset=\"UTF-8\"")],
-        "an operator token is needed: Authorization: Bearer TOKEN (or Basic with the token as password)\n",
-    )
-        .into_response()
 }
 
-/// The HTTP port's routes. `open`: the port is bound to loopback, so no credential is asked.
-pub fn router(coordinator: Arc<Coordinator>, open: bool) -> Router {
+/// Whether `host` (a `Host` header) names this machine's loopback: `localhost`, `127.0.0.1`
+/// (any 127/8 address) or `[::1]`, with or without a port.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if !name.ends_with(':') && port.bytes().all(|b| b.is_ascii_digit()) => {
+            name
+        }
+        _ => host,
+    };
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+async fn require_loopback_host(request: Request, next: Next) -> Response {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| request.uri().authority().map(|a| a.as_str()));
+    match host {
+        Some(host) if is_loopback_host(host) => next.run(request).await,
+        other => (
+            StatusCode::MISDIRECTED_REQUEST,
+            format!(
+                "this port is bound to loopback and answers only to localhost, 127.0.0.1 or [::1], not {:?}\n",
+                other.unwrap_or("").chars().take(100).collect::<String>()
+            ),
+        )
+            .into_response(),
+    }
+}
+
+/// Who may read the HTTP port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpAccess {
+    /// Bound to loopback: no credential, loopback `Host` names only.
+    Loopback,
+    /// Bound elsewhere: a `read` token on every page.
+    ReadToken,
+}
+
+/// The HTTP port's routes (`/healthz` is always open).
+pub fn router(coordinator: Arc<Coordinator>, access: HttpAccess) -> Router {
     let pages = Router::new()
         .route("/", get(fleet))
         .route("/hosts/{id}", get(host))
         .route("/metrics", get(crate::metrics::serve));
-    let pages = if open {
-        pages
-    } else {
-        pages.layer(middleware::from_fn_with_state(
+    let pages = match access {
+        HttpAccess::Loopback => pages.layer(middleware::from_fn(require_loopback_host)),
+        HttpAccess::ReadToken => pages.layer(middleware::from_fn_with_state(
             coordinator.clone(),
-            require_token,
-        ))
+            require_read_token,
+        )),
     };
     pages
         .route("/healthz", get(|| async { "ok\n" }))

@@ -67,11 +67,20 @@ fn mix(i: u64) -> u64 {
 /// fit): every 25th host cordoned, every 40th down (it stopped reporting), tenants using
 /// 20–95 % of their caps, a few with OOM kills and egress denials.
 pub fn seeded(hosts: usize, tenants: usize) -> Result<Arc<Coordinator>, SeedError> {
+    seeded_on(Arc::new(MemStore::default()), hosts, tenants)
+}
+
+/// [`seeded`] over `store`.
+pub fn seeded_on(
+    store: Arc<dyn berth_shared::store::Store>,
+    hosts: usize,
+    tenants: usize,
+) -> Result<Arc<Coordinator>, SeedError> {
     let clock = Arc::new(ManualClock::at(SEED_TIME_MS));
     let config = CoordinatorConfig::default();
     let c = Coordinator::open(
         config,
-        Arc::new(MemStore::default()),
+        store,
         clock.clone(),
         CertificateAuthority::generate("seed").map_err(err)?,
         MasterKey::generate().map_err(err)?,

@@ -197,7 +197,17 @@ fn a_host_page_lists_its_tenants_with_their_figures() {
 }
 
 async fn get(router: Router, path: &str, auth: Option<&str>) -> (StatusCode, HeaderMap, String) {
-    let mut request = HttpRequest::get(path);
+    get_as(router, "127.0.0.1:7480", path, auth).await
+}
+
+/// A GET with `host` as its `Host` header.
+async fn get_as(
+    router: Router,
+    host: &str,
+    path: &str,
+    auth: Option<&str>,
+) -> (StatusCode, HeaderMap, String) {
+    let mut request = HttpRequest::get(path).header(header::HOST, host);
     if let Some(a) = auth {
         request = request.header(header::AUTHORIZATION, a);
     }
@@ -215,10 +225,19 @@ async fn get(router: Router, path: &str, auth: Option<&str>) -> (StatusCode, Hea
 }
 
 #[tokio::test]
-async fn off_loopback_every_page_needs_an_operator_token() {
+async fn off_loopback_every_page_needs_a_read_token() {
     let c = seed::seeded(3, 10).unwrap();
-    let (token, _) = c.registry.create_operator_token("viewer", None).unwrap();
-    let guarded = router(c.clone(), false);
+    let day = std::time::Duration::from_secs(86_400);
+    let name = |n: &str| berth_shared::ids::HostId::new(n).unwrap();
+    let (token, _) = c
+        .registry
+        .create_operator_token(&name("viewer"), Scope::Read, day)
+        .unwrap();
+    let (admin, _) = c
+        .registry
+        .create_operator_token(&name("ops"), Scope::Admin, day)
+        .unwrap();
+    let guarded = router(c.clone(), HttpAccess::ReadToken);
     for path in ["/", "/hosts/hetzner-fsn1-000", "/metrics"] {
         let (status, headers, _) = get(guarded.clone(), path, None).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
@@ -228,6 +247,11 @@ async fn off_loopback_every_page_needs_an_operator_token() {
         );
         let (status, _, _) = get(guarded.clone(), path, Some("Bearer bto_wrong")).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
+        // A credential that could change the fleet is refused here, so it never travels to
+        // this port's clients (a Prometheus scrape over plain HTTP, say).
+        let (status, _, body) = get(guarded.clone(), path, Some(&format!("Bearer {admin}"))).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path}");
+        assert!(body.contains("takes read tokens only"), "{body}");
     }
     let (status, _, body) = get(guarded.clone(), "/", Some(&format!("Bearer {token}"))).await;
     assert_eq!(status, StatusCode::OK);
@@ -235,18 +259,51 @@ async fn off_loopback_every_page_needs_an_operator_token() {
     let basic = base64::engine::general_purpose::STANDARD.encode(format!("alice:{token}"));
     let (status, _, _) = get(guarded.clone(), "/metrics", Some(&format!("Basic {basic}"))).await;
     assert_eq!(status, StatusCode::OK);
-    let (status, _, body) = get(guarded, "/healthz", None).await;
+    let (status, _, body) = get(guarded.clone(), "/healthz", None).await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "ok\n"));
-    // On loopback the pages are open.
-    let (status, _, _) = get(router(c, true), "/", None).await;
-    assert_eq!(status, StatusCode::OK);
+    // Revoked: refused at once.
+    c.registry.revoke_operator_tokens(&name("viewer")).unwrap();
+    let (status, _, body) = get(guarded, "/", Some(&format!("Bearer {token}"))).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(body.contains("invalid, revoked or expired"), "{body}");
+}
+
+/// On loopback the pages are open, to loopback names only: a page on another origin whose
+/// name resolves to 127.0.0.1 (DNS rebinding) gets nothing.
+#[tokio::test]
+async fn on_loopback_the_pages_answer_only_to_loopback_names() {
+    let c = seed::seeded(3, 10).unwrap();
+    let open = router(c, HttpAccess::Loopback);
+    for host in [
+        "127.0.0.1:7480",
+        "localhost:7480",
+        "LOCALHOST",
+        "[::1]:7480",
+        "127.0.0.2",
+    ] {
+        let (status, _, _) = get_as(open.clone(), host, "/", None).await;
+        assert_eq!(status, StatusCode::OK, "{host}");
+    }
+    for host in [
+        "evil.example:7480",
+        "127.0.0.1.evil.example",
+        "10.0.0.1:7480",
+        "",
+    ] {
+        let (status, _, body) = get_as(open.clone(), host, "/metrics", None).await;
+        assert_eq!(status, StatusCode::MISDIRECTED_REQUEST, "{host}");
+        assert!(body.contains("answers only to localhost"), "{body}");
+    }
+    let (status, _, _) = get_as(open, "evil.example", "/healthz", None).await;
+    assert_eq!(status, StatusCode::OK, "health stays open");
 }
 
 #[tokio::test]
 async fn metrics_parse_as_prometheus_text_and_match_the_fleet() {
     let c = seed::seeded(20, 300).unwrap();
     let t = truth(&c);
-    let (status, headers, text) = get(router(c.clone(), true), "/metrics", None).await;
+    let (status, headers, text) =
+        get(router(c.clone(), HttpAccess::Loopback), "/metrics", None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         headers[header::CONTENT_TYPE],

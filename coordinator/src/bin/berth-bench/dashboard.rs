@@ -38,10 +38,18 @@ pub fn run(hosts: usize, tenants: usize, renders: usize) -> anyhow::Result<()> {
 }
 
 pub async fn serve(hosts: usize, tenants: usize, addr: SocketAddr) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        addr.ip().is_loopback(),
+        "--serve {addr}: the seeded dashboard serves on loopback only"
+    );
     let c = seed::seeded(hosts, tenants)?;
     let listener = tokio::net::TcpListener::bind(addr).await?;
     // Scripts wait for this line to learn the port.
     println!("serving http://{}/", listener.local_addr()?);
-    axum::serve(listener, dashboard::router(c, addr.ip().is_loopback())).await?;
+    axum::serve(
+        listener,
+        dashboard::router(c, dashboard::HttpAccess::Loopback),
+    )
+    .await?;
     Ok(())
 }
