@@ -73,6 +73,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Run { config } => {
+            berth_shared::cli::protect_memory();
+            let open_files = berth_shared::cli::raise_open_files_limit();
+            tracing::debug!(open_files, "open files limit");
             let config = AgentConfig::load(&config)?;
             berth_node_agent::session::run(config).await?;
         }

@@ -16,6 +16,33 @@ pub fn init_logging() {
         .init();
 }
 
+/// Raises this process's limit of open files to its hard limit (a daemon holds a descriptor
+/// per connection; systemd's units set `LimitNOFILE`, and a shell's soft 1,024 would let a
+/// thousand idle connections stop every other client). Returns the limit now in force.
+pub fn raise_open_files_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(error) => {
+                tracing::warn!(%error, soft, hard, "cannot raise the open files limit");
+                soft
+            }
+        },
+        Ok((soft, _)) => soft,
+        Err(_) => 0,
+    }
+}
+
+/// For a daemon that holds keys: no core dump of it is ever written, and no other process of
+/// its user may attach to it or read its memory (`PR_SET_DUMPABLE` 0; the units also set
+/// `LimitCORE=0`).
+pub fn protect_memory() {
+    if let Err(error) = nix::sys::prctl::set_dumpable(false) {
+        tracing::warn!(%error, "cannot make this process non-dumpable");
+    }
+}
+
 /// Exit 0, or print `error: <cause chain on one line>` and exit 1.
 pub fn finish<E: std::fmt::Display>(result: Result<(), E>) -> ExitCode {
     match result {

@@ -19,6 +19,17 @@ pub const MIN_MEMORY_BYTES: u64 = 64 << 20;
 pub const DEFAULT_MOUNT_PATH: &str = "/home/node/.openclaw";
 /// OpenClaw's gateway port inside the container.
 pub const DEFAULT_GATEWAY_PORT: u16 = 18789;
+/// The largest tenant spec, encoded: a host's desired state of 2,048 of them fits an agent
+/// session's message limit ([`crate::transport::SESSION_MESSAGE_BYTES`]) with room.
+pub const MAX_SPEC_BYTES: usize = 32 << 10;
+/// Egress entries per tenant.
+pub const MAX_EGRESS_ENTRIES: usize = 64;
+/// Environment variables per tenant, and their names and values together in bytes.
+pub const MAX_ENV_VARS: usize = 64;
+pub const MAX_ENV_BYTES: usize = 16 << 10;
+/// Placement constraints: regions and labels per tenant.
+pub const MAX_REGIONS: usize = 16;
+pub const MAX_LABELS: usize = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Resources {
@@ -415,11 +426,50 @@ pub fn parse_destination(
     Ok(Destination::Name(name))
 }
 
+/// A volume's mount path inside the container: absolute and normalized (no `.`, `..` or empty
+/// components, no trailing `/`), not `/`, at most 255 bytes, and free of the `:` and `,` that
+/// Docker's mount syntax would read as separators.
+fn validate_mount_path(path: &str) -> Result<(), FieldError> {
+    let why = if !path.starts_with('/') || path == "/" {
+        Some("must be an absolute path below /")
+    } else if path.len() > 255 {
+        Some("must be at most 255 bytes")
+    } else if path.contains([':', ',', '\0']) {
+        Some("must not contain ':', ',' or NUL")
+    } else if path[1..]
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        Some("must be normalized: no empty, . or .. components and no trailing /")
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(field("volume.mount_path", format!("{path:?}: {why}"))),
+        None => Ok(()),
+    }
+}
+
 impl TenantSpec {
     /// Validates a protobuf spec against `policy`, resolving the tier.
     pub fn from_proto(p: proto::TenantSpec, policy: &SpecPolicy) -> Result<Self, FieldError> {
+        Self::validate(p, policy, MAX_SPEC_BYTES)
+    }
+
+    fn validate(
+        p: proto::TenantSpec,
+        policy: &SpecPolicy,
+        max_bytes: usize,
+    ) -> Result<Self, FieldError> {
         let tenant_id =
             TenantId::new(&p.tenant_id).map_err(|e| field("tenant_id", e.to_string()))?;
+        let encoded = prost::Message::encoded_len(&p);
+        if encoded > max_bytes {
+            return Err(field(
+                "spec",
+                format!("{encoded} bytes encoded; at most {max_bytes}"),
+            ));
+        }
         validate_image(&p.image)?;
         let requested = p.resources.unwrap_or_default();
         let (tier, base) = if p.tier.is_empty() {
@@ -474,8 +524,11 @@ impl TenantSpec {
                 "at most 256000 (256 CPUs)",
             ));
         }
-        if p.egress.len() > 256 {
-            return Err(field("egress", "at most 256 entries"));
+        if p.egress.len() > MAX_EGRESS_ENTRIES {
+            return Err(field(
+                "egress",
+                format!("{} entries; at most {MAX_EGRESS_ENTRIES}", p.egress.len()),
+            ));
         }
         let mut egress = Vec::with_capacity(p.egress.len());
         for (i, rule) in p.egress.iter().enumerate() {
@@ -520,16 +573,7 @@ impl TenantSpec {
         } else {
             volume.mount_path
         };
-        if !mount_path.starts_with('/')
-            || mount_path.split('/').any(|c| c == ".." || c == ".")
-            || mount_path.len() > 255
-            || mount_path.contains('\0')
-        {
-            return Err(field(
-                "volume.mount_path",
-                format!("{mount_path:?}: must be an absolute path without . or .. components"),
-            ));
-        }
+        validate_mount_path(&mount_path)?;
         let resources = Resources {
             volume_bytes: if volume.size_bytes != 0 {
                 volume.size_bytes
@@ -558,6 +602,18 @@ impl TenantSpec {
             .iter()
             .map(|p| Provider::parse("constraints.providers", p))
             .collect::<Result<Vec<_>, _>>()?;
+        if c.regions.len() > MAX_REGIONS {
+            return Err(field(
+                "constraints.regions",
+                format!("{} regions; at most {MAX_REGIONS}", c.regions.len()),
+            ));
+        }
+        if c.labels.len() > MAX_LABELS {
+            return Err(field(
+                "constraints.labels",
+                format!("{} labels; at most {MAX_LABELS}", c.labels.len()),
+            ));
+        }
         for region in &c.regions {
             validate_token(
                 "constraints.regions",
@@ -565,8 +621,9 @@ impl TenantSpec {
                 false,
             )?;
         }
-        for key in c.labels.keys() {
+        for (key, value) in &c.labels {
             validate_token("constraints.labels key", key, false)?;
+            validate_token(&format!("constraints.labels.{key}"), value, true)?;
         }
         let anti_affinity_group = if c.anti_affinity_group.is_empty() {
             None
@@ -588,8 +645,15 @@ impl TenantSpec {
                 )
             })?
         };
-        if p.env.len() > 64 {
-            return Err(field("env", "at most 64 variables"));
+        if p.env.len() > MAX_ENV_VARS {
+            return Err(field("env", format!("at most {MAX_ENV_VARS} variables")));
+        }
+        let env_bytes: usize = p.env.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if env_bytes > MAX_ENV_BYTES {
+            return Err(field(
+                "env",
+                format!("{env_bytes} bytes of names and values; at most {MAX_ENV_BYTES}"),
+            ));
         }
         for (k, v) in &p.env {
             let ok = !k.is_empty()
@@ -637,7 +701,9 @@ impl TenantSpec {
             tiers: Vec::new(),
             allow_unrestricted_egress: true,
         };
-        let mut spec = Self::from_proto(p, &policy)?;
+        // Resolution adds resources, the tier's name and the default mount path to what the
+        // coordinator checked against MAX_SPEC_BYTES.
+        let mut spec = Self::validate(p, &policy, MAX_SPEC_BYTES + 1024)?;
         spec.tier = (!tier.is_empty()).then_some(tier);
         Ok(spec)
     }
@@ -1037,6 +1103,58 @@ mod tests {
             (
                 format!("{BASE}tier = \"business\"\n[volume]\nmount_path = \"/data/../etc\""),
                 "invalid volume.mount_path",
+            ),
+            (
+                format!("{BASE}tier = \"business\"\n[volume]\nmount_path = \"/data:ro\""),
+                "invalid volume.mount_path: \"/data:ro\": must not contain ':', ',' or NUL",
+            ),
+            (
+                format!("{BASE}tier = \"business\"\n[volume]\nmount_path = \"/a,b\""),
+                "invalid volume.mount_path: \"/a,b\": must not contain",
+            ),
+            (
+                format!("{BASE}tier = \"business\"\n[volume]\nmount_path = \"/data//x\""),
+                "invalid volume.mount_path: \"/data//x\": must be normalized",
+            ),
+            (
+                format!("{BASE}tier = \"business\"\n[volume]\nmount_path = \"/data/\""),
+                "must be normalized",
+            ),
+            (
+                format!("{BASE}tier = \"business\"\n[volume]\nmount_path = \"/\""),
+                "invalid volume.mount_path: \"/\": must be an absolute path below /",
+            ),
+            (
+                format!(
+                    "{BASE}tier = \"business\"\n[env]\n{}",
+                    (0..5)
+                        .map(|i| format!("V{i} = \"{}\"\n", "x".repeat(4000)))
+                        .collect::<String>()
+                ),
+                "invalid env: 20010 bytes of names and values; at most 16384",
+            ),
+            (
+                format!(
+                    "{BASE}tier = \"business\"\negress = [{}]",
+                    (0..65)
+                        .map(|i| format!("\"10.1.{i}.0/24:443\""))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                "invalid egress: 65 entries; at most 64",
+            ),
+            (
+                format!(
+                    "{BASE}tier = \"business\"\n[constraints.labels]\n{}",
+                    (0..17)
+                        .map(|i| format!("k{i} = \"v\"\n"))
+                        .collect::<String>()
+                ),
+                "invalid constraints.labels: 17 labels; at most 16",
+            ),
+            (
+                format!("{BASE}tier = \"business\"\n[constraints.labels]\nzone = \"EU West\""),
+                "invalid constraints.labels.zone: \"EU West\" may contain only",
             ),
             (
                 format!("{BASE}tier = \"business\"\n[restart]\nwindow = \"25:00-05:00\""),

@@ -20,6 +20,11 @@ use tower::Service;
 use crate::tls::COORDINATOR_SERVER_NAME;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections one listener serves at once (handshakes included); past it a new connection is
+/// closed at once, so descriptors never run out (the units allow 65,536).
+pub const MAX_CONNECTIONS: usize = 8192;
+/// A connection whose peer stops answering HTTP/2 pings for this long is closed.
+const KEEPALIVE: Duration = Duration::from_secs(20);
 
 /// The largest message on an agent session, either way: a host's desired state of 2,048
 /// tenants with the largest spec allowed ([`crate::spec::MAX_SPEC_BYTES`]), with room.
@@ -46,6 +51,7 @@ pub async fn serve_tls(
     shutdown: impl Future<Output = ()>,
 ) {
     let acceptor = TlsAcceptor::from(tls);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(shutdown);
     loop {
         let (tcp, remote) = tokio::select! {
@@ -59,10 +65,15 @@ pub async fn serve_tls(
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%remote, "connection refused: {MAX_CONNECTIONS} open already");
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let router = router.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(error)) => {
@@ -87,7 +98,17 @@ pub async fn serve_tls(
                     router.clone().call(request)
                 },
             );
-            let served = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HANDSHAKE_TIMEOUT);
+            builder
+                .http2()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .keep_alive_interval(KEEPALIVE)
+                .keep_alive_timeout(KEEPALIVE);
+            let served = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), service)
                 .await;
             if let Err(error) = served {

@@ -141,6 +141,8 @@ pub struct CoordinatorProc {
     extra_config: String,
     /// Added to the daemon's environment.
     env: Vec<(String, String)>,
+    /// The soft limit of open files it starts with (through `prlimit`), if not inherited.
+    open_files: Option<u64>,
 }
 
 impl CoordinatorProc {
@@ -230,6 +232,7 @@ impl CoordinatorProc {
             listen_ip,
             http_ip,
             extra_config: extra_config.into(),
+            open_files: None,
             env: env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -271,7 +274,16 @@ impl CoordinatorProc {
     fn spawn(&mut self) {
         let endpoints_file = self.state_dir().join("endpoints.json");
         let _ = fs::remove_file(&endpoints_file);
-        let mut cmd = command(self.netns.as_deref(), &bin("berth-coordinator"));
+        let mut cmd = match self.open_files {
+            Some(soft) => {
+                assert!(self.netns.is_none(), "prlimit only outside namespaces");
+                let mut cmd = Command::new("prlimit");
+                cmd.arg(format!("--nofile={soft}:"))
+                    .arg(bin("berth-coordinator"));
+                cmd
+            }
+            None => command(self.netns.as_deref(), &bin("berth-coordinator")),
+        };
         cmd.arg("--config").arg(self.config_path()).arg("serve");
         self.child = Some(spawn_logged(cmd, &self.log_path(), &self.env));
         let log = self.log_path();
@@ -307,6 +319,14 @@ impl CoordinatorProc {
 
     pub fn kill9(&mut self) {
         kill9(&mut self.child);
+    }
+
+    /// Stops it and starts it again with a soft limit of `soft` open files, as a shell's
+    /// default 1,024 would give it.
+    pub fn restart_with_open_files(&mut self, soft: u64) {
+        self.kill9();
+        self.open_files = Some(soft);
+        self.spawn();
     }
 
     pub fn restart(&mut self) {

@@ -203,7 +203,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 fp.clone(),
             );
         }
-        Command::Serve => berth_coordinator::server::serve(config).await?,
+        Command::Serve => {
+            berth_shared::cli::protect_memory();
+            let open_files = berth_shared::cli::raise_open_files_limit();
+            tracing::debug!(open_files, "open files limit");
+            berth_coordinator::server::serve(config).await?
+        }
         Command::Token {
             command: TokenCommand::Create { host_id, ttl },
         } => {
