@@ -35,6 +35,9 @@ struct RawConfig {
     drain_start_timeout: Option<String>,
     strategy: Option<Strategy>,
     allow_unrestricted_egress: Option<bool>,
+    allow_private_egress: Option<bool>,
+    tenant_networks: Option<Vec<String>>,
+    max_egress_share: Option<f64>,
     tiers: Option<BTreeMap<String, RawTier>>,
     catalog: Option<Vec<RawCatalogEntry>>,
 }
@@ -86,6 +89,9 @@ pub struct CoordinatorConfig {
     /// Fleet-wide default strategy; a tier may override it.
     pub strategy: Strategy,
     pub allow_unrestricted_egress: bool,
+    /// Which addresses egress entries may name: private ranges, tenant networks, the share of
+    /// the address space one tenant's entries may cover.
+    pub reach: berth_shared::reach::ReachPolicy,
     pub tiers: Vec<TierConfig>,
     /// Host types that can be bought, for refusals' recommendations (one currency).
     pub catalog: Vec<CatalogEntry>,
@@ -172,6 +178,7 @@ impl Default for CoordinatorConfig {
             drain_start_timeout: Duration::from_secs(120),
             strategy: Strategy::Binpack,
             allow_unrestricted_egress: false,
+            reach: berth_shared::reach::ReachPolicy::default(),
             tiers: default_tiers(),
             catalog: default_catalog(),
         }
@@ -255,6 +262,34 @@ impl CoordinatorConfig {
         }
         if let Some(v) = raw.allow_unrestricted_egress {
             config.allow_unrestricted_egress = v;
+        }
+        if let Some(v) = raw.allow_private_egress {
+            config.reach.allow_private = v;
+        }
+        if let Some(networks) = raw.tenant_networks {
+            config.reach.tenant_networks = networks
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    berth_shared::reach::Net::parse(n).ok_or_else(|| {
+                        ConfigError::value(
+                            path,
+                            format!("invalid tenant_networks[{i}]: {n:?} is not a CIDR"),
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+        }
+        if let Some(v) = raw.max_egress_share {
+            if v.is_nan() || v <= 0.0 || v > 1.0 {
+                return Err(ConfigError::value(
+                    path,
+                    format!(
+                        "invalid max_egress_share: {v} is not a share (more than 0, at most 1)"
+                    ),
+                ));
+            }
+            config.reach.max_share = v;
         }
         if let Some(tiers) = raw.tiers {
             config.tiers = Vec::new();

@@ -48,6 +48,7 @@ impl PlacementPolicy {
             spec: SpecPolicy {
                 tiers: config.tiers.iter().map(|t| t.tier.clone()).collect(),
                 allow_unrestricted_egress: config.allow_unrestricted_egress,
+                reach: Some(config.reach.clone()),
             },
             strategy: config.strategy,
             tier_strategy: config

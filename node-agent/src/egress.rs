@@ -18,6 +18,7 @@ use std::time::Duration;
 use berth_shared::clock::Clock;
 use berth_shared::ids::TenantId;
 use berth_shared::proto;
+use berth_shared::reach::{Net, never_reachable};
 use berth_shared::spec::{Destination, EgressRule, TenantSpec};
 
 use crate::dns::Resolve;
@@ -198,6 +199,20 @@ impl NftEgress {
                 port: rule.port,
             };
             out.push(match &rule.destination {
+                // A range berth never lets a tenant reach (the coordinator refuses such entries;
+                // one stored before it did is not enforced). `/0` is the fleet's explicit word.
+                Destination::Cidr { addr, prefix }
+                    if *prefix > 0
+                        && let Some(why) = never_reachable(Net {
+                            addr: *addr,
+                            prefix: *prefix,
+                        }) =>
+                {
+                    (
+                        Vec::new(),
+                        Some(format!("includes {why} addresses: never allowed")),
+                    )
+                }
                 Destination::Cidr {
                     addr: IpAddr::V4(a),
                     prefix,
@@ -208,12 +223,30 @@ impl NftEgress {
                 ),
                 Destination::Name(name) => {
                     let view = self.addresses(names, name).await;
-                    let els = view
-                        .addresses
-                        .into_iter()
-                        .map(|a| element(Prefix::new(a, 32)))
-                        .collect();
-                    (els, view.error)
+                    let mut error = match (view.error, view.addresses.is_empty()) {
+                        (Some(e), false) => {
+                            Some(format!("{e}; the last addresses stay for the grace period"))
+                        }
+                        (e, _) => e,
+                    };
+                    let mut els = Vec::with_capacity(view.addresses.len());
+                    for a in view.addresses {
+                        let net = Net {
+                            addr: IpAddr::V4(a),
+                            prefix: 32,
+                        };
+                        match never_reachable(net) {
+                            // A name that points at the metadata service (or loopback, ...)
+                            // opens nothing: say so instead.
+                            Some(why) => {
+                                error.get_or_insert_with(|| {
+                                    format!("{name} resolves to {a}, which is {why}: never allowed")
+                                });
+                            }
+                            None => els.push(element(Prefix::new(a, 32))),
+                        }
+                    }
+                    (els, error)
                 }
             });
         }
@@ -287,13 +320,6 @@ impl EgressStep for NftEgress {
         };
         for (rule, (els, error)) in spec.egress.iter().zip(per_rule) {
             let text = rule.to_string();
-            let error = match (&error, els.is_empty()) {
-                (Some(e), true) => Some(e.clone()),
-                (Some(e), false) => {
-                    Some(format!("{e}; the last addresses stay for the grace period"))
-                }
-                (None, _) => None,
-            };
             if let Some(e) = &error {
                 report.problems.push(format!("egress {text}: {e}"));
             }

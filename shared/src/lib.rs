@@ -11,6 +11,7 @@ pub mod ids;
 pub mod metrics;
 pub mod model;
 pub mod pki;
+pub mod reach;
 pub mod spec;
 pub mod store;
 pub mod systemd;

@@ -320,6 +320,9 @@ pub struct SpecPolicy {
     pub tiers: Vec<Tier>,
     /// Whether `0.0.0.0/0` or `::/0` may be allowlisted.
     pub allow_unrestricted_egress: bool,
+    /// Which addresses entries may name; `None` where the coordinator checked them already
+    /// (an agent reading its desired state filters what it enforces instead).
+    pub reach: Option<crate::reach::ReachPolicy>,
 }
 
 fn field(name: &str, reason: impl Into<String>) -> FieldError {
@@ -563,6 +566,26 @@ impl TenantSpec {
                 port,
             });
         }
+        if let Some(reach) = &policy.reach {
+            let mut nets = Vec::new();
+            for (i, rule) in egress.iter().enumerate() {
+                let Destination::Cidr { addr, prefix } = rule.destination else {
+                    continue;
+                };
+                if prefix == 0 {
+                    // Allowed above only with allow_unrestricted_egress: everything, on purpose.
+                    continue;
+                }
+                let net = crate::reach::Net { addr, prefix };
+                if let Some(why) = reach.refuse(net) {
+                    return Err(field(&format!("egress[{i}].destination"), why));
+                }
+                nets.push(net);
+            }
+            if let Some(why) = reach.refuse_union(&nets) {
+                return Err(field("egress", why));
+            }
+        }
         let volume = p.volume.unwrap_or(proto::VolumeSpec {
             size_bytes: 0,
             encrypted: true,
@@ -700,6 +723,7 @@ impl TenantSpec {
         let policy = SpecPolicy {
             tiers: Vec::new(),
             allow_unrestricted_egress: true,
+            reach: None,
         };
         // Resolution adds resources, the tier's name and the default mount path to what the
         // coordinator checked against MAX_SPEC_BYTES.
@@ -979,6 +1003,7 @@ mod tests {
                 },
             ],
             allow_unrestricted_egress: false,
+            reach: Some(crate::reach::ReachPolicy::default()),
         }
     }
 
@@ -1085,6 +1110,32 @@ mod tests {
             (
                 format!("{BASE}tier = \"business\"\negress = [\"::/0:443\"]"),
                 "allows the whole Internet",
+            ),
+            (
+                format!("{BASE}tier = \"business\"\negress = [\"169.254.169.254:80\"]"),
+                "invalid egress[0].destination: 169.254.169.254/32 includes link-local (the cloud metadata service is 169.254.169.254) addresses: never allowed",
+            ),
+            (
+                format!(
+                    "{BASE}tier = \"business\"\negress = [\"api.anthropic.com:443\", \"10.213.0.0/16:443\"]"
+                ),
+                "invalid egress[1].destination: 10.213.0.0/16 overlaps the tenant networks 10.213.0.0/16: never allowed",
+            ),
+            (
+                format!("{BASE}tier = \"business\"\negress = [\"192.168.1.10:5432\"]"),
+                "invalid egress[0].destination: 192.168.1.10/32 includes private (RFC 1918) addresses: allowed only with allow_private_egress = true",
+            ),
+            (
+                format!(
+                    "{BASE}tier = \"business\"\negress = [\"0.0.0.0/1:443\", \"128.0.0.0/1:443\"]"
+                ),
+                "invalid egress[0].destination: 0.0.0.0/1 includes \"this network\"",
+            ),
+            (
+                format!(
+                    "{BASE}tier = \"business\"\negress = [\"1.0.0.0/8:443\", \"2.0.0.0/8:443\"]"
+                ),
+                "invalid egress: the entries cover 0.7812 % of the IPv4 space together; at most 0.3906 % (max_egress_share)",
             ),
             (
                 format!("{BASE}tier = \"business\"\negress = [\"not a host:443\"]"),

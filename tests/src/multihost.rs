@@ -148,7 +148,11 @@ pub fn fleet_configured(
     let mut net = namespaces.then(|| TestNet::new().expect("test network"));
     let mut namespace = |i: u8| net.as_mut().map(|net| net.add_host(i).unwrap());
     let coordinator_net = namespace(1);
-    let coordinator = CoordinatorProc::start(coordinator_net.as_ref(), coordinator_config);
+    // The tenants' egress rules name the test network's own (private) addresses.
+    let coordinator = CoordinatorProc::start(
+        coordinator_net.as_ref(),
+        &format!("allow_private_egress = true\n{coordinator_config}"),
+    );
     let hosts: Vec<Host> = (0..n)
         .map(|i| {
             let host = namespace(2 + i);

@@ -301,17 +301,51 @@ fn allowlists_confine_tenants_and_change_live() {
     );
     assert_eq!(e.connect(&a, &format!("{allowed}:8080")), "connected");
 
+    // A name whose answer is the cloud metadata service allows nothing, and says why.
+    e.dns.set("metadata.test", &["169.254.169.254"]);
+    e.egress_set(&a, &["allowed.test:8080", "metadata.test:80"]);
+    wait_for(
+        "the metadata name reported",
+        Duration::from_secs(10),
+        || {
+            e.f.tenant(&a).filter(|t| {
+                t["egress"][1]["error"]
+                    == "metadata.test resolves to 169.254.169.254, which is link-local (the cloud metadata service is 169.254.169.254): never allowed"
+            })
+        },
+    );
+    assert!(!e.table().contains("169.254"), "{}", e.table());
+
     // Bad entries are refused by name and change nothing.
+    e.egress_set(&a, &["allowed.test:8080"]);
     let before = e.table();
-    for (entry, expected) in [
-        ("10.0.0.0/33:443", "invalid egress[0].destination"),
-        ("203.0.113.1:0", "invalid egress[0].port"),
-        ("203.0.113.1:65536", "invalid egress[0].port"),
-        ("0.0.0.0/0:443", "allows the whole Internet"),
-        ("api.example.test", "invalid egress[0]"),
+    for (entries, expected) in [
+        (&["10.0.0.0/33:443"][..], "invalid egress[0].destination"),
+        (&["203.0.113.1:0"], "invalid egress[0].port"),
+        (&["203.0.113.1:65536"], "invalid egress[0].port"),
+        (&["0.0.0.0/0:443"], "allows the whole Internet"),
+        (&["api.example.test"], "invalid egress[0]"),
+        (
+            &["169.254.169.254:80"],
+            "invalid egress[0].destination: 169.254.169.254/32 includes link-local (the cloud metadata service is 169.254.169.254) addresses: never allowed",
+        ),
+        (
+            &["10.213.0.0/16:443"],
+            "invalid egress[0].destination: 10.213.0.0/16 overlaps the tenant networks 10.213.0.0/16: never allowed",
+        ),
+        (
+            &["0.0.0.0/1:443", "128.0.0.0/1:443"],
+            "invalid egress[0].destination: 0.0.0.0/1 includes \"this network\"",
+        ),
+        (
+            &["64.0.0.0/3:443", "160.0.0.0/5:443"],
+            "invalid egress: the entries cover 15.6250 % of the IPv4 space together",
+        ),
     ] {
-        let (ok, _, err) = e.f.coordinator.berthctl(&["egress", "set", &a, entry]);
-        assert!(!ok && err.contains(expected), "{entry}: {err}");
+        let mut args = vec!["egress", "set", a.as_str()];
+        args.extend_from_slice(entries);
+        let (ok, _, err) = e.f.coordinator.berthctl(&args);
+        assert!(!ok && err.contains(expected), "{entries:?}: {err}");
     }
 
     // The agent killed and restarted: rules stay in force meanwhile and after.

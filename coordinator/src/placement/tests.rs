@@ -20,6 +20,7 @@ fn policy() -> PlacementPolicy {
                 },
             }],
             allow_unrestricted_egress: false,
+            reach: Some(berth_shared::reach::ReachPolicy::default()),
         },
         strategy: Strategy::Binpack,
         tier_strategy: HashMap::new(),

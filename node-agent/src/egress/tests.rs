@@ -335,3 +335,46 @@ async fn without_a_listing_nothing_is_applied() {
     let err = egress.apply(&spec("acme", &[]), SUBNET).await.unwrap_err();
     assert!(err.contains("could not be read"), "{err}");
 }
+
+/// A name whose answer is the cloud metadata service (or loopback) opens nothing, and says
+/// why; its other addresses still count. An entry stored before the coordinator refused such
+/// ranges is not enforced.
+#[tokio::test]
+async fn addresses_no_tenant_may_reach_are_never_enforced() {
+    let r = rig();
+    r.dns
+        .set("metadata.example.test", Ok((&[[169, 254, 169, 254]], 300)));
+    r.dns.set(
+        "mixed.example.test",
+        Ok((&[[127, 0, 0, 1], [198, 51, 100, 9]], 300)),
+    );
+    r.egress.refresh().await.unwrap();
+    r.nft.take();
+    let s = spec(
+        "acme",
+        &[
+            "metadata.example.test:80",
+            "mixed.example.test:443",
+            "169.254.0.0/16:80",
+        ],
+    );
+    let report = r.egress.apply(&s, SUBNET).await.unwrap();
+    let scripts = r.nft.take().join("\n");
+    assert!(!scripts.contains("169.254"), "{scripts}");
+    assert!(!scripts.contains("127.0.0.1"), "{scripts}");
+    assert!(scripts.contains("198.51.100.9 . tcp . 443"), "{scripts}");
+    assert!(report.entries[0].addresses.is_empty());
+    assert_eq!(
+        report.entries[0].error,
+        "metadata.example.test resolves to 169.254.169.254, which is link-local (the cloud metadata service is 169.254.169.254): never allowed"
+    );
+    assert_eq!(report.entries[1].addresses, vec!["198.51.100.9"]);
+    assert!(
+        report.entries[1]
+            .error
+            .contains("resolves to 127.0.0.1, which is loopback")
+    );
+    assert!(report.entries[2].addresses.is_empty());
+    assert!(report.entries[2].error.contains("link-local"));
+    assert_eq!(report.problems.len(), 3, "{:?}", report.problems);
+}
