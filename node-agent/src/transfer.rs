@@ -4,7 +4,10 @@
 //! come back as holes); the sender and the receiver each compute a SHA-256 of the volume
 //! (every entry, and the SHA-256 of every 1 MiB block of every file) and the volume is put in
 //! place only when both agree; nothing from the stream can write outside the volume (paths
-//! are relative and plain, links are recreated, never followed); a volume
+//! are relative and plain, links are recreated, never followed); nothing outside the volume
+//! is ever read into the stream (the sender opens every entry beneath the volume's root with
+//! no link followed, so a running tenant that swaps a directory for a link to a host
+//! directory during a pre-copy only makes that walk fail); a volume
 //! that is attached (open or mounted) is never read; a received volume replaces whatever an
 //! earlier failed attempt left only once it is complete.
 //!
@@ -253,9 +256,87 @@ impl Item {
     }
 }
 
-fn item(path: &Path, relative: String) -> Result<Item, TransferError> {
+/// A tree the tenant can change while it is read (a running tenant's plain volume), opened so
+/// that no path ever leaves it: every open resolves beneath the tree's root with no symbolic
+/// link followed (`openat2` with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`). A tenant that swaps
+/// a directory for a link to `/etc` mid-walk makes the walk fail, never read the host.
+#[derive(Debug)]
+struct Tree {
+    root: std::os::fd::OwnedFd,
+    path: PathBuf,
+}
+
+impl Tree {
+    fn open(path: &Path) -> Result<Self, TransferError> {
+        use nix::fcntl::OFlag;
+        let root = nix::fcntl::open(
+            path,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| io(path, e.into()))?;
+        Ok(Self {
+            root,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn path_of(&self, relative: &str) -> PathBuf {
+        self.path.join(relative)
+    }
+
+    /// `relative` opened with `flags`, resolved beneath the root without following links.
+    fn resolve(&self, relative: &str, flags: nix::fcntl::OFlag) -> Result<File, TransferError> {
+        use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+        let how = OpenHow::new()
+            .flags(flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+            .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
+        let target = if relative.is_empty() { "." } else { relative };
+        nix::fcntl::openat2(&self.root, target, how)
+            .map(File::from)
+            .map_err(|e| io(&self.path_of(relative), e.into()))
+    }
+
+    /// A regular file, to read (never a FIFO left to block on, never a link).
+    fn file(&self, relative: &str) -> Result<File, TransferError> {
+        use nix::fcntl::OFlag;
+        let file = self.resolve(relative, OFlag::O_RDONLY | OFlag::O_NONBLOCK)?;
+        let meta = file
+            .metadata()
+            .map_err(|e| io(&self.path_of(relative), e))?;
+        if !meta.is_file() {
+            return Err(io(
+                &self.path_of(relative),
+                std::io::Error::other("no longer a regular file"),
+            ));
+        }
+        Ok(file)
+    }
+
+    /// The names in directory `relative`, sorted.
+    fn names(&self, relative: &str) -> Result<Vec<String>, TransferError> {
+        use nix::fcntl::OFlag;
+        let dir = self.resolve(relative, OFlag::O_RDONLY | OFlag::O_DIRECTORY)?;
+        let path = self.path_of(relative);
+        let mut names = Vec::new();
+        for entry in nix::dir::Dir::from_fd(dir.into()).map_err(|e| io(&path, e.into()))? {
+            let entry = entry.map_err(|e| io(&path, e.into()))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name != "." && name != ".." {
+                names.push(name);
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+}
+
+fn item(tree: &Tree, relative: String) -> Result<Item, TransferError> {
     let now = SystemTime::now();
-    let meta = std::fs::symlink_metadata(path).map_err(|e| io(path, e))?;
+    let path = tree.path_of(&relative);
+    // The entry itself, a link included, without following anything.
+    let entry_fd = tree.resolve(&relative, nix::fcntl::OFlag::O_PATH)?;
+    let meta = entry_fd.metadata().map_err(|e| io(&path, e))?;
     let mut entry = proto::VolumeEntry {
         path: relative,
         mode: meta.mode() & 0o777,
@@ -264,67 +345,64 @@ fn item(path: &Path, relative: String) -> Result<Item, TransferError> {
     let mut extents_of = Vec::new();
     let mut stamp = None;
     if meta.file_type().is_symlink() {
-        entry.symlink = std::fs::read_link(path)
-            .map_err(|e| io(path, e))?
+        entry.symlink = nix::fcntl::readlinkat(&entry_fd, "")
+            .map_err(|e| io(&path, e.into()))?
             .to_string_lossy()
             .into_owned();
     } else if meta.is_dir() {
         entry.directory = true;
     } else if meta.is_file() {
+        let file = tree.file(&entry.path)?;
+        let meta = file.metadata().map_err(|e| io(&path, e))?;
         entry.size = meta.len();
         stamp = Stamp::settled(&meta, now);
-        let file = File::open(path).map_err(|e| io(path, e))?;
-        extents_of = extents(&file, meta.len()).map_err(|e| io(path, e))?;
+        extents_of = extents(&file, meta.len()).map_err(|e| io(&path, e))?;
     } else {
         // Sockets, fifos, devices: not volume data.
         return Ok(Item {
-            path: path.to_path_buf(),
+            path,
             entry: proto::VolumeEntry::default(),
             extents: Vec::new(),
             stamp: None,
         });
     }
     Ok(Item {
-        path: path.to_path_buf(),
+        path,
         entry,
         extents: extents_of,
         stamp,
     })
 }
 
-/// Every entry under `dir`, parents before children, in name order.
-fn walk(dir: &Path, prefix: &str, out: &mut Vec<Item>) -> Result<(), TransferError> {
-    let mut names: Vec<_> = std::fs::read_dir(dir)
-        .map_err(|e| io(dir, e))?
-        .map(|e| e.map(|e| e.file_name()))
-        .collect::<Result<_, _>>()
-        .map_err(|e| io(dir, e))?;
-    names.sort();
-    for name in names {
-        let name = name.to_string_lossy().into_owned();
+/// Every entry under `prefix` of `tree`, parents before children, in name order.
+fn walk(tree: &Tree, prefix: &str, out: &mut Vec<Item>) -> Result<(), TransferError> {
+    for name in tree.names(prefix)? {
         let relative = if prefix.is_empty() {
-            name.clone()
+            name
         } else {
             format!("{prefix}/{name}")
         };
-        let path = dir.join(&name);
-        let it = item(&path, relative.clone())?;
+        let it = item(tree, relative.clone())?;
         if it.entry.path.is_empty() {
             continue;
         }
         let is_dir = it.entry.directory;
         out.push(it);
         if is_dir {
-            walk(&path, &relative, out)?;
+            walk(tree, &relative, out)?;
         }
     }
     Ok(())
 }
 
 /// The SHA-256 of each block of a file, read piece by piece.
-fn block_hashes(it: &Item, buffer: &mut [u8]) -> Result<Vec<BlockHash>, TransferError> {
+fn block_hashes(
+    tree: &Tree,
+    it: &Item,
+    buffer: &mut [u8],
+) -> Result<Vec<BlockHash>, TransferError> {
     let mut blocks = vec![Sha256::new(); blocks_in(it.entry.size)];
-    let file = File::open(&it.path).map_err(|e| io(&it.path, e))?;
+    let file = tree.file(&it.entry.path)?;
     for (offset, len) in pieces(&it.extents) {
         let got = read_at(&file, &mut buffer[..len], offset).map_err(|e| io(&it.path, e))?;
         if got == 0 {
@@ -362,12 +440,17 @@ pub fn export(
     let layout = at
         .layout()
         .ok_or_else(|| TransferError::NoVolume(at.tenant.to_string()))?;
-    let items = match layout {
-        proto::VolumeLayout::LuksFile => vec![item(&at.image(), format!("{}.img", at.tenant))?],
+    let (tree, items) = match layout {
+        proto::VolumeLayout::LuksFile => {
+            let tree = Tree::open(&at.root.join("volumes"))?;
+            let image = item(&tree, format!("{}.img", at.tenant))?;
+            (tree, vec![image])
+        }
         _ => {
+            let tree = Tree::open(&at.plain())?;
             let mut items = Vec::new();
-            walk(&at.plain(), "", &mut items)?;
-            items
+            walk(&tree, "", &mut items)?;
+            (tree, items)
         }
     };
     let base = base.filter(|b| b.layout == layout as i32);
@@ -383,7 +466,7 @@ pub fn export(
                 let was = base.and_then(|b| b.stamps.get(&it.entry.path));
                 let now = match (it.stamp, was) {
                     (Some(stamp), Some(was)) if stamp == *was => before.clone(),
-                    _ => block_hashes(it, &mut buffer)?,
+                    _ => block_hashes(&tree, it, &mut buffer)?,
                 };
                 let changed: BTreeSet<u64> = (0..now.len())
                     .filter(|&i| before.get(i) != Some(&now[i]))
@@ -432,7 +515,7 @@ pub fn export(
             _ => Vec::new(),
         };
         if !it.extents.is_empty() {
-            let file = File::open(&it.path).map_err(|e| io(&it.path, e))?;
+            let file = tree.file(&it.entry.path)?;
             for (offset, len) in pieces(&it.extents) {
                 let block = offset / CHUNK_BYTES as u64;
                 if plan

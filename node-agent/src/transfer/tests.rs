@@ -501,3 +501,90 @@ fn a_file_settled_before_its_precopy_and_unchanged_since_is_not_read_again() {
         received.volume_sha256
     );
 }
+
+/// Whether any data chunk of `chunks` holds `marker`.
+fn carries(chunks: &[proto::VolumeChunk], marker: &[u8]) -> bool {
+    chunks.iter().any(|c| match &c.body {
+        Some(Body::Data(d)) => d.data.windows(marker.len()).any(|w| w == marker),
+        Some(Body::Entry(e)) => e
+            .symlink
+            .as_bytes()
+            .windows(marker.len())
+            .any(|w| w == marker),
+        _ => false,
+    })
+}
+
+/// A running tenant swaps a directory of its volume for a link to a host directory, over and
+/// over, while its volume is pre-copied: no pre-copy ever carries the host file's contents (a
+/// walk that meets the link fails or sends the link as a link).
+#[test]
+fn a_tenant_swapping_a_directory_for_a_link_never_gets_a_host_file_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("agent");
+    std::fs::create_dir_all(&host).unwrap();
+    let marker = b"HOST-SECRET-4f1c9e";
+    std::fs::write(host.join("host.pem"), marker).unwrap();
+    let from = at(dir.path(), "acme");
+    let plain = from.plain();
+    std::fs::create_dir_all(plain.join("d")).unwrap();
+    std::fs::write(plain.join("d/host.pem"), b"the tenant's own file").unwrap();
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapper = {
+        let (plain, host, stop) = (plain.clone(), host.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut swaps = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = std::fs::rename(plain.join("d"), plain.join("d.real"));
+                let _ = std::os::unix::fs::symlink(&host, plain.join("d"));
+                let _ = std::fs::remove_file(plain.join("d"));
+                let _ = std::fs::rename(plain.join("d.real"), plain.join("d"));
+                swaps += 1;
+            }
+            swaps
+        })
+    };
+    let (mut sent, mut failed) = (0, 0);
+    for id in 0..2000 {
+        let mut chunks = Vec::new();
+        match export(&from, id, true, None, |c| {
+            chunks.push(c);
+            Ok(())
+        }) {
+            Ok(_) => sent += 1,
+            Err(_) => failed += 1,
+        }
+        assert!(
+            !carries(&chunks, marker),
+            "pre-copy {id} read the host file"
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let swaps = swapper.join().unwrap();
+    assert!(swaps > 100, "the link was swapped in {swaps} times");
+    assert!(sent > 0, "some pre-copies went through ({failed} failed)");
+
+    // The link itself, standing still: sent as a link, the file behind it never read.
+    std::fs::remove_dir_all(plain.join("d")).unwrap();
+    std::os::unix::fs::symlink(&host, plain.join("d")).unwrap();
+    std::os::unix::fs::symlink(host.join("host.pem"), plain.join("pem")).unwrap();
+    let chunks = chunks_of(&from);
+    let links: Vec<_> = chunks
+        .iter()
+        .filter_map(|c| match &c.body {
+            Some(Body::Entry(e)) if !e.symlink.is_empty() => Some(e.path.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(links, vec!["d", "pem"]);
+    let data: Vec<u8> = chunks
+        .iter()
+        .filter_map(|c| match &c.body {
+            Some(Body::Data(d)) => Some(d.data.to_vec()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert!(!data.windows(marker.len()).any(|w| w == marker));
+}
