@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # berth's main job on embedded defaults (README "Try it"): on a fresh Debian 12 machine, as
 # root, runs a coordinator (embedded sled store, a freshly made fleet CA) and a berth-agent on
-# this same machine, enrolled over mutual TLS, and prints where the API is. Ctrl-C stops both.
+# this same machine, enrolled over mutual TLS, and prints where the API is. Ctrl-C removes the
+# sample tenant (container first, its rules last) and stops both.
 #
 # Environment: BERTH_QUICKSTART_DIR (state, default /var/lib/berth-quickstart),
-# BERTH_BIN_DIR (use these binaries instead of building), BERTH_QUICKSTART_EXIT=1 (stop once
-# everything is up: used by the test suite).
+# BERTH_BIN_DIR (use these binaries instead of building).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 state="${BERTH_QUICKSTART_DIR:-/var/lib/berth-quickstart}"
@@ -72,38 +72,60 @@ DOCKER_BUILDKIT=0 docker build -q -t "$image" "$ctx" >/dev/null 2>&1 || fail "co
 rm -rf "$ctx"
 
 pids=()
+host_id=""
+# The quickstart host's containers and networks (every tenant placed on it).
+leftovers() {
+  [ -n "$host_id" ] || return 0
+  docker ps -aq --filter "label=berth.host=$host_id"
+  docker network ls -q --filter "label=berth.host=$host_id"
+}
 cleanup() {
-  # Remove the sample tenant through berth itself, then stop both daemons.
+  trap '' INT TERM
+  # The tenants go first, while the daemons still run: through berth itself, so the agent
+  # removes each container before its rules. The daemons run in sessions of their own, so the
+  # Ctrl-C that brought us here did not stop them.
   if [ -n "${BERTH_COORDINATOR:-}" ]; then
     "$bin/berthctl" remove sample >/dev/null 2>&1 || true
-    # Until the agent has removed its container and its network.
     for _ in $(seq 1 150); do
-      [ -z "$(docker ps -aq --filter label=berth.tenant=sample; docker network ls -q --filter label=berth.tenant=sample)" ] && break
+      [ -z "$(leftovers)" ] && break
       sleep 0.1
     done
   fi
+  # Whatever berth could not remove (a daemon gone, say) goes directly: container first.
+  if [ -n "$(leftovers)" ]; then
+    echo "quickstart: removing the quickstart's containers and networks directly" >&2
+    docker ps -aq --filter "label=berth.host=$host_id" | xargs -r docker rm -f >/dev/null 2>&1 || true
+    docker network ls -q --filter "label=berth.host=$host_id" | xargs -r docker network rm >/dev/null 2>&1 || true
+  fi
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  # A stopped agent leaves its rules in force (tenants stay fenced); the quickstart's go.
-  nft delete table inet berth_quickstart 2>/dev/null || true
+  # The rules go last, and only when no container of the quickstart is left to need them.
+  if [ -z "$(docker ps -aq --filter "label=berth.host=$host_id" 2>/dev/null)" ]; then
+    nft delete table inet berth_quickstart 2>/dev/null || true
+  else
+    echo "quickstart: a container of the quickstart is still there; its rules (table inet berth_quickstart) stay" >&2
+  fi
 }
 trap cleanup EXIT
 trap 'exit 0' INT TERM
 
 rm -f "$state/coordinator/endpoints.json"
-"${coord[@]}" serve >>"$state/coordinator.log" 2>&1 &
+# Each daemon in a session of its own (setsid): a Ctrl-C in this terminal reaches this script,
+# which removes the tenants while both still run, and not the daemons.
+setsid "${coord[@]}" serve >>"$state/coordinator.log" 2>&1 </dev/null &
 pids+=($!)
 for _ in $(seq 1 100); do [ -f "$state/coordinator/endpoints.json" ] && break; kill -0 "${pids[0]}" 2>/dev/null || break; sleep 0.1; done
 [ -f "$state/coordinator/endpoints.json" ] || fail "the coordinator did not start: $(tail -n 3 "$state/coordinator.log" | tr '\n' ' ')"
 
 fingerprint="$("${coord[@]}" ca fingerprint)"
 if [ ! -f "$state/agent/enrollment.json" ]; then
-  host_id="local-$(hostname -s | tr 'A-Z_' 'a-z-' | tr -cd 'a-z0-9-' | cut -c1-40)"
-  token="$("${coord[@]}" token create --host-id "$host_id" --ttl 5m 2>/dev/null)"
+  new_host="local-$(hostname -s | tr 'A-Z_' 'a-z-' | tr -cd 'a-z0-9-' | cut -c1-40)"
+  token="$("${coord[@]}" token create --host-id "$new_host" --ttl 5m 2>/dev/null)"
   BERTH_ENROLL_TOKEN="$token" "$bin/berth-agent" enroll --coordinator https://127.0.0.1:7444 \
     --ca-fingerprint "$fingerprint" --state-dir "$state/agent" >/dev/null
 fi
-"$bin/berth-agent" run --config "$state/agent.toml" >>"$state/agent.log" 2>&1 &
+host_id="$(grep -o '"host_id": "[^"]*"' "$state/agent/enrollment.json" | cut -d'"' -f4)"
+setsid "$bin/berth-agent" run --config "$state/agent.toml" >>"$state/agent.log" 2>&1 </dev/null &
 pids+=($!)
 
 if [ ! -f "$state/operator.token" ]; then
@@ -148,7 +170,7 @@ cat <<INFO
 berth is running on this machine:
   coordinator  operator API (gRPC, TLS): https://127.0.0.1:7444   agent port (mTLS): 127.0.0.1:7443
                dashboard: http://127.0.0.1:7480/   metrics: http://127.0.0.1:7480/metrics
-  agent        enrolled as $(grep -o '"host_id": "[^"]*"' "$state/agent/enrollment.json" | cut -d'"' -f4), reporting every 5 s
+  agent        enrolled as $host_id, reporting every 5 s
   CA fingerprint $fingerprint
   logs         $state/coordinator.log  $state/agent.log
 
@@ -160,7 +182,6 @@ INFO
 echo
 "$bin/berthctl" tenants
 
-if [ "${BERTH_QUICKSTART_EXIT:-0}" = 1 ]; then exit 0; fi
 echo
 echo "Ctrl-C stops both."
 wait
