@@ -208,12 +208,23 @@ impl AgentService for AgentApi {
         tx.send(Ok(accepted))
             .await
             .map_err(|_| Status::cancelled("agent went away"))?;
+
         let (session_id, mut close) = self.coordinator.sessions.register(
             &auth.host_id,
             &auth.serial,
             tx.clone(),
             transfer_address,
         );
+        // The revoked serials, for its transfer port; a revocation from now on reaches it one by
+        // one as well (taken after the registration, so none falls between the two).
+        let revoked = CoordinatorMessage {
+            body: Some(CoordinatorBody::Revoked(proto::RevokedSerials {
+                serials: self.coordinator.denied.serials(),
+                replace: true,
+            })),
+        };
+        // An agent gone meanwhile ends the session's loop below, which unregisters it.
+        let _ = tx.send(Ok(revoked)).await;
         // A renewed certificate that works retires the ones before it.
         match self
             .coordinator

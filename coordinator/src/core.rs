@@ -146,6 +146,14 @@ impl Coordinator {
         for host in closed {
             tracing::warn!(%host, "closed the session of a revoked certificate");
         }
+        // Every agent's transfer port refuses them too.
+        self.sessions
+            .broadcast(proto::coordinator_message::Body::Revoked(
+                proto::RevokedSerials {
+                    serials: serials.to_vec(),
+                    replace: false,
+                },
+            ));
     }
 
     /// Places a tenant; returns once the placement is on disk.
@@ -778,6 +786,29 @@ impl SessionHub {
             .unwrap_or_else(|p| p.into_inner())
             .get(host)
             .and_then(|e| e.transfer_address)
+    }
+
+    /// Sends `body` to every connected agent, without waiting (a host that is not connected
+    /// hears the whole of what concerns it at its next session).
+    pub fn broadcast(&self, body: proto::coordinator_message::Body) {
+        let outbound: Vec<SessionSender> = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|e| e.outbound.clone())
+            .collect();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        for tx in outbound {
+            let message = proto::CoordinatorMessage {
+                body: Some(body.clone()),
+            };
+            runtime.spawn(async move {
+                let _ = tx.send(Ok(message)).await;
+            });
+        }
     }
 
     /// Tells `host` to stop transfer `transfer_id`, without waiting (its agent does not answer;

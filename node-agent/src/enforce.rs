@@ -63,6 +63,9 @@ pub struct Enforcement {
     /// This host's identity while a coordinator session is up: volume transfers are made
     /// with it, and only then.
     peer_tls: Mutex<Option<Arc<PeerTls>>>,
+    /// The coordinator's revoked serials (sent at each session's start and at each
+    /// revocation): the transfer port refuses them either way.
+    pub denied: Arc<berth_shared::tls::SerialDenyList>,
     /// The transfers other hosts may push to this one (served on the transfer port).
     pub incoming: Arc<Incoming>,
     /// What stops each transfer under way, by transfer id.
@@ -96,6 +99,7 @@ impl Enforcement {
             volume_progress: Mutex::default(),
             volume_messages_ready: Notify::new(),
             peer_tls: Mutex::new(None),
+            denied: Arc::default(),
             incoming: Arc::default(),
             cancels: Mutex::default(),
             states_changed: Notify::new(),
@@ -366,7 +370,7 @@ impl Enforcement {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .clone();
-                match crate::peer::push_target(&command, tls.as_deref()) {
+                match crate::peer::push_target(&command, tls.as_deref(), self.denied.clone()) {
                     Err(e) => Err(e),
                     Ok(client) => {
                         let token = command.transfer_token.clone();

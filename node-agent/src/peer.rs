@@ -274,6 +274,7 @@ fn check_token(command: &proto::VolumeCommand) -> Result<(), String> {
 pub fn push_target(
     command: &proto::VolumeCommand,
     tls: Option<&PeerTls>,
+    denied: Arc<berth_shared::tls::SerialDenyList>,
 ) -> Result<PeerServiceClient<tonic::transport::Channel>, String> {
     check_token(command)?;
     let target = HostId::new(&command.peer_host_id).map_err(|e| format!("peer_host_id: {e}"))?;
@@ -288,7 +289,7 @@ pub fn push_target(
         chain: tls.chain.clone(),
         key: tls.key.clone_key(),
     };
-    let config = peer_client_config(tls.ca.clone(), identity, target)
+    let config = peer_client_config(tls.ca.clone(), identity, target, denied)
         .map_err(|e| format!("transfer TLS: {e}"))?;
     // A stream lasts as long as the volume takes; the coordinator cancels it when it must.
     let channel = berth_shared::transport::tls_channel(
@@ -456,7 +457,7 @@ mod tests {
         // The source's push, as `tls`, to the transfer port as if it were `target`'s.
         let push = |tls: &PeerTls, target: &str| {
             send_volume(
-                push_target(&export(target), Some(tls)).unwrap(),
+                push_target(&export(target), Some(tls), Arc::default()).unwrap(),
                 at(&from_dir),
                 11,
                 token.clone(),

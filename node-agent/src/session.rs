@@ -173,9 +173,9 @@ async fn open_transfer_port(
         presented.clone(),
         Some(berth_shared::tls::ClientAuth {
             ca: identity.ca.clone(),
-            // The coordinator's deny-list is not here: a transfer is accepted only from the
-            // host, and with the token, the coordinator named over this host's session.
-            denied: Arc::default(),
+            // The coordinator's deny-list, as its sessions deliver it; besides, a transfer is
+            // accepted only from the host, and with the token, the coordinator named.
+            denied: enforcement.denied.clone(),
             mandatory: true,
         }),
     )
@@ -337,6 +337,21 @@ async fn session_loop(
                     };
                     if tx.send(AgentMessage { body: Some(AgentBody::Ack(ack)) }).await.is_err() {
                         return SessionEnd::Lost("outbound stream closed".into());
+                    }
+                }
+                Ok(Some(proto::CoordinatorMessage { body: Some(CoordinatorBody::Revoked(revoked)) })) => {
+                    tracing::info!(serials = revoked.serials.len(), replace = revoked.replace, "revoked certificates received");
+                    // Serials are hex; anything else cannot name a certificate.
+                    let serials = revoked
+                        .serials
+                        .into_iter()
+                        .filter(|s| s.len() <= 64 && s.bytes().all(|b| b.is_ascii_hexdigit()));
+                    if revoked.replace {
+                        enforcement.denied.replace(serials);
+                    } else {
+                        for serial in serials {
+                            enforcement.denied.insert(serial);
+                        }
                     }
                 }
                 Ok(Some(proto::CoordinatorMessage { body: Some(CoordinatorBody::VolumeKeys(keys)) })) => {

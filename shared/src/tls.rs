@@ -74,6 +74,24 @@ impl SerialDenyList {
             .insert(serial);
     }
 
+    /// Replaces the whole list (an agent's copy, at the start of each coordinator session).
+    pub fn replace(&self, serials: impl IntoIterator<Item = String>) {
+        *self.serials.write().unwrap_or_else(|p| p.into_inner()) = serials.into_iter().collect();
+    }
+
+    /// Every serial on the list, sorted.
+    pub fn serials(&self) -> Vec<String> {
+        let mut all: Vec<String> = self
+            .serials
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        all.sort();
+        all
+    }
+
     pub fn contains(&self, serial: &str) -> bool {
         self.serials
             .read()
@@ -236,18 +254,24 @@ impl ResolvesServerCert for CurrentCert {
 pub const PEER_SERVER_NAME: &str = "transfer.berth.internal";
 
 /// A client configuration for `expected`'s transfer port: the server must present a host
-/// certificate of the fleet CA `ca` naming `expected`; this host presents `identity`.
+/// certificate of the fleet CA `ca` naming `expected`, not on `denied`; this host presents
+/// `identity`.
 pub fn peer_client_config(
     ca: CertificateDer<'static>,
     identity: ClientIdentity,
     expected: HostId,
+    denied: Arc<SerialDenyList>,
 ) -> Result<Arc<ClientConfig>, TlsError> {
     // Host certificates are issued for client authentication: the server's is verified as one.
     let hosts = WebPkiClientVerifier::builder_with_provider(roots(&ca)?, provider()).build()?;
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(HostPeerVerifier { hosts, expected }))
+        .with_custom_certificate_verifier(Arc::new(HostPeerVerifier {
+            hosts,
+            expected,
+            denied,
+        }))
         .with_client_auth_cert(identity.chain, identity.key)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
@@ -259,6 +283,7 @@ pub fn peer_client_config(
 struct HostPeerVerifier {
     hosts: Arc<dyn ClientCertVerifier>,
     expected: HostId,
+    denied: Arc<SerialDenyList>,
 }
 
 impl ServerCertVerifier for HostPeerVerifier {
@@ -274,6 +299,9 @@ impl ServerCertVerifier for HostPeerVerifier {
             .verify_client_cert(end_entity, intermediates, now)?;
         let peer = parse_peer_cert(end_entity)
             .map_err(|e| rustls::Error::General(format!("the transfer port's certificate: {e}")))?;
+        if self.denied.contains(&peer.serial) {
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+        }
         let presented = match peer.subject {
             Subject::Host(host) if host == self.expected => {
                 return Ok(ServerCertVerified::assertion());
@@ -436,11 +464,22 @@ mod tests {
         caller: (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
         expected: &str,
     ) -> Result<(), String> {
+        handshake_denying(ca, served, caller, expected, &Arc::default()).await
+    }
+
+    /// [`handshake`] with both ends holding `denied`.
+    async fn handshake_denying(
+        ca: &CertificateAuthority,
+        served: &Arc<CurrentCert>,
+        caller: (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+        expected: &str,
+        denied: &Arc<SerialDenyList>,
+    ) -> Result<(), String> {
         let server = server_config_presenting(
             served.clone(),
             Some(ClientAuth {
                 ca: ca.cert_der().clone(),
-                denied: Arc::default(),
+                denied: denied.clone(),
                 mandatory: true,
             }),
         )
@@ -452,6 +491,7 @@ mod tests {
                 key: caller.1,
             },
             HostId::new(expected).unwrap(),
+            denied.clone(),
         )
         .unwrap();
         let (near, far) = tokio::io::duplex(64 * 1024);
@@ -483,6 +523,41 @@ mod tests {
         };
         let (accepted, connected) = tokio::join!(accept, connect);
         connected.and(accepted.map(|_| ()))
+    }
+
+    /// A revoked certificate is refused by the transfer port it pushes to, and a transfer port
+    /// presenting one is refused by the host that would push to it.
+    #[tokio::test]
+    async fn transfer_ports_refuse_revoked_certificates_both_ways() {
+        install_crypto_provider();
+        let ca = CertificateAuthority::generate("test").unwrap();
+        let serial = |chain: &[CertificateDer<'static>]| parse_peer_cert(&chain[0]).unwrap().serial;
+        let (chain, key) = host_cert(&ca, "target");
+        let target_serial = serial(&chain);
+        let target = Arc::new(CurrentCert::new(chain, key).unwrap());
+        let source = host_cert(&ca, "source");
+        let source_serial = serial(&source.0);
+        let denied = Arc::new(SerialDenyList::default());
+        let again = |s: &(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)| {
+            (s.0.clone(), s.1.clone_key())
+        };
+        handshake_denying(&ca, &target, again(&source), "target", &denied)
+            .await
+            .unwrap();
+        denied.insert(source_serial.clone());
+        handshake_denying(&ca, &target, again(&source), "target", &denied)
+            .await
+            .unwrap_err();
+        denied.replace([target_serial]);
+        let refused = handshake_denying(&ca, &target, again(&source), "target", &denied)
+            .await
+            .unwrap_err();
+        assert!(refused.contains("Revoked"), "{refused}");
+        denied.replace([]);
+        handshake_denying(&ca, &target, source, "target", &denied)
+            .await
+            .unwrap();
+        assert!(denied.serials().is_empty());
     }
 
     #[tokio::test]

@@ -317,3 +317,42 @@ async fn a_hello_with_bad_facts_is_refused_naming_the_field() {
     );
     assert_eq!(coordinator.hosts(), before, "nothing recorded");
 }
+
+/// A revocation reaches every connected agent, whose transfer port then refuses the serial
+/// (the handshake itself is tested in `berth_shared::tls`); an agent that connects later gets
+/// the whole list at the start of its session.
+#[test]
+fn a_revocation_reaches_every_agents_transfer_port() {
+    let coordinator = CoordinatorProc::start(None, "");
+    let mut a = AgentProc::enroll(&coordinator, "host-a", None);
+    let b = AgentProc::enroll(&coordinator, "host-b", None);
+    a.start();
+    berth_tests::wait_for("host-a's session", Duration::from_secs(10), || {
+        a.log()
+            .contains("revoked certificates received serials=0 replace=true")
+            .then_some(())
+    });
+    let serial = berth_shared::pki::parse_peer_cert(&agent_identity(&b.state_dir()).chain[0])
+        .unwrap()
+        .serial;
+    let (ok, _, err) =
+        berth_tests::procs::run(coordinator.admin_command(&["revoke", "--host-id", "host-b"]));
+    assert!(ok, "{err}");
+    berth_tests::wait_for("host-a hears of it", Duration::from_secs(5), || {
+        a.log()
+            .contains("revoked certificates received serials=1 replace=false")
+            .then_some(())
+    });
+    a.kill9();
+    a.start();
+    berth_tests::wait_for(
+        "host-a's next session brings the whole list",
+        Duration::from_secs(10),
+        || {
+            a.log()
+                .contains("revoked certificates received serials=1 replace=true")
+                .then_some(())
+        },
+    );
+    assert!(coordinator.log().contains(&serial));
+}
