@@ -22,6 +22,7 @@ use berth_shared::reach::{Net, never_reachable};
 use berth_shared::spec::{Destination, EgressRule, TenantSpec};
 
 use crate::dns::Resolve;
+use crate::guard::ForwardGuard;
 use crate::nft::{
     Element, Installed, InstalledTenant, Nft, Prefix, TenantRules, base_script, chain,
     collect_garbage, gc_script, normalize, parse_listing, remove_script, tenant_script,
@@ -94,12 +95,15 @@ struct State {
     installed: Option<Installed>,
     listed_at_ms: i64,
     names: HashMap<String, NameState>,
+    /// The forward guard could not be installed (said once until it can).
+    guard_missing: bool,
 }
 
 /// The allowlists, enforced with nftables.
 #[derive(Debug)]
 pub struct NftEgress {
     nft: Arc<dyn Nft>,
+    guard: Arc<dyn ForwardGuard>,
     resolver: Arc<dyn Resolve>,
     clock: Arc<dyn Clock>,
     settings: EgressSettings,
@@ -118,12 +122,14 @@ async fn blocking<T: Send + 'static>(
 impl NftEgress {
     pub fn new(
         nft: Arc<dyn Nft>,
+        guard: Arc<dyn ForwardGuard>,
         resolver: Arc<dyn Resolve>,
         clock: Arc<dyn Clock>,
         settings: EgressSettings,
     ) -> Self {
         Self {
             nft,
+            guard,
             resolver,
             clock,
             settings,
@@ -282,6 +288,23 @@ impl EgressStep for NftEgress {
         }
         state.installed = Some(installed);
         state.listed_at_ms = now;
+        // The floor under the table, checked as often as the table is re-read.
+        let guard = self.guard.clone();
+        match blocking(move || guard.ensure().map_err(|e| e.to_string())).await {
+            Ok(added) => {
+                if added {
+                    tracing::info!(
+                        "forward guard installed: unmarked traffic from tenant bridges is dropped in DOCKER-USER"
+                    );
+                }
+                state.guard_missing = false;
+            }
+            Err(error) if !state.guard_missing => {
+                tracing::warn!(%error, "no forward guard (Docker's DOCKER-USER chain): tenants are fenced by berth's table alone");
+                state.guard_missing = true;
+            }
+            Err(_) => {}
+        }
         // Names no tenant asked for in a while are forgotten.
         let idle = (self.settings.ttl_ceiling + self.settings.stale_grace).as_millis() as i64;
         state.names.retain(|_, n| now - n.last_used_ms < idle);

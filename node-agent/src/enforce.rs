@@ -575,6 +575,7 @@ pub async fn run(enforcement: Arc<Enforcement>, config: AgentConfig, host: HostI
     let (name_servers, settings) = config.egress.resolved(&resolv_conf);
     let egress = Arc::new(NftEgress::new(
         Arc::new(NftCommand::default()),
+        Arc::new(crate::guard::DockerUserGuard),
         Arc::new(UdpResolver {
             servers: name_servers,
             timeout: Duration::from_secs(2),

@@ -19,6 +19,7 @@ pub mod enforce;
 pub mod facts;
 #[cfg(test)]
 pub(crate) mod fake_runtime;
+pub mod guard;
 pub mod hardening;
 pub mod health;
 pub mod identity;

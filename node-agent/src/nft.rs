@@ -161,6 +161,9 @@ pub struct InstalledTenant {
     pub host_chain: bool,
     pub fwd_rules: usize,
     pub host_rules: usize,
+    /// Forward rules that mark what they accept (a chain made before the forward guard has
+    /// none, and is rebuilt).
+    pub fwd_marked: usize,
     /// Packets counted per element of the allow set.
     pub elements: BTreeMap<Element, u64>,
     /// Elements withdrawn but not yet deleted from the allow set (see the module doc).
@@ -170,6 +173,7 @@ pub struct InstalledTenant {
 }
 
 const FWD_RULES: usize = 5;
+const FWD_MARKED: usize = 3;
 const HOST_RULES: usize = 3;
 
 impl InstalledTenant {
@@ -204,6 +208,7 @@ impl InstalledTenant {
             host_chain: true,
             fwd_rules: FWD_RULES,
             host_rules: HOST_RULES,
+            fwd_marked: FWD_MARKED,
             elements,
             withdrawn,
             denied_packets: kept.map_or(0, |k| k.denied_packets),
@@ -225,6 +230,7 @@ impl InstalledTenant {
         self.has_set
             && self.has_deny_set
             && self.fwd_rules == FWD_RULES
+            && self.fwd_marked == FWD_MARKED
             && self.host_rules == HOST_RULES
             && self.fwd_subnet.is_some()
             && self.fwd_subnet == self.host_subnet
@@ -243,6 +249,11 @@ pub struct Installed {
 
 /// The base of the table: resolver set, dispatch maps, hooked chains. Loaded on its own (nft
 /// refuses, in one transaction, a new map whose elements jump to chains created after it).
+/// The packet mark a tenant's forward rules put on what they let through; the forward guard
+/// ([`crate::guard`]) drops what leaves a tenant bridge without it, so traffic no tenant chain
+/// judged (berth's table flushed or deleted) goes nowhere.
+pub const ACCEPTED_MARK: u32 = 0x1000_0000;
+
 pub fn base_script(table: &str, resolvers: &BTreeSet<Ipv4Addr>) -> String {
     let mut out = String::new();
     let w = &mut out;
@@ -372,15 +383,21 @@ pub fn tenant_script(
             let all: Vec<&Element> = want.elements.iter().collect();
             elements_line(w, "add", table, &format!("{c}_allow"), &all);
             for chain in [c.clone(), format!("{c}_host")] {
+                // What the forward chain lets through is marked for the forward guard.
+                let accept = if chain == *c {
+                    format!("meta mark set meta mark | {ACCEPTED_MARK:#x} accept")
+                } else {
+                    "accept".to_string()
+                };
                 let _ = writeln!(w, "add chain inet {table} {chain}");
                 let _ = writeln!(w, "flush chain inet {table} {chain}");
                 let _ = writeln!(
                     w,
-                    "add rule inet {table} {chain} ct state established,related accept"
+                    "add rule inet {table} {chain} ct state established,related {accept}"
                 );
                 let _ = writeln!(
                     w,
-                    "add rule inet {table} {chain} meta l4proto {{ tcp, udp }} th dport 53 ip daddr @resolvers accept"
+                    "add rule inet {table} {chain} meta l4proto {{ tcp, udp }} th dport 53 ip daddr @resolvers {accept}"
                 );
                 if chain == *c {
                     let _ = writeln!(
@@ -389,7 +406,7 @@ pub fn tenant_script(
                     );
                     let _ = writeln!(
                         w,
-                        "add rule inet {table} {chain} ip daddr . meta l4proto . th dport @{c}_allow accept"
+                        "add rule inet {table} {chain} ip daddr . meta l4proto . th dport @{c}_allow {accept}"
                     );
                 }
                 let _ = writeln!(
@@ -534,6 +551,18 @@ fn rule_counter(expr: &[Value]) -> Option<u64> {
 }
 
 /// Parses `nft -j list table inet <table>`.
+/// Whether a rule expression sets [`ACCEPTED_MARK`] (`meta mark set meta mark | MARK`).
+fn sets_accepted_mark(expr: &Value) -> bool {
+    let Some(mangle) = expr.get("mangle") else {
+        return false;
+    };
+    mangle.pointer("/key/meta/key").and_then(Value::as_str) == Some("mark")
+        && mangle
+            .pointer("/value/|/1")
+            .and_then(Value::as_u64)
+            .is_some_and(|m| m == u64::from(ACCEPTED_MARK))
+}
+
 pub fn parse_listing(json: &str) -> Result<Installed, String> {
     let doc: Value =
         serde_json::from_str(json).map_err(|e| format!("nft -j printed invalid JSON: {e}"))?;
@@ -622,6 +651,9 @@ pub fn parse_listing(json: &str) -> Result<Installed, String> {
                     t.host_rules += 1;
                 } else {
                     t.fwd_rules += 1;
+                    if expr.iter().any(sets_accepted_mark) {
+                        t.fwd_marked += 1;
+                    }
                 }
                 t.denied_packets += rule_counter(expr).unwrap_or(0);
             }

@@ -54,7 +54,9 @@ fn nft(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// dockerd's own tables without counters (they move with traffic).
+/// dockerd's own tables without counters (they move with traffic), and without the lines of
+/// tenant bridges (`bt…`: Docker's per-network rules, which come and go with the networks of
+/// tests running alongside; the forward guard's rule names them too).
 fn docker_tables() -> String {
     let mut all = String::new();
     for table in [["ip", "filter"], ["ip", "nat"]] {
@@ -62,6 +64,7 @@ fn docker_tables() -> String {
         all.push_str(&text);
     }
     all.lines()
+        .filter(|l| !l.contains("\"bt"))
         .map(without_counts)
         .collect::<Vec<_>>()
         .join("\n")
@@ -379,4 +382,55 @@ fn allowlists_confine_tenants_and_change_live() {
     let after = docker_tables();
     let changed: Vec<String> = diff_lines(&docker_before, &after);
     assert!(changed.is_empty(), "dockerd's tables changed: {changed:#?}");
+}
+
+/// Fail closed: with berth's table deleted and the agent stopped, a tenant reaches nothing,
+/// not even what its allowlist names (Docker's DOCKER-USER chain drops what berth's table did
+/// not mark as accepted); with the agent back, its table and its allowlist are back.
+#[test]
+fn with_its_table_deleted_and_the_agent_stopped_a_tenant_reaches_nothing() {
+    let Some(mut e) = setup() else { return };
+    let server = bin("berth-test-tenant");
+    e.net.serve(&server, 8080);
+    let allowed = e.net.address(2);
+    wait_for("the test server", Duration::from_secs(5), || {
+        Command::new("ip")
+            .args(["netns", "exec", &e.net.netns, "ss", "-ltn"])
+            .output()
+            .ok()
+            .filter(|o| String::from_utf8_lossy(&o.stdout).contains(":8080"))
+    });
+    let a = unique("egf");
+    e.f.place_spec(&a, "64MiB", 100, &[&format!("{allowed}:8080")]);
+    e.f.wait_serving(&a, Duration::from_secs(10));
+    assert_eq!(e.connect(&a, &format!("{allowed}:8080")), "connected");
+    let guard = Command::new("iptables")
+        .args(["-S", "DOCKER-USER"])
+        .output()
+        .unwrap();
+    let guard = String::from_utf8_lossy(&guard.stdout).to_string();
+    assert!(
+        guard.contains("-A DOCKER-USER -i bt+ -m mark ! --mark 0x10000000/0x10000000 -j DROP"),
+        "{guard}"
+    );
+
+    e.f.agent.kill9();
+    let table = e.f.agent.nft_table();
+    let deleted = Command::new("nft")
+        .args(["delete", "table", "inet", &table])
+        .status()
+        .unwrap();
+    assert!(deleted.success());
+    let r = e.connect(&a, &format!("{allowed}:8080"));
+    assert!(
+        r.starts_with("refused"),
+        "with no table and no agent the tenant still got out: {r}"
+    );
+
+    e.f.agent.start_with_docker(true);
+    let back = e.until(&a, &format!("{allowed}:8080"), true, Instant::now());
+    assert!(back < Duration::from_secs(10), "{back:?}");
+    assert!(tenant_lines(&e.table()) > 0, "{}", e.table());
+    let (ok, _, err) = e.f.coordinator.berthctl(&["remove", &a]);
+    assert!(ok, "{err}");
 }

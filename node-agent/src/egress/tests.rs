@@ -70,8 +70,31 @@ impl Resolve for FakeResolver {
     }
 }
 
+/// Counts checks; adds the rule the first time, or fails as a host without Docker's chain.
+#[derive(Debug, Default)]
+struct FakeGuard {
+    checks: StdMutex<u32>,
+    no_chain: StdMutex<bool>,
+}
+
+impl ForwardGuard for FakeGuard {
+    fn ensure(&self) -> Result<bool, CommandError> {
+        let mut checks = self.checks.lock().unwrap();
+        *checks += 1;
+        if *self.no_chain.lock().unwrap() {
+            return Err(CommandError::Failed {
+                program: "iptables".into(),
+                status: "exit status: 1".into(),
+                stderr: "iptables: No chain/target/match by that name.".into(),
+            });
+        }
+        Ok(*checks == 1)
+    }
+}
+
 struct Rig {
     nft: Arc<FakeNft>,
+    guard: Arc<FakeGuard>,
     dns: Arc<FakeResolver>,
     clock: Arc<ManualClock>,
     egress: NftEgress,
@@ -79,10 +102,12 @@ struct Rig {
 
 fn rig() -> Rig {
     let nft = Arc::new(FakeNft::default());
+    let guard = Arc::new(FakeGuard::default());
     let dns = Arc::new(FakeResolver::default());
     let clock = Arc::new(ManualClock::at(1_700_000_000_000));
     let egress = NftEgress::new(
         nft.clone(),
+        guard.clone(),
         dns.clone(),
         clock.clone(),
         EgressSettings {
@@ -92,6 +117,7 @@ fn rig() -> Rig {
     );
     Rig {
         nft,
+        guard,
         dns,
         clock,
         egress,
@@ -326,6 +352,7 @@ async fn without_a_listing_nothing_is_applied() {
     let r = rig();
     let egress = NftEgress::new(
         Arc::new(Broken),
+        r.guard.clone(),
         r.dns.clone(),
         r.clock.clone(),
         EgressSettings::default(),
@@ -377,4 +404,37 @@ async fn addresses_no_tenant_may_reach_are_never_enforced() {
     assert!(report.entries[2].addresses.is_empty());
     assert!(report.entries[2].error.contains("link-local"));
     assert_eq!(report.problems.len(), 3, "{:?}", report.problems);
+}
+
+/// The forward guard is checked whenever the table is read again; a host without Docker's
+/// chain still gets its table (berth's rules alone fence its tenants, and the log says so).
+#[tokio::test]
+async fn the_forward_guard_is_checked_with_every_read_of_the_table() {
+    let r = rig();
+    r.egress.refresh().await.unwrap();
+    r.egress.refresh().await.unwrap();
+    assert_eq!(
+        *r.guard.checks.lock().unwrap(),
+        1,
+        "within the re-read interval"
+    );
+    r.clock.advance_ms(4_000);
+    r.egress.refresh().await.unwrap();
+    assert_eq!(*r.guard.checks.lock().unwrap(), 2);
+    *r.guard.no_chain.lock().unwrap() = true;
+    r.clock.advance_ms(4_000);
+    r.egress.refresh().await.unwrap();
+    assert_eq!(*r.guard.checks.lock().unwrap(), 3);
+    // What a tenant's forward rules let through carries the mark the guard looks for.
+    r.nft.take();
+    let s = spec("acme", &["203.0.113.0/24:443"]);
+    r.egress.apply(&s, SUBNET).await.unwrap();
+    let rules = r.nft.take().join("\n");
+    let c = chain(&s.tenant_id);
+    assert!(
+        rules.contains(&format!(
+            "add rule inet berth {c} ip daddr . meta l4proto . th dport @{c}_allow meta mark set meta mark | 0x10000000 accept"
+        )),
+        "{rules}"
+    );
 }

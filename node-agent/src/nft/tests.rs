@@ -77,6 +77,7 @@ fn scripts_touch_only_berths_table_and_updates_only_elements() {
         host_chain: true,
         fwd_rules: FWD_RULES,
         host_rules: HOST_RULES,
+        fwd_marked: FWD_MARKED,
         elements: BTreeMap::from([(a, 5), (b, 0)]),
         withdrawn: BTreeSet::new(),
         denied_packets: 0,
@@ -134,6 +135,23 @@ fn scripts_touch_only_berths_table_and_updates_only_elements() {
     let rebuild = tenant_script("berth", &want, Some(&broken)).unwrap();
     assert!(rebuild.starts_with("delete element inet berth tenant_fwd { 10.213.0.0/28 }"));
     assert!(rebuild.contains(&format!("flush chain inet berth {c}\n")));
+    // A chain made before its accepts were marked for the forward guard is rebuilt whole, with
+    // every forward accept marked (and no host-chain one).
+    let unmarked = InstalledTenant {
+        fwd_marked: 0,
+        ..installed.clone()
+    };
+    let rebuild = tenant_script("berth", &want, Some(&unmarked)).unwrap();
+    assert!(rebuild.contains(&format!("flush chain inet berth {c}\n")));
+    let marked = |chain: &str| {
+        rebuild
+            .lines()
+            .filter(|l| l.starts_with(&format!("add rule inet berth {chain} ")))
+            .filter(|l| l.contains("meta mark set meta mark | 0x10000000 accept"))
+            .count()
+    };
+    assert_eq!(marked(c), 3, "{rebuild}");
+    assert_eq!(marked(&format!("{c}_host")), 0, "{rebuild}");
     let removal = remove_script("berth", c, &installed);
     assert_eq!(removal.lines().count(), 8, "{removal}");
     assert!(removal.ends_with(&format!("delete set inet berth {c}_deny\n")));
