@@ -158,6 +158,56 @@ fn bad(reason: impl Into<String>) -> TransferError {
     TransferError::Stream(reason.into())
 }
 
+/// The LUKS2 header and keyslot area as berth formats volumes (cryptsetup's defaults): the
+/// first 16 MiB of the backing file.
+const LUKS_HEADER_BYTES: u64 = 16 << 20;
+
+/// Removes a copy of a tenant's volume that is not its live one (a pre-copy kept aside, an
+/// import cut short or replaced): each LUKS file in `dir` first has its header and keyslot area
+/// overwritten with zeros and written out, as `luksErase` leaves a volume, so the blocks it
+/// leaves on the disk open with no key (the tenant's key lives on while its live volume does).
+/// Returns whether a LUKS copy was erased.
+pub fn shred_copy(dir: &Path) -> Result<bool, TransferError> {
+    let mut erased = false;
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(io(dir, e)),
+    };
+    for entry in entries {
+        let path = entry.map_err(|e| io(dir, e))?.path();
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| io(&path, e))?;
+        if !meta.is_file() {
+            continue;
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+            .open(&path)
+            .map_err(|e| io(&path, e))?;
+        let mut magic = [0u8; 6];
+        if file.read_at(&mut magic, 0).map_err(|e| io(&path, e))? < magic.len()
+            || &magic != b"LUKS\xba\xbe"
+        {
+            continue;
+        }
+        let zeros = vec![0u8; CHUNK_BYTES];
+        let end = meta.len().min(LUKS_HEADER_BYTES);
+        let mut at = 0;
+        while at < end {
+            let n = (end - at).min(CHUNK_BYTES as u64) as usize;
+            file.write_all_at(&zeros[..n], at)
+                .map_err(|e| io(&path, e))?;
+            at += n as u64;
+        }
+        file.sync_all().map_err(|e| io(&path, e))?;
+        erased = true;
+    }
+    std::fs::remove_dir_all(dir).map_err(|e| io(dir, e))?;
+    Ok(erased)
+}
+
 /// Where a tenant's volume lives under the agent's volume root, by layout.
 #[derive(Debug, Clone)]
 pub struct VolumeLocation {
@@ -682,9 +732,7 @@ impl Importer {
         let staging = self.at.staging();
         if h.base_transfer_id == 0 {
             self.base = None;
-            if staging.exists() {
-                std::fs::remove_dir_all(&staging).map_err(|e| io(&staging, e))?;
-            }
+            shred_copy(&staging)?;
             std::fs::create_dir_all(&staging).map_err(|e| io(&staging, e))?;
         } else if !self.base.as_ref().is_some_and(|b| {
             b.transfer_id == h.base_transfer_id && b.layout == h.layout && staging.is_dir()
@@ -1149,8 +1197,10 @@ pub async fn receive_volume(
         Some(why) => Err(why),
         None => written,
     };
-    if outcome.is_err() && staging.exists() {
-        let _ = std::fs::remove_dir_all(&staging);
+    if outcome.is_err()
+        && let Err(error) = shred_copy(&staging)
+    {
+        tracing::error!(%error, "the copy of an import cut short was not erased");
     }
     outcome
 }

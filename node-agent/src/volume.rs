@@ -375,11 +375,14 @@ impl VolumeStep for HostVolumes {
         // A plain volume, and what a copy to this host left aside (a pre-copy, or an import
         // cut short).
         let staging = self.root.join("incoming").join(tenant.as_str());
-        for dir in [plain, staging] {
-            if dir.exists() {
-                std::fs::remove_dir_all(&dir).map_err(|e| format!("volume: {}", io(&dir, e)))?;
-                purged.deleted = true;
-            }
+        if plain.exists() {
+            std::fs::remove_dir_all(&plain).map_err(|e| format!("volume: {}", io(&plain, e)))?;
+            purged.deleted = true;
+        }
+        if staging.exists() {
+            // A LUKS copy kept aside is erased before it is deleted, as the live one is.
+            purged.erased |= crate::transfer::shred_copy(&staging).map_err(|e| e.to_string())?;
+            purged.deleted = true;
         }
         Ok(purged)
     }

@@ -588,3 +588,38 @@ fn a_tenant_swapping_a_directory_for_a_link_never_gets_a_host_file_read() {
         .collect();
     assert!(!data.windows(marker.len()).any(|w| w == marker));
 }
+
+/// A LUKS copy kept aside (or cut short) is erased before it is deleted: its header and keyslot
+/// area are zeros on the disk, the rest of its blocks untouched; other files just go.
+#[test]
+fn a_luks_copy_is_erased_before_it_is_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let staging = dir.path().join("incoming/acme");
+    std::fs::create_dir_all(&staging).unwrap();
+    let mut image = b"LUKS\xba\xbe".to_vec();
+    image.extend(pattern((17 << 20) - 6, 3));
+    std::fs::write(staging.join("acme.img"), &image).unwrap();
+    std::fs::write(staging.join("notes"), b"LUKS? no").unwrap();
+    // The same inode, seen from outside the directory: what stays on the disk.
+    let blocks = dir.path().join("blocks");
+    std::fs::hard_link(staging.join("acme.img"), &blocks).unwrap();
+    assert!(shred_copy(&staging).unwrap(), "a LUKS copy was erased");
+    assert!(!staging.exists());
+    let left = std::fs::read(&blocks).unwrap();
+    assert_eq!(left.len(), image.len());
+    assert!(
+        left[..16 << 20].iter().all(|b| *b == 0),
+        "header and keyslots zeroed"
+    );
+    assert_eq!(
+        left[16 << 20..],
+        image[16 << 20..],
+        "the data area as it was"
+    );
+    // Nothing there: nothing to do. A plain copy: deleted, nothing erased.
+    assert!(!shred_copy(&staging).unwrap());
+    std::fs::create_dir_all(staging.join("sub")).unwrap();
+    std::fs::write(staging.join("sub/file"), b"x").unwrap();
+    assert!(!shred_copy(&staging).unwrap());
+    assert!(!staging.exists());
+}
