@@ -46,6 +46,28 @@ pub fn identity_from(
     }
 }
 
+/// `message` with `authorization: Bearer <token>`.
+pub fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}")
+            .parse()
+            .expect("a token a header can carry"),
+    );
+    request
+}
+
+/// The identity `berth-coordinator operator-cert create` wrote into `dir`.
+pub fn operator_identity_in(dir: &Path) -> ClientIdentity {
+    let key = pki::read_private_key(&dir.join("operator.key")).expect("operator.key");
+    let pem = std::fs::read_to_string(dir.join("operator.crt")).expect("operator.crt");
+    ClientIdentity {
+        chain: vec![cert_der_from_pem(&pem).expect("operator certificate")],
+        key: pki::private_key_der(&key),
+    }
+}
+
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

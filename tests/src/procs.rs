@@ -387,6 +387,25 @@ impl CoordinatorProc {
         out.trim().to_string()
     }
 
+    /// `berth-coordinator operator-cert create --name NAME` into a directory of this
+    /// coordinator's: (that directory, the certificate's serial).
+    pub fn operator_cert(&self, name: &str) -> (PathBuf, String) {
+        let dir = self.dir.path().join(format!("opcert-{name}"));
+        let (ok, out, err) = run(self.admin_command(&[
+            "--json",
+            "operator-cert",
+            "create",
+            "--name",
+            name,
+            "--out-dir",
+            dir.to_str().expect("a UTF-8 path"),
+        ]));
+        assert!(ok, "operator-cert create failed: {err}");
+        let created: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+        let serial = created["serial"].as_str().expect("a serial").to_string();
+        (dir, serial)
+    }
+
     /// Runs berthctl against this coordinator (inside its namespace, if any).
     pub fn berthctl(&self, args: &[&str]) -> (bool, String, String) {
         let token = self.operator_token_file();

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use berth_shared::proto;
-use berth_tests::clients::operator_client;
+use berth_tests::clients::{operator_client, operator_identity_in, with_token};
 use berth_tests::procs::{CoordinatorProc, run, server_cert_files};
 
 /// `curl` against `url` with `token` (and `ca` trusted): (HTTP status, body).
@@ -34,22 +34,11 @@ fn curl(ca: &std::path::Path, method: &str, url: &str, token: Option<&str>) -> (
 
 /// A gRPC `ListHosts` with `token`: its status code.
 async fn list_hosts_with(coordinator: &CoordinatorProc, token: &str) -> tonic::Code {
-    let mut request = tonic::Request::new(proto::ListHostsRequest {});
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let request = with_token(proto::ListHostsRequest {}, token);
     match operator_client(coordinator, None).list_hosts(request).await {
         Ok(_) => tonic::Code::Ok,
         Err(status) => status.code(),
     }
-}
-
-fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    request
 }
 
 /// Every route that changes the fleet refuses a read token (403 / PermissionDenied) before it
@@ -310,27 +299,8 @@ fn within(limit: Duration, what: &str, mut check: impl FnMut() -> bool) -> Durat
 async fn a_revoked_operator_certificate_is_refused_within_a_second() {
     berth_shared::tls::install_crypto_provider();
     let coordinator = CoordinatorProc::start(None, "");
-    let out_dir = coordinator.dir.path().join("opcert");
-    let (ok, out, err) = run(coordinator.admin_command(&[
-        "--json",
-        "operator-cert",
-        "create",
-        "--name",
-        "alice",
-        "--out-dir",
-        out_dir.to_str().unwrap(),
-    ]));
-    assert!(ok, "{err}");
-    let created: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let serial = created["serial"].as_str().unwrap().to_string();
-    let identity = || {
-        let key = berth_shared::pki::read_private_key(&out_dir.join("operator.key")).unwrap();
-        let pem = std::fs::read_to_string(out_dir.join("operator.crt")).unwrap();
-        berth_shared::tls::ClientIdentity {
-            chain: vec![berth_shared::pki::cert_der_from_pem(&pem).unwrap()],
-            key: berth_shared::pki::private_key_der(&key),
-        }
-    };
+    let (out_dir, serial) = coordinator.operator_cert("alice");
+    let identity = || operator_identity_in(&out_dir);
     let curl_cert = || {
         let out = Command::new("curl")
             .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])

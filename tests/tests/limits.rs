@@ -6,7 +6,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use berth_shared::proto;
-use berth_tests::clients::operator_client;
+use berth_tests::clients::{operator_client, with_token};
 use berth_tests::procs::{AgentProc, CoordinatorProc};
 use berth_tests::wait_for;
 
@@ -46,14 +46,6 @@ fn largest_spec(id: &str) -> proto::TenantSpec {
         }),
         ..Default::default()
     }
-}
-
-fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    request
 }
 
 #[tokio::test(flavor = "multi_thread")]

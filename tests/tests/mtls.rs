@@ -238,25 +238,8 @@ async fn the_operator_port_requires_an_operator_credential() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
     // An operator certificate from `berth-coordinator operator-cert create`.
-    let out_dir = coordinator.dir.path().join("opcert");
-    let (ok, _, err) = berth_tests::procs::run(coordinator.admin_command(&[
-        "operator-cert",
-        "create",
-        "--name",
-        "alice",
-        "--out-dir",
-        out_dir.to_str().unwrap(),
-    ]));
-    assert!(ok, "{err}");
-    let key = berth_shared::pki::read_private_key(&out_dir.join("operator.key")).unwrap();
-    let cert = berth_shared::pki::cert_der_from_pem(
-        &std::fs::read_to_string(out_dir.join("operator.crt")).unwrap(),
-    )
-    .unwrap();
-    let identity = berth_shared::tls::ClientIdentity {
-        chain: vec![cert],
-        key: berth_shared::pki::private_key_der(&key),
-    };
+    let (dir, _) = coordinator.operator_cert("alice");
+    let identity = berth_tests::clients::operator_identity_in(&dir);
     let hosts = operator_client(&coordinator, Some(identity))
         .list_hosts(proto::ListHostsRequest {})
         .await

@@ -41,27 +41,8 @@ fn tenants(coordinator: &CoordinatorProc) -> Vec<serde_json::Value> {
 
 /// An operator identity for in-process clients: a certificate from `operator-cert create`.
 fn operator_identity(coordinator: &CoordinatorProc) -> ClientIdentity {
-    let dir = coordinator.dir.path().join("opcert");
-    if !dir.exists() {
-        let (ok, _, err) = berth_tests::procs::run(coordinator.admin_command(&[
-            "operator-cert",
-            "create",
-            "--name",
-            "loadtest",
-            "--out-dir",
-            dir.to_str().unwrap(),
-        ]));
-        assert!(ok, "{err}");
-    }
-    let key = berth_shared::pki::read_private_key(&dir.join("operator.key")).unwrap();
-    let cert = berth_shared::pki::cert_der_from_pem(
-        &std::fs::read_to_string(dir.join("operator.crt")).unwrap(),
-    )
-    .unwrap();
-    ClientIdentity {
-        chain: vec![cert],
-        key: berth_shared::pki::private_key_der(&key),
-    }
+    let (dir, _) = coordinator.operator_cert("loadtest");
+    berth_tests::clients::operator_identity_in(&dir)
 }
 
 fn small_spec(id: &str, memory: u64) -> proto::TenantSpec {
