@@ -13,7 +13,9 @@ use berth_shared::proto::operator_service_server::OperatorServiceServer;
 use berth_shared::store::{SledStore, Store};
 use berth_shared::systemd::Notifier;
 use berth_shared::tls::{ClientAuth, server_config};
-use berth_shared::transport::{OPERATOR_MESSAGE_BYTES, SESSION_MESSAGE_BYTES, serve_tls};
+use berth_shared::transport::{
+    OPERATOR_MESSAGE_BYTES, SESSION_MESSAGE_BYTES, serve_plain, serve_tls,
+};
 
 /// An enrollment request is a token and a CSR.
 const ENROLL_MESSAGE_BYTES: usize = 64 << 10;
@@ -188,14 +190,7 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
             tasks.spawn(serve_tls(http_listener, tls, http_router, http_stop));
         }
         None => {
-            tasks.spawn(async move {
-                if let Err(error) = axum::serve(http_listener, http_router)
-                    .with_graceful_shutdown(http_stop)
-                    .await
-                {
-                    tracing::error!(%error, "http port failed");
-                }
-            });
+            tasks.spawn(serve_plain(http_listener, http_router, http_stop));
         }
     }
     let sweeper = coordinator.clone();

@@ -194,9 +194,7 @@ pub async fn serve(addr: SocketAddr, router: Router) {
                 .map(|a| a.to_string())
                 .unwrap_or_default();
             tracing::info!(%bound, "metrics on http://{bound}/metrics");
-            if let Err(e) = axum::serve(listener, router).await {
-                tracing::warn!(error = %e, "metrics port failed");
-            }
+            berth_shared::transport::serve_plain(listener, router, std::future::pending()).await;
         }
         Err(e) => tracing::warn!(%addr, error = %e, "cannot listen for metrics; going on without"),
     }

@@ -50,7 +50,27 @@ pub async fn serve_tls(
     router: axum::Router,
     shutdown: impl Future<Output = ()>,
 ) {
-    let acceptor = TlsAcceptor::from(tls);
+    serve(listener, Some(TlsAcceptor::from(tls)), router, shutdown).await
+}
+
+/// Serves `router` over plain HTTP on `listener` (loopback ports: the dashboard, metrics),
+/// with the same limits as [`serve_tls`], until `shutdown` completes.
+pub async fn serve_plain(
+    listener: TcpListener,
+    router: axum::Router,
+    shutdown: impl Future<Output = ()>,
+) {
+    serve(listener, None, router, shutdown).await
+}
+
+/// The accept loop: at most [`MAX_CONNECTIONS`] at once, each given [`HANDSHAKE_TIMEOUT`] for
+/// its TLS handshake (when `tls`) and for each request's headers.
+async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    router: axum::Router,
+    shutdown: impl Future<Output = ()>,
+) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(shutdown);
     loop {
@@ -70,10 +90,14 @@ pub async fn serve_tls(
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
+        let tls = tls.clone();
         let router = router.clone();
         tokio::spawn(async move {
             let _slot = slot;
+            let Some(acceptor) = tls else {
+                let peer = PeerInfo { remote, cert: None };
+                return serve_connection(TokioIo::new(tcp), peer, router).await;
+            };
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(error)) => {
@@ -92,29 +116,35 @@ pub async fn serve_tls(
                 .and_then(|chain| chain.first())
                 .map(|c| c.clone().into_owned());
             let peer = PeerInfo { remote, cert };
-            let service = hyper::service::service_fn(
-                move |mut request: hyper::Request<hyper::body::Incoming>| {
-                    request.extensions_mut().insert(peer.clone());
-                    router.clone().call(request)
-                },
-            );
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HANDSHAKE_TIMEOUT);
-            builder
-                .http2()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .keep_alive_interval(KEEPALIVE)
-                .keep_alive_timeout(KEEPALIVE);
-            let served = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .await;
-            if let Err(error) = served {
-                tracing::debug!(%remote, %error, "connection ended with an error");
-            }
+            serve_connection(TokioIo::new(stream), peer, router).await
         });
+    }
+}
+
+/// HTTP/1 or HTTP/2 on one connection, each request carrying `peer`.
+async fn serve_connection<S>(io: TokioIo<S>, peer: PeerInfo, router: axum::Router)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let remote = peer.remote;
+    let service =
+        hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(peer.clone());
+            router.clone().call(request)
+        });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HANDSHAKE_TIMEOUT);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(KEEPALIVE)
+        .keep_alive_timeout(KEEPALIVE);
+    let served = builder.serve_connection_with_upgrades(io, service).await;
+    if let Err(error) = served {
+        tracing::debug!(%remote, %error, "connection ended with an error");
     }
 }
 
