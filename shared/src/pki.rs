@@ -246,14 +246,7 @@ pub fn read_chain_and_key(
     key_path: &Path,
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), PkiError> {
     use rustls_pki_types::pem::PemObject;
-    let meta = fs::metadata(key_path).map_err(io_err(key_path))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(PkiError::InsecureKeyMode {
-            path: key_path.to_path_buf(),
-            mode,
-        });
-    }
+    refuse_shared_key(key_path)?;
     let pem = fs::read(cert_path).map_err(io_err(cert_path))?;
     let chain = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
@@ -309,8 +302,8 @@ pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), 
     write().map_err(io_err(path))
 }
 
-/// Reads a private key file, refusing one that group or others can read.
-pub fn read_private_key(path: &Path) -> Result<KeyPair, PkiError> {
+/// A private key file that group or others can read is refused.
+fn refuse_shared_key(path: &Path) -> Result<(), PkiError> {
     let meta = fs::metadata(path).map_err(io_err(path))?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
@@ -319,6 +312,12 @@ pub fn read_private_key(path: &Path) -> Result<KeyPair, PkiError> {
             mode,
         });
     }
+    Ok(())
+}
+
+/// Reads a private key file, refusing one that group or others can read.
+pub fn read_private_key(path: &Path) -> Result<KeyPair, PkiError> {
+    refuse_shared_key(path)?;
     let pem = fs::read_to_string(path).map_err(io_err(path))?;
     KeyPair::from_pem(&pem)
         .map_err(|e| PkiError::BadCertificate(format!("{}: {e}", path.display())))

@@ -31,6 +31,24 @@ pub fn missing_component(component: &str, why: &str) {
 }
 
 /// Whether we run as root (namespaces, nft, docker need it).
+/// Runs a `curl` command given `-sS -w "\n%{http_code}"` (added here): (HTTP status, body).
+/// A curl that fails to talk HTTP at all fails the test, saying why.
+pub fn curl_status(mut curl: std::process::Command) -> (u16, String) {
+    curl.args(["-sS", "-w", "\n%{http_code}"]);
+    let out = curl.output().expect("curl (the test command installs it)");
+    assert!(
+        out.status.success(),
+        "{curl:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", text.trim()));
+    (
+        code.trim().parse().expect("an HTTP status"),
+        body.to_string(),
+    )
+}
+
 pub fn is_root() -> bool {
     nix::unistd::Uid::effective().is_root()
 }

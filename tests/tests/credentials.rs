@@ -12,24 +12,14 @@ use berth_tests::procs::{CoordinatorProc, run, server_cert_files};
 /// `curl` against `url` with `token` (and `ca` trusted): (HTTP status, body).
 fn curl(ca: &std::path::Path, method: &str, url: &str, token: Option<&str>) -> (u16, String) {
     let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "-X", method, "-w", "\n%{http_code}", "--cacert"])
-        .arg(ca)
-        .arg(url);
+    cmd.args(["-X", method, "--cacert"]).arg(ca).arg(url);
     if let Some(t) = token {
         cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
     }
     if method != "GET" {
         cmd.args(["-H", "Content-Type: application/json", "--data", "{}"]);
     }
-    let out = cmd.output().expect("curl (the test command installs it)");
-    assert!(
-        out.status.success(),
-        "curl {url}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (body, code) = text.rsplit_once('\n').unwrap();
-    (code.parse().unwrap(), body.to_string())
+    berth_tests::curl_status(cmd)
 }
 
 /// A gRPC `ListHosts` with `token`: its status code.

@@ -22,31 +22,14 @@ fn curl_with_ca(
     token: Option<&str>,
 ) -> (u16, String) {
     let mut cmd = Command::new("ip");
-    cmd.args([
-        "netns",
-        "exec",
-        netns,
-        "curl",
-        "-sS",
-        "-w",
-        "\n%{http_code}",
-        url,
-    ]);
+    cmd.args(["netns", "exec", netns, "curl", url]);
     if let Some(ca) = ca {
         cmd.arg("--cacert").arg(ca);
     }
     if let Some(t) = token {
         cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
     }
-    let out = cmd.output().expect("curl");
-    assert!(
-        out.status.success(),
-        "curl {url}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (body, code) = text.rsplit_once('\n').unwrap();
-    (code.parse().unwrap(), body.to_string())
+    berth_tests::curl_status(cmd)
 }
 
 fn curl(netns: &str, url: &str, token: Option<&str>) -> (u16, String) {
