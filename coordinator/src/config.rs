@@ -376,6 +376,10 @@ impl CoordinatorConfig {
     pub fn master_key_file(&self) -> PathBuf {
         self.state_dir.join("master.key")
     }
+    /// The wrapped volume keys (mode 0600), rewritten whole when a key is destroyed.
+    pub fn keyring_file(&self) -> PathBuf {
+        self.state_dir.join("volume-keys")
+    }
     /// Written after the listeners are bound: their real addresses (port 0 resolved).
     pub fn endpoints_file(&self) -> PathBuf {
         self.state_dir.join("endpoints.json")

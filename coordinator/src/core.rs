@@ -9,14 +9,14 @@ use berth_shared::clock::Clock;
 use berth_shared::ids::{HostId, TenantId};
 use berth_shared::pki::{CertificateAuthority, PeerCert, Subject, parse_peer_cert};
 use berth_shared::proto;
-use berth_shared::store::{Durability, Store};
+use berth_shared::store::Store;
 use berth_shared::tls::SerialDenyList;
 use berth_shared::transport::PeerInfo;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
 use crate::config::CoordinatorConfig;
-use crate::keys::{KeyError, KeyVault, MasterKey};
+use crate::keys::{KeyError, KeyVault};
 use crate::placement::{PlaceError, PlacementPolicy, Placements, host_info};
 use crate::registry::{HostRecord, HostState, Registry, RegistryError, Scope};
 
@@ -94,10 +94,9 @@ impl Coordinator {
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
         ca: CertificateAuthority,
-        master_key: MasterKey,
+        keys: KeyVault,
         agent_port: u16,
     ) -> Result<Self, OpenError> {
-        let keys = KeyVault::new(master_key, store.clone());
         let registry = Registry::new(store.clone(), clock);
         let denied = Arc::new(SerialDenyList::new(registry.revoked_serials()?));
         let now = registry.now();
@@ -186,11 +185,7 @@ impl Coordinator {
         let _placing = self.placing.lock().unwrap_or_else(|p| p.into_inner());
         let encrypted = spec.volume.as_ref().is_none_or(|v| v.encrypted);
         let new_key = match TenantId::new(&spec.tenant_id) {
-            Ok(id) if encrypted => self
-                .keys
-                .ensure(&id, Durability::Lazy)
-                .map_err(key_error)?
-                .then_some(id),
+            Ok(id) if encrypted => self.keys.ensure(&id).map_err(key_error)?.then_some(id),
             _ => None,
         };
         self.placements
@@ -369,13 +364,17 @@ impl Coordinator {
 
     pub(crate) async fn durable(self: &Arc<Self>, seq: u64) -> Result<(), PlaceError> {
         let me = self.clone();
-        tokio::task::spawn_blocking(move || me.placements.make_durable(seq))
-            .await
-            .map_err(|e| {
-                PlaceError::Store(berth_shared::store::StoreError::Io(format!(
-                    "flush task: {e}"
-                )))
-            })??;
+        // A key made for a placement is on disk before the placement is.
+        tokio::task::spawn_blocking(move || -> Result<(), PlaceError> {
+            me.keys.sync().map_err(key_error)?;
+            Ok(me.placements.make_durable(seq)?)
+        })
+        .await
+        .map_err(|e| {
+            PlaceError::Store(berth_shared::store::StoreError::Io(format!(
+                "flush task: {e}"
+            )))
+        })??;
         Ok(())
     }
 
@@ -903,35 +902,10 @@ mod tests {
     /// new tenant: every placed encrypted tenant has its key, and each refused tenant alone none.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn a_refused_placement_racing_a_valid_one_of_the_same_tenant_never_takes_its_key() {
-        /// Key writes take a millisecond, so the two placements of a pair overlap.
-        #[derive(Debug, Default)]
-        struct SlowKeys(berth_shared::store::MemStore);
-        impl Store for SlowKeys {
-            fn get(&self, key: &str) -> Result<Option<Vec<u8>>, berth_shared::store::StoreError> {
-                self.0.get(key)
-            }
-            fn scan_prefix(
-                &self,
-                prefix: &str,
-            ) -> Result<Vec<(String, Vec<u8>)>, berth_shared::store::StoreError> {
-                self.0.scan_prefix(prefix)
-            }
-            fn apply(
-                &self,
-                writes: Vec<berth_shared::store::Write>,
-                durability: Durability,
-            ) -> Result<(), berth_shared::store::StoreError> {
-                use berth_shared::store::Write;
-                if writes.iter().any(|w| matches!(w, Write::Put(k, _) | Write::Delete(k) if k.starts_with("volkey/"))) {
-                    std::thread::sleep(std::time::Duration::from_millis(1));
-                }
-                self.0.apply(writes, durability)
-            }
-            fn flush(&self) -> Result<(), berth_shared::store::StoreError> {
-                self.0.flush()
-            }
-        }
-        let c = crate::dashboard::seed::seeded_on(Arc::new(SlowKeys::default()), 20, 0).unwrap();
+        // Key writes take a millisecond, so the two placements of a pair overlap.
+        let keyring =
+            crate::keys::keyring::Keyring::in_memory_slow(std::time::Duration::from_millis(1));
+        let c = crate::dashboard::seed::seeded_with(keyring, 20, 0).unwrap();
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..200 {
             for tier in ["individual", "platinum"] {

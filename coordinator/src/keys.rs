@@ -1,15 +1,19 @@
-//! Volume-key custody: one random 256-bit key per tenant with an encrypted volume, kept in the
-//! fleet store only wrapped (AES-256-GCM) under a master key that comes from a file of mode
-//! 0600 or a systemd credential — never from the store.
+//! Volume-key custody: one random 256-bit key per tenant with an encrypted volume, kept only
+//! wrapped (AES-256-GCM) under a master key that comes from a file of mode 0600 or a systemd
+//! credential — never from the state it protects — in the keyring file
+//! ([`keyring::Keyring`]), not in the fleet store.
 //!
 //! Ensures: a wrapped key is bound to its tenant (the tenant id is the AEAD's associated data,
 //! so a blob moved to another tenant does not open); a missing master key with keys wrapped
 //! under it is an error, never a silently new master key; destroying a key deletes its only
-//! copy.
+//! copy, and no file under the state directory holds it afterwards (the keyring is rewritten
+//! whole; the log-structured store never held it, and keys it held before this keyring
+//! existed are moved out, the store rewritten behind them, see [`KeyVault::move_out_of`]).
+
+pub mod keyring;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use berth_shared::ids::TenantId;
 use berth_shared::store::{Durability, Store, StoreError, Write};
@@ -31,6 +35,8 @@ pub enum KeyError {
     Unwrap(String),
     #[error("no randomness from the system")]
     Random,
+    #[error("keyring {path}: {message}")]
+    Keyring { path: PathBuf, message: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -115,25 +121,29 @@ fn aad(tenant: &TenantId) -> Vec<u8> {
     format!("berth volume key\0{tenant}").into_bytes()
 }
 
-/// The wrapped volume keys in the store.
+/// The wrapped volume keys.
 #[derive(Debug)]
 pub struct KeyVault {
     master: MasterKey,
-    store: Arc<dyn Store>,
+    keyring: keyring::Keyring,
 }
 
 impl KeyVault {
-    pub fn new(master: MasterKey, store: Arc<dyn Store>) -> Self {
-        Self { master, store }
+    pub fn new(master: MasterKey, keyring: keyring::Keyring) -> Self {
+        Self { master, keyring }
     }
 
-    /// The master key at `path` for the keys in `store`: a missing one is made only while no
-    /// key is wrapped yet.
-    pub fn open_master(path: &Path, store: &dyn Store) -> Result<MasterKey, KeyError> {
+    /// The master key at `path` for the keys in `keyring` (and any `store` still holds from
+    /// before the keyring): a missing one is made only while no key is wrapped yet.
+    pub fn open_master(
+        path: &Path,
+        keyring: &keyring::Keyring,
+        store: &dyn Store,
+    ) -> Result<MasterKey, KeyError> {
         if path.exists() {
             return MasterKey::load(path);
         }
-        let wrapped = store.scan_prefix(PREFIX)?.len();
+        let wrapped = keyring.len() + store.scan_prefix(PREFIX)?.len();
         if wrapped > 0 {
             return Err(master_error(
                 path,
@@ -143,10 +153,40 @@ impl KeyVault {
         MasterKey::create(path)
     }
 
-    /// The vault of `store`, with the master key at `path` ([`KeyVault::open_master`]).
-    pub fn open(path: &Path, store: Arc<dyn Store>) -> Result<Self, KeyError> {
-        let master = Self::open_master(path, store.as_ref())?;
-        Ok(Self::new(master, store))
+    /// The vault of `keyring`, with the master key at `path` ([`KeyVault::open_master`]).
+    pub fn open(
+        path: &Path,
+        keyring: keyring::Keyring,
+        store: &dyn Store,
+    ) -> Result<Self, KeyError> {
+        let master = Self::open_master(path, &keyring, store)?;
+        Ok(Self::new(master, keyring))
+    }
+
+    /// Moves the wrapped keys `store` holds (written before the keyring existed) into the
+    /// keyring, durably, then deletes them from the store; returns how many. The store's
+    /// segment files may still hold them: the caller rewrites the store afterwards.
+    pub fn move_out_of(&self, store: &dyn Store) -> Result<usize, KeyError> {
+        let legacy = store.scan_prefix(PREFIX)?;
+        if legacy.is_empty() {
+            return Ok(0);
+        }
+        let moved = legacy
+            .iter()
+            .map(|(k, v)| (k[PREFIX.len()..].to_string(), v.clone()))
+            .collect();
+        self.keyring.add_all(moved)?;
+        let deletes = legacy
+            .iter()
+            .map(|(k, _)| Write::Delete(k.clone()))
+            .collect();
+        store.apply(deletes, Durability::Flushed)?;
+        Ok(legacy.len())
+    }
+
+    /// Makes every key made so far durable (before the placement that needs it is answered).
+    pub fn sync(&self) -> Result<(), KeyError> {
+        self.keyring.sync()
     }
 
     fn wrap(&self, tenant: &TenantId, key: &[u8]) -> Result<Vec<u8>, KeyError> {
@@ -190,56 +230,48 @@ impl KeyVault {
         Ok(Zeroizing::new(plain.to_vec()))
     }
 
-    /// Makes `tenant`'s key unless it has one, written with `durability` (a placement writes
-    /// it lazily: the flush that makes the placement durable covers it, before the reply).
-    /// Returns whether it made one.
-    pub fn ensure(&self, tenant: &TenantId, durability: Durability) -> Result<bool, KeyError> {
+    /// Makes `tenant`'s key unless it has one: on disk at the next [`KeyVault::sync`] (a
+    /// placement syncs before its answer). Returns whether it made one.
+    pub fn ensure(&self, tenant: &TenantId) -> Result<bool, KeyError> {
         if self.has(tenant)? {
             return Ok(false);
         }
-        self.write_new(tenant, durability)?;
-        Ok(true)
+        let blob = self.wrap(tenant, &Self::fresh()?[..])?;
+        self.keyring.add(tenant.as_str(), blob)
     }
 
-    /// Gives `tenant` a new key in one flushed write (the old one, if any, is gone with it):
-    /// a tenant restarted with an empty volume after its host was lost.
+    /// Gives `tenant` a new key, durably; the old one, if any, is in no file afterwards: a
+    /// tenant restarted with an empty volume after its host was lost.
     pub fn replace(&self, tenant: &TenantId) -> Result<(), KeyError> {
-        self.write_new(tenant, Durability::Flushed)
+        let blob = self.wrap(tenant, &Self::fresh()?[..])?;
+        self.keyring.replace(tenant.as_str(), blob)
     }
 
-    fn write_new(&self, tenant: &TenantId, durability: Durability) -> Result<(), KeyError> {
+    fn fresh() -> Result<Zeroizing<[u8; KEY_BYTES]>, KeyError> {
         let mut key = Zeroizing::new([0u8; KEY_BYTES]);
         SystemRandom::new()
             .fill(&mut key[..])
             .map_err(|_| KeyError::Random)?;
-        let blob = self.wrap(tenant, &key[..])?;
-        self.store.apply(
-            vec![Write::Put(format!("{PREFIX}{tenant}"), blob)],
-            durability,
-        )?;
-        Ok(())
+        Ok(key)
     }
 
     /// Whether `tenant` has a key (none is unwrapped).
     pub fn has(&self, tenant: &TenantId) -> Result<bool, KeyError> {
-        Ok(self.store.get(&format!("{PREFIX}{tenant}"))?.is_some())
+        Ok(self.keyring.get(tenant.as_str()).is_some())
     }
 
     /// `tenant`'s key, unwrapped; `None` when it has none.
     pub fn get(&self, tenant: &TenantId) -> Result<Option<Zeroizing<Vec<u8>>>, KeyError> {
-        self.store
-            .get(&format!("{PREFIX}{tenant}"))?
+        self.keyring
+            .get(tenant.as_str())
             .map(|blob| self.unwrap_blob(tenant, &blob))
             .transpose()
     }
 
-    /// Destroys `tenant`'s key (crypto-shredding); `false` when it had none.
+    /// Destroys `tenant`'s key (crypto-shredding): when this returns, no file under the state
+    /// directory holds it. `false` when it had none.
     pub fn destroy(&self, tenant: &TenantId) -> Result<bool, KeyError> {
-        let name = format!("{PREFIX}{tenant}");
-        let existed = self.store.get(&name)?.is_some();
-        self.store
-            .apply(vec![Write::Delete(name)], Durability::Flushed)?;
-        Ok(existed)
+        self.keyring.remove(tenant.as_str())
     }
 }
 

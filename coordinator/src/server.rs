@@ -26,6 +26,7 @@ use tonic::service::Routes;
 use crate::config::CoordinatorConfig;
 use crate::core::Coordinator;
 use crate::keys::KeyVault;
+use crate::keys::keyring::Keyring;
 use crate::{admin, agent_api, dashboard, operator_api};
 
 /// The bound addresses, written to `endpoints.json` for scripts and tests.
@@ -44,6 +45,27 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} ({what} port)"))
+}
+
+/// Wrapped keys a store written before the keyring still holds move to the keyring; then the
+/// store is rewritten into new files, so none of its old segments keeps them. Returns the store
+/// to serve from.
+fn move_keys_out_of_store(
+    config: &CoordinatorConfig,
+    store: Arc<dyn Store>,
+    keys: &KeyVault,
+) -> anyhow::Result<Arc<dyn Store>> {
+    let moved = keys.move_out_of(store.as_ref())?;
+    if moved == 0 {
+        return Ok(store);
+    }
+    drop(store);
+    SledStore::rewrite(&config.db_dir()).context("rewriting the store without its old keys")?;
+    tracing::info!(
+        moved,
+        "volume keys moved from the store to the keyring; the store was rewritten"
+    );
+    Ok(Arc::new(SledStore::open(&config.db_dir())?))
 }
 
 /// Who may read the HTTP port and whether it speaks TLS. Off loopback it needs a certificate,
@@ -106,13 +128,15 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
     };
 
     let master_key = crate::keys::master_key_path(&config.master_key_file());
-    let master_key = KeyVault::open_master(&master_key, store.as_ref())?;
+    let keyring = Keyring::open(&config.keyring_file())?;
+    let keys = KeyVault::open(&master_key, keyring, store.as_ref())?;
+    let store = move_keys_out_of_store(&config, store, &keys)?;
     let coordinator = Arc::new(Coordinator::open(
         config.clone(),
         store,
         Arc::new(SystemClock),
         ca,
-        master_key,
+        keys,
         endpoints.agent.port(),
     )?);
     coordinator.resume_drains();

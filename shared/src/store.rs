@@ -121,6 +121,34 @@ pub struct SledStore {
 }
 
 impl SledStore {
+    /// Rewrites the (closed) database at `path` into new files, record by record, and deletes
+    /// the old ones: what was deleted from it is in no segment file afterwards.
+    pub fn rewrite(path: &Path) -> Result<(), StoreError> {
+        let fail = |e: &dyn std::fmt::Display| StoreError::Io(format!("{}: {e}", path.display()));
+        let fresh = path.with_extension("rewrite");
+        let old = path.with_extension("old");
+        for leftover in [&fresh, &old] {
+            if leftover.exists() {
+                std::fs::remove_dir_all(leftover).map_err(|e| fail(&e))?;
+            }
+        }
+        {
+            let from = Self::open(path)?;
+            let to = Self::open(&fresh)?;
+            to.db.import(from.db.export());
+            to.db.flush().map_err(|e| fail(&e))?;
+        }
+        std::fs::rename(path, &old).map_err(|e| fail(&e))?;
+        std::fs::rename(&fresh, path).map_err(|e| fail(&e))?;
+        std::fs::remove_dir_all(&old).map_err(|e| fail(&e))?;
+        if let Some(parent) = path.parent() {
+            std::fs::File::open(parent)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| fail(&e))?;
+        }
+        Ok(())
+    }
+
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(path)

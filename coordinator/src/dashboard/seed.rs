@@ -67,15 +67,16 @@ fn mix(i: u64) -> u64 {
 /// fit): every 25th host cordoned, every 40th down (it stopped reporting), tenants using
 /// 20–95 % of their caps, a few with OOM kills and egress denials.
 pub fn seeded(hosts: usize, tenants: usize) -> Result<Arc<Coordinator>, SeedError> {
-    seeded_on(Arc::new(MemStore::default()), hosts, tenants)
+    seeded_with(crate::keys::keyring::Keyring::in_memory(), hosts, tenants)
 }
 
-/// [`seeded`] over `store`.
-pub fn seeded_on(
-    store: Arc<dyn berth_shared::store::Store>,
+/// [`seeded`] with its volume keys in `keyring`.
+pub fn seeded_with(
+    keyring: crate::keys::keyring::Keyring,
     hosts: usize,
     tenants: usize,
 ) -> Result<Arc<Coordinator>, SeedError> {
+    let store = Arc::new(MemStore::default());
     let clock = Arc::new(ManualClock::at(SEED_TIME_MS));
     let config = CoordinatorConfig::default();
     let c = Coordinator::open(
@@ -83,7 +84,7 @@ pub fn seeded_on(
         store,
         clock.clone(),
         CertificateAuthority::generate("seed").map_err(err)?,
-        MasterKey::generate().map_err(err)?,
+        crate::keys::KeyVault::new(MasterKey::generate().map_err(err)?, keyring),
         0,
     )
     .map_err(err)?;

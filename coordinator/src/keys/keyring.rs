@@ -1,0 +1,232 @@
+//! The wrapped volume keys, in a file of their own rather than in the fleet store.
+//!
+//! Ensures: a key made is appended (one line: tenant, wrapped key) and on disk once [`Keyring::sync`]
+//! returns; a key destroyed or replaced leaves no file under the state directory that holds its
+//! old wrapped form, because the file is then rewritten whole (a new file, synced, renamed over
+//! the old one). A log-structured store keeps deleted records in its segment files, so a purged
+//! tenant's key would outlive its purge there; here it does not.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use base64::Engine;
+use berth_shared::ids::TenantId;
+
+use super::KeyError;
+
+fn io_error(path: &Path, e: std::io::Error) -> KeyError {
+    KeyError::Keyring {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Tenant → wrapped key.
+    entries: BTreeMap<String, Vec<u8>>,
+    /// The file, open for appending; `None` in memory.
+    file: Option<File>,
+    /// Appended since the last sync.
+    dirty: bool,
+}
+
+/// Wrapped volume keys by tenant, in `path` (mode 0600) or in memory.
+#[derive(Debug)]
+pub struct Keyring {
+    path: Option<PathBuf>,
+    state: Mutex<State>,
+    /// Tests: how long each write takes (to widen races).
+    #[cfg(test)]
+    pub(crate) write_delay: std::time::Duration,
+}
+
+fn line(tenant: &str, blob: &[u8]) -> String {
+    format!(
+        "{tenant} {}\n",
+        base64::engine::general_purpose::STANDARD.encode(blob)
+    )
+}
+
+impl Keyring {
+    /// Keys held in memory only (seeded fleets, tests).
+    pub fn in_memory() -> Self {
+        Self {
+            path: None,
+            state: Mutex::default(),
+            #[cfg(test)]
+            write_delay: std::time::Duration::ZERO,
+        }
+    }
+
+    /// In memory, each write taking `delay` (tests that need two writes to overlap).
+    #[cfg(test)]
+    pub(crate) fn in_memory_slow(delay: std::time::Duration) -> Self {
+        Self {
+            write_delay: delay,
+            ..Self::in_memory()
+        }
+    }
+
+    /// The keyring at `path`, made empty when missing. A last line cut short (a crash while
+    /// it was appended, before any sync acknowledged it) is dropped; any other damage is an
+    /// error.
+    pub fn open(path: &Path) -> Result<Self, KeyError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(io_error(path, e)),
+        };
+        let complete = match text.rfind('\n') {
+            Some(end) => &text[..=end],
+            None => "",
+        };
+        let mut entries = BTreeMap::new();
+        for (n, l) in complete.lines().enumerate() {
+            let bad = || KeyError::Keyring {
+                path: path.to_path_buf(),
+                message: format!("line {}: not `tenant base64`", n + 1),
+            };
+            let (tenant, blob) = l.split_once(' ').ok_or_else(bad)?;
+            TenantId::new(tenant).map_err(|_| bad())?;
+            let blob = base64::engine::general_purpose::STANDARD
+                .decode(blob)
+                .map_err(|_| bad())?;
+            entries.insert(tenant.to_string(), blob);
+        }
+        let keyring = Self {
+            path: Some(path.to_path_buf()),
+            state: Mutex::new(State {
+                entries,
+                file: None,
+                dirty: false,
+            }),
+            #[cfg(test)]
+            write_delay: std::time::Duration::ZERO,
+        };
+        // Written afresh: a line cut short goes, and the append handle is opened.
+        let mut state = keyring.lock();
+        keyring.rewrite(&mut state)?;
+        drop(state);
+        Ok(keyring)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn delay(&self) {
+        #[cfg(test)]
+        if !self.write_delay.is_zero() {
+            std::thread::sleep(self.write_delay);
+        }
+    }
+
+    pub fn get(&self, tenant: &str) -> Option<Vec<u8>> {
+        self.lock().entries.get(tenant).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Adds a key for a tenant that has none: appended, on disk at the next [`Keyring::sync`].
+    /// `false` when the tenant has one already (it is kept).
+    pub fn add(&self, tenant: &str, blob: Vec<u8>) -> Result<bool, KeyError> {
+        self.delay();
+        let mut state = self.lock();
+        if state.entries.contains_key(tenant) {
+            return Ok(false);
+        }
+        if let (Some(path), Some(file)) = (&self.path, state.file.as_mut()) {
+            file.write_all(line(tenant, &blob).as_bytes())
+                .map_err(|e| io_error(path, e))?;
+            state.dirty = true;
+        }
+        state.entries.insert(tenant.to_string(), blob);
+        Ok(true)
+    }
+
+    /// Makes every key added so far durable.
+    pub fn sync(&self) -> Result<(), KeyError> {
+        let mut state = self.lock();
+        if let (true, Some(path), Some(file)) = (state.dirty, &self.path, state.file.as_ref()) {
+            file.sync_data().map_err(|e| io_error(path, e))?;
+            state.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Puts `blob` in place of whatever `tenant` had, and rewrites the file: the old key is in
+    /// no file any more when this returns.
+    pub fn replace(&self, tenant: &str, blob: Vec<u8>) -> Result<(), KeyError> {
+        self.delay();
+        let mut state = self.lock();
+        state.entries.insert(tenant.to_string(), blob);
+        self.rewrite(&mut state)
+    }
+
+    /// Removes `tenant`'s key and rewrites the file; `false` when it had none.
+    pub fn remove(&self, tenant: &str) -> Result<bool, KeyError> {
+        self.delay();
+        let mut state = self.lock();
+        let existed = state.entries.remove(tenant).is_some();
+        if existed {
+            self.rewrite(&mut state)?;
+        }
+        Ok(existed)
+    }
+
+    /// Every tenant with a key, and its wrapped key.
+    pub fn entries(&self) -> Vec<(String, Vec<u8>)> {
+        self.lock()
+            .entries
+            .iter()
+            .map(|(t, b)| (t.clone(), b.clone()))
+            .collect()
+    }
+
+    /// Adds many at once (a migration), rewritten and durable when this returns.
+    pub fn add_all(&self, blobs: Vec<(String, Vec<u8>)>) -> Result<(), KeyError> {
+        let mut state = self.lock();
+        for (tenant, blob) in blobs {
+            state.entries.entry(tenant).or_insert(blob);
+        }
+        self.rewrite(&mut state)
+    }
+
+    /// Writes the whole keyring to a new file, syncs it, renames it over the old one, syncs
+    /// the directory, and appends to the new file from then on.
+    fn rewrite(&self, state: &mut State) -> Result<(), KeyError> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let tmp = dir.join(".volume-keys.new");
+        let text: String = state.entries.iter().map(|(t, b)| line(t, b)).collect();
+        let write = || -> std::io::Result<File> {
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            file.write_all(text.as_bytes())?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, path)?;
+            File::open(dir)?.sync_all()?;
+            OpenOptions::new().append(true).open(path)
+        };
+        state.file = Some(write().map_err(|e| io_error(path, e))?);
+        state.dirty = false;
+        Ok(())
+    }
+}
