@@ -24,8 +24,9 @@ if [ "$needed_mib" -gt "$free_mib" ]; then
   exit 1
 fi
 
-packages=(docker.io nftables cryptsetup-bin iproute2 ca-certificates curl chromium fonts-dejavu-core
-  lintian debootstrap systemd qemu-system-x86 busybox-static linux-image-amd64 cpio kmod)
+packages=(docker.io nftables cryptsetup-bin iproute2 ca-certificates curl openssl chromium
+  fonts-dejavu-core lintian debootstrap systemd qemu-system-x86 busybox-static linux-image-amd64
+  cpio kmod)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
