@@ -155,6 +155,8 @@ pub struct HostLoad {
     pub running: u32,
     pub memory_committed: u64,
     pub cpu_committed_millicores: u64,
+    /// The sum of its tenants' volume sizes.
+    pub disk_committed: u64,
     pub memory_used: u64,
     pub oom_kills: u64,
 }
@@ -190,11 +192,16 @@ pub fn host_info(record: &HostRecord, schedulable: bool) -> Option<HostInfo> {
                 .memory_total_bytes
                 .saturating_sub(facts.memory_reserved_bytes),
             cpu: u64::from(facts.cpu_count) * 1000,
-            // Keep a tenth of the disk for the host, images and logs.
-            disk: facts.disk_total_bytes / 10 * 9,
+            disk: disk_capacity(facts.disk_total_bytes),
         },
         schedulable,
     })
+}
+
+/// The disk tenants' volumes may take on a host of `total` bytes: a tenth is kept for the
+/// host, its images and logs.
+pub fn disk_capacity(total: u64) -> u64 {
+    total / 10 * 9
 }
 
 fn need(spec: &TenantSpec) -> Vec3 {
@@ -487,12 +494,24 @@ impl Placements {
                     reason: filter.reason(),
                 })?,
             None => state.scheduler.choose(&request).map_err(|mut refusal| {
-                refusal.recommendation = explain::recommend(
-                    &self.policy.catalog,
-                    need,
-                    RECOMMENDATION_RESERVE,
-                    &spec.constraints,
-                );
+                // The catalog knows host types by memory and CPU; their disks are whatever is
+                // attached. A volume larger than any host's disk here has no host type to name.
+                let largest_disk = state
+                    .scheduler
+                    .hosts()
+                    .map(|(info, _)| info.allocatable.disk)
+                    .max()
+                    .unwrap_or(0);
+                refusal.recommendation = (need.disk <= largest_disk)
+                    .then(|| {
+                        explain::recommend(
+                            &self.policy.catalog,
+                            need,
+                            RECOMMENDATION_RESERVE,
+                            &spec.constraints,
+                        )
+                    })
+                    .flatten();
                 PlaceError::NoFit(refusal)
             })?,
         };
@@ -1038,6 +1057,7 @@ impl Placements {
             load.tenants += 1;
             load.memory_committed += record.spec.resources.memory_bytes;
             load.cpu_committed_millicores += u64::from(record.spec.resources.cpu_millicores);
+            load.disk_committed += record.spec.resources.volume_bytes;
             if let Some(status) = state.observed.get(&record.spec.tenant_id) {
                 load.memory_used += status.memory_used_bytes;
                 load.oom_kills += status.oom_kills;

@@ -382,3 +382,37 @@ fn bad_placement_requests_name_the_field_and_persist_nothing() {
         "{err}"
     );
 }
+
+/// Disk is a placement dimension: a tenant whose volume does not fit what the host's disk
+/// leaves for volumes (nine tenths of it, as the agent reports it) is refused, and the refusal
+/// says the disk is what is short; the same tenant with a volume that fits is placed.
+#[test]
+fn a_volume_larger_than_the_hosts_disk_is_refused_and_the_refusal_says_so() {
+    berth_shared::tls::install_crypto_provider();
+    let coordinator = CoordinatorProc::start(None, "");
+    let _agents = ready_agents(&coordinator, &["host-a"]);
+    let spec = |volume: &str| {
+        write_spec(
+            &coordinator,
+            "big.toml",
+            &format!(
+                "tenant_id = \"big-volume\"\nimage = \"localhost:1/openclaw/gateway:1\"\ntier = \"individual\"\n[volume]\nencrypted = false\nsize = \"{volume}\"\n"
+            ),
+        )
+    };
+    let (ok, _, err) = coordinator.berthctl(&["place", &spec("100000TiB")]);
+    assert!(!ok, "a 100,000 TiB volume was placed");
+    assert!(
+        err.starts_with(
+            "error: ResourceExhausted: no host fits (1 considered): disk: 1 host short, closest by "
+        ),
+        "{err}"
+    );
+    assert!(
+        !err.contains("host type"),
+        "no host type of the catalog is known to hold it: {err}"
+    );
+    assert!(tenants(&coordinator).is_empty(), "nothing placed");
+    let (ok, _, err) = coordinator.berthctl(&["place", &spec("1GiB")]);
+    assert!(ok, "{err}");
+}

@@ -22,6 +22,9 @@ pub struct HostRow {
     pub memory_used: u64,
     pub cpu_millicores: u64,
     pub cpu_committed_millicores: u64,
+    /// Disk its tenants' volumes may take, and what their sizes add up to.
+    pub disk_capacity: u64,
+    pub disk_committed: u64,
     pub tenants: u32,
     pub running: u32,
     pub oom_kills: u64,
@@ -37,7 +40,8 @@ impl HostRow {
         self.memory_total.saturating_sub(self.memory_reserved)
     }
 
-    /// How many more tenants of `tier` fit (memory and CPU); 0 unless the host takes placements.
+    /// How many more tenants of `tier` fit (memory, CPU and their volumes on disk); 0 unless
+    /// the host takes placements.
     pub fn fits(&self, tier: &Tier) -> u64 {
         if self.state != "ready" {
             return 0;
@@ -48,7 +52,9 @@ impl HostRow {
             .cpu_millicores
             .saturating_sub(self.cpu_committed_millicores)
             / u64::from(tier.resources.cpu_millicores.max(1));
-        memory.min(cpu)
+        let disk = self.disk_capacity.saturating_sub(self.disk_committed)
+            / tier.resources.volume_bytes.max(1);
+        memory.min(cpu).min(disk)
     }
 }
 

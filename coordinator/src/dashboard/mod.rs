@@ -47,6 +47,8 @@ fn host_row(c: &Coordinator, record: &HostRecord, load: HostLoad, now_ms: i64) -
         memory_used: load.memory_used,
         cpu_millicores: facts.map_or(0, |f| u64::from(f.cpu_count) * 1000),
         cpu_committed_millicores: load.cpu_committed_millicores,
+        disk_capacity: facts.map_or(0, |f| crate::placement::disk_capacity(f.disk_total_bytes)),
+        disk_committed: load.disk_committed,
         tenants: load.tenants,
         running: load.running,
         oom_kills: load.oom_kills,

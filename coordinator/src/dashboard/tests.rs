@@ -134,7 +134,7 @@ fn the_fleet_page_shows_the_seeded_fleets_figures() {
 }
 
 #[test]
-fn what_still_fits_counts_room_on_ready_hosts_by_memory_and_cpu() {
+fn what_still_fits_counts_room_on_ready_hosts_by_memory_cpu_and_disk() {
     let c = seed::seeded(40, 600).unwrap();
     let snapshot = snapshot(&c).unwrap();
     let figures = figures::FleetFigures::of(&snapshot);
@@ -153,7 +153,8 @@ fn what_still_fits_counts_room_on_ready_hosts_by_memory_and_cpu() {
                 / r.memory_bytes;
             let cpu = (u64::from(f.cpu_count) * 1000 - load.cpu_committed_millicores)
                 / u64::from(r.cpu_millicores);
-            expected += memory.min(cpu);
+            let disk = (f.disk_total_bytes / 10 * 9 - load.disk_committed) / r.volume_bytes;
+            expected += memory.min(cpu).min(disk);
         }
         assert_eq!(fit.total, expected, "{}", tier.tier.name);
         assert!(expected > 0);
