@@ -59,6 +59,8 @@ pub struct Coordinator {
     pub drains: crate::drain::Drains,
     /// Held while a placement makes its key and commits (see `commit_placement`).
     placing: Mutex<()>,
+    /// Held while the deny-list changes (see `prune_deny_list`).
+    deny_list: Mutex<()>,
 }
 
 /// What to revoke.
@@ -98,7 +100,9 @@ impl Coordinator {
         agent_port: u16,
     ) -> Result<Self, OpenError> {
         let registry = Registry::new(store.clone(), clock);
-        let denied = Arc::new(SerialDenyList::new(registry.revoked_serials()?));
+        let denied = Arc::new(SerialDenyList::new(
+            registry.revoked_unexpired(registry.now())?,
+        ));
         let now = registry.now();
         let hosts: Vec<_> = registry
             .hosts()?
@@ -120,6 +124,7 @@ impl Coordinator {
             transfers: Default::default(),
             drains,
             placing: Mutex::new(()),
+            deny_list: Mutex::new(()),
         })
     }
 
@@ -136,8 +141,11 @@ impl Coordinator {
 
     /// Puts already-revoked serials into force: deny-list and open sessions.
     pub fn forget_serials(&self, serials: &[String]) {
-        for serial in serials {
-            self.denied.insert(serial.clone());
+        {
+            let _list = self.deny_list.lock().unwrap_or_else(|p| p.into_inner());
+            for serial in serials {
+                self.denied.insert(serial.clone());
+            }
         }
         let closed = self
             .sessions
@@ -388,6 +396,17 @@ impl Coordinator {
     }
 
     /// Marks hosts whose reports stopped as unschedulable (and returning ones as schedulable).
+    /// Drops from the deny-list the serials of certificates that have expired since (the
+    /// handshake refuses them anyway), so the list each agent receives at the start of a session
+    /// stays as long as the revocations still in force. A revocation meanwhile is kept: it
+    /// reaches the registry before the list, and the list is replaced under the same lock.
+    pub fn prune_deny_list(&self) -> Result<(), RegistryError> {
+        let _list = self.deny_list.lock().unwrap_or_else(|p| p.into_inner());
+        let keep = self.registry.revoked_unexpired(self.registry.now())?;
+        self.denied.replace(keep);
+        Ok(())
+    }
+
     pub fn sweep_liveness(&self) -> Result<(), RegistryError> {
         let now = self.registry.now();
         for host in self.registry.hosts()? {

@@ -520,6 +520,24 @@ impl Registry {
         Ok(())
     }
 
+    /// The revoked serials whose certificates have not expired at `now_unix_ms` (an expired
+    /// certificate is refused at the handshake anyway), and those of certificates it does not
+    /// know.
+    pub fn revoked_unexpired(&self, now_unix_ms: i64) -> Result<Vec<String>, RegistryError> {
+        let mut out = Vec::new();
+        for serial in self.revoked_serials()? {
+            let key = format!("{CERT_PREFIX}{serial}");
+            let expired = match self.store.get(&key)? {
+                Some(bytes) => decode::<CertRecord>(&key, &bytes)?.not_after_unix_ms <= now_unix_ms,
+                None => false,
+            };
+            if !expired {
+                out.push(serial);
+            }
+        }
+        Ok(out)
+    }
+
     pub fn revoked_serials(&self) -> Result<Vec<String>, RegistryError> {
         Ok(self
             .store
@@ -950,6 +968,24 @@ mod tests {
         assert_eq!(reg.retire_older_certs(&host, "03").unwrap(), vec!["02"]);
         assert!(reg.retire_older_certs(&host, "03").unwrap().is_empty());
         assert_eq!(reg.revoked_serials().unwrap(), vec!["01", "02"]);
+    }
+
+    /// What the deny-lists hold: revoked certificates that have not expired (and any the
+    /// registry has no record of).
+    #[test]
+    fn only_unexpired_revocations_stay_on_the_deny_list() {
+        let (reg, _, _) = registry();
+        let until = |serial: &str, not_after: i64| CertRecord {
+            not_after_unix_ms: not_after,
+            ..cert(serial, "host-a")
+        };
+        let now = reg.now();
+        reg.record_cert(&until("0a", now - 1)).unwrap();
+        reg.record_cert(&until("0b", now + 60_000)).unwrap();
+        reg.revoke_serials(&["0a".into(), "0b".into(), "0c".into()])
+            .unwrap();
+        assert_eq!(reg.revoked_unexpired(now).unwrap(), vec!["0b", "0c"]);
+        assert_eq!(reg.revoked_unexpired(now + 60_000).unwrap(), vec!["0c"]);
     }
 
     #[test]

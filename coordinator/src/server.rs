@@ -38,6 +38,9 @@ pub struct Endpoints {
     pub ca_fingerprint: String,
 }
 
+/// How often revoked serials of expired certificates leave the deny-list.
+const DENY_LIST_PRUNE: Duration = Duration::from_secs(3600);
+
 /// The server certificate is re-made at every start; a year covers any realistic uptime.
 const SERVER_CERT_TTL: Duration = Duration::from_secs(397 * 24 * 3600);
 
@@ -224,6 +227,16 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
             tick.tick().await;
             if let Err(error) = sweeper.sweep_liveness() {
                 tracing::error!(%error, "liveness sweep failed");
+            }
+        }
+    });
+    let pruner = coordinator.clone();
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(DENY_LIST_PRUNE);
+        loop {
+            tick.tick().await;
+            if let Err(error) = pruner.prune_deny_list() {
+                tracing::error!(%error, "deny-list prune failed");
             }
         }
     });
