@@ -30,7 +30,6 @@ pub fn missing_component(component: &str, why: &str) {
     eprintln!("SKIPPED: {component} unavailable: {why}");
 }
 
-/// Whether we run as root (namespaces, nft, docker need it).
 /// Runs a `curl` command given `-sS -w "\n%{http_code}"` (added here): (HTTP status, body).
 /// A curl that fails to talk HTTP at all fails the test, saying why.
 pub fn curl_status(mut curl: std::process::Command) -> (u16, String) {
@@ -49,6 +48,7 @@ pub fn curl_status(mut curl: std::process::Command) -> (u16, String) {
     )
 }
 
+/// Whether we run as root (namespaces, nft, docker need it).
 pub fn is_root() -> bool {
     nix::unistd::Uid::effective().is_root()
 }

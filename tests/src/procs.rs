@@ -156,7 +156,7 @@ impl CoordinatorProc {
         token: bool,
     ) -> (u16, serde_json::Value) {
         let mut cmd = Command::new("curl");
-        cmd.args(["-sS", "-X", method, "-w", "\n%{http_code}", "--cacert"])
+        cmd.args(["-X", method, "--cacert"])
             .arg(self.ca_cert())
             .arg(format!("{}{path}", self.operator_url()));
         if token {
@@ -166,20 +166,10 @@ impl CoordinatorProc {
         if let Some(b) = body {
             cmd.args(["-H", "Content-Type: application/json", "--data", b]);
         }
-        let out = cmd.output().expect("curl (the test command installs it)");
-        assert!(
-            out.status.success(),
-            "curl: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8_lossy(&out.stdout);
-        let (body, code) = text
-            .trim_end()
-            .rsplit_once('\n')
-            .unwrap_or(("", text.trim()));
+        let (code, body) = crate::curl_status(cmd);
         (
-            code.parse().unwrap(),
-            serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+            code,
+            serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
         )
     }
 
