@@ -23,7 +23,8 @@ if [ "${#need[@]}" -gt 0 ]; then
 fi
 if ! docker info >/dev/null 2>&1; then
   echo "quickstart: starting dockerd"
-  nohup dockerd >/var/log/berth-quickstart-dockerd.log 2>&1 &
+  # A session of its own: the Ctrl-C that stops the quickstart must not stop Docker.
+  setsid dockerd >/var/log/berth-quickstart-dockerd.log 2>&1 </dev/null &
   for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
   docker info >/dev/null 2>&1 || fail "dockerd did not start; see /var/log/berth-quickstart-dockerd.log"
 fi

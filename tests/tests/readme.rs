@@ -83,10 +83,16 @@ fn the_main_job_command_brings_up_a_coordinator_and_an_enrolled_agent_and_ctrl_c
         .unwrap()
         .to_path_buf();
     // util-linux `script` gives the quickstart a pseudo-terminal; a 0x03 written to it is the
-    // terminal's Ctrl-C.
-    let command = format!("bash {}", repo().join("packaging/quickstart.sh").display());
+    // terminal's Ctrl-C. `script` runs the command through `$SHELL -c`; `exec` leaves bash
+    // alone in the foreground, as when a user types the command (dash would stay as its parent
+    // and die of the Ctrl-C itself, with status 130, before the quickstart's cleanup ends).
+    let command = format!(
+        "exec bash {}",
+        repo().join("packaging/quickstart.sh").display()
+    );
     let mut terminal = Command::new("script")
         .args(["-q", "-e", "-c", &command, "/dev/null"])
+        .env("SHELL", "/bin/sh")
         .env("BERTH_BIN_DIR", &bin_dir)
         .env("BERTH_QUICKSTART_DIR", state.path())
         .stdin(std::process::Stdio::piped())
