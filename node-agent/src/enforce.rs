@@ -560,7 +560,7 @@ pub async fn run(enforcement: Arc<Enforcement>, config: AgentConfig, host: HostI
     let volumes = Arc::new(HostVolumes {
         root: config.volume_root.clone(),
         crypt: Arc::new(CryptsetupCommand::default()),
-        mounter: Arc::new(SystemMounter::default()),
+        mounter: Arc::new(SystemMounter::for_engine(&config.docker_socket)),
         keys: enforcement.clone(),
         dm_crypt: probe_dm_crypt(&roots),
     });

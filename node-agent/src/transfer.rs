@@ -12,7 +12,8 @@
 //! earlier failed attempt left only once it is complete.
 //!
 //! An encrypted volume travels as its LUKS2 backing file, so only ciphertext leaves the host;
-//! a plain volume as its directory tree. Both take the same path through this code.
+//! an unencrypted one as its ext4 image (or, made before volumes had sizes, as its directory
+//! tree). All take the same path through this code.
 //!
 //! A volume can be copied twice: a *pre-copy* while its tenant still runs (read as it is,
 //! kept aside on the receiver, never put in place), then, once the tenant stopped, a copy
@@ -36,6 +37,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use crate::peer::IncomingChunks;
+use crate::volume::TENANT_ID;
 
 /// Data bytes per chunk, and the size of the blocks a pre-copied file is compared by: a chunk
 /// never spans two blocks.
@@ -103,11 +105,56 @@ fn blocks_in(size: u64) -> usize {
     size.div_ceil(CHUNK_BYTES as u64) as usize
 }
 
-/// Feeds one piece of a block's data (at `offset` in the file) to the block's hash.
+/// The stream format this agent sends and reads ([`proto::VolumeStreamHeader::stream_format`]).
+pub const STREAM_FORMAT: u32 = 2;
+
+/// The unit data is compared and sent in: an all-zero page is a hole however the file holds
+/// it (a hole, an allocated range never written, zeros written), so a volume's digest and the
+/// blocks a copy sends do not depend on what its filesystem happens to hold as zeros.
+const PAGE: u64 = 4096;
+
+/// The pages of `data` (at `offset` in its file), at whole-page boundaries of the file.
+fn pages(offset: u64, data: &[u8]) -> impl Iterator<Item = (u64, &[u8])> {
+    let mut at = 0usize;
+    std::iter::from_fn(move || {
+        (at < data.len()).then(|| {
+            let page_offset = offset + at as u64;
+            let end = (((page_offset / PAGE + 1) * PAGE - offset) as usize).min(data.len());
+            let page = (page_offset, &data[at..end]);
+            at = end;
+            page
+        })
+    })
+}
+
+fn all_zero(data: &[u8]) -> bool {
+    data.iter().all(|&b| b == 0)
+}
+
+/// Feeds one piece of a block's data (at `offset` in the file) to the block's hash: each
+/// non-zero page with its place.
 fn hash_piece(block: &mut Sha256, offset: u64, data: &[u8]) {
-    block.update(offset.to_le_bytes());
-    block.update((data.len() as u64).to_le_bytes());
-    block.update(data);
+    for (page_offset, page) in pages(offset, data).filter(|(_, page)| !all_zero(page)) {
+        block.update(page_offset.to_le_bytes());
+        block.update((page.len() as u64).to_le_bytes());
+        block.update(page);
+    }
+}
+
+/// The runs of non-zero pages of `data` (at `offset` in its file): what is sent of it.
+fn nonzero_runs(offset: u64, data: &[u8]) -> Vec<std::ops::Range<usize>> {
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+    for (page_offset, page) in pages(offset, data) {
+        if all_zero(page) {
+            continue;
+        }
+        let start = (page_offset - offset) as usize;
+        match runs.last_mut() {
+            Some(run) if run.end == start => run.end = start + page.len(),
+            _ => runs.push(start..start + page.len()),
+        }
+    }
+    runs
 }
 
 /// The pieces of `extents` to read, each within one block and at most one chunk long.
@@ -125,9 +172,6 @@ fn pieces(extents: &[(u64, u64)]) -> impl Iterator<Item = (u64, usize)> + '_ {
         })
     })
 }
-
-/// The uid and gid a plain volume's files belong to (the tenant's user).
-const TENANT_ID: u32 = 65534;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
@@ -221,6 +265,19 @@ impl VolumeLocation {
             .join("volumes")
             .join(format!("{}.img", self.tenant))
     }
+    fn plain_image(&self) -> PathBuf {
+        self.root
+            .join("volumes")
+            .join(format!("{}.ext4", self.tenant))
+    }
+    /// The one file a file layout travels as, by its name under `volumes/`.
+    fn file_name(&self, layout: proto::VolumeLayout) -> Option<String> {
+        match layout {
+            proto::VolumeLayout::LuksFile => Some(format!("{}.img", self.tenant)),
+            proto::VolumeLayout::PlainImage => Some(format!("{}.ext4", self.tenant)),
+            _ => None,
+        }
+    }
     fn plain(&self) -> PathBuf {
         self.root.join("plain").join(self.tenant.as_str())
     }
@@ -232,10 +289,13 @@ impl VolumeLocation {
         self.root.join("incoming").join(self.tenant.as_str())
     }
 
-    /// The layout on disk: the LUKS file when there is one, else the plain directory.
+    /// The layout on disk: the LUKS file when there is one, else the unencrypted image, else
+    /// the plain directory.
     pub fn layout(&self) -> Option<proto::VolumeLayout> {
         if self.image().is_file() {
             Some(proto::VolumeLayout::LuksFile)
+        } else if self.plain_image().is_file() {
+            Some(proto::VolumeLayout::PlainImage)
         } else if self.plain().is_dir() {
             Some(proto::VolumeLayout::PlainDirectory)
         } else {
@@ -265,6 +325,56 @@ impl VolumeDigest {
     }
     fn hex(&self) -> String {
         hex::encode(self.0.clone().finalize())
+    }
+}
+
+/// Whether a filesystem is mounted at `dir` (it is on another device than its parent). A
+/// missing directory is not.
+fn mount_point(dir: &Path) -> Result<bool, std::io::Error> {
+    let meta = match std::fs::symlink_metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let parent = std::fs::metadata(dir.parent().unwrap_or(Path::new("/")))?;
+    Ok(meta.is_dir() && meta.dev() != parent.dev())
+}
+
+/// `FIFREEZE` and `FITHAW` (linux/fs.h: `_IOWR('X', 119, int)` and `_IOWR('X', 120, int)`).
+const FIFREEZE: nix::libc::c_ulong = 0xC004_5877;
+const FITHAW: nix::libc::c_ulong = 0xC004_5878;
+
+/// Writes out everything of the filesystem mounted at `dir`, its journal checkpointed into
+/// place: frozen and thawed at once (writes wait the milliseconds between). Where it cannot be
+/// frozen (not supported, or frozen by someone else, who thaws it), its data is written out.
+fn settle(dir: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let d = File::open(dir)?;
+    // SAFETY: both requests take no memory from the caller; `d` stays open across the calls.
+    #[allow(unsafe_code)]
+    let freeze = |request| unsafe { nix::libc::ioctl(d.as_raw_fd(), request, 0) };
+    if freeze(FIFREEZE) != 0 {
+        return nix::unistd::syncfs(&d).map_err(std::io::Error::from);
+    }
+    // A filesystem left frozen stops its tenant: the thaw is retried before giving up.
+    for _ in 0..3 {
+        if freeze(FITHAW) == 0 {
+            return Ok(());
+        }
+    }
+    Err(std::io::Error::last_os_error())
+}
+
+/// Whether the mount point of a volume is in use: mounted, or holding anything (a filesystem
+/// mounted where this process cannot see it, files that must not be lost).
+fn in_use(dir: &Path) -> Result<bool, TransferError> {
+    if mount_point(dir).map_err(|e| io(dir, e))? {
+        return Ok(true);
+    }
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => Ok(entries.next().is_some()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io(dir, e)),
     }
 }
 
@@ -479,24 +589,32 @@ pub fn export(
     mut send: impl FnMut(proto::VolumeChunk) -> Result<(), TransferError>,
 ) -> Result<Copied, TransferError> {
     let mapped = Path::new("/dev/mapper").join(format!("berth-{}", at.tenant));
-    let mounted = at.mount().is_dir()
-        && std::fs::read_dir(at.mount())
-            .map_err(|e| io(&at.mount(), e))?
-            .next()
-            .is_some();
-    if !precopy && (mounted || mapped.exists()) {
-        return Err(TransferError::Attached(at.tenant.to_string()));
-    }
     let layout = at
         .layout()
         .ok_or_else(|| TransferError::NoVolume(at.tenant.to_string()))?;
-    let (tree, items) = match layout {
-        proto::VolumeLayout::LuksFile => {
+    let attached = mapped.exists()
+        || in_use(&at.mount())?
+        || (layout == proto::VolumeLayout::PlainImage && in_use(&at.plain())?);
+    if !precopy && attached {
+        return Err(TransferError::Attached(at.tenant.to_string()));
+    }
+    if attached {
+        // What the tenant wrote sits in its filesystem's cache and journal until written out to
+        // its home in the image (or the LUKS file); written out now, the pre-copy carries it,
+        // and the copy after the stop has only what changes from here on to send.
+        for dir in [at.mount(), at.plain()] {
+            if mount_point(&dir).map_err(|e| io(&dir, e))? {
+                settle(&dir).map_err(|e| io(&dir, e))?;
+            }
+        }
+    }
+    let (tree, items) = match at.file_name(layout) {
+        Some(name) => {
             let tree = Tree::open(&at.root.join("volumes"))?;
-            let image = item(&tree, format!("{}.img", at.tenant))?;
+            let image = item(&tree, name)?;
             (tree, vec![image])
         }
-        _ => {
+        None => {
             let tree = Tree::open(&at.plain())?;
             let mut items = Vec::new();
             walk(&tree, "", &mut items)?;
@@ -543,6 +661,7 @@ pub fn export(
         base_transfer_id: base.map_or(0, |b| b.transfer_id),
         // Set by the transport that carries the stream (see send_volume).
         transfer_token: Vec::new(),
+        stream_format: STREAM_FORMAT,
     })))?;
     let mut volume = VolumeDigest::default();
     let mut sent_base = Base {
@@ -583,12 +702,14 @@ pub fn export(
                 if plan.is_none() {
                     hash_piece(&mut blocks[block as usize], offset, &buffer[..got]);
                 }
-                let data = proto::VolumeData {
-                    offset,
-                    data: buffer[..got].to_vec().into(),
-                };
-                sent += got as u64;
-                send(chunk(Body::Data(data)))?;
+                for run in nonzero_runs(offset, &buffer[..got]) {
+                    let data = proto::VolumeData {
+                        offset: offset + run.start as u64,
+                        data: buffer[run.clone()].to_vec().into(),
+                    };
+                    sent += run.len() as u64;
+                    send(chunk(Body::Data(data)))?;
+                }
             }
         }
         let hashes: Vec<BlockHash> = match plan {
@@ -719,6 +840,13 @@ impl Importer {
                 h.transfer_id, self.transfer_id
             )));
         }
+        if h.stream_format != STREAM_FORMAT {
+            return Err(bad(format!(
+                "stream format {} (from an agent of another version); this agent reads format \
+                 {STREAM_FORMAT}: run the same berth-agent version on both hosts of a move",
+                h.stream_format
+            )));
+        }
         if h.tenant_id != self.at.tenant.as_str() {
             return Err(bad(format!(
                 "the stream is {}'s volume, not {}'s",
@@ -726,7 +854,11 @@ impl Importer {
             )));
         }
         let layout = match proto::VolumeLayout::try_from(h.layout) {
-            Ok(l @ (proto::VolumeLayout::LuksFile | proto::VolumeLayout::PlainDirectory)) => l,
+            Ok(
+                l @ (proto::VolumeLayout::LuksFile
+                | proto::VolumeLayout::PlainImage
+                | proto::VolumeLayout::PlainDirectory),
+            ) => l,
             _ => return Err(bad(format!("unknown layout {}", h.layout))),
         };
         let staging = self.at.staging();
@@ -769,12 +901,12 @@ impl Importer {
     ) -> Result<(), TransferError> {
         self.close_current();
         let relative = safe_relative(&e.path)?;
-        if layout == proto::VolumeLayout::LuksFile
-            && (e.path != format!("{}.img", self.at.tenant) || e.directory || !e.symlink.is_empty())
+        if let Some(name) = self.at.file_name(layout)
+            && (e.path != name || e.directory || !e.symlink.is_empty())
         {
             return Err(bad(format!(
-                "a LUKS volume is the one file {}.img, not {:?}",
-                self.at.tenant, e.path
+                "a volume of this layout is the one file {name}, not {:?}",
+                e.path
             )));
         }
         if e.from_base && (e.directory || !e.symlink.is_empty()) {
@@ -966,12 +1098,13 @@ impl Importer {
             },
         };
         let staging = self.at.staging();
-        let (from, to) = match self.layout {
-            Some(proto::VolumeLayout::LuksFile) => (
-                staging.join(format!("{}.img", self.at.tenant)),
-                self.at.image(),
+        let layout = self.layout.ok_or(TransferError::Cut)?;
+        let (from, to) = match self.at.file_name(layout) {
+            Some(name) => (
+                staging.join(&name),
+                self.at.root.join("volumes").join(&name),
             ),
-            _ => (staging.clone(), self.at.plain()),
+            None => (staging.clone(), self.at.plain()),
         };
         if !from.exists() {
             return Err(bad("the stream held no volume"));
@@ -984,14 +1117,37 @@ impl Importer {
         if keep_aside {
             return Ok(copied);
         }
+        // Never over a volume in use here: its tenant runs on this host.
+        let plain = self.at.plain();
+        if mount_point(&plain).map_err(|e| io(&plain, e))? {
+            return Err(TransferError::Attached(self.at.tenant.to_string()));
+        }
         if let Some(parent) = to.parent() {
             std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+        }
+        // The copy received is the tenant's volume: an unencrypted one in another layout that
+        // an earlier stay here left goes (the mount point of an image stays, emptied).
+        match layout {
+            proto::VolumeLayout::PlainDirectory => {
+                for stale in [
+                    self.at.plain_image(),
+                    self.at.plain_image().with_extension("ext4.partial"),
+                ] {
+                    if stale.exists() {
+                        std::fs::remove_file(&stale).map_err(|e| io(&stale, e))?;
+                    }
+                }
+            }
+            proto::VolumeLayout::PlainImage if plain.is_dir() => {
+                std::fs::remove_dir_all(&plain).map_err(|e| io(&plain, e))?;
+            }
+            _ => {}
         }
         if to.is_dir() {
             std::fs::remove_dir_all(&to).map_err(|e| io(&to, e))?;
         }
         std::fs::rename(&from, &to).map_err(|e| io(&to, e))?;
-        if self.layout == Some(proto::VolumeLayout::PlainDirectory) {
+        if layout == proto::VolumeLayout::PlainDirectory {
             std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755))
                 .map_err(|e| io(&to, e))?;
             nix::unistd::chown(

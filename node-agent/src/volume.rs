@@ -1,11 +1,23 @@
-//! One tenant's encrypted volume on this host: a sparse backing file under
-//! `<root>/volumes/<tenant>.img` (or a given block device), LUKS2 with the tenant's key, ext4
-//! inside, mounted at `<root>/mnt/<tenant>`, mapped as `/dev/mapper/berth-<tenant>`.
+//! One tenant's volume on this host: a filesystem of a fixed size that only its tenant's
+//! container sees.
+//!
+//! - Encrypted: a backing file `<root>/volumes/<tenant>.img` (or a given block device), LUKS2
+//!   with the tenant's key, ext4 inside, mapped as `/dev/mapper/berth-<tenant>` and mounted at
+//!   `<root>/mnt/<tenant>`.
+//! - Unencrypted: an ext4 image `<root>/volumes/<tenant>.ext4`, mounted (through a loop
+//!   device) at `<root>/plain/<tenant>`.
 //!
 //! Ensures: nothing is formatted unless the backing store is new (an existing file or device
-//! that is not LUKS is refused, never overwritten); a size of 0 or above the free disk is
-//! refused before anything is made; attaching twice changes nothing; a purge erases the
-//! keyslots before the file goes, so even a recovered file opens with no key.
+//! that is not LUKS, or not ext4 for an unencrypted volume, is refused, never overwritten); a
+//! size of 0 or above the free disk is refused before anything is made; a backing file's blocks
+//! are all allocated (`fallocate`) before it is first mounted, so a tenant writing without end
+//! stops at its volume's size with ENOSPC while the host's disk, the other tenants and the agent
+//! keep their room; attaching twice changes nothing; volumes are mounted in the container
+//! engine's mount namespace, where Docker resolves bind mounts, whatever namespace the agent
+//! runs in; a purge erases the keyslots before the file goes, so even a recovered file opens
+//! with no key. An unencrypted volume made before volumes had sizes (a directory at the mount
+//! point) moves into an image of its size (`mke2fs -d`) the next time its tenant starts, and
+//! its directory is emptied only once the image is complete on disk.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -20,6 +32,9 @@ use crate::command::{CommandError, run_command};
 use crate::cryptsetup::{CryptError, Cryptsetup, VolumeKey};
 use crate::reconcile::{Failure, VolumeStep};
 
+/// The uid and gid tenant containers run as; they own their volume's root.
+pub const TENANT_ID: u32 = 65534;
+
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
     /// A volume needs a size.
@@ -29,6 +44,23 @@ pub enum VolumeError {
     NoRoom { size: u64, free: u64, path: PathBuf },
     #[error("{0}: exists and is not a LUKS volume; refusing to format it")]
     NotLuks(PathBuf),
+    #[error("{0}: exists and is not an ext4 filesystem; refusing to format it")]
+    NotExt4(PathBuf),
+    /// An encrypted volume is opened with its key, an unencrypted one with none.
+    #[error("{path}: an encrypted volume needs its key, an unencrypted one takes none")]
+    KeyMismatch { path: PathBuf },
+    #[error(
+        "{path}: the directory holds {used} bytes, more than the volume's size of {size} bytes; \
+         raise the tenant's volume size"
+    )]
+    DirectoryTooBig { path: PathBuf, used: u64, size: u64 },
+    #[error(
+        "{directory}: holds files while the volume's image {image} exists; move one of them \
+         away (the image is what the tenant used last unless this directory is newer)"
+    )]
+    DirectoryAndImage { directory: PathBuf, image: PathBuf },
+    #[error("the container engine's mount namespace, from its socket {socket}: {message}")]
+    Engine { socket: PathBuf, message: String },
     #[error("{0}: the block device does not exist")]
     NoDevice(PathBuf),
     #[error("{path}: {message}")]
@@ -48,29 +80,90 @@ fn io(path: &Path, e: std::io::Error) -> VolumeError {
 
 /// Filesystems and mounts, behind a trait so the volume logic is tested with a recording fake.
 pub trait Mounter: Send + Sync + std::fmt::Debug {
-    /// Whether `device` already holds an ext4 filesystem.
+    /// Whether `device` (a block device or an image file) already holds an ext4 filesystem.
     fn has_filesystem(&self, device: &Path) -> Result<bool, VolumeError>;
-    fn make_filesystem(&self, device: &Path) -> Result<(), VolumeError>;
+    /// Makes an ext4 filesystem on `device`, its root owned by `owner` (uid and gid), holding
+    /// a copy of `contents` when given.
+    fn make_filesystem(
+        &self,
+        device: &Path,
+        owner: u32,
+        contents: Option<&Path>,
+    ) -> Result<(), VolumeError>;
     fn is_mounted(&self, target: &Path) -> Result<bool, VolumeError>;
+    /// Mounts `device` (a block device, or an image file through a loop device) at `target`.
     fn mount(&self, device: &Path, target: &Path) -> Result<(), VolumeError>;
     fn unmount(&self, target: &Path) -> Result<(), VolumeError>;
     /// Bytes free on the filesystem holding `path`.
     fn free_bytes(&self, path: &Path) -> Result<u64, VolumeError>;
+    /// Allocates every block of the `size`-byte file `file` (its data unchanged), so writes
+    /// into it never need the host disk's free space.
+    fn reserve(&self, file: &Path, size: u64) -> Result<(), VolumeError>;
 }
 
-/// The real programs: `mke2fs`, `mount`, `umount`; mounts read from /proc/self/mountinfo.
+/// Whose mount namespace volumes are mounted in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MountNamespace {
+    /// The agent's own (a host without a container engine).
+    Own,
+    /// The container engine's: that of the process at the other end of its socket (dockerd,
+    /// or systemd when the socket is activated), where Docker resolves a container's bind
+    /// mounts. An agent in a mount namespace of its own (systemd's `ProtectSystem=` and
+    /// `PrivateTmp=`, `ip netns exec`) would otherwise mount where Docker never looks, and the
+    /// tenant would get the empty directory beneath.
+    EngineAt(PathBuf),
+}
+
+/// The real programs: `mke2fs`, `mount`, `umount` (through `nsenter` into the engine's mount
+/// namespace); mounts read from that namespace's `mountinfo`.
 #[derive(Debug, Clone)]
 pub struct SystemMounter {
     pub mke2fs: String,
     pub timeout: Duration,
+    pub namespace: MountNamespace,
 }
 
-impl Default for SystemMounter {
-    fn default() -> Self {
+impl SystemMounter {
+    /// Mounts in the namespace of the engine listening on `socket`.
+    pub fn for_engine(socket: &Path) -> Self {
         Self {
             mke2fs: "mke2fs".into(),
             timeout: Duration::from_secs(120),
+            namespace: MountNamespace::EngineAt(socket.to_path_buf()),
         }
+    }
+
+    /// `/proc/<pid>` of a process in the namespace mounts are made in.
+    fn namespace_process(&self) -> Result<PathBuf, VolumeError> {
+        let MountNamespace::EngineAt(socket) = &self.namespace else {
+            return Ok(PathBuf::from("/proc/self"));
+        };
+        let engine = |message: String| VolumeError::Engine {
+            socket: socket.clone(),
+            message,
+        };
+        let stream = std::os::unix::net::UnixStream::connect(socket)
+            .map_err(|e| engine(format!("cannot connect: {e}")))?;
+        let peer =
+            nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+                .map_err(|e| engine(format!("no peer credentials: {e}")))?;
+        Ok(PathBuf::from(format!("/proc/{}", peer.pid())))
+    }
+
+    /// Runs a mount program in the namespace mounts are made in.
+    fn in_namespace(&self, program: &str, args: &[&str]) -> Result<(), VolumeError> {
+        if self.namespace == MountNamespace::Own {
+            run_command(program, args, self.timeout)?;
+            return Ok(());
+        }
+        let ns = format!(
+            "--mount={}",
+            self.namespace_process()?.join("ns/mnt").display()
+        );
+        let mut all = vec![ns.as_str(), "--", program];
+        all.extend_from_slice(args);
+        run_command("nsenter", &all, self.timeout)?;
+        Ok(())
     }
 }
 
@@ -82,21 +175,38 @@ impl Mounter for SystemMounter {
         use std::io::{Read, Seek, SeekFrom};
         let mut f = std::fs::File::open(device).map_err(|e| io(device, e))?;
         let mut magic = [0u8; 2];
-        f.seek(SeekFrom::Start(EXT4_MAGIC_AT))
+        match f
+            .seek(SeekFrom::Start(EXT4_MAGIC_AT))
             .and_then(|_| f.read_exact(&mut magic))
-            .map_err(|e| io(device, e))?;
-        Ok(magic == [0x53, 0xEF])
+        {
+            Ok(()) => Ok(magic == [0x53, 0xEF]),
+            // Shorter than a superblock: no filesystem.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+            Err(e) => Err(io(device, e)),
+        }
     }
 
-    fn make_filesystem(&self, device: &Path) -> Result<(), VolumeError> {
+    fn make_filesystem(
+        &self,
+        device: &Path,
+        owner: u32,
+        contents: Option<&Path>,
+    ) -> Result<(), VolumeError> {
         let device = device.to_string_lossy();
-        run_command(&self.mke2fs, &["-q", "-t", "ext4", &device], self.timeout)?;
+        let root_owner = format!("root_owner={owner}:{owner}");
+        let mut args = vec!["-q", "-t", "ext4", "-E", &root_owner];
+        let contents = contents.map(|c| c.to_string_lossy());
+        if let Some(c) = &contents {
+            args.extend(["-d", c]);
+        }
+        args.push(&device);
+        run_command(&self.mke2fs, &args, self.timeout)?;
         Ok(())
     }
 
     fn is_mounted(&self, target: &Path) -> Result<bool, VolumeError> {
-        let table = std::fs::read_to_string("/proc/self/mountinfo")
-            .map_err(|e| io(Path::new("/proc/self/mountinfo"), e))?;
+        let mountinfo = self.namespace_process()?.join("mountinfo");
+        let table = std::fs::read_to_string(&mountinfo).map_err(|e| io(&mountinfo, e))?;
         let target = target.to_string_lossy();
         Ok(table
             .lines()
@@ -105,27 +215,45 @@ impl Mounter for SystemMounter {
 
     fn mount(&self, device: &Path, target: &Path) -> Result<(), VolumeError> {
         std::fs::create_dir_all(target).map_err(|e| io(target, e))?;
-        run_command(
+        let file = std::fs::metadata(device).is_ok_and(|m| m.is_file());
+        let options = if file {
+            "loop,nodev,nosuid"
+        } else {
+            "nodev,nosuid"
+        };
+        self.in_namespace(
             "mount",
             &[
                 "-o",
-                "nodev,nosuid",
+                options,
                 &device.to_string_lossy(),
                 &target.to_string_lossy(),
             ],
-            self.timeout,
-        )?;
-        Ok(())
+        )
     }
 
     fn unmount(&self, target: &Path) -> Result<(), VolumeError> {
-        run_command("umount", &[&target.to_string_lossy()], self.timeout)?;
-        Ok(())
+        // A loop device set up by `mount` is freed with the mount (autoclear).
+        self.in_namespace("umount", &[&target.to_string_lossy()])
     }
 
     fn free_bytes(&self, path: &Path) -> Result<u64, VolumeError> {
         let v = nix::sys::statvfs::statvfs(path).map_err(|e| io(path, e.into()))?;
         Ok(v.blocks_available() * v.fragment_size())
+    }
+
+    fn reserve(&self, file: &Path, size: u64) -> Result<(), VolumeError> {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(file)
+            .map_err(|e| io(file, e))?;
+        nix::fcntl::fallocate(
+            &f,
+            nix::fcntl::FallocateFlags::empty(),
+            0,
+            i64::try_from(size).unwrap_or(i64::MAX),
+        )
+        .map_err(|e| io(file, e.into()))
     }
 }
 
@@ -136,23 +264,25 @@ pub struct VolumePaths {
     pub backing: PathBuf,
     /// Whether `backing` is a block device that must already exist.
     pub device: bool,
-    pub mapper_name: String,
+    /// The device-mapper name of an encrypted volume; `None` for an unencrypted one, whose
+    /// filesystem is the backing file itself.
+    pub mapper_name: Option<String>,
     pub mount: PathBuf,
 }
 
 impl VolumePaths {
-    /// A sparse file under `<root>/volumes`, mounted under `<root>/mnt` (the tenant id is a
-    /// validated DNS label, so it is safe in paths and device names).
+    /// An encrypted volume in a file under `<root>/volumes`, mounted under `<root>/mnt` (the
+    /// tenant id is a validated DNS label, so it is safe in paths and device names).
     pub fn file(root: &Path, tenant: &TenantId) -> Self {
         Self {
             backing: root.join("volumes").join(format!("{tenant}.img")),
             device: false,
-            mapper_name: format!("berth-{tenant}"),
+            mapper_name: Some(format!("berth-{tenant}")),
             mount: root.join("mnt").join(tenant.as_str()),
         }
     }
 
-    /// A given block device (a Hetzner Volume, an EBS disk) instead of a file.
+    /// An encrypted volume on a given block device (a Hetzner Volume, an EBS disk).
     pub fn block_device(root: &Path, tenant: &TenantId, device: &Path) -> Self {
         Self {
             backing: device.to_path_buf(),
@@ -161,8 +291,27 @@ impl VolumePaths {
         }
     }
 
-    pub fn mapped(&self) -> PathBuf {
-        Path::new("/dev/mapper").join(&self.mapper_name)
+    /// An unencrypted volume: an ext4 image under `<root>/volumes`, mounted under
+    /// `<root>/plain`.
+    pub fn plain(root: &Path, tenant: &TenantId) -> Self {
+        Self {
+            backing: root.join("volumes").join(format!("{tenant}.ext4")),
+            device: false,
+            mapper_name: None,
+            mount: root.join("plain").join(tenant.as_str()),
+        }
+    }
+
+    /// The opened LUKS device of an encrypted volume.
+    pub fn mapped(&self) -> Option<PathBuf> {
+        self.mapper_name
+            .as_ref()
+            .map(|name| Path::new("/dev/mapper").join(name))
+    }
+
+    /// Where an unencrypted image is made before it is complete.
+    fn partial(&self) -> PathBuf {
+        self.backing.with_extension("ext4.partial")
     }
 }
 
@@ -185,25 +334,49 @@ pub struct Volumes<'a> {
 }
 
 impl Volumes<'_> {
-    /// Makes (when new), opens and mounts the volume; `size` for a new backing file.
+    /// Makes (when new), opens and mounts the volume; `size` for a new backing file; `key`
+    /// for an encrypted volume, `None` for an unencrypted one.
     pub fn attach(
         &self,
         paths: &VolumePaths,
         size: u64,
-        key: &VolumeKey,
+        key: Option<&VolumeKey>,
     ) -> Result<Attached, VolumeError> {
         if self.mounter.is_mounted(&paths.mount)? {
             return Ok(Attached::AlreadyMounted);
         }
-        let fresh = self.ensure_backing(paths, size, key)?;
-        if !paths.mapped().exists() {
-            self.crypt.open(&paths.backing, &paths.mapper_name, key)?;
+        let (fresh, filesystem) = match (&paths.mapper_name, paths.mapped(), key) {
+            (Some(mapper_name), Some(mapped), Some(key)) => {
+                let fresh = self.ensure_luks(paths, size, key)?;
+                if !mapped.exists() {
+                    self.crypt.open(&paths.backing, mapper_name, key)?;
+                }
+                if fresh || !self.mounter.has_filesystem(&mapped)? {
+                    self.mounter.make_filesystem(&mapped, TENANT_ID, None)?;
+                }
+                (fresh, mapped)
+            }
+            (None, None, None) => (self.ensure_image(paths, size)?, paths.backing.clone()),
+            _ => {
+                return Err(VolumeError::KeyMismatch {
+                    path: paths.backing.clone(),
+                });
+            }
+        };
+        if !paths.device {
+            let size = std::fs::metadata(&paths.backing)
+                .map_err(|e| io(&paths.backing, e))?
+                .len();
+            match self.mounter.reserve(&paths.backing, size) {
+                Ok(()) => {}
+                // A new file fits the free disk (checked before it was made).
+                Err(e) if fresh => return Err(e),
+                // One made before backing files were allocated whole, on a disk now too full:
+                // it works as it did, sparse.
+                Err(e) => tracing::warn!(error = %e, "volume: its blocks are not all allocated"),
+            }
         }
-        let mapped = paths.mapped();
-        if fresh || !self.mounter.has_filesystem(&mapped)? {
-            self.mounter.make_filesystem(&mapped)?;
-        }
-        self.mounter.mount(&mapped, &paths.mount)?;
+        self.mounter.mount(&filesystem, &paths.mount)?;
         Ok(if fresh {
             Attached::Created
         } else {
@@ -211,8 +384,31 @@ impl Volumes<'_> {
         })
     }
 
+    /// A new `size`-byte file at `path`, once `size` is known to fit the free disk.
+    fn new_file(&self, path: &Path, size: u64) -> Result<(), VolumeError> {
+        if size == 0 {
+            return Err(VolumeError::ZeroSize);
+        }
+        let dir = path.parent().unwrap_or(Path::new("/"));
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        let free = self.mounter.free_bytes(dir)?;
+        if size > free {
+            return Err(VolumeError::NoRoom {
+                size,
+                free,
+                path: dir.to_path_buf(),
+            });
+        }
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| io(path, e))?;
+        file.set_len(size).map_err(|e| io(path, e))
+    }
+
     /// The backing store exists and is LUKS; returns whether it was formatted just now.
-    fn ensure_backing(
+    fn ensure_luks(
         &self,
         paths: &VolumePaths,
         size: u64,
@@ -233,25 +429,7 @@ impl Volumes<'_> {
             }
             return Ok(false);
         }
-        if size == 0 {
-            return Err(VolumeError::ZeroSize);
-        }
-        let dir = paths.backing.parent().unwrap_or(Path::new("/"));
-        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
-        let free = self.mounter.free_bytes(dir)?;
-        if size > free {
-            return Err(VolumeError::NoRoom {
-                size,
-                free,
-                path: dir.to_path_buf(),
-            });
-        }
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&paths.backing)
-            .map_err(|e| io(&paths.backing, e))?;
-        file.set_len(size).map_err(|e| io(&paths.backing, e))?;
+        self.new_file(&paths.backing, size)?;
         if let Err(e) = self.crypt.format(&paths.backing, key) {
             let _ = std::fs::remove_file(&paths.backing);
             return Err(e.into());
@@ -259,23 +437,111 @@ impl Volumes<'_> {
         Ok(true)
     }
 
-    /// Unmounts and closes; the ciphertext stays.
+    /// The unencrypted image exists and holds ext4; returns whether it was made just now.
+    fn ensure_image(&self, paths: &VolumePaths, size: u64) -> Result<bool, VolumeError> {
+        if paths.backing.exists() {
+            if !self.mounter.has_filesystem(&paths.backing)? {
+                return Err(VolumeError::NotExt4(paths.backing.clone()));
+            }
+            return Ok(false);
+        }
+        self.new_file(&paths.backing, size)?;
+        if let Err(e) = self
+            .mounter
+            .make_filesystem(&paths.backing, TENANT_ID, None)
+        {
+            let _ = std::fs::remove_file(&paths.backing);
+            return Err(e);
+        }
+        Ok(true)
+    }
+
+    /// Moves an unencrypted volume made before volumes had sizes (files in a directory at the
+    /// mount point, nothing mounted there) into an image of `size` bytes: made aside from the
+    /// directory (`mke2fs -d`), written out, and only then is the directory emptied and the
+    /// image renamed into place. Each step can be cut short and taken again: an image aside
+    /// with the directory empty is complete. Returns whether it moved anything.
+    pub fn adopt_directory(&self, paths: &VolumePaths, size: u64) -> Result<bool, VolumeError> {
+        if paths.mapper_name.is_some() || self.mounter.is_mounted(&paths.mount)? {
+            return Ok(false);
+        }
+        let partial = paths.partial();
+        let holds_files = match std::fs::read_dir(&paths.mount) {
+            Ok(mut entries) => entries.next().is_some(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(io(&paths.mount, e)),
+        };
+        if !holds_files {
+            if partial.exists() && !paths.backing.exists() {
+                // Cut short after the directory was emptied: the image aside is complete.
+                rename_synced(&partial, &paths.backing)?;
+                return Ok(true);
+            }
+            return Ok(false);
+        }
+        if paths.backing.exists() {
+            return Err(VolumeError::DirectoryAndImage {
+                directory: paths.mount.clone(),
+                image: paths.backing.clone(),
+            });
+        }
+        let used = used_bytes(&paths.mount)?;
+        if used > size {
+            return Err(VolumeError::DirectoryTooBig {
+                path: paths.mount.clone(),
+                used,
+                size,
+            });
+        }
+        if partial.exists() {
+            // An attempt cut short before the directory was touched.
+            std::fs::remove_file(&partial).map_err(|e| io(&partial, e))?;
+        }
+        self.new_file(&partial, size)?;
+        let made = self
+            .mounter
+            .make_filesystem(&partial, TENANT_ID, Some(&paths.mount))
+            .and_then(|()| sync_file(&partial));
+        if let Err(e) = made {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+        for entry in std::fs::read_dir(&paths.mount).map_err(|e| io(&paths.mount, e))? {
+            let entry = entry.map_err(|e| io(&paths.mount, e))?.path();
+            let removed = match std::fs::symlink_metadata(&entry) {
+                Ok(m) if m.is_dir() => std::fs::remove_dir_all(&entry),
+                _ => std::fs::remove_file(&entry),
+            };
+            removed.map_err(|e| io(&entry, e))?;
+        }
+        sync_file(&paths.mount)?;
+        rename_synced(&partial, &paths.backing)?;
+        Ok(true)
+    }
+
+    /// Unmounts and closes; the ciphertext (or the image) stays.
     pub fn detach(&self, paths: &VolumePaths) -> Result<(), VolumeError> {
         if self.mounter.is_mounted(&paths.mount)? {
             self.mounter.unmount(&paths.mount)?;
         }
-        if paths.mapped().exists() {
-            self.crypt.close(&paths.mapper_name)?;
+        if let (Some(mapper_name), Some(mapped)) = (&paths.mapper_name, paths.mapped())
+            && mapped.exists()
+        {
+            self.crypt.close(mapper_name)?;
         }
         Ok(())
     }
 
     /// Crypto-shreds: detach, erase every keyslot, then delete the backing file (a given
-    /// block device is erased, not deleted). Says what it found to erase and delete.
+    /// block device is erased, not deleted). An unencrypted image is deleted. Says what it
+    /// found to erase and delete.
     pub fn purge(&self, paths: &VolumePaths) -> Result<Purged, VolumeError> {
         self.detach(paths)?;
         let mut purged = Purged::default();
-        if paths.backing.exists() && self.crypt.is_luks(&paths.backing)? {
+        if paths.mapper_name.is_some()
+            && paths.backing.exists()
+            && self.crypt.is_luks(&paths.backing)?
+        {
             self.crypt.erase(&paths.backing)?;
             purged.erased = true;
         }
@@ -285,6 +551,34 @@ impl Volumes<'_> {
         }
         Ok(purged)
     }
+}
+
+/// The disk space a directory tree takes (links not followed).
+fn used_bytes(dir: &Path) -> Result<u64, VolumeError> {
+    use std::os::unix::fs::MetadataExt;
+    let mut used = 0u64;
+    for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
+        let path = entry.map_err(|e| io(dir, e))?.path();
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| io(&path, e))?;
+        used += meta.blocks() * 512;
+        if meta.is_dir() {
+            used += used_bytes(&path)?;
+        }
+    }
+    Ok(used)
+}
+
+/// Writes out a file (or a directory's entries).
+fn sync_file(path: &Path) -> Result<(), VolumeError> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io(path, e))
+}
+
+/// Renames `from` to `to` and writes the rename out.
+fn rename_synced(from: &Path, to: &Path) -> Result<(), VolumeError> {
+    std::fs::rename(from, to).map_err(|e| io(to, e))?;
+    sync_file(to.parent().unwrap_or(Path::new("/")))
 }
 
 /// What a purge removed: keyslots erased, a backing file (or a plain directory) deleted. Both
@@ -300,11 +594,8 @@ pub trait KeySource: Send + Sync + std::fmt::Debug {
     fn volume_key(&self, tenant: &TenantId) -> Option<VolumeKey>;
 }
 
-/// The uid and gid tenant containers run as; they own their volume's root.
-const TENANT_ID: u32 = 65534;
-
 /// The agent's volume step: an encrypted volume (with the key the coordinator delivered) for
-/// a tenant whose spec asks for one, a plain directory on the host disk otherwise.
+/// a tenant whose spec asks for one, an unencrypted image otherwise; both of the spec's size.
 #[derive(Debug)]
 pub struct HostVolumes {
     /// `/var/lib/berth` by default.
@@ -316,24 +607,23 @@ pub struct HostVolumes {
     pub dm_crypt: bool,
 }
 
-fn own_by_tenant(dir: &Path) -> Result<(), VolumeError> {
-    nix::unistd::chown(
-        dir,
-        Some(nix::unistd::Uid::from_raw(TENANT_ID)),
-        Some(nix::unistd::Gid::from_raw(TENANT_ID)),
-    )
-    .map_err(|e| io(dir, e.into()))
-}
-
 #[tonic::async_trait]
 impl VolumeStep for HostVolumes {
     async fn prepare(&self, spec: &TenantSpec) -> Result<PathBuf, Failure> {
         let tenant = spec.tenant_id.clone();
+        let size = spec.resources.volume_bytes;
         if !spec.volume.encrypted {
-            let dir = self.root.join("plain").join(tenant.as_str());
-            std::fs::create_dir_all(&dir).map_err(|e| format!("volume: {}", io(&dir, e)))?;
-            own_by_tenant(&dir).map_err(|e| format!("volume: {e}"))?;
-            return Ok(dir);
+            let paths = VolumePaths::plain(&self.root, &tenant);
+            return self
+                .blocking(paths, move |volumes, paths| {
+                    if volumes.adopt_directory(paths, size)? {
+                        tracing::info!(%tenant, "volume: its directory moved into an image of its size");
+                    }
+                    volumes.attach(paths, size, None)?;
+                    Ok(paths.mount.clone())
+                })
+                .await
+                .map_err(Failure::from);
         }
         if !self.dm_crypt {
             return Err(
@@ -347,13 +637,13 @@ impl VolumeStep for HostVolumes {
                 message: "waiting for its volume key from the coordinator".into(),
             });
         };
-        let size = spec.resources.volume_bytes;
-        self.blocking(&tenant, move |volumes, paths| {
-            if volumes.attach(paths, size, &key)? == Attached::Created {
-                own_by_tenant(&paths.mount)?;
-            }
-            Ok(paths.mount.clone())
-        })
+        self.blocking(
+            VolumePaths::file(&self.root, &tenant),
+            move |volumes, paths| {
+                volumes.attach(paths, size, Some(&key))?;
+                Ok(paths.mount.clone())
+            },
+        )
         .await
         .map_err(Failure::from)
     }
@@ -363,20 +653,41 @@ impl VolumeStep for HostVolumes {
         let Ok(tenant) = TenantId::new(tenant) else {
             return Ok(());
         };
-        self.blocking(&tenant, |volumes, paths| volumes.detach(paths))
-            .await
+        for paths in [
+            VolumePaths::file(&self.root, &tenant),
+            VolumePaths::plain(&self.root, &tenant),
+        ] {
+            self.blocking(paths, |volumes, paths| volumes.detach(paths))
+                .await?;
+        }
+        Ok(())
     }
 
     async fn purge(&self, tenant: &TenantId) -> Result<Purged, String> {
-        let plain = self.root.join("plain").join(tenant.as_str());
-        let mut purged = self
-            .blocking(tenant, |volumes, paths| volumes.purge(paths))
-            .await?;
-        // A plain volume, and what a copy to this host left aside (a pre-copy, or an import
-        // cut short).
+        let mut purged = Purged::default();
+        for paths in [
+            VolumePaths::file(&self.root, tenant),
+            VolumePaths::plain(&self.root, tenant),
+        ] {
+            let done = self
+                .blocking(paths, |volumes, paths| volumes.purge(paths))
+                .await?;
+            purged.erased |= done.erased;
+            purged.deleted |= done.deleted;
+        }
+        // The mount point of an unencrypted volume (with what a volume from before images
+        // held), an image being made from it, and what a copy to this host left aside (a
+        // pre-copy, or an import cut short).
+        let plain = VolumePaths::plain(&self.root, tenant);
         let staging = self.root.join("incoming").join(tenant.as_str());
-        if plain.exists() {
-            std::fs::remove_dir_all(&plain).map_err(|e| format!("volume: {}", io(&plain, e)))?;
+        if plain.mount.exists() {
+            std::fs::remove_dir_all(&plain.mount)
+                .map_err(|e| format!("volume: {}", io(&plain.mount, e)))?;
+            purged.deleted = true;
+        }
+        let partial = plain.partial();
+        if partial.exists() {
+            std::fs::remove_file(&partial).map_err(|e| format!("volume: {}", io(&partial, e)))?;
             purged.deleted = true;
         }
         if staging.exists() {
@@ -389,14 +700,12 @@ impl VolumeStep for HostVolumes {
 }
 
 impl HostVolumes {
-    /// Runs `op` on the tenant's file-backed volume off the async runtime (cryptsetup and
-    /// mount block).
+    /// Runs `op` on a volume off the async runtime (cryptsetup, mke2fs and mount block).
     async fn blocking<T: Send + 'static>(
         &self,
-        tenant: &TenantId,
+        paths: VolumePaths,
         op: impl FnOnce(&Volumes<'_>, &VolumePaths) -> Result<T, VolumeError> + Send + 'static,
     ) -> Result<T, String> {
-        let paths = VolumePaths::file(&self.root, tenant);
         let (crypt, mounter) = (self.crypt.clone(), self.mounter.clone());
         tokio::task::spawn_blocking(move || {
             let volumes = Volumes {

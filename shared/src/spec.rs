@@ -15,6 +15,11 @@ use crate::units::parse_bytes;
 
 /// The smallest memory cap berth runs a tenant with.
 pub const MIN_MEMORY_BYTES: u64 = 64 << 20;
+/// The smallest volume: an ext4 filesystem with room for a gateway's state.
+pub const MIN_VOLUME_BYTES: u64 = 16 << 20;
+/// The largest volume (an ext4 filesystem of 4 KiB blocks holds up to 1 EiB; no host disk is
+/// near this).
+pub const MAX_VOLUME_BYTES: u64 = 64 << 40;
 /// OpenClaw's data directory, the default mount path of the tenant volume.
 pub const DEFAULT_MOUNT_PATH: &str = "/home/node/.openclaw";
 /// OpenClaw's gateway port inside the container.
@@ -456,7 +461,24 @@ fn validate_mount_path(path: &str) -> Result<(), FieldError> {
 impl TenantSpec {
     /// Validates a protobuf spec against `policy`, resolving the tier.
     pub fn from_proto(p: proto::TenantSpec, policy: &SpecPolicy) -> Result<Self, FieldError> {
-        Self::validate(p, policy, MAX_SPEC_BYTES)
+        let volume_field = match &p.volume {
+            Some(v) if v.size_bytes != 0 => "volume.size_bytes",
+            _ => "resources.volume_bytes",
+        };
+        let spec = Self::validate(p, policy, MAX_SPEC_BYTES)?;
+        // Checked where tenants are placed; a host takes what its coordinator resolved (a
+        // volume without a size fails alone there, with the reason).
+        let volume_bytes = spec.resources.volume_bytes;
+        if volume_bytes == 0 {
+            return Err(field(volume_field, "required when no tier is given"));
+        }
+        if !(MIN_VOLUME_BYTES..=MAX_VOLUME_BYTES).contains(&volume_bytes) {
+            return Err(field(
+                volume_field,
+                format!("{volume_bytes} bytes; a volume is from 16 MiB to 64 TiB"),
+            ));
+        }
+        Ok(spec)
     }
 
     fn validate(
@@ -597,12 +619,13 @@ impl TenantSpec {
             volume.mount_path
         };
         validate_mount_path(&mount_path)?;
+        let volume_bytes = if volume.size_bytes != 0 {
+            volume.size_bytes
+        } else {
+            resources.volume_bytes
+        };
         let resources = Resources {
-            volume_bytes: if volume.size_bytes != 0 {
-                volume.size_bytes
-            } else {
-                resources.volume_bytes
-            },
+            volume_bytes,
             ..resources
         };
         let restart = match p.restart {
@@ -1074,6 +1097,14 @@ mod tests {
             (
                 format!("{BASE}[resources]\nmemory = \"1GiB\""),
                 "invalid resources.cpu_millicores: required",
+            ),
+            (
+                format!("{BASE}[resources]\nmemory = \"1GiB\"\ncpu_millicores = 100"),
+                "invalid resources.volume_bytes: required when no tier is given",
+            ),
+            (
+                format!("{BASE}tier = \"business\"\n[volume]\nsize = \"8MiB\""),
+                "invalid volume.size_bytes: 8388608 bytes; a volume is from 16 MiB to 64 TiB",
             ),
             (
                 "tenant_id = \"Acme\"\nimage = \"x\"\ntier = \"business\"".to_string(),

@@ -581,6 +581,14 @@ impl AgentProc {
         self.child.as_ref().map(Child::id)
     }
 
+    /// The image file of `tenant`'s unencrypted volume on this host.
+    pub fn volume_image(&self, tenant: &str) -> PathBuf {
+        self.dir
+            .path()
+            .join("volumes/volumes")
+            .join(format!("{tenant}.ext4"))
+    }
+
     /// `http://127.0.0.1:PORT/metrics` (in the agent's namespace), from the agent's log: it
     /// listens on a port of its own choosing so concurrent agents never collide.
     pub fn metrics_url(&self) -> String {
@@ -601,6 +609,25 @@ impl AgentProc {
     }
 }
 
+/// The mount points under `dir` in this process's mount namespace, deepest first.
+fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let table = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<PathBuf> = table
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(PathBuf::from)
+        .filter(|p| p.starts_with(dir) && p != dir)
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    points
+}
+
+/// Whether a filesystem is mounted at `path` (in this process's mount namespace, where the
+/// agent mounts volumes for Docker to see).
+pub fn mounted_at(path: &Path) -> bool {
+    mounts_under(path.parent().unwrap_or(Path::new("/"))).contains(&path.to_path_buf())
+}
+
 impl Drop for AgentProc {
     fn drop(&mut self) {
         kill9(&mut self.child);
@@ -609,6 +636,11 @@ impl Drop for AgentProc {
             let _ = std::process::Command::new("nft")
                 .args(["delete", "table", "inet", &self.nft_table()])
                 .output();
+        }
+        // The tenants' volumes the agent left mounted (their loop devices go with them), so
+        // the state directory can be removed.
+        for point in mounts_under(self.dir.path()) {
+            let _ = std::process::Command::new("umount").arg(&point).output();
         }
         if std::thread::panicking() {
             eprintln!("----- agent {} log -----\n{}", self.host_id, self.log());

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use berth_tests::docker::{inspect, inspect_network, started_at};
 use berth_tests::fleet::{fleet, http_get, unique};
+use berth_tests::procs::mounted_at;
 use berth_tests::wait_for;
 
 /// Removes a container (or a network) the test made itself, however the test ends.
@@ -313,18 +314,20 @@ fn a_plain_remove_keeps_the_volume_for_a_return_and_a_purge_deletes_it_after_the
     };
     let dir = volume_dir(&name);
     std::fs::write(dir.join("chat.log"), "customer data").unwrap();
+    let image = f.agent.volume_image(&tenant);
 
-    // Removed without purge: the container goes, the volume stays, and comes back with it.
+    // Removed without purge: the container goes, the volume stays (unmounted), and comes back
+    // with it.
     let (ok, out, err) = f.coordinator.berthctl(&["remove", &tenant]);
     assert!(ok, "{err}");
     assert!(out.contains("its volume and key are kept"), "{out}");
     wait_for("container gone", Duration::from_secs(10), || {
         inspect(&name).is_none().then_some(())
     });
-    assert_eq!(
-        std::fs::read_to_string(dir.join("chat.log")).unwrap(),
-        "customer data"
-    );
+    wait_for("its volume unmounted", Duration::from_secs(10), || {
+        (!mounted_at(&dir)).then_some(())
+    });
+    assert!(image.is_file(), "the volume's image is kept");
     f.place(&tenant, "64MiB");
     f.wait_running(&tenant, Duration::from_secs(5));
     assert_eq!(volume_dir(&name), dir);
@@ -344,7 +347,7 @@ fn a_plain_remove_keeps_the_volume_for_a_return_and_a_purge_deletes_it_after_the
     assert_eq!(removed["host_id"], f.agent.host_id.as_str(), "{removed}");
     assert_eq!(removed["key_destroyed"], false, "a plain volume has no key");
     assert!(inspect(&name).is_none(), "the container went first");
-    assert!(!dir.exists(), "the volume is deleted");
+    assert!(!dir.exists() && !image.exists(), "the volume is deleted");
     // Nothing is left to remove or purge.
     let (ok, _, err) = f.coordinator.berthctl(&["remove", &tenant, "--purge"]);
     assert!(!ok);
@@ -412,4 +415,123 @@ fn a_stop_returns_only_once_every_process_of_the_container_has_exited() {
         docker.remove(&id).await.unwrap();
     });
     assert!(inspect(&id).is_none(), "removed");
+}
+
+/// A tenant that writes without end fills its own volume and nothing else: its writes stop at
+/// the volume's size with ENOSPC, the host disk keeps what the volume did not take, and its
+/// neighbour and the agent (a new tenant's volume made after) go on writing.
+#[test]
+fn a_tenant_writing_without_end_stops_at_its_volume_size_and_the_others_keep_writing() {
+    let Some(f) = fleet() else { return };
+    let (greedy, calm) = (unique("greedy"), unique("calm"));
+    for tenant in [&greedy, &calm] {
+        f.place(tenant, "64MiB");
+    }
+    let port = |tenant: &str| {
+        f.wait_serving(tenant, Duration::from_secs(10))["published_port"]
+            .as_u64()
+            .unwrap() as u16
+    };
+    let (greedy_port, calm_port) = (port(&greedy), port(&calm));
+    let image = f.agent.volume_image(&greedy);
+    let allocated = |file: &std::path::Path| {
+        std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(file).unwrap()) * 512
+    };
+    assert_eq!(std::fs::metadata(&image).unwrap().len(), 64 << 20);
+    assert!(
+        allocated(&image) >= 64 << 20,
+        "the volume's blocks are all allocated before it runs"
+    );
+    let host_free = || {
+        nix::sys::statvfs::statvfs(&image)
+            .map(|v| v.blocks_available() * v.fragment_size())
+            .unwrap()
+    };
+    let free_before = host_free();
+
+    let verdict = berth_tests::fleet::http_get_within(
+        greedy_port,
+        "/fill?name=endless.bin",
+        Duration::from_secs(60),
+    )
+    .expect("the greedy tenant answers");
+    let mib: u64 = verdict
+        .split("wrote ")
+        .nth(1)
+        .and_then(|v| v.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{verdict}"));
+    assert!(
+        verdict.contains("No space left on device"),
+        "stopped by its full volume: {verdict}"
+    );
+    assert!(
+        (40..64).contains(&mib),
+        "it wrote most of its 64 MiB volume and no more: {verdict}"
+    );
+    assert!(
+        allocated(&image) <= (64 << 20) + (1 << 20),
+        "its image took no disk beyond its size (and the host's map of its blocks): {}",
+        allocated(&image)
+    );
+    // Other writers on the host disk may come and go meanwhile; the tenant's writes took none.
+    assert!(
+        host_free() + (256 << 20) > free_before,
+        "the host disk kept its room: {} bytes free before, {} after",
+        free_before,
+        host_free()
+    );
+    let wrote = http_get(calm_port, "/fill?name=chat.log&mb=4").unwrap();
+    assert!(
+        wrote.ends_with("wrote 4 MiB\n"),
+        "the neighbour writes: {wrote}"
+    );
+    let late = unique("late");
+    f.place(&late, "64MiB");
+    f.wait_serving(&late, Duration::from_secs(10));
+    assert!(
+        f.agent.volume_image(&late).is_file(),
+        "the agent made a new tenant's volume"
+    );
+}
+
+/// An unencrypted volume made before volumes had sizes (a directory of files) moves into an
+/// image of the tenant's size when its tenant starts, files, modes and owner kept; the tenant
+/// reads them from its volume.
+#[test]
+fn a_volume_directory_from_before_sizes_moves_into_an_image_with_its_files() {
+    let Some(f) = fleet() else { return };
+    let tenant = unique("older");
+    let dir = f.agent.dir.path().join("volumes/plain").join(&tenant);
+    std::fs::create_dir_all(dir.join("chats")).unwrap();
+    std::fs::write(dir.join("chats/today.log"), "kept across the move").unwrap();
+    for path in [dir.clone(), dir.join("chats"), dir.join("chats/today.log")] {
+        std::os::unix::fs::chown(&path, Some(65534), Some(65534)).unwrap();
+    }
+    f.place(&tenant, "64MiB");
+    let port = f.wait_serving(&tenant, Duration::from_secs(20))["published_port"]
+        .as_u64()
+        .unwrap() as u16;
+    assert!(
+        mounted_at(&dir),
+        "the directory is now the image's mount point"
+    );
+    assert_eq!(
+        std::fs::metadata(f.agent.volume_image(&tenant))
+            .unwrap()
+            .len(),
+        64 << 20
+    );
+    assert_eq!(
+        http_get(port, "/read?name=chats/today.log").as_deref(),
+        Some("kept across the move"),
+        "the tenant reads its files from its new volume"
+    );
+    let meta = std::fs::metadata(dir.join("chats/today.log")).unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), 65534);
+    let wrote = http_get(port, "/fill?name=new.bin&mb=1").unwrap();
+    assert!(
+        wrote.ends_with("wrote 1 MiB\n"),
+        "the tenant writes its volume: {wrote}"
+    );
 }

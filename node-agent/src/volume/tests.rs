@@ -11,6 +11,8 @@ struct Fake {
     luks: Mutex<BTreeSet<PathBuf>>,
     filesystems: Mutex<BTreeSet<PathBuf>>,
     mounted: Mutex<BTreeSet<PathBuf>>,
+    /// What each filesystem made from a directory was made with: that directory's names.
+    made_from: Mutex<Vec<(PathBuf, Vec<String>)>>,
     free: u64,
     format_fails: bool,
 }
@@ -76,14 +78,47 @@ impl Cryptsetup for Fake {
 impl Mounter for Fake {
     fn has_filesystem(&self, device: &Path) -> Result<bool, VolumeError> {
         self.log(format!("hasFs {}", name(device)));
+        if device.is_file() {
+            return SystemMounter::for_engine(Path::new("/nonexistent")).has_filesystem(device);
+        }
         Ok(self.filesystems.lock().unwrap().contains(device))
     }
-    fn make_filesystem(&self, device: &Path) -> Result<(), VolumeError> {
-        self.log(format!("mkfs {}", name(device)));
-        self.filesystems
-            .lock()
-            .unwrap()
-            .insert(device.to_path_buf());
+    fn make_filesystem(
+        &self,
+        device: &Path,
+        owner: u32,
+        contents: Option<&Path>,
+    ) -> Result<(), VolumeError> {
+        assert_eq!(owner, TENANT_ID, "the tenant owns its volume's root");
+        match contents {
+            None => self.log(format!("mkfs {}", name(device))),
+            Some(dir) => {
+                self.log(format!("mkfs {} from {}", name(device), name(dir)));
+                let mut names: Vec<String> = std::fs::read_dir(dir)
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect();
+                names.sort();
+                self.made_from
+                    .lock()
+                    .unwrap()
+                    .push((device.to_path_buf(), names));
+            }
+        }
+        if device.is_file() {
+            // Like mke2fs, in the file itself: it travels with renames.
+            use std::os::unix::fs::FileExt;
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(device)
+                .unwrap();
+            file.write_all_at(&[0x53, 0xEF], 1080).unwrap();
+        } else {
+            self.filesystems
+                .lock()
+                .unwrap()
+                .insert(device.to_path_buf());
+        }
         Ok(())
     }
     fn is_mounted(&self, target: &Path) -> Result<bool, VolumeError> {
@@ -104,6 +139,11 @@ impl Mounter for Fake {
     fn free_bytes(&self, _: &Path) -> Result<u64, VolumeError> {
         Ok(self.free)
     }
+    fn reserve(&self, file: &Path, size: u64) -> Result<(), VolumeError> {
+        assert_eq!(std::fs::metadata(file).unwrap().len(), size);
+        self.log(format!("reserve {}", name(file)));
+        Ok(())
+    }
 }
 
 fn key() -> VolumeKey {
@@ -119,9 +159,12 @@ fn a_new_volume_is_made_formatted_and_mounted_then_only_reopened() {
     let dir = tempfile::tempdir().unwrap();
     let fake = Fake::with_free(10 << 30);
     let p = paths(dir.path());
-    assert_eq!(p.mapped(), Path::new("/dev/mapper/berth-acme"));
     assert_eq!(
-        fake.volumes().attach(&p, 1 << 30, &key()).unwrap(),
+        p.mapped().as_deref(),
+        Some(Path::new("/dev/mapper/berth-acme"))
+    );
+    assert_eq!(
+        fake.volumes().attach(&p, 1 << 30, Some(&key())).unwrap(),
         Attached::Created
     );
     assert_eq!(
@@ -130,18 +173,14 @@ fn a_new_volume_is_made_formatted_and_mounted_then_only_reopened() {
             "format acme.img",
             "open acme.img berth-acme",
             "mkfs berth-acme",
+            "reserve acme.img",
             "mount berth-acme acme"
         ]
     );
-    let meta = std::fs::metadata(&p.backing).unwrap();
-    assert_eq!(meta.len(), 1 << 30);
-    assert!(
-        std::os::unix::fs::MetadataExt::blocks(&meta) < 16,
-        "sparse: no disk is taken until written"
-    );
+    assert_eq!(std::fs::metadata(&p.backing).unwrap().len(), 1 << 30);
     // Mounted: nothing to do.
     assert_eq!(
-        fake.volumes().attach(&p, 1 << 30, &key()).unwrap(),
+        fake.volumes().attach(&p, 1 << 30, Some(&key())).unwrap(),
         Attached::AlreadyMounted
     );
     assert!(fake.calls().is_empty());
@@ -153,7 +192,7 @@ fn a_new_volume_is_made_formatted_and_mounted_then_only_reopened() {
         "/dev/mapper/berth-acme is not there to close"
     );
     assert_eq!(
-        fake.volumes().attach(&p, 1 << 30, &key()).unwrap(),
+        fake.volumes().attach(&p, 1 << 30, Some(&key())).unwrap(),
         Attached::Opened
     );
     assert_eq!(
@@ -162,6 +201,7 @@ fn a_new_volume_is_made_formatted_and_mounted_then_only_reopened() {
             "isLuks acme.img",
             "open acme.img berth-acme",
             "hasFs berth-acme",
+            "reserve acme.img",
             "mount berth-acme acme"
         ]
     );
@@ -172,11 +212,11 @@ fn bad_input_is_refused_before_anything_is_made() {
     let dir = tempfile::tempdir().unwrap();
     let fake = Fake::with_free(1 << 30);
     let p = paths(dir.path());
-    let err = fake.volumes().attach(&p, 0, &key()).unwrap_err();
+    let err = fake.volumes().attach(&p, 0, Some(&key())).unwrap_err();
     assert_eq!(err.to_string(), "volume size: must be greater than 0");
     let err = fake
         .volumes()
-        .attach(&p, 2 << 30, &key())
+        .attach(&p, 2 << 30, Some(&key()))
         .unwrap_err()
         .to_string();
     assert!(
@@ -189,7 +229,7 @@ fn bad_input_is_refused_before_anything_is_made() {
     std::fs::write(&p.backing, b"precious").unwrap();
     let err = fake
         .volumes()
-        .attach(&p, 1 << 20, &key())
+        .attach(&p, 1 << 20, Some(&key()))
         .unwrap_err()
         .to_string();
     assert!(
@@ -206,7 +246,7 @@ fn bad_input_is_refused_before_anything_is_made() {
     );
     let err = fake
         .volumes()
-        .attach(&missing, 1 << 30, &key())
+        .attach(&missing, 1 << 30, Some(&key()))
         .unwrap_err();
     assert_eq!(
         err.to_string(),
@@ -223,11 +263,14 @@ fn a_failed_format_leaves_no_file_and_a_purge_erases_before_deleting() {
         ..Fake::with_free(1 << 30)
     };
     let p = paths(dir.path());
-    failing.volumes().attach(&p, 1 << 20, &key()).unwrap_err();
+    failing
+        .volumes()
+        .attach(&p, 1 << 20, Some(&key()))
+        .unwrap_err();
     assert!(!p.backing.exists());
 
     let fake = Fake::with_free(1 << 30);
-    fake.volumes().attach(&p, 1 << 20, &key()).unwrap();
+    fake.volumes().attach(&p, 1 << 20, Some(&key())).unwrap();
     fake.calls();
     fake.volumes().purge(&p).unwrap();
     assert_eq!(
@@ -312,4 +355,159 @@ async fn a_host_purge_shreds_an_encrypted_volume_and_deletes_a_plain_one() {
     assert!(!plain.exists());
     // Nothing left: a second purge finds nothing and is no error.
     assert_eq!(host.purge(&sealed).await.unwrap(), Purged::default());
+}
+
+fn plain_paths(root: &Path) -> VolumePaths {
+    VolumePaths::plain(root, &TenantId::new("open").unwrap())
+}
+
+#[test]
+fn an_unencrypted_volume_is_an_image_of_its_size_made_once_and_never_over_other_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::with_free(10 << 30);
+    let p = plain_paths(dir.path());
+    assert_eq!(p.backing, dir.path().join("volumes/open.ext4"));
+    assert_eq!(p.mount, dir.path().join("plain/open"));
+    assert_eq!(
+        fake.volumes().attach(&p, 64 << 20, None).unwrap(),
+        Attached::Created
+    );
+    assert_eq!(
+        fake.calls(),
+        [
+            "mkfs open.ext4",
+            "reserve open.ext4",
+            "mount open.ext4 open"
+        ],
+        "no LUKS step; its blocks allocated before the tenant can write"
+    );
+    assert_eq!(std::fs::metadata(&p.backing).unwrap().len(), 64 << 20);
+    fake.volumes().detach(&p).unwrap();
+    assert_eq!(fake.calls(), ["umount open"]);
+    assert_eq!(
+        fake.volumes().attach(&p, 64 << 20, None).unwrap(),
+        Attached::Opened
+    );
+    assert_eq!(
+        fake.calls(),
+        [
+            "hasFs open.ext4",
+            "reserve open.ext4",
+            "mount open.ext4 open"
+        ]
+    );
+    // A key for an unencrypted volume, or none for an encrypted one: refused.
+    fake.volumes().detach(&p).unwrap();
+    fake.calls();
+    for (paths, key) in [(&p, Some(key())), (&paths(dir.path()), None)] {
+        let err = fake
+            .volumes()
+            .attach(paths, 64 << 20, key.as_ref())
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .ends_with(": an encrypted volume needs its key, an unencrypted one takes none"),
+            "{err}"
+        );
+    }
+    assert!(fake.calls().iter().all(|c| !c.starts_with("mkfs")));
+    // An existing file that is not ext4: refused, never formatted.
+    let other = VolumePaths::plain(dir.path(), &TenantId::new("other").unwrap());
+    std::fs::write(&other.backing, b"precious").unwrap();
+    let err = fake
+        .volumes()
+        .attach(&other, 64 << 20, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.ends_with("other.ext4: exists and is not an ext4 filesystem; refusing to format it"),
+        "{err}"
+    );
+    assert_eq!(fake.calls(), ["hasFs other.ext4"]);
+    assert_eq!(std::fs::read(&other.backing).unwrap(), b"precious");
+    // Bigger than the disk's free space: nothing made.
+    let small = Fake::with_free(1 << 20);
+    let third = VolumePaths::plain(dir.path(), &TenantId::new("third").unwrap());
+    small.volumes().attach(&third, 64 << 20, None).unwrap_err();
+    assert!(!third.backing.exists());
+}
+
+/// A volume from before volumes had sizes: files in the directory at the mount point.
+fn legacy_directory(p: &VolumePaths) {
+    std::fs::create_dir_all(p.mount.join("chats")).unwrap();
+    std::fs::write(p.mount.join("chats/today.log"), "hello").unwrap();
+    std::fs::write(p.mount.join("credentials.json"), "{}").unwrap();
+}
+
+#[test]
+fn a_directory_volume_moves_into_an_image_and_is_emptied_only_once_the_image_is_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::with_free(10 << 30);
+    let p = plain_paths(dir.path());
+    legacy_directory(&p);
+    assert!(fake.volumes().adopt_directory(&p, 64 << 20).unwrap());
+    assert_eq!(fake.calls(), ["mkfs open.ext4.partial from open"]);
+    assert_eq!(
+        fake.made_from.lock().unwrap().clone(),
+        [(
+            dir.path().join("volumes/open.ext4.partial"),
+            vec!["chats".to_string(), "credentials.json".to_string()]
+        )],
+        "made from the directory's files"
+    );
+    assert!(p.backing.is_file(), "the image is in place");
+    assert!(!dir.path().join("volumes/open.ext4.partial").exists());
+    assert_eq!(std::fs::read_dir(&p.mount).unwrap().count(), 0, "emptied");
+    // Done: nothing more to move, and the image mounts there.
+    assert!(!fake.volumes().adopt_directory(&p, 64 << 20).unwrap());
+    assert_eq!(
+        fake.volumes().attach(&p, 64 << 20, None).unwrap(),
+        Attached::Opened
+    );
+}
+
+#[test]
+fn a_directory_move_cut_short_resumes_and_one_that_cannot_fit_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::with_free(10 << 30);
+    let p = plain_paths(dir.path());
+    let partial = dir.path().join("volumes/open.ext4.partial");
+    // Cut short while the image was made: the directory still holds the files; it is made
+    // again from them.
+    legacy_directory(&p);
+    std::fs::create_dir_all(partial.parent().unwrap()).unwrap();
+    std::fs::write(&partial, b"half").unwrap();
+    assert!(fake.volumes().adopt_directory(&p, 64 << 20).unwrap());
+    assert_eq!(fake.calls(), ["mkfs open.ext4.partial from open"]);
+    assert_eq!(std::fs::metadata(&p.backing).unwrap().len(), 64 << 20);
+
+    // Cut short after the directory was emptied: the image aside is complete and goes in.
+    std::fs::rename(&p.backing, &partial).unwrap();
+    assert!(fake.volumes().adopt_directory(&p, 64 << 20).unwrap());
+    assert!(fake.calls().is_empty(), "nothing made again");
+    assert!(p.backing.is_file() && !partial.exists());
+
+    // Files in the directory while the image exists: which is newer is not known; refused.
+    std::fs::write(p.mount.join("stray"), "x").unwrap();
+    let err = fake.volumes().adopt_directory(&p, 64 << 20).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("holds files while the volume's image"),
+        "{err}"
+    );
+    assert!(p.mount.join("stray").exists());
+
+    // More data than the volume's size: refused before anything is made.
+    let big = VolumePaths::plain(dir.path(), &TenantId::new("big").unwrap());
+    std::fs::create_dir_all(&big.mount).unwrap();
+    std::fs::write(big.mount.join("data"), vec![1u8; 256 << 10]).unwrap();
+    let err = fake.volumes().adopt_directory(&big, 64 << 10).unwrap_err();
+    assert!(
+        err.to_string().ends_with(
+            "more than the volume's size of 65536 bytes; raise the tenant's volume size"
+        ),
+        "{err}"
+    );
+    assert!(fake.calls().is_empty());
+    assert!(!big.backing.exists() && big.mount.join("data").exists());
 }

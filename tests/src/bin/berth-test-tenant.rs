@@ -4,7 +4,10 @@
 //! cap); `GET /connect?addr=IP:PORT` opens a TCP connection and says whether it worked (for
 //! egress tests, against servers the test itself started); `GET /hold?addr=IP:PORT` opens one
 //! and keeps it idle, `GET /check?id=N` then sends an HTTP request over held connection N and
-//! says whether the answer came (an established connection surviving a rule change). Each
+//! says whether the answer came (an established connection surviving a rule change);
+//! `GET /fill?name=F[&mb=N]` writes 1 MiB blocks to file F in its volume (N of them, or until a
+//! write fails) and says how many it wrote and why it stopped; `GET /read?name=F` answers with
+//! the file's content (F a path inside the volume). Each
 //! connection is served on its own thread, so a held one blocks nobody. Port from `PORT`
 //! (default 18789). It ends at once on SIGTERM, unless `TEST_TENANT_SIGTERM=default` leaves
 //! the signal's disposition alone, as a Node.js gateway that does not handle it does.
@@ -123,7 +126,42 @@ fn serve(stream: TcpStream, hoard: &Mutex<Vec<Vec<u8>>>, held: &Mutex<Vec<TcpStr
             }
             None => respond(stream, 404, "no such held connection\n"),
         }
+    } else if path.starts_with("/fill") || path.starts_with("/read") {
+        let inside = |n: &&str| !n.starts_with('/') && n.split('/').all(|part| part != "..");
+        let Some(file) = query(&path, "name").filter(inside) else {
+            return respond(stream, 400, "name=FILE (a path inside the volume)\n");
+        };
+        let file = std::path::Path::new(VOLUME).join(file);
+        if path.starts_with("/read") {
+            return match std::fs::read_to_string(&file) {
+                Ok(text) => respond(stream, 200, &text),
+                Err(e) => respond(stream, 404, &format!("{e}\n")),
+            };
+        }
+        let most: Option<u64> = query(&path, "mb").and_then(|m| m.parse().ok());
+        let verdict = fill(&file, most);
+        respond(stream, 200, &verdict)
     } else {
         respond(stream, 404, "not found\n");
     }
+}
+
+/// Where berth mounts a tenant's volume unless its spec says otherwise.
+const VOLUME: &str = "/home/node/.openclaw";
+
+/// Writes 1 MiB blocks to `file` (`most` of them, or until a write fails), each written out.
+fn fill(file: &std::path::Path, most: Option<u64>) -> String {
+    let mut f = match std::fs::File::create(file) {
+        Ok(f) => f,
+        Err(e) => return format!("wrote 0 MiB: {e}\n"),
+    };
+    let block = vec![7u8; 1 << 20];
+    let mut written = 0u64;
+    while most.is_none_or(|m| written < m) {
+        if let Err(e) = f.write_all(&block).and_then(|()| f.sync_data()) {
+            return format!("wrote {written} MiB: {e}\n");
+        }
+        written += 1;
+    }
+    format!("wrote {written} MiB\n")
 }

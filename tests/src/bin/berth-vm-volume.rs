@@ -10,7 +10,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use berth_node_agent::cryptsetup::{Cryptsetup, CryptsetupCommand, KEY_BYTES, VolumeKey};
-use berth_node_agent::volume::{Attached, SystemMounter, VolumeError, VolumePaths, Volumes};
+use berth_node_agent::volume::{
+    Attached, MountNamespace, SystemMounter, VolumeError, VolumePaths, Volumes,
+};
 use berth_shared::ids::TenantId;
 use berth_tests::keyscan::{ProcScan, files_holding, key_forms};
 
@@ -34,6 +36,7 @@ fn run() -> Result<String, String> {
     let mounter = SystemMounter {
         mke2fs: "/sbin/mke2fs".into(),
         timeout: Duration::from_secs(60),
+        namespace: MountNamespace::Own,
     };
     let volumes = Volumes {
         crypt: &crypt,
@@ -49,7 +52,9 @@ fn run() -> Result<String, String> {
         VolumeKey::from_bytes(&rand::random::<[u8; KEY_BYTES]>()).map_err(|e| e.to_string())?;
     let step = |name: &'static str| move |e: VolumeError| format!("{name}: {e}");
 
-    let first = volumes.attach(&paths, 0, &key).map_err(step("attach"))?;
+    let first = volumes
+        .attach(&paths, 0, Some(&key))
+        .map_err(step("attach"))?;
     check("made on first use", first == Attached::Created)?;
     check("LUKS", crypt.is_luks(device).map_err(|e| e.to_string())?)?;
     std::fs::write(paths.mount.join("data"), PLAINTEXT).map_err(|e| format!("write: {e}"))?;
@@ -59,14 +64,17 @@ fn run() -> Result<String, String> {
         files.is_empty(),
     )?;
     let again = volumes
-        .attach(&paths, 0, &key)
+        .attach(&paths, 0, Some(&key))
         .map_err(step("attach again"))?;
     check(
         "attaching twice changes nothing",
         again == Attached::AlreadyMounted,
     )?;
     volumes.detach(&paths).map_err(step("detach"))?;
-    check("closed", !paths.mapped().exists())?;
+    check(
+        "closed",
+        paths.mapped().is_some_and(|mapped| !mapped.exists()),
+    )?;
 
     check(
         "the wrong key",
@@ -74,9 +82,11 @@ fn run() -> Result<String, String> {
     )?;
     check(
         "attach with the wrong key fails",
-        volumes.attach(&paths, 0, &wrong).is_err(),
+        volumes.attach(&paths, 0, Some(&wrong)).is_err(),
     )?;
-    let reopened = volumes.attach(&paths, 0, &key).map_err(step("reopen"))?;
+    let reopened = volumes
+        .attach(&paths, 0, Some(&key))
+        .map_err(step("reopen"))?;
     check("reopened, not formatted", reopened == Attached::Opened)?;
     let read =
         std::fs::read_to_string(paths.mount.join("data")).map_err(|e| format!("read: {e}"))?;
@@ -89,7 +99,7 @@ fn run() -> Result<String, String> {
     )?;
     check(
         "no attach after purge",
-        volumes.attach(&paths, 0, &key).is_err(),
+        volumes.attach(&paths, 0, Some(&key)).is_err(),
     )?;
     let files = files_holding(Path::new(ROOT), &forms);
     check(
