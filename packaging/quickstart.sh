@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # berth's main job on embedded defaults (README "Try it"): on a fresh Debian 12 machine, as
 # root, runs a coordinator (embedded sled store, a freshly made fleet CA) and a berth-agent on
-# this same machine, enrolled over mutual TLS, and prints where the API is. Ctrl-C removes the
-# sample tenant (container first, its rules last) and stops both.
+# this same machine, enrolled over mutual TLS, and prints where the API is. Ctrl-C purges the
+# sample tenant (container first, then its volume, its rules last) and stops both.
 #
 # Environment: BERTH_QUICKSTART_DIR (state, default /var/lib/berth-quickstart),
 # BERTH_BIN_DIR (use these binaries instead of building).
@@ -48,6 +48,7 @@ http_listen = "127.0.0.1:7480"
 TOML
 cat >"$state/agent.toml" <<TOML
 state_dir = "$state/agent"
+volume_root = "$state/volumes"
 provider = "other"
 region = "local"
 instance_type = "$(hostname -s | tr 'A-Z_' 'a-z-' | cut -c1-63)"
@@ -86,7 +87,7 @@ cleanup() {
   # removes each container before its rules. The daemons run in sessions of their own, so the
   # Ctrl-C that brought us here did not stop them.
   if [ -n "${BERTH_COORDINATOR:-}" ]; then
-    "$bin/berthctl" remove sample >/dev/null 2>&1 || true
+    "$bin/berthctl" remove sample --purge >/dev/null 2>&1 || true
     for _ in $(seq 1 150); do
       [ -z "$(leftovers)" ] && break
       sleep 0.1
@@ -100,6 +101,8 @@ cleanup() {
   fi
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  # A volume the agent could not release (its container gone) is unmounted; its image stays.
+  grep -o " $state/volumes/[^ ]*" /proc/self/mountinfo | sort -r | xargs -r -n1 umount 2>/dev/null || true
   # The rules go last, and only when no container of the quickstart is left to need them.
   if [ -z "$(docker ps -aq --filter "label=berth.host=$host_id" 2>/dev/null)" ]; then
     nft delete table inet berth_quickstart 2>/dev/null || true
@@ -147,8 +150,8 @@ for _ in $(seq 1 100); do
 done
 grep -q '"state": "ready"' <<<"$hosts" || fail "the agent did not report: $(tail -n 3 "$state/agent.log" | tr '\n' ' ')"
 
-# One sample tenant, 128 MiB cap. Its volume is unencrypted: encrypted volumes need a kernel
-# with dm-crypt, which a machine like this may lack.
+# One sample tenant, 128 MiB cap, a 256 MiB volume. Its volume is unencrypted: encrypted
+# volumes need a kernel with dm-crypt, which a machine like this may lack.
 cat >"$state/sample.toml" <<TOML
 tenant_id = "sample"
 image = "$image"
@@ -157,6 +160,7 @@ tier = "individual"
 memory = "128MiB"
 [volume]
 encrypted = false
+size = "256MiB"
 TOML
 "$bin/berthctl" place "$state/sample.toml" >/dev/null || fail "placing the sample tenant failed"
 for _ in $(seq 1 100); do
@@ -175,7 +179,7 @@ berth is running on this machine:
   CA fingerprint $fingerprint
   logs         $state/coordinator.log  $state/agent.log
 
-  tenant       sample (128 MiB cap), gateway on http://127.0.0.1:$port/healthz
+  tenant       sample (128 MiB cap, 256 MiB volume), gateway on http://127.0.0.1:$port/healthz
 
 Try:  . $state/berthctl.env && $bin/berthctl tenants
 INFO

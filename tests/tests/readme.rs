@@ -154,6 +154,13 @@ fn the_main_job_command_brings_up_a_coordinator_and_an_enrolled_agent_and_ctrl_c
     assert!(!container.is_empty(), "the sample tenant runs:\n{shown}");
     assert_eq!(running(&container), Some(true));
     assert!(quickstart_table().is_some(), "its rules are in force");
+    assert_eq!(
+        std::fs::metadata(state.path().join("volumes/volumes/sample.ext4"))
+            .map(|m| m.len())
+            .ok(),
+        Some(256 << 20),
+        "its volume is an image of its size under the quickstart's directory"
+    );
 
     // Ctrl-C, watched: while the container runs, its table must be there.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -214,6 +221,17 @@ fn the_main_job_command_brings_up_a_coordinator_and_an_enrolled_agent_and_ctrl_c
             "the quickstart's sample tenant is gone when it stops ({listing:?})"
         );
     }
+    // Its volume purged: nothing mounted or kept under the quickstart's directory.
+    assert!(
+        !std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .contains(&state.path().display().to_string()),
+        "no volume left mounted"
+    );
+    assert!(
+        !state.path().join("volumes/volumes/sample.ext4").exists(),
+        "the sample's volume is purged"
+    );
     // Both daemons stopped with it.
     let left = Command::new("pgrep")
         .args(["-f", &state.path().display().to_string()])
