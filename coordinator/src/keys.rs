@@ -35,6 +35,11 @@ pub enum KeyError {
     Unwrap(String),
     #[error("no randomness from the system")]
     Random,
+    /// A master key is 32 bytes that AES-256 takes.
+    #[error("not an AES-256 key")]
+    NotAes,
+    #[error(transparent)]
+    Secret(#[from] berth_shared::secret::SecretError),
     #[error("keyring {path}: {message}")]
     Keyring { path: PathBuf, message: String },
     #[error(transparent)]
@@ -57,8 +62,8 @@ pub fn master_key_path(fallback: &Path) -> PathBuf {
         .unwrap_or_else(|| fallback.to_path_buf())
 }
 
-/// The key that wraps every volume key.
-pub struct MasterKey(LessSafeKey);
+/// The key that wraps every volume key, in locked memory out of swap and core dumps.
+pub struct MasterKey(berth_shared::secret::Locked<LessSafeKey>);
 
 impl std::fmt::Debug for MasterKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -85,12 +90,18 @@ impl MasterKey {
                 format!("holds {} bytes, not {KEY_BYTES}", bytes.len()),
             ));
         }
-        Self::from_bytes(&bytes).map_err(|()| master_error(path, "not an AES-256 key"))
+        Self::from_bytes(&bytes).map_err(|e| master_error(path, e.to_string()))
     }
 
-    fn from_bytes(bytes: &[u8]) -> Result<Self, ()> {
-        let key = UnboundKey::new(&AES_256_GCM, bytes).map_err(|_| ())?;
-        Ok(Self(LessSafeKey::new(key)))
+    fn from_bytes(bytes: &[u8]) -> Result<Self, KeyError> {
+        let key = UnboundKey::new(&AES_256_GCM, bytes).map_err(|_| KeyError::NotAes)?;
+        let key = berth_shared::secret::Locked::new(LessSafeKey::new(key))?;
+        if !key.is_locked() {
+            tracing::warn!(
+                "master key: the memlock limit refuses locking it in memory; it may reach swap (raise LimitMEMLOCK)"
+            );
+        }
+        Ok(Self(key))
     }
 
     /// A new master key in memory only (seeded fleets and tests).
@@ -99,7 +110,7 @@ impl MasterKey {
         SystemRandom::new()
             .fill(&mut bytes[..])
             .map_err(|_| KeyError::Random)?;
-        Self::from_bytes(&bytes[..]).map_err(|()| KeyError::Random)
+        Self::from_bytes(&bytes[..])
     }
 
     /// Makes a new master key file (mode 0600); refuses to replace one.

@@ -2,22 +2,25 @@
 //! fake and the same calls run against the real program.
 //!
 //! Ensures: a volume key reaches cryptsetup only on its stdin (`--key-file -`), never in argv,
-//! the environment, a file or a log line; key bytes live in [`VolumeKey`], which is zeroed when
-//! dropped and prints as `VolumeKey(..)`.
+//! the environment, a file or a log line; key bytes live in [`VolumeKey`]: in locked memory
+//! out of swap and core dumps ([`berth_shared::secret::Locked`]), zeroed when the last copy is
+//! dropped, printed as `VolumeKey(..)`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use zeroize::Zeroizing;
+use std::sync::Arc;
+
+use berth_shared::secret::{Locked, SecretError};
 
 use crate::command::{CommandError, run_command, run_command_with_input};
 
 /// Bytes in a volume key (256 bits; LUKS2 uses it as a passphrase for one keyslot).
 pub const KEY_BYTES: usize = 32;
 
-/// A tenant's volume key.
+/// A tenant's volume key; its clones share the one locked copy.
 #[derive(Clone)]
-pub struct VolumeKey(Zeroizing<[u8; KEY_BYTES]>);
+pub struct VolumeKey(Arc<Locked<[u8; KEY_BYTES]>>);
 
 impl std::fmt::Debug for VolumeKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -28,12 +31,18 @@ impl std::fmt::Debug for VolumeKey {
 impl VolumeKey {
     /// A key from exactly [`KEY_BYTES`] bytes.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, CryptError> {
-        let mut key = Zeroizing::new([0u8; KEY_BYTES]);
         if bytes.len() != KEY_BYTES {
             return Err(CryptError::KeyLength(bytes.len()));
         }
+        let mut key = Locked::new([0u8; KEY_BYTES])?;
+        if !key.is_locked() {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                tracing::warn!("volume keys: the memlock limit refuses locking them in memory; they may reach swap (raise LimitMEMLOCK)");
+            });
+        }
         key.copy_from_slice(bytes);
-        Ok(Self(key))
+        Ok(Self(Arc::new(key)))
     }
 
     fn bytes(&self) -> &[u8] {
@@ -48,6 +57,8 @@ pub enum CryptError {
     KeyLength(usize),
     #[error(transparent)]
     Command(#[from] CommandError),
+    #[error(transparent)]
+    Secret(#[from] SecretError),
 }
 
 /// The LUKS operations the agent uses.

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod model;
 pub mod pki;
 pub mod reach;
+pub mod secret;
 pub mod spec;
 pub mod store;
 pub mod systemd;
