@@ -77,7 +77,7 @@ if [ ! -x "$debian_root/usr/bin/dpkg" ]; then
   rm -rf "$debian_root.partial"
   mkdir -p "$(dirname "$debian_root")"
   debootstrap --variant=minbase \
-    --include=adduser,ca-certificates,nftables,iproute2,docker.io,init-system-helpers,systemd \
+    --include=adduser,ca-certificates,nftables,iproute2,docker.io,init-system-helpers,systemd,e2fsprogs,mount \
     bookworm "$debian_root.partial" http://deb.debian.org/debian >/var/log/berth-test-debootstrap.log 2>&1
   mv "$debian_root.partial" "$debian_root"
 fi

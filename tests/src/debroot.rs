@@ -29,6 +29,8 @@ pub struct DebianRoot {
     /// `None` once leaked (a mount could not be undone).
     dir: Option<TempDir>,
     mounts: Vec<PathBuf>,
+    /// Directories bound in at their own path: what is mounted under them is unmounted first.
+    shared: Vec<PathBuf>,
     children: std::sync::Mutex<Vec<Child>>,
 }
 
@@ -62,6 +64,7 @@ impl DebianRoot {
         let mut me = Self {
             dir: Some(dir),
             mounts: Vec::new(),
+            shared: Vec::new(),
             children: Default::default(),
         };
         for (what, ro) in [("/proc", false), ("/sys", true), ("/dev", false)] {
@@ -83,6 +86,19 @@ impl DebianRoot {
         }
         run_ok(cmd.arg(source).arg(&target));
         self.mounts.push(target);
+    }
+
+    /// A directory at the same absolute path on the host and in the root (a host directory
+    /// bound in): a path a program in the root hands to the host's Docker engine, such as a
+    /// volume root, means the same files to both, so the test sees what a tenant sees.
+    pub fn shared_dir(&mut self) -> PathBuf {
+        let host = self.dir.as_ref().expect("the root").path().join("shared");
+        std::fs::create_dir_all(&host).unwrap();
+        let inside = host.to_string_lossy().into_owned();
+        std::fs::create_dir_all(self.path(&inside)).unwrap();
+        self.bind(&inside, &inside, false);
+        self.shared.push(host.clone());
+        host
     }
 
     fn root(&self) -> PathBuf {
@@ -146,6 +162,22 @@ impl Drop for DebianRoot {
         {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        // Tenant volumes a program in the root mounted (through the engine) under a shared
+        // directory, deepest first.
+        let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut under: Vec<&str> = table
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|p| {
+                self.shared
+                    .iter()
+                    .any(|s| Path::new(p).starts_with(s) && Path::new(p) != s.as_path())
+            })
+            .collect();
+        under.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        for point in under {
+            let _ = Command::new("umount").arg(point).output();
         }
         for target in self.mounts.iter().rev() {
             let _ = Command::new("umount").arg("-l").arg(target).output();

@@ -125,7 +125,7 @@ fn the_packages_hold_the_binaries_units_and_config_and_lintian_finds_no_error() 
             .arg("Depends"),
     );
     assert!(control.contains("docker.io | docker-ce"), "{control}");
-    for needed in ["nftables", "e2fsprogs", "mount", "util-linux"] {
+    for needed in ["nftables", "e2fsprogs", "mount"] {
         assert!(control.contains(needed), "{control}");
     }
     for rpm in [
@@ -178,10 +178,12 @@ fn installed_from_the_packages_an_agent_enrolls_reports_and_an_upgrade_keeps_its
     if let Err(why) = berth_tests::docker::available() {
         return missing_component("Docker engine", &why);
     }
-    let root = match DebianRoot::new() {
+    let mut root = match DebianRoot::new() {
         Ok(root) => root,
         Err(why) => return missing_component("a Debian 12 root", &why),
     };
+    // The agent's volumes where the host's Docker engine finds them at the same path.
+    let volume_root = root.shared_dir();
     let dir = packages_dir();
     let host = format!("pkg-{}", std::process::id() % 100_000);
     let cleanup = HostCleanup {
@@ -303,7 +305,8 @@ fn installed_from_the_packages_an_agent_enrolls_reports_and_an_upgrade_keeps_its
     std::fs::write(
         root.path("/etc/berth/agent.toml"),
         format!(
-            "provider = \"hetzner\"\nregion = \"fsn1\"\nreport_interval = \"1s\"\nmetrics_listen = \"127.0.0.1:0\"\n[egress]\ntable = \"{}\"\ntenant_resolvers = []\n",
+            "provider = \"hetzner\"\nregion = \"fsn1\"\nreport_interval = \"1s\"\nmetrics_listen = \"127.0.0.1:0\"\nvolume_root = {:?}\n[egress]\ntable = \"{}\"\ntenant_resolvers = []\n",
+            volume_root.display().to_string(),
             cleanup.table
         ),
     )
@@ -381,6 +384,30 @@ fn installed_from_the_packages_an_agent_enrolls_reports_and_an_upgrade_keeps_its
     });
     let container = berth_tests::docker::container_name(&host, &format!("{host}-t"));
     let started = started_at(&container);
+    // What the tenant writes lands in its volume, the image the packaged agent made and
+    // mounted, not in a directory Docker made beneath it.
+    let port = berthctl(&["tenants"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["tenant_id"] == format!("{host}-t"))
+        .and_then(|t| t["published_port"].as_u64())
+        .unwrap() as u16;
+    let wrote = wait_for("the tenant's gateway", Duration::from_secs(20), || {
+        berth_tests::fleet::http_get(port, "/fill?name=written-by-the-tenant&mb=1")
+    });
+    assert_eq!(wrote, "wrote 1 MiB\n");
+    let volume = volume_root.join("plain").join(format!("{host}-t"));
+    assert!(
+        berth_tests::procs::mounted_at(&volume),
+        "its volume is mounted"
+    );
+    assert_eq!(
+        std::fs::metadata(volume.join("written-by-the-tenant"))
+            .unwrap()
+            .len(),
+        1 << 20
+    );
 
     // Upgrade: dpkg replaces the package; the daemon is restarted (systemd's try-restart,
     // done here by hand: no systemd in a chroot) and adopts the container.
