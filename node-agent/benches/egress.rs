@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use berth_node_agent::command::CommandError;
-use berth_node_agent::dns::{Answer, DnsError, Resolve};
+use berth_node_agent::egress::dns::{Answer, DnsError, Resolve};
+use berth_node_agent::egress::guard::ForwardGuard;
+use berth_node_agent::egress::nft::NftCommand;
 use berth_node_agent::egress::{EgressSettings, EgressStep, NftEgress};
-use berth_node_agent::guard::ForwardGuard;
-use berth_node_agent::nft::NftCommand;
 use berth_shared::clock::SystemClock;
 use berth_shared::proto;
 use berth_shared::spec::TenantSpec;

@@ -13,7 +13,7 @@ use berth_shared::units::{parse_bytes, parse_duration};
 
 use crate::egress::EgressSettings;
 use crate::restarts::RestartSettings;
-use crate::subnets::SubnetPool;
+use crate::runtime::subnets::SubnetPool;
 use berth_shared::spec::ZoneName;
 use serde::Deserialize;
 
@@ -152,7 +152,7 @@ impl EgressConfig {
     fn parse(raw: RawEgress) -> Result<Self, String> {
         let mut settings = EgressSettings::default();
         if let Some(t) = raw.table {
-            crate::nft::validate_table(&t)?;
+            crate::egress::nft::validate_table(&t)?;
             settings.table = t;
         }
         let duration = |name: &str, v: Option<String>, default: Duration| {

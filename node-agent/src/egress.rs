@@ -10,6 +10,10 @@
 //! DNS names are resolved by the agent, refreshed at their TTL clamped to
 //! [floor, ceiling], and an address a name stops returning stays allowed for a grace period.
 
+pub mod dns;
+pub mod guard;
+pub mod nft;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
@@ -21,9 +25,9 @@ use berth_shared::proto;
 use berth_shared::reach::{Net, never_reachable};
 use berth_shared::spec::{Destination, EgressRule, TenantSpec};
 
-use crate::dns::Resolve;
-use crate::guard::ForwardGuard;
-use crate::nft::{
+use crate::egress::dns::Resolve;
+use crate::egress::guard::ForwardGuard;
+use crate::egress::nft::{
     Element, Installed, InstalledTenant, Nft, Prefix, TenantRules, base_script, chain,
     collect_garbage, gc_script, normalize, parse_listing, remove_script, tenant_script,
 };
@@ -70,7 +74,7 @@ pub struct EgressSettings {
 impl Default for EgressSettings {
     fn default() -> Self {
         Self {
-            table: crate::nft::DEFAULT_TABLE.into(),
+            table: crate::egress::nft::DEFAULT_TABLE.into(),
             tenant_resolvers: BTreeSet::new(),
             ttl_floor: Duration::from_secs(30),
             ttl_ceiling: Duration::from_secs(3600),

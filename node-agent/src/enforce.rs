@@ -10,20 +10,20 @@ use berth_shared::ids::{HostId, TenantId};
 use berth_shared::proto;
 use tokio::sync::{Notify, watch};
 
-use crate::cgroup::CgroupReader;
 use crate::config::AgentConfig;
-use crate::cryptsetup::{CryptsetupCommand, VolumeKey};
-use crate::desired::{AcceptError, Desired, DesiredStore};
-use crate::dns::UdpResolver;
 use crate::egress::NftEgress;
-use crate::facts::{ProbeRoots, probe_cgroup, probe_dm_crypt};
-use crate::health::HealthWatch;
-use crate::nft::NftCommand;
-use crate::peer::{Incoming, PeerTls};
+use crate::egress::dns::UdpResolver;
+use crate::egress::nft::NftCommand;
+use crate::host::cgroup::CgroupReader;
+use crate::host::facts::{ProbeRoots, probe_cgroup, probe_dm_crypt};
 use crate::reconcile::{Passes, Reconciler, TornDown, VolumeStep, port_free_on_loopback};
+use crate::restarts::health::HealthWatch;
 use crate::restarts::{Driver, HealthGate, NetnsProbe, RestartSettings, Restarts};
 use crate::runtime::DockerRuntime;
+use crate::session::desired::{AcceptError, Desired, DesiredStore};
+use crate::transfer::peer::{Incoming, PeerTls};
 use crate::transfer::{Base, VolumeLocation, receive_volume, send_volume};
+use crate::volume::cryptsetup::{CryptsetupCommand, VolumeKey};
 use crate::volume::{HostVolumes, KeySource, SystemMounter};
 use std::path::{Path, PathBuf};
 
@@ -370,7 +370,11 @@ impl Enforcement {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .clone();
-                match crate::peer::push_target(&command, tls.as_deref(), self.denied.clone()) {
+                match crate::transfer::peer::push_target(
+                    &command,
+                    tls.as_deref(),
+                    self.denied.clone(),
+                ) {
                     Err(e) => Err(e),
                     Ok(client) => {
                         let token = command.transfer_token.clone();
@@ -378,7 +382,7 @@ impl Enforcement {
                     }
                 }
             }
-            _ => match crate::peer::source_of(&command) {
+            _ => match crate::transfer::peer::source_of(&command) {
                 Err(e) => Err(e),
                 Ok(source) => {
                     let (_expecting, chunks) = self.incoming.expect(
@@ -575,7 +579,7 @@ pub async fn run(enforcement: Arc<Enforcement>, config: AgentConfig, host: HostI
     let (name_servers, settings) = config.egress.resolved(&resolv_conf);
     let egress = Arc::new(NftEgress::new(
         Arc::new(NftCommand::default()),
-        Arc::new(crate::guard::DockerUserGuard),
+        Arc::new(crate::egress::guard::DockerUserGuard),
         Arc::new(UdpResolver {
             servers: name_servers,
             timeout: Duration::from_secs(2),

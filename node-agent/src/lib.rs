@@ -7,30 +7,14 @@
 //! window behind a health gate, with its data on a LUKS2 volume opened by a key held in memory
 //! only (a tenant without its key waits, stopped).
 
-pub mod announce;
-pub mod cgroup;
 pub mod command;
 pub mod config;
-pub mod cryptsetup;
-pub mod desired;
-pub mod dns;
 pub mod egress;
 pub mod enforce;
-pub mod facts;
-#[cfg(test)]
-pub(crate) mod fake_runtime;
-pub mod guard;
-pub mod hardening;
-pub mod health;
-pub mod identity;
-pub mod metrics;
-pub mod nft;
-pub mod peer;
+pub mod host;
 pub mod reconcile;
 pub mod restarts;
 pub mod runtime;
-pub mod schedule;
 pub mod session;
-pub mod subnets;
 pub mod transfer;
 pub mod volume;

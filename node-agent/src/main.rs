@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use berth_node_agent::config::{AgentConfig, DEFAULT_STATE_DIR};
-use berth_node_agent::identity;
+use berth_node_agent::session::identity;
 use berth_shared::pki::Fingerprint;
 use berth_shared::transport::CoordinatorUrl;
 use clap::{Parser, Subcommand};

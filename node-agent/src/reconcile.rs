@@ -21,13 +21,13 @@ use berth_shared::ids::{HostId, TenantId};
 use berth_shared::proto;
 use berth_shared::spec::TenantSpec;
 
-use crate::cgroup::CgroupReader;
-use crate::desired::Desired;
 use crate::egress::{EgressReport, EgressStep};
-use crate::hardening;
-use crate::health::HealthWatch;
+use crate::host::cgroup::CgroupReader;
+use crate::restarts::health::HealthWatch;
+use crate::runtime::container_spec;
+use crate::runtime::subnets::SubnetPool;
 use crate::runtime::{ContainerRuntime, ManagedContainer, RuntimeError};
-use crate::subnets::SubnetPool;
+use crate::session::desired::Desired;
 
 /// Why a tenant is not running: failed, or waiting for its volume key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -256,8 +256,8 @@ impl Reconciler {
             return Ok(());
         };
         for name in [
-            hardening::network_name(&self.host, &tenant),
-            hardening::legacy_network_name(&tenant),
+            container_spec::network_name(&self.host, &tenant),
+            container_spec::legacy_network_name(&tenant),
         ] {
             self.runtime
                 .remove_network(&name)
@@ -315,7 +315,7 @@ impl Reconciler {
                 .ok_or("the tenant network pool (tenant_subnets) is exhausted")?;
             match self
                 .runtime
-                .create_network(hardening::network(&self.host, spec, &subnet))
+                .create_network(container_spec::network(&self.host, spec, &subnet))
                 .await
             {
                 Ok(()) => return Ok(subnet),
@@ -334,8 +334,8 @@ impl Reconciler {
         networks: &'a HashMap<String, Vec<String>>,
     ) -> Option<&'a String> {
         networks
-            .get(&hardening::network_name(&self.host, &spec.tenant_id))
-            .or_else(|| networks.get(&hardening::legacy_network_name(&spec.tenant_id)))
+            .get(&container_spec::network_name(&self.host, &spec.tenant_id))
+            .or_else(|| networks.get(&container_spec::legacy_network_name(&spec.tenant_id)))
             .and_then(|s| s.first())
     }
 
@@ -427,11 +427,11 @@ impl Reconciler {
                 .take_port(&used_ports)
                 .ok_or("no free gateway port in 20000-29999")?;
             used_ports.push(port);
-            let body = hardening::container(&self.host, spec, generation, port, &volume);
+            let body = container_spec::container(&self.host, spec, generation, port, &volume);
             let created = self
                 .runtime
                 .create_and_start(
-                    &hardening::container_name(&self.host, &spec.tenant_id),
+                    &container_spec::container_name(&self.host, &spec.tenant_id),
                     body,
                 )
                 .await;
@@ -721,7 +721,7 @@ impl Reconciler {
         let mut statuses = Vec::with_capacity(wanted.len());
         for (&tenant, &spec) in &wanted {
             let existing = by_tenant.get(tenant).and_then(|v| v.first()).copied();
-            let hash = hardening::spec_hash(spec);
+            let hash = container_spec::spec_hash(spec);
             let outcome = match (&egress_ready, existing) {
                 // Its creation is under way: the container it lists as created is being started
                 // (and Docker holds it until then), not one to start here. Or its old container
@@ -768,8 +768,9 @@ impl Reconciler {
                         Ok(()) => {
                             // Teardown removed the network with the container.
                             let mut networks = networks.clone();
-                            networks.remove(&hardening::network_name(&self.host, &spec.tenant_id));
-                            networks.remove(&hardening::legacy_network_name(&spec.tenant_id));
+                            networks
+                                .remove(&container_spec::network_name(&self.host, &spec.tenant_id));
+                            networks.remove(&container_spec::legacy_network_name(&spec.tenant_id));
                             self.create(spec, generation, &networks).await
                         }
                         Err(e) => Err(e.into()),
@@ -837,7 +838,7 @@ impl Reconciler {
         let orphans: Vec<&String> = networks
             .keys()
             .filter(|name| {
-                hardening::network_tenant(&self.host, name).is_some_and(|t| {
+                container_spec::network_tenant(&self.host, name).is_some_and(|t| {
                     !keep_rules.contains(&t)
                         && !by_tenant.contains_key(t.as_str())
                         && !busy.contains(t.as_str())

@@ -7,6 +7,10 @@
 //! and retried with backoff until `health_timeout`; the reconciler leaves a container alone
 //! while it is being restarted; every requested restart gets exactly one result.
 
+pub mod announce;
+pub mod health;
+pub mod schedule;
+
 use std::collections::{BTreeSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -22,9 +26,9 @@ use jiff::{SignedDuration, Timestamp};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::desired::Desired;
+use crate::restarts::schedule::{Reason, Scheduler, Start, TenantClock, humanize};
 use crate::runtime::ContainerRuntime;
-use crate::schedule::{Reason, Scheduler, Start, TenantClock, humanize};
+use crate::session::desired::Desired;
 
 /// The `[restarts]` section: host-wide defaults and limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,7 +76,7 @@ pub trait Probe: Send + Sync + std::fmt::Debug {
     /// Connects to `address` from inside the network namespace at `netns`.
     async fn connect(&self, netns: &Path, address: SocketAddr) -> Result<(), String>;
     /// Announces `address` on its network from inside the network namespace at `netns` (see
-    /// [`crate::announce`]).
+    /// [`crate::restarts::announce`]).
     async fn announce(&self, netns: &Path, address: IpAddr) -> Result<(), String>;
 }
 
@@ -139,7 +143,7 @@ impl Probe for NetnsProbe {
         let IpAddr::V4(address) = address else {
             return Err(format!("{address}: tenant networks are IPv4 only"));
         };
-        in_netns(netns, move || crate::announce::announce(address)).await
+        in_netns(netns, move || crate::restarts::announce::announce(address)).await
     }
 }
 
@@ -168,7 +172,7 @@ impl HealthGate {
 /// One health check: Docker's healthcheck verdict when the image has one, else a TCP connect to
 /// the gateway port at the container's address on its tenant network (not the published port,
 /// which Docker's proxy answers even while the tenant is down). A check that passes also has
-/// the container announce its address (see [`crate::announce`]): clients' connections that
+/// the container announce its address (see [`crate::restarts::announce`]): clients' connections that
 /// waited on the host for it go through now rather than at the host's next ARP retry. A failed
 /// announcement is logged; the check still passes.
 pub(crate) async fn check(

@@ -2,6 +2,11 @@
 //! in unit tests. Only containers and networks labelled `berth.host=<this host>` are ever
 //! listed, so nothing else on the host can be touched.
 
+pub mod container_spec;
+#[cfg(test)]
+pub(crate) mod fake;
+pub mod subnets;
+
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::Path;
@@ -16,7 +21,9 @@ use bollard::query_parameters::{
 };
 use futures::StreamExt;
 
-use crate::hardening::{LABEL_GENERATION, LABEL_HOST, LABEL_PORT, LABEL_SPEC, LABEL_TENANT};
+use crate::runtime::container_spec::{
+    LABEL_GENERATION, LABEL_HOST, LABEL_PORT, LABEL_SPEC, LABEL_TENANT,
+};
 
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("docker: {0}")]

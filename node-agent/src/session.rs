@@ -2,6 +2,9 @@
 //! report every interval, renews the certificate at two thirds of its life, and reconnects with
 //! jittered exponential backoff.
 
+pub mod desired;
+pub mod identity;
+
 use std::time::Duration;
 
 use berth_shared::clock::{Clock, SystemClock};
@@ -17,11 +20,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::config::AgentConfig;
 use std::sync::Arc;
 
-use crate::desired::DesiredStore;
 use crate::enforce::Enforcement;
-use crate::facts::{Meter, host_facts};
-use crate::identity::{Identity, IdentityError};
-use crate::metrics::Telemetry;
+use crate::host::facts::{Meter, host_facts};
+use crate::host::metrics::Telemetry;
+use crate::session::desired::DesiredStore;
+use crate::session::identity::{Identity, IdentityError};
 use std::sync::atomic::Ordering;
 
 /// Full-jitter exponential backoff: the n-th wait is uniform in [0, min(cap, base·2ⁿ)].
@@ -99,9 +102,9 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
     ));
     let transfer_port = open_transfer_port(&config, &identity, &enforcement).await?;
     let telemetry = Arc::new(Telemetry::default());
-    tokio::spawn(crate::metrics::serve(
+    tokio::spawn(crate::host::metrics::serve(
         config.metrics_listen,
-        crate::metrics::router(
+        crate::host::metrics::router(
             enforcement.clone(),
             telemetry.clone(),
             config.metrics_token.clone(),
@@ -180,7 +183,7 @@ async fn open_transfer_port(
         }),
     )
     .map_err(IdentityError::from)?;
-    let router = crate::peer::PeerApi {
+    let router = crate::transfer::peer::PeerApi {
         incoming: enforcement.incoming.clone(),
     }
     .router();
@@ -266,7 +269,7 @@ async fn session_loop(
         .max_encoding_message_size(berth_shared::transport::SESSION_MESSAGE_BYTES);
     let mut inbound = match client.session(ReceiverStream::new(rx)).await {
         Ok(response) => response.into_inner(),
-        Err(status) => return SessionEnd::Failed(crate::identity::status_error(&status)),
+        Err(status) => return SessionEnd::Failed(crate::session::identity::status_error(&status)),
     };
     let interval = match inbound.message().await {
         Ok(Some(proto::CoordinatorMessage {
@@ -277,7 +280,7 @@ async fn session_loop(
                 accepted.report_interval_ms.max(100),
             ))),
         Ok(_) => return SessionEnd::Failed("the coordinator did not accept the session".into()),
-        Err(status) => return SessionEnd::Failed(crate::identity::status_error(&status)),
+        Err(status) => return SessionEnd::Failed(crate::session::identity::status_error(&status)),
     };
     backoff.reset();
     telemetry.connected.store(true, Ordering::Relaxed);
@@ -370,7 +373,7 @@ async fn session_loop(
                 }
                 Ok(Some(_)) => {}
                 Ok(None) => return SessionEnd::Lost("the coordinator closed the session".into()),
-                Err(status) => return SessionEnd::Lost(crate::identity::status_error(&status)),
+                Err(status) => return SessionEnd::Lost(crate::session::identity::status_error(&status)),
             },
             () = enforcement.restarts.results_ready() => {
                 for result in enforcement.restarts.take_results() {

@@ -22,6 +22,8 @@
 //! checked end to end like a whole one. A file the sender finds with the same inode stamp as
 //! when it pre-copied it (see [`Stamp`]) is not even read again.
 
+pub mod peer;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -36,7 +38,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-use crate::peer::IncomingChunks;
+use crate::transfer::peer::IncomingChunks;
 use crate::volume::TENANT_ID;
 
 /// Data bytes per chunk, and the size of the blocks a pre-copied file is compared by: a chunk

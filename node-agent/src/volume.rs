@@ -19,6 +19,8 @@
 //! point) moves into an image of its size (`mke2fs -d`) the next time its tenant starts, and
 //! its directory is emptied only once the image is complete on disk.
 
+pub mod cryptsetup;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -29,8 +31,8 @@ use berth_shared::proto;
 use berth_shared::spec::TenantSpec;
 
 use crate::command::{CommandError, run_command};
-use crate::cryptsetup::{CryptError, Cryptsetup, VolumeKey};
 use crate::reconcile::{Failure, VolumeStep};
+use crate::volume::cryptsetup::{CryptError, Cryptsetup, VolumeKey};
 
 /// The uid and gid tenant containers run as; they own their volume's root.
 pub const TENANT_ID: u32 = 65534;

@@ -99,7 +99,7 @@ fn fxhash(bytes: &[u8]) -> u64 {
 
 /// The name of `tenant`'s container on `host`.
 pub fn container_name(host: &str, tenant: &str) -> String {
-    berth_node_agent::hardening::container_name(
+    berth_node_agent::runtime::container_spec::container_name(
         &berth_shared::ids::HostId::new(host).expect("a host id"),
         &berth_shared::ids::TenantId::new(tenant).expect("a tenant id"),
     )

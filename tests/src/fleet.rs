@@ -6,7 +6,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use berth_node_agent::schedule::slot_on;
+use berth_node_agent::restarts::schedule::slot_on;
 use berth_shared::ids::TenantId;
 use berth_shared::spec::Window;
 use jiff::Timestamp;
@@ -65,7 +65,7 @@ pub fn fleet_with(agent_config: &str) -> Option<Fleet> {
 impl Fleet {
     /// The Docker network of `tenant` on this fleet's host.
     pub fn network(&self, tenant: &str) -> String {
-        berth_node_agent::hardening::network_name(
+        berth_node_agent::runtime::container_spec::network_name(
             &berth_shared::ids::HostId::new(&self.agent.host_id).unwrap(),
             &TenantId::new(tenant).unwrap(),
         )
@@ -73,7 +73,7 @@ impl Fleet {
 
     /// The Linux bridge of `tenant`'s network on this fleet's host.
     pub fn bridge(&self, tenant: &str) -> String {
-        berth_node_agent::hardening::bridge_name(
+        berth_node_agent::runtime::container_spec::bridge_name(
             &berth_shared::ids::HostId::new(&self.agent.host_id).unwrap(),
             &TenantId::new(tenant).unwrap(),
         )
@@ -123,7 +123,10 @@ impl Fleet {
                     "addr",
                     "show",
                     "to",
-                    &format!("{address}/{}", berth_node_agent::subnets::TENANT_PREFIX),
+                    &format!(
+                        "{address}/{}",
+                        berth_node_agent::runtime::subnets::TENANT_PREFIX
+                    ),
                 ],
             ),
             run("ss", &["-ltnpH", &sport]),

@@ -295,7 +295,7 @@ fn a_host_drains_with_its_volumes_never_running_a_tenant_twice_through_abort_and
             !source.volume(tenant).exists(),
             "{tenant}'s old copy is gone"
         );
-        let chain = berth_node_agent::nft::chain(&TenantId::new(tenant).unwrap());
+        let chain = berth_node_agent::egress::nft::chain(&TenantId::new(tenant).unwrap());
         assert!(
             target.nft_table().contains(&chain),
             "{tenant}'s rules on {host}"

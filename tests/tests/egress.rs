@@ -10,7 +10,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use berth_node_agent::dns::{encode_response, query_name};
+use berth_node_agent::egress::dns::{encode_response, query_name};
 use berth_tests::docker::inspect;
 use berth_tests::fleet::{Fleet, fleet_with, http_get, unique};
 use berth_tests::netns::RoutedNet;

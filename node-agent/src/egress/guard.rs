@@ -3,7 +3,7 @@
 //!
 //! Ensures: Docker's `DOCKER-USER` chain (which Docker runs before its own forwarding rules and
 //! never flushes) holds one rule that drops packets from a tenant bridge (`bt*`) that do not
-//! carry [`crate::nft::ACCEPTED_MARK`]; berth's table sets that mark only on packets its
+//! carry [`crate::egress::nft::ACCEPTED_MARK`]; berth's table sets that mark only on packets its
 //! per-tenant rules let through. So with the table deleted or flushed, and the agent stopped,
 //! tenants reach nothing; the rule stays when the agent stops, and it is checked again at every
 //! re-read of the table.
@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use crate::command::{CommandError, run_command};
-use crate::nft::ACCEPTED_MARK;
+use crate::egress::nft::ACCEPTED_MARK;
 
 /// Installs the floor rule (a trait so unit tests record instead of changing the host).
 pub trait ForwardGuard: Send + Sync + std::fmt::Debug {

@@ -250,7 +250,7 @@ pub struct Installed {
 /// The base of the table: resolver set, dispatch maps, hooked chains. Loaded on its own (nft
 /// refuses, in one transaction, a new map whose elements jump to chains created after it).
 /// The packet mark a tenant's forward rules put on what they let through; the forward guard
-/// ([`crate::guard`]) drops what leaves a tenant bridge without it, so traffic no tenant chain
+/// ([`crate::egress::guard`]) drops what leaves a tenant bridge without it, so traffic no tenant chain
 /// judged (berth's table flushed or deleted) goes nowhere.
 pub const ACCEPTED_MARK: u32 = 0x1000_0000;
 

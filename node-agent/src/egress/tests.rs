@@ -5,7 +5,7 @@ use berth_shared::proto;
 
 use super::*;
 use crate::command::CommandError;
-use crate::dns::{Answer, DnsError};
+use crate::egress::dns::{Answer, DnsError};
 
 /// Records scripts; lists nothing (each test works within one pass); can refuse.
 #[derive(Debug, Default)]

@@ -3,7 +3,7 @@ use std::time::Duration;
 use berth_shared::proto;
 
 use super::*;
-use crate::fake_runtime::FakeRuntime;
+use crate::runtime::fake::FakeRuntime;
 
 /// Records the order of volume and egress steps into the runtime's call log.
 #[derive(Debug)]
@@ -132,12 +132,12 @@ fn reconciler(fake: &Arc<FakeRuntime>) -> Arc<Reconciler> {
         cgroups: None,
         oom_events: Arc::default(),
         port_free: |_| true,
-        subnets: crate::subnets::SubnetPool::default(),
+        subnets: crate::runtime::subnets::SubnetPool::default(),
         restarting: Arc::default(),
         passes: Arc::default(),
         health: HealthWatch::new(
             fake.clone(),
-            Arc::new(crate::fake_runtime::FakeProbe::default()),
+            Arc::new(crate::runtime::fake::FakeProbe::default()),
             crate::restarts::HealthGate::new(Duration::from_secs(300)),
             Arc::default(),
         ),
@@ -445,7 +445,7 @@ async fn a_staged_tenant_gets_its_network_and_rules_but_no_volume_or_container_u
     // The tenant's network on the host it leaves, on the same engine (as in tests): named for
     // that host, so neither used here nor its subnet taken.
     fake.networks.lock().unwrap().insert(
-        hardening::network_name(&HostId::new("h0").unwrap(), &TenantId::new("m").unwrap()),
+        container_spec::network_name(&HostId::new("h0").unwrap(), &TenantId::new("m").unwrap()),
         vec!["10.213.0.0/28".into()],
     );
     let staged = Desired {
@@ -545,7 +545,7 @@ async fn a_staged_tenants_network_is_made_outside_the_pass_and_a_tenant_arriving
 async fn a_staged_tenant_whose_move_is_called_off_loses_its_rules_and_network_here_only() {
     let (fake, r) = with_image();
     let elsewhere =
-        hardening::network_name(&HostId::new("h0").unwrap(), &TenantId::new("m").unwrap());
+        container_spec::network_name(&HostId::new("h0").unwrap(), &TenantId::new("m").unwrap());
     fake.networks
         .lock()
         .unwrap()

@@ -4,7 +4,7 @@ use berth_shared::clock::ManualClock;
 use berth_shared::spec::TenantSpec;
 
 use super::*;
-use crate::fake_runtime::{FakeProbe, FakeRuntime};
+use crate::runtime::fake::{FakeProbe, FakeRuntime};
 use crate::runtime::{ContainerDetails, ManagedContainer};
 
 fn running(address: &str, health: Option<&str>) -> ContainerDetails {

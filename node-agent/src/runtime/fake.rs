@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use berth_shared::ids::HostId;
 use bollard::models::{ContainerCreateBody, NetworkCreateRequest};
 
-use crate::hardening;
+use crate::runtime::container_spec;
 use crate::runtime::{ContainerDetails, ContainerRuntime, ManagedContainer, RuntimeError};
 
 /// Records every call; holds containers in memory.
@@ -123,10 +123,10 @@ impl ContainerRuntime for FakeRuntime {
         let labels = body.labels.unwrap();
         self.containers.lock().unwrap().push(ManagedContainer {
             id: id.clone(),
-            tenant: labels[hardening::LABEL_TENANT].clone(),
-            spec_hash: labels[hardening::LABEL_SPEC].clone(),
-            generation: labels[hardening::LABEL_GENERATION].parse().unwrap(),
-            port: labels[hardening::LABEL_PORT].parse().unwrap(),
+            tenant: labels[container_spec::LABEL_TENANT].clone(),
+            spec_hash: labels[container_spec::LABEL_SPEC].clone(),
+            generation: labels[container_spec::LABEL_GENERATION].parse().unwrap(),
+            port: labels[container_spec::LABEL_PORT].parse().unwrap(),
             state: "created".into(),
         });
         let start_time = *self.start_time.lock().unwrap();

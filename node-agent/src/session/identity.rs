@@ -153,8 +153,8 @@ impl Identity {
     }
 
     /// This identity, for calls to other agents' transfer ports.
-    pub fn peer_tls(&self) -> crate::peer::PeerTls {
-        crate::peer::PeerTls {
+    pub fn peer_tls(&self) -> crate::transfer::peer::PeerTls {
+        crate::transfer::peer::PeerTls {
             ca: self.ca.clone(),
             chain: vec![self.cert.clone()],
             key: self.key.clone_key(),

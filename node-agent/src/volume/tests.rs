@@ -2,7 +2,7 @@ use std::collections::BTreeSet;
 use std::sync::Mutex;
 
 use super::*;
-use crate::cryptsetup::KEY_BYTES;
+use crate::volume::cryptsetup::KEY_BYTES;
 
 /// Records every call; LUKS-ness, filesystems and mounts live in sets.
 #[derive(Debug, Default)]

@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use berth_node_agent::cryptsetup::{Cryptsetup, CryptsetupCommand, KEY_BYTES, VolumeKey};
+use berth_node_agent::volume::cryptsetup::{Cryptsetup, CryptsetupCommand, KEY_BYTES, VolumeKey};
 use berth_node_agent::volume::{
     Attached, MountNamespace, SystemMounter, VolumeError, VolumePaths, Volumes,
 };

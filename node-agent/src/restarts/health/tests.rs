@@ -2,8 +2,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::*;
-use crate::fake_runtime::{FakeProbe, FakeRuntime};
 use crate::runtime::ContainerDetails;
+use crate::runtime::fake::{FakeProbe, FakeRuntime};
 
 fn running_at(started_at: &str) -> ContainerDetails {
     ContainerDetails {
