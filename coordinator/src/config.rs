@@ -13,7 +13,7 @@ use berth_shared::model::{Provider, validate_token};
 use berth_shared::spec::{Resources, Tier};
 use berth_shared::units::{parse_bytes, parse_duration};
 
-use crate::scheduler::{CatalogEntry, Strategy};
+use crate::placement::scheduler::{CatalogEntry, Strategy};
 use serde::Deserialize;
 
 /// As written in the file; every key optional, unknown keys refused.

@@ -55,7 +55,7 @@ pub struct Coordinator {
     /// The tenants' volume keys, wrapped.
     pub keys: KeyVault,
     /// Volume copies under way between agents.
-    pub transfers: crate::transfer::Transfers,
+    pub transfers: crate::drain::copy::Transfers,
     pub drains: crate::drain::Drains,
     /// Held while a placement makes its key and commits (see `commit_placement`).
     placing: Mutex<()>,

@@ -14,6 +14,8 @@
 //! to it (blocked) unless the operator accepts starting them elsewhere with empty volumes, and
 //! what such a host still holds of them is deleted when it comes back.
 
+pub mod copy;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,8 +28,8 @@ use tokio::sync::watch;
 use tonic::Status;
 
 use crate::core::Coordinator;
+use crate::drain::copy::Progress;
 use crate::placement::PlaceError;
-use crate::transfer::Progress;
 
 const DRAIN_PREFIX: &str = "drain/";
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30 * 60);
@@ -1289,7 +1291,7 @@ impl Coordinator {
         running.ok_or_else(|| {
             let state = match last.state == proto::TenantState::Running as i32 {
                 true => "running but not healthy",
-                false => crate::views::tenant_state_name(last.state),
+                false => crate::api::views::tenant_state_name(last.state),
             };
             MoveFailure::Failed(format!(
                 "not healthy on {host} within {wait:?}: {state} {}",

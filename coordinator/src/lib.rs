@@ -5,20 +5,13 @@
 //! operators are authenticated on every call (and on the dashboard unless it is on loopback);
 //! volume keys are stored only wrapped and go only to the host their tenant is placed on.
 
-pub mod admin;
-pub mod agent_api;
-pub mod client;
+pub mod api;
 pub mod config;
 pub mod core;
 pub mod dashboard;
 pub mod drain;
 pub mod keys;
 pub mod metrics;
-pub mod operator_api;
 pub mod placement;
 pub mod registry;
-pub mod rest;
-pub mod scheduler;
 pub mod server;
-pub mod transfer;
-pub mod views;

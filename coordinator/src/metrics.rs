@@ -10,9 +10,9 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use berth_shared::metrics::{CONTENT_TYPE, Exposition, Figure, Histogram};
 
+use crate::api::views::TenantView;
 use crate::core::Coordinator;
 use crate::dashboard::snapshot;
-use crate::views::TenantView;
 
 /// What the coordinator counts as it works.
 #[derive(Debug, Default)]

@@ -7,6 +7,8 @@
 //! generations only grow, also across a SIGKILL (they are allocated below a durable ceiling), so
 //! an agent can refuse anything older than what it applied.
 
+pub mod scheduler;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -18,10 +20,10 @@ use berth_shared::store::{Durability, Store, StoreError, Write, decode, encode};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::registry::HostRecord;
-use crate::scheduler::{
+use crate::placement::scheduler::{
     CatalogEntry, HostInfo, Refusal, Request, Scheduler, Strategy, Vec3, explain,
 };
+use crate::registry::HostRecord;
 
 const TENANT_PREFIX: &str = "tenant/";
 const HOSTGEN_PREFIX: &str = "hostgen/";

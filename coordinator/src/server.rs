@@ -23,11 +23,12 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 
+use crate::api::{admin, agent, operator};
 use crate::config::CoordinatorConfig;
 use crate::core::Coordinator;
+use crate::dashboard;
 use crate::keys::KeyVault;
 use crate::keys::keyring::Keyring;
-use crate::{admin, agent_api, dashboard, operator_api};
 
 /// The bound addresses, written to `endpoints.json` for scripts and tests.
 #[derive(Debug, Serialize)]
@@ -166,7 +167,7 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
     )?;
 
     let agent_router = Routes::new(
-        AgentServiceServer::new(agent_api::AgentApi {
+        AgentServiceServer::new(agent::AgentApi {
             coordinator: coordinator.clone(),
         })
         .max_decoding_message_size(SESSION_MESSAGE_BYTES)
@@ -174,13 +175,13 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
     )
     .into_axum_router();
     let operator_router = Routes::new(
-        EnrollmentServiceServer::new(operator_api::EnrollmentApi {
+        EnrollmentServiceServer::new(operator::EnrollmentApi {
             coordinator: coordinator.clone(),
         })
         .max_decoding_message_size(ENROLL_MESSAGE_BYTES),
     )
     .add_service(
-        OperatorServiceServer::new(operator_api::OperatorApi {
+        OperatorServiceServer::new(operator::OperatorApi {
             coordinator: coordinator.clone(),
         })
         .max_decoding_message_size(OPERATOR_MESSAGE_BYTES)
@@ -189,9 +190,9 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
     .into_axum_router()
     .layer(axum::middleware::from_fn_with_state(
         coordinator.clone(),
-        operator_api::authorize_grpc,
+        operator::authorize_grpc,
     ))
-    .merge(crate::rest::router(coordinator.clone()));
+    .merge(crate::api::rest::router(coordinator.clone()));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

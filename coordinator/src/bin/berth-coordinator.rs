@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use berth_coordinator::admin::{self, AdminRequest, AdminResponse};
+use berth_coordinator::api::admin::{self, AdminRequest, AdminResponse};
 use berth_coordinator::config::CoordinatorConfig;
 use berth_coordinator::core::RevokeTarget;
 use berth_coordinator::registry::Scope;

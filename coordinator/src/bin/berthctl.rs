@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
-use berth_coordinator::client::{ClientOptions, connect};
-use berth_coordinator::views::{
+use berth_coordinator::api::client::{ClientOptions, connect};
+use berth_coordinator::api::views::{
     DrainView, HostView, PlacementView, RemovalView, RestartView, TenantView,
 };
 use berth_shared::proto::{self, HostRef};

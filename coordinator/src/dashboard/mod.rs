@@ -25,10 +25,10 @@ use axum::routing::get;
 use base64::Engine;
 use berth_shared::ids::HostId;
 
+use crate::api::views::TenantView;
 use crate::core::Coordinator;
 use crate::placement::HostLoad;
 use crate::registry::{HostRecord, RegistryError, Scope};
-use crate::views::TenantView;
 use figures::{HostRow, Snapshot};
 
 /// A host as the dashboard shows it.
@@ -103,7 +103,7 @@ pub fn host_page(c: &Coordinator, host: &HostId) -> Result<Option<String>, Regis
     let drain = c
         .drain_status(host)
         .ok()
-        .map(|s| crate::views::DrainView::from(&s));
+        .map(|s| crate::api::views::DrainView::from(&s));
     Ok(Some(
         pages::host(&row, &tenants, drain.as_ref()).into_string(),
     ))

@@ -4,7 +4,7 @@
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 
 use super::figures::{FleetFigures, HostRow, Snapshot, Totals};
-use crate::views::{DrainView, TenantView};
+use crate::api::views::{DrainView, TenantView};
 
 /// How often an open page refreshes itself.
 pub const REFRESH_SECONDS: u32 = 5;

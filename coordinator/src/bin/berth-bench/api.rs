@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use berth_coordinator::admin::{self, AdminRequest, AdminResponse};
+use berth_coordinator::api::admin::{self, AdminRequest, AdminResponse};
 use berth_coordinator::config::CoordinatorConfig;
 use berth_shared::ids::HostId;
 use berth_shared::pki::{

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, bail};
-use berth_coordinator::scheduler::offline::Instance;
+use berth_coordinator::placement::scheduler::offline::Instance;
 
 /// A `.vbp` file: dimensions, capacities, item types with demands.
 pub fn read_vbp(path: &Path) -> anyhow::Result<Instance> {

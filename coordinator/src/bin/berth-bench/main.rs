@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use baselines::Baseline;
-use berth_coordinator::scheduler::offline::{self, Instance};
+use berth_coordinator::placement::scheduler::offline::{self, Instance};
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
@@ -204,7 +204,7 @@ fn pack(
 }
 
 fn decide(hosts: usize, tenants: usize, samples: usize) -> anyhow::Result<()> {
-    use berth_coordinator::scheduler::synthetic;
+    use berth_coordinator::placement::scheduler::synthetic;
     let started = std::time::Instant::now();
     let (scheduler, mut rng) = synthetic::fleet(hosts, tenants, 7);
     let built = started.elapsed().as_secs_f64();

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use berth_coordinator::scheduler::{HostInfo, Request, Scheduler, Strategy, Vec3};
+use berth_coordinator::placement::scheduler::{HostInfo, Request, Scheduler, Strategy, Vec3};
 use berth_shared::ids::HostId;
 use berth_shared::model::Provider;
 use berth_shared::spec::Constraints;

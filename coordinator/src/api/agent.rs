@@ -340,7 +340,7 @@ impl AgentService for AgentApi {
             .record_renewal(&record, min_interval)
             .map_err(|e| {
                 tracing::warn!(host = %auth.host_id, error = %e, "renewal refused");
-                crate::operator_api::registry_status(e)
+                crate::api::operator::registry_status(e)
             })?;
         tracing::info!(host = %auth.host_id, old_serial = %auth.serial, new_serial = %cert.serial, "certificate renewed");
         Ok(Response::new(proto::RenewCertificateResponse {

@@ -16,10 +16,10 @@ use berth_shared::spec::{EgressFile, TenantSpecFile};
 use serde::Deserialize;
 use tonic::{Code, Status};
 
+use crate::api::operator::place_status;
+use crate::api::views::{DrainView, HostView, PlacementView, RemovalView, RestartView, TenantView};
 use crate::core::{Access, Coordinator};
 use crate::drain::DrainOptions;
-use crate::operator_api::place_status;
-use crate::views::{DrainView, HostView, PlacementView, RemovalView, RestartView, TenantView};
 
 type Shared = State<Arc<Coordinator>>;
 
@@ -120,7 +120,7 @@ async fn set_cordon(c: Arc<Coordinator>, id: String, cordoned: bool) -> ApiResul
     let host = c
         .registry
         .set_cordoned(&id, cordoned, |h| c.sync_host(h))
-        .map_err(crate::operator_api::registry_status)?;
+        .map_err(crate::api::operator::registry_status)?;
     Ok(Json(HostView::new(&c.host_view(&host), now_ms(&c))))
 }
 
