@@ -33,7 +33,7 @@ if [ -n "${BERTH_BIN_DIR:-}" ]; then
   bin="$BERTH_BIN_DIR"
 else
   command -v cargo >/dev/null || fail "cargo not found; install Rust with rustup"
-  echo "quickstart: building (cargo build --release)"
+  echo "quickstart: building the release binaries (cargo build --release: about 15 minutes on 2 cores the first time, seconds after)"
   (cd "$root" && cargo build --release --locked --bins -q)
   bin="$root/target/release"
 fi

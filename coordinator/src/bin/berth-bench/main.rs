@@ -1,5 +1,5 @@
 //! berth-bench: measures berth's placement engine on real inputs against the lower bound and
-//! against baseline policies run in the same process. See README, "Performance".
+//! against baseline policies run in the same process. See docs/performance.md.
 
 mod api;
 mod baselines;

@@ -285,7 +285,7 @@ impl Scheduler {
 
     /// Lower is better. Binpack: the host left fullest after placement (best fit on the sum of
     /// free fractions), with a small penalty for leaving memory and CPU lopsided (a host with
-    /// free memory but no free CPU is wasted); measured on the Azure replay, see README.
+    /// free memory but no free CPU is wasted); measured on the Azure replay, see docs/performance.md.
     /// Spread: the host left emptiest.
     fn score(&self, slot: usize, req: &Request<'_>) -> f64 {
         let s = &self.slots[slot];
