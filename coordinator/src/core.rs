@@ -228,7 +228,12 @@ impl Coordinator {
         tenant: &TenantId,
         purge: bool,
     ) -> Result<proto::RemoveTenantResponse, PlaceError> {
-        let host = if self.placements.tenant(tenant).is_some() {
+        let placed = self.placements.tenant(tenant);
+        let host = if let Some(placed) = placed {
+            let encrypted = placed
+                .spec
+                .and_then(|s| s.volume)
+                .is_none_or(|v| v.encrypted);
             let applied = self.placements.remove(tenant)?;
             self.durable(applied.seq).await?;
             let host = HostId::new(&applied.placement.host_id).map_err(|e| {
@@ -241,6 +246,7 @@ impl Coordinator {
                 return Ok(proto::RemoveTenantResponse {
                     tenant_id: tenant.to_string(),
                     host_id: host.to_string(),
+                    key_kept: encrypted,
                     ..Default::default()
                 });
             }
@@ -316,6 +322,7 @@ impl Coordinator {
             erased: result.erased,
             deleted: result.deleted,
             key_destroyed,
+            key_kept: false,
         })
     }
 
@@ -912,9 +919,13 @@ mod tests {
             .await
             .unwrap_err();
         assert!(c.keys.get(&id("refused")).unwrap().is_none());
-        // Removed without purge: the key stays, so the tenant can come back.
-        c.remove(&id("sealed"), false).await.unwrap();
+        // Removed without purge: the key stays, so the tenant can come back, and the answer
+        // says so; an unencrypted tenant had no key to keep.
+        let removed = c.remove(&id("sealed"), false).await.unwrap();
+        assert!(removed.key_kept && !removed.purged);
         assert_eq!(c.keys.get(&id("sealed")).unwrap().unwrap(), key);
+        let removed = c.remove(&id("plain"), false).await.unwrap();
+        assert!(!removed.key_kept && !removed.purged);
     }
 
     /// 200 pairs at once of a valid placement and a refused one (an unknown tier) of the same
@@ -1037,6 +1048,7 @@ mod tests {
                 erased: true,
                 deleted: true,
                 key_destroyed: true,
+                key_kept: false,
             }
         );
         assert!(c.keys.get(&id).unwrap().is_none());

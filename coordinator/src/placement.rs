@@ -711,8 +711,7 @@ impl Placements {
         reserve: bool,
     ) -> Result<Vec<PlannedMove>, Vec<String>> {
         let mut state = self.lock();
-        let mut scratch = state.scheduler.clone();
-        scratch.set_schedulable(source, false);
+        let mut scratch = state.scheduler.without(source);
         let mut tenants: Vec<&TenantRecord> = state
             .tenants
             .values()
@@ -746,6 +745,10 @@ impl Placements {
                         volume_bytes: spec.resources.volume_bytes,
                     });
                 }
+                Err(_) if scratch.hosts().next().is_none() => refusals.push(format!(
+                    "{}: no other host in the fleet to move to",
+                    spec.tenant_id
+                )),
                 Err(refusal) => refusals.push(format!("{}: {refusal}", spec.tenant_id)),
             }
         }

@@ -104,6 +104,7 @@ pub struct RemovalView {
     pub erased: bool,
     pub deleted: bool,
     pub key_destroyed: bool,
+    pub key_kept: bool,
 }
 
 impl From<&proto::RemoveTenantResponse> for RemovalView {
@@ -115,6 +116,7 @@ impl From<&proto::RemoveTenantResponse> for RemovalView {
             erased: r.erased,
             deleted: r.deleted,
             key_destroyed: r.key_destroyed,
+            key_kept: r.key_kept,
         }
     }
 }
@@ -123,8 +125,13 @@ impl RemovalView {
     /// One line for a person.
     pub fn summary(&self) -> String {
         if !self.purged {
+            let kept = if self.key_kept {
+                "its volume and key are kept"
+            } else {
+                "its volume is kept"
+            };
             return format!(
-                "removed {} from {} (its volume and key are kept: it can be placed again)",
+                "removed {} from {} ({kept}: it can be placed again)",
                 self.tenant_id, self.host_id
             );
         }

@@ -192,6 +192,19 @@ impl Scheduler {
         self.slots.iter().map(|s| (&s.info, s.used))
     }
 
+    /// This fleet without host `id`: a drain's source, whose tenants go elsewhere and which a
+    /// refusal must not count among the hosts considered.
+    pub fn without(&self, id: &HostId) -> Self {
+        let mut out = Self::new();
+        for s in self.slots.iter().filter(|s| s.info.id != *id) {
+            let slot = out.slots.len();
+            out.index.insert(s.info.id.clone(), slot);
+            out.slots.push(s.clone());
+            out.reindex(slot);
+        }
+        out
+    }
+
     pub fn set_schedulable(&mut self, id: &HostId, schedulable: bool) {
         if let Some(&slot) = self.index.get(id)
             && self.slots[slot].info.schedulable != schedulable
