@@ -328,8 +328,18 @@ fn bad_placement_requests_name_the_field_and_persist_nothing() {
             "InvalidArgument: invalid resources.memory_bytes: 33554432 bytes is below the minimum of 64 MiB",
         ),
         (
-            format!("{base}[resources]\nmemory = \"4096GiB\"\ncpu_millicores = 100"),
+            format!(
+                "{base}[resources]\nmemory = \"4096GiB\"\ncpu_millicores = 100\nvolume = \"1GiB\""
+            ),
             "InvalidArgument: invalid resources.memory_bytes: 4194304 MiB is larger than the largest host",
+        ),
+        (
+            format!("{base}[resources]\nmemory = \"1GiB\"\ncpu_millicores = 100"),
+            "InvalidArgument: invalid resources.volume_bytes: required when no tier is given",
+        ),
+        (
+            format!("{base}tier = \"business\"\n[volume]\nsize = \"1MiB\""),
+            "InvalidArgument: invalid volume.size_bytes: 1048576 bytes; a volume is from 16 MiB to 64 TiB",
         ),
         (
             "tenant_id = \"Acme/../x\"\nimage = \"i\"\ntier = \"business\"".to_string(),
@@ -400,8 +410,8 @@ fn a_volume_larger_than_the_hosts_disk_is_refused_and_the_refusal_says_so() {
             ),
         )
     };
-    let (ok, _, err) = coordinator.berthctl(&["place", &spec("100000TiB")]);
-    assert!(!ok, "a 100,000 TiB volume was placed");
+    let (ok, _, err) = coordinator.berthctl(&["place", &spec("60TiB")]);
+    assert!(!ok, "a 60 TiB volume was placed");
     assert!(
         err.starts_with(
             "error: ResourceExhausted: no host fits (1 considered): disk: 1 host short, closest by "
