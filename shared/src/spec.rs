@@ -803,6 +803,23 @@ impl TenantSpec {
     }
 }
 
+/// The gRPC request header by which a client says its spec came from the human format (a
+/// refusal then names fields as that format spells them).
+pub const SPEC_FORMAT_HEADER: &str = "berth-spec-format";
+
+/// A refusal of a spec given in the human format, naming the field as that format spells it
+/// (`resources.memory`, not the message's `resources.memory_bytes`).
+pub fn in_file_format(mut error: FieldError) -> FieldError {
+    let spelled = match error.field.as_str() {
+        "resources.memory_bytes" => "resources.memory",
+        "resources.volume_bytes" => "resources.volume",
+        "volume.size_bytes" => "volume.size",
+        _ => return error,
+    };
+    error.field = spelled.to_string();
+    error
+}
+
 /// The human spec format: TOML for `berthctl place`, JSON for files and the REST API.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -1077,6 +1094,19 @@ mod tests {
         .unwrap();
         assert_eq!(spec.resources.memory_bytes, 512 << 20);
         assert_eq!(spec.resources.cpu_millicores, 500);
+    }
+
+    #[test]
+    fn a_refusal_of_the_file_format_names_the_field_as_the_file_spells_it() {
+        for (message, file) in [
+            ("resources.memory_bytes", "resources.memory"),
+            ("resources.volume_bytes", "resources.volume"),
+            ("volume.size_bytes", "volume.size"),
+            ("egress[0].port", "egress[0].port"),
+        ] {
+            let spelled = in_file_format(FieldError::new(message, "why"));
+            assert_eq!(spelled.to_string(), format!("invalid {file}: why"));
+        }
     }
 
     #[test]

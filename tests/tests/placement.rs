@@ -313,6 +313,8 @@ async fn sigkill_during_a_burst_loses_no_acknowledged_placement() {
     );
 }
 
+/// Refusals name each field as the spec file spells it (`resources.memory`), not as the
+/// message underneath does (`resources.memory_bytes`).
 #[test]
 fn bad_placement_requests_name_the_field_and_persist_nothing() {
     let coordinator = CoordinatorProc::start(None, "");
@@ -325,21 +327,21 @@ fn bad_placement_requests_name_the_field_and_persist_nothing() {
         ),
         (
             format!("{base}[resources]\nmemory = \"32MiB\"\ncpu_millicores = 100"),
-            "InvalidArgument: invalid resources.memory_bytes: 33554432 bytes is below the minimum of 64 MiB",
+            "InvalidArgument: invalid resources.memory: 33554432 bytes is below the minimum of 64 MiB",
         ),
         (
             format!(
                 "{base}[resources]\nmemory = \"4096GiB\"\ncpu_millicores = 100\nvolume = \"1GiB\""
             ),
-            "InvalidArgument: invalid resources.memory_bytes: 4194304 MiB is larger than the largest host",
+            "InvalidArgument: invalid resources.memory: 4194304 MiB is larger than the largest host",
         ),
         (
             format!("{base}[resources]\nmemory = \"1GiB\"\ncpu_millicores = 100"),
-            "InvalidArgument: invalid resources.volume_bytes: required when no tier is given",
+            "InvalidArgument: invalid resources.volume: required when no tier is given",
         ),
         (
             format!("{base}tier = \"business\"\n[volume]\nsize = \"1MiB\""),
-            "InvalidArgument: invalid volume.size_bytes: 1048576 bytes; a volume is from 16 MiB to 64 TiB",
+            "InvalidArgument: invalid volume.size: 1048576 bytes; a volume is from 16 MiB to 64 TiB",
         ),
         (
             "tenant_id = \"Acme/../x\"\nimage = \"i\"\ntier = \"business\"".to_string(),

@@ -64,6 +64,20 @@ fn rest_has_the_grpc_semantics() {
     );
     assert_eq!((code, bad["code"].as_str()), (400, Some("InvalidArgument")));
     assert!(bad["error"].as_str().unwrap().starts_with("invalid tier"));
+    // The JSON body is the spec file's format: its field names come back as it spells them.
+    let (code, bad) = coordinator.rest(
+        "POST",
+        "/v1/tenants",
+        Some(
+            r#"{"tenant_id":"x","image":"i","resources":{"memory":"32MiB","cpu_millicores":100,"volume":"1GiB"}}"#,
+        ),
+        true,
+    );
+    assert_eq!(code, 400);
+    assert_eq!(
+        bad["error"],
+        "invalid resources.memory: 33554432 bytes is below the minimum of 64 MiB"
+    );
     let (code, bad) = coordinator.rest(
         "POST",
         "/v1/tenants",

@@ -48,6 +48,16 @@ pub fn place_status(e: PlaceError) -> Status {
     }
 }
 
+/// A refusal of a spec that came in the human format names its fields as that format does.
+pub fn spelled_for(e: PlaceError, file_format: bool) -> PlaceError {
+    match e {
+        PlaceError::Invalid(f) if file_format => {
+            PlaceError::Invalid(berth_shared::spec::in_file_format(f))
+        }
+        e => e,
+    }
+}
+
 fn host_id(field: &str, value: &str) -> Result<HostId, Status> {
     HostId::new(value).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
 }
@@ -252,6 +262,10 @@ impl OperatorService for OperatorApi {
         &self,
         request: Request<proto::PlaceTenantRequest>,
     ) -> Result<Response<proto::Placement>, Status> {
+        let file_format = request
+            .metadata()
+            .get(berth_shared::spec::SPEC_FORMAT_HEADER)
+            .is_some_and(|v| v == "file");
         let spec = request
             .into_inner()
             .spec
@@ -260,7 +274,7 @@ impl OperatorService for OperatorApi {
             .place(spec)
             .await
             .map(Response::new)
-            .map_err(place_status)
+            .map_err(|e| place_status(spelled_for(e, file_format)))
     }
 
     async fn remove_tenant(

@@ -16,7 +16,7 @@ use berth_shared::spec::{EgressFile, TenantSpecFile};
 use serde::Deserialize;
 use tonic::{Code, Status};
 
-use crate::api::operator::place_status;
+use crate::api::operator::{place_status, spelled_for};
 use crate::api::views::{DrainView, HostView, PlacementView, RemovalView, RestartView, TenantView};
 use crate::core::{Access, Coordinator};
 use crate::drain::DrainOptions;
@@ -171,7 +171,10 @@ async fn place(
     let spec = file
         .to_proto()
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
-    let placement = c.place(spec).await.map_err(place_status)?;
+    let placement = c
+        .place(spec)
+        .await
+        .map_err(|e| place_status(spelled_for(e, true)))?;
     Ok((StatusCode::OK, Json(PlacementView::from(&placement))))
 }
 

@@ -266,10 +266,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Place { spec } => {
             let spec = read_spec(&spec)?;
-            let placement = client
-                .place_tenant(proto::PlaceTenantRequest { spec: Some(spec) })
-                .await?
-                .into_inner();
+            let mut request = tonic::Request::new(proto::PlaceTenantRequest { spec: Some(spec) });
+            request.metadata_mut().insert(
+                berth_shared::spec::SPEC_FORMAT_HEADER,
+                tonic::metadata::MetadataValue::from_static("file"),
+            );
+            let placement = client.place_tenant(request).await?.into_inner();
             print_placement(cli.json, &placement, |v| {
                 format!(
                     "placed {} on {} (generation {}, {})",
