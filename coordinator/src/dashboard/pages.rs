@@ -17,6 +17,7 @@ th{font-weight:600;background:#eef0f3}td.n,th.n{text-align:right}\
 .cards{display:flex;gap:10px;flex-wrap:wrap}.card{background:#fff;padding:8px 12px;border:1px solid #e3e6eb;min-width:130px}\
 .card b{display:block;font-size:20px}\
 svg.bar{background:#d9f0dd;width:100px;height:10px}svg.bar rect{height:10px}\
+td.msg{white-space:normal;min-width:12em;max-width:32em;overflow-wrap:anywhere}\
 #hosts td:nth-child(n+4),#hosts th:nth-child(n+4){text-align:right}.u{fill:#2f6fd1}.c{fill:#9cbcf0}.r{fill:#b9bec7}\
 .down td{color:#a11}tr.down td:nth-child(3),tr.cordoned td:nth-child(3),tr.draining td:nth-child(3){font-weight:700}\
 tr.cordoned td:nth-child(3){color:#a60}tr.draining td:nth-child(3){color:#74c}\
@@ -238,7 +239,7 @@ pub fn host(h: &HostRow, tenants: &[TenantView], drain: Option<&DrainView>) -> M
                                 td.n { (m.bytes_total.div_ceil(1 << 20)) }
                                 td.n { (format!("{:.1}", m.bytes_after_stop as f64 / f64::from(1 << 20))) }
                                 td.n { @if m.eta_ms > 0 { (m.eta_ms.div_ceil(1000)) } @else { "–" } }
-                                td { small { (m.error) } }
+                                td.msg { small { (m.error) } }
                             }
                         }
                     }
@@ -252,13 +253,14 @@ pub fn host(h: &HostRow, tenants: &[TenantView], drain: Option<&DrainView>) -> M
                             td { (t.tenant_id) }
                             td { (t.state) }
                             td { (t.tier) }
-                            td { (ram_bar(t.memory_cap_bytes, 0, t.memory_cap_bytes, t.memory_used_bytes)) }
+                            // Used against its cap: a tenant commits nothing beyond what it uses.
+                            td { (ram_bar(t.memory_cap_bytes, 0, 0, t.memory_used_bytes)) }
                             td.n { (t.memory_used_bytes >> 20) " / " (t.memory_cap_bytes >> 20) }
                             td.n { (t.oom_kills) }
                             td { (t.last_restart.as_deref().unwrap_or("–")) }
                             td { (t.next_restart.as_deref().unwrap_or("–")) }
                             td.n { (t.egress_denied_packets) }
-                            td { small { (t.message) @if !t.restart_note.is_empty() { " " (t.restart_note) } } }
+                            td.msg { small { (t.message) @if !t.restart_note.is_empty() { " " (t.restart_note) } } }
                         }
                     }
                 }

@@ -179,8 +179,10 @@ fn a_host_page_lists_its_tenants_with_their_figures() {
     assert_eq!(html.matches("<tr><td>tenant-").count(), tenants.len());
     for t in tenants {
         let v = TenantView::from(&t);
+        // The bar is its use against its cap (nothing committed beyond use).
         let row = format!(
-            "<td class=\"n\">{} / {}</td><td class=\"n\">{}</td><td>{}</td><td>{}</td><td class=\"n\">{}</td>",
+            "<td>{}</td><td class=\"n\">{} / {}</td><td class=\"n\">{}</td><td>{}</td><td>{}</td><td class=\"n\">{}</td>",
+            super::pages::ram_bar(v.memory_cap_bytes, 0, 0, v.memory_used_bytes).into_string(),
             v.memory_used_bytes >> 20,
             v.memory_cap_bytes >> 20,
             v.oom_kills,
@@ -194,6 +196,17 @@ fn a_host_page_lists_its_tenants_with_their_figures() {
     assert_eq!(
         host_page(&c, &HostId::new("nosuch").unwrap()).unwrap(),
         None
+    );
+    // Messages wrap in their column instead of widening the table.
+    assert!(html.contains("<td class=\"msg\">"));
+}
+
+#[test]
+fn a_tenants_bar_shows_its_use_against_its_cap_and_is_empty_at_zero_use() {
+    assert_eq!(
+        super::pages::ram_bar(512 << 20, 0, 0, 0).into_string(),
+        r#"<svg class="bar"></svg>"#,
+        "nothing used: all free"
     );
 }
 
