@@ -319,7 +319,7 @@ impl Reconciler {
                 .await
             {
                 Ok(()) => return Ok(subnet),
-                Err(e) if e.0.contains("overlaps") => last_error = e.to_string(),
+                Err(e @ RuntimeError::SubnetOverlaps(_)) => last_error = e.to_string(),
                 Err(e) => return Err(e.to_string()),
             }
         }
@@ -394,7 +394,8 @@ impl Reconciler {
             self.runtime.pull(&spec.image).await.map_err(|e| {
                 format!(
                     "image {} is not present and cannot be pulled: {}",
-                    spec.image, e.0
+                    spec.image,
+                    e.message()
                 )
             })?;
         }
@@ -444,12 +445,7 @@ impl Reconciler {
                     tracing::info!(tenant = %spec.tenant_id, port, "tenant container started");
                     return Ok(report);
                 }
-                Err(e)
-                    if e.0.contains("port is already allocated")
-                        || e.0.contains("address already in use") =>
-                {
-                    last_error = e.to_string()
-                }
+                Err(e @ RuntimeError::PortTaken(_)) => last_error = e.to_string(),
                 Err(e) => return Err(e.to_string().into()),
             }
         }
@@ -611,7 +607,7 @@ impl Reconciler {
         let generation = desired.generation;
         let actual = match self.runtime.list(&self.host).await {
             Ok(a) => a,
-            Err(RuntimeError(e)) => {
+            Err(e) => {
                 return desired
                     .tenants
                     .iter()
@@ -620,7 +616,7 @@ impl Reconciler {
                             &t.tenant_id,
                             generation,
                             proto::TenantState::Failed,
-                            format!("docker: {e}"),
+                            e.to_string(),
                         )
                     })
                     .collect();
@@ -750,7 +746,7 @@ impl Reconciler {
                             Ok(_) => match self.runtime.start(&c.id).await {
                                 // While it was stopped another container took its port: a new
                                 // container on a fresh port (the network stays).
-                                Err(e) if e.0.contains("port is already allocated") => {
+                                Err(RuntimeError::PortTaken(_)) => {
                                     tracing::info!(%tenant, port = c.port, "port taken while stopped: recreating on another port");
                                     match self.runtime.remove(&c.id).await {
                                         Ok(()) => self.create(spec, generation, &networks).await,

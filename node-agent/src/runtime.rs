@@ -25,13 +25,47 @@ use crate::runtime::container_spec::{
     LABEL_GENERATION, LABEL_HOST, LABEL_PORT, LABEL_SPEC, LABEL_TENANT,
 };
 
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("docker: {0}")]
-pub struct RuntimeError(pub String);
+/// What the engine refused, classified once where its answer arrives, so the reconciler acts
+/// on the kind of failure and never reads Docker's wording.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuntimeError {
+    /// A host port the container publishes is taken (by another container or a process).
+    #[error("docker: {0}")]
+    PortTaken(String),
+    /// A new network's address range overlaps a network that exists.
+    #[error("docker: {0}")]
+    SubnetOverlaps(String),
+    /// Anything else, as the engine said it.
+    #[error("docker: {0}")]
+    Other(String),
+}
+
+impl RuntimeError {
+    /// The kind of failure an engine message says (Docker gives these as status 500 with a
+    /// message, no code of their own).
+    pub fn classify(message: String) -> Self {
+        if message.contains("port is already allocated")
+            || message.contains("address already in use")
+        {
+            Self::PortTaken(message)
+        } else if message.contains("overlaps") {
+            Self::SubnetOverlaps(message)
+        } else {
+            Self::Other(message)
+        }
+    }
+
+    /// The engine's own words.
+    pub fn message(&self) -> &str {
+        match self {
+            Self::PortTaken(m) | Self::SubnetOverlaps(m) | Self::Other(m) => m,
+        }
+    }
+}
 
 impl From<bollard::errors::Error> for RuntimeError {
     fn from(e: bollard::errors::Error) -> Self {
-        Self(e.to_string())
+        Self::classify(e.to_string())
     }
 }
 
@@ -158,7 +192,7 @@ impl DockerRuntime {
                 on_oom(&tenant);
             }
         }
-        Err(RuntimeError("the event stream ended".into()))
+        Err(RuntimeError::Other("the event stream ended".into()))
     }
 }
 
@@ -217,7 +251,7 @@ impl ContainerRuntime for DockerRuntime {
         tokio::time::timeout(PULL_TIMEOUT, pull)
             .await
             .map_err(|_| {
-                RuntimeError(format!("pulling {image} took longer than {PULL_TIMEOUT:?}"))
+                RuntimeError::Other(format!("pulling {image} took longer than {PULL_TIMEOUT:?}"))
             })?
     }
 
@@ -354,7 +388,7 @@ impl ContainerRuntime for DockerRuntime {
         let stopped = async {
             stopping
                 .await
-                .map_err(|e| RuntimeError(format!("stopping: {e}")))?
+                .map_err(|e| RuntimeError::Other(format!("stopping: {e}")))?
         };
         match exit {
             Some(exit) => tokio::select! {
@@ -522,5 +556,34 @@ mod tests {
         );
         assert_eq!(started("0001-01-01T00:00:00Z"), None);
         assert_eq!(started(""), None);
+    }
+
+    #[test]
+    fn engine_refusals_are_classified_once_by_kind() {
+        for (message, kind) in [
+            (
+                "Bind for 127.0.0.1:20001 failed: port is already allocated",
+                "port",
+            ),
+            (
+                "driver failed programming external connectivity: listen tcp4 127.0.0.1:20002: bind: address already in use",
+                "port",
+            ),
+            (
+                "Pool overlaps with other one on this address space",
+                "subnet",
+            ),
+            ("No such image: ghcr.io/openclaw/gateway:9", "other"),
+        ] {
+            let e = super::RuntimeError::classify(message.to_string());
+            let got = match &e {
+                super::RuntimeError::PortTaken(_) => "port",
+                super::RuntimeError::SubnetOverlaps(_) => "subnet",
+                super::RuntimeError::Other(_) => "other",
+            };
+            assert_eq!(got, kind, "{message}");
+            assert_eq!(e.message(), message);
+            assert_eq!(e.to_string(), format!("docker: {message}"));
+        }
     }
 }

@@ -79,7 +79,7 @@ impl ContainerRuntime for FakeRuntime {
     }
     async fn pull(&self, image: &str) -> Result<(), RuntimeError> {
         self.record(format!("pull {image}"));
-        Err(RuntimeError("connection refused".into()))
+        Err(RuntimeError::Other("connection refused".into()))
     }
     /// As Docker's: other containers' ports and every berth container's, in any state.
     async fn published_ports(&self) -> Result<Vec<u16>, RuntimeError> {
@@ -142,7 +142,7 @@ impl ContainerRuntime for FakeRuntime {
         self.record(format!("start {}", &id[60..]));
         self.held_while_starting(id).await;
         if *self.port_taken.lock().unwrap() {
-            return Err(RuntimeError(
+            return Err(RuntimeError::PortTaken(
                 "Bind for 127.0.0.1:20000 failed: port is already allocated".into(),
             ));
         }
@@ -167,7 +167,7 @@ impl ContainerRuntime for FakeRuntime {
             tokio::time::sleep(t).await;
         }
         if let Some(e) = self.remove_error.lock().unwrap().clone() {
-            return Err(RuntimeError(e));
+            return Err(RuntimeError::Other(e));
         }
         self.containers.lock().unwrap().retain(|c| c.id != id);
         Ok(())
@@ -175,7 +175,7 @@ impl ContainerRuntime for FakeRuntime {
     async fn restart(&self, id: &str) -> Result<(), RuntimeError> {
         self.record(format!("restart {}", &id[60..]));
         match self.restart_error.lock().unwrap().clone() {
-            Some(e) => Err(RuntimeError(e)),
+            Some(e) => Err(RuntimeError::Other(e)),
             None => Ok(()),
         }
     }
