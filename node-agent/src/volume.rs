@@ -172,20 +172,25 @@ impl SystemMounter {
 /// ext4's superblock magic, 0xEF53 little-endian at byte 1080 of the device.
 const EXT4_MAGIC_AT: u64 = 1080;
 
+/// Whether `device` (a block device or an image file) holds ext4: its superblock magic.
+pub fn holds_ext4(device: &Path) -> Result<bool, VolumeError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(device).map_err(|e| io(device, e))?;
+    let mut magic = [0u8; 2];
+    match f
+        .seek(SeekFrom::Start(EXT4_MAGIC_AT))
+        .and_then(|_| f.read_exact(&mut magic))
+    {
+        Ok(()) => Ok(magic == [0x53, 0xEF]),
+        // Shorter than a superblock: no filesystem.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(io(device, e)),
+    }
+}
+
 impl Mounter for SystemMounter {
     fn has_filesystem(&self, device: &Path) -> Result<bool, VolumeError> {
-        use std::io::{Read, Seek, SeekFrom};
-        let mut f = std::fs::File::open(device).map_err(|e| io(device, e))?;
-        let mut magic = [0u8; 2];
-        match f
-            .seek(SeekFrom::Start(EXT4_MAGIC_AT))
-            .and_then(|_| f.read_exact(&mut magic))
-        {
-            Ok(()) => Ok(magic == [0x53, 0xEF]),
-            // Shorter than a superblock: no filesystem.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
-            Err(e) => Err(io(device, e)),
-        }
+        holds_ext4(device)
     }
 
     fn make_filesystem(

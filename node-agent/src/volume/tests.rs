@@ -79,7 +79,7 @@ impl Mounter for Fake {
     fn has_filesystem(&self, device: &Path) -> Result<bool, VolumeError> {
         self.log(format!("hasFs {}", name(device)));
         if device.is_file() {
-            return SystemMounter::for_engine(Path::new("/nonexistent")).has_filesystem(device);
+            return holds_ext4(device);
         }
         Ok(self.filesystems.lock().unwrap().contains(device))
     }
@@ -112,7 +112,7 @@ impl Mounter for Fake {
                 .write(true)
                 .open(device)
                 .unwrap();
-            file.write_all_at(&[0x53, 0xEF], 1080).unwrap();
+            file.write_all_at(&[0x53, 0xEF], EXT4_MAGIC_AT).unwrap();
         } else {
             self.filesystems
                 .lock()
