@@ -1,8 +1,7 @@
 //! The coordinator's shared state and the operations that span registry, CA and sessions
 //! (revocation must update all three).
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use berth_shared::clock::Clock;
@@ -12,13 +11,13 @@ use berth_shared::proto;
 use berth_shared::store::Store;
 use berth_shared::tls::SerialDenyList;
 use berth_shared::transport::PeerInfo;
-use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
 use crate::config::CoordinatorConfig;
 use crate::keys::{KeyError, KeyVault};
 use crate::placement::{PlaceError, PlacementPolicy, Placements, host_info};
 use crate::registry::{HostRecord, HostState, Registry, RegistryError, Scope};
+use crate::sessions::AgentLink;
 
 /// How long a requested restart may take, waiting for a place and the health gate included
 /// (the agent's default health timeout is 5 minutes).
@@ -47,7 +46,8 @@ pub struct Coordinator {
     pub registry: Registry,
     pub ca: CertificateAuthority,
     pub denied: Arc<SerialDenyList>,
-    pub sessions: SessionHub,
+    /// The link to the agents: commands to them, and whether they are connected.
+    pub agents: Arc<dyn AgentLink>,
     pub placements: Placements,
     /// The bound agent port, told to enrolling agents.
     pub agent_port: u16,
@@ -97,6 +97,7 @@ impl Coordinator {
         clock: Arc<dyn Clock>,
         ca: CertificateAuthority,
         keys: KeyVault,
+        agents: Arc<dyn AgentLink>,
         agent_port: u16,
     ) -> Result<Self, OpenError> {
         let registry = Registry::new(store.clone(), clock);
@@ -116,7 +117,7 @@ impl Coordinator {
             registry,
             ca,
             denied,
-            sessions: SessionHub::default(),
+            agents,
             placements,
             agent_port,
             metrics: crate::metrics::Metrics::default(),
@@ -147,14 +148,12 @@ impl Coordinator {
                 self.denied.insert(serial.clone());
             }
         }
-        let closed = self
-            .sessions
-            .close_serials(serials, || Status::unauthenticated("certificate revoked"));
+        let closed = self.agents.close_revoked(serials);
         for host in closed {
             tracing::warn!(%host, "closed the session of a revoked certificate");
         }
         // Every agent's transfer port refuses them too.
-        self.sessions
+        self.agents
             .broadcast(proto::coordinator_message::Body::Revoked(
                 proto::RevokedSerials {
                     serials: serials.to_vec(),
@@ -279,7 +278,7 @@ impl Coordinator {
             .wait_for_report(deadline, RECHECK, || {
                 if self.placements.delivered(host, generation) {
                     Some(Ok(()))
-                } else if !self.sessions.is_connected(host) {
+                } else if !self.agents.is_connected(host) {
                     Some(Err("the host is not connected".to_string()))
                 } else {
                     None
@@ -305,10 +304,10 @@ impl Coordinator {
             reason,
         };
         let result = self
-            .sessions
+            .agents
             .volume(host, purge_command(tenant), PURGE_WAIT)
             .await
-            .map_err(|status| incomplete(status.message().to_string()))?;
+            .map_err(|e| incomplete(e.to_string()))?;
         if !result.ok {
             return Err(incomplete(format!("the agent: {}", result.error)));
         }
@@ -360,7 +359,16 @@ impl Coordinator {
             .ok_or_else(|| Status::not_found(format!("unknown tenant {:?}", tenant.as_str())))?;
         let host = HostId::new(&placement.host_id)
             .map_err(|e| Status::internal(format!("stored placement: {e}")))?;
-        let result = self.sessions.restart(&host, tenant, RESTART_WAIT).await?;
+        let result = self
+            .agents
+            .restart(&host, tenant, RESTART_WAIT)
+            .await
+            .map_err(|e| match e {
+                crate::sessions::LinkError::NoAnswer { .. } => {
+                    Status::deadline_exceeded(e.to_string())
+                }
+                _ => Status::unavailable(e.to_string()),
+            })?;
         if !result.ok {
             return Err(Status::failed_precondition(format!(
                 "restart of {} on {}: {}",
@@ -582,308 +590,20 @@ pub struct AuthenticatedHost {
     pub not_after_unix_ms: i64,
 }
 
-#[derive(Debug)]
-struct SessionEntry {
-    id: u64,
-    serial: String,
-    close: oneshot::Sender<Status>,
-    outbound: SessionSender,
-    /// Where other agents push volumes to this host (from its hello).
-    transfer_address: Option<std::net::SocketAddr>,
-}
-
-/// What a session sends its agent.
-pub type SessionSender = mpsc::Sender<Result<proto::CoordinatorMessage, Status>>;
-
-/// An agent's answer to a command of the coordinator.
-#[derive(Debug, Clone, PartialEq)]
-pub enum AgentReply {
-    Restart(proto::RestartResult),
-    Volume(proto::VolumeResult),
-}
-
-impl AgentReply {
-    pub fn request_id(&self) -> u64 {
-        match self {
-            AgentReply::Restart(r) => r.request_id,
-            AgentReply::Volume(r) => r.request_id,
-        }
-    }
-}
-
-/// The open agent sessions: at most one per host. A newer session supersedes an older one.
-/// Also the commands sent to agents and not answered yet.
-#[derive(Debug, Default)]
-pub struct SessionHub {
-    next_id: AtomicU64,
-    sessions: Mutex<HashMap<HostId, SessionEntry>>,
-    next_request: AtomicU64,
-    pending: Mutex<HashMap<u64, (HostId, oneshot::Sender<AgentReply>)>>,
-}
-
-/// Forgets a pending command when its caller stops waiting, however that happens.
-struct PendingCommand<'a> {
-    hub: &'a SessionHub,
-    request_id: u64,
-}
-
-impl Drop for PendingCommand<'_> {
-    fn drop(&mut self) {
-        self.hub
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.request_id);
-    }
-}
-
-/// The receiving side of a session's forced close.
-pub type CloseSignal = oneshot::Receiver<Status>;
-
-impl SessionHub {
-    /// Registers a session; returns its id and the signal that closes it.
-    pub fn register(
-        &self,
-        host: &HostId,
-        serial: &str,
-        outbound: SessionSender,
-        transfer_address: Option<std::net::SocketAddr>,
-    ) -> (u64, CloseSignal) {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (close, signal) = oneshot::channel();
-        let entry = SessionEntry {
-            id,
-            serial: serial.to_string(),
-            close,
-            outbound,
-            transfer_address,
-        };
-        let previous = self
-            .sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(host.clone(), entry);
-        if let Some(old) = previous {
-            let _ = old.close.send(Status::aborted(
-                "superseded by a newer session of the same host",
-            ));
-        }
-        (id, signal)
-    }
-
-    /// Removes a session if it is still the registered one.
-    pub fn unregister(&self, host: &HostId, id: u64) {
-        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        if sessions.get(host).is_some_and(|e| e.id == id) {
-            sessions.remove(host);
-        }
-    }
-
-    /// Closes the sessions authenticated by any of `serials`; returns their hosts.
-    pub fn close_serials(&self, serials: &[String], status: impl Fn() -> Status) -> Vec<HostId> {
-        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        let hosts: Vec<HostId> = sessions
-            .iter()
-            .filter(|(_, e)| serials.contains(&e.serial))
-            .map(|(h, _)| h.clone())
-            .collect();
-        for host in &hosts {
-            if let Some(entry) = sessions.remove(host) {
-                let _ = entry.close.send(status());
-            }
-        }
-        hosts
-    }
-
-    /// Asks `host`'s agent to restart `tenant` now and waits up to `wait` for the result.
-    pub async fn restart(
-        &self,
-        host: &HostId,
-        tenant: &TenantId,
-        wait: std::time::Duration,
-    ) -> Result<proto::RestartResult, Status> {
-        let command = |request_id| {
-            proto::coordinator_message::Body::Restart(proto::RestartCommand {
-                tenant_id: tenant.to_string(),
-                request_id,
-            })
-        };
-        match self.ask(host, "restart", command, wait).await? {
-            AgentReply::Restart(result) => Ok(result),
-            other => Err(mismatched(host, "restart", &other)),
-        }
-    }
-
-    /// Asks `host`'s agent to run a volume command (a fresh request id is filled in) and
-    /// waits up to `wait`.
-    pub async fn volume(
-        &self,
-        host: &HostId,
-        command: proto::VolumeCommand,
-        wait: std::time::Duration,
-    ) -> Result<proto::VolumeResult, Status> {
-        let command = |request_id| {
-            proto::coordinator_message::Body::Volume(proto::VolumeCommand {
-                request_id,
-                ..command
-            })
-        };
-        match self.ask(host, "volume command", command, wait).await? {
-            AgentReply::Volume(result) => Ok(result),
-            other => Err(mismatched(host, "volume command", &other)),
-        }
-    }
-
-    /// Sends `host` the command `body` makes for a fresh request id and waits up to `wait` for
-    /// the answer with that id.
-    async fn ask(
-        &self,
-        host: &HostId,
-        what: &str,
-        body: impl FnOnce(u64) -> proto::coordinator_message::Body,
-        wait: std::time::Duration,
-    ) -> Result<AgentReply, Status> {
-        let outbound = self
-            .sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(host)
-            .map(|e| e.outbound.clone())
-            .ok_or_else(|| {
-                Status::unavailable(format!(
-                    "host {:?} is not connected: the {what} cannot be delivered",
-                    host.as_str()
-                ))
-            })?;
-        // Unique across coordinator restarts too, so a late answer to an old request never
-        // completes a new one.
-        let sequence = self.next_request.fetch_add(1, Ordering::Relaxed) & 0xfffff;
-        let now = berth_shared::clock::Clock::now_unix_ms(&berth_shared::clock::SystemClock);
-        let request_id = ((now as u64) << 20) | sequence;
-        let (tx, rx) = oneshot::channel();
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(request_id, (host.clone(), tx));
-        let _pending = PendingCommand {
-            hub: self,
-            request_id,
-        };
-        let command = proto::CoordinatorMessage {
-            body: Some(body(request_id)),
-        };
-        outbound.send(Ok(command)).await.map_err(|_| {
-            Status::unavailable(format!("host {:?}: session closed", host.as_str()))
-        })?;
-        match tokio::time::timeout(wait, rx).await {
-            Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(_)) => Err(Status::unavailable(format!(
-                "host {:?}: the {what} result was lost",
-                host.as_str()
-            ))),
-            Err(_) => Err(Status::deadline_exceeded(format!(
-                "host {:?} did not answer within {wait:?}; the {what} may still finish: see berthctl tenants",
-                host.as_str()
-            ))),
-        }
-    }
-
-    /// Hands an agent's answer to its waiting caller; an answer to another host's request, or
-    /// to one nobody waits for any more, is dropped (and `false` returned).
-    pub fn complete(&self, host: &HostId, reply: AgentReply) -> bool {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let request_id = reply.request_id();
-        match pending.get(&request_id) {
-            Some((asked, _)) if asked == host => {
-                let (_, tx) = pending
-                    .remove(&request_id)
-                    .unwrap_or_else(|| unreachable!());
-                tx.send(reply).is_ok()
-            }
-            _ => false,
-        }
-    }
-
-    /// Where `host`'s transfer port is, while it is connected and serves one.
-    pub fn transfer_address(&self, host: &HostId) -> Option<std::net::SocketAddr> {
-        self.sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(host)
-            .and_then(|e| e.transfer_address)
-    }
-
-    /// Sends `body` to every connected agent, without waiting (a host that is not connected
-    /// hears the whole of what concerns it at its next session).
-    pub fn broadcast(&self, body: proto::coordinator_message::Body) {
-        let outbound: Vec<SessionSender> = self
-            .sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .map(|e| e.outbound.clone())
-            .collect();
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        for tx in outbound {
-            let message = proto::CoordinatorMessage {
-                body: Some(body.clone()),
-            };
-            runtime.spawn(async move {
-                let _ = tx.send(Ok(message)).await;
-            });
-        }
-    }
-
-    /// Tells `host` to stop transfer `transfer_id`, without waiting (its agent does not answer;
-    /// a host that is not connected has cancelled its transfers already).
-    pub fn cancel_transfer(&self, host: &HostId, transfer_id: u64) {
-        let Some(outbound) = self
-            .sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(host)
-            .map(|e| e.outbound.clone())
-        else {
-            return;
-        };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let command = proto::CoordinatorMessage {
-            body: Some(proto::coordinator_message::Body::Volume(
-                proto::VolumeCommand {
-                    action: proto::VolumeAction::Cancel as i32,
-                    transfer_id,
-                    ..Default::default()
-                },
-            )),
-        };
-        runtime.spawn(async move {
-            let _ = outbound.send(Ok(command)).await;
-        });
-    }
-
-    pub fn is_connected(&self, host: &HostId) -> bool {
-        self.sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(host)
-    }
-}
-
-/// An agent answered a command with the result of another kind.
-fn mismatched(host: &HostId, asked: &str, reply: &AgentReply) -> Status {
-    tracing::warn!(%host, asked, ?reply, "agent answered with the wrong kind of result");
-    Status::internal(format!(
-        "host {:?} answered the {asked} with another kind of result",
-        host.as_str()
-    ))
-}
 #[cfg(test)]
 mod tests {
+    use tokio::sync::mpsc;
+
     use super::*;
+    use crate::sessions::{AgentReply, SessionHub};
+    use crate::testing::seed;
+
+    /// A seeded fleet of three hosts whose agents connect through the returned hub.
+    fn fleet() -> (Arc<Coordinator>, Arc<SessionHub>) {
+        let hub = Arc::new(SessionHub::default());
+        let keyring = crate::keys::keyring::Keyring::in_memory();
+        (seed::seeded_with(keyring, hub.clone(), 3, 0).unwrap(), hub)
+    }
 
     /// A gateway tenant of `tier`, its volume encrypted or not.
     fn spec(id: &str, encrypted: bool, tier: &str) -> proto::TenantSpec {
@@ -902,7 +622,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_encrypted_placement_has_its_key_before_the_reply_and_a_refused_one_none() {
-        let c = crate::dashboard::seed::seeded(3, 0).unwrap();
+        let c = seed::seeded(3, 0).unwrap();
         let id = |s: &str| TenantId::new(s).unwrap();
         c.place(spec("sealed", true, "business")).await.unwrap();
         let key = c.keys.get(&id("sealed")).unwrap().expect("a key");
@@ -935,7 +655,7 @@ mod tests {
         // Key writes take a millisecond, so the two placements of a pair overlap.
         let keyring =
             crate::keys::keyring::Keyring::in_memory_slow(std::time::Duration::from_millis(1));
-        let c = crate::dashboard::seed::seeded_with(keyring, 20, 0).unwrap();
+        let c = seed::seeded_with(keyring, Arc::new(SessionHub::default()), 20, 0).unwrap();
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..200 {
             for tier in ["individual", "platinum"] {
@@ -963,6 +683,7 @@ mod tests {
     /// command with `answer` (ok, error).
     async fn answer_purge(
         c: Arc<Coordinator>,
+        hub: Arc<SessionHub>,
         host: HostId,
         mut rx: mpsc::Receiver<Result<proto::CoordinatorMessage, Status>>,
         answer: (bool, &'static str),
@@ -981,7 +702,7 @@ mod tests {
         else {
             panic!("a volume command")
         };
-        c.sessions.complete(
+        hub.complete(
             &host,
             AgentReply::Volume(proto::VolumeResult {
                 tenant_id: command.tenant_id.clone(),
@@ -998,7 +719,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_purge_is_done_only_when_the_host_shredded_the_volume_and_the_key_is_gone() {
-        let c = crate::dashboard::seed::seeded(3, 0).unwrap();
+        let (c, hub) = fleet();
         let id = TenantId::new("sealed").unwrap();
         let placed = c.place(spec("sealed", true, "business")).await.unwrap();
         let host = HostId::new(&placed.host_id).unwrap();
@@ -1015,9 +736,10 @@ mod tests {
         assert_eq!(c.placements.retained(&id), Some(host.clone()));
         // Connected, the agent refuses: still nothing destroyed.
         let (tx, rx) = mpsc::channel(4);
-        c.sessions.register(&host, "s1", tx, None);
+        hub.register(&host, "s1", tx, None);
         let agent = tokio::spawn(answer_purge(
             c.clone(),
+            hub.clone(),
             host.clone(),
             rx,
             (false, "volume: luksErase failed"),
@@ -1035,8 +757,14 @@ mod tests {
         assert!(c.keys.get(&id).unwrap().is_some());
         // The agent shreds it: purged, the key destroyed, the volume forgotten.
         let (tx, rx) = mpsc::channel(4);
-        c.sessions.register(&host, "s2", tx, None);
-        let agent = tokio::spawn(answer_purge(c.clone(), host.clone(), rx, (true, "")));
+        hub.register(&host, "s2", tx, None);
+        let agent = tokio::spawn(answer_purge(
+            c.clone(),
+            hub.clone(),
+            host.clone(),
+            rx,
+            (true, ""),
+        ));
         let removed = c.remove(&id, true).await.unwrap();
         agent.await.unwrap();
         assert_eq!(
@@ -1062,12 +790,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_placed_tenant_is_purged_only_after_its_host_acknowledged_the_removal() {
-        let c = crate::dashboard::seed::seeded(3, 0).unwrap();
+        let (c, hub) = fleet();
         let id = TenantId::new("open").unwrap();
         let placed = c.place(spec("open", false, "business")).await.unwrap();
         let host = HostId::new(&placed.host_id).unwrap();
         let (tx, mut rx) = mpsc::channel(4);
-        c.sessions.register(&host, "s1", tx, None);
+        hub.register(&host, "s1", tx, None);
         let removing = {
             let (c, id) = (c.clone(), id.clone());
             tokio::spawn(async move { c.remove(&id, true).await })
@@ -1075,93 +803,9 @@ mod tests {
         // No command while the removal is unacknowledged.
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         assert!(rx.try_recv().is_err(), "nothing sent before the ack");
-        answer_purge(c.clone(), host.clone(), rx, (true, "")).await;
+        answer_purge(c.clone(), hub.clone(), host.clone(), rx, (true, "")).await;
         let removed = removing.await.unwrap().unwrap();
         assert!(removed.purged && removed.deleted);
         assert!(!removed.key_destroyed, "a plain volume has no key");
-    }
-
-    #[tokio::test]
-    async fn a_restart_goes_to_the_hosts_session_and_only_that_host_answers_it() {
-        let hub = Arc::new(SessionHub::default());
-        let (a, b) = (HostId::new("a").unwrap(), HostId::new("b").unwrap());
-        let tenant = TenantId::new("t1").unwrap();
-        let err = hub
-            .restart(&a, &tenant, std::time::Duration::from_secs(1))
-            .await
-            .unwrap_err();
-        assert_eq!(err.code(), tonic::Code::Unavailable);
-        assert_eq!(
-            err.message(),
-            "host \"a\" is not connected: the restart cannot be delivered"
-        );
-        let (tx, mut rx) = mpsc::channel(4);
-        hub.register(&a, "s1", tx, None);
-        let waiting = {
-            let (hub, a, tenant) = (hub.clone(), a.clone(), tenant.clone());
-            tokio::spawn(async move {
-                hub.restart(&a, &tenant, std::time::Duration::from_secs(30))
-                    .await
-            })
-        };
-        let Some(proto::coordinator_message::Body::Restart(command)) =
-            rx.recv().await.unwrap().unwrap().body
-        else {
-            panic!("a restart command")
-        };
-        assert_eq!(command.tenant_id, "t1");
-        let result = proto::RestartResult {
-            tenant_id: "t1".into(),
-            request_id: command.request_id,
-            ok: true,
-            error: String::new(),
-            downtime_ms: 640,
-        };
-        assert!(
-            !hub.complete(&b, AgentReply::Restart(result.clone())),
-            "another host cannot answer it"
-        );
-        assert!(hub.complete(&a, AgentReply::Restart(result.clone())));
-        assert_eq!(waiting.await.unwrap().unwrap(), result);
-        assert!(
-            !hub.complete(&a, AgentReply::Restart(result)),
-            "answered once"
-        );
-        // Nobody answers: a deadline, and the request is forgotten.
-        let err = hub
-            .restart(&a, &tenant, std::time::Duration::from_millis(50))
-            .await
-            .unwrap_err();
-        assert_eq!(err.code(), tonic::Code::DeadlineExceeded);
-        assert!(hub.pending.lock().unwrap().is_empty());
-    }
-
-    #[test]
-    fn newer_session_supersedes_and_revocation_closes() {
-        let hub = SessionHub::default();
-        let host = HostId::new("a").unwrap();
-        let (first, mut first_signal) = hub.register(&host, "s1", mpsc::channel(1).0, None);
-        let (second, mut second_signal) = hub.register(&host, "s2", mpsc::channel(1).0, None);
-        assert_eq!(
-            first_signal.try_recv().unwrap().code(),
-            tonic::Code::Aborted
-        );
-        hub.unregister(&host, first);
-        assert!(
-            hub.is_connected(&host),
-            "a stale unregister must not remove the newer session"
-        );
-        assert!(
-            hub.close_serials(&["s1".into()], || Status::unauthenticated("x"))
-                .is_empty()
-        );
-        let closed = hub.close_serials(&["s2".into()], || Status::unauthenticated("revoked"));
-        assert_eq!(closed, vec![host.clone()]);
-        assert_eq!(
-            second_signal.try_recv().unwrap().code(),
-            tonic::Code::Unauthenticated
-        );
-        hub.unregister(&host, second);
-        assert!(!hub.is_connected(&host));
     }
 }

@@ -15,6 +15,8 @@
 //! what such a host still holds of them is deleted when it comes back.
 
 pub mod copy;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -30,6 +32,7 @@ use tonic::Status;
 use crate::core::Coordinator;
 use crate::drain::copy::Progress;
 use crate::placement::PlaceError;
+use crate::sessions::{AgentLink, LinkError};
 
 const DRAIN_PREFIX: &str = "drain/";
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30 * 60);
@@ -665,7 +668,7 @@ impl Coordinator {
         let reconnect = tokio::time::Instant::now() + RECONNECT_WAIT;
         while resumed
             && tokio::time::Instant::now() < reconnect
-            && !involved.iter().all(|h| self.sessions.is_connected(h))
+            && !involved.iter().all(|h| self.agents.is_connected(h))
         {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -880,7 +883,7 @@ impl Coordinator {
         // This move's turn at streaming, while it pre-copies and until its copy after the stop.
         let mut stream_turn = None;
         if matches!(phase, MovePhase::Planned | MovePhase::Precopying) {
-            if !self.sessions.is_connected(source) {
+            if !self.agents.is_connected(source) {
                 if !options.force_lost {
                     self.give_back(tenant).await;
                     self.drains.set_move(source, tenant, |m| {
@@ -1006,13 +1009,13 @@ impl Coordinator {
     /// says why it did not.
     async fn shred_copy(&self, host: &HostId, tenant: &TenantId) -> Result<(), String> {
         match self
-            .sessions
+            .agents
             .volume(host, crate::core::purge_command(tenant), RELEASE_WAIT)
             .await
         {
             Ok(r) if r.ok => Ok(()),
             Ok(r) => Err(r.error),
-            Err(s) => Err(s.message().to_string()),
+            Err(e) => Err(e.to_string()),
         }
     }
 
@@ -1095,7 +1098,7 @@ impl Coordinator {
         precopy: bool,
         base: u64,
     ) -> Result<u64, MoveFailure> {
-        let address = self.sessions.transfer_address(target).ok_or_else(|| {
+        let address = self.agents.transfer_address(target).ok_or_else(|| {
             MoveFailure::Failed(format!(
                 "copy: {target} has no transfer port (not connected, or its agent serves none)"
             ))
@@ -1126,27 +1129,27 @@ impl Coordinator {
         // Whatever stops this copy before both ends answered (an abort, the deadline) stops
         // both ends too.
         let mut both = CancelOnDrop {
-            sessions: &self.sessions,
+            agents: self.agents.as_ref(),
             hosts: [source, target],
             transfer_id: transfer.id,
             armed: true,
         };
-        let received = self.sessions.volume(target, import, wait);
-        let sent = self.sessions.volume(source, export, wait);
+        let received = self.agents.volume(target, import, wait);
+        let sent = self.agents.volume(source, export, wait);
         tokio::pin!(received, sent);
-        let done = |r: &Result<proto::VolumeResult, Status>| matches!(r, Ok(r) if r.ok);
+        let done = |r: &Result<proto::VolumeResult, LinkError>| matches!(r, Ok(r) if r.ok);
         // An end that failed leaves the other waiting for a stream that never comes (or
         // goes): it is stopped.
         let (received, sent) = tokio::select! {
             received = &mut received => {
                 if !done(&received) {
-                    self.sessions.cancel_transfer(source, transfer.id);
+                    self.agents.cancel_transfer(source, transfer.id);
                 }
                 (received, sent.await)
             }
             sent = &mut sent => {
                 if !done(&sent) {
-                    self.sessions.cancel_transfer(target, transfer.id);
+                    self.agents.cancel_transfer(target, transfer.id);
                 }
                 (received.await, sent)
             }
@@ -1159,8 +1162,8 @@ impl Coordinator {
             .remove(tenant);
         let failed =
             |host: &HostId, why: &str| MoveFailure::Failed(format!("copy ({host}): {why}"));
-        let sent = sent.map_err(|s| failed(source, s.message()))?;
-        let received = received.map_err(|s| failed(target, s.message()))?;
+        let sent = sent.map_err(|e| failed(source, &e.to_string()))?;
+        let received = received.map_err(|e| failed(target, &e.to_string()))?;
         if !sent.ok {
             return Err(failed(source, &sent.error));
         }
@@ -1303,7 +1306,7 @@ impl Coordinator {
 
 /// Cancels a transfer at both ends when dropped while armed.
 struct CancelOnDrop<'a> {
-    sessions: &'a crate::core::SessionHub,
+    agents: &'a dyn AgentLink,
     hosts: [&'a HostId; 2],
     transfer_id: u64,
     armed: bool,
@@ -1313,7 +1316,7 @@ impl Drop for CancelOnDrop<'_> {
     fn drop(&mut self) {
         if self.armed {
             for host in self.hosts {
-                self.sessions.cancel_transfer(host, self.transfer_id);
+                self.agents.cancel_transfer(host, self.transfer_id);
             }
         }
     }

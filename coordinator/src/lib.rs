@@ -15,3 +15,6 @@ pub mod metrics;
 pub mod placement;
 pub mod registry;
 pub mod server;
+pub mod sessions;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;

@@ -29,6 +29,7 @@ use crate::core::Coordinator;
 use crate::dashboard;
 use crate::keys::KeyVault;
 use crate::keys::keyring::Keyring;
+use crate::sessions::SessionHub;
 
 /// The bound addresses, written to `endpoints.json` for scripts and tests.
 #[derive(Debug, Serialize)]
@@ -135,12 +136,14 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
     let keyring = Keyring::open(&config.keyring_file())?;
     let keys = KeyVault::open(&master_key, keyring, store.as_ref())?;
     let store = move_keys_out_of_store(&config, store, &keys)?;
+    let sessions = Arc::new(SessionHub::default());
     let coordinator = Arc::new(Coordinator::open(
         config.clone(),
         store,
         Arc::new(SystemClock),
         ca,
         keys,
+        sessions.clone(),
         endpoints.agent.port(),
     )?);
     coordinator.resume_drains();
@@ -169,6 +172,7 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
     let agent_router = Routes::new(
         AgentServiceServer::new(agent::AgentApi {
             coordinator: coordinator.clone(),
+            sessions,
         })
         .max_decoding_message_size(SESSION_MESSAGE_BYTES)
         .max_encoding_message_size(SESSION_MESSAGE_BYTES),

@@ -21,8 +21,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::core::{AgentReply, AuthenticatedHost, Coordinator};
+use crate::core::{AuthenticatedHost, Coordinator};
 use crate::registry::CertRecord;
+use crate::sessions::{AgentReply, SessionHub};
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// The least time between two desired-state snapshots to one host: a change after a quiet
@@ -75,6 +76,8 @@ fn transfer_address(
 #[derive(Debug, Clone)]
 pub struct AgentApi {
     pub coordinator: Arc<Coordinator>,
+    /// The sessions: the coordinator's link to agents (`coordinator.agents`) is this hub.
+    pub sessions: Arc<SessionHub>,
 }
 
 fn registry_status(e: crate::registry::RegistryError) -> Status {
@@ -95,7 +98,7 @@ impl AgentApi {
 
     fn complete(&self, auth: &AuthenticatedHost, reply: AgentReply) {
         let request = reply.request_id();
-        if !self.coordinator.sessions.complete(&auth.host_id, reply) {
+        if !self.sessions.complete(&auth.host_id, reply) {
             tracing::warn!(host = %auth.host_id, request, "a result nobody waits for");
         }
     }
@@ -209,12 +212,9 @@ impl AgentService for AgentApi {
             .await
             .map_err(|_| Status::cancelled("agent went away"))?;
 
-        let (session_id, mut close) = self.coordinator.sessions.register(
-            &auth.host_id,
-            &auth.serial,
-            tx.clone(),
-            transfer_address,
-        );
+        let (session_id, mut close) =
+            self.sessions
+                .register(&auth.host_id, &auth.serial, tx.clone(), transfer_address);
         // The revoked serials, for its transfer port; a revocation from now on reaches it one by
         // one as well (taken after the registration, so none falls between the two).
         let revoked = CoordinatorMessage {
@@ -302,9 +302,7 @@ impl AgentService for AgentApi {
                     },
                 }
             }
-            api.coordinator
-                .sessions
-                .unregister(&auth.host_id, session_id);
+            api.sessions.unregister(&auth.host_id, session_id);
             tracing::info!(host = %auth.host_id, "agent session closed");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

@@ -11,7 +11,6 @@
 
 pub mod figures;
 pub mod pages;
-pub mod seed;
 
 use std::collections::HashMap;
 use std::sync::Arc;

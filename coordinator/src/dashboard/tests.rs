@@ -7,6 +7,7 @@ use tower::ServiceExt;
 
 use super::*;
 use crate::dashboard::pages::gib;
+use crate::testing::seed;
 
 /// The fleet as the placements and the registry hold it, summed here independently of the
 /// dashboard: (hosts per state, tenants, committed bytes, used bytes) and per host

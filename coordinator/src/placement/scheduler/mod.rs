@@ -11,7 +11,6 @@
 
 pub mod explain;
 pub mod offline;
-pub mod synthetic;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 

@@ -8,7 +8,7 @@ use berth_shared::spec::Constraints;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{HostInfo, Request, Scheduler, Strategy, Vec3};
+use crate::placement::scheduler::{HostInfo, Request, Scheduler, Strategy, Vec3};
 
 const GIB: u64 = 1 << 30;
 const REGIONS: [(Provider, &str); 5] = [

@@ -1,4 +1,4 @@
-//! A seeded fleet in memory for the dashboard's tests, benchmark and screenshots: the real
+//! A seeded fleet in memory for tests, the dashboard's benchmark and screenshots: the real
 //! registry and placement code over a [`MemStore`], hosts registered through enrollment tokens
 //! and reporting facts, tenants placed by the scheduler and reported by "their agents".
 //! Deterministic: the same sizes give the same fleet.
@@ -17,6 +17,7 @@ use crate::config::CoordinatorConfig;
 use crate::core::Coordinator;
 use crate::keys::MasterKey;
 use crate::registry::{CertRecord, HostRecord};
+use crate::sessions::{AgentLink, SessionHub};
 
 /// Seeding failed (a bug in the seed, or in what it exercises).
 #[derive(Debug, thiserror::Error)]
@@ -65,81 +66,123 @@ fn mix(i: u64) -> u64 {
 
 /// A coordinator holding `hosts` hosts and up to `tenants` tenants (fewer when they do not
 /// fit): every 25th host cordoned, every 40th down (it stopped reporting), tenants using
-/// 20–95 % of their caps, a few with OOM kills and egress denials.
+/// 20–95 % of their caps, a few with OOM kills and egress denials. No agent is connected.
 pub fn seeded(hosts: usize, tenants: usize) -> Result<Arc<Coordinator>, SeedError> {
-    seeded_with(crate::keys::keyring::Keyring::in_memory(), hosts, tenants)
+    seeded_with(
+        crate::keys::keyring::Keyring::in_memory(),
+        Arc::new(SessionHub::default()),
+        hosts,
+        tenants,
+    )
 }
 
-/// [`seeded`] with its volume keys in `keyring`.
+/// A coordinator over `store` with the default configuration, its clock at `clock`, its
+/// volume keys in `keyring`, talking to its agents over `agents`.
+pub fn open(
+    store: Arc<MemStore>,
+    clock: Arc<ManualClock>,
+    keyring: crate::keys::keyring::Keyring,
+    agents: Arc<dyn AgentLink>,
+) -> Result<Coordinator, SeedError> {
+    Coordinator::open(
+        CoordinatorConfig::default(),
+        store,
+        clock,
+        CertificateAuthority::generate("seed").map_err(err)?,
+        crate::keys::KeyVault::new(MasterKey::generate().map_err(err)?, keyring),
+        agents,
+        0,
+    )
+    .map_err(err)
+}
+
+/// The facts of a host of `gib` GiB and `cpus` CPUs (2 GiB of it reserved for the system).
+pub fn facts(id: &HostId, provider: Provider, region: &str, gib: u64, cpus: u32) -> HostFacts {
+    let total = gib << 30;
+    HostFacts {
+        provider,
+        region: region.into(),
+        instance_type: String::new(),
+        labels: Default::default(),
+        memory_total_bytes: total,
+        memory_available_bytes: total / 2,
+        cpu_count: cpus,
+        disk_total_bytes: 500 << 30,
+        disk_available_bytes: 400 << 30,
+        memory_reserved_bytes: 2 << 30,
+        monthly_cost_cents: 0,
+        currency: "EUR".into(),
+        capabilities: Capabilities {
+            cgroup: Some(CgroupVersion::V2),
+            dm_crypt: true,
+            nftables: true,
+            nft_version: "1.0.6".into(),
+            docker_version: "20.10.24".into(),
+        },
+        hostname: id.to_string(),
+        kernel_version: "6.1.0-27-amd64".into(),
+        os_version: "Debian GNU/Linux 12".into(),
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+    }
+}
+
+/// Registers host `id` as enrollment does (a one-time token, certificate `serial`) and records
+/// its hello with `facts`.
+pub fn enroll(
+    c: &Coordinator,
+    id: &HostId,
+    serial: &str,
+    facts: HostFacts,
+) -> Result<(), SeedError> {
+    let (token, _) = c
+        .registry
+        .create_enrollment_token(id, Duration::from_secs(60))
+        .map_err(err)?;
+    c.registry
+        .redeem_enrollment_token(&token, |_| {
+            Ok::<_, crate::registry::RegistryError>((
+                (),
+                CertRecord {
+                    serial: serial.into(),
+                    subject: id.to_string(),
+                    issued_unix_ms: SEED_TIME_MS,
+                    not_after_unix_ms: SEED_TIME_MS + 86_400_000,
+                },
+            ))
+        })
+        .map_err(err)?;
+    c.registry
+        .record_hello(id, facts, |h: &HostRecord| c.sync_host(h))
+        .map_err(err)?;
+    Ok(())
+}
+
+/// [`seeded`] with its volume keys in `keyring` and its agents behind `agents`.
 pub fn seeded_with(
     keyring: crate::keys::keyring::Keyring,
+    agents: Arc<dyn AgentLink>,
     hosts: usize,
     tenants: usize,
 ) -> Result<Arc<Coordinator>, SeedError> {
     let store = Arc::new(MemStore::default());
     let clock = Arc::new(ManualClock::at(SEED_TIME_MS));
-    let config = CoordinatorConfig::default();
-    let c = Coordinator::open(
-        config,
-        store,
-        clock.clone(),
-        CertificateAuthority::generate("seed").map_err(err)?,
-        crate::keys::KeyVault::new(MasterKey::generate().map_err(err)?, keyring),
-        0,
-    )
-    .map_err(err)?;
+    let c = open(store, clock.clone(), keyring, agents)?;
     let mut ids = Vec::with_capacity(hosts);
     for i in 0..hosts {
         let (provider, region, instance_type, gib, cpus, cost, currency) =
             HOST_TYPES[(mix(i as u64) % HOST_TYPES.len() as u64) as usize];
         let id = HostId::new(format!("{}-{region}-{i:03}", provider.as_str())).map_err(err)?;
-        let (token, _) = c
-            .registry
-            .create_enrollment_token(&id, Duration::from_secs(60))
-            .map_err(err)?;
-        c.registry
-            .redeem_enrollment_token(&token, |_| {
-                Ok::<_, crate::registry::RegistryError>((
-                    (),
-                    CertRecord {
-                        serial: format!("{i:08x}"),
-                        subject: id.to_string(),
-                        issued_unix_ms: SEED_TIME_MS,
-                        not_after_unix_ms: SEED_TIME_MS + 86_400_000,
-                    },
-                ))
-            })
-            .map_err(err)?;
-        let total = gib << 30;
         let facts = HostFacts {
-            provider,
-            region: region.into(),
             instance_type: instance_type.into(),
-            labels: Default::default(),
-            memory_total_bytes: total,
-            memory_available_bytes: total / 2,
-            cpu_count: cpus,
-            disk_total_bytes: 500 << 30,
-            disk_available_bytes: 400 << 30,
-            memory_reserved_bytes: 2 << 30,
             monthly_cost_cents: cost,
             currency: currency.into(),
-            capabilities: Capabilities {
-                cgroup: Some(CgroupVersion::V2),
-                dm_crypt: true,
-                nftables: true,
-                nft_version: "1.0.6".into(),
-                docker_version: "20.10.24".into(),
-            },
-            hostname: id.to_string(),
-            kernel_version: "6.1.0-27-amd64".into(),
-            os_version: "Debian GNU/Linux 12".into(),
-            agent_version: env!("CARGO_PKG_VERSION").into(),
+            ..facts(&id, provider, region, gib, cpus)
         };
-        let publish = |h: &HostRecord| c.sync_host(h);
-        c.registry.record_hello(&id, facts, publish).map_err(err)?;
+        enroll(&c, &id, &format!("{i:08x}"), facts)?;
         if i % 25 == 3 {
-            c.registry.set_cordoned(&id, true, publish).map_err(err)?;
+            c.registry
+                .set_cordoned(&id, true, |h| c.sync_host(h))
+                .map_err(err)?;
         }
         ids.push(id);
     }

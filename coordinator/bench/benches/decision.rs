@@ -1,7 +1,7 @@
 //! One placement decision in a fleet of 10,000 hosts with 200,000 tenants placed.
 //! `cargo bench -p berth-coordinator --bench decision`; `berth-bench decide` reports p99.
 
-use berth_coordinator::placement::scheduler::synthetic;
+use berth_coordinator::testing::synthetic;
 use criterion::{Criterion, criterion_group, criterion_main};
 
 fn decision(c: &mut Criterion) {

@@ -204,7 +204,7 @@ fn pack(
 }
 
 fn decide(hosts: usize, tenants: usize, samples: usize) -> anyhow::Result<()> {
-    use berth_coordinator::placement::scheduler::synthetic;
+    use berth_coordinator::testing::synthetic;
     let started = std::time::Instant::now();
     let (scheduler, mut rng) = synthetic::fleet(hosts, tenants, 7);
     let built = started.elapsed().as_secs_f64();

@@ -5,7 +5,8 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use berth_coordinator::dashboard::{self, seed};
+use berth_coordinator::dashboard;
+use berth_coordinator::testing::seed;
 use serde_json::json;
 
 /// The targets for 500 hosts and 10,000 tenants.

@@ -1,0 +1,606 @@
+//! The drain against agents played in process (`testing::agents`): every path of a move —
+//! plan refusal, reservation, rollback, abort, deadline, resume after a coordinator restart at
+//! each persisted phase, a lost host and its return — with the real coordinator, its real
+//! store and paused time. No root, no Docker, no network.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_shared::clock::ManualClock;
+use berth_shared::ids::{HostId, TenantId};
+use berth_shared::model::Provider;
+use berth_shared::proto;
+use berth_shared::store::MemStore;
+
+use super::*;
+use crate::keys::keyring::Keyring;
+use crate::registry::HostState;
+use crate::testing::agents::{CHANGES_BYTES, Effect, FakeAgents, Step, VOLUME_BYTES};
+use crate::testing::seed;
+
+const GIB: u64 = 1 << 30;
+
+/// A fleet of played hosts around a real coordinator.
+struct Fleet {
+    c: Arc<Coordinator>,
+    agents: Arc<FakeAgents>,
+    hosts: Vec<HostId>,
+}
+
+fn id(s: &str) -> TenantId {
+    TenantId::new(s).unwrap()
+}
+
+fn host(s: &str) -> HostId {
+    HostId::new(s).unwrap()
+}
+
+impl Fleet {
+    /// A coordinator over `store` whose hosts (`name`, GiB) are played by `agents`; the hosts
+    /// are registered unless `store` holds them already.
+    fn open(store: Arc<MemStore>, agents: Arc<FakeAgents>, hosts: &[(&str, u64)]) -> Self {
+        let clock = Arc::new(ManualClock::at(seed::SEED_TIME_MS));
+        let c = Arc::new(
+            seed::open(store, clock, Keyring::in_memory(), agents.clone()).expect("coordinator"),
+        );
+        let hosts: Vec<HostId> = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, (name, gib))| {
+                let h = host(name);
+                if c.registry.host(&h).unwrap().is_none() {
+                    let facts = seed::facts(&h, Provider::Hetzner, "fsn1", *gib, 8);
+                    seed::enroll(&c, &h, &format!("{i:08x}"), facts).unwrap();
+                    c.registry
+                        .record_report(&h, gib * GIB / 2, 400 * GIB, |r| c.sync_host(r))
+                        .unwrap();
+                }
+                agents.connect(&c, &h);
+                h
+            })
+            .collect();
+        Self { c, agents, hosts }
+    }
+
+    fn new(hosts: &[(&str, u64)]) -> Self {
+        Self::open(Arc::default(), FakeAgents::new(), hosts)
+    }
+
+    /// Places `tenants` of `tier` on host `on` (the others cordoned meanwhile) and waits until
+    /// each runs there, healthy.
+    async fn place_on(&self, on: usize, tenants: &[&str], tier: &str, encrypted: bool) {
+        let others: Vec<&HostId> = self
+            .hosts
+            .iter()
+            .filter(|h| **h != self.hosts[on])
+            .collect();
+        for h in &others {
+            self.c
+                .registry
+                .set_cordoned(h, true, |r| self.c.sync_host(r))
+                .unwrap();
+        }
+        for t in tenants {
+            self.c.place(spec(t, tier, encrypted)).await.unwrap();
+        }
+        for h in &others {
+            self.c
+                .registry
+                .set_cordoned(h, false, |r| self.c.sync_host(r))
+                .unwrap();
+        }
+        for t in tenants {
+            self.until(|| self.runs_healthy(&id(t), &self.hosts[on]))
+                .await;
+        }
+    }
+
+    /// Whether `tenant` runs on `on` alone and its coordinator saw it healthy there.
+    fn runs_healthy(&self, tenant: &TenantId, on: &HostId) -> bool {
+        let seen = self.c.placements.tenant(tenant).is_some_and(|t| {
+            t.placement.is_some_and(|p| p.host_id == on.as_str())
+                && t.status.is_some_and(|s| s.healthy)
+        });
+        seen && self.agents.running(tenant) == [on.clone()]
+    }
+
+    /// Waits (in paused time) until `done`; fails the test after ten minutes.
+    async fn until(&self, mut done: impl FnMut() -> bool) {
+        for _ in 0..6000 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("not reached within ten minutes");
+    }
+
+    fn options(&self, source: usize) -> DrainOptions {
+        DrainOptions {
+            host: self.hosts[source].clone(),
+            dry_run: false,
+            deadline: DEFAULT_DEADLINE,
+            max_parallel: DEFAULT_MAX_PARALLEL,
+            force_lost: false,
+            no_precopy: false,
+        }
+    }
+
+    /// Drains and waits for the drain to end.
+    async fn drain(&self, options: DrainOptions) -> proto::DrainStatus {
+        let host = options.host.clone();
+        self.c.drain(options).await.expect("drain starts");
+        self.c.drains.wait_finished(&host).await;
+        self.c.drain_status(&host).unwrap()
+    }
+
+    /// Waits until `tenant`'s move off `source` reached `phase`.
+    async fn until_phase(&self, source: usize, tenant: &str, phase: MovePhase) {
+        let source = self.hosts[source].clone();
+        self.until(|| self.c.drains.phase_of(&source, &id(tenant)) == Some(phase))
+            .await;
+    }
+
+    fn state(&self, h: usize) -> HostState {
+        let record = self.c.registry.host(&self.hosts[h]).unwrap().unwrap();
+        record.state(self.c.registry.now(), self.c.config.down_after)
+    }
+
+    fn placed_on(&self, tenant: &str) -> String {
+        self.c
+            .placements
+            .tenant(&id(tenant))
+            .and_then(|t| t.placement)
+            .map(|p| p.host_id)
+            .unwrap_or_default()
+    }
+}
+
+fn spec(tenant: &str, tier: &str, encrypted: bool) -> proto::TenantSpec {
+    proto::TenantSpec {
+        tenant_id: tenant.into(),
+        image: "ghcr.io/openclaw/gateway:1".into(),
+        tier: tier.into(),
+        volume: Some(proto::VolumeSpec {
+            size_bytes: 0,
+            encrypted,
+            mount_path: String::new(),
+        }),
+        ..Default::default()
+    }
+}
+
+/// Each move as (phase, error), by tenant.
+fn moves(status: &proto::DrainStatus) -> BTreeMap<String, (String, String)> {
+    status
+        .moves
+        .iter()
+        .map(|m| (m.tenant_id.clone(), (m.phase.clone(), m.error.clone())))
+        .collect()
+}
+
+/// A paused runtime of one thread, as `#[tokio::test(start_paused = true)]` makes.
+fn paused_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_moves_every_tenant_with_its_data_and_leaves_the_host_empty_and_cordoned() {
+    let f = Fleet::new(&[("src", 16), ("dst-a", 16), ("dst-b", 16)]);
+    let tenants = ["t1", "t2", "t3", "t4"];
+    f.place_on(0, &tenants, "business", true).await;
+    for (n, t) in tenants.iter().enumerate() {
+        for _ in 0..=n {
+            f.agents.write(&f.hosts[0], &id(t));
+        }
+    }
+    let status = f.drain(f.options(0)).await;
+    assert_eq!(status.phase, "done", "{status:?}");
+    for (n, t) in tenants.iter().enumerate() {
+        let m = status.moves.iter().find(|m| m.tenant_id == *t).unwrap();
+        assert_eq!((m.phase.as_str(), m.error.as_str()), ("done", ""));
+        let target = host(&m.target_host_id);
+        assert_ne!(target, f.hosts[0]);
+        assert_eq!(f.placed_on(t), target.as_str());
+        assert!(f.runs_healthy(&id(t), &target));
+        // The data that arrived is the data that left; only the changes since the pre-copy
+        // travelled while it was down; the source's copy is gone.
+        let arrived = f.agents.volume(&target, &id(t)).unwrap();
+        assert_eq!(arrived.content, n as u64 + 1);
+        assert_eq!(
+            (m.bytes_total, m.bytes_after_stop),
+            (VOLUME_BYTES, CHANGES_BYTES)
+        );
+        assert_eq!(f.agents.volume(&f.hosts[0], &id(t)), None);
+        assert!(!f.agents.holds_precopy(&target, &id(t)));
+    }
+    assert_eq!(f.state(0), HostState::Cordoned);
+    assert!(f.c.placements.tenants(Some(&f.hosts[0])).is_empty());
+    assert_eq!(f.agents.overlaps(), Vec::<String>::new());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_that_cannot_place_every_tenant_is_refused_and_changes_nothing() {
+    // 2 GiB to place on the only other host: two business tenants fit, the third does not.
+    let f = Fleet::new(&[("src", 16), ("small", 4)]);
+    f.place_on(0, &["t1", "t2", "t3"], "business", false).await;
+    let err = f.c.drain(f.options(0)).await.unwrap_err();
+    assert!(matches!(err, DrainError::Refused { .. }), "{err}");
+    let message = err.to_string();
+    assert!(
+        message.starts_with(
+            "cannot drain src: 1 of its tenants cannot move; nothing was changed:\n  t"
+        ),
+        "{message}"
+    );
+    // A dry run plans the same and changes nothing either.
+    let err =
+        f.c.drain(DrainOptions {
+            dry_run: true,
+            ..f.options(0)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.to_string(), message);
+    assert!(matches!(
+        f.c.drain_status(&f.hosts[0]),
+        Err(DrainError::NoDrain(_))
+    ));
+    assert_eq!(f.state(0), HostState::Ready);
+    for t in ["t1", "t2", "t3"] {
+        assert!(f.runs_healthy(&id(t), &f.hosts[0]));
+    }
+    assert!(f.agents.log().is_empty(), "{:?}", f.agents.log());
+    // One host alone has nowhere to move its tenants to.
+    let alone = Fleet::new(&[("only", 16)]);
+    alone.place_on(0, &["t1"], "individual", false).await;
+    let err = alone.c.drain(alone.options(0)).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .ends_with("t1: no other host in the fleet to move to"),
+        "{err}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_planned_moves_capacity_is_reserved_until_the_move_ends() {
+    let f = Fleet::new(&[("src", 16), ("small", 4)]);
+    f.place_on(0, &["t1", "t2"], "business", false).await;
+    // The pre-copies never arrive: both moves stay planned or pre-copying.
+    f.agents
+        .inject(&f.hosts[1], Step::Import { precopy: true }, Effect::Hang);
+    f.c.drain(f.options(0)).await.unwrap();
+    f.until_phase(0, "t1", MovePhase::Precopying).await;
+    // The small host's 2 GiB are the two moves': a new tenant does not fit.
+    let refused = f.c.place(spec("new", "business", false)).await.unwrap_err();
+    assert!(matches!(refused, PlaceError::NoFit(_)), "{refused}");
+    // Aborted, the moves give their capacity back.
+    let status = f.c.abort_drain(&f.hosts[0]).await.unwrap();
+    assert_eq!(status.phase, "aborted");
+    for (phase, error) in moves(&status).values() {
+        assert_eq!(phase, "not_moved");
+        assert!(error.starts_with("the drain was aborted before"), "{error}");
+    }
+    let placed = f.c.place(spec("new", "business", false)).await.unwrap();
+    assert_eq!(placed.host_id, "small");
+}
+
+/// Starts a drain of `src` (one business tenant `t1`, written once) towards `dst` with
+/// `fault` injected, and returns the fleet.
+async fn with_fault(fault_on_source: bool, step: Step, effect: Effect) -> Fleet {
+    let f = Fleet::new(&[("src", 16), ("dst", 16)]);
+    f.place_on(0, &["t1"], "business", false).await;
+    f.agents.write(&f.hosts[0], &id("t1"));
+    let on = if fault_on_source { 0 } else { 1 };
+    f.agents.inject(&f.hosts[on], step, effect);
+    f
+}
+
+/// After a move that did not happen: `t1` runs on the source alone, with its data, and the
+/// target holds nothing of it.
+fn assert_back_on_source(f: &Fleet) {
+    assert!(f.runs_healthy(&id("t1"), &f.hosts[0]));
+    assert_eq!(f.agents.volume(&f.hosts[0], &id("t1")).unwrap().content, 1);
+    assert_eq!(f.agents.volume(&f.hosts[1], &id("t1")), None);
+    assert!(!f.agents.holds_precopy(&f.hosts[1], &id("t1")));
+    assert_eq!(f.agents.overlaps(), Vec::<String>::new());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_pre_copy_only_makes_the_copy_after_the_stop_whole() {
+    let failed = Effect::Fail("export: read error".into());
+    let f = with_fault(true, Step::Export { precopy: true }, failed).await;
+    let status = f.drain(f.options(0)).await;
+    assert_eq!(status.phase, "done");
+    let m = &status.moves[0];
+    assert_eq!(
+        m.bytes_after_stop, VOLUME_BYTES,
+        "the whole volume after the stop"
+    );
+    assert_eq!(f.agents.volume(&f.hosts[1], &id("t1")).unwrap().content, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_source_that_does_not_stop_its_tenant_rolls_the_move_back() {
+    let f = with_fault(true, Step::Ack, Effect::Hang).await;
+    let status = f.drain(f.options(0)).await;
+    assert_eq!(status.phase, "incomplete");
+    let (phase, error) = &moves(&status)["t1"];
+    assert_eq!(phase, "rolled_back");
+    assert!(
+        error.starts_with("stopping on src: the host did not acknowledge generation"),
+        "{error}"
+    );
+    assert_eq!(f.placed_on("t1"), "src");
+    assert_back_on_source(&f);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_copy_that_fails_after_the_stop_rolls_the_move_back_with_the_data() {
+    let failed = Effect::Fail("export: disk read error".into());
+    let f = with_fault(true, Step::Export { precopy: false }, failed).await;
+    let status = f.drain(f.options(0)).await;
+    let (phase, error) = &moves(&status)["t1"];
+    assert_eq!(
+        (status.phase.as_str(), phase.as_str()),
+        ("incomplete", "rolled_back")
+    );
+    assert_eq!(error, "copy (src): export: disk read error");
+    // The copy on top of the pre-copy failed, then the whole one: two tries.
+    let tries = f
+        .agents
+        .log()
+        .iter()
+        .filter(|l| *l == "src VOLUME_ACTION_EXPORT t1 failed")
+        .count();
+    assert_eq!(tries, 2);
+    assert_back_on_source(&f);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tenant_that_never_turns_healthy_on_its_target_goes_back_to_its_source() {
+    let f = with_fault(false, Step::Health, Effect::Hang).await;
+    let status = f.drain(f.options(0)).await;
+    let (phase, error) = &moves(&status)["t1"];
+    assert_eq!(phase, "rolled_back");
+    assert_eq!(
+        error,
+        "not healthy on dst within 120s: running but not healthy "
+    );
+    assert_back_on_source(&f);
+}
+
+/// An abort while `t1`'s move waits at `phase` (held there by `step` hanging): the move ends
+/// as `ended`, `t1` back on its source with its data.
+async fn abort_at(fault_on_source: bool, step: Step, phase: MovePhase, ended: &str) {
+    let f = with_fault(fault_on_source, step, Effect::Hang).await;
+    f.c.drain(f.options(0)).await.unwrap();
+    f.until_phase(0, "t1", phase).await;
+    let status = f.c.abort_drain(&f.hosts[0]).await.unwrap();
+    assert_eq!(status.phase, "aborted");
+    let (move_phase, error) = &moves(&status)["t1"];
+    assert_eq!(move_phase, ended, "aborted while {phase:?}: {error}");
+    assert!(error.starts_with("the drain was aborted"), "{error}");
+    f.agents.heal(&f.hosts[0]);
+    f.agents.heal(&f.hosts[1]);
+    f.until(|| f.runs_healthy(&id("t1"), &f.hosts[0])).await;
+    assert_back_on_source(&f);
+    assert_eq!(f.state(0), HostState::Cordoned);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_abort_while_pre_copying_leaves_the_tenant_where_it_runs() {
+    abort_at(
+        false,
+        Step::Import { precopy: true },
+        MovePhase::Precopying,
+        "not_moved",
+    )
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_abort_while_the_source_stops_the_tenant_rolls_it_back() {
+    abort_at(true, Step::Ack, MovePhase::Stopping, "rolled_back").await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_abort_while_copying_rolls_the_tenant_back() {
+    abort_at(
+        false,
+        Step::Import { precopy: false },
+        MovePhase::Copying,
+        "rolled_back",
+    )
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_abort_while_copying_cancels_the_transfer_at_both_ends() {
+    let f = with_fault(false, Step::Import { precopy: false }, Effect::Hang).await;
+    f.c.drain(f.options(0)).await.unwrap();
+    f.until_phase(0, "t1", MovePhase::Copying).await;
+    f.c.abort_drain(&f.hosts[0]).await.unwrap();
+    let cancels: Vec<String> = f
+        .agents
+        .log()
+        .into_iter()
+        .filter(|l| l.contains(" CANCEL "))
+        .map(|l| l.split(' ').next().unwrap().to_string())
+        .collect();
+    assert_eq!(cancels, ["src", "dst"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_abort_while_the_target_starts_the_tenant_rolls_it_back() {
+    abort_at(false, Step::Health, MovePhase::Starting, "rolled_back").await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_abort_after_the_target_runs_the_tenant_finishes_the_move() {
+    // The source cannot shred its old copy yet: the move is releasing when the abort comes.
+    let f = with_fault(true, Step::Purge, Effect::Hang).await;
+    f.c.drain(f.options(0)).await.unwrap();
+    f.until_phase(0, "t1", MovePhase::Releasing).await;
+    let status = f.c.abort_drain(&f.hosts[0]).await.unwrap();
+    let (phase, error) = &moves(&status)["t1"];
+    assert_eq!(
+        phase, "done",
+        "nothing rolls back once it runs on its target"
+    );
+    assert!(
+        error.starts_with("its old copy on src is not deleted: host \"src\" did not answer"),
+        "{error}"
+    );
+    assert_eq!(status.stale_copies, ["t1"]);
+    assert!(f.runs_healthy(&id("t1"), &f.hosts[1]));
+    // The source answers again at its next session: the stale copy goes.
+    f.agents.heal(&f.hosts[0]);
+    f.agents.connect(&f.c, &f.hosts[0]);
+    f.until(|| f.agents.volume(&f.hosts[0], &id("t1")).is_none())
+        .await;
+    f.until(|| {
+        f.c.drain_status(&f.hosts[0])
+            .unwrap()
+            .stale_copies
+            .is_empty()
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_that_reaches_its_deadline_rolls_back_what_is_under_way() {
+    let f = with_fault(false, Step::Import { precopy: false }, Effect::Hang).await;
+    let status = f
+        .drain(DrainOptions {
+            deadline: Duration::from_secs(90),
+            ..f.options(0)
+        })
+        .await;
+    assert_eq!(status.phase, "stopped_at_deadline");
+    let (phase, error) = &moves(&status)["t1"];
+    assert_eq!(
+        (phase.as_str(), error.as_str()),
+        ("rolled_back", "the drain's deadline passed")
+    );
+    f.agents.heal(&f.hosts[1]);
+    assert_back_on_source(&f);
+}
+
+/// A coordinator killed while `t1`'s move is at `phase` (held there by `step` hanging), then
+/// started again over the same store: the drain resumes where the move was and ends with
+/// `t1` on its target, its data with it, never on two hosts at once.
+fn resume_at(fault_on_source: bool, step: Step, phase: MovePhase) {
+    let store = Arc::new(MemStore::default());
+    let agents = FakeAgents::new();
+    let hosts = [("src", 16), ("dst", 16)];
+    let first = paused_runtime();
+    first.block_on(async {
+        let f = Fleet::open(store.clone(), agents.clone(), &hosts);
+        f.place_on(0, &["t1"], "business", false).await;
+        f.agents.write(&f.hosts[0], &id("t1"));
+        let on = if fault_on_source { 0 } else { 1 };
+        f.agents.inject(&f.hosts[on], step, Effect::Hang);
+        f.c.drain(f.options(0)).await.unwrap();
+        f.until_phase(0, "t1", phase).await;
+    });
+    // Killed: its tasks end where they are; the agents keep what they hold.
+    drop(first);
+    for (name, _) in hosts {
+        agents.heal(&host(name));
+    }
+    paused_runtime().block_on(async {
+        let f = Fleet::open(store, agents, &hosts);
+        f.c.resume_drains();
+        f.until(|| f.c.drains.get(&f.hosts[0]).unwrap().phase != DrainPhase::Running)
+            .await;
+        let status = f.c.drain_status(&f.hosts[0]).unwrap();
+        assert_eq!(status.phase, "done", "resumed at {phase:?}: {status:?}");
+        assert!(f.runs_healthy(&id("t1"), &f.hosts[1]));
+        assert_eq!(f.agents.volume(&f.hosts[1], &id("t1")).unwrap().content, 1);
+        f.until(|| f.agents.volume(&f.hosts[0], &id("t1")).is_none())
+            .await;
+        assert_eq!(f.agents.overlaps(), Vec::<String>::new());
+        assert_eq!(f.state(0), HostState::Cordoned);
+    });
+}
+
+#[test]
+fn a_drain_resumes_after_a_restart_while_pre_copying() {
+    resume_at(false, Step::Import { precopy: true }, MovePhase::Precopying);
+}
+
+#[test]
+fn a_drain_resumes_after_a_restart_while_the_source_stops_the_tenant() {
+    resume_at(true, Step::Ack, MovePhase::Stopping);
+}
+
+#[test]
+fn a_drain_resumes_after_a_restart_while_copying() {
+    resume_at(false, Step::Import { precopy: false }, MovePhase::Copying);
+}
+
+#[test]
+fn a_drain_resumes_after_a_restart_while_the_target_starts_the_tenant() {
+    resume_at(false, Step::Health, MovePhase::Starting);
+}
+
+#[test]
+fn a_drain_resumes_after_a_restart_while_the_source_releases_its_copy() {
+    resume_at(true, Step::Purge, MovePhase::Releasing);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_hosts_tenants_stay_unless_forced_then_start_empty_and_its_copy_is_fenced() {
+    let f = Fleet::new(&[("src", 16), ("dst", 16)]);
+    f.place_on(0, &["t1"], "business", true).await;
+    f.agents.write(&f.hosts[0], &id("t1"));
+    let key = f.c.keys.get(&id("t1")).unwrap().unwrap();
+    // Cut off, not dead: its tenant goes on running where nobody reaches it.
+    f.agents.disconnect(&f.hosts[0], false);
+    let status = f.drain(f.options(0)).await;
+    assert_eq!(status.phase, "incomplete");
+    let (phase, error) = &moves(&status)["t1"];
+    assert_eq!(phase, "blocked");
+    assert_eq!(
+        error,
+        "host src is unreachable: t1 stays assigned to it; `berthctl drain src --force-lost` starts it on dst with an empty volume"
+    );
+    assert_eq!(f.placed_on("t1"), "src");
+    // On the operator's word: started on the target, empty, under a new key.
+    let status = f
+        .drain(DrainOptions {
+            force_lost: true,
+            ..f.options(0)
+        })
+        .await;
+    assert_eq!(status.phase, "done");
+    let (phase, error) = &moves(&status)["t1"];
+    assert_eq!(phase, "started_empty");
+    assert_eq!(error, "src was lost: started on dst with an empty volume");
+    assert_eq!(status.stale_copies, ["t1"]);
+    assert_eq!(f.agents.volume(&f.hosts[1], &id("t1")).unwrap().content, 0);
+    assert_ne!(f.c.keys.get(&id("t1")).unwrap().unwrap(), key, "a new key");
+    assert_eq!(f.agents.running(&id("t1")), [host("dst"), host("src")]);
+    // The lost host comes back: its desired state no longer has the tenant, so it stops it,
+    // and its copy is deleted.
+    f.agents.connect(&f.c, &f.hosts[0]);
+    f.until(|| f.agents.running(&id("t1")) == [host("dst")])
+        .await;
+    f.until(|| f.agents.volume(&f.hosts[0], &id("t1")).is_none())
+        .await;
+    f.until(|| {
+        f.c.drain_status(&f.hosts[0])
+            .unwrap()
+            .stale_copies
+            .is_empty()
+    })
+    .await;
+    assert!(f.runs_healthy(&id("t1"), &f.hosts[1]));
+    assert_eq!(f.agents.overlaps(), Vec::<String>::new());
+}
