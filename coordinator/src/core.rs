@@ -77,6 +77,18 @@ fn key_error(e: KeyError) -> PlaceError {
     )))
 }
 
+/// Why a host has not taken a desired state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeliveryError {
+    #[error("the host is not connected")]
+    NotConnected,
+    #[error("the host did not acknowledge generation {generation} within {wait:?}")]
+    NotAcknowledged {
+        generation: u64,
+        wait: std::time::Duration,
+    },
+}
+
 /// Why the coordinator's state could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -251,10 +263,10 @@ impl Coordinator {
             }
             self.await_delivery(&host, applied.placement.generation, PURGE_WAIT)
                 .await
-                .map_err(|reason| PlaceError::PurgeIncomplete {
+                .map_err(|e| PlaceError::PurgeIncomplete {
                     tenant: tenant.to_string(),
                     host: host.to_string(),
-                    reason,
+                    reason: e.to_string(),
                 })?;
             host
         } else if purge && let Some(host) = self.placements.retained(tenant) {
@@ -272,24 +284,20 @@ impl Coordinator {
         host: &HostId,
         generation: u64,
         wait: std::time::Duration,
-    ) -> Result<(), String> {
+    ) -> Result<(), DeliveryError> {
         let deadline = tokio::time::Instant::now() + wait;
         self.placements
             .wait_for_report(deadline, RECHECK, || {
                 if self.placements.delivered(host, generation) {
                     Some(Ok(()))
                 } else if !self.agents.is_connected(host) {
-                    Some(Err("the host is not connected".to_string()))
+                    Some(Err(DeliveryError::NotConnected))
                 } else {
                     None
                 }
             })
             .await
-            .unwrap_or_else(|| {
-                Err(format!(
-                    "the host did not acknowledge generation {generation} within {wait:?}"
-                ))
-            })
+            .unwrap_or(Err(DeliveryError::NotAcknowledged { generation, wait }))
     }
 
     /// Shreds a removed tenant's volume on `host`, then destroys its key and forgets the volume.

@@ -467,6 +467,32 @@ impl Drains {
     }
 }
 
+/// Why a host did not shred its copy of a tenant.
+#[derive(Debug, thiserror::Error)]
+enum ShredError {
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// The agent's own words.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Why a move could not be rolled back.
+#[derive(Debug, thiserror::Error)]
+enum RollbackError {
+    #[error("{0} is no longer placed")]
+    NotPlaced(TenantId),
+    #[error(transparent)]
+    Place(#[from] PlaceError),
+    #[error("{target} did not stop it: {source}")]
+    NotStopped {
+        target: HostId,
+        source: crate::core::DeliveryError,
+    },
+    #[error("{target} did not release it: {source}")]
+    NotReleased { target: HostId, source: ShredError },
+}
+
 /// Why a move stopped before its target ran the tenant.
 #[derive(Debug)]
 enum MoveFailure {
@@ -1007,15 +1033,14 @@ impl Coordinator {
 
     /// Asks `host` to shred its copy of `tenant` (volume, key, what a transfer left); `Err`
     /// says why it did not.
-    async fn shred_copy(&self, host: &HostId, tenant: &TenantId) -> Result<(), String> {
+    async fn shred_copy(&self, host: &HostId, tenant: &TenantId) -> Result<(), ShredError> {
         match self
             .agents
             .volume(host, crate::core::purge_command(tenant), RELEASE_WAIT)
-            .await
+            .await?
         {
-            Ok(r) if r.ok => Ok(()),
-            Ok(r) => Err(r.error),
-            Err(e) => Err(e.to_string()),
+            r if r.ok => Ok(()),
+            r => Err(ShredError::Refused(r.error)),
         }
     }
 
@@ -1229,23 +1254,23 @@ impl Coordinator {
         source: &HostId,
         tenant: &TenantId,
         target: &HostId,
-    ) -> Result<MovePhase, String> {
+    ) -> Result<MovePhase, RollbackError> {
         let Some(record) = self.placements.tenant_record(tenant) else {
-            return Err(format!("{tenant} is no longer placed"));
+            return Err(RollbackError::NotPlaced(tenant.clone()));
         };
         if record.host_id == *source {
             return Ok(MovePhase::RolledBack);
         }
         if record.host_id == *target {
             if !record.held {
-                let applied = self
-                    .placements
-                    .relocate(tenant, target, true)
-                    .map_err(|e| e.to_string())?;
-                self.durable(applied.seq).await.map_err(|e| e.to_string())?;
+                let applied = self.placements.relocate(tenant, target, true)?;
+                self.durable(applied.seq).await?;
                 self.await_delivery(target, applied.placement.generation, STOP_WAIT)
                     .await
-                    .map_err(|e| format!("{target} did not stop it: {e}"))?;
+                    .map_err(|source| RollbackError::NotStopped {
+                        target: target.clone(),
+                        source,
+                    })?;
             }
             // Whatever the target received goes; a target that cannot say so never ran it
             // (it was held there), so the source may start it anyway.
@@ -1254,14 +1279,16 @@ impl Coordinator {
                 (Err(_), true) => {
                     tracing::warn!(%tenant, %target, "partial copy on the target not deleted")
                 }
-                (Err(e), false) => return Err(format!("{target} did not release it: {e}")),
+                (Err(source), false) => {
+                    return Err(RollbackError::NotReleased {
+                        target: target.clone(),
+                        source,
+                    });
+                }
             }
         }
-        let applied = self
-            .placements
-            .relocate(tenant, source, false)
-            .map_err(|e| e.to_string())?;
-        self.durable(applied.seq).await.map_err(|e| e.to_string())?;
+        let applied = self.placements.relocate(tenant, source, false)?;
+        self.durable(applied.seq).await?;
         tracing::info!(%tenant, %source, "move rolled back");
         Ok(MovePhase::RolledBack)
     }

@@ -9,13 +9,24 @@ pub use berth_shared::config::ConfigError;
 use berth_shared::config::{parse_toml, read};
 use berth_shared::model::{FieldError, Provider, validate_token};
 use berth_shared::transport::CoordinatorUrl;
-use berth_shared::units::{parse_bytes, parse_duration};
+use berth_shared::units::{UnitError, parse_bytes, parse_duration};
 
 use crate::egress::EgressSettings;
 use crate::restarts::RestartSettings;
 use crate::runtime::subnets::SubnetPool;
 use berth_shared::spec::ZoneName;
 use serde::Deserialize;
+
+/// A setting of a section whose value is refused; the message names it as the file does.
+#[derive(Debug, thiserror::Error)]
+enum SettingError {
+    #[error(transparent)]
+    Field(#[from] FieldError),
+    #[error(transparent)]
+    Unit(#[from] UnitError),
+    #[error(transparent)]
+    Table(#[from] crate::egress::nft::BadTableName),
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -59,22 +70,24 @@ struct RawRestarts {
 }
 
 impl RawRestarts {
-    fn parse(self) -> Result<RestartSettings, String> {
+    fn parse(self) -> Result<RestartSettings, SettingError> {
         let mut settings = RestartSettings::default();
         if let Some(w) = self.window {
             settings.window = w
                 .parse()
-                .map_err(|e| format!("invalid restarts.window: {e}"))?;
+                .map_err(|e: String| FieldError::new("restarts.window", e))?;
         }
         if let Some(z) = self.time_zone {
-            settings.time_zone =
-                ZoneName::new(&z).map_err(|e| format!("invalid restarts.time_zone: {e}"))?;
+            settings.time_zone = ZoneName::new(&z)
+                .map_err(|e| FieldError::new("restarts.time_zone", e.to_string()))?;
         }
         if let Some(k) = self.max_concurrent {
             if !(1..=64).contains(&k) {
-                return Err(format!(
-                    "invalid restarts.max_concurrent: {k}: must be between 1 and 64"
-                ));
+                return Err(FieldError::new(
+                    "restarts.max_concurrent",
+                    format!("{k}: must be between 1 and 64"),
+                )
+                .into());
             }
             settings.max_concurrent = k as usize;
         }
@@ -83,19 +96,18 @@ impl RawRestarts {
                 parse_duration_or_zero("restarts.skip_if_started_within", &v)?;
         }
         if let Some(v) = self.health_timeout {
-            settings.health_timeout =
-                parse_duration("restarts.health_timeout", &v).map_err(|e| e.to_string())?;
+            settings.health_timeout = parse_duration("restarts.health_timeout", &v)?;
         }
         Ok(settings)
     }
 }
 
 /// A duration that may be zero (`0s` turns a rule off).
-fn parse_duration_or_zero(name: &str, v: &str) -> Result<Duration, String> {
+fn parse_duration_or_zero(name: &str, v: &str) -> Result<Duration, UnitError> {
     if v.trim() == "0s" || v.trim() == "0" {
         return Ok(Duration::ZERO);
     }
-    parse_duration(name, v).map_err(|e| e.to_string())
+    parse_duration(name, v)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -149,15 +161,14 @@ impl EgressConfig {
         (name_servers, settings)
     }
 
-    fn parse(raw: RawEgress) -> Result<Self, String> {
+    fn parse(raw: RawEgress) -> Result<Self, SettingError> {
         let mut settings = EgressSettings::default();
         if let Some(t) = raw.table {
             crate::egress::nft::validate_table(&t)?;
             settings.table = t;
         }
         let duration = |name: &str, v: Option<String>, default: Duration| {
-            v.map(|v| parse_duration(name, &v).map_err(|e| e.to_string()))
-                .unwrap_or(Ok(default))
+            v.map(|v| parse_duration(name, &v)).unwrap_or(Ok(default))
         };
         settings.ttl_floor = duration("egress.ttl_floor", raw.ttl_floor, settings.ttl_floor)?;
         settings.ttl_ceiling =
@@ -165,10 +176,14 @@ impl EgressConfig {
         settings.stale_grace =
             duration("egress.stale_grace", raw.stale_grace, settings.stale_grace)?;
         if settings.ttl_floor > settings.ttl_ceiling {
-            return Err(format!(
-                "invalid egress.ttl_floor: {:?} is above egress.ttl_ceiling {:?}",
-                settings.ttl_floor, settings.ttl_ceiling
-            ));
+            return Err(FieldError::new(
+                "egress.ttl_floor",
+                format!(
+                    "{:?} is above egress.ttl_ceiling {:?}",
+                    settings.ttl_floor, settings.ttl_ceiling
+                ),
+            )
+            .into());
         }
         let name_servers = raw
             .name_servers
@@ -179,8 +194,9 @@ impl EgressConfig {
                         v.parse::<SocketAddr>()
                             .or_else(|_| v.parse::<IpAddr>().map(|a| SocketAddr::new(a, 53)))
                             .map_err(|_| {
-                                format!(
-                                    "invalid egress.name_servers[{i}]: {v:?} is not an address or address:port"
+                                FieldError::new(
+                                    format!("egress.name_servers[{i}]"),
+                                    format!("{v:?} is not an address or address:port"),
                                 )
                             })
                     })
@@ -197,8 +213,9 @@ impl EgressConfig {
                             .ok()
                             .filter(|a| !a.is_unspecified() && !a.is_broadcast())
                             .ok_or_else(|| {
-                                format!(
-                                    "invalid egress.tenant_resolvers[{i}]: {v:?} is not an IPv4 address"
+                                FieldError::new(
+                                    format!("egress.tenant_resolvers[{i}]"),
+                                    format!("{v:?} is not an IPv4 address"),
                                 )
                             })
                     })
@@ -346,7 +363,7 @@ impl AgentConfig {
             )));
         }
         let tenant_subnets = match raw.tenant_subnets {
-            Some(v) => SubnetPool::parse("tenant_subnets", &v).map_err(value)?,
+            Some(v) => SubnetPool::parse("tenant_subnets", &v).map_err(|e| value(e.to_string()))?,
             None => SubnetPool::default(),
         };
         Ok(Self {
@@ -369,8 +386,8 @@ impl AgentConfig {
                 .docker_socket
                 .unwrap_or_else(|| PathBuf::from("/var/run/docker.sock")),
             tenant_subnets,
-            egress: EgressConfig::parse(raw.egress).map_err(value)?,
-            restarts: raw.restarts.parse().map_err(value)?,
+            egress: EgressConfig::parse(raw.egress).map_err(|e| value(e.to_string()))?,
+            restarts: raw.restarts.parse().map_err(|e| value(e.to_string()))?,
             metrics_listen,
             metrics_token,
             transfer_listen,

@@ -25,11 +25,12 @@ use berth_shared::proto;
 use berth_shared::reach::{Net, never_reachable};
 use berth_shared::spec::{Destination, EgressRule, TenantSpec};
 
+use crate::command::CommandError;
 use crate::egress::dns::Resolve;
 use crate::egress::guard::ForwardGuard;
 use crate::egress::nft::{
-    Element, Installed, InstalledTenant, Nft, Prefix, TenantRules, base_script, chain,
-    collect_garbage, gc_script, normalize, parse_listing, remove_script, tenant_script,
+    Element, Installed, InstalledTenant, ListingError, Nft, Prefix, TenantRules, base_script,
+    chain, collect_garbage, gc_script, normalize, parse_listing, remove_script, tenant_script,
 };
 
 /// What the egress step says about one tenant after applying its rules.
@@ -41,19 +42,42 @@ pub struct EgressReport {
     pub problems: Vec<String>,
 }
 
+/// Why a tenant's egress rules are not as they should be.
+#[derive(Debug, thiserror::Error)]
+pub enum EgressError {
+    #[error(transparent)]
+    List(CommandError),
+    #[error(transparent)]
+    Listing(#[from] ListingError),
+    #[error("cannot install berth's nftables table: {0}")]
+    Install(#[source] CommandError),
+    #[error("the nftables table could not be read this pass")]
+    Unread,
+    #[error("tenant network subnet {0:?} is not an IPv4 prefix")]
+    Subnet(String),
+    #[error("nft refused the allowlist update (the previous rules stay): {0}")]
+    Refused(#[source] CommandError),
+    #[error("nft could not remove the rules of {chain}: {source}")]
+    Remove { chain: String, source: CommandError },
+    #[error("nft could not delete withdrawn elements: {0}")]
+    Collect(#[source] CommandError),
+    #[error("nft task: {0}")]
+    Task(String),
+}
+
 /// The tenant's egress allowlist (a trait so the reconciler is tested with a recording fake).
 #[tonic::async_trait]
 pub trait EgressStep: Send + Sync + std::fmt::Debug {
     /// Reads what is installed (at most every `relist_interval`); called at the start of
     /// every pass.
-    async fn refresh(&self) -> Result<(), String>;
+    async fn refresh(&self) -> Result<(), EgressError>;
     /// Makes the tenant's rules match `spec`, for its network `subnet`.
-    async fn apply(&self, spec: &TenantSpec, subnet: &str) -> Result<EgressReport, String>;
+    async fn apply(&self, spec: &TenantSpec, subnet: &str) -> Result<EgressReport, EgressError>;
     /// Removes the tenant's rules (after its container is gone).
-    async fn release(&self, tenant: &TenantId) -> Result<(), String>;
+    async fn release(&self, tenant: &TenantId) -> Result<(), EgressError>;
     /// Removes the rules of every tenant not in `keep`, and deletes withdrawn elements (the
     /// slow part of an update, which changes no verdict, so it is kept off the update path).
-    async fn sweep(&self, keep: &BTreeSet<TenantId>) -> Result<(), String>;
+    async fn sweep(&self, keep: &BTreeSet<TenantId>) -> Result<(), EgressError>;
 }
 
 /// Settings from the agent's `[egress]` configuration.
@@ -116,11 +140,11 @@ pub struct NftEgress {
 
 /// Runs a blocking nft call off the async workers.
 async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, String> + Send + 'static,
-) -> Result<T, String> {
+    f: impl FnOnce() -> Result<T, CommandError> + Send + 'static,
+) -> Result<Result<T, CommandError>, EgressError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| format!("nft task: {e}"))?
+        .map_err(|e| EgressError::Task(e.to_string()))
 }
 
 impl NftEgress {
@@ -141,21 +165,29 @@ impl NftEgress {
         }
     }
 
-    async fn run(&self, script: String) -> Result<(), String> {
+    /// Loads `script` as one transaction; the outer error is the task's, the inner nft's.
+    async fn run(&self, script: String) -> Result<Result<(), CommandError>, EgressError> {
         let nft = self.nft.clone();
-        blocking(move || nft.apply(&script).map_err(|e| e.to_string())).await
+        blocking(move || nft.apply(&script)).await
     }
 
-    async fn listing(&self) -> Result<Option<Installed>, String> {
+    async fn listing(&self) -> Result<Option<Installed>, EgressError> {
         let (nft, table) = (self.nft.clone(), self.settings.table.clone());
-        let json = blocking(move || nft.list(&table).map_err(|e| e.to_string())).await?;
-        json.map(|j| parse_listing(&j)).transpose()
+        let json = blocking(move || nft.list(&table))
+            .await?
+            .map_err(EgressError::List)?;
+        Ok(json.map(|j| parse_listing(&j)).transpose()?)
     }
 
     /// Removes everything of tenant chain `c` that the table holds (nothing when it holds none).
-    async fn remove(&self, installed: &mut Installed, c: &str) -> Result<(), String> {
+    async fn remove(&self, installed: &mut Installed, c: &str) -> Result<(), EgressError> {
         if let Some(t) = installed.tenants.get(c) {
-            self.run(remove_script(&self.settings.table, c, t)).await?;
+            self.run(remove_script(&self.settings.table, c, t))
+                .await?
+                .map_err(|source| EgressError::Remove {
+                    chain: c.to_string(),
+                    source,
+                })?;
             installed.tenants.remove(c);
             tracing::info!(chain = %c, "egress rules removed");
         }
@@ -271,7 +303,7 @@ struct NameView {
 
 #[tonic::async_trait]
 impl EgressStep for NftEgress {
-    async fn refresh(&self) -> Result<(), String> {
+    async fn refresh(&self) -> Result<(), EgressError> {
         let mut state = self.state.lock().await;
         let now = self.clock.now_unix_ms();
         if state.installed.is_some()
@@ -286,15 +318,15 @@ impl EgressStep for NftEgress {
                 &self.settings.table,
                 &self.settings.tenant_resolvers,
             ))
-            .await
-            .map_err(|e| format!("cannot install berth's nftables table: {e}"))?;
+            .await?
+            .map_err(EgressError::Install)?;
             installed = self.listing().await?.unwrap_or_default();
         }
         state.installed = Some(installed);
         state.listed_at_ms = now;
         // The floor under the table, checked as often as the table is re-read.
         let guard = self.guard.clone();
-        match blocking(move || guard.ensure().map_err(|e| e.to_string())).await {
+        match blocking(move || guard.ensure()).await? {
             Ok(added) => {
                 if added {
                     tracing::info!(
@@ -315,16 +347,13 @@ impl EgressStep for NftEgress {
         Ok(())
     }
 
-    async fn apply(&self, spec: &TenantSpec, subnet: &str) -> Result<EgressReport, String> {
+    async fn apply(&self, spec: &TenantSpec, subnet: &str) -> Result<EgressReport, EgressError> {
         let subnet = Prefix::parse(subnet)
             .filter(|p| p.len < 32)
-            .ok_or_else(|| format!("tenant network subnet {subnet:?} is not an IPv4 prefix"))?;
+            .ok_or_else(|| EgressError::Subnet(subnet.to_string()))?;
         let mut state = self.state.lock().await;
         let state = &mut *state;
-        let installed = state
-            .installed
-            .as_mut()
-            .ok_or("the nftables table could not be read this pass")?;
+        let installed = state.installed.as_mut().ok_or(EgressError::Unread)?;
         let per_rule = self.resolve_rules(&mut state.names, &spec.egress).await;
         let want = TenantRules {
             chain: chain(&spec.tenant_id),
@@ -333,9 +362,7 @@ impl EgressStep for NftEgress {
         };
         let current = installed.tenants.get(&want.chain);
         if let Some(script) = tenant_script(&self.settings.table, &want, current) {
-            self.run(script).await.map_err(|e| {
-                format!("nft refused the allowlist update (the previous rules stay): {e}")
-            })?;
+            self.run(script).await?.map_err(EgressError::Refused)?;
             let updated = InstalledTenant::after(&want, current);
             debug_assert!(updated.complete());
             installed.tenants.insert(want.chain.clone(), updated);
@@ -360,15 +387,15 @@ impl EgressStep for NftEgress {
         Ok(report)
     }
 
-    async fn release(&self, tenant: &TenantId) -> Result<(), String> {
+    async fn release(&self, tenant: &TenantId) -> Result<(), EgressError> {
         let mut state = self.state.lock().await;
         let Some(installed) = state.installed.as_mut() else {
-            return Err("the nftables table could not be read this pass".into());
+            return Err(EgressError::Unread);
         };
         self.remove(installed, &chain(tenant)).await
     }
 
-    async fn sweep(&self, keep: &BTreeSet<TenantId>) -> Result<(), String> {
+    async fn sweep(&self, keep: &BTreeSet<TenantId>) -> Result<(), EgressError> {
         let mut state = self.state.lock().await;
         let Some(installed) = state.installed.as_mut() else {
             return Ok(());
@@ -384,7 +411,7 @@ impl EgressStep for NftEgress {
             self.remove(installed, &c).await?;
         }
         if let Some(script) = gc_script(&self.settings.table, installed) {
-            self.run(script).await?;
+            self.run(script).await?.map_err(EgressError::Collect)?;
             collect_garbage(installed);
         }
         Ok(())

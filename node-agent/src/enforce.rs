@@ -16,13 +16,14 @@ use crate::egress::dns::UdpResolver;
 use crate::egress::nft::NftCommand;
 use crate::host::cgroup::CgroupReader;
 use crate::host::facts::{ProbeRoots, probe_cgroup, probe_dm_crypt};
-use crate::reconcile::{Passes, Reconciler, TornDown, VolumeStep, port_free_on_loopback};
+use crate::reconcile::{Passes, Reconciler, TornDown, port_free_on_loopback};
 use crate::restarts::health::HealthWatch;
 use crate::restarts::{Driver, HealthGate, NetnsProbe, RestartSettings, Restarts};
 use crate::runtime::DockerRuntime;
 use crate::session::desired::{AcceptError, Desired, DesiredStore};
 use crate::transfer::peer::{Incoming, PeerTls};
 use crate::transfer::{Base, VolumeLocation, receive_volume, send_volume};
+use crate::volume::VolumeStep;
 use crate::volume::cryptsetup::{CryptsetupCommand, VolumeKey};
 use crate::volume::{HostVolumes, KeySource, SystemMounter};
 use std::path::{Path, PathBuf};
@@ -33,6 +34,24 @@ pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a starting agent waits for the coordinator's desired state before it enforces
 /// the one on disk.
 pub const STARTUP_WAIT: Duration = Duration::from_secs(15);
+
+/// Why the agent refused a volume command.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeCommandError {
+    #[error("tenant_id: {0}")]
+    TenantId(berth_shared::ids::IdError),
+    #[error("action: unknown volume action {0}")]
+    UnknownAction(i32),
+    #[error("{tenant} is still placed on this host (generation {generation}): remove it first")]
+    StillPlaced { tenant: TenantId, generation: u64 },
+    #[error("volume: {0}")]
+    Volume(crate::volume::VolumeError),
+}
+
+/// The volume keys of a delivery that were refused, each with why (the others are held).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0.join("; "))]
+pub struct KeysRefused(pub Vec<String>);
 
 /// Shared between the session (which accepts desired states and reports statuses) and the
 /// enforcement loop.
@@ -289,21 +308,23 @@ impl Enforcement {
                 TenantId::new(&command.tenant_id),
                 proto::VolumeAction::try_from(command.action),
             ) {
-                (Err(e), _) => Err(format!("tenant_id: {e}")),
+                (Err(e), _) => Err(VolumeCommandError::TenantId(e)),
                 (
                     _,
                     Ok(proto::VolumeAction::Unspecified | proto::VolumeAction::Cancel) | Err(_),
-                ) => Err(format!("action: unknown volume action {}", command.action)),
+                ) => Err(VolumeCommandError::UnknownAction(command.action)),
                 (Ok(t), action)
                     if desired.tenants.iter().any(|s| s.tenant_id == t)
                         && !(command.precopy && action == Ok(proto::VolumeAction::Export)) =>
                 {
-                    Err(format!(
-                        "{t} is still placed on this host (generation {}): remove it first",
-                        desired.generation
-                    ))
+                    Err(VolumeCommandError::StillPlaced {
+                        tenant: t,
+                        generation: desired.generation,
+                    })
                 }
-                (Ok(t), Ok(proto::VolumeAction::Purge)) => volumes.purge(&t).await,
+                (Ok(t), Ok(proto::VolumeAction::Purge)) => {
+                    volumes.purge(&t).await.map_err(VolumeCommandError::Volume)
+                }
                 (
                     Ok(t),
                     Ok(action @ (proto::VolumeAction::Export | proto::VolumeAction::Import)),
@@ -333,7 +354,7 @@ impl Enforcement {
                 }
                 Err(e) => {
                     tracing::warn!(tenant = %result.tenant_id.chars().take(64).collect::<String>(), error = %e, "volume command failed");
-                    result.error = e;
+                    result.error = e.to_string();
                 }
             }
             self.push_volume_result(result);
@@ -375,7 +396,7 @@ impl Enforcement {
                     tls.as_deref(),
                     self.denied.clone(),
                 ) {
-                    Err(e) => Err(e),
+                    Err(e) => Err(e.into()),
                     Ok(client) => {
                         let token = command.transfer_token.clone();
                         send_volume(client, at, transfer_id, token, precopy, base, cancelled).await
@@ -383,7 +404,7 @@ impl Enforcement {
                 }
             }
             _ => match crate::transfer::peer::source_of(&command) {
-                Err(e) => Err(e),
+                Err(e) => Err(e.into()),
                 Ok(source) => {
                     let (_expecting, chunks) = self.incoming.expect(
                         transfer_id,
@@ -422,7 +443,7 @@ impl Enforcement {
             }
             Err(e) => {
                 tracing::warn!(tenant = %result.tenant_id, ?action, error = %e, "volume transfer failed");
-                result.error = e;
+                result.error = e.to_string();
                 if action == proto::VolumeAction::Import {
                     // A failed import leaves no staging area, so no base either.
                     self.bases
@@ -444,7 +465,7 @@ impl Enforcement {
     /// Takes the volume keys the coordinator sent: only for tenants of the desired state, only
     /// well-formed ones (the others are named in the error, and the good ones still kept).
     /// Returns how many are held.
-    pub fn set_volume_keys(&self, keys: proto::VolumeKeys) -> Result<usize, String> {
+    pub fn set_volume_keys(&self, keys: proto::VolumeKeys) -> Result<usize, KeysRefused> {
         let desired = self.current();
         let mut held = HashMap::new();
         let mut refused = Vec::new();
@@ -474,7 +495,7 @@ impl Enforcement {
         if refused.is_empty() {
             Ok(count)
         } else {
-            Err(refused.join("; "))
+            Err(KeysRefused(refused))
         }
     }
 
@@ -794,13 +815,16 @@ mod tests {
         async fn prepare(
             &self,
             _: &berth_shared::spec::TenantSpec,
-        ) -> Result<std::path::PathBuf, crate::reconcile::Failure> {
+        ) -> Result<std::path::PathBuf, crate::volume::PrepareError> {
             unreachable!("volume commands never prepare")
         }
-        async fn release(&self, _: &str) -> Result<(), String> {
+        async fn release(&self, _: &str) -> Result<(), crate::volume::VolumeError> {
             unreachable!("volume commands never release")
         }
-        async fn purge(&self, tenant: &TenantId) -> Result<crate::volume::Purged, String> {
+        async fn purge(
+            &self,
+            tenant: &TenantId,
+        ) -> Result<crate::volume::Purged, crate::volume::VolumeError> {
             self.0.lock().unwrap().push(tenant.to_string());
             Ok(crate::volume::Purged {
                 erased: true,
@@ -1009,7 +1033,7 @@ mod tests {
             })
             .unwrap_err();
         assert_eq!(
-            err,
+            err.to_string(),
             "keys[1]: other is not placed on this host; keys[2].tenant_id: invalid tenant id \"Bad/Id\": must start with a lowercase letter a-z; keys[3].key: a volume key must be 32 bytes, not 16"
         );
         assert!(

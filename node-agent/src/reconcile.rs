@@ -21,13 +21,14 @@ use berth_shared::ids::{HostId, TenantId};
 use berth_shared::proto;
 use berth_shared::spec::TenantSpec;
 
-use crate::egress::{EgressReport, EgressStep};
+use crate::egress::{EgressError, EgressReport, EgressStep};
 use crate::host::cgroup::CgroupReader;
-use crate::restarts::health::HealthWatch;
+use crate::restarts::health::{Health, HealthWatch};
 use crate::runtime::container_spec;
 use crate::runtime::subnets::SubnetPool;
 use crate::runtime::{ContainerRuntime, ManagedContainer, RuntimeError};
 use crate::session::desired::Desired;
+use crate::volume::{PrepareError, VolumeError, VolumeStep};
 
 /// Why a tenant is not running: failed, or waiting for its volume key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,14 +52,49 @@ impl From<&str> for Failure {
     }
 }
 
-/// The tenant's data volume, ready before its container starts.
-#[tonic::async_trait]
-pub trait VolumeStep: Send + Sync + std::fmt::Debug {
-    /// Makes the volume ready; returns the host directory to bind at the spec's mount path.
-    async fn prepare(&self, spec: &TenantSpec) -> Result<std::path::PathBuf, Failure>;
-    async fn release(&self, tenant: &str) -> Result<(), String>;
-    /// Crypto-shreds the volume of a tenant no longer desired here (its container gone).
-    async fn purge(&self, tenant: &TenantId) -> Result<crate::volume::Purged, String>;
+/// Why a step of making or removing a tenant failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("egress: {0}")]
+    Egress(#[from] EgressError),
+    #[error("volume: {0}")]
+    Volume(#[from] VolumeError),
+    #[error("the tenant network pool (tenant_subnets) is exhausted")]
+    SubnetsExhausted,
+    #[error("image {image} is not present and cannot be pulled: {message}")]
+    Pull { image: String, message: String },
+    #[error("no free gateway port in 20000-29999")]
+    NoPort,
+    #[error("the agent is shutting down")]
+    ShuttingDown,
+}
+
+impl From<StepError> for Failure {
+    fn from(e: StepError) -> Self {
+        e.to_string().into()
+    }
+}
+
+impl From<RuntimeError> for Failure {
+    fn from(e: RuntimeError) -> Self {
+        StepError::from(e).into()
+    }
+}
+
+impl From<PrepareError> for Failure {
+    fn from(e: PrepareError) -> Self {
+        let state = match e {
+            PrepareError::WaitingForKey => proto::TenantState::WaitingForKey,
+            PrepareError::NoDmCrypt | PrepareError::Volume(_) => proto::TenantState::Failed,
+        };
+        let message = match e {
+            PrepareError::Volume(e) => StepError::Volume(e).to_string(),
+            e => e.to_string(),
+        };
+        Self { state, message }
+    }
 }
 
 /// Counts reconcile passes, and tells work that must wait until a tenant just removed from the
@@ -225,12 +261,9 @@ fn status(
 impl Reconciler {
     /// Stops a container, releases its tenant's egress rules and volume, then removes the
     /// container and its network (the reverse of the order they were made in).
-    async fn teardown(&self, container: &ManagedContainer) -> Result<(), String> {
+    async fn teardown(&self, container: &ManagedContainer) -> Result<(), StepError> {
         self.release_tenant(container).await?;
-        self.runtime
-            .remove(&container.id)
-            .await
-            .map_err(|e| e.to_string())?;
+        self.runtime.remove(&container.id).await?;
         self.remove_network(container).await
     }
 
@@ -238,20 +271,17 @@ impl Reconciler {
     /// rules and volume. The container itself is removed after, apart: Docker takes down its
     /// network endpoint and root filesystem after its processes exited, and a drain need not
     /// wait for that to copy the volume.
-    async fn release_tenant(&self, container: &ManagedContainer) -> Result<(), String> {
-        self.runtime
-            .stop(&container.id)
-            .await
-            .map_err(|e| e.to_string())?;
+    async fn release_tenant(&self, container: &ManagedContainer) -> Result<(), StepError> {
+        self.runtime.stop(&container.id).await?;
         // A container whose tenant label is not a valid id had no rules or network made.
         if let Ok(tenant) = TenantId::new(&container.tenant) {
             self.egress.release(&tenant).await?;
         }
-        self.volumes.release(&container.tenant).await
+        Ok(self.volumes.release(&container.tenant).await?)
     }
 
     /// Removes the network of a removed container's tenant (under its current or legacy name).
-    async fn remove_network(&self, container: &ManagedContainer) -> Result<(), String> {
+    async fn remove_network(&self, container: &ManagedContainer) -> Result<(), StepError> {
         let Ok(tenant) = TenantId::new(&container.tenant) else {
             return Ok(());
         };
@@ -259,10 +289,7 @@ impl Reconciler {
             container_spec::network_name(&self.host, &tenant),
             container_spec::legacy_network_name(&tenant),
         ] {
-            self.runtime
-                .remove_network(&name)
-                .await
-                .map_err(|e| e.to_string())?;
+            self.runtime.remove_network(&name).await?;
         }
         Ok(())
     }
@@ -294,8 +321,8 @@ impl Reconciler {
 
     /// Creates the tenant's network on the first free /28 of the pool. Another network may
     /// take the same slice between the listing and the creation: then the next one is tried.
-    async fn create_network(&self, spec: &TenantSpec) -> Result<String, String> {
-        let mut last_error = String::new();
+    async fn create_network(&self, spec: &TenantSpec) -> Result<String, StepError> {
+        let mut last_error = StepError::SubnetsExhausted;
         for attempt in 0..32u64 {
             if attempt > 0 {
                 // Let a concurrent creation finish so the next listing shows it.
@@ -304,23 +331,22 @@ impl Reconciler {
             let used: Vec<String> = self
                 .runtime
                 .networks()
-                .await
-                .map_err(|e| e.to_string())?
+                .await?
                 .into_values()
                 .flatten()
                 .collect();
             let subnet = self
                 .subnets
                 .next_free(&used)
-                .ok_or("the tenant network pool (tenant_subnets) is exhausted")?;
+                .ok_or(StepError::SubnetsExhausted)?;
             match self
                 .runtime
                 .create_network(container_spec::network(&self.host, spec, &subnet))
                 .await
             {
                 Ok(()) => return Ok(subnet),
-                Err(e @ RuntimeError::SubnetOverlaps(_)) => last_error = e.to_string(),
-                Err(e) => return Err(e.to_string()),
+                Err(e @ RuntimeError::SubnetOverlaps(_)) => last_error = e.into(),
+                Err(e) => return Err(e.into()),
             }
         }
         Err(last_error)
@@ -344,15 +370,12 @@ impl Reconciler {
         &self,
         spec: &TenantSpec,
         networks: &HashMap<String, Vec<String>>,
-    ) -> Result<EgressReport, String> {
+    ) -> Result<EgressReport, StepError> {
         let subnet = match self.listed_subnet(spec, networks) {
             Some(subnet) => subnet.clone(),
             None => self.create_network(spec).await?,
         };
-        self.egress
-            .apply(spec, &subnet)
-            .await
-            .map_err(|e| format!("egress: {e}"))
+        Ok(self.egress.apply(spec, &subnet).await?)
     }
 
     /// The image, the network and the egress rules of a tenant about to arrive, made outside
@@ -384,20 +407,15 @@ impl Reconciler {
         });
     }
 
-    async fn ensure_image(&self, spec: &TenantSpec) -> Result<(), String> {
-        if !self
-            .runtime
-            .image_present(&spec.image)
-            .await
-            .map_err(|e| e.to_string())?
-        {
-            self.runtime.pull(&spec.image).await.map_err(|e| {
-                format!(
-                    "image {} is not present and cannot be pulled: {}",
-                    spec.image,
-                    e.message()
-                )
-            })?;
+    async fn ensure_image(&self, spec: &TenantSpec) -> Result<(), StepError> {
+        if !self.runtime.image_present(&spec.image).await? {
+            self.runtime
+                .pull(&spec.image)
+                .await
+                .map_err(|e| StepError::Pull {
+                    image: spec.image.clone(),
+                    message: e.message().to_string(),
+                })?;
         }
         Ok(())
     }
@@ -415,18 +433,12 @@ impl Reconciler {
         // Listed now, not by the pass that asked for the container: a creation may wait seconds
         // for its slot, and a port claimed meanwhile is taken even while nothing listens on it
         // (a crashed container Docker is about to start again would lose it).
-        let mut used_ports = self
-            .runtime
-            .published_ports()
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut used_ports = self.runtime.published_ports().await?;
         // A port free on loopback may still be reserved by Docker for another container: then
         // the next one is tried.
-        let mut last_error = String::new();
+        let mut last_error = StepError::NoPort;
         for _ in 0..16 {
-            let port = self
-                .take_port(&used_ports)
-                .ok_or("no free gateway port in 20000-29999")?;
+            let port = self.take_port(&used_ports).ok_or(StepError::NoPort)?;
             used_ports.push(port);
             let body = container_spec::container(&self.host, spec, generation, port, &volume);
             let created = self
@@ -445,8 +457,8 @@ impl Reconciler {
                     tracing::info!(tenant = %spec.tenant_id, port, "tenant container started");
                     return Ok(report);
                 }
-                Err(e @ RuntimeError::PortTaken(_)) => last_error = e.to_string(),
-                Err(e) => return Err(e.to_string().into()),
+                Err(e @ RuntimeError::PortTaken(_)) => last_error = e.into(),
+                Err(e) => return Err(e.into()),
             }
         }
         Err(last_error.into())
@@ -509,7 +521,7 @@ impl Reconciler {
         tokio::spawn(async move {
             let outcome = match slots.acquire_owned().await {
                 Ok(_slot) => this.create(&spec, generation, &networks).await,
-                Err(_) => Err("the agent is shutting down".into()),
+                Err(_) => Err(StepError::ShuttingDown.into()),
             };
             let mut creations = this.creations();
             creations.under_way.remove(&tenant);
@@ -667,7 +679,7 @@ impl Reconciler {
             let released = some.iter().map(|&(c, leaves)| async move {
                 match leaves {
                     true => self.release_tenant(c).await,
-                    false => self.runtime.remove(&c.id).await.map_err(|e| e.to_string()),
+                    false => self.runtime.remove(&c.id).await.map_err(StepError::from),
                 }
             });
             outcomes.extend(futures::future::join_all(released).await);
@@ -742,7 +754,7 @@ impl Reconciler {
                         (Err(e), true) => Err(e),
                         // And only with its volume attached (after a reboot: once its key came).
                         (Ok(report), true) => match self.volumes.prepare(spec).await {
-                            Err(f) => Err(f),
+                            Err(e) => Err(e.into()),
                             Ok(_) => match self.runtime.start(&c.id).await {
                                 // While it was stopped another container took its port: a new
                                 // container on a fresh port (the network stays).
@@ -750,10 +762,10 @@ impl Reconciler {
                                     tracing::info!(%tenant, port = c.port, "port taken while stopped: recreating on another port");
                                     match self.runtime.remove(&c.id).await {
                                         Ok(()) => self.create(spec, generation, &networks).await,
-                                        Err(e) => Err(e.to_string().into()),
+                                        Err(e) => Err(e.into()),
                                     }
                                 }
-                                other => other.map(|()| report).map_err(|e| e.to_string().into()),
+                                other => other.map(|()| report).map_err(Failure::from),
                             },
                         },
                     }
@@ -905,10 +917,10 @@ impl Reconciler {
                     .health
                     .healthy(&s.tenant_id, &c.id, &d.started_at, gateway_port)
                 {
-                    Ok(()) => s.healthy = true,
-                    Err(note) if note.is_empty() => {}
-                    Err(note) if s.message.is_empty() => s.message = note,
-                    Err(note) => s.message = format!("{}; {note}", s.message),
+                    Health::Healthy => s.healthy = true,
+                    Health::Checking => {}
+                    Health::Failing(note) if s.message.is_empty() => s.message = note,
+                    Health::Failing(note) => s.message = format!("{}; {note}", s.message),
                 }
             }
         }

@@ -13,7 +13,7 @@ pub mod schedule;
 
 use std::collections::{BTreeSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,7 +27,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::restarts::schedule::{Reason, Scheduler, Start, TenantClock, humanize};
-use crate::runtime::ContainerRuntime;
+use crate::runtime::{ContainerRuntime, RuntimeError};
 use crate::session::desired::Desired;
 
 /// The `[restarts]` section: host-wide defaults and limits.
@@ -69,15 +69,79 @@ impl RestartSettings {
     }
 }
 
+/// Why a probe from inside a tenant's network namespace failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("{path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is there but not bound to the namespace: Docker bound it after this process
+    /// got its own mount namespace, which sees later mounts only where / is mounted shared (as
+    /// systemd mounts it).
+    #[error("{0} is no network namespace in the agent's mount namespace (is / mounted shared?)")]
+    NotBound(PathBuf),
+    #[error("entering {path}: {errno}")]
+    Enter {
+        path: PathBuf,
+        errno: nix::errno::Errno,
+    },
+    #[error("probe thread: {0}")]
+    Thread(std::io::Error),
+    #[error("the probe thread died")]
+    ThreadDied,
+    #[error("no answer within {0:?}")]
+    NoAnswer(Duration),
+    #[error(transparent)]
+    Connect(std::io::Error),
+    #[error("{0}: tenant networks are IPv4 only")]
+    NotIpv4(IpAddr),
+    #[error(transparent)]
+    Announce(#[from] crate::restarts::announce::AnnounceError),
+}
+
+/// Why one health check did not pass.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("not running (exit code {0})")]
+    NotRunning(i64),
+    #[error("Docker healthcheck says {0}")]
+    Unhealthy(String),
+    #[error("no address on its tenant network")]
+    NoAddress,
+    #[error("no network namespace")]
+    NoNetns,
+    #[error("gateway port {port}: {source}")]
+    Gateway { port: u16, source: ProbeError },
+}
+
+/// Why a restart did not end healthy.
+#[derive(Debug, thiserror::Error)]
+pub enum RestartError {
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("the container is gone")]
+    Gone,
+    #[error("not healthy {after} after the restart ({checks} checks; last: {last})")]
+    NotHealthy {
+        after: String,
+        checks: u32,
+        last: CheckError,
+    },
+}
+
 /// Connects to a tenant's gateway port, and announces its address once it answers (a trait so
 /// the health gate is tested without sockets).
 #[tonic::async_trait]
 pub trait Probe: Send + Sync + std::fmt::Debug {
     /// Connects to `address` from inside the network namespace at `netns`.
-    async fn connect(&self, netns: &Path, address: SocketAddr) -> Result<(), String>;
+    async fn connect(&self, netns: &Path, address: SocketAddr) -> Result<(), ProbeError>;
     /// Announces `address` on its network from inside the network namespace at `netns` (see
     /// [`crate::restarts::announce`]).
-    async fn announce(&self, netns: &Path, address: IpAddr) -> Result<(), String>;
+    async fn announce(&self, netns: &Path, address: IpAddr) -> Result<(), ProbeError>;
 }
 
 /// A plain TCP connect with a timeout, made from inside the container's own network namespace:
@@ -92,8 +156,8 @@ pub struct NetnsProbe {
 /// Runs `work` on a thread of its own inside the network namespace at `netns`.
 async fn in_netns<T: Send + 'static>(
     netns: &Path,
-    work: impl FnOnce() -> Result<T, String> + Send + 'static,
-) -> Result<T, String> {
+    work: impl FnOnce() -> Result<T, ProbeError> + Send + 'static,
+) -> Result<T, ProbeError> {
     let netns = netns.to_path_buf();
     let (tx, rx) = tokio::sync::oneshot::channel();
     // A thread of its own, which ends with the work: a thread that entered another namespace
@@ -102,48 +166,51 @@ async fn in_netns<T: Send + 'static>(
         .name("berth-probe".into())
         .spawn(move || {
             let done = std::fs::File::open(&netns)
-                .map_err(|e| format!("{}: {e}", netns.display()))
+                .map_err(|source| ProbeError::Open {
+                    path: netns.clone(),
+                    source,
+                })
                 .and_then(|ns| {
-                    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
-                        match e {
-                            // The file is there but not bound to the namespace: Docker bound it
-                            // after this process got its own mount namespace, which sees later
-                            // mounts only where / is mounted shared (as systemd mounts it).
-                            nix::errno::Errno::EINVAL => format!(
-                                "{} is no network namespace in the agent's mount namespace (is / mounted shared?)",
-                                netns.display()
-                            ),
-                            e => format!("entering {}: {e}", netns.display()),
-                        }
-                    })
+                    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(
+                        |e| match e {
+                            nix::errno::Errno::EINVAL => ProbeError::NotBound(netns.clone()),
+                            errno => ProbeError::Enter {
+                                path: netns.clone(),
+                                errno,
+                            },
+                        },
+                    )
                 })
                 .and_then(|()| work());
             let _ = tx.send(done);
         })
-        .map_err(|e| format!("probe thread: {e}"))?;
-    rx.await.map_err(|_| "the probe thread died".to_string())?
+        .map_err(ProbeError::Thread)?;
+    rx.await.map_err(|_| ProbeError::ThreadDied)?
 }
 
 #[tonic::async_trait]
 impl Probe for NetnsProbe {
-    async fn connect(&self, netns: &Path, address: SocketAddr) -> Result<(), String> {
+    async fn connect(&self, netns: &Path, address: SocketAddr) -> Result<(), ProbeError> {
         let timeout = self.timeout;
         in_netns(netns, move || {
             std::net::TcpStream::connect_timeout(&address, timeout)
                 .map(drop)
                 .map_err(|e| match e.kind() {
-                    std::io::ErrorKind::TimedOut => format!("no answer within {timeout:?}"),
-                    _ => e.to_string(),
+                    std::io::ErrorKind::TimedOut => ProbeError::NoAnswer(timeout),
+                    _ => ProbeError::Connect(e),
                 })
         })
         .await
     }
 
-    async fn announce(&self, netns: &Path, address: IpAddr) -> Result<(), String> {
+    async fn announce(&self, netns: &Path, address: IpAddr) -> Result<(), ProbeError> {
         let IpAddr::V4(address) = address else {
-            return Err(format!("{address}: tenant networks are IPv4 only"));
+            return Err(ProbeError::NotIpv4(address));
         };
-        in_netns(netns, move || crate::restarts::announce::announce(address)).await
+        in_netns(netns, move || {
+            Ok(crate::restarts::announce::announce(address)?)
+        })
+        .await
     }
 }
 
@@ -180,24 +247,24 @@ pub(crate) async fn check(
     probe: &dyn Probe,
     container: &str,
     gateway_port: u16,
-) -> Result<(), String> {
-    let d = runtime
-        .details(container)
-        .await
-        .map_err(|e| e.to_string())?;
+) -> Result<(), CheckError> {
+    let d = runtime.details(container).await?;
     if !d.running {
-        return Err(format!("not running (exit code {})", d.exit_code));
+        return Err(CheckError::NotRunning(d.exit_code));
     }
     match d.health.as_deref() {
         Some("healthy") => {}
-        Some(other) => return Err(format!("Docker healthcheck says {other}")),
+        Some(other) => return Err(CheckError::Unhealthy(other.to_string())),
         None => {
-            let address = d.address.ok_or("no address on its tenant network")?;
-            let netns = d.netns.as_deref().ok_or("no network namespace")?;
+            let address = d.address.ok_or(CheckError::NoAddress)?;
+            let netns = d.netns.as_deref().ok_or(CheckError::NoNetns)?;
             probe
                 .connect(netns, SocketAddr::new(address, gateway_port))
                 .await
-                .map_err(|e| format!("gateway port {gateway_port}: {e}"))?;
+                .map_err(|source| CheckError::Gateway {
+                    port: gateway_port,
+                    source,
+                })?;
         }
     }
     if let (Some(address), Some(netns)) = (d.address, d.netns.as_deref())
@@ -218,12 +285,9 @@ pub async fn restart_and_wait(
     container: &str,
     gateway_port: u16,
     progress: impl Fn(String),
-) -> Result<Duration, String> {
+) -> Result<Duration, RestartError> {
     let began = Instant::now();
-    runtime
-        .restart(container)
-        .await
-        .map_err(|e| e.to_string())?;
+    runtime.restart(container).await?;
     let mut pause = gate.every;
     let mut checks = 0u32;
     loop {
@@ -235,10 +299,13 @@ pub async fn restart_and_wait(
             Err(e) => e,
         };
         if elapsed >= gate.timeout {
-            return Err(format!(
-                "not healthy {} after the restart ({checks} checks; last: {error})",
-                humanize(SignedDuration::try_from(gate.timeout).unwrap_or(SignedDuration::MAX))
-            ));
+            return Err(RestartError::NotHealthy {
+                after: humanize(
+                    SignedDuration::try_from(gate.timeout).unwrap_or(SignedDuration::MAX),
+                ),
+                checks,
+                last: error,
+            });
         }
         if elapsed >= gate.fast_for {
             pause = (pause * 2).min(gate.max_backoff);
@@ -389,12 +456,12 @@ impl Restarts {
         let container = runtime
             .list(host)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(RestartError::from)
             .and_then(|all| {
                 all.into_iter()
                     .find(|c| c.tenant == tenant.as_str())
                     .map(|c| c.id)
-                    .ok_or_else(|| "the container is gone".to_string())
+                    .ok_or(RestartError::Gone)
             });
         let outcome = match container {
             Ok(id) => {
@@ -410,23 +477,24 @@ impl Restarts {
         };
         lock(&self.busy).remove(tenant.as_str());
         let now = Timestamp::from_millisecond(clock.now_unix_ms()).unwrap_or(Timestamp::UNIX_EPOCH);
-        let down = outcome
-            .as_ref()
-            .map(|d| SignedDuration::try_from(*d).unwrap_or(SignedDuration::MAX))
-            .map_err(Clone::clone);
+        let error = outcome.as_ref().err().map(ToString::to_string);
+        let down = match (&outcome, &error) {
+            (Ok(d), _) => Ok(SignedDuration::try_from(*d).unwrap_or(SignedDuration::MAX)),
+            (Err(_), error) => Err(error.as_deref().unwrap_or_default()),
+        };
         match &outcome {
             Ok(d) => {
                 tracing::info!(%tenant, downtime_ms = d.as_millis() as u64, "restarted and healthy")
             }
             Err(e) => tracing::warn!(%tenant, error = %e, "restart failed"),
         }
-        lock(&self.scheduler).finished(&tenant, now, &down);
+        lock(&self.scheduler).finished(&tenant, now, down);
         if let Reason::Requested(request_id) = start.reason {
             self.push_result(proto::RestartResult {
                 tenant_id: tenant.to_string(),
                 request_id,
                 ok: outcome.is_ok(),
-                error: outcome.as_ref().err().cloned().unwrap_or_default(),
+                error: error.unwrap_or_default(),
                 downtime_ms: outcome.map_or(0, |d| d.as_millis() as u64),
             });
         }

@@ -39,7 +39,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use crate::transfer::peer::IncomingChunks;
-use crate::volume::TENANT_ID;
+use crate::volume::{TENANT_ID, VolumeError, shred_copy};
 
 /// Data bytes per chunk, and the size of the blocks a pre-copied file is compared by: a chunk
 /// never spans two blocks.
@@ -191,6 +191,26 @@ pub enum TransferError {
     Cut,
     #[error("the target stopped taking the stream")]
     TargetGone,
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+}
+
+/// Why a copy between two hosts ended without its volume in place.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error("cancelled by the coordinator")]
+    Cancelled,
+    #[error(transparent)]
+    Peer(#[from] crate::transfer::peer::PeerError),
+    /// The target's answer to the push.
+    #[error("the target: {0}")]
+    Target(String),
+    #[error(transparent)]
+    Broke(#[from] crate::transfer::peer::StreamBroke),
+    #[error(transparent)]
+    Volume(#[from] TransferError),
+    #[error("{what} task: {message}")]
+    Task { what: &'static str, message: String },
 }
 
 fn io(path: &Path, e: std::io::Error) -> TransferError {
@@ -202,56 +222,6 @@ fn io(path: &Path, e: std::io::Error) -> TransferError {
 
 fn bad(reason: impl Into<String>) -> TransferError {
     TransferError::Stream(reason.into())
-}
-
-/// The LUKS2 header and keyslot area as berth formats volumes (cryptsetup's defaults): the
-/// first 16 MiB of the backing file.
-const LUKS_HEADER_BYTES: u64 = 16 << 20;
-
-/// Removes a copy of a tenant's volume that is not its live one (a pre-copy kept aside, an
-/// import cut short or replaced): each LUKS file in `dir` first has its header and keyslot area
-/// overwritten with zeros and written out, as `luksErase` leaves a volume, so the blocks it
-/// leaves on the disk open with no key (the tenant's key lives on while its live volume does).
-/// Returns whether a LUKS copy was erased.
-pub fn shred_copy(dir: &Path) -> Result<bool, TransferError> {
-    let mut erased = false;
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(io(dir, e)),
-    };
-    for entry in entries {
-        let path = entry.map_err(|e| io(dir, e))?.path();
-        let meta = std::fs::symlink_metadata(&path).map_err(|e| io(&path, e))?;
-        if !meta.is_file() {
-            continue;
-        }
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
-            .open(&path)
-            .map_err(|e| io(&path, e))?;
-        let mut magic = [0u8; 6];
-        if file.read_at(&mut magic, 0).map_err(|e| io(&path, e))? < magic.len()
-            || &magic != b"LUKS\xba\xbe"
-        {
-            continue;
-        }
-        let zeros = vec![0u8; CHUNK_BYTES];
-        let end = meta.len().min(LUKS_HEADER_BYTES);
-        let mut at = 0;
-        while at < end {
-            let n = (end - at).min(CHUNK_BYTES as u64) as usize;
-            file.write_all_at(&zeros[..n], at)
-                .map_err(|e| io(&path, e))?;
-            at += n as u64;
-        }
-        file.sync_all().map_err(|e| io(&path, e))?;
-        erased = true;
-    }
-    std::fs::remove_dir_all(dir).map_err(|e| io(dir, e))?;
-    Ok(erased)
 }
 
 /// Where a tenant's volume lives under the agent's volume root, by layout.
@@ -1218,11 +1188,15 @@ const PRECOPY_NICE: i32 = 10;
 async fn off_runtime<T: Send + 'static>(
     precopy: bool,
     work: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, String> {
+) -> Result<T, CopyError> {
+    let failed = |message: String| CopyError::Task {
+        what: if precopy { "pre-copy" } else { "copy" },
+        message,
+    };
     if !precopy {
         return tokio::task::spawn_blocking(work)
             .await
-            .map_err(|e| e.to_string());
+            .map_err(|e| failed(e.to_string()));
     }
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
@@ -1238,8 +1212,8 @@ async fn off_runtime<T: Send + 'static>(
             }
             let _ = tx.send(work());
         })
-        .map_err(|e| e.to_string())?;
-    rx.await.map_err(|_| "the pre-copy thread died".to_string())
+        .map_err(|e| failed(e.to_string()))?;
+    rx.await.map_err(|_| failed("the thread died".into()))
 }
 
 /// How often an import reports its progress at most.
@@ -1252,8 +1226,6 @@ async fn cancelled_by(mut cancelled: watch::Receiver<bool>) {
     }
 }
 
-const CANCELLED: &str = "cancelled by the coordinator";
-
 /// Exports the tenant's volume (see [`export`]) as transfer `transfer_id` with its `token`,
 /// pushed to the target's transfer port through `target`.
 pub async fn send_volume(
@@ -1264,7 +1236,7 @@ pub async fn send_volume(
     precopy: bool,
     base: Option<Base>,
     cancelled: watch::Receiver<bool>,
-) -> Result<Copied, String> {
+) -> Result<Copied, CopyError> {
     let (tx, rx) = mpsc::channel(PIPE_CHUNKS);
     let reader = off_runtime(precopy, move || {
         let mut token = Some(token);
@@ -1280,15 +1252,14 @@ pub async fn send_volume(
     // Cancelled, the stream is dropped, so the reader's next send fails and it ends.
     let (read, call) = tokio::select! {
         done = copy => done,
-        () = cancelled_by(cancelled) => return Err(CANCELLED.into()),
+        () = cancelled_by(cancelled) => return Err(CopyError::Cancelled),
     };
-    let read = read.map_err(|e| format!("export task: {e}"))?;
-    match (read, call) {
+    match (read?, call) {
         // The call says why the target stopped taking the stream.
         (Ok(_) | Err(TransferError::TargetGone), Err(status)) => {
-            Err(format!("the target: {}", status.message()))
+            Err(CopyError::Target(status.message().to_string()))
         }
-        (Err(e), _) => Err(e.to_string()),
+        (Err(e), _) => Err(e.into()),
         (Ok(done), Ok(_)) => Ok(done),
     }
 }
@@ -1305,7 +1276,7 @@ pub async fn receive_volume(
     base: Option<Base>,
     report: impl Fn(u64, u64),
     cancelled: watch::Receiver<bool>,
-) -> Result<Copied, String> {
+) -> Result<Copied, CopyError> {
     let (tx, mut rx) = mpsc::channel::<proto::VolumeChunk>(PIPE_CHUNKS);
     let staging = at.staging();
     let writer = tokio::spawn(off_runtime(precopy, move || {
@@ -1322,7 +1293,7 @@ pub async fn receive_volume(
     let broken = loop {
         let next = tokio::select! {
             next = chunks.recv() => next,
-            () = &mut cancel => break Some(CANCELLED.to_string()),
+            () = &mut cancel => break Some(CopyError::Cancelled),
         };
         match next {
             Some(Ok(chunk)) => {
@@ -1340,17 +1311,19 @@ pub async fn receive_volume(
                 }
             }
             None => break None,
-            Some(Err(why)) => break Some(why),
+            Some(Err(why)) => break Some(why.into()),
         }
     };
     drop(tx);
     // Cancelled or broken, the writer sees the stream end early and fails.
     let written = writer
         .await
-        .map_err(|e| e.to_string())
-        .and_then(|joined| joined)
-        .map_err(|e| format!("import task: {e}"))?
-        .map_err(|e| e.to_string());
+        .map_err(|e| CopyError::Task {
+            what: "import",
+            message: e.to_string(),
+        })
+        .and_then(|joined| joined)?
+        .map_err(CopyError::from);
     let outcome = match broken {
         Some(why) => Err(why),
         None => written,

@@ -21,17 +21,16 @@
 
 pub mod cryptsetup;
 
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use std::sync::Arc;
 
 use berth_shared::ids::TenantId;
-use berth_shared::proto;
 use berth_shared::spec::TenantSpec;
 
 use crate::command::{CommandError, run_command};
-use crate::reconcile::{Failure, VolumeStep};
 use crate::volume::cryptsetup::{CryptError, Cryptsetup, VolumeKey};
 
 /// The uid and gid tenant containers run as; they own their volume's root.
@@ -71,6 +70,32 @@ pub enum VolumeError {
     Crypt(#[from] CryptError),
     #[error(transparent)]
     Command(#[from] CommandError),
+    #[error("volume task: {0}")]
+    Task(String),
+}
+
+/// Why a tenant's volume is not ready for its container.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error("encrypted volume: this host has no dm-crypt (device-mapper with the crypt target)")]
+    NoDmCrypt,
+    /// Not a failure: the coordinator delivers keys after each desired state.
+    #[error("waiting for its volume key from the coordinator")]
+    WaitingForKey,
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+}
+
+/// The tenant's data volume, ready before its container starts (a trait so the reconciler is
+/// tested with a recording fake).
+#[tonic::async_trait]
+pub trait VolumeStep: Send + Sync + std::fmt::Debug {
+    /// Makes the volume ready; returns the host directory to bind at the spec's mount path.
+    async fn prepare(&self, spec: &TenantSpec) -> Result<PathBuf, PrepareError>;
+    /// Closes the volume of a tenant whose container is gone (it stays on disk).
+    async fn release(&self, tenant: &str) -> Result<(), VolumeError>;
+    /// Crypto-shreds the volume of a tenant no longer desired here (its container gone).
+    async fn purge(&self, tenant: &TenantId) -> Result<Purged, VolumeError>;
 }
 
 fn io(path: &Path, e: std::io::Error) -> VolumeError {
@@ -601,6 +626,58 @@ pub trait KeySource: Send + Sync + std::fmt::Debug {
     fn volume_key(&self, tenant: &TenantId) -> Option<VolumeKey>;
 }
 
+/// The LUKS2 header and keyslot area as berth formats volumes (cryptsetup's defaults): the
+/// first 16 MiB of the backing file.
+const LUKS_HEADER_BYTES: u64 = 16 << 20;
+/// What one write of zeros covers.
+const ERASE_CHUNK_BYTES: usize = 1 << 20;
+
+/// Removes a copy of a tenant's volume that is not its live one (a pre-copy kept aside, an
+/// import cut short or replaced): each LUKS file in `dir` first has its header and keyslot area
+/// overwritten with zeros and written out, as `luksErase` leaves a volume, so the blocks it
+/// leaves on the disk open with no key (the tenant's key lives on while its live volume does).
+/// Returns whether a LUKS copy was erased.
+pub fn shred_copy(dir: &Path) -> Result<bool, VolumeError> {
+    let mut erased = false;
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(io(dir, e)),
+    };
+    for entry in entries {
+        let path = entry.map_err(|e| io(dir, e))?.path();
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| io(&path, e))?;
+        if !meta.is_file() {
+            continue;
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+            .open(&path)
+            .map_err(|e| io(&path, e))?;
+        let mut magic = [0u8; 6];
+        if file.read_at(&mut magic, 0).map_err(|e| io(&path, e))? < magic.len()
+            || &magic != b"LUKS\xba\xbe"
+        {
+            continue;
+        }
+        let zeros = vec![0u8; ERASE_CHUNK_BYTES];
+        let end = meta.len().min(LUKS_HEADER_BYTES);
+        let mut at = 0;
+        while at < end {
+            let n = (end - at).min(ERASE_CHUNK_BYTES as u64) as usize;
+            file.write_all_at(&zeros[..n], at)
+                .map_err(|e| io(&path, e))?;
+            at += n as u64;
+        }
+        file.sync_all().map_err(|e| io(&path, e))?;
+        erased = true;
+    }
+    std::fs::remove_dir_all(dir).map_err(|e| io(dir, e))?;
+    Ok(erased)
+}
+
 /// The agent's volume step: an encrypted volume (with the key the coordinator delivered) for
 /// a tenant whose spec asks for one, an unencrypted image otherwise; both of the spec's size.
 #[derive(Debug)]
@@ -616,7 +693,7 @@ pub struct HostVolumes {
 
 #[tonic::async_trait]
 impl VolumeStep for HostVolumes {
-    async fn prepare(&self, spec: &TenantSpec) -> Result<PathBuf, Failure> {
+    async fn prepare(&self, spec: &TenantSpec) -> Result<PathBuf, PrepareError> {
         let tenant = spec.tenant_id.clone();
         let size = spec.resources.volume_bytes;
         if !spec.volume.encrypted {
@@ -630,19 +707,13 @@ impl VolumeStep for HostVolumes {
                     Ok(paths.mount.clone())
                 })
                 .await
-                .map_err(Failure::from);
+                .map_err(PrepareError::from);
         }
         if !self.dm_crypt {
-            return Err(
-                "encrypted volume: this host has no dm-crypt (device-mapper with the crypt target)"
-                    .into(),
-            );
+            return Err(PrepareError::NoDmCrypt);
         }
         let Some(key) = self.keys.volume_key(&tenant) else {
-            return Err(Failure {
-                state: proto::TenantState::WaitingForKey,
-                message: "waiting for its volume key from the coordinator".into(),
-            });
+            return Err(PrepareError::WaitingForKey);
         };
         self.blocking(
             VolumePaths::file(&self.root, &tenant),
@@ -652,10 +723,10 @@ impl VolumeStep for HostVolumes {
             },
         )
         .await
-        .map_err(Failure::from)
+        .map_err(PrepareError::from)
     }
 
-    async fn release(&self, tenant: &str) -> Result<(), String> {
+    async fn release(&self, tenant: &str) -> Result<(), VolumeError> {
         // A container whose tenant label is not a valid id never had a volume made.
         let Ok(tenant) = TenantId::new(tenant) else {
             return Ok(());
@@ -670,7 +741,7 @@ impl VolumeStep for HostVolumes {
         Ok(())
     }
 
-    async fn purge(&self, tenant: &TenantId) -> Result<Purged, String> {
+    async fn purge(&self, tenant: &TenantId) -> Result<Purged, VolumeError> {
         let mut purged = Purged::default();
         for paths in [
             VolumePaths::file(&self.root, tenant),
@@ -688,18 +759,17 @@ impl VolumeStep for HostVolumes {
         let plain = VolumePaths::plain(&self.root, tenant);
         let staging = self.root.join("incoming").join(tenant.as_str());
         if plain.mount.exists() {
-            std::fs::remove_dir_all(&plain.mount)
-                .map_err(|e| format!("volume: {}", io(&plain.mount, e)))?;
+            std::fs::remove_dir_all(&plain.mount).map_err(|e| io(&plain.mount, e))?;
             purged.deleted = true;
         }
         let partial = plain.partial();
         if partial.exists() {
-            std::fs::remove_file(&partial).map_err(|e| format!("volume: {}", io(&partial, e)))?;
+            std::fs::remove_file(&partial).map_err(|e| io(&partial, e))?;
             purged.deleted = true;
         }
         if staging.exists() {
             // A LUKS copy kept aside is erased before it is deleted, as the live one is.
-            purged.erased |= crate::transfer::shred_copy(&staging).map_err(|e| e.to_string())?;
+            purged.erased |= shred_copy(&staging)?;
             purged.deleted = true;
         }
         Ok(purged)
@@ -712,7 +782,7 @@ impl HostVolumes {
         &self,
         paths: VolumePaths,
         op: impl FnOnce(&Volumes<'_>, &VolumePaths) -> Result<T, VolumeError> + Send + 'static,
-    ) -> Result<T, String> {
+    ) -> Result<T, VolumeError> {
         let (crypt, mounter) = (self.crypt.clone(), self.mounter.clone());
         tokio::task::spawn_blocking(move || {
             let volumes = Volumes {
@@ -722,8 +792,7 @@ impl HostVolumes {
             op(&volumes, &paths)
         })
         .await
-        .map_err(|e| format!("volume: {e}"))?
-        .map_err(|e| format!("volume: {e}"))
+        .map_err(|e| VolumeError::Task(e.to_string()))?
     }
 }
 

@@ -108,6 +108,23 @@ pub struct FakeAgents {
     transfers: Notify,
 }
 
+/// What an export or import moved: its data bytes and the volume's checksum.
+struct Moved {
+    bytes: u64,
+    sha256: String,
+}
+
+/// A played agent's refusal, in its own words (as a real agent's `VolumeResult.error`).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Refusal(String);
+
+impl From<&str> for Refusal {
+    fn from(s: &str) -> Self {
+        Self(s.to_string())
+    }
+}
+
 /// A volume's size unless a test says otherwise.
 pub const VOLUME_BYTES: u64 = 64 << 20;
 /// What a copy on top of a pre-copy sends: the changes only.
@@ -324,10 +341,10 @@ impl FakeAgents {
     ) -> proto::VolumeResult {
         let action = proto::VolumeAction::try_from(command.action)
             .unwrap_or(proto::VolumeAction::Unspecified);
-        let result = |outcome: Result<(u64, String), String>| {
+        let result = |outcome: Result<Moved, Refusal>| {
             let (data_bytes, sha256, ok, error) = match outcome {
-                Ok((bytes, sha)) => (bytes, sha, true, String::new()),
-                Err(e) => (0, String::new(), false, e),
+                Ok(moved) => (moved.bytes, moved.sha256, true, String::new()),
+                Err(e) => (0, String::new(), false, e.0),
             };
             proto::VolumeResult {
                 tenant_id: command.tenant_id.clone(),
@@ -356,7 +373,7 @@ impl FakeAgents {
             Some(Effect::Hang) => std::future::pending().await,
             Some(Effect::Fail(e)) => {
                 self.note(host, action, &tenant, "failed");
-                return result(Err(e));
+                return result(Err(Refusal(e)));
             }
             None => {}
         }
@@ -365,7 +382,7 @@ impl FakeAgents {
                 let mut fleet = self.fleet();
                 let entry = fleet.hosts.entry(host.clone()).or_default();
                 if entry.running.contains_key(&tenant) {
-                    return result(Err(format!("volume: {tenant} still runs here")));
+                    return result(Err(Refusal(format!("volume: {tenant} still runs here"))));
                 }
                 let deleted = entry.volumes.remove(&tenant).is_some();
                 entry.aside.retain(|_, (t, _)| *t != tenant);
@@ -374,12 +391,17 @@ impl FakeAgents {
                 proto::VolumeResult {
                     erased: deleted,
                     deleted,
-                    ..result(Ok((0, String::new())))
+                    ..result(Ok(Moved {
+                        bytes: 0,
+                        sha256: String::new(),
+                    }))
                 }
             }
             proto::VolumeAction::Export => result(self.export(host, &tenant, &command)),
             proto::VolumeAction::Import => result(self.import(host, &tenant, &command).await),
-            _ => result(Err(format!("volume: unexpected action {action:?}"))),
+            _ => result(Err(Refusal(format!(
+                "volume: unexpected action {action:?}"
+            )))),
         }
     }
 
@@ -393,16 +415,16 @@ impl FakeAgents {
         host: &HostId,
         tenant: &TenantId,
         command: &proto::VolumeCommand,
-    ) -> Result<(u64, String), String> {
+    ) -> Result<Moved, Refusal> {
         let mut fleet = self.fleet();
         let entry = fleet.hosts.entry(host.clone()).or_default();
         if !command.precopy && entry.running.contains_key(tenant) {
-            return Err(format!("export: {tenant} still runs here"));
+            return Err(Refusal(format!("export: {tenant} still runs here")));
         }
         let volume = *entry
             .volumes
             .get(tenant)
-            .ok_or_else(|| format!("export: no volume of {tenant} here"))?;
+            .ok_or_else(|| Refusal(format!("export: no volume of {tenant} here")))?;
         let transfer = fleet.transfers.entry(command.transfer_id).or_default();
         if transfer.cancelled {
             return Err("export: cancelled".into());
@@ -415,7 +437,10 @@ impl FakeAgents {
             0 => volume.bytes,
             _ => CHANGES_BYTES,
         };
-        Ok((bytes, volume.sha256(tenant)))
+        Ok(Moved {
+            bytes,
+            sha256: volume.sha256(tenant),
+        })
     }
 
     async fn import(
@@ -423,7 +448,7 @@ impl FakeAgents {
         host: &HostId,
         tenant: &TenantId,
         command: &proto::VolumeCommand,
-    ) -> Result<(u64, String), String> {
+    ) -> Result<Moved, Refusal> {
         let volume = loop {
             let arrived = self.transfers.notified();
             tokio::pin!(arrived);
@@ -449,10 +474,10 @@ impl FakeAgents {
                 .insert(command.transfer_id, (tenant.clone(), volume));
         } else {
             if based && !entry.aside.contains_key(&command.base_transfer_id) {
-                return Err(format!(
+                return Err(Refusal(format!(
                     "import: no pre-copy {} here to build on",
                     command.base_transfer_id
-                ));
+                )));
             }
             entry.aside.retain(|_, (t, _)| t != tenant);
             entry.volumes.insert(tenant.clone(), volume);
@@ -460,7 +485,10 @@ impl FakeAgents {
         drop(fleet);
         self.note(host, proto::VolumeAction::Import, tenant, "");
         let bytes = if based { CHANGES_BYTES } else { volume.bytes };
-        Ok((bytes, volume.sha256(tenant)))
+        Ok(Moved {
+            bytes,
+            sha256: volume.sha256(tenant),
+        })
     }
 }
 

@@ -33,8 +33,22 @@ use crate::command::{CommandError, run_command_with_input};
 
 pub const DEFAULT_TABLE: &str = "berth";
 
+/// A table name nft scripts cannot take.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid egress.table {0:?}: 1 to 32 characters of a-z, 0-9 and _, starting with a letter")]
+pub struct BadTableName(pub String);
+
+/// What `nft -j list` printed and berth could not read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ListingError {
+    #[error("nft -j printed invalid JSON: {0}")]
+    Json(String),
+    #[error("nft -j printed no \"nftables\" array")]
+    NoArray,
+}
+
 /// A table name: it is spliced into nft scripts, so only `[a-z][a-z0-9_]{0,31}`.
-pub fn validate_table(name: &str) -> Result<(), String> {
+pub fn validate_table(name: &str) -> Result<(), BadTableName> {
     let ok = name.len() <= 32
         && name.starts_with(|c: char| c.is_ascii_lowercase())
         && name
@@ -43,9 +57,7 @@ pub fn validate_table(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "invalid egress.table {name:?}: 1 to 32 characters of a-z, 0-9 and _, starting with a letter"
-        ))
+        Err(BadTableName(name.to_string()))
     }
 }
 
@@ -550,7 +562,6 @@ fn rule_counter(expr: &[Value]) -> Option<u64> {
     if rejects { packets } else { None }
 }
 
-/// Parses `nft -j list table inet <table>`.
 /// Whether a rule expression sets [`ACCEPTED_MARK`] (`meta mark set meta mark | MARK`).
 fn sets_accepted_mark(expr: &Value) -> bool {
     let Some(mangle) = expr.get("mangle") else {
@@ -563,13 +574,13 @@ fn sets_accepted_mark(expr: &Value) -> bool {
             .is_some_and(|m| m == u64::from(ACCEPTED_MARK))
 }
 
-pub fn parse_listing(json: &str) -> Result<Installed, String> {
-    let doc: Value =
-        serde_json::from_str(json).map_err(|e| format!("nft -j printed invalid JSON: {e}"))?;
+/// Parses `nft -j list table inet <table>`.
+pub fn parse_listing(json: &str) -> Result<Installed, ListingError> {
+    let doc: Value = serde_json::from_str(json).map_err(|e| ListingError::Json(e.to_string()))?;
     let items = doc
         .get("nftables")
         .and_then(Value::as_array)
-        .ok_or("nft -j printed no \"nftables\" array")?;
+        .ok_or(ListingError::NoArray)?;
     let mut installed = Installed::default();
     let (mut base_rules, mut maps, mut resolver_set) = (0, 0, false);
     fn entry<'a>(t: &'a mut Installed, chain: &str) -> &'a mut InstalledTenant {

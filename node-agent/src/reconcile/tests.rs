@@ -11,21 +11,18 @@ struct RecordingSteps(Arc<FakeRuntime>);
 
 #[tonic::async_trait]
 impl VolumeStep for RecordingSteps {
-    async fn prepare(&self, s: &TenantSpec) -> Result<std::path::PathBuf, Failure> {
+    async fn prepare(&self, s: &TenantSpec) -> Result<std::path::PathBuf, PrepareError> {
         if *self.0.volume_key_missing.lock().unwrap() {
-            return Err(Failure {
-                state: proto::TenantState::WaitingForKey,
-                message: "waiting for its volume key from the coordinator".into(),
-            });
+            return Err(PrepareError::WaitingForKey);
         }
         self.0.record(format!("volume {}", s.tenant_id));
         Ok(format!("/vol/{}", s.tenant_id).into())
     }
-    async fn release(&self, t: &str) -> Result<(), String> {
+    async fn release(&self, t: &str) -> Result<(), VolumeError> {
         self.0.record(format!("rm-volume {t}"));
         Ok(())
     }
-    async fn purge(&self, t: &TenantId) -> Result<crate::volume::Purged, String> {
+    async fn purge(&self, t: &TenantId) -> Result<crate::volume::Purged, VolumeError> {
         self.0.record(format!("purge-volume {t}"));
         Ok(crate::volume::Purged {
             erased: true,
@@ -38,13 +35,16 @@ impl VolumeStep for RecordingSteps {
 /// refuses everything while `egress_broken` is set.
 #[tonic::async_trait]
 impl EgressStep for RecordingSteps {
-    async fn refresh(&self) -> Result<(), String> {
+    async fn refresh(&self) -> Result<(), EgressError> {
         match *self.0.egress_broken.lock().unwrap() {
-            true => Err("cannot run nft: No such file or directory".into()),
+            true => Err(EgressError::List(crate::command::CommandError::Spawn {
+                program: "nft".into(),
+                source: std::io::Error::from_raw_os_error(2),
+            })),
             false => Ok(()),
         }
     }
-    async fn apply(&self, s: &TenantSpec, subnet: &str) -> Result<EgressReport, String> {
+    async fn apply(&self, s: &TenantSpec, subnet: &str) -> Result<EgressReport, EgressError> {
         self.refresh().await?;
         let mut applied = self.0.egress_applied.lock().unwrap();
         let entry = format!("{} {subnet}", s.tenant_id);
@@ -58,7 +58,7 @@ impl EgressStep for RecordingSteps {
             ..Default::default()
         })
     }
-    async fn release(&self, t: &TenantId) -> Result<(), String> {
+    async fn release(&self, t: &TenantId) -> Result<(), EgressError> {
         self.0
             .egress_applied
             .lock()
@@ -67,7 +67,7 @@ impl EgressStep for RecordingSteps {
         self.0.record(format!("rm-egress {t}"));
         Ok(())
     }
-    async fn sweep(&self, keep: &BTreeSet<TenantId>) -> Result<(), String> {
+    async fn sweep(&self, keep: &BTreeSet<TenantId>) -> Result<(), EgressError> {
         let mut applied = self.0.egress_applied.lock().unwrap();
         let before = applied.len();
         applied.retain(|e| keep.iter().any(|t| e.starts_with(&format!("{t} "))));
@@ -367,7 +367,7 @@ async fn no_container_starts_without_its_rules_and_an_allowlist_change_does_not_
     assert_eq!(statuses[0].state, proto::TenantState::Failed as i32);
     assert_eq!(
         statuses[0].message,
-        "egress: cannot run nft: No such file or directory"
+        "egress: cannot run nft: No such file or directory (os error 2)"
     );
     assert!(fake.containers.lock().unwrap().is_empty());
     *fake.egress_broken.lock().unwrap() = false;

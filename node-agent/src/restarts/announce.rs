@@ -32,11 +32,31 @@ pub fn announcement(mac: [u8; 6], ip: Ipv4Addr) -> [u8; 28] {
     packet
 }
 
+/// Why an address was not announced.
+#[derive(Debug, thiserror::Error)]
+pub enum AnnounceError {
+    #[error("listing the interfaces: {0}")]
+    Interfaces(nix::errno::Errno),
+    #[error("no interface holds {0}")]
+    NoInterface(Ipv4Addr),
+    #[error("{0} has no link address")]
+    NoLink(String),
+    #[error("{0} has no hardware address")]
+    NoHardwareAddress(String),
+    #[error("{interface}: interface index {index} out of range")]
+    Index { interface: String, index: usize },
+    #[error("{interface}: {source}")]
+    Send {
+        interface: String,
+        source: std::io::Error,
+    },
+}
+
 /// Broadcasts [`announcement`] of `ip` on the interface of this thread's network namespace
 /// that holds it.
-pub fn announce(ip: Ipv4Addr) -> Result<(), String> {
+pub fn announce(ip: Ipv4Addr) -> Result<(), AnnounceError> {
     let interfaces: Vec<_> = nix::ifaddrs::getifaddrs()
-        .map_err(|e| format!("listing the interfaces: {e}"))?
+        .map_err(AnnounceError::Interfaces)?
         .collect();
     let name = interfaces
         .iter()
@@ -47,17 +67,23 @@ pub fn announce(ip: Ipv4Addr) -> Result<(), String> {
                 .is_some_and(|a| a.ip() == ip)
         })
         .map(|i| i.interface_name.as_str())
-        .ok_or_else(|| format!("no interface holds {ip}"))?;
+        .ok_or(AnnounceError::NoInterface(ip))?;
     let link = interfaces
         .iter()
         .filter(|i| i.interface_name == name)
         .find_map(|i| i.address.as_ref()?.as_link_addr().copied())
-        .ok_or_else(|| format!("{name} has no link address"))?;
+        .ok_or_else(|| AnnounceError::NoLink(name.to_string()))?;
     let mac = link
         .addr()
-        .ok_or_else(|| format!("{name} has no hardware address"))?;
-    let ifindex = i32::try_from(link.ifindex()).map_err(|e| format!("{name}: {e}"))?;
-    send_broadcast(ifindex, &announcement(mac, ip)).map_err(|e| format!("{name}: {e}"))
+        .ok_or_else(|| AnnounceError::NoHardwareAddress(name.to_string()))?;
+    let ifindex = i32::try_from(link.ifindex()).map_err(|_| AnnounceError::Index {
+        interface: name.to_string(),
+        index: link.ifindex(),
+    })?;
+    send_broadcast(ifindex, &announcement(mac, ip)).map_err(|source| AnnounceError::Send {
+        interface: name.to_string(),
+        source,
+    })
 }
 
 /// Sends `payload` as an ARP frame to the link-layer broadcast address of interface `ifindex`.
@@ -122,6 +148,6 @@ mod tests {
     fn an_address_no_interface_holds_is_not_announced() {
         // 192.0.2.0/24 is TEST-NET-1: no interface of a test machine holds it.
         let e = announce(Ipv4Addr::new(192, 0, 2, 77)).unwrap_err();
-        assert_eq!(e, "no interface holds 192.0.2.77");
+        assert_eq!(e.to_string(), "no interface holds 192.0.2.77");
     }
 }

@@ -18,6 +18,16 @@ use crate::restarts::{HealthGate, Probe, check};
 use crate::runtime::ContainerRuntime;
 
 /// One start of one container.
+/// What the checks of a tenant's current start found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    Healthy,
+    /// Its checks are young: not passed yet, not failing long enough to say so.
+    Checking,
+    /// Failing past the gate's fast phase: why.
+    Failing(String),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Start {
     container: String,
@@ -64,15 +74,14 @@ impl HealthWatch {
     }
 
     /// Whether `tenant`'s running container passed its check since it started at
-    /// `started_at` (`Ok`), or why not (`Err`: empty while its checks are young); a start not
-    /// seen before begins to be checked.
+    /// `started_at`; a start not seen before begins to be checked.
     pub fn healthy(
         self: &Arc<Self>,
         tenant: &str,
         container: &str,
         started_at: &str,
         gateway_port: u16,
-    ) -> Result<(), String> {
+    ) -> Health {
         let start = Start {
             container: container.to_string(),
             started_at: started_at.to_string(),
@@ -80,8 +89,9 @@ impl HealthWatch {
         let mut marks = self.marks();
         if let Some(mark) = marks.get(tenant).filter(|m| m.start == start) {
             return match (mark.healthy, &mark.failing) {
-                (true, _) => Ok(()),
-                (false, failing) => Err(failing.clone().unwrap_or_default()),
+                (true, _) => Health::Healthy,
+                (false, Some(failing)) => Health::Failing(failing.clone()),
+                (false, None) => Health::Checking,
             };
         }
         marks.insert(
@@ -94,7 +104,7 @@ impl HealthWatch {
         );
         drop(marks);
         tokio::spawn(self.clone().watch(tenant.to_string(), start, gateway_port));
-        Err(String::new())
+        Health::Checking
     }
 
     /// Forgets the starts of tenants without a running container here; their checks end.

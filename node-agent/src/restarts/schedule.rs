@@ -319,7 +319,7 @@ impl Scheduler {
         &mut self,
         tenant: &TenantId,
         now: Timestamp,
-        outcome: &Result<SignedDuration, String>,
+        outcome: Result<SignedDuration, &str>,
     ) {
         let Some(entry) = self.entries.get_mut(tenant) else {
             return;
@@ -335,7 +335,7 @@ impl Scheduler {
         entry.note = match outcome {
             Ok(down) => format!(
                 "{kind} restart at {at}: healthy again after {}",
-                humanize(*down)
+                humanize(down)
             ),
             Err(e) => format!(
                 "{kind} restart at {at} failed after {}: {e}",

@@ -99,7 +99,8 @@ async fn a_docker_healthcheck_decides_when_the_image_has_one() {
         |_| {},
     )
     .await
-    .unwrap_err();
+    .unwrap_err()
+    .to_string();
     assert!(
         err.starts_with("not healthy 1 min after the restart ("),
         "{err}"
@@ -132,7 +133,8 @@ async fn a_failing_check_is_reported_and_retried_with_backoff_until_the_timeout(
         |n| notes.lock().unwrap().push(n),
     )
     .await
-    .unwrap_err();
+    .unwrap_err()
+    .to_string();
     let notes = notes.into_inner().unwrap();
     // 10 s of checks every 50 ms, then pauses of 0.1, 0.2, 0.4 ... 15 s.
     let attempts = probe.attempts.load(Ordering::SeqCst);
@@ -169,7 +171,8 @@ async fn a_failing_check_is_reported_and_retried_with_backoff_until_the_timeout(
         |_| {},
     )
     .await
-    .unwrap_err();
+    .unwrap_err()
+    .to_string();
     assert!(err.ends_with("last: not running (exit code 137))"), "{err}");
 }
 

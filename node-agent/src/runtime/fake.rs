@@ -207,18 +207,28 @@ pub struct FakeProbe {
 
 #[tonic::async_trait]
 impl crate::restarts::Probe for FakeProbe {
-    async fn connect(&self, netns: &Path, address: SocketAddr) -> Result<(), String> {
+    async fn connect(
+        &self,
+        netns: &Path,
+        address: SocketAddr,
+    ) -> Result<(), crate::restarts::ProbeError> {
         self.addresses.lock().unwrap().push(address);
         self.namespaces.lock().unwrap().push(netns.to_path_buf());
         let n = self.attempts.fetch_add(1, Ordering::SeqCst);
         if n < self.failures {
-            Err("Connection refused (os error 111)".into())
+            Err(crate::restarts::ProbeError::Connect(
+                std::io::Error::from_raw_os_error(111),
+            ))
         } else {
             Ok(())
         }
     }
 
-    async fn announce(&self, netns: &Path, address: IpAddr) -> Result<(), String> {
+    async fn announce(
+        &self,
+        netns: &Path,
+        address: IpAddr,
+    ) -> Result<(), crate::restarts::ProbeError> {
         self.announced
             .lock()
             .unwrap()

@@ -7,6 +7,15 @@ use std::net::Ipv4Addr;
 pub const TENANT_PREFIX: u8 = 28;
 
 /// An IPv4 pool such as `10.213.0.0/16`.
+/// A subnet pool setting that is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {field} {value:?}: {why}")]
+pub struct BadPool {
+    pub field: String,
+    pub value: String,
+    pub why: &'static str,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SubnetPool {
     base: u32,
@@ -15,8 +24,12 @@ pub struct SubnetPool {
 
 impl SubnetPool {
     /// Parses `a.b.c.d/n` with n ≤ 28; `field` names it in errors.
-    pub fn parse(field: &str, value: &str) -> Result<Self, String> {
-        let bad = |why: &str| format!("invalid {field} {value:?}: {why}");
+    pub fn parse(field: &str, value: &str) -> Result<Self, BadPool> {
+        let bad = |why: &'static str| BadPool {
+            field: field.to_string(),
+            value: value.chars().take(64).collect(),
+            why,
+        };
         let (addr, prefix) = value
             .split_once('/')
             .ok_or_else(|| bad("expected an IPv4 CIDR such as 10.213.0.0/16"))?;
@@ -99,7 +112,9 @@ mod tests {
             ("10.0.0.0/30", "8 to 28"),
             ("::/16", "not an IPv4"),
         ] {
-            let err = SubnetPool::parse("tenant_subnets", bad).unwrap_err();
+            let err = SubnetPool::parse("tenant_subnets", bad)
+                .unwrap_err()
+                .to_string();
             assert!(
                 err.starts_with("invalid tenant_subnets") && err.contains(why),
                 "{err}"

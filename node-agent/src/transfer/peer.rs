@@ -31,9 +31,29 @@ const ANNOUNCE_WAIT: Duration = Duration::from_secs(10);
 /// Chunks (of up to 1 MiB) buffered between the network and the disk.
 const INCOMING_CHUNKS: usize = 4;
 
+/// The sending host's stream broke: the import learns so rather than seeing it end.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the sending host's stream broke: {0}")]
+pub struct StreamBroke(pub String);
+
 /// What an import reads: the stream's chunks, or why it broke.
-pub type IncomingChunks = mpsc::Receiver<Result<proto::VolumeChunk, String>>;
-type IncomingSender = mpsc::Sender<Result<proto::VolumeChunk, String>>;
+pub type IncomingChunks = mpsc::Receiver<Result<proto::VolumeChunk, StreamBroke>>;
+type IncomingSender = mpsc::Sender<Result<proto::VolumeChunk, StreamBroke>>;
+
+/// Why a volume command's transfer fields name no peer to copy with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerError {
+    #[error("transfer_token: {0} bytes, not 32")]
+    TokenLength(usize),
+    #[error("peer_host_id: {0}")]
+    PeerHost(berth_shared::ids::IdError),
+    #[error("peer_address: {0:?} is not an ip:port")]
+    PeerAddress(String),
+    #[error("not connected to the coordinator")]
+    NoSession,
+    #[error("transfer TLS: {0}")]
+    Tls(String),
+}
 
 #[derive(Debug)]
 struct Expected {
@@ -214,7 +234,7 @@ impl PeerApi {
                 Ok(None) => return Ok(data_bytes),
                 Err(status) => {
                     // The import learns that the stream broke rather than seeing it end.
-                    let why = format!("the sending host's stream broke: {}", status.message());
+                    let why = StreamBroke(status.message().to_string());
                     let _ = sender.send(Err(why)).await;
                     return Err(status);
                 }
@@ -257,15 +277,15 @@ impl std::fmt::Debug for PeerTls {
 const TOKEN_BYTES: usize = 32;
 
 /// The host an import command accepts its stream from.
-pub fn source_of(command: &proto::VolumeCommand) -> Result<HostId, String> {
+pub fn source_of(command: &proto::VolumeCommand) -> Result<HostId, PeerError> {
     check_token(command)?;
-    HostId::new(&command.peer_host_id).map_err(|e| format!("peer_host_id: {e}"))
+    HostId::new(&command.peer_host_id).map_err(PeerError::PeerHost)
 }
 
-fn check_token(command: &proto::VolumeCommand) -> Result<(), String> {
+fn check_token(command: &proto::VolumeCommand) -> Result<(), PeerError> {
     match command.transfer_token.len() {
         TOKEN_BYTES => Ok(()),
-        n => Err(format!("transfer_token: {n} bytes, not {TOKEN_BYTES}")),
+        n => Err(PeerError::TokenLength(n)),
     }
 }
 
@@ -275,22 +295,19 @@ pub fn push_target(
     command: &proto::VolumeCommand,
     tls: Option<&PeerTls>,
     denied: Arc<berth_shared::tls::SerialDenyList>,
-) -> Result<PeerServiceClient<tonic::transport::Channel>, String> {
+) -> Result<PeerServiceClient<tonic::transport::Channel>, PeerError> {
     check_token(command)?;
-    let target = HostId::new(&command.peer_host_id).map_err(|e| format!("peer_host_id: {e}"))?;
+    let target = HostId::new(&command.peer_host_id).map_err(PeerError::PeerHost)?;
     let address: SocketAddr = command.peer_address.parse().map_err(|_| {
-        format!(
-            "peer_address: {:?} is not an ip:port",
-            command.peer_address.chars().take(64).collect::<String>()
-        )
+        PeerError::PeerAddress(command.peer_address.chars().take(64).collect::<String>())
     })?;
-    let tls = tls.ok_or("not connected to the coordinator")?;
+    let tls = tls.ok_or(PeerError::NoSession)?;
     let identity = ClientIdentity {
         chain: tls.chain.clone(),
         key: tls.key.clone_key(),
     };
     let config = peer_client_config(tls.ca.clone(), identity, target, denied)
-        .map_err(|e| format!("transfer TLS: {e}"))?;
+        .map_err(|e| PeerError::Tls(e.to_string()))?;
     // A stream lasts as long as the volume takes; the coordinator cancels it when it must.
     let channel = berth_shared::transport::tls_channel(
         (address.ip().to_string(), address.port()),
@@ -467,13 +484,16 @@ mod tests {
             )
         };
         // The source refuses a transfer port that is not the host it was sent to.
-        let wrong = push(&source_tls, "elsewhere").await.unwrap_err();
+        let wrong = push(&source_tls, "elsewhere")
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(
             wrong.contains("the transfer port presented host target, not host elsewhere"),
             "{wrong}"
         );
         // Another host of the fleet, though it holds the token, is not the source named.
-        let refused = push(&intruder_tls, "target").await.unwrap_err();
+        let refused = push(&intruder_tls, "target").await.unwrap_err().to_string();
         assert!(refused.contains("not intruder's to send"), "{refused}");
 
         let sending = push(&source_tls, "target");
@@ -509,7 +529,10 @@ mod tests {
             }
         );
         let error = outcome.expect("ended at once").unwrap_err();
-        assert_eq!(error, "cancelled by the coordinator");
+        assert!(
+            matches!(error, crate::transfer::CopyError::Cancelled),
+            "{error}"
+        );
         assert_eq!(
             std::fs::read_dir(dir.path()).unwrap().count(),
             0,

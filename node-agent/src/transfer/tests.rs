@@ -33,12 +33,12 @@ fn import(
     base: Option<Base>,
     chunks: Vec<proto::VolumeChunk>,
     keep_aside: bool,
-) -> Result<Copied, String> {
+) -> Result<Copied, TransferError> {
     let mut importer = Importer::new(to.clone(), id, base);
     for c in chunks {
-        importer.accept(c).map_err(|e| e.to_string())?;
+        importer.accept(c)?;
     }
-    importer.finish(keep_aside).map_err(|e| e.to_string())
+    importer.finish(keep_aside)
 }
 
 /// Exports `from` and imports the chunks into `to`; returns what each end reported.
@@ -145,7 +145,7 @@ fn a_damaged_or_hostile_stream_is_refused_and_nothing_is_put_in_place() {
     let run = |mutate: &dyn Fn(&mut Vec<proto::VolumeChunk>)| -> String {
         let mut chunks = chunks_of(&from);
         mutate(&mut chunks);
-        import(&to, 7, None, chunks, false).unwrap_err()
+        import(&to, 7, None, chunks, false).unwrap_err().to_string()
     };
     let flipped = run(&|c| {
         if let Some(Body::Data(d)) = &mut c[2].body {
@@ -399,13 +399,17 @@ fn a_stream_that_does_not_fit_the_precopy_held_here_is_refused() {
     // The two ends disagree on what the pre-copy held: the whole volume's digest differs.
     let mut wrong = pre.base.clone();
     wrong.files.get_mut("data").unwrap()[0] = [0; 32];
-    let err = import(&to, 2, Some(wrong), delta.clone(), false).unwrap_err();
+    let err = import(&to, 2, Some(wrong), delta.clone(), false)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("checksum mismatch: the volume's SHA-256"),
         "{err}"
     );
     // The receiver lost its pre-copy (a restart).
-    let lost = import(&to, 2, None, delta.clone(), false).unwrap_err();
+    let lost = import(&to, 2, None, delta.clone(), false)
+        .unwrap_err()
+        .to_string();
     assert_eq!(
         lost,
         "volume stream: the stream builds on pre-copy 1, which this host does not hold"
@@ -415,14 +419,18 @@ fn a_stream_that_does_not_fit_the_precopy_held_here_is_refused() {
     if let Some(Body::Entry(e)) = &mut kept[1].body {
         e.changed_blocks.clear();
     }
-    let err = import(&to, 2, Some(pre.base.clone()), kept, false).unwrap_err();
+    let err = import(&to, 2, Some(pre.base.clone()), kept, false)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("for a block kept from the pre-copy"), "{err}");
     // A file the pre-copy never had.
     let mut foreign = delta;
     if let Some(Body::Entry(e)) = &mut foreign[1].body {
         e.path = "other".into();
     }
-    let err = import(&to, 2, Some(pre.base), foreign, false).unwrap_err();
+    let err = import(&to, 2, Some(pre.base), foreign, false)
+        .unwrap_err()
+        .to_string();
     assert_eq!(
         err,
         "volume stream: \"other\" is not a file of the pre-copy"
@@ -691,7 +699,9 @@ fn a_stream_of_another_format_is_refused_before_anything_is_written() {
     if let Some(Body::Header(h)) = &mut chunks[0].body {
         h.stream_format = 0;
     }
-    let err = import(&at(dst.path(), "open"), 7, None, chunks, false).unwrap_err();
+    let err = import(&at(dst.path(), "open"), 7, None, chunks, false)
+        .unwrap_err()
+        .to_string();
     assert_eq!(
         err,
         "volume stream: stream format 0 (from an agent of another version); this agent reads \

@@ -1,6 +1,8 @@
 use std::collections::BTreeSet;
 use std::sync::Mutex;
 
+use berth_shared::proto;
+
 use super::*;
 use crate::volume::cryptsetup::KEY_BYTES;
 

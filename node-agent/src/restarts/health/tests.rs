@@ -38,7 +38,7 @@ async fn a_start_is_healthy_once_its_check_passes_and_the_next_start_is_checked_
 
     assert_eq!(
         watch.healthy("a", "c1", "2026-11-21T10:00:00Z", 18789),
-        Err(String::new())
+        Health::Checking
     );
     let began = Instant::now();
     passed.notified().await;
@@ -46,7 +46,7 @@ async fn a_start_is_healthy_once_its_check_passes_and_the_next_start_is_checked_
     assert_eq!(began.elapsed(), Duration::from_millis(100));
     assert_eq!(
         watch.healthy("a", "c1", "2026-11-21T10:00:00Z", 18789),
-        Ok(())
+        Health::Healthy
     );
     assert_eq!(probe.attempts.load(Ordering::SeqCst), 3);
     assert_eq!(
@@ -62,12 +62,12 @@ async fn a_start_is_healthy_once_its_check_passes_and_the_next_start_is_checked_
     *fake.details.lock().unwrap() = Some(running_at("2026-11-21T11:00:00Z"));
     assert_eq!(
         watch.healthy("a", "c1", "2026-11-21T11:00:00Z", 18789),
-        Err(String::new())
+        Health::Checking
     );
     passed.notified().await;
     assert_eq!(
         watch.healthy("a", "c1", "2026-11-21T11:00:00Z", 18789),
-        Ok(())
+        Health::Healthy
     );
     assert_eq!(probe.attempts.load(Ordering::SeqCst), 4);
 }
@@ -83,7 +83,7 @@ async fn checks_back_off_and_end_with_their_start() {
     let (watch, _passed) = watch(&fake, &probe);
     assert_eq!(
         watch.healthy("a", "c1", "2026-11-21T10:00:00Z", 18789),
-        Err(String::new())
+        Health::Checking
     );
     // 50 ms apart for the first 10 s (201 checks), then doubling pauses up to 15 s.
     tokio::time::sleep(Duration::from_secs(60)).await;
@@ -94,7 +94,7 @@ async fn checks_back_off_and_end_with_their_start() {
     );
     assert_eq!(
         watch.healthy("a", "c1", "2026-11-21T10:00:00Z", 18789),
-        Err("not healthy 50 s after its start: gateway port 18789: Connection refused (os error 111)".into())
+        Health::Failing("not healthy 50 s after its start: gateway port 18789: Connection refused (os error 111)".into())
     );
 
     // The container is gone: its checks stop.
@@ -117,12 +117,12 @@ async fn a_stopped_container_is_not_healthy() {
     let (watch, _passed) = watch(&fake, &probe);
     assert_eq!(
         watch.healthy("a", "c1", "2026-11-21T10:00:00Z", 18789),
-        Err(String::new())
+        Health::Checking
     );
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(
         watch.healthy("a", "c1", "2026-11-21T10:00:00Z", 18789),
-        Err(String::new())
+        Health::Checking
     );
     // Docker says it is not running: the gateway is never even tried.
     assert_eq!(probe.attempts.load(Ordering::SeqCst), 0);

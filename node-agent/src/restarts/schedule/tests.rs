@@ -119,7 +119,7 @@ fn simulate(
             let started = running.remove(&t).unwrap();
             let tenant = tenants.iter_mut().find(|x| x.clock.tenant == t).unwrap();
             tenant.clock.started_at = Some(started);
-            scheduler.finished(&t, now, &Ok(now.duration_since(started)));
+            scheduler.finished(&t, now, Ok(now.duration_since(started)));
         }
         let clocks: Vec<TenantClock> = tenants.iter().map(|t| t.clock.clone()).collect();
         let (starts, refused) = scheduler.tick(now, &clocks);
@@ -341,7 +341,7 @@ fn a_tenant_that_cannot_get_a_place_before_its_window_closes_is_reported_missed(
     s.finished(
         &id(first),
         ts("2026-11-22T05:01:00Z"),
-        &Err("not healthy after 5 min".into()),
+        Err("not healthy after 5 min"),
     );
     let note = s.view(&id(first)).note;
     assert!(
@@ -395,7 +395,7 @@ fn requested_restarts_share_the_places_and_are_refused_for_stopped_or_unknown_te
     // b waits for a's place.
     let (starts, _) = s.tick(now, &tenants);
     assert!(starts.is_empty());
-    s.finished(&id("a"), now, &Ok(SignedDuration::from_millis(800)));
+    s.finished(&id("a"), now, Ok(SignedDuration::from_millis(800)));
     assert_eq!(
         s.view(&id("a")).note,
         format!("requested restart at {now}: healthy again after 0.8 s")
