@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod agent;
 pub mod client;
+pub mod failure;
 pub mod operator;
 pub mod rest;
 pub mod views;

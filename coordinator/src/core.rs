@@ -11,7 +11,6 @@ use berth_shared::proto;
 use berth_shared::store::Store;
 use berth_shared::tls::SerialDenyList;
 use berth_shared::transport::PeerInfo;
-use tonic::Status;
 
 use crate::config::CoordinatorConfig;
 use crate::keys::{KeyError, KeyVault};
@@ -86,6 +85,56 @@ pub enum DeliveryError {
     NotAcknowledged {
         generation: u64,
         wait: std::time::Duration,
+    },
+}
+
+/// Why a caller is not let in.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("request arrived without transport information")]
+    NoTransport,
+    #[error("{0}")]
+    BadCertificate(String),
+    #[error("certificate revoked")]
+    Revoked,
+    #[error("certificate expired")]
+    Expired,
+    #[error("client certificate required")]
+    NoCertificate,
+    #[error("an operator certificate cannot speak for a host")]
+    OperatorAsHost,
+    #[error("a host certificate cannot act as an operator")]
+    HostAsOperator,
+    #[error(
+        "operator credential required: a client certificate or an `authorization: Bearer` token"
+    )]
+    NoCredential,
+    #[error("authorization header must be `Bearer <token>`")]
+    NotBearer,
+    #[error("operator token is invalid, revoked or expired")]
+    BadToken,
+    #[error(
+        "operator {0} holds a read token; this call changes the fleet and needs an admin credential"
+    )]
+    ReadOnly(String),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+}
+
+/// Why a requested restart did not end healthy.
+#[derive(Debug, thiserror::Error)]
+pub enum RestartError {
+    #[error("unknown tenant {:?}", .0.as_str())]
+    UnknownTenant(TenantId),
+    #[error("stored placement: {0}")]
+    StoredPlacement(String),
+    #[error(transparent)]
+    Link(#[from] crate::sessions::LinkError),
+    #[error("restart of {tenant} on {host}: {error}")]
+    Failed {
+        tenant: TenantId,
+        host: HostId,
+        error: String,
     },
 }
 
@@ -359,31 +408,24 @@ impl Coordinator {
 
     /// Restarts a placed tenant's container now, through its host's agent (the same health
     /// gate and limit of concurrent restarts as the nightly ones); answers once it is healthy.
-    pub async fn restart(&self, tenant: &TenantId) -> Result<proto::RestartTenantResponse, Status> {
+    pub async fn restart(
+        &self,
+        tenant: &TenantId,
+    ) -> Result<proto::RestartTenantResponse, RestartError> {
         let placement = self
             .placements
             .tenant(tenant)
             .and_then(|t| t.placement)
-            .ok_or_else(|| Status::not_found(format!("unknown tenant {:?}", tenant.as_str())))?;
+            .ok_or_else(|| RestartError::UnknownTenant(tenant.clone()))?;
         let host = HostId::new(&placement.host_id)
-            .map_err(|e| Status::internal(format!("stored placement: {e}")))?;
-        let result = self
-            .agents
-            .restart(&host, tenant, RESTART_WAIT)
-            .await
-            .map_err(|e| match e {
-                crate::sessions::LinkError::NoAnswer { .. } => {
-                    Status::deadline_exceeded(e.to_string())
-                }
-                _ => Status::unavailable(e.to_string()),
-            })?;
+            .map_err(|e| RestartError::StoredPlacement(e.to_string()))?;
+        let result = self.agents.restart(&host, tenant, RESTART_WAIT).await?;
         if !result.ok {
-            return Err(Status::failed_precondition(format!(
-                "restart of {} on {}: {}",
-                tenant.as_str(),
-                host.as_str(),
-                result.error
-            )));
+            return Err(RestartError::Failed {
+                tenant: tenant.clone(),
+                host,
+                error: result.error,
+            });
         }
         tracing::info!(%tenant, %host, downtime_ms = result.downtime_ms, "tenant restarted");
         Ok(proto::RestartTenantResponse {
@@ -466,26 +508,24 @@ impl Coordinator {
         }
     }
 
-    fn peer_cert(&self, extensions: &http::Extensions) -> Result<Option<PeerCert>, Status> {
-        let peer = extensions
-            .get::<PeerInfo>()
-            .ok_or_else(|| Status::internal("request arrived without transport information"))?;
+    fn peer_cert(&self, extensions: &http::Extensions) -> Result<Option<PeerCert>, AuthError> {
+        let peer = extensions.get::<PeerInfo>().ok_or(AuthError::NoTransport)?;
         let Some(der) = &peer.cert else {
             return Ok(None);
         };
-        let cert = parse_peer_cert(der).map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let cert = parse_peer_cert(der).map_err(|e| AuthError::BadCertificate(e.to_string()))?;
         self.check_still_valid(&cert.serial, cert.not_after_unix_ms)?;
         Ok(Some(cert))
     }
 
     /// A certificate verified at the handshake may be revoked or expire while its connection
     /// (and a session on it) stays open: checked on every call and every session message.
-    pub fn check_still_valid(&self, serial: &str, not_after_unix_ms: i64) -> Result<(), Status> {
+    pub fn check_still_valid(&self, serial: &str, not_after_unix_ms: i64) -> Result<(), AuthError> {
         if self.denied.contains(serial) {
-            return Err(Status::unauthenticated("certificate revoked"));
+            return Err(AuthError::Revoked);
         }
         if not_after_unix_ms <= self.registry.now() {
-            return Err(Status::unauthenticated("certificate expired"));
+            return Err(AuthError::Expired);
         }
         Ok(())
     }
@@ -495,19 +535,17 @@ impl Coordinator {
     pub fn authenticate_host(
         &self,
         extensions: &http::Extensions,
-    ) -> Result<AuthenticatedHost, Status> {
+    ) -> Result<AuthenticatedHost, AuthError> {
         let cert = self
             .peer_cert(extensions)?
-            .ok_or_else(|| Status::unauthenticated("client certificate required"))?;
+            .ok_or(AuthError::NoCertificate)?;
         match cert.subject {
             Subject::Host(host_id) => Ok(AuthenticatedHost {
                 host_id,
                 serial: cert.serial,
                 not_after_unix_ms: cert.not_after_unix_ms,
             }),
-            Subject::Operator(_) => Err(Status::permission_denied(
-                "an operator certificate cannot speak for a host",
-            )),
+            Subject::Operator(_) => Err(AuthError::OperatorAsHost),
         }
     }
 
@@ -518,13 +556,10 @@ impl Coordinator {
         extensions: &http::Extensions,
         headers: &http::HeaderMap,
         access: Access,
-    ) -> Result<Operator, Status> {
+    ) -> Result<Operator, AuthError> {
         let operator = self.authenticate_operator(extensions, headers)?;
         if access == Access::Write && operator.scope != Scope::Admin {
-            return Err(Status::permission_denied(format!(
-                "operator {} holds a read token; this call changes the fleet and needs an admin credential",
-                operator.name
-            )));
+            return Err(AuthError::ReadOnly(operator.name));
         }
         Ok(operator)
     }
@@ -533,7 +568,7 @@ impl Coordinator {
         &self,
         extensions: &http::Extensions,
         headers: &http::HeaderMap,
-    ) -> Result<Operator, Status> {
+    ) -> Result<Operator, AuthError> {
         if let Some(cert) = self.peer_cert(extensions)? {
             return match cert.subject {
                 Subject::Operator(name) => Ok(Operator {
@@ -542,36 +577,29 @@ impl Coordinator {
                 }),
                 Subject::Host(host) => {
                     tracing::warn!(%host, "a host certificate was presented on the operator port");
-                    Err(Status::permission_denied(
-                        "a host certificate cannot act as an operator",
-                    ))
+                    Err(AuthError::HostAsOperator)
                 }
             };
         }
         let header = headers
             .get(http::header::AUTHORIZATION)
-            .ok_or_else(|| Status::unauthenticated("operator credential required: a client certificate or an `authorization: Bearer` token"))?;
+            .ok_or(AuthError::NoCredential)?;
         let token = header
             .to_str()
             .ok()
             .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                Status::unauthenticated("authorization header must be `Bearer <token>`")
-            })?;
+            .ok_or(AuthError::NotBearer)?;
         self.check_token(token.trim())
     }
 
     /// The operator a bearer token belongs to, when it is known, unrevoked and unexpired.
-    pub fn check_token(&self, token: &str) -> Result<Operator, Status> {
-        match self.registry.check_operator_token(token) {
-            Ok(Some(record)) => Ok(Operator {
+    pub fn check_token(&self, token: &str) -> Result<Operator, AuthError> {
+        match self.registry.check_operator_token(token)? {
+            Some(record) => Ok(Operator {
                 name: record.name,
                 scope: record.scope,
             }),
-            Ok(None) => Err(Status::unauthenticated(
-                "operator token is invalid, revoked or expired",
-            )),
-            Err(e) => Err(Status::internal(e.to_string())),
+            None => Err(AuthError::BadToken),
         }
     }
 }
@@ -601,6 +629,7 @@ pub struct AuthenticatedHost {
 #[cfg(test)]
 mod tests {
     use tokio::sync::mpsc;
+    use tonic::Status;
 
     use super::*;
     use crate::sessions::{AgentReply, SessionHub};

@@ -27,7 +27,6 @@ use berth_shared::proto;
 use berth_shared::store::{Durability, Store, StoreError, Write, decode, encode};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-use tonic::Status;
 
 use crate::core::Coordinator;
 use crate::drain::copy::Progress;
@@ -226,20 +225,13 @@ pub struct DrainOptions {
 
 impl DrainOptions {
     /// From the API request, with defaults for zeros; the host id is validated.
-    pub fn from_request(r: &proto::DrainRequest) -> Result<Self, Status> {
-        let host = HostId::new(&r.host_id)
-            .map_err(|e| Status::invalid_argument(format!("host_id: {e}")))?;
+    pub fn from_request(r: &proto::DrainRequest) -> Result<Self, DrainRequestError> {
+        let host = HostId::new(&r.host_id).map_err(DrainRequestError::HostId)?;
         if r.max_parallel > 64 {
-            return Err(Status::invalid_argument(format!(
-                "max_parallel: {} is more than 64",
-                r.max_parallel
-            )));
+            return Err(DrainRequestError::MaxParallel(r.max_parallel));
         }
         if r.deadline_ms > 0 && r.deadline_ms < 1000 {
-            return Err(Status::invalid_argument(format!(
-                "deadline_ms: {} ms is less than 1 s",
-                r.deadline_ms
-            )));
+            return Err(DrainRequestError::Deadline(r.deadline_ms));
         }
         Ok(Self {
             host,
@@ -278,16 +270,15 @@ pub enum DrainError {
     Registry(#[from] crate::registry::RegistryError),
 }
 
-impl DrainError {
-    pub fn status(&self) -> Status {
-        let message = self.to_string();
-        match self {
-            Self::UnknownHost(_) | Self::NoDrain(_) => Status::not_found(message),
-            Self::AlreadyDraining(_) => Status::already_exists(message),
-            Self::Refused { .. } => Status::failed_precondition(message),
-            Self::Store(_) | Self::Registry(_) => Status::internal(message),
-        }
-    }
+/// A drain request that asks for what cannot be.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DrainRequestError {
+    #[error("host_id: {0}")]
+    HostId(berth_shared::ids::IdError),
+    #[error("max_parallel: {0} is more than 64")]
+    MaxParallel(u32),
+    #[error("deadline_ms: {0} ms is less than 1 s")]
+    Deadline(u64),
 }
 
 /// The drains: their records (durable) and, for running ones, the abort switch and live copy

@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::api::failure::status;
 use crate::core::{AuthenticatedHost, Coordinator};
 use crate::registry::CertRecord;
 use crate::sessions::{AgentReply, SessionHub};
@@ -80,10 +81,6 @@ pub struct AgentApi {
     pub sessions: Arc<SessionHub>,
 }
 
-fn registry_status(e: crate::registry::RegistryError) -> Status {
-    Status::internal(e.to_string())
-}
-
 impl AgentApi {
     fn claim_matches(auth: &AuthenticatedHost, field: &str, claimed: &str) -> Result<(), Status> {
         if claimed == auth.host_id.as_str() {
@@ -106,7 +103,8 @@ impl AgentApi {
     /// Handles one message after the hello. An error ends the session.
     fn handle(&self, auth: &AuthenticatedHost, message: AgentMessage) -> Result<(), Status> {
         self.coordinator
-            .check_still_valid(&auth.serial, auth.not_after_unix_ms)?;
+            .check_still_valid(&auth.serial, auth.not_after_unix_ms)
+            .map_err(status)?;
         match message.body {
             None => Err(Status::invalid_argument("agent message: body is empty")),
             Some(AgentBody::Hello(_)) => Err(Status::invalid_argument(
@@ -127,7 +125,7 @@ impl AgentApi {
                         report.disk_available_bytes,
                         |h| self.coordinator.sync_host(h),
                     )
-                    .map_err(registry_status)?;
+                    .map_err(status)?;
                 self.coordinator
                     .placements
                     .record_statuses(&auth.host_id, report.tenants);
@@ -173,7 +171,10 @@ impl AgentService for AgentApi {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<SessionStream>, Status> {
-        let auth = self.coordinator.authenticate_host(request.extensions())?;
+        let auth = self
+            .coordinator
+            .authenticate_host(request.extensions())
+            .map_err(status)?;
         let remote = request
             .extensions()
             .get::<berth_shared::transport::PeerInfo>()
@@ -198,7 +199,7 @@ impl AgentService for AgentApi {
         self.coordinator
             .registry
             .record_hello(&auth.host_id, facts, |h| self.coordinator.sync_host(h))
-            .map_err(registry_status)?;
+            .map_err(status)?;
         tracing::info!(host = %auth.host_id, serial = %auth.serial, "agent session opened");
 
         let (tx, rx) = mpsc::channel(16);
@@ -312,7 +313,10 @@ impl AgentService for AgentApi {
         &self,
         request: Request<proto::RenewCertificateRequest>,
     ) -> Result<Response<proto::RenewCertificateResponse>, Status> {
-        let auth = self.coordinator.authenticate_host(request.extensions())?;
+        let auth = self
+            .coordinator
+            .authenticate_host(request.extensions())
+            .map_err(status)?;
         let now = self.coordinator.registry.now();
         let validity = Validity::starting_now(now, self.coordinator.config.agent_cert_ttl);
         let cert = self
@@ -338,7 +342,7 @@ impl AgentService for AgentApi {
             .record_renewal(&record, min_interval)
             .map_err(|e| {
                 tracing::warn!(host = %auth.host_id, error = %e, "renewal refused");
-                crate::api::operator::registry_status(e)
+                status(e)
             })?;
         tracing::info!(host = %auth.host_id, old_serial = %auth.serial, new_serial = %cert.serial, "certificate renewed");
         Ok(Response::new(proto::RenewCertificateResponse {

@@ -13,39 +13,24 @@ use tonic::{Request, Response, Status};
 use axum::extract::State;
 use axum::middleware::Next;
 
+use crate::api::failure::{Failure, Kind, bad_id, status};
 use crate::core::{Access, Coordinator};
 use crate::drain::DrainOptions;
 use crate::placement::PlaceError;
 use crate::registry::{CertRecord, RegistryError};
 
-pub fn registry_status(e: RegistryError) -> Status {
-    match e {
-        RegistryError::BadEnrollmentToken => Status::unauthenticated(e.to_string()),
-        RegistryError::UnknownHost(_)
-        | RegistryError::UnknownSerial(_)
-        | RegistryError::UnknownOperator(_) => Status::not_found(e.to_string()),
-        RegistryError::RenewalTooSoon { .. } => Status::resource_exhausted(e.to_string()),
-        RegistryError::WrongState { .. } => Status::failed_precondition(e.to_string()),
-        RegistryError::Store(_) => Status::internal(e.to_string()),
-    }
+/// An unknown host, named as the caller wrote it.
+pub fn unknown_host(id: &HostId) -> Failure {
+    Failure::new(Kind::NotFound, format!("unknown host {:?}", id.as_str()))
+}
+
+/// An unknown tenant, named as the caller wrote it.
+pub fn unknown_tenant(id: &TenantId) -> Failure {
+    Failure::new(Kind::NotFound, format!("unknown tenant {:?}", id.as_str()))
 }
 
 fn tenant_id(field: &str, value: &str) -> Result<TenantId, Status> {
-    TenantId::new(value).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
-}
-
-/// The gRPC status of a placement error (REST maps the same codes to HTTP).
-pub fn place_status(e: PlaceError) -> Status {
-    let message = e.to_string();
-    match e {
-        PlaceError::Invalid(_) => Status::invalid_argument(message),
-        PlaceError::Conflict { .. } => Status::already_exists(message),
-        PlaceError::NoFit(_) => Status::resource_exhausted(message),
-        PlaceError::UnknownTenant(_) => Status::not_found(message),
-        PlaceError::RetainedVolume { .. } => Status::failed_precondition(message),
-        PlaceError::PurgeIncomplete { .. } => Status::unavailable(message),
-        PlaceError::Store(_) => Status::internal(message),
-    }
+    TenantId::new(value).map_err(|e| status(bad_id(field)(e)))
 }
 
 /// A refusal of a spec that came in the human format names its fields as that format does.
@@ -59,12 +44,15 @@ pub fn spelled_for(e: PlaceError, file_format: bool) -> PlaceError {
 }
 
 fn host_id(field: &str, value: &str) -> Result<HostId, Status> {
-    HostId::new(value).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
+    HostId::new(value).map_err(|e| status(bad_id(field)(e)))
 }
 
 /// Not yet built: said plainly, with what is missing.
 fn not_built(rpc: &str, what: &str) -> Status {
-    Status::unimplemented(format!("{rpc} is not built yet: {what}"))
+    status(Failure::new(
+        Kind::NotBuilt,
+        format!("{rpc} is not built yet: {what}"),
+    ))
 }
 
 #[derive(Debug, Clone)]
@@ -127,7 +115,7 @@ impl EnrollmentService for EnrollmentApi {
             Err(EnrollError::Csr(message)) => return Err(Status::invalid_argument(message)),
             Err(EnrollError::Registry(e)) => {
                 tracing::warn!(?remote, error = %e, "enrollment refused");
-                return Err(registry_status(e));
+                return Err(status(e));
             }
         };
         coordinator.forget_serials(&revoked);
@@ -181,13 +169,13 @@ pub async fn authorize_grpc(
     };
     match coordinator.authorize_operator(request.extensions(), request.headers(), access) {
         Ok(_) => next.run(request).await,
-        Err(status) => {
+        Err(refused) => {
             let remote = request
                 .extensions()
                 .get::<berth_shared::transport::PeerInfo>()
                 .map(|p| p.remote);
-            tracing::warn!(?remote, path = %request.uri().path(), error = %status.message(), "operator call refused");
-            status.into_http()
+            tracing::warn!(?remote, path = %request.uri().path(), error = %refused, "operator call refused");
+            status(refused).into_http()
         }
     }
 }
@@ -204,8 +192,8 @@ impl OperatorApi {
             .coordinator
             .registry
             .host(&id)
-            .map_err(registry_status)?
-            .ok_or_else(|| Status::not_found(format!("unknown host {:?}", id.as_str())))?;
+            .map_err(status)?
+            .ok_or_else(|| status(unknown_host(&id)))?;
         Ok(self.coordinator.host_view(&record))
     }
 
@@ -219,7 +207,7 @@ impl OperatorApi {
             .coordinator
             .registry
             .set_cordoned(&id, cordoned, |h| self.coordinator.sync_host(h))
-            .map_err(registry_status)?;
+            .map_err(status)?;
         tracing::info!(host = %id, cordoned, "host admin state changed");
         Ok(Response::new(self.coordinator.host_view(&record)))
     }
@@ -231,7 +219,7 @@ impl OperatorService for OperatorApi {
         &self,
         _: Request<proto::ListHostsRequest>,
     ) -> Result<Response<proto::ListHostsResponse>, Status> {
-        let hosts = self.coordinator.registry.hosts().map_err(registry_status)?;
+        let hosts = self.coordinator.registry.hosts().map_err(status)?;
         let hosts = hosts
             .iter()
             .map(|h| self.coordinator.host_view(h))
@@ -274,7 +262,7 @@ impl OperatorService for OperatorApi {
             .place(spec)
             .await
             .map(Response::new)
-            .map_err(|e| place_status(spelled_for(e, file_format)))
+            .map_err(|e| status(spelled_for(e, file_format)))
     }
 
     async fn remove_tenant(
@@ -287,7 +275,7 @@ impl OperatorService for OperatorApi {
             .remove(&id, req.purge)
             .await
             .map(Response::new)
-            .map_err(place_status)
+            .map_err(status)
     }
 
     async fn get_tenant(
@@ -299,7 +287,7 @@ impl OperatorService for OperatorApi {
             .placements
             .tenant(&id)
             .map(Response::new)
-            .ok_or_else(|| Status::not_found(format!("unknown tenant {:?}", id.as_str())))
+            .ok_or_else(|| status(unknown_tenant(&id)))
     }
 
     async fn list_tenants(
@@ -327,7 +315,7 @@ impl OperatorService for OperatorApi {
             .set_egress(&id, req.egress)
             .await
             .map(Response::new)
-            .map_err(place_status)
+            .map_err(status)
     }
 
     async fn restart_tenant(
@@ -335,19 +323,23 @@ impl OperatorService for OperatorApi {
         request: Request<proto::RestartTenantRequest>,
     ) -> Result<Response<proto::RestartTenantResponse>, Status> {
         let id = tenant_id("tenant_id", &request.get_ref().tenant_id)?;
-        self.coordinator.restart(&id).await.map(Response::new)
+        self.coordinator
+            .restart(&id)
+            .await
+            .map(Response::new)
+            .map_err(status)
     }
 
     async fn drain_host(
         &self,
         request: Request<proto::DrainRequest>,
     ) -> Result<Response<proto::DrainStatus>, Status> {
-        let options = DrainOptions::from_request(request.get_ref())?;
+        let options = DrainOptions::from_request(request.get_ref()).map_err(status)?;
         self.coordinator
             .drain(options)
             .await
             .map(Response::new)
-            .map_err(|e| e.status())
+            .map_err(status)
     }
 
     async fn get_drain_status(
@@ -358,7 +350,7 @@ impl OperatorService for OperatorApi {
         self.coordinator
             .drain_status(&host)
             .map(Response::new)
-            .map_err(|e| e.status())
+            .map_err(status)
     }
 
     async fn abort_drain(
@@ -370,7 +362,7 @@ impl OperatorService for OperatorApi {
             .abort_drain(&host)
             .await
             .map(Response::new)
-            .map_err(|e| e.status())
+            .map_err(status)
     }
 
     async fn get_capacity(

@@ -1,6 +1,7 @@
 //! REST/JSON on the operator port, with the same semantics as the gRPC operator API: the same
-//! coordinator operations, the same operator authentication, the same errors (gRPC codes
-//! mapped to HTTP statuses), and the same JSON shapes as `berthctl --json`.
+//! coordinator operations, the same operator authentication, the same errors (each domain
+//! error's kind, see `failure`, as an HTTP status), and the same JSON shapes as
+//! `berthctl --json`.
 
 use std::sync::Arc;
 
@@ -14,44 +15,28 @@ use axum::routing::{get, post, put};
 use berth_shared::ids::{HostId, TenantId};
 use berth_shared::spec::{EgressFile, TenantSpecFile};
 use serde::Deserialize;
-use tonic::{Code, Status};
 
-use crate::api::operator::{place_status, spelled_for};
+use crate::api::failure::{Failure, bad_id};
+use crate::api::operator::{spelled_for, unknown_host, unknown_tenant};
 use crate::api::views::{DrainView, HostView, PlacementView, RemovalView, RestartView, TenantView};
 use crate::core::{Access, Coordinator};
 use crate::drain::DrainOptions;
 
 type Shared = State<Arc<Coordinator>>;
 
-/// A failed call: the gRPC status, rendered as `{"code": ..., "error": ...}`.
+/// A failed call, rendered as `{"code": ..., "error": ...}` (see [`Failure`]).
 #[derive(Debug)]
-pub struct ApiError(Status);
+pub struct ApiError(Failure);
 
-impl From<Status> for ApiError {
-    fn from(s: Status) -> Self {
-        Self(s)
-    }
-}
-
-fn http_status(code: Code) -> StatusCode {
-    match code {
-        Code::InvalidArgument => StatusCode::BAD_REQUEST,
-        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
-        Code::PermissionDenied => StatusCode::FORBIDDEN,
-        Code::NotFound => StatusCode::NOT_FOUND,
-        Code::AlreadyExists => StatusCode::CONFLICT,
-        Code::FailedPrecondition | Code::ResourceExhausted => StatusCode::UNPROCESSABLE_ENTITY,
-        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
-        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
+impl<E: Into<Failure>> From<E> for ApiError {
+    fn from(e: E) -> Self {
+        Self(e.into())
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({ "code": format!("{:?}", self.0.code()), "error": self.0.message() });
-        (http_status(self.0.code()), Json(body)).into_response()
+        self.0.into_response()
     }
 }
 
@@ -69,12 +54,12 @@ async fn authorize(State(coordinator): Shared, request: Request, next: Next) -> 
     };
     match coordinator.authorize_operator(request.extensions(), request.headers(), access) {
         Ok(_) => next.run(request).await,
-        Err(status) => {
+        Err(refused) => {
             // Read what the client is sending (up to a bound) before answering: an HTTP/2
             // stream reset over an unread body makes clients report a framing error instead
             // of the refusal.
             let _ = axum::body::to_bytes(request.into_body(), REFUSED_BODY_BYTES).await;
-            ApiError(status).into_response()
+            ApiError::from(refused).into_response()
         }
     }
 }
@@ -84,18 +69,15 @@ fn now_ms(coordinator: &Coordinator) -> i64 {
 }
 
 fn host_id(value: &str) -> Result<HostId, ApiError> {
-    HostId::new(value).map_err(|e| ApiError(Status::invalid_argument(format!("host_id: {e}"))))
+    Ok(HostId::new(value).map_err(bad_id("host_id"))?)
 }
 
 fn tenant_id(value: &str) -> Result<TenantId, ApiError> {
-    TenantId::new(value).map_err(|e| ApiError(Status::invalid_argument(format!("tenant_id: {e}"))))
+    Ok(TenantId::new(value).map_err(bad_id("tenant_id"))?)
 }
 
 async fn list_hosts(State(c): Shared) -> ApiResult<Vec<HostView>> {
-    let hosts = c
-        .registry
-        .hosts()
-        .map_err(|e| Status::internal(e.to_string()))?;
+    let hosts = c.registry.hosts()?;
     let now = now_ms(&c);
     Ok(Json(
         hosts
@@ -107,20 +89,13 @@ async fn list_hosts(State(c): Shared) -> ApiResult<Vec<HostView>> {
 
 async fn get_host(State(c): Shared, Path(id): Path<String>) -> ApiResult<HostView> {
     let id = host_id(&id)?;
-    let host = c
-        .registry
-        .host(&id)
-        .map_err(|e| Status::internal(e.to_string()))?;
-    let host = host.ok_or_else(|| Status::not_found(format!("unknown host {:?}", id.as_str())))?;
+    let host = c.registry.host(&id)?.ok_or_else(|| unknown_host(&id))?;
     Ok(Json(HostView::new(&c.host_view(&host), now_ms(&c))))
 }
 
 async fn set_cordon(c: Arc<Coordinator>, id: String, cordoned: bool) -> ApiResult<HostView> {
     let id = host_id(&id)?;
-    let host = c
-        .registry
-        .set_cordoned(&id, cordoned, |h| c.sync_host(h))
-        .map_err(crate::api::operator::registry_status)?;
+    let host = c.registry.set_cordoned(&id, cordoned, |h| c.sync_host(h))?;
     Ok(Json(HostView::new(&c.host_view(&host), now_ms(&c))))
 }
 
@@ -157,7 +132,7 @@ async fn get_tenant(State(c): Shared, Path(id): Path<String>) -> ApiResult<Tenan
     let tenant = c
         .placements
         .tenant(&id)
-        .ok_or_else(|| Status::not_found(format!("unknown tenant {:?}", id.as_str())))?;
+        .ok_or_else(|| unknown_tenant(&id))?;
     Ok(Json(TenantView::from(&tenant)))
 }
 
@@ -166,15 +141,12 @@ async fn place(
     State(c): Shared,
     body: Bytes,
 ) -> Result<(StatusCode, Json<PlacementView>), ApiError> {
-    let file: TenantSpecFile = serde_json::from_slice(&body)
-        .map_err(|e| Status::invalid_argument(format!("body: {e}")))?;
+    let file: TenantSpecFile =
+        serde_json::from_slice(&body).map_err(|e| Failure::field("body", e))?;
     let spec = file
         .to_proto()
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
-    let placement = c
-        .place(spec)
-        .await
-        .map_err(|e| place_status(spelled_for(e, true)))?;
+        .map_err(|e| Failure::new(crate::api::failure::Kind::BadRequest, e))?;
+    let placement = c.place(spec).await.map_err(|e| spelled_for(e, true))?;
     Ok((StatusCode::OK, Json(PlacementView::from(&placement))))
 }
 
@@ -191,7 +163,7 @@ async fn remove(
     Query(options): Query<RemoveOptions>,
 ) -> ApiResult<RemovalView> {
     let id = tenant_id(&id)?;
-    let removed = c.remove(&id, options.purge).await.map_err(place_status)?;
+    let removed = c.remove(&id, options.purge).await?;
     Ok(Json(RemovalView::from(&removed)))
 }
 
@@ -208,16 +180,15 @@ async fn set_egress(
     body: Bytes,
 ) -> ApiResult<PlacementView> {
     let id = tenant_id(&id)?;
-    let body: EgressBody = serde_json::from_slice(&body)
-        .map_err(|e| Status::invalid_argument(format!("body: {e}")))?;
+    let body: EgressBody = serde_json::from_slice(&body).map_err(|e| Failure::field("body", e))?;
     let rules = body
         .egress
         .iter()
         .enumerate()
         .map(|(i, e)| e.to_proto(i))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
-    let placement = c.set_egress(&id, rules).await.map_err(place_status)?;
+        .map_err(|e| Failure::new(crate::api::failure::Kind::BadRequest, e))?;
+    let placement = c.set_egress(&id, rules).await?;
     Ok(Json(PlacementView::from(&placement)))
 }
 
@@ -247,13 +218,12 @@ async fn drain(State(c): Shared, Path(id): Path<String>, body: Bytes) -> ApiResu
     let body: DrainBody = if body.is_empty() {
         DrainBody::default()
     } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| Status::invalid_argument(format!("drain body: {e}")))?
+        serde_json::from_slice(&body).map_err(|e| Failure::field("drain body", e))?
     };
     let deadline_ms = match &body.deadline {
         None => 0,
         Some(text) => humantime::parse_duration(text)
-            .map_err(|e| Status::invalid_argument(format!("deadline: {text:?}: {e}")))?
+            .map_err(|e| Failure::field("deadline", format!("{text:?}: {e}")))?
             .as_millis() as u64,
     };
     let options = DrainOptions::from_request(&berth_shared::proto::DrainRequest {
@@ -264,20 +234,17 @@ async fn drain(State(c): Shared, Path(id): Path<String>, body: Bytes) -> ApiResu
         force_lost: body.force_lost,
         no_precopy: body.no_precopy,
     })?;
-    let status = c.drain(options).await.map_err(|e| e.status())?;
+    let status = c.drain(options).await?;
     Ok(Json(DrainView::from(&status)))
 }
 
 async fn drain_status(State(c): Shared, Path(id): Path<String>) -> ApiResult<DrainView> {
-    let status = c.drain_status(&host_id(&id)?).map_err(|e| e.status())?;
+    let status = c.drain_status(&host_id(&id)?)?;
     Ok(Json(DrainView::from(&status)))
 }
 
 async fn drain_abort(State(c): Shared, Path(id): Path<String>) -> ApiResult<DrainView> {
-    let status = c
-        .abort_drain(&host_id(&id)?)
-        .await
-        .map_err(|e| e.status())?;
+    let status = c.abort_drain(&host_id(&id)?).await?;
     Ok(Json(DrainView::from(&status)))
 }
 

@@ -179,7 +179,7 @@ async fn require_read_token(
                 operator.name
             ),
         ),
-        Err(status) => refused(StatusCode::UNAUTHORIZED, format!("{}\n", status.message())),
+        Err(e) => refused(StatusCode::UNAUTHORIZED, format!("{e}\n")),
     }
 }
 
