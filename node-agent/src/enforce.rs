@@ -11,6 +11,7 @@ use berth_shared::proto;
 use tokio::sync::{Notify, watch};
 
 use crate::config::AgentConfig;
+use crate::desired::{AcceptError, Desired, DesiredStore};
 use crate::egress::NftEgress;
 use crate::egress::dns::UdpResolver;
 use crate::egress::nft::NftCommand;
@@ -20,7 +21,6 @@ use crate::reconcile::{Passes, Reconciler, TornDown, port_free_on_loopback};
 use crate::restarts::health::HealthWatch;
 use crate::restarts::{Driver, HealthGate, NetnsProbe, RestartSettings, Restarts};
 use crate::runtime::DockerRuntime;
-use crate::session::desired::{AcceptError, Desired, DesiredStore};
 use crate::transfer::peer::{Incoming, PeerTls};
 use crate::transfer::{Base, VolumeLocation, receive_volume, send_volume};
 use crate::volume::VolumeStep;

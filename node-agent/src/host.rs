@@ -1,6 +1,5 @@
-//! What the agent knows and tells of its host: its facts (memory, disk, capabilities), each
-//! container's memory figures from the cgroup filesystem, and its Prometheus metrics.
+//! What the agent knows of its host: its facts (memory, disk, capabilities) and each
+//! container's memory figures from the cgroup filesystem.
 
 pub mod cgroup;
 pub mod facts;
-pub mod metrics;

@@ -7,14 +7,19 @@
 //! window behind a health gate, with its data on a LUKS2 volume opened by a key held in memory
 //! only (a tenant without its key waits, stopped).
 
+pub mod agent;
 pub mod command;
 pub mod config;
+pub mod desired;
 pub mod egress;
 pub mod enforce;
 pub mod host;
+pub mod metrics;
 pub mod reconcile;
 pub mod restarts;
 pub mod runtime;
 pub mod session;
+#[cfg(test)]
+pub mod testing;
 pub mod transfer;
 pub mod volume;

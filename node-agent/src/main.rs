@@ -77,7 +77,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let open_files = berth_shared::cli::raise_open_files_limit();
             tracing::debug!(open_files, "open files limit");
             let config = AgentConfig::load(&config)?;
-            berth_node_agent::session::run(config).await?;
+            berth_node_agent::agent::run(config).await?;
         }
     }
     Ok(())

@@ -21,13 +21,13 @@ use berth_shared::ids::{HostId, TenantId};
 use berth_shared::proto;
 use berth_shared::spec::TenantSpec;
 
+use crate::desired::Desired;
 use crate::egress::{EgressError, EgressReport, EgressStep};
 use crate::host::cgroup::CgroupReader;
 use crate::restarts::health::{Health, HealthWatch};
 use crate::runtime::container_spec;
 use crate::runtime::subnets::SubnetPool;
 use crate::runtime::{ContainerRuntime, ManagedContainer, RuntimeError};
-use crate::session::desired::Desired;
 use crate::volume::{PrepareError, VolumeError, VolumeStep};
 
 /// Why a tenant is not running: failed, or waiting for its volume key.

@@ -26,9 +26,9 @@ use jiff::{SignedDuration, Timestamp};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::desired::Desired;
 use crate::restarts::schedule::{Reason, Scheduler, Start, TenantClock, humanize};
 use crate::runtime::{ContainerRuntime, RuntimeError};
-use crate::session::desired::Desired;
 
 /// The `[restarts]` section: host-wide defaults and limits.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,10 +1,8 @@
 //! The container runtime behind a trait: Docker through bollard in production, a recording fake
-//! in unit tests. Only containers and networks labelled `berth.host=<this host>` are ever
+//! in unit tests (`testing::runtime`). Only containers and networks labelled `berth.host=<this host>` are ever
 //! listed, so nothing else on the host can be touched.
 
 pub mod container_spec;
-#[cfg(test)]
-pub(crate) mod fake;
 pub mod subnets;
 
 use std::collections::HashMap;

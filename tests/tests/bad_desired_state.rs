@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use berth_node_agent::session::desired::DesiredStore;
+use berth_node_agent::desired::DesiredStore;
 use berth_shared::pki::CertificateAuthority;
 use berth_shared::proto::agent_service_server::{AgentService, AgentServiceServer};
 use berth_shared::proto::coordinator_message::Body;

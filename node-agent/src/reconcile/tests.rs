@@ -3,7 +3,7 @@ use std::time::Duration;
 use berth_shared::proto;
 
 use super::*;
-use crate::runtime::fake::FakeRuntime;
+use crate::testing::runtime::FakeRuntime;
 
 /// Records the order of volume and egress steps into the runtime's call log.
 #[derive(Debug)]
@@ -137,7 +137,7 @@ fn reconciler(fake: &Arc<FakeRuntime>) -> Arc<Reconciler> {
         passes: Arc::default(),
         health: HealthWatch::new(
             fake.clone(),
-            Arc::new(crate::runtime::fake::FakeProbe::default()),
+            Arc::new(crate::testing::runtime::FakeProbe::default()),
             crate::restarts::HealthGate::new(Duration::from_secs(300)),
             Arc::default(),
         ),

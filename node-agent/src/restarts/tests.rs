@@ -4,8 +4,8 @@ use berth_shared::clock::ManualClock;
 use berth_shared::spec::TenantSpec;
 
 use super::*;
-use crate::runtime::fake::{FakeProbe, FakeRuntime};
 use crate::runtime::{ContainerDetails, ManagedContainer};
+use crate::testing::runtime::{FakeProbe, FakeRuntime};
 
 fn running(address: &str, health: Option<&str>) -> ContainerDetails {
     ContainerDetails {

@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::runtime::ContainerDetails;
-use crate::runtime::fake::{FakeProbe, FakeRuntime};
+use crate::testing::runtime::{FakeProbe, FakeRuntime};
 
 fn running_at(started_at: &str) -> ContainerDetails {
     ContainerDetails {

@@ -5,8 +5,8 @@ use berth_shared::store::MemStore;
 use tower::ServiceExt;
 
 use super::*;
+use crate::desired::DesiredStore;
 use crate::restarts::RestartSettings;
-use crate::session::desired::DesiredStore;
 
 fn statuses() -> Vec<proto::TenantStatus> {
     vec![
