@@ -8,11 +8,13 @@ pub use berth_shared::config::ConfigError;
 use berth_shared::config::{parse_toml, read};
 use std::collections::BTreeMap;
 
+use berth_shared::field::validate_token;
+use berth_shared::host::Provider;
 use berth_shared::ids::HostId;
-use berth_shared::model::{Provider, validate_token};
 use berth_shared::spec::{Resources, Tier};
 use berth_shared::units::{parse_bytes, parse_duration};
 
+use crate::placement::PlacementPolicy;
 use crate::placement::scheduler::{CatalogEntry, Strategy};
 use serde::Deserialize;
 
@@ -383,6 +385,27 @@ impl CoordinatorConfig {
     /// Written after the listeners are bound: their real addresses (port 0 resolved).
     pub fn endpoints_file(&self) -> PathBuf {
         self.state_dir.join("endpoints.json")
+    }
+}
+
+impl CoordinatorConfig {
+    /// What placement needs of this configuration: the tiers and spec rules, the strategies
+    /// and the host catalog.
+    pub fn placement_policy(&self) -> PlacementPolicy {
+        PlacementPolicy {
+            spec: berth_shared::spec::SpecPolicy {
+                tiers: self.tiers.iter().map(|t| t.tier.clone()).collect(),
+                allow_unrestricted_egress: self.allow_unrestricted_egress,
+                reach: Some(self.reach.clone()),
+            },
+            strategy: self.strategy,
+            tier_strategy: self
+                .tiers
+                .iter()
+                .filter_map(|t| t.strategy.map(|s| (t.tier.name.clone(), s)))
+                .collect(),
+            catalog: self.catalog.clone(),
+        }
     }
 }
 

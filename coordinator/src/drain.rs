@@ -28,8 +28,8 @@ use berth_shared::store::{Durability, Store, StoreError, Write, decode, encode};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::core::Coordinator;
-use crate::drain::copy::Progress;
+use crate::coordinator::Coordinator;
+use crate::drain::copy::{Progress, Transfers};
 use crate::placement::PlaceError;
 use crate::sessions::{AgentLink, LinkError};
 
@@ -281,6 +281,31 @@ pub enum DrainRequestError {
     Deadline(u64),
 }
 
+/// Drives the drains of a coordinator (see the module doc): starts, aborts, resumes them and
+/// runs their moves through the coordinator's placements and its link to the agents.
+#[derive(Debug)]
+pub struct Drainer {
+    pub coordinator: Arc<Coordinator>,
+    pub drains: Drains,
+    /// Volume copies under way between agents.
+    pub transfers: Transfers,
+}
+
+impl Drainer {
+    /// The drainer of `coordinator`, with the drain records `store` holds (resume the running
+    /// ones with [`Drainer::resume`]).
+    pub fn open(
+        coordinator: Arc<Coordinator>,
+        store: Arc<dyn Store>,
+    ) -> Result<Arc<Self>, StoreError> {
+        Ok(Arc::new(Self {
+            coordinator,
+            drains: Drains::load(store)?,
+            transfers: Transfers::default(),
+        }))
+    }
+}
+
 /// The drains: their records (durable) and, for running ones, the abort switch and live copy
 /// progress.
 #[derive(Debug)]
@@ -478,7 +503,7 @@ enum RollbackError {
     #[error("{target} did not stop it: {source}")]
     NotStopped {
         target: HostId,
-        source: crate::core::DeliveryError,
+        source: crate::coordinator::DeliveryError,
     },
     #[error("{target} did not release it: {source}")]
     NotReleased { target: HostId, source: ShredError },
@@ -532,14 +557,15 @@ async fn unless_stopped<T>(
     }
 }
 
-impl Coordinator {
+impl Drainer {
     /// Starts draining a host (or, with `dry_run`, only plans it): see the module doc.
     pub async fn drain(
         self: &Arc<Self>,
         options: DrainOptions,
     ) -> Result<proto::DrainStatus, DrainError> {
         let host = options.host.clone();
-        self.registry
+        self.coordinator
+            .registry
             .host(&host)?
             .ok_or_else(|| DrainError::UnknownHost(host.to_string()))?;
         if self
@@ -550,13 +576,14 @@ impl Coordinator {
             return Err(DrainError::AlreadyDraining(host.to_string()));
         }
         let plan = self
+            .coordinator
             .placements
             .plan_drain(&host, !options.dry_run)
             .map_err(|refusals| DrainError::Refused {
                 host: host.to_string(),
                 refusals,
             })?;
-        let now = self.registry.now();
+        let now = self.coordinator.registry.now();
         let drain = DrainRecord {
             host: host.clone(),
             phase: DrainPhase::Running,
@@ -589,8 +616,9 @@ impl Coordinator {
             status.phase = "planned".into();
             return Ok(status);
         }
-        self.registry
-            .set_draining(&host, true, |h| self.sync_host(h))?;
+        self.coordinator
+            .registry
+            .set_draining(&host, true, |h| self.coordinator.sync_host(h))?;
         self.drains.insert(drain.clone())?;
         tracing::info!(%host, moves = drain.moves.len(), max_parallel = drain.max_parallel, "drain started");
         self.spawn_driver(&host, false);
@@ -629,14 +657,16 @@ impl Coordinator {
     }
 
     /// Resumes the drains a stopped coordinator left running, where each move was.
-    pub fn resume_drains(self: &Arc<Self>) {
+    pub fn resume(self: &Arc<Self>) {
         for drain in self.drains.running() {
             for m in &drain.moves {
                 if matches!(m.phase, MovePhase::Planned | MovePhase::Precopying) {
-                    self.placements.reserve(&m.tenant, &m.target);
+                    self.coordinator.placements.reserve(&m.tenant, &m.target);
                 }
             }
-            self.placements.set_schedulable(&drain.host, false);
+            self.coordinator
+                .placements
+                .set_schedulable(&drain.host, false);
             tracing::info!(host = %drain.host, "resuming drain");
             self.spawn_driver(&drain.host, true);
         }
@@ -674,7 +704,7 @@ impl Coordinator {
             + Duration::from_millis(
                 record
                     .deadline_unix_ms
-                    .saturating_sub(self.registry.now())
+                    .saturating_sub(self.coordinator.registry.now())
                     .max(0) as u64,
             );
         // After a coordinator restart the agents reconnect within seconds: give them that long
@@ -685,7 +715,9 @@ impl Coordinator {
         let reconnect = tokio::time::Instant::now() + RECONNECT_WAIT;
         while resumed
             && tokio::time::Instant::now() < reconnect
-            && !involved.iter().all(|h| self.agents.is_connected(h))
+            && !involved
+                .iter()
+                .all(|h| self.coordinator.agents.is_connected(h))
         {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -764,8 +796,12 @@ impl Coordinator {
     /// Gives back what a move that ends without moving its tenant reserved on its target, and
     /// unstages the tenant there.
     async fn give_back(self: &Arc<Self>, tenant: &TenantId) {
-        let unstaged = match self.placements.release_reservation(tenant) {
-            Ok(Some(seq)) => self.durable(seq).await.map_err(|e| e.to_string()),
+        let unstaged = match self.coordinator.placements.release_reservation(tenant) {
+            Ok(Some(seq)) => self
+                .coordinator
+                .durable(seq)
+                .await
+                .map_err(|e| e.to_string()),
             Ok(None) => Ok(()),
             Err(e) => Err(e.to_string()),
         };
@@ -804,8 +840,9 @@ impl Coordinator {
             Err(e) => tracing::error!(%host, error = %e, "drain record not written"),
         }
         if let Err(e) = self
+            .coordinator
             .registry
-            .set_draining(host, false, |h| self.sync_host(h))
+            .set_draining(host, false, |h| self.coordinator.sync_host(h))
         {
             tracing::error!(%host, error = %e, "host left draining");
         }
@@ -900,7 +937,7 @@ impl Coordinator {
         // This move's turn at streaming, while it pre-copies and until its copy after the stop.
         let mut stream_turn = None;
         if matches!(phase, MovePhase::Planned | MovePhase::Precopying) {
-            if !self.agents.is_connected(source) {
+            if !self.coordinator.agents.is_connected(source) {
                 if !options.force_lost {
                     self.give_back(tenant).await;
                     self.drains.set_move(source, tenant, |m| {
@@ -916,8 +953,8 @@ impl Coordinator {
                     true => {
                         let turn = take(&slots.streams).await?;
                         set(MovePhase::Precopying)?;
-                        if let Some(seq) = self.placements.prestage(tenant)? {
-                            self.durable(seq).await?;
+                        if let Some(seq) = self.coordinator.placements.prestage(tenant)? {
+                            self.coordinator.durable(seq).await?;
                         }
                         (self.precopy(source, tenant, target).await, Some(turn))
                     }
@@ -948,16 +985,17 @@ impl Coordinator {
         if phase == MovePhase::Stopping {
             // Held on the target: the source stops it, nobody starts it. (Resumed after a
             // restart, that may be done already: then its generation is awaited.)
-            let generation = match self.placements.tenant_record(tenant) {
+            let generation = match self.coordinator.placements.tenant_record(tenant) {
                 Some(r) if r.host_id == *target && r.held => r.generation,
                 _ => {
-                    let applied = self.placements.relocate(tenant, target, true)?;
-                    self.durable(applied.seq).await?;
+                    let applied = self.coordinator.placements.relocate(tenant, target, true)?;
+                    self.coordinator.durable(applied.seq).await?;
                     applied.placement.generation
                 }
             };
             unless_stopped(stop, async {
-                self.await_delivery(source, generation, STOP_WAIT)
+                self.coordinator
+                    .await_delivery(source, generation, STOP_WAIT)
                     .await
                     .map_err(|e| MoveFailure::Failed(format!("stopping on {source}: {e}")))
             })
@@ -982,11 +1020,14 @@ impl Coordinator {
             phase = MovePhase::Starting;
         }
         if phase == MovePhase::Starting {
-            let applied = match self.placements.tenant_record(tenant) {
+            let applied = match self.coordinator.placements.tenant_record(tenant) {
                 Some(r) if r.host_id == *target && !r.held => r.generation,
                 _ => {
-                    let applied = self.placements.relocate(tenant, target, false)?;
-                    self.durable(applied.seq).await?;
+                    let applied = self
+                        .coordinator
+                        .placements
+                        .relocate(tenant, target, false)?;
+                    self.coordinator.durable(applied.seq).await?;
                     applied.placement.generation
                 }
             };
@@ -1026,8 +1067,13 @@ impl Coordinator {
     /// says why it did not.
     async fn shred_copy(&self, host: &HostId, tenant: &TenantId) -> Result<(), ShredError> {
         match self
+            .coordinator
             .agents
-            .volume(host, crate::core::purge_command(tenant), RELEASE_WAIT)
+            .volume(
+                host,
+                crate::coordinator::purge_command(tenant),
+                RELEASE_WAIT,
+            )
             .await?
         {
             r if r.ok => Ok(()),
@@ -1044,6 +1090,7 @@ impl Coordinator {
         };
         for tenant in record.stale_copies {
             let placed_here = self
+                .coordinator
                 .placements
                 .tenant_record(&tenant)
                 .is_some_and(|r| r.host_id == host);
@@ -1114,11 +1161,15 @@ impl Coordinator {
         precopy: bool,
         base: u64,
     ) -> Result<u64, MoveFailure> {
-        let address = self.agents.transfer_address(target).ok_or_else(|| {
-            MoveFailure::Failed(format!(
-                "copy: {target} has no transfer port (not connected, or its agent serves none)"
-            ))
-        })?;
+        let address = self
+            .coordinator
+            .agents
+            .transfer_address(target)
+            .ok_or_else(|| {
+                MoveFailure::Failed(format!(
+                    "copy: {target} has no transfer port (not connected, or its agent serves none)"
+                ))
+            })?;
         let transfer = self.transfers.open(target);
         self.drains
             .progress
@@ -1145,13 +1196,13 @@ impl Coordinator {
         // Whatever stops this copy before both ends answered (an abort, the deadline) stops
         // both ends too.
         let mut both = CancelOnDrop {
-            agents: self.agents.as_ref(),
+            agents: self.coordinator.agents.as_ref(),
             hosts: [source, target],
             transfer_id: transfer.id,
             armed: true,
         };
-        let received = self.agents.volume(target, import, wait);
-        let sent = self.agents.volume(source, export, wait);
+        let received = self.coordinator.agents.volume(target, import, wait);
+        let sent = self.coordinator.agents.volume(source, export, wait);
         tokio::pin!(received, sent);
         let done = |r: &Result<proto::VolumeResult, LinkError>| matches!(r, Ok(r) if r.ok);
         // An end that failed leaves the other waiting for a stream that never comes (or
@@ -1159,13 +1210,13 @@ impl Coordinator {
         let (received, sent) = tokio::select! {
             received = &mut received => {
                 if !done(&received) {
-                    self.agents.cancel_transfer(source, transfer.id);
+                    self.coordinator.agents.cancel_transfer(source, transfer.id);
                 }
                 (received, sent.await)
             }
             sent = &mut sent => {
                 if !done(&sent) {
-                    self.agents.cancel_transfer(target, transfer.id);
+                    self.coordinator.agents.cancel_transfer(target, transfer.id);
                 }
                 (received.await, sent)
             }
@@ -1217,16 +1268,21 @@ impl Coordinator {
         stop: &mut watch::Receiver<Option<DrainPhase>>,
     ) -> Result<MovePhase, MoveFailure> {
         if self
+            .coordinator
             .keys
             .has(tenant)
             .map_err(|e| MoveFailure::Failed(e.to_string()))?
         {
-            self.keys
+            self.coordinator
+                .keys
                 .replace(tenant)
                 .map_err(|e| MoveFailure::Failed(e.to_string()))?;
         }
-        let applied = self.placements.relocate(tenant, target, false)?;
-        self.durable(applied.seq).await?;
+        let applied = self
+            .coordinator
+            .placements
+            .relocate(tenant, target, false)?;
+        self.coordinator.durable(applied.seq).await?;
         self.drains.set_move(source, tenant, |m| {
             m.error = format!("{source} was lost: started on {target} with an empty volume");
         })?;
@@ -1246,7 +1302,7 @@ impl Coordinator {
         tenant: &TenantId,
         target: &HostId,
     ) -> Result<MovePhase, RollbackError> {
-        let Some(record) = self.placements.tenant_record(tenant) else {
+        let Some(record) = self.coordinator.placements.tenant_record(tenant) else {
             return Err(RollbackError::NotPlaced(tenant.clone()));
         };
         if record.host_id == *source {
@@ -1254,9 +1310,10 @@ impl Coordinator {
         }
         if record.host_id == *target {
             if !record.held {
-                let applied = self.placements.relocate(tenant, target, true)?;
-                self.durable(applied.seq).await?;
-                self.await_delivery(target, applied.placement.generation, STOP_WAIT)
+                let applied = self.coordinator.placements.relocate(tenant, target, true)?;
+                self.coordinator.durable(applied.seq).await?;
+                self.coordinator
+                    .await_delivery(target, applied.placement.generation, STOP_WAIT)
                     .await
                     .map_err(|source| RollbackError::NotStopped {
                         target: target.clone(),
@@ -1278,8 +1335,11 @@ impl Coordinator {
                 }
             }
         }
-        let applied = self.placements.relocate(tenant, source, false)?;
-        self.durable(applied.seq).await?;
+        let applied = self
+            .coordinator
+            .placements
+            .relocate(tenant, source, false)?;
+        self.coordinator.durable(applied.seq).await?;
         tracing::info!(%tenant, %source, "move rolled back");
         Ok(MovePhase::RolledBack)
     }
@@ -1292,13 +1352,14 @@ impl Coordinator {
         host: &HostId,
         generation: u64,
     ) -> Result<(), MoveFailure> {
-        let wait = self.config.drain_start_timeout;
+        let wait = self.coordinator.config.drain_start_timeout;
         let deadline = tokio::time::Instant::now() + wait;
         let mut last = proto::TenantStatus::default();
         let running = self
+            .coordinator
             .placements
-            .wait_for_report(deadline, crate::core::RECHECK, || {
-                let t = self.placements.tenant(tenant)?;
+            .wait_for_report(deadline, crate::coordinator::RECHECK, || {
+                let t = self.coordinator.placements.tenant(tenant)?;
                 let status = t.status.unwrap_or_default();
                 let placed = t.placement.unwrap_or_default();
                 let done = placed.host_id == host.as_str()
@@ -1312,7 +1373,7 @@ impl Coordinator {
         running.ok_or_else(|| {
             let state = match last.state == proto::TenantState::Running as i32 {
                 true => "running but not healthy",
-                false => crate::api::views::tenant_state_name(last.state),
+                false => berth_shared::spec::tenant_state_name(last.state),
             };
             MoveFailure::Failed(format!(
                 "not healthy on {host} within {wait:?}: {state} {}",

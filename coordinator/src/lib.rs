@@ -7,7 +7,7 @@
 
 pub mod api;
 pub mod config;
-pub mod core;
+pub mod coordinator;
 pub mod dashboard;
 pub mod drain;
 pub mod keys;

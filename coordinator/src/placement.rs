@@ -12,8 +12,8 @@ pub mod scheduler;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use berth_shared::field::FieldError;
 use berth_shared::ids::{HostId, TenantId};
-use berth_shared::model::FieldError;
 use berth_shared::proto;
 use berth_shared::spec::{SpecPolicy, TenantSpec};
 use berth_shared::store::{Durability, Store, StoreError, Write, decode, encode};
@@ -42,25 +42,6 @@ pub struct PlacementPolicy {
     pub strategy: Strategy,
     pub tier_strategy: HashMap<String, Strategy>,
     pub catalog: Vec<CatalogEntry>,
-}
-
-impl PlacementPolicy {
-    pub fn from_config(config: &crate::config::CoordinatorConfig) -> Self {
-        Self {
-            spec: SpecPolicy {
-                tiers: config.tiers.iter().map(|t| t.tier.clone()).collect(),
-                allow_unrestricted_egress: config.allow_unrestricted_egress,
-                reach: Some(config.reach.clone()),
-            },
-            strategy: config.strategy,
-            tier_strategy: config
-                .tiers
-                .iter()
-                .filter_map(|t| t.strategy.map(|s| (t.tier.name.clone(), s)))
-                .collect(),
-            catalog: config.catalog.clone(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use base64::Engine;
 use berth_shared::clock::Clock;
+use berth_shared::host::HostFacts;
 use berth_shared::ids::HostId;
-use berth_shared::model::HostFacts;
 use berth_shared::store::{Durability, Store, StoreError, Write, decode, encode};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};

@@ -23,10 +23,11 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 
-use crate::api::{admin, agent, operator};
+use crate::api::{Backend, admin, agent, operator};
 use crate::config::CoordinatorConfig;
-use crate::core::Coordinator;
+use crate::coordinator::Coordinator;
 use crate::dashboard;
+use crate::drain::Drainer;
 use crate::keys::KeyVault;
 use crate::keys::keyring::Keyring;
 use crate::sessions::SessionHub;
@@ -139,14 +140,16 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
     let sessions = Arc::new(SessionHub::default());
     let coordinator = Arc::new(Coordinator::open(
         config.clone(),
-        store,
+        store.clone(),
         Arc::new(SystemClock),
         ca,
         keys,
         sessions.clone(),
         endpoints.agent.port(),
     )?);
-    coordinator.resume_drains();
+    let drainer = Drainer::open(coordinator.clone(), store)?;
+    drainer.resume();
+    let backend = Backend::new(drainer.clone());
 
     let (ca, denied) = (&coordinator.ca, &coordinator.denied);
     let (chain, key) = ca.issue_server_cert(&config.server_names, SERVER_CERT_TTL)?;
@@ -173,6 +176,7 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
         AgentServiceServer::new(agent::AgentApi {
             coordinator: coordinator.clone(),
             sessions,
+            drainer: drainer.clone(),
         })
         .max_decoding_message_size(SESSION_MESSAGE_BYTES)
         .max_encoding_message_size(SESSION_MESSAGE_BYTES),
@@ -187,6 +191,7 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
     .add_service(
         OperatorServiceServer::new(operator::OperatorApi {
             coordinator: coordinator.clone(),
+            drainer,
         })
         .max_decoding_message_size(OPERATOR_MESSAGE_BYTES)
         .max_encoding_message_size(OPERATOR_MESSAGE_BYTES),
@@ -196,7 +201,7 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
         coordinator.clone(),
         operator::authorize_grpc,
     ))
-    .merge(crate::api::rest::router(coordinator.clone()));
+    .merge(crate::api::rest::router(backend.clone()));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -216,7 +221,7 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
         stopped(stop_rx.clone()),
     ));
     let http_stop = stopped(stop_rx.clone());
-    let http_router = dashboard::router(coordinator.clone(), http_access);
+    let http_router = dashboard::router(backend, http_access);
     match http_tls {
         Some(tls) => {
             tasks.spawn(serve_tls(http_listener, tls, http_router, http_stop));

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 pub use berth_shared::config::ConfigError;
 use berth_shared::config::{parse_toml, read};
-use berth_shared::model::{FieldError, Provider, validate_token};
+use berth_shared::field::{FieldError, validate_token};
+use berth_shared::host::Provider;
 use berth_shared::transport::CoordinatorUrl;
 use berth_shared::units::{UnitError, parse_bytes, parse_duration};
 

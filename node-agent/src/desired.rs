@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use berth_shared::model::FieldError;
+use berth_shared::field::FieldError;
 use berth_shared::proto;
 use berth_shared::spec::TenantSpec;
 use berth_shared::store::{Durability, SledStore, Store, StoreError, Write, decode, encode};

@@ -18,8 +18,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use berth_shared::clock::{Clock, SystemClock};
 use berth_shared::metrics::{CONTENT_TYPE, Exposition, Figure};
-use berth_shared::model::tenant_state_name;
 use berth_shared::proto;
+use berth_shared::spec::tenant_state_name;
 
 use crate::enforce::Enforcement;
 

@@ -7,9 +7,10 @@
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod field;
+pub mod host;
 pub mod ids;
 pub mod metrics;
-pub mod model;
 pub mod pki;
 pub mod reach;
 pub mod secret;

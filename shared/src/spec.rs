@@ -8,8 +8,9 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::field::{FieldError, validate_token};
+use crate::host::Provider;
 use crate::ids::TenantId;
-use crate::model::{FieldError, Provider, validate_token};
 use crate::proto;
 use crate::units::parse_bytes;
 
@@ -1015,6 +1016,18 @@ impl TenantSpecFile {
             gateway_port: self.gateway_port.unwrap_or(0),
             env: self.env.clone().into_iter().collect(),
         })
+    }
+}
+
+/// How a tenant state is written in views, JSON and metrics labels.
+pub fn tenant_state_name(state: i32) -> &'static str {
+    match proto::TenantState::try_from(state) {
+        Ok(proto::TenantState::Pending) => "pending",
+        Ok(proto::TenantState::Running) => "running",
+        Ok(proto::TenantState::Failed) => "failed",
+        Ok(proto::TenantState::Stopped) => "stopped",
+        Ok(proto::TenantState::WaitingForKey) => "waiting_for_key",
+        _ => "unknown",
     }
 }
 

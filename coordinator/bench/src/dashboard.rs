@@ -43,13 +43,13 @@ pub async fn serve(hosts: usize, tenants: usize, addr: SocketAddr) -> anyhow::Re
         addr.ip().is_loopback(),
         "--serve {addr}: the seeded dashboard serves on loopback only"
     );
-    let c = seed::seeded(hosts, tenants)?;
+    let backend = seed::backend(hosts, tenants)?;
     let listener = tokio::net::TcpListener::bind(addr).await?;
     // Scripts wait for this line to learn the port.
     println!("serving http://{}/", listener.local_addr()?);
     axum::serve(
         listener,
-        dashboard::router(c, dashboard::HttpAccess::Loopback),
+        dashboard::router(backend, dashboard::HttpAccess::Loopback),
     )
     .await?;
     Ok(())

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use berth_coordinator::placement::scheduler::{HostInfo, Request, Scheduler, Strategy, Vec3};
+use berth_shared::host::Provider;
 use berth_shared::ids::HostId;
-use berth_shared::model::Provider;
 use berth_shared::spec::Constraints;
 use serde_json::json;
 

@@ -17,7 +17,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::config::CoordinatorConfig;
-use crate::core::{Coordinator, RevokeTarget};
+use crate::coordinator::{Coordinator, RevokeTarget};
 use crate::registry::{CertRecord, OperatorTokenRecord, Registry, RegistryError, Scope};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

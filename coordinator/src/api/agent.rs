@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use berth_shared::model::HostFacts;
+use berth_shared::host::HostFacts;
 use berth_shared::pki::{Subject, Validity};
 use berth_shared::proto::agent_message::Body as AgentBody;
 use berth_shared::proto::agent_service_server::AgentService;
@@ -22,7 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::api::failure::status;
-use crate::core::{AuthenticatedHost, Coordinator};
+use crate::coordinator::{AuthenticatedHost, Coordinator};
 use crate::registry::CertRecord;
 use crate::sessions::{AgentReply, SessionHub};
 
@@ -79,6 +79,7 @@ pub struct AgentApi {
     pub coordinator: Arc<Coordinator>,
     /// The sessions: the coordinator's link to agents (`coordinator.agents`) is this hub.
     pub sessions: Arc<SessionHub>,
+    pub drainer: Arc<crate::drain::Drainer>,
 }
 
 impl AgentApi {
@@ -141,7 +142,7 @@ impl AgentApi {
             }
             Some(AgentBody::VolumeProgress(progress)) => {
                 if !self
-                    .coordinator
+                    .drainer
                     .transfers
                     .record_progress(&auth.host_id, &progress)
                 {
@@ -243,7 +244,7 @@ impl AgentService for AgentApi {
         }
         // Back after a drain moved tenants away without it: what it still holds of them goes.
         tokio::spawn(
-            self.coordinator
+            self.drainer
                 .clone()
                 .delete_stale_copies(auth.host_id.clone()),
         );

@@ -110,7 +110,7 @@ pub fn connect(options: &ClientOptions) -> Result<OperatorClient, ClientError> {
         channel_with_timeout(
             &url,
             tls,
-            crate::core::RESTART_WAIT + std::time::Duration::from_secs(30),
+            crate::coordinator::RESTART_WAIT + std::time::Duration::from_secs(30),
         ),
         BearerToken(bearer),
     )

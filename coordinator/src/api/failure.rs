@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use berth_shared::ids::IdError;
 use tonic::{Code, Status};
 
-use crate::core::{AuthError, RestartError};
+use crate::coordinator::{AuthError, RestartError};
 use crate::drain::{DrainError, DrainRequestError};
 use crate::placement::PlaceError;
 use crate::registry::RegistryError;

@@ -14,8 +14,8 @@ use axum::extract::State;
 use axum::middleware::Next;
 
 use crate::api::failure::{Failure, Kind, bad_id, status};
-use crate::core::{Access, Coordinator};
-use crate::drain::DrainOptions;
+use crate::coordinator::{Access, Coordinator};
+use crate::drain::{DrainOptions, Drainer};
 use crate::placement::PlaceError;
 use crate::registry::{CertRecord, RegistryError};
 
@@ -183,6 +183,7 @@ pub async fn authorize_grpc(
 #[derive(Debug, Clone)]
 pub struct OperatorApi {
     pub coordinator: Arc<Coordinator>,
+    pub drainer: Arc<Drainer>,
 }
 
 impl OperatorApi {
@@ -335,7 +336,7 @@ impl OperatorService for OperatorApi {
         request: Request<proto::DrainRequest>,
     ) -> Result<Response<proto::DrainStatus>, Status> {
         let options = DrainOptions::from_request(request.get_ref()).map_err(status)?;
-        self.coordinator
+        self.drainer
             .drain(options)
             .await
             .map(Response::new)
@@ -347,7 +348,7 @@ impl OperatorService for OperatorApi {
         request: Request<HostRef>,
     ) -> Result<Response<proto::DrainStatus>, Status> {
         let host = host_id("host_id", &request.get_ref().host_id)?;
-        self.coordinator
+        self.drainer
             .drain_status(&host)
             .map(Response::new)
             .map_err(status)
@@ -358,7 +359,7 @@ impl OperatorService for OperatorApi {
         request: Request<HostRef>,
     ) -> Result<Response<proto::DrainStatus>, Status> {
         let host = host_id("host_id", &request.get_ref().host_id)?;
-        self.coordinator
+        self.drainer
             .abort_drain(&host)
             .await
             .map(Response::new)

@@ -16,11 +16,12 @@ use berth_shared::ids::{HostId, TenantId};
 use berth_shared::spec::{EgressFile, TenantSpecFile};
 use serde::Deserialize;
 
+use crate::api::Backend;
 use crate::api::failure::{Failure, bad_id};
 use crate::api::operator::{spelled_for, unknown_host, unknown_tenant};
 use crate::api::views::{DrainView, HostView, PlacementView, RemovalView, RestartView, TenantView};
-use crate::core::{Access, Coordinator};
-use crate::drain::DrainOptions;
+use crate::coordinator::{Access, Coordinator};
+use crate::drain::{DrainOptions, Drainer};
 
 type Shared = State<Arc<Coordinator>>;
 
@@ -214,7 +215,11 @@ struct DrainBody {
     no_precopy: bool,
 }
 
-async fn drain(State(c): Shared, Path(id): Path<String>, body: Bytes) -> ApiResult<DrainView> {
+async fn drain(
+    State(d): State<Arc<Drainer>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<DrainView> {
     let body: DrainBody = if body.is_empty() {
         DrainBody::default()
     } else {
@@ -234,22 +239,28 @@ async fn drain(State(c): Shared, Path(id): Path<String>, body: Bytes) -> ApiResu
         force_lost: body.force_lost,
         no_precopy: body.no_precopy,
     })?;
-    let status = c.drain(options).await?;
+    let status = d.drain(options).await?;
     Ok(Json(DrainView::from(&status)))
 }
 
-async fn drain_status(State(c): Shared, Path(id): Path<String>) -> ApiResult<DrainView> {
-    let status = c.drain_status(&host_id(&id)?)?;
+async fn drain_status(
+    State(d): State<Arc<Drainer>>,
+    Path(id): Path<String>,
+) -> ApiResult<DrainView> {
+    let status = d.drain_status(&host_id(&id)?)?;
     Ok(Json(DrainView::from(&status)))
 }
 
-async fn drain_abort(State(c): Shared, Path(id): Path<String>) -> ApiResult<DrainView> {
-    let status = c.abort_drain(&host_id(&id)?).await?;
+async fn drain_abort(
+    State(d): State<Arc<Drainer>>,
+    Path(id): Path<String>,
+) -> ApiResult<DrainView> {
+    let status = d.abort_drain(&host_id(&id)?).await?;
     Ok(Json(DrainView::from(&status)))
 }
 
 /// The REST routes, behind operator authentication.
-pub fn router(coordinator: Arc<Coordinator>) -> axum::Router {
+pub fn router(backend: Backend) -> axum::Router {
     axum::Router::new()
         .route("/v1/hosts", get(list_hosts))
         .route("/v1/hosts/{id}", get(get_host))
@@ -262,8 +273,8 @@ pub fn router(coordinator: Arc<Coordinator>) -> axum::Router {
         .route("/v1/tenants/{id}/egress", put(set_egress))
         .route("/v1/tenants/{id}/restart", post(restart))
         .layer(middleware::from_fn_with_state(
-            coordinator.clone(),
+            backend.coordinator.clone(),
             authorize,
         ))
-        .with_state(coordinator)
+        .with_state(backend)
 }

@@ -1,9 +1,9 @@
 //! The JSON shapes of hosts, tenants and placements: what `berthctl --json` prints and what the
 //! REST API returns (the same fields for the same things).
 
-pub use berth_shared::model::tenant_state_name;
 use berth_shared::proto;
 use berth_shared::spec::egress_entry_text;
+pub use berth_shared::spec::tenant_state_name;
 use serde::Serialize;
 
 #[derive(Debug, Serialize)]

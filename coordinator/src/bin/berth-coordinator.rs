@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use berth_coordinator::api::admin::{self, AdminRequest, AdminResponse};
 use berth_coordinator::config::CoordinatorConfig;
-use berth_coordinator::core::RevokeTarget;
+use berth_coordinator::coordinator::RevokeTarget;
 use berth_coordinator::registry::Scope;
 use berth_shared::ids::HostId;
 use berth_shared::pki::{self, CertificateAuthority, Subject, Validity};

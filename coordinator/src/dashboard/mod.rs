@@ -11,6 +11,7 @@
 
 pub mod figures;
 pub mod pages;
+pub mod prometheus;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,8 +25,10 @@ use axum::routing::get;
 use base64::Engine;
 use berth_shared::ids::HostId;
 
+use crate::api::Backend;
 use crate::api::views::TenantView;
-use crate::core::Coordinator;
+use crate::coordinator::Coordinator;
+use crate::drain::Drainer;
 use crate::placement::HostLoad;
 use crate::registry::{HostRecord, RegistryError, Scope};
 use figures::{HostRow, Snapshot};
@@ -84,8 +87,10 @@ pub fn fleet_page(c: &Coordinator) -> Result<String, RegistryError> {
     Ok(pages::fleet(&snapshot(c)?).into_string())
 }
 
-/// A host page's HTML; `None` for a host that is not registered.
-pub fn host_page(c: &Coordinator, host: &HostId) -> Result<Option<String>, RegistryError> {
+/// A host page's HTML (with its drain, if it had one); `None` for a host that is not
+/// registered.
+pub fn host_page(d: &Drainer, host: &HostId) -> Result<Option<String>, RegistryError> {
+    let c = &d.coordinator;
     let Some(record) = c.registry.host(host)? else {
         return Ok(None);
     };
@@ -99,7 +104,7 @@ pub fn host_page(c: &Coordinator, host: &HostId) -> Result<Option<String>, Regis
         .map(TenantView::from)
         .collect();
     tenants.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
-    let drain = c
+    let drain = d
         .drain_status(host)
         .ok()
         .map(|s| crate::api::views::DrainView::from(&s));
@@ -120,11 +125,11 @@ async fn fleet(State(c): State<Arc<Coordinator>>) -> Response {
     }
 }
 
-async fn host(State(c): State<Arc<Coordinator>>, Path(id): Path<String>) -> Response {
+async fn host(State(d): State<Arc<Drainer>>, Path(id): Path<String>) -> Response {
     let Ok(id) = HostId::new(&id) else {
         return (StatusCode::BAD_REQUEST, "host_id: not a host id\n").into_response();
     };
-    match host_page(&c, &id) {
+    match host_page(&d, &id) {
         Ok(Some(html)) => Html(html).into_response(),
         Ok(None) => (
             StatusCode::NOT_FOUND,
@@ -228,21 +233,21 @@ pub enum HttpAccess {
 }
 
 /// The HTTP port's routes (`/healthz` is always open).
-pub fn router(coordinator: Arc<Coordinator>, access: HttpAccess) -> Router {
+pub fn router(backend: Backend, access: HttpAccess) -> Router {
     let pages = Router::new()
         .route("/", get(fleet))
         .route("/hosts/{id}", get(host))
-        .route("/metrics", get(crate::metrics::serve));
+        .route("/metrics", get(prometheus::serve));
     let pages = match access {
         HttpAccess::Loopback => pages.layer(middleware::from_fn(require_loopback_host)),
         HttpAccess::ReadToken => pages.layer(middleware::from_fn_with_state(
-            coordinator.clone(),
+            backend.coordinator.clone(),
             require_read_token,
         )),
     };
     pages
         .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(coordinator)
+        .with_state(backend)
 }
 
 #[cfg(test)]

@@ -172,9 +172,10 @@ fn what_still_fits_counts_room_on_ready_hosts_by_memory_cpu_and_disk() {
 
 #[test]
 fn a_host_page_lists_its_tenants_with_their_figures() {
-    let c = seed::seeded(10, 120).unwrap();
+    let b = seed::backend(10, 120).unwrap();
+    let c = &b.coordinator;
     let host = c.registry.hosts().unwrap()[0].host_id.clone();
-    let html = host_page(&c, &host).unwrap().unwrap();
+    let html = host_page(&b.drainer, &host).unwrap().unwrap();
     let tenants = c.placements.tenants(Some(&host));
     assert!(!tenants.is_empty());
     assert_eq!(html.matches("<tr><td>tenant-").count(), tenants.len());
@@ -195,7 +196,7 @@ fn a_host_page_lists_its_tenants_with_their_figures() {
         assert!(html.contains(&row), "{row}");
     }
     assert_eq!(
-        host_page(&c, &HostId::new("nosuch").unwrap()).unwrap(),
+        host_page(&b.drainer, &HostId::new("nosuch").unwrap()).unwrap(),
         None
     );
     // Messages wrap in their column instead of widening the table.
@@ -241,7 +242,8 @@ async fn get_as(
 
 #[tokio::test]
 async fn off_loopback_every_page_needs_a_read_token() {
-    let c = seed::seeded(3, 10).unwrap();
+    let b = seed::backend(3, 10).unwrap();
+    let c = b.coordinator.clone();
     let day = std::time::Duration::from_secs(86_400);
     let name = |n: &str| berth_shared::ids::HostId::new(n).unwrap();
     let (token, _) = c
@@ -252,7 +254,7 @@ async fn off_loopback_every_page_needs_a_read_token() {
         .registry
         .create_operator_token(&name("ops"), Scope::Admin, day)
         .unwrap();
-    let guarded = router(c.clone(), HttpAccess::ReadToken);
+    let guarded = router(b.clone(), HttpAccess::ReadToken);
     for path in ["/", "/hosts/hetzner-fsn1-000", "/metrics"] {
         let (status, headers, _) = get(guarded.clone(), path, None).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
@@ -287,8 +289,7 @@ async fn off_loopback_every_page_needs_a_read_token() {
 /// name resolves to 127.0.0.1 (DNS rebinding) gets nothing.
 #[tokio::test]
 async fn on_loopback_the_pages_answer_only_to_loopback_names() {
-    let c = seed::seeded(3, 10).unwrap();
-    let open = router(c, HttpAccess::Loopback);
+    let open = router(seed::backend(3, 10).unwrap(), HttpAccess::Loopback);
     for host in [
         "127.0.0.1:7480",
         "localhost:7480",
@@ -315,10 +316,11 @@ async fn on_loopback_the_pages_answer_only_to_loopback_names() {
 
 #[tokio::test]
 async fn metrics_parse_as_prometheus_text_and_match_the_fleet() {
-    let c = seed::seeded(20, 300).unwrap();
+    let b = seed::backend(20, 300).unwrap();
+    let c = b.coordinator.clone();
     let t = truth(&c);
     let (status, headers, text) =
-        get(router(c.clone(), HttpAccess::Loopback), "/metrics", None).await;
+        get(router(b.clone(), HttpAccess::Loopback), "/metrics", None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         headers[header::CONTENT_TYPE],
@@ -377,7 +379,7 @@ async fn metrics_parse_as_prometheus_text_and_match_the_fleet() {
     c.place(berth_shared::proto::TenantSpec::default())
         .await
         .unwrap_err();
-    let text = crate::metrics::render(&c).unwrap();
+    let text = crate::dashboard::prometheus::render(&c).unwrap();
     let buckets = testing::histogram(&text, "berth_placement_duration_seconds");
     assert_eq!(
         buckets.len(),
@@ -390,7 +392,8 @@ async fn metrics_parse_as_prometheus_text_and_match_the_fleet() {
 
 #[tokio::test]
 async fn a_draining_hosts_page_shows_each_moves_target_and_phase() {
-    let c = seed::seeded(10, 60).unwrap();
+    let b = seed::backend(10, 60).unwrap();
+    let c = &b.coordinator;
     let host = c
         .registry
         .hosts()
@@ -399,9 +402,10 @@ async fn a_draining_hosts_page_shows_each_moves_target_and_phase() {
         .map(|h| h.host_id)
         .max_by_key(|h| c.placements.host_usage(h).0)
         .unwrap();
-    let before = host_page(&c, &host).unwrap().unwrap();
+    let before = host_page(&b.drainer, &host).unwrap().unwrap();
     assert!(!before.contains("Drain:"), "no drain, no drain section");
-    let status = c
+    let status = b
+        .drainer
         .drain(crate::drain::DrainOptions {
             host: host.clone(),
             dry_run: false,
@@ -413,7 +417,7 @@ async fn a_draining_hosts_page_shows_each_moves_target_and_phase() {
         .await
         .unwrap();
     assert!(!status.moves.is_empty());
-    let html = host_page(&c, &host).unwrap().unwrap();
+    let html = host_page(&b.drainer, &host).unwrap().unwrap();
     assert!(html.contains("<h2>Drain: running</h2>"), "{html}");
     for m in &status.moves {
         let row = format!(

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use berth_shared::clock::ManualClock;
+use berth_shared::host::Provider;
 use berth_shared::ids::{HostId, TenantId};
-use berth_shared::model::Provider;
 use berth_shared::proto;
 use berth_shared::store::MemStore;
 
@@ -24,6 +24,7 @@ const GIB: u64 = 1 << 30;
 /// A fleet of played hosts around a real coordinator.
 struct Fleet {
     c: Arc<Coordinator>,
+    d: Arc<Drainer>,
     agents: Arc<FakeAgents>,
     hosts: Vec<HostId>,
 }
@@ -42,8 +43,10 @@ impl Fleet {
     fn open(store: Arc<MemStore>, agents: Arc<FakeAgents>, hosts: &[(&str, u64)]) -> Self {
         let clock = Arc::new(ManualClock::at(seed::SEED_TIME_MS));
         let c = Arc::new(
-            seed::open(store, clock, Keyring::in_memory(), agents.clone()).expect("coordinator"),
+            seed::open(store.clone(), clock, Keyring::in_memory(), agents.clone())
+                .expect("coordinator"),
         );
+        let d = Drainer::open(c.clone(), store).expect("drainer");
         let hosts: Vec<HostId> = hosts
             .iter()
             .enumerate()
@@ -56,11 +59,16 @@ impl Fleet {
                         .record_report(&h, gib * GIB / 2, 400 * GIB, |r| c.sync_host(r))
                         .unwrap();
                 }
-                agents.connect(&c, &h);
+                agents.connect(&d, &h);
                 h
             })
             .collect();
-        Self { c, agents, hosts }
+        Self {
+            c,
+            d,
+            agents,
+            hosts,
+        }
     }
 
     fn new(hosts: &[(&str, u64)]) -> Self {
@@ -130,15 +138,15 @@ impl Fleet {
     /// Drains and waits for the drain to end.
     async fn drain(&self, options: DrainOptions) -> proto::DrainStatus {
         let host = options.host.clone();
-        self.c.drain(options).await.expect("drain starts");
-        self.c.drains.wait_finished(&host).await;
-        self.c.drain_status(&host).unwrap()
+        self.d.drain(options).await.expect("drain starts");
+        self.d.drains.wait_finished(&host).await;
+        self.d.drain_status(&host).unwrap()
     }
 
     /// Waits until `tenant`'s move off `source` reached `phase`.
     async fn until_phase(&self, source: usize, tenant: &str, phase: MovePhase) {
         let source = self.hosts[source].clone();
-        self.until(|| self.c.drains.phase_of(&source, &id(tenant)) == Some(phase))
+        self.until(|| self.d.drains.phase_of(&source, &id(tenant)) == Some(phase))
             .await;
     }
 
@@ -229,7 +237,7 @@ async fn a_drain_that_cannot_place_every_tenant_is_refused_and_changes_nothing()
     // 2 GiB to place on the only other host: two business tenants fit, the third does not.
     let f = Fleet::new(&[("src", 16), ("small", 4)]);
     f.place_on(0, &["t1", "t2", "t3"], "business", false).await;
-    let err = f.c.drain(f.options(0)).await.unwrap_err();
+    let err = f.d.drain(f.options(0)).await.unwrap_err();
     assert!(matches!(err, DrainError::Refused { .. }), "{err}");
     let message = err.to_string();
     assert!(
@@ -240,7 +248,7 @@ async fn a_drain_that_cannot_place_every_tenant_is_refused_and_changes_nothing()
     );
     // A dry run plans the same and changes nothing either.
     let err =
-        f.c.drain(DrainOptions {
+        f.d.drain(DrainOptions {
             dry_run: true,
             ..f.options(0)
         })
@@ -248,7 +256,7 @@ async fn a_drain_that_cannot_place_every_tenant_is_refused_and_changes_nothing()
         .unwrap_err();
     assert_eq!(err.to_string(), message);
     assert!(matches!(
-        f.c.drain_status(&f.hosts[0]),
+        f.d.drain_status(&f.hosts[0]),
         Err(DrainError::NoDrain(_))
     ));
     assert_eq!(f.state(0), HostState::Ready);
@@ -259,7 +267,7 @@ async fn a_drain_that_cannot_place_every_tenant_is_refused_and_changes_nothing()
     // One host alone has nowhere to move its tenants to.
     let alone = Fleet::new(&[("only", 16)]);
     alone.place_on(0, &["t1"], "individual", false).await;
-    let err = alone.c.drain(alone.options(0)).await.unwrap_err();
+    let err = alone.d.drain(alone.options(0)).await.unwrap_err();
     assert!(
         err.to_string()
             .ends_with("t1: no other host in the fleet to move to"),
@@ -274,13 +282,13 @@ async fn a_planned_moves_capacity_is_reserved_until_the_move_ends() {
     // The pre-copies never arrive: both moves stay planned or pre-copying.
     f.agents
         .inject(&f.hosts[1], Step::Import { precopy: true }, Effect::Hang);
-    f.c.drain(f.options(0)).await.unwrap();
+    f.d.drain(f.options(0)).await.unwrap();
     f.until_phase(0, "t1", MovePhase::Precopying).await;
     // The small host's 2 GiB are the two moves': a new tenant does not fit.
     let refused = f.c.place(spec("new", "business", false)).await.unwrap_err();
     assert!(matches!(refused, PlaceError::NoFit(_)), "{refused}");
     // Aborted, the moves give their capacity back.
-    let status = f.c.abort_drain(&f.hosts[0]).await.unwrap();
+    let status = f.d.abort_drain(&f.hosts[0]).await.unwrap();
     assert_eq!(status.phase, "aborted");
     for (phase, error) in moves(&status).values() {
         assert_eq!(phase, "not_moved");
@@ -379,9 +387,9 @@ async fn a_tenant_that_never_turns_healthy_on_its_target_goes_back_to_its_source
 /// as `ended`, `t1` back on its source with its data.
 async fn abort_at(fault_on_source: bool, step: Step, phase: MovePhase, ended: &str) {
     let f = with_fault(fault_on_source, step, Effect::Hang).await;
-    f.c.drain(f.options(0)).await.unwrap();
+    f.d.drain(f.options(0)).await.unwrap();
     f.until_phase(0, "t1", phase).await;
-    let status = f.c.abort_drain(&f.hosts[0]).await.unwrap();
+    let status = f.d.abort_drain(&f.hosts[0]).await.unwrap();
     assert_eq!(status.phase, "aborted");
     let (move_phase, error) = &moves(&status)["t1"];
     assert_eq!(move_phase, ended, "aborted while {phase:?}: {error}");
@@ -423,9 +431,9 @@ async fn an_abort_while_copying_rolls_the_tenant_back() {
 #[tokio::test(start_paused = true)]
 async fn an_abort_while_copying_cancels_the_transfer_at_both_ends() {
     let f = with_fault(false, Step::Import { precopy: false }, Effect::Hang).await;
-    f.c.drain(f.options(0)).await.unwrap();
+    f.d.drain(f.options(0)).await.unwrap();
     f.until_phase(0, "t1", MovePhase::Copying).await;
-    f.c.abort_drain(&f.hosts[0]).await.unwrap();
+    f.d.abort_drain(&f.hosts[0]).await.unwrap();
     let cancels: Vec<String> = f
         .agents
         .log()
@@ -445,9 +453,9 @@ async fn an_abort_while_the_target_starts_the_tenant_rolls_it_back() {
 async fn an_abort_after_the_target_runs_the_tenant_finishes_the_move() {
     // The source cannot shred its old copy yet: the move is releasing when the abort comes.
     let f = with_fault(true, Step::Purge, Effect::Hang).await;
-    f.c.drain(f.options(0)).await.unwrap();
+    f.d.drain(f.options(0)).await.unwrap();
     f.until_phase(0, "t1", MovePhase::Releasing).await;
-    let status = f.c.abort_drain(&f.hosts[0]).await.unwrap();
+    let status = f.d.abort_drain(&f.hosts[0]).await.unwrap();
     let (phase, error) = &moves(&status)["t1"];
     assert_eq!(
         phase, "done",
@@ -461,11 +469,11 @@ async fn an_abort_after_the_target_runs_the_tenant_finishes_the_move() {
     assert!(f.runs_healthy(&id("t1"), &f.hosts[1]));
     // The source answers again at its next session: the stale copy goes.
     f.agents.heal(&f.hosts[0]);
-    f.agents.connect(&f.c, &f.hosts[0]);
+    f.agents.connect(&f.d, &f.hosts[0]);
     f.until(|| f.agents.volume(&f.hosts[0], &id("t1")).is_none())
         .await;
     f.until(|| {
-        f.c.drain_status(&f.hosts[0])
+        f.d.drain_status(&f.hosts[0])
             .unwrap()
             .stale_copies
             .is_empty()
@@ -506,7 +514,7 @@ fn resume_at(fault_on_source: bool, step: Step, phase: MovePhase) {
         f.agents.write(&f.hosts[0], &id("t1"));
         let on = if fault_on_source { 0 } else { 1 };
         f.agents.inject(&f.hosts[on], step, Effect::Hang);
-        f.c.drain(f.options(0)).await.unwrap();
+        f.d.drain(f.options(0)).await.unwrap();
         f.until_phase(0, "t1", phase).await;
     });
     // Killed: its tasks end where they are; the agents keep what they hold.
@@ -516,10 +524,10 @@ fn resume_at(fault_on_source: bool, step: Step, phase: MovePhase) {
     }
     paused_runtime().block_on(async {
         let f = Fleet::open(store, agents, &hosts);
-        f.c.resume_drains();
-        f.until(|| f.c.drains.get(&f.hosts[0]).unwrap().phase != DrainPhase::Running)
+        f.d.resume();
+        f.until(|| f.d.drains.get(&f.hosts[0]).unwrap().phase != DrainPhase::Running)
             .await;
-        let status = f.c.drain_status(&f.hosts[0]).unwrap();
+        let status = f.d.drain_status(&f.hosts[0]).unwrap();
         assert_eq!(status.phase, "done", "resumed at {phase:?}: {status:?}");
         assert!(f.runs_healthy(&id("t1"), &f.hosts[1]));
         assert_eq!(f.agents.volume(&f.hosts[1], &id("t1")).unwrap().content, 1);
@@ -589,13 +597,13 @@ async fn a_lost_hosts_tenants_stay_unless_forced_then_start_empty_and_its_copy_i
     assert_eq!(f.agents.running(&id("t1")), [host("dst"), host("src")]);
     // The lost host comes back: its desired state no longer has the tenant, so it stops it,
     // and its copy is deleted.
-    f.agents.connect(&f.c, &f.hosts[0]);
+    f.agents.connect(&f.d, &f.hosts[0]);
     f.until(|| f.agents.running(&id("t1")) == [host("dst")])
         .await;
     f.until(|| f.agents.volume(&f.hosts[0], &id("t1")).is_none())
         .await;
     f.until(|| {
-        f.c.drain_status(&f.hosts[0])
+        f.d.drain_status(&f.hosts[0])
             .unwrap()
             .stale_copies
             .is_empty()

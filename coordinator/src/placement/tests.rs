@@ -1,6 +1,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 
-use berth_shared::model::Provider;
+use berth_shared::host::Provider;
 use berth_shared::spec::{Resources, Tier};
 use berth_shared::store::MemStore;
 

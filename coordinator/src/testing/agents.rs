@@ -19,7 +19,8 @@ use berth_shared::proto;
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
-use crate::core::Coordinator;
+use crate::coordinator::Coordinator;
+use crate::drain::Drainer;
 use crate::sessions::{AgentCommand, AgentLink, AgentReply, Answer, LinkError};
 
 /// A step of an agent that a test can make fail or hang.
@@ -161,9 +162,11 @@ impl FakeAgents {
         self.fleet().faults.retain(|f| f.host != *host);
     }
 
-    /// Connects `host`'s agent to `c`, as a session does: it hears its desired state now and
-    /// at every change, and what it still holds of tenants moved away is deleted.
-    pub fn connect(self: &Arc<Self>, c: &Arc<Coordinator>, host: &HostId) {
+    /// Connects `host`'s agent to the coordinator `drainer` drives, as a session does: it
+    /// hears its desired state now and at every change, and what it still holds of tenants
+    /// moved away is deleted.
+    pub fn connect(self: &Arc<Self>, drainer: &Arc<Drainer>, host: &HostId) {
+        let c = &drainer.coordinator;
         let agents = self.clone();
         let (c2, h) = (c.clone(), host.clone());
         let mut desired = c.placements.subscribe(host);
@@ -190,7 +193,7 @@ impl FakeAgents {
         }
         entry.connected = true;
         drop(fleet);
-        tokio::spawn(c.clone().delete_stale_copies(host.clone()));
+        tokio::spawn(drainer.clone().delete_stale_copies(host.clone()));
     }
 
     /// Cuts `host` off: no session, no delivery. With `dies`, its tenants stop too (the machine

@@ -7,14 +7,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use berth_shared::clock::ManualClock;
+use berth_shared::host::{Capabilities, CgroupVersion, HostFacts, Provider};
 use berth_shared::ids::HostId;
-use berth_shared::model::{Capabilities, CgroupVersion, HostFacts, Provider};
 use berth_shared::pki::CertificateAuthority;
 use berth_shared::proto;
 use berth_shared::store::MemStore;
 
+use crate::api::Backend;
 use crate::config::CoordinatorConfig;
-use crate::core::Coordinator;
+use crate::coordinator::Coordinator;
+use crate::drain::Drainer;
 use crate::keys::MasterKey;
 use crate::registry::{CertRecord, HostRecord};
 use crate::sessions::{AgentLink, SessionHub};
@@ -157,6 +159,20 @@ pub fn enroll(
     Ok(())
 }
 
+/// [`seeded`] with its drainer (over the same store), as the API layers and the dashboard
+/// serve it.
+pub fn backend(hosts: usize, tenants: usize) -> Result<Backend, SeedError> {
+    let store = Arc::new(MemStore::default());
+    let c = seed_into(
+        store.clone(),
+        crate::keys::keyring::Keyring::in_memory(),
+        Arc::new(SessionHub::default()),
+        hosts,
+        tenants,
+    )?;
+    Ok(Backend::new(Drainer::open(c, store).map_err(err)?))
+}
+
 /// [`seeded`] with its volume keys in `keyring` and its agents behind `agents`.
 pub fn seeded_with(
     keyring: crate::keys::keyring::Keyring,
@@ -164,7 +180,22 @@ pub fn seeded_with(
     hosts: usize,
     tenants: usize,
 ) -> Result<Arc<Coordinator>, SeedError> {
-    let store = Arc::new(MemStore::default());
+    seed_into(
+        Arc::new(MemStore::default()),
+        keyring,
+        agents,
+        hosts,
+        tenants,
+    )
+}
+
+fn seed_into(
+    store: Arc<MemStore>,
+    keyring: crate::keys::keyring::Keyring,
+    agents: Arc<dyn AgentLink>,
+    hosts: usize,
+    tenants: usize,
+) -> Result<Arc<Coordinator>, SeedError> {
     let clock = Arc::new(ManualClock::at(SEED_TIME_MS));
     let c = open(store, clock.clone(), keyring, agents)?;
     let mut ids = Vec::with_capacity(hosts);

@@ -2,8 +2,8 @@
 //! realistic sizes, filled with tenants of the default tiers through the scheduler itself.
 //! Deterministic for a seed.
 
+use berth_shared::host::Provider;
 use berth_shared::ids::HostId;
-use berth_shared::model::Provider;
 use berth_shared::spec::Constraints;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

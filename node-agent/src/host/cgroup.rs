@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use berth_shared::model::CgroupVersion;
+use berth_shared::host::CgroupVersion;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct MemoryFigures {

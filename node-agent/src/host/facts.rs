@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use berth_shared::model::CgroupVersion;
+use berth_shared::host::CgroupVersion;
 use berth_shared::proto;
 
 use crate::command::run_command;

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use berth_shared::model::Provider;
+use berth_shared::host::Provider;
 use berth_shared::spec::Constraints;
 use serde::{Deserialize, Serialize};
 

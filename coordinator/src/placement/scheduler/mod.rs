@@ -14,8 +14,8 @@ pub mod offline;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use berth_shared::host::Provider;
 use berth_shared::ids::HostId;
-use berth_shared::model::Provider;
 use berth_shared::spec::Constraints;
 use serde::{Deserialize, Serialize};
 

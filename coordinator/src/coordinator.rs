@@ -14,7 +14,7 @@ use berth_shared::transport::PeerInfo;
 
 use crate::config::CoordinatorConfig;
 use crate::keys::{KeyError, KeyVault};
-use crate::placement::{PlaceError, PlacementPolicy, Placements, host_info};
+use crate::placement::{PlaceError, Placements, host_info};
 use crate::registry::{HostRecord, HostState, Registry, RegistryError, Scope};
 use crate::sessions::AgentLink;
 
@@ -53,9 +53,6 @@ pub struct Coordinator {
     pub metrics: crate::metrics::Metrics,
     /// The tenants' volume keys, wrapped.
     pub keys: KeyVault,
-    /// Volume copies under way between agents.
-    pub transfers: crate::drain::copy::Transfers,
-    pub drains: crate::drain::Drains,
     /// Held while a placement makes its key and commits (see `commit_placement`).
     placing: Mutex<()>,
     /// Held while the deny-list changes (see `prune_deny_list`).
@@ -171,8 +168,7 @@ impl Coordinator {
             .iter()
             .filter_map(|h| host_info(h, h.state(now, config.down_after) == HostState::Ready))
             .collect();
-        let drains = crate::drain::Drains::load(store.clone())?;
-        let placements = Placements::load(store, PlacementPolicy::from_config(&config), &hosts)?;
+        let placements = Placements::load(store, config.placement_policy(), &hosts)?;
         Ok(Self {
             config,
             registry,
@@ -183,8 +179,6 @@ impl Coordinator {
             agent_port,
             metrics: crate::metrics::Metrics::default(),
             keys,
-            transfers: Default::default(),
-            drains,
             placing: Mutex::new(()),
             deny_list: Mutex::new(()),
         })

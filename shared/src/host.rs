@@ -1,28 +1,13 @@
-//! Domain types exchanged between agent and coordinator, validated when they arrive from the
-//! wire so that the rest of the code never handles an unchecked value.
+//! A host as the fleet knows it: its provider, its capabilities and the facts its agent
+//! reports, validated when they arrive from the wire so that the rest of the code never
+//! handles an unchecked value.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::field::{FieldError, validate_token};
 use crate::proto;
-
-/// Why a field from the wire was refused. The display names the field.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid {field}: {reason}")]
-pub struct FieldError {
-    pub field: String,
-    pub reason: String,
-}
-
-impl FieldError {
-    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            reason: reason.into(),
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -92,30 +77,6 @@ pub struct HostFacts {
     pub kernel_version: String,
     pub os_version: String,
     pub agent_version: String,
-}
-
-/// A short lowercase token: a region (`fsn1`, `eu-central-1`), an instance type (`ccx33`,
-/// `m6i.2xlarge`), a label key.
-pub fn validate_token(field: &str, value: &str, allow_empty: bool) -> Result<(), FieldError> {
-    if value.is_empty() {
-        return if allow_empty {
-            Ok(())
-        } else {
-            Err(FieldError::new(field, "must not be empty"))
-        };
-    }
-    if value.len() > 63 {
-        return Err(FieldError::new(field, "must be at most 63 characters"));
-    }
-    if !value.bytes().all(|b| {
-        b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.' | b'_' | b'/')
-    }) {
-        return Err(FieldError::new(
-            field,
-            format!("{value:?} may contain only a-z, 0-9, '-', '.', '_' and '/'"),
-        ));
-    }
-    Ok(())
 }
 
 /// Free text shown to operators (hostname, versions): bounded and printable.
@@ -257,18 +218,6 @@ impl From<&HostFacts> for proto::HostFacts {
             os_version: f.os_version.clone(),
             agent_version: f.agent_version.clone(),
         }
-    }
-}
-
-/// How a tenant state is written in views, JSON and metrics labels.
-pub fn tenant_state_name(state: i32) -> &'static str {
-    match proto::TenantState::try_from(state) {
-        Ok(proto::TenantState::Pending) => "pending",
-        Ok(proto::TenantState::Running) => "running",
-        Ok(proto::TenantState::Failed) => "failed",
-        Ok(proto::TenantState::Stopped) => "stopped",
-        Ok(proto::TenantState::WaitingForKey) => "waiting_for_key",
-        _ => "unknown",
     }
 }
 
