@@ -13,7 +13,7 @@ use tokio::sync::{Notify, watch};
 use crate::config::AgentConfig;
 use crate::desired::{AcceptError, Desired, DesiredStore};
 use crate::egress::NftEgress;
-use crate::egress::dns::UdpResolver;
+use crate::egress::dns::NameServers;
 use crate::egress::nft::NftCommand;
 use crate::host::cgroup::CgroupReader;
 use crate::host::facts::{ProbeRoots, probe_cgroup, probe_dm_crypt};
@@ -598,13 +598,11 @@ pub async fn run(enforcement: Arc<Enforcement>, config: AgentConfig, host: HostI
     let oom_events: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
     let resolv_conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     let (name_servers, settings) = config.egress.resolved(&resolv_conf);
+    let resolver = NameServers::new(&name_servers, Duration::from_secs(2));
     let egress = Arc::new(NftEgress::new(
         Arc::new(NftCommand::default()),
         Arc::new(crate::egress::guard::DockerUserGuard),
-        Arc::new(UdpResolver {
-            servers: name_servers,
-            timeout: Duration::from_secs(2),
-        }),
+        Arc::new(resolver),
         Arc::new(berth_shared::clock::SystemClock),
         settings,
     ));

@@ -19,7 +19,7 @@ pub mod reconcile;
 pub mod restarts;
 pub mod runtime;
 pub mod session;
-#[cfg(test)]
+#[cfg(any(test, feature = "test-support"))]
 pub mod testing;
 pub mod transfer;
 pub mod volume;

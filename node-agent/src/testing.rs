@@ -1,4 +1,7 @@
-//! What the agent's unit tests share: the recording container runtime and health probe
-//! (`runtime`). Compiled for tests only.
+//! What tests build on, never in a packaged build: a name server for tests (`dns`, also for the
+//! cross-process tests through the `test-support` feature) and the recording container runtime
+//! and health probe the unit tests share (`runtime`).
 
+pub mod dns;
+#[cfg(test)]
 pub mod runtime;

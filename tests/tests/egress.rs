@@ -4,48 +4,28 @@
 //! started: in a network namespace routed from the host, on the host's own address, or
 //! another tenant; names are answered by a DNS server on loopback that the test runs.
 
-use std::collections::HashMap;
-use std::net::{Ipv4Addr, UdpSocket};
+use std::net::Ipv4Addr;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use berth_node_agent::egress::dns::{encode_response, query_name};
+use berth_node_agent::testing::dns::TestNameServer;
 use berth_tests::docker::inspect;
 use berth_tests::fleet::{Fleet, fleet_with, http_get, unique};
 use berth_tests::netns::RoutedNet;
 use berth_tests::procs::bin;
 use berth_tests::{missing_component, wait_for};
 
-/// A DNS server on 127.0.0.1 answering from a table the test changes (NXDOMAIN otherwise).
-struct TestDns {
-    port: u16,
-    names: Arc<Mutex<HashMap<String, Vec<Ipv4Addr>>>>,
-}
+/// The test's name server on 127.0.0.1 (NXDOMAIN for names not set).
+struct TestDns(TestNameServer);
 
 impl TestDns {
     fn start() -> Self {
-        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let port = socket.local_addr().unwrap().port();
-        let names: Arc<Mutex<HashMap<String, Vec<Ipv4Addr>>>> = Arc::default();
-        let table = names.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 512];
-            while let Ok((n, from)) = socket.recv_from(&mut buf) {
-                let q = &buf[..n];
-                let answer =
-                    query_name(q).and_then(|name| table.lock().unwrap().get(&name).cloned());
-                let _ = socket.send_to(&encode_response(q, answer.as_deref(), 60), from);
-            }
-        });
-        Self { port, names }
+        Self(TestNameServer::start())
     }
 
     fn set(&self, name: &str, addresses: &[&str]) {
-        self.names.lock().unwrap().insert(
-            name.into(),
-            addresses.iter().map(|a| a.parse().unwrap()).collect(),
-        );
+        let addresses: Vec<Ipv4Addr> = addresses.iter().map(|a| a.parse().unwrap()).collect();
+        self.0.set(name, &addresses, 60);
     }
 }
 
@@ -178,7 +158,7 @@ fn setup() -> Option<Egress> {
     let dns = TestDns::start();
     let f = fleet_with(&format!(
         "[egress]\nname_servers = [\"127.0.0.1:{}\"]\ntenant_resolvers = []\nttl_floor = \"1s\"\n",
-        dns.port
+        dns.0.addr().port()
     ))?;
     Some(Egress { f, dns, net })
 }
