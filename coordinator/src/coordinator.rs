@@ -636,19 +636,8 @@ mod tests {
         (seed::seeded_with(keyring, hub.clone(), 3, 0).unwrap(), hub)
     }
 
-    /// A gateway tenant of `tier`, its volume encrypted or not.
     fn spec(id: &str, encrypted: bool, tier: &str) -> proto::TenantSpec {
-        proto::TenantSpec {
-            tenant_id: id.into(),
-            image: "ghcr.io/openclaw/gateway:1".into(),
-            tier: tier.into(),
-            volume: Some(proto::VolumeSpec {
-                size_bytes: 0,
-                encrypted,
-                mount_path: String::new(),
-            }),
-            ..Default::default()
-        }
+        seed::tenant_spec(id, tier, encrypted)
     }
 
     #[tokio::test]

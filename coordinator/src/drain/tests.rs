@@ -18,6 +18,7 @@ use crate::keys::keyring::Keyring;
 use crate::registry::HostState;
 use crate::testing::agents::{CHANGES_BYTES, Effect, FakeAgents, Step, VOLUME_BYTES};
 use crate::testing::seed;
+use crate::testing::seed::tenant_spec as spec;
 
 const GIB: u64 = 1 << 30;
 
@@ -162,20 +163,6 @@ impl Fleet {
             .and_then(|t| t.placement)
             .map(|p| p.host_id)
             .unwrap_or_default()
-    }
-}
-
-fn spec(tenant: &str, tier: &str, encrypted: bool) -> proto::TenantSpec {
-    proto::TenantSpec {
-        tenant_id: tenant.into(),
-        image: "ghcr.io/openclaw/gateway:1".into(),
-        tier: tier.into(),
-        volume: Some(proto::VolumeSpec {
-            size_bytes: 0,
-            encrypted,
-            mount_path: String::new(),
-        }),
-        ..Default::default()
     }
 }
 

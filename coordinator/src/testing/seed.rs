@@ -98,6 +98,21 @@ pub fn open(
     .map_err(err)
 }
 
+/// A gateway tenant of `tier`, its volume (of the tier's size) encrypted or not.
+pub fn tenant_spec(id: &str, tier: &str, encrypted: bool) -> proto::TenantSpec {
+    proto::TenantSpec {
+        tenant_id: id.into(),
+        image: "ghcr.io/openclaw/gateway:1".into(),
+        tier: tier.into(),
+        volume: Some(proto::VolumeSpec {
+            size_bytes: 0,
+            encrypted,
+            mount_path: String::new(),
+        }),
+        ..Default::default()
+    }
+}
+
 /// The facts of a host of `gib` GiB and `cpus` CPUs (2 GiB of it reserved for the system).
 pub fn facts(id: &HostId, provider: Provider, region: &str, gib: u64, cpus: u32) -> HostFacts {
     let total = gib << 30;
