@@ -49,7 +49,7 @@ pub trait Resolve: Send + Sync + std::fmt::Debug {
 #[derive(Debug, Clone)]
 pub struct NameServers {
     /// `Err`: why no resolver could be made (then no name resolves: fail closed).
-    resolver: Result<TokioResolver, String>,
+    resolver: Result<TokioResolver, DnsError>,
     servers: usize,
     timeout: Duration,
 }
@@ -85,7 +85,7 @@ impl NameServers {
         let resolver = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
             .with_options(options)
             .build()
-            .map_err(|e| format!("resolver: {e}"));
+            .map_err(|e| DnsError::Failed(format!("resolver: {e}")));
         Self {
             resolver,
             servers: servers.len(),
@@ -103,10 +103,7 @@ impl Resolve for NameServers {
                 "no name servers configured".into(),
             ));
         }
-        let resolver = self
-            .resolver
-            .as_ref()
-            .map_err(|e| DnsError::Failed(e.clone()))?;
+        let resolver = self.resolver.as_ref().map_err(Clone::clone)?;
         // Fully qualified: no search domains appended.
         let fqdn = format!("{}.", name.trim_end_matches('.'));
         let lookup = match resolver.ipv4_lookup(fqdn.as_str()).await {
