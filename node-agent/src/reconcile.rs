@@ -97,6 +97,14 @@ impl From<PrepareError> for Failure {
     }
 }
 
+/// What a pass's teardown did: the containers it stopped and released (to be removed), whether
+/// every one that had to go went, and the tenants whose teardown failed (their rules stay).
+struct Teardown<'a> {
+    released: Vec<&'a ManagedContainer>,
+    all_released: bool,
+    failed: Vec<TenantId>,
+}
+
 /// Counts reconcile passes, and tells work that must wait until a tenant just removed from the
 /// desired state has no running container and no open volume (or no container at all) any more
 /// when it may run: once a pass that read that desired state's generation, or a later one, has
@@ -651,55 +659,17 @@ impl Reconciler {
         }
         // Tear down what is no longer desired, and duplicates. Rules of a tenant whose
         // container could not be removed stay.
-        let mut all_released = true;
-        let mut released = Vec::new();
+        let busy = self.busy_tenants();
+        let Teardown {
+            released,
+            mut all_released,
+            failed,
+        } = self
+            .tear_down_unwanted(&actual, &wanted, &by_tenant, &busy)
+            .await;
         let mut keep_rules: BTreeSet<TenantId> =
             wanted.values().map(|s| s.tenant_id.clone()).collect();
-        // Each with whether its tenant leaves (else it is a stray duplicate of one that runs on).
-        // Not one being made: Docker would stop it only once it started, and this pass would
-        // wait for that; the pass after its creation ends tears it down (the teardown stays
-        // unfinished until then, see below). Nor one being removed.
-        let busy = self.busy_tenants();
-        let doomed: Vec<(&ManagedContainer, bool)> = actual
-            .iter()
-            .filter(|c| !busy.contains(&c.tenant))
-            .filter_map(|c| {
-                let leaves = !wanted.contains_key(c.tenant.as_str());
-                let kept = !leaves
-                    && by_tenant[c.tenant.as_str()]
-                        .first()
-                        .is_some_and(|first| first.id == c.id);
-                (!kept).then_some((c, leaves))
-            })
-            .collect();
-        let mut outcomes = Vec::with_capacity(doomed.len());
-        for some in doomed.chunks(SIDE_BY_SIDE) {
-            // A stray duplicate of a tenant that runs on goes alone: the tenant's rules and
-            // volume are the running container's.
-            let released = some.iter().map(|&(c, leaves)| async move {
-                match leaves {
-                    true => self.release_tenant(c).await,
-                    false => self.runtime.remove(&c.id).await.map_err(StepError::from),
-                }
-            });
-            outcomes.extend(futures::future::join_all(released).await);
-        }
-        for ((c, leaves), outcome) in doomed.into_iter().zip(outcomes) {
-            match outcome {
-                Ok(()) if leaves => {
-                    tracing::info!(tenant = %c.tenant, container = %c.id, "tenant container stopped and released");
-                    released.push(c);
-                }
-                Ok(()) => {
-                    tracing::info!(tenant = %c.tenant, container = %c.id, "duplicate container removed");
-                }
-                Err(e) => {
-                    keep_rules.extend(TenantId::new(&c.tenant));
-                    all_released = false;
-                    tracing::warn!(tenant = %c.tenant, error = %e, "teardown failed; retried next pass")
-                }
-            }
-        }
+        keep_rules.extend(failed);
         // A container this listing may have missed (a creation under way or just ended) keeps
         // its rules, and one of a tenant no longer desired keeps this teardown unfinished: a
         // later pass tears it down.
@@ -729,62 +699,16 @@ impl Reconciler {
         let mut statuses = Vec::with_capacity(wanted.len());
         for (&tenant, &spec) in &wanted {
             let existing = by_tenant.get(tenant).and_then(|v| v.first()).copied();
-            let hash = container_spec::spec_hash(spec);
-            let outcome = match (&egress_ready, existing) {
+            let outcome = match busy.contains(tenant) {
                 // Its creation is under way: the container it lists as created is being started
                 // (and Docker holds it until then), not one to start here. Or its old container
                 // (it left and came back) is being removed: a new one once that is done.
-                _ if busy.contains(tenant) => Ok(EgressReport::default()),
-                (Err(e), None) => Err(format!("egress: {e}").into()),
-                (_, Some(c)) if c.spec_hash == hash => {
-                    // Rules first: a stopped container starts only behind them.
-                    let report = self
-                        .network_and_egress(spec, &networks)
+                true => Ok(EgressReport::default()),
+                false => {
+                    let egress_ready = egress_ready.as_ref().map(|_| ());
+                    self.converge(spec, existing, generation, &networks, egress_ready)
                         .await
-                        .map_err(Failure::from);
-                    // Mid-restart a container is briefly stopped: the restart starts it.
-                    let stopped = (c.state == "exited" || c.state == "created")
-                        && !self
-                            .restarting
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .contains(tenant);
-                    match (report, stopped) {
-                        (report, false) => report,
-                        (Err(e), true) => Err(e),
-                        // And only with its volume attached (after a reboot: once its key came).
-                        (Ok(report), true) => match self.volumes.prepare(spec).await {
-                            Err(e) => Err(e.into()),
-                            Ok(_) => match self.runtime.start(&c.id).await {
-                                // While it was stopped another container took its port: a new
-                                // container on a fresh port (the network stays).
-                                Err(RuntimeError::PortTaken(_)) => {
-                                    tracing::info!(%tenant, port = c.port, "port taken while stopped: recreating on another port");
-                                    match self.runtime.remove(&c.id).await {
-                                        Ok(()) => self.create(spec, generation, &networks).await,
-                                        Err(e) => Err(e.into()),
-                                    }
-                                }
-                                other => other.map(|()| report).map_err(Failure::from),
-                            },
-                        },
-                    }
                 }
-                (_, Some(c)) => {
-                    tracing::info!(%tenant, "spec changed: recreating the container");
-                    match self.teardown(c).await {
-                        Ok(()) => {
-                            // Teardown removed the network with the container.
-                            let mut networks = networks.clone();
-                            networks
-                                .remove(&container_spec::network_name(&self.host, &spec.tenant_id));
-                            networks.remove(&container_spec::legacy_network_name(&spec.tenant_id));
-                            self.create(spec, generation, &networks).await
-                        }
-                        Err(e) => Err(e.into()),
-                    }
-                }
-                (_, None) => self.create_in_background(spec, generation, &networks),
             };
             let mut s = match outcome {
                 Err(f) => {
@@ -839,9 +763,149 @@ impl Reconciler {
         {
             tracing::warn!(error = %e, "removing stale egress rules failed; retried next pass");
         }
-        // This host's networks of tenants with neither a container nor a place here: staged
-        // for a move that was called off, or left by a removal that failed half-way. Named as
-        // this host's, and (listed only when there are any, not every pass) labelled so.
+        self.remove_orphaned_networks(&networks, &keep_rules, &by_tenant)
+            .await;
+        self.observe_all(&mut statuses, &wanted).await;
+        statuses
+    }
+
+    /// Stops and releases the containers of tenants that leave (and removes stray
+    /// duplicates of those that stay), a few side by side. Not a container being made: Docker
+    /// would stop it only once it started, and the pass would wait for that; the pass after
+    /// its creation ends tears it down (the teardown stays unfinished until then). Nor one
+    /// being removed.
+    async fn tear_down_unwanted<'a>(
+        &self,
+        actual: &'a [ManagedContainer],
+        wanted: &BTreeMap<&str, &TenantSpec>,
+        by_tenant: &HashMap<&str, Vec<&ManagedContainer>>,
+        busy: &BTreeSet<String>,
+    ) -> Teardown<'a> {
+        let mut teardown = Teardown {
+            released: Vec::new(),
+            all_released: true,
+            failed: Vec::new(),
+        };
+        // Each with whether its tenant leaves (else it is a stray duplicate of one that runs on).
+        let doomed: Vec<(&ManagedContainer, bool)> = actual
+            .iter()
+            .filter(|c| !busy.contains(&c.tenant))
+            .filter_map(|c| {
+                let leaves = !wanted.contains_key(c.tenant.as_str());
+                let kept = !leaves
+                    && by_tenant[c.tenant.as_str()]
+                        .first()
+                        .is_some_and(|first| first.id == c.id);
+                (!kept).then_some((c, leaves))
+            })
+            .collect();
+        let mut outcomes = Vec::with_capacity(doomed.len());
+        for some in doomed.chunks(SIDE_BY_SIDE) {
+            // A stray duplicate of a tenant that runs on goes alone: the tenant's rules and
+            // volume are the running container's.
+            let released = some.iter().map(|&(c, leaves)| async move {
+                match leaves {
+                    true => self.release_tenant(c).await,
+                    false => self.runtime.remove(&c.id).await.map_err(StepError::from),
+                }
+            });
+            outcomes.extend(futures::future::join_all(released).await);
+        }
+        for ((c, leaves), outcome) in doomed.into_iter().zip(outcomes) {
+            match outcome {
+                Ok(()) if leaves => {
+                    tracing::info!(tenant = %c.tenant, container = %c.id, "tenant container stopped and released");
+                    teardown.released.push(c);
+                }
+                Ok(()) => {
+                    tracing::info!(tenant = %c.tenant, container = %c.id, "duplicate container removed");
+                }
+                Err(e) => {
+                    teardown.failed.extend(TenantId::new(&c.tenant));
+                    teardown.all_released = false;
+                    tracing::warn!(tenant = %c.tenant, error = %e, "teardown failed; retried next pass")
+                }
+            }
+        }
+        teardown
+    }
+
+    /// Brings one wanted tenant to running: adopts its container when the spec is unchanged
+    /// (starting it behind its rules and volume if it stopped), recreates it when the spec
+    /// changed, creates it in the background when there is none. `egress_ready` is whether
+    /// the table could be read this pass: without it no container is created.
+    async fn converge(
+        self: &Arc<Self>,
+        spec: &TenantSpec,
+        existing: Option<&ManagedContainer>,
+        generation: u64,
+        networks: &HashMap<String, Vec<String>>,
+        egress_ready: Result<(), &EgressError>,
+    ) -> Result<EgressReport, Failure> {
+        let tenant = spec.tenant_id.as_str();
+        let hash = container_spec::spec_hash(spec);
+        match (egress_ready, existing) {
+            (Err(e), None) => Err(format!("egress: {e}").into()),
+            (_, Some(c)) if c.spec_hash == hash => {
+                // Rules first: a stopped container starts only behind them.
+                let report = self
+                    .network_and_egress(spec, networks)
+                    .await
+                    .map_err(Failure::from);
+                // Mid-restart a container is briefly stopped: the restart starts it.
+                let stopped = (c.state == "exited" || c.state == "created")
+                    && !self
+                        .restarting
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .contains(tenant);
+                match (report, stopped) {
+                    (report, false) => report,
+                    (Err(e), true) => Err(e),
+                    // And only with its volume attached (after a reboot: once its key came).
+                    (Ok(report), true) => match self.volumes.prepare(spec).await {
+                        Err(e) => Err(e.into()),
+                        Ok(_) => match self.runtime.start(&c.id).await {
+                            // While it was stopped another container took its port: a new
+                            // container on a fresh port (the network stays).
+                            Err(RuntimeError::PortTaken(_)) => {
+                                tracing::info!(%tenant, port = c.port, "port taken while stopped: recreating on another port");
+                                match self.runtime.remove(&c.id).await {
+                                    Ok(()) => self.create(spec, generation, networks).await,
+                                    Err(e) => Err(e.into()),
+                                }
+                            }
+                            other => other.map(|()| report).map_err(Failure::from),
+                        },
+                    },
+                }
+            }
+            (_, Some(c)) => {
+                tracing::info!(%tenant, "spec changed: recreating the container");
+                match self.teardown(c).await {
+                    Ok(()) => {
+                        // Teardown removed the network with the container.
+                        let mut networks = networks.clone();
+                        networks.remove(&container_spec::network_name(&self.host, &spec.tenant_id));
+                        networks.remove(&container_spec::legacy_network_name(&spec.tenant_id));
+                        self.create(spec, generation, &networks).await
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            }
+            (_, None) => self.create_in_background(spec, generation, networks),
+        }
+    }
+
+    /// Removes this host's networks of tenants with neither a container nor a place here:
+    /// staged for a move that was called off, or left by a removal that failed half-way. Named
+    /// as this host's, and (listed only when there are any, not every pass) labelled so.
+    async fn remove_orphaned_networks(
+        &self,
+        networks: &HashMap<String, Vec<String>>,
+        keep_rules: &BTreeSet<TenantId>,
+        by_tenant: &HashMap<&str, Vec<&ManagedContainer>>,
+    ) {
         let busy = self.busy_tenants();
         let orphans: Vec<&String> = networks
             .keys()
@@ -853,40 +917,47 @@ impl Reconciler {
                 })
             })
             .collect();
-        if !orphans.is_empty() {
-            let labelled = self
-                .runtime
-                .host_networks(&self.host)
-                .await
-                .unwrap_or_default();
-            for name in orphans.into_iter().filter(|n| labelled.contains(n)) {
-                if let Err(e) = self.runtime.remove_network(name).await {
-                    tracing::warn!(network = %name, error = %e, "orphaned tenant network not removed; retried next pass");
-                }
+        if orphans.is_empty() {
+            return;
+        }
+        let labelled = self
+            .runtime
+            .host_networks(&self.host)
+            .await
+            .unwrap_or_default();
+        for name in orphans.into_iter().filter(|n| labelled.contains(n)) {
+            if let Err(e) = self.runtime.remove_network(name).await {
+                tracing::warn!(network = %name, error = %e, "orphaned tenant network not removed; retried next pass");
             }
         }
-        // One more listing sees what this pass created.
-        if let Ok(now) = self.runtime.list(&self.host).await {
-            // Concurrently: the report waits for this pass, and a drain for the report. Not a
-            // container being started: Docker answers an inspect of it only once it started,
-            // and the other tenants' statuses would wait for that (the pass after the creation
-            // reports it).
-            let busy = self.busy_tenants();
-            futures::future::join_all(statuses.iter_mut().filter_map(|s| {
-                if busy.contains(&s.tenant_id) {
-                    return None;
-                }
-                let c = now.iter().find(|c| c.tenant == s.tenant_id)?;
-                let port = wanted.get(s.tenant_id.as_str())?.gateway_port;
-                Some(self.observe(s, c, port))
-            }))
-            .await;
-            self.health.retain(|tenant| {
-                now.iter()
-                    .any(|c| c.tenant == tenant && c.state == "running")
-            });
-        }
-        statuses
+    }
+
+    /// Fills in the statuses from one more listing, which sees what this pass created.
+    /// Concurrently: the report waits for this pass, and a drain for the report. Not a
+    /// container being started: Docker answers an inspect of it only once it started, and the
+    /// other tenants' statuses would wait for that (the pass after the creation reports it).
+    async fn observe_all(
+        &self,
+        statuses: &mut [proto::TenantStatus],
+        wanted: &BTreeMap<&str, &TenantSpec>,
+    ) {
+        let Ok(now) = self.runtime.list(&self.host).await else {
+            return;
+        };
+        let busy = self.busy_tenants();
+        futures::future::join_all(statuses.iter_mut().filter_map(|s| {
+            if busy.contains(&s.tenant_id) {
+                return None;
+            }
+            let c = now.iter().find(|c| c.tenant == s.tenant_id)?;
+            let port = wanted.get(s.tenant_id.as_str())?.gateway_port;
+            Some(self.observe(s, c, port))
+        }))
+        .await;
+        self.health.retain(|tenant| {
+            now.iter()
+                .any(|c| c.tenant == tenant && c.state == "running")
+        });
     }
 
     /// Fills in what Docker, the cgroup and the health check say of a tenant's container.
