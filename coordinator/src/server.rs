@@ -71,7 +71,7 @@ fn move_keys_out_of_store(
         moved,
         "volume keys moved from the store to the keyring; the store was rewritten"
     );
-    Ok(Arc::new(SledStore::open(&config.db_dir())?))
+    Ok(Arc::new(SledStore::reopen(&config.db_dir())?))
 }
 
 /// Who may read the HTTP port and whether it speaks TLS. Off loopback it needs a certificate,

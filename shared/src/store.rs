@@ -113,6 +113,12 @@ pub fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).unwrap_or_default()
 }
 
+/// How long [`SledStore::reopen`] waits for a closed database's lock to be released.
+pub const REOPEN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The start of sled's message when another handle holds the database's file lock.
+const SLED_LOCK_HELD: &str = "could not acquire lock";
+
 /// sled-backed store.
 #[derive(Debug)]
 pub struct SledStore {
@@ -133,7 +139,7 @@ impl SledStore {
             }
         }
         {
-            let from = Self::open(path)?;
+            let from = Self::reopen(path)?;
             let to = Self::open(&fresh)?;
             to.db.import(from.db.export());
             to.db.flush().map_err(|e| fail(&e))?;
@@ -147,6 +153,27 @@ impl SledStore {
                 .map_err(|e| fail(&e))?;
         }
         Ok(())
+    }
+
+    /// Opens a database this process has just closed. sled's background threads can hold its
+    /// file lock for a moment after the last handle is dropped, so a held lock is tried again
+    /// for up to [`REOPEN_WAIT`] before it is an error.
+    pub fn reopen(path: &Path) -> Result<Self, StoreError> {
+        Self::reopen_within(path, REOPEN_WAIT)
+    }
+
+    fn reopen_within(path: &Path, wait: std::time::Duration) -> Result<Self, StoreError> {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            match Self::open(path) {
+                Err(StoreError::Open { message, .. })
+                    if message.contains(SLED_LOCK_HELD) && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                result => return result,
+            }
+        }
     }
 
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -315,18 +342,7 @@ mod tests {
             let store = SledStore::open(&dir.path().join("db")).unwrap();
             exercise(&store);
         }
-        // sled's flusher thread drops its handle (and the file lock) shortly after the Db.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let store = loop {
-            match SledStore::open(&dir.path().join("db")) {
-                Ok(store) => break store,
-                Err(e) if std::time::Instant::now() < deadline => {
-                    assert!(e.to_string().contains("lock"), "{e}");
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(e) => panic!("{e}"),
-            }
-        };
+        let store = SledStore::reopen(&dir.path().join("db")).unwrap();
         assert_eq!(store.get("host/b").unwrap(), Some(b"2".to_vec()));
     }
 
@@ -339,6 +355,13 @@ mod tests {
             err.to_string().starts_with("cannot open the store at"),
             "{err}"
         );
+        // Waiting for a lock another live handle holds ends in the same error.
+        let err = SledStore::reopen_within(
+            &dir.path().join("db"),
+            std::time::Duration::from_millis(100),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains(SLED_LOCK_HELD), "{err}");
     }
 
     #[test]

@@ -239,7 +239,7 @@ fn a_purged_key_is_in_no_file_of_the_state_directory() {
     assert_eq!(vault.move_out_of(&store).unwrap(), 2);
     drop(store);
     berth_shared::store::SledStore::rewrite(&db).unwrap();
-    let store = berth_shared::store::SledStore::open(&db).unwrap();
+    let store = berth_shared::store::SledStore::reopen(&db).unwrap();
     assert!(store.scan_prefix(PREFIX).unwrap().is_empty());
     // A new tenant's key.
     assert!(vault.ensure(&new).unwrap());
