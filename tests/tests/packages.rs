@@ -75,6 +75,7 @@ fn the_packages_hold_the_binaries_units_and_config_and_lintian_finds_no_error() 
             vec![
                 "./usr/bin/berth-agent",
                 "./lib/systemd/system/berth-agent.service",
+                "./usr/lib/modules-load.d/berth-agent.conf",
                 "./etc/berth/agent.toml",
             ],
             "/etc/berth/agent.toml",
