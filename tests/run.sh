@@ -25,8 +25,8 @@ if [ "$needed_mib" -gt "$free_mib" ]; then
 fi
 
 packages=(docker.io nftables cryptsetup-bin iproute2 ca-certificates curl openssl chromium
-  fonts-dejavu-core lintian debootstrap systemd qemu-system-x86 busybox-static linux-image-amd64
-  cpio kmod)
+  fonts-dejavu-core lintian debootstrap systemd qemu-system-x86 qemu-utils busybox-static
+  linux-image-amd64 cpio kmod openssh-client)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -69,17 +69,20 @@ for tool in cargo-deb@3.8.0 cargo-generate-rpm@0.21.1; do
   fi
 done
 
-# A Debian 12 root the package test installs the .deb files into: made once with debootstrap
-# (about a minute), then copied by each run.
+# A Debian 12 root the package tests install the .deb files into and the systemd hosts in qemu
+# boot from: made once with debootstrap (a few minutes), then copied by each run; made again
+# when the package list below changes.
 debian_root="${BERTH_DEBIAN_ROOT:-/var/cache/berth-test/bookworm}"
-if [ ! -x "$debian_root/usr/bin/dpkg" ]; then
+root_packages=adduser,ca-certificates,nftables,iproute2,docker.io,init-system-helpers,systemd,e2fsprogs,mount,systemd-sysv,udev,cryptsetup-bin,openssh-server,kmod,apparmor
+if [ ! -x "$debian_root/usr/bin/dpkg" ] || [ "$(cat "$debian_root.packages" 2>/dev/null)" != "$root_packages" ]; then
   echo "tests/run.sh: making a Debian 12 root in $debian_root (log: /var/log/berth-test-debootstrap.log)"
   rm -rf "$debian_root.partial"
   mkdir -p "$(dirname "$debian_root")"
-  debootstrap --variant=minbase \
-    --include=adduser,ca-certificates,nftables,iproute2,docker.io,init-system-helpers,systemd,e2fsprogs,mount \
+  debootstrap --variant=minbase --include="$root_packages" \
     bookworm "$debian_root.partial" http://deb.debian.org/debian >/var/log/berth-test-debootstrap.log 2>&1
+  rm -rf "$debian_root"
   mv "$debian_root.partial" "$debian_root"
+  echo "$root_packages" >"$debian_root.packages"
 fi
 export BERTH_DEBIAN_ROOT="$debian_root"
 

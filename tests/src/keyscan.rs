@@ -172,3 +172,45 @@ pub fn files_holding(dir: &Path, needles: &[Vec<u8>]) -> Vec<PathBuf> {
     }
     hits
 }
+
+/// Where in the file at `path` (a disk image: read in chunks, never whole) any of `needles`
+/// occurs: (index of the needle, byte offset), in file order.
+pub fn occurrences_in_file(path: &Path, needles: &[Vec<u8>]) -> std::io::Result<Vec<(usize, u64)>> {
+    use std::io::Read;
+    const CHUNK: usize = 16 << 20;
+    let longest = needles.iter().map(Vec::len).max().unwrap_or(0);
+    let mut starts = [false; 256];
+    for n in needles.iter().filter(|n| !n.is_empty()) {
+        starts[usize::from(n[0])] = true;
+    }
+    let mut file = std::fs::File::open(path)?;
+    let mut hits = Vec::new();
+    // The last `longest - 1` bytes of the previous chunk, then the new one.
+    let mut window: Vec<u8> = Vec::with_capacity(CHUNK + longest);
+    let mut window_at = 0u64;
+    let mut chunk = vec![0u8; CHUNK];
+    loop {
+        let read = file.read(&mut chunk)?;
+        if read == 0 {
+            break;
+        }
+        window.extend_from_slice(&chunk[..read]);
+        for (i, &b) in window.iter().enumerate() {
+            if !starts[usize::from(b)] {
+                continue;
+            }
+            for (n, needle) in needles.iter().enumerate() {
+                if !needle.is_empty() && window[i..].starts_with(needle) {
+                    let at = window_at + i as u64;
+                    if !hits.contains(&(n, at)) {
+                        hits.push((n, at));
+                    }
+                }
+            }
+        }
+        let keep = longest.saturating_sub(1).min(window.len());
+        window_at += (window.len() - keep) as u64;
+        window.drain(..window.len() - keep);
+    }
+    Ok(hits)
+}

@@ -14,6 +14,7 @@ pub mod multihost;
 pub mod netns;
 pub mod procs;
 pub mod vm;
+pub mod vmhost;
 
 /// True when the README's test command runs us: missing components are failures.
 pub fn require_real() -> bool {

@@ -143,6 +143,8 @@ pub struct CoordinatorProc {
     env: Vec<(String, String)>,
     /// The soft limit of open files it starts with (through `prlimit`), if not inherited.
     open_files: Option<u64>,
+    /// Names its certificate carries besides its listen address.
+    other_names: Vec<String>,
 }
 
 impl CoordinatorProc {
@@ -194,11 +196,27 @@ impl CoordinatorProc {
         Self::start_configured(host, extra_config, &[], Some(http_ip))
     }
 
+    /// [`CoordinatorProc::start`] on loopback, its certificate also naming the address qemu
+    /// guests reach this machine's loopback at, so hosts in VMs enroll and connect.
+    pub fn start_for_vm_hosts(extra_config: &str) -> Self {
+        Self::start_named(None, extra_config, &[], None, &[crate::vmhost::HOST_ALIAS])
+    }
+
     fn start_configured(
         host: Option<&NetHost>,
         extra_config: &str,
         env: &[(&str, &str)],
         http_ip: Option<&str>,
+    ) -> Self {
+        Self::start_named(host, extra_config, env, http_ip, &[])
+    }
+
+    fn start_named(
+        host: Option<&NetHost>,
+        extra_config: &str,
+        env: &[(&str, &str)],
+        http_ip: Option<&str>,
+        other_names: &[&str],
     ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("berth-coord")
@@ -223,6 +241,7 @@ impl CoordinatorProc {
             http_ip,
             extra_config: extra_config.into(),
             open_files: None,
+            other_names: other_names.iter().map(|n| n.to_string()).collect(),
             env: env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -253,8 +272,10 @@ impl CoordinatorProc {
 
     fn write_config(&self, agent: u16, operator: u16, http: u16) {
         let (ip, http_ip) = (&self.listen_ip, &self.http_ip);
+        let mut names = vec![ip.clone()];
+        names.extend(self.other_names.iter().cloned());
         let text = format!(
-            "state_dir = {:?}\nagent_listen = \"{ip}:{agent}\"\noperator_listen = \"{ip}:{operator}\"\nhttp_listen = \"{http_ip}:{http}\"\nserver_names = [\"{ip}\"]\n{}\n",
+            "state_dir = {:?}\nagent_listen = \"{ip}:{agent}\"\noperator_listen = \"{ip}:{operator}\"\nhttp_listen = \"{http_ip}:{http}\"\nserver_names = {names:?}\n{}\n",
             self.state_dir().display().to_string(),
             self.extra_config
         );

@@ -6,8 +6,9 @@
 //! and keeps it idle, `GET /check?id=N` then sends an HTTP request over held connection N and
 //! says whether the answer came (an established connection surviving a rule change);
 //! `GET /fill?name=F[&mb=N]` writes 1 MiB blocks to file F in its volume (N of them, or until a
-//! write fails) and says how many it wrote and why it stopped; `GET /read?name=F` answers with
-//! the file's content (F a path inside the volume). Each
+//! write fails) and says how many it wrote and why it stopped; `GET /write?name=F&text=T`
+//! writes T to file F and syncs it; `GET /read?name=F` answers with the file's content (F a
+//! path inside the volume). Each
 //! connection is served on its own thread, so a held one blocks nobody. Port from `PORT`
 //! (default 18789). It ends at once on SIGTERM, unless `TEST_TENANT_SIGTERM=default` leaves
 //! the signal's disposition alone, as a Node.js gateway that does not handle it does.
@@ -126,7 +127,7 @@ fn serve(stream: TcpStream, hoard: &Mutex<Vec<Vec<u8>>>, held: &Mutex<Vec<TcpStr
             }
             None => respond(stream, 404, "no such held connection\n"),
         }
-    } else if path.starts_with("/fill") || path.starts_with("/read") {
+    } else if path.starts_with("/fill") || path.starts_with("/read") || path.starts_with("/write") {
         let inside = |n: &&str| !n.starts_with('/') && n.split('/').all(|part| part != "..");
         let Some(file) = query(&path, "name").filter(inside) else {
             return respond(stream, 400, "name=FILE (a path inside the volume)\n");
@@ -136,6 +137,15 @@ fn serve(stream: TcpStream, hoard: &Mutex<Vec<Vec<u8>>>, held: &Mutex<Vec<TcpStr
             return match std::fs::read_to_string(&file) {
                 Ok(text) => respond(stream, 200, &text),
                 Err(e) => respond(stream, 404, &format!("{e}\n")),
+            };
+        }
+        if path.starts_with("/write") {
+            let text = query(&path, "text").unwrap_or_default();
+            let written = std::fs::File::create(&file)
+                .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|()| f.sync_all()));
+            return match written {
+                Ok(()) => respond(stream, 200, &format!("wrote {} bytes\n", text.len())),
+                Err(e) => respond(stream, 500, &format!("{e}\n")),
             };
         }
         let most: Option<u64> = query(&path, "mb").and_then(|m| m.parse().ok());
