@@ -26,15 +26,23 @@ fi
 
 packages=(docker.io nftables cryptsetup-bin iproute2 ca-certificates curl openssl chromium
   fonts-dejavu-core lintian debootstrap systemd qemu-system-x86 qemu-utils busybox-static
-  linux-image-amd64 cpio kmod openssh-client)
+  linux-image-amd64 cpio kmod openssh-client openssh-server restic)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "tests/run.sh: installing ${missing[*]}"
+  # Installed packages start no service (the tests start sshd, and dockerd below, themselves).
+  no_start=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    no_start=yes
+  fi
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  if [ -n "$no_start" ]; then rm -f /usr/sbin/policy-rc.d; fi
 fi
 
 # systemd mounts / shared at boot, so the network namespace files Docker binds under

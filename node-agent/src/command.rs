@@ -38,8 +38,40 @@ pub fn run_command_with_input(
     input: Option<&[u8]>,
     timeout: Duration,
 ) -> Result<String, CommandError> {
-    let mut child = Command::new(program)
-        .args(args)
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    run(cmd, program, input, timeout)
+}
+
+/// The variables a program run by [`run_command_in`] keeps from the agent's environment.
+const KEPT_ENVIRONMENT: [&str; 3] = ["PATH", "HOME", "TMPDIR"];
+
+/// [`run_command_with_input`] in the directory `dir`, with an environment of only
+/// [`KEPT_ENVIRONMENT`]: nothing else the agent was started with reaches the program.
+pub fn run_command_in(
+    dir: &std::path::Path,
+    program: &str,
+    args: &[&str],
+    input: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<String, CommandError> {
+    let mut cmd = Command::new(program);
+    cmd.args(args).current_dir(dir).env_clear();
+    for name in KEPT_ENVIRONMENT {
+        if let Some(value) = std::env::var_os(name) {
+            cmd.env(name, value);
+        }
+    }
+    run(cmd, program, input, timeout)
+}
+
+fn run(
+    mut cmd: Command,
+    program: &str,
+    input: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<String, CommandError> {
+    let mut child = cmd
         .stdin(if input.is_some() {
             Stdio::piped()
         } else {

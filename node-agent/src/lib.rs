@@ -8,6 +8,7 @@
 //! only (a tenant without its key waits, stopped).
 
 pub mod agent;
+pub mod backup;
 pub mod command;
 pub mod config;
 pub mod desired;

@@ -215,7 +215,9 @@ impl VmHost {
                 ",hostfwd=tcp:127.0.0.1:{here}-{GUEST_ADDRESS}:{guest}"
             ));
         }
-        let qemu = Command::new("qemu-system-x86_64")
+        // qemu dies with the thread that booted it, even when the test process is killed.
+        let qemu = Command::new("setpriv")
+            .args(["--pdeathsig", "KILL", "--", "qemu-system-x86_64"])
             .args(["-accel", "tcg", "-smp", "2", "-m", &memory_mib.to_string()])
             .args(["-display", "none", "-monitor", "none"])
             .arg("-serial")

@@ -1,0 +1,250 @@
+//! Tenant backups through restic: one repository per tenant, its password the tenant's
+//! backup key, snapshots of the tenant's mounted volume.
+//!
+//! Ensures: the key reaches restic only on its stdin (never argv, environment or disk), and
+//! restic runs with an environment of its own, so no `RESTIC_*` variable of the agent's can
+//! stand in for it; a repository is made only where none exists, never over one; every run is
+//! bounded in time and a failure carries restic's own words; a snapshot holds the volume's
+//! contents at its root (restic runs inside the volume on `.`), so a restore puts them back
+//! at the volume's root; a restore goes first into a directory beside them on the same
+//! volume, and the current contents are replaced only once restic finished: a failed or
+//! interrupted restore leaves the volume as it was.
+
+pub mod restic;
+
+use std::path::{Path, PathBuf};
+
+use berth_shared::ids::TenantId;
+use zeroize::Zeroizing;
+
+use crate::command::CommandError;
+
+/// The restore's directory inside the volume while restic writes it.
+pub const RESTORE_STAGING: &str = ".berth-restore";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    /// restic failed.
+    #[error("restic {action} in {repository}: {source}")]
+    Restic {
+        action: &'static str,
+        repository: String,
+        source: CommandError,
+    },
+    /// restic answered with something that is not the JSON it documents.
+    #[error("restic {action} in {repository} answered what is not its JSON: {message}")]
+    Output {
+        action: &'static str,
+        repository: String,
+        message: String,
+    },
+    /// A repository location berth does not take.
+    #[error(
+        "invalid backup repository {0:?}: an absolute path, or sftp:, s3:, rest: followed by its address"
+    )]
+    BadRepository(String),
+    /// A snapshot id that is not restic's hex.
+    #[error("invalid snapshot id {0:?}: 8 to 64 hex digits")]
+    BadSnapshot(String),
+    /// A file operation on the volume failed.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path, source: std::io::Error) -> BackupError {
+    BackupError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Where a fleet's backups go: a restic repository location, under which each tenant has a
+/// repository of its own (`<location>/<tenant>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Repository(String);
+
+impl Repository {
+    /// The largest location taken.
+    pub const MAX_LEN: usize = 1024;
+
+    pub fn new(location: &str) -> Result<Self, BackupError> {
+        let bad = || BackupError::BadRepository(location.to_string());
+        if location.is_empty()
+            || location.len() > Self::MAX_LEN
+            || location
+                .chars()
+                .any(|c| c.is_control() || c.is_whitespace())
+        {
+            return Err(bad());
+        }
+        let address = ["sftp:", "s3:", "rest:"]
+            .iter()
+            .find_map(|scheme| location.strip_prefix(scheme));
+        match address {
+            Some(rest) if !rest.is_empty() && !rest.starts_with('-') => {}
+            Some(_) => return Err(bad()),
+            None if location.starts_with('/') => {}
+            None => return Err(bad()),
+        }
+        Ok(Self(location.trim_end_matches('/').to_string()))
+    }
+
+    /// The repository of `tenant`.
+    pub fn of(&self, tenant: &TenantId) -> String {
+        format!("{}/{}", self.0, tenant.as_str())
+    }
+}
+
+/// A tenant's backup key: the password of its repository.
+pub struct BackupKey(Zeroizing<Vec<u8>>);
+
+impl std::fmt::Debug for BackupKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BackupKey(..)")
+    }
+}
+
+impl BackupKey {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(Zeroizing::new(bytes))
+    }
+
+    /// What restic reads on its stdin: the key in hex, one line.
+    fn password_line(&self) -> Zeroizing<Vec<u8>> {
+        let mut line = Zeroizing::new(hex::encode(self.0.as_slice()).into_bytes());
+        line.push(b'\n');
+        line
+    }
+}
+
+/// How many snapshots a repository keeps (restic's `forget` policy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub keep_daily: u32,
+    pub keep_weekly: u32,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            keep_daily: 7,
+            keep_weekly: 4,
+        }
+    }
+}
+
+/// What one backup did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BackupSummary {
+    pub snapshot_id: String,
+    pub files_new: u64,
+    pub files_changed: u64,
+    /// Bytes the repository grew by (after deduplication, before compression).
+    pub bytes_added: u64,
+    /// Bytes of files read.
+    pub bytes_processed: u64,
+    pub duration_ms: u64,
+}
+
+/// One snapshot of a tenant's repository.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub id: String,
+    pub short_id: String,
+    /// RFC 3339, as restic gives it.
+    pub time: String,
+}
+
+/// The backup engine, at the host boundary: restic in production, a recording fake in tests.
+pub trait BackupEngine: Send + Sync + std::fmt::Debug {
+    /// Makes the repository unless one is there; true when it made it.
+    fn ensure_repository(&self, repository: &str, key: &BackupKey) -> Result<bool, BackupError>;
+    /// A snapshot of the contents of the directory `volume`.
+    fn backup(
+        &self,
+        repository: &str,
+        key: &BackupKey,
+        volume: &Path,
+    ) -> Result<BackupSummary, BackupError>;
+    /// Every snapshot, oldest first.
+    fn snapshots(&self, repository: &str, key: &BackupKey) -> Result<Vec<Snapshot>, BackupError>;
+    /// Writes snapshot `id`'s contents into the empty directory `into`.
+    fn restore(
+        &self,
+        repository: &str,
+        key: &BackupKey,
+        id: &str,
+        into: &Path,
+    ) -> Result<(), BackupError>;
+    /// Forgets the snapshots `retention` does not keep and prunes their data.
+    fn forget(
+        &self,
+        repository: &str,
+        key: &BackupKey,
+        retention: Retention,
+    ) -> Result<(), BackupError>;
+    /// Forgets every snapshot and prunes all their data; returns how many there were.
+    fn forget_all(&self, repository: &str, key: &BackupKey) -> Result<usize, BackupError>;
+}
+
+/// Checks a snapshot id given by an operator: restic's hex, short or whole.
+pub fn snapshot_id(id: &str) -> Result<&str, BackupError> {
+    if (8..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(id)
+    } else {
+        Err(BackupError::BadSnapshot(id.to_string()))
+    }
+}
+
+/// Replaces the contents of the mounted volume `volume` with snapshot `id`: restored beside
+/// them first ([`RESTORE_STAGING`]), then swapped in. The tenant must be stopped. A leftover
+/// staging directory from an interrupted restore is removed first.
+pub fn restore_volume(
+    engine: &dyn BackupEngine,
+    repository: &str,
+    key: &BackupKey,
+    id: &str,
+    volume: &Path,
+) -> Result<(), BackupError> {
+    let id = snapshot_id(id)?;
+    let staging = volume.join(RESTORE_STAGING);
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(|e| io(&staging, e))?;
+    }
+    std::fs::create_dir(&staging).map_err(|e| io(&staging, e))?;
+    if let Err(e) = engine.restore(repository, key, id, &staging) {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(e);
+    }
+    // The old contents go (ext4's lost+found stays), then the restored ones move up.
+    for entry in std::fs::read_dir(volume).map_err(|e| io(volume, e))? {
+        let entry = entry.map_err(|e| io(volume, e))?;
+        let name = entry.file_name();
+        if name == RESTORE_STAGING || name == "lost+found" {
+            continue;
+        }
+        let path = entry.path();
+        let removed = if entry.file_type().map_err(|e| io(&path, e))?.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        removed.map_err(|e| io(&path, e))?;
+    }
+    for entry in std::fs::read_dir(&staging).map_err(|e| io(&staging, e))? {
+        let entry = entry.map_err(|e| io(&staging, e))?;
+        if entry.file_name() == "lost+found" {
+            continue;
+        }
+        let to = volume.join(entry.file_name());
+        std::fs::rename(entry.path(), &to).map_err(|e| io(&to, e))?;
+    }
+    std::fs::remove_dir_all(&staging).map_err(|e| io(&staging, e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,238 @@
+//! [`BackupEngine`] on the `restic` program (0.14 or later).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{
+    BackupEngine, BackupError, BackupKey, BackupSummary, RESTORE_STAGING, Retention, Snapshot,
+};
+use crate::command::{CommandError, run_command_in};
+
+/// What restic says when there is no repository at the location.
+const NO_REPOSITORY: &str = "Is there a repository at the following location?";
+
+#[derive(Debug, Clone)]
+pub struct Restic {
+    pub program: String,
+    /// restic's cache (it would use the home directory, which the agent's unit hides).
+    pub cache_dir: PathBuf,
+    /// For `sftp:` repositories: the command restic reaches the server with (`ssh ... -s
+    /// sftp`), which names the identity file and known hosts.
+    pub sftp_command: Option<String>,
+    pub timeout: Duration,
+}
+
+#[derive(Deserialize)]
+struct Summary {
+    message_type: String,
+    #[serde(default)]
+    snapshot_id: String,
+    #[serde(default)]
+    files_new: u64,
+    #[serde(default)]
+    files_changed: u64,
+    #[serde(default)]
+    data_added: u64,
+    #[serde(default)]
+    total_bytes_processed: u64,
+    #[serde(default)]
+    total_duration: f64,
+}
+
+#[derive(Deserialize)]
+struct ListedSnapshot {
+    id: String,
+    short_id: String,
+    time: String,
+}
+
+impl Restic {
+    pub fn new(cache_dir: &Path, sftp_command: Option<String>) -> Self {
+        Self {
+            program: "restic".into(),
+            cache_dir: cache_dir.to_path_buf(),
+            sftp_command,
+            timeout: Duration::from_secs(6 * 3600),
+        }
+    }
+
+    /// Runs `restic -r <repository> <args>` in `dir` with the key on stdin.
+    fn run(
+        &self,
+        action: &'static str,
+        repository: &str,
+        key: &BackupKey,
+        dir: &Path,
+        args: &[&str],
+    ) -> Result<String, BackupError> {
+        let cache = self.cache_dir.to_string_lossy();
+        let mut all: Vec<&str> = vec!["--repo", repository, "--cache-dir", &cache];
+        let option;
+        if let Some(command) = &self.sftp_command {
+            option = format!("sftp.command={command}");
+            all.extend(["--option", &option]);
+        }
+        all.extend_from_slice(args);
+        let password = key.password_line();
+        run_command_in(
+            dir,
+            &self.program,
+            &all,
+            Some(password.as_slice()),
+            self.timeout,
+        )
+        .map_err(|source| BackupError::Restic {
+            action,
+            repository: repository.to_string(),
+            source,
+        })
+    }
+
+    fn output_error(action: &'static str, repository: &str, message: String) -> BackupError {
+        BackupError::Output {
+            action,
+            repository: repository.to_string(),
+            message,
+        }
+    }
+
+    fn list(&self, repository: &str, key: &BackupKey) -> Result<Vec<Snapshot>, BackupError> {
+        let out = self.run(
+            "snapshots",
+            repository,
+            key,
+            Path::new("/"),
+            &["snapshots", "--json"],
+        )?;
+        // restic says "reading repository password from stdin" on stdout first.
+        let json = out.find('[').map(|at| &out[at..]).unwrap_or("");
+        let listed: Vec<ListedSnapshot> = serde_json::from_str(json.trim())
+            .map_err(|e| Self::output_error("snapshots", repository, e.to_string()))?;
+        let mut snapshots: Vec<Snapshot> = listed
+            .into_iter()
+            .map(|s| Snapshot {
+                id: s.id,
+                short_id: s.short_id,
+                time: s.time,
+            })
+            .collect();
+        snapshots.sort_by(|a, b| a.time.cmp(&b.time));
+        Ok(snapshots)
+    }
+}
+
+impl BackupEngine for Restic {
+    fn ensure_repository(&self, repository: &str, key: &BackupKey) -> Result<bool, BackupError> {
+        match self.list(repository, key) {
+            Ok(_) => Ok(false),
+            Err(BackupError::Restic {
+                source: CommandError::Failed { stderr, .. },
+                ..
+            }) if stderr.contains(NO_REPOSITORY) => {
+                self.run("init", repository, key, Path::new("/"), &["init"])?;
+                Ok(true)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn backup(
+        &self,
+        repository: &str,
+        key: &BackupKey,
+        volume: &Path,
+    ) -> Result<BackupSummary, BackupError> {
+        let out = self.run(
+            "backup",
+            repository,
+            key,
+            volume,
+            &[
+                "backup",
+                "--json",
+                "--one-file-system",
+                "--exclude",
+                RESTORE_STAGING,
+                ".",
+            ],
+        )?;
+        let summary = out
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Summary>(l).ok())
+            .find(|s| s.message_type == "summary")
+            .ok_or_else(|| {
+                Self::output_error("backup", repository, "no summary line".to_string())
+            })?;
+        Ok(BackupSummary {
+            snapshot_id: summary.snapshot_id,
+            files_new: summary.files_new,
+            files_changed: summary.files_changed,
+            bytes_added: summary.data_added,
+            bytes_processed: summary.total_bytes_processed,
+            duration_ms: (summary.total_duration * 1000.0).round() as u64,
+        })
+    }
+
+    fn snapshots(&self, repository: &str, key: &BackupKey) -> Result<Vec<Snapshot>, BackupError> {
+        self.list(repository, key)
+    }
+
+    fn restore(
+        &self,
+        repository: &str,
+        key: &BackupKey,
+        id: &str,
+        into: &Path,
+    ) -> Result<(), BackupError> {
+        let id = super::snapshot_id(id)?;
+        let target = into.to_string_lossy();
+        self.run(
+            "restore",
+            repository,
+            key,
+            Path::new("/"),
+            &["restore", id, "--target", &target],
+        )?;
+        Ok(())
+    }
+
+    fn forget(
+        &self,
+        repository: &str,
+        key: &BackupKey,
+        retention: Retention,
+    ) -> Result<(), BackupError> {
+        let (daily, weekly) = (
+            retention.keep_daily.to_string(),
+            retention.keep_weekly.to_string(),
+        );
+        self.run(
+            "forget",
+            repository,
+            key,
+            Path::new("/"),
+            &[
+                "forget",
+                "--keep-daily",
+                &daily,
+                "--keep-weekly",
+                &weekly,
+                "--prune",
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn forget_all(&self, repository: &str, key: &BackupKey) -> Result<usize, BackupError> {
+        let snapshots = self.list(repository, key)?;
+        if snapshots.is_empty() {
+            return Ok(0);
+        }
+        let mut args: Vec<&str> = vec!["forget", "--prune"];
+        args.extend(snapshots.iter().map(|s| s.id.as_str()));
+        self.run("forget", repository, key, Path::new("/"), &args)?;
+        Ok(snapshots.len())
+    }
+}

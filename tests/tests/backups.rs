@@ -1,0 +1,280 @@
+//! The agent's backup engine on the real restic: a tenant's files backed up, changed, backed
+//! up again (the second upload a small fraction of the first), restored to the first snapshot
+//! with equal checksums; a wrong key opens nothing; retention and a whole purge forget
+//! snapshots; the key is in no process's argv or environment and in no file meanwhile. Once to
+//! a local repository, once over SFTP to Debian's sshd in a network namespace the test made
+//! (restic's ssh runs in a second namespace of the same test network).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use berth_node_agent::backup::restic::Restic;
+use berth_node_agent::backup::{BackupEngine, BackupKey, Retention, restore_volume};
+use berth_tests::keyscan::{ProcScan, files_holding, key_forms};
+use berth_tests::missing_component;
+use berth_tests::netns::{self, TestNet};
+use sha2::{Digest, Sha256};
+
+fn restic_available() -> Result<(), String> {
+    let out = Command::new("restic")
+        .arg("version")
+        .output()
+        .map_err(|e| format!("restic: {e} (the test command installs Debian's restic)"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err("restic version failed".into())
+    }
+}
+
+/// Path → SHA-256 of every file under `dir` (except `lost+found`), sorted.
+fn checksums(dir: &Path) -> Vec<(PathBuf, String)> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(PathBuf, String)>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let entry = entry.unwrap();
+            let path = entry.path();
+            if entry.file_name() == "lost+found" {
+                continue;
+            }
+            if entry.file_type().unwrap().is_dir() {
+                walk(root, &path, out);
+            } else {
+                let digest = Sha256::digest(std::fs::read(&path).unwrap());
+                out.push((
+                    path.strip_prefix(root).unwrap().to_path_buf(),
+                    hex_string(&digest),
+                ));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+fn hex_string(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn random_bytes(n: usize) -> Vec<u8> {
+    (0..n).map(|_| rand::random::<u8>()).collect()
+}
+
+/// The whole cycle against `repository` through `engine`.
+fn cycle(engine: &Restic, repository: &str, work: &Path) {
+    let key_bytes = random_bytes(32);
+    let key = BackupKey::new(key_bytes.clone());
+    let volume = work.join("volume");
+    std::fs::create_dir_all(volume.join("chats")).unwrap();
+    std::fs::create_dir(volume.join("lost+found")).unwrap();
+    std::fs::write(volume.join("files.bin"), random_bytes(64 << 20)).unwrap();
+    std::fs::write(volume.join("chats/monday.txt"), "customer chat, monday\n").unwrap();
+    std::fs::write(volume.join("credentials.json"), "{\"token\":\"t-1\"}").unwrap();
+
+    let scan = ProcScan::start();
+    assert!(engine.ensure_repository(repository, &key).unwrap(), "made");
+    assert!(!engine.ensure_repository(repository, &key).unwrap(), "kept");
+    let first = engine.backup(repository, &key, &volume).unwrap();
+    let at_first = checksums(&volume);
+    assert_eq!(first.files_new, 3);
+    assert!(
+        first.bytes_added >= 64 << 20,
+        "the first upload holds the volume: {first:?}"
+    );
+
+    // A day's change: one chat added, the big file changed in 64 KiB.
+    std::fs::write(volume.join("chats/tuesday.txt"), "customer chat, tuesday\n").unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(volume.join("files.bin"))
+            .unwrap();
+        f.write_all_at(&random_bytes(64 << 10), 4 << 20).unwrap();
+    }
+    let second = engine.backup(repository, &key, &volume).unwrap();
+    eprintln!(
+        "{repository}: first backup added {} B of {} B read in {} ms; second {} B of {} B in {} ms",
+        first.bytes_added,
+        first.bytes_processed,
+        first.duration_ms,
+        second.bytes_added,
+        second.bytes_processed,
+        second.duration_ms
+    );
+    assert_eq!((second.files_new, second.files_changed), (1, 1));
+    // restic cuts files into content-defined chunks of 0.5 to 8 MiB (1 MiB on average): a
+    // change of 64 KiB uploads the one or two chunks around it again, at most 16 MiB.
+    assert!(
+        second.bytes_added <= first.bytes_added / 4,
+        "incremental: {second:?} after {first:?}"
+    );
+    let snapshots = engine.snapshots(repository, &key).unwrap();
+    assert_eq!(
+        snapshots
+            .iter()
+            .map(|s| &s.short_id[..])
+            .collect::<Vec<_>>(),
+        [&first.snapshot_id[..], &second.snapshot_id[..]]
+    );
+
+    // Back to the first snapshot: the same files, byte for byte; Tuesday's chat is gone.
+    restore_volume(engine, repository, &key, &snapshots[0].id, &volume).unwrap();
+    assert_eq!(checksums(&volume), at_first);
+    assert!(volume.join("lost+found").is_dir());
+
+    // Another key opens nothing and changes nothing.
+    let wrong = BackupKey::new(random_bytes(32));
+    let err = engine.snapshots(repository, &wrong).unwrap_err();
+    assert!(err.to_string().contains("wrong password"), "{err}");
+    assert!(engine.ensure_repository(repository, &wrong).is_err());
+
+    // Retention keeps one a day (both are from today: the newer stays); a purge forgets all.
+    engine
+        .forget(repository, &key, Retention::default())
+        .unwrap();
+    assert_eq!(engine.snapshots(repository, &key).unwrap().len(), 1);
+    assert_eq!(engine.forget_all(repository, &key).unwrap(), 1);
+    assert!(engine.snapshots(repository, &key).unwrap().is_empty());
+
+    let seen = scan.finish();
+    assert!(seen.count("restic") > 0, "the scan watched restic");
+    let forms = key_forms(&key_bytes);
+    assert_eq!(seen.holding(&forms), Vec::<String>::new());
+    assert_eq!(files_holding(work, &forms), Vec::<PathBuf>::new());
+}
+
+#[test]
+fn a_tenant_volume_backs_up_incrementally_and_restores_exactly_to_a_local_repository() {
+    if let Err(why) = restic_available() {
+        return missing_component("restic", &why);
+    }
+    let work = tempfile::tempdir().unwrap();
+    let engine = Restic::new(&work.path().join("cache"), None);
+    let repository = work.path().join("repository/acme");
+    cycle(&engine, repository.to_str().unwrap(), work.path());
+}
+
+/// Debian's sshd in `host`'s namespace, taking `client_key` for root, with SFTP.
+struct Sshd {
+    child: Child,
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn keygen(path: &Path) {
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "berth-test", "-f"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[test]
+fn a_tenant_volume_backs_up_and_restores_over_sftp_to_sshd() {
+    if let Err(why) = restic_available() {
+        return missing_component("restic", &why);
+    }
+    if !Path::new("/usr/sbin/sshd").exists() {
+        return missing_component(
+            "sshd",
+            "no /usr/sbin/sshd (the test command installs openssh-server)",
+        );
+    }
+    if let Err(why) = netns::available() {
+        return missing_component("network namespaces", &why);
+    }
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let mut net = TestNet::new().unwrap();
+    let server = net.add_host(2).unwrap();
+    let client = net.add_host(3).unwrap();
+    let (host_key, client_key) = (dir.join("host_key"), dir.join("client_key"));
+    keygen(&host_key);
+    keygen(&client_key);
+    std::fs::copy(
+        client_key.with_extension("pub"),
+        dir.join("authorized_keys"),
+    )
+    .unwrap();
+    let config = dir.join("sshd_config");
+    std::fs::write(
+        &config,
+        format!(
+            "ListenAddress {}\nPort 22\nHostKey {}\nAuthorizedKeysFile {}\nPermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPidFile none\nSubsystem sftp internal-sftp\n",
+            server.address,
+            host_key.display(),
+            dir.join("authorized_keys").display()
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir_all("/run/sshd").unwrap();
+    let log = std::fs::File::create(dir.join("sshd.log")).unwrap();
+    let _sshd = Sshd {
+        child: Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &server.netns,
+                "/usr/sbin/sshd",
+                "-D",
+                "-e",
+                "-f",
+            ])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    };
+    let public = std::fs::read_to_string(host_key.with_extension("pub")).unwrap();
+    let known = dir.join("known_hosts");
+    std::fs::write(&known, format!("{} {public}", server.address)).unwrap();
+    let ssh = format!(
+        "ip netns exec {} ssh -i {} -o BatchMode=yes -o StrictHostKeyChecking=yes -o UserKnownHostsFile={} -o ConnectTimeout=5 root@{} -s sftp",
+        client.netns,
+        client_key.display(),
+        known.display(),
+        server.address
+    );
+    // sshd takes a moment to listen.
+    berth_tests::wait_for("sshd answering", Duration::from_secs(10), || {
+        Command::new("ip")
+            .args(["netns", "exec", &client.netns, "ssh", "-i"])
+            .arg(&client_key)
+            .args([
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "StrictHostKeyChecking=yes",
+                "-o",
+            ])
+            .arg(format!("UserKnownHostsFile={}", known.display()))
+            .arg(format!("root@{}", server.address))
+            .arg("true")
+            .stdin(Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+    });
+    let engine = Restic::new(&dir.join("cache"), Some(ssh));
+    let repository = format!(
+        "sftp:root@{}:{}/storagebox/acme",
+        server.address,
+        dir.display()
+    );
+    cycle(&engine, &repository, dir);
+    assert!(
+        dir.join("storagebox/acme/config").is_file(),
+        "the repository is on the SFTP server's disk"
+    );
+}
