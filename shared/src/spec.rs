@@ -459,6 +459,220 @@ fn validate_mount_path(path: &str) -> Result<(), FieldError> {
     }
 }
 
+/// The tier's resources (if any) with what the spec asks for on top: (tier name, resources).
+fn resolve_resources(
+    tier_name: &str,
+    requested: proto::Resources,
+    policy: &SpecPolicy,
+) -> Result<(Option<String>, Resources), FieldError> {
+    let (tier, base) = if tier_name.is_empty() {
+        (None, Resources::default())
+    } else {
+        let tier = policy
+            .tiers
+            .iter()
+            .find(|t| t.name == tier_name)
+            .ok_or_else(|| {
+                let known: Vec<&str> = policy.tiers.iter().map(|t| t.name.as_str()).collect();
+                field(
+                    "tier",
+                    format!("unknown tier {:?} (known: {})", tier_name, known.join(", ")),
+                )
+            })?;
+        (Some(tier.name.clone()), tier.resources)
+    };
+    let pick = |asked: u64, preset: u64| if asked != 0 { asked } else { preset };
+    let resources = Resources {
+        memory_bytes: pick(requested.memory_bytes, base.memory_bytes),
+        cpu_millicores: pick(
+            u64::from(requested.cpu_millicores),
+            u64::from(base.cpu_millicores),
+        ) as u32,
+        volume_bytes: pick(requested.volume_bytes, base.volume_bytes),
+    };
+    if resources.memory_bytes == 0 {
+        return Err(field(
+            "resources.memory_bytes",
+            "required when no tier is given",
+        ));
+    }
+    if resources.memory_bytes < MIN_MEMORY_BYTES {
+        return Err(field(
+            "resources.memory_bytes",
+            format!(
+                "{} bytes is below the minimum of 64 MiB",
+                resources.memory_bytes
+            ),
+        ));
+    }
+    if resources.cpu_millicores == 0 {
+        return Err(field(
+            "resources.cpu_millicores",
+            "required when no tier is given",
+        ));
+    }
+    if resources.cpu_millicores > 256_000 {
+        return Err(field(
+            "resources.cpu_millicores",
+            "at most 256000 (256 CPUs)",
+        ));
+    }
+    Ok((tier, resources))
+}
+
+/// The allowlist: each entry parsed, and all of them within what `policy` lets tenants reach.
+fn parse_egress(
+    rules: &[proto::EgressRule],
+    policy: &SpecPolicy,
+) -> Result<Vec<EgressRule>, FieldError> {
+    if rules.len() > MAX_EGRESS_ENTRIES {
+        return Err(field(
+            "egress",
+            format!("{} entries; at most {MAX_EGRESS_ENTRIES}", rules.len()),
+        ));
+    }
+    let mut egress = Vec::with_capacity(rules.len());
+    for (i, rule) in rules.iter().enumerate() {
+        let name = format!("egress[{i}]");
+        let destination = parse_destination(
+            &format!("{name}.destination"),
+            &rule.destination,
+            policy.allow_unrestricted_egress,
+        )?;
+        let protocol = match rule.protocol.as_str() {
+            "" | "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            other => {
+                return Err(field(
+                    &format!("{name}.protocol"),
+                    format!("{other:?}: expected tcp or udp"),
+                ));
+            }
+        };
+        let port = u16::try_from(rule.port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| {
+                field(
+                    &format!("{name}.port"),
+                    format!("{} is not a port (1 to 65535)", rule.port),
+                )
+            })?;
+        egress.push(EgressRule {
+            destination,
+            protocol,
+            port,
+        });
+    }
+    if let Some(reach) = &policy.reach {
+        let mut nets = Vec::new();
+        for (i, rule) in egress.iter().enumerate() {
+            let Destination::Cidr { addr, prefix } = rule.destination else {
+                continue;
+            };
+            if prefix == 0 {
+                // Allowed above only with allow_unrestricted_egress: everything, on purpose.
+                continue;
+            }
+            let net = crate::reach::Net { addr, prefix };
+            if let Some(why) = reach.refuse(net) {
+                return Err(field(&format!("egress[{i}].destination"), why));
+            }
+            nets.push(net);
+        }
+        if let Some(why) = reach.refuse_union(&nets) {
+            return Err(field("egress", why));
+        }
+    }
+    Ok(egress)
+}
+
+fn parse_restart(restart: Option<proto::RestartPolicy>) -> Result<RestartPolicy, FieldError> {
+    Ok(match restart {
+        None => RestartPolicy::default(),
+        Some(r) => RestartPolicy {
+            enabled: r.enabled,
+            window: (!r.window.is_empty())
+                .then(|| r.window.parse())
+                .transpose()
+                .map_err(|e| field("restart.window", e))?,
+            time_zone: (!r.time_zone.is_empty())
+                .then(|| ZoneName::new(&r.time_zone))
+                .transpose()
+                .map_err(|e| field("restart.time_zone", e))?,
+        },
+    })
+}
+
+/// Regions, labels and the anti-affinity group (returned, if any) within their limits.
+fn validate_placement_constraints(
+    c: &proto::PlacementConstraints,
+) -> Result<Option<String>, FieldError> {
+    if c.regions.len() > MAX_REGIONS {
+        return Err(field(
+            "constraints.regions",
+            format!("{} regions; at most {MAX_REGIONS}", c.regions.len()),
+        ));
+    }
+    if c.labels.len() > MAX_LABELS {
+        return Err(field(
+            "constraints.labels",
+            format!("{} labels; at most {MAX_LABELS}", c.labels.len()),
+        ));
+    }
+    for region in &c.regions {
+        validate_token(
+            "constraints.regions",
+            region.strip_suffix('*').unwrap_or(region),
+            false,
+        )?;
+    }
+    for (key, value) in &c.labels {
+        validate_token("constraints.labels key", key, false)?;
+        validate_token(&format!("constraints.labels.{key}"), value, true)?;
+    }
+    Ok(if c.anti_affinity_group.is_empty() {
+        None
+    } else {
+        validate_token(
+            "constraints.anti_affinity_group",
+            &c.anti_affinity_group,
+            false,
+        )?;
+        Some(c.anti_affinity_group.clone())
+    })
+}
+
+fn validate_env(env: &std::collections::HashMap<String, String>) -> Result<(), FieldError> {
+    if env.len() > MAX_ENV_VARS {
+        return Err(field("env", format!("at most {MAX_ENV_VARS} variables")));
+    }
+    let env_bytes: usize = env.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if env_bytes > MAX_ENV_BYTES {
+        return Err(field(
+            "env",
+            format!("{env_bytes} bytes of names and values; at most {MAX_ENV_BYTES}"),
+        ));
+    }
+    for (k, v) in env {
+        let ok = !k.is_empty()
+            && k.len() <= 128
+            && !k.as_bytes()[0].is_ascii_digit()
+            && k.bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+        if !ok {
+            return Err(field(
+                "env",
+                format!("{k:?}: names are A-Z, 0-9 and _, not starting with a digit"),
+            ));
+        }
+        if v.len() > 4096 || v.contains('\0') {
+            return Err(field(&format!("env.{k}"), "at most 4096 bytes, no NUL"));
+        }
+    }
+    Ok(())
+}
+
 impl TenantSpec {
     /// Validates a protobuf spec against `policy`, resolving the tier.
     pub fn from_proto(p: proto::TenantSpec, policy: &SpecPolicy) -> Result<Self, FieldError> {
@@ -497,118 +711,9 @@ impl TenantSpec {
             ));
         }
         validate_image(&p.image)?;
-        let requested = p.resources.unwrap_or_default();
-        let (tier, base) = if p.tier.is_empty() {
-            (None, Resources::default())
-        } else {
-            let tier = policy
-                .tiers
-                .iter()
-                .find(|t| t.name == p.tier)
-                .ok_or_else(|| {
-                    let known: Vec<&str> = policy.tiers.iter().map(|t| t.name.as_str()).collect();
-                    field(
-                        "tier",
-                        format!("unknown tier {:?} (known: {})", p.tier, known.join(", ")),
-                    )
-                })?;
-            (Some(tier.name.clone()), tier.resources)
-        };
-        let pick = |asked: u64, preset: u64| if asked != 0 { asked } else { preset };
-        let resources = Resources {
-            memory_bytes: pick(requested.memory_bytes, base.memory_bytes),
-            cpu_millicores: pick(
-                u64::from(requested.cpu_millicores),
-                u64::from(base.cpu_millicores),
-            ) as u32,
-            volume_bytes: pick(requested.volume_bytes, base.volume_bytes),
-        };
-        if resources.memory_bytes == 0 {
-            return Err(field(
-                "resources.memory_bytes",
-                "required when no tier is given",
-            ));
-        }
-        if resources.memory_bytes < MIN_MEMORY_BYTES {
-            return Err(field(
-                "resources.memory_bytes",
-                format!(
-                    "{} bytes is below the minimum of 64 MiB",
-                    resources.memory_bytes
-                ),
-            ));
-        }
-        if resources.cpu_millicores == 0 {
-            return Err(field(
-                "resources.cpu_millicores",
-                "required when no tier is given",
-            ));
-        }
-        if resources.cpu_millicores > 256_000 {
-            return Err(field(
-                "resources.cpu_millicores",
-                "at most 256000 (256 CPUs)",
-            ));
-        }
-        if p.egress.len() > MAX_EGRESS_ENTRIES {
-            return Err(field(
-                "egress",
-                format!("{} entries; at most {MAX_EGRESS_ENTRIES}", p.egress.len()),
-            ));
-        }
-        let mut egress = Vec::with_capacity(p.egress.len());
-        for (i, rule) in p.egress.iter().enumerate() {
-            let name = format!("egress[{i}]");
-            let destination = parse_destination(
-                &format!("{name}.destination"),
-                &rule.destination,
-                policy.allow_unrestricted_egress,
-            )?;
-            let protocol = match rule.protocol.as_str() {
-                "" | "tcp" => Protocol::Tcp,
-                "udp" => Protocol::Udp,
-                other => {
-                    return Err(field(
-                        &format!("{name}.protocol"),
-                        format!("{other:?}: expected tcp or udp"),
-                    ));
-                }
-            };
-            let port = u16::try_from(rule.port)
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| {
-                    field(
-                        &format!("{name}.port"),
-                        format!("{} is not a port (1 to 65535)", rule.port),
-                    )
-                })?;
-            egress.push(EgressRule {
-                destination,
-                protocol,
-                port,
-            });
-        }
-        if let Some(reach) = &policy.reach {
-            let mut nets = Vec::new();
-            for (i, rule) in egress.iter().enumerate() {
-                let Destination::Cidr { addr, prefix } = rule.destination else {
-                    continue;
-                };
-                if prefix == 0 {
-                    // Allowed above only with allow_unrestricted_egress: everything, on purpose.
-                    continue;
-                }
-                let net = crate::reach::Net { addr, prefix };
-                if let Some(why) = reach.refuse(net) {
-                    return Err(field(&format!("egress[{i}].destination"), why));
-                }
-                nets.push(net);
-            }
-            if let Some(why) = reach.refuse_union(&nets) {
-                return Err(field("egress", why));
-            }
-        }
+        let (tier, resources) =
+            resolve_resources(&p.tier, p.resources.unwrap_or_default(), policy)?;
+        let egress = parse_egress(&p.egress, policy)?;
         let volume = p.volume.unwrap_or(proto::VolumeSpec {
             size_bytes: 0,
             encrypted: true,
@@ -620,68 +725,22 @@ impl TenantSpec {
             volume.mount_path
         };
         validate_mount_path(&mount_path)?;
-        let volume_bytes = if volume.size_bytes != 0 {
-            volume.size_bytes
-        } else {
-            resources.volume_bytes
-        };
         let resources = Resources {
-            volume_bytes,
+            volume_bytes: if volume.size_bytes != 0 {
+                volume.size_bytes
+            } else {
+                resources.volume_bytes
+            },
             ..resources
         };
-        let restart = match p.restart {
-            None => RestartPolicy::default(),
-            Some(r) => RestartPolicy {
-                enabled: r.enabled,
-                window: (!r.window.is_empty())
-                    .then(|| r.window.parse())
-                    .transpose()
-                    .map_err(|e| field("restart.window", e))?,
-                time_zone: (!r.time_zone.is_empty())
-                    .then(|| ZoneName::new(&r.time_zone))
-                    .transpose()
-                    .map_err(|e| field("restart.time_zone", e))?,
-            },
-        };
+        let restart = parse_restart(p.restart)?;
         let c = p.constraints.unwrap_or_default();
         let providers = c
             .providers
             .iter()
             .map(|p| Provider::parse("constraints.providers", p))
             .collect::<Result<Vec<_>, _>>()?;
-        if c.regions.len() > MAX_REGIONS {
-            return Err(field(
-                "constraints.regions",
-                format!("{} regions; at most {MAX_REGIONS}", c.regions.len()),
-            ));
-        }
-        if c.labels.len() > MAX_LABELS {
-            return Err(field(
-                "constraints.labels",
-                format!("{} labels; at most {MAX_LABELS}", c.labels.len()),
-            ));
-        }
-        for region in &c.regions {
-            validate_token(
-                "constraints.regions",
-                region.strip_suffix('*').unwrap_or(region),
-                false,
-            )?;
-        }
-        for (key, value) in &c.labels {
-            validate_token("constraints.labels key", key, false)?;
-            validate_token(&format!("constraints.labels.{key}"), value, true)?;
-        }
-        let anti_affinity_group = if c.anti_affinity_group.is_empty() {
-            None
-        } else {
-            validate_token(
-                "constraints.anti_affinity_group",
-                &c.anti_affinity_group,
-                false,
-            )?;
-            Some(c.anti_affinity_group)
-        };
+        let anti_affinity_group = validate_placement_constraints(&c)?;
         let gateway_port = if p.gateway_port == 0 {
             DEFAULT_GATEWAY_PORT
         } else {
@@ -692,32 +751,7 @@ impl TenantSpec {
                 )
             })?
         };
-        if p.env.len() > MAX_ENV_VARS {
-            return Err(field("env", format!("at most {MAX_ENV_VARS} variables")));
-        }
-        let env_bytes: usize = p.env.iter().map(|(k, v)| k.len() + v.len()).sum();
-        if env_bytes > MAX_ENV_BYTES {
-            return Err(field(
-                "env",
-                format!("{env_bytes} bytes of names and values; at most {MAX_ENV_BYTES}"),
-            ));
-        }
-        for (k, v) in &p.env {
-            let ok = !k.is_empty()
-                && k.len() <= 128
-                && !k.as_bytes()[0].is_ascii_digit()
-                && k.bytes()
-                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
-            if !ok {
-                return Err(field(
-                    "env",
-                    format!("{k:?}: names are A-Z, 0-9 and _, not starting with a digit"),
-                ));
-            }
-            if v.len() > 4096 || v.contains('\0') {
-                return Err(field(&format!("env.{k}"), "at most 4096 bytes, no NUL"));
-            }
-        }
+        validate_env(&p.env)?;
         Ok(Self {
             tenant_id,
             image: p.image,
