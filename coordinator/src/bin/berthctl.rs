@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use berth_coordinator::api::client::{ClientOptions, connect};
+use berth_coordinator::api::client::{ClientOptions, OperatorClient, connect};
 use berth_coordinator::api::views::{
     DrainView, HostView, PlacementView, RemovalView, RestartView, TenantView,
 };
@@ -323,21 +323,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .get_tenant(proto::TenantRef { tenant_id: tenant })
                 .await?
                 .into_inner();
-            let view = TenantView::from(&t);
-            if cli.json {
-                berth_shared::outln!("{}", serde_json::to_string_pretty(&view.egress)?);
-            } else {
-                berth_shared::outln!("{:<40} {:>10} ADDRESSES", "ENTRY", "HITS");
-                for e in &view.egress {
-                    let detail = if e.error.is_empty() {
-                        e.addresses.join(", ")
-                    } else {
-                        format!("{} ({})", e.addresses.join(", "), e.error)
-                    };
-                    berth_shared::outln!("{:<40} {:>10} {}", e.entry, e.hits, detail.trim());
-                }
-                berth_shared::outln!("denied packets: {}", view.egress_denied_packets);
-            }
+            print_egress(cli.json, &TenantView::from(&t))?;
         }
         Command::Drain {
             host,
@@ -348,47 +334,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             no_precopy,
             wait,
         } => {
-            let mut status = client
-                .drain_host(proto::DrainRequest {
-                    host_id: host.clone(),
-                    dry_run,
-                    deadline_ms: deadline.as_millis() as u64,
-                    max_parallel,
-                    force_lost,
-                    no_precopy,
-                })
-                .await?
-                .into_inner();
-            // Looked at often on the one connection (cheap, and the end is seen at once);
-            // the table is printed when a move changes phase, else every few seconds.
-            let phases = |s: &proto::DrainStatus| -> Vec<(String, String)> {
-                s.moves
-                    .iter()
-                    .map(|m| (m.tenant_id.clone(), m.phase.clone()))
-                    .collect()
+            let request = proto::DrainRequest {
+                host_id: host,
+                dry_run,
+                deadline_ms: deadline.as_millis() as u64,
+                max_parallel,
+                force_lost,
+                no_precopy,
             };
-            let mut printed = (phases(&status), std::time::Instant::now());
-            while wait && status.phase == "running" {
-                tokio::time::sleep(DRAIN_POLL).await;
-                status = client
-                    .get_drain_status(HostRef {
-                        host_id: host.clone(),
-                    })
-                    .await?
-                    .into_inner();
-                let now = phases(&status);
-                if !cli.json
-                    && (now != printed.0 || printed.1.elapsed() >= DRAIN_PRINT_EVERY)
-                    && status.phase == "running"
-                {
-                    berth_shared::outln!("{}\n", DrainView::from(&status).table());
-                    printed = (now, std::time::Instant::now());
-                }
-            }
-            print_drain(cli.json, &status)?;
-            if wait && status.phase != "done" {
-                anyhow::bail!("the drain of {host} ended {}", status.phase);
-            }
+            drain(&mut client, request, wait, cli.json).await?;
         }
         Command::DrainStatus { host } => {
             let status = client
@@ -409,17 +363,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .restart_tenant(proto::RestartTenantRequest { tenant_id: tenant })
                 .await?
                 .into_inner();
-            let view = RestartView::from(&done);
-            if cli.json {
-                berth_shared::outln!("{}", serde_json::to_string_pretty(&view)?);
-            } else {
-                berth_shared::outln!(
-                    "restarted {} on {}: healthy again after {:.1} s",
-                    view.tenant_id,
-                    view.host_id,
-                    view.downtime_ms as f64 / 1000.0
-                );
-            }
+            print_restart(cli.json, &RestartView::from(&done))?;
         }
         Command::Tenants { host } => {
             let tenants = client
@@ -443,6 +387,81 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .into_inner();
             print_one(cli.json, &HostView::new(&h, now_ms()))?;
         }
+    }
+    Ok(())
+}
+
+/// Starts a drain; with `wait`, follows it until it ends (the table printed when a move
+/// changes phase, else every few seconds) and fails unless it is done.
+async fn drain(
+    client: &mut OperatorClient,
+    request: proto::DrainRequest,
+    wait: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let host = request.host_id.clone();
+    let mut status = client.drain_host(request).await?.into_inner();
+    // Looked at often on the one connection (cheap, and the end is seen at once).
+    let phases = |s: &proto::DrainStatus| -> Vec<(String, String)> {
+        s.moves
+            .iter()
+            .map(|m| (m.tenant_id.clone(), m.phase.clone()))
+            .collect()
+    };
+    let mut printed = (phases(&status), std::time::Instant::now());
+    while wait && status.phase == "running" {
+        tokio::time::sleep(DRAIN_POLL).await;
+        status = client
+            .get_drain_status(HostRef {
+                host_id: host.clone(),
+            })
+            .await?
+            .into_inner();
+        let now = phases(&status);
+        if !json
+            && (now != printed.0 || printed.1.elapsed() >= DRAIN_PRINT_EVERY)
+            && status.phase == "running"
+        {
+            berth_shared::outln!("{}\n", DrainView::from(&status).table());
+            printed = (now, std::time::Instant::now());
+        }
+    }
+    print_drain(json, &status)?;
+    if wait && status.phase != "done" {
+        anyhow::bail!("the drain of {host} ended {}", status.phase);
+    }
+    Ok(())
+}
+
+/// A tenant's allowlist with each entry's hits and addresses.
+fn print_egress(json: bool, view: &TenantView) -> anyhow::Result<()> {
+    if json {
+        berth_shared::outln!("{}", serde_json::to_string_pretty(&view.egress)?);
+        return Ok(());
+    }
+    berth_shared::outln!("{:<40} {:>10} ADDRESSES", "ENTRY", "HITS");
+    for e in &view.egress {
+        let detail = if e.error.is_empty() {
+            e.addresses.join(", ")
+        } else {
+            format!("{} ({})", e.addresses.join(", "), e.error)
+        };
+        berth_shared::outln!("{:<40} {:>10} {}", e.entry, e.hits, detail.trim());
+    }
+    berth_shared::outln!("denied packets: {}", view.egress_denied_packets);
+    Ok(())
+}
+
+fn print_restart(json: bool, view: &RestartView) -> anyhow::Result<()> {
+    if json {
+        berth_shared::outln!("{}", serde_json::to_string_pretty(view)?);
+    } else {
+        berth_shared::outln!(
+            "restarted {} on {}: healthy again after {:.1} s",
+            view.tenant_id,
+            view.host_id,
+            view.downtime_ms as f64 / 1000.0
+        );
     }
     Ok(())
 }
