@@ -42,6 +42,13 @@ struct RawConfig {
     max_egress_share: Option<f64>,
     tiers: Option<BTreeMap<String, RawTier>>,
     catalog: Option<Vec<RawCatalogEntry>>,
+    backup: Option<RawBackup>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackup {
+    repository: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -97,6 +104,9 @@ pub struct CoordinatorConfig {
     pub tiers: Vec<TierConfig>,
     /// Host types that can be bought, for refusals' recommendations (one currency).
     pub catalog: Vec<CatalogEntry>,
+    /// `[backup] repository`: where tenants' backups go (each its own restic repository under
+    /// it); `None`: no backups.
+    pub backup_repository: Option<berth_shared::backup::Repository>,
 }
 
 /// The HTTP port's certificate chain and key (PEM files).
@@ -183,6 +193,7 @@ impl Default for CoordinatorConfig {
             reach: berth_shared::reach::ReachPolicy::default(),
             tiers: default_tiers(),
             catalog: default_catalog(),
+            backup_repository: None,
         }
     }
 }
@@ -252,6 +263,12 @@ impl CoordinatorConfig {
         }
         if let Some(v) = raw.server_names {
             config.server_names = v;
+        }
+        if let Some(b) = raw.backup {
+            config.backup_repository = Some(
+                berth_shared::backup::Repository::new(&b.repository)
+                    .map_err(|e| ConfigError::value(path, format!("backup.repository: {e}")))?,
+            );
         }
         if let Some(v) = raw.agent_cert_ttl {
             config.agent_cert_ttl = parse_duration("agent_cert_ttl", &v).map_err(value)?;
@@ -382,6 +399,10 @@ impl CoordinatorConfig {
     pub fn keyring_file(&self) -> PathBuf {
         self.state_dir.join("volume-keys")
     }
+    /// The wrapped backup keys (the passwords of tenants' restic repositories), alike.
+    pub fn backup_keyring_file(&self) -> PathBuf {
+        self.state_dir.join("backup-keys")
+    }
     /// Written after the listeners are bound: their real addresses (port 0 resolved).
     pub fn endpoints_file(&self) -> PathBuf {
         self.state_dir.join("endpoints.json")
@@ -496,6 +517,11 @@ mod tests {
                 "[transfer_hosts]\n\"../x\" = \"10.0.0.1\"",
                 "invalid transfer_hosts.\"../x\"",
             ),
+            (
+                "[backup]\nrepository = \"sftp:-oProxyCommand=sh\"",
+                "backup.repository: invalid backup repository",
+            ),
+            ("[backup]\nrepo = \"/srv\"", "unknown field `repo`"),
             (
                 "[transfer_hosts]\nh1 = \"0.0.0.0\"",
                 "invalid transfer_hosts.h1: 0.0.0.0 is not a host's address",

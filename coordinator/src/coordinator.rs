@@ -13,7 +13,7 @@ use berth_shared::tls::SerialDenyList;
 use berth_shared::transport::PeerInfo;
 
 use crate::config::CoordinatorConfig;
-use crate::keys::{KeyError, KeyVault};
+use crate::keys::{KeyError, KeyVault, Vaults};
 use crate::placement::{PlaceError, Placements, host_info};
 use crate::registry::{HostRecord, HostState, Registry, RegistryError, Scope};
 use crate::sessions::AgentLink;
@@ -21,6 +21,11 @@ use crate::sessions::AgentLink;
 /// How long a requested restart may take, waiting for a place and the health gate included
 /// (the agent's default health timeout is 5 minutes).
 pub const RESTART_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// How long an operator's backup waits for the host (restic reads the whole volume the first
+/// time: a minute or so per 10 GiB to a fast repository) and a listing for its answer.
+pub const BACKUP_WAIT: std::time::Duration = std::time::Duration::from_secs(3600);
+pub const LIST_BACKUPS_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// How long a purge waits for the host to drop the tenant and then to shred its volume
 /// (`luksErase` and deleting a sparse file take well under a second).
@@ -53,6 +58,10 @@ pub struct Coordinator {
     pub metrics: crate::metrics::Metrics,
     /// The tenants' volume keys, wrapped.
     pub keys: KeyVault,
+    /// The tenants' backup keys (their restic repositories' passwords), wrapped alike. Apart
+    /// from the volume keys: a lost host's tenants get new volume keys, and must still read
+    /// their backups.
+    pub backup_keys: KeyVault,
     /// Held while a placement makes its key and commits (see `commit_placement`).
     placing: Mutex<()>,
     /// Held while the deny-list changes (see `prune_deny_list`).
@@ -135,6 +144,27 @@ pub enum RestartError {
     },
 }
 
+/// Why a backup or a listing of backups was not done.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("backups are off: the coordinator's config has no [backup] repository")]
+    NotConfigured,
+    #[error("unknown tenant {:?}", .0.as_str())]
+    UnknownTenant(TenantId),
+    #[error("stored placement: {0}")]
+    StoredPlacement(String),
+    #[error("backup keys: {0}")]
+    Keys(#[from] KeyError),
+    #[error(transparent)]
+    Link(#[from] crate::sessions::LinkError),
+    #[error("{tenant} on {host}: {error}")]
+    Failed {
+        tenant: TenantId,
+        host: HostId,
+        error: String,
+    },
+}
+
 /// Why the coordinator's state could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -154,7 +184,7 @@ impl Coordinator {
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
         ca: CertificateAuthority,
-        keys: KeyVault,
+        vaults: Vaults,
         agents: Arc<dyn AgentLink>,
         agent_port: u16,
     ) -> Result<Self, OpenError> {
@@ -178,7 +208,8 @@ impl Coordinator {
             placements,
             agent_port,
             metrics: crate::metrics::Metrics::default(),
-            keys,
+            keys: vaults.volume,
+            backup_keys: vaults.backup,
             placing: Mutex::new(()),
             deny_list: Mutex::new(()),
         })
@@ -426,6 +457,105 @@ impl Coordinator {
             tenant_id: tenant.to_string(),
             host_id: host.to_string(),
             downtime_ms: result.downtime_ms,
+        })
+    }
+
+    /// Backs a placed tenant's volume up now, through its host's agent, into the tenant's
+    /// repository under `[backup] repository` (made, with the tenant's backup key, the first
+    /// time); answers with the snapshot.
+    pub async fn backup(
+        &self,
+        tenant: &TenantId,
+    ) -> Result<proto::BackupTenantResponse, BackupError> {
+        let repository = self
+            .config
+            .backup_repository
+            .as_ref()
+            .ok_or(BackupError::NotConfigured)?;
+        let placement = self
+            .placements
+            .tenant(tenant)
+            .and_then(|t| t.placement)
+            .ok_or_else(|| BackupError::UnknownTenant(tenant.clone()))?;
+        let host = HostId::new(&placement.host_id)
+            .map_err(|e| BackupError::StoredPlacement(e.to_string()))?;
+        // Durable before it is used: a snapshot must never be made with a key that is lost.
+        self.backup_keys.ensure(tenant)?;
+        self.backup_keys.sync()?;
+        let key = self
+            .backup_keys
+            .get(tenant)?
+            .ok_or_else(|| BackupError::StoredPlacement(format!("{tenant} has no backup key")))?;
+        let command = proto::VolumeCommand {
+            tenant_id: tenant.to_string(),
+            action: proto::VolumeAction::Backup as i32,
+            backup_repository: repository.of(tenant),
+            backup_key: key.to_vec(),
+            ..Default::default()
+        };
+        let result = self.agents.volume(&host, command, BACKUP_WAIT).await?;
+        if !result.ok {
+            return Err(BackupError::Failed {
+                tenant: tenant.clone(),
+                host,
+                error: result.error,
+            });
+        }
+        tracing::info!(%tenant, %host, snapshot = result.backup.as_ref().map(|b| b.snapshot_id.as_str()).unwrap_or(""), "tenant backed up");
+        Ok(proto::BackupTenantResponse {
+            tenant_id: tenant.to_string(),
+            host_id: host.to_string(),
+            backup: result.backup,
+        })
+    }
+
+    /// The snapshots of a tenant's repository, listed by the host that runs it (or keeps its
+    /// volume); none when it was never backed up.
+    pub async fn list_backups(
+        &self,
+        tenant: &TenantId,
+    ) -> Result<proto::ListBackupsResponse, BackupError> {
+        let repository = self
+            .config
+            .backup_repository
+            .as_ref()
+            .ok_or(BackupError::NotConfigured)?;
+        let host = match self.placements.tenant(tenant).and_then(|t| t.placement) {
+            Some(p) => {
+                HostId::new(&p.host_id).map_err(|e| BackupError::StoredPlacement(e.to_string()))?
+            }
+            None => self
+                .placements
+                .retained(tenant)
+                .ok_or_else(|| BackupError::UnknownTenant(tenant.clone()))?,
+        };
+        let Some(key) = self.backup_keys.get(tenant)? else {
+            return Ok(proto::ListBackupsResponse {
+                tenant_id: tenant.to_string(),
+                snapshots: Vec::new(),
+            });
+        };
+        let command = proto::VolumeCommand {
+            tenant_id: tenant.to_string(),
+            action: proto::VolumeAction::ListBackups as i32,
+            backup_repository: repository.of(tenant),
+            backup_key: key.to_vec(),
+            ..Default::default()
+        };
+        let result = self
+            .agents
+            .volume(&host, command, LIST_BACKUPS_WAIT)
+            .await?;
+        if !result.ok {
+            return Err(BackupError::Failed {
+                tenant: tenant.clone(),
+                host,
+                error: result.error,
+            });
+        }
+        Ok(proto::ListBackupsResponse {
+            tenant_id: tenant.to_string(),
+            snapshots: result.snapshots,
         })
     }
 

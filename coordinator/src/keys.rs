@@ -132,6 +132,14 @@ fn aad(tenant: &TenantId) -> Vec<u8> {
     format!("berth volume key\0{tenant}").into_bytes()
 }
 
+/// The coordinator's wrapped keys: the tenants' volume keys and their backup keys, each in
+/// a keyring of its own under the same master key.
+#[derive(Debug)]
+pub struct Vaults {
+    pub volume: KeyVault,
+    pub backup: KeyVault,
+}
+
 /// The wrapped volume keys.
 #[derive(Debug)]
 pub struct KeyVault {

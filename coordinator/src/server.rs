@@ -137,13 +137,20 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
     let keyring = Keyring::open(&config.keyring_file())?;
     let keys = KeyVault::open(&master_key, keyring, store.as_ref())?;
     let store = move_keys_out_of_store(&config, store, &keys)?;
+    let backup_keys = KeyVault::new(
+        crate::keys::MasterKey::load(&master_key)?,
+        Keyring::open(&config.backup_keyring_file())?,
+    );
     let sessions = Arc::new(SessionHub::default());
     let coordinator = Arc::new(Coordinator::open(
         config.clone(),
         store.clone(),
         Arc::new(SystemClock),
         ca,
-        keys,
+        crate::keys::Vaults {
+            volume: keys,
+            backup: backup_keys,
+        },
         sessions.clone(),
         endpoints.agent.port(),
     )?);

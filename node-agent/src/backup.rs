@@ -14,7 +14,6 @@ pub mod restic;
 
 use std::path::{Path, PathBuf};
 
-use berth_shared::ids::TenantId;
 use zeroize::Zeroizing;
 
 use crate::command::CommandError;
@@ -39,10 +38,8 @@ pub enum BackupError {
         message: String,
     },
     /// A repository location berth does not take.
-    #[error(
-        "invalid backup repository {0:?}: an absolute path, or sftp:, s3:, rest: followed by its address"
-    )]
-    BadRepository(String),
+    #[error(transparent)]
+    BadRepository(#[from] berth_shared::backup::BadRepository),
     /// A snapshot id that is not restic's hex.
     #[error("invalid snapshot id {0:?}: 8 to 64 hex digits")]
     BadSnapshot(String),
@@ -58,43 +55,6 @@ fn io(path: &Path, source: std::io::Error) -> BackupError {
     BackupError::Io {
         path: path.to_path_buf(),
         source,
-    }
-}
-
-/// Where a fleet's backups go: a restic repository location, under which each tenant has a
-/// repository of its own (`<location>/<tenant>`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Repository(String);
-
-impl Repository {
-    /// The largest location taken.
-    pub const MAX_LEN: usize = 1024;
-
-    pub fn new(location: &str) -> Result<Self, BackupError> {
-        let bad = || BackupError::BadRepository(location.to_string());
-        if location.is_empty()
-            || location.len() > Self::MAX_LEN
-            || location
-                .chars()
-                .any(|c| c.is_control() || c.is_whitespace())
-        {
-            return Err(bad());
-        }
-        let address = ["sftp:", "s3:", "rest:"]
-            .iter()
-            .find_map(|scheme| location.strip_prefix(scheme));
-        match address {
-            Some(rest) if !rest.is_empty() && !rest.starts_with('-') => {}
-            Some(_) => return Err(bad()),
-            None if location.starts_with('/') => {}
-            None => return Err(bad()),
-        }
-        Ok(Self(location.trim_end_matches('/').to_string()))
-    }
-
-    /// The repository of `tenant`.
-    pub fn of(&self, tenant: &TenantId) -> String {
-        format!("{}/{}", self.0, tenant.as_str())
     }
 }
 

@@ -54,6 +54,7 @@ struct RawConfig {
     transfer_listen: Option<String>,
     transfer_advertise: Option<String>,
     volume_root: Option<PathBuf>,
+    backup_sftp_command: Option<String>,
     #[serde(default)]
     egress: RawEgress,
     #[serde(default)]
@@ -262,6 +263,9 @@ pub struct AgentConfig {
     pub metrics_token: Option<String>,
     /// Tenant volumes: `volumes/` (backing files), `mnt/` (mounted), `plain/` (unencrypted).
     pub volume_root: PathBuf,
+    /// For `sftp:` backup repositories: how restic reaches the server (`ssh -i IDENTITY -o
+    /// UserKnownHostsFile=… user@host -s sftp`); the identity is this host's, not the fleet's.
+    pub backup_sftp_command: Option<String>,
 }
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/berth/agent";
@@ -328,6 +332,14 @@ impl AgentConfig {
             &raw.transfer_listen,
             SocketAddr::from(([0, 0, 0, 0], DEFAULT_TRANSFER_PORT)),
         )?;
+        let backup_sftp_command = match raw.backup_sftp_command {
+            Some(c) if c.trim().is_empty() || c.len() > 1024 || c.chars().any(char::is_control) => {
+                return Err(value(format!(
+                    "invalid backup_sftp_command: {c:?}: a command line of at most 1024 characters, on one line"
+                )));
+            }
+            other => other,
+        };
         let transfer_advertise = raw
             .transfer_advertise
             .map(|v| {
@@ -393,6 +405,7 @@ impl AgentConfig {
             metrics_token,
             transfer_listen,
             transfer_advertise,
+            backup_sftp_command,
             volume_root: raw
                 .volume_root
                 .unwrap_or_else(|| PathBuf::from("/var/lib/berth")),
@@ -553,6 +566,10 @@ mod tests {
             (
                 "provider = \"aws\"\nregion = \"x\"\nregoin = \"y\"",
                 "unknown field `regoin`",
+            ),
+            (
+                "provider = \"aws\"\nregion = \"x\"\nbackup_sftp_command = \"ssh\\nrm\"",
+                "invalid backup_sftp_command",
             ),
             (
                 "provider = \"aws\"\nregion = \"x\"\n[labels]\n\"Bad Key\" = \"v\"",

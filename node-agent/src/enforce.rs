@@ -10,6 +10,8 @@ use berth_shared::ids::{HostId, TenantId};
 use berth_shared::proto;
 use tokio::sync::{Notify, watch};
 
+use crate::backup::restic::Restic;
+use crate::backup::{BackupEngine, BackupKey};
 use crate::config::AgentConfig;
 use crate::desired::{AcceptError, Desired, DesiredStore};
 use crate::egress::NftEgress;
@@ -211,6 +213,8 @@ impl Enforcement {
             Ok(proto::VolumeAction::Import) => 0,
             // A pre-copy reads the volume of a tenant that runs on.
             Ok(proto::VolumeAction::Export) if command.precopy => 0,
+            // A backup reads a running tenant's volume; a listing touches none.
+            Ok(proto::VolumeAction::Backup | proto::VolumeAction::ListBackups) => 0,
             _ => self.store().current().generation,
         };
         self.volume_commands
@@ -222,11 +226,16 @@ impl Enforcement {
     }
 
     /// Runs volume commands as they become due, for ever.
-    async fn serve_volume_commands(self: Arc<Self>, volumes: Arc<dyn VolumeStep>, root: PathBuf) {
+    async fn serve_volume_commands(
+        self: Arc<Self>,
+        volumes: Arc<dyn VolumeStep>,
+        backups: Arc<dyn BackupEngine>,
+        root: PathBuf,
+    ) {
         let mut torn_down = self.passes.torn_down();
         loop {
             let done = *torn_down.borrow_and_update();
-            self.run_volume_commands(volumes.as_ref(), &root, done)
+            self.run_volume_commands(volumes.as_ref(), &backups, &root, done)
                 .await;
             tokio::select! {
                 changed = torn_down.changed() => if changed.is_err() { return },
@@ -271,6 +280,7 @@ impl Enforcement {
     async fn run_volume_commands(
         self: &Arc<Self>,
         volumes: &dyn VolumeStep,
+        backups: &Arc<dyn BackupEngine>,
         root: &Path,
         torn_down: TornDown,
     ) {
@@ -313,6 +323,27 @@ impl Enforcement {
                     _,
                     Ok(proto::VolumeAction::Unspecified | proto::VolumeAction::Cancel) | Err(_),
                 ) => Err(VolumeCommandError::UnknownAction(command.action)),
+                (
+                    Ok(t),
+                    Ok(action @ (proto::VolumeAction::Backup | proto::VolumeAction::ListBackups)),
+                ) => {
+                    let at = VolumeLocation {
+                        root: root.to_path_buf(),
+                        tenant: t,
+                    };
+                    let (backups, me) = (backups.clone(), self.clone());
+                    // restic runs for as long as the volume takes; the rest goes on meanwhile.
+                    tokio::spawn(async move {
+                        let done = tokio::task::spawn_blocking(move || {
+                            backup_command(backups.as_ref(), action, &at, &command, result)
+                        })
+                        .await;
+                        if let Ok(result) = done {
+                            me.push_volume_result(result);
+                        }
+                    });
+                    continue;
+                }
                 (Ok(t), action)
                     if desired.tenants.iter().any(|s| s.tenant_id == t)
                         && !(command.precopy && action == Ok(proto::VolumeAction::Export)) =>
@@ -568,6 +599,70 @@ impl Enforcement {
     }
 }
 
+/// Runs a backup or a listing of `at`'s tenant with `engine` and fills in `result`.
+fn backup_command(
+    engine: &dyn BackupEngine,
+    action: proto::VolumeAction,
+    at: &VolumeLocation,
+    command: &proto::VolumeCommand,
+    mut result: proto::VolumeResult,
+) -> proto::VolumeResult {
+    let outcome = (|| -> Result<(), String> {
+        berth_shared::backup::Repository::new(&command.backup_repository)
+            .map_err(|e| format!("backup_repository: {e}"))?;
+        if command.backup_key.len() != 32 {
+            return Err(format!(
+                "backup_key: {} bytes, expected 32",
+                command.backup_key.len()
+            ));
+        }
+        let key = BackupKey::new(command.backup_key.clone());
+        let repository = command.backup_repository.as_str();
+        if action == proto::VolumeAction::ListBackups {
+            let snapshots = engine
+                .snapshots(repository, &key)
+                .map_err(|e| e.to_string())?;
+            result.snapshots = snapshots
+                .into_iter()
+                .map(|s| proto::BackupSnapshot {
+                    id: s.id,
+                    short_id: s.short_id,
+                    time: s.time,
+                })
+                .collect();
+            return Ok(());
+        }
+        let contents = at
+            .open_contents()
+            .map_err(|e| format!("volume: {e}"))?
+            .ok_or_else(|| format!("volume: {} is not open on this host", at.tenant))?;
+        engine
+            .ensure_repository(repository, &key)
+            .map_err(|e| e.to_string())?;
+        let summary = engine
+            .backup(repository, &key, &contents)
+            .map_err(|e| e.to_string())?;
+        tracing::info!(tenant = %at.tenant, snapshot = %summary.snapshot_id, bytes_added = summary.bytes_added, duration_ms = summary.duration_ms, "volume backed up");
+        result.backup = Some(proto::BackupSummary {
+            snapshot_id: summary.snapshot_id,
+            files_new: summary.files_new,
+            files_changed: summary.files_changed,
+            bytes_added: summary.bytes_added,
+            bytes_processed: summary.bytes_processed,
+            duration_ms: summary.duration_ms,
+        });
+        Ok(())
+    })();
+    match outcome {
+        Ok(()) => result.ok = true,
+        Err(e) => {
+            tracing::warn!(tenant = %at.tenant, error = %e, "backup command failed");
+            result.error = e;
+        }
+    }
+    result
+}
+
 impl KeySource for Enforcement {
     fn volume_key(&self, tenant: &TenantId) -> Option<VolumeKey> {
         self.volume_keys
@@ -589,11 +684,15 @@ pub async fn run(enforcement: Arc<Enforcement>, config: AgentConfig, host: HostI
         keys: enforcement.clone(),
         dm_crypt: probe_dm_crypt(&roots),
     });
-    tokio::spawn(
-        enforcement
-            .clone()
-            .serve_volume_commands(volumes.clone(), config.volume_root.clone()),
-    );
+    let backups = Arc::new(Restic::new(
+        &config.state_dir.join("backup-cache"),
+        config.backup_sftp_command.clone(),
+    ));
+    tokio::spawn(enforcement.clone().serve_volume_commands(
+        volumes.clone(),
+        backups,
+        config.volume_root.clone(),
+    ));
     let cgroups = probe_cgroup(&roots).map(|v| CgroupReader::new(&config.cgroup_root, v));
     let oom_events: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
     let resolv_conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
@@ -805,12 +904,17 @@ mod tests {
         assert!(e.heard_from_coordinator(Duration::ZERO).await);
     }
 
+    fn no_backups() -> Arc<dyn BackupEngine> {
+        Arc::new(crate::testing::backup::FakeEngine::default())
+    }
+
     /// Runs the queued volume commands as a pass that tore down all the desired state of
     /// `generation` no longer wants lets them.
     async fn run_torn_down(e: &Arc<Enforcement>, volumes: &RecordingVolumes, generation: u64) {
         e.passes.finish_teardown(generation);
         e.run_volume_commands(
             volumes,
+            &no_backups(),
             Path::new("/nonexistent"),
             TornDown::complete(generation),
         )
@@ -864,8 +968,13 @@ mod tests {
         e.request_volume(command("acme", 6, proto::VolumeAction::Import as i32));
         let e = Arc::new(e);
         // Nothing but the import is due before a pass tore down what it no longer wants.
-        e.run_volume_commands(&volumes, Path::new("/nonexistent"), TornDown::complete(0))
-            .await;
+        e.run_volume_commands(
+            &volumes,
+            &no_backups(),
+            Path::new("/nonexistent"),
+            TornDown::complete(0),
+        )
+        .await;
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert_eq!(e.volume_results.lock().unwrap().len(), 1, "only the import");
         assert!(volumes.0.lock().unwrap().is_empty());
@@ -875,7 +984,7 @@ mod tests {
             released: generation,
             removed: 0,
         };
-        e.run_volume_commands(&volumes, Path::new("/nonexistent"), released)
+        e.run_volume_commands(&volumes, &no_backups(), Path::new("/nonexistent"), released)
             .await;
         tokio::time::timeout(std::time::Duration::from_secs(5), async {
             while e.volume_results.lock().unwrap().len() < 3 {
@@ -945,8 +1054,13 @@ mod tests {
         };
         e.request_volume(export(1, true));
         e.request_volume(export(2, false));
-        e.run_volume_commands(&volumes, Path::new("/nonexistent"), TornDown::complete(0))
-            .await;
+        e.run_volume_commands(
+            &volumes,
+            &no_backups(),
+            Path::new("/nonexistent"),
+            TornDown::complete(0),
+        )
+        .await;
         let first = first_results(&e).await;
         // It got as far as the transfer (refused only for want of a session).
         let answers: Vec<(u64, &str)> = first
@@ -985,8 +1099,13 @@ mod tests {
             ..to_peer()
         });
         let read = e.current();
-        e.run_volume_commands(&volumes, Path::new("/nonexistent"), TornDown::complete(1))
-            .await;
+        e.run_volume_commands(
+            &volumes,
+            &no_backups(),
+            Path::new("/nonexistent"),
+            TornDown::complete(1),
+        )
+        .await;
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(
             take_results(&e).is_empty(),
@@ -1018,6 +1137,7 @@ mod tests {
         e.transferring.lock().unwrap().clear();
         e.run_volume_commands(
             &volumes,
+            &no_backups(),
             Path::new("/nonexistent"),
             TornDown::complete(generation),
         )

@@ -261,6 +261,17 @@ impl VolumeLocation {
         self.root.join("incoming").join(self.tenant.as_str())
     }
 
+    /// Where the tenant's files are while its volume is open (the LUKS volume's mount or the
+    /// image's); `None` when neither is mounted.
+    pub fn open_contents(&self) -> Result<Option<PathBuf>, std::io::Error> {
+        for dir in [self.mount(), self.plain()] {
+            if mount_point(&dir)? {
+                return Ok(Some(dir));
+            }
+        }
+        Ok(None)
+    }
+
     /// The layout on disk: the LUKS file when there is one, else the unencrypted image, else
     /// the plain directory.
     pub fn layout(&self) -> Option<proto::VolumeLayout> {

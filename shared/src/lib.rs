@@ -4,6 +4,7 @@
 //! identities chosen by the CA ([`pki`]); every connection is TLS with verifiers berth controls
 //! ([`tls`], [`transport`]); state sits behind one [`store::Store`] trait.
 
+pub mod backup;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -41,13 +41,21 @@ pub fn fleet() -> Option<Fleet> {
 
 /// [`fleet`] with `agent_config` appended to the agent's configuration.
 pub fn fleet_with(agent_config: &str) -> Option<Fleet> {
+    fleet_configured("", agent_config)
+}
+
+/// [`fleet`] with `coordinator_config` and `agent_config` appended to the configurations.
+pub fn fleet_configured(coordinator_config: &str, agent_config: &str) -> Option<Fleet> {
     if let Err(why) = crate::docker::available() {
         missing_component("Docker engine", &why);
         return None;
     }
     let image = test_tenant_image();
     // Tests reach only servers of their own, on private addresses they made.
-    let coordinator = CoordinatorProc::start(None, "allow_private_egress = true");
+    let coordinator = CoordinatorProc::start(
+        None,
+        &format!("allow_private_egress = true\n{coordinator_config}"),
+    );
     let mut agent = AgentProc::enroll(&coordinator, &unique("ct"), None);
     agent.extra_config = agent_config.into();
     agent.start_with_docker(true);

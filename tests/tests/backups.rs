@@ -3,7 +3,9 @@
 //! with equal checksums; a wrong key opens nothing; retention and a whole purge forget
 //! snapshots; the key is in no process's argv or environment and in no file meanwhile. Once to
 //! a local repository, once over SFTP to Debian's sshd in a network namespace the test made
-//! (restic's ssh runs in a second namespace of the same test network).
+//! (restic's ssh runs in a second namespace of the same test network). Then through the
+//! whole fleet: `berthctl backup` of a tenant running on the real Docker engine, `berthctl
+//! backups`, and the snapshot read back with the tenant's backup key from the coordinator.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -11,9 +13,11 @@ use std::time::Duration;
 
 use berth_node_agent::backup::restic::Restic;
 use berth_node_agent::backup::{BackupEngine, BackupKey, Retention, restore_volume};
+use berth_tests::fleet::{fleet_configured, http_get, unique};
 use berth_tests::keyscan::{ProcScan, files_holding, key_forms};
 use berth_tests::missing_component;
 use berth_tests::netns::{self, TestNet};
+use berth_tests::procs::CoordinatorProc;
 use sha2::{Digest, Sha256};
 
 fn restic_available() -> Result<(), String> {
@@ -277,4 +281,82 @@ fn a_tenant_volume_backs_up_and_restores_over_sftp_to_sshd() {
         dir.join("storagebox/acme/config").is_file(),
         "the repository is on the SFTP server's disk"
     );
+}
+
+#[test]
+fn berthctl_backs_a_running_tenant_up_and_lists_its_snapshots() {
+    if let Err(why) = restic_available() {
+        return missing_component("restic", &why);
+    }
+    let repository = tempfile::tempdir().unwrap();
+    let Some(f) = fleet_configured(
+        &format!(
+            "[backup]\nrepository = {:?}\n",
+            repository.path().display().to_string()
+        ),
+        "",
+    ) else {
+        return;
+    };
+    let tenant = unique("bk");
+    f.place(&tenant, "128MiB");
+    let view = f.wait_serving(&tenant, Duration::from_secs(60));
+    let port = view["published_port"].as_u64().unwrap() as u16;
+    assert_eq!(
+        http_get(port, "/write?name=chat.txt&text=hello-backup").as_deref(),
+        Some("wrote 12 bytes\n")
+    );
+
+    let (ok, out, err) = f.coordinator.berthctl(&["--json", "backup", &tenant]);
+    assert!(ok, "backup: {err}");
+    let done: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let snapshot = done["snapshot_id"].as_str().unwrap().to_string();
+    assert_eq!(snapshot.len(), 8, "{done}");
+    assert_eq!(done["host_id"], f.agent.host_id.as_str());
+    assert!(done["files_new"].as_u64() >= Some(1), "{done}");
+    let (ok, out, err) = f.coordinator.berthctl(&["--json", "backups", &tenant]);
+    assert!(ok, "backups: {err}");
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed.len(), 1, "{out}");
+    assert_eq!(listed[0]["short_id"], snapshot.as_str());
+
+    // The snapshot holds what the tenant wrote, under the key the coordinator keeps for it.
+    let copy = tempfile::tempdir().unwrap();
+    for file in ["master.key", "backup-keys"] {
+        std::fs::copy(f.coordinator.state_dir().join(file), copy.path().join(file)).unwrap();
+    }
+    let vault = berth_coordinator::keys::KeyVault::new(
+        berth_coordinator::keys::MasterKey::load(&copy.path().join("master.key")).unwrap(),
+        berth_coordinator::keys::keyring::Keyring::open(&copy.path().join("backup-keys")).unwrap(),
+    );
+    let key = vault
+        .get(&berth_shared::ids::TenantId::new(&tenant).unwrap())
+        .unwrap()
+        .expect("a backup key");
+    let engine = Restic::new(&copy.path().join("cache"), None);
+    let restored = copy.path().join("restored");
+    std::fs::create_dir(&restored).unwrap();
+    engine
+        .restore(
+            &format!("{}/{tenant}", repository.path().display()),
+            &BackupKey::new(key.to_vec()),
+            listed[0]["id"].as_str().unwrap(),
+            &restored,
+        )
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(restored.join("chat.txt")).unwrap(),
+        "hello-backup"
+    );
+
+    let (ok, _, err) = f.coordinator.berthctl(&["backup", "no-such-tenant"]);
+    assert!(!ok && err.contains("unknown tenant"), "{err}");
+}
+
+#[test]
+fn without_a_backup_repository_a_backup_is_refused_and_says_why() {
+    let coordinator = CoordinatorProc::start(None, "");
+    let (ok, _, err) = coordinator.berthctl(&["backup", "acme"]);
+    assert!(!ok, "refused");
+    assert!(err.contains("backups are off"), "{err}");
 }

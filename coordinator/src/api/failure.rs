@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use berth_shared::ids::IdError;
 use tonic::{Code, Status};
 
-use crate::coordinator::{AuthError, RestartError};
+use crate::coordinator::{AuthError, BackupError, RestartError};
 use crate::drain::{DrainError, DrainRequestError};
 use crate::placement::PlaceError;
 use crate::registry::RegistryError;
@@ -181,6 +181,17 @@ impl From<LinkError> for Failure {
             LinkError::Mismatched { .. } => Kind::Internal,
         };
         with(kind, e)
+    }
+}
+
+impl From<BackupError> for Failure {
+    fn from(e: BackupError) -> Self {
+        match e {
+            BackupError::Link(link) => link.into(),
+            BackupError::UnknownTenant(_) => with(Kind::NotFound, e),
+            BackupError::NotConfigured | BackupError::Failed { .. } => with(Kind::Precondition, e),
+            BackupError::StoredPlacement(_) | BackupError::Keys(_) => with(Kind::Internal, e),
+        }
     }
 }
 

@@ -331,6 +331,30 @@ impl OperatorService for OperatorApi {
             .map_err(status)
     }
 
+    async fn backup_tenant(
+        &self,
+        request: Request<proto::TenantRef>,
+    ) -> Result<Response<proto::BackupTenantResponse>, Status> {
+        let id = tenant_id("tenant_id", &request.get_ref().tenant_id)?;
+        self.coordinator
+            .backup(&id)
+            .await
+            .map(Response::new)
+            .map_err(status)
+    }
+
+    async fn list_backups(
+        &self,
+        request: Request<proto::TenantRef>,
+    ) -> Result<Response<proto::ListBackupsResponse>, Status> {
+        let id = tenant_id("tenant_id", &request.get_ref().tenant_id)?;
+        self.coordinator
+            .list_backups(&id)
+            .await
+            .map(Response::new)
+            .map_err(status)
+    }
+
     async fn drain_host(
         &self,
         request: Request<proto::DrainRequest>,

@@ -66,6 +66,11 @@ enum Command {
     },
     /// Restart a tenant's container now; waits until it is healthy again.
     Restart { tenant: String },
+    /// Back a tenant's volume up now (into the coordinator's [backup] repository); waits
+    /// for the snapshot.
+    Backup { tenant: String },
+    /// List a tenant's backups (restic snapshots), oldest first.
+    Backups { tenant: String },
     /// Move every tenant off a host (cordoned first), with its volume; or, with --dry-run,
     /// only show the plan (or why it cannot be done).
     Drain {
@@ -365,6 +370,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .into_inner();
             print_restart(cli.json, &RestartView::from(&done))?;
         }
+        Command::Backup { tenant } => {
+            let done = client
+                .backup_tenant(proto::TenantRef { tenant_id: tenant })
+                .await?
+                .into_inner();
+            print_backup(cli.json, &done)?;
+        }
+        Command::Backups { tenant } => {
+            let listed = client
+                .list_backups(proto::TenantRef { tenant_id: tenant })
+                .await?
+                .into_inner();
+            print_backups(cli.json, &listed)?;
+        }
         Command::Tenants { host } => {
             let tenants = client
                 .list_tenants(proto::ListTenantsRequest {
@@ -462,6 +481,55 @@ fn print_restart(json: bool, view: &RestartView) -> anyhow::Result<()> {
             view.host_id,
             view.downtime_ms as f64 / 1000.0
         );
+    }
+    Ok(())
+}
+
+fn print_backup(json: bool, done: &proto::BackupTenantResponse) -> anyhow::Result<()> {
+    let b = done.backup.clone().unwrap_or_default();
+    if json {
+        berth_shared::outln!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "tenant_id": done.tenant_id,
+                "host_id": done.host_id,
+                "snapshot_id": b.snapshot_id,
+                "files_new": b.files_new,
+                "files_changed": b.files_changed,
+                "bytes_added": b.bytes_added,
+                "bytes_processed": b.bytes_processed,
+                "duration_ms": b.duration_ms,
+            }))?
+        );
+    } else {
+        berth_shared::outln!(
+            "backed up {} on {}: snapshot {}, {} new and {} changed files, {} bytes added of {} read, {:.1} s",
+            done.tenant_id,
+            done.host_id,
+            b.snapshot_id,
+            b.files_new,
+            b.files_changed,
+            b.bytes_added,
+            b.bytes_processed,
+            b.duration_ms as f64 / 1000.0
+        );
+    }
+    Ok(())
+}
+
+fn print_backups(json: bool, listed: &proto::ListBackupsResponse) -> anyhow::Result<()> {
+    if json {
+        let snapshots: Vec<serde_json::Value> = listed
+            .snapshots
+            .iter()
+            .map(|s| serde_json::json!({ "id": s.id, "short_id": s.short_id, "time": s.time }))
+            .collect();
+        berth_shared::outln!("{}", serde_json::to_string_pretty(&snapshots)?);
+    } else {
+        berth_shared::outln!("{:<10} TIME", "SNAPSHOT");
+        for s in &listed.snapshots {
+            berth_shared::outln!("{:<10} {}", s.short_id, s.time);
+        }
     }
     Ok(())
 }

@@ -91,7 +91,13 @@ pub fn open(
         store,
         clock,
         CertificateAuthority::generate("seed").map_err(err)?,
-        crate::keys::KeyVault::new(MasterKey::generate().map_err(err)?, keyring),
+        crate::keys::Vaults {
+            volume: crate::keys::KeyVault::new(MasterKey::generate().map_err(err)?, keyring),
+            backup: crate::keys::KeyVault::new(
+                MasterKey::generate().map_err(err)?,
+                crate::keys::keyring::Keyring::in_memory(),
+            ),
+        },
         agents,
         0,
     )

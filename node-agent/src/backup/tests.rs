@@ -1,72 +1,7 @@
 use std::path::Path;
-use std::sync::Mutex;
 
 use super::*;
-
-/// Restores by writing the files it was given into the target, or fails; records each call.
-#[derive(Debug, Default)]
-struct FakeEngine {
-    files: Vec<(&'static str, &'static str)>,
-    fail: bool,
-    calls: Mutex<Vec<String>>,
-}
-
-impl BackupEngine for FakeEngine {
-    fn ensure_repository(&self, repository: &str, _: &BackupKey) -> Result<bool, BackupError> {
-        self.calls
-            .lock()
-            .unwrap()
-            .push(format!("ensure {repository}"));
-        Ok(false)
-    }
-
-    fn backup(&self, _: &str, _: &BackupKey, _: &Path) -> Result<BackupSummary, BackupError> {
-        panic!("the restore tests never back up")
-    }
-
-    fn snapshots(&self, _: &str, _: &BackupKey) -> Result<Vec<Snapshot>, BackupError> {
-        Ok(Vec::new())
-    }
-
-    fn restore(
-        &self,
-        repository: &str,
-        _: &BackupKey,
-        id: &str,
-        into: &Path,
-    ) -> Result<(), BackupError> {
-        self.calls
-            .lock()
-            .unwrap()
-            .push(format!("restore {repository} {id} {}", into.display()));
-        assert_eq!(
-            std::fs::read_dir(into).unwrap().count(),
-            0,
-            "an empty target"
-        );
-        for (name, text) in &self.files {
-            let file = into.join(name);
-            std::fs::create_dir_all(file.parent().unwrap()).unwrap();
-            std::fs::write(file, text).unwrap();
-        }
-        if self.fail {
-            return Err(BackupError::Output {
-                action: "restore",
-                repository: repository.into(),
-                message: "cut short".into(),
-            });
-        }
-        Ok(())
-    }
-
-    fn forget(&self, _: &str, _: &BackupKey, _: Retention) -> Result<(), BackupError> {
-        Ok(())
-    }
-
-    fn forget_all(&self, _: &str, _: &BackupKey) -> Result<usize, BackupError> {
-        Ok(0)
-    }
-}
+use crate::testing::backup::FakeEngine;
 
 fn key() -> BackupKey {
     BackupKey::new(vec![0xab; 32])
@@ -164,42 +99,6 @@ fn a_bad_snapshot_id_changes_nothing() {
     }
     assert!(engine.calls.lock().unwrap().is_empty());
     assert_eq!(names(volume.path()), ["dir", "lost+found", "old.txt"]);
-}
-
-#[test]
-fn repository_locations_are_checked() {
-    for good in [
-        "/srv/berth-backups",
-        "sftp:u123@u123.your-storagebox.de:berth",
-        "s3:s3.eu-central-1.amazonaws.com/acme-berth",
-        "rest:https://backup.example.com:8000/",
-    ] {
-        Repository::new(good).unwrap_or_else(|e| panic!("{good}: {e}"));
-    }
-    let tenant = TenantId::new("acme").unwrap();
-    assert_eq!(
-        Repository::new("rest:https://backup.example.com:8000/")
-            .unwrap()
-            .of(&tenant),
-        "rest:https://backup.example.com:8000/acme"
-    );
-    let long = format!("/{}", "a".repeat(Repository::MAX_LEN));
-    for bad in [
-        "",
-        "relative/path",
-        "sftp:",
-        "sftp:-oProxyCommand=touch /tmp/x",
-        "/with space",
-        "/line\nbreak",
-        "ftp://example.com/x",
-        long.as_str(),
-    ] {
-        let err = Repository::new(bad).unwrap_err();
-        assert!(
-            matches!(err, BackupError::BadRepository(ref r) if r == bad),
-            "{bad:?}: {err}"
-        );
-    }
 }
 
 #[test]

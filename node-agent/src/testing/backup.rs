@@ -1,0 +1,87 @@
+//! A recording backup engine: restores write the files it is given (or fail after them), every
+//! call is recorded as a line.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use crate::backup::{BackupEngine, BackupError, BackupKey, BackupSummary, Retention, Snapshot};
+
+/// Restores by writing the files it was given into the target, or fails; records each call.
+#[derive(Debug, Default)]
+pub struct FakeEngine {
+    /// What a restore writes into its target.
+    pub files: Vec<(&'static str, &'static str)>,
+    /// Restores fail (after writing the files).
+    pub fail: bool,
+    /// Each call, as a line.
+    pub calls: Mutex<Vec<String>>,
+}
+
+impl BackupEngine for FakeEngine {
+    fn ensure_repository(&self, repository: &str, _: &BackupKey) -> Result<bool, BackupError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("ensure {repository}"));
+        Ok(false)
+    }
+
+    fn backup(
+        &self,
+        repository: &str,
+        _: &BackupKey,
+        volume: &Path,
+    ) -> Result<BackupSummary, BackupError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("backup {repository} {}", volume.display()));
+        Ok(BackupSummary {
+            snapshot_id: "cabe28d5".into(),
+            ..BackupSummary::default()
+        })
+    }
+
+    fn snapshots(&self, _: &str, _: &BackupKey) -> Result<Vec<Snapshot>, BackupError> {
+        Ok(Vec::new())
+    }
+
+    fn restore(
+        &self,
+        repository: &str,
+        _: &BackupKey,
+        id: &str,
+        into: &Path,
+    ) -> Result<(), BackupError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("restore {repository} {id} {}", into.display()));
+        assert_eq!(
+            std::fs::read_dir(into).unwrap().count(),
+            0,
+            "an empty target"
+        );
+        for (name, text) in &self.files {
+            let file = into.join(name);
+            std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+            std::fs::write(file, text).unwrap();
+        }
+        if self.fail {
+            return Err(BackupError::Output {
+                action: "restore",
+                repository: repository.into(),
+                message: "cut short".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn forget(&self, _: &str, _: &BackupKey, _: Retention) -> Result<(), BackupError> {
+        Ok(())
+    }
+
+    fn forget_all(&self, _: &str, _: &BackupKey) -> Result<usize, BackupError> {
+        Ok(0)
+    }
+}
