@@ -393,6 +393,10 @@ impl Coordinator {
         if !result.ok {
             return Err(incomplete(format!("the agent: {}", result.error)));
         }
+        let (backups_forgotten, backup_key_destroyed) = self
+            .purge_backups(tenant, host)
+            .await
+            .map_err(|e| incomplete(e.to_string()))?;
         let key_destroyed = self.keys.destroy(tenant).map_err(key_error)?;
         self.placements.forget_retained(tenant)?;
         tracing::info!(%tenant, %host, erased = result.erased, deleted = result.deleted, key_destroyed, "tenant volume purged");
@@ -404,7 +408,45 @@ impl Coordinator {
             deleted: result.deleted,
             key_destroyed,
             key_kept: false,
+            backups_forgotten,
+            backup_key_destroyed,
         })
+    }
+
+    /// A purge's part for backups: the tenant's snapshots forgotten and pruned by `host`, then
+    /// its backup key destroyed; (snapshots forgotten, key destroyed). Nothing for a tenant
+    /// never backed up.
+    async fn purge_backups(
+        &self,
+        tenant: &TenantId,
+        host: &HostId,
+    ) -> Result<(u32, bool), BackupError> {
+        let Some(key) = self.backup_keys.get(tenant)? else {
+            return Ok((0, false));
+        };
+        let repository = self
+            .config
+            .backup_repository
+            .as_ref()
+            .ok_or(BackupError::NotConfigured)?;
+        let command = proto::VolumeCommand {
+            tenant_id: tenant.to_string(),
+            action: proto::VolumeAction::ForgetBackups as i32,
+            backup_repository: repository.of(tenant),
+            backup_key: key.to_vec(),
+            ..Default::default()
+        };
+        let result = self.agents.volume(host, command, BACKUP_WAIT).await?;
+        if !result.ok {
+            return Err(BackupError::Failed {
+                tenant: tenant.clone(),
+                host: host.clone(),
+                error: result.error,
+            });
+        }
+        let destroyed = self.backup_keys.destroy(tenant)?;
+        tracing::info!(%tenant, %host, forgotten = result.forgotten, "tenant backups purged");
+        Ok((result.forgotten, destroyed))
     }
 
     /// The keys of the encrypted tenants in `state` (one host's desired state): what that host,
@@ -927,6 +969,9 @@ mod tests {
                 deleted: true,
                 key_destroyed: true,
                 key_kept: false,
+                // Never backed up: no backup key, nothing to forget.
+                backups_forgotten: 0,
+                backup_key_destroyed: false,
             }
         );
         assert!(c.keys.get(&id).unwrap().is_none());

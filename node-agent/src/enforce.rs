@@ -214,7 +214,11 @@ impl Enforcement {
             // A pre-copy reads the volume of a tenant that runs on.
             Ok(proto::VolumeAction::Export) if command.precopy => 0,
             // A backup reads a running tenant's volume; a listing touches none.
-            Ok(proto::VolumeAction::Backup | proto::VolumeAction::ListBackups) => 0,
+            Ok(
+                proto::VolumeAction::Backup
+                | proto::VolumeAction::ListBackups
+                | proto::VolumeAction::ForgetBackups,
+            ) => 0,
             _ => self.store().current().generation,
         };
         self.volume_commands
@@ -325,7 +329,11 @@ impl Enforcement {
                 ) => Err(VolumeCommandError::UnknownAction(command.action)),
                 (
                     Ok(t),
-                    Ok(action @ (proto::VolumeAction::Backup | proto::VolumeAction::ListBackups)),
+                    Ok(
+                        action @ (proto::VolumeAction::Backup
+                        | proto::VolumeAction::ListBackups
+                        | proto::VolumeAction::ForgetBackups),
+                    ),
                 ) => {
                     let at = VolumeLocation {
                         root: root.to_path_buf(),
@@ -599,7 +607,8 @@ impl Enforcement {
     }
 }
 
-/// Runs a backup or a listing of `at`'s tenant with `engine` and fills in `result`.
+/// Runs a backup, a listing or a forgetting of `at`'s tenant's backups with `engine` and
+/// fills in `result`.
 fn backup_command(
     engine: &dyn BackupEngine,
     action: proto::VolumeAction,
@@ -618,6 +627,14 @@ fn backup_command(
         }
         let key = BackupKey::new(command.backup_key.clone());
         let repository = command.backup_repository.as_str();
+        if action == proto::VolumeAction::ForgetBackups {
+            let forgotten = engine
+                .forget_all(repository, &key)
+                .map_err(|e| e.to_string())?;
+            tracing::info!(tenant = %at.tenant, forgotten, "backups forgotten");
+            result.forgotten = u32::try_from(forgotten).unwrap_or(u32::MAX);
+            return Ok(());
+        }
         if action == proto::VolumeAction::ListBackups {
             let snapshots = engine
                 .snapshots(repository, &key)

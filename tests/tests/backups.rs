@@ -5,7 +5,8 @@
 //! a local repository, once over SFTP to Debian's sshd in a network namespace the test made
 //! (restic's ssh runs in a second namespace of the same test network). Then through the
 //! whole fleet: `berthctl backup` of a tenant running on the real Docker engine, `berthctl
-//! backups`, and the snapshot read back with the tenant's backup key from the coordinator.
+//! backups`, the snapshot read back with the tenant's backup key from the coordinator, and a
+//! purge that forgets the snapshots and destroys that key.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -351,6 +352,42 @@ fn berthctl_backs_a_running_tenant_up_and_lists_its_snapshots() {
 
     let (ok, _, err) = f.coordinator.berthctl(&["backup", "no-such-tenant"]);
     assert!(!ok && err.contains("unknown tenant"), "{err}");
+
+    // A purge forgets the snapshots, then destroys the backup key.
+    let repository_of_tenant = format!("{}/{tenant}", repository.path().display());
+    let old_key = BackupKey::new(key.to_vec());
+    let (ok, out, err) = f
+        .coordinator
+        .berthctl(&["--json", "remove", "--purge", &tenant]);
+    assert!(ok, "purge: {err}");
+    let removal: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(removal["purged"], true, "{removal}");
+    assert_eq!(removal["backups_forgotten"], 1, "{removal}");
+    assert_eq!(removal["backup_key_destroyed"], true, "{removal}");
+    assert!(
+        engine
+            .snapshots(&repository_of_tenant, &old_key)
+            .unwrap()
+            .is_empty(),
+        "no snapshot is left"
+    );
+    std::fs::copy(
+        f.coordinator.state_dir().join("backup-keys"),
+        copy.path().join("backup-keys-after"),
+    )
+    .unwrap();
+    let after = berth_coordinator::keys::KeyVault::new(
+        berth_coordinator::keys::MasterKey::load(&copy.path().join("master.key")).unwrap(),
+        berth_coordinator::keys::keyring::Keyring::open(&copy.path().join("backup-keys-after"))
+            .unwrap(),
+    );
+    assert!(
+        after
+            .get(&berth_shared::ids::TenantId::new(&tenant).unwrap())
+            .unwrap()
+            .is_none(),
+        "the backup key is destroyed"
+    );
 }
 
 #[test]

@@ -105,6 +105,8 @@ pub struct RemovalView {
     pub deleted: bool,
     pub key_destroyed: bool,
     pub key_kept: bool,
+    pub backups_forgotten: u32,
+    pub backup_key_destroyed: bool,
 }
 
 impl From<&proto::RemoveTenantResponse> for RemovalView {
@@ -117,6 +119,8 @@ impl From<&proto::RemoveTenantResponse> for RemovalView {
             deleted: r.deleted,
             key_destroyed: r.key_destroyed,
             key_kept: r.key_kept,
+            backups_forgotten: r.backups_forgotten,
+            backup_key_destroyed: r.backup_key_destroyed,
         }
     }
 }
@@ -142,8 +146,16 @@ impl RemovalView {
                 format!("no {what} found")
             }
         };
+        let backups = if self.backup_key_destroyed {
+            format!(
+                ", {} backups forgotten and their key destroyed",
+                self.backups_forgotten
+            )
+        } else {
+            String::new()
+        };
         format!(
-            "removed and purged {} on {}: {}, {}, {}",
+            "removed and purged {} on {}: {}, {}, {}{backups}",
             self.tenant_id,
             self.host_id,
             done(self.erased, "LUKS header erased"),

@@ -226,7 +226,14 @@ impl BackupEngine for Restic {
     }
 
     fn forget_all(&self, repository: &str, key: &BackupKey) -> Result<usize, BackupError> {
-        let snapshots = self.list(repository, key)?;
+        let snapshots = match self.list(repository, key) {
+            // Never made (its first backup failed before): nothing to forget.
+            Err(BackupError::Restic {
+                source: CommandError::Failed { stderr, .. },
+                ..
+            }) if stderr.contains(NO_REPOSITORY) => return Ok(0),
+            other => other?,
+        };
         if snapshots.is_empty() {
             return Ok(0);
         }
