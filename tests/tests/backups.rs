@@ -356,6 +356,14 @@ fn berthctl_backs_a_running_tenant_up_and_lists_its_snapshots() {
     // A purge forgets the snapshots, then destroys the backup key.
     let repository_of_tenant = format!("{}/{tenant}", repository.path().display());
     let old_key = BackupKey::new(key.to_vec());
+    // A copy of the repository taken before, as a provider's snapshot of the storage would be.
+    let kept_copy = copy.path().join("repository-copy");
+    let (ok, _, err) = berth_tests::procs::run({
+        let mut c = Command::new("cp");
+        c.arg("-a").arg(&repository_of_tenant).arg(&kept_copy);
+        c
+    });
+    assert!(ok, "cp: {err}");
     let (ok, out, err) = f
         .coordinator
         .berthctl(&["--json", "remove", "--purge", &tenant]);
@@ -388,6 +396,24 @@ fn berthctl_backs_a_running_tenant_up_and_lists_its_snapshots() {
             .is_none(),
         "the backup key is destroyed"
     );
+    // The copy is a whole repository (the old key still opens it), but nothing left on the
+    // coordinator or the host holds that key.
+    assert_eq!(
+        engine
+            .snapshots(kept_copy.to_str().unwrap(), &old_key)
+            .unwrap()
+            .len(),
+        1
+    );
+    let forms = key_forms(&key);
+    for dir in [f.coordinator.dir.path(), f.agent.dir.path()] {
+        assert_eq!(
+            files_holding(dir, &forms),
+            Vec::<PathBuf>::new(),
+            "{}",
+            dir.display()
+        );
+    }
 }
 
 #[test]
