@@ -413,6 +413,35 @@ impl Coordinator {
         })
     }
 
+    /// Has `host` run a backup `action` on `tenant`'s repository under `repository` with its
+    /// backup `key`; the result if the agent did it.
+    async fn ask_backups(
+        &self,
+        tenant: &TenantId,
+        host: &HostId,
+        repository: &berth_shared::backup::Repository,
+        key: &[u8],
+        action: proto::VolumeAction,
+        wait: std::time::Duration,
+    ) -> Result<proto::VolumeResult, BackupError> {
+        let command = proto::VolumeCommand {
+            tenant_id: tenant.to_string(),
+            action: action as i32,
+            backup_repository: repository.of(tenant),
+            backup_key: key.to_vec(),
+            ..Default::default()
+        };
+        let result = self.agents.volume(host, command, wait).await?;
+        if !result.ok {
+            return Err(BackupError::Failed {
+                tenant: tenant.clone(),
+                host: host.clone(),
+                error: result.error,
+            });
+        }
+        Ok(result)
+    }
+
     /// A purge's part for backups: the tenant's snapshots forgotten and pruned by `host`, then
     /// its backup key destroyed; (snapshots forgotten, key destroyed). Nothing for a tenant
     /// never backed up.
@@ -429,21 +458,16 @@ impl Coordinator {
             .backup_repository
             .as_ref()
             .ok_or(BackupError::NotConfigured)?;
-        let command = proto::VolumeCommand {
-            tenant_id: tenant.to_string(),
-            action: proto::VolumeAction::ForgetBackups as i32,
-            backup_repository: repository.of(tenant),
-            backup_key: key.to_vec(),
-            ..Default::default()
-        };
-        let result = self.agents.volume(host, command, BACKUP_WAIT).await?;
-        if !result.ok {
-            return Err(BackupError::Failed {
-                tenant: tenant.clone(),
-                host: host.clone(),
-                error: result.error,
-            });
-        }
+        let result = self
+            .ask_backups(
+                tenant,
+                host,
+                repository,
+                &key,
+                proto::VolumeAction::ForgetBackups,
+                BACKUP_WAIT,
+            )
+            .await?;
         let destroyed = self.backup_keys.destroy(tenant)?;
         tracing::info!(%tenant, %host, forgotten = result.forgotten, "tenant backups purged");
         Ok((result.forgotten, destroyed))
@@ -528,21 +552,16 @@ impl Coordinator {
             .backup_keys
             .get(tenant)?
             .ok_or_else(|| BackupError::StoredPlacement(format!("{tenant} has no backup key")))?;
-        let command = proto::VolumeCommand {
-            tenant_id: tenant.to_string(),
-            action: proto::VolumeAction::Backup as i32,
-            backup_repository: repository.of(tenant),
-            backup_key: key.to_vec(),
-            ..Default::default()
-        };
-        let result = self.agents.volume(&host, command, BACKUP_WAIT).await?;
-        if !result.ok {
-            return Err(BackupError::Failed {
-                tenant: tenant.clone(),
-                host,
-                error: result.error,
-            });
-        }
+        let result = self
+            .ask_backups(
+                tenant,
+                &host,
+                repository,
+                &key,
+                proto::VolumeAction::Backup,
+                BACKUP_WAIT,
+            )
+            .await?;
         tracing::info!(%tenant, %host, snapshot = result.backup.as_ref().map(|b| b.snapshot_id.as_str()).unwrap_or(""), "tenant backed up");
         Ok(proto::BackupTenantResponse {
             tenant_id: tenant.to_string(),
@@ -577,24 +596,16 @@ impl Coordinator {
                 snapshots: Vec::new(),
             });
         };
-        let command = proto::VolumeCommand {
-            tenant_id: tenant.to_string(),
-            action: proto::VolumeAction::ListBackups as i32,
-            backup_repository: repository.of(tenant),
-            backup_key: key.to_vec(),
-            ..Default::default()
-        };
         let result = self
-            .agents
-            .volume(&host, command, LIST_BACKUPS_WAIT)
+            .ask_backups(
+                tenant,
+                &host,
+                repository,
+                &key,
+                proto::VolumeAction::ListBackups,
+                LIST_BACKUPS_WAIT,
+            )
             .await?;
-        if !result.ok {
-            return Err(BackupError::Failed {
-                tenant: tenant.clone(),
-                host,
-                error: result.error,
-            });
-        }
         Ok(proto::ListBackupsResponse {
             tenant_id: tenant.to_string(),
             snapshots: result.snapshots,
