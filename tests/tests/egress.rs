@@ -34,17 +34,34 @@ fn nft(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// dockerd's own tables without counters (they move with traffic), and without the lines of
-/// tenant bridges (`bt…`: Docker's per-network rules, which come and go with the networks of
-/// tests running alongside; the forward guard's rule names them too).
+/// dockerd's own tables as they settle: two reads half a second apart that agree. dockerd
+/// re-inserts its `jump DOCKER-USER` rule (delete, then insert) each time a network is
+/// created, so a single read taken while a test alongside creates one can miss that line.
 fn docker_tables() -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = docker_tables_now();
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = docker_tables_now();
+        if now == last || Instant::now() > deadline {
+            return now;
+        }
+        last = now;
+    }
+}
+
+/// dockerd's own tables without counters (they move with traffic), and without the lines of
+/// tenant bridges and tenant addresses (`bt…` and the default pool `10.213.0.0/16`: Docker's
+/// per-network and per-published-port rules, which come and go with the tenants of tests
+/// running alongside; the forward guard's rule names the bridges too).
+fn docker_tables_now() -> String {
     let mut all = String::new();
     for table in [["ip", "filter"], ["ip", "nat"]] {
         let text = nft(&["list", "table", table[0], table[1]]);
         all.push_str(&text);
     }
     all.lines()
-        .filter(|l| !l.contains("\"bt"))
+        .filter(|l| !l.contains("\"bt") && !l.contains(" 10.213."))
         .map(without_counts)
         .collect::<Vec<_>>()
         .join("\n")
