@@ -25,6 +25,8 @@ pub const RESTART_WAIT: std::time::Duration = std::time::Duration::from_secs(600
 /// How long an operator's backup waits for the host (restic reads the whole volume the first
 /// time: a minute or so per 10 GiB to a fast repository) and a listing for its answer.
 pub const BACKUP_WAIT: std::time::Duration = std::time::Duration::from_secs(3600);
+/// How long a restore may take, from the container's stop to its start on the restored volume.
+pub const RESTORE_WAIT: std::time::Duration = std::time::Duration::from_secs(3600);
 pub const LIST_BACKUPS_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// How long a purge waits for the host to drop the tenant and then to shred its volume
@@ -163,6 +165,22 @@ pub enum BackupError {
         host: HostId,
         error: String,
     },
+    #[error("snapshot_id: {0}")]
+    BadSnapshot(#[from] berth_shared::backup::BadSnapshotId),
+    #[error("{} was never backed up: there is nothing to restore", .0.as_str())]
+    NeverBackedUp(TenantId),
+    #[error("no snapshot {snapshot} of {tenant} (`berthctl backups {tenant}` lists them)")]
+    NoSnapshot { tenant: TenantId, snapshot: String },
+    #[error(
+        "{tenant} on {host}: not running on its restored volume within {wait:?} (it stays stopped until the restore is done: `berthctl tenants --json` shows why)"
+    )]
+    NotRestored {
+        tenant: TenantId,
+        host: HostId,
+        wait: std::time::Duration,
+    },
+    #[error(transparent)]
+    Place(#[from] PlaceError),
 }
 
 /// Why the coordinator's state could not be opened.
@@ -494,7 +512,33 @@ impl Coordinator {
         Ok(proto::VolumeKeys {
             generation: state.generation,
             keys,
+            backups: self.backup_access(state)?,
         })
+    }
+
+    /// Where each tenant of `state` (one host's desired state) is backed up, with its backup
+    /// key: for the tenants that have one, when the fleet has a backup repository.
+    fn backup_access(
+        &self,
+        state: &proto::DesiredState,
+    ) -> Result<Vec<proto::BackupAccess>, KeyError> {
+        let Some(repository) = &self.config.backup_repository else {
+            return Ok(Vec::new());
+        };
+        let mut access = Vec::new();
+        for spec in &state.tenants {
+            let Ok(id) = TenantId::new(&spec.tenant_id) else {
+                continue;
+            };
+            if let Some(key) = self.backup_keys.get(&id)? {
+                access.push(proto::BackupAccess {
+                    tenant_id: id.to_string(),
+                    repository: repository.of(&id),
+                    key: key.to_vec(),
+                });
+            }
+        }
+        Ok(access)
     }
 
     /// Restarts a placed tenant's container now, through its host's agent (the same health
@@ -568,6 +612,78 @@ impl Coordinator {
             host_id: host.to_string(),
             backup: result.backup,
         })
+    }
+
+    /// Replaces a placed tenant's volume contents with its snapshot `snapshot` (the latest when
+    /// `None`): the snapshot is looked up first (through the tenant's host), then the host is
+    /// asked to stop the tenant, restore and start it again; answers once it runs on the
+    /// restored volume.
+    pub async fn restore(
+        self: &Arc<Self>,
+        tenant: &TenantId,
+        snapshot: Option<&str>,
+    ) -> Result<proto::RestoreTenantResponse, BackupError> {
+        if let Some(id) = snapshot {
+            berth_shared::backup::snapshot_id(id)?;
+        }
+        let placement = self
+            .placements
+            .tenant(tenant)
+            .and_then(|t| t.placement)
+            .ok_or_else(|| BackupError::UnknownTenant(tenant.clone()))?;
+        let host = HostId::new(&placement.host_id)
+            .map_err(|e| BackupError::StoredPlacement(e.to_string()))?;
+        if !self.backup_keys.has(tenant)? {
+            return Err(BackupError::NeverBackedUp(tenant.clone()));
+        }
+        let snapshots = self.list_backups(tenant).await?.snapshots;
+        let chosen = match snapshot {
+            None => snapshots.last(),
+            Some(id) => snapshots.iter().find(|s| s.id.starts_with(id)),
+        }
+        .ok_or_else(|| BackupError::NoSnapshot {
+            tenant: tenant.clone(),
+            snapshot: snapshot.unwrap_or("at all").to_string(),
+        })?;
+        let applied = self
+            .placements
+            .set_restore(tenant, Some(chosen.id.clone()))?;
+        self.durable(applied.seq).await?;
+        let id = applied.placement.generation;
+        tracing::info!(%tenant, %host, snapshot = %chosen.short_id, "restore asked");
+        let deadline = tokio::time::Instant::now() + RESTORE_WAIT;
+        let mut failed = String::new();
+        let restored = self
+            .placements
+            .wait_for_report(deadline, RECHECK, || {
+                let status = self.placements.tenant(tenant)?.status?;
+                if status.restore_id == id && status.state == proto::TenantState::Running as i32 {
+                    return Some(Ok(status.restored));
+                }
+                if status.generation >= id && status.message.starts_with("restore: ") {
+                    failed = status.message;
+                    return Some(Err(()));
+                }
+                None
+            })
+            .await;
+        match restored {
+            Some(Ok(restored)) => Ok(proto::RestoreTenantResponse {
+                tenant_id: tenant.to_string(),
+                host_id: host.to_string(),
+                restored,
+            }),
+            Some(Err(())) => Err(BackupError::Failed {
+                tenant: tenant.clone(),
+                host,
+                error: failed,
+            }),
+            None => Err(BackupError::NotRestored {
+                tenant: tenant.clone(),
+                host,
+                wait: RESTORE_WAIT,
+            }),
+        }
     }
 
     /// The snapshots of a tenant's repository, listed by the host that runs it (or keeps its

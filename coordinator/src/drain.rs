@@ -124,8 +124,12 @@ pub enum MovePhase {
     RolledBack,
     /// Not moved: its host is unreachable (see `--force-lost`).
     Blocked,
-    /// Its host was lost: started on the target with an empty volume, as the operator asked.
+    /// Its host was lost: started on the target with an empty volume, as the operator asked
+    /// (or because it was never backed up).
     StartedEmpty,
+    /// Its host was lost: started on the target with its volume restored from its latest
+    /// backup.
+    Restored,
     /// Not started before the drain was aborted or hit its deadline: still on the source.
     NotMoved,
 }
@@ -143,6 +147,7 @@ impl MovePhase {
             Self::RolledBack => "rolled_back",
             Self::Blocked => "blocked",
             Self::StartedEmpty => "started_empty",
+            Self::Restored => "restored",
             Self::NotMoved => "not_moved",
         }
     }
@@ -150,8 +155,18 @@ impl MovePhase {
     fn finished(self) -> bool {
         matches!(
             self,
-            Self::Done | Self::RolledBack | Self::Blocked | Self::StartedEmpty | Self::NotMoved
+            Self::Done
+                | Self::RolledBack
+                | Self::Blocked
+                | Self::StartedEmpty
+                | Self::Restored
+                | Self::NotMoved
         )
+    }
+
+    /// It runs on its target.
+    fn moved(self) -> bool {
+        matches!(self, Self::Done | Self::StartedEmpty | Self::Restored)
     }
 
     /// Between the source stopping it and the target running it.
@@ -167,6 +182,8 @@ impl MovePhase {
 #[derive(Debug, Clone, Copy)]
 struct Options {
     force_lost: bool,
+    /// A lost host's tenants are restored from their backups (not started empty).
+    restore: bool,
     precopy: bool,
 }
 
@@ -192,6 +209,18 @@ pub struct MoveRecord {
     pub bytes_copied: u64,
     #[serde(default)]
     pub bytes_after_stop: u64,
+    /// A lost host's tenant restored from a backup: the snapshot (its recovery point).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored: Option<RecoveryPoint>,
+}
+
+/// The snapshot a lost host's tenant was restored from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryPoint {
+    pub snapshot_id: String,
+    pub short_id: String,
+    /// When the snapshot was taken (RFC 3339): the data is as it was then.
+    pub time: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -202,6 +231,9 @@ pub struct DrainRecord {
     pub deadline_unix_ms: i64,
     pub max_parallel: u32,
     pub force_lost: bool,
+    /// With `force_lost`: started empty, not restored from backups.
+    #[serde(default)]
+    pub empty: bool,
     #[serde(default)]
     pub no_precopy: bool,
     pub moves: Vec<MoveRecord>,
@@ -220,6 +252,8 @@ pub struct DrainOptions {
     pub deadline: Duration,
     pub max_parallel: u32,
     pub force_lost: bool,
+    /// With `force_lost`: start the lost host's tenants empty, without restoring.
+    pub empty: bool,
     pub no_precopy: bool,
 }
 
@@ -233,6 +267,9 @@ impl DrainOptions {
         if r.deadline_ms > 0 && r.deadline_ms < 1000 {
             return Err(DrainRequestError::Deadline(r.deadline_ms));
         }
+        if r.empty && !r.force_lost {
+            return Err(DrainRequestError::EmptyWithoutForceLost);
+        }
         Ok(Self {
             host,
             dry_run: r.dry_run,
@@ -245,6 +282,7 @@ impl DrainOptions {
                 n => n,
             },
             force_lost: r.force_lost,
+            empty: r.empty,
             no_precopy: r.no_precopy,
         })
     }
@@ -264,6 +302,10 @@ pub enum DrainError {
         list = .refusals.join("\n  ")
     )]
     Refused { host: String, refusals: Vec<String> },
+    #[error(
+        "cannot restore {0}'s tenants: the coordinator's config has no [backup] repository; `berthctl drain {0} --force-lost --empty` starts them on empty volumes"
+    )]
+    NothingToRestore(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -279,6 +321,8 @@ pub enum DrainRequestError {
     MaxParallel(u32),
     #[error("deadline_ms: {0} ms is less than 1 s")]
     Deadline(u64),
+    #[error("empty: only with force_lost (a reachable host's tenants move with their volumes)")]
+    EmptyWithoutForceLost,
 }
 
 /// Drives the drains of a coordinator (see the module doc): starts, aborts, resumes them and
@@ -463,6 +507,11 @@ impl Drains {
                         eta_ms: live.map_or(0, |p| p.eta_ms()),
                         memory_bytes: m.memory_bytes,
                         bytes_after_stop: m.bytes_after_stop,
+                        restored: m.restored.as_ref().map(|r| proto::BackupSnapshot {
+                            id: r.snapshot_id.clone(),
+                            short_id: r.short_id.clone(),
+                            time: r.time.clone(),
+                        }),
                     }
                 })
                 .collect(),
@@ -575,6 +624,12 @@ impl Drainer {
         {
             return Err(DrainError::AlreadyDraining(host.to_string()));
         }
+        if options.force_lost
+            && !options.empty
+            && self.coordinator.config.backup_repository.is_none()
+        {
+            return Err(DrainError::NothingToRestore(host.to_string()));
+        }
         let plan = self
             .coordinator
             .placements
@@ -591,6 +646,7 @@ impl Drainer {
             deadline_unix_ms: now + options.deadline.as_millis() as i64,
             max_parallel: options.max_parallel,
             force_lost: options.force_lost,
+            empty: options.empty,
             no_precopy: options.no_precopy,
             stale_copies: self
                 .drains
@@ -608,6 +664,7 @@ impl Drainer {
                     bytes_total: m.volume_bytes,
                     bytes_copied: 0,
                     bytes_after_stop: 0,
+                    restored: None,
                 })
                 .collect(),
         };
@@ -768,6 +825,7 @@ impl Drainer {
                     },
                     Options {
                         force_lost: record.force_lost,
+                        restore: !record.empty,
                         precopy: !record.no_precopy,
                     },
                     slots.clone(),
@@ -818,10 +876,7 @@ impl Drainer {
                     m.phase = MovePhase::NotMoved;
                 }
             }
-            let all_moved = r
-                .moves
-                .iter()
-                .all(|m| matches!(m.phase, MovePhase::Done | MovePhase::StartedEmpty));
+            let all_moved = r.moves.iter().all(|m| m.phase.moved());
             r.phase = match stopped {
                 Some(phase) => phase,
                 None if all_moved => DrainPhase::Done,
@@ -831,7 +886,7 @@ impl Drainer {
         match record {
             Ok(record) => {
                 for m in &record.moves {
-                    if m.phase != MovePhase::Done && m.phase != MovePhase::StartedEmpty {
+                    if !m.phase.moved() {
                         self.give_back(&m.tenant).await;
                     }
                 }
@@ -884,10 +939,10 @@ impl Drainer {
         } = m;
         let result = match outcome {
             Ok(MovePhase::Releasing) => return Some((tenant, target)),
-            Ok(MovePhase::StartedEmpty) => {
-                self.drains
-                    .set_move_leaving_copy(&source, &tenant, |m| m.phase = MovePhase::StartedEmpty)
-            }
+            // The lost host's copy stays there until it is back.
+            Ok(phase @ (MovePhase::StartedEmpty | MovePhase::Restored)) => self
+                .drains
+                .set_move_leaving_copy(&source, &tenant, |m| m.phase = phase),
             Ok(final_phase) => self
                 .drains
                 .set_move(&source, &tenant, |m| m.phase = final_phase),
@@ -941,12 +996,14 @@ impl Drainer {
                 if !options.force_lost {
                     self.give_back(tenant).await;
                     self.drains.set_move(source, tenant, |m| {
-                        m.error = format!("host {source} is unreachable: {tenant} stays assigned to it; `berthctl drain {source} --force-lost` starts it on {target} with an empty volume");
+                        m.error = format!("host {source} is unreachable: {tenant} stays assigned to it; `berthctl drain {source} --force-lost` starts it on {target} restored from its latest backup");
                     })?;
                     return Ok(MovePhase::Blocked);
                 }
                 *place = Some(take(&slots.places).await?);
-                return self.start_empty(source, tenant, target, stop).await;
+                return self
+                    .start_lost(source, tenant, target, options.restore, stop)
+                    .await;
             }
             let ready = unless_stopped(stop, async {
                 let (copied, turn) = match options.precopy {
@@ -1258,40 +1315,65 @@ impl Drainer {
         Ok(transfer.id)
     }
 
-    /// A lost host's tenant, on the operator's word: started on the target with an empty
-    /// volume (an encrypted one under a new key, so the old copy can never be opened again).
-    async fn start_empty(
+    /// A lost host's tenant, on the operator's word: started on the target, its volume
+    /// restored from its latest backup when `restore` and it was ever backed up, else empty
+    /// (an encrypted one under a new key either way, so the old copy can never be opened
+    /// again).
+    async fn start_lost(
         self: &Arc<Self>,
         source: &HostId,
         tenant: &TenantId,
         target: &HostId,
+        restore: bool,
         stop: &mut watch::Receiver<Option<DrainPhase>>,
     ) -> Result<MovePhase, MoveFailure> {
-        if self
-            .coordinator
-            .keys
-            .has(tenant)
-            .map_err(|e| MoveFailure::Failed(e.to_string()))?
-        {
-            self.coordinator
-                .keys
-                .replace(tenant)
-                .map_err(|e| MoveFailure::Failed(e.to_string()))?;
+        let failed = |e: crate::keys::KeyError| MoveFailure::Failed(e.to_string());
+        let coordinator = &self.coordinator;
+        if coordinator.keys.has(tenant).map_err(failed)? {
+            coordinator.keys.replace(tenant).map_err(failed)?;
         }
-        let applied = self
-            .coordinator
-            .placements
-            .relocate(tenant, target, false)?;
-        self.coordinator.durable(applied.seq).await?;
+        let backed_up = coordinator.backup_keys.has(tenant).map_err(failed)?;
+        let restoring = restore && backed_up;
+        let applied = match restoring {
+            true => coordinator.placements.relocate_restoring(tenant, target)?,
+            false => coordinator.placements.relocate(tenant, target, false)?,
+        };
+        coordinator.durable(applied.seq).await?;
         self.drains.set_move(source, tenant, |m| {
-            m.error = format!("{source} was lost: started on {target} with an empty volume");
+            m.error = match (restoring, restore) {
+                (true, _) => format!("{source} was lost: restoring it on {target} from its latest backup"),
+                (false, true) => format!("{source} was lost and {tenant} was never backed up: started on {target} with an empty volume"),
+                (false, false) => format!("{source} was lost: started on {target} with an empty volume"),
+            };
         })?;
         unless_stopped(
             stop,
             self.await_healthy(tenant, target, applied.placement.generation),
         )
         .await?;
-        Ok(MovePhase::StartedEmpty)
+        if !restoring {
+            return Ok(MovePhase::StartedEmpty);
+        }
+        let restored = coordinator
+            .placements
+            .tenant(tenant)
+            .and_then(|t| t.status)
+            .and_then(|s| s.restored)
+            .map(|s| RecoveryPoint {
+                snapshot_id: s.id,
+                short_id: s.short_id,
+                time: s.time,
+            });
+        self.drains.set_move(source, tenant, |m| {
+            if let Some(point) = &restored {
+                m.error = format!(
+                    "{source} was lost: restored on {target} from snapshot {} of {}",
+                    point.short_id, point.time
+                );
+            }
+            m.restored = restored.clone();
+        })?;
+        Ok(MovePhase::Restored)
     }
 
     /// Takes a tenant back to its source: first away from the target (confirmed by the

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use berth_shared::field::FieldError;
 use berth_shared::ids::{HostId, TenantId};
 use berth_shared::proto;
-use berth_shared::spec::{SpecPolicy, TenantSpec};
+use berth_shared::spec::{Restore, SpecPolicy, TenantSpec};
 use berth_shared::store::{Durability, Store, StoreError, Write, decode, encode};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -424,10 +424,22 @@ impl Placements {
     /// Places a tenant (or returns its existing placement for the same spec). Durable only
     /// after [`Placements::make_durable`] with the returned `seq`.
     pub fn place(&self, spec: proto::TenantSpec, now_unix_ms: i64) -> Result<Applied, PlaceError> {
+        if spec.restore.is_some() {
+            return Err(FieldError::new(
+                "restore",
+                "set by `berthctl restore` and by drains, never in a spec",
+            )
+            .into());
+        }
         let spec = self.validate(spec)?;
         let mut state = self.lock();
         if let Some(existing) = state.tenants.get(&spec.tenant_id) {
-            if existing.spec == spec {
+            // The same spec again: a restore the coordinator asked of it is no difference.
+            let asked = TenantSpec {
+                restore: existing.spec.restore.clone(),
+                ..spec.clone()
+            };
+            if existing.spec == asked {
                 return Ok(Applied {
                     seq: state.seq,
                     placement: state.placement(existing),
@@ -585,6 +597,29 @@ impl Placements {
             generation,
             ..existing
         };
+        self.record(&mut state, record, writes)
+    }
+
+    /// Asks the host of a placed tenant to restore its volume from `snapshot` (the latest when
+    /// `None`) before its container runs again: a new generation, whose number is the
+    /// restore's id.
+    pub fn set_restore(
+        &self,
+        tenant_id: &TenantId,
+        snapshot: Option<String>,
+    ) -> Result<Applied, PlaceError> {
+        let mut state = self.lock();
+        let mut record = state
+            .tenants
+            .get(tenant_id)
+            .cloned()
+            .ok_or_else(|| PlaceError::UnknownTenant(tenant_id.to_string()))?;
+        let mut writes = Vec::with_capacity(3);
+        record.generation = state.next_generation(&mut writes);
+        record.spec.restore = Some(Restore {
+            id: record.generation,
+            snapshot,
+        });
         self.record(&mut state, record, writes)
     }
 
@@ -799,11 +834,38 @@ impl Placements {
     /// Assigns a tenant to `host`, to run there or, `held`, only staged there (made ready, not
     /// run), with a new generation (so the host it leaves stops it and can never start the old
     /// copy again). The capacity reserved for it on `host` becomes its placement.
+    /// The tenant's volume travels with it (its contents are already restored if a restore
+    /// was asked before), so the target is asked for no restore.
     pub fn relocate(
         &self,
         tenant_id: &TenantId,
         host: &HostId,
         held: bool,
+    ) -> Result<Applied, PlaceError> {
+        self.relocate_with(tenant_id, host, held, |_| None)
+    }
+
+    /// [`Self::relocate`] without the volume (its host was lost): the tenant starts on `host`
+    /// with its volume restored from its latest backup; the restore's id is the generation.
+    pub fn relocate_restoring(
+        &self,
+        tenant_id: &TenantId,
+        host: &HostId,
+    ) -> Result<Applied, PlaceError> {
+        self.relocate_with(tenant_id, host, false, |generation| {
+            Some(Restore {
+                id: generation,
+                snapshot: None,
+            })
+        })
+    }
+
+    fn relocate_with(
+        &self,
+        tenant_id: &TenantId,
+        host: &HostId,
+        held: bool,
+        restore: impl FnOnce(u64) -> Option<Restore>,
     ) -> Result<Applied, PlaceError> {
         let mut state = self.lock();
         let old = state
@@ -814,6 +876,10 @@ impl Placements {
         let mut writes = Vec::with_capacity(4);
         let generation = state.next_generation(&mut writes);
         let record = TenantRecord {
+            spec: TenantSpec {
+                restore: restore(generation),
+                ..old.spec.clone()
+            },
             host_id: host.clone(),
             generation,
             held,

@@ -11,6 +11,7 @@
 //! interrupted restore leaves the volume as it was.
 
 pub mod restic;
+pub mod restore;
 
 use std::path::{Path, PathBuf};
 
@@ -41,8 +42,8 @@ pub enum BackupError {
     #[error(transparent)]
     BadRepository(#[from] berth_shared::backup::BadRepository),
     /// A snapshot id that is not restic's hex.
-    #[error("invalid snapshot id {0:?}: 8 to 64 hex digits")]
-    BadSnapshot(String),
+    #[error(transparent)]
+    BadSnapshot(#[from] berth_shared::backup::BadSnapshotId),
     /// A file operation on the volume failed.
     #[error("{path}: {source}")]
     Io {
@@ -59,6 +60,7 @@ fn io(path: &Path, source: std::io::Error) -> BackupError {
 }
 
 /// A tenant's backup key: the password of its repository.
+#[derive(Clone)]
 pub struct BackupKey(Zeroizing<Vec<u8>>);
 
 impl std::fmt::Debug for BackupKey {
@@ -70,6 +72,14 @@ impl std::fmt::Debug for BackupKey {
 impl BackupKey {
     pub fn new(bytes: Vec<u8>) -> Self {
         Self(Zeroizing::new(bytes))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 
     /// What restic reads on its stdin: the key in hex, one line.
@@ -110,7 +120,7 @@ pub struct BackupSummary {
 }
 
 /// One snapshot of a tenant's repository.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Snapshot {
     pub id: String,
     pub short_id: String,
@@ -150,15 +160,6 @@ pub trait BackupEngine: Send + Sync + std::fmt::Debug {
     fn forget_all(&self, repository: &str, key: &BackupKey) -> Result<usize, BackupError>;
 }
 
-/// Checks a snapshot id given by an operator: restic's hex, short or whole.
-pub fn snapshot_id(id: &str) -> Result<&str, BackupError> {
-    if (8..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_hexdigit()) {
-        Ok(id)
-    } else {
-        Err(BackupError::BadSnapshot(id.to_string()))
-    }
-}
-
 /// Replaces the contents of the mounted volume `volume` with snapshot `id`: restored beside
 /// them first ([`RESTORE_STAGING`]), then swapped in. The tenant must be stopped. A leftover
 /// staging directory from an interrupted restore is removed first.
@@ -169,7 +170,7 @@ pub fn restore_volume(
     id: &str,
     volume: &Path,
 ) -> Result<(), BackupError> {
-    let id = snapshot_id(id)?;
+    let id = berth_shared::backup::snapshot_id(id)?;
     let staging = volume.join(RESTORE_STAGING);
     if staging.exists() {
         std::fs::remove_dir_all(&staging).map_err(|e| io(&staging, e))?;

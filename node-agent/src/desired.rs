@@ -8,12 +8,17 @@
 use std::path::Path;
 
 use berth_shared::field::FieldError;
+use berth_shared::ids::TenantId;
 use berth_shared::proto;
 use berth_shared::spec::TenantSpec;
 use berth_shared::store::{Durability, SledStore, Store, StoreError, Write, decode, encode};
 use serde::{Deserialize, Serialize};
 
+use crate::backup::restore::Restored;
+
 const KEY: &str = "desired";
+/// Per tenant, the last restore this host did of its volume.
+const RESTORED_PREFIX: &str = "restored/";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AcceptError {
@@ -57,6 +62,30 @@ impl DesiredStore {
 
     pub fn current(&self) -> &Desired {
         &self.current
+    }
+
+    /// The last restore this host did of `tenant`'s volume.
+    pub fn restored(&self, tenant: &TenantId) -> Result<Option<Restored>, StoreError> {
+        let key = format!("{RESTORED_PREFIX}{tenant}");
+        self.store
+            .get(&key)?
+            .map(|bytes| decode(&key, &bytes))
+            .transpose()
+    }
+
+    /// Records a restore of `tenant`'s volume, on disk before it returns.
+    pub fn record_restored(
+        &self,
+        tenant: &TenantId,
+        restored: &Restored,
+    ) -> Result<(), StoreError> {
+        self.store.apply(
+            vec![Write::Put(
+                format!("{RESTORED_PREFIX}{tenant}"),
+                encode(restored),
+            )],
+            Durability::Flushed,
+        )
     }
 
     /// Validates and stores a desired state from the coordinator.

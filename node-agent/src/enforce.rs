@@ -11,6 +11,7 @@ use berth_shared::proto;
 use tokio::sync::{Notify, watch};
 
 use crate::backup::restic::Restic;
+use crate::backup::restore::{BackupAccess, RestoreSource, Restored, Restorer};
 use crate::backup::{BackupEngine, BackupKey};
 use crate::config::AgentConfig;
 use crate::desired::{AcceptError, Desired, DesiredStore};
@@ -67,6 +68,9 @@ pub struct Enforcement {
     pub restarts: Arc<Restarts>,
     /// The volume keys of this host's encrypted tenants: in memory only, never written.
     volume_keys: Mutex<HashMap<TenantId, VolumeKey>>,
+    /// Where this host's tenants are backed up, with their repositories' keys: in memory
+    /// only, never written.
+    backup_access: Mutex<HashMap<TenantId, BackupAccess>>,
     /// Volume commands from the coordinator, run between two reconcile passes (so never
     /// while a pass creates or tears down the same tenant), and their results.
     /// Each with the desired-state generation whose teardown it waits for (0: none, an import).
@@ -112,6 +116,7 @@ impl Enforcement {
             heard: watch::Sender::new(false),
             restarts: Arc::new(Restarts::new(restarts)),
             volume_keys: Mutex::new(HashMap::new()),
+            backup_access: Mutex::new(HashMap::new()),
             volume_commands: Mutex::new(Vec::new()),
             volume_commands_queued: Notify::new(),
             transferring: Mutex::default(),
@@ -531,6 +536,38 @@ impl Enforcement {
         }
         let count = held.len();
         *self.volume_keys.lock().unwrap_or_else(|p| p.into_inner()) = held;
+        let mut access = HashMap::new();
+        for (i, b) in keys.backups.into_iter().enumerate() {
+            let key = BackupKey::new(b.key);
+            let tenant = match TenantId::new(&b.tenant_id) {
+                Ok(t) if desired.tenants.iter().any(|s| s.tenant_id == t) => t,
+                Ok(t) => {
+                    refused.push(format!("backups[{i}]: {t} is not placed on this host"));
+                    continue;
+                }
+                Err(e) => {
+                    refused.push(format!("backups[{i}].tenant_id: {e}"));
+                    continue;
+                }
+            };
+            if let Err(e) = berth_shared::backup::Repository::new(&b.repository) {
+                refused.push(format!("backups[{i}].repository: {e}"));
+            } else if key.len() != 32 {
+                refused.push(format!(
+                    "backups[{i}].key: a backup key must be 32 bytes, not {}",
+                    key.len()
+                ));
+            } else {
+                access.insert(
+                    tenant,
+                    BackupAccess {
+                        repository: b.repository,
+                        key,
+                    },
+                );
+            }
+        }
+        *self.backup_access.lock().unwrap_or_else(|p| p.into_inner()) = access;
         if refused.is_empty() {
             Ok(count)
         } else {
@@ -680,6 +717,34 @@ fn backup_command(
     result
 }
 
+impl RestoreSource for Enforcement {
+    fn backup_access(&self, tenant: &TenantId) -> Option<BackupAccess> {
+        self.backup_access
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(tenant)
+            .cloned()
+    }
+
+    fn restored(&self, tenant: &TenantId) -> Option<Restored> {
+        match self.store().restored(tenant) {
+            Ok(restored) => restored,
+            Err(e) => {
+                tracing::warn!(%tenant, error = %e, "restore mark unreadable");
+                None
+            }
+        }
+    }
+
+    fn record_restored(
+        &self,
+        tenant: &TenantId,
+        restored: &Restored,
+    ) -> Result<(), berth_shared::store::StoreError> {
+        self.store().record_restored(tenant, restored)
+    }
+}
+
 impl KeySource for Enforcement {
     fn volume_key(&self, tenant: &TenantId) -> Option<VolumeKey> {
         self.volume_keys
@@ -701,10 +766,14 @@ pub async fn run(enforcement: Arc<Enforcement>, config: AgentConfig, host: HostI
         keys: enforcement.clone(),
         dm_crypt: probe_dm_crypt(&roots),
     });
-    let backups = Arc::new(Restic::new(
+    let backups: Arc<dyn BackupEngine> = Arc::new(Restic::new(
         &config.state_dir.join("backup-cache"),
         config.backup_sftp_command.clone(),
     ));
+    let restores = Restorer {
+        engine: backups.clone(),
+        source: enforcement.clone(),
+    };
     tokio::spawn(enforcement.clone().serve_volume_commands(
         volumes.clone(),
         backups,
@@ -775,6 +844,7 @@ pub async fn run(enforcement: Arc<Enforcement>, config: AgentConfig, host: HostI
                         passes: enforcement.passes.clone(),
                         runtime: runtime.clone(),
                         volumes: volumes.clone(),
+                        restores: restores.clone(),
                         egress: egress.clone(),
                         cgroups: cgroups.clone(),
                         oom_events: oom_events.clone(),
@@ -1169,6 +1239,11 @@ mod tests {
             tenant_id: tenant.into(),
             key: vec![9; len],
         };
+        let access = |tenant: &str, repository: &str, len: usize| proto::BackupAccess {
+            tenant_id: tenant.into(),
+            repository: repository.into(),
+            key: vec![7; len],
+        };
         let err = e
             .set_volume_keys(proto::VolumeKeys {
                 generation: 1,
@@ -1178,11 +1253,23 @@ mod tests {
                     key("Bad/Id", 32),
                     key("acme", 16),
                 ],
+                backups: vec![
+                    access("acme", "/srv/backups/acme", 32),
+                    access("other", "/srv/backups/other", 32),
+                    access("acme", "relative/acme", 32),
+                    access("acme", "/srv/backups/acme", 8),
+                ],
             })
             .unwrap_err();
         assert_eq!(
             err.to_string(),
-            "keys[1]: other is not placed on this host; keys[2].tenant_id: invalid tenant id \"Bad/Id\": must start with a lowercase letter a-z; keys[3].key: a volume key must be 32 bytes, not 16"
+            "keys[1]: other is not placed on this host; keys[2].tenant_id: invalid tenant id \"Bad/Id\": must start with a lowercase letter a-z; keys[3].key: a volume key must be 32 bytes, not 16; backups[1]: other is not placed on this host; backups[2].repository: invalid backup repository \"relative/acme\": an absolute path, or sftp:, s3:, rest: followed by its address; backups[3].key: a backup key must be 32 bytes, not 8"
+        );
+        let acme = TenantId::new("acme").unwrap();
+        assert_eq!(
+            e.backup_access(&acme).map(|a| a.repository).as_deref(),
+            Some("/srv/backups/acme"),
+            "the good access is kept"
         );
         assert!(
             e.has_volume_key(&TenantId::new("acme").unwrap()),
@@ -1193,10 +1280,12 @@ mod tests {
         assert_eq!(
             e.set_volume_keys(proto::VolumeKeys {
                 generation: 2,
-                keys: vec![]
+                keys: vec![],
+                backups: vec![],
             }),
             Ok(0)
         );
-        assert!(!e.has_volume_key(&TenantId::new("acme").unwrap()));
+        assert!(!e.has_volume_key(&acme));
+        assert!(e.backup_access(&acme).is_none());
     }
 }

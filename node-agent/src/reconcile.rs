@@ -21,6 +21,7 @@ use berth_shared::ids::{HostId, TenantId};
 use berth_shared::proto;
 use berth_shared::spec::TenantSpec;
 
+use crate::backup::restore::{RestoreError, Restorer};
 use crate::desired::Desired;
 use crate::egress::{EgressError, EgressReport, EgressStep};
 use crate::host::cgroup::CgroupReader;
@@ -80,6 +81,19 @@ impl From<StepError> for Failure {
 impl From<RuntimeError> for Failure {
     fn from(e: RuntimeError) -> Self {
         StepError::from(e).into()
+    }
+}
+
+impl From<RestoreError> for Failure {
+    fn from(e: RestoreError) -> Self {
+        let state = match e {
+            RestoreError::WaitingForAccess => proto::TenantState::WaitingForKey,
+            _ => proto::TenantState::Failed,
+        };
+        Self {
+            state,
+            message: e.to_string(),
+        }
     }
 }
 
@@ -192,6 +206,8 @@ pub struct Reconciler {
     pub host: HostId,
     pub runtime: Arc<dyn ContainerRuntime>,
     pub volumes: Arc<dyn VolumeStep>,
+    /// Restores the desired state asks for, into a volume before its container starts.
+    pub restores: Restorer,
     pub egress: Arc<dyn EgressStep>,
     pub cgroups: Option<CgroupReader>,
     /// OOM kills seen in Docker's event stream, per tenant, since the agent started.
@@ -428,7 +444,7 @@ impl Reconciler {
         Ok(())
     }
 
-    /// Volume → network → egress → container.
+    /// Volume (restored first when the spec asks) → network → egress → container.
     async fn create(
         &self,
         spec: &TenantSpec,
@@ -437,6 +453,12 @@ impl Reconciler {
     ) -> Result<EgressReport, Failure> {
         self.ensure_image(spec).await?;
         let volume = self.volumes.prepare(spec).await?;
+        if self.restores.pending(spec) {
+            let (restores, asked, into) = (self.restores.clone(), spec.clone(), volume.clone());
+            tokio::task::spawn_blocking(move || restores.restore(&asked, &into))
+                .await
+                .map_err(|e| Failure::from(format!("restore: {e}")))??;
+        }
         let report = self.network_and_egress(spec, networks).await?;
         // Listed now, not by the pass that asked for the container: a creation may wait seconds
         // for its slot, and a port claimed meanwhile is taken even while nothing listens on it
@@ -728,6 +750,14 @@ impl Reconciler {
                 }
             };
             s.memory_cap_bytes = spec.resources.memory_bytes;
+            if let Some(restored) = self.restores.source.restored(&spec.tenant_id) {
+                s.restore_id = restored.id;
+                s.restored = Some(proto::BackupSnapshot {
+                    id: restored.snapshot.id,
+                    short_id: restored.snapshot.short_id,
+                    time: restored.snapshot.time,
+                });
+            }
             statuses.push(s);
         }
         // Ended creations this listing showed are reported, or their containers were.
@@ -846,6 +876,13 @@ impl Reconciler {
         let hash = container_spec::spec_hash(spec);
         match (egress_ready, existing) {
             (Err(e), None) => Err(format!("egress: {e}").into()),
+            // A restore asked of a tenant that runs: its container goes, and a new one starts
+            // on the restored volume (made outside the pass: restic takes its time).
+            (_, Some(c)) if self.restores.pending(spec) => {
+                tracing::info!(%tenant, "restore asked: stopping the container");
+                self.teardown(c).await?;
+                self.create_in_background(spec, generation, &self.without_network(networks, spec))
+            }
             (_, Some(c)) if c.spec_hash == hash => {
                 // Rules first: a stopped container starts only behind them.
                 let report = self
@@ -884,17 +921,26 @@ impl Reconciler {
                 tracing::info!(%tenant, "spec changed: recreating the container");
                 match self.teardown(c).await {
                     Ok(()) => {
-                        // Teardown removed the network with the container.
-                        let mut networks = networks.clone();
-                        networks.remove(&container_spec::network_name(&self.host, &spec.tenant_id));
-                        networks.remove(&container_spec::legacy_network_name(&spec.tenant_id));
-                        self.create(spec, generation, &networks).await
+                        self.create(spec, generation, &self.without_network(networks, spec))
+                            .await
                     }
                     Err(e) => Err(e.into()),
                 }
             }
             (_, None) => self.create_in_background(spec, generation, networks),
         }
+    }
+
+    /// `networks` without the tenant's, which a teardown removed with its container.
+    fn without_network(
+        &self,
+        networks: &HashMap<String, Vec<String>>,
+        spec: &TenantSpec,
+    ) -> HashMap<String, Vec<String>> {
+        let mut networks = networks.clone();
+        networks.remove(&container_spec::network_name(&self.host, &spec.tenant_id));
+        networks.remove(&container_spec::legacy_network_name(&spec.tenant_id));
+        networks
     }
 
     /// Removes this host's networks of tenants with neither a container nor a place here:

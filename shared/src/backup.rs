@@ -3,7 +3,8 @@
 //!
 //! Ensures: a location is an absolute path or an `sftp:`, `s3:` or `rest:` address, at most
 //! [`Repository::MAX_LEN`] bytes, without whitespace or control characters, and never begins
-//! like an option; each tenant's repository is a path of its own under it.
+//! like an option; each tenant's repository is a path of its own under it; a snapshot id is
+//! restic's hex, 8 to 64 digits.
 
 use crate::ids::TenantId;
 
@@ -13,6 +14,20 @@ use crate::ids::TenantId;
     "invalid backup repository {0:?}: an absolute path, or sftp:, s3:, rest: followed by its address"
 )]
 pub struct BadRepository(pub String);
+
+/// A snapshot id that is not restic's hex.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid snapshot id {0:?}: 8 to 64 hex digits")]
+pub struct BadSnapshotId(pub String);
+
+/// Checks a snapshot id given by an operator: restic's hex, short or whole.
+pub fn snapshot_id(id: &str) -> Result<&str, BadSnapshotId> {
+    if (8..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(id)
+    } else {
+        Err(BadSnapshotId(id.chars().take(80).collect()))
+    }
+}
 
 /// A fleet's backup location, under which each tenant has a repository of its own
 /// (`<location>/<tenant>`).

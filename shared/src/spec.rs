@@ -130,6 +130,25 @@ pub struct VolumeSpec {
     pub mount_path: String,
 }
 
+/// A restore of the tenant's volume from its backups, asked by `berthctl restore` or by the
+/// drain of a lost host (never by a spec an operator sends): the host that runs the tenant
+/// does it once per `id`, after opening the volume and before starting the container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Restore {
+    pub id: u64,
+    /// restic's snapshot id; `None`: the latest snapshot.
+    pub snapshot: Option<String>,
+}
+
+impl Restore {
+    pub fn to_proto(&self) -> proto::RestoreRequest {
+        proto::RestoreRequest {
+            restore_id: self.id,
+            snapshot_id: self.snapshot.clone().unwrap_or_default(),
+        }
+    }
+}
+
 /// When a tenant's container is restarted each night. A field left out takes the host's
 /// default (the agent's `[restarts]` configuration).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -311,6 +330,8 @@ pub struct TenantSpec {
     pub constraints: Constraints,
     pub gateway_port: u16,
     pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<Restore>,
 }
 
 /// A named resource preset, from the coordinator's configuration.
@@ -587,6 +608,24 @@ fn parse_egress(
     Ok(egress)
 }
 
+fn parse_restore(r: proto::RestoreRequest) -> Result<Restore, FieldError> {
+    if r.restore_id == 0 {
+        return Err(field("restore.restore_id", "0; a restore has an id"));
+    }
+    let snapshot = match r.snapshot_id.as_str() {
+        "" => None,
+        id => Some(
+            crate::backup::snapshot_id(id)
+                .map_err(|e| field("restore.snapshot_id", e.to_string()))?
+                .to_string(),
+        ),
+    };
+    Ok(Restore {
+        id: r.restore_id,
+        snapshot,
+    })
+}
+
 fn parse_restart(restart: Option<proto::RestartPolicy>) -> Result<RestartPolicy, FieldError> {
     Ok(match restart {
         None => RestartPolicy::default(),
@@ -752,6 +791,7 @@ impl TenantSpec {
             })?
         };
         validate_env(&p.env)?;
+        let restore = p.restore.map(parse_restore).transpose()?;
         Ok(Self {
             tenant_id,
             image: p.image,
@@ -771,6 +811,7 @@ impl TenantSpec {
             },
             gateway_port,
             env: p.env.into_iter().collect(),
+            restore,
         })
     }
 
@@ -834,6 +875,7 @@ impl TenantSpec {
             }),
             gateway_port: u32::from(self.gateway_port),
             env: self.env.clone().into_iter().collect(),
+            restore: self.restore.as_ref().map(Restore::to_proto),
         }
     }
 }
@@ -1049,6 +1091,7 @@ impl TenantSpecFile {
             constraints,
             gateway_port: self.gateway_port.unwrap_or(0),
             env: self.env.clone().into_iter().collect(),
+            restore: None,
         })
     }
 }

@@ -5,8 +5,9 @@
 //! a local repository, once over SFTP to Debian's sshd in a network namespace the test made
 //! (restic's ssh runs in a second namespace of the same test network). Then through the
 //! whole fleet: `berthctl backup` of a tenant running on the real Docker engine, `berthctl
-//! backups`, the snapshot read back with the tenant's backup key from the coordinator, and a
-//! purge that forgets the snapshots and destroys that key.
+//! backups`, the snapshot read back with the tenant's backup key from the coordinator,
+//! `berthctl restore` in place (done once, not again after an agent restart), and a purge that
+//! forgets the snapshots and destroys that key.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use berth_node_agent::backup::restic::Restic;
 use berth_node_agent::backup::{BackupEngine, BackupKey, Retention, restore_volume};
+use berth_tests::docker::inspect;
 use berth_tests::fleet::{fleet_configured, http_get, unique};
 use berth_tests::keyscan::{ProcScan, files_holding, key_forms};
 use berth_tests::missing_component;
@@ -290,7 +292,7 @@ fn berthctl_backs_a_running_tenant_up_and_lists_its_snapshots() {
         return missing_component("restic", &why);
     }
     let repository = tempfile::tempdir().unwrap();
-    let Some(f) = fleet_configured(
+    let Some(mut f) = fleet_configured(
         &format!(
             "[backup]\nrepository = {:?}\n",
             repository.path().display().to_string()
@@ -308,6 +310,7 @@ fn berthctl_backs_a_running_tenant_up_and_lists_its_snapshots() {
         Some("wrote 12 bytes\n")
     );
 
+    let scan = ProcScan::start();
     let (ok, out, err) = f.coordinator.berthctl(&["--json", "backup", &tenant]);
     assert!(ok, "backup: {err}");
     let done: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -352,6 +355,85 @@ fn berthctl_backs_a_running_tenant_up_and_lists_its_snapshots() {
 
     let (ok, _, err) = f.coordinator.berthctl(&["backup", "no-such-tenant"]);
     assert!(!ok && err.contains("unknown tenant"), "{err}");
+
+    // Changed since, then restored in place: the container stops, the host restores the
+    // snapshot, a new container serves the snapshot's files (the later ones are gone). A
+    // snapshot that does not exist is refused before anything stops.
+    assert_eq!(
+        http_get(port, "/write?name=chat.txt&text=changed").as_deref(),
+        Some("wrote 7 bytes\n")
+    );
+    assert_eq!(
+        http_get(port, "/write?name=later.txt&text=after-the-backup").as_deref(),
+        Some("wrote 16 bytes\n")
+    );
+    let container_id = |name: &str| inspect(name).map(|c| c["Id"].clone());
+    let container = container_id(&f.container(&tenant));
+    assert!(container.is_some());
+    let (ok, _, err) = f
+        .coordinator
+        .berthctl(&["restore", &tenant, "--snapshot", "deadbeef"]);
+    assert!(!ok && err.contains("no snapshot deadbeef of"), "{err}");
+    let (ok, _, err) = f
+        .coordinator
+        .berthctl(&["restore", &tenant, "--snapshot", "../x"]);
+    assert!(
+        !ok && err.contains("snapshot_id: invalid snapshot id"),
+        "{err}"
+    );
+    assert_eq!(
+        container_id(&f.container(&tenant)),
+        container,
+        "nothing stopped"
+    );
+    let (ok, out, err) = f.coordinator.berthctl(&["--json", "restore", &tenant]);
+    assert!(ok, "restore: {err}");
+    let restored: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        restored["restored"]["short_id"],
+        snapshot.as_str(),
+        "{restored}"
+    );
+    assert_eq!(
+        restored["restored"]["time"], listed[0]["time"],
+        "{restored}"
+    );
+    assert_ne!(
+        container_id(&f.container(&tenant)),
+        container,
+        "a new container"
+    );
+    let view = f.wait_serving(&tenant, Duration::from_secs(60));
+    let port = view["published_port"].as_u64().unwrap() as u16;
+    assert_eq!(
+        http_get(port, "/read?name=chat.txt").as_deref(),
+        Some("hello-backup")
+    );
+    assert!(
+        http_get(port, "/read?name=later.txt")
+            .is_some_and(|answer| answer.contains("No such file")),
+        "gone"
+    );
+    assert_eq!(view["restored"]["id"], listed[0]["id"], "{view}");
+    // Done once: an agent restart does not restore again.
+    assert_eq!(
+        http_get(port, "/write?name=after-restore.txt&text=kept").as_deref(),
+        Some("wrote 4 bytes\n")
+    );
+    f.agent.kill9();
+    f.agent.start_with_docker(true);
+    std::thread::sleep(Duration::from_secs(3));
+    let view = f.wait_serving(&tenant, Duration::from_secs(60));
+    let port = view["published_port"].as_u64().unwrap() as u16;
+    assert_eq!(
+        http_get(port, "/read?name=after-restore.txt").as_deref(),
+        Some("kept")
+    );
+    // Through the backup, the listings and the restore: restic ran, and no process showed
+    // the backup key in its argv or environment.
+    let seen = scan.finish();
+    assert!(seen.count("restic") > 0, "the scan watched restic");
+    assert_eq!(seen.holding(&key_forms(&key)), Vec::<String>::new());
 
     // A purge forgets the snapshots, then destroys the backup key.
     let repository_of_tenant = format!("{}/{tenant}", repository.path().display());

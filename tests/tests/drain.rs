@@ -316,9 +316,17 @@ fn a_host_drains_with_its_volumes_never_running_a_tenant_twice_through_abort_and
 }
 
 #[test]
-fn a_drain_stops_at_its_deadline_and_a_lost_hosts_tenants_move_only_when_the_operator_accepts_empty_volumes()
+fn a_drain_stops_at_its_deadline_and_a_lost_hosts_tenants_come_back_from_their_backups_on_the_operators_word()
  {
-    let Some((_net, coordinator, mut hosts)) = fleet(2, true) else {
+    let repository = tempfile::tempdir().unwrap();
+    let Some((_net, coordinator, mut hosts)) = fleet_configured(
+        2,
+        true,
+        &format!(
+            "[backup]\nrepository = {:?}\n",
+            repository.path().display().to_string()
+        ),
+    ) else {
         return;
     };
     let (src, target) = (
@@ -385,6 +393,17 @@ fn a_drain_stops_at_its_deadline_and_a_lost_hosts_tenants_move_only_when_the_ope
         .map(|(t, _)| t)
         .collect();
     assert!(!stranded.is_empty());
+    // Each backed up (restic, into the test's repository), then changed: what changed after
+    // the last backup is lost with the host.
+    let mut snapshots = BTreeMap::new();
+    for tenant in &stranded {
+        let done = json(&coordinator, &["backup", tenant]);
+        snapshots.insert(
+            tenant.clone(),
+            done["snapshot_id"].as_str().unwrap().to_string(),
+        );
+        std::fs::write(hosts[0].volume(tenant).join("after-backup.txt"), "lost").unwrap();
+    }
 
     // The source is lost (its machine gone, containers and all).
     hosts[0].agent.kill9();
@@ -411,7 +430,8 @@ fn a_drain_stops_at_its_deadline_and_a_lost_hosts_tenants_move_only_when_the_ope
         "still assigned to the lost host: {placements:?}"
     );
 
-    // Accepted: each starts on the target, with an empty volume.
+    // Accepted: each starts on the target, its volume restored from its latest backup (the
+    // host is unreachable: the data can only come from the repository).
     let forced = json(&coordinator, &["drain", &src, "--force-lost"]);
     assert_eq!(forced["force_lost"], true);
     let done = wait_for("the forced drain ended", Duration::from_secs(90), || {
@@ -426,16 +446,24 @@ fn a_drain_stops_at_its_deadline_and_a_lost_hosts_tenants_move_only_when_the_ope
             .then_some(())
     });
     for m in done["moves"].as_array().unwrap() {
-        assert_eq!(m["phase"], "started_empty", "{m}");
-    }
-    for tenant in data.keys() {
-        let volume = hosts[1].volume(tenant);
-        assert!(volume.is_dir(), "a volume for {tenant}");
-        assert_eq!(
-            volume.join("data.bin").exists(),
-            !stranded.contains(tenant),
-            "{tenant}: moved in time with its data, or lost and started empty as accepted"
+        let tenant = m["tenant_id"].as_str().unwrap();
+        assert_eq!(m["phase"], "restored", "{m}");
+        assert_eq!(m["restored"]["short_id"], snapshots[tenant].as_str(), "{m}");
+        assert!(
+            m["error"].as_str().unwrap().starts_with(&format!(
+                "{src} was lost: restored on {target} from snapshot "
+            )),
+            "the recovery point is reported: {m}"
         );
+    }
+    for (tenant, digest) in &data {
+        let volume = hosts[1].volume(tenant);
+        assert_eq!(
+            sha256_file(&volume.join("data.bin")),
+            *digest,
+            "{tenant}: moved in time with its data, or restored from its backup"
+        );
+        assert!(!volume.join("after-backup.txt").exists(), "{tenant}");
     }
 
     // The lost host comes back: fenced (none of the tenants that left runs there again), and

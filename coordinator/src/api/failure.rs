@@ -159,7 +159,7 @@ impl From<DrainError> for Failure {
         let kind = match &e {
             DrainError::UnknownHost(_) | DrainError::NoDrain(_) => Kind::NotFound,
             DrainError::AlreadyDraining(_) => Kind::Conflict,
-            DrainError::Refused { .. } => Kind::Precondition,
+            DrainError::Refused { .. } | DrainError::NothingToRestore(_) => Kind::Precondition,
             DrainError::Store(_) | DrainError::Registry(_) => Kind::Internal,
         };
         with(kind, e)
@@ -188,8 +188,15 @@ impl From<BackupError> for Failure {
     fn from(e: BackupError) -> Self {
         match e {
             BackupError::Link(link) => link.into(),
-            BackupError::UnknownTenant(_) => with(Kind::NotFound, e),
-            BackupError::NotConfigured | BackupError::Failed { .. } => with(Kind::Precondition, e),
+            BackupError::Place(place) => place.into(),
+            BackupError::UnknownTenant(_) | BackupError::NoSnapshot { .. } => {
+                with(Kind::NotFound, e)
+            }
+            BackupError::BadSnapshot(_) => with(Kind::BadRequest, e),
+            BackupError::NotConfigured
+            | BackupError::Failed { .. }
+            | BackupError::NeverBackedUp(_)
+            | BackupError::NotRestored { .. } => with(Kind::Precondition, e),
             BackupError::StoredPlacement(_) | BackupError::Keys(_) => with(Kind::Internal, e),
         }
     }

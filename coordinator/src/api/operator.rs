@@ -355,6 +355,20 @@ impl OperatorService for OperatorApi {
             .map_err(status)
     }
 
+    async fn restore_tenant(
+        &self,
+        request: Request<proto::RestoreTenantRequest>,
+    ) -> Result<Response<proto::RestoreTenantResponse>, Status> {
+        let r = request.get_ref();
+        let id = tenant_id("tenant_id", &r.tenant_id)?;
+        let snapshot = (!r.snapshot_id.is_empty()).then_some(r.snapshot_id.as_str());
+        self.coordinator
+            .restore(&id, snapshot)
+            .await
+            .map(Response::new)
+            .map_err(status)
+    }
+
     async fn drain_host(
         &self,
         request: Request<proto::DrainRequest>,

@@ -19,7 +19,10 @@ use serde::Deserialize;
 use crate::api::Backend;
 use crate::api::failure::{Failure, bad_id};
 use crate::api::operator::{spelled_for, unknown_host, unknown_tenant};
-use crate::api::views::{DrainView, HostView, PlacementView, RemovalView, RestartView, TenantView};
+use crate::api::views::{
+    BackupView, DrainView, HostView, PlacementView, RemovalView, RestartView, RestoreView,
+    SnapshotView, TenantView,
+};
 use crate::coordinator::{Access, Coordinator};
 use crate::drain::{DrainOptions, Drainer};
 
@@ -200,6 +203,42 @@ async fn restart(State(c): Shared, Path(id): Path<String>) -> ApiResult<RestartV
     Ok(Json(RestartView::from(&done)))
 }
 
+/// `POST /v1/tenants/{id}/backups`: backs the tenant up now; answers with the snapshot.
+async fn backup(State(c): Shared, Path(id): Path<String>) -> ApiResult<BackupView> {
+    let id = tenant_id(&id)?;
+    let done = c.backup(&id).await?;
+    Ok(Json(BackupView::from(&done)))
+}
+
+/// `GET /v1/tenants/{id}/backups`: the tenant's snapshots, oldest first.
+async fn list_backups(State(c): Shared, Path(id): Path<String>) -> ApiResult<Vec<SnapshotView>> {
+    let id = tenant_id(&id)?;
+    let listed = c.list_backups(&id).await?;
+    Ok(Json(
+        listed.snapshots.iter().map(SnapshotView::from).collect(),
+    ))
+}
+
+/// `POST /v1/tenants/{id}/restore` options.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestoreBody {
+    /// Default: the latest.
+    snapshot: Option<String>,
+}
+
+/// `POST /v1/tenants/{id}/restore`: answers once the tenant runs on its restored volume.
+async fn restore(State(c): Shared, Path(id): Path<String>, body: Bytes) -> ApiResult<RestoreView> {
+    let id = tenant_id(&id)?;
+    let body: RestoreBody = if body.is_empty() {
+        RestoreBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| Failure::field("restore body", e))?
+    };
+    let done = c.restore(&id, body.snapshot.as_deref()).await?;
+    Ok(Json(RestoreView::from(&done)))
+}
+
 /// `POST /v1/hosts/{id}/drain` options (all optional).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -213,6 +252,8 @@ struct DrainBody {
     force_lost: bool,
     #[serde(default)]
     no_precopy: bool,
+    #[serde(default)]
+    empty: bool,
 }
 
 async fn drain(
@@ -238,6 +279,7 @@ async fn drain(
         max_parallel: body.max_parallel.unwrap_or(0),
         force_lost: body.force_lost,
         no_precopy: body.no_precopy,
+        empty: body.empty,
     })?;
     let status = d.drain(options).await?;
     Ok(Json(DrainView::from(&status)))
@@ -272,6 +314,8 @@ pub fn router(backend: Backend) -> axum::Router {
         .route("/v1/tenants/{id}", get(get_tenant).delete(remove))
         .route("/v1/tenants/{id}/egress", put(set_egress))
         .route("/v1/tenants/{id}/restart", post(restart))
+        .route("/v1/tenants/{id}/backups", get(list_backups).post(backup))
+        .route("/v1/tenants/{id}/restore", post(restore))
         .layer(middleware::from_fn_with_state(
             backend.coordinator.clone(),
             authorize,

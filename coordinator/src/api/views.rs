@@ -198,6 +198,76 @@ pub struct TenantView {
     /// What the host's restart scheduler last did for this tenant.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub restart_note: String,
+    /// The snapshot its volume was last restored from on its host (its recovery point).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restored: Option<SnapshotView>,
+}
+
+/// A restic snapshot of a tenant's volume.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotView {
+    pub id: String,
+    pub short_id: String,
+    /// When it was taken (RFC 3339).
+    pub time: String,
+}
+
+impl From<&proto::BackupSnapshot> for SnapshotView {
+    fn from(s: &proto::BackupSnapshot) -> Self {
+        Self {
+            id: s.id.clone(),
+            short_id: s.short_id.clone(),
+            time: s.time.clone(),
+        }
+    }
+}
+
+/// A finished `berthctl backup`.
+#[derive(Debug, Serialize)]
+pub struct BackupView {
+    pub tenant_id: String,
+    pub host_id: String,
+    pub snapshot_id: String,
+    pub files_new: u64,
+    pub files_changed: u64,
+    /// What the repository grew by (after deduplication), and what was read.
+    pub bytes_added: u64,
+    pub bytes_processed: u64,
+    pub duration_ms: u64,
+}
+
+impl From<&proto::BackupTenantResponse> for BackupView {
+    fn from(r: &proto::BackupTenantResponse) -> Self {
+        let b = r.backup.clone().unwrap_or_default();
+        Self {
+            tenant_id: r.tenant_id.clone(),
+            host_id: r.host_id.clone(),
+            snapshot_id: b.snapshot_id,
+            files_new: b.files_new,
+            files_changed: b.files_changed,
+            bytes_added: b.bytes_added,
+            bytes_processed: b.bytes_processed,
+            duration_ms: b.duration_ms,
+        }
+    }
+}
+
+/// A finished `berthctl restore`.
+#[derive(Debug, Serialize)]
+pub struct RestoreView {
+    pub tenant_id: String,
+    pub host_id: String,
+    pub restored: Option<SnapshotView>,
+}
+
+impl From<&proto::RestoreTenantResponse> for RestoreView {
+    fn from(r: &proto::RestoreTenantResponse) -> Self {
+        Self {
+            tenant_id: r.tenant_id.clone(),
+            host_id: r.host_id.clone(),
+            restored: r.restored.as_ref().map(SnapshotView::from),
+        }
+    }
 }
 
 /// A finished `berthctl restart`.
@@ -245,6 +315,9 @@ pub struct MoveView {
     pub eta_ms: u64,
     pub memory_bytes: u64,
     pub error: String,
+    /// A lost host's tenant restored from a backup: the snapshot (its recovery point).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restored: Option<SnapshotView>,
 }
 
 impl From<&proto::DrainStatus> for DrainView {
@@ -270,6 +343,7 @@ impl From<&proto::DrainStatus> for DrainView {
                     eta_ms: m.eta_ms,
                     memory_bytes: m.memory_bytes,
                     error: m.error.clone(),
+                    restored: m.restored.as_ref().map(SnapshotView::from),
                 })
                 .collect(),
         }
@@ -397,6 +471,7 @@ impl From<&proto::Tenant> for TenantView {
             last_restart: rfc3339(status.last_restart_unix_ms),
             next_restart: rfc3339(status.next_restart_unix_ms),
             restart_note: status.restart_note,
+            restored: status.restored.as_ref().map(SnapshotView::from),
         }
     }
 }

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use berth_coordinator::api::client::{ClientOptions, OperatorClient, connect};
 use berth_coordinator::api::views::{
-    DrainView, HostView, PlacementView, RemovalView, RestartView, TenantView,
+    BackupView, DrainView, HostView, PlacementView, RemovalView, RestartView, RestoreView,
+    SnapshotView, TenantView,
 };
 use berth_shared::proto::{self, HostRef};
 use berth_shared::spec::{EgressFile, TenantSpecFile};
@@ -71,6 +72,15 @@ enum Command {
     Backup { tenant: String },
     /// List a tenant's backups (restic snapshots), oldest first.
     Backups { tenant: String },
+    /// Replace a tenant's volume contents with a backup: its container stops, its host
+    /// restores, it starts again; waits until it runs.
+    Restore {
+        tenant: String,
+        /// The snapshot (its id or short id, as `berthctl backups` lists it); default: the
+        /// latest.
+        #[arg(long)]
+        snapshot: Option<String>,
+    },
     /// Move every tenant off a host (cordoned first), with its volume; or, with --dry-run,
     /// only show the plan (or why it cannot be done).
     Drain {
@@ -83,9 +93,13 @@ enum Command {
         /// Tenants moved at once.
         #[arg(long, default_value_t = 2)]
         max_parallel: u32,
-        /// The host is lost: start its tenants elsewhere with empty volumes.
+        /// The host is lost: start its tenants elsewhere, each restored from its latest
+        /// backup (one never backed up starts empty).
         #[arg(long)]
         force_lost: bool,
+        /// With --force-lost: start them on empty volumes, without restoring.
+        #[arg(long, requires = "force_lost")]
+        empty: bool,
         /// Copy each volume only once its tenant stopped (no pre-copy while it runs).
         #[arg(long)]
         no_precopy: bool,
@@ -336,6 +350,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             deadline,
             max_parallel,
             force_lost,
+            empty,
             no_precopy,
             wait,
         } => {
@@ -346,6 +361,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 max_parallel,
                 force_lost,
                 no_precopy,
+                empty,
             };
             drain(&mut client, request, wait, cli.json).await?;
         }
@@ -375,7 +391,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .backup_tenant(proto::TenantRef { tenant_id: tenant })
                 .await?
                 .into_inner();
-            print_backup(cli.json, &done)?;
+            print_backup(cli.json, &BackupView::from(&done))?;
+        }
+        Command::Restore { tenant, snapshot } => {
+            let done = client
+                .restore_tenant(proto::RestoreTenantRequest {
+                    tenant_id: tenant,
+                    snapshot_id: snapshot.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            print_restore(cli.json, &RestoreView::from(&done))?;
         }
         Command::Backups { tenant } => {
             let listed = client
@@ -485,51 +511,51 @@ fn print_restart(json: bool, view: &RestartView) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_backup(json: bool, done: &proto::BackupTenantResponse) -> anyhow::Result<()> {
-    let b = done.backup.clone().unwrap_or_default();
+fn print_backup(json: bool, view: &BackupView) -> anyhow::Result<()> {
     if json {
-        berth_shared::outln!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "tenant_id": done.tenant_id,
-                "host_id": done.host_id,
-                "snapshot_id": b.snapshot_id,
-                "files_new": b.files_new,
-                "files_changed": b.files_changed,
-                "bytes_added": b.bytes_added,
-                "bytes_processed": b.bytes_processed,
-                "duration_ms": b.duration_ms,
-            }))?
-        );
+        berth_shared::outln!("{}", serde_json::to_string_pretty(view)?);
     } else {
         berth_shared::outln!(
             "backed up {} on {}: snapshot {}, {} new and {} changed files, {} bytes added of {} read, {:.1} s",
-            done.tenant_id,
-            done.host_id,
-            b.snapshot_id,
-            b.files_new,
-            b.files_changed,
-            b.bytes_added,
-            b.bytes_processed,
-            b.duration_ms as f64 / 1000.0
+            view.tenant_id,
+            view.host_id,
+            view.snapshot_id,
+            view.files_new,
+            view.files_changed,
+            view.bytes_added,
+            view.bytes_processed,
+            view.duration_ms as f64 / 1000.0
         );
     }
     Ok(())
 }
 
 fn print_backups(json: bool, listed: &proto::ListBackupsResponse) -> anyhow::Result<()> {
+    let snapshots: Vec<SnapshotView> = listed.snapshots.iter().map(SnapshotView::from).collect();
     if json {
-        let snapshots: Vec<serde_json::Value> = listed
-            .snapshots
-            .iter()
-            .map(|s| serde_json::json!({ "id": s.id, "short_id": s.short_id, "time": s.time }))
-            .collect();
         berth_shared::outln!("{}", serde_json::to_string_pretty(&snapshots)?);
     } else {
         berth_shared::outln!("{:<10} TIME", "SNAPSHOT");
-        for s in &listed.snapshots {
+        for s in &snapshots {
             berth_shared::outln!("{:<10} {}", s.short_id, s.time);
         }
+    }
+    Ok(())
+}
+
+fn print_restore(json: bool, view: &RestoreView) -> anyhow::Result<()> {
+    if json {
+        berth_shared::outln!("{}", serde_json::to_string_pretty(view)?);
+    } else {
+        let (id, time) = view
+            .restored
+            .as_ref()
+            .map_or(("?", "?"), |s| (s.short_id.as_str(), s.time.as_str()));
+        berth_shared::outln!(
+            "restored {} on {} from snapshot {id} of {time}: it runs again",
+            view.tenant_id,
+            view.host_id
+        );
     }
     Ok(())
 }

@@ -412,6 +412,7 @@ async fn a_draining_hosts_page_shows_each_moves_target_and_phase() {
             deadline: std::time::Duration::from_secs(600),
             max_parallel: 2,
             force_lost: false,
+            empty: false,
             no_precopy: false,
         })
         .await

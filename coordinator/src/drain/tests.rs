@@ -132,6 +132,7 @@ impl Fleet {
             deadline: DEFAULT_DEADLINE,
             max_parallel: DEFAULT_MAX_PARALLEL,
             force_lost: false,
+            empty: false,
             no_precopy: false,
         }
     }
@@ -564,13 +565,14 @@ async fn a_lost_hosts_tenants_stay_unless_forced_then_start_empty_and_its_copy_i
     assert_eq!(phase, "blocked");
     assert_eq!(
         error,
-        "host src is unreachable: t1 stays assigned to it; `berthctl drain src --force-lost` starts it on dst with an empty volume"
+        "host src is unreachable: t1 stays assigned to it; `berthctl drain src --force-lost` starts it on dst restored from its latest backup"
     );
     assert_eq!(f.placed_on("t1"), "src");
     // On the operator's word: started on the target, empty, under a new key.
     let status = f
         .drain(DrainOptions {
             force_lost: true,
+            empty: true,
             ..f.options(0)
         })
         .await;
@@ -598,4 +600,128 @@ async fn a_lost_hosts_tenants_stay_unless_forced_then_start_empty_and_its_copy_i
     .await;
     assert!(f.runs_healthy(&id("t1"), &f.hosts[1]));
     assert_eq!(f.agents.overlaps(), Vec::<String>::new());
+}
+
+/// A lost host's tenants start elsewhere restored from their latest backups, each move
+/// reporting its recovery point; one never backed up starts empty and says so; without
+/// `--empty` and without a backup repository the drain is refused.
+#[tokio::test(start_paused = true)]
+async fn a_lost_hosts_tenants_start_elsewhere_from_their_latest_backups() {
+    let f = Fleet::new(&[("src", 16), ("dst", 16)]);
+    f.place_on(0, &["t1", "t2"], "business", true).await;
+    f.agents.write(&f.hosts[0], &id("t1"));
+    f.c.backup(&id("t1")).await.expect("first backup");
+    f.agents.write(&f.hosts[0], &id("t1"));
+    f.c.backup(&id("t1")).await.expect("second backup");
+    let backed_up = f.agents.volume(&f.hosts[0], &id("t1")).unwrap().content;
+    // Written after its last backup: lost with the host.
+    f.agents.write(&f.hosts[0], &id("t1"));
+    let listed = f.c.list_backups(&id("t1")).await.unwrap().snapshots;
+    assert_eq!(listed.len(), 2);
+    f.agents.disconnect(&f.hosts[0], true);
+
+    let status = f
+        .drain(DrainOptions {
+            force_lost: true,
+            ..f.options(0)
+        })
+        .await;
+    assert_eq!(status.phase, "done", "{:?}", moves(&status));
+    let all = moves(&status);
+    let (phase, note) = &all["t1"];
+    assert_eq!(phase, "restored");
+    assert_eq!(
+        note,
+        &format!(
+            "src was lost: restored on dst from snapshot {} of {}",
+            listed[1].short_id, listed[1].time
+        )
+    );
+    let point = status
+        .moves
+        .iter()
+        .find(|m| m.tenant_id == "t1")
+        .and_then(|m| m.restored.clone())
+        .expect("a recovery point");
+    assert_eq!(point.id, listed[1].id, "the latest snapshot");
+    assert_eq!(
+        f.agents.volume(&f.hosts[1], &id("t1")).unwrap().content,
+        backed_up,
+        "the data of its last backup"
+    );
+    let (phase, note) = &all["t2"];
+    assert_eq!(phase, "started_empty");
+    assert_eq!(
+        note,
+        "src was lost and t2 was never backed up: started on dst with an empty volume"
+    );
+    assert!(f.runs_healthy(&id("t1"), &f.hosts[1]));
+    // The restore is not asked again of a later move: the volume travels with the tenant.
+    let record = f.c.placements.tenant_record(&id("t1")).unwrap();
+    let moved =
+        f.c.placements
+            .relocate(&id("t1"), &f.hosts[1], false)
+            .unwrap();
+    assert!(record.spec.restore.is_some());
+    assert_eq!(
+        f.c.placements
+            .tenant_record(&id("t1"))
+            .unwrap()
+            .spec
+            .restore,
+        None,
+        "generation {}",
+        moved.placement.generation
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restoring_drain_needs_a_backup_repository_and_empty_needs_force_lost() {
+    let clock = Arc::new(ManualClock::at(seed::SEED_TIME_MS));
+    let store: Arc<MemStore> = Arc::default();
+    let mut c = seed::open(
+        store.clone(),
+        clock,
+        Keyring::in_memory(),
+        FakeAgents::new(),
+    )
+    .unwrap();
+    c.config.backup_repository = None;
+    let c = Arc::new(c);
+    let h = host("src");
+    seed::enroll(
+        &c,
+        &h,
+        "00000000",
+        seed::facts(&h, Provider::Hetzner, "fsn1", 16, 8),
+    )
+    .unwrap();
+    let d = Drainer::open(c.clone(), store).unwrap();
+    let err = d
+        .drain(DrainOptions {
+            host: h.clone(),
+            dry_run: false,
+            deadline: DEFAULT_DEADLINE,
+            max_parallel: DEFAULT_MAX_PARALLEL,
+            force_lost: true,
+            empty: false,
+            no_precopy: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "cannot restore src's tenants: the coordinator's config has no [backup] repository; `berthctl drain src --force-lost --empty` starts them on empty volumes"
+    );
+    assert!(d.drain_status(&h).is_err(), "nothing started");
+    let err = DrainOptions::from_request(&proto::DrainRequest {
+        host_id: "src".into(),
+        empty: true,
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "empty: only with force_lost (a reachable host's tenants move with their volumes)"
+    );
 }

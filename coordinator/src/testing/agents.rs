@@ -82,6 +82,8 @@ struct Host {
     volumes: BTreeMap<TenantId, Volume>,
     /// Pre-copies kept aside, by transfer id.
     aside: BTreeMap<u64, (TenantId, Volume)>,
+    /// Per tenant, the last restore done here: its id and the snapshot restored.
+    restored: BTreeMap<TenantId, (u64, proto::BackupSnapshot)>,
 }
 
 /// A transfer between two played hosts.
@@ -99,6 +101,8 @@ struct Fleet {
     overlaps: Vec<String>,
     /// Every volume command answered or cancelled, as "host action tenant".
     log: Vec<String>,
+    /// The backup repository: per tenant, its snapshots (oldest first) and what each holds.
+    backups: BTreeMap<TenantId, Vec<(proto::BackupSnapshot, Volume)>>,
 }
 
 /// The played agents (see the module doc).
@@ -228,6 +232,12 @@ impl FakeAgents {
                 .filter_map(|s| TenantId::new(&s.tenant_id).ok())
                 .map(|t| (t, state.generation))
                 .collect();
+            let restores: BTreeMap<TenantId, proto::RestoreRequest> = state
+                .tenants
+                .iter()
+                .filter_map(|s| Some((TenantId::new(&s.tenant_id).ok()?, s.restore.clone()?)))
+                .collect();
+            let backups = fleet.backups.clone();
             let others: Vec<(HostId, BTreeSet<TenantId>)> = fleet
                 .hosts
                 .iter()
@@ -259,6 +269,27 @@ impl FakeAgents {
                         content: 0,
                         bytes: VOLUME_BYTES,
                     });
+                    // A restore not done here yet: from the snapshot asked for (or the latest).
+                    if let Some(r) = restores.get(tenant)
+                        && entry
+                            .restored
+                            .get(tenant)
+                            .is_none_or(|(id, _)| *id != r.restore_id)
+                    {
+                        let snapshots = backups.get(tenant).cloned().unwrap_or_default();
+                        let chosen = match r.snapshot_id.as_str() {
+                            "" => snapshots.last(),
+                            id => snapshots.iter().find(|(s, _)| s.id.starts_with(id)),
+                        };
+                        // Not started on an unrestored volume.
+                        let Some((snapshot, volume)) = chosen.cloned() else {
+                            continue;
+                        };
+                        entry.volumes.insert(tenant.clone(), volume);
+                        entry
+                            .restored
+                            .insert(tenant.clone(), (r.restore_id, snapshot));
+                    }
                     entry.running.insert(tenant.clone(), (*generation, false));
                 }
             }
@@ -268,12 +299,17 @@ impl FakeAgents {
             let statuses: Vec<proto::TenantStatus> = entry
                 .running
                 .iter()
-                .map(|(tenant, (generation, healthy))| proto::TenantStatus {
-                    tenant_id: tenant.to_string(),
-                    state: proto::TenantState::Running as i32,
-                    generation: *generation,
-                    healthy: *healthy,
-                    ..Default::default()
+                .map(|(tenant, (generation, healthy))| {
+                    let restored = entry.restored.get(tenant);
+                    proto::TenantStatus {
+                        tenant_id: tenant.to_string(),
+                        state: proto::TenantState::Running as i32,
+                        generation: *generation,
+                        healthy: *healthy,
+                        restore_id: restored.map_or(0, |(id, _)| *id),
+                        restored: restored.map(|(_, s)| s.clone()),
+                        ..Default::default()
+                    }
                 })
                 .collect();
             fleet.overlaps.extend(overlaps);
@@ -394,6 +430,55 @@ impl FakeAgents {
                 proto::VolumeResult {
                     erased: deleted,
                     deleted,
+                    ..result(Ok(Moved {
+                        bytes: 0,
+                        sha256: String::new(),
+                    }))
+                }
+            }
+            proto::VolumeAction::Backup => {
+                let mut fleet = self.fleet();
+                let entry = fleet.hosts.entry(host.clone()).or_default();
+                let Some(volume) = entry
+                    .volumes
+                    .get(&tenant)
+                    .copied()
+                    .filter(|_| entry.running.contains_key(&tenant))
+                else {
+                    return result(Err(Refusal(format!(
+                        "volume: {tenant} is not open on this host"
+                    ))));
+                };
+                let snapshots = fleet.backups.entry(tenant.clone()).or_default();
+                let n = snapshots.len() + 1;
+                let snapshot = proto::BackupSnapshot {
+                    id: format!("{n:08x}{}", "0".repeat(56)),
+                    short_id: format!("{n:08x}"),
+                    time: format!("2026-12-{n:02}T03:00:00Z"),
+                };
+                snapshots.push((snapshot.clone(), volume));
+                drop(fleet);
+                self.note(host, action, &tenant, "");
+                proto::VolumeResult {
+                    backup: Some(proto::BackupSummary {
+                        snapshot_id: snapshot.id,
+                        ..Default::default()
+                    }),
+                    ..result(Ok(Moved {
+                        bytes: 0,
+                        sha256: String::new(),
+                    }))
+                }
+            }
+            proto::VolumeAction::ListBackups => {
+                let snapshots = self
+                    .fleet()
+                    .backups
+                    .get(&tenant)
+                    .map(|s| s.iter().map(|(s, _)| s.clone()).collect())
+                    .unwrap_or_default();
+                proto::VolumeResult {
+                    snapshots,
                     ..result(Ok(Moved {
                         bytes: 0,
                         sha256: String::new(),

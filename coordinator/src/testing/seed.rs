@@ -86,8 +86,14 @@ pub fn open(
     keyring: crate::keys::keyring::Keyring,
     agents: Arc<dyn AgentLink>,
 ) -> Result<Coordinator, SeedError> {
+    let config = CoordinatorConfig {
+        backup_repository: Some(
+            berth_shared::backup::Repository::new("/srv/berth-backups").map_err(err)?,
+        ),
+        ..CoordinatorConfig::default()
+    };
     Coordinator::open(
-        CoordinatorConfig::default(),
+        config,
         store,
         clock,
         CertificateAuthority::generate("seed").map_err(err)?,

@@ -186,7 +186,7 @@ impl BackupEngine for Restic {
         id: &str,
         into: &Path,
     ) -> Result<(), BackupError> {
-        let id = super::snapshot_id(id)?;
+        let id = berth_shared::backup::snapshot_id(id)?;
         let target = into.to_string_lossy();
         self.run(
             "restore",

@@ -93,7 +93,7 @@ fn a_bad_snapshot_id_changes_nothing() {
     ] {
         let err = restore_volume(&engine, "/repo/t", &key(), bad, volume.path()).unwrap_err();
         assert!(
-            matches!(err, BackupError::BadSnapshot(ref id) if id == bad),
+            matches!(err, BackupError::BadSnapshot(ref id) if id.0 == bad),
             "{bad}: {err}"
         );
     }

@@ -5,9 +5,10 @@ use berth_shared::proto;
 use super::*;
 use crate::testing::runtime::FakeRuntime;
 
-/// Records the order of volume and egress steps into the runtime's call log.
+/// Records the order of volume and egress steps into the runtime's call log; volumes are
+/// directories under the path given (or named under `/vol` without one).
 #[derive(Debug)]
-struct RecordingSteps(Arc<FakeRuntime>);
+struct RecordingSteps(Arc<FakeRuntime>, Option<std::path::PathBuf>);
 
 #[tonic::async_trait]
 impl VolumeStep for RecordingSteps {
@@ -16,7 +17,14 @@ impl VolumeStep for RecordingSteps {
             return Err(PrepareError::WaitingForKey);
         }
         self.0.record(format!("volume {}", s.tenant_id));
-        Ok(format!("/vol/{}", s.tenant_id).into())
+        match &self.1 {
+            Some(root) => {
+                let volume = root.join(s.tenant_id.as_str());
+                std::fs::create_dir_all(&volume).unwrap();
+                Ok(volume)
+            }
+            None => Ok(format!("/vol/{}", s.tenant_id).into()),
+        }
     }
     async fn release(&self, t: &str) -> Result<(), VolumeError> {
         self.0.record(format!("rm-volume {t}"));
@@ -123,11 +131,24 @@ async fn with_a_running() -> (Arc<FakeRuntime>, Arc<Reconciler>) {
 }
 
 fn reconciler(fake: &Arc<FakeRuntime>) -> Arc<Reconciler> {
-    let steps = Arc::new(RecordingSteps(fake.clone()));
+    let restores = Restorer {
+        engine: Arc::new(crate::testing::backup::FakeEngine::default()),
+        source: Arc::new(crate::testing::backup::FakeRestoreSource::default()),
+    };
+    reconciler_with(fake, restores, None)
+}
+
+fn reconciler_with(
+    fake: &Arc<FakeRuntime>,
+    restores: Restorer,
+    volumes: Option<std::path::PathBuf>,
+) -> Arc<Reconciler> {
+    let steps = Arc::new(RecordingSteps(fake.clone(), volumes));
     Arc::new(Reconciler {
         host: HostId::new("h1").unwrap(),
         runtime: fake.clone(),
         volumes: steps.clone(),
+        restores,
         egress: steps,
         cgroups: None,
         oom_events: Arc::default(),
@@ -312,6 +333,93 @@ async fn a_creation_takes_its_port_from_a_listing_made_then_not_from_its_pass() 
         .map(|c| c.port)
         .collect();
     assert_eq!(ports, vec![20001]);
+}
+
+/// A restore asked of a running tenant: its container goes, and a new one starts only on the
+/// restored volume (waiting, stopped, until the backup access came); later passes leave it
+/// be, and its status names the snapshot restored.
+#[tokio::test]
+async fn a_restore_asked_of_a_running_tenant_replaces_its_volume_once_before_it_starts_again() {
+    use crate::backup::Snapshot;
+    use crate::testing::backup::{FakeEngine, FakeRestoreSource};
+    use std::sync::atomic::Ordering;
+    let volumes = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::default());
+    fake.images.lock().unwrap().push("img:1".into());
+    let engine = Arc::new(FakeEngine {
+        files: vec![("notes.txt", "from the backup")],
+        snapshots: vec![Snapshot {
+            id: "ab".repeat(32),
+            short_id: "abababab".into(),
+            time: "2026-12-06T03:00:00Z".into(),
+        }],
+        ..FakeEngine::default()
+    });
+    let source = Arc::new(FakeRestoreSource::default());
+    let restores = Restorer {
+        engine: engine.clone(),
+        source: source.clone(),
+    };
+    let r = reconciler_with(&fake, restores, Some(volumes.path().into()));
+    let mut a = spec("a", "img:1");
+    r.reconcile(&Desired {
+        generation: 1,
+        tenants: vec![a.clone()],
+        staged: vec![],
+    })
+    .await;
+    let notes = volumes.path().join("a/notes.txt");
+    std::fs::write(&notes, "written since").unwrap();
+    fake.calls.lock().unwrap().clear();
+
+    a.restore = Some(berth_shared::spec::Restore {
+        id: 2,
+        snapshot: None,
+    });
+    let desired = Desired {
+        generation: 2,
+        tenants: vec![a],
+        staged: vec![],
+    };
+    let statuses = r.reconcile(&desired).await;
+    assert_eq!(fake.calls()[..6], TEARDOWN_OF_A);
+    assert_eq!(statuses[0].state, proto::TenantState::WaitingForKey as i32);
+    assert_eq!(
+        statuses[0].message,
+        "waiting for its backup access from the coordinator, to restore its volume"
+    );
+    assert!(fake.containers.lock().unwrap().is_empty(), "not started");
+    assert_eq!(std::fs::read_to_string(&notes).unwrap(), "written since");
+
+    source.access.store(true, Ordering::SeqCst);
+    r.reconcile(&desired).await;
+    let statuses = r.reconcile(&desired).await;
+    assert_eq!(statuses[0].state, proto::TenantState::Running as i32);
+    assert_eq!(std::fs::read_to_string(&notes).unwrap(), "from the backup");
+    assert_eq!(statuses[0].restore_id, 2);
+    assert_eq!(
+        statuses[0].restored.as_ref().map(|s| s.time.as_str()),
+        Some("2026-12-06T03:00:00Z")
+    );
+    fake.calls.lock().unwrap().clear();
+    r.reconcile(&desired).await;
+    assert!(
+        !fake
+            .calls()
+            .iter()
+            .any(|c| c.starts_with("stop") || c.starts_with("create")),
+        "{:?}",
+        fake.calls()
+    );
+    let restores = engine.calls.lock().unwrap().clone();
+    assert_eq!(
+        restores,
+        [format!(
+            "restore /repo/a {} {}",
+            "ab".repeat(32),
+            volumes.path().join("a/.berth-restore").display()
+        )]
+    );
 }
 
 #[tokio::test]

@@ -1,10 +1,39 @@
 //! A recording backup engine: restores write the files it is given (or fail after them), every
 //! call is recorded as a line.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
 
+use berth_shared::ids::TenantId;
+use berth_shared::store::StoreError;
+
+use crate::backup::restore::{BackupAccess, RestoreSource, Restored};
 use crate::backup::{BackupEngine, BackupError, BackupKey, BackupSummary, Retention, Snapshot};
+
+/// Backup access for every tenant (or none), restore marks in memory.
+#[derive(Debug, Default)]
+pub struct FakeRestoreSource {
+    pub access: std::sync::atomic::AtomicBool,
+    pub marks: Mutex<HashMap<TenantId, Restored>>,
+}
+
+impl RestoreSource for FakeRestoreSource {
+    fn backup_access(&self, tenant: &TenantId) -> Option<BackupAccess> {
+        let held = self.access.load(std::sync::atomic::Ordering::SeqCst);
+        held.then(|| BackupAccess {
+            repository: format!("/repo/{tenant}"),
+            key: BackupKey::new(vec![7; 32]),
+        })
+    }
+    fn restored(&self, tenant: &TenantId) -> Option<Restored> {
+        self.marks.lock().unwrap().get(tenant).cloned()
+    }
+    fn record_restored(&self, tenant: &TenantId, r: &Restored) -> Result<(), StoreError> {
+        self.marks.lock().unwrap().insert(tenant.clone(), r.clone());
+        Ok(())
+    }
+}
 
 /// Restores by writing the files it was given into the target, or fails; records each call.
 #[derive(Debug, Default)]
@@ -13,6 +42,8 @@ pub struct FakeEngine {
     pub files: Vec<(&'static str, &'static str)>,
     /// Restores fail (after writing the files).
     pub fail: bool,
+    /// What a listing answers.
+    pub snapshots: Vec<Snapshot>,
     /// Each call, as a line.
     pub calls: Mutex<Vec<String>>,
 }
@@ -43,7 +74,7 @@ impl BackupEngine for FakeEngine {
     }
 
     fn snapshots(&self, _: &str, _: &BackupKey) -> Result<Vec<Snapshot>, BackupError> {
-        Ok(Vec::new())
+        Ok(self.snapshots.clone())
     }
 
     fn restore(
