@@ -355,6 +355,33 @@ fn berthctl_backs_a_running_tenant_up_and_lists_its_snapshots() {
 
     let (ok, _, err) = f.coordinator.berthctl(&["backup", "no-such-tenant"]);
     assert!(!ok && err.contains("unknown tenant"), "{err}");
+    // REST gives what berthctl gives, and refuses what it refuses.
+    let (code, from_rest) =
+        f.coordinator
+            .rest("GET", &format!("/v1/tenants/{tenant}/backups"), None, true);
+    assert_eq!(code, 200, "{from_rest}");
+    assert_eq!(from_rest, serde_json::Value::Array(listed.clone()));
+    let (code, refused) = f.coordinator.rest(
+        "POST",
+        &format!("/v1/tenants/{tenant}/restore"),
+        Some(r#"{"snapshot":"--target=/"}"#),
+        true,
+    );
+    assert_eq!(code, 400, "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("snapshot_id: invalid snapshot id"),
+        "{refused}"
+    );
+    let (code, refused) = f.coordinator.rest(
+        "POST",
+        &format!("/v1/tenants/{tenant}/restore"),
+        Some(r#"{"snapshots":"abc"}"#),
+        true,
+    );
+    assert_eq!(code, 400, "{refused}");
 
     // Changed since, then restored in place: the container stops, the host restores the
     // snapshot, a new container serves the snapshot's files (the later ones are gone). A
