@@ -217,6 +217,25 @@ impl Coordinator {
             .filter_map(|h| host_info(h, h.state(now, config.down_after) == HostState::Ready))
             .collect();
         let placements = Placements::load(store, config.placement_policy(), &hosts)?;
+        // Every placed tenant is backed up from now on, if the fleet has a repository: its
+        // backup key exists (and is durable) before any host is sent it.
+        if config.backup_repository.is_some() {
+            let mut made = 0;
+            for tenant in placements.tenants(None) {
+                if let Ok(id) = TenantId::new(&tenant.placement.unwrap_or_default().tenant_id)
+                    && vaults.backup.ensure(&id)?
+                {
+                    made += 1;
+                }
+            }
+            if made > 0 {
+                vaults.backup.sync()?;
+                tracing::info!(
+                    made,
+                    "backup keys made for tenants placed before backups were on"
+                );
+            }
+        }
         Ok(Self {
             config,
             registry,
@@ -283,7 +302,8 @@ impl Coordinator {
         Ok(applied.placement)
     }
 
-    /// Makes an encrypted tenant's key and commits its placement as one step: the key is
+    /// Makes an encrypted tenant's key (and its backup key, when the fleet has a backup
+    /// repository) and commits its placement as one step: the key is
     /// written before the placement (so the flush that makes the placement durable covers it),
     /// and a key made for a placement that then fails is destroyed again. Under `placing`, so
     /// no other placement of the same tenant can see a key this one is about to destroy (two
@@ -295,18 +315,30 @@ impl Coordinator {
     ) -> Result<crate::placement::Applied, PlaceError> {
         let _placing = self.placing.lock().unwrap_or_else(|p| p.into_inner());
         let encrypted = spec.volume.as_ref().is_none_or(|v| v.encrypted);
-        let new_key = match TenantId::new(&spec.tenant_id) {
-            Ok(id) if encrypted => self.keys.ensure(&id).map_err(key_error)?.then_some(id),
+        let backed_up = self.config.backup_repository.is_some();
+        let id = TenantId::new(&spec.tenant_id).ok();
+        let new_key = match &id {
+            Some(id) if encrypted => self.keys.ensure(id).map_err(key_error)?.then_some(id),
+            _ => None,
+        };
+        let new_backup_key = match &id {
+            Some(id) if backed_up => self
+                .backup_keys
+                .ensure(id)
+                .map_err(key_error)?
+                .then_some(id),
             _ => None,
         };
         self.placements
             .place(spec, self.registry.now())
-            .or_else(|e| match new_key {
-                Some(id) => {
-                    self.keys.destroy(&id).map_err(key_error)?;
-                    Err(e)
+            .or_else(|e| {
+                if let Some(id) = new_key {
+                    self.keys.destroy(id).map_err(key_error)?;
                 }
-                None => Err(e),
+                if let Some(id) = new_backup_key {
+                    self.backup_keys.destroy(id).map_err(key_error)?;
+                }
+                Err(e)
             })
     }
 
@@ -692,11 +724,6 @@ impl Coordinator {
         &self,
         tenant: &TenantId,
     ) -> Result<proto::ListBackupsResponse, BackupError> {
-        let repository = self
-            .config
-            .backup_repository
-            .as_ref()
-            .ok_or(BackupError::NotConfigured)?;
         let host = match self.placements.tenant(tenant).and_then(|t| t.placement) {
             Some(p) => {
                 HostId::new(&p.host_id).map_err(|e| BackupError::StoredPlacement(e.to_string()))?
@@ -706,26 +733,38 @@ impl Coordinator {
                 .retained(tenant)
                 .ok_or_else(|| BackupError::UnknownTenant(tenant.clone()))?,
         };
+        Ok(proto::ListBackupsResponse {
+            tenant_id: tenant.to_string(),
+            snapshots: self.snapshots_through(tenant, &host).await?,
+        })
+    }
+
+    /// The snapshots of a tenant's repository, oldest first, as `host` lists them (any host
+    /// of the fleet can: the repository is off-host); none when it has no backup key.
+    pub(crate) async fn snapshots_through(
+        &self,
+        tenant: &TenantId,
+        host: &HostId,
+    ) -> Result<Vec<proto::BackupSnapshot>, BackupError> {
+        let repository = self
+            .config
+            .backup_repository
+            .as_ref()
+            .ok_or(BackupError::NotConfigured)?;
         let Some(key) = self.backup_keys.get(tenant)? else {
-            return Ok(proto::ListBackupsResponse {
-                tenant_id: tenant.to_string(),
-                snapshots: Vec::new(),
-            });
+            return Ok(Vec::new());
         };
         let result = self
             .ask_backups(
                 tenant,
-                &host,
+                host,
                 repository,
                 &key,
                 proto::VolumeAction::ListBackups,
                 LIST_BACKUPS_WAIT,
             )
             .await?;
-        Ok(proto::ListBackupsResponse {
-            tenant_id: tenant.to_string(),
-            snapshots: result.snapshots,
-        })
+        Ok(result.snapshots)
     }
 
     pub(crate) async fn durable(self: &Arc<Self>, seq: u64) -> Result<(), PlaceError> {
@@ -733,6 +772,7 @@ impl Coordinator {
         // A key made for a placement is on disk before the placement is.
         tokio::task::spawn_blocking(move || -> Result<(), PlaceError> {
             me.keys.sync().map_err(key_error)?;
+            me.backup_keys.sync().map_err(key_error)?;
             Ok(me.placements.make_durable(seq)?)
         })
         .await
@@ -1033,6 +1073,25 @@ mod tests {
                 ..Default::default()
             }),
         );
+        // Shredded: its backups go next (the fleet has a repository, and a key for it).
+        if answer.0 {
+            let Some(proto::coordinator_message::Body::Volume(forget)) =
+                rx.recv().await.unwrap().unwrap().body
+            else {
+                panic!("a volume command")
+            };
+            assert_eq!(forget.action, proto::VolumeAction::ForgetBackups as i32);
+            assert_eq!(forget.backup_key.len(), 32);
+            hub.complete(
+                &host,
+                AgentReply::Volume(proto::VolumeResult {
+                    tenant_id: forget.tenant_id.clone(),
+                    request_id: forget.request_id,
+                    ok: true,
+                    ..Default::default()
+                }),
+            );
+        }
         command
     }
 
@@ -1096,9 +1155,9 @@ mod tests {
                 deleted: true,
                 key_destroyed: true,
                 key_kept: false,
-                // Never backed up: no backup key, nothing to forget.
+                // Its backup key was made with the placement; no snapshot was ever made.
                 backups_forgotten: 0,
-                backup_key_destroyed: false,
+                backup_key_destroyed: true,
             }
         );
         assert!(c.keys.get(&id).unwrap().is_none());

@@ -1332,7 +1332,20 @@ impl Drainer {
         if coordinator.keys.has(tenant).map_err(failed)? {
             coordinator.keys.replace(tenant).map_err(failed)?;
         }
-        let backed_up = coordinator.backup_keys.has(tenant).map_err(failed)?;
+        // Its snapshots, listed through the target (the repository is off-host): restored
+        // from the latest if there is one.
+        let backed_up = match restore {
+            false => false,
+            true => !coordinator
+                .snapshots_through(tenant, target)
+                .await
+                .map_err(|e| {
+                    MoveFailure::Failed(format!(
+                        "its backups could not be listed through {target}: {e}"
+                    ))
+                })?
+                .is_empty(),
+        };
         let restoring = restore && backed_up;
         let applied = match restoring {
             true => coordinator.placements.relocate_restoring(tenant, target)?,
@@ -1342,7 +1355,7 @@ impl Drainer {
         self.drains.set_move(source, tenant, |m| {
             m.error = match (restoring, restore) {
                 (true, _) => format!("{source} was lost: restoring it on {target} from its latest backup"),
-                (false, true) => format!("{source} was lost and {tenant} was never backed up: started on {target} with an empty volume"),
+                (false, true) => format!("{source} was lost and {tenant} has no backup: started on {target} with an empty volume"),
                 (false, false) => format!("{source} was lost: started on {target} with an empty volume"),
             };
         })?;

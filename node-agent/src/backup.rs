@@ -12,9 +12,15 @@
 
 pub mod restic;
 pub mod restore;
+pub mod schedule;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
+use berth_shared::ids::TenantId;
+use berth_shared::store::StoreError;
+use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::command::CommandError;
@@ -44,6 +50,14 @@ pub enum BackupError {
     /// A snapshot id that is not restic's hex.
     #[error(transparent)]
     BadSnapshot(#[from] berth_shared::backup::BadSnapshotId),
+    /// The coordinator has not delivered the tenant's backup access to this host.
+    #[error(
+        "no backup access for it on this host (the coordinator delivers it with the volume keys)"
+    )]
+    NoAccess,
+    /// Its volume is not mounted here.
+    #[error("the volume is not open on this host (its tenant does not run here)")]
+    NotOpen,
     /// A file operation on the volume failed.
     #[error("{path}: {source}")]
     Io {
@@ -126,6 +140,118 @@ pub struct Snapshot {
     pub short_id: String,
     /// RFC 3339, as restic gives it.
     pub time: String,
+}
+
+/// Where a tenant is backed up, as its host holds it (in memory only).
+#[derive(Debug, Clone)]
+pub struct BackupAccess {
+    pub repository: String,
+    pub key: BackupKey,
+}
+
+/// A restore this host did: the request's id and the snapshot it restored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Restored {
+    pub id: u64,
+    pub snapshot: Snapshot,
+}
+
+/// What backups and restores need from the agent: the tenant's backup access (in memory), and
+/// the records of what was done (in the agent's store).
+pub trait BackupSource: Send + Sync + std::fmt::Debug {
+    fn backup_access(&self, tenant: &TenantId) -> Option<BackupAccess>;
+    /// The last restore done of `tenant`'s volume on this host.
+    fn restored(&self, tenant: &TenantId) -> Option<Restored>;
+    /// Marks a restore done, durably.
+    fn record_restored(&self, tenant: &TenantId, restored: &Restored) -> Result<(), StoreError>;
+    /// The last backup of `tenant`'s volume made on this host.
+    fn last_backup(&self, tenant: &TenantId) -> Option<BackupRecord>;
+    fn record_backup(&self, tenant: &TenantId, record: &BackupRecord) -> Result<(), StoreError>;
+}
+
+/// How the last backup of a tenant went on this host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupRecord {
+    /// When the last attempt ended.
+    pub unix_ms: i64,
+    pub ok: bool,
+    pub snapshot_id: String,
+    pub error: String,
+    pub bytes_added: u64,
+    pub bytes_processed: u64,
+    pub duration_ms: u64,
+    /// Made while the container was stopped.
+    pub stopped: bool,
+    /// When the last good one ended; 0: never.
+    pub last_good_unix_ms: i64,
+    /// When old snapshots were last forgotten and pruned; 0: never.
+    #[serde(default)]
+    pub last_prune_unix_ms: i64,
+}
+
+impl BackupRecord {
+    pub fn to_proto(&self) -> berth_shared::proto::BackupReport {
+        berth_shared::proto::BackupReport {
+            unix_ms: self.unix_ms,
+            ok: self.ok,
+            snapshot_id: self.snapshot_id.clone(),
+            error: self.error.clone(),
+            bytes_added: self.bytes_added,
+            bytes_processed: self.bytes_processed,
+            duration_ms: self.duration_ms,
+            last_good_unix_ms: self.last_good_unix_ms,
+            stopped: self.stopped,
+        }
+    }
+
+    /// The record after an attempt that ended at `now` with `outcome`.
+    pub fn after(
+        &self,
+        now: i64,
+        stopped: bool,
+        outcome: &Result<BackupSummary, BackupError>,
+    ) -> Self {
+        match outcome {
+            Ok(s) => Self {
+                unix_ms: now,
+                ok: true,
+                snapshot_id: s.snapshot_id.clone(),
+                error: String::new(),
+                bytes_added: s.bytes_added,
+                bytes_processed: s.bytes_processed,
+                duration_ms: s.duration_ms,
+                stopped,
+                last_good_unix_ms: now,
+                last_prune_unix_ms: self.last_prune_unix_ms,
+            },
+            Err(e) => Self {
+                unix_ms: now,
+                ok: false,
+                snapshot_id: String::new(),
+                error: e.to_string(),
+                stopped,
+                ..self.clone()
+            },
+        }
+    }
+}
+
+/// One restic at a time per tenant's repository on this host: two at once could race in
+/// making the repository (each its own config and key, leaving snapshots the other cannot
+/// read), or meet each other's exclusive lock.
+#[derive(Debug, Default, Clone)]
+pub struct RepositoryLocks(Arc<Mutex<HashMap<TenantId, Arc<Mutex<()>>>>>);
+
+impl RepositoryLocks {
+    /// The lock of `tenant`'s repository: `lock()` it for as long as restic runs.
+    pub fn of(&self, tenant: &TenantId) -> Arc<Mutex<()>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(tenant.clone())
+            .or_default()
+            .clone()
+    }
 }
 
 /// The backup engine, at the host boundary: restic in production, a recording fake in tests.

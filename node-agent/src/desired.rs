@@ -14,11 +14,13 @@ use berth_shared::spec::TenantSpec;
 use berth_shared::store::{Durability, SledStore, Store, StoreError, Write, decode, encode};
 use serde::{Deserialize, Serialize};
 
-use crate::backup::restore::Restored;
+use crate::backup::{BackupRecord, Restored};
 
 const KEY: &str = "desired";
 /// Per tenant, the last restore this host did of its volume.
 const RESTORED_PREFIX: &str = "restored/";
+/// Per tenant, how its last backup on this host went.
+const BACKUP_PREFIX: &str = "backup/";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AcceptError {
@@ -71,6 +73,29 @@ impl DesiredStore {
             .get(&key)?
             .map(|bytes| decode(&key, &bytes))
             .transpose()
+    }
+
+    /// How the last backup of `tenant`'s volume on this host went.
+    pub fn last_backup(&self, tenant: &TenantId) -> Result<Option<BackupRecord>, StoreError> {
+        let key = format!("{BACKUP_PREFIX}{tenant}");
+        self.store
+            .get(&key)?
+            .map(|bytes| decode(&key, &bytes))
+            .transpose()
+    }
+
+    pub fn record_backup(
+        &self,
+        tenant: &TenantId,
+        record: &BackupRecord,
+    ) -> Result<(), StoreError> {
+        self.store.apply(
+            vec![Write::Put(
+                format!("{BACKUP_PREFIX}{tenant}"),
+                encode(record),
+            )],
+            Durability::Flushed,
+        )
     }
 
     /// Records a restore of `tenant`'s volume, on disk before it returns.

@@ -11,7 +11,9 @@ use berth_shared::proto;
 use tokio::sync::{Notify, watch};
 
 use crate::backup::restic::Restic;
-use crate::backup::restore::{BackupAccess, RestoreSource, Restored, Restorer};
+use crate::backup::restore::Restorer;
+use crate::backup::schedule::{Backups, OpenVolumes};
+use crate::backup::{BackupAccess, BackupRecord, BackupSource, RepositoryLocks, Restored};
 use crate::backup::{BackupEngine, BackupKey};
 use crate::config::AgentConfig;
 use crate::desired::{AcceptError, Desired, DesiredStore};
@@ -71,6 +73,8 @@ pub struct Enforcement {
     /// Where this host's tenants are backed up, with their repositories' keys: in memory
     /// only, never written.
     backup_access: Mutex<HashMap<TenantId, BackupAccess>>,
+    /// One restic at a time per tenant's repository, whatever runs it.
+    repository_locks: RepositoryLocks,
     /// Volume commands from the coordinator, run between two reconcile passes (so never
     /// while a pass creates or tears down the same tenant), and their results.
     /// Each with the desired-state generation whose teardown it waits for (0: none, an import).
@@ -117,6 +121,7 @@ impl Enforcement {
             restarts: Arc::new(Restarts::new(restarts)),
             volume_keys: Mutex::new(HashMap::new()),
             backup_access: Mutex::new(HashMap::new()),
+            repository_locks: RepositoryLocks::default(),
             volume_commands: Mutex::new(Vec::new()),
             volume_commands_queued: Notify::new(),
             transferring: Mutex::default(),
@@ -345,14 +350,17 @@ impl Enforcement {
                         tenant: t,
                     };
                     let (backups, me) = (backups.clone(), self.clone());
+                    let ledger = self.clone();
                     // restic runs for as long as the volume takes; the rest goes on meanwhile.
                     tokio::spawn(async move {
                         let done = tokio::task::spawn_blocking(move || {
-                            backup_command(backups.as_ref(), action, &at, &command, result)
+                            let repository = me.repository_locks.of(&at.tenant);
+                            let _held = repository.lock().unwrap_or_else(|p| p.into_inner());
+                            backup_command(backups.as_ref(), action, &at, &command, result, &*me)
                         })
                         .await;
                         if let Ok(result) = done {
-                            me.push_volume_result(result);
+                            ledger.push_volume_result(result);
                         }
                     });
                     continue;
@@ -637,6 +645,7 @@ impl Enforcement {
                         ..Default::default()
                     });
                 self.restarts.annotate(&mut status);
+                status.last_backup = self.last_backup(&t.tenant_id).map(|r| r.to_proto());
                 status
             })
             .collect();
@@ -645,13 +654,14 @@ impl Enforcement {
 }
 
 /// Runs a backup, a listing or a forgetting of `at`'s tenant's backups with `engine` and
-/// fills in `result`.
+/// fills in `result`; a backup's outcome is recorded in `ledger` too, like a scheduled one's.
 fn backup_command(
     engine: &dyn BackupEngine,
     action: proto::VolumeAction,
     at: &VolumeLocation,
     command: &proto::VolumeCommand,
     mut result: proto::VolumeResult,
+    ledger: &dyn BackupSource,
 ) -> proto::VolumeResult {
     let outcome = (|| -> Result<(), String> {
         berth_shared::backup::Repository::new(&command.backup_repository)
@@ -690,12 +700,18 @@ fn backup_command(
             .open_contents()
             .map_err(|e| format!("volume: {e}"))?
             .ok_or_else(|| format!("volume: {} is not open on this host", at.tenant))?;
-        engine
+        let made = engine
             .ensure_repository(repository, &key)
-            .map_err(|e| e.to_string())?;
-        let summary = engine
-            .backup(repository, &key, &contents)
-            .map_err(|e| e.to_string())?;
+            .and_then(|_| engine.backup(repository, &key, &contents));
+        let now = berth_shared::clock::Clock::now_unix_ms(&berth_shared::clock::SystemClock);
+        let record = ledger
+            .last_backup(&at.tenant)
+            .unwrap_or_default()
+            .after(now, false, &made);
+        if let Err(e) = ledger.record_backup(&at.tenant, &record) {
+            tracing::warn!(tenant = %at.tenant, error = %e, "backup record not written");
+        }
+        let summary = made.map_err(|e| e.to_string())?;
         tracing::info!(tenant = %at.tenant, snapshot = %summary.snapshot_id, bytes_added = summary.bytes_added, duration_ms = summary.duration_ms, "volume backed up");
         result.backup = Some(proto::BackupSummary {
             snapshot_id: summary.snapshot_id,
@@ -717,7 +733,21 @@ fn backup_command(
     result
 }
 
-impl RestoreSource for Enforcement {
+/// The tenants' volumes as this host mounts them under its volume root.
+#[derive(Debug)]
+struct MountedVolumes(PathBuf);
+
+impl OpenVolumes for MountedVolumes {
+    fn contents(&self, tenant: &TenantId) -> std::io::Result<Option<PathBuf>> {
+        VolumeLocation {
+            root: self.0.clone(),
+            tenant: tenant.clone(),
+        }
+        .open_contents()
+    }
+}
+
+impl BackupSource for Enforcement {
     fn backup_access(&self, tenant: &TenantId) -> Option<BackupAccess> {
         self.backup_access
             .lock()
@@ -742,6 +772,24 @@ impl RestoreSource for Enforcement {
         restored: &Restored,
     ) -> Result<(), berth_shared::store::StoreError> {
         self.store().record_restored(tenant, restored)
+    }
+
+    fn last_backup(&self, tenant: &TenantId) -> Option<BackupRecord> {
+        match self.store().last_backup(tenant) {
+            Ok(record) => record,
+            Err(e) => {
+                tracing::warn!(%tenant, error = %e, "backup record unreadable");
+                None
+            }
+        }
+    }
+
+    fn record_backup(
+        &self,
+        tenant: &TenantId,
+        record: &BackupRecord,
+    ) -> Result<(), berth_shared::store::StoreError> {
+        self.store().record_backup(tenant, record)
     }
 }
 
@@ -773,7 +821,15 @@ pub async fn run(enforcement: Arc<Enforcement>, config: AgentConfig, host: HostI
     let restores = Restorer {
         engine: backups.clone(),
         source: enforcement.clone(),
+        locks: enforcement.repository_locks.clone(),
     };
+    let scheduled = Backups::new(
+        backups.clone(),
+        enforcement.clone(),
+        Arc::new(MountedVolumes(config.volume_root.clone())),
+        Arc::new(berth_shared::clock::SystemClock),
+        enforcement.repository_locks.clone(),
+    );
     tokio::spawn(enforcement.clone().serve_volume_commands(
         volumes.clone(),
         backups,
@@ -835,6 +891,7 @@ pub async fn run(enforcement: Arc<Enforcement>, config: AgentConfig, host: HostI
                         probe: probe.clone(),
                         clock: Arc::new(berth_shared::clock::SystemClock),
                         host: host.clone(),
+                        backups: Some(scheduled.clone()),
                     };
                     let source = enforcement.clone();
                     tokio::spawn(driver.run(move || (source.current(), source.reconciled())));

@@ -1,6 +1,9 @@
 //! Runs the restarts the [`Scheduler`] asks for, nightly and requested: `docker restart`, then
 //! a health gate (the image's Docker healthcheck, or else a TCP connect to the gateway port on
-//! the tenant's own network) before its place goes to the next one.
+//! the tenant's own network) before its place goes to the next one. A nightly restart whose
+//! tenant's backup is due stops the container, backs its volume up, and starts it again (see
+//! [`crate::backup::schedule`]); between restarts the driver starts the live backups that are
+//! due.
 //!
 //! Ensures: at most `max_concurrent` restarts run on the host; a restart counts as done only
 //! once the container is healthy again, and a failing check is reported in the tenant's status
@@ -20,12 +23,13 @@ use std::time::Duration;
 use berth_shared::clock::Clock;
 use berth_shared::ids::{HostId, TenantId};
 use berth_shared::proto;
-use berth_shared::spec::{RestartPolicy, Window, ZoneName};
+use berth_shared::spec::{RestartPolicy, TenantSpec, Window, ZoneName};
 use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::backup::schedule::Backups;
 use crate::desired::Desired;
 use crate::restarts::schedule::{Reason, Scheduler, Start, TenantClock, humanize};
 use crate::runtime::{ContainerRuntime, RuntimeError};
@@ -288,6 +292,54 @@ pub async fn restart_and_wait(
 ) -> Result<Duration, RestartError> {
     let began = Instant::now();
     runtime.restart(container).await?;
+    await_health(
+        runtime,
+        probe,
+        gate,
+        container,
+        gateway_port,
+        began,
+        progress,
+    )
+    .await
+}
+
+/// [`restart_and_wait`] with `while_stopped` done between the stop and the start (the
+/// downtime includes it).
+pub async fn restart_around(
+    runtime: &dyn ContainerRuntime,
+    probe: &dyn Probe,
+    gate: HealthGate,
+    (container, gateway_port): (&str, u16),
+    while_stopped: impl std::future::Future<Output = ()>,
+    progress: impl Fn(String),
+) -> Result<Duration, RestartError> {
+    let began = Instant::now();
+    runtime.stop(container).await?;
+    while_stopped.await;
+    runtime.start(container).await?;
+    await_health(
+        runtime,
+        probe,
+        gate,
+        container,
+        gateway_port,
+        began,
+        progress,
+    )
+    .await
+}
+
+/// Checks `container` until it is healthy (or the gate's timeout passed since `began`).
+async fn await_health(
+    runtime: &dyn ContainerRuntime,
+    probe: &dyn Probe,
+    gate: HealthGate,
+    container: &str,
+    gateway_port: u16,
+    began: Instant,
+    progress: impl Fn(String),
+) -> Result<Duration, RestartError> {
     let mut pause = gate.every;
     let mut checks = 0u32;
     loop {
@@ -441,16 +493,21 @@ impl Restarts {
         starts
     }
 
-    /// Runs one restart to its end and records it.
+    /// Runs one restart to its end and records it; `backup`: the tenant's volume is backed
+    /// up meanwhile, its container stopped.
     async fn execute(
         &self,
         start: Start,
         gateway_port: u16,
-        host: &HostId,
-        runtime: &dyn ContainerRuntime,
-        probe: &dyn Probe,
-        clock: &dyn Clock,
+        backup: Option<(Backups, TenantSpec)>,
+        driver: &Driver,
     ) {
+        let (host, runtime, probe, clock) = (
+            &driver.host,
+            driver.runtime.as_ref(),
+            driver.probe.as_ref(),
+            driver.clock.as_ref(),
+        );
         let tenant = start.tenant.clone();
         lock(&self.busy).insert(tenant.to_string());
         let container = runtime
@@ -465,13 +522,28 @@ impl Restarts {
             });
         let outcome = match container {
             Ok(id) => {
-                tracing::info!(%tenant, reason = ?start.reason, "restarting");
+                tracing::info!(%tenant, reason = ?start.reason, backup = backup.is_some(), "restarting");
                 let gate = HealthGate::new(self.settings.health_timeout);
-                restart_and_wait(runtime, probe, gate, &id, gateway_port, |note| {
+                let progress = |note: String| {
                     tracing::warn!(%tenant, %note, "restart health check");
                     lock(&self.scheduler).progress(&tenant, note);
-                })
-                .await
+                };
+                match &backup {
+                    None => {
+                        restart_and_wait(runtime, probe, gate, &id, gateway_port, progress).await
+                    }
+                    Some((backups, spec)) => {
+                        let (backups, spec) = (backups.clone(), spec.clone());
+                        // Its outcome is recorded and reported; the restart goes on either way.
+                        let back_up = async move {
+                            let _ =
+                                tokio::task::spawn_blocking(move || backups.back_up(&spec, true))
+                                    .await;
+                        };
+                        restart_around(runtime, probe, gate, (&id, gateway_port), back_up, progress)
+                            .await
+                    }
+                }
             }
             Err(e) => Err(e),
         };
@@ -489,6 +561,10 @@ impl Restarts {
             Err(e) => tracing::warn!(%tenant, error = %e, "restart failed"),
         }
         lock(&self.scheduler).finished(&tenant, now, down);
+        // Old snapshots go once the tenant runs again, not during its downtime.
+        if let Some((backups, spec)) = backup {
+            let _ = tokio::task::spawn_blocking(move || backups.prune_if_due(&spec)).await;
+        }
         if let Reason::Requested(request_id) = start.reason {
             self.push_result(proto::RestartResult {
                 tenant_id: tenant.to_string(),
@@ -512,6 +588,8 @@ pub struct Driver {
     pub probe: Arc<dyn Probe>,
     pub clock: Arc<dyn Clock>,
     pub host: HostId,
+    /// Scheduled backups (none on a fleet without a backup repository: no access comes).
+    pub backups: Option<Backups>,
 }
 
 impl Driver {
@@ -527,27 +605,44 @@ impl Driver {
             .plan(now, desired, statuses)
             .into_iter()
             .map(|start| {
-                let port = desired
-                    .tenants
-                    .iter()
-                    .find(|t| t.tenant_id == start.tenant)
-                    .map_or(0, |t| t.gateway_port);
+                let spec = desired.tenants.iter().find(|t| t.tenant_id == start.tenant);
+                let port = spec.map_or(0, |t| t.gateway_port);
+                let backup = match (&start.reason, &self.backups, spec) {
+                    (Reason::Nightly(_), Some(backups), Some(spec))
+                        if backups.due_in_restart(spec) =>
+                    {
+                        Some((backups.clone(), spec.clone()))
+                    }
+                    _ => None,
+                };
                 let driver = self.clone();
-                tokio::spawn(async move {
-                    driver
-                        .restarts
-                        .execute(
-                            start,
-                            port,
-                            &driver.host,
-                            driver.runtime.as_ref(),
-                            driver.probe.as_ref(),
-                            driver.clock.as_ref(),
-                        )
-                        .await
-                })
+                tokio::spawn(
+                    async move { driver.restarts.execute(start, port, backup, &driver).await },
+                )
             })
             .collect()
+    }
+
+    /// Starts a live backup if one is due, of a tenant that runs and is not being restarted.
+    pub fn back_up_due(
+        &self,
+        desired: &Desired,
+        statuses: &[proto::TenantStatus],
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let backups = self.backups.as_ref()?;
+        let busy = lock(&self.restarts.busy).clone();
+        let running: Vec<&TenantSpec> = desired
+            .tenants
+            .iter()
+            .filter(|spec| {
+                !busy.contains(spec.tenant_id.as_str())
+                    && statuses.iter().any(|s| {
+                        s.tenant_id == spec.tenant_id.as_str()
+                            && s.state == proto::TenantState::Running as i32
+                    })
+            })
+            .collect();
+        backups.start_live(&running)
     }
 
     /// Runs forever: a pass every second and at once on a request.
@@ -555,6 +650,7 @@ impl Driver {
         loop {
             let (desired, statuses) = current();
             self.step(&desired, &statuses);
+            self.back_up_due(&desired, &statuses);
             tokio::select! {
                 () = tokio::time::sleep(TICK) => {}
                 () = self.restarts.requested.notified() => {}

@@ -149,6 +149,60 @@ impl Restore {
     }
 }
 
+/// When a tenant's volume is backed up (when the fleet has a backup repository), and how many
+/// snapshots are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupPolicy {
+    pub enabled: bool,
+    #[serde(with = "humantime_serde_ms")]
+    pub interval: std::time::Duration,
+    pub keep_daily: u32,
+    pub keep_weekly: u32,
+}
+
+impl BackupPolicy {
+    pub const MIN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3600);
+    pub const MAX_INTERVAL: std::time::Duration = std::time::Duration::from_secs(7 * 86400);
+    pub const MAX_KEEP: u32 = 1000;
+
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    pub fn to_proto(&self) -> proto::BackupPolicy {
+        proto::BackupPolicy {
+            disabled: !self.enabled,
+            interval_ms: self.interval.as_millis() as u64,
+            keep_daily: self.keep_daily,
+            keep_weekly: self.keep_weekly,
+        }
+    }
+}
+
+impl Default for BackupPolicy {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: std::time::Duration::from_secs(86400),
+            keep_daily: 7,
+            keep_weekly: 4,
+        }
+    }
+}
+
+/// A duration kept as milliseconds in the store.
+mod humantime_serde_ms {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<std::time::Duration, D::Error> {
+        Ok(std::time::Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
 /// When a tenant's container is restarted each night. A field left out takes the host's
 /// default (the agent's `[restarts]` configuration).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -332,6 +386,10 @@ pub struct TenantSpec {
     pub env: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore: Option<Restore>,
+    /// Left out of the stored form when it is the default (so what agents hash of a spec is
+    /// what it was before backup policies existed).
+    #[serde(default, skip_serializing_if = "BackupPolicy::is_default")]
+    pub backup: BackupPolicy,
 }
 
 /// A named resource preset, from the coordinator's configuration.
@@ -608,6 +666,44 @@ fn parse_egress(
     Ok(egress)
 }
 
+fn parse_backup(b: Option<proto::BackupPolicy>) -> Result<BackupPolicy, FieldError> {
+    let Some(b) = b else {
+        return Ok(BackupPolicy::default());
+    };
+    let defaults = BackupPolicy::default();
+    let interval = match b.interval_ms {
+        0 => defaults.interval,
+        ms => std::time::Duration::from_millis(ms),
+    };
+    if !(BackupPolicy::MIN_INTERVAL..=BackupPolicy::MAX_INTERVAL).contains(&interval) {
+        return Err(field(
+            "backup.interval",
+            format!("{}: from 1h to 7days", humantime::format_duration(interval)),
+        ));
+    }
+    let (keep_daily, keep_weekly) = match (b.keep_daily, b.keep_weekly) {
+        (0, 0) => (defaults.keep_daily, defaults.keep_weekly),
+        kept => kept,
+    };
+    for (name, n) in [
+        ("backup.keep_daily", keep_daily),
+        ("backup.keep_weekly", keep_weekly),
+    ] {
+        if n > BackupPolicy::MAX_KEEP {
+            return Err(field(
+                name,
+                format!("{n}: at most {}", BackupPolicy::MAX_KEEP),
+            ));
+        }
+    }
+    Ok(BackupPolicy {
+        enabled: !b.disabled,
+        interval,
+        keep_daily,
+        keep_weekly,
+    })
+}
+
 fn parse_restore(r: proto::RestoreRequest) -> Result<Restore, FieldError> {
     if r.restore_id == 0 {
         return Err(field("restore.restore_id", "0; a restore has an id"));
@@ -792,6 +888,7 @@ impl TenantSpec {
         };
         validate_env(&p.env)?;
         let restore = p.restore.map(parse_restore).transpose()?;
+        let backup = parse_backup(p.backup)?;
         Ok(Self {
             tenant_id,
             image: p.image,
@@ -812,6 +909,7 @@ impl TenantSpec {
             gateway_port,
             env: p.env.into_iter().collect(),
             restore,
+            backup,
         })
     }
 
@@ -876,6 +974,7 @@ impl TenantSpec {
             gateway_port: u32::from(self.gateway_port),
             env: self.env.clone().into_iter().collect(),
             restore: self.restore.as_ref().map(Restore::to_proto),
+            backup: Some(self.backup.to_proto()),
         }
     }
 }
@@ -913,6 +1012,8 @@ pub struct TenantSpecFile {
     pub volume: Option<VolumeFile>,
     #[serde(default)]
     pub restart: Option<RestartFile>,
+    #[serde(default)]
+    pub backup: Option<BackupFile>,
     #[serde(default)]
     pub constraints: Option<ConstraintsFile>,
     #[serde(default)]
@@ -1024,6 +1125,35 @@ pub struct RestartFile {
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+pub struct BackupFile {
+    pub enabled: Option<bool>,
+    /// `"24h"`, `"6h"`: from 1h to 7days.
+    pub interval: Option<String>,
+    pub keep_daily: Option<u32>,
+    pub keep_weekly: Option<u32>,
+}
+
+impl BackupFile {
+    fn to_proto(&self) -> Result<proto::BackupPolicy, FieldError> {
+        let defaults = BackupPolicy::default();
+        let interval = match &self.interval {
+            None => defaults.interval,
+            Some(text) => humantime::parse_duration(text)
+                .map_err(|e| field("backup.interval", format!("{text:?}: {e}")))?,
+        };
+        Ok(proto::BackupPolicy {
+            disabled: !self.enabled.unwrap_or(true),
+            interval_ms: u64::try_from(interval.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1),
+            keep_daily: self.keep_daily.unwrap_or(defaults.keep_daily),
+            keep_weekly: self.keep_weekly.unwrap_or(defaults.keep_weekly),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub struct ConstraintsFile {
     #[serde(default)]
     pub providers: Vec<String>,
@@ -1092,6 +1222,7 @@ impl TenantSpecFile {
             gateway_port: self.gateway_port.unwrap_or(0),
             env: self.env.clone().into_iter().collect(),
             restore: None,
+            backup: self.backup.as_ref().map(BackupFile::to_proto).transpose()?,
         })
     }
 }
@@ -1461,6 +1592,50 @@ mod tests {
         ))
         .unwrap();
         assert!(!off.restart.enabled);
+    }
+
+    #[test]
+    fn backups_are_nightly_by_default_and_a_policy_is_checked_by_field() {
+        let spec = file(&format!("{BASE}tier = \"business\"")).unwrap();
+        assert_eq!(spec.backup, BackupPolicy::default());
+        assert_eq!(spec.backup.interval, std::time::Duration::from_secs(86400));
+        let spec = file(&format!(
+            "{BASE}tier = \"business\"\n[backup]\ninterval = \"6h\"\nkeep_daily = 14"
+        ))
+        .unwrap();
+        assert_eq!(
+            spec.backup.interval,
+            std::time::Duration::from_secs(6 * 3600)
+        );
+        assert_eq!((spec.backup.keep_daily, spec.backup.keep_weekly), (14, 4));
+        let round = TenantSpec::from_resolved(spec.to_proto()).unwrap();
+        assert_eq!(round.backup, spec.backup);
+        for (table, error) in [
+            (
+                "interval = \"30m\"",
+                "invalid backup.interval: 30m: from 1h to 7days",
+            ),
+            (
+                "interval = \"8days\"",
+                "invalid backup.interval: 8days: from 1h to 7days",
+            ),
+            (
+                "interval = \"soon\"",
+                "invalid backup.interval: \"soon\": expected number at 0",
+            ),
+            (
+                "keep_weekly = 5000",
+                "invalid backup.keep_weekly: 5000: at most 1000",
+            ),
+        ] {
+            let err = file(&format!("{BASE}tier = \"business\"\n[backup]\n{table}")).unwrap_err();
+            assert_eq!(err, error, "{table}");
+        }
+        let off = file(&format!(
+            "{BASE}tier = \"business\"\n[backup]\nenabled = false"
+        ))
+        .unwrap();
+        assert!(!off.backup.enabled);
     }
 
     #[test]

@@ -302,7 +302,8 @@ fn berthctl_backs_a_running_tenant_up_and_lists_its_snapshots() {
         return;
     };
     let tenant = unique("bk");
-    f.place(&tenant, "128MiB");
+    // Backed up when the test says, not on its host's own schedule.
+    f.place_toml(&tenant, "128MiB", 250, &[], "[backup]\nenabled = false\n");
     let view = f.wait_serving(&tenant, Duration::from_secs(60));
     let port = view["published_port"].as_u64().unwrap() as u16;
     assert_eq!(
@@ -531,4 +532,95 @@ fn without_a_backup_repository_a_backup_is_refused_and_says_why() {
     let (ok, _, err) = coordinator.berthctl(&["backup", "acme"]);
     assert!(!ok, "refused");
     assert!(err.contains("backups are off"), "{err}");
+}
+
+/// Consistency and schedule: a tenant's host backs it up on its own. Its first, live attempt
+/// fails (the repository's place is a file) and is reported with restic's reason; the night's
+/// backup then comes in its nightly restart, with the container stopped: the snapshot was taken
+/// after the container stopped and before it started again, and holds what the tenant wrote.
+#[test]
+fn the_nightly_restart_backs_the_stopped_tenant_up_and_a_failed_backup_is_reported() {
+    if let Err(why) = restic_available() {
+        return missing_component("restic", &why);
+    }
+    let place = tempfile::tempdir().unwrap();
+    let repository = place.path().join("repository");
+    std::fs::write(&repository, "not a directory").unwrap();
+    let Some(f) = fleet_configured(
+        &format!(
+            "[backup]\nrepository = {:?}\n",
+            repository.display().to_string()
+        ),
+        "[restarts]\nskip_if_started_within = \"0s\"\n",
+    ) else {
+        return;
+    };
+    let (tenant, window, _slot) = berth_tests::fleet::nightly_slot_soon(
+        &unique("nb"),
+        Duration::from_secs(20),
+        Duration::from_secs(45),
+    );
+    f.place_with_window(&tenant, &window);
+    let view = f.wait_serving(&tenant, Duration::from_secs(30));
+    let port = view["published_port"].as_u64().unwrap() as u16;
+    assert_eq!(
+        http_get(port, "/write?name=chat.txt&text=before-the-night").as_deref(),
+        Some("wrote 16 bytes\n")
+    );
+    let failed = berth_tests::wait_for(
+        "the first backup attempt reported",
+        Duration::from_secs(20),
+        || {
+            f.tenant(&tenant)
+                .filter(|t| t["last_backup"]["ok"] == false)
+        },
+    );
+    let error = failed["last_backup"]["error"].as_str().unwrap();
+    assert!(error.contains("restic"), "{failed:#}");
+    assert!(failed["last_backup"]["last_good"].is_null(), "{failed:#}");
+    let (ok, table, _) = f.coordinator.berthctl(&["tenants"]);
+    assert!(ok && table.contains("never (failed)"), "{table}");
+
+    std::fs::remove_file(&repository).unwrap();
+    std::fs::create_dir(&repository).unwrap();
+    let container = f.container(&tenant);
+    let first_start = berth_tests::docker::started_at(&container);
+    let (started, _) = f.wait_nightly_restart(&tenant, &first_start, Duration::from_secs(90));
+    let good = berth_tests::wait_for(
+        "the night's backup reported",
+        Duration::from_secs(30),
+        || f.tenant(&tenant).filter(|t| t["last_backup"]["ok"] == true),
+    );
+    assert_eq!(good["last_backup"]["stopped"], true, "{good:#}");
+    let snapshot_id = good["last_backup"]["snapshot_id"].as_str().unwrap();
+    let (ok, out, err) = f.coordinator.berthctl(&["--json", "backups", &tenant]);
+    assert!(ok, "{err}");
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed.len(), 1, "{out}");
+    assert!(
+        listed[0]["id"].as_str().unwrap().starts_with(snapshot_id),
+        "{out} {good:#}"
+    );
+    // Taken between the container's stop and its start again.
+    let stopped: jiff::Timestamp = inspect(&container).unwrap()["State"]["FinishedAt"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let taken: jiff::Timestamp = listed[0]["time"].as_str().unwrap().parse().unwrap();
+    let started: jiff::Timestamp = started.parse().unwrap();
+    assert!(
+        stopped <= taken && taken <= started,
+        "stopped {stopped}, snapshot {taken}, started {started}"
+    );
+    // It holds what the tenant wrote.
+    let (ok, out, err) = f.coordinator.berthctl(&["--json", "restore", &tenant]);
+    assert!(ok, "restore: {err}");
+    assert!(out.contains(snapshot_id), "{out}");
+    let view = f.wait_serving(&tenant, Duration::from_secs(60));
+    let port = view["published_port"].as_u64().unwrap() as u16;
+    assert_eq!(
+        http_get(port, "/read?name=chat.txt").as_deref(),
+        Some("before-the-night")
+    );
 }

@@ -333,7 +333,15 @@ fn a_drain_stops_at_its_deadline_and_a_lost_hosts_tenants_come_back_from_their_b
         hosts[0].agent.host_id.clone(),
         hosts[1].agent.host_id.clone(),
     );
-    let data = tenants_on(&coordinator, &hosts[0], &[&target], 3, 4);
+    // Backed up when the test says (below), not on the hosts' own schedule.
+    let data = tenants_on_with(
+        &coordinator,
+        &hosts[0],
+        &[&target],
+        3,
+        4,
+        "[backup]\nenabled = false\n",
+    );
     let by_id: BTreeMap<String, &Host> =
         hosts.iter().map(|h| (h.agent.host_id.clone(), h)).collect();
 

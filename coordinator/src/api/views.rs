@@ -201,6 +201,75 @@ pub struct TenantView {
     /// The snapshot its volume was last restored from on its host (its recovery point).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restored: Option<SnapshotView>,
+    /// How often its volume is backed up; 0: its backups are off.
+    pub backup_interval_ms: u64,
+    /// Its host's last backup of it (none yet, or the fleet has no backup repository).
+    pub last_backup: Option<BackupReportView>,
+}
+
+/// How a tenant's last backup went.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupReportView {
+    /// When the last attempt ended (RFC 3339, UTC).
+    pub at: Option<String>,
+    pub ok: bool,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub snapshot_id: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub error: String,
+    pub bytes_added: u64,
+    pub bytes_processed: u64,
+    pub duration_ms: u64,
+    /// Made while its container was stopped (in its nightly restart), not read live.
+    pub stopped: bool,
+    /// When the last good one ended; none: never.
+    pub last_good: Option<String>,
+    #[serde(skip)]
+    pub last_good_unix_ms: i64,
+}
+
+impl From<&proto::BackupReport> for BackupReportView {
+    fn from(r: &proto::BackupReport) -> Self {
+        Self {
+            at: rfc3339(r.unix_ms),
+            ok: r.ok,
+            snapshot_id: r.snapshot_id.clone(),
+            error: r.error.clone(),
+            bytes_added: r.bytes_added,
+            bytes_processed: r.bytes_processed,
+            duration_ms: r.duration_ms,
+            stopped: r.stopped,
+            last_good: rfc3339(r.last_good_unix_ms),
+            last_good_unix_ms: r.last_good_unix_ms,
+        }
+    }
+}
+
+impl TenantView {
+    /// Its backups are behind: its last good backup is older than two intervals, or its host
+    /// tried and never made one.
+    pub fn backup_overdue(&self, now_unix_ms: i64) -> bool {
+        let Some(last) = &self.last_backup else {
+            return false;
+        };
+        let interval = i64::try_from(self.backup_interval_ms).unwrap_or(i64::MAX);
+        interval > 0
+            && (last.last_good_unix_ms == 0
+                || now_unix_ms - last.last_good_unix_ms > interval.saturating_mul(2))
+    }
+
+    /// The last good backup, for a person: its time, or why there is none.
+    pub fn backup_text(&self) -> String {
+        match &self.last_backup {
+            _ if self.backup_interval_ms == 0 => "off".into(),
+            None => "-".into(),
+            Some(b) => match (&b.last_good, b.ok) {
+                (Some(good), true) => good.clone(),
+                (Some(good), false) => format!("{good} (last failed)"),
+                (None, _) => "never (failed)".into(),
+            },
+        }
+    }
 }
 
 /// A restic snapshot of a tenant's volume.
@@ -472,6 +541,14 @@ impl From<&proto::Tenant> for TenantView {
             next_restart: rfc3339(status.next_restart_unix_ms),
             restart_note: status.restart_note,
             restored: status.restored.as_ref().map(SnapshotView::from),
+            backup_interval_ms: spec.backup.as_ref().map_or(24 * 3_600_000, |b| {
+                match (b.disabled, b.interval_ms) {
+                    (true, _) => 0,
+                    (false, 0) => 24 * 3_600_000,
+                    (false, ms) => ms,
+                }
+            }),
+            last_backup: status.last_backup.as_ref().map(BackupReportView::from),
         }
     }
 }

@@ -169,7 +169,7 @@ fn print_drain(json: bool, status: &proto::DrainStatus) -> anyhow::Result<()> {
 
 fn print_tenants(tenants: &[TenantView]) {
     berth_shared::outln!(
-        "{:<24} {:<24} {:<9} {:>10} {:>9} {:<10} {:<20} {:<20} MESSAGE",
+        "{:<24} {:<24} {:<9} {:>10} {:>9} {:<10} {:<20} {:<20} {:<20} MESSAGE",
         "TENANT",
         "HOST",
         "STATE",
@@ -177,7 +177,8 @@ fn print_tenants(tenants: &[TenantView]) {
         "MEMORY",
         "TIER",
         "LAST RESTART",
-        "NEXT RESTART"
+        "NEXT RESTART",
+        "LAST GOOD BACKUP"
     );
     let time = |t: &Option<String>| t.clone().unwrap_or_else(|| "-".into());
     for t in tenants {
@@ -188,7 +189,7 @@ fn print_tenants(tenants: &[TenantView]) {
             .collect::<Vec<_>>()
             .join("; ");
         berth_shared::outln!(
-            "{:<24} {:<24} {:<9} {:>10} {:>9} {:<10} {:<20} {:<20} {}",
+            "{:<24} {:<24} {:<9} {:>10} {:>9} {:<10} {:<20} {:<20} {:<20} {}",
             t.tenant_id,
             t.host_id,
             t.state,
@@ -197,6 +198,7 @@ fn print_tenants(tenants: &[TenantView]) {
             t.tier,
             time(&t.last_restart),
             time(&t.next_restart),
+            t.backup_text(),
             message
         );
     }

@@ -109,7 +109,7 @@ pub fn host_page(d: &Drainer, host: &HostId) -> Result<Option<String>, RegistryE
         .ok()
         .map(|s| crate::api::views::DrainView::from(&s));
     Ok(Some(
-        pages::host(&row, &tenants, drain.as_ref()).into_string(),
+        pages::host(&row, &tenants, drain.as_ref(), now_ms).into_string(),
     ))
 }
 

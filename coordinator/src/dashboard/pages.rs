@@ -21,6 +21,7 @@ td.msg{white-space:normal;min-width:12em;max-width:32em;overflow-wrap:anywhere}\
 #hosts td:nth-child(n+4),#hosts th:nth-child(n+4){text-align:right}.u{fill:#2f6fd1}.c{fill:#9cbcf0}.r{fill:#b9bec7}\
 .down td{color:#a11}tr.down td:nth-child(3),tr.cordoned td:nth-child(3),tr.draining td:nth-child(3){font-weight:700}\
 tr.cordoned td:nth-child(3){color:#a60}tr.draining td:nth-child(3){color:#74c}\
+tr.backup-overdue td.backup{color:#a11;font-weight:700}\
 .key span{display:inline-block;width:10px;height:10px;margin:0 4px 0 12px}small{color:#667}";
 
 const REFRESH: &str = "setInterval(async()=>{try{const r=await fetch(location.href,{cache:'no-store'});\
@@ -209,7 +210,8 @@ pub fn fleet(snapshot: &Snapshot) -> Markup {
 }
 
 /// `/hosts/{id}`: one host and its tenants.
-pub fn host(h: &HostRow, tenants: &[TenantView], drain: Option<&DrainView>) -> Markup {
+/// `now_ms` tells which tenants' backups are overdue (they stand out).
+pub fn host(h: &HostRow, tenants: &[TenantView], drain: Option<&DrainView>, now_ms: i64) -> Markup {
     let currency = h.currency.as_str();
     page(
         &h.host_id,
@@ -247,9 +249,9 @@ pub fn host(h: &HostRow, tenants: &[TenantView], drain: Option<&DrainView>) -> M
                 h2 { "Tenants" }
                 table #tenants {
                     tr { th { "tenant" } th { "state" } th { "tier" } th { "RAM used / cap" } th.n { "MiB" }
-                         th.n { "OOM kills" } th { "last restart" } th { "next restart" } th.n { "egress denied" } th { "message" } }
+                         th.n { "OOM kills" } th { "last restart" } th { "next restart" } th { "last good backup" } th.n { "egress denied" } th { "message" } }
                     @for t in tenants {
-                        tr {
+                        tr class=[t.backup_overdue(now_ms).then_some("backup-overdue")] {
                             td { (t.tenant_id) }
                             td { (t.state) }
                             td { (t.tier) }
@@ -259,6 +261,7 @@ pub fn host(h: &HostRow, tenants: &[TenantView], drain: Option<&DrainView>) -> M
                             td.n { (t.oom_kills) }
                             td { (t.last_restart.as_deref().unwrap_or("–")) }
                             td { (t.next_restart.as_deref().unwrap_or("–")) }
+                            td.backup { (t.backup_text()) }
                             td.n { (t.egress_denied_packets) }
                             td.msg { small { (t.message) @if !t.restart_note.is_empty() { " " (t.restart_note) } } }
                         }

@@ -84,7 +84,7 @@ pub fn render(c: &Coordinator) -> Result<String, crate::registry::RegistryError>
         .iter()
         .map(TenantView::from)
         .collect();
-    let per_tenant: [Figure<TenantView>; 5] = [
+    let per_tenant: [Figure<TenantView>; 7] = [
         (
             "berth_tenant_memory_used_bytes",
             "gauge",
@@ -114,6 +114,22 @@ pub fn render(c: &Coordinator) -> Result<String, crate::registry::RegistryError>
             "counter",
             "Packets the tenant's egress rules rejected.",
             |t| t.egress_denied_packets as f64,
+        ),
+        (
+            "berth_tenant_last_backup_timestamp_seconds",
+            "gauge",
+            "When the tenant's last good backup ended (Unix seconds); 0: never.",
+            |t| {
+                t.last_backup
+                    .as_ref()
+                    .map_or(0.0, |b| b.last_good_unix_ms as f64 / 1000.0)
+            },
+        ),
+        (
+            "berth_tenant_last_backup_ok",
+            "gauge",
+            "1 when the tenant's last backup attempt made a snapshot, 0 when it failed or none was made.",
+            |t| f64::from(u8::from(t.last_backup.as_ref().is_some_and(|b| b.ok))),
         ),
     ];
     out.per_item(&per_tenant, &tenants, |t| {

@@ -3,9 +3,11 @@ use std::collections::BTreeMap;
 use axum::body::Body;
 use axum::http::Request as HttpRequest;
 use berth_shared::metrics::testing;
+use berth_shared::proto;
 use tower::ServiceExt;
 
 use super::*;
+use crate::api::views::rfc3339;
 use crate::dashboard::pages::gib;
 use crate::testing::seed;
 
@@ -183,7 +185,7 @@ fn a_host_page_lists_its_tenants_with_their_figures() {
         let v = TenantView::from(&t);
         // The bar is its use against its cap (nothing committed beyond use).
         let row = format!(
-            "<td>{}</td><td class=\"n\">{} / {}</td><td class=\"n\">{}</td><td>{}</td><td>{}</td><td class=\"n\">{}</td>",
+            "<td>{}</td><td class=\"n\">{} / {}</td><td class=\"n\">{}</td><td>{}</td><td>{}</td><td class=\"backup\">-</td><td class=\"n\">{}</td>",
             super::pages::ram_bar(v.memory_cap_bytes, 0, 0, v.memory_used_bytes).into_string(),
             v.memory_used_bytes >> 20,
             v.memory_cap_bytes >> 20,
@@ -201,6 +203,83 @@ fn a_host_page_lists_its_tenants_with_their_figures() {
     );
     // Messages wrap in their column instead of widening the table.
     assert!(html.contains("<td class=\"msg\">"));
+}
+
+/// Tenants whose last good backup is older than two intervals (or who never had one though
+/// their host tried) stand out on their host's page; /metrics has each one's last good backup.
+#[tokio::test]
+async fn tenants_whose_backups_are_overdue_stand_out() {
+    let b = seed::backend(2, 6).unwrap();
+    let c = &b.coordinator;
+    let host = c.registry.hosts().unwrap()[0].host_id.clone();
+    let now = c.registry.now();
+    let hour = 3_600_000;
+    let mut statuses: Vec<proto::TenantStatus> = c
+        .placements
+        .tenants(Some(&host))
+        .into_iter()
+        .filter_map(|t| t.status)
+        .collect();
+    assert!(statuses.len() >= 3);
+    let report = |ok: bool, last_good: i64| proto::BackupReport {
+        unix_ms: now - hour,
+        ok,
+        snapshot_id: if ok { "cabe28d5".into() } else { String::new() },
+        error: if ok {
+            String::new()
+        } else {
+            "restic backup in /srv: Fatal: unable to open config file".into()
+        },
+        last_good_unix_ms: last_good,
+        ..Default::default()
+    };
+    statuses[0].last_backup = Some(report(true, now - hour));
+    statuses[1].last_backup = Some(report(false, now - 49 * hour));
+    statuses[2].last_backup = Some(report(false, 0));
+    let ids: Vec<String> = statuses.iter().map(|s| s.tenant_id.clone()).collect();
+    c.placements.record_statuses(&host, statuses);
+    let html = host_page(&b.drainer, &host).unwrap().unwrap();
+    let good = rfc3339(now - hour).unwrap();
+    assert!(
+        html.contains(&format!("<tr><td>{}</td>", ids[0])),
+        "a good one does not stand out"
+    );
+    assert!(html.contains(&format!("<td class=\"backup\">{good}</td>")));
+    for (id, text) in [
+        (
+            &ids[1],
+            format!("{} (last failed)", rfc3339(now - 49 * hour).unwrap()),
+        ),
+        (&ids[2], "never (failed)".to_string()),
+    ] {
+        assert!(
+            html.contains(&format!("<tr class=\"backup-overdue\"><td>{id}</td>")),
+            "{id} stands out"
+        );
+        assert!(
+            html.contains(&format!("<td class=\"backup\">{text}</td>")),
+            "{text}"
+        );
+    }
+    let (status, _, text) = get(router(b.clone(), HttpAccess::Loopback), "/metrics", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let last_good = |id: &str| {
+        testing::value(
+            &text,
+            "berth_tenant_last_backup_timestamp_seconds",
+            &[("tenant", id), ("host", host.as_str())],
+        )
+    };
+    assert_eq!(last_good(&ids[0]), ((now - hour) / 1000) as f64);
+    assert_eq!(last_good(&ids[2]), 0.0);
+    let ok = |id: &str| {
+        testing::value(
+            &text,
+            "berth_tenant_last_backup_ok",
+            &[("tenant", id), ("host", host.as_str())],
+        )
+    };
+    assert_eq!((ok(&ids[0]), ok(&ids[1])), (1.0, 0.0));
 }
 
 #[test]

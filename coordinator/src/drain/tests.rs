@@ -653,7 +653,7 @@ async fn a_lost_hosts_tenants_start_elsewhere_from_their_latest_backups() {
     assert_eq!(phase, "started_empty");
     assert_eq!(
         note,
-        "src was lost and t2 was never backed up: started on dst with an empty volume"
+        "src was lost and t2 has no backup: started on dst with an empty volume"
     );
     assert!(f.runs_healthy(&id("t1"), &f.hosts[1]));
     // The restore is not asked again of a later move: the volume travels with the tenant.

@@ -485,6 +485,17 @@ impl FakeAgents {
                     }))
                 }
             }
+            proto::VolumeAction::ForgetBackups => {
+                let forgotten = self.fleet().backups.remove(&tenant).map_or(0, |s| s.len());
+                self.note(host, action, &tenant, "");
+                proto::VolumeResult {
+                    forgotten: forgotten as u32,
+                    ..result(Ok(Moved {
+                        bytes: 0,
+                        sha256: String::new(),
+                    }))
+                }
+            }
             proto::VolumeAction::Export => result(self.export(host, &tenant, &command)),
             proto::VolumeAction::Import => result(self.import(host, &tenant, &command).await),
             _ => result(Err(Refusal(format!(

@@ -12,6 +12,10 @@ use crate::command::{CommandError, run_command_in};
 
 /// What restic says when there is no repository at the location.
 const NO_REPOSITORY: &str = "Is there a repository at the following location?";
+/// What restic says when another restic holds the repository's lock.
+const LOCKED: &str = "unable to create lock in backend";
+/// How long a run waits for another restic's lock on the repository.
+pub const LOCK_WAIT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Clone)]
 pub struct Restic {
@@ -58,7 +62,8 @@ impl Restic {
         }
     }
 
-    /// Runs `restic -r <repository> <args>` in `dir` with the key on stdin.
+    /// Runs `restic -r <repository> <args>` in `dir` with the key on stdin; while the
+    /// repository is locked by another restic, again (for up to [`LOCK_WAIT`]).
     fn run(
         &self,
         action: &'static str,
@@ -76,18 +81,35 @@ impl Restic {
         }
         all.extend_from_slice(args);
         let password = key.password_line();
-        run_command_in(
-            dir,
-            &self.program,
-            &all,
-            Some(password.as_slice()),
-            self.timeout,
-        )
-        .map_err(|source| BackupError::Restic {
-            action,
-            repository: repository.to_string(),
-            source,
-        })
+        let mut pause = Duration::from_millis(500);
+        let mut waited = Duration::ZERO;
+        loop {
+            let ran = run_command_in(
+                dir,
+                &self.program,
+                &all,
+                Some(password.as_slice()),
+                self.timeout,
+            );
+            match ran {
+                // Another host (or an operator) holds the repository's lock: a prune takes
+                // seconds to minutes; restic 0.14 cannot wait for it itself.
+                Err(CommandError::Failed { ref stderr, .. })
+                    if stderr.contains(LOCKED) && waited < LOCK_WAIT =>
+                {
+                    std::thread::sleep(pause);
+                    waited += pause;
+                    pause = (pause * 2).min(Duration::from_secs(10));
+                }
+                other => {
+                    return other.map_err(|source| BackupError::Restic {
+                        action,
+                        repository: repository.to_string(),
+                        source,
+                    });
+                }
+            }
+        }
     }
 
     fn output_error(action: &'static str, repository: &str, message: String) -> BackupError {
@@ -176,7 +198,14 @@ impl BackupEngine for Restic {
     }
 
     fn snapshots(&self, repository: &str, key: &BackupKey) -> Result<Vec<Snapshot>, BackupError> {
-        self.list(repository, key)
+        match self.list(repository, key) {
+            // Never made (no backup of the tenant succeeded yet): no snapshot.
+            Err(BackupError::Restic {
+                source: CommandError::Failed { stderr, .. },
+                ..
+            }) if stderr.contains(NO_REPOSITORY) => Ok(Vec::new()),
+            other => other,
+        }
     }
 
     fn restore(
@@ -226,14 +255,7 @@ impl BackupEngine for Restic {
     }
 
     fn forget_all(&self, repository: &str, key: &BackupKey) -> Result<usize, BackupError> {
-        let snapshots = match self.list(repository, key) {
-            // Never made (its first backup failed before): nothing to forget.
-            Err(BackupError::Restic {
-                source: CommandError::Failed { stderr, .. },
-                ..
-            }) if stderr.contains(NO_REPOSITORY) => return Ok(0),
-            other => other?,
-        };
+        let snapshots = self.snapshots(repository, key)?;
         if snapshots.is_empty() {
             return Ok(0);
         }

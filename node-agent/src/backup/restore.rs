@@ -13,35 +13,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use berth_shared::ids::TenantId;
 use berth_shared::spec::TenantSpec;
 use berth_shared::store::StoreError;
-use serde::{Deserialize, Serialize};
 
-use super::{BackupEngine, BackupError, BackupKey, Snapshot, restore_volume};
-
-/// Where a tenant is backed up, as its host holds it (in memory only).
-#[derive(Debug, Clone)]
-pub struct BackupAccess {
-    pub repository: String,
-    pub key: BackupKey,
-}
-
-/// A restore this host did: the request's id and the snapshot it restored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Restored {
-    pub id: u64,
-    pub snapshot: Snapshot,
-}
-
-/// What a restore needs from the agent: the tenant's backup access, and its marks.
-pub trait RestoreSource: Send + Sync + std::fmt::Debug {
-    fn backup_access(&self, tenant: &TenantId) -> Option<BackupAccess>;
-    /// The last restore done of `tenant`'s volume on this host.
-    fn restored(&self, tenant: &TenantId) -> Option<Restored>;
-    /// Marks a restore done, durably.
-    fn record_restored(&self, tenant: &TenantId, restored: &Restored) -> Result<(), StoreError>;
-}
+use super::{BackupEngine, BackupError, BackupSource, RepositoryLocks, Restored, restore_volume};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
@@ -62,7 +37,8 @@ pub enum RestoreError {
 #[derive(Debug, Clone)]
 pub struct Restorer {
     pub engine: Arc<dyn BackupEngine>,
-    pub source: Arc<dyn RestoreSource>,
+    pub source: Arc<dyn BackupSource>,
+    pub locks: RepositoryLocks,
 }
 
 impl Restorer {
@@ -90,6 +66,8 @@ impl Restorer {
             .source
             .backup_access(tenant)
             .ok_or(RestoreError::WaitingForAccess)?;
+        let repository = self.locks.of(tenant);
+        let _held = repository.lock().unwrap_or_else(|p| p.into_inner());
         let snapshots = self.engine.snapshots(&access.repository, &access.key)?;
         let chosen = match &request.snapshot {
             // Listed oldest first.
@@ -121,7 +99,8 @@ impl Restorer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::backup::{FakeEngine, FakeRestoreSource as Source};
+    use crate::backup::Snapshot;
+    use crate::testing::backup::{FakeBackupSource as Source, FakeEngine};
     use berth_shared::spec::Restore;
 
     fn snapshot(id: &str, time: &str) -> Snapshot {
@@ -164,6 +143,7 @@ mod tests {
         let restorer = Restorer {
             engine: engine.clone(),
             source: source.clone(),
+            locks: RepositoryLocks::default(),
         };
         (restorer, engine, source)
     }

@@ -133,7 +133,8 @@ async fn with_a_running() -> (Arc<FakeRuntime>, Arc<Reconciler>) {
 fn reconciler(fake: &Arc<FakeRuntime>) -> Arc<Reconciler> {
     let restores = Restorer {
         engine: Arc::new(crate::testing::backup::FakeEngine::default()),
-        source: Arc::new(crate::testing::backup::FakeRestoreSource::default()),
+        source: Arc::new(crate::testing::backup::FakeBackupSource::default()),
+        locks: Default::default(),
     };
     reconciler_with(fake, restores, None)
 }
@@ -341,7 +342,7 @@ async fn a_creation_takes_its_port_from_a_listing_made_then_not_from_its_pass() 
 #[tokio::test]
 async fn a_restore_asked_of_a_running_tenant_replaces_its_volume_once_before_it_starts_again() {
     use crate::backup::Snapshot;
-    use crate::testing::backup::{FakeEngine, FakeRestoreSource};
+    use crate::testing::backup::{FakeBackupSource, FakeEngine};
     use std::sync::atomic::Ordering;
     let volumes = tempfile::tempdir().unwrap();
     let fake = Arc::new(FakeRuntime::default());
@@ -355,10 +356,11 @@ async fn a_restore_asked_of_a_running_tenant_replaces_its_volume_once_before_it_
         }],
         ..FakeEngine::default()
     });
-    let source = Arc::new(FakeRestoreSource::default());
+    let source = Arc::new(FakeBackupSource::default());
     let restores = Restorer {
         engine: engine.clone(),
         source: source.clone(),
+        locks: Default::default(),
     };
     let r = reconciler_with(&fake, restores, Some(volumes.path().into()));
     let mut a = spec("a", "img:1");

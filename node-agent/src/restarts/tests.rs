@@ -213,6 +213,7 @@ async fn a_requested_restart_runs_behind_the_gate_and_answers_once() {
         }),
         clock: Arc::new(ManualClock::at(1_763_726_400_000)),
         host: HostId::new("h1").unwrap(),
+        backups: None,
     };
     let desired = Desired {
         generation: 3,
@@ -282,6 +283,7 @@ async fn a_failed_restart_is_reported_and_frees_its_place() {
         probe: Arc::new(FakeProbe::default()),
         clock: Arc::new(ManualClock::at(1_763_726_400_000)),
         host: HostId::new("h1").unwrap(),
+        backups: None,
     };
     let desired = Desired {
         generation: 1,

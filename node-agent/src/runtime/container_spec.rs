@@ -61,11 +61,14 @@ pub fn legacy_network_name(tenant: &TenantId) -> String {
 /// A digest of everything that shapes the container: a change means recreate. The egress
 /// allowlist is not part of it: it is enforced on the host and updated in place.
 pub fn spec_hash(spec: &TenantSpec) -> String {
-    // The allowlist and the restart policy are enforced around the container, not in it:
-    // changing them must not recreate it.
+    // The allowlist and the restart and backup policies are enforced around the container,
+    // not in it, and a restore is carried out before it starts: changing them must not
+    // recreate it.
     let shape = TenantSpec {
         egress: Vec::new(),
         restart: berth_shared::spec::RestartPolicy::default(),
+        backup: berth_shared::spec::BackupPolicy::default(),
+        restore: None,
         ..spec.clone()
     };
     let json = serde_json::to_vec(&shape).unwrap_or_default();
@@ -276,14 +279,22 @@ mod tests {
     #[test]
     fn spec_hash_changes_with_the_spec_only() {
         let a = spec();
+        // What running containers carry: a new field of the spec must not change it, or an
+        // agent upgrade would recreate every tenant.
+        assert_eq!(spec_hash(&a), "5459d3d3b2acbc8e4c4550cb");
         let mut b = spec();
         assert_eq!(spec_hash(&a), spec_hash(&b));
         b.restart.window = Some("04:00-05:00".parse().unwrap());
         b.restart.enabled = false;
+        b.backup.interval = std::time::Duration::from_secs(3600);
+        b.restore = Some(berth_shared::spec::Restore {
+            id: 3,
+            snapshot: None,
+        });
         assert_eq!(
             spec_hash(&a),
             spec_hash(&b),
-            "restart policy is not in the hash"
+            "restart and backup policies and restores are not in the hash"
         );
         b.resources.memory_bytes += 1 << 20;
         assert_ne!(spec_hash(&a), spec_hash(&b));

@@ -8,17 +8,18 @@ use std::sync::Mutex;
 use berth_shared::ids::TenantId;
 use berth_shared::store::StoreError;
 
-use crate::backup::restore::{BackupAccess, RestoreSource, Restored};
+use crate::backup::{BackupAccess, BackupRecord, BackupSource, Restored};
 use crate::backup::{BackupEngine, BackupError, BackupKey, BackupSummary, Retention, Snapshot};
 
 /// Backup access for every tenant (or none), restore marks in memory.
 #[derive(Debug, Default)]
-pub struct FakeRestoreSource {
+pub struct FakeBackupSource {
     pub access: std::sync::atomic::AtomicBool,
     pub marks: Mutex<HashMap<TenantId, Restored>>,
+    pub records: Mutex<HashMap<TenantId, BackupRecord>>,
 }
 
-impl RestoreSource for FakeRestoreSource {
+impl BackupSource for FakeBackupSource {
     fn backup_access(&self, tenant: &TenantId) -> Option<BackupAccess> {
         let held = self.access.load(std::sync::atomic::Ordering::SeqCst);
         held.then(|| BackupAccess {
@@ -31,6 +32,16 @@ impl RestoreSource for FakeRestoreSource {
     }
     fn record_restored(&self, tenant: &TenantId, r: &Restored) -> Result<(), StoreError> {
         self.marks.lock().unwrap().insert(tenant.clone(), r.clone());
+        Ok(())
+    }
+    fn last_backup(&self, tenant: &TenantId) -> Option<BackupRecord> {
+        self.records.lock().unwrap().get(tenant).cloned()
+    }
+    fn record_backup(&self, tenant: &TenantId, r: &BackupRecord) -> Result<(), StoreError> {
+        self.records
+            .lock()
+            .unwrap()
+            .insert(tenant.clone(), r.clone());
         Ok(())
     }
 }
@@ -108,7 +119,11 @@ impl BackupEngine for FakeEngine {
         Ok(())
     }
 
-    fn forget(&self, _: &str, _: &BackupKey, _: Retention) -> Result<(), BackupError> {
+    fn forget(&self, repository: &str, _: &BackupKey, r: Retention) -> Result<(), BackupError> {
+        self.calls.lock().unwrap().push(format!(
+            "forget {repository} daily {} weekly {}",
+            r.keep_daily, r.keep_weekly
+        ));
         Ok(())
     }
 
