@@ -25,6 +25,8 @@ pub const RESTART_WAIT: std::time::Duration = std::time::Duration::from_secs(600
 /// How long an operator's backup waits for the host (restic reads the whole volume the first
 /// time: a minute or so per 10 GiB to a fast repository) and a listing for its answer.
 pub const BACKUP_WAIT: std::time::Duration = std::time::Duration::from_secs(3600);
+/// How long an export may take, from the command to the last byte the operator read.
+pub const EXPORT_WAIT: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
 /// How long a restore may take, from the container's stop to its start on the restored volume.
 pub const RESTORE_WAIT: std::time::Duration = std::time::Duration::from_secs(3600);
 pub const LIST_BACKUPS_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
@@ -64,6 +66,8 @@ pub struct Coordinator {
     /// from the volume keys: a lost host's tenants get new volume keys, and must still read
     /// their backups.
     pub backup_keys: KeyVault,
+    /// Exports under way, streamed from a host to an operator.
+    pub exports: crate::exports::Exports,
     /// Held while a placement makes its key and commits (see `commit_placement`).
     placing: Mutex<()>,
     /// Held while the deny-list changes (see `prune_deny_list`).
@@ -247,6 +251,7 @@ impl Coordinator {
             metrics: crate::metrics::Metrics::default(),
             keys: vaults.volume,
             backup_keys: vaults.backup,
+            exports: crate::exports::Exports::default(),
             placing: Mutex::new(()),
             deny_list: Mutex::new(()),
         })
@@ -716,6 +721,63 @@ impl Coordinator {
                 wait: RESTORE_WAIT,
             }),
         }
+    }
+
+    /// A tenant's files as a tar, made by the host that runs it: its files now, or those of
+    /// snapshot `snapshot`; the tar's bytes come out of the receiver as the host uploads them
+    /// (an error, last, if it stopped).
+    pub fn export(
+        self: &Arc<Self>,
+        tenant: &TenantId,
+        snapshot: Option<&str>,
+    ) -> Result<tokio::sync::mpsc::Receiver<crate::exports::ExportData>, BackupError> {
+        let placement = self
+            .placements
+            .tenant(tenant)
+            .and_then(|t| t.placement)
+            .ok_or_else(|| BackupError::UnknownTenant(tenant.clone()))?;
+        let host = HostId::new(&placement.host_id)
+            .map_err(|e| BackupError::StoredPlacement(e.to_string()))?;
+        let mut command = proto::VolumeCommand {
+            tenant_id: tenant.to_string(),
+            action: proto::VolumeAction::ExportFiles as i32,
+            ..Default::default()
+        };
+        if let Some(id) = snapshot {
+            let repository = self
+                .config
+                .backup_repository
+                .as_ref()
+                .ok_or(BackupError::NotConfigured)?;
+            command.snapshot_id = berth_shared::backup::snapshot_id(id)?.to_string();
+            command.backup_repository = repository.of(tenant);
+            command.backup_key = self
+                .backup_keys
+                .get(tenant)?
+                .ok_or_else(|| BackupError::NeverBackedUp(tenant.clone()))?
+                .to_vec();
+        }
+        if !self.agents.is_connected(&host) {
+            return Err(BackupError::Link(
+                crate::sessions::LinkError::NotConnected {
+                    host,
+                    what: "export",
+                },
+            ));
+        }
+        let (id, out) = self.exports.start(&host, tenant);
+        command.export_id = id;
+        tracing::info!(%tenant, %host, snapshot = snapshot.unwrap_or("now"), "export asked");
+        let me = self.clone();
+        tokio::spawn(async move {
+            let error = match me.agents.volume(&host, command, EXPORT_WAIT).await {
+                Ok(result) if result.ok => None,
+                Ok(result) => Some(format!("{host}: {}", result.error)),
+                Err(e) => Some(e.to_string()),
+            };
+            me.exports.finish(id, error).await;
+        });
+        Ok(out)
     }
 
     /// The snapshots of a tenant's repository, listed by the host that runs it (or keeps its

@@ -10,6 +10,7 @@
 //! volume, and the current contents are replaced only once restic finished: a failed or
 //! interrupted restore leaves the volume as it was.
 
+pub mod export;
 pub mod restic;
 pub mod restore;
 pub mod schedule;
@@ -284,6 +285,14 @@ pub trait BackupEngine: Send + Sync + std::fmt::Debug {
     ) -> Result<(), BackupError>;
     /// Forgets every snapshot and prunes all their data; returns how many there were.
     fn forget_all(&self, repository: &str, key: &BackupKey) -> Result<usize, BackupError>;
+    /// Writes snapshot `id`'s files to `out` as a tar; returns the bytes written.
+    fn dump(
+        &self,
+        repository: &str,
+        key: &BackupKey,
+        id: &str,
+        out: &mut dyn std::io::Write,
+    ) -> Result<u64, BackupError>;
 }
 
 /// Replaces the contents of the mounted volume `volume` with snapshot `id`: restored beside

@@ -55,6 +55,11 @@ pub fn run_command_in(
     input: Option<&[u8]>,
     timeout: Duration,
 ) -> Result<String, CommandError> {
+    run(command_in(dir, program, args), program, input, timeout)
+}
+
+/// `program args` in `dir`, with an environment of only [`KEPT_ENVIRONMENT`].
+fn command_in(dir: &std::path::Path, program: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new(program);
     cmd.args(args).current_dir(dir).env_clear();
     for name in KEPT_ENVIRONMENT {
@@ -62,21 +67,64 @@ pub fn run_command_in(
             cmd.env(name, value);
         }
     }
-    run(cmd, program, input, timeout)
+    cmd
 }
 
-fn run(
+/// Ok when the program succeeded, else its status and stderr.
+fn succeeded(
+    program: &str,
+    status: std::process::ExitStatus,
+    stderr: Option<std::thread::JoinHandle<String>>,
+) -> Result<(), CommandError> {
+    if status.success() {
+        return Ok(());
+    }
+    let stderr = stderr.and_then(|r| r.join().ok()).unwrap_or_default();
+    Err(CommandError::Failed {
+        program: program.into(),
+        status: status.to_string(),
+        stderr: stderr.trim().to_string(),
+    })
+}
+
+/// [`run_command_in`] with the program's stdout written to `out` as it comes (a tar stream,
+/// say), not collected; returns the bytes written. Bounded by the reader of `out` rather than
+/// a timeout: a write to `out` that fails (the reader went away) kills the program.
+pub fn stream_command_in(
+    dir: &std::path::Path,
+    program: &str,
+    args: &[&str],
+    input: Option<&[u8]>,
+    out: &mut dyn std::io::Write,
+) -> Result<u64, CommandError> {
+    let spawn_error = |source| CommandError::Spawn {
+        program: program.into(),
+        source,
+    };
+    let (mut child, stderr_reader) =
+        spawn(command_in(dir, program, args), program, input.is_some())?;
+    // A small input (a key line) fits the pipe's buffer: written before stdout is read.
+    write_input(&mut child, program, input)?;
+    let mut stdout = child.stdout.take().expect("stdout is piped");
+    let copied = std::io::copy(&mut stdout, out);
+    drop(stdout);
+    if copied.is_err() {
+        let _ = child.kill();
+    }
+    let status = child.wait().map_err(spawn_error)?;
+    succeeded(program, status, stderr_reader)?;
+    copied.map_err(spawn_error)
+}
+
+/// Starts `cmd` with stdout piped, stdin piped when `input` (else empty), and stderr drained
+/// on a thread of its own (whose text the handle gives).
+fn spawn(
     mut cmd: Command,
     program: &str,
-    input: Option<&[u8]>,
-    timeout: Duration,
-) -> Result<String, CommandError> {
+    input: bool,
+) -> Result<(std::process::Child, Option<std::thread::JoinHandle<String>>), CommandError> {
     let mut child = cmd
-        .stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
+        .stdin(if input { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -84,6 +132,44 @@ fn run(
             program: program.into(),
             source,
         })?;
+    let stderr_reader = child.stderr.take().map(|mut err| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = err.read_to_string(&mut text);
+            text
+        })
+    });
+    Ok((child, stderr_reader))
+}
+
+/// Writes `input` to the child's stdin and closes it; on failure the child is killed.
+fn write_input(
+    child: &mut std::process::Child,
+    program: &str,
+    input: Option<&[u8]>,
+) -> Result<(), CommandError> {
+    use std::io::Write;
+    let (Some(data), Some(mut stdin)) = (input, child.stdin.take()) else {
+        return Ok(());
+    };
+    // Dropping the handle closes the pipe.
+    stdin.write_all(data).map_err(|source| {
+        let _ = child.kill();
+        let _ = child.wait();
+        CommandError::Spawn {
+            program: program.into(),
+            source,
+        }
+    })
+}
+
+fn run(
+    cmd: Command,
+    program: &str,
+    input: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<String, CommandError> {
+    let (mut child, stderr_reader) = spawn(cmd, program, input.is_some())?;
     // Drained concurrently so a chatty program never blocks on a full pipe.
     let stdout_reader = child.stdout.take().map(|mut out| {
         std::thread::spawn(move || {
@@ -92,25 +178,8 @@ fn run(
             text
         })
     });
-    let stderr_reader = child.stderr.take().map(|mut err| {
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = err.read_to_string(&mut text);
-            text
-        })
-    });
-    if let (Some(data), Some(mut stdin)) = (input, child.stdin.take()) {
-        use std::io::Write;
-        // Written while stdout/stderr are drained; dropping the handle closes the pipe.
-        if let Err(source) = stdin.write_all(data) {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(CommandError::Spawn {
-                program: program.into(),
-                source,
-            });
-        }
-    }
+    // Written while stdout/stderr are drained.
+    write_input(&mut child, program, input)?;
     let started = Instant::now();
     let status = loop {
         match child.try_wait() {
@@ -132,25 +201,58 @@ fn run(
             }
         }
     };
-    let stdout = stdout_reader
+    succeeded(program, status, stderr_reader)?;
+    Ok(stdout_reader
         .and_then(|r| r.join().ok())
-        .unwrap_or_default();
-    let stderr = stderr_reader
-        .and_then(|r| r.join().ok())
-        .unwrap_or_default();
-    if !status.success() {
-        return Err(CommandError::Failed {
-            program: program.into(),
-            status: status.to_string(),
-            stderr: stderr.trim().to_string(),
-        });
-    }
-    Ok(stdout)
+        .unwrap_or_default())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn streams_stdout_as_it_comes_and_fails_with_stderr() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut out = Vec::new();
+        let written = stream_command_in(
+            dir.path(),
+            "sh",
+            &[
+                "-c",
+                "read key; echo \"$key:$(pwd)\"; head -c 100000 /dev/zero",
+            ],
+            Some(b"k1\n"),
+            &mut out,
+        )
+        .unwrap();
+        let first = format!("k1:{}\n", dir.path().display());
+        assert_eq!(written as usize, first.len() + 100_000);
+        assert!(out.starts_with(first.as_bytes()));
+        let err = stream_command_in(
+            dir.path(),
+            "sh",
+            &["-c", "echo no >&2; exit 2"],
+            None,
+            &mut out,
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(err, "sh exited with exit status: 2: no");
+        // A reader that went away stops the program.
+        struct Gone;
+        impl std::io::Write for Gone {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::ErrorKind::BrokenPipe.into())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let started = Instant::now();
+        assert!(stream_command_in(dir.path(), "sh", &["-c", "yes"], None, &mut Gone).is_err());
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
 
     #[test]
     fn captures_stdout_and_stderr() {

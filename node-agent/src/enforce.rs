@@ -10,6 +10,7 @@ use berth_shared::ids::{HostId, TenantId};
 use berth_shared::proto;
 use tokio::sync::{Notify, watch};
 
+use crate::backup::export::{ExportJob, Exporter};
 use crate::backup::restic::Restic;
 use crate::backup::restore::Restorer;
 use crate::backup::schedule::{Backups, OpenVolumes};
@@ -75,6 +76,8 @@ pub struct Enforcement {
     backup_access: Mutex<HashMap<TenantId, BackupAccess>>,
     /// One restic at a time per tenant's repository, whatever runs it.
     repository_locks: RepositoryLocks,
+    /// Makes exports (set once the enforcement loop knows the host's volumes).
+    exporter: std::sync::OnceLock<Exporter>,
     /// Volume commands from the coordinator, run between two reconcile passes (so never
     /// while a pass creates or tears down the same tenant), and their results.
     /// Each with the desired-state generation whose teardown it waits for (0: none, an import).
@@ -122,6 +125,7 @@ impl Enforcement {
             volume_keys: Mutex::new(HashMap::new()),
             backup_access: Mutex::new(HashMap::new()),
             repository_locks: RepositoryLocks::default(),
+            exporter: std::sync::OnceLock::new(),
             volume_commands: Mutex::new(Vec::new()),
             volume_commands_queued: Notify::new(),
             transferring: Mutex::default(),
@@ -187,7 +191,7 @@ impl Enforcement {
         self.volume_messages_ready.notify_one();
     }
 
-    fn push_volume_result(&self, result: proto::VolumeResult) {
+    pub fn push_volume_result(&self, result: proto::VolumeResult) {
         let mut results = self
             .volume_results
             .lock()
@@ -333,9 +337,15 @@ impl Enforcement {
                 proto::VolumeAction::try_from(command.action),
             ) {
                 (Err(e), _) => Err(VolumeCommandError::TenantId(e)),
+                // An export is uploaded by the session (see `export_job`), never queued.
                 (
                     _,
-                    Ok(proto::VolumeAction::Unspecified | proto::VolumeAction::Cancel) | Err(_),
+                    Ok(
+                        proto::VolumeAction::Unspecified
+                        | proto::VolumeAction::Cancel
+                        | proto::VolumeAction::ExportFiles,
+                    )
+                    | Err(_),
                 ) => Err(VolumeCommandError::UnknownAction(command.action)),
                 (
                     Ok(t),
@@ -512,6 +522,19 @@ impl Enforcement {
         // A purge may have waited for this transfer.
         self.volume_commands_queued.notify_one();
         self.push_volume_result(result);
+    }
+
+    /// The export `command` asks for, of a tenant placed on this host; run by the session as
+    /// it uploads.
+    pub fn export_job(&self, command: &proto::VolumeCommand) -> Result<ExportJob, String> {
+        let tenant = TenantId::new(&command.tenant_id).map_err(|e| format!("tenant_id: {e}"))?;
+        if !self.current().tenants.iter().any(|s| s.tenant_id == tenant) {
+            return Err(format!("{tenant} is not placed on this host"));
+        }
+        self.exporter
+            .get()
+            .ok_or_else(|| "this host cannot export yet: its volumes are not set up".to_string())?
+            .job(&tenant, command)
     }
 
     /// Takes the volume keys the coordinator sent: only for tenants of the desired state, only
@@ -823,10 +846,16 @@ pub async fn run(enforcement: Arc<Enforcement>, config: AgentConfig, host: HostI
         source: enforcement.clone(),
         locks: enforcement.repository_locks.clone(),
     };
+    let mounted: Arc<dyn OpenVolumes> = Arc::new(MountedVolumes(config.volume_root.clone()));
+    let _ = enforcement.exporter.set(Exporter {
+        engine: backups.clone(),
+        volumes: mounted.clone(),
+        locks: enforcement.repository_locks.clone(),
+    });
     let scheduled = Backups::new(
         backups.clone(),
         enforcement.clone(),
-        Arc::new(MountedVolumes(config.volume_root.clone())),
+        mounted,
         Arc::new(berth_shared::clock::SystemClock),
         enforcement.repository_locks.clone(),
     );

@@ -75,7 +75,7 @@ pub(crate) async fn run_session(
     identity: &Identity,
     transfer_port: u16,
     meter: &mut Meter,
-    enforcement: &Enforcement,
+    enforcement: &Arc<Enforcement>,
     telemetry: &Telemetry,
     backoff: &mut Backoff,
 ) -> SessionEnd {
@@ -99,12 +99,50 @@ pub(crate) async fn run_session(
     end
 }
 
+/// Starts an export: uploaded on a stream of its own (the session carries on meanwhile), and
+/// answered with a volume result once it ended.
+fn export(
+    enforcement: &Arc<Enforcement>,
+    client: AgentServiceClient<tonic::transport::Channel>,
+    command: proto::VolumeCommand,
+) {
+    let mut result = proto::VolumeResult {
+        tenant_id: command.tenant_id.clone(),
+        request_id: command.request_id,
+        ..Default::default()
+    };
+    let job = match enforcement.export_job(&command) {
+        Ok(job) => job,
+        Err(e) => {
+            tracing::warn!(tenant = %result.tenant_id.chars().take(64).collect::<String>(), error = %e, "export refused");
+            result.error = e;
+            enforcement.push_volume_result(result);
+            return;
+        }
+    };
+    let enforcement = enforcement.clone();
+    tokio::spawn(async move {
+        match crate::backup::export::upload(client, command.export_id, job).await {
+            Ok(bytes) => {
+                tracing::info!(tenant = %result.tenant_id, bytes, "export uploaded");
+                result.ok = true;
+                result.data_bytes = bytes;
+            }
+            Err(e) => {
+                tracing::warn!(tenant = %result.tenant_id, error = %e, "export failed");
+                result.error = e;
+            }
+        }
+        enforcement.push_volume_result(result);
+    });
+}
+
 async fn session_loop(
     config: &AgentConfig,
     identity: &Identity,
     transfer_port: u16,
     meter: &mut Meter,
-    enforcement: &Enforcement,
+    enforcement: &Arc<Enforcement>,
     telemetry: &Telemetry,
     backoff: &mut Backoff,
 ) -> SessionEnd {
@@ -235,7 +273,11 @@ async fn session_loop(
                 }
                 Ok(Some(proto::CoordinatorMessage { body: Some(CoordinatorBody::Volume(command)) })) => {
                     tracing::info!(tenant = %command.tenant_id.chars().take(64).collect::<String>(), request = command.request_id, action = command.action, "volume command");
-                    enforcement.request_volume(command);
+                    if command.action == proto::VolumeAction::ExportFiles as i32 {
+                        export(enforcement, client.clone(), command);
+                    } else {
+                        enforcement.request_volume(command);
+                    }
                 }
                 Ok(Some(_)) => {}
                 Ok(None) => return SessionEnd::Lost("the coordinator closed the session".into()),

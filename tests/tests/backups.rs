@@ -384,6 +384,52 @@ fn berthctl_backs_a_running_tenant_up_and_lists_its_snapshots() {
     );
     assert_eq!(code, 400, "{refused}");
 
+    // A GDPR export: the files now, from the host, and a snapshot's, as tars; never over a
+    // file that exists.
+    let exports = tempfile::tempdir().unwrap();
+    let unpack = |name: &str| -> PathBuf {
+        let tar = exports.path().join(name);
+        let (ok, _, err) =
+            f.coordinator
+                .berthctl(&["export", &tenant, "--output", tar.to_str().unwrap()]);
+        assert!(ok, "export: {err}");
+        assert!(err.contains("bytes of tar"), "{err}");
+        let dir = exports.path().join(format!("{name}.d"));
+        std::fs::create_dir(&dir).unwrap();
+        let (ok, _, err) = berth_tests::procs::run({
+            let mut c = Command::new("tar");
+            c.arg("-xf").arg(&tar).arg("-C").arg(&dir);
+            c
+        });
+        assert!(ok, "tar: {err}");
+        dir
+    };
+    let now = unpack("now.tar");
+    assert_eq!(
+        std::fs::read_to_string(now.join("chat.txt")).unwrap(),
+        "hello-backup"
+    );
+    assert!(!now.join("lost+found").exists());
+    let (ok, _, err) = f.coordinator.berthctl(&[
+        "export",
+        &tenant,
+        "--output",
+        exports.path().join("now.tar").to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("exists; an export never overwrites"),
+        "{err}"
+    );
+    let (ok, _, err) = f.coordinator.berthctl(&[
+        "export",
+        "no-such-tenant",
+        "--output",
+        exports.path().join("none.tar").to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("unknown tenant"), "{err}");
+    assert!(!exports.path().join("none.tar").exists());
+    assert!(!exports.path().join("none.tar.partial").exists());
+
     // Changed since, then restored in place: the container stops, the host restores the
     // snapshot, a new container serves the snapshot's files (the later ones are gone). A
     // snapshot that does not exist is refused before anything stops.
@@ -398,6 +444,32 @@ fn berthctl_backs_a_running_tenant_up_and_lists_its_snapshots() {
     let container_id = |name: &str| inspect(name).map(|c| c["Id"].clone());
     let container = container_id(&f.container(&tenant));
     assert!(container.is_some());
+    // The snapshot's files, not the ones now.
+    let tar = exports.path().join("snapshot.tar");
+    let (ok, _, err) = f.coordinator.berthctl(&[
+        "export",
+        &tenant,
+        "--snapshot",
+        &snapshot,
+        "-o",
+        tar.to_str().unwrap(),
+    ]);
+    assert!(ok, "export --snapshot: {err}");
+    let listing = Command::new("tar").arg("-tf").arg(&tar).output().unwrap();
+    let names = String::from_utf8_lossy(&listing.stdout);
+    assert!(
+        listing.status.success(),
+        "{} bytes: {}",
+        std::fs::metadata(&tar).unwrap().len(),
+        String::from_utf8_lossy(&listing.stderr)
+    );
+    assert!(
+        names
+            .lines()
+            .any(|n| n.trim_start_matches("./") == "chat.txt"),
+        "{names}"
+    );
+    assert!(!names.contains("later.txt"), "{names}");
     let (ok, _, err) = f
         .coordinator
         .berthctl(&["restore", &tenant, "--snapshot", "deadbeef"]);

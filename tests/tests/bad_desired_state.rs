@@ -69,6 +69,13 @@ impl AgentService for RogueCoordinator {
     ) -> Result<Response<proto::RenewCertificateResponse>, Status> {
         Err(Status::unimplemented("not in this test"))
     }
+
+    async fn upload_export(
+        &self,
+        _: Request<Streaming<proto::ExportChunk>>,
+    ) -> Result<Response<proto::ExportUploaded>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
 }
 
 fn tenant(id: &str, image: &str, memory: u64) -> proto::TenantSpec {

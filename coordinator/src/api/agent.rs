@@ -27,6 +27,8 @@ use crate::registry::CertRecord;
 use crate::sessions::{AgentReply, SessionHub};
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest chunk of an export upload (the agent sends at most 256 KiB).
+const EXPORT_CHUNK_BYTES: usize = 256 << 10;
 /// The least time between two desired-state snapshots to one host: a change after a quiet
 /// spell goes out at once, and the rest of a burst of placements waits out this window and
 /// goes out as one snapshot (delivery stays far inside 1 s).
@@ -308,6 +310,61 @@ impl AgentService for AgentApi {
             tracing::info!(host = %auth.host_id, "agent session closed");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn upload_export(
+        &self,
+        request: Request<Streaming<proto::ExportChunk>>,
+    ) -> Result<Response<proto::ExportUploaded>, Status> {
+        let auth = self
+            .coordinator
+            .authenticate_host(request.extensions())
+            .map_err(status)?;
+        let mut chunks = request.into_inner();
+        let mut export = None;
+        while let Some(chunk) = chunks.message().await? {
+            let (id, data) = match &export {
+                Some((id, _)) if *id != chunk.export_id => {
+                    return Err(Status::invalid_argument(format!(
+                        "export_id: {} in an upload of export {id}",
+                        chunk.export_id
+                    )));
+                }
+                Some(open) => open.clone(),
+                None => {
+                    let (tenant, data) = self
+                        .coordinator
+                        .exports
+                        .upload(chunk.export_id, &auth.host_id)
+                        .map_err(|e| {
+                            tracing::warn!(host = %auth.host_id, error = %e, "export upload refused");
+                            Status::permission_denied(e.to_string())
+                        })?;
+                    tracing::info!(host = %auth.host_id, %tenant, "export upload");
+                    export = Some((chunk.export_id, data));
+                    export.clone().expect("just set")
+                }
+            };
+            if chunk.data.len() > EXPORT_CHUNK_BYTES {
+                return Err(Status::invalid_argument(format!(
+                    "data: {} bytes in one chunk; at most {EXPORT_CHUNK_BYTES}",
+                    chunk.data.len()
+                )));
+            }
+            if !chunk.data.is_empty() && data.send(Ok(chunk.data)).await.is_err() {
+                return Err(Status::cancelled("the operator stopped reading the export"));
+            }
+            if chunk.done {
+                if !chunk.error.is_empty() {
+                    let _ = data.send(Err(chunk.error)).await;
+                }
+                self.coordinator.exports.finish(id, None).await;
+                return Ok(Response::new(proto::ExportUploaded {}));
+            }
+        }
+        Err(Status::invalid_argument(
+            "the upload ended without its last chunk",
+        ))
     }
 
     async fn renew_certificate(

@@ -369,6 +369,25 @@ impl OperatorService for OperatorApi {
             .map_err(status)
     }
 
+    type ExportTenantStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<proto::ExportData, Status>> + Send>>;
+
+    async fn export_tenant(
+        &self,
+        request: Request<proto::ExportTenantRequest>,
+    ) -> Result<Response<Self::ExportTenantStream>, Status> {
+        let r = request.get_ref();
+        let id = tenant_id("tenant_id", &r.tenant_id)?;
+        let snapshot = (!r.snapshot_id.is_empty()).then_some(r.snapshot_id.as_str());
+        let out = self.coordinator.export(&id, snapshot).map_err(status)?;
+        use futures::StreamExt;
+        let stream = tokio_stream::wrappers::ReceiverStream::new(out).map(|data| match data {
+            Ok(data) => Ok(proto::ExportData { data }),
+            Err(e) => Err(Status::aborted(format!("the export stopped: {e}"))),
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
     async fn drain_host(
         &self,
         request: Request<proto::DrainRequest>,

@@ -72,6 +72,18 @@ enum Command {
     Backup { tenant: String },
     /// List a tenant's backups (restic snapshots), oldest first.
     Backups { tenant: String },
+    /// Stream a tenant's files as a tar (a GDPR export): its files now, from the host that
+    /// runs it, or a backup's.
+    Export {
+        tenant: String,
+        /// A snapshot (its id or short id, as `berthctl backups` lists it) instead of the
+        /// files now.
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// Write the tar to this new file (default: stdout, which must not be a terminal).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
     /// Replace a tenant's volume contents with a backup: its container stops, its host
     /// restores, it starts again; waits until it runs.
     Restore {
@@ -395,6 +407,48 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .into_inner();
             print_backup(cli.json, &BackupView::from(&done))?;
         }
+        Command::Export {
+            tenant,
+            snapshot,
+            output,
+        } => {
+            // Where it goes is checked before the host is asked for anything.
+            let mut sink = ExportSink::open(output.as_deref())?;
+            let stream = client
+                .export_tenant(proto::ExportTenantRequest {
+                    tenant_id: tenant.clone(),
+                    snapshot_id: snapshot.unwrap_or_default(),
+                })
+                .await;
+            let mut stream = match stream {
+                Ok(s) => s.into_inner(),
+                Err(status) => {
+                    sink.discard();
+                    return Err(status.into());
+                }
+            };
+            let mut bytes = 0u64;
+            let ended = loop {
+                match stream.message().await {
+                    Ok(Some(chunk)) => {
+                        bytes += chunk.data.len() as u64;
+                        sink.write(&chunk.data)?;
+                    }
+                    Ok(None) => break Ok(()),
+                    Err(status) => break Err(status),
+                }
+            };
+            match ended {
+                Ok(()) => {
+                    sink.keep()?;
+                    eprintln!("exported {tenant}: {bytes} bytes of tar");
+                }
+                Err(status) => {
+                    sink.discard();
+                    return Err(status.into());
+                }
+            }
+        }
         Command::Restore { tenant, snapshot } => {
             let done = client
                 .restore_tenant(proto::RestoreTenantRequest {
@@ -511,6 +565,88 @@ fn print_restart(json: bool, view: &RestartView) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Where an export goes: a new file (written beside it first, and renamed only once whole) or
+/// stdout (never a terminal).
+enum ExportSink {
+    File {
+        partial: PathBuf,
+        path: PathBuf,
+        file: std::fs::File,
+    },
+    Stdout(std::io::Stdout),
+}
+
+impl ExportSink {
+    fn open(path: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        use std::io::IsTerminal;
+        let Some(path) = path else {
+            let stdout = std::io::stdout();
+            if stdout.is_terminal() {
+                anyhow::bail!(
+                    "stdout is a terminal: redirect it (> tenant.tar) or pass --output FILE"
+                );
+            }
+            return Ok(Self::Stdout(stdout));
+        };
+        if path.exists() {
+            anyhow::bail!(
+                "{}: exists; an export never overwrites a file",
+                path.display()
+            );
+        }
+        let mut partial = path.as_os_str().to_owned();
+        partial.push(".partial");
+        let partial = PathBuf::from(partial);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&partial)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", partial.display()))?;
+        Ok(Self::File {
+            partial,
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+
+    fn write(&mut self, data: &[u8]) -> anyhow::Result<()> {
+        use std::io::Write;
+        match self {
+            Self::File { partial, file, .. } => file
+                .write_all(data)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", partial.display())),
+            Self::Stdout(out) => out
+                .write_all(data)
+                .map_err(|e| anyhow::anyhow!("stdout: {e}")),
+        }
+    }
+
+    /// The export is whole: the file gets its name.
+    fn keep(self) -> anyhow::Result<()> {
+        use std::io::Write;
+        match self {
+            Self::File {
+                partial,
+                path,
+                file,
+            } => {
+                file.sync_all()
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", partial.display()))?;
+                std::fs::rename(&partial, &path)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+            }
+            Self::Stdout(mut out) => out.flush().map_err(|e| anyhow::anyhow!("stdout: {e}")),
+        }
+    }
+
+    /// The export stopped: no partial file is left.
+    fn discard(self) {
+        if let Self::File { partial, .. } = self {
+            let _ = std::fs::remove_file(partial);
+        }
+    }
 }
 
 fn print_backup(json: bool, view: &BackupView) -> anyhow::Result<()> {

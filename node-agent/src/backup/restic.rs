@@ -8,7 +8,7 @@ use serde::Deserialize;
 use super::{
     BackupEngine, BackupError, BackupKey, BackupSummary, RESTORE_STAGING, Retention, Snapshot,
 };
-use crate::command::{CommandError, run_command_in};
+use crate::command::{CommandError, run_command_in, stream_command_in};
 
 /// What restic says when there is no repository at the location.
 const NO_REPOSITORY: &str = "Is there a repository at the following location?";
@@ -62,6 +62,22 @@ impl Restic {
         }
     }
 
+    /// restic's arguments for `args` on `repository`: the repository, the cache, and how to
+    /// reach an SFTP server.
+    fn arguments(&self, repository: &str, args: &[&str]) -> Vec<String> {
+        let mut all = vec![
+            "--repo".to_string(),
+            repository.to_string(),
+            "--cache-dir".to_string(),
+            self.cache_dir.to_string_lossy().into_owned(),
+        ];
+        if let Some(command) = &self.sftp_command {
+            all.extend(["--option".to_string(), format!("sftp.command={command}")]);
+        }
+        all.extend(args.iter().map(|a| a.to_string()));
+        all
+    }
+
     /// Runs `restic -r <repository> <args>` in `dir` with the key on stdin; while the
     /// repository is locked by another restic, again (for up to [`LOCK_WAIT`]).
     fn run(
@@ -72,14 +88,8 @@ impl Restic {
         dir: &Path,
         args: &[&str],
     ) -> Result<String, BackupError> {
-        let cache = self.cache_dir.to_string_lossy();
-        let mut all: Vec<&str> = vec!["--repo", repository, "--cache-dir", &cache];
-        let option;
-        if let Some(command) = &self.sftp_command {
-            option = format!("sftp.command={command}");
-            all.extend(["--option", &option]);
-        }
-        all.extend_from_slice(args);
+        let all = self.arguments(repository, args);
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
         let password = key.password_line();
         let mut pause = Duration::from_millis(500);
         let mut waited = Duration::ZERO;
@@ -263,5 +273,32 @@ impl BackupEngine for Restic {
         args.extend(snapshots.iter().map(|s| s.id.as_str()));
         self.run("forget", repository, key, Path::new("/"), &args)?;
         Ok(snapshots.len())
+    }
+
+    fn dump(
+        &self,
+        repository: &str,
+        key: &BackupKey,
+        id: &str,
+        out: &mut dyn std::io::Write,
+    ) -> Result<u64, BackupError> {
+        let id = berth_shared::backup::snapshot_id(id)?;
+        // The whole snapshot as a tar (restic's default archive for a directory); quiet, or
+        // restic's "reading repository password from stdin" would open the stream.
+        let args = self.arguments(repository, &["--quiet", "dump", id, "/"]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let password = key.password_line();
+        stream_command_in(
+            Path::new("/"),
+            &self.program,
+            &args,
+            Some(password.as_slice()),
+            out,
+        )
+        .map_err(|source| BackupError::Restic {
+            action: "dump",
+            repository: repository.to_string(),
+            source,
+        })
     }
 }

@@ -130,4 +130,23 @@ impl BackupEngine for FakeEngine {
     fn forget_all(&self, _: &str, _: &BackupKey) -> Result<usize, BackupError> {
         Ok(0)
     }
+
+    fn dump(
+        &self,
+        repository: &str,
+        _: &BackupKey,
+        id: &str,
+        out: &mut dyn std::io::Write,
+    ) -> Result<u64, BackupError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("dump {repository} {id}"));
+        let tar = format!("tar of {id}");
+        out.write_all(tar.as_bytes()).map_err(|e| BackupError::Io {
+            path: repository.into(),
+            source: e,
+        })?;
+        Ok(tar.len() as u64)
+    }
 }
