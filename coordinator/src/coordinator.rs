@@ -185,6 +185,11 @@ pub enum BackupError {
     },
     #[error(transparent)]
     Place(#[from] PlaceError),
+    #[error(
+        "{} runs on {host}, which is not connected: `berthctl drain {host} --force-lost` restores a lost host's tenants elsewhere",
+        tenant.as_str()
+    )]
+    SourceUnreachable { tenant: TenantId, host: HostId },
 }
 
 /// Why the coordinator's state could not be opened.
@@ -652,13 +657,17 @@ impl Coordinator {
     }
 
     /// Replaces a placed tenant's volume contents with its snapshot `snapshot` (the latest when
-    /// `None`): the snapshot is looked up first (through the tenant's host), then the host is
-    /// asked to stop the tenant, restore and start it again; answers once it runs on the
-    /// restored volume.
+    /// `None`), on its host or on `to_host` (checked like a placement there): the snapshot is
+    /// looked up first (through the host that will restore), then that host is asked to
+    /// restore before the tenant runs (on its own host, it stops first); answers once it runs on
+    /// the restored volume. Moved, the tenant's old copy is deleted from its old host once that
+    /// stopped it (an encrypted one gets a new key first, so the old copy can never be opened
+    /// again).
     pub async fn restore(
         self: &Arc<Self>,
         tenant: &TenantId,
         snapshot: Option<&str>,
+        to_host: Option<&HostId>,
     ) -> Result<proto::RestoreTenantResponse, BackupError> {
         if let Some(id) = snapshot {
             berth_shared::backup::snapshot_id(id)?;
@@ -668,12 +677,17 @@ impl Coordinator {
             .tenant(tenant)
             .and_then(|t| t.placement)
             .ok_or_else(|| BackupError::UnknownTenant(tenant.clone()))?;
-        let host = HostId::new(&placement.host_id)
+        let source = HostId::new(&placement.host_id)
             .map_err(|e| BackupError::StoredPlacement(e.to_string()))?;
-        if !self.backup_keys.has(tenant)? {
-            return Err(BackupError::NeverBackedUp(tenant.clone()));
+        let target = to_host.unwrap_or(&source).clone();
+        let moving = target != source;
+        if moving && !self.agents.is_connected(&source) {
+            return Err(BackupError::SourceUnreachable {
+                tenant: tenant.clone(),
+                host: source,
+            });
         }
-        let snapshots = self.list_backups(tenant).await?.snapshots;
+        let snapshots = self.snapshots_through(tenant, &target).await?;
         let chosen = match snapshot {
             None => snapshots.last(),
             Some(id) => snapshots.iter().find(|s| s.id.starts_with(id)),
@@ -682,12 +696,47 @@ impl Coordinator {
             tenant: tenant.clone(),
             snapshot: snapshot.unwrap_or("at all").to_string(),
         })?;
-        let applied = self
-            .placements
-            .set_restore(tenant, Some(chosen.id.clone()))?;
+        let applied = match moving {
+            false => self
+                .placements
+                .set_restore(tenant, Some(chosen.id.clone()))?,
+            true => {
+                // The new key before the target can be sent the old one with the move.
+                if self.keys.has(tenant)? {
+                    self.keys.replace(tenant)?;
+                }
+                self.placements
+                    .relocate_restoring(tenant, &target, Some(chosen.id.clone()))?
+            }
+        };
         self.durable(applied.seq).await?;
         let id = applied.placement.generation;
-        tracing::info!(%tenant, %host, snapshot = %chosen.short_id, "restore asked");
+        tracing::info!(%tenant, from = %source, to = %target, snapshot = %chosen.short_id, "restore asked");
+        let restored = self.await_restore(tenant, &target, id).await?;
+        let old_copy_deleted = match moving {
+            false => false,
+            true => self.delete_old_copy(tenant, &source, id).await,
+        };
+        Ok(proto::RestoreTenantResponse {
+            tenant_id: tenant.to_string(),
+            host_id: target.to_string(),
+            restored,
+            moved_from: if moving {
+                source.to_string()
+            } else {
+                String::new()
+            },
+            old_copy_deleted,
+        })
+    }
+
+    /// Waits until `tenant` runs on `host` on the volume restore `id` made; the snapshot.
+    async fn await_restore(
+        &self,
+        tenant: &TenantId,
+        host: &HostId,
+        id: u64,
+    ) -> Result<Option<proto::BackupSnapshot>, BackupError> {
         let deadline = tokio::time::Instant::now() + RESTORE_WAIT;
         let mut failed = String::new();
         let restored = self
@@ -705,21 +754,41 @@ impl Coordinator {
             })
             .await;
         match restored {
-            Some(Ok(restored)) => Ok(proto::RestoreTenantResponse {
-                tenant_id: tenant.to_string(),
-                host_id: host.to_string(),
-                restored,
-            }),
+            Some(Ok(restored)) => Ok(restored),
             Some(Err(())) => Err(BackupError::Failed {
                 tenant: tenant.clone(),
-                host,
+                host: host.clone(),
                 error: failed,
             }),
             None => Err(BackupError::NotRestored {
                 tenant: tenant.clone(),
-                host,
+                host: host.clone(),
                 wait: RESTORE_WAIT,
             }),
+        }
+    }
+
+    /// Deletes the copy of `tenant`'s volume that `host` kept after generation `generation`
+    /// moved it away; whether it is gone (a failure is logged: the copy stays on that host).
+    async fn delete_old_copy(&self, tenant: &TenantId, host: &HostId, generation: u64) -> bool {
+        let deleted = match self.await_delivery(host, generation, PURGE_WAIT).await {
+            Err(e) => Err(e.to_string()),
+            Ok(()) => match self
+                .agents
+                .volume(host, purge_command(tenant), PURGE_WAIT)
+                .await
+            {
+                Ok(r) if r.ok => Ok(()),
+                Ok(r) => Err(r.error),
+                Err(e) => Err(e.to_string()),
+            },
+        };
+        match deleted {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(%tenant, %host, %error, "the old copy of a restored tenant was not deleted");
+                false
+            }
         }
     }
 

@@ -1348,7 +1348,9 @@ impl Drainer {
         };
         let restoring = restore && backed_up;
         let applied = match restoring {
-            true => coordinator.placements.relocate_restoring(tenant, target)?,
+            true => coordinator
+                .placements
+                .relocate_restoring(tenant, target, None)?,
             false => coordinator.placements.relocate(tenant, target, false)?,
         };
         coordinator.durable(applied.seq).await?;

@@ -68,6 +68,12 @@ pub enum PlaceError {
     NoFit(Box<Refusal>),
     #[error("unknown tenant {0:?}")]
     UnknownTenant(String),
+    #[error("host {host} cannot take tenant {tenant}: {reason}")]
+    HostRefuses {
+        tenant: String,
+        host: String,
+        reason: &'static str,
+    },
     #[error(
         "tenant {tenant} was removed with its volume kept on host {host}, which cannot take it back: {reason}; free that host or purge the volume (berthctl remove {tenant} --purge)"
     )]
@@ -842,22 +848,19 @@ impl Placements {
         host: &HostId,
         held: bool,
     ) -> Result<Applied, PlaceError> {
-        self.relocate_with(tenant_id, host, held, |_| None)
+        self.relocate_with(tenant_id, host, held, None)
     }
 
-    /// [`Self::relocate`] without the volume (its host was lost): the tenant starts on `host`
-    /// with its volume restored from its latest backup; the restore's id is the generation.
+    /// [`Self::relocate`] without the volume: the tenant starts on `host` with its volume
+    /// restored from `snapshot` (the latest when `None`); the restore's id is the generation.
+    /// Without capacity reserved there (a drain's), `host` must take it as a placement would.
     pub fn relocate_restoring(
         &self,
         tenant_id: &TenantId,
         host: &HostId,
+        snapshot: Option<String>,
     ) -> Result<Applied, PlaceError> {
-        self.relocate_with(tenant_id, host, false, |generation| {
-            Some(Restore {
-                id: generation,
-                snapshot: None,
-            })
-        })
+        self.relocate_with(tenant_id, host, false, Some(snapshot))
     }
 
     fn relocate_with(
@@ -865,7 +868,7 @@ impl Placements {
         tenant_id: &TenantId,
         host: &HostId,
         held: bool,
-        restore: impl FnOnce(u64) -> Option<Restore>,
+        restore_from: Option<Option<String>>,
     ) -> Result<Applied, PlaceError> {
         let mut state = self.lock();
         let old = state
@@ -873,11 +876,32 @@ impl Placements {
             .get(tenant_id)
             .cloned()
             .ok_or_else(|| PlaceError::UnknownTenant(tenant_id.to_string()))?;
+        if restore_from.is_some()
+            && old.host_id != *host
+            && state.reserved.get(tenant_id) != Some(host)
+        {
+            let request = Request {
+                need: need(&old.spec),
+                encrypted: old.spec.volume.encrypted,
+                constraints: &old.spec.constraints,
+                strategy: self.strategy_for(&old.spec),
+            };
+            if let Err(filter) = state.scheduler.check(host, &request) {
+                return Err(PlaceError::HostRefuses {
+                    tenant: tenant_id.to_string(),
+                    host: host.to_string(),
+                    reason: filter.reason(),
+                });
+            }
+        }
         let mut writes = Vec::with_capacity(4);
         let generation = state.next_generation(&mut writes);
         let record = TenantRecord {
             spec: TenantSpec {
-                restore: restore(generation),
+                restore: restore_from.map(|snapshot| Restore {
+                    id: generation,
+                    snapshot,
+                }),
                 ..old.spec.clone()
             },
             host_id: host.clone(),

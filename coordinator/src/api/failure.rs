@@ -131,7 +131,9 @@ impl From<PlaceError> for Failure {
             PlaceError::Conflict { .. } => Kind::Conflict,
             PlaceError::NoFit(_) => Kind::Exhausted,
             PlaceError::UnknownTenant(_) => Kind::NotFound,
-            PlaceError::RetainedVolume { .. } => Kind::Precondition,
+            PlaceError::RetainedVolume { .. } | PlaceError::HostRefuses { .. } => {
+                Kind::Precondition
+            }
             PlaceError::PurgeIncomplete { .. } => Kind::Unavailable,
             PlaceError::Store(_) => Kind::Internal,
         };
@@ -194,6 +196,7 @@ impl From<BackupError> for Failure {
             }
             BackupError::BadSnapshot(_) => with(Kind::BadRequest, e),
             BackupError::NotConfigured
+            | BackupError::SourceUnreachable { .. }
             | BackupError::Failed { .. }
             | BackupError::NeverBackedUp(_)
             | BackupError::NotRestored { .. } => with(Kind::Precondition, e),

@@ -362,8 +362,11 @@ impl OperatorService for OperatorApi {
         let r = request.get_ref();
         let id = tenant_id("tenant_id", &r.tenant_id)?;
         let snapshot = (!r.snapshot_id.is_empty()).then_some(r.snapshot_id.as_str());
+        let to_host = (!r.to_host_id.is_empty())
+            .then(|| host_id("to_host_id", &r.to_host_id))
+            .transpose()?;
         self.coordinator
-            .restore(&id, snapshot)
+            .restore(&id, snapshot, to_host.as_ref())
             .await
             .map(Response::new)
             .map_err(status)

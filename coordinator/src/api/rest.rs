@@ -225,6 +225,8 @@ async fn list_backups(State(c): Shared, Path(id): Path<String>) -> ApiResult<Vec
 struct RestoreBody {
     /// Default: the latest.
     snapshot: Option<String>,
+    /// Default: the tenant's own host.
+    to_host: Option<String>,
 }
 
 /// `POST /v1/tenants/{id}/restore`: answers once the tenant runs on its restored volume.
@@ -235,7 +237,10 @@ async fn restore(State(c): Shared, Path(id): Path<String>, body: Bytes) -> ApiRe
     } else {
         serde_json::from_slice(&body).map_err(|e| Failure::field("restore body", e))?
     };
-    let done = c.restore(&id, body.snapshot.as_deref()).await?;
+    let to_host = body.to_host.as_deref().map(host_id).transpose()?;
+    let done = c
+        .restore(&id, body.snapshot.as_deref(), to_host.as_ref())
+        .await?;
     Ok(Json(RestoreView::from(&done)))
 }
 

@@ -325,8 +325,14 @@ impl From<&proto::BackupTenantResponse> for BackupView {
 #[derive(Debug, Serialize)]
 pub struct RestoreView {
     pub tenant_id: String,
+    /// Where it runs now.
     pub host_id: String,
     pub restored: Option<SnapshotView>,
+    /// Restored on another host: the host it left.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub moved_from: Option<String>,
+    /// Whether its copy on the host it left is deleted.
+    pub old_copy_deleted: bool,
 }
 
 impl From<&proto::RestoreTenantResponse> for RestoreView {
@@ -335,6 +341,8 @@ impl From<&proto::RestoreTenantResponse> for RestoreView {
             tenant_id: r.tenant_id.clone(),
             host_id: r.host_id.clone(),
             restored: r.restored.as_ref().map(SnapshotView::from),
+            moved_from: (!r.moved_from.is_empty()).then(|| r.moved_from.clone()),
+            old_copy_deleted: r.old_copy_deleted,
         }
     }
 }

@@ -92,6 +92,10 @@ enum Command {
         /// latest.
         #[arg(long)]
         snapshot: Option<String>,
+        /// Restore on this host instead of its own (checked like a placement there); its copy
+        /// on its old host is deleted once it runs on the new one.
+        #[arg(long)]
+        to_host: Option<String>,
     },
     /// Move every tenant off a host (cordoned first), with its volume; or, with --dry-run,
     /// only show the plan (or why it cannot be done).
@@ -449,11 +453,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Restore { tenant, snapshot } => {
+        Command::Restore {
+            tenant,
+            snapshot,
+            to_host,
+        } => {
             let done = client
                 .restore_tenant(proto::RestoreTenantRequest {
                     tenant_id: tenant,
                     snapshot_id: snapshot.unwrap_or_default(),
+                    to_host_id: to_host.unwrap_or_default(),
                 })
                 .await?
                 .into_inner();
@@ -694,6 +703,14 @@ fn print_restore(json: bool, view: &RestoreView) -> anyhow::Result<()> {
             view.tenant_id,
             view.host_id
         );
+        if let Some(from) = &view.moved_from {
+            match view.old_copy_deleted {
+                true => berth_shared::outln!("its old copy on {from} is deleted"),
+                false => berth_shared::outln!(
+                    "its old copy on {from} could not be deleted: see that host's agent log"
+                ),
+            }
+        }
     }
     Ok(())
 }

@@ -725,3 +725,58 @@ async fn a_restoring_drain_needs_a_backup_repository_and_empty_needs_force_lost(
         "empty: only with force_lost (a reachable host's tenants move with their volumes)"
     );
 }
+
+/// `berthctl restore --to-host`: the tenant starts on the other host from its backup (checked
+/// like a placement there), and its copy on the host it left is deleted once that stopped it;
+/// an encrypted one gets a new key. A host that cannot take it, or a source that is not
+/// connected, is refused before anything changes.
+#[tokio::test(start_paused = true)]
+async fn a_restore_onto_another_host_moves_the_tenant_without_its_old_copy() {
+    let f = Fleet::new(&[("src", 16), ("dst", 16), ("full", 16)]);
+    f.place_on(0, &["t1"], "business", true).await;
+    f.agents.write(&f.hosts[0], &id("t1"));
+    f.c.backup(&id("t1")).await.unwrap();
+    let backed_up = f.agents.volume(&f.hosts[0], &id("t1")).unwrap().content;
+    f.agents.write(&f.hosts[0], &id("t1"));
+    let key = f.c.keys.get(&id("t1")).unwrap().unwrap();
+
+    f.c.registry
+        .set_cordoned(&f.hosts[2], true, |r| f.c.sync_host(r))
+        .unwrap();
+    let err =
+        f.c.restore(&id("t1"), None, Some(&f.hosts[2]))
+            .await
+            .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "host full cannot take tenant t1: not ready (cordoned, draining or down)"
+    );
+    assert_eq!(f.placed_on("t1"), "src", "nothing changed");
+
+    let done =
+        f.c.restore(&id("t1"), None, Some(&f.hosts[1]))
+            .await
+            .unwrap();
+    assert_eq!(done.host_id, "dst");
+    assert_eq!(done.moved_from, "src");
+    assert!(done.old_copy_deleted);
+    assert_eq!(done.restored.unwrap().short_id, "00000001");
+    assert_eq!(
+        f.agents.volume(&f.hosts[1], &id("t1")).unwrap().content,
+        backed_up
+    );
+    assert!(f.agents.volume(&f.hosts[0], &id("t1")).is_none(), "deleted");
+    assert_eq!(f.agents.running(&id("t1")), [host("dst")]);
+    assert_ne!(f.c.keys.get(&id("t1")).unwrap().unwrap(), key, "a new key");
+    assert_eq!(f.agents.overlaps(), Vec::<String>::new());
+
+    f.agents.disconnect(&f.hosts[1], false);
+    let err =
+        f.c.restore(&id("t1"), None, Some(&f.hosts[0]))
+            .await
+            .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "t1 runs on dst, which is not connected: `berthctl drain dst --force-lost` restores a lost host's tenants elsewhere"
+    );
+}
