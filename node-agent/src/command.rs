@@ -52,14 +52,20 @@ pub fn run_command_in(
     dir: &std::path::Path,
     program: &str,
     args: &[&str],
+    env: &[(&str, &std::ffi::OsStr)],
     input: Option<&[u8]>,
     timeout: Duration,
 ) -> Result<String, CommandError> {
-    run(command_in(dir, program, args), program, input, timeout)
+    run(command_in(dir, program, args, env), program, input, timeout)
 }
 
-/// `program args` in `dir`, with an environment of only [`KEPT_ENVIRONMENT`].
-fn command_in(dir: &std::path::Path, program: &str, args: &[&str]) -> Command {
+/// `program args` in `dir`, with an environment of only [`KEPT_ENVIRONMENT`] and `env`.
+fn command_in(
+    dir: &std::path::Path,
+    program: &str,
+    args: &[&str],
+    env: &[(&str, &std::ffi::OsStr)],
+) -> Command {
     let mut cmd = Command::new(program);
     cmd.args(args).current_dir(dir).env_clear();
     for name in KEPT_ENVIRONMENT {
@@ -67,6 +73,7 @@ fn command_in(dir: &std::path::Path, program: &str, args: &[&str]) -> Command {
             cmd.env(name, value);
         }
     }
+    cmd.envs(env.iter().copied());
     cmd
 }
 
@@ -94,6 +101,7 @@ pub fn stream_command_in(
     dir: &std::path::Path,
     program: &str,
     args: &[&str],
+    env: &[(&str, &std::ffi::OsStr)],
     input: Option<&[u8]>,
     out: &mut dyn std::io::Write,
 ) -> Result<u64, CommandError> {
@@ -101,8 +109,11 @@ pub fn stream_command_in(
         program: program.into(),
         source,
     };
-    let (mut child, stderr_reader) =
-        spawn(command_in(dir, program, args), program, input.is_some())?;
+    let (mut child, stderr_reader) = spawn(
+        command_in(dir, program, args, env),
+        program,
+        input.is_some(),
+    )?;
     // A small input (a key line) fits the pipe's buffer: written before stdout is read.
     write_input(&mut child, program, input)?;
     let mut stdout = child.stdout.take().expect("stdout is piped");
@@ -220,19 +231,21 @@ mod tests {
             "sh",
             &[
                 "-c",
-                "read key; echo \"$key:$(pwd)\"; head -c 100000 /dev/zero",
+                "read key; echo \"$key:$(pwd):$EXTRA\"; head -c 100000 /dev/zero",
             ],
+            &[("EXTRA", std::ffi::OsStr::new("given"))],
             Some(b"k1\n"),
             &mut out,
         )
         .unwrap();
-        let first = format!("k1:{}\n", dir.path().display());
+        let first = format!("k1:{}:given\n", dir.path().display());
         assert_eq!(written as usize, first.len() + 100_000);
         assert!(out.starts_with(first.as_bytes()));
         let err = stream_command_in(
             dir.path(),
             "sh",
             &["-c", "echo no >&2; exit 2"],
+            &[],
             None,
             &mut out,
         )
@@ -250,7 +263,7 @@ mod tests {
             }
         }
         let started = Instant::now();
-        assert!(stream_command_in(dir.path(), "sh", &["-c", "yes"], None, &mut Gone).is_err());
+        assert!(stream_command_in(dir.path(), "sh", &["-c", "yes"], &[], None, &mut Gone).is_err());
         assert!(started.elapsed() < Duration::from_secs(5));
     }
 

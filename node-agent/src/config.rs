@@ -55,6 +55,7 @@ struct RawConfig {
     transfer_advertise: Option<String>,
     volume_root: Option<PathBuf>,
     backup_sftp_command: Option<String>,
+    backup_s3_credentials_file: Option<PathBuf>,
     #[serde(default)]
     egress: RawEgress,
     #[serde(default)]
@@ -266,6 +267,8 @@ pub struct AgentConfig {
     /// For `sftp:` backup repositories: how restic reaches the server (`ssh -i IDENTITY -o
     /// UserKnownHostsFile=… user@host -s sftp`); the identity is this host's, not the fleet's.
     pub backup_sftp_command: Option<String>,
+    /// For `s3:` backup repositories: the AWS credentials file restic reads.
+    pub backup_s3_credentials_file: Option<PathBuf>,
 }
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/berth/agent";
@@ -340,6 +343,15 @@ impl AgentConfig {
             }
             other => other,
         };
+        let backup_s3_credentials_file = match raw.backup_s3_credentials_file {
+            Some(p) if !p.is_absolute() || p.as_os_str().len() > 1024 => {
+                return Err(value(format!(
+                    "invalid backup_s3_credentials_file: {}: an absolute path",
+                    p.display()
+                )));
+            }
+            other => other,
+        };
         let transfer_advertise = raw
             .transfer_advertise
             .map(|v| {
@@ -406,6 +418,7 @@ impl AgentConfig {
             transfer_listen,
             transfer_advertise,
             backup_sftp_command,
+            backup_s3_credentials_file,
             volume_root: raw
                 .volume_root
                 .unwrap_or_else(|| PathBuf::from("/var/lib/berth")),
@@ -570,6 +583,10 @@ mod tests {
             (
                 "provider = \"aws\"\nregion = \"x\"\nbackup_sftp_command = \"ssh\\nrm\"",
                 "invalid backup_sftp_command",
+            ),
+            (
+                "provider = \"aws\"\nregion = \"x\"\nbackup_s3_credentials_file = \"aws\"",
+                "invalid backup_s3_credentials_file: aws: an absolute path",
             ),
             (
                 "provider = \"aws\"\nregion = \"x\"\n[labels]\n\"Bad Key\" = \"v\"",

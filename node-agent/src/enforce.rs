@@ -837,10 +837,13 @@ pub async fn run(enforcement: Arc<Enforcement>, config: AgentConfig, host: HostI
         keys: enforcement.clone(),
         dm_crypt: probe_dm_crypt(&roots),
     });
-    let backups: Arc<dyn BackupEngine> = Arc::new(Restic::new(
-        &config.state_dir.join("backup-cache"),
-        config.backup_sftp_command.clone(),
-    ));
+    let backups: Arc<dyn BackupEngine> = Arc::new(Restic {
+        s3_credentials_file: config.backup_s3_credentials_file.clone(),
+        ..Restic::new(
+            &config.state_dir.join("backup-cache"),
+            config.backup_sftp_command.clone(),
+        )
+    });
     let restores = Restorer {
         engine: backups.clone(),
         source: enforcement.clone(),

@@ -114,6 +114,7 @@ fn tar_directory(dir: &Path, out: &mut dyn Write) -> Result<u64, String> {
             &staging,
             ".",
         ],
+        &[],
         None,
         &mut counted,
     );

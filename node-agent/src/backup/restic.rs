@@ -25,6 +25,9 @@ pub struct Restic {
     /// For `sftp:` repositories: the command restic reaches the server with (`ssh ... -s
     /// sftp`), which names the identity file and known hosts.
     pub sftp_command: Option<String>,
+    /// For `s3:` repositories: an AWS credentials file (`[default]` with
+    /// `aws_access_key_id` and `aws_secret_access_key`), handed to restic by its path only.
+    pub s3_credentials_file: Option<PathBuf>,
     pub timeout: Duration,
 }
 
@@ -58,8 +61,18 @@ impl Restic {
             program: "restic".into(),
             cache_dir: cache_dir.to_path_buf(),
             sftp_command,
+            s3_credentials_file: None,
             timeout: Duration::from_secs(6 * 3600),
         }
+    }
+
+    /// The variables restic runs with besides PATH, HOME and TMPDIR: where the S3 credentials
+    /// file is (a path, never a secret).
+    fn environment(&self) -> Vec<(&'static str, &std::ffi::OsStr)> {
+        self.s3_credentials_file
+            .iter()
+            .map(|path| ("AWS_SHARED_CREDENTIALS_FILE", path.as_os_str()))
+            .collect()
     }
 
     /// restic's arguments for `args` on `repository`: the repository, the cache, and how to
@@ -98,6 +111,7 @@ impl Restic {
                 dir,
                 &self.program,
                 &all,
+                &self.environment(),
                 Some(password.as_slice()),
                 self.timeout,
             );
@@ -292,6 +306,7 @@ impl BackupEngine for Restic {
             Path::new("/"),
             &self.program,
             &args,
+            &self.environment(),
             Some(password.as_slice()),
             out,
         )

@@ -107,3 +107,39 @@ fn the_key_goes_to_restic_as_one_hex_line_and_is_never_printed() {
     assert_eq!(key.password_line().as_slice(), b"01fe\n");
     assert_eq!(format!("{key:?}"), "BackupKey(..)");
 }
+
+/// restic gets the S3 credentials file by its path, and nothing else of the agent's
+/// environment but PATH, HOME and TMPDIR.
+#[test]
+fn restic_gets_the_s3_credentials_file_by_its_path_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let program = dir.path().join("restic");
+    std::fs::write(
+        &program,
+        "#!/bin/sh\nenv > \"$0.env\"\ncat > /dev/null\necho '[]'\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let engine = crate::backup::restic::Restic {
+        program: program.to_string_lossy().into_owned(),
+        s3_credentials_file: Some("/run/credentials/berth-agent.service/aws".into()),
+        ..crate::backup::restic::Restic::new(&dir.path().join("cache"), None)
+    };
+    let listed = engine
+        .snapshots("s3:s3.eu-central-1.amazonaws.com/acme-berth/acme", &key())
+        .unwrap();
+    assert!(listed.is_empty());
+    let env = std::fs::read_to_string(dir.path().join("restic.env")).unwrap();
+    assert!(
+        env.lines()
+            .any(|l| l == "AWS_SHARED_CREDENTIALS_FILE=/run/credentials/berth-agent.service/aws"),
+        "{env}"
+    );
+    let names: Vec<&str> = env
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(n, _)| n))
+        .filter(|n| !["PATH", "HOME", "TMPDIR", "PWD", "SHLVL", "_", "OLDPWD"].contains(n))
+        .collect();
+    assert_eq!(names, ["AWS_SHARED_CREDENTIALS_FILE"], "{env}");
+}
