@@ -583,19 +583,26 @@ impl Coordinator {
         Ok(access)
     }
 
+    /// The host `tenant` is placed on (`None`: it is not placed); an error when the stored
+    /// placement names no valid host.
+    fn placed_host(&self, tenant: &TenantId) -> Result<Option<HostId>, String> {
+        self.placements
+            .tenant(tenant)
+            .and_then(|t| t.placement)
+            .map(|p| HostId::new(&p.host_id).map_err(|e| e.to_string()))
+            .transpose()
+    }
+
     /// Restarts a placed tenant's container now, through its host's agent (the same health
     /// gate and limit of concurrent restarts as the nightly ones); answers once it is healthy.
     pub async fn restart(
         &self,
         tenant: &TenantId,
     ) -> Result<proto::RestartTenantResponse, RestartError> {
-        let placement = self
-            .placements
-            .tenant(tenant)
-            .and_then(|t| t.placement)
+        let host = self
+            .placed_host(tenant)
+            .map_err(RestartError::StoredPlacement)?
             .ok_or_else(|| RestartError::UnknownTenant(tenant.clone()))?;
-        let host = HostId::new(&placement.host_id)
-            .map_err(|e| RestartError::StoredPlacement(e.to_string()))?;
         let result = self.agents.restart(&host, tenant, RESTART_WAIT).await?;
         if !result.ok {
             return Err(RestartError::Failed {
@@ -624,13 +631,10 @@ impl Coordinator {
             .backup_repository
             .as_ref()
             .ok_or(BackupError::NotConfigured)?;
-        let placement = self
-            .placements
-            .tenant(tenant)
-            .and_then(|t| t.placement)
+        let host = self
+            .placed_host(tenant)
+            .map_err(BackupError::StoredPlacement)?
             .ok_or_else(|| BackupError::UnknownTenant(tenant.clone()))?;
-        let host = HostId::new(&placement.host_id)
-            .map_err(|e| BackupError::StoredPlacement(e.to_string()))?;
         // Durable before it is used: a snapshot must never be made with a key that is lost.
         self.backup_keys.ensure(tenant)?;
         self.backup_keys.sync()?;
@@ -672,13 +676,10 @@ impl Coordinator {
         if let Some(id) = snapshot {
             berth_shared::backup::snapshot_id(id)?;
         }
-        let placement = self
-            .placements
-            .tenant(tenant)
-            .and_then(|t| t.placement)
+        let source = self
+            .placed_host(tenant)
+            .map_err(BackupError::StoredPlacement)?
             .ok_or_else(|| BackupError::UnknownTenant(tenant.clone()))?;
-        let source = HostId::new(&placement.host_id)
-            .map_err(|e| BackupError::StoredPlacement(e.to_string()))?;
         let target = to_host.unwrap_or(&source).clone();
         let moving = target != source;
         if moving && !self.agents.is_connected(&source) {
@@ -800,13 +801,10 @@ impl Coordinator {
         tenant: &TenantId,
         snapshot: Option<&str>,
     ) -> Result<tokio::sync::mpsc::Receiver<crate::exports::ExportData>, BackupError> {
-        let placement = self
-            .placements
-            .tenant(tenant)
-            .and_then(|t| t.placement)
+        let host = self
+            .placed_host(tenant)
+            .map_err(BackupError::StoredPlacement)?
             .ok_or_else(|| BackupError::UnknownTenant(tenant.clone()))?;
-        let host = HostId::new(&placement.host_id)
-            .map_err(|e| BackupError::StoredPlacement(e.to_string()))?;
         let mut command = proto::VolumeCommand {
             tenant_id: tenant.to_string(),
             action: proto::VolumeAction::ExportFiles as i32,
@@ -855,15 +853,11 @@ impl Coordinator {
         &self,
         tenant: &TenantId,
     ) -> Result<proto::ListBackupsResponse, BackupError> {
-        let host = match self.placements.tenant(tenant).and_then(|t| t.placement) {
-            Some(p) => {
-                HostId::new(&p.host_id).map_err(|e| BackupError::StoredPlacement(e.to_string()))?
-            }
-            None => self
-                .placements
-                .retained(tenant)
-                .ok_or_else(|| BackupError::UnknownTenant(tenant.clone()))?,
-        };
+        let host = self
+            .placed_host(tenant)
+            .map_err(BackupError::StoredPlacement)?
+            .or_else(|| self.placements.retained(tenant))
+            .ok_or_else(|| BackupError::UnknownTenant(tenant.clone()))?;
         Ok(proto::ListBackupsResponse {
             tenant_id: tenant.to_string(),
             snapshots: self.snapshots_through(tenant, &host).await?,

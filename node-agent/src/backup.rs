@@ -237,6 +237,25 @@ impl BackupRecord {
     }
 }
 
+/// The repository and key a coordinator's command names (a backup, a listing, a purge's
+/// forgetting, a snapshot's export), checked.
+pub fn command_access(
+    command: &berth_shared::proto::VolumeCommand,
+) -> Result<BackupAccess, String> {
+    berth_shared::backup::Repository::new(&command.backup_repository)
+        .map_err(|e| format!("backup_repository: {e}"))?;
+    if command.backup_key.len() != 32 {
+        return Err(format!(
+            "backup_key: {} bytes, expected 32",
+            command.backup_key.len()
+        ));
+    }
+    Ok(BackupAccess {
+        repository: command.backup_repository.clone(),
+        key: BackupKey::new(command.backup_key.clone()),
+    })
+}
+
 /// One restic at a time per tenant's repository on this host: two at once could race in
 /// making the repository (each its own config and key, leaving snapshots the other cannot
 /// read), or meet each other's exclusive lock.

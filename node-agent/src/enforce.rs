@@ -687,19 +687,11 @@ fn backup_command(
     ledger: &dyn BackupSource,
 ) -> proto::VolumeResult {
     let outcome = (|| -> Result<(), String> {
-        berth_shared::backup::Repository::new(&command.backup_repository)
-            .map_err(|e| format!("backup_repository: {e}"))?;
-        if command.backup_key.len() != 32 {
-            return Err(format!(
-                "backup_key: {} bytes, expected 32",
-                command.backup_key.len()
-            ));
-        }
-        let key = BackupKey::new(command.backup_key.clone());
-        let repository = command.backup_repository.as_str();
+        let access = crate::backup::command_access(command)?;
+        let (repository, key) = (access.repository.as_str(), &access.key);
         if action == proto::VolumeAction::ForgetBackups {
             let forgotten = engine
-                .forget_all(repository, &key)
+                .forget_all(repository, key)
                 .map_err(|e| e.to_string())?;
             tracing::info!(tenant = %at.tenant, forgotten, "backups forgotten");
             result.forgotten = u32::try_from(forgotten).unwrap_or(u32::MAX);
@@ -707,7 +699,7 @@ fn backup_command(
         }
         if action == proto::VolumeAction::ListBackups {
             let snapshots = engine
-                .snapshots(repository, &key)
+                .snapshots(repository, key)
                 .map_err(|e| e.to_string())?;
             result.snapshots = snapshots
                 .into_iter()
@@ -724,8 +716,8 @@ fn backup_command(
             .map_err(|e| format!("volume: {e}"))?
             .ok_or_else(|| format!("volume: {} is not open on this host", at.tenant))?;
         let made = engine
-            .ensure_repository(repository, &key)
-            .and_then(|_| engine.backup(repository, &key, &contents));
+            .ensure_repository(repository, key)
+            .and_then(|_| engine.backup(repository, key, &contents));
         let now = berth_shared::clock::Clock::now_unix_ms(&berth_shared::clock::SystemClock);
         let record = ledger
             .last_backup(&at.tenant)

@@ -290,34 +290,37 @@ pub async fn restart_and_wait(
     gateway_port: u16,
     progress: impl Fn(String),
 ) -> Result<Duration, RestartError> {
-    let began = Instant::now();
-    runtime.restart(container).await?;
-    await_health(
+    let no_work: Option<std::future::Ready<()>> = None;
+    restart_around(
         runtime,
         probe,
         gate,
-        container,
-        gateway_port,
-        began,
+        (container, gateway_port),
+        no_work,
         progress,
     )
     .await
 }
 
 /// [`restart_and_wait`] with `while_stopped` done between the stop and the start (the
-/// downtime includes it).
+/// downtime includes it); without it, one `docker restart`.
 pub async fn restart_around(
     runtime: &dyn ContainerRuntime,
     probe: &dyn Probe,
     gate: HealthGate,
     (container, gateway_port): (&str, u16),
-    while_stopped: impl std::future::Future<Output = ()>,
+    while_stopped: Option<impl std::future::Future<Output = ()>>,
     progress: impl Fn(String),
 ) -> Result<Duration, RestartError> {
     let began = Instant::now();
-    runtime.stop(container).await?;
-    while_stopped.await;
-    runtime.start(container).await?;
+    match while_stopped {
+        None => runtime.restart(container).await?,
+        Some(work) => {
+            runtime.stop(container).await?;
+            work.await;
+            runtime.start(container).await?;
+        }
+    }
     await_health(
         runtime,
         probe,
@@ -528,22 +531,12 @@ impl Restarts {
                     tracing::warn!(%tenant, %note, "restart health check");
                     lock(&self.scheduler).progress(&tenant, note);
                 };
-                match &backup {
-                    None => {
-                        restart_and_wait(runtime, probe, gate, &id, gateway_port, progress).await
-                    }
-                    Some((backups, spec)) => {
-                        let (backups, spec) = (backups.clone(), spec.clone());
-                        // Its outcome is recorded and reported; the restart goes on either way.
-                        let back_up = async move {
-                            let _ =
-                                tokio::task::spawn_blocking(move || backups.back_up(&spec, true))
-                                    .await;
-                        };
-                        restart_around(runtime, probe, gate, (&id, gateway_port), back_up, progress)
-                            .await
-                    }
-                }
+                // Backed up while stopped; its outcome is recorded and reported, and the
+                // restart goes on either way.
+                let back_up = backup.clone().map(|(backups, spec)| async move {
+                    let _ = tokio::task::spawn_blocking(move || backups.back_up(&spec, true)).await;
+                });
+                restart_around(runtime, probe, gate, (&id, gateway_port), back_up, progress).await
             }
             Err(e) => Err(e),
         };

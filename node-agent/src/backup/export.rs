@@ -16,7 +16,7 @@ use berth_shared::proto;
 use tokio::sync::mpsc;
 
 use super::schedule::OpenVolumes;
-use super::{BackupEngine, BackupKey, RESTORE_STAGING, RepositoryLocks};
+use super::{BackupEngine, RESTORE_STAGING, RepositoryLocks, command_access};
 use crate::command::{CommandError, stream_command_in};
 
 /// The largest chunk of an upload.
@@ -51,25 +51,13 @@ impl Exporter {
         let id = berth_shared::backup::snapshot_id(&command.snapshot_id)
             .map_err(|e| format!("snapshot_id: {e}"))?
             .to_string();
-        berth_shared::backup::Repository::new(&command.backup_repository)
-            .map_err(|e| format!("backup_repository: {e}"))?;
-        if command.backup_key.len() != 32 {
-            return Err(format!(
-                "backup_key: {} bytes, expected 32",
-                command.backup_key.len()
-            ));
-        }
-        let key = BackupKey::new(command.backup_key.clone());
-        let (me, tenant, repository) = (
-            self.clone(),
-            tenant.clone(),
-            command.backup_repository.clone(),
-        );
+        let access = command_access(command)?;
+        let (me, tenant) = (self.clone(), tenant.clone());
         Ok(Box::new(move |out| {
             let lock = me.locks.of(&tenant);
             let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
             me.engine
-                .dump(&repository, &key, &id, out)
+                .dump(&access.repository, &access.key, &id, out)
                 .map_err(|e| e.to_string())
         }))
     }

@@ -112,17 +112,7 @@ mod tests {
     }
 
     fn spec(restore: Option<Restore>) -> TenantSpec {
-        let mut spec = TenantSpec::from_resolved(berth_shared::proto::TenantSpec {
-            tenant_id: "acme".into(),
-            image: "img:1".into(),
-            resources: Some(berth_shared::proto::Resources {
-                memory_bytes: 128 << 20,
-                cpu_millicores: 100,
-                volume_bytes: 0,
-            }),
-            ..Default::default()
-        })
-        .unwrap();
+        let mut spec = crate::testing::backup::spec("acme");
         spec.restore = restore;
         spec
     }

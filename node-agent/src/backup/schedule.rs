@@ -242,17 +242,7 @@ mod tests {
     const HOUR: i64 = 3_600_000;
 
     fn spec(id: &str, interval_hours: u64) -> TenantSpec {
-        let mut spec = TenantSpec::from_resolved(berth_shared::proto::TenantSpec {
-            tenant_id: id.into(),
-            image: "img:1".into(),
-            resources: Some(berth_shared::proto::Resources {
-                memory_bytes: 128 << 20,
-                cpu_millicores: 100,
-                volume_bytes: 0,
-            }),
-            ..Default::default()
-        })
-        .unwrap();
+        let mut spec = crate::testing::backup::spec(id);
         spec.backup.interval = Duration::from_secs(interval_hours * 3600);
         spec
     }

@@ -69,6 +69,32 @@ async fn the_gate_connects_to_the_gateway_on_the_tenant_network_until_it_answers
     );
 }
 
+/// A nightly restart's backup runs between the container's stop and its start, and the
+/// downtime counts it.
+#[tokio::test(start_paused = true)]
+async fn work_while_stopped_comes_between_the_stop_and_the_start() {
+    let fake = fake_with_container("a", running("10.213.0.2", None));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (runtime, calls) = (fake.clone(), seen.clone());
+    let work = async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        calls.lock().unwrap().extend(runtime.calls());
+    };
+    let down = restart_around(
+        fake.as_ref(),
+        &FakeProbe::default(),
+        HealthGate::new(Duration::from_secs(300)),
+        (ID, 18789),
+        Some(work),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(*seen.lock().unwrap(), ["stop 0007"], "stopped meanwhile");
+    assert_eq!(fake.calls(), ["stop 0007", "start 0007"]);
+    assert_eq!(down, Duration::from_secs(2));
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_docker_healthcheck_decides_when_the_image_has_one() {
     let fake = fake_with_container("a", running("10.213.0.2", Some("healthy")));

@@ -11,6 +11,21 @@ use berth_shared::store::StoreError;
 use crate::backup::{BackupAccess, BackupRecord, BackupSource, Restored};
 use crate::backup::{BackupEngine, BackupError, BackupKey, BackupSummary, Retention, Snapshot};
 
+/// A tenant's spec as an agent receives it: image `img:1`, 128 MiB.
+pub fn spec(id: &str) -> berth_shared::spec::TenantSpec {
+    berth_shared::spec::TenantSpec::from_resolved(berth_shared::proto::TenantSpec {
+        tenant_id: id.into(),
+        image: "img:1".into(),
+        resources: Some(berth_shared::proto::Resources {
+            memory_bytes: 128 << 20,
+            cpu_millicores: 100,
+            volume_bytes: 0,
+        }),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
 /// Backup access for every tenant (or none), restore marks in memory.
 #[derive(Debug, Default)]
 pub struct FakeBackupSource {
