@@ -6,10 +6,11 @@
 //! percent of it is changed and it is backed up again, twice over: once the change is new
 //! files (chats, uploads), once it is edits of 256 KiB in place inside existing files (restic
 //! cuts files into content-defined chunks of 1 MiB on average, so an edit uploads the chunks
-//! around it again). Then the last snapshot is restored into an empty directory. Printed, as
-//! JSON: each backup's seconds and bytes added, those bytes against the volume and against the
-//! bytes changed, the restore's throughput, and the disk's sequential write throughput (a
-//! file of the volume's size written and synced) as its baseline.
+//! around it again). Then the last snapshot is restored into an empty directory, and dumped
+//! as the tar an export streams. Printed, as JSON: each backup's seconds and bytes added, those
+//! bytes against the volume and against the bytes changed, the restore's and the export's
+//! throughput, and the disk's sequential write throughput (a file of the volume's size written
+//! and synced) as the restore's baseline.
 //!
 //! Run after `cargo build --release -p berth-tests --bins`, with Debian's restic installed:
 //! `target/release/berth-backup-bench --volume-mib 1024 --changed 1 --dir /var/tmp`
@@ -120,6 +121,22 @@ fn main() -> anyhow::Result<()> {
     let restore_s = started.elapsed().as_secs_f64();
     let restored_bytes = dir_bytes(&target)?;
 
+    // An export of the last snapshot: the tar `berthctl export --snapshot` streams, counted.
+    struct Counted(u64);
+    impl Write for Counted {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len() as u64;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let started = Instant::now();
+    let mut tar = Counted(0);
+    engine.dump(&repository, &key, &last.id, &mut tar)?;
+    let export_s = started.elapsed().as_secs_f64();
+
     let report = |s: &berth_node_agent::backup::BackupSummary, changed: u64| {
         serde_json::json!({
             "seconds": s.duration_ms as f64 / 1000.0,
@@ -140,6 +157,11 @@ fn main() -> anyhow::Result<()> {
                 "seconds": restore_s,
                 "bytes": restored_bytes,
                 "mib_per_s": mib_per_s(restored_bytes, restore_s),
+            },
+            "export": {
+                "seconds": export_s,
+                "tar_bytes": tar.0,
+                "mib_per_s": mib_per_s(tar.0, export_s),
             },
             "disk_write_mib_per_s": mib_per_s(volume_bytes, disk_s),
             "restore_per_disk": mib_per_s(restored_bytes, restore_s) / mib_per_s(volume_bytes, disk_s),
