@@ -68,34 +68,7 @@ impl DesiredStore {
 
     /// The last restore this host did of `tenant`'s volume.
     pub fn restored(&self, tenant: &TenantId) -> Result<Option<Restored>, StoreError> {
-        let key = format!("{RESTORED_PREFIX}{tenant}");
-        self.store
-            .get(&key)?
-            .map(|bytes| decode(&key, &bytes))
-            .transpose()
-    }
-
-    /// How the last backup of `tenant`'s volume on this host went.
-    pub fn last_backup(&self, tenant: &TenantId) -> Result<Option<BackupRecord>, StoreError> {
-        let key = format!("{BACKUP_PREFIX}{tenant}");
-        self.store
-            .get(&key)?
-            .map(|bytes| decode(&key, &bytes))
-            .transpose()
-    }
-
-    pub fn record_backup(
-        &self,
-        tenant: &TenantId,
-        record: &BackupRecord,
-    ) -> Result<(), StoreError> {
-        self.store.apply(
-            vec![Write::Put(
-                format!("{BACKUP_PREFIX}{tenant}"),
-                encode(record),
-            )],
-            Durability::Flushed,
-        )
+        self.tenant_record(RESTORED_PREFIX, tenant)
     }
 
     /// Records a restore of `tenant`'s volume, on disk before it returns.
@@ -104,11 +77,43 @@ impl DesiredStore {
         tenant: &TenantId,
         restored: &Restored,
     ) -> Result<(), StoreError> {
+        self.put_tenant_record(RESTORED_PREFIX, tenant, restored)
+    }
+
+    /// How the last backup of `tenant`'s volume on this host went.
+    pub fn last_backup(&self, tenant: &TenantId) -> Result<Option<BackupRecord>, StoreError> {
+        self.tenant_record(BACKUP_PREFIX, tenant)
+    }
+
+    /// Records a backup attempt of `tenant`'s volume, on disk before it returns.
+    pub fn record_backup(
+        &self,
+        tenant: &TenantId,
+        record: &BackupRecord,
+    ) -> Result<(), StoreError> {
+        self.put_tenant_record(BACKUP_PREFIX, tenant, record)
+    }
+
+    fn tenant_record<T: serde::de::DeserializeOwned>(
+        &self,
+        prefix: &str,
+        tenant: &TenantId,
+    ) -> Result<Option<T>, StoreError> {
+        let key = format!("{prefix}{tenant}");
+        self.store
+            .get(&key)?
+            .map(|bytes| decode(&key, &bytes))
+            .transpose()
+    }
+
+    fn put_tenant_record<T: Serialize>(
+        &self,
+        prefix: &str,
+        tenant: &TenantId,
+        value: &T,
+    ) -> Result<(), StoreError> {
         self.store.apply(
-            vec![Write::Put(
-                format!("{RESTORED_PREFIX}{tenant}"),
-                encode(restored),
-            )],
+            vec![Write::Put(format!("{prefix}{tenant}"), encode(value))],
             Durability::Flushed,
         )
     }

@@ -762,6 +762,19 @@ impl OpenVolumes for MountedVolumes {
     }
 }
 
+/// A tenant's record from the agent's store; one that cannot be read is logged and taken as
+/// none (a restore is then done again, a backup is due).
+fn readable<T>(
+    tenant: &TenantId,
+    what: &str,
+    read: Result<Option<T>, berth_shared::store::StoreError>,
+) -> Option<T> {
+    read.unwrap_or_else(|e| {
+        tracing::warn!(%tenant, error = %e, "{what} unreadable");
+        None
+    })
+}
+
 impl BackupSource for Enforcement {
     fn backup_access(&self, tenant: &TenantId) -> Option<BackupAccess> {
         self.backup_access
@@ -772,13 +785,7 @@ impl BackupSource for Enforcement {
     }
 
     fn restored(&self, tenant: &TenantId) -> Option<Restored> {
-        match self.store().restored(tenant) {
-            Ok(restored) => restored,
-            Err(e) => {
-                tracing::warn!(%tenant, error = %e, "restore mark unreadable");
-                None
-            }
-        }
+        readable(tenant, "restore mark", self.store().restored(tenant))
     }
 
     fn record_restored(
@@ -790,13 +797,7 @@ impl BackupSource for Enforcement {
     }
 
     fn last_backup(&self, tenant: &TenantId) -> Option<BackupRecord> {
-        match self.store().last_backup(tenant) {
-            Ok(record) => record,
-            Err(e) => {
-                tracing::warn!(%tenant, error = %e, "backup record unreadable");
-                None
-            }
-        }
+        readable(tenant, "backup record", self.store().last_backup(tenant))
     }
 
     fn record_backup(
