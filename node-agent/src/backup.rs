@@ -272,6 +272,14 @@ impl RepositoryLocks {
             .or_default()
             .clone()
     }
+
+    /// Whether a restic runs on `tenant`'s repository now (an export's dump, a listing).
+    pub fn busy(&self, tenant: &TenantId) -> bool {
+        matches!(
+            self.of(tenant).try_lock(),
+            Err(std::sync::TryLockError::WouldBlock)
+        )
+    }
 }
 
 /// The backup engine, at the host boundary: restic in production, a recording fake in tests.

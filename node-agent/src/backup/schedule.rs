@@ -77,9 +77,14 @@ impl Backups {
         spec.backup.enabled && self.source.backup_access(&spec.tenant_id).is_some()
     }
 
-    /// Whether its nightly restart backs it up while it is stopped.
+    /// Whether its nightly restart backs it up while it is stopped: not while another restic
+    /// holds its repository (an export of a snapshot, say), which would keep it down meanwhile;
+    /// a live backup catches up later.
     pub fn due_in_restart(&self, spec: &TenantSpec) -> bool {
-        if !self.scheduled(spec) || self.under_way().contains(&spec.tenant_id) {
+        if !self.scheduled(spec)
+            || self.under_way().contains(&spec.tenant_id)
+            || self.locks.busy(&spec.tenant_id)
+        {
             return false;
         }
         let last_good = self
@@ -298,6 +303,12 @@ mod tests {
         assert!(!b.due_live(&acme));
         clock.advance_ms((6 * 3600) * 1000);
         assert!(b.due_live(&acme));
+        // Not while another restic holds its repository (the restart would wait for it).
+        let repository = b.locks.of(&acme.tenant_id);
+        let held = repository.lock().unwrap();
+        assert!(!b.due_in_restart(&acme));
+        drop(held);
+        assert!(b.due_in_restart(&acme));
         // Off, or without its access: never.
         let mut off = acme.clone();
         off.backup.enabled = false;
