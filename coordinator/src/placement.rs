@@ -219,6 +219,8 @@ fn differing_field(a: &TenantSpec, b: &TenantSpec) -> &'static str {
         "constraints"
     } else if a.gateway_port != b.gateway_port {
         "gateway_port"
+    } else if a.backup != b.backup {
+        "backup"
     } else {
         "env"
     }

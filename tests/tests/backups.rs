@@ -429,6 +429,33 @@ fn berthctl_backs_a_running_tenant_up_and_lists_its_snapshots() {
     assert!(!ok && err.contains("unknown tenant"), "{err}");
     assert!(!exports.path().join("none.tar").exists());
     assert!(!exports.path().join("none.tar.partial").exists());
+    // REST gives the same tar to an admin, and nothing to a read token.
+    let curl_export = |token: &str, to: &Path| {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-X", "POST", "--cacert"])
+            .arg(f.coordinator.ca_cert())
+            .arg(format!(
+                "{}/v1/tenants/{tenant}/export",
+                f.coordinator.operator_url()
+            ))
+            .args(["-H", &format!("Authorization: Bearer {token}"), "-o"])
+            .arg(to);
+        berth_tests::curl_status(cmd).0
+    };
+    let admin = std::fs::read_to_string(f.coordinator.operator_token_file()).unwrap();
+    let from_rest = exports.path().join("rest.tar");
+    assert_eq!(curl_export(admin.trim(), &from_rest), 200);
+    let listing = Command::new("tar")
+        .arg("-tf")
+        .arg(&from_rest)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&listing.stdout).contains("./chat.txt"),
+        "{listing:?}"
+    );
+    let reader = f.coordinator.operator_token("auditor", "read", "1h");
+    assert_eq!(curl_export(&reader, &exports.path().join("read.tar")), 403);
 
     // Changed since, then restored in place: the container stops, the host restores the
     // snapshot, a new container serves the snapshot's files (the later ones are gone). A

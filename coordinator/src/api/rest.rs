@@ -219,6 +219,39 @@ async fn list_backups(State(c): Shared, Path(id): Path<String>) -> ApiResult<Vec
     ))
 }
 
+/// `POST /v1/tenants/{id}/export` options.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportBody {
+    /// A snapshot's files instead of the files now.
+    snapshot: Option<String>,
+}
+
+/// `POST /v1/tenants/{id}/export` (an admin's call, like gRPC's: it hands out a customer's
+/// data): the tenant's files as a tar, streamed as its host makes it (a stop half-way ends the
+/// body early, so the client sees a cut transfer, never a whole archive).
+async fn export(
+    State(c): Shared,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    use futures::StreamExt;
+    let id = tenant_id(&id)?;
+    let body: ExportBody = if body.is_empty() {
+        ExportBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| Failure::field("export body", e))?
+    };
+    let out = c.export(&id, body.snapshot.as_deref())?;
+    let tar = tokio_stream::wrappers::ReceiverStream::new(out)
+        .map(|data| data.map(Bytes::from).map_err(std::io::Error::other));
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-tar")],
+        axum::body::Body::from_stream(tar),
+    )
+        .into_response())
+}
+
 /// `POST /v1/tenants/{id}/restore` options.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -321,6 +354,7 @@ pub fn router(backend: Backend) -> axum::Router {
         .route("/v1/tenants/{id}/restart", post(restart))
         .route("/v1/tenants/{id}/backups", get(list_backups).post(backup))
         .route("/v1/tenants/{id}/restore", post(restore))
+        .route("/v1/tenants/{id}/export", post(export))
         .layer(middleware::from_fn_with_state(
             backend.coordinator.clone(),
             authorize,

@@ -113,6 +113,31 @@ fn placing_is_idempotent_and_a_different_spec_is_a_conflict() {
         err,
         "tenant acme already exists with a different image; remove it first or send the same spec"
     );
+    let mut other = spec("acme");
+    other.backup = Some(proto::BackupPolicy {
+        interval_ms: 6 * 3_600_000,
+        ..Default::default()
+    });
+    let err = p.place(other, 3).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "tenant acme already exists with a different backup; remove it first or send the same spec"
+    );
+    // A restore is the coordinator's to ask, never a spec's; the same spec again is no
+    // conflict with one the coordinator recorded.
+    let mut asking = spec("acme");
+    asking.restore = Some(proto::RestoreRequest {
+        restore_id: 9,
+        snapshot_id: String::new(),
+    });
+    let err = p.place(asking, 3).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "invalid restore: set by `berthctl restore` and by drains, never in a spec"
+    );
+    let tenant = TenantId::new("acme").unwrap();
+    p.set_restore(&tenant, None).unwrap();
+    assert!(p.place(spec("acme"), 4).is_ok());
     assert_eq!(p.tenants(None).len(), 1);
 }
 
