@@ -115,6 +115,31 @@ impl Keyring {
         Ok(keyring)
     }
 
+    /// A new keyring file at `path` holding `entries` (keys restored from a snapshot), on disk
+    /// when this returns. Refuses a path that exists.
+    pub fn create_with(path: &Path, entries: Vec<(String, Vec<u8>)>) -> Result<Self, KeyError> {
+        if path.exists() {
+            return Err(KeyError::Keyring {
+                path: path.to_path_buf(),
+                message: "exists already".into(),
+            });
+        }
+        let keyring = Self {
+            path: Some(path.to_path_buf()),
+            state: Mutex::new(State {
+                entries: entries.into_iter().collect(),
+                file: None,
+                dirty: false,
+            }),
+            #[cfg(test)]
+            write_delay: std::time::Duration::ZERO,
+        };
+        let mut state = keyring.lock();
+        keyring.rewrite(&mut state)?;
+        drop(state);
+        Ok(keyring)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -210,7 +235,9 @@ impl Keyring {
             return Ok(());
         };
         let dir = path.parent().unwrap_or(Path::new("."));
-        let tmp = dir.join(".volume-keys.new");
+        // Named after its keyring: the volume and backup keyrings share a directory.
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let tmp = dir.join(format!(".{name}.new"));
         let text: String = state.entries.iter().map(|(t, b)| line(t, b)).collect();
         let write = || -> std::io::Result<File> {
             let mut file = OpenOptions::new()
