@@ -262,6 +262,18 @@ impl Coordinator {
         })
     }
 
+    /// The whole state as one snapshot (`berth-coordinator backup`): the store at one instant,
+    /// the wrapped keys, the CA with its key sealed under the master key.
+    pub fn snapshot(&self) -> Result<crate::snapshot::Snapshot, crate::snapshot::SnapshotError> {
+        crate::snapshot::take(
+            self.registry.store(),
+            || (self.keys.wrapped_keys(), self.backup_keys.wrapped_keys()),
+            &self.ca,
+            self.keys.master(),
+            self.registry.now(),
+        )
+    }
+
     /// Revokes in the registry (durably), then in the live deny-list, then closes the open
     /// sessions of those certificates.
     pub fn revoke(&self, target: &RevokeTarget) -> Result<Vec<String>, RegistryError> {

@@ -113,6 +113,45 @@ impl MasterKey {
         Self::from_bytes(&bytes[..])
     }
 
+    /// Seals `plain` under this key (AES-256-GCM, a random nonce), bound to `context`: the
+    /// associated data, so the blob opens for that context only.
+    pub fn seal(&self, context: &[u8], plain: &[u8]) -> Result<Vec<u8>, KeyError> {
+        let mut nonce = [0u8; NONCE_LEN];
+        SystemRandom::new()
+            .fill(&mut nonce)
+            .map_err(|_| KeyError::Random)?;
+        let mut sealed = plain.to_vec();
+        self.0
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(context),
+                &mut sealed,
+            )
+            .map_err(|_| KeyError::Random)?;
+        let mut blob = Vec::with_capacity(1 + NONCE_LEN + sealed.len());
+        blob.push(FORMAT_V1);
+        blob.extend_from_slice(&nonce);
+        blob.extend_from_slice(&sealed);
+        Ok(blob)
+    }
+
+    /// Opens what [`MasterKey::seal`] sealed for `context`; `None` when `blob` was sealed
+    /// under another key or for another context, or is damaged.
+    pub fn open(&self, context: &[u8], blob: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+        let (format, rest) = blob.split_first()?;
+        if *format != FORMAT_V1 || rest.len() < NONCE_LEN {
+            return None;
+        }
+        let (nonce, sealed) = rest.split_at(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let mut buffer = Zeroizing::new(sealed.to_vec());
+        let plain = self
+            .0
+            .open_in_place(nonce, Aad::from(context), &mut buffer)
+            .ok()?;
+        Some(Zeroizing::new(plain.to_vec()))
+    }
+
     /// Makes a new master key file (mode 0600); refuses to replace one.
     pub fn create(path: &Path) -> Result<Self, KeyError> {
         if path.exists() {
@@ -130,6 +169,18 @@ impl MasterKey {
 
 fn aad(tenant: &TenantId) -> Vec<u8> {
     format!("berth volume key\0{tenant}").into_bytes()
+}
+
+/// `tenant`'s key unwrapped from `blob` with `master`.
+pub(crate) fn unwrap_with(
+    master: &MasterKey,
+    tenant: &TenantId,
+    blob: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+    master
+        .open(&aad(tenant), blob)
+        .filter(|plain| plain.len() == KEY_BYTES)
+        .ok_or_else(|| KeyError::Unwrap(tenant.to_string()))
 }
 
 /// The coordinator's wrapped keys: the tenants' volume keys and their backup keys, each in
@@ -209,44 +260,21 @@ impl KeyVault {
     }
 
     fn wrap(&self, tenant: &TenantId, key: &[u8]) -> Result<Vec<u8>, KeyError> {
-        let mut nonce = [0u8; NONCE_LEN];
-        SystemRandom::new()
-            .fill(&mut nonce)
-            .map_err(|_| KeyError::Random)?;
-        let mut sealed = key.to_vec();
-        self.master
-            .0
-            .seal_in_place_append_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(aad(tenant)),
-                &mut sealed,
-            )
-            .map_err(|_| KeyError::Random)?;
-        let mut blob = Vec::with_capacity(1 + NONCE_LEN + sealed.len());
-        blob.push(FORMAT_V1);
-        blob.extend_from_slice(&nonce);
-        blob.extend_from_slice(&sealed);
-        Ok(blob)
+        self.master.seal(&aad(tenant), key)
     }
 
     fn unwrap_blob(&self, tenant: &TenantId, blob: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyError> {
-        let unwrap = || KeyError::Unwrap(tenant.to_string());
-        let (format, rest) = blob.split_first().ok_or_else(unwrap)?;
-        if *format != FORMAT_V1 || rest.len() < NONCE_LEN {
-            return Err(unwrap());
-        }
-        let (nonce, sealed) = rest.split_at(NONCE_LEN);
-        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| unwrap())?;
-        let mut buffer = Zeroizing::new(sealed.to_vec());
-        let plain = self
-            .master
-            .0
-            .open_in_place(nonce, Aad::from(aad(tenant)), &mut buffer)
-            .map_err(|_| unwrap())?;
-        if plain.len() != KEY_BYTES {
-            return Err(unwrap());
-        }
-        Ok(Zeroizing::new(plain.to_vec()))
+        unwrap_with(&self.master, tenant, blob)
+    }
+
+    /// Every tenant's wrapped key (a snapshot of the coordinator's state).
+    pub fn wrapped_keys(&self) -> Vec<(String, Vec<u8>)> {
+        self.keyring.entries()
+    }
+
+    /// The master key the keys are wrapped under.
+    pub fn master(&self) -> &MasterKey {
+        &self.master
     }
 
     /// Makes `tenant`'s key unless it has one: on disk at the next [`KeyVault::sync`] (a

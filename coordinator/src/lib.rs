@@ -17,5 +17,6 @@ pub mod placement;
 pub mod registry;
 pub mod server;
 pub mod sessions;
+pub mod snapshot;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;

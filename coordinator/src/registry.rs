@@ -229,6 +229,11 @@ impl Registry {
         self.clock.now_unix_ms()
     }
 
+    /// The store the fleet's state is in.
+    pub fn store(&self) -> &dyn Store {
+        self.store.as_ref()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
         self.write.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -362,6 +362,14 @@ impl CertificateAuthority {
 
     /// Creates the CA in `dir` (`ca.crt`, and `ca.key` with mode 0600). Never overwrites.
     pub fn init(dir: &Path) -> Result<Self, PkiError> {
+        let ca = Self::generate("")?;
+        ca.save(dir)?;
+        Ok(ca)
+    }
+
+    /// Writes this CA's files into `dir` as [`CertificateAuthority::init`] does (a CA brought
+    /// back from a snapshot). Never overwrites.
+    pub fn save(&self, dir: &Path) -> Result<(), PkiError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
         let (cert_path, key_path) = (dir.join(CA_CERT_FILE), dir.join(CA_KEY_FILE));
@@ -370,10 +378,32 @@ impl CertificateAuthority {
                 return Err(PkiError::AlreadyExists(path.clone()));
             }
         }
-        let ca = Self::generate("")?;
-        write_file_atomic(&key_path, ca.key.serialize_pem().as_bytes(), 0o600)?;
-        write_file_atomic(&cert_path, ca.cert_pem.as_bytes(), 0o644)?;
-        Ok(ca)
+        write_file_atomic(&key_path, self.key_pem().as_bytes(), 0o600)?;
+        write_file_atomic(&cert_path, self.cert_pem.as_bytes(), 0o644)
+    }
+
+    /// A CA from its certificate and key (PEM); refuses a key that is not the certificate's.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
+        let cert_der = cert_der_from_pem(cert_pem)?;
+        let key = KeyPair::from_pem(key_pem)
+            .map_err(|e| PkiError::BadCertificate(format!("CA key: {e}")))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&cert_der)
+            .map_err(|e| PkiError::BadCertificate(format!("CA certificate: {e}")))?;
+        if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(PkiError::BadCertificate(
+                "the CA key is not the CA certificate's".into(),
+            ));
+        }
+        Ok(Self {
+            cert_pem: cert_pem.to_string(),
+            cert_der,
+            key,
+        })
+    }
+
+    /// The CA's private key (PEM), to seal into a coordinator snapshot.
+    pub fn key_pem(&self) -> zeroize::Zeroizing<String> {
+        zeroize::Zeroizing::new(self.key.serialize_pem())
     }
 
     /// Loads the CA from `dir`.

@@ -1,7 +1,8 @@
 //! The storage trait both daemons keep their state behind, with sled and in-memory backends.
 //!
 //! Ensures: a batch is applied atomically; with [`Durability::Flushed`] it is on disk when
-//! `apply` returns, so callers can acknowledge afterwards (sled 0.34 is beta-quality: nothing
+//! `apply` returns, so callers can acknowledge afterwards; a [`Store::snapshot`] holds every
+//! record as it was at one instant, between two batches (sled 0.34 is beta-quality: nothing
 //! outside this module names it).
 
 use std::collections::BTreeMap;
@@ -48,6 +49,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Makes every write applied before this call durable. Concurrent callers share flushes
     /// (group commit): one disk flush acknowledges every write that preceded it.
     fn flush(&self) -> Result<(), StoreError>;
+    /// Every record, in key order, as it was at one instant: no batch is half in it. Batches
+    /// wait while it is read (a few milliseconds per thousand records).
+    fn snapshot(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 }
 
 /// Group commit: callers that arrive while a flush runs wait for the next one, which covers
@@ -124,6 +128,8 @@ const SLED_LOCK_HELD: &str = "could not acquire lock";
 pub struct SledStore {
     db: sled::Db,
     group: GroupFlush,
+    /// Batches share it; a snapshot holds it alone, so it reads between two batches.
+    batches: std::sync::RwLock<()>,
 }
 
 impl SledStore {
@@ -188,9 +194,34 @@ impl SledStore {
         Ok(Self {
             db,
             group: GroupFlush::default(),
+            batches: std::sync::RwLock::default(),
         })
     }
+
+    /// Makes a new database at `path` holding `records` (a restored snapshot), durably.
+    /// Refuses a path that exists: it never writes into a database.
+    pub fn create_with(path: &Path, records: Vec<(String, Vec<u8>)>) -> Result<Self, StoreError> {
+        if path.exists() {
+            return Err(StoreError::Open {
+                path: path.display().to_string(),
+                message: "exists already".into(),
+            });
+        }
+        let store = Self::open(path)?;
+        for chunk in records.chunks(RESTORE_BATCH) {
+            let writes = chunk
+                .iter()
+                .map(|(k, v)| Write::Put(k.clone(), v.clone()))
+                .collect();
+            store.apply(writes, Durability::Lazy)?;
+        }
+        store.flush()?;
+        Ok(store)
+    }
 }
+
+/// Records per batch when a database is made from a snapshot.
+const RESTORE_BATCH: usize = 1_000;
 
 impl Store for SledStore {
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -219,9 +250,12 @@ impl Store for SledStore {
                 Write::Delete(k) => batch.remove(k.as_bytes()),
             }
         }
-        self.db
-            .apply_batch(batch)
-            .map_err(|e| StoreError::Io(e.to_string()))?;
+        {
+            let _shared = self.batches.read().unwrap_or_else(|p| p.into_inner());
+            self.db
+                .apply_batch(batch)
+                .map_err(|e| StoreError::Io(e.to_string()))?;
+        }
         if durability == Durability::Flushed {
             self.flush()?;
         }
@@ -235,6 +269,17 @@ impl Store for SledStore {
                 .map(drop)
                 .map_err(|e| StoreError::Io(e.to_string()))
         })
+    }
+
+    fn snapshot(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let _alone = self.batches.write().unwrap_or_else(|p| p.into_inner());
+        self.db
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(|e| StoreError::Io(e.to_string()))?;
+                Ok((String::from_utf8_lossy(&k).into_owned(), v.to_vec()))
+            })
+            .collect()
     }
 }
 
@@ -295,6 +340,14 @@ impl Store for MemStore {
             .unwrap_or_else(|p| p.into_inner()) += 1;
         Ok(())
     }
+
+    fn snapshot(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(records
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
 }
 
 #[cfg(test)]
@@ -344,6 +397,61 @@ mod tests {
         }
         let store = SledStore::reopen(&dir.path().join("db")).unwrap();
         assert_eq!(store.get("host/b").unwrap(), Some(b"2".to_vec()));
+    }
+
+    #[test]
+    fn a_snapshot_restores_into_a_new_database_and_never_into_one_that_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let records = {
+            let store = SledStore::open(&dir.path().join("db")).unwrap();
+            exercise(&store);
+            store.snapshot().unwrap()
+        };
+        assert_eq!(
+            records.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+            ["host/b", "hosts", "token/z"]
+        );
+        let restored = SledStore::create_with(&dir.path().join("copy"), records.clone()).unwrap();
+        assert_eq!(restored.snapshot().unwrap(), records);
+        let err = SledStore::create_with(&dir.path().join("copy"), records).unwrap_err();
+        assert!(err.to_string().contains("exists already"), "{err}");
+        let mem = MemStore::default();
+        exercise(&mem);
+        assert_eq!(mem.snapshot().unwrap(), restored.snapshot().unwrap());
+    }
+
+    #[test]
+    fn a_snapshot_never_holds_half_a_batch() {
+        // Every batch moves one unit between two records; any snapshot sums to the total.
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(SledStore::open(&dir.path().join("db")).unwrap());
+        let put = |a: u32, b: u32| {
+            vec![
+                Write::Put("a".into(), a.to_string().into_bytes()),
+                Write::Put("b".into(), b.to_string().into_bytes()),
+            ]
+        };
+        store.apply(put(1000, 0), Durability::Lazy).unwrap();
+        let writer = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                for i in 1..=1000 {
+                    store.apply(put(1000 - i, i), Durability::Lazy).unwrap();
+                }
+            })
+        };
+        let mut seen = 0;
+        while !writer.is_finished() || seen == 0 {
+            let sum: u32 = store
+                .snapshot()
+                .unwrap()
+                .iter()
+                .map(|(_, v)| std::str::from_utf8(v).unwrap().parse::<u32>().unwrap())
+                .sum();
+            assert_eq!(sum, 1000);
+            seen += 1;
+        }
+        writer.join().unwrap();
     }
 
     #[test]

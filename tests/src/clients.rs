@@ -136,6 +136,48 @@ pub fn hello(host_id: &str) -> AgentMessage {
     }
 }
 
+/// A hello from a host with a disk for volumes, with or without dm-crypt (which encrypted
+/// tenants need).
+pub fn hello_with_disk(host_id: &str, dm_crypt: bool) -> AgentMessage {
+    let mut facts = sample_facts();
+    facts.disk_total_bytes = 200 << 30;
+    facts.disk_available_bytes = 150 << 30;
+    facts.capabilities = Some(proto::Capabilities {
+        dm_crypt,
+        nftables: true,
+        docker_version: "20.10.24".into(),
+        ..Default::default()
+    });
+    AgentMessage {
+        body: Some(Body::Hello(proto::AgentHello {
+            host_id: host_id.into(),
+            facts: Some(facts),
+            ..Default::default()
+        })),
+    }
+}
+
+/// Reads the session until a VolumeKeys message holding `tenant` arrives, and returns the key
+/// (`None` when none comes `within`).
+pub async fn volume_key_for(
+    inbound: &mut tonic::Streaming<CoordinatorMessage>,
+    tenant: &str,
+    within: std::time::Duration,
+) -> Option<Vec<u8>> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let message = tokio::time::timeout_at(deadline, inbound.message())
+            .await
+            .ok()?
+            .ok()??;
+        if let Some(proto::coordinator_message::Body::VolumeKeys(keys)) = message.body
+            && let Some(k) = keys.keys.iter().find(|k| k.tenant_id == tenant)
+        {
+            return Some(k.key.clone());
+        }
+    }
+}
+
 pub fn report(host_id: &str) -> AgentMessage {
     AgentMessage {
         body: Some(Body::Report(proto::HostReport {

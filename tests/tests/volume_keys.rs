@@ -5,49 +5,11 @@
 
 use std::time::Duration;
 
-use berth_shared::proto::{self, coordinator_message::Body};
-use berth_tests::clients::{agent_client, agent_identity, open_session, sample_facts};
+use berth_tests::clients::{
+    agent_client, agent_identity, hello_with_disk, open_session, volume_key_for,
+};
 use berth_tests::keyscan::{ProcScan, files_holding, key_forms};
 use berth_tests::procs::{AgentProc, CoordinatorProc};
-
-fn hello(host: &str, dm_crypt: bool) -> proto::AgentMessage {
-    let mut facts = sample_facts();
-    facts.disk_total_bytes = 200 << 30;
-    facts.disk_available_bytes = 150 << 30;
-    facts.capabilities = Some(proto::Capabilities {
-        dm_crypt,
-        nftables: true,
-        docker_version: "20.10.24".into(),
-        ..Default::default()
-    });
-    proto::AgentMessage {
-        body: Some(proto::agent_message::Body::Hello(proto::AgentHello {
-            host_id: host.into(),
-            facts: Some(facts),
-            ..Default::default()
-        })),
-    }
-}
-
-/// Reads the session until a VolumeKeys message holding `tenant` arrives (or `within` passes).
-async fn keys_for(
-    inbound: &mut tonic::Streaming<proto::CoordinatorMessage>,
-    tenant: &str,
-    within: Duration,
-) -> Option<Vec<u8>> {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let message = tokio::time::timeout_at(deadline, inbound.message())
-            .await
-            .ok()?
-            .ok()??;
-        if let Some(Body::VolumeKeys(keys)) = message.body
-            && let Some(k) = keys.keys.iter().find(|k| k.tenant_id == tenant)
-        {
-            return Some(k.key.clone());
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_volume_key_reaches_only_the_host_its_tenant_is_placed_on() {
@@ -56,11 +18,11 @@ async fn a_volume_key_reaches_only_the_host_its_tenant_is_placed_on() {
     let crypt = AgentProc::enroll(&coordinator, "crypt-host", None);
     let plain = AgentProc::enroll(&coordinator, "plain-host", None);
     let mut client = agent_client(&coordinator, Some(agent_identity(&crypt.state_dir())));
-    let mut crypt_session = open_session(&mut client, hello("crypt-host", true))
+    let mut crypt_session = open_session(&mut client, hello_with_disk("crypt-host", true))
         .await
         .unwrap();
     let mut client = agent_client(&coordinator, Some(agent_identity(&plain.state_dir())));
-    let mut plain_session = open_session(&mut client, hello("plain-host", false))
+    let mut plain_session = open_session(&mut client, hello_with_disk("plain-host", false))
         .await
         .unwrap();
 
@@ -79,7 +41,7 @@ async fn a_volume_key_reaches_only_the_host_its_tenant_is_placed_on() {
         "only a dm-crypt host takes it"
     );
 
-    let key = keys_for(
+    let key = volume_key_for(
         &mut crypt_session.inbound,
         "sealed",
         Duration::from_secs(10),
@@ -88,7 +50,7 @@ async fn a_volume_key_reaches_only_the_host_its_tenant_is_placed_on() {
     .expect("the key arrives on the tenant's host");
     assert_eq!(key.len(), 32);
     assert!(
-        keys_for(&mut plain_session.inbound, "sealed", Duration::from_secs(3))
+        volume_key_for(&mut plain_session.inbound, "sealed", Duration::from_secs(3))
             .await
             .is_none(),
         "the other host never gets it"

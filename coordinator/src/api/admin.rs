@@ -19,6 +19,7 @@ use tokio::net::{UnixListener, UnixStream};
 use crate::config::CoordinatorConfig;
 use crate::coordinator::{Coordinator, RevokeTarget};
 use crate::registry::{CertRecord, OperatorTokenRecord, Registry, RegistryError, Scope};
+use crate::snapshot::{MAX_SNAPSHOT_BYTES, Snapshot, SnapshotError};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
@@ -46,6 +47,8 @@ pub enum AdminRequest {
     Revoke {
         target: RevokeTarget,
     },
+    /// The whole state, for `berth-coordinator backup`.
+    Snapshot,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +59,7 @@ pub enum AdminResponse {
     OperatorTokensRevoked { count: usize },
     Recorded,
     Revoked { serials: Vec<String> },
+    Snapshot { snapshot: Box<Snapshot> },
     Error { message: String },
 }
 
@@ -63,6 +67,8 @@ pub enum AdminResponse {
 pub enum AdminError {
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     #[error("admin socket {path}: {source}")]
     Socket {
         path: String,
@@ -74,13 +80,15 @@ pub enum AdminError {
     Protocol(String),
 }
 
-/// Executes a request against a registry. `on_revoked` puts revocations into force in a
-/// running server (deny-list, open sessions); offline there is nothing to do.
+/// Executes a request against a registry. `revoke` puts revocations into force in a running
+/// server (deny-list, open sessions); offline there is nothing more to do. `snapshot` takes
+/// the whole state, from the running server or from the files.
 pub fn execute(
     registry: &Registry,
     request: &AdminRequest,
     revoke: impl FnOnce(&RevokeTarget) -> Result<Vec<String>, RegistryError>,
-) -> Result<AdminResponse, RegistryError> {
+    snapshot: impl FnOnce() -> Result<Snapshot, SnapshotError>,
+) -> Result<AdminResponse, AdminError> {
     Ok(match request {
         AdminRequest::CreateEnrollmentToken { host_id, ttl_ms } => {
             let (token, expires_unix_ms) =
@@ -132,6 +140,18 @@ pub fn execute(
             tracing::warn!(?target, ?serials, "certificates revoked");
             AdminResponse::Revoked { serials }
         }
+        AdminRequest::Snapshot => {
+            let snapshot = snapshot()?;
+            let summary = snapshot.summary();
+            tracing::info!(
+                records = summary.records,
+                tenants = summary.tenants,
+                "state snapshot taken"
+            );
+            AdminResponse::Snapshot {
+                snapshot: Box::new(snapshot),
+            }
+        }
     })
 }
 
@@ -158,10 +178,15 @@ pub async fn serve_socket(
                 Err(e) => AdminResponse::Error {
                     message: format!("bad admin request: {e}"),
                 },
-                Ok(request) => execute(&coordinator.registry, &request, |t| coordinator.revoke(t))
-                    .unwrap_or_else(|e| AdminResponse::Error {
-                        message: e.to_string(),
-                    }),
+                Ok(request) => execute(
+                    &coordinator.registry,
+                    &request,
+                    |t| coordinator.revoke(t),
+                    || coordinator.snapshot(),
+                )
+                .unwrap_or_else(|e| AdminResponse::Error {
+                    message: e.to_string(),
+                }),
             };
             let mut out = serde_json::to_vec(&response).unwrap_or_default();
             out.push(b'\n');
@@ -200,7 +225,8 @@ pub async fn call(
             out.push(b'\n');
             write.write_all(&out).await.map_err(socket_err)?;
             let mut line = String::new();
-            BufReader::new(read)
+            // The largest answer is a snapshot, base64 inside JSON.
+            BufReader::new(read.take(2 * MAX_SNAPSHOT_BYTES))
                 .read_line(&mut line)
                 .await
                 .map_err(socket_err)?;
@@ -217,11 +243,15 @@ pub async fn call(
         {
             let store = SledStore::open(&config.db_dir()).map_err(RegistryError::from)?;
             let registry = Registry::new(Arc::new(store), Arc::new(SystemClock));
-            let response = execute(&registry, request, |target| match target {
-                RevokeTarget::Host(host) => registry.revoke_host(host),
-                RevokeTarget::Serial(serial) => registry.revoke_serial(serial).map(|s| vec![s]),
-            })?;
-            Ok(response)
+            execute(
+                &registry,
+                request,
+                |target| match target {
+                    RevokeTarget::Host(host) => registry.revoke_host(host),
+                    RevokeTarget::Serial(serial) => registry.revoke_serial(serial).map(|s| vec![s]),
+                },
+                || crate::snapshot::take_offline(config, registry.store(), registry.now()),
+            )
         }
         Err(e) => Err(socket_err(e)),
     }

@@ -7,6 +7,7 @@ use berth_coordinator::api::admin::{self, AdminRequest, AdminResponse};
 use berth_coordinator::config::CoordinatorConfig;
 use berth_coordinator::coordinator::RevokeTarget;
 use berth_coordinator::registry::Scope;
+use berth_coordinator::snapshot::{Snapshot, Summary};
 use berth_shared::ids::HostId;
 use berth_shared::pki::{self, CertificateAuthority, Subject, Validity};
 use berth_shared::units::parse_duration;
@@ -61,6 +62,20 @@ enum Command {
         /// One certificate, by serial number (hex).
         #[arg(long)]
         serial: Option<String>,
+    },
+    /// Write a snapshot of the whole state (fleet, tokens, revocations, placements, drains,
+    /// wrapped keys, the CA with its key sealed) to a new file, from the running coordinator
+    /// or, when none runs, from the files. The master key is not in it: keep it apart.
+    Backup {
+        /// The file to write (mode 0600); never replaced.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Make the state directory from a snapshot. The master key the snapshot was made under
+    /// must be in place first; a directory that holds state is refused.
+    Restore {
+        /// A file from `berth-coordinator backup`.
+        file: PathBuf,
     },
 }
 
@@ -119,6 +134,20 @@ enum OperatorCertCommand {
         #[arg(long, default_value = "90d")]
         ttl: String,
     },
+}
+
+/// What a snapshot holds, in a sentence.
+fn describe(summary: &Summary) -> String {
+    format!(
+        "{} hosts, {} tenants, {} volume keys, {} backup keys ({} records), taken {}, CA {}",
+        summary.hosts,
+        summary.tenants,
+        summary.volume_keys,
+        summary.backup_keys,
+        summary.records,
+        expiry(summary.created_unix_ms),
+        summary.ca_fingerprint
+    )
 }
 
 fn print(json: bool, value: serde_json::Value, human: String) {
@@ -365,6 +394,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "revoked {} certificate(s): {}",
                     serials.len(),
                     serials.join(", ")
+                ),
+            );
+        }
+        Command::Backup { out } => {
+            if out.exists() {
+                anyhow::bail!(
+                    "--out: {} exists: a snapshot never replaces a file",
+                    out.display()
+                );
+            }
+            let AdminResponse::Snapshot { snapshot } =
+                admin::call(&config, &AdminRequest::Snapshot).await?
+            else {
+                anyhow::bail!("unexpected answer from the coordinator");
+            };
+            snapshot.write(&out).context("--out")?;
+            let summary = snapshot.summary();
+            let master = berth_coordinator::keys::master_key_path(&config.master_key_file());
+            print(
+                cli.json,
+                serde_json::json!({ "file": out, "summary": summary, "master_key": master }),
+                format!(
+                    "wrote {}: {}\nThe master key ({}) is not in it: without it the snapshot opens no key, with it every one. Keep a copy of each off this machine, apart from the other.",
+                    out.display(),
+                    describe(&summary),
+                    master.display()
+                ),
+            );
+        }
+        Command::Restore { file } => {
+            let snapshot = Snapshot::read(&file)?;
+            let summary = berth_coordinator::snapshot::restore(&snapshot, &config)?;
+            let dir = config.state_dir.display().to_string();
+            print(
+                cli.json,
+                serde_json::json!({ "state_dir": dir, "summary": summary }),
+                format!(
+                    "restored into {dir}: {}\nStart berth-coordinator: agents reconnect on their own and encrypted tenants get their keys.",
+                    describe(&summary)
                 ),
             );
         }

@@ -272,3 +272,73 @@ fn a_purged_key_is_in_no_file_of_the_state_directory() {
     // The scan does see a key that lives on.
     assert!(!anywhere(&state, &vault, &kept, &kept_key).is_empty());
 }
+
+/// The volume and backup keyrings live side by side and are rewritten at the same time (a
+/// purge destroys both keys of a tenant while another purge runs): neither ever takes the
+/// other's file.
+#[test]
+fn two_keyrings_in_one_directory_rewrite_concurrently_without_mixing() {
+    let dir = tempfile::tempdir().unwrap();
+    let rings: Vec<_> = ["volume-keys", "backup-keys"]
+        .iter()
+        .map(|name| std::sync::Arc::new(Keyring::open(&dir.path().join(name)).unwrap()))
+        .collect();
+    let writers: Vec<_> = rings
+        .iter()
+        .zip(["vol", "bak"])
+        .map(|(ring, prefix)| {
+            let ring = ring.clone();
+            std::thread::spawn(move || {
+                for i in 0..100 {
+                    ring.replace(&format!("{prefix}{}", i % 7), vec![i as u8; 61])
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.join().unwrap();
+    }
+    for (name, prefix) in [("volume-keys", "vol"), ("backup-keys", "bak")] {
+        let reopened = Keyring::open(&dir.path().join(name)).unwrap();
+        let tenants: Vec<_> = reopened.entries().into_iter().map(|(t, _)| t).collect();
+        assert_eq!(tenants.len(), 7, "{name}: {tenants:?}");
+        assert!(
+            tenants.iter().all(|t| t.starts_with(prefix)),
+            "{name}: {tenants:?}"
+        );
+    }
+}
+
+#[test]
+fn sealed_secrets_open_only_under_their_key_and_context() {
+    let (one, other) = (
+        MasterKey::generate().unwrap(),
+        MasterKey::generate().unwrap(),
+    );
+    let blob = one.seal(b"berth CA key", b"secret").unwrap();
+    assert_eq!(&one.open(b"berth CA key", &blob).unwrap()[..], b"secret");
+    assert!(one.open(b"another context", &blob).is_none());
+    assert!(other.open(b"berth CA key", &blob).is_none());
+    let mut damaged = blob.clone();
+    *damaged.last_mut().unwrap() ^= 1;
+    assert!(one.open(b"berth CA key", &damaged).is_none());
+    assert!(one.open(b"berth CA key", &[]).is_none());
+}
+
+#[test]
+fn a_keyring_made_from_restored_keys_is_durable_and_never_replaces_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("volume-keys");
+    let entries = vec![
+        ("acme".to_string(), vec![1; 61]),
+        ("beta".to_string(), vec![2; 61]),
+    ];
+    Keyring::create_with(&path, entries.clone()).unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert_eq!(Keyring::open(&path).unwrap().entries(), entries);
+    let err = Keyring::create_with(&path, vec![]).unwrap_err();
+    assert!(err.to_string().ends_with("exists already"), "{err}");
+    assert_eq!(Keyring::open(&path).unwrap().len(), 2);
+}
