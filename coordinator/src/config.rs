@@ -43,7 +43,30 @@ struct RawConfig {
     tiers: Option<BTreeMap<String, RawTier>>,
     catalog: Option<Vec<RawCatalogEntry>>,
     backup: Option<RawBackup>,
+    store: Option<StoreKind>,
+    etcd: Option<RawEtcd>,
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEtcd {
+    endpoints: Vec<String>,
+    prefix: Option<String>,
+}
+
+/// Where the fleet's state is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// The embedded database in the state directory.
+    #[default]
+    Sled,
+    /// An etcd v3 cluster (`[etcd]`).
+    Etcd,
+}
+
+/// The most etcd members the configuration may list.
+const MAX_ETCD_ENDPOINTS: usize = 16;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -107,6 +130,10 @@ pub struct CoordinatorConfig {
     /// `[backup] repository`: where tenants' backups go (each its own restic repository under
     /// it); `None`: no backups.
     pub backup_repository: Option<berth_shared::backup::Repository>,
+    /// `store`: sled (the default) or etcd.
+    pub store: StoreKind,
+    /// `[etcd]`: the cluster `store = "etcd"` uses and `migrate-store --to etcd` fills.
+    pub etcd: Option<crate::etcd::EtcdConfig>,
 }
 
 /// The HTTP port's certificate chain and key (PEM files).
@@ -194,8 +221,50 @@ impl Default for CoordinatorConfig {
             tiers: default_tiers(),
             catalog: default_catalog(),
             backup_repository: None,
+            store: StoreKind::Sled,
+            etcd: None,
         }
     }
+}
+
+/// Checks `[etcd]`, naming the key.
+fn etcd_config(raw: RawEtcd) -> Result<crate::etcd::EtcdConfig, String> {
+    if raw.endpoints.is_empty() || raw.endpoints.len() > MAX_ETCD_ENDPOINTS {
+        return Err(format!(
+            "etcd.endpoints: from 1 to {MAX_ETCD_ENDPOINTS} members' client URLs"
+        ));
+    }
+    for endpoint in &raw.endpoints {
+        let Some(rest) = endpoint.strip_prefix("http://") else {
+            return Err(format!(
+                "etcd.endpoints: {endpoint:?}: an http://host:port URL (TLS to etcd is not built: keep its client port on loopback or a private network)"
+            ));
+        };
+        let valid = rest.len() <= 253
+            && rest.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+            })
+            && !rest.contains(['/', '@', ' ']);
+        if !valid {
+            return Err(format!(
+                "etcd.endpoints: {endpoint:?}: not http://host:port"
+            ));
+        }
+    }
+    let prefix = raw.prefix.unwrap_or_else(|| "/berth/".into());
+    if prefix.is_empty()
+        || prefix.len() > 64
+        || !prefix.ends_with('/')
+        || !prefix.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(format!(
+            "etcd.prefix: {prefix:?}: up to 64 printable characters ending in /"
+        ));
+    }
+    Ok(crate::etcd::EtcdConfig {
+        endpoints: raw.endpoints,
+        prefix,
+    })
 }
 
 impl CoordinatorConfig {
@@ -269,6 +338,18 @@ impl CoordinatorConfig {
                 berth_shared::backup::Repository::new(&b.repository)
                     .map_err(|e| ConfigError::value(path, format!("backup.repository: {e}")))?,
             );
+        }
+        if let Some(etcd) = raw.etcd {
+            config.etcd = Some(etcd_config(etcd).map_err(|e| ConfigError::value(path, e))?);
+        }
+        if let Some(kind) = raw.store {
+            if kind == StoreKind::Etcd && config.etcd.is_none() {
+                return Err(ConfigError::value(
+                    path,
+                    "store = \"etcd\" needs an [etcd] table with the members' endpoints",
+                ));
+            }
+            config.store = kind;
         }
         if let Some(v) = raw.agent_cert_ttl {
             config.agent_cert_ttl = parse_duration("agent_cert_ttl", &v).map_err(value)?;
@@ -433,6 +514,61 @@ impl CoordinatorConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_etcd_store_is_chosen_with_its_members_and_checked_by_key() {
+        let path = Path::new("c.toml");
+        let config = CoordinatorConfig::parse(
+            path,
+            "store = \"etcd\"\n[etcd]\nendpoints = [\"http://10.0.0.1:2379\", \"http://etcd-2:2379\"]\n",
+        )
+        .unwrap();
+        assert_eq!(config.store, StoreKind::Etcd);
+        assert_eq!(
+            config.etcd,
+            Some(crate::etcd::EtcdConfig {
+                endpoints: vec!["http://10.0.0.1:2379".into(), "http://etcd-2:2379".into()],
+                prefix: "/berth/".into(),
+            })
+        );
+        assert_eq!(
+            CoordinatorConfig::parse(path, "").unwrap().store,
+            StoreKind::Sled
+        );
+        for (text, message) in [
+            ("store = \"etcd\"", "store = \"etcd\" needs an [etcd] table"),
+            (
+                "store = \"postgres\"",
+                "unknown variant `postgres`, expected `sled` or `etcd`",
+            ),
+            ("[etcd]\nendpoints = []", "etcd.endpoints: from 1 to 16"),
+            (
+                "[etcd]\nendpoints = [\"https://e:2379\"]",
+                "TLS to etcd is not built",
+            ),
+            (
+                "[etcd]\nendpoints = [\"http://e\"]",
+                "etcd.endpoints: \"http://e\": not http://host:port",
+            ),
+            (
+                "[etcd]\nendpoints = [\"http://u@e:1/x\"]",
+                "not http://host:port",
+            ),
+            (
+                "[etcd]\nendpoints = [\"http://e:1\"]\nprefix = \"berth\"",
+                "etcd.prefix: \"berth\"",
+            ),
+            (
+                "[etcd]\nendpoints = [\"http://e:1\"]\nprefix = \"/a b/\"",
+                "etcd.prefix",
+            ),
+        ] {
+            let err = CoordinatorConfig::parse(path, text)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(message), "{text}: {err}");
+        }
+    }
 
     #[test]
     fn parses_and_defaults() {

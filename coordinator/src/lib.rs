@@ -10,6 +10,7 @@ pub mod config;
 pub mod coordinator;
 pub mod dashboard;
 pub mod drain;
+pub mod etcd;
 pub mod exports;
 pub mod keys;
 pub mod metrics;

@@ -10,7 +10,7 @@ use berth_shared::pki::CertificateAuthority;
 use berth_shared::proto::agent_service_server::AgentServiceServer;
 use berth_shared::proto::enrollment_service_server::EnrollmentServiceServer;
 use berth_shared::proto::operator_service_server::OperatorServiceServer;
-use berth_shared::store::{SledStore, Store};
+use berth_shared::store::{SledStore, Store, StoreError};
 use berth_shared::systemd::Notifier;
 use berth_shared::tls::{ClientAuth, server_config};
 use berth_shared::transport::{
@@ -24,10 +24,11 @@ use tokio::net::TcpListener;
 use tonic::service::Routes;
 
 use crate::api::{Backend, admin, agent, operator};
-use crate::config::CoordinatorConfig;
+use crate::config::{CoordinatorConfig, StoreKind};
 use crate::coordinator::Coordinator;
 use crate::dashboard;
 use crate::drain::Drainer;
+use crate::etcd::EtcdStore;
 use crate::keys::KeyVault;
 use crate::keys::keyring::Keyring;
 use crate::sessions::SessionHub;
@@ -56,6 +57,15 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 /// Wrapped keys a store written before the keyring still holds move to the keyring; then the
 /// store is rewritten into new files, so none of its old segments keeps them. Returns the store
 /// to serve from.
+/// The fleet store the configuration names: the embedded database in the state directory, or
+/// the etcd cluster of `[etcd]`.
+pub fn open_store(config: &CoordinatorConfig) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(match (config.store, &config.etcd) {
+        (StoreKind::Etcd, Some(etcd)) => Arc::new(EtcdStore::connect(etcd)?),
+        _ => Arc::new(SledStore::open(&config.db_dir())?),
+    })
+}
+
 fn move_keys_out_of_store(
     config: &CoordinatorConfig,
     store: Arc<dyn Store>,
@@ -115,10 +125,10 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
             config.ca_dir().display()
         )
     })?;
-    let store: Arc<dyn Store> = Arc::new(
-        SledStore::open(&config.db_dir())
-            .context("is another berth-coordinator running on this state dir?")?,
-    );
+    let store = open_store(&config).context(match config.store {
+        StoreKind::Sled => "is another berth-coordinator running on this state dir?",
+        StoreKind::Etcd => "is the etcd cluster of [etcd] up, with a quorum?",
+    })?;
 
     let admin_listener = admin::bind_private(&config.admin_socket())
         .with_context(|| format!("cannot bind {}", config.admin_socket().display()))?;
@@ -136,7 +146,10 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
     let master_key = crate::keys::master_key_path(&config.master_key_file());
     let keyring = Keyring::open(&config.keyring_file())?;
     let keys = KeyVault::open(&master_key, keyring, store.as_ref())?;
-    let store = move_keys_out_of_store(&config, store, &keys)?;
+    let store = match config.store {
+        StoreKind::Sled => move_keys_out_of_store(&config, store, &keys)?,
+        StoreKind::Etcd => store,
+    };
     let backup_keys = KeyVault::new(
         crate::keys::MasterKey::load(&master_key)?,
         Keyring::open(&config.backup_keyring_file())?,

@@ -22,7 +22,8 @@ use berth_shared::pki::{CertificateAuthority, PkiError};
 use berth_shared::store::{SledStore, Store, StoreError};
 use serde::{Deserialize, Serialize};
 
-use crate::config::CoordinatorConfig;
+use crate::config::{CoordinatorConfig, StoreKind};
+use crate::etcd::EtcdStore;
 use crate::keys::keyring::Keyring;
 use crate::keys::{KeyError, MasterKey};
 
@@ -326,6 +327,7 @@ pub fn restore(snapshot: &Snapshot, config: &CoordinatorConfig) -> Result<Summar
     if std::os::unix::net::UnixStream::connect(config.admin_socket()).is_ok() {
         return Err(SnapshotError::CoordinatorRunning(config.state_dir.clone()));
     }
+    // With etcd, the store's prefix must be empty instead (checked as it is filled).
     let written = [
         config.db_dir(),
         config.keyring_file(),
@@ -344,7 +346,14 @@ pub fn restore(snapshot: &Snapshot, config: &CoordinatorConfig) -> Result<Summar
         checked.ca.save(&config.ca_dir())?;
         Keyring::create_with(&config.keyring_file(), checked.volume_keys.clone())?;
         Keyring::create_with(&config.backup_keyring_file(), checked.backup_keys.clone())?;
-        SledStore::create_with(&config.db_dir(), checked.records.clone())?;
+        match (config.store, &config.etcd) {
+            (StoreKind::Etcd, Some(etcd)) => {
+                EtcdStore::connect(etcd)?.fill(checked.records.clone())?;
+            }
+            _ => {
+                SledStore::create_with(&config.db_dir(), checked.records.clone())?;
+            }
+        }
         Ok(())
     };
     if let Err(e) = write() {

@@ -8,6 +8,7 @@
 pub mod clients;
 pub mod debroot;
 pub mod docker;
+pub mod etcd;
 pub mod fleet;
 pub mod keyscan;
 pub mod multihost;

@@ -344,6 +344,17 @@ impl CoordinatorProc {
         self.spawn();
     }
 
+    /// Replaces what is appended to its configuration (it keeps its ports); takes effect at
+    /// the next start.
+    pub fn reconfigure(&mut self, extra_config: &str) {
+        self.extra_config = extra_config.into();
+        self.write_config(
+            self.endpoints.agent.port(),
+            self.endpoints.operator.port(),
+            self.endpoints.http.port(),
+        );
+    }
+
     /// `berth-coordinator --config C <args>` (admin commands reach the server over its Unix
     /// socket, which works from any namespace).
     pub fn admin_command(&self, args: &[&str]) -> Command {

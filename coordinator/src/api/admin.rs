@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use berth_shared::clock::SystemClock;
 use berth_shared::ids::HostId;
-use berth_shared::store::SledStore;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -241,8 +240,8 @@ pub async fn call(
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
             ) =>
         {
-            let store = SledStore::open(&config.db_dir()).map_err(RegistryError::from)?;
-            let registry = Registry::new(Arc::new(store), Arc::new(SystemClock));
+            let store = crate::server::open_store(config).map_err(RegistryError::from)?;
+            let registry = Registry::new(store, Arc::new(SystemClock));
             execute(
                 &registry,
                 request,

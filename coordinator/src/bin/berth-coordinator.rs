@@ -6,10 +6,12 @@ use anyhow::Context;
 use berth_coordinator::api::admin::{self, AdminRequest, AdminResponse};
 use berth_coordinator::config::CoordinatorConfig;
 use berth_coordinator::coordinator::RevokeTarget;
+use berth_coordinator::etcd::EtcdStore;
 use berth_coordinator::registry::Scope;
 use berth_coordinator::snapshot::{Snapshot, Summary};
 use berth_shared::ids::HostId;
 use berth_shared::pki::{self, CertificateAuthority, Subject, Validity};
+use berth_shared::store::{SledStore, Store};
 use berth_shared::units::parse_duration;
 use clap::{Parser, Subcommand};
 
@@ -70,6 +72,13 @@ enum Command {
         /// The file to write (mode 0600); never replaced.
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Copy the fleet store from the embedded database into the etcd cluster of `[etcd]`
+    /// (into an empty prefix, with the coordinator stopped); then set `store = "etcd"`.
+    MigrateStore {
+        /// The store to copy into.
+        #[arg(long, value_parser = ["etcd"])]
+        to: String,
     },
     /// Make the state directory from a snapshot. The master key the snapshot was made under
     /// must be in place first; a directory that holds state is refused.
@@ -420,6 +429,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     out.display(),
                     describe(&summary),
                     master.display()
+                ),
+            );
+        }
+        Command::MigrateStore { to: _ } => {
+            let etcd = config.etcd.clone().context(
+                "migrate-store --to etcd needs an [etcd] table (endpoints, prefix) in the configuration",
+            )?;
+            if std::os::unix::net::UnixStream::connect(config.admin_socket()).is_ok() {
+                anyhow::bail!(
+                    "berth-coordinator runs on {}: stop it first (the store is copied at rest)",
+                    config.state_dir.display()
+                );
+            }
+            let records = SledStore::open(&config.db_dir())
+                .context("the embedded store")?
+                .snapshot()?;
+            if records.iter().any(|(k, _)| k.starts_with("volkey/")) {
+                anyhow::bail!(
+                    "the store still holds volume keys from an older version: start berth-coordinator once on it (it moves them to the keyring), then migrate"
+                );
+            }
+            let copied = EtcdStore::connect(&etcd)?.fill(records)?;
+            print(
+                cli.json,
+                serde_json::json!({ "records": copied, "endpoints": etcd.endpoints, "prefix": etcd.prefix }),
+                format!(
+                    "copied {copied} records into etcd under {}\nSet store = \"etcd\" in the configuration and start berth-coordinator. {} is left as it was: remove it once the fleet runs on etcd.",
+                    etcd.prefix,
+                    config.db_dir().display()
                 ),
             );
         }

@@ -1,0 +1,302 @@
+//! The fleet store in an etcd v3 cluster (`store = "etcd"`), behind the same [`Store`] trait as
+//! the embedded sled store.
+//!
+//! Ensures: a batch is one etcd transaction, so it is applied whole or not at all and is
+//! committed by a quorum of members (on their disks) when `apply` returns; a batch larger than
+//! one transaction may hold is refused, never split. A snapshot reads every record at one etcd
+//! revision. Every key lives under the configured prefix, so several fleets can share a
+//! cluster. When the cluster has no quorum, calls fail within the request timeout with etcd's
+//! reason; nothing is acknowledged that etcd did not commit.
+//!
+//! The trait is synchronous (sled's is); the etcd client runs on a runtime of its own, and a
+//! caller waits for its answer as it would for a disk.
+
+use std::time::Duration;
+
+use berth_shared::store::{Durability, Store, StoreError, Write};
+use etcd_client::{Client, ConnectOptions, GetOptions, Txn, TxnOp};
+
+/// etcd's default limit of operations in one transaction (`--max-txn-ops`).
+pub const MAX_TXN_OPS: usize = 128;
+/// Records read per request when scanning.
+const PAGE: i64 = 1_000;
+/// How long one request may take before it fails (a cluster without quorum never answers).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the fleet's etcd cluster is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdConfig {
+    /// Client URLs of the members (`http://host:2379`).
+    pub endpoints: Vec<String>,
+    /// Every key of this fleet starts with it.
+    pub prefix: String,
+}
+
+/// The store in etcd.
+pub struct EtcdStore {
+    client: Client,
+    prefix: String,
+    /// Taken only when the store is dropped (shut down in the background: a runtime may not be
+    /// dropped inside another one).
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for EtcdStore {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long a call is tried again while members are unavailable.
+pub const RETRY_FOR: Duration = Duration::from_secs(10);
+
+/// Whether `e` says a member could not serve the call now (down, no leader, leader changed),
+/// as opposed to a refusal.
+fn unavailable(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(status) => status.code() == tonic::Code::Unavailable,
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        _ => false,
+    }
+}
+
+fn etcd_error(e: etcd_client::Error) -> StoreError {
+    match e {
+        // tonic cancels a call that outlives its timeout: a cluster without a quorum.
+        etcd_client::Error::GRpcStatus(status) if status.code() == tonic::Code::Cancelled => {
+            StoreError::Io(format!(
+                "etcd: no answer within {} s: is a quorum of its members up?",
+                REQUEST_TIMEOUT.as_secs()
+            ))
+        }
+        e => StoreError::Io(format!("etcd: {e}")),
+    }
+}
+
+/// The first key after every key that starts with `prefix`.
+fn range_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Every byte 0xff (or empty): to the end of the keyspace.
+    vec![0]
+}
+
+impl EtcdStore {
+    /// Connects to the cluster (the first call checks that a member answers).
+    pub fn connect(config: &EtcdConfig) -> Result<Self, StoreError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("etcd-client")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Io(format!("etcd client runtime: {e}")))?;
+        let options = ConnectOptions::new()
+            .with_connect_timeout(REQUEST_TIMEOUT)
+            .with_timeout(REQUEST_TIMEOUT);
+        let endpoints = config.endpoints.clone();
+        let client = std::thread::scope(|s| {
+            s.spawn(|| runtime.block_on(Client::connect(endpoints, Some(options))))
+                .join()
+                .unwrap_or_else(|_| Err(etcd_client::Error::InvalidArgs("panicked".into())))
+        })
+        .map_err(|e| StoreError::Open {
+            path: config.endpoints.join(","),
+            message: e.to_string(),
+        })?;
+        let store = Self {
+            client,
+            prefix: config.prefix.clone(),
+            runtime: Some(runtime),
+        };
+        store.get("").map_err(|e| StoreError::Open {
+            path: config.endpoints.join(","),
+            message: e.to_string(),
+        })?;
+        Ok(store)
+    }
+
+    /// Runs `call` on the client's runtime and waits for it (from any thread, in a runtime or
+    /// not). A member that is unavailable (down, or its leader just changed) is tried again,
+    /// through the other members, for up to [`RETRY_FOR`]: losing a minority of members is
+    /// invisible to callers. Every call here is safe to repeat (reads, and batches of puts and
+    /// deletes that callers make under their own locks).
+    fn run<T, F>(&self, call: impl Fn(Client) -> F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+    {
+        let Some(runtime) = &self.runtime else {
+            return Err(StoreError::Io("etcd: the client stopped".into()));
+        };
+        let deadline = std::time::Instant::now() + RETRY_FOR;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            let future = call(self.client.clone());
+            runtime.spawn(async move {
+                let _ = tx.send(future.await);
+            });
+            match rx
+                .recv()
+                .map_err(|_| StoreError::Io("etcd: the client stopped".into()))?
+            {
+                Ok(value) => return Ok(value),
+                Err(e) if unavailable(&e) && std::time::Instant::now() + pause < deadline => {
+                    tracing::debug!(error = %e, "etcd unavailable; trying again");
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => return Err(etcd_error(e)),
+            }
+        }
+    }
+
+    fn key(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    /// Every record whose key starts with `prefix`, read page by page at one revision.
+    fn range(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let full = self.key(prefix);
+        let end = range_end(full.as_bytes());
+        let mut from = full.into_bytes();
+        let mut revision = 0;
+        let mut records = Vec::new();
+        loop {
+            let (start, end_key) = (from.clone(), end.clone());
+            let mut options = GetOptions::new().with_range(end_key).with_limit(PAGE);
+            if revision > 0 {
+                options = options.with_revision(revision);
+            }
+            let response = self.run(|mut client| {
+                let (start, options) = (start.clone(), options.clone());
+                async move { client.get(start, Some(options)).await }
+            })?;
+            if revision == 0 {
+                revision = response.header().map(|h| h.revision()).unwrap_or(0);
+            }
+            for kv in response.kvs() {
+                let key = String::from_utf8_lossy(kv.key());
+                let Some(key) = key.strip_prefix(&self.prefix) else {
+                    continue;
+                };
+                records.push((key.to_string(), kv.value().to_vec()));
+            }
+            match response.kvs().last() {
+                Some(last) if response.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok(records),
+            }
+        }
+    }
+}
+
+impl Store for EtcdStore {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = self.key(key);
+        let response = self.run(|mut client| {
+            let key = key.clone();
+            async move { client.get(key, None).await }
+        })?;
+        Ok(response.kvs().first().map(|kv| kv.value().to_vec()))
+    }
+
+    fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.range(prefix)
+    }
+
+    /// Committed by a quorum when it returns, whatever `durability` asks.
+    fn apply(&self, writes: Vec<Write>, _durability: Durability) -> Result<(), StoreError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        if writes.len() > MAX_TXN_OPS {
+            return Err(StoreError::Io(format!(
+                "etcd: a batch of {} writes is more than one transaction holds ({MAX_TXN_OPS})",
+                writes.len()
+            )));
+        }
+        let ops: Vec<TxnOp> = writes
+            .into_iter()
+            .map(|w| match w {
+                Write::Put(k, v) => TxnOp::put(self.key(&k), v, None),
+                Write::Delete(k) => TxnOp::delete(self.key(&k), None),
+            })
+            .collect();
+        self.run(|mut client| {
+            let txn = Txn::new().and_then(ops.clone());
+            async move { client.txn(txn).await }
+        })?;
+        Ok(())
+    }
+
+    /// Nothing to do: every batch was committed before `apply` returned.
+    fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn snapshot(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.range("")
+    }
+}
+
+impl EtcdStore {
+    /// Copies `records` (a snapshot of another store) into this prefix, which must hold
+    /// nothing yet, a transaction per [`MAX_TXN_OPS`] records. If a transaction fails, what
+    /// was copied is deleted again.
+    pub fn fill(&self, records: Vec<(String, Vec<u8>)>) -> Result<usize, StoreError> {
+        if !self.range("")?.is_empty() {
+            return Err(StoreError::Io(format!(
+                "etcd: the prefix {:?} holds records already: only an empty one is filled",
+                self.prefix
+            )));
+        }
+        let count = records.len();
+        for chunk in records.chunks(MAX_TXN_OPS) {
+            let writes = chunk
+                .iter()
+                .map(|(k, v)| Write::Put(k.clone(), v.clone()))
+                .collect();
+            if let Err(e) = self.apply(writes, Durability::Flushed) {
+                let (prefix, end) = (self.prefix.clone(), range_end(self.prefix.as_bytes()));
+                let options = etcd_client::DeleteOptions::new().with_range(end);
+                let _ = self.run(|mut client| {
+                    let (prefix, options) = (prefix.clone(), options.clone());
+                    async move { client.delete(prefix, Some(options)).await }
+                });
+                return Err(e);
+            }
+        }
+        Ok(count)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prefix_range_ends_after_its_last_key() {
+        assert_eq!(range_end(b"/berth/"), b"/berth0");
+        assert_eq!(range_end(b"a\xff"), b"b");
+        assert_eq!(range_end(b"\xff\xff"), vec![0]);
+        assert_eq!(range_end(b""), vec![0]);
+    }
+}

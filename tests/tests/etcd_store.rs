@@ -1,0 +1,196 @@
+//! The fleet store in a real etcd cluster (Debian's etcd-server, members on loopback): the
+//! store's contract (atomic batches, snapshots at one revision, paging, oversized batches
+//! refused), a sled fleet migrated to etcd and run on it, and what operators see when members
+//! are lost: nothing with one of three, refused writes naming etcd with two, writes again once
+//! a quorum is back.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_coordinator::etcd::{EtcdConfig, EtcdStore, MAX_TXN_OPS};
+use berth_shared::store::{Durability, Store, Write};
+use berth_tests::etcd::{EtcdCluster, unavailable};
+use berth_tests::missing_component;
+use berth_tests::procs::{AgentProc, CoordinatorProc, run};
+use berth_tests::wait_for;
+
+fn store_on(cluster: &EtcdCluster, prefix: &str) -> EtcdStore {
+    EtcdStore::connect(&EtcdConfig {
+        endpoints: cluster.endpoints(),
+        prefix: prefix.into(),
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()))
+}
+
+fn put(key: &str, value: &str) -> Write {
+    Write::Put(key.into(), value.as_bytes().to_vec())
+}
+
+#[test]
+fn batches_are_whole_snapshots_are_at_one_revision_and_prefixes_are_apart() {
+    if let Some(why) = unavailable() {
+        return missing_component("etcd", &why);
+    }
+    let cluster = EtcdCluster::start(1);
+    let store = Arc::new(store_on(&cluster, "/fleet-a/"));
+    let other = store_on(&cluster, "/fleet-b/");
+    store
+        .apply(
+            vec![
+                put("host/a", "1"),
+                put("host/b", "2"),
+                put("hosts", "x"),
+                put("token/z", "3"),
+            ],
+            Durability::Flushed,
+        )
+        .unwrap();
+    other
+        .apply(vec![put("host/a", "other")], Durability::Flushed)
+        .unwrap();
+    assert_eq!(
+        store.scan_prefix("host/").unwrap(),
+        vec![
+            ("host/a".into(), b"1".to_vec()),
+            ("host/b".into(), b"2".to_vec())
+        ]
+    );
+    store
+        .apply(vec![Write::Delete("host/a".into())], Durability::Lazy)
+        .unwrap();
+    assert_eq!(store.get("host/a").unwrap(), None);
+    assert_eq!(other.get("host/a").unwrap(), Some(b"other".to_vec()));
+    assert_eq!(store.snapshot().unwrap().len(), 3);
+
+    // A batch larger than a transaction is refused whole, never split.
+    let big: Vec<Write> = (0..=MAX_TXN_OPS)
+        .map(|i| put(&format!("big/{i}"), "v"))
+        .collect();
+    let err = store.apply(big, Durability::Flushed).unwrap_err();
+    assert!(
+        err.to_string().contains("more than one transaction holds"),
+        "{err}"
+    );
+    assert!(store.scan_prefix("big/").unwrap().is_empty());
+
+    // More records than one page: read whole, in key order.
+    let many: Vec<(String, Vec<u8>)> = (0..2_500)
+        .map(|i| (format!("many/{i:05}"), vec![b'v'; 16]))
+        .collect();
+    let fresh = store_on(&cluster, "/fleet-c/");
+    assert_eq!(fresh.fill(many.clone()).unwrap(), 2_500);
+    assert_eq!(fresh.scan_prefix("many/").unwrap(), many);
+    let err = fresh.fill(vec![]).unwrap_err();
+    assert!(err.to_string().contains("holds records already"), "{err}");
+
+    // Every batch moves one unit between two records: every snapshot sums to the total.
+    let pair = |a: u32, b: u32| vec![put("a", &a.to_string()), put("b", &b.to_string())];
+    let sums = store_on(&cluster, "/fleet-d/");
+    sums.apply(pair(200, 0), Durability::Flushed).unwrap();
+    let sums = Arc::new(sums);
+    let writer = {
+        let sums = sums.clone();
+        std::thread::spawn(move || {
+            for i in 1..=200 {
+                sums.apply(pair(200 - i, i), Durability::Flushed).unwrap();
+            }
+        })
+    };
+    let mut snapshots = 0;
+    while !writer.is_finished() || snapshots == 0 {
+        let total: u32 = sums
+            .snapshot()
+            .unwrap()
+            .iter()
+            .map(|(_, v)| std::str::from_utf8(v).unwrap().parse::<u32>().unwrap())
+            .sum();
+        assert_eq!(total, 200);
+        snapshots += 1;
+    }
+    writer.join().unwrap();
+}
+
+fn place(coordinator: &CoordinatorProc, tenant: &str) -> (bool, String, String) {
+    let spec = coordinator.dir.path().join(format!("{tenant}.toml"));
+    std::fs::write(
+        &spec,
+        format!(
+            "tenant_id = \"{tenant}\"\nimage = \"ghcr.io/openclaw/gateway:1\"\n[resources]\nmemory = \"64MiB\"\ncpu_millicores = 20\nvolume = \"64MiB\"\n[volume]\nencrypted = false\n"
+        ),
+    )
+    .unwrap();
+    coordinator.berthctl(&["--json", "place", spec.to_str().unwrap()])
+}
+
+fn tenant_ids(coordinator: &CoordinatorProc) -> Vec<String> {
+    let (ok, out, err) = coordinator.berthctl(&["--json", "tenants"]);
+    assert!(ok, "{err}");
+    let mut ids: Vec<String> = serde_json::from_str::<Vec<serde_json::Value>>(&out)
+        .unwrap()
+        .iter()
+        .map(|t| t["tenant_id"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn a_sled_fleet_migrates_to_etcd_runs_on_it_and_survives_losing_a_member() {
+    if let Some(why) = unavailable() {
+        return missing_component("etcd", &why);
+    }
+    let mut cluster = EtcdCluster::start(3);
+    let mut coordinator = CoordinatorProc::start(None, "");
+    let mut agent = AgentProc::enroll(&coordinator, "host-a", None);
+    agent.start();
+    wait_for("host-a ready", Duration::from_secs(10), || {
+        (coordinator.host_state("host-a").as_deref() == Some("ready")).then_some(())
+    });
+    let (ok, _, err) = place(&coordinator, "before");
+    assert!(ok, "{err}");
+    let (ok, _, err) = run(coordinator.admin_command(&["migrate-store", "--to", "etcd"]));
+    assert!(!ok && err.contains("needs an [etcd] table"), "{err}");
+    coordinator.reconfigure(&cluster.config("/berth/"));
+    let (ok, _, err) = run(coordinator.admin_command(&["migrate-store", "--to", "etcd"]));
+    assert!(!ok && err.contains("stop it first"), "{err}");
+
+    coordinator.kill9();
+    let (ok, out, err) = run(coordinator.admin_command(&["migrate-store", "--to", "etcd"]));
+    assert!(ok, "migrate-store: {err}");
+    assert!(out.contains("records into etcd under /berth/"), "{out}");
+    let (ok, _, err) = run(coordinator.admin_command(&["migrate-store", "--to", "etcd"]));
+    assert!(!ok && err.contains("holds records already"), "{err}");
+    // From now on the fleet lives in etcd alone: the embedded store goes.
+    std::fs::remove_dir_all(coordinator.state_dir().join("db")).unwrap();
+    coordinator.reconfigure(&format!("store = \"etcd\"\n{}", cluster.config("/berth/")));
+    coordinator.restart();
+    assert_eq!(tenant_ids(&coordinator), ["before"]);
+    wait_for("host-a ready on etcd", Duration::from_secs(30), || {
+        (coordinator.host_state("host-a").as_deref() == Some("ready")).then_some(())
+    });
+    let (ok, _, err) = place(&coordinator, "after");
+    assert!(ok, "{err}");
+
+    // One member of three lost: nothing to see.
+    cluster.kill(2);
+    let (ok, _, err) = place(&coordinator, "one-lost");
+    assert!(ok, "with one member lost: {err}");
+    // Two lost: no quorum; a write is refused, naming etcd.
+    cluster.kill(1);
+    let (ok, _, err) = place(&coordinator, "no-quorum");
+    assert!(!ok, "a placement without a quorum was acknowledged");
+    assert!(err.contains("etcd"), "{err}");
+    eprintln!("without a quorum, berthctl place says: {err}");
+    // A quorum again: writes resume, and what was refused was not half done.
+    cluster.restart(1);
+    cluster.restart(2);
+    cluster.wait_healthy();
+    wait_for("writes resume", Duration::from_secs(30), || {
+        place(&coordinator, "back").0.then_some(())
+    });
+    assert_eq!(
+        tenant_ids(&coordinator),
+        ["after", "back", "before", "one-lost"]
+    );
+    drop(agent);
+}
