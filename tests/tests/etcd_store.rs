@@ -2,7 +2,7 @@
 //! store's contract (atomic batches, snapshots at one revision, paging, oversized batches
 //! refused), a sled fleet migrated to etcd and run on it, and what operators see when members
 //! are lost: nothing with one of three, refused writes naming etcd with two, writes again once
-//! a quorum is back.
+//! a quorum is back; a snapshot of it restored into another prefix.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -188,9 +188,34 @@ fn a_sled_fleet_migrates_to_etcd_runs_on_it_and_survives_losing_a_member() {
     wait_for("writes resume", Duration::from_secs(30), || {
         place(&coordinator, "back").0.then_some(())
     });
-    assert_eq!(
-        tenant_ids(&coordinator),
-        ["after", "back", "before", "one-lost"]
+    let fleet = ["after", "back", "before", "one-lost"];
+    assert_eq!(tenant_ids(&coordinator), fleet);
+
+    // A snapshot of the etcd store, restored on a new machine into another prefix.
+    let snapshot = coordinator.dir.path().join("etcd.snapshot");
+    let (ok, out, err) =
+        run(coordinator.admin_command(&["backup", "--out", snapshot.to_str().unwrap()]));
+    assert!(ok, "backup of the etcd store: {err}");
+    assert!(out.contains("1 hosts, 4 tenants"), "{out}");
+    coordinator.kill9();
+    for lost in ["ca", "volume-keys", "backup-keys"] {
+        let path = coordinator.state_dir().join(lost);
+        let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+    }
+    coordinator.reconfigure(&format!(
+        "store = \"etcd\"\n{}",
+        cluster.config("/restored/")
+    ));
+    let (ok, _, err) = run(coordinator.admin_command(&["restore", snapshot.to_str().unwrap()]));
+    assert!(ok, "restore into etcd: {err}");
+    let (ok, _, err) = run(coordinator.admin_command(&["restore", snapshot.to_str().unwrap()]));
+    assert!(!ok && err.contains("exists"), "a second restore: {err}");
+    coordinator.restart();
+    assert_eq!(tenant_ids(&coordinator), fleet);
+    wait_for(
+        "host-a ready after the restore",
+        Duration::from_secs(30),
+        || (coordinator.host_state("host-a").as_deref() == Some("ready")).then_some(()),
     );
     drop(agent);
 }

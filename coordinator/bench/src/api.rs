@@ -52,14 +52,27 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-fn start_coordinator(dir: &Path) -> anyhow::Result<Coordinator> {
+/// The store lines of the configuration: none (sled), or etcd under a prefix of this run's.
+fn store_config(etcd: &[String]) -> String {
+    if etcd.is_empty() {
+        return String::new();
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("store = \"etcd\"\n[etcd]\nendpoints = {etcd:?}\nprefix = \"/berth-bench-{nanos}/\"\n")
+}
+
+fn start_coordinator(dir: &Path, etcd: &[String]) -> anyhow::Result<Coordinator> {
     let state = dir.join("state");
     let config_path = dir.join("coordinator.toml");
     std::fs::write(
         &config_path,
         format!(
-            "state_dir = {:?}\nagent_listen = \"127.0.0.1:0\"\noperator_listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n",
-            state.display().to_string()
+            "state_dir = {:?}\nagent_listen = \"127.0.0.1:0\"\noperator_listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n{}",
+            state.display().to_string(),
+            store_config(etcd)
         ),
     )?;
     let bin = sibling("berth-coordinator")?;
@@ -191,10 +204,11 @@ pub async fn run(
     clients: usize,
     connections: usize,
     placements: usize,
+    etcd: &[String],
 ) -> anyhow::Result<()> {
     berth_shared::tls::install_crypto_provider();
     let dir = tempfile::tempdir()?;
-    let c = start_coordinator(dir.path())?;
+    let c = start_coordinator(dir.path(), etcd)?;
     let ca = CertificateAuthority::load(&c.config.ca_dir())?;
     for n in 0..hosts {
         synthetic_host(&c, &ca, n).await?;
@@ -301,7 +315,8 @@ pub async fn run(
     }
     println!(
         "{}",
-        json!({ "api": { "hosts": hosts, "clients": clients, "connections": connections, "placements": latencies.len(), "seconds": seconds,
+        json!({ "api": { "store": if etcd.is_empty() { "sled".to_string() } else { format!("etcd ({} members)", etcd.len()) },
+            "hosts": hosts, "clients": clients, "connections": connections, "placements": latencies.len(), "seconds": seconds,
             "placements_per_second": latencies.len() as f64 / seconds, "p50_ms": pct(0.5), "p99_ms": pct(0.99), "max_ms": pct(1.0) } })
     );
     Ok(())

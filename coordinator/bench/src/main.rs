@@ -65,6 +65,10 @@ enum Command {
         connections: usize,
         #[arg(long, default_value_t = 20_000)]
         placements: usize,
+        /// Keep the fleet store in this etcd cluster (its members' client URLs, comma
+        /// separated; a fresh prefix per run) instead of the embedded sled store.
+        #[arg(long, value_delimiter = ',')]
+        etcd: Vec<String>,
     },
     /// The fleet page of a seeded fleet: render time and size (or `--serve` it).
     Dashboard {
@@ -249,11 +253,12 @@ fn main() -> std::process::ExitCode {
             clients,
             connections,
             placements,
+            etcd,
         } => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(api::run(hosts, clients, connections, placements))),
+            .and_then(|rt| rt.block_on(api::run(hosts, clients, connections, placements, &etcd))),
         Command::Dashboard {
             hosts,
             tenants,
