@@ -256,6 +256,51 @@ impl Snapshot {
     }
 }
 
+/// The name a snapshot taken at `unix_ms` gets in a snapshot directory; names sort by time.
+pub fn file_name(unix_ms: i64) -> String {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(unix_ms.max(0) as u64);
+    let stamp = humantime::format_rfc3339_millis(at)
+        .to_string()
+        .replace([':', '-', '.'], "");
+    format!("{FILE_PREFIX}{stamp}{FILE_SUFFIX}")
+}
+
+const FILE_PREFIX: &str = "berth-coordinator-";
+const FILE_SUFFIX: &str = ".snapshot";
+
+impl Snapshot {
+    /// Writes the snapshot into `dir` under [`file_name`] (a new file, mode 0600), then
+    /// deletes the oldest snapshots there beyond the newest `keep` (at least this one is
+    /// kept). Returns the new file and the ones deleted. Other files in `dir` are left alone.
+    pub fn write_into(
+        &self,
+        dir: &Path,
+        keep: usize,
+    ) -> Result<(PathBuf, Vec<PathBuf>), SnapshotError> {
+        let io = |source| SnapshotError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let path = dir.join(file_name(self.created_unix_ms));
+        self.write(&path)?;
+        let mut snapshots: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(io)?
+            .filter_map(|entry| {
+                let name = entry.ok()?.file_name().into_string().ok()?;
+                (name.starts_with(FILE_PREFIX) && name.ends_with(FILE_SUFFIX))
+                    .then(|| dir.join(name))
+            })
+            .collect();
+        snapshots.sort();
+        let excess = snapshots.len().saturating_sub(keep.max(1));
+        let deleted: Vec<PathBuf> = snapshots.into_iter().take(excess).collect();
+        for old in &deleted {
+            std::fs::remove_file(old).map_err(io)?;
+        }
+        Ok((path, deleted))
+    }
+}
+
 /// What a checked snapshot restores.
 struct Checked {
     ca: CertificateAuthority,

@@ -86,6 +86,8 @@ fn the_packages_hold_the_binaries_units_and_config_and_lintian_finds_no_error() 
                 "./usr/bin/berth-coordinator",
                 "./usr/bin/berthctl",
                 "./lib/systemd/system/berth-coordinator.service",
+                "./lib/systemd/system/berth-coordinator-backup.service",
+                "./lib/systemd/system/berth-coordinator-backup.timer",
                 "./etc/berth/coordinator.toml",
             ],
             "/etc/berth/coordinator.toml",
@@ -231,6 +233,8 @@ fn installed_from_the_packages_an_agent_enrolls_reports_and_an_upgrade_keeps_its
         "--man=no",
         "/lib/systemd/system/berth-agent.service",
         "/lib/systemd/system/berth-coordinator.service",
+        "/lib/systemd/system/berth-coordinator-backup.service",
+        "/lib/systemd/system/berth-coordinator-backup.timer",
     ]));
     // It exits 0 on warnings such as an unknown key: nothing at all must be said.
     assert!(
@@ -285,6 +289,31 @@ fn installed_from_the_packages_an_agent_enrolls_reports_and_an_upgrade_keeps_its
     let fingerprint = endpoints["ca_fingerprint"].as_str().unwrap().to_string();
     let token = coordinator(&["token", "create", "--host-id", &host, "--ttl", "10m"]);
     let operator_token = coordinator(&["operator-token", "create", "--name", "pkg-test"]);
+    // The hourly snapshot as its unit takes it: as berth, through the running coordinator,
+    // into the directory its StateDirectory= makes.
+    let backup_unit =
+        std::fs::read_to_string(root.path("/lib/systemd/system/berth-coordinator-backup.service"))
+            .unwrap();
+    assert_eq!(unit_value(&backup_unit, "Type"), "oneshot");
+    root.run(&[
+        "install",
+        "-d",
+        "-m",
+        "0700",
+        "-o",
+        &user,
+        "-g",
+        &user,
+        "/var/lib/berth/snapshots",
+    ]);
+    let mut snapshot_args: Vec<&str> = as_user.to_vec();
+    let backup_exec = unit_value(&backup_unit, "ExecStart");
+    snapshot_args.extend(backup_exec.split_whitespace());
+    let said = root.run(&snapshot_args);
+    assert!(
+        said.contains("wrote /var/lib/berth/snapshots/berth-coordinator-"),
+        "{said}"
+    );
     std::fs::write(root.path("/root/operator.token"), operator_token.trim()).unwrap();
     let url = format!("https://{operator}");
     let berthctl = |args: &[&str]| {

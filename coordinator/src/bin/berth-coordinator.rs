@@ -70,8 +70,15 @@ enum Command {
     /// or, when none runs, from the files. The master key is not in it: keep it apart.
     Backup {
         /// The file to write (mode 0600); never replaced.
+        #[arg(long, required_unless_present = "out_dir", conflicts_with = "out_dir")]
+        out: Option<PathBuf>,
+        /// A directory to write a new, time-named snapshot into instead (what the hourly
+        /// timer runs), deleting the oldest there beyond `--keep`.
         #[arg(long)]
-        out: PathBuf,
+        out_dir: Option<PathBuf>,
+        /// With `--out-dir`: how many snapshots to keep there.
+        #[arg(long, default_value_t = 48, requires = "out_dir")]
+        keep: usize,
     },
     /// Copy the fleet store from the embedded database into the etcd cluster of `[etcd]`
     /// (into an empty prefix, with the coordinator stopped); then set `store = "etcd"`.
@@ -406,28 +413,47 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
             );
         }
-        Command::Backup { out } => {
-            if out.exists() {
+        Command::Backup { out, out_dir, keep } => {
+            if let Some(out) = &out
+                && out.exists()
+            {
                 anyhow::bail!(
                     "--out: {} exists: a snapshot never replaces a file",
                     out.display()
                 );
+            }
+            if let Some(dir) = &out_dir
+                && !dir.is_dir()
+            {
+                anyhow::bail!("--out-dir: {} is not a directory", dir.display());
             }
             let AdminResponse::Snapshot { snapshot } =
                 admin::call(&config, &AdminRequest::Snapshot).await?
             else {
                 anyhow::bail!("unexpected answer from the coordinator");
             };
-            snapshot.write(&out).context("--out")?;
+            let (file, deleted) = match (out, out_dir) {
+                (Some(out), _) => {
+                    snapshot.write(&out).context("--out")?;
+                    (out, Vec::new())
+                }
+                (None, Some(dir)) => snapshot.write_into(&dir, keep).context("--out-dir")?,
+                (None, None) => anyhow::bail!("give --out FILE or --out-dir DIR"),
+            };
             let summary = snapshot.summary();
             let master = berth_coordinator::keys::master_key_path(&config.master_key_file());
             print(
                 cli.json,
-                serde_json::json!({ "file": out, "summary": summary, "master_key": master }),
+                serde_json::json!({ "file": file, "deleted": deleted, "summary": summary, "master_key": master }),
                 format!(
-                    "wrote {}: {}\nThe master key ({}) is not in it: without it the snapshot opens no key, with it every one. Keep a copy of each off this machine, apart from the other.",
-                    out.display(),
+                    "wrote {}: {}{}\nThe master key ({}) is not in it: without it the snapshot opens no key, with it every one. Keep a copy of each off this machine, apart from the other.",
+                    file.display(),
                     describe(&summary),
+                    if deleted.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (deleted {} older)", deleted.len())
+                    },
                     master.display()
                 ),
             );

@@ -314,3 +314,45 @@ fn damaged_and_foreign_files_are_refused_by_what_is_wrong() {
         "{err}"
     );
 }
+
+#[test]
+fn a_snapshot_directory_keeps_the_newest_and_nothing_else_is_touched() {
+    let source = state_dir();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "mine").unwrap();
+    let mut written = Vec::new();
+    for (n, at) in [1_700_000_000_000i64, 1_700_000_060_000, 1_700_003_600_500]
+        .into_iter()
+        .enumerate()
+    {
+        let mut snapshot = offline(&source.config);
+        snapshot.created_unix_ms = at;
+        let (path, deleted) = snapshot.write_into(dir.path(), 2).unwrap();
+        assert_eq!(deleted.len(), n.saturating_sub(1), "{deleted:?}");
+        written.push(path);
+    }
+    assert_eq!(
+        written[2].file_name().unwrap(),
+        "berth-coordinator-20231114T231320500Z.snapshot"
+    );
+    let mut left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            written[1].clone(),
+            written[2].clone(),
+            dir.path().join("notes.txt")
+        ]
+    );
+    // The same instant twice: the second is refused, the first kept.
+    let mut again = offline(&source.config);
+    again.created_unix_ms = 1_700_003_600_500;
+    assert!(matches!(
+        again.write_into(dir.path(), 2),
+        Err(SnapshotError::OutputExists { .. })
+    ));
+}
