@@ -255,6 +255,37 @@ impl Store for EtcdStore {
     fn snapshot(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.range("")
     }
+
+    /// Compacts the whole cluster's history up to now (physically: answered once every
+    /// member has applied it), so no older value of any key can be read any more.
+    fn compact_history(&self) -> Result<bool, StoreError> {
+        let revision = self
+            .run(|mut client| async move { client.get("\0", None).await })?
+            .header()
+            .map(|h| h.revision())
+            .unwrap_or(0);
+        if revision == 0 {
+            return Ok(false);
+        }
+        let compacted = self.run(|mut client| async move {
+            client
+                .compact(
+                    revision,
+                    Some(etcd_client::CompactionOptions::new().with_physical()),
+                )
+                .await
+        });
+        match compacted {
+            Ok(_) => Ok(true),
+            // Another compaction got there first.
+            Err(StoreError::Io(message))
+                if message.contains("required revision has been compacted") =>
+            {
+                Ok(true)
+            }
+            Err(e) => Err(e),
+        }
+    }
 }
 
 impl EtcdStore {

@@ -30,7 +30,7 @@ use crate::dashboard;
 use crate::drain::Drainer;
 use crate::etcd::EtcdStore;
 use crate::keys::KeyVault;
-use crate::keys::keyring::Keyring;
+use crate::keys::keyring::{BACKUP_KEYS_PREFIX, Keyring, VOLUME_KEYS_PREFIX};
 use crate::sessions::SessionHub;
 
 /// The bound addresses, written to `endpoints.json` for scripts and tests.
@@ -63,6 +63,34 @@ pub fn open_store(config: &CoordinatorConfig) -> Result<Arc<dyn Store>, StoreErr
     Ok(match (config.store, &config.etcd) {
         (StoreKind::Etcd, Some(etcd)) => Arc::new(EtcdStore::connect(etcd)?),
         _ => Arc::new(SledStore::open(&config.db_dir())?),
+    })
+}
+
+/// The volume and backup keyrings: files in the state directory with sled, records in etcd
+/// with etcd. A keyring file left beside an etcd store is refused: `migrate-store` moves it.
+pub fn open_keyrings(
+    config: &CoordinatorConfig,
+    store: &Arc<dyn Store>,
+) -> anyhow::Result<(Keyring, Keyring)> {
+    Ok(match config.store {
+        StoreKind::Sled => (
+            Keyring::open(&config.keyring_file())?,
+            Keyring::open(&config.backup_keyring_file())?,
+        ),
+        StoreKind::Etcd => {
+            for file in [config.keyring_file(), config.backup_keyring_file()] {
+                if file.exists() && !Keyring::open(&file)?.is_empty() {
+                    anyhow::bail!(
+                        "{} holds keys, but with store = \"etcd\" keys are kept in etcd: run berth-coordinator migrate-store --to etcd (it moves them)",
+                        file.display()
+                    );
+                }
+            }
+            (
+                Keyring::in_store(store.clone(), VOLUME_KEYS_PREFIX)?,
+                Keyring::in_store(store.clone(), BACKUP_KEYS_PREFIX)?,
+            )
+        }
     })
 }
 
@@ -144,16 +172,13 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
     };
 
     let master_key = crate::keys::master_key_path(&config.master_key_file());
-    let keyring = Keyring::open(&config.keyring_file())?;
+    let (keyring, backup_keyring) = open_keyrings(&config, &store)?;
     let keys = KeyVault::open(&master_key, keyring, store.as_ref())?;
     let store = match config.store {
         StoreKind::Sled => move_keys_out_of_store(&config, store, &keys)?,
         StoreKind::Etcd => store,
     };
-    let backup_keys = KeyVault::new(
-        crate::keys::MasterKey::load(&master_key)?,
-        Keyring::open(&config.backup_keyring_file())?,
-    );
+    let backup_keys = KeyVault::new(crate::keys::MasterKey::load(&master_key)?, backup_keyring);
     let sessions = Arc::new(SessionHub::default());
     let coordinator = Arc::new(Coordinator::open(
         config.clone(),

@@ -15,6 +15,7 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use base64::Engine;
 use berth_shared::ids::TenantId;
@@ -24,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{CoordinatorConfig, StoreKind};
 use crate::etcd::EtcdStore;
-use crate::keys::keyring::Keyring;
+use crate::keys::keyring::{BACKUP_KEYS_PREFIX, Keyring, VOLUME_KEYS_PREFIX};
 use crate::keys::{KeyError, MasterKey};
 
 /// What the file says it is.
@@ -138,9 +139,11 @@ pub fn take(
     master: &MasterKey,
     now_unix_ms: i64,
 ) -> Result<Snapshot, SnapshotError> {
+    // Keys kept in the store (etcd) are in the snapshot once: with the keyrings.
     let records = store
         .snapshot()?
         .into_iter()
+        .filter(|(key, _)| !is_key_record(key))
         .map(|(key, value)| Record {
             key,
             value: b64().encode(value),
@@ -165,17 +168,30 @@ pub fn take(
     })
 }
 
+fn is_key_record(key: &str) -> bool {
+    key.starts_with(VOLUME_KEYS_PREFIX) || key.starts_with(BACKUP_KEYS_PREFIX)
+}
+
 /// Takes a snapshot of a coordinator that is not running: its `store`, opened by the caller,
 /// and its other files.
 pub fn take_offline(
     config: &CoordinatorConfig,
-    store: &dyn Store,
+    store: Arc<dyn Store>,
     now_unix_ms: i64,
 ) -> Result<Snapshot, SnapshotError> {
     let ca = CertificateAuthority::load(&config.ca_dir())?;
     let master = MasterKey::load(&crate::keys::master_key_path(&config.master_key_file()))?;
-    let volume = Keyring::open(&config.keyring_file())?;
-    let backup = Keyring::open(&config.backup_keyring_file())?;
+    let (volume, backup) = match config.store {
+        StoreKind::Sled => (
+            Keyring::open(&config.keyring_file())?,
+            Keyring::open(&config.backup_keyring_file())?,
+        ),
+        StoreKind::Etcd => (
+            Keyring::in_store(store.clone(), VOLUME_KEYS_PREFIX)?,
+            Keyring::in_store(store.clone(), BACKUP_KEYS_PREFIX)?,
+        ),
+    };
+    let store = store.as_ref();
     take(
         store,
         || (volume.entries(), backup.entries()),
@@ -389,13 +405,23 @@ pub fn restore(snapshot: &Snapshot, config: &CoordinatorConfig) -> Result<Summar
     let checked = check(snapshot, &MasterKey::load(&master_path)?)?;
     let write = || -> Result<(), SnapshotError> {
         checked.ca.save(&config.ca_dir())?;
-        Keyring::create_with(&config.keyring_file(), checked.volume_keys.clone())?;
-        Keyring::create_with(&config.backup_keyring_file(), checked.backup_keys.clone())?;
         match (config.store, &config.etcd) {
             (StoreKind::Etcd, Some(etcd)) => {
-                EtcdStore::connect(etcd)?.fill(checked.records.clone())?;
+                // Keys are records in etcd, beside the fleet's.
+                let keyed = |prefix: &str, keys: &[(String, Vec<u8>)]| {
+                    keys.iter()
+                        .map(|(t, b)| (format!("{prefix}{t}"), b.clone()))
+                        .collect::<Vec<_>>()
+                };
+                let mut records = checked.records.clone();
+                records.extend(keyed(VOLUME_KEYS_PREFIX, &checked.volume_keys));
+                records.extend(keyed(BACKUP_KEYS_PREFIX, &checked.backup_keys));
+                records.sort();
+                EtcdStore::connect(etcd)?.fill(records)?;
             }
             _ => {
+                Keyring::create_with(&config.keyring_file(), checked.volume_keys.clone())?;
+                Keyring::create_with(&config.backup_keyring_file(), checked.backup_keys.clone())?;
                 SledStore::create_with(&config.db_dir(), checked.records.clone())?;
             }
         }

@@ -52,6 +52,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Every record, in key order, as it was at one instant: no batch is half in it. Batches
     /// wait while it is read (a few milliseconds per thousand records).
     fn snapshot(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// Drops the values deleted or replaced so far from the store's history, where it keeps
+    /// one and can drop it (etcd: a compaction); returns whether it did. sled keeps them in
+    /// its segment files until the database is rewritten ([`SledStore::rewrite`]): `false`.
+    fn compact_history(&self) -> Result<bool, StoreError> {
+        Ok(false)
+    }
 }
 
 /// Group commit: callers that arrive while a flush runs wait for the next one, which covers

@@ -8,7 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use berth_coordinator::etcd::{EtcdConfig, EtcdStore, MAX_TXN_OPS};
+use berth_coordinator::keys::keyring::{Keyring, VOLUME_KEYS_PREFIX};
 use berth_shared::store::{Durability, Store, Write};
+use berth_tests::clients::{
+    agent_client, agent_identity, hello_with_disk, open_session, volume_key_for,
+};
 use berth_tests::etcd::{EtcdCluster, unavailable};
 use berth_tests::missing_component;
 use berth_tests::procs::{AgentProc, CoordinatorProc, run};
@@ -110,6 +114,67 @@ fn batches_are_whole_snapshots_are_at_one_revision_and_prefixes_are_apart() {
     writer.join().unwrap();
 }
 
+/// `POST /v3/kv/range` on a member's HTTP gateway: the JSON answer for `key` at `revision`.
+fn range_at(cluster: &EtcdCluster, key: &str, revision: i64) -> serde_json::Value {
+    use base64::Engine;
+    let body = serde_json::json!({
+        "key": base64::engine::general_purpose::STANDARD.encode(key),
+        "revision": revision.to_string(),
+    });
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-m", "5", "-X", "POST", "--data"])
+        .arg(body.to_string())
+        .arg(format!("{}/v3/kv/range", cluster.endpoints()[0]))
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+#[test]
+fn a_key_destroyed_in_etcd_is_compacted_out_of_its_history() {
+    if let Some(why) = unavailable() {
+        return missing_component("etcd", &why);
+    }
+    let cluster = EtcdCluster::start(1);
+    let store: Arc<dyn Store> = Arc::new(store_on(&cluster, "/keys-test/"));
+    let keyring = Keyring::in_store(store.clone(), VOLUME_KEYS_PREFIX).unwrap();
+    assert!(keyring.add("acme", vec![7; 61]).unwrap());
+    assert!(!keyring.add("acme", vec![8; 61]).unwrap(), "kept");
+    let key = "/keys-test/keys/volume/acme";
+    let revision: i64 = range_at(&cluster, key, 0)["header"]["revision"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(range_at(&cluster, key, revision)["count"], "1");
+    // Read back from etcd by a keyring opened afresh.
+    let reopened = Keyring::in_store(store.clone(), VOLUME_KEYS_PREFIX).unwrap();
+    assert_eq!(reopened.get("acme"), Some(vec![7; 61]));
+
+    assert!(keyring.remove("acme").unwrap());
+    assert_eq!(store.get("keys/volume/acme").unwrap(), None);
+    let old = range_at(&cluster, key, revision);
+    assert!(
+        old.to_string()
+            .contains("required revision has been compacted"),
+        "the destroyed key is still in etcd's history: {old}"
+    );
+    // A replaced key's old value goes the same way.
+    keyring.add("beta", vec![1; 61]).unwrap();
+    let before: i64 = range_at(&cluster, "/keys-test/keys/volume/beta", 0)["header"]["revision"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    keyring.replace("beta", vec![2; 61]).unwrap();
+    let old = range_at(&cluster, "/keys-test/keys/volume/beta", before);
+    assert!(
+        old.to_string()
+            .contains("required revision has been compacted"),
+        "{old}"
+    );
+}
+
 fn place(coordinator: &CoordinatorProc, tenant: &str) -> (bool, String, String) {
     let spec = coordinator.dir.path().join(format!("{tenant}.toml"));
     std::fs::write(
@@ -134,11 +199,24 @@ fn tenant_ids(coordinator: &CoordinatorProc) -> Vec<String> {
     ids
 }
 
-#[test]
-fn a_sled_fleet_migrates_to_etcd_runs_on_it_and_survives_losing_a_member() {
+/// The volume key `crypt-host` is sent for `sealed` over a session of its own (a host with
+/// dm-crypt, as the encrypted tenant needs).
+async fn sealed_key(coordinator: &CoordinatorProc, crypt: &AgentProc) -> Vec<u8> {
+    let mut client = agent_client(coordinator, Some(agent_identity(&crypt.state_dir())));
+    let mut session = open_session(&mut client, hello_with_disk("crypt-host", true))
+        .await
+        .unwrap();
+    volume_key_for(&mut session.inbound, "sealed", Duration::from_secs(10))
+        .await
+        .expect("the key reaches the encrypted tenant's host")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sled_fleet_migrates_to_etcd_runs_on_it_and_survives_losing_a_member() {
     if let Some(why) = unavailable() {
         return missing_component("etcd", &why);
     }
+    berth_shared::tls::install_crypto_provider();
     let mut cluster = EtcdCluster::start(3);
     let mut coordinator = CoordinatorProc::start(None, "");
     let mut agent = AgentProc::enroll(&coordinator, "host-a", None);
@@ -148,6 +226,25 @@ fn a_sled_fleet_migrates_to_etcd_runs_on_it_and_survives_losing_a_member() {
     });
     let (ok, _, err) = place(&coordinator, "before");
     assert!(ok, "{err}");
+    // An encrypted tenant, its key in the keyring file.
+    let crypt = AgentProc::enroll(&coordinator, "crypt-host", None);
+    let spec = coordinator.dir.path().join("sealed.toml");
+    std::fs::write(
+        &spec,
+        "tenant_id = \"sealed\"\nimage = \"ghcr.io/openclaw/gateway:1\"\ntier = \"individual\"\n",
+    )
+    .unwrap();
+    let key = {
+        let mut client = agent_client(&coordinator, Some(agent_identity(&crypt.state_dir())));
+        let mut session = open_session(&mut client, hello_with_disk("crypt-host", true))
+            .await
+            .unwrap();
+        let (ok, _, err) = coordinator.berthctl(&["place", spec.to_str().unwrap()]);
+        assert!(ok, "{err}");
+        volume_key_for(&mut session.inbound, "sealed", Duration::from_secs(10))
+            .await
+            .expect("the key reaches the encrypted tenant's host")
+    };
     let (ok, _, err) = run(coordinator.admin_command(&["migrate-store", "--to", "etcd"]));
     assert!(!ok && err.contains("needs an [etcd] table"), "{err}");
     coordinator.reconfigure(&cluster.config("/berth/"));
@@ -157,14 +254,24 @@ fn a_sled_fleet_migrates_to_etcd_runs_on_it_and_survives_losing_a_member() {
     coordinator.kill9();
     let (ok, out, err) = run(coordinator.admin_command(&["migrate-store", "--to", "etcd"]));
     assert!(ok, "migrate-store: {err}");
-    assert!(out.contains("records into etcd under /berth/"), "{out}");
+    assert!(
+        out.contains(
+            "(1 of them wrapped keys, whose keyring files are removed) into etcd under /berth/"
+        ),
+        "{out}"
+    );
+    assert!(!coordinator.state_dir().join("volume-keys").exists());
     let (ok, _, err) = run(coordinator.admin_command(&["migrate-store", "--to", "etcd"]));
     assert!(!ok && err.contains("holds records already"), "{err}");
     // From now on the fleet lives in etcd alone: the embedded store goes.
     std::fs::remove_dir_all(coordinator.state_dir().join("db")).unwrap();
     coordinator.reconfigure(&format!("store = \"etcd\"\n{}", cluster.config("/berth/")));
     coordinator.restart();
-    assert_eq!(tenant_ids(&coordinator), ["before"]);
+    assert_eq!(tenant_ids(&coordinator), ["before", "sealed"]);
+    assert!(
+        sealed_key(&coordinator, &crypt).await == key,
+        "the same key, from etcd"
+    );
     wait_for("host-a ready on etcd", Duration::from_secs(30), || {
         (coordinator.host_state("host-a").as_deref() == Some("ready")).then_some(())
     });
@@ -188,7 +295,7 @@ fn a_sled_fleet_migrates_to_etcd_runs_on_it_and_survives_losing_a_member() {
     wait_for("writes resume", Duration::from_secs(30), || {
         place(&coordinator, "back").0.then_some(())
     });
-    let fleet = ["after", "back", "before", "one-lost"];
+    let fleet = ["after", "back", "before", "one-lost", "sealed"];
     assert_eq!(tenant_ids(&coordinator), fleet);
 
     // A snapshot of the etcd store, restored on a new machine into another prefix.
@@ -196,7 +303,7 @@ fn a_sled_fleet_migrates_to_etcd_runs_on_it_and_survives_losing_a_member() {
     let (ok, out, err) =
         run(coordinator.admin_command(&["backup", "--out", snapshot.to_str().unwrap()]));
     assert!(ok, "backup of the etcd store: {err}");
-    assert!(out.contains("1 hosts, 4 tenants"), "{out}");
+    assert!(out.contains("2 hosts, 5 tenants, 1 volume keys"), "{out}");
     coordinator.kill9();
     for lost in ["ca", "volume-keys", "backup-keys"] {
         let path = coordinator.state_dir().join(lost);

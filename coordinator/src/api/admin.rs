@@ -241,7 +241,7 @@ pub async fn call(
             ) =>
         {
             let store = crate::server::open_store(config).map_err(RegistryError::from)?;
-            let registry = Registry::new(store, Arc::new(SystemClock));
+            let registry = Registry::new(store.clone(), Arc::new(SystemClock));
             execute(
                 &registry,
                 request,
@@ -249,7 +249,7 @@ pub async fn call(
                     RevokeTarget::Host(host) => registry.revoke_host(host),
                     RevokeTarget::Serial(serial) => registry.revoke_serial(serial).map(|s| vec![s]),
                 },
-                || crate::snapshot::take_offline(config, registry.store(), registry.now()),
+                || crate::snapshot::take_offline(config, store.clone(), registry.now()),
             )
         }
         Err(e) => Err(socket_err(e)),

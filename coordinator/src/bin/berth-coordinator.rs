@@ -7,6 +7,7 @@ use berth_coordinator::api::admin::{self, AdminRequest, AdminResponse};
 use berth_coordinator::config::CoordinatorConfig;
 use berth_coordinator::coordinator::RevokeTarget;
 use berth_coordinator::etcd::EtcdStore;
+use berth_coordinator::keys::keyring::{BACKUP_KEYS_PREFIX, Keyring, VOLUME_KEYS_PREFIX};
 use berth_coordinator::registry::Scope;
 use berth_coordinator::snapshot::{Snapshot, Summary};
 use berth_shared::ids::HostId;
@@ -476,12 +477,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "the store still holds volume keys from an older version: start berth-coordinator once on it (it moves them to the keyring), then migrate"
                 );
             }
-            let copied = EtcdStore::connect(&etcd)?.fill(records)?;
+            // The keyrings go into etcd with the fleet; their files go once etcd holds them.
+            let keyrings = [
+                (config.keyring_file(), VOLUME_KEYS_PREFIX),
+                (config.backup_keyring_file(), BACKUP_KEYS_PREFIX),
+            ];
+            let mut records = records;
+            let mut keys = 0;
+            for (file, prefix) in &keyrings {
+                for (tenant, blob) in Keyring::open(file)?.entries() {
+                    records.push((format!("{prefix}{tenant}"), blob));
+                    keys += 1;
+                }
+            }
+            records.sort();
+            let etcd_store = EtcdStore::connect(&etcd)?;
+            let copied = etcd_store.fill(records.clone())?;
+            if etcd_store.snapshot()? != records {
+                anyhow::bail!(
+                    "etcd does not hold what was copied into it; the keyring files are kept"
+                );
+            }
+            for (file, _) in &keyrings {
+                if file.exists() {
+                    std::fs::remove_file(file).with_context(|| file.display().to_string())?;
+                }
+            }
             print(
                 cli.json,
-                serde_json::json!({ "records": copied, "endpoints": etcd.endpoints, "prefix": etcd.prefix }),
+                serde_json::json!({ "records": copied, "keys": keys, "endpoints": etcd.endpoints, "prefix": etcd.prefix }),
                 format!(
-                    "copied {copied} records into etcd under {}\nSet store = \"etcd\" in the configuration and start berth-coordinator. {} is left as it was: remove it once the fleet runs on etcd.",
+                    "copied {copied} records ({keys} of them wrapped keys, whose keyring files are removed) into etcd under {}\nSet store = \"etcd\" in the configuration and start berth-coordinator. {} is left as it was: remove it once the fleet runs on etcd.",
                     etcd.prefix,
                     config.db_dir().display()
                 ),

@@ -1,10 +1,13 @@
-//! The wrapped volume keys, in a file of their own rather than in the fleet store.
+//! The wrapped volume keys, in a file of their own rather than in the embedded store, or in the
+//! etcd store when the fleet runs on one.
 //!
 //! Ensures: a key made is appended (one line: tenant, wrapped key) and on disk once [`Keyring::sync`]
 //! returns; a key destroyed or replaced leaves no file under the state directory that holds its
 //! old wrapped form, because the file is then rewritten whole (a new file, synced, renamed over
 //! the old one). A log-structured store keeps deleted records in its segment files, so a purged
-//! tenant's key would outlive its purge there; here it does not.
+//! tenant's key would outlive its purge there; here it does not. In a store
+//! ([`Keyring::in_store`], etcd) every change is committed before it returns, and a key
+//! destroyed or replaced is then compacted out of the store's history.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -13,8 +16,11 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use std::sync::Arc;
+
 use base64::Engine;
 use berth_shared::ids::TenantId;
+use berth_shared::store::{Durability, Store, Write};
 
 use super::KeyError;
 
@@ -35,15 +41,36 @@ struct State {
     dirty: bool,
 }
 
-/// Wrapped volume keys by tenant, in `path` (mode 0600) or in memory.
+/// Where a keyring keeps its keys besides memory.
+#[derive(Debug)]
+enum Backing {
+    Memory,
+    /// A file (mode 0600) rewritten whole when a key goes.
+    File(PathBuf),
+    /// Records `<prefix><tenant>` in a replicated store.
+    Store {
+        store: Arc<dyn Store>,
+        prefix: &'static str,
+    },
+}
+
+/// Where the volume keys are in a store.
+pub const VOLUME_KEYS_PREFIX: &str = "keys/volume/";
+/// Where the backup keys are in a store.
+pub const BACKUP_KEYS_PREFIX: &str = "keys/backup/";
+
+/// Wrapped volume keys by tenant, in a file, in a store or in memory.
 #[derive(Debug)]
 pub struct Keyring {
-    path: Option<PathBuf>,
+    backing: Backing,
     state: Mutex<State>,
     /// Tests: how long each write takes (to widen races).
     #[cfg(test)]
     pub(crate) write_delay: std::time::Duration,
 }
+
+/// Keys per store transaction when many are added at once (within etcd's 128 operations).
+const ADD_ALL_BATCH: usize = 100;
 
 fn line(tenant: &str, blob: &[u8]) -> String {
     format!(
@@ -56,7 +83,7 @@ impl Keyring {
     /// Keys held in memory only (seeded fleets, tests).
     pub fn in_memory() -> Self {
         Self {
-            path: None,
+            backing: Backing::Memory,
             state: Mutex::default(),
             #[cfg(test)]
             write_delay: std::time::Duration::ZERO,
@@ -99,7 +126,7 @@ impl Keyring {
             entries.insert(tenant.to_string(), blob);
         }
         let keyring = Self {
-            path: Some(path.to_path_buf()),
+            backing: Backing::File(path.to_path_buf()),
             state: Mutex::new(State {
                 entries,
                 file: None,
@@ -125,7 +152,7 @@ impl Keyring {
             });
         }
         let keyring = Self {
-            path: Some(path.to_path_buf()),
+            backing: Backing::File(path.to_path_buf()),
             state: Mutex::new(State {
                 entries: entries.into_iter().collect(),
                 file: None,
@@ -138,6 +165,46 @@ impl Keyring {
         keyring.rewrite(&mut state)?;
         drop(state);
         Ok(keyring)
+    }
+
+    /// The keys under `prefix` in `store` (a replicated store: etcd).
+    pub fn in_store(store: Arc<dyn Store>, prefix: &'static str) -> Result<Self, KeyError> {
+        let entries = store
+            .scan_prefix(prefix)?
+            .into_iter()
+            .map(|(k, v)| (k[prefix.len()..].to_string(), v))
+            .collect();
+        Ok(Self {
+            backing: Backing::Store { store, prefix },
+            state: Mutex::new(State {
+                entries,
+                file: None,
+                dirty: false,
+            }),
+            #[cfg(test)]
+            write_delay: std::time::Duration::ZERO,
+        })
+    }
+
+    /// Commits `writes` to the store, then, when `forgets` (a key destroyed or replaced),
+    /// compacts the store's history, which keeps old values until then; nothing to do for a
+    /// file or memory.
+    fn commit(&self, writes: Vec<Write>, forgets: bool) -> Result<(), KeyError> {
+        let Backing::Store { store, .. } = &self.backing else {
+            return Ok(());
+        };
+        store.apply(writes, Durability::Flushed)?;
+        if forgets {
+            store.compact_history()?;
+        }
+        Ok(())
+    }
+
+    fn key_of(&self, tenant: &str) -> String {
+        match &self.backing {
+            Backing::Store { prefix, .. } => format!("{prefix}{tenant}"),
+            _ => tenant.to_string(),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -171,11 +238,12 @@ impl Keyring {
         if state.entries.contains_key(tenant) {
             return Ok(false);
         }
-        if let (Some(path), Some(file)) = (&self.path, state.file.as_mut()) {
+        if let (Backing::File(path), Some(file)) = (&self.backing, state.file.as_mut()) {
             file.write_all(line(tenant, &blob).as_bytes())
                 .map_err(|e| io_error(path, e))?;
             state.dirty = true;
         }
+        self.commit(vec![Write::Put(self.key_of(tenant), blob.clone())], false)?;
         state.entries.insert(tenant.to_string(), blob);
         Ok(true)
     }
@@ -183,7 +251,9 @@ impl Keyring {
     /// Makes every key added so far durable.
     pub fn sync(&self) -> Result<(), KeyError> {
         let mut state = self.lock();
-        if let (true, Some(path), Some(file)) = (state.dirty, &self.path, state.file.as_ref()) {
+        if let (true, Backing::File(path), Some(file)) =
+            (state.dirty, &self.backing, state.file.as_ref())
+        {
             file.sync_data().map_err(|e| io_error(path, e))?;
             state.dirty = false;
         }
@@ -195,6 +265,8 @@ impl Keyring {
     pub fn replace(&self, tenant: &str, blob: Vec<u8>) -> Result<(), KeyError> {
         self.delay();
         let mut state = self.lock();
+        // The old value goes from the store's history too.
+        self.commit(vec![Write::Put(self.key_of(tenant), blob.clone())], true)?;
         state.entries.insert(tenant.to_string(), blob);
         self.rewrite(&mut state)
     }
@@ -203,11 +275,13 @@ impl Keyring {
     pub fn remove(&self, tenant: &str) -> Result<bool, KeyError> {
         self.delay();
         let mut state = self.lock();
-        let existed = state.entries.remove(tenant).is_some();
-        if existed {
-            self.rewrite(&mut state)?;
+        if !state.entries.contains_key(tenant) {
+            return Ok(false);
         }
-        Ok(existed)
+        self.commit(vec![Write::Delete(self.key_of(tenant))], true)?;
+        state.entries.remove(tenant);
+        self.rewrite(&mut state)?;
+        Ok(true)
     }
 
     /// Every tenant with a key, and its wrapped key.
@@ -222,16 +296,27 @@ impl Keyring {
     /// Adds many at once (a migration), rewritten and durable when this returns.
     pub fn add_all(&self, blobs: Vec<(String, Vec<u8>)>) -> Result<(), KeyError> {
         let mut state = self.lock();
-        for (tenant, blob) in blobs {
-            state.entries.entry(tenant).or_insert(blob);
+        let new: Vec<(String, Vec<u8>)> = blobs
+            .into_iter()
+            .filter(|(tenant, _)| !state.entries.contains_key(tenant))
+            .collect();
+        for chunk in new.chunks(ADD_ALL_BATCH) {
+            self.commit(
+                chunk
+                    .iter()
+                    .map(|(t, b)| Write::Put(self.key_of(t), b.clone()))
+                    .collect(),
+                false,
+            )?;
         }
+        state.entries.extend(new);
         self.rewrite(&mut state)
     }
 
     /// Writes the whole keyring to a new file, syncs it, renames it over the old one, syncs
     /// the directory, and appends to the new file from then on.
     fn rewrite(&self, state: &mut State) -> Result<(), KeyError> {
-        let Some(path) = &self.path else {
+        let Backing::File(path) = &self.backing else {
             return Ok(());
         };
         let dir = path.parent().unwrap_or(Path::new("."));

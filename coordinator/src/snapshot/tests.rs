@@ -60,8 +60,8 @@ fn state_dir() -> StateDir {
 }
 
 fn offline(config: &CoordinatorConfig) -> Snapshot {
-    let store = SledStore::open(&config.db_dir()).unwrap();
-    take_offline(config, &store, 1_700_000_000_000).unwrap()
+    let store = std::sync::Arc::new(SledStore::open(&config.db_dir()).unwrap());
+    take_offline(config, store, 1_700_000_000_000).unwrap()
 }
 
 fn vault(config: &CoordinatorConfig, file: PathBuf) -> KeyVault {
