@@ -13,8 +13,10 @@
 
 use std::time::Duration;
 
+use std::sync::Mutex;
+
 use berth_shared::store::{Durability, Store, StoreError, Write};
-use etcd_client::{Client, ConnectOptions, GetOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
 
 /// etcd's default limit of operations in one transaction (`--max-txn-ops`).
 pub const MAX_TXN_OPS: usize = 128;
@@ -32,10 +34,29 @@ pub struct EtcdConfig {
     pub prefix: String,
 }
 
+/// How long a leader's lease lives without a keep-alive, in seconds: a leader that dies or is
+/// cut off is followed by another about this long after its last keep-alive.
+pub const LEADER_LEASE_SECONDS: i64 = 5;
+/// How often the leader renews its lease.
+const KEEP_ALIVE_EVERY: Duration = Duration::from_millis(1_500);
+
+/// This coordinator's leadership of the fleet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leadership {
+    /// Its key in the election.
+    pub key: Vec<u8>,
+    /// Its term: the revision that created its key, greater than every earlier leader's.
+    pub term: i64,
+    pub lease: i64,
+}
+
 /// The store in etcd.
 pub struct EtcdStore {
     client: Client,
     prefix: String,
+    /// Once this coordinator leads: every batch commits only while its election key still
+    /// exists with its term (a deposed leader's late write is refused).
+    fence: Mutex<Option<Leadership>>,
     /// Taken only when the store is dropped (shut down in the background: a runtime may not be
     /// dropped inside another one).
     runtime: Option<tokio::runtime::Runtime>,
@@ -121,6 +142,7 @@ impl EtcdStore {
         let store = Self {
             client,
             prefix: config.prefix.clone(),
+            fence: Mutex::default(),
             runtime: Some(runtime),
         };
         store.get("").map_err(|e| StoreError::Open {
@@ -240,10 +262,22 @@ impl Store for EtcdStore {
                 Write::Delete(k) => TxnOp::delete(self.key(&k), None),
             })
             .collect();
-        self.run(|mut client| {
-            let txn = Txn::new().and_then(ops.clone());
+        let fence = self.fence.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let committed = self.run(|mut client| {
+            let mut txn = Txn::new();
+            if let Some(leader) = &fence {
+                txn = txn.when([Compare::create_revision(
+                    leader.key.clone(),
+                    CompareOp::Equal,
+                    leader.term,
+                )]);
+            }
+            let txn = txn.and_then(ops.clone());
             async move { client.txn(txn).await }
         })?;
+        if !committed.succeeded() {
+            return Err(StoreError::Fenced);
+        }
         Ok(())
     }
 
@@ -289,6 +323,73 @@ impl Store for EtcdStore {
 }
 
 impl EtcdStore {
+    /// The election this fleet's coordinators run: beside the prefix, not under it (snapshots
+    /// and migrations read the prefix).
+    fn election(&self) -> String {
+        format!("{}.leader", self.prefix.trim_end_matches('/'))
+    }
+
+    /// Campaigns until this coordinator leads the fleet (waiting as long as another one does),
+    /// then fences every later batch with its term. The lease is kept alive from the start;
+    /// `on_lost` is called, once, as soon as a keep-alive fails or etcd says the lease ended:
+    /// the caller must stop acting then (its writes are refused from that moment anyway).
+    pub fn lead(
+        &self,
+        who: &str,
+        on_lost: impl FnOnce(String) + Send + 'static,
+    ) -> Result<Leadership, StoreError> {
+        let lease = self
+            .run(|mut client| async move { client.lease_grant(LEADER_LEASE_SECONDS, None).await })?
+            .id();
+        let (mut keeper, mut answers) =
+            self.run(|mut client| async move { client.lease_keep_alive(lease).await })?;
+        let Some(runtime) = &self.runtime else {
+            return Err(StoreError::Io("etcd: the client stopped".into()));
+        };
+        runtime.spawn(async move {
+            let reason = loop {
+                if let Err(e) = keeper.keep_alive().await {
+                    break format!("the lease keep-alive failed: {e}");
+                }
+                match tokio::time::timeout(KEEP_ALIVE_EVERY * 2, answers.message()).await {
+                    Ok(Ok(Some(answer))) if answer.ttl() > 0 => {}
+                    Ok(Ok(Some(_))) => break "etcd says the lease expired".to_string(),
+                    Ok(Ok(None)) => break "etcd closed the keep-alive stream".to_string(),
+                    Ok(Err(e)) => break format!("the lease keep-alive failed: {e}"),
+                    Err(_) => break "no keep-alive answer from etcd".to_string(),
+                }
+                tokio::time::sleep(KEEP_ALIVE_EVERY).await;
+            };
+            on_lost(reason);
+        });
+        let (name, value) = (self.election(), who.to_string());
+        // A campaign waits for as long as another leader holds the election, longer than a
+        // request may take: each attempt that times out is made again (with the same lease it
+        // is the same candidacy).
+        let leader = loop {
+            let (name, value) = (name.clone(), value.clone());
+            match self.run(|mut client| {
+                let (name, value) = (name.clone(), value.clone());
+                async move { client.campaign(name, value, lease).await }
+            }) {
+                Ok(mut answer) => {
+                    break answer.take_leader().ok_or_else(|| {
+                        StoreError::Io("etcd: a campaign answered without a leader key".into())
+                    })?;
+                }
+                Err(StoreError::Io(message)) if message.contains("no answer within") => continue,
+                Err(e) => return Err(e),
+            }
+        };
+        let leadership = Leadership {
+            key: leader.key().to_vec(),
+            term: leader.rev(),
+            lease,
+        };
+        *self.fence.lock().unwrap_or_else(|p| p.into_inner()) = Some(leadership.clone());
+        Ok(leadership)
+    }
+
     /// Copies `records` (a snapshot of another store) into this prefix, which must hold
     /// nothing yet, a transaction per [`MAX_TXN_OPS`] records. If a transaction fails, what
     /// was copied is deleted again.

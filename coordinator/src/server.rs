@@ -57,6 +57,37 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 /// Wrapped keys a store written before the keyring still holds move to the keyring; then the
 /// store is rewritten into new files, so none of its old segments keeps them. Returns the store
 /// to serve from.
+/// How a coordinator that lost the fleet's leadership exits (EX_TEMPFAIL: systemd starts it
+/// again, as a standby).
+pub const LOST_LEADERSHIP_EXIT: i32 = 75;
+
+/// Waits until this coordinator leads the fleet on etcd: meanwhile it is a standby (ready for
+/// systemd, bound to no port, acting on nothing). A leadership lost later ends the process at
+/// once: from that moment etcd refuses its writes anyway, and it must not act on what it
+/// holds in memory.
+async fn lead(etcd: &Arc<EtcdStore>, systemd: &Notifier) -> anyhow::Result<()> {
+    systemd.ready("standby: waiting to lead the fleet");
+    let who = format!(
+        "{} pid {}",
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default(),
+        std::process::id()
+    );
+    tracing::info!(%who, "waiting to lead the fleet");
+    let etcd = etcd.clone();
+    let leadership = tokio::task::spawn_blocking(move || {
+        etcd.lead(&who, |reason| {
+            tracing::error!(%reason, "lost the fleet's leadership: stopping at once");
+            std::process::exit(LOST_LEADERSHIP_EXIT);
+        })
+    })
+    .await
+    .context("the election task")??;
+    tracing::info!(term = leadership.term, "leading the fleet");
+    Ok(())
+}
+
 /// The fleet store the configuration names: the embedded database in the state directory, or
 /// the etcd cluster of `[etcd]`.
 pub fn open_store(config: &CoordinatorConfig) -> Result<Arc<dyn Store>, StoreError> {
@@ -153,10 +184,20 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
             config.ca_dir().display()
         )
     })?;
-    let store = open_store(&config).context(match config.store {
-        StoreKind::Sled => "is another berth-coordinator running on this state dir?",
-        StoreKind::Etcd => "is the etcd cluster of [etcd] up, with a quorum?",
-    })?;
+    let systemd = Arc::new(Notifier::from_env());
+    systemd.clone().spawn_watchdog();
+    let store: Arc<dyn Store> = match (config.store, &config.etcd) {
+        (StoreKind::Etcd, Some(etcd)) => {
+            let etcd = Arc::new(
+                EtcdStore::connect(etcd)
+                    .context("is the etcd cluster of [etcd] up, with a quorum?")?,
+            );
+            lead(&etcd, &systemd).await?;
+            etcd
+        }
+        _ => open_store(&config)
+            .context("is another berth-coordinator running on this state dir?")?,
+    };
 
     let admin_listener = admin::bind_private(&config.admin_socket())
         .with_context(|| format!("cannot bind {}", config.admin_socket().display()))?;
@@ -309,12 +350,10 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
         agent = %endpoints.agent, operator = %endpoints.operator, http = %endpoints.http,
         ca_fingerprint = %endpoints.ca_fingerprint, "berth-coordinator ready"
     );
-    let systemd = Arc::new(Notifier::from_env());
     systemd.ready(&format!(
         "agents on {}, operators on {}, dashboard on {}",
         endpoints.agent, endpoints.operator, endpoints.http
     ));
-    systemd.clone().spawn_watchdog();
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

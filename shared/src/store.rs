@@ -17,6 +17,9 @@ pub enum StoreError {
     /// A read or write failed.
     #[error("store I/O: {0}")]
     Io(String),
+    /// A replicated store refused a write of a coordinator that no longer leads the fleet.
+    #[error("this coordinator no longer leads the fleet: its write was refused")]
+    Fenced,
     /// A stored record did not decode: the database was written by something else.
     #[error("corrupt record {key:?}: {message}")]
     Corrupt { key: String, message: String },

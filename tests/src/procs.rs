@@ -283,8 +283,14 @@ impl CoordinatorProc {
     }
 
     fn spawn(&mut self) {
-        let endpoints_file = self.state_dir().join("endpoints.json");
-        let _ = fs::remove_file(&endpoints_file);
+        self.launch();
+        self.await_endpoints(Duration::from_secs(20));
+    }
+
+    /// Starts `berth-coordinator serve` without waiting for it to serve (a standby waits to
+    /// lead the fleet first).
+    pub fn launch(&mut self) {
+        let _ = fs::remove_file(self.state_dir().join("endpoints.json"));
         let mut cmd = match self.open_files {
             Some(soft) => {
                 assert!(self.netns.is_none(), "prlimit only outside namespaces");
@@ -297,30 +303,74 @@ impl CoordinatorProc {
         };
         cmd.arg("--config").arg(self.config_path()).arg("serve");
         self.child = Some(spawn_logged(cmd, &self.log_path(), &self.env));
+    }
+
+    /// Whether the launched coordinator serves yet (has written its endpoints).
+    pub fn serving(&self) -> bool {
+        self.state_dir().join("endpoints.json").exists()
+    }
+
+    /// Waits until the launched coordinator serves (panics if it exits or `within` passes),
+    /// then keeps its ports for later restarts, as a real deployment does.
+    pub fn await_endpoints(&mut self, within: Duration) {
+        let endpoints_file = self.state_dir().join("endpoints.json");
         let log = self.log_path();
-        self.endpoints = wait_for(
-            "the coordinator's endpoints.json",
-            Duration::from_secs(20),
-            || {
-                if let Some(child) = self.child.as_mut()
-                    && let Ok(Some(status)) = child.try_wait()
-                {
-                    panic!(
-                        "berth-coordinator exited with {status}: {}",
-                        fs::read_to_string(&log).unwrap_or_default()
-                    );
-                }
-                fs::read(&endpoints_file)
-                    .ok()
-                    .and_then(|b| serde_json::from_slice(&b).ok())
-            },
-        );
-        // Later restarts keep the same ports, as a real deployment does.
+        self.endpoints = wait_for("the coordinator's endpoints.json", within, || {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!(
+                    "berth-coordinator exited with {status}: {}",
+                    fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            fs::read(&endpoints_file)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+        });
         self.write_config(
             self.endpoints.agent.port(),
             self.endpoints.operator.port(),
             self.endpoints.http.port(),
         );
+    }
+
+    /// A second coordinator of `leader`'s fleet (its CA and master key copied, as an operator
+    /// copies them to the machine that is to take over), configured with `extra_config` and
+    /// launched: with `store = "etcd"` it waits as a standby while `leader` leads.
+    pub fn standby_of(leader: &CoordinatorProc, extra_config: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("berth-coord")
+            .tempdir()
+            .expect("tempdir");
+        let mut me = Self {
+            dir,
+            netns: leader.netns.clone(),
+            endpoints: leader.endpoints.clone(),
+            child: None,
+            listen_ip: leader.listen_ip.clone(),
+            http_ip: leader.http_ip.clone(),
+            extra_config: extra_config.into(),
+            open_files: None,
+            other_names: leader.other_names.clone(),
+            env: leader.env.clone(),
+        };
+        me.write_config(0, 0, 0);
+        let ca = me.state_dir().join("ca");
+        fs::create_dir_all(&ca).expect("ca dir");
+        for file in ["ca/ca.crt", "ca/ca.key", "master.key"] {
+            fs::copy(leader.state_dir().join(file), me.state_dir().join(file)).expect(file);
+        }
+        // The operator token berthctl uses here is the leader's (tokens are fleet state).
+        if leader.dir.path().join("operator.token").exists() {
+            fs::copy(
+                leader.dir.path().join("operator.token"),
+                me.dir.path().join("operator.token"),
+            )
+            .expect("operator token");
+        }
+        me.launch();
+        me
     }
 
     /// SIGKILL: no shutdown path runs.

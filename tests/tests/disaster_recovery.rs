@@ -132,14 +132,22 @@ async fn a_coordinator_restored_from_a_snapshot_on_a_new_state_directory_runs_th
     assert!(again == key, "the same volume key");
     // The revocation holds.
     let mut client = agent_client(&coordinator, Some(agent_identity(&gone.state_dir())));
+    let log_before = coordinator.log().len();
     let refused = match open_session(&mut client, hello("gone-host")).await {
         Ok(mut s) => session_error(&mut s.inbound).await,
         Err(status) => status,
     };
-    // Refused in the TLS handshake (the deny-list is loaded from the restored revocations).
-    assert!(
-        format!("{refused:?}").contains("CertificateRevoked"),
-        "{refused:?}"
+    // Refused in the TLS handshake (the deny-list is loaded from the restored revocations):
+    // the client sees the alert or only the connection closing, depending on timing.
+    let _ = refused;
+    wait_for(
+        "the revoked certificate refused",
+        Duration::from_secs(5),
+        || {
+            coordinator.log()[log_before..]
+                .contains("invalid peer certificate: Revoked")
+                .then_some(())
+        },
     );
     // The read token still reads; the enrollment token still enrolls, once.
     let (code, _) = {

@@ -326,3 +326,131 @@ async fn a_sled_fleet_migrates_to_etcd_runs_on_it_and_survives_losing_a_member()
     );
     drop(agent);
 }
+
+/// `POST /v3/lease/revoke` on a member's HTTP gateway: what etcd does to a leader's lease when
+/// the leader is cut off from the cluster for longer than its lease.
+fn revoke_lease(cluster: &EtcdCluster, lease: i64) {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-m", "5", "-X", "POST", "--data"])
+        .arg(serde_json::json!({ "ID": lease.to_string() }).to_string())
+        .arg(format!("{}/v3/lease/revoke", cluster.endpoints()[0]))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_deposed_leaders_late_write_is_refused_and_the_next_leader_takes_over() {
+    if let Some(why) = unavailable() {
+        return missing_component("etcd", &why);
+    }
+    let cluster = EtcdCluster::start(1);
+    let first = Arc::new(store_on(&cluster, "/ha-unit/"));
+    let (lost_tx, lost_rx) = std::sync::mpsc::channel();
+    let leading = first
+        .lead("first", move |reason| {
+            let _ = lost_tx.send(reason);
+        })
+        .unwrap();
+    first
+        .apply(vec![put("host/a", "first")], Durability::Flushed)
+        .unwrap();
+    // A second candidate waits while the first leads.
+    let second = Arc::new(store_on(&cluster, "/ha-unit/"));
+    let (elected_tx, elected_rx) = std::sync::mpsc::channel();
+    {
+        let second = second.clone();
+        std::thread::spawn(move || {
+            let _ = elected_tx.send(second.lead("second", |_| {}));
+        });
+    }
+    assert!(
+        elected_rx.recv_timeout(Duration::from_secs(3)).is_err(),
+        "a second leader while the first leads"
+    );
+    // The first is cut off: its lease ends.
+    let cut_at = std::time::Instant::now();
+    revoke_lease(&cluster, leading.lease);
+    let next = elected_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the second leads once the first's lease ended")
+        .unwrap();
+    assert!(next.term > leading.term, "{next:?} after {leading:?}");
+    let reason = lost_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the first learns it lost the lead");
+    eprintln!(
+        "the second led {:?} after the first's lease ended; the first heard: {reason}",
+        cut_at.elapsed()
+    );
+    // The first's late write is refused, whole; the second's goes through.
+    let err = first
+        .apply(
+            vec![put("host/a", "late"), put("host/b", "late")],
+            Durability::Flushed,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, berth_shared::store::StoreError::Fenced),
+        "{err}"
+    );
+    assert_eq!(second.get("host/a").unwrap(), Some(b"first".to_vec()));
+    assert_eq!(second.get("host/b").unwrap(), None);
+    second
+        .apply(vec![put("host/a", "second")], Durability::Flushed)
+        .unwrap();
+    assert_eq!(first.get("host/a").unwrap(), Some(b"second".to_vec()));
+}
+
+#[test]
+fn a_standby_coordinator_serves_the_fleet_once_its_leader_dies() {
+    if let Some(why) = unavailable() {
+        return missing_component("etcd", &why);
+    }
+    let cluster = EtcdCluster::start(3);
+    let config = format!("store = \"etcd\"\n{}", cluster.config("/ha/"));
+    let mut leader = CoordinatorProc::start(None, &config);
+    let mut agent = AgentProc::enroll(&leader, "host-a", None);
+    agent.start();
+    wait_for("host-a ready", Duration::from_secs(10), || {
+        (leader.host_state("host-a").as_deref() == Some("ready")).then_some(())
+    });
+    let (ok, _, err) = place(&leader, "first");
+    assert!(ok, "{err}");
+
+    let mut standby = CoordinatorProc::standby_of(&leader, &config);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        !standby.serving(),
+        "a standby serves while the leader leads"
+    );
+    assert!(
+        standby.log().contains("waiting to lead the fleet"),
+        "{}",
+        standby.log()
+    );
+
+    leader.kill9();
+    let killed = std::time::Instant::now();
+    standby.await_endpoints(Duration::from_secs(20));
+    let serving = killed.elapsed();
+    assert_eq!(tenant_ids(&standby), ["first"]);
+    let (ok, _, err) = place(&standby, "second");
+    assert!(ok, "{err}");
+    let placed = killed.elapsed();
+    eprintln!("leader SIGKILLed: the standby served after {serving:?}, placed after {placed:?}");
+    assert!(placed < Duration::from_secs(15), "{placed:?}");
+
+    // The old leader, started again, is a standby now.
+    leader.launch();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!leader.serving(), "two coordinators serve at once");
+    let (ok, _, err) = place(&standby, "third");
+    assert!(ok, "{err}");
+    assert_eq!(tenant_ids(&standby), ["first", "second", "third"]);
+    drop(agent);
+}
