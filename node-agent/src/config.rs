@@ -236,8 +236,10 @@ impl EgressConfig {
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub state_dir: PathBuf,
-    /// Overrides the agent endpoint learned at enrollment.
-    pub coordinator: Option<CoordinatorUrl>,
+    /// Overrides the agent endpoint learned at enrollment: the agent ports of the fleet's
+    /// coordinators (`coordinator = "https://a:7443,https://b:7443"`), tried in turn (only the
+    /// leader binds its ports); empty: the enrollment's.
+    pub coordinator: Vec<CoordinatorUrl>,
     pub provider: Provider,
     pub region: String,
     pub instance_type: String,
@@ -305,9 +307,10 @@ impl AgentConfig {
         }
         let coordinator = raw
             .coordinator
-            .map(|c| CoordinatorUrl::parse("coordinator", &c))
+            .map(|c| CoordinatorUrl::parse_list("coordinator", &c))
             .transpose()
-            .map_err(|e| value(e.to_string()))?;
+            .map_err(|e| value(e.to_string()))?
+            .unwrap_or_default();
         let memory_reserved_bytes = match raw.memory_reserved {
             Some(v) => parse_bytes("memory_reserved", &v).map_err(|e| value(e.to_string()))?,
             None => 1 << 30,

@@ -146,7 +146,7 @@ async fn session_loop(
     telemetry: &Telemetry,
     backoff: &mut Backoff,
 ) -> SessionEnd {
-    let channel = match identity.channel(config.coordinator.as_ref()) {
+    let channel = match identity.channel(&config.coordinator) {
         Ok(c) => c,
         Err(e) => return SessionEnd::Failed(e.to_string()),
     };

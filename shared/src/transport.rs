@@ -166,7 +166,35 @@ pub struct CoordinatorUrl {
     pub port: u16,
 }
 
+/// The most coordinator addresses one option takes.
+pub const MAX_COORDINATORS: usize = 8;
+
 impl CoordinatorUrl {
+    /// Parses a comma-separated list of `https://host:port` (a fleet's coordinators), at most
+    /// [`MAX_COORDINATORS`], none twice.
+    pub fn parse_list(field: &'static str, value: &str) -> Result<Vec<Self>, EndpointError> {
+        let urls = value
+            .split(',')
+            .map(|one| Self::parse(field, one.trim()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let invalid = |reason: String| EndpointError::Invalid {
+            field,
+            value: value.chars().take(200).collect(),
+            reason,
+        };
+        if urls.len() > MAX_COORDINATORS {
+            return Err(invalid(format!("more than {MAX_COORDINATORS} addresses")));
+        }
+        if let Some(twice) = urls
+            .iter()
+            .enumerate()
+            .find(|(i, u)| urls[..*i].contains(u))
+        {
+            return Err(invalid(format!("{} is given twice", twice.1)));
+        }
+        Ok(urls)
+    }
+
     /// Parses `https://host:port` (the port is required; `field` names the flag in errors).
     pub fn parse(field: &'static str, value: &str) -> Result<Self, EndpointError> {
         let invalid = |reason: &str| EndpointError::Invalid {
@@ -216,18 +244,19 @@ impl std::fmt::Display for CoordinatorUrl {
 /// verified as [`COORDINATOR_SERVER_NAME`] whatever address it is reached at. A call may take
 /// up to 30 s.
 pub fn channel(url: &CoordinatorUrl, tls: Arc<rustls::ClientConfig>) -> Channel {
-    channel_with_timeout(url, tls, Duration::from_secs(30))
+    channel_with_timeout(std::slice::from_ref(url), tls, Duration::from_secs(30))
 }
 
-/// [`channel`] whose calls may take up to `timeout` (an operator's `berthctl restart` waits
-/// for the tenant's health gate).
+/// A channel to whichever of `urls` accepts a connection (the coordinators of a fleet, one
+/// leading: standbys bind no port), whose calls may take up to `timeout` (an operator's
+/// `berthctl restart` waits for the tenant's health gate).
 pub fn channel_with_timeout(
-    url: &CoordinatorUrl,
+    urls: &[CoordinatorUrl],
     tls: Arc<rustls::ClientConfig>,
     timeout: Duration,
 ) -> Channel {
-    tls_channel(
-        (url.host.clone(), url.port),
+    tls_channel_to_any(
+        urls.iter().map(|u| (u.host.clone(), u.port)).collect(),
         COORDINATOR_SERVER_NAME,
         tls,
         Some(timeout),
@@ -242,12 +271,66 @@ pub fn tls_channel(
     tls: Arc<rustls::ClientConfig>,
     timeout: Option<Duration>,
 ) -> Channel {
+    tls_channel_to_any(vec![target], server_name, tls, timeout)
+}
+
+/// How long one address of several may take to accept a connection before the next is tried.
+const CONNECT_EACH: Duration = Duration::from_secs(2);
+
+/// Connects to the first of `targets` that accepts, trying them in turn from `last_good`
+/// (and remembering which one did). One target alone has the channel's connect timeout.
+async fn connect_any(
+    targets: &[(String, u16)],
+    last_good: &std::sync::atomic::AtomicUsize,
+) -> std::io::Result<TcpStream> {
+    use std::sync::atomic::Ordering;
+    let start = last_good.load(Ordering::Relaxed);
+    let mut last_error = None;
+    for offset in 0..targets.len() {
+        let i = (start + offset) % targets.len();
+        let attempt = TcpStream::connect(targets[i].clone());
+        let result = if targets.len() == 1 {
+            attempt.await
+        } else {
+            tokio::time::timeout(CONNECT_EACH, attempt)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("{}:{} did not answer", targets[i].0, targets[i].1),
+                    ))
+                })
+        };
+        match result {
+            Ok(tcp) => {
+                last_good.store(i, Ordering::Relaxed);
+                return Ok(tcp);
+            }
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to connect to")
+    }))
+}
+
+/// [`tls_channel`] to the first of `targets` that accepts a TCP connection, trying them in
+/// turn from the one that accepted last.
+fn tls_channel_to_any(
+    targets: Vec<(String, u16)>,
+    server_name: &'static str,
+    tls: Arc<rustls::ClientConfig>,
+    timeout: Option<Duration>,
+) -> Channel {
     let connector = TlsConnector::from(tls);
+    let count = u32::try_from(targets.len()).unwrap_or(u32::MAX);
+    let targets = Arc::new(targets);
+    let last_good = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let connect = tower::service_fn(move |_: Uri| {
-        let target = target.clone();
+        let (targets, last_good) = (targets.clone(), last_good.clone());
         let connector = connector.clone();
         async move {
-            let tcp = TcpStream::connect(target).await?;
+            let tcp = connect_any(&targets, &last_good).await?;
             tcp.set_nodelay(true)?;
             let name = ServerName::try_from(server_name)
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
@@ -257,7 +340,7 @@ pub fn tls_channel(
     });
     // The scheme is http because TLS happens in the connector above; tonic never sees it.
     let endpoint = Endpoint::from_static("http://berth.internal")
-        .connect_timeout(Duration::from_secs(5))
+        .connect_timeout(Duration::from_secs(5).max(CONNECT_EACH.saturating_mul(count)))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true);
@@ -271,6 +354,52 @@ pub fn tls_channel(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn coordinator_lists() {
+        let urls =
+            CoordinatorUrl::parse_list("coordinator", "https://a:7443, https://b:7443").unwrap();
+        assert_eq!(
+            urls.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["https://a:7443", "https://b:7443"]
+        );
+        for (bad, why) in [
+            ("https://a:1,https://a:1", "https://a:1 is given twice"),
+            ("https://a:1,http://b:1", "must start with https://"),
+            ("https://a:1,", "invalid coordinator"),
+        ] {
+            let err = CoordinatorUrl::parse_list("coordinator", bad)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+        let nine = (1..=9)
+            .map(|port| format!("https://a:{port}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let err = CoordinatorUrl::parse_list("coordinator", &nine).unwrap_err();
+        assert!(err.to_string().contains("more than 8 addresses"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn the_first_address_that_accepts_is_used_and_remembered() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let closed_port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let open = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let open_port = open.local_addr().unwrap().port();
+        let targets = vec![
+            ("127.0.0.1".to_string(), closed_port),
+            ("127.0.0.1".to_string(), open_port),
+        ];
+        let last_good = std::sync::atomic::AtomicUsize::new(0);
+        let tcp = connect_any(&targets, &last_good).await.unwrap();
+        assert_eq!(tcp.peer_addr().unwrap().port(), open_port);
+        assert_eq!(last_good.load(std::sync::atomic::Ordering::Relaxed), 1);
+        drop(open);
+        let err = connect_any(&targets, &last_good).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    }
 
     #[test]
     fn coordinator_urls() {

@@ -305,6 +305,11 @@ impl CoordinatorProc {
         self.child = Some(spawn_logged(cmd, &self.log_path(), &self.env));
     }
 
+    /// Its agent port, as an agent's `coordinator` setting names it.
+    pub fn agent_url(&self) -> String {
+        format!("https://{}:{}", self.listen_ip, self.endpoints.agent.port())
+    }
+
     /// Whether the launched coordinator serves yet (has written its endpoints).
     pub fn serving(&self) -> bool {
         self.state_dir().join("endpoints.json").exists()
@@ -355,7 +360,18 @@ impl CoordinatorProc {
             other_names: leader.other_names.clone(),
             env: leader.env.clone(),
         };
-        me.write_config(0, 0, 0);
+        // Its ports are chosen now, so agents can be given its address before it serves.
+        let free = || {
+            std::net::TcpListener::bind((me.listen_ip.as_str(), 0))
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port()
+        };
+        let (agent, operator, http) = (free(), free(), free());
+        me.write_config(agent, operator, http);
+        me.endpoints.agent = SocketAddr::new(me.endpoints.agent.ip(), agent);
+        me.endpoints.operator = SocketAddr::new(me.endpoints.operator.ip(), operator);
+        me.endpoints.http = SocketAddr::new(me.endpoints.http.ip(), http);
         let ca = me.state_dir().join("ca");
         fs::create_dir_all(&ca).expect("ca dir");
         for file in ["ca/ca.crt", "ca/ca.key", "master.key"] {

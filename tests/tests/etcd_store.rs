@@ -414,15 +414,21 @@ fn a_standby_coordinator_serves_the_fleet_once_its_leader_dies() {
     let cluster = EtcdCluster::start(3);
     let config = format!("store = \"etcd\"\n{}", cluster.config("/ha/"));
     let mut leader = CoordinatorProc::start(None, &config);
+    let _ = leader.operator_token_file();
+    let mut standby = CoordinatorProc::standby_of(&leader, &config);
+    // The agent knows both coordinators and talks to whichever serves.
     let mut agent = AgentProc::enroll(&leader, "host-a", None);
+    agent.extra_config = format!(
+        "coordinator = \"{},{}\"\n",
+        leader.agent_url(),
+        standby.agent_url()
+    );
     agent.start();
     wait_for("host-a ready", Duration::from_secs(10), || {
         (leader.host_state("host-a").as_deref() == Some("ready")).then_some(())
     });
     let (ok, _, err) = place(&leader, "first");
     assert!(ok, "{err}");
-
-    let mut standby = CoordinatorProc::standby_of(&leader, &config);
     std::thread::sleep(Duration::from_secs(3));
     assert!(
         !standby.serving(),
@@ -444,6 +450,13 @@ fn a_standby_coordinator_serves_the_fleet_once_its_leader_dies() {
     let placed = killed.elapsed();
     eprintln!("leader SIGKILLed: the standby served after {serving:?}, placed after {placed:?}");
     assert!(placed < Duration::from_secs(15), "{placed:?}");
+    // The agent follows on its own.
+    wait_for(
+        "host-a ready on the new leader",
+        Duration::from_secs(40),
+        || (standby.host_state("host-a").as_deref() == Some("ready")).then_some(()),
+    );
+    eprintln!("the agent was back after {:?}", killed.elapsed());
 
     // The old leader, started again, is a standby now.
     leader.launch();

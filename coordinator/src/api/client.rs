@@ -67,7 +67,7 @@ impl tonic::service::Interceptor for BearerToken {
 pub type OperatorClient = OperatorServiceClient<InterceptedService<Channel, BearerToken>>;
 
 pub fn connect(options: &ClientOptions) -> Result<OperatorClient, ClientError> {
-    let url = CoordinatorUrl::parse("--coordinator", &options.coordinator)?;
+    let urls = CoordinatorUrl::parse_list("--coordinator", &options.coordinator)?;
     let trust = match (&options.ca_cert, &options.ca_fingerprint) {
         (Some(path), _) => ServerTrust::Ca(cert_der_from_pem(&read(path)?)?),
         (None, Some(fp)) => ServerTrust::Pinned(Fingerprint::parse(fp)?),
@@ -108,7 +108,7 @@ pub fn connect(options: &ClientOptions) -> Result<OperatorClient, ClientError> {
     Ok(OperatorServiceClient::with_interceptor(
         // A restart answers only once the tenant is healthy again.
         channel_with_timeout(
-            &url,
+            &urls,
             tls,
             crate::coordinator::RESTART_WAIT + std::time::Duration::from_secs(30),
         ),

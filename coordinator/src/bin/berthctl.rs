@@ -14,7 +14,8 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "berthctl", version, about = "Operate a berth fleet")]
 struct Cli {
-    /// The coordinator's operator port.
+    /// The coordinator's operator port; a fleet's coordinators comma-separated (whichever
+    /// leads answers: standbys bind no port).
     #[arg(
         long,
         global = true,

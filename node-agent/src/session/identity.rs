@@ -14,7 +14,7 @@ use berth_shared::proto::agent_service_client::AgentServiceClient;
 use berth_shared::proto::enrollment_service_client::EnrollmentServiceClient;
 use berth_shared::proto::{EnrollRequest, RenewCertificateRequest};
 use berth_shared::tls::{ClientIdentity, ServerTrust, TlsError, client_config};
-use berth_shared::transport::{CoordinatorUrl, channel};
+use berth_shared::transport::{CoordinatorUrl, channel, channel_with_timeout};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
@@ -185,28 +185,33 @@ impl Identity {
         issued + life * 2 / 3
     }
 
-    /// An mTLS channel to the agent port.
-    pub fn channel(
-        &self,
-        endpoint_override: Option<&CoordinatorUrl>,
-    ) -> Result<Channel, IdentityError> {
+    /// An mTLS channel to the agent port: of the coordinators in `endpoint_override`
+    /// (whichever accepts), or when it is empty the one learned at enrollment.
+    pub fn channel(&self, endpoint_override: &[CoordinatorUrl]) -> Result<Channel, IdentityError> {
         let identity = ClientIdentity {
             chain: vec![self.cert.clone()],
             key: self.key.clone_key(),
         };
         let tls = client_config(ServerTrust::Ca(self.ca.clone()), Some(identity))?;
-        let url = match endpoint_override {
-            Some(url) => url.clone(),
-            None => CoordinatorUrl::parse(
-                "enrollment.json agent_endpoint",
-                &self.enrollment.agent_endpoint,
-            )
-            .map_err(|e| IdentityError::Corrupt {
-                path: PathBuf::from(ENROLLMENT_JSON),
-                message: e.to_string(),
-            })?,
+        let urls = if endpoint_override.is_empty() {
+            vec![
+                CoordinatorUrl::parse(
+                    "enrollment.json agent_endpoint",
+                    &self.enrollment.agent_endpoint,
+                )
+                .map_err(|e| IdentityError::Corrupt {
+                    path: PathBuf::from(ENROLLMENT_JSON),
+                    message: e.to_string(),
+                })?,
+            ]
+        } else {
+            endpoint_override.to_vec()
         };
-        Ok(channel(&url, tls))
+        Ok(channel_with_timeout(
+            &urls,
+            tls,
+            std::time::Duration::from_secs(30),
+        ))
     }
 
     /// Renews the certificate over the mTLS channel with a new key pair, then replaces
