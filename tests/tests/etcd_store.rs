@@ -467,3 +467,132 @@ fn a_standby_coordinator_serves_the_fleet_once_its_leader_dies() {
     assert_eq!(tenant_ids(&standby), ["first", "second", "third"]);
     drop(agent);
 }
+
+/// 3 etcd members, 3 coordinators (a leader, two standbys), 3 agents that know every
+/// coordinator; 4 clients place 400 tenants through berthctl given every coordinator's address,
+/// each placement tried again until acknowledged (placing the same spec again is a no-op). The
+/// leader is SIGKILLed once 100 are acknowledged.
+#[test]
+fn the_leader_killed_during_a_burst_of_placements_loses_none_and_the_fleet_follows() {
+    if let Some(why) = unavailable() {
+        return missing_component("etcd", &why);
+    }
+    const CLIENTS: usize = 4;
+    const EACH: usize = 100;
+    let cluster = EtcdCluster::start(3);
+    let config = format!("store = \"etcd\"\n{}", cluster.config("/burst/"));
+    let mut first = CoordinatorProc::start(None, &config);
+    let token = first.operator_token_file();
+    let standbys = [
+        CoordinatorProc::standby_of(&first, &config),
+        CoordinatorProc::standby_of(&first, &config),
+    ];
+    let all = || std::iter::once(&first).chain(standbys.iter());
+    let agent_urls: Vec<String> = all().map(CoordinatorProc::agent_url).collect();
+    let operator_urls: Vec<String> = all().map(CoordinatorProc::operator_url).collect();
+    let agents: Vec<AgentProc> = (0..3)
+        .map(|i| {
+            let mut agent = AgentProc::enroll(&first, &format!("burst-{i}"), None);
+            agent.extra_config = format!("coordinator = \"{}\"\n", agent_urls.join(","));
+            agent.start();
+            agent
+        })
+        .collect();
+    for agent in &agents {
+        wait_for("every agent ready", Duration::from_secs(15), || {
+            (first.host_state(&agent.host_id).as_deref() == Some("ready")).then_some(())
+        });
+    }
+
+    let acknowledged = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let specs = first.dir.path().join("burst");
+    std::fs::create_dir_all(&specs).unwrap();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let (acknowledged, specs) = (acknowledged.clone(), specs.clone());
+            let (urls, ca, token) = (operator_urls.join(","), first.ca_cert(), token.clone());
+            std::thread::spawn(move || {
+                for j in 0..EACH {
+                    let tenant = format!("b{c}-{j:03}");
+                    let spec = specs.join(format!("{tenant}.toml"));
+                    std::fs::write(
+                        &spec,
+                        format!(
+                            "tenant_id = \"{tenant}\"\nimage = \"ghcr.io/openclaw/gateway:1\"\n[resources]\nmemory = \"64MiB\"\ncpu_millicores = 5\nvolume = \"16MiB\"\n[volume]\nencrypted = false\n"
+                        ),
+                    )
+                    .unwrap();
+                    let mut attempts = 0;
+                    loop {
+                        let mut cmd = std::process::Command::new(berth_tests::procs::bin("berthctl"));
+                        cmd.args(["place", spec.to_str().unwrap()])
+                            .env("BERTH_COORDINATOR", &urls)
+                            .env("BERTH_CA_CERT", &ca)
+                            .env("BERTH_TOKEN_FILE", &token)
+                            .env_remove("BERTH_TOKEN");
+                        let (ok, _, err) = run(cmd);
+                        if ok {
+                            acknowledged.lock().unwrap().push(tenant.clone());
+                            break;
+                        }
+                        attempts += 1;
+                        assert!(
+                            attempts < 150 && !err.contains("InvalidArgument"),
+                            "{tenant} never acknowledged: {err}"
+                        );
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                }
+            })
+        })
+        .collect();
+    wait_for(
+        "100 placements acknowledged",
+        Duration::from_secs(120),
+        || (acknowledged.lock().unwrap().len() >= 100).then_some(()),
+    );
+    first.kill9();
+    let killed = std::time::Instant::now();
+    let leader = wait_for("a new leader serving", Duration::from_secs(20), || {
+        standbys.iter().position(CoordinatorProc::serving)
+    });
+    let took_over = killed.elapsed();
+    for client in clients {
+        client.join().unwrap();
+    }
+    let mut standbys = standbys;
+    let leader = &mut standbys[leader];
+    leader.await_endpoints(Duration::from_secs(5));
+    eprintln!(
+        "a new leader served {took_over:?} after the SIGKILL; {} placements acknowledged",
+        acknowledged.lock().unwrap().len()
+    );
+    assert!(took_over < Duration::from_secs(10), "{took_over:?}");
+
+    // Every acknowledged placement is there, once.
+    let (ok, out, err) = leader.berthctl(&["--json", "tenants"]);
+    assert!(ok, "{err}");
+    let tenants: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let mut listed: Vec<&str> = tenants
+        .iter()
+        .map(|t| t["tenant_id"].as_str().unwrap())
+        .collect();
+    listed.sort();
+    let mut acked = acknowledged.lock().unwrap().clone();
+    acked.sort();
+    assert_eq!(acked.len(), CLIENTS * EACH);
+    assert_eq!(listed, acked);
+    // Every agent reconnected and took its hosts' desired state.
+    for agent in &agents {
+        wait_for(
+            "every agent ready on the new leader",
+            Duration::from_secs(40),
+            || (leader.host_state(&agent.host_id).as_deref() == Some("ready")).then_some(()),
+        );
+    }
+    wait_for("every placement delivered", Duration::from_secs(60), || {
+        let (_, out, _) = leader.berthctl(&["--json", "tenants"]);
+        let tenants: Vec<serde_json::Value> = serde_json::from_str(&out).ok()?;
+        tenants.iter().all(|t| t["delivered"] == true).then_some(())
+    });
+}
