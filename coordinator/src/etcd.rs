@@ -329,6 +329,21 @@ impl EtcdStore {
         format!("{}.leader", self.prefix.trim_end_matches('/'))
     }
 
+    /// Who leads the fleet now (the value the leader campaigned with), if anyone.
+    pub fn leader(&self) -> Result<Option<String>, StoreError> {
+        let name = self.election();
+        match self.run(|mut client| {
+            let name = name.clone();
+            async move { client.leader(name).await }
+        }) {
+            Ok(answer) => Ok(answer
+                .kv()
+                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())),
+            Err(StoreError::Io(message)) if message.contains("no leader") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Campaigns until this coordinator leads the fleet (waiting as long as another one does),
     /// then fences every later batch with its term. The lease is kept alive from the start;
     /// `on_lost` is called, once, as soon as a keep-alive fails or etcd says the lease ended:
@@ -346,17 +361,38 @@ impl EtcdStore {
         let Some(runtime) = &self.runtime else {
             return Err(StoreError::Io("etcd: the client stopped".into()));
         };
+        let mut client = self.client.clone();
         runtime.spawn(async move {
+            // A keep-alive that fails is tried again (a member down, a leader change) until
+            // the lease would have expired: only then is the lead lost.
+            let mut renewed = tokio::time::Instant::now();
+            let lease_life = Duration::from_secs(LEADER_LEASE_SECONDS.unsigned_abs());
             let reason = loop {
-                if let Err(e) = keeper.keep_alive().await {
-                    break format!("the lease keep-alive failed: {e}");
-                }
-                match tokio::time::timeout(KEEP_ALIVE_EVERY * 2, answers.message()).await {
-                    Ok(Ok(Some(answer))) if answer.ttl() > 0 => {}
+                let answer = tokio::time::timeout(KEEP_ALIVE_EVERY, async {
+                    keeper.keep_alive().await?;
+                    answers.message().await
+                })
+                .await;
+                let failure = match answer {
+                    Ok(Ok(Some(answer))) if answer.ttl() > 0 => {
+                        renewed = tokio::time::Instant::now();
+                        None
+                    }
                     Ok(Ok(Some(_))) => break "etcd says the lease expired".to_string(),
-                    Ok(Ok(None)) => break "etcd closed the keep-alive stream".to_string(),
-                    Ok(Err(e)) => break format!("the lease keep-alive failed: {e}"),
-                    Err(_) => break "no keep-alive answer from etcd".to_string(),
+                    Ok(Ok(None)) => Some("etcd closed the keep-alive stream".to_string()),
+                    Ok(Err(e)) => Some(format!("the lease keep-alive failed: {e}")),
+                    Err(_) => Some("no keep-alive answer from etcd".to_string()),
+                };
+                if let Some(failure) = failure {
+                    if renewed.elapsed() + KEEP_ALIVE_EVERY >= lease_life {
+                        break format!("{failure}, for as long as the lease lives");
+                    }
+                    if let Ok(Ok(fresh)) =
+                        tokio::time::timeout(KEEP_ALIVE_EVERY, client.lease_keep_alive(lease)).await
+                    {
+                        (keeper, answers) = fresh;
+                    }
+                    continue;
                 }
                 tokio::time::sleep(KEEP_ALIVE_EVERY).await;
             };

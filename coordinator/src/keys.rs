@@ -152,6 +152,16 @@ impl MasterKey {
         Some(Zeroizing::new(plain.to_vec()))
     }
 
+    /// The master key in `path` if there is one (a rotation cut short left it), else a new
+    /// one written there (mode 0600).
+    pub fn load_or_create(path: &Path) -> Result<Self, KeyError> {
+        if path.exists() {
+            Self::load(path)
+        } else {
+            Self::create(path)
+        }
+    }
+
     /// Makes a new master key file (mode 0600); refuses to replace one.
     pub fn create(path: &Path) -> Result<Self, KeyError> {
         if path.exists() {
@@ -181,6 +191,32 @@ pub(crate) fn unwrap_with(
         .open(&aad(tenant), blob)
         .filter(|plain| plain.len() == KEY_BYTES)
         .ok_or_else(|| KeyError::Unwrap(tenant.to_string()))
+}
+
+/// Wraps every key of `keyring` under `new` instead of `old`, durably; returns how many keys
+/// were wrapped anew. A key that `new` opens already (a rotation cut short and run again) is
+/// kept as it is; one that neither opens is an error, and then nothing is changed.
+pub fn rewrap(
+    keyring: &keyring::Keyring,
+    old: &MasterKey,
+    new: &MasterKey,
+) -> Result<usize, KeyError> {
+    let mut rewrapped = 0;
+    let mut blobs = Vec::new();
+    for (tenant, blob) in keyring.entries() {
+        let id = TenantId::new(&tenant).map_err(|_| KeyError::Unwrap(tenant.clone()))?;
+        if unwrap_with(new, &id, &blob).is_ok() {
+            blobs.push((tenant, blob));
+            continue;
+        }
+        let key = unwrap_with(old, &id, &blob)?;
+        blobs.push((tenant, new.seal(&aad(&id), &key)?));
+        rewrapped += 1;
+    }
+    if rewrapped > 0 {
+        keyring.replace_all(blobs)?;
+    }
+    Ok(rewrapped)
 }
 
 /// The coordinator's wrapped keys: the tenants' volume keys and their backup keys, each in

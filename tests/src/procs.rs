@@ -305,6 +305,11 @@ impl CoordinatorProc {
         self.child = Some(spawn_logged(cmd, &self.log_path(), &self.env));
     }
 
+    /// How the process ended, if it has.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().ok()?
+    }
+
     /// Its agent port, as an agent's `coordinator` setting names it.
     pub fn agent_url(&self) -> String {
         format!("https://{}:{}", self.listen_ip, self.endpoints.agent.port())

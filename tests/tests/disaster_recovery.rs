@@ -179,5 +179,35 @@ async fn a_coordinator_restored_from_a_snapshot_on_a_new_state_directory_runs_th
     let summary: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(summary["summary"]["hosts"], 4, "{out}");
     assert_eq!(summary["summary"]["volume_keys"], 1, "{out}");
+
+    // A new master key: the same volume key reaches the host, wrapped anew.
+    let (ok, out, err) = run(coordinator.admin_command(&["rotate-master-key"]));
+    assert!(ok, "rotate-master-key: {err}");
+    assert!(
+        out.contains("wrapped 1 volume keys and 0 backup keys anew"),
+        "{out}"
+    );
+    let rotated = std::fs::read(&master_file).unwrap();
+    assert_ne!(rotated, master, "master.key replaced");
+    assert_eq!(
+        std::fs::metadata(&master_file)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    assert!(!coordinator.state_dir().join("master.key.next").exists());
+    coordinator.restart();
+    let mut client = agent_client(&coordinator, Some(agent_identity(&crypt.state_dir())));
+    let mut session = open_session(&mut client, hello_with_disk("crypt-host", true))
+        .await
+        .unwrap();
+    let after_rotation = volume_key_for(&mut session.inbound, "sealed", Duration::from_secs(10))
+        .await
+        .expect("the key reaches the tenant's host after the rotation");
+    assert!(after_rotation == key, "the same volume key");
+    let (ok, _, err) = run(coordinator.admin_command(&["rotate-master-key"]));
+    assert!(!ok && err.contains("stop every coordinator"), "{err}");
     drop(plain);
 }

@@ -194,6 +194,9 @@ fn tenant_ids(coordinator: &CoordinatorProc) -> Vec<String> {
         .unwrap()
         .iter()
         .map(|t| t["tenant_id"].as_str().unwrap().to_string())
+        // A placement refused for want of a quorum may still commit once etcd has one again
+        // (it was never acknowledged, so either is right).
+        .filter(|t| t != "no-quorum")
         .collect();
     ids.sort();
     ids
@@ -282,19 +285,25 @@ async fn a_sled_fleet_migrates_to_etcd_runs_on_it_and_survives_losing_a_member()
     cluster.kill(2);
     let (ok, _, err) = place(&coordinator, "one-lost");
     assert!(ok, "with one member lost: {err}");
-    // Two lost: no quorum; a write is refused, naming etcd.
+    // Two lost: no quorum. A write is refused (naming etcd), or finds the leader gone: it
+    // cannot renew its lease, so it steps down (exit 75) within the lease's 5 s.
     cluster.kill(1);
     let (ok, _, err) = place(&coordinator, "no-quorum");
     assert!(!ok, "a placement without a quorum was acknowledged");
-    assert!(err.contains("etcd"), "{err}");
     eprintln!("without a quorum, berthctl place says: {err}");
-    // A quorum again: writes resume, and what was refused was not half done.
+    let status = wait_for("the leader steps down", Duration::from_secs(30), || {
+        coordinator.exit_status()
+    });
+    assert_eq!(status.code(), Some(75), "{}", coordinator.log());
+    assert!(coordinator.log().contains("lost the fleet's leadership"));
+    // A quorum again: started again (as systemd does), it leads and writes resume; what was
+    // refused was not half done.
     cluster.restart(1);
     cluster.restart(2);
     cluster.wait_healthy();
-    wait_for("writes resume", Duration::from_secs(30), || {
-        place(&coordinator, "back").0.then_some(())
-    });
+    coordinator.restart();
+    let (ok, _, err) = place(&coordinator, "back");
+    assert!(ok, "{err}");
     let fleet = ["after", "back", "before", "one-lost", "sealed"];
     assert_eq!(tenant_ids(&coordinator), fleet);
 

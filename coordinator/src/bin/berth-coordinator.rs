@@ -5,9 +5,11 @@ use std::path::PathBuf;
 use anyhow::Context;
 use berth_coordinator::api::admin::{self, AdminRequest, AdminResponse};
 use berth_coordinator::config::CoordinatorConfig;
+use berth_coordinator::config::StoreKind;
 use berth_coordinator::coordinator::RevokeTarget;
 use berth_coordinator::etcd::EtcdStore;
 use berth_coordinator::keys::keyring::{BACKUP_KEYS_PREFIX, Keyring, VOLUME_KEYS_PREFIX};
+use berth_coordinator::keys::{MasterKey, rewrap};
 use berth_coordinator::registry::Scope;
 use berth_coordinator::snapshot::{Snapshot, Summary};
 use berth_shared::ids::HostId;
@@ -87,6 +89,15 @@ enum Command {
         /// The store to copy into.
         #[arg(long, value_parser = ["etcd"])]
         to: String,
+    },
+    /// Wrap every volume and backup key under a new master key, with every coordinator of the
+    /// fleet stopped; master.key is replaced once every key is wrapped anew. Run it again if it
+    /// was cut short.
+    RotateMasterKey {
+        /// Write the new key here instead of replacing master.key (when the unit passes the key
+        /// as the systemd credential master-key: install this file as its source).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Make the state directory from a snapshot. The master key the snapshot was made under
     /// must be in place first; a directory that holds state is refused.
@@ -510,6 +521,53 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "copied {copied} records ({keys} of them wrapped keys, whose keyring files are removed) into etcd under {}\nSet store = \"etcd\" in the configuration and start berth-coordinator. {} is left as it was: remove it once the fleet runs on etcd.",
                     etcd.prefix,
                     config.db_dir().display()
+                ),
+            );
+        }
+        Command::RotateMasterKey { out } => {
+            if std::os::unix::net::UnixStream::connect(config.admin_socket()).is_ok() {
+                anyhow::bail!(
+                    "berth-coordinator runs on {}: stop every coordinator of the fleet first",
+                    config.state_dir.display()
+                );
+            }
+            let current = berth_coordinator::keys::master_key_path(&config.master_key_file());
+            let from_credential = current != config.master_key_file();
+            if from_credential && out.is_none() {
+                anyhow::bail!(
+                    "the master key comes from the systemd credential {}: give --out FILE and install FILE as the credential's source",
+                    current.display()
+                );
+            }
+            let store = berth_coordinator::server::open_store(&config)?;
+            if let (StoreKind::Etcd, Some(etcd)) = (config.store, &config.etcd)
+                && let Some(leader) = EtcdStore::connect(etcd)?.leader()?
+            {
+                anyhow::bail!(
+                    "a coordinator leads the fleet ({leader}): stop every coordinator first"
+                );
+            }
+            let old = MasterKey::load(&current)?;
+            let next = out
+                .clone()
+                .unwrap_or_else(|| config.state_dir.join("master.key.next"));
+            let new = MasterKey::load_or_create(&next)?;
+            let (volume, backup) = berth_coordinator::server::open_keyrings(&config, &store)?;
+            let volume_keys = rewrap(&volume, &old, &new)?;
+            let backup_keys = rewrap(&backup, &old, &new)?;
+            if out.is_none() {
+                std::fs::rename(&next, &current).with_context(|| current.display().to_string())?;
+                std::fs::File::open(&config.state_dir)
+                    .and_then(|d| d.sync_all())
+                    .with_context(|| config.state_dir.display().to_string())?;
+            }
+            let installed = out.unwrap_or(current);
+            print(
+                cli.json,
+                serde_json::json!({ "volume_keys": volume_keys, "backup_keys": backup_keys, "master_key": installed }),
+                format!(
+                    "wrapped {volume_keys} volume keys and {backup_keys} backup keys anew; the new master key is {}\nCopy it to every coordinator of the fleet (and off this machine) before they start. Snapshots made before now open only with the old master key: keep that one as long as you keep them.",
+                    installed.display()
                 ),
             );
         }

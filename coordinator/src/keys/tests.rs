@@ -342,3 +342,55 @@ fn a_keyring_made_from_restored_keys_is_durable_and_never_replaces_a_file() {
     assert!(err.to_string().ends_with("exists already"), "{err}");
     assert_eq!(Keyring::open(&path).unwrap().len(), 2);
 }
+
+#[test]
+fn a_rotation_wraps_every_key_anew_and_can_be_run_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let ring = dir.path().join("volume-keys");
+    let store = MemStore::default();
+    let old_path = dir.path().join("master.key");
+    let vault = KeyVault::open(&old_path, Keyring::open(&ring).unwrap(), &store).unwrap();
+    let (acme, beta) = (tenant("acme"), tenant("beta"));
+    vault.ensure(&acme).unwrap();
+    vault.ensure(&beta).unwrap();
+    vault.sync().unwrap();
+    let keys = [
+        vault.get(&acme).unwrap().unwrap(),
+        vault.get(&beta).unwrap().unwrap(),
+    ];
+    let before = std::fs::read_to_string(&ring).unwrap();
+
+    let old = MasterKey::load(&old_path).unwrap();
+    let new = MasterKey::create(&dir.path().join("master.key.next")).unwrap();
+    let keyring = Keyring::open(&ring).unwrap();
+    assert_eq!(rewrap(&keyring, &old, &new).unwrap(), 2);
+    assert_ne!(std::fs::read_to_string(&ring).unwrap(), before);
+    // Run again (a rotation cut short): nothing left to do.
+    assert_eq!(
+        rewrap(&Keyring::open(&ring).unwrap(), &old, &new).unwrap(),
+        0
+    );
+    // The same keys, opened with the new master key only.
+    let rotated = KeyVault::new(
+        MasterKey::load(&dir.path().join("master.key.next")).unwrap(),
+        Keyring::open(&ring).unwrap(),
+    );
+    assert_eq!(rotated.get(&acme).unwrap().unwrap(), keys[0]);
+    assert_eq!(rotated.get(&beta).unwrap().unwrap(), keys[1]);
+    let stale = KeyVault::new(old, Keyring::open(&ring).unwrap());
+    assert!(stale.get(&acme).is_err());
+    // A key neither master key opens: refused, nothing changed.
+    let keyring = Keyring::open(&ring).unwrap();
+    keyring.add("zeta", vec![9; 61]).unwrap();
+    keyring.sync().unwrap();
+    let text = std::fs::read_to_string(&ring).unwrap();
+    let other = MasterKey::generate().unwrap();
+    let err = rewrap(&keyring, &other, &MasterKey::generate().unwrap()).unwrap_err();
+    assert!(
+        err.to_string().contains("acme")
+            || err.to_string().contains("beta")
+            || err.to_string().contains("zeta"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&ring).unwrap(), text);
+}
