@@ -178,6 +178,28 @@ pub async fn volume_key_for(
     }
 }
 
+/// The volume key of `tenant` the coordinator sends `host` (a host with dm-crypt, enrolled
+/// with its state in `agent_state_dir`) on a session opened for it; panics when none comes
+/// within 10 s.
+pub async fn delivered_volume_key(
+    coordinator: &CoordinatorProc,
+    agent_state_dir: &Path,
+    host: &str,
+    tenant: &str,
+) -> Vec<u8> {
+    let mut client = agent_client(coordinator, Some(agent_identity(agent_state_dir)));
+    let mut session = open_session(&mut client, hello_with_disk(host, true))
+        .await
+        .expect("a session");
+    volume_key_for(
+        &mut session.inbound,
+        tenant,
+        std::time::Duration::from_secs(10),
+    )
+    .await
+    .unwrap_or_else(|| panic!("no volume key of {tenant} reached {host}"))
+}
+
 pub fn report(host_id: &str) -> AgentMessage {
     AgentMessage {
         body: Some(Body::Report(proto::HostReport {

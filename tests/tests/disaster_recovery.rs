@@ -8,8 +8,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use berth_tests::clients::{
-    agent_client, agent_identity, hello, hello_with_disk, open_session, session_error,
-    volume_key_for,
+    agent_client, agent_identity, delivered_volume_key, hello, hello_with_disk, open_session,
+    session_error, volume_key_for,
 };
 use berth_tests::procs::{AgentProc, CoordinatorProc, run};
 use berth_tests::wait_for;
@@ -122,14 +122,9 @@ async fn a_coordinator_restored_from_a_snapshot_on_a_new_state_directory_runs_th
     assert_eq!(after[0]["tenant_id"], before.1[0]["tenant_id"]);
     assert_eq!(after[0]["host_id"], "crypt-host");
     // The encrypted tenant's host gets the very key it had.
-    let mut client = agent_client(&coordinator, Some(agent_identity(&crypt.state_dir())));
-    let mut session = open_session(&mut client, hello_with_disk("crypt-host", true))
-        .await
-        .unwrap();
-    let again = volume_key_for(&mut session.inbound, "sealed", Duration::from_secs(10))
-        .await
-        .expect("the key reaches the tenant's host after the restore");
-    assert!(again == key, "the same volume key");
+    let again =
+        delivered_volume_key(&coordinator, &crypt.state_dir(), "crypt-host", "sealed").await;
+    assert!(again == key, "the same volume key after the restore");
     // The revocation holds.
     let mut client = agent_client(&coordinator, Some(agent_identity(&gone.state_dir())));
     let log_before = coordinator.log().len();
@@ -199,14 +194,9 @@ async fn a_coordinator_restored_from_a_snapshot_on_a_new_state_directory_runs_th
     );
     assert!(!coordinator.state_dir().join("master.key.next").exists());
     coordinator.restart();
-    let mut client = agent_client(&coordinator, Some(agent_identity(&crypt.state_dir())));
-    let mut session = open_session(&mut client, hello_with_disk("crypt-host", true))
-        .await
-        .unwrap();
-    let after_rotation = volume_key_for(&mut session.inbound, "sealed", Duration::from_secs(10))
-        .await
-        .expect("the key reaches the tenant's host after the rotation");
-    assert!(after_rotation == key, "the same volume key");
+    let rotated_key =
+        delivered_volume_key(&coordinator, &crypt.state_dir(), "crypt-host", "sealed").await;
+    assert!(rotated_key == key, "the same volume key after the rotation");
     let (ok, _, err) = run(coordinator.admin_command(&["rotate-master-key"]));
     assert!(!ok && err.contains("stop every coordinator"), "{err}");
     drop(plain);

@@ -11,7 +11,8 @@ use berth_coordinator::etcd::{EtcdConfig, EtcdStore, MAX_TXN_OPS};
 use berth_coordinator::keys::keyring::{Keyring, VOLUME_KEYS_PREFIX};
 use berth_shared::store::{Durability, Store, Write};
 use berth_tests::clients::{
-    agent_client, agent_identity, hello_with_disk, open_session, volume_key_for,
+    agent_client, agent_identity, delivered_volume_key, hello_with_disk, open_session,
+    volume_key_for,
 };
 use berth_tests::etcd::{EtcdCluster, unavailable};
 use berth_tests::missing_component;
@@ -202,18 +203,6 @@ fn tenant_ids(coordinator: &CoordinatorProc) -> Vec<String> {
     ids
 }
 
-/// The volume key `crypt-host` is sent for `sealed` over a session of its own (a host with
-/// dm-crypt, as the encrypted tenant needs).
-async fn sealed_key(coordinator: &CoordinatorProc, crypt: &AgentProc) -> Vec<u8> {
-    let mut client = agent_client(coordinator, Some(agent_identity(&crypt.state_dir())));
-    let mut session = open_session(&mut client, hello_with_disk("crypt-host", true))
-        .await
-        .unwrap();
-    volume_key_for(&mut session.inbound, "sealed", Duration::from_secs(10))
-        .await
-        .expect("the key reaches the encrypted tenant's host")
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sled_fleet_migrates_to_etcd_runs_on_it_and_survives_losing_a_member() {
     if let Some(why) = unavailable() {
@@ -272,7 +261,7 @@ async fn a_sled_fleet_migrates_to_etcd_runs_on_it_and_survives_losing_a_member()
     coordinator.restart();
     assert_eq!(tenant_ids(&coordinator), ["before", "sealed"]);
     assert!(
-        sealed_key(&coordinator, &crypt).await == key,
+        delivered_volume_key(&coordinator, &crypt.state_dir(), "crypt-host", "sealed").await == key,
         "the same key, from etcd"
     );
     wait_for("host-a ready on etcd", Duration::from_secs(30), || {

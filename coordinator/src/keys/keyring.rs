@@ -125,6 +125,12 @@ impl Keyring {
                 .map_err(|_| bad())?;
             entries.insert(tenant.to_string(), blob);
         }
+        // Written afresh: a line cut short goes, and the append handle is opened.
+        Self::written(path, entries)
+    }
+
+    /// A keyring of `entries` in `path`, the file written whole and synced.
+    fn written(path: &Path, entries: BTreeMap<String, Vec<u8>>) -> Result<Self, KeyError> {
         let keyring = Self {
             backing: Backing::File(path.to_path_buf()),
             state: Mutex::new(State {
@@ -135,7 +141,6 @@ impl Keyring {
             #[cfg(test)]
             write_delay: std::time::Duration::ZERO,
         };
-        // Written afresh: a line cut short goes, and the append handle is opened.
         let mut state = keyring.lock();
         keyring.rewrite(&mut state)?;
         drop(state);
@@ -151,20 +156,7 @@ impl Keyring {
                 message: "exists already".into(),
             });
         }
-        let keyring = Self {
-            backing: Backing::File(path.to_path_buf()),
-            state: Mutex::new(State {
-                entries: entries.into_iter().collect(),
-                file: None,
-                dirty: false,
-            }),
-            #[cfg(test)]
-            write_delay: std::time::Duration::ZERO,
-        };
-        let mut state = keyring.lock();
-        keyring.rewrite(&mut state)?;
-        drop(state);
-        Ok(keyring)
+        Self::written(path, entries.into_iter().collect())
     }
 
     /// The keys under `prefix` in `store` (a replicated store: etcd).
@@ -300,17 +292,22 @@ impl Keyring {
             .into_iter()
             .filter(|(tenant, _)| !state.entries.contains_key(tenant))
             .collect();
-        for chunk in new.chunks(ADD_ALL_BATCH) {
-            self.commit(
-                chunk
-                    .iter()
-                    .map(|(t, b)| Write::Put(self.key_of(t), b.clone()))
-                    .collect(),
-                false,
-            )?;
-        }
+        self.put_all(&new)?;
         state.entries.extend(new);
         self.rewrite(&mut state)
+    }
+
+    /// Commits `blobs` to the store, a transaction per [`ADD_ALL_BATCH`] (nothing to do for
+    /// a file or memory).
+    fn put_all(&self, blobs: &[(String, Vec<u8>)]) -> Result<(), KeyError> {
+        for chunk in blobs.chunks(ADD_ALL_BATCH) {
+            let writes = chunk
+                .iter()
+                .map(|(t, b)| Write::Put(self.key_of(t), b.clone()))
+                .collect();
+            self.commit(writes, false)?;
+        }
+        Ok(())
     }
 
     /// Puts `blobs` in place of every key the keyring holds (the same tenants' keys wrapped
@@ -318,15 +315,7 @@ impl Keyring {
     /// returns.
     pub fn replace_all(&self, blobs: Vec<(String, Vec<u8>)>) -> Result<(), KeyError> {
         let mut state = self.lock();
-        for chunk in blobs.chunks(ADD_ALL_BATCH) {
-            self.commit(
-                chunk
-                    .iter()
-                    .map(|(t, b)| Write::Put(self.key_of(t), b.clone()))
-                    .collect(),
-                false,
-            )?;
-        }
+        self.put_all(&blobs)?;
         self.commit(Vec::new(), true)?;
         state.entries = blobs.into_iter().collect();
         self.rewrite(&mut state)
