@@ -20,7 +20,9 @@ struct Cli {
 enum Command {
     /// Enroll this host: make its key pair here, get a certificate for a one-time token.
     Enroll {
-        /// The coordinator's operator port, e.g. https://coordinator.example.com:7444.
+        /// The coordinator's operator port, e.g. https://coordinator.example.com:7444; a
+        /// fleet's coordinators comma-separated (the agent keeps them all, and talks to
+        /// whichever leads).
         #[arg(long)]
         coordinator: String,
         /// The one-time token from `berth-coordinator token create`.
@@ -54,11 +56,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let fingerprint = Fingerprint::parse(&ca_fingerprint)
                 .map_err(|e| anyhow::anyhow!("--ca-fingerprint: {e}"))?;
-            let url = CoordinatorUrl::parse("--coordinator", &coordinator)?;
+            let urls = CoordinatorUrl::parse_list("--coordinator", &coordinator)?;
             if token.trim().is_empty() {
                 anyhow::bail!("invalid --token: must not be empty");
             }
-            let enrollment = identity::enroll(&state_dir, &url, token.trim(), fingerprint)
+            let enrollment = identity::enroll(&state_dir, &urls, token.trim(), fingerprint)
                 .await
                 .context("enrollment failed")?;
             if json {

@@ -576,6 +576,21 @@ impl AgentProc {
         }
     }
 
+    /// Enrolls a new agent with a fresh token through `coordinators` (operator URLs, comma
+    /// separated: a fleet's coordinators, whichever leads); panics if enrollment fails.
+    pub fn enroll_through(
+        coordinator: &CoordinatorProc,
+        host_id: &str,
+        coordinators: &str,
+    ) -> Self {
+        let me = Self::enroll_fresh(coordinator, host_id);
+        let token = coordinator.token(host_id, "10m");
+        let (ok, out, err) =
+            run(me.enroll_command(coordinators, &token, &coordinator.endpoints.ca_fingerprint));
+        assert!(ok, "enroll of {host_id} failed: {out}{err}");
+        me
+    }
+
     /// Enrolls a new agent with a fresh token; panics if enrollment fails.
     pub fn enroll(coordinator: &CoordinatorProc, host_id: &str, host: Option<&NetHost>) -> Self {
         let dir = tempfile::Builder::new()

@@ -488,9 +488,14 @@ fn the_leader_killed_during_a_burst_of_placements_loses_none_and_the_fleet_follo
     let all = || std::iter::once(&first).chain(standbys.iter());
     let agent_urls: Vec<String> = all().map(CoordinatorProc::agent_url).collect();
     let operator_urls: Vec<String> = all().map(CoordinatorProc::operator_url).collect();
+    // Enrolled through every coordinator's address, the standbys' first (they refuse: the
+    // leader enrolls); on one machine the coordinators' ports differ, so the agents are given
+    // every agent port too.
+    let standbys_first: Vec<String> = operator_urls.iter().rev().cloned().collect();
     let agents: Vec<AgentProc> = (0..3)
         .map(|i| {
-            let mut agent = AgentProc::enroll(&first, &format!("burst-{i}"), None);
+            let mut agent =
+                AgentProc::enroll_through(&first, &format!("burst-{i}"), &standbys_first.join(","));
             agent.extra_config = format!("coordinator = \"{}\"\n", agent_urls.join(","));
             agent.start();
             agent

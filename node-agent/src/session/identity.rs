@@ -14,7 +14,7 @@ use berth_shared::proto::agent_service_client::AgentServiceClient;
 use berth_shared::proto::enrollment_service_client::EnrollmentServiceClient;
 use berth_shared::proto::{EnrollRequest, RenewCertificateRequest};
 use berth_shared::tls::{ClientIdentity, ServerTrust, TlsError, client_config};
-use berth_shared::transport::{CoordinatorUrl, channel, channel_with_timeout};
+use berth_shared::transport::{CoordinatorUrl, channel_with_timeout};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
@@ -194,16 +194,14 @@ impl Identity {
         };
         let tls = client_config(ServerTrust::Ca(self.ca.clone()), Some(identity))?;
         let urls = if endpoint_override.is_empty() {
-            vec![
-                CoordinatorUrl::parse(
-                    "enrollment.json agent_endpoint",
-                    &self.enrollment.agent_endpoint,
-                )
-                .map_err(|e| IdentityError::Corrupt {
-                    path: PathBuf::from(ENROLLMENT_JSON),
-                    message: e.to_string(),
-                })?,
-            ]
+            CoordinatorUrl::parse_list(
+                "enrollment.json agent_endpoint",
+                &self.enrollment.agent_endpoint,
+            )
+            .map_err(|e| IdentityError::Corrupt {
+                path: PathBuf::from(ENROLLMENT_JSON),
+                message: e.to_string(),
+            })?
         } else {
             endpoint_override.to_vec()
         };
@@ -252,23 +250,32 @@ fn write_host_pem(
 
 /// Enrolls this host: makes the key pair here, sends only a CSR, verifies the coordinator
 /// against the pinned CA fingerprint, and writes the identity. Nothing is written on failure.
+///
+/// `coordinators` are the fleet's coordinators' operator ports (whichever accepts enrolls the
+/// host); the agent endpoint kept is each of them at the agent port the answer names (the
+/// coordinators of a fleet listen on the same ports; `coordinator` in the agent's
+/// configuration overrides it).
 pub async fn enroll(
     state_dir: &Path,
-    coordinator: &CoordinatorUrl,
+    coordinators: &[CoordinatorUrl],
     token: &str,
     ca_fingerprint: Fingerprint,
 ) -> Result<Enrollment, IdentityError> {
     let key = pki::generate_key()?;
     let csr_pem = pki::make_csr(&key)?;
     let tls = client_config(ServerTrust::Pinned(ca_fingerprint), None)?;
-    let response = EnrollmentServiceClient::new(channel(coordinator, tls))
-        .enroll(EnrollRequest {
-            token: token.to_string(),
-            csr_pem,
-        })
-        .await
-        .map_err(|s| IdentityError::Rpc(status_error(&s)))?
-        .into_inner();
+    let response = EnrollmentServiceClient::new(channel_with_timeout(
+        coordinators,
+        tls,
+        std::time::Duration::from_secs(30),
+    ))
+    .enroll(EnrollRequest {
+        token: token.to_string(),
+        csr_pem,
+    })
+    .await
+    .map_err(|s| IdentityError::Rpc(status_error(&s)))?
+    .into_inner();
     let ca = cert_der_from_pem(&response.ca_certificate_pem)?;
     if Fingerprint::of(&ca) != ca_fingerprint {
         return Err(IdentityError::BadAnswer(
@@ -287,7 +294,15 @@ pub async fn enroll(
         .map_err(|_| IdentityError::BadAnswer("agent_port out of range".into()))?;
     let enrollment = Enrollment {
         host_id,
-        agent_endpoint: coordinator.with_port(port).to_string(),
+        agent_endpoint: {
+            let mut endpoints: Vec<String> = Vec::new();
+            for endpoint in coordinators.iter().map(|c| c.with_port(port).to_string()) {
+                if !endpoints.contains(&endpoint) {
+                    endpoints.push(endpoint);
+                }
+            }
+            endpoints.join(",")
+        },
         ca_fingerprint: ca_fingerprint.to_string(),
     };
     std::fs::create_dir_all(state_dir).map_err(|source| IdentityError::Io {
