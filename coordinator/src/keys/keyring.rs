@@ -82,12 +82,7 @@ fn line(tenant: &str, blob: &[u8]) -> String {
 impl Keyring {
     /// Keys held in memory only (seeded fleets, tests).
     pub fn in_memory() -> Self {
-        Self {
-            backing: Backing::Memory,
-            state: Mutex::default(),
-            #[cfg(test)]
-            write_delay: std::time::Duration::ZERO,
-        }
+        Self::holding(Backing::Memory, BTreeMap::new())
     }
 
     /// In memory, each write taking `delay` (tests that need two writes to overlap).
@@ -131,16 +126,7 @@ impl Keyring {
 
     /// A keyring of `entries` in `path`, the file written whole and synced.
     fn written(path: &Path, entries: BTreeMap<String, Vec<u8>>) -> Result<Self, KeyError> {
-        let keyring = Self {
-            backing: Backing::File(path.to_path_buf()),
-            state: Mutex::new(State {
-                entries,
-                file: None,
-                dirty: false,
-            }),
-            #[cfg(test)]
-            write_delay: std::time::Duration::ZERO,
-        };
+        let keyring = Self::holding(Backing::File(path.to_path_buf()), entries);
         let mut state = keyring.lock();
         keyring.rewrite(&mut state)?;
         drop(state);
@@ -166,8 +152,13 @@ impl Keyring {
             .into_iter()
             .map(|(k, v)| (k[prefix.len()..].to_string(), v))
             .collect();
-        Ok(Self {
-            backing: Backing::Store { store, prefix },
+        Ok(Self::holding(Backing::Store { store, prefix }, entries))
+    }
+
+    /// A keyring of `entries` kept in `backing` (nothing written yet).
+    fn holding(backing: Backing, entries: BTreeMap<String, Vec<u8>>) -> Self {
+        Self {
+            backing,
             state: Mutex::new(State {
                 entries,
                 file: None,
@@ -175,7 +166,7 @@ impl Keyring {
             }),
             #[cfg(test)]
             write_delay: std::time::Duration::ZERO,
-        })
+        }
     }
 
     /// Commits `writes` to the store, then, when `forgets` (a key destroyed or replaced),
