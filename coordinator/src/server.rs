@@ -61,12 +61,11 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 /// again, as a standby).
 pub const LOST_LEADERSHIP_EXIT: i32 = 75;
 
-/// Waits until this coordinator leads the fleet on etcd: meanwhile it is a standby (ready for
-/// systemd, bound to no port, acting on nothing). A leadership lost later ends the process at
+/// Waits until this coordinator leads the fleet on etcd: meanwhile it is a standby (bound to
+/// no port, acting on nothing). A leadership lost later ends the process at
 /// once: from that moment etcd refuses its writes anyway, and it must not act on what it
 /// holds in memory.
-async fn lead(etcd: &Arc<EtcdStore>, systemd: &Notifier) -> anyhow::Result<()> {
-    systemd.ready("standby: waiting to lead the fleet");
+async fn lead(etcd: &Arc<EtcdStore>) -> anyhow::Result<()> {
     let who = format!(
         "{} pid {}",
         std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -185,14 +184,18 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
         )
     })?;
     let systemd = Arc::new(Notifier::from_env());
-    systemd.clone().spawn_watchdog();
+    // A standby says it is ready (and feeds the watchdog) while it waits to lead.
+    let mut standby = false;
     let store: Arc<dyn Store> = match (config.store, &config.etcd) {
         (StoreKind::Etcd, Some(etcd)) => {
             let etcd = Arc::new(
                 EtcdStore::connect(etcd)
                     .context("is the etcd cluster of [etcd] up, with a quorum?")?,
             );
-            lead(&etcd, &systemd).await?;
+            systemd.ready("standby: waiting to lead the fleet");
+            systemd.clone().spawn_watchdog();
+            standby = true;
+            lead(&etcd).await?;
             etcd
         }
         _ => open_store(&config)
@@ -354,6 +357,9 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
         "agents on {}, operators on {}, dashboard on {}",
         endpoints.agent, endpoints.operator, endpoints.http
     ));
+    if !standby {
+        systemd.clone().spawn_watchdog();
+    }
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
