@@ -4,6 +4,7 @@
 # --etcd argument; stops the members on Ctrl-C or when the shell that started it ends.
 set -euo pipefail
 dir="${1:-$(mktemp -d /var/tmp/berth-etcd.XXXXXX)}"
+mkdir -p "$dir"
 cluster="m1=http://127.0.0.1:23801,m2=http://127.0.0.1:23802,m3=http://127.0.0.1:23803"
 pids=()
 for i in 1 2 3; do

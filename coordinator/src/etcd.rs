@@ -39,6 +39,8 @@ pub struct EtcdConfig {
 pub const LEADER_LEASE_SECONDS: i64 = 5;
 /// How often the leader renews its lease.
 const KEEP_ALIVE_EVERY: Duration = Duration::from_millis(1_500);
+/// How often a candidate looks whether an older candidacy is gone.
+const CANDIDATE_POLL: Duration = Duration::from_millis(250);
 
 /// This coordinator's leadership of the fleet.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -329,19 +331,42 @@ impl EtcdStore {
         format!("{}.leader", self.prefix.trim_end_matches('/'))
     }
 
-    /// Who leads the fleet now (the value the leader campaigned with), if anyone.
+    /// Who leads the fleet now (the oldest candidacy's value), if anyone.
     pub fn leader(&self) -> Result<Option<String>, StoreError> {
-        let name = self.election();
-        match self.run(|mut client| {
-            let name = name.clone();
-            async move { client.leader(name).await }
-        }) {
-            Ok(answer) => Ok(answer
-                .kv()
-                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())),
-            Err(StoreError::Io(message)) if message.contains("no leader") => Ok(None),
-            Err(e) => Err(e),
-        }
+        let election = format!("{}/", self.election());
+        let end = range_end(election.as_bytes());
+        let oldest = self.run(|mut client| {
+            let (election, end) = (election.clone(), end.clone());
+            async move {
+                client
+                    .get(
+                        election,
+                        Some(
+                            GetOptions::new()
+                                .with_range(end)
+                                .with_sort(
+                                    etcd_client::SortTarget::Create,
+                                    etcd_client::SortOrder::Ascend,
+                                )
+                                .with_limit(1),
+                        ),
+                    )
+                    .await
+            }
+        })?;
+        Ok(oldest
+            .kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+    }
+
+    /// The creation revision of the candidacy `key`, if it still exists.
+    fn candidacy(&self, key: &str) -> Result<Option<i64>, StoreError> {
+        let found = self.run(|mut client| {
+            let key = key.to_string();
+            async move { client.get(key, None).await }
+        })?;
+        Ok(found.kvs().first().map(|kv| kv.create_revision()))
     }
 
     /// Campaigns until this coordinator leads the fleet (waiting as long as another one does),
@@ -398,28 +423,71 @@ impl EtcdStore {
             };
             on_lost(reason);
         });
-        let (name, value) = (self.election(), who.to_string());
-        // A campaign waits for as long as another leader holds the election, longer than a
-        // request may take: each attempt that times out is made again (with the same lease it
-        // is the same candidacy).
-        let leader = loop {
-            let (name, value) = (name.clone(), value.clone());
-            match self.run(|mut client| {
-                let (name, value) = (name.clone(), value.clone());
-                async move { client.campaign(name, value, lease).await }
-            }) {
-                Ok(mut answer) => {
-                    break answer.take_leader().ok_or_else(|| {
-                        StoreError::Io("etcd: a campaign answered without a leader key".into())
-                    })?;
-                }
-                Err(StoreError::Io(message)) if message.contains("no answer within") => continue,
-                Err(e) => return Err(e),
+        // The candidacy is a key under the election, bound to the lease (it goes with it);
+        // the candidate whose key is oldest leads. No call blocks for long: a campaign call
+        // cancelled by its timeout would resign its key on the server, perhaps after the next
+        // attempt found it.
+        let key = format!("{}/{lease:x}", self.election());
+        let created = self.run(|mut client| {
+            let (key, who) = (key.clone(), who.to_string());
+            async move {
+                client
+                    .txn(
+                        Txn::new()
+                            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                            .and_then([TxnOp::put(
+                                key.clone(),
+                                who,
+                                Some(etcd_client::PutOptions::new().with_lease(lease)),
+                            )])
+                            .or_else([TxnOp::get(key, None)]),
+                    )
+                    .await
+            }
+        })?;
+        let term = match self.candidacy(&key)? {
+            Some(revision) => revision,
+            None => {
+                return Err(StoreError::Io(format!(
+                    "etcd: the candidacy {key} vanished at once (answer: {created:?})"
+                )));
             }
         };
+        loop {
+            let election = format!("{}/", self.election());
+            let end = range_end(election.as_bytes());
+            let older = self.run(|mut client| {
+                let (election, end) = (election.clone(), end.clone());
+                async move {
+                    client
+                        .get(
+                            election,
+                            Some(
+                                // etcd counts a range before its revision filters:
+                                // the filtered keys themselves are read.
+                                GetOptions::new()
+                                    .with_range(end)
+                                    .with_max_create_revision(term - 1)
+                                    .with_keys_only(),
+                            ),
+                        )
+                        .await
+                }
+            })?;
+            if older.kvs().is_empty() {
+                break;
+            }
+            if self.candidacy(&key)?.is_none() {
+                return Err(StoreError::Io(
+                    "etcd: this coordinator's candidacy ended (its lease expired) while it waited"
+                        .into(),
+                ));
+            }
+            std::thread::sleep(CANDIDATE_POLL);
+        }
         let leadership = Leadership {
-            key: leader.key().to_vec(),
-            term: leader.rev(),
+            key: key.into_bytes(),
+            term,
             lease,
         };
         *self.fence.lock().unwrap_or_else(|p| p.into_inner()) = Some(leadership.clone());
