@@ -333,31 +333,28 @@ impl EtcdStore {
 
     /// Who leads the fleet now (the oldest candidacy's value), if anyone.
     pub fn leader(&self) -> Result<Option<String>, StoreError> {
-        let election = format!("{}/", self.election());
-        let end = range_end(election.as_bytes());
-        let oldest = self.run(|mut client| {
-            let (election, end) = (election.clone(), end.clone());
-            async move {
-                client
-                    .get(
-                        election,
-                        Some(
-                            GetOptions::new()
-                                .with_range(end)
-                                .with_sort(
-                                    etcd_client::SortTarget::Create,
-                                    etcd_client::SortOrder::Ascend,
-                                )
-                                .with_limit(1),
-                        ),
-                    )
-                    .await
-            }
-        })?;
+        let oldest = self.candidacies(
+            GetOptions::new()
+                .with_sort(
+                    etcd_client::SortTarget::Create,
+                    etcd_client::SortOrder::Ascend,
+                )
+                .with_limit(1),
+        )?;
         Ok(oldest
             .kvs()
             .first()
             .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+    }
+
+    /// The candidacies in the election, as `options` select them.
+    fn candidacies(&self, options: GetOptions) -> Result<etcd_client::GetResponse, StoreError> {
+        let election = format!("{}/", self.election());
+        let options = options.with_range(range_end(election.as_bytes()));
+        self.run(|mut client| {
+            let (election, options) = (election.clone(), options.clone());
+            async move { client.get(election, Some(options)).await }
+        })
     }
 
     /// The creation revision of the candidacy `key`, if it still exists.
@@ -454,26 +451,12 @@ impl EtcdStore {
             }
         };
         loop {
-            let election = format!("{}/", self.election());
-            let end = range_end(election.as_bytes());
-            let older = self.run(|mut client| {
-                let (election, end) = (election.clone(), end.clone());
-                async move {
-                    client
-                        .get(
-                            election,
-                            Some(
-                                // etcd counts a range before its revision filters:
-                                // the filtered keys themselves are read.
-                                GetOptions::new()
-                                    .with_range(end)
-                                    .with_max_create_revision(term - 1)
-                                    .with_keys_only(),
-                            ),
-                        )
-                        .await
-                }
-            })?;
+            // etcd counts a range before its revision filters: the keys themselves are read.
+            let older = self.candidacies(
+                GetOptions::new()
+                    .with_max_create_revision(term - 1)
+                    .with_keys_only(),
+            )?;
             if older.kvs().is_empty() {
                 break;
             }
