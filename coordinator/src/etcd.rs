@@ -6,14 +6,15 @@
 //! one transaction may hold is refused, never split. A snapshot reads every record at one etcd
 //! revision. Every key lives under the configured prefix, so several fleets can share a
 //! cluster. When the cluster has no quorum, calls fail within the request timeout with etcd's
-//! reason; nothing is acknowledged that etcd did not commit.
+//! reason; nothing is acknowledged that etcd did not commit. A leader that cannot renew its
+//! lease stops writing before any other coordinator can be elected, and reads what the
+//! member it reaches holds until it renews again.
 //!
 //! The trait is synchronous (sled's is); the etcd client runs on a runtime of its own, and a
 //! caller waits for its answer as it would for a disk.
 
-use std::time::Duration;
-
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use berth_shared::store::{Durability, Store, StoreError, Write};
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
@@ -39,8 +40,48 @@ pub struct EtcdConfig {
 pub const LEADER_LEASE_SECONDS: i64 = 5;
 /// How often the leader renews its lease.
 const KEEP_ALIVE_EVERY: Duration = Duration::from_millis(1_500);
+/// How long a leader waits after a failed keep-alive before it opens a new stream.
+const KEEP_ALIVE_RETRY: Duration = Duration::from_millis(250);
 /// How often a candidate looks whether an older candidacy is gone.
 const CANDIDATE_POLL: Duration = Duration::from_millis(250);
+/// How long after it asked for its last successful renewal a leader still acts. etcd keeps
+/// the lease at least [`LEADER_LEASE_SECONDS`] after it received that request, so the leader
+/// stops a second before any other coordinator can be elected.
+const ACT_FOR: Duration = Duration::from_secs(LEADER_LEASE_SECONDS.unsigned_abs() - 1);
+/// How often the leader's lapse is looked at (for sessions; writes read the clock).
+const LAPSE_POLL: Duration = Duration::from_millis(100);
+
+/// When the leader last renewed its lease, and whether it may act now.
+#[derive(Debug)]
+struct Lapse {
+    /// When the request of the last successful renewal was sent.
+    renewed: Mutex<Instant>,
+    acting: tokio::sync::watch::Sender<bool>,
+}
+
+impl Lapse {
+    fn new() -> Self {
+        Self {
+            renewed: Mutex::new(Instant::now()),
+            acting: tokio::sync::watch::Sender::new(true),
+        }
+    }
+
+    fn renewed(&self, asked: Instant) {
+        let mut renewed = self.renewed.lock().unwrap_or_else(|p| p.into_inner());
+        *renewed = (*renewed).max(asked);
+    }
+
+    /// How long the leadership has gone unrenewed, once that is longer than it may act for.
+    fn lapsed_for(&self) -> Option<Duration> {
+        let unrenewed = self
+            .renewed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed();
+        (unrenewed >= ACT_FOR).then_some(unrenewed)
+    }
+}
 
 /// This coordinator's leadership of the fleet.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +100,8 @@ pub struct EtcdStore {
     /// Once this coordinator leads: every batch commits only while its election key still
     /// exists with its term (a deposed leader's late write is refused).
     fence: Mutex<Option<Leadership>>,
+    /// While it leads: whether its leadership is renewed recently enough to act.
+    lapse: Arc<Lapse>,
     /// Taken only when the store is dropped (shut down in the background: a runtime may not be
     /// dropped inside another one).
     runtime: Option<tokio::runtime::Runtime>,
@@ -80,6 +123,9 @@ impl std::fmt::Debug for EtcdStore {
     }
 }
 
+/// How often an idle connection to a member is pinged, and how long an answer may take.
+const CONNECTION_PING: Duration = Duration::from_secs(2);
+
 /// How long a call is tried again while members are unavailable.
 pub const RETRY_FOR: Duration = Duration::from_secs(10);
 
@@ -97,11 +143,12 @@ fn etcd_error(e: etcd_client::Error) -> StoreError {
     match e {
         // tonic cancels a call that outlives its timeout: a cluster without a quorum.
         etcd_client::Error::GRpcStatus(status) if status.code() == tonic::Code::Cancelled => {
-            StoreError::Io(format!(
+            StoreError::Unreachable(format!(
                 "etcd: no answer within {} s: is a quorum of its members up?",
                 REQUEST_TIMEOUT.as_secs()
             ))
         }
+        e if unavailable(&e) => StoreError::Unreachable(format!("etcd: {e}")),
         e => StoreError::Io(format!("etcd: {e}")),
     }
 }
@@ -128,9 +175,13 @@ impl EtcdStore {
             .enable_all()
             .build()
             .map_err(|e| StoreError::Io(format!("etcd client runtime: {e}")))?;
+        // HTTP/2 pings find a connection that went dead without a word (a member's machine
+        // lost, a link down) within seconds, so calls move to another member.
         let options = ConnectOptions::new()
             .with_connect_timeout(REQUEST_TIMEOUT)
-            .with_timeout(REQUEST_TIMEOUT);
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_keep_alive(CONNECTION_PING, CONNECTION_PING)
+            .with_keep_alive_while_idle(true);
         let endpoints = config.endpoints.clone();
         let client = std::thread::scope(|s| {
             s.spawn(|| runtime.block_on(Client::connect(endpoints, Some(options))))
@@ -145,6 +196,7 @@ impl EtcdStore {
             client,
             prefix: config.prefix.clone(),
             fence: Mutex::default(),
+            lapse: Arc::new(Lapse::new()),
             runtime: Some(runtime),
         };
         store.get("").map_err(|e| StoreError::Open {
@@ -194,6 +246,27 @@ impl EtcdStore {
         format!("{}{key}", self.prefix)
     }
 
+    /// For a leader whose leadership lapsed: how long it has gone unrenewed.
+    fn lapsed(&self) -> Option<Duration> {
+        let leads = self
+            .fence
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        leads.then(|| self.lapse.lapsed_for()).flatten()
+    }
+
+    /// How to read: linearizably (through a quorum) as a rule; a leader whose leadership
+    /// lapsed reads what the member it reaches holds (etcd's serializable reads), so it keeps
+    /// answering reads without a quorum. Nothing is written meanwhile, by it or another.
+    fn read_options(&self) -> GetOptions {
+        let options = GetOptions::new();
+        match self.lapsed() {
+            Some(_) => options.with_serializable(),
+            None => options,
+        }
+    }
+
     /// Every record whose key starts with `prefix`, read page by page at one revision.
     fn range(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let full = self.key(prefix);
@@ -203,7 +276,7 @@ impl EtcdStore {
         let mut records = Vec::new();
         loop {
             let (start, end_key) = (from.clone(), end.clone());
-            let mut options = GetOptions::new().with_range(end_key).with_limit(PAGE);
+            let mut options = self.read_options().with_range(end_key).with_limit(PAGE);
             if revision > 0 {
                 options = options.with_revision(revision);
             }
@@ -234,10 +307,10 @@ impl EtcdStore {
 
 impl Store for EtcdStore {
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let key = self.key(key);
+        let (key, options) = (self.key(key), self.read_options());
         let response = self.run(|mut client| {
-            let key = key.clone();
-            async move { client.get(key, None).await }
+            let (key, options) = (key.clone(), options.clone());
+            async move { client.get(key, Some(options)).await }
         })?;
         Ok(response.kvs().first().map(|kv| kv.value().to_vec()))
     }
@@ -264,6 +337,11 @@ impl Store for EtcdStore {
                 Write::Delete(k) => TxnOp::delete(self.key(&k), None),
             })
             .collect();
+        if let Some(unrenewed) = self.lapsed() {
+            return Err(StoreError::LeadershipLapsed {
+                seconds: unrenewed.as_secs(),
+            });
+        }
         let fence = self.fence.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let committed = self.run(|mut client| {
             let mut txn = Txn::new();
@@ -290,6 +368,10 @@ impl Store for EtcdStore {
 
     fn snapshot(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.range("")
+    }
+
+    fn acting(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        Some(self.lapse.acting.subscribe())
     }
 
     /// Compacts the whole cluster's history up to now (physically: answered once every
@@ -368,13 +450,18 @@ impl EtcdStore {
 
     /// Campaigns until this coordinator leads the fleet (waiting as long as another one does),
     /// then fences every later batch with its term. The lease is kept alive from the start;
-    /// `on_lost` is called, once, as soon as a keep-alive fails or etcd says the lease ended:
-    /// the caller must stop acting then (its writes are refused from that moment anyway).
+    /// A leader whose keep-alives fail (no quorum, or no route to one) stops acting
+    /// [`ACT_FOR`] after it asked for its last renewal, before etcd may let its lease expire:
+    /// writes are refused, reads are served from the member it reaches, [`Store::acting`]
+    /// says `false`; a renewal that gets through again resumes it. `on_lost` is called,
+    /// once, when etcd says the lease ended (another coordinator may lead by then): the
+    /// caller must stop at once.
     pub fn lead(
         &self,
         who: &str,
         on_lost: impl FnOnce(String) + Send + 'static,
     ) -> Result<Leadership, StoreError> {
+        let asked = Instant::now();
         let lease = self
             .run(|mut client| async move { client.lease_grant(LEADER_LEASE_SECONDS, None).await })?
             .id();
@@ -384,12 +471,14 @@ impl EtcdStore {
             return Err(StoreError::Io("etcd: the client stopped".into()));
         };
         let mut client = self.client.clone();
+        let lapse = self.lapse.clone();
+        lapse.renewed(asked);
         runtime.spawn(async move {
-            // A keep-alive that fails is tried again (a member down, a leader change) until
-            // the lease would have expired: only then is the lead lost.
-            let mut renewed = tokio::time::Instant::now();
-            let lease_life = Duration::from_secs(LEADER_LEASE_SECONDS.unsigned_abs());
+            // A keep-alive that fails is tried again (a member down, no quorum, a leader
+            // change) for as long as it takes; meanwhile the lapse watcher below stops this
+            // coordinator acting. Only etcd's word that the lease ended ends the lead.
             let reason = loop {
+                let asked = Instant::now();
                 let answer = tokio::time::timeout(KEEP_ALIVE_EVERY, async {
                     keeper.keep_alive().await?;
                     answers.message().await
@@ -397,7 +486,7 @@ impl EtcdStore {
                 .await;
                 let failure = match answer {
                     Ok(Ok(Some(answer))) if answer.ttl() > 0 => {
-                        renewed = tokio::time::Instant::now();
+                        lapse.renewed(asked);
                         None
                     }
                     Ok(Ok(Some(_))) => break "etcd says the lease expired".to_string(),
@@ -406,19 +495,43 @@ impl EtcdStore {
                     Err(_) => Some("no keep-alive answer from etcd".to_string()),
                 };
                 if let Some(failure) = failure {
-                    if renewed.elapsed() + KEEP_ALIVE_EVERY >= lease_life {
-                        break format!("{failure}, for as long as the lease lives");
-                    }
-                    if let Ok(Ok(fresh)) =
-                        tokio::time::timeout(KEEP_ALIVE_EVERY, client.lease_keep_alive(lease)).await
+                    tracing::debug!(%failure, "lease not renewed; trying again");
+                    tokio::time::sleep(KEEP_ALIVE_RETRY).await;
+                    match tokio::time::timeout(KEEP_ALIVE_EVERY, client.lease_keep_alive(lease))
+                        .await
                     {
-                        (keeper, answers) = fresh;
+                        Ok(Ok(fresh)) => (keeper, answers) = fresh,
+                        // The client's word for a first answer with no time left.
+                        Ok(Err(etcd_client::Error::LeaseKeepAliveError(e)))
+                            if e == "lease not found" =>
+                        {
+                            break "etcd says the lease expired".to_string();
+                        }
+                        Ok(Err(e)) => tracing::debug!(error = %e, "no keep-alive stream"),
+                        Err(_) => tracing::debug!("no keep-alive stream in time"),
                     }
                     continue;
                 }
                 tokio::time::sleep(KEEP_ALIVE_EVERY).await;
             };
             on_lost(reason);
+        });
+        let lapse = self.lapse.clone();
+        runtime.spawn(async move {
+            loop {
+                let lapsed = lapse.lapsed_for();
+                let acting = lapsed.is_none();
+                if lapse.acting.send_if_modified(|now| std::mem::replace(now, acting) != acting) {
+                    match lapsed {
+                        Some(unrenewed) => tracing::error!(
+                            unrenewed_ms = unrenewed.as_millis() as u64,
+                            "leadership not renewed: stopped acting (writes refused, nothing delivered) until etcd renews it"
+                        ),
+                        None => tracing::warn!("leadership renewed: acting again"),
+                    }
+                }
+                tokio::time::sleep(LAPSE_POLL).await;
+            }
         });
         // The candidacy is a key under the election, bound to the lease (it goes with it);
         // the candidate whose key is oldest leads. No call blocks for long: a campaign call

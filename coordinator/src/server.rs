@@ -54,17 +54,15 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen on {addr} ({what} port)"))
 }
 
-/// Wrapped keys a store written before the keyring still holds move to the keyring; then the
-/// store is rewritten into new files, so none of its old segments keeps them. Returns the store
-/// to serve from.
 /// How a coordinator that lost the fleet's leadership exits (EX_TEMPFAIL: systemd starts it
 /// again, as a standby).
 pub const LOST_LEADERSHIP_EXIT: i32 = 75;
 
 /// Waits until this coordinator leads the fleet on etcd: meanwhile it is a standby (bound to
-/// no port, acting on nothing). A leadership lost later ends the process at
-/// once: from that moment etcd refuses its writes anyway, and it must not act on what it
-/// holds in memory.
+/// no port, acting on nothing). Leading, it stops acting while etcd does not renew its
+/// leadership (see [`EtcdStore::lead`]) and goes on once etcd does. A leadership etcd says
+/// ended ends the process at once: another coordinator may lead by then, and this one must
+/// not act on what it holds in memory.
 async fn lead(etcd: &Arc<EtcdStore>) -> anyhow::Result<()> {
     let who = format!(
         "{} pid {}",
@@ -124,6 +122,9 @@ pub fn open_keyrings(
     })
 }
 
+/// Wrapped keys a store written before the keyring still holds move to the keyring; then the
+/// store is rewritten into new files, so none of its old segments keeps them. Returns the store
+/// to serve from.
 fn move_keys_out_of_store(
     config: &CoordinatorConfig,
     store: Arc<dyn Store>,

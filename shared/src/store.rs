@@ -17,9 +17,20 @@ pub enum StoreError {
     /// A read or write failed.
     #[error("store I/O: {0}")]
     Io(String),
+    /// A replicated store's members did not answer (down, no quorum, no route to them):
+    /// nothing was read or written; trying again later may work.
+    #[error("store unreachable: {0}")]
+    Unreachable(String),
     /// A replicated store refused a write of a coordinator that no longer leads the fleet.
     #[error("this coordinator no longer leads the fleet: its write was refused")]
     Fenced,
+    /// The leader has not renewed its leadership for longer than it may act without: etcd has
+    /// no quorum, or this coordinator is cut off from it. It keeps serving reads and agent
+    /// sessions; writes resume once a renewal gets through.
+    #[error(
+        "etcd has not renewed this coordinator's leadership for {seconds} s (no quorum, or no route to one): writes are refused until it does"
+    )]
+    LeadershipLapsed { seconds: u64 },
     /// A stored record did not decode: the database was written by something else.
     #[error("corrupt record {key:?}: {message}")]
     Corrupt { key: String, message: String },
@@ -60,6 +71,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// its segment files until the database is rewritten ([`SledStore::rewrite`]): `false`.
     fn compact_history(&self) -> Result<bool, StoreError> {
         Ok(false)
+    }
+    /// For a store whose writers elect a leader (etcd): whether this process may act on the
+    /// fleet now, `false` while its leadership lapsed (it is renewed again, or it ends).
+    /// `None` for a store this process alone writes (sled): it may always act.
+    fn acting(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        None
     }
 }
 

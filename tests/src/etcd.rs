@@ -36,11 +36,23 @@ struct Member {
 pub struct EtcdCluster {
     dir: tempfile::TempDir,
     members: Vec<Member>,
+    /// An address of this machine the members listen on too, beside loopback.
+    also_at: Option<String>,
 }
 
 impl EtcdCluster {
     /// Starts `size` members and waits until the cluster has a leader.
     pub fn start(size: usize) -> Self {
+        Self::start_listening(size, None)
+    }
+
+    /// The same, each member's client port listening at `address` too (the host side of a
+    /// test's network namespace, so processes inside reach the cluster).
+    pub fn start_reachable_at(size: usize, address: &str) -> Self {
+        Self::start_listening(size, Some(address.to_string()))
+    }
+
+    fn start_listening(size: usize, also_at: Option<String>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("berth-etcd")
             .tempdir()
@@ -53,7 +65,11 @@ impl EtcdCluster {
                 child: None,
             })
             .collect();
-        let mut cluster = Self { dir, members };
+        let mut cluster = Self {
+            dir,
+            members,
+            also_at,
+        };
         for i in 0..size {
             cluster.spawn(i);
         }
@@ -83,7 +99,10 @@ impl EtcdCluster {
             .open(self.log_path(i))
             .expect("etcd log");
         let m = &self.members[i];
-        let client = format!("http://127.0.0.1:{}", m.client_port);
+        let mut client = format!("http://127.0.0.1:{}", m.client_port);
+        if let Some(address) = &self.also_at {
+            client.push_str(&format!(",http://{address}:{}", m.client_port));
+        }
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
         let child = Command::new(ETCD)
             .args(["--name", &m.name, "--data-dir"])
@@ -118,17 +137,27 @@ impl EtcdCluster {
 
     /// The client URLs of every member.
     pub fn endpoints(&self) -> Vec<String> {
+        self.endpoints_at("127.0.0.1")
+    }
+
+    /// The client URLs of every member at `address` (loopback, or where it also listens).
+    pub fn endpoints_at(&self, address: &str) -> Vec<String> {
         self.members
             .iter()
-            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .map(|m| format!("http://{address}:{}", m.client_port))
             .collect()
     }
 
     /// The `[etcd]` table of a coordinator's configuration for this cluster.
     pub fn config(&self, prefix: &str) -> String {
+        self.config_at(prefix, "127.0.0.1")
+    }
+
+    /// The same, reaching the members at `address`.
+    pub fn config_at(&self, prefix: &str, address: &str) -> String {
         format!(
             "[etcd]\nendpoints = {:?}\nprefix = {prefix:?}\n",
-            self.endpoints()
+            self.endpoints_at(address)
         )
     }
 

@@ -136,6 +136,8 @@ pub struct RoutedNet {
     pub netns: String,
     /// `10.231.<n>`.
     pub prefix: String,
+    /// The host side of the veth pair.
+    host_if: String,
     servers: Vec<std::process::Child>,
 }
 
@@ -149,6 +151,7 @@ impl RoutedNet {
         let me = Self {
             netns: netns.clone(),
             prefix: prefix.clone(),
+            host_if: host_if.clone(),
             servers: Vec::new(),
         };
         ip(&[
@@ -176,6 +179,21 @@ impl RoutedNet {
     /// `10.231.<n>.<last>` (1 is the host, 2 and 3 the namespace).
     pub fn address(&self, last: u8) -> String {
         format!("{}.{last}", self.prefix)
+    }
+
+    /// The namespace as a host for processes of a test, at `10.231.<n>.<last>` (2 or 3).
+    pub fn host(&self, last: u8) -> NetHost {
+        NetHost {
+            netns: self.netns.clone(),
+            address: self.address(last),
+            veth_hub: self.host_if.clone(),
+        }
+    }
+
+    /// Cuts the namespace off (the host side of its veth down: packets to and from it are
+    /// lost, nothing is refused), or connects it again.
+    pub fn set_link(&self, up: bool) -> Result<(), String> {
+        ip(&["link", "set", &self.host_if, if up { "up" } else { "down" }])
     }
 
     /// Runs `program` in the namespace with `PORT=port` (the test tenant binary serves HTTP).

@@ -349,16 +349,41 @@ impl CoordinatorProc {
     /// copies them to the machine that is to take over), configured with `extra_config` and
     /// launched: with `store = "etcd"` it waits as a standby while `leader` leads.
     pub fn standby_of(leader: &CoordinatorProc, extra_config: &str) -> Self {
+        Self::standby(
+            leader,
+            leader.netns.clone(),
+            &leader.listen_ip,
+            extra_config,
+        )
+    }
+
+    /// The same, on this machine's loopback whatever namespace `leader` runs in.
+    pub fn standby_on_loopback(leader: &CoordinatorProc, extra_config: &str) -> Self {
+        Self::standby(leader, None, "127.0.0.1", extra_config)
+    }
+
+    fn standby(
+        leader: &CoordinatorProc,
+        netns: Option<String>,
+        listen_ip: &str,
+        extra_config: &str,
+    ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("berth-coord")
             .tempdir()
             .expect("tempdir");
+        let ip: std::net::IpAddr = listen_ip.parse().expect("an IP address");
         let mut me = Self {
             dir,
-            netns: leader.netns.clone(),
-            endpoints: leader.endpoints.clone(),
+            netns,
+            endpoints: Endpoints {
+                agent: SocketAddr::new(ip, 0),
+                operator: SocketAddr::new(ip, 0),
+                http: SocketAddr::new(leader.http_ip.parse().expect("an IP address"), 0),
+                ca_fingerprint: leader.endpoints.ca_fingerprint.clone(),
+            },
             child: None,
-            listen_ip: leader.listen_ip.clone(),
+            listen_ip: listen_ip.to_string(),
             http_ip: leader.http_ip.clone(),
             extra_config: extra_config.into(),
             open_files: None,

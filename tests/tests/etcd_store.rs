@@ -1,8 +1,9 @@
 //! The fleet store in a real etcd cluster (Debian's etcd-server, members on loopback): the
 //! store's contract (atomic batches, snapshots at one revision, paging, oversized batches
 //! refused), a sled fleet migrated to etcd and run on it, and what operators see when members
-//! are lost: nothing with one of three, refused writes naming etcd with two, writes again once
-//! a quorum is back; a snapshot of it restored into another prefix.
+//! are lost: nothing with one of three, refused writes naming etcd with two (reads and agent
+//! sessions going on), writes again once a quorum is back; a snapshot of it restored into
+//! another prefix; a leader cut off from etcd stopping before another one leads.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +17,7 @@ use berth_tests::clients::{
 };
 use berth_tests::etcd::{EtcdCluster, unavailable};
 use berth_tests::missing_component;
+use berth_tests::netns::RoutedNet;
 use berth_tests::procs::{AgentProc, CoordinatorProc, run};
 use berth_tests::wait_for;
 
@@ -274,25 +276,64 @@ async fn a_sled_fleet_migrates_to_etcd_runs_on_it_and_survives_losing_a_member()
     cluster.kill(2);
     let (ok, _, err) = place(&coordinator, "one-lost");
     assert!(ok, "with one member lost: {err}");
-    // Two lost: no quorum. A write is refused (naming etcd), or finds the leader gone: it
-    // cannot renew its lease, so it steps down (exit 75) within the lease's 5 s.
+    // Two lost: no quorum. The leader cannot renew its leadership: a second before etcd could
+    // let its lease go it stops acting. A write is refused, naming etcd; reads and the agent's
+    // session go on.
+    let sessions = |log: &str| {
+        (
+            log.matches("agent session opened").count(),
+            log.matches("agent session closed").count(),
+        )
+    };
+    let before = sessions(&coordinator.log());
     cluster.kill(1);
+    wait_for("the leader stops acting", Duration::from_secs(20), || {
+        coordinator
+            .log()
+            .contains("leadership not renewed: stopped acting")
+            .then_some(())
+    });
     let (ok, _, err) = place(&coordinator, "no-quorum");
     assert!(!ok, "a placement without a quorum was acknowledged");
-    eprintln!("without a quorum, berthctl place says: {err}");
-    let status = wait_for("the leader steps down", Duration::from_secs(30), || {
-        coordinator.exit_status()
-    });
-    assert_eq!(status.code(), Some(75), "{}", coordinator.log());
-    assert!(coordinator.log().contains("lost the fleet's leadership"));
-    // A quorum again: started again (as systemd does), it leads and writes resume; what was
-    // refused was not half done.
+    assert!(
+        err.contains("etcd has not renewed this coordinator's leadership")
+            && err.contains("Unavailable"),
+        "{err}"
+    );
+    assert_eq!(
+        tenant_ids(&coordinator),
+        ["after", "before", "one-lost", "sealed"],
+        "reads go on without a quorum"
+    );
+    assert_eq!(coordinator.hosts().len(), 2, "hosts are read too");
+    // Reports arrive meanwhile, one a second: the session is kept through them.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        sessions(&coordinator.log()),
+        before,
+        "{}",
+        coordinator.log()
+    );
+    // A quorum again: the same leader renews its lease (etcd keeps leases while it has no
+    // quorum) and acts again, without a restart; what was refused was not half done.
     cluster.restart(1);
     cluster.restart(2);
     cluster.wait_healthy();
-    coordinator.restart();
+    wait_for("the leader acts again", Duration::from_secs(20), || {
+        coordinator
+            .log()
+            .contains("leadership renewed: acting again")
+            .then_some(())
+    });
+    assert!(coordinator.exit_status().is_none(), "{}", coordinator.log());
     let (ok, _, err) = place(&coordinator, "back");
     assert!(ok, "{err}");
+    assert_eq!(
+        sessions(&coordinator.log()),
+        before,
+        "{}",
+        coordinator.log()
+    );
     let fleet = ["after", "back", "before", "one-lost", "sealed"];
     assert_eq!(tenant_ids(&coordinator), fleet);
 
@@ -598,4 +639,124 @@ fn the_leader_killed_during_a_burst_of_placements_loses_none_and_the_fleet_follo
         let tenants: Vec<serde_json::Value> = serde_json::from_str(&out).ok()?;
         tenants.iter().all(|t| t["delivered"] == true).then_some(())
     });
+}
+
+/// When a coordinator logged `message` first: its log line's timestamp (RFC 3339, UTC, to the
+/// microsecond: such timestamps sort as strings).
+fn logged_at(log: &str, message: &str) -> String {
+    log.lines()
+        .find(|line| line.contains(message))
+        .and_then(|line| line.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no {message:?} in the log:\n{log}"))
+        .to_string()
+}
+
+/// A leader cut off from etcd and from everyone (its network namespace's link down) stops
+/// acting before etcd may let its lease go, so before a standby can lead: two coordinators
+/// never act at once. Back on the network, it learns that its lease ended and exits; the new
+/// leader has the fleet, without the write the cut-off leader refused.
+#[test]
+fn a_partitioned_leader_stops_acting_before_another_leads() {
+    if let Some(why) = unavailable() {
+        return missing_component("etcd", &why);
+    }
+    let net = match RoutedNet::new() {
+        Ok(net) => net,
+        Err(why) => return missing_component("network namespaces", &why),
+    };
+    let host_side = net.address(1);
+    let cluster = EtcdCluster::start_reachable_at(3, &host_side);
+    let mut leader = CoordinatorProc::start(
+        Some(&net.host(2)),
+        &format!(
+            "store = \"etcd\"\n{}",
+            cluster.config_at("/split/", &host_side)
+        ),
+    );
+    let _ = leader.operator_token_file();
+    let mut standby = CoordinatorProc::standby_on_loopback(
+        &leader,
+        &format!("store = \"etcd\"\n{}", cluster.config("/split/")),
+    );
+    // An agent on this side of the cut, knowing both coordinators.
+    let mut agent = AgentProc::enroll(&leader, "host-a", None);
+    agent.extra_config = format!(
+        "coordinator = \"{},{}\"\n",
+        leader.agent_url(),
+        standby.agent_url()
+    );
+    agent.start();
+    wait_for("host-a ready", Duration::from_secs(10), || {
+        (leader.host_state("host-a").as_deref() == Some("ready")).then_some(())
+    });
+    let (ok, _, err) = place(&leader, "before");
+    assert!(ok, "{err}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !standby.serving(),
+        "a standby serves while the leader leads"
+    );
+
+    net.set_link(false).expect("link down");
+    let cut = std::time::Instant::now();
+    wait_for(
+        "the cut-off leader stops acting",
+        Duration::from_secs(15),
+        || {
+            leader
+                .log()
+                .contains("leadership not renewed: stopped acting")
+                .then_some(())
+        },
+    );
+    let stopped = cut.elapsed();
+    standby.await_endpoints(Duration::from_secs(30));
+    let led = cut.elapsed();
+    // Asked on its own side of the cut, it answers that it cannot act (or cannot reach etcd
+    // to look the caller up).
+    let (ok, _, err) = place(&leader, "split");
+    assert!(!ok, "a leader cut off from etcd acknowledged a placement");
+    assert!(
+        err.contains("Unavailable")
+            && (err.contains("etcd has not renewed") || err.contains("store unreachable: etcd")),
+        "{err}"
+    );
+    let (stopped_at, led_at) = (
+        logged_at(&leader.log(), "leadership not renewed: stopped acting"),
+        logged_at(&standby.log(), "leading the fleet"),
+    );
+    eprintln!(
+        "link down: the old leader stopped acting after {stopped:?} ({stopped_at}), the standby led after {led:?} ({led_at})"
+    );
+    assert!(
+        stopped_at < led_at,
+        "the old leader stopped at {stopped_at}, the new one led at {led_at}"
+    );
+    let (ok, _, err) = place(&standby, "after");
+    assert!(ok, "{err}");
+    // The agent, cut off from its coordinator too, finds the new leader on its own.
+    wait_for(
+        "host-a's session on the new leader",
+        Duration::from_secs(30),
+        || {
+            standby
+                .log()
+                .contains("agent session opened host=host-a")
+                .then_some(())
+        },
+    );
+
+    // Back on the network: etcd tells the old leader its lease ended, and it exits.
+    net.set_link(true).expect("link up");
+    let status = wait_for("the old leader exits", Duration::from_secs(30), || {
+        leader.exit_status()
+    });
+    assert_eq!(status.code(), Some(75), "{}", leader.log());
+    assert!(
+        leader.log().contains("etcd says the lease expired"),
+        "{}",
+        leader.log()
+    );
+    assert_eq!(tenant_ids(&standby), ["after", "before"]);
+    drop(agent);
 }

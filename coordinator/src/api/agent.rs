@@ -11,11 +11,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use berth_shared::host::HostFacts;
+use berth_shared::ids::HostId;
 use berth_shared::pki::{Subject, Validity};
 use berth_shared::proto::agent_message::Body as AgentBody;
 use berth_shared::proto::agent_service_server::AgentService;
 use berth_shared::proto::coordinator_message::Body as CoordinatorBody;
 use berth_shared::proto::{self, AgentMessage, CoordinatorMessage};
+use berth_shared::store::{Store, StoreError};
 use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -23,7 +25,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::api::failure::status;
 use crate::coordinator::{AuthenticatedHost, Coordinator};
-use crate::registry::CertRecord;
+use crate::registry::{CertRecord, RegistryError};
 use crate::sessions::{AgentReply, SessionHub};
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -76,6 +78,26 @@ fn transfer_address(
     Ok(ip.map(|ip| SocketAddr::new(ip, port)))
 }
 
+/// A hello or report is taken (the figures it carries are in memory) when its record cannot
+/// be written because etcd has no quorum or this coordinator's leadership lapsed: the session
+/// goes on, and the next report after that is written. Any other failure ends the session.
+fn tolerate_unwritten<T>(
+    host: &HostId,
+    what: &str,
+    recorded: Result<T, RegistryError>,
+) -> Result<(), Status> {
+    match recorded {
+        Ok(_) => Ok(()),
+        Err(RegistryError::Store(
+            e @ (StoreError::LeadershipLapsed { .. } | StoreError::Unreachable(_)),
+        )) => {
+            tracing::debug!(%host, what, error = %e, "taken, not recorded");
+            Ok(())
+        }
+        Err(e) => Err(status(e)),
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct AgentApi {
     pub coordinator: Arc<Coordinator>,
@@ -120,15 +142,13 @@ impl AgentApi {
                         "report.memory_available_bytes: larger than report.memory_total_bytes",
                     ));
                 }
-                self.coordinator
-                    .registry
-                    .record_report(
-                        &auth.host_id,
-                        report.memory_available_bytes,
-                        report.disk_available_bytes,
-                        |h| self.coordinator.sync_host(h),
-                    )
-                    .map_err(status)?;
+                let recorded = self.coordinator.registry.record_report(
+                    &auth.host_id,
+                    report.memory_available_bytes,
+                    report.disk_available_bytes,
+                    |h| self.coordinator.sync_host(h),
+                );
+                tolerate_unwritten(&auth.host_id, "report", recorded)?;
                 self.coordinator
                     .placements
                     .record_statuses(&auth.host_id, report.tenants);
@@ -161,6 +181,30 @@ impl AgentApi {
                 Ok(())
             }
         }
+    }
+}
+
+/// Whether this coordinator may act now, as its store says (always, with sled).
+struct Acting(Option<tokio::sync::watch::Receiver<bool>>);
+
+impl Acting {
+    fn of(store: &dyn Store) -> Self {
+        Self(store.acting())
+    }
+
+    fn now(&self) -> bool {
+        self.0.as_ref().is_none_or(|acting| *acting.borrow())
+    }
+
+    /// Waits for the next change; `true` when it is a return to acting. Never returns with
+    /// sled, or once the store is gone.
+    async fn resumed(&mut self) -> bool {
+        if let Some(acting) = &mut self.0
+            && acting.changed().await.is_ok()
+        {
+            return *acting.borrow_and_update();
+        }
+        std::future::pending().await
     }
 }
 
@@ -199,10 +243,11 @@ impl AgentService for AgentApi {
             tracing::warn!(host = %auth.host_id, error = %e, "hello refused");
             Status::invalid_argument(e.to_string())
         })?;
-        self.coordinator
+        let recorded = self
+            .coordinator
             .registry
-            .record_hello(&auth.host_id, facts, |h| self.coordinator.sync_host(h))
-            .map_err(status)?;
+            .record_hello(&auth.host_id, facts, |h| self.coordinator.sync_host(h));
+        tolerate_unwritten(&auth.host_id, "hello", recorded)?;
         tracing::info!(host = %auth.host_id, serial = %auth.serial, "agent session opened");
 
         let (tx, rx) = mpsc::channel(16);
@@ -252,15 +297,28 @@ impl AgentService for AgentApi {
         );
         let api = self.clone();
         let mut desired = self.coordinator.placements.subscribe(&auth.host_id);
+        let mut acting = Acting::of(self.coordinator.registry.store());
         tokio::spawn(async move {
             // The host learns its durable desired state at once, and every change after.
             desired.mark_changed();
             let mut last_sent: Option<tokio::time::Instant> = None;
             loop {
                 tokio::select! {
+                    resumed = acting.resumed() => {
+                        // What was held back while the leadership lapsed goes out now.
+                        if resumed {
+                            desired.mark_changed();
+                        }
+                    }
                     changed = desired.changed() => {
                         if changed.is_err() {
                             break;
+                        }
+                        if !acting.now() {
+                            // A leader that cannot renew its leadership delivers nothing: by
+                            // the time it arrived, another coordinator might lead.
+                            desired.borrow_and_update();
+                            continue;
                         }
                         // Coalesce a burst of placements into one snapshot.
                         if let Some(sent) = last_sent {

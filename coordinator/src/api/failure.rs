@@ -6,6 +6,7 @@ use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use berth_shared::ids::IdError;
+use berth_shared::store::StoreError;
 use tonic::{Code, Status};
 
 use crate::coordinator::{AuthError, BackupError, RestartError};
@@ -120,6 +121,18 @@ impl IntoResponse for Failure {
     }
 }
 
+/// A store that cannot be reached or written now (members down, a leader whose leadership
+/// lapsed or ended) is unavailable: trying again, perhaps at another coordinator, may work. Any other store failure is the
+/// coordinator's own.
+fn store_kind(e: &StoreError) -> Kind {
+    match e {
+        StoreError::LeadershipLapsed { .. } | StoreError::Fenced | StoreError::Unreachable(_) => {
+            Kind::Unavailable
+        }
+        StoreError::Open { .. } | StoreError::Io(_) | StoreError::Corrupt { .. } => Kind::Internal,
+    }
+}
+
 fn with(kind: Kind, e: impl std::fmt::Display) -> Failure {
     Failure::new(kind, e)
 }
@@ -135,7 +148,7 @@ impl From<PlaceError> for Failure {
                 Kind::Precondition
             }
             PlaceError::PurgeIncomplete { .. } => Kind::Unavailable,
-            PlaceError::Store(_) => Kind::Internal,
+            PlaceError::Store(e) => store_kind(e),
         };
         with(kind, e)
     }
@@ -150,7 +163,7 @@ impl From<RegistryError> for Failure {
             | RegistryError::UnknownOperator(_) => Kind::NotFound,
             RegistryError::RenewalTooSoon { .. } => Kind::Exhausted,
             RegistryError::WrongState { .. } => Kind::Precondition,
-            RegistryError::Store(_) => Kind::Internal,
+            RegistryError::Store(e) => store_kind(e),
         };
         with(kind, e)
     }
@@ -162,7 +175,8 @@ impl From<DrainError> for Failure {
             DrainError::UnknownHost(_) | DrainError::NoDrain(_) => Kind::NotFound,
             DrainError::AlreadyDraining(_) => Kind::Conflict,
             DrainError::Refused { .. } | DrainError::NothingToRestore(_) => Kind::Precondition,
-            DrainError::Store(_) | DrainError::Registry(_) => Kind::Internal,
+            DrainError::Store(e) | DrainError::Registry(RegistryError::Store(e)) => store_kind(e),
+            DrainError::Registry(_) => Kind::Internal,
         };
         with(kind, e)
     }
@@ -219,6 +233,7 @@ impl From<RestartError> for Failure {
 impl From<AuthError> for Failure {
     fn from(e: AuthError) -> Self {
         let kind = match &e {
+            AuthError::Registry(RegistryError::Store(e)) => store_kind(e),
             AuthError::NoTransport | AuthError::Registry(_) => Kind::Internal,
             AuthError::BadCertificate(_)
             | AuthError::Revoked
