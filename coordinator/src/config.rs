@@ -52,6 +52,9 @@ struct RawConfig {
 struct RawEtcd {
     endpoints: Vec<String>,
     prefix: Option<String>,
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
 }
 
 /// Where the fleet's state is kept.
@@ -234,10 +237,12 @@ fn etcd_config(raw: RawEtcd) -> Result<crate::etcd::EtcdConfig, String> {
             "etcd.endpoints: from 1 to {MAX_ETCD_ENDPOINTS} members' client URLs"
         ));
     }
+    let tls = raw.endpoints[0].starts_with("https://");
+    let scheme = if tls { "https://" } else { "http://" };
     for endpoint in &raw.endpoints {
-        let Some(rest) = endpoint.strip_prefix("http://") else {
+        let Some(rest) = endpoint.strip_prefix(scheme) else {
             return Err(format!(
-                "etcd.endpoints: {endpoint:?}: an http://host:port URL (TLS to etcd is not built: keep its client port on loopback or a private network)"
+                "etcd.endpoints: {endpoint:?}: a {scheme}host:port URL, as the first one (every member is reached the same way)"
             ));
         };
         let valid = rest.len() <= 253
@@ -247,10 +252,35 @@ fn etcd_config(raw: RawEtcd) -> Result<crate::etcd::EtcdConfig, String> {
             && !rest.contains(['/', '@', ' ']);
         if !valid {
             return Err(format!(
-                "etcd.endpoints: {endpoint:?}: not http://host:port"
+                "etcd.endpoints: {endpoint:?}: not {scheme}host:port"
             ));
         }
     }
+    let tls = match (tls, raw.ca_file, raw.cert_file, raw.key_file) {
+        (true, Some(ca_file), Some(cert_file), Some(key_file)) => Some(crate::etcd::EtcdTls {
+            ca_file,
+            cert_file,
+            key_file,
+        }),
+        (true, ca, cert, _) => {
+            let missing = if ca.is_none() {
+                "etcd.ca_file"
+            } else if cert.is_none() {
+                "etcd.cert_file"
+            } else {
+                "etcd.key_file"
+            };
+            return Err(format!(
+                "{missing}: https:// endpoints need ca_file, cert_file and key_file (etcd checks this coordinator's certificate, it checks etcd's)"
+            ));
+        }
+        (false, None, None, None) => None,
+        (false, ..) => {
+            return Err(
+                "etcd.ca_file, etcd.cert_file, etcd.key_file: only with https:// endpoints".into(),
+            );
+        }
+    };
     let prefix = raw.prefix.unwrap_or_else(|| "/berth/".into());
     if prefix.is_empty()
         || prefix.len() > 64
@@ -264,6 +294,7 @@ fn etcd_config(raw: RawEtcd) -> Result<crate::etcd::EtcdConfig, String> {
     Ok(crate::etcd::EtcdConfig {
         endpoints: raw.endpoints,
         prefix,
+        tls,
     })
 }
 
@@ -529,6 +560,20 @@ mod tests {
             Some(crate::etcd::EtcdConfig {
                 endpoints: vec!["http://10.0.0.1:2379".into(), "http://etcd-2:2379".into()],
                 prefix: "/berth/".into(),
+                tls: None,
+            })
+        );
+        let tls = "[etcd]\nendpoints = [\"https://e1:2379\", \"https://e2:2379\"]\nca_file = \"/etc/berth/etcd-ca.crt\"\ncert_file = \"/etc/berth/etcd.crt\"\nkey_file = \"/etc/berth/etcd.key\"\n";
+        assert_eq!(
+            CoordinatorConfig::parse(path, tls)
+                .unwrap()
+                .etcd
+                .unwrap()
+                .tls,
+            Some(crate::etcd::EtcdTls {
+                ca_file: "/etc/berth/etcd-ca.crt".into(),
+                cert_file: "/etc/berth/etcd.crt".into(),
+                key_file: "/etc/berth/etcd.key".into(),
             })
         );
         assert_eq!(
@@ -544,7 +589,23 @@ mod tests {
             ("[etcd]\nendpoints = []", "etcd.endpoints: from 1 to 16"),
             (
                 "[etcd]\nendpoints = [\"https://e:2379\"]",
-                "TLS to etcd is not built",
+                "etcd.ca_file: https:// endpoints need ca_file, cert_file and key_file",
+            ),
+            (
+                "[etcd]\nendpoints = [\"https://e:2379\"]\nca_file = \"a\"\ncert_file = \"b\"",
+                "etcd.key_file: https:// endpoints need",
+            ),
+            (
+                "[etcd]\nendpoints = [\"https://e:2379\", \"http://f:2379\"]",
+                "etcd.endpoints: \"http://f:2379\": a https://host:port URL, as the first one",
+            ),
+            (
+                "[etcd]\nendpoints = [\"http://e:2379\"]\nca_file = \"a\"",
+                "etcd.ca_file, etcd.cert_file, etcd.key_file: only with https:// endpoints",
+            ),
+            (
+                "[etcd]\nendpoints = [\"ftp://e:2379\"]",
+                "etcd.endpoints: \"ftp://e:2379\": a http://host:port URL",
             ),
             (
                 "[etcd]\nendpoints = [\"http://e\"]",

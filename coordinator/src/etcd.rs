@@ -29,10 +29,65 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Where the fleet's etcd cluster is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EtcdConfig {
-    /// Client URLs of the members (`http://host:2379`).
+    /// Client URLs of the members (`http://host:2379`, or `https://` with `tls`).
     pub endpoints: Vec<String>,
     /// Every key of this fleet starts with it.
     pub prefix: String,
+    pub tls: Option<EtcdTls>,
+}
+
+/// Mutual TLS to the members: they prove themselves with a certificate of `ca_file`, this
+/// coordinator with its own (`etcd --client-cert-auth`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdTls {
+    pub ca_file: std::path::PathBuf,
+    pub cert_file: std::path::PathBuf,
+    /// The systemd credential `etcd-client-key` replaces it when the unit passes one.
+    pub key_file: std::path::PathBuf,
+}
+
+/// The largest certificate or key file read for TLS to etcd.
+const TLS_FILE_BYTES: u64 = 64 << 10;
+
+impl EtcdTls {
+    /// The client's TLS options, from the files (the key readable by its owner only).
+    fn options(&self) -> Result<etcd_client::TlsOptions, String> {
+        use std::os::unix::fs::PermissionsExt;
+        let read = |key: &str, path: &std::path::Path| -> Result<Vec<u8>, String> {
+            let file = std::fs::File::open(path)
+                .map_err(|e| format!("etcd.{key}: {}: {e}", path.display()))?;
+            let meta = file
+                .metadata()
+                .map_err(|e| format!("etcd.{key}: {}: {e}", path.display()))?;
+            if meta.len() > TLS_FILE_BYTES {
+                return Err(format!(
+                    "etcd.{key}: {}: larger than {TLS_FILE_BYTES} bytes",
+                    path.display()
+                ));
+            }
+            if key == "key_file" && meta.permissions().mode() & 0o077 != 0 {
+                return Err(format!(
+                    "etcd.key_file: {}: readable by others (mode {:o}); chmod 600 it, or pass it as the systemd credential etcd-client-key",
+                    path.display(),
+                    meta.permissions().mode() & 0o777
+                ));
+            }
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::Read::take(file, TLS_FILE_BYTES), &mut bytes)
+                .map_err(|e| format!("etcd.{key}: {}: {e}", path.display()))?;
+            Ok(bytes)
+        };
+        let key_path = std::env::var_os("CREDENTIALS_DIRECTORY")
+            .map(|dir| std::path::PathBuf::from(dir).join("etcd-client-key"))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| self.key_file.clone());
+        let ca = read("ca_file", &self.ca_file)?;
+        let cert = read("cert_file", &self.cert_file)?;
+        let key = read("key_file", &key_path)?;
+        Ok(etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(ca))
+            .identity(etcd_client::Identity::from_pem(cert, key)))
+    }
 }
 
 /// How long a leader's lease lives without a keep-alive, in seconds: a leader that dies or is
@@ -182,6 +237,13 @@ impl EtcdStore {
             .with_timeout(REQUEST_TIMEOUT)
             .with_keep_alive(CONNECTION_PING, CONNECTION_PING)
             .with_keep_alive_while_idle(true);
+        let options = match &config.tls {
+            Some(tls) => options.with_tls(tls.options().map_err(|message| StoreError::Open {
+                path: config.endpoints.join(","),
+                message,
+            })?),
+            None => options,
+        };
         let endpoints = config.endpoints.clone();
         let client = std::thread::scope(|s| {
             s.spawn(|| runtime.block_on(Client::connect(endpoints, Some(options))))

@@ -2,7 +2,7 @@
 //! process, data directory and ports; members can be killed and started again on their data.
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -38,21 +38,120 @@ pub struct EtcdCluster {
     members: Vec<Member>,
     /// An address of this machine the members listen on too, beside loopback.
     also_at: Option<String>,
+    /// With mutual TLS on the client port: the directory of its certificates and keys.
+    tls: Option<PathBuf>,
+}
+
+/// Runs openssl with `args` in `dir`, or panics with what it said.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// In `dir`: a CA `<ca>.crt`/`.key`, and `<name>.crt`/`.key` signed by it for 127.0.0.1,
+/// for servers and clients both. Keys are mode 0600.
+fn issue(dir: &Path, ca: &str, names: &[&str]) {
+    if !dir.join(format!("{ca}.crt")).exists() {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                &format!("{ca}.key"),
+                "-out",
+                &format!("{ca}.crt"),
+                "-subj",
+                &format!("/CN={ca}"),
+                "-days",
+                "2",
+            ],
+        );
+    }
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )
+    .expect("ext.cnf");
+    for name in names {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &format!("/CN={name}"),
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                &format!("{ca}.crt"),
+                "-CAkey",
+                &format!("{ca}.key"),
+                "-CAcreateserial",
+                "-out",
+                &format!("{name}.crt"),
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
+            ],
+        );
+        std::fs::set_permissions(
+            dir.join(format!("{name}.key")),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .expect("key mode");
+    }
 }
 
 impl EtcdCluster {
     /// Starts `size` members and waits until the cluster has a leader.
     pub fn start(size: usize) -> Self {
-        Self::start_listening(size, None)
+        Self::start_listening(size, None, false)
+    }
+
+    /// The same, with mutual TLS on the client ports (`--client-cert-auth`): the members'
+    /// certificates and a client's ([`EtcdCluster::client_tls`]) from a CA made for the test,
+    /// and a client certificate from another CA ([`EtcdCluster::stranger_tls`]).
+    pub fn start_tls(size: usize) -> Self {
+        Self::start_listening(size, None, true)
     }
 
     /// The same, each member's client port listening at `address` too (the host side of a
     /// test's network namespace, so processes inside reach the cluster).
     pub fn start_reachable_at(size: usize, address: &str) -> Self {
-        Self::start_listening(size, Some(address.to_string()))
+        Self::start_listening(size, Some(address.to_string()), false)
     }
 
-    fn start_listening(size: usize, also_at: Option<String>) -> Self {
+    fn start_listening(size: usize, also_at: Option<String>, tls: bool) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("berth-etcd")
             .tempdir()
@@ -65,10 +164,18 @@ impl EtcdCluster {
                 child: None,
             })
             .collect();
+        let tls = tls.then(|| {
+            let tls = dir.path().join("tls");
+            std::fs::create_dir(&tls).expect("tls dir");
+            issue(&tls, "etcd-ca", &["member", "client"]);
+            issue(&tls, "other-ca", &["stranger"]);
+            tls
+        });
         let mut cluster = Self {
             dir,
             members,
             also_at,
+            tls,
         };
         for i in 0..size {
             cluster.spawn(i);
@@ -99,9 +206,22 @@ impl EtcdCluster {
             .open(self.log_path(i))
             .expect("etcd log");
         let m = &self.members[i];
-        let mut client = format!("http://127.0.0.1:{}", m.client_port);
+        let scheme = self.scheme();
+        let mut client = format!("{scheme}://127.0.0.1:{}", m.client_port);
         if let Some(address) = &self.also_at {
-            client.push_str(&format!(",http://{address}:{}", m.client_port));
+            client.push_str(&format!(",{scheme}://{address}:{}", m.client_port));
+        }
+        let mut tls_args: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(tls) = &self.tls {
+            for (flag, file) in [
+                ("--cert-file", "member.crt"),
+                ("--key-file", "member.key"),
+                ("--trusted-ca-file", "etcd-ca.crt"),
+            ] {
+                tls_args.push(flag.into());
+                tls_args.push(tls.join(file).into());
+            }
+            tls_args.push("--client-cert-auth".into());
         }
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
         let child = Command::new(ETCD)
@@ -127,6 +247,7 @@ impl EtcdCluster {
                 "--election-timeout",
                 "500",
             ])
+            .args(tls_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("etcd log"))
             .stderr(log)
@@ -140,12 +261,37 @@ impl EtcdCluster {
         self.endpoints_at("127.0.0.1")
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
+
     /// The client URLs of every member at `address` (loopback, or where it also listens).
     pub fn endpoints_at(&self, address: &str) -> Vec<String> {
+        let scheme = self.scheme();
         self.members
             .iter()
-            .map(|m| format!("http://{address}:{}", m.client_port))
+            .map(|m| format!("{scheme}://{address}:{}", m.client_port))
             .collect()
+    }
+
+    /// A client's TLS files for a cluster started with [`EtcdCluster::start_tls`].
+    pub fn client_tls(&self) -> Option<berth_coordinator::etcd::EtcdTls> {
+        self.tls_of("client", "etcd-ca")
+    }
+
+    /// Files of a client whose certificate another CA signed (it trusts the right one).
+    pub fn stranger_tls(&self) -> Option<berth_coordinator::etcd::EtcdTls> {
+        self.tls_of("stranger", "etcd-ca")
+    }
+
+    fn tls_of(&self, name: &str, ca: &str) -> Option<berth_coordinator::etcd::EtcdTls> {
+        self.tls
+            .as_ref()
+            .map(|dir| berth_coordinator::etcd::EtcdTls {
+                ca_file: dir.join(format!("{ca}.crt")),
+                cert_file: dir.join(format!("{name}.crt")),
+                key_file: dir.join(format!("{name}.key")),
+            })
     }
 
     /// The `[etcd]` table of a coordinator's configuration for this cluster.
@@ -155,10 +301,17 @@ impl EtcdCluster {
 
     /// The same, reaching the members at `address`.
     pub fn config_at(&self, prefix: &str, address: &str) -> String {
-        format!(
+        let mut table = format!(
             "[etcd]\nendpoints = {:?}\nprefix = {prefix:?}\n",
             self.endpoints_at(address)
-        )
+        );
+        if let Some(tls) = self.client_tls() {
+            table.push_str(&format!(
+                "ca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n",
+                tls.ca_file, tls.cert_file, tls.key_file
+            ));
+        }
+        table
     }
 
     /// SIGKILL one member.
@@ -182,11 +335,23 @@ impl EtcdCluster {
                 .iter()
                 .filter(|m| m.child.is_some())
                 .any(|m| {
-                    Command::new("curl")
-                        .args(["-sS", "-m", "2"])
-                        .arg(format!("http://127.0.0.1:{}/health", m.client_port))
-                        .output()
-                        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("\"true\""))
+                    let mut curl = Command::new("curl");
+                    curl.args(["-sS", "-m", "2"]);
+                    if let Some(tls) = self.client_tls() {
+                        curl.arg("--cacert")
+                            .arg(tls.ca_file)
+                            .arg("--cert")
+                            .arg(tls.cert_file)
+                            .arg("--key")
+                            .arg(tls.key_file);
+                    }
+                    curl.arg(format!(
+                        "{}://127.0.0.1:{}/health",
+                        self.scheme(),
+                        m.client_port
+                    ))
+                    .output()
+                    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("\"true\""))
                 })
                 .then_some(())
         });

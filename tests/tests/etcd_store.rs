@@ -25,6 +25,7 @@ fn store_on(cluster: &EtcdCluster, prefix: &str) -> EtcdStore {
     EtcdStore::connect(&EtcdConfig {
         endpoints: cluster.endpoints(),
         prefix: prefix.into(),
+        tls: cluster.client_tls(),
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()))
 }
@@ -759,4 +760,67 @@ fn a_partitioned_leader_stops_acting_before_another_leads() {
     );
     assert_eq!(tenant_ids(&standby), ["after", "before"]);
     drop(agent);
+}
+
+/// With mutual TLS on etcd's client ports, the store proves itself with its certificate and
+/// checks the members': a client certificate another CA signed, or none, gets nothing; a
+/// key file others can read is refused before any connection; a coordinator configured with
+/// `https://` endpoints leads and serves over TLS.
+#[test]
+fn the_store_reaches_etcd_over_mutual_tls_and_strangers_get_nothing() {
+    if let Some(why) = unavailable() {
+        return missing_component("etcd", &why);
+    }
+    berth_shared::tls::install_crypto_provider();
+    let cluster = EtcdCluster::start_tls(3);
+    let store = store_on(&cluster, "/tls/");
+    store
+        .apply(vec![put("host/a", "over tls")], Durability::Flushed)
+        .unwrap();
+    assert_eq!(store.get("host/a").unwrap(), Some(b"over tls".to_vec()));
+
+    let refused = |endpoints: Vec<String>, tls| {
+        EtcdStore::connect(&EtcdConfig {
+            endpoints,
+            prefix: "/tls/".into(),
+            tls,
+        })
+        .map(|_| ())
+        .unwrap_err()
+        .to_string()
+    };
+    let stranger = refused(cluster.endpoints(), cluster.stranger_tls());
+    eprintln!("another CA's client certificate: {stranger}");
+    assert!(stranger.contains("cannot open the store"), "{stranger}");
+    let plain = cluster
+        .endpoints()
+        .iter()
+        .map(|e| e.replacen("https://", "http://", 1))
+        .collect();
+    let without = refused(plain, None);
+    eprintln!("no TLS: {without}");
+    assert!(without.contains("cannot open the store"), "{without}");
+
+    let mut careless = cluster.client_tls().unwrap();
+    let copy = careless.key_file.with_file_name("careless.key");
+    std::fs::copy(&careless.key_file, &copy).unwrap();
+    std::fs::set_permissions(&copy, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    careless.key_file = copy;
+    let err = refused(cluster.endpoints(), Some(careless));
+    assert!(
+        err.contains("etcd.key_file") && err.contains("readable by others (mode 644)"),
+        "{err}"
+    );
+
+    let coordinator = CoordinatorProc::start(
+        None,
+        &format!("store = \"etcd\"\n{}", cluster.config("/tls-fleet/")),
+    );
+    assert!(
+        coordinator.log().contains("leading the fleet"),
+        "{}",
+        coordinator.log()
+    );
+    let (ok, out, err) = coordinator.berthctl(&["--json", "tenants"]);
+    assert!(ok && out.trim() == "[]", "{out} {err}");
 }
