@@ -508,17 +508,17 @@ fn a_standby_coordinator_serves_the_fleet_once_its_leader_dies() {
     drop(agent);
 }
 
-/// 3 etcd members, 3 coordinators (a leader, two standbys), 3 agents that know every
-/// coordinator; 4 clients place 400 tenants through berthctl given every coordinator's address,
-/// each placement tried again until acknowledged (placing the same spec again is a no-op). The
-/// leader is SIGKILLed once 100 are acknowledged.
+/// 3 etcd members, 3 coordinators (a leader, two standbys), 6 agents that know every
+/// coordinator; 5 clients place 2,000 tenants through berthctl given every coordinator's
+/// address, each placement tried again until acknowledged (placing the same spec again is a
+/// no-op). The leader is SIGKILLed once 500 are acknowledged.
 #[test]
 fn the_leader_killed_during_a_burst_of_placements_loses_none_and_the_fleet_follows() {
     if let Some(why) = unavailable() {
         return missing_component("etcd", &why);
     }
-    const CLIENTS: usize = 4;
-    const EACH: usize = 100;
+    const CLIENTS: usize = 5;
+    const EACH: usize = 400;
     let cluster = EtcdCluster::start(3);
     let config = format!("store = \"etcd\"\n{}", cluster.config("/burst/"));
     let mut first = CoordinatorProc::start(None, &config);
@@ -534,11 +534,15 @@ fn the_leader_killed_during_a_burst_of_placements_loses_none_and_the_fleet_follo
     // leader enrolls); on one machine the coordinators' ports differ, so the agents are given
     // every agent port too.
     let standbys_first: Vec<String> = operator_urls.iter().rev().cloned().collect();
-    let agents: Vec<AgentProc> = (0..3)
+    // 2,000 of the smallest tenants (64 MiB) need 125 GiB: six hosts of this machine's size.
+    let agents: Vec<AgentProc> = (0..6)
         .map(|i| {
             let mut agent =
                 AgentProc::enroll_through(&first, &format!("burst-{i}"), &standbys_first.join(","));
-            agent.extra_config = format!("coordinator = \"{}\"\n", agent_urls.join(","));
+            agent.extra_config = format!(
+                "coordinator = \"{}\"\nmemory_reserved = \"256MiB\"\n",
+                agent_urls.join(",")
+            );
             agent.start();
             agent
         })
@@ -558,7 +562,7 @@ fn the_leader_killed_during_a_burst_of_placements_loses_none_and_the_fleet_follo
             let (urls, ca, token) = (operator_urls.join(","), first.ca_cert(), token.clone());
             std::thread::spawn(move || {
                 for j in 0..EACH {
-                    let tenant = format!("b{c}-{j:03}");
+                    let tenant = format!("b{c}-{j:04}");
                     let spec = specs.join(format!("{tenant}.toml"));
                     std::fs::write(
                         &spec,
@@ -592,9 +596,9 @@ fn the_leader_killed_during_a_burst_of_placements_loses_none_and_the_fleet_follo
         })
         .collect();
     wait_for(
-        "100 placements acknowledged",
+        "500 placements acknowledged",
         Duration::from_secs(120),
-        || (acknowledged.lock().unwrap().len() >= 100).then_some(()),
+        || (acknowledged.lock().unwrap().len() >= 500).then_some(()),
     );
     first.kill9();
     let killed = std::time::Instant::now();
