@@ -84,8 +84,16 @@ enum Command {
     },
     /// Online arrivals and departures from the Azure trace.
     Replay {
+        /// The trace's directory: NAME.txt (arrivals), NAME.cEND.txt (durations censored at
+        /// END seconds), flav_map.txt, v1.interval_map.txt.
         #[arg(long = "azure-v1")]
         azure_v1: PathBuf,
+        /// Which NAME, when the directory holds several traces.
+        #[arg(long)]
+        trace: Option<String>,
+        /// The trace's end in seconds, instead of the END its durations file is named with.
+        #[arg(long)]
+        trace_end: Option<u64>,
         #[arg(long, default_value_t = 16)]
         host_cpu: u64,
         #[arg(long, default_value_t = 64)]
@@ -139,7 +147,7 @@ fn pack(
     summary: Option<PathBuf>,
     dims: Option<usize>,
     per_instance: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<serde_json::Value> {
     let known = summary
         .map(|s| inputs::read_summary(&s))
         .transpose()?
@@ -147,8 +155,18 @@ fn pack(
     let mut sums: std::collections::BTreeMap<&str, (f64, f64, usize)> = Default::default();
     let (mut instances, mut with_opt) = (0usize, 0usize);
     let started = std::time::Instant::now();
+    let mut invalid = Vec::new();
     for file in files {
-        let inst = inputs::read_vbp(&file)?;
+        // One bad file is reported and skipped; the others are still measured.
+        let inst = match inputs::read_vbp(&file) {
+            Ok(inst) => inst,
+            Err(e) => {
+                eprintln!("invalid instance: {e:#}");
+                invalid
+                    .push(json!({ "file": file.display().to_string(), "error": format!("{e:#}") }));
+                continue;
+            }
+        };
         if dims.is_some_and(|d| d != inst.capacity.len()) {
             continue;
         }
@@ -200,11 +218,9 @@ fn pack(
             (p.to_string(), json!({ "mean_bins_over_lower_bound": lb / instances as f64, "mean_bins_over_optimum": if *n > 0 { Some(opt / *n as f64) } else { None } }))
         })
         .collect();
-    println!(
-        "{}",
-        json!({ "summary": { "instances": instances, "instances_with_known_optimum": with_opt, "seconds": started.elapsed().as_secs_f64(), "policies": summary } })
-    );
-    Ok(())
+    Ok(
+        json!({ "summary": { "instances": instances, "instances_with_known_optimum": with_opt, "invalid": invalid, "seconds": started.elapsed().as_secs_f64(), "policies": summary } }),
+    )
 }
 
 fn decide(hosts: usize, tenants: usize, samples: usize) -> anyhow::Result<()> {
@@ -242,7 +258,9 @@ fn main() -> std::process::ExitCode {
             summary,
             dims,
             per_instance,
-        } => vbp_files(&vbp).and_then(|files| pack(files, summary, dims, per_instance)),
+        } => vbp_files(&vbp)
+            .and_then(|files| pack(files, summary, dims, per_instance))
+            .map(|summary| println!("{summary}")),
         Command::Decide {
             hosts,
             tenants,
@@ -277,17 +295,52 @@ fn main() -> std::process::ExitCode {
             .and_then(|rt| rt.block_on(dashboard::serve(hosts, tenants, addr))),
         Command::Replay {
             azure_v1,
+            trace,
+            trace_end,
             host_cpu,
             host_mem_gb,
             limit,
             no_baselines,
-        } => replay::run(
-            &azure_v1,
-            host_cpu * 1000,
-            host_mem_gb * 1024,
-            limit,
-            !no_baselines,
-        ),
+        } => inputs::Trace::find(&azure_v1, trace.as_deref(), trace_end).and_then(|trace| {
+            replay::run(
+                &azure_v1,
+                &trace,
+                host_cpu * 1000,
+                host_mem_gb * 1024,
+                limit,
+                !no_baselines,
+            )
+        }),
     };
     berth_shared::cli::finish(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_invalid_instance_is_reported_and_the_others_are_packed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a_bad.vbp"), "2\n10 10\n1\n-2 3 4\n").unwrap();
+        std::fs::write(dir.path().join("b_good.vbp"), "2\n10 10\n2\n6 2 3\n4 5 1\n").unwrap();
+        let files = vbp_files(&[dir.path().to_path_buf()]).unwrap();
+        let summary = pack(files, None, None, false).unwrap();
+        assert_eq!(summary["summary"]["instances"], 1);
+        let invalid = summary["summary"]["invalid"].as_array().unwrap();
+        assert_eq!(invalid.len(), 1);
+        assert!(
+            invalid[0]["error"]
+                .as_str()
+                .unwrap()
+                .contains("a_bad.vbp: \"-2\" is not a number"),
+            "{invalid:?}"
+        );
+        assert!(
+            summary["summary"]["policies"]["berth"]["mean_bins_over_lower_bound"]
+                .as_f64()
+                .unwrap()
+                >= 1.0
+        );
+    }
 }

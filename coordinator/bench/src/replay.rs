@@ -166,12 +166,14 @@ fn simulate(
 
 pub fn run(
     dir: &Path,
+    trace: &inputs::Trace,
     host_cpu: u64,
     host_mem: u64,
     limit: Option<usize>,
     baselines: bool,
 ) -> anyhow::Result<()> {
-    let all = inputs::read_azure(dir, limit)?;
+    let all = inputs::read_azure(dir, trace, limit)?;
+    anyhow::ensure!(!all.is_empty(), "{}: the trace has no VM", trace.arrivals);
     let (vms, too_big): (Vec<Vm>, Vec<Vm>) = all
         .into_iter()
         .partition(|v| v.cpu <= host_cpu && v.mem <= host_mem);
@@ -218,7 +220,7 @@ pub fn run(
     }
     println!(
         "{}",
-        json!({ "summary": { "arrivals": vms.len() + too_big.len(), "placed": vms.len(), "larger_than_a_host": too_big.len(), "host_cpu_millicores": host_cpu, "host_mem_mib": host_mem, "policies": results } })
+        json!({ "summary": { "trace": trace.durations, "trace_end_seconds": trace.end, "arrivals": vms.len() + too_big.len(), "placed": vms.len(), "larger_than_a_host": too_big.len(), "host_cpu_millicores": host_cpu, "host_mem_mib": host_mem, "policies": results } })
     );
     Ok(())
 }
