@@ -82,6 +82,7 @@ struct RawBackup {
 struct RawTier {
     memory: String,
     cpu_millicores: u32,
+    cpu_limit_millicores: Option<u32>,
     volume: String,
     strategy: Option<Strategy>,
 }
@@ -152,23 +153,27 @@ pub struct TierConfig {
     pub strategy: Option<Strategy>,
 }
 
-/// Built-in tiers (the DESIGN's presets).
+/// Built-in tiers (the DESIGN's presets). Memory is each tier's hard cap. CPU is sized for a
+/// gateway: idle it uses a few percent of a core, so each tier requests what its busy moments
+/// average (what placement counts, and its share when a host is contended) and may burst to
+/// one or two cores, so a host fills by its RAM, as gateways' hosts are sized.
 fn default_tiers() -> Vec<TierConfig> {
-    let tier = |name: &str, memory_bytes: u64, cpu_millicores: u32, volume_bytes: u64| TierConfig {
+    let tier = |name: &str, memory_bytes: u64, cpu: (u32, u32), volume_bytes: u64| TierConfig {
         tier: Tier {
             name: name.into(),
             resources: Resources {
                 memory_bytes,
-                cpu_millicores,
+                cpu_millicores: cpu.0,
                 volume_bytes,
+                cpu_limit_millicores: cpu.1,
             },
         },
         strategy: None,
     };
     vec![
-        tier("individual", 256 << 20, 500, 2 << 30),
-        tier("business", 1 << 30, 1000, 10 << 30),
-        tier("pro", 1536 << 20, 1000, 20 << 30),
+        tier("individual", 256 << 20, (100, 1000), 2 << 30),
+        tier("business", 1 << 30, (250, 2000), 10 << 30),
+        tier("pro", 1536 << 20, (500, 2000), 20 << 30),
     ]
 }
 
@@ -444,6 +449,24 @@ impl CoordinatorConfig {
                         ),
                     ));
                 }
+                let cpu_limit_millicores = t.cpu_limit_millicores.unwrap_or(0);
+                let max = berth_shared::spec::MAX_CPU_MILLICORES;
+                if t.cpu_millicores > max || cpu_limit_millicores > max {
+                    return Err(ConfigError::value(
+                        path,
+                        format!("invalid tiers.{name}: CPU above {max} millicores (256 CPUs)"),
+                    ));
+                }
+                if cpu_limit_millicores != 0 && cpu_limit_millicores < t.cpu_millicores {
+                    return Err(ConfigError::value(
+                        path,
+                        format!(
+                            "invalid {}: {cpu_limit_millicores} is below the tier's cpu_millicores ({})",
+                            field("cpu_limit_millicores"),
+                            t.cpu_millicores
+                        ),
+                    ));
+                }
                 let volume_bytes = parse_bytes(&field("volume"), &t.volume)
                     .map_err(|e| ConfigError::value(path, e))?;
                 config.tiers.push(TierConfig {
@@ -453,6 +476,7 @@ impl CoordinatorConfig {
                             memory_bytes,
                             cpu_millicores: t.cpu_millicores,
                             volume_bytes,
+                            cpu_limit_millicores,
                         },
                     },
                     strategy: t.strategy,
@@ -657,10 +681,17 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["individual", "business", "pro"]
         );
-        let text = "strategy = \"spread\"\n[tiers.tiny]\nmemory = \"128MiB\"\ncpu_millicores = 250\nvolume = \"1GiB\"\nstrategy = \"binpack\"\n";
+        // Gateways: small CPU requests, bursts to a core or two.
+        let business = &c.tiers[1].tier.resources;
+        assert_eq!(
+            (business.cpu_millicores, business.cpu_limit_millicores),
+            (250, 2000)
+        );
+        let text = "strategy = \"spread\"\n[tiers.tiny]\nmemory = \"128MiB\"\ncpu_millicores = 250\ncpu_limit_millicores = 1500\nvolume = \"1GiB\"\nstrategy = \"binpack\"\n";
         let c = CoordinatorConfig::parse(Path::new("c.toml"), text).unwrap();
         assert_eq!(c.strategy, Strategy::Spread);
         assert_eq!(c.tiers.len(), 1);
+        assert_eq!(c.tiers[0].tier.resources.cpu_limit_millicores, 1500);
         assert_eq!(c.tiers[0].strategy, Some(Strategy::Binpack));
         for (text, expected) in [
             (
@@ -670,6 +701,14 @@ mod tests {
             (
                 "[tiers.tiny]\nmemory = \"1GiB\"\ncpu_millicores = 0\nvolume = \"1GiB\"",
                 "invalid tiers.tiny.cpu_millicores",
+            ),
+            (
+                "[tiers.tiny]\nmemory = \"1GiB\"\ncpu_millicores = 500\ncpu_limit_millicores = 400\nvolume = \"1GiB\"",
+                "invalid tiers.tiny.cpu_limit_millicores: 400 is below the tier's cpu_millicores (500)",
+            ),
+            (
+                "[tiers.tiny]\nmemory = \"1GiB\"\ncpu_millicores = 500\ncpu_limit_millicores = 300000\nvolume = \"1GiB\"",
+                "invalid tiers.tiny: CPU above 256000 millicores",
             ),
             (
                 "[[catalog]]\nprovider = \"gcp\"\ninstance_type = \"x\"\nmemory = \"1GiB\"\ncpus = 1\nmonthly_cost = 1.0\nregions = []",

@@ -52,6 +52,7 @@ fn spec(tenant: usize, first_entry: usize) -> TenantSpec {
         resources: Some(proto::Resources {
             memory_bytes: 256 << 20,
             cpu_millicores: 100,
+            cpu_limit_millicores: 0,
             volume_bytes: 0,
         }),
         egress: (first_entry..first_entry + ENTRIES)

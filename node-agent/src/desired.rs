@@ -169,6 +169,7 @@ mod tests {
             resources: Some(proto::Resources {
                 memory_bytes: memory,
                 cpu_millicores: 500,
+                cpu_limit_millicores: 0,
                 volume_bytes: 1 << 30,
             }),
             ..Default::default()

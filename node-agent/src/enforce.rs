@@ -1043,6 +1043,7 @@ mod tests {
                     resources: Some(proto::Resources {
                         memory_bytes: 256 << 20,
                         cpu_millicores: 500,
+                        cpu_limit_millicores: 0,
                         volume_bytes: 1 << 30,
                     }),
                     ..Default::default()

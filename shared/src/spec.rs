@@ -37,11 +37,26 @@ pub const MAX_ENV_BYTES: usize = 16 << 10;
 pub const MAX_REGIONS: usize = 16;
 pub const MAX_LABELS: usize = 16;
 
+fn is_zero(value: &u32) -> bool {
+    *value == 0
+}
+
+/// The most CPU a tenant may request or be limited to, in millicores (256 CPUs).
+pub const MAX_CPU_MILLICORES: u32 = 256_000;
+
+/// What a tenant gets. Memory is a hard cap and placed by it; CPU is compressible: placement
+/// counts the request (`cpu_millicores`, also the tenant's weight when the host's CPU is
+/// contended), and the tenant may burst up to its limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Resources {
     pub memory_bytes: u64,
+    /// The CPU request.
     pub cpu_millicores: u32,
     pub volume_bytes: u64,
+    /// The CPU limit (the cgroup quota), at least the request; 0: no quota, only the weight.
+    /// Not written when 0, so specs stored without it read and digest as before.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cpu_limit_millicores: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -561,13 +576,27 @@ fn resolve_resources(
         (Some(tier.name.clone()), tier.resources)
     };
     let pick = |asked: u64, preset: u64| if asked != 0 { asked } else { preset };
+    let cpu_millicores = pick(
+        u64::from(requested.cpu_millicores),
+        u64::from(base.cpu_millicores),
+    ) as u32;
+    // A limit the spec names must hold its request; a tier's is raised to a larger request.
+    let cpu_limit_millicores = match requested.cpu_limit_millicores {
+        0 if base.cpu_limit_millicores == 0 => 0,
+        0 => base.cpu_limit_millicores.max(cpu_millicores),
+        asked if asked < cpu_millicores => {
+            return Err(field(
+                "resources.cpu_limit_millicores",
+                format!("{asked} is below the CPU request of {cpu_millicores}"),
+            ));
+        }
+        asked => asked,
+    };
     let resources = Resources {
         memory_bytes: pick(requested.memory_bytes, base.memory_bytes),
-        cpu_millicores: pick(
-            u64::from(requested.cpu_millicores),
-            u64::from(base.cpu_millicores),
-        ) as u32,
+        cpu_millicores,
         volume_bytes: pick(requested.volume_bytes, base.volume_bytes),
+        cpu_limit_millicores,
     };
     if resources.memory_bytes == 0 {
         return Err(field(
@@ -590,11 +619,16 @@ fn resolve_resources(
             "required when no tier is given",
         ));
     }
-    if resources.cpu_millicores > 256_000 {
-        return Err(field(
-            "resources.cpu_millicores",
-            "at most 256000 (256 CPUs)",
-        ));
+    for (name, value) in [
+        ("resources.cpu_millicores", resources.cpu_millicores),
+        (
+            "resources.cpu_limit_millicores",
+            resources.cpu_limit_millicores,
+        ),
+    ] {
+        if value > MAX_CPU_MILLICORES {
+            return Err(field(name, "at most 256000 (256 CPUs)"));
+        }
     }
     Ok((tier, resources))
 }
@@ -939,6 +973,7 @@ impl TenantSpec {
                 memory_bytes: self.resources.memory_bytes,
                 cpu_millicores: self.resources.cpu_millicores,
                 volume_bytes: self.resources.volume_bytes,
+                cpu_limit_millicores: self.resources.cpu_limit_millicores,
             }),
             egress: self.egress.iter().map(EgressRule::to_proto).collect(),
             volume: Some(proto::VolumeSpec {
@@ -1027,7 +1062,10 @@ pub struct TenantSpecFile {
 pub struct ResourcesFile {
     /// `"1GiB"` or bytes.
     pub memory: Option<SizeFile>,
+    /// The CPU request.
     pub cpu_millicores: Option<u32>,
+    /// The CPU limit (burst ceiling).
+    pub cpu_limit_millicores: Option<u32>,
     pub volume: Option<SizeFile>,
 }
 
@@ -1201,6 +1239,7 @@ impl TenantSpecFile {
                     .transpose()?
                     .unwrap_or(0),
                 cpu_millicores: r.cpu_millicores.unwrap_or(0),
+                cpu_limit_millicores: r.cpu_limit_millicores.unwrap_or(0),
                 volume_bytes: r
                     .volume
                     .map(|m| m.bytes("resources.volume"))
@@ -1251,6 +1290,7 @@ mod tests {
                     resources: Resources {
                         memory_bytes: 256 << 20,
                         cpu_millicores: 500,
+                        cpu_limit_millicores: 0,
                         volume_bytes: 1 << 30,
                     },
                 },
@@ -1259,6 +1299,7 @@ mod tests {
                     resources: Resources {
                         memory_bytes: 1 << 30,
                         cpu_millicores: 1000,
+                        cpu_limit_millicores: 0,
                         volume_bytes: 5 << 30,
                     },
                 },
@@ -1278,6 +1319,50 @@ mod tests {
         "tenant_id = \"acme-dental\"\nimage = \"ghcr.io/openclaw/gateway:2026.11\"\n";
 
     #[test]
+    fn a_cpu_limit_comes_from_the_spec_or_its_tier_and_holds_its_request() {
+        let mut policy = policy();
+        policy.tiers[1].resources.cpu_limit_millicores = 2000;
+        let resolve = |text: &str| -> Result<Resources, String> {
+            let f: TenantSpecFile = toml::from_str(&format!("{BASE}{text}")).unwrap();
+            TenantSpec::from_proto(f.to_proto().unwrap(), &policy)
+                .map(|s| s.resources)
+                .map_err(|e| e.to_string())
+        };
+        let cpu = |r: Resources| (r.cpu_millicores, r.cpu_limit_millicores);
+        assert_eq!(cpu(resolve("tier = \"business\"").unwrap()), (1000, 2000));
+        assert_eq!(
+            cpu(resolve("tier = \"business\"\n[resources]\ncpu_limit_millicores = 4000").unwrap()),
+            (1000, 4000)
+        );
+        // A request above the tier's limit raises it; a limit of the spec's own must hold it.
+        assert_eq!(
+            cpu(resolve("tier = \"business\"\n[resources]\ncpu_millicores = 3000").unwrap()),
+            (3000, 3000)
+        );
+        assert_eq!(
+            cpu(
+                resolve("[resources]\nmemory = \"1GiB\"\nvolume = \"1GiB\"\ncpu_millicores = 300")
+                    .unwrap()
+            ),
+            (300, 0),
+            "no limit: only a weight"
+        );
+        for (text, message) in [
+            (
+                "[resources]\nmemory = \"1GiB\"\nvolume = \"1GiB\"\ncpu_millicores = 300\ncpu_limit_millicores = 200",
+                "resources.cpu_limit_millicores: 200 is below the CPU request of 300",
+            ),
+            (
+                "tier = \"business\"\n[resources]\ncpu_limit_millicores = 300000",
+                "resources.cpu_limit_millicores: at most 256000",
+            ),
+        ] {
+            let err = resolve(text).unwrap_err();
+            assert!(err.contains(message), "{text}: {err}");
+        }
+    }
+
+    #[test]
     fn a_tier_fills_resources_and_defaults_apply() {
         let spec = file(&format!("{BASE}tier = \"business\"\negress = [\"api.anthropic.com:443\", \"203.0.113.0/24:8443\"]\n")).unwrap();
         assert_eq!(
@@ -1285,6 +1370,7 @@ mod tests {
             Resources {
                 memory_bytes: 1 << 30,
                 cpu_millicores: 1000,
+                cpu_limit_millicores: 0,
                 volume_bytes: 5 << 30
             }
         );

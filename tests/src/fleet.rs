@@ -163,7 +163,7 @@ impl Fleet {
         cpu_millicores: u32,
         egress: &[&str],
     ) -> Instant {
-        self.place_toml(tenant, memory, cpu_millicores, egress, "")
+        self.place_toml(tenant, memory, (cpu_millicores, 0), egress, "")
     }
 
     /// Places the test tenant (128 MiB) with nightly restarts in `window`, UTC.
@@ -171,23 +171,25 @@ impl Fleet {
         self.place_toml(
             tenant,
             "128MiB",
-            250,
+            (250, 0),
             &[],
             &format!("[restart]\nwindow = \"{window}\"\ntime_zone = \"UTC\"\n"),
         )
     }
 
-    /// [`Fleet::place_spec`] with `tables` (TOML tables such as `[restart]`) added to the spec.
+    /// [`Fleet::place_spec`] with `tables` (TOML tables such as `[restart]`) added to the spec,
+    /// and a CPU request and limit (`cpu`: millicores; a limit of 0 is none).
     pub fn place_toml(
         &self,
         tenant: &str,
         memory: &str,
-        cpu_millicores: u32,
+        cpu: (u32, u32),
         egress: &[&str],
         tables: &str,
     ) -> Instant {
+        let (cpu_millicores, cpu_limit_millicores) = cpu;
         let spec = format!(
-            "tenant_id = \"{tenant}\"\nimage = \"{}\"\negress = {egress:?}\n[resources]\nmemory = \"{memory}\"\ncpu_millicores = {cpu_millicores}\nvolume = \"64MiB\"\n[volume]\nencrypted = false\n{tables}",
+            "tenant_id = \"{tenant}\"\nimage = \"{}\"\negress = {egress:?}\n[resources]\nmemory = \"{memory}\"\ncpu_millicores = {cpu_millicores}\ncpu_limit_millicores = {cpu_limit_millicores}\nvolume = \"64MiB\"\n[volume]\nencrypted = false\n{tables}",
             self.image
         );
         let path = self.coordinator.dir.path().join(format!("{tenant}.toml"));

@@ -303,7 +303,13 @@ fn berthctl_backs_a_running_tenant_up_and_lists_its_snapshots() {
     };
     let tenant = unique("bk");
     // Backed up when the test says, not on its host's own schedule.
-    f.place_toml(&tenant, "128MiB", 250, &[], "[backup]\nenabled = false\n");
+    f.place_toml(
+        &tenant,
+        "128MiB",
+        (250, 0),
+        &[],
+        "[backup]\nenabled = false\n",
+    );
     let view = f.wait_serving(&tenant, Duration::from_secs(60));
     let port = view["published_port"].as_u64().unwrap() as u16;
     assert_eq!(

@@ -85,6 +85,7 @@ fn tenant(id: &str, image: &str, memory: u64) -> proto::TenantSpec {
         resources: Some(proto::Resources {
             memory_bytes: memory,
             cpu_millicores: 100,
+            cpu_limit_millicores: 0,
             volume_bytes: 0,
         }),
         volume: Some(proto::VolumeSpec {

@@ -56,9 +56,11 @@ fn a_placed_tenant_runs_hardened_under_its_cap() {
     let hc = &c["HostConfig"];
     assert_eq!(hc["Memory"], 128 << 20);
     assert_eq!(hc["MemorySwap"], 128 << 20, "no swap");
+    // A CPU request and no limit: a weight when the host's CPU is contended, no quota.
+    assert_eq!(hc["CpuShares"], 256);
     assert_eq!(
         (hc["CpuPeriod"].as_i64(), hc["CpuQuota"].as_i64()),
-        (Some(100_000), Some(25_000))
+        (Some(0), Some(0))
     );
     assert_eq!(hc["PidsLimit"], 512);
     assert_eq!(hc["CapDrop"], serde_json::json!(["ALL"]));
@@ -114,6 +116,40 @@ fn a_placed_tenant_runs_hardened_under_its_cap() {
     let dir = bind.split(':').next().unwrap();
     let meta = std::fs::metadata(dir).unwrap();
     assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), 65534);
+}
+
+/// CPU is compressible: a tenant that requests a quarter of a core bursts past it when the
+/// host has CPU to spare, up to its limit (1.5 cores here, on a machine of 2), never beyond.
+#[test]
+fn a_tenant_bursts_past_its_cpu_request_up_to_its_limit() {
+    let Some(f) = fleet() else { return };
+    let tenant = unique("burst");
+    f.place_toml(&tenant, "128MiB", (250, 1500), &[], "");
+    let view = f.wait_serving(&tenant, Duration::from_secs(60));
+    assert_eq!(
+        (
+            view["cpu_millicores"].as_u64(),
+            view["cpu_limit_millicores"].as_u64()
+        ),
+        (Some(250), Some(1500))
+    );
+    let hc = &inspect(&f.container(&tenant)).expect("container")["HostConfig"];
+    assert_eq!(hc["CpuShares"], 256);
+    assert_eq!(
+        (hc["CpuPeriod"].as_i64(), hc["CpuQuota"].as_i64()),
+        (Some(100_000), Some(150_000))
+    );
+    let port = view["published_port"].as_u64().unwrap() as u16;
+    // Three busy threads for 3 s: as much as the quota lets through.
+    let answer = http_get(port, "/spin?ms=3000&threads=3").expect("the spin answers");
+    let figures: Vec<f64> = answer
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let cores = figures[0] / figures[1];
+    eprintln!("{answer:?}: {cores:.2} cores used, 0.25 requested, 1.5 the limit");
+    assert!(cores > 0.5, "no burst past the request: {answer}");
+    assert!(cores < 1.65, "past the limit: {answer}");
 }
 
 #[test]

@@ -29,6 +29,7 @@ fn largest_spec(id: &str) -> proto::TenantSpec {
         resources: Some(proto::Resources {
             memory_bytes: 64 << 20,
             cpu_millicores: 1,
+            cpu_limit_millicores: 0,
             volume_bytes: berth_shared::spec::MIN_VOLUME_BYTES,
         }),
         volume: Some(proto::VolumeSpec {

@@ -52,6 +52,7 @@ fn small_spec(id: &str, memory: u64) -> proto::TenantSpec {
         resources: Some(proto::Resources {
             memory_bytes: memory,
             cpu_millicores: 1,
+            cpu_limit_millicores: 0,
             volume_bytes: 64 << 20,
         }),
         volume: Some(proto::VolumeSpec {

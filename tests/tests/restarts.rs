@@ -187,7 +187,7 @@ fn a_gateway_that_does_not_handle_sigterm_still_stops_at_once() {
     f.place_toml(
         &tenant,
         "128MiB",
-        250,
+        (250, 0),
         &[],
         "[env]\nTEST_TENANT_SIGTERM = \"default\"\n",
     );

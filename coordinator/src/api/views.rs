@@ -180,7 +180,10 @@ pub struct TenantView {
     pub image: String,
     pub memory_cap_bytes: u64,
     pub memory_used_bytes: u64,
+    /// The CPU request (what placement counts).
     pub cpu_millicores: u32,
+    /// The CPU limit it may burst to; 0: none.
+    pub cpu_limit_millicores: u32,
     pub volume_bytes: u64,
     pub encrypted: bool,
     pub oom_kills: u64,
@@ -526,6 +529,7 @@ impl From<&proto::Tenant> for TenantView {
             memory_cap_bytes: resources.memory_bytes,
             memory_used_bytes: status.memory_used_bytes,
             cpu_millicores: resources.cpu_millicores,
+            cpu_limit_millicores: resources.cpu_limit_millicores,
             volume_bytes: resources.volume_bytes,
             encrypted: spec.volume.is_some_and(|v| v.encrypted),
             oom_kills: status.oom_kills,

@@ -16,6 +16,7 @@ fn policy() -> PlacementPolicy {
                 resources: Resources {
                     memory_bytes: GIB,
                     cpu_millicores: 1000,
+                    cpu_limit_millicores: 0,
                     volume_bytes: GIB,
                 },
             }],
@@ -215,6 +216,7 @@ fn bad_requests_are_refused_and_persist_nothing() {
     big.resources = Some(proto::Resources {
         memory_bytes: 64 * GIB,
         cpu_millicores: 1000,
+        cpu_limit_millicores: 0,
         volume_bytes: GIB,
     });
     let err = p.place(big, 1).unwrap_err().to_string();
@@ -596,4 +598,26 @@ async fn a_wait_for_a_report_wakes_on_the_acknowledgement_and_gives_up_at_its_de
         .await;
     assert_eq!(none, None);
     assert!(tokio::time::Instant::now() >= soon);
+}
+
+/// On the built-in tiers a host fills by its RAM, as gateways' hosts are sized, not by CPU
+/// requests: an 8-vCPU, 32 GiB host with 1 GiB reserved takes 31 business tenants (1 GiB
+/// each), where a CPU request of a whole core would have stopped it at 8.
+#[test]
+fn on_the_default_tiers_a_host_fills_by_its_memory_not_its_cpus() {
+    let mut ccx33 = host("ccx33", 31);
+    ccx33.allocatable.cpu = 8_000;
+    ccx33.allocatable.disk = 10_000 * GIB;
+    let store = Arc::new(MemStore::default());
+    let policy = crate::config::CoordinatorConfig::default().placement_policy();
+    let p = Placements::load(store, policy, &[ccx33]).unwrap();
+    let mut placed = 0;
+    let refusal = loop {
+        match p.place(spec(&format!("gw-{placed}")), 1) {
+            Ok(_) => placed += 1,
+            Err(e) => break e.to_string(),
+        }
+    };
+    assert_eq!(placed, 31, "{refusal}");
+    assert!(refusal.contains("memory"), "the memory binds: {refusal}");
 }

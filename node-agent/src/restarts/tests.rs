@@ -209,6 +209,7 @@ fn spec(id: &str) -> TenantSpec {
         resources: Some(proto::Resources {
             memory_bytes: 128 << 20,
             cpu_millicores: 100,
+            cpu_limit_millicores: 0,
             volume_bytes: 0,
         }),
         gateway_port: 8080,

@@ -30,6 +30,11 @@ pub const TMPFS_SIZE: &str = "64m";
 /// validated slug). Named for the host too, so while a tenant moves the source's and the
 /// target's can coexist (hosts that share a Docker engine, as in tests): the source removes
 /// its stopped container while the target starts its own.
+/// A CPU request as cgroup CPU shares: 1,024 a core, at least the kernel's minimum of 2.
+fn cpu_shares(millicores: u32) -> i64 {
+    (i64::from(millicores) * 1024 / 1000).max(2)
+}
+
 pub fn container_name(host: &HostId, tenant: &TenantId) -> String {
     format!("berth-{tenant}-{}", host_suffix(host))
 }
@@ -143,9 +148,13 @@ pub fn container(
         host_config: Some(HostConfig {
             memory: Some(memory),
             memory_swap: Some(memory),
-            // Millicores to CFS quota over the default 100 ms period.
-            cpu_period: Some(100_000),
-            cpu_quota: Some(i64::from(spec.resources.cpu_millicores) * 100),
+            // CPU is compressible: the request is the tenant's weight when the host's CPU is
+            // contended (1,024 shares a core), the limit its CFS quota over the default 100 ms
+            // period (none without a limit).
+            cpu_shares: Some(cpu_shares(spec.resources.cpu_millicores)),
+            cpu_period: (spec.resources.cpu_limit_millicores > 0).then_some(100_000),
+            cpu_quota: (spec.resources.cpu_limit_millicores > 0)
+                .then(|| i64::from(spec.resources.cpu_limit_millicores) * 100),
             pids_limit: Some(PIDS_LIMIT),
             cap_drop: Some(vec!["ALL".into()]),
             security_opt: Some(vec!["no-new-privileges:true".into()]),
@@ -209,6 +218,7 @@ mod tests {
             resources: Some(proto::Resources {
                 memory_bytes: 512 << 20,
                 cpu_millicores: 750,
+                cpu_limit_millicores: 0,
                 volume_bytes: 1 << 30,
             }),
             ..Default::default()
@@ -229,7 +239,21 @@ mod tests {
         let hc = c.host_config.clone().unwrap();
         assert_eq!(hc.memory, Some(512 << 20));
         assert_eq!(hc.memory_swap, hc.memory, "no swap");
-        assert_eq!((hc.cpu_period, hc.cpu_quota), (Some(100_000), Some(75_000)));
+        // A request without a limit: its weight, no quota.
+        assert_eq!(hc.cpu_shares, Some(768));
+        assert_eq!((hc.cpu_period, hc.cpu_quota), (None, None));
+        let mut limited = spec();
+        limited.resources.cpu_limit_millicores = 2000;
+        let hc = container(&host, &limited, 7, 20001, volume)
+            .host_config
+            .unwrap();
+        assert_eq!(hc.cpu_shares, Some(768));
+        assert_eq!(
+            (hc.cpu_period, hc.cpu_quota),
+            (Some(100_000), Some(200_000)),
+            "two cores to burst to"
+        );
+        let hc = c.host_config.clone().unwrap();
         assert_eq!(hc.pids_limit, Some(PIDS_LIMIT));
         assert_eq!(hc.cap_drop, Some(vec!["ALL".to_string()]));
         assert_eq!(

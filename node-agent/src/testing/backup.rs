@@ -19,6 +19,7 @@ pub fn spec(id: &str) -> berth_shared::spec::TenantSpec {
         resources: Some(berth_shared::proto::Resources {
             memory_bytes: 128 << 20,
             cpu_millicores: 100,
+            cpu_limit_millicores: 0,
             volume_bytes: 0,
         }),
         ..Default::default()

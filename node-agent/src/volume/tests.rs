@@ -311,6 +311,7 @@ fn tenant_spec(id: &str, encrypted: bool) -> TenantSpec {
         resources: Some(proto::Resources {
             memory_bytes: 128 << 20,
             cpu_millicores: 100,
+            cpu_limit_millicores: 0,
             volume_bytes: 1 << 20,
         }),
         volume: Some(proto::VolumeSpec {

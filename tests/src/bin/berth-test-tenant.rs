@@ -8,7 +8,9 @@
 //! `GET /fill?name=F[&mb=N]` writes 1 MiB blocks to file F in its volume (N of them, or until a
 //! write fails) and says how many it wrote and why it stopped; `GET /write?name=F&text=T`
 //! writes T to file F and syncs it; `GET /read?name=F` answers with the file's content (F a
-//! path inside the volume). Each
+//! path inside the volume); `GET /spin?ms=N&threads=T` keeps T threads busy for N ms and
+//! answers `cpu_ms C wall_ms W`, the CPU time the process used meanwhile (for CPU limits).
+//! Each
 //! connection is served on its own thread, so a held one blocks nobody. Port from `PORT`
 //! (default 18789). It ends at once on SIGTERM, unless `TEST_TENANT_SIGTERM=default` leaves
 //! the signal's disposition alone, as a Node.js gateway that does not handle it does.
@@ -23,6 +25,23 @@ fn query<'a>(path: &'a str, key: &str) -> Option<&'a str> {
         .1
         .split('&')
         .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// The CPU time this process used so far (user and system, from /proc/self/stat), in ms.
+fn cpu_ms() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command (which may hold spaces) start with the state; after it,
+    // utime and stime are the 11th and 12th, in clock ticks of 10 ms.
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or_default();
+    let fields: Vec<u64> = after
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    (fields.get(10).unwrap_or(&0) + fields.get(11).unwrap_or(&0)) * 10
 }
 
 fn respond(mut stream: TcpStream, code: u16, body: &str) {
@@ -90,6 +109,33 @@ fn serve(stream: TcpStream, hoard: &Mutex<Vec<Vec<u8>>>, held: &Mutex<Vec<TcpStr
     let addr = || query(&path, "addr").and_then(|a| a.parse::<SocketAddr>().ok());
     if path.starts_with("/healthz") {
         respond(stream, 200, "ok\n");
+    } else if path.starts_with("/spin") {
+        let ms: u64 = query(&path, "ms")
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(1000);
+        let threads: usize = query(&path, "threads")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(1);
+        let (cpu_before, started) = (cpu_ms(), std::time::Instant::now());
+        let spinners: Vec<_> = (0..threads.min(64))
+            .map(|_| {
+                std::thread::spawn(move || {
+                    let mut x = 0u64;
+                    while started.elapsed() < Duration::from_millis(ms) {
+                        x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+                    }
+                })
+            })
+            .collect();
+        for spinner in spinners {
+            let _ = spinner.join();
+        }
+        let wall = started.elapsed().as_millis();
+        respond(
+            stream,
+            200,
+            &format!("cpu_ms {} wall_ms {wall}\n", cpu_ms() - cpu_before),
+        );
     } else if path.starts_with("/alloc") {
         let mb: usize = query(&path, "mb").and_then(|m| m.parse().ok()).unwrap_or(0);
         let mut hoard = hoard.lock().unwrap_or_else(|p| p.into_inner());
