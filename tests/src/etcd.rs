@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::wait_for;
+use crate::{OPENSSL_NEW_EC_KEY, wait_for};
 
 const ETCD: &str = "/usr/bin/etcd";
 
@@ -56,30 +56,28 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
+/// `openssl req` with a new P-256 key in `NAME.key` (mode 0600), then `more` arguments.
+fn request(dir: &Path, name: &str, more: &[&str]) {
+    let key = format!("{name}.key");
+    let subject = format!("/CN={name}");
+    let mut args = vec!["req"];
+    args.extend(OPENSSL_NEW_EC_KEY);
+    args.extend(["-nodes", "-keyout", &key, "-subj", &subject]);
+    args.extend(more);
+    openssl(dir, &args);
+    std::fs::set_permissions(
+        dir.join(key),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("key mode");
+}
+
 /// In `dir`: a CA `<ca>.crt`/`.key`, and `<name>.crt`/`.key` signed by it for 127.0.0.1,
 /// for servers and clients both. Keys are mode 0600.
 fn issue(dir: &Path, ca: &str, names: &[&str]) {
-    if !dir.join(format!("{ca}.crt")).exists() {
-        openssl(
-            dir,
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                &format!("{ca}.key"),
-                "-out",
-                &format!("{ca}.crt"),
-                "-subj",
-                &format!("/CN={ca}"),
-                "-days",
-                "2",
-            ],
-        );
+    let (ca_crt, ca_key) = (format!("{ca}.crt"), format!("{ca}.key"));
+    if !dir.join(&ca_crt).exists() {
+        request(dir, ca, &["-x509", "-out", &ca_crt, "-days", "2"]);
     }
     std::fs::write(
         dir.join("ext.cnf"),
@@ -87,48 +85,28 @@ fn issue(dir: &Path, ca: &str, names: &[&str]) {
     )
     .expect("ext.cnf");
     for name in names {
-        openssl(
-            dir,
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.csr"),
-                "-subj",
-                &format!("/CN={name}"),
-            ],
-        );
+        let (csr, crt) = (format!("{name}.csr"), format!("{name}.crt"));
+        request(dir, name, &["-out", &csr]);
         openssl(
             dir,
             &[
                 "x509",
                 "-req",
                 "-in",
-                &format!("{name}.csr"),
+                &csr,
                 "-CA",
-                &format!("{ca}.crt"),
+                &ca_crt,
                 "-CAkey",
-                &format!("{ca}.key"),
+                &ca_key,
                 "-CAcreateserial",
                 "-out",
-                &format!("{name}.crt"),
+                &crt,
                 "-days",
                 "2",
                 "-extfile",
                 "ext.cnf",
             ],
         );
-        std::fs::set_permissions(
-            dir.join(format!("{name}.key")),
-            std::os::unix::fs::PermissionsExt::from_mode(0o600),
-        )
-        .expect("key mode");
     }
 }
 

@@ -17,6 +17,10 @@ pub mod procs;
 pub mod vm;
 pub mod vmhost;
 
+/// openssl's arguments for a new P-256 key (`req -newkey`): what every test certificate uses.
+pub const OPENSSL_NEW_EC_KEY: [&str; 4] =
+    ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
+
 /// True when the README's test command runs us: missing components are failures.
 pub fn require_real() -> bool {
     std::env::var("BERTH_REQUIRE_REAL").is_ok_and(|v| v == "1")

@@ -107,20 +107,14 @@ pub struct Endpoints {
 pub fn server_cert_files(dir: &Path, ip: &str) -> (PathBuf, PathBuf) {
     let (cert, key) = (dir.join("http-cert.pem"), dir.join("http-key.pem"));
     let mut cmd = Command::new("openssl");
-    cmd.args([
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-    ])
-    .args(["-nodes", "-days", "1", "-subj", "/CN=berth-test", "-addext"])
-    .arg(format!("subjectAltName=IP:{ip}"))
-    .arg("-keyout")
-    .arg(&key)
-    .arg("-out")
-    .arg(&cert);
+    cmd.args(["req", "-x509"])
+        .args(crate::OPENSSL_NEW_EC_KEY)
+        .args(["-nodes", "-days", "1", "-subj", "/CN=berth-test", "-addext"])
+        .arg(format!("subjectAltName=IP:{ip}"))
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert);
     let (ok, _, err) = run(cmd);
     assert!(ok, "openssl req: {err}");
     fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();

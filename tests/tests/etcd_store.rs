@@ -446,6 +446,22 @@ fn a_deposed_leaders_late_write_is_refused_and_the_next_leader_takes_over() {
     assert_eq!(first.get("host/a").unwrap(), Some(b"second".to_vec()));
 }
 
+/// Host `host-a`, enrolled through `leader` and running, given both coordinators' addresses:
+/// it talks to whichever serves.
+fn agent_of_both(leader: &CoordinatorProc, standby: &CoordinatorProc) -> AgentProc {
+    let mut agent = AgentProc::enroll(leader, "host-a", None);
+    agent.extra_config = format!(
+        "coordinator = \"{},{}\"\n",
+        leader.agent_url(),
+        standby.agent_url()
+    );
+    agent.start();
+    wait_for("host-a ready", Duration::from_secs(10), || {
+        (leader.host_state("host-a").as_deref() == Some("ready")).then_some(())
+    });
+    agent
+}
+
 #[test]
 fn a_standby_coordinator_serves_the_fleet_once_its_leader_dies() {
     if let Some(why) = unavailable() {
@@ -456,17 +472,7 @@ fn a_standby_coordinator_serves_the_fleet_once_its_leader_dies() {
     let mut leader = CoordinatorProc::start(None, &config);
     let _ = leader.operator_token_file();
     let mut standby = CoordinatorProc::standby_of(&leader, &config);
-    // The agent knows both coordinators and talks to whichever serves.
-    let mut agent = AgentProc::enroll(&leader, "host-a", None);
-    agent.extra_config = format!(
-        "coordinator = \"{},{}\"\n",
-        leader.agent_url(),
-        standby.agent_url()
-    );
-    agent.start();
-    wait_for("host-a ready", Duration::from_secs(10), || {
-        (leader.host_state("host-a").as_deref() == Some("ready")).then_some(())
-    });
+    let agent = agent_of_both(&leader, &standby);
     let (ok, _, err) = place(&leader, "first");
     assert!(ok, "{err}");
     std::thread::sleep(Duration::from_secs(3));
@@ -683,17 +689,8 @@ fn a_partitioned_leader_stops_acting_before_another_leads() {
         &leader,
         &format!("store = \"etcd\"\n{}", cluster.config("/split/")),
     );
-    // An agent on this side of the cut, knowing both coordinators.
-    let mut agent = AgentProc::enroll(&leader, "host-a", None);
-    agent.extra_config = format!(
-        "coordinator = \"{},{}\"\n",
-        leader.agent_url(),
-        standby.agent_url()
-    );
-    agent.start();
-    wait_for("host-a ready", Duration::from_secs(10), || {
-        (leader.host_state("host-a").as_deref() == Some("ready")).then_some(())
-    });
+    // An agent on this side of the cut.
+    let agent = agent_of_both(&leader, &standby);
     let (ok, _, err) = place(&leader, "before");
     assert!(ok, "{err}");
     std::thread::sleep(Duration::from_secs(2));
