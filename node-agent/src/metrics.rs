@@ -87,12 +87,18 @@ pub fn render(telemetry: &Telemetry, statuses: &[proto::TenantStatus], now_unix_
             .count();
         out.sample("berth_agent_tenants", &[("state", state)], n as f64);
     }
-    let per_tenant: [Figure<proto::TenantStatus>; 6] = [
+    let per_tenant: [Figure<proto::TenantStatus>; 7] = [
         (
             "berth_agent_tenant_memory_used_bytes",
             "gauge",
             "Memory the tenant's container uses (its cgroup).",
             |s| s.memory_used_bytes as f64,
+        ),
+        (
+            "berth_agent_tenant_cpu_used_cores",
+            "gauge",
+            "CPU the tenant's container used between the agent's last two looks (its cgroup), in cores.",
+            |s| f64::from(s.cpu_used_millicores) / 1000.0,
         ),
         (
             "berth_agent_tenant_memory_cap_bytes",

@@ -1048,6 +1048,9 @@ impl Reconciler {
             }
             s.oom_kills = s.oom_kills.max(figures.oom_kills);
         }
+        if let Some(used) = self.cgroups.as_ref().and_then(|r| r.cpu_millicores(&c.id)) {
+            s.cpu_used_millicores = used;
+        }
         if c.state == "running" && s.state != proto::TenantState::Failed as i32 {
             s.state = proto::TenantState::Running as i32;
         }

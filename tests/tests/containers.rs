@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use berth_tests::docker::{inspect, inspect_network, started_at};
-use berth_tests::fleet::{fleet, http_get, unique};
+use berth_tests::fleet::{fleet, http_get, http_get_within, unique};
 use berth_tests::procs::mounted_at;
 use berth_tests::wait_for;
 
@@ -140,8 +140,19 @@ fn a_tenant_bursts_past_its_cpu_request_up_to_its_limit() {
         (Some(100_000), Some(150_000))
     );
     let port = view["published_port"].as_u64().unwrap() as u16;
-    // Three busy threads for 3 s: as much as the quota lets through.
-    let answer = http_get(port, "/spin?ms=3000&threads=3").expect("the spin answers");
+    // Three busy threads for 8 s: as much as the quota lets through. Meanwhile the agent
+    // measures it from the cgroup and reports it.
+    let spin = std::thread::spawn(move || {
+        http_get_within(port, "/spin?ms=8000&threads=3", Duration::from_secs(15))
+    });
+    let reported = wait_for("the burst reported", Duration::from_secs(20), || {
+        f.tenant(&tenant)
+            .and_then(|t| t["cpu_used_millicores"].as_u64())
+            .filter(|used| *used > 500)
+    });
+    eprintln!("the agent reported {reported} mCPU used");
+    assert!(reported <= 1_650, "reported past the limit: {reported}");
+    let answer = spin.join().unwrap().expect("the spin answers");
     let figures: Vec<f64> = answer
         .split_whitespace()
         .filter_map(|w| w.parse().ok())

@@ -184,6 +184,8 @@ pub struct TenantView {
     pub cpu_millicores: u32,
     /// The CPU limit it may burst to; 0: none.
     pub cpu_limit_millicores: u32,
+    /// The CPU it used lately, as its host measured it (between its last two looks).
+    pub cpu_used_millicores: u32,
     pub volume_bytes: u64,
     pub encrypted: bool,
     pub oom_kills: u64,
@@ -530,6 +532,7 @@ impl From<&proto::Tenant> for TenantView {
             memory_used_bytes: status.memory_used_bytes,
             cpu_millicores: resources.cpu_millicores,
             cpu_limit_millicores: resources.cpu_limit_millicores,
+            cpu_used_millicores: status.cpu_used_millicores,
             volume_bytes: resources.volume_bytes,
             encrypted: spec.volume.is_some_and(|v| v.encrypted),
             oom_kills: status.oom_kills,

@@ -1,11 +1,15 @@
-//! Per-container memory figures from the cgroup filesystem, v1 and v2, with the cgroup root as
-//! a parameter (tests use fixture trees).
+//! Per-container memory and CPU figures from the cgroup filesystem, v1 and v2, with the cgroup
+//! root as a parameter (tests use fixture trees).
 //!
 //! v1 (cgroupfs driver): `<root>/memory/docker/<id>/memory.{usage,limit}_in_bytes`, OOM kills
-//! from `memory.oom_control`. v2: `<root>/system.slice/docker-<id>.scope/` (systemd driver) or
-//! `<root>/docker/<id>/` (cgroupfs driver): `memory.current`, `memory.max`, `memory.events`.
+//! from `memory.oom_control`, CPU time from `<root>/cpuacct/docker/<id>/cpuacct.usage`. v2:
+//! `<root>/system.slice/docker-<id>.scope/` (systemd driver) or `<root>/docker/<id>/` (cgroupfs
+//! driver): `memory.current`, `memory.max`, `memory.events`, `cpu.stat`'s `usage_usec`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use berth_shared::host::CgroupVersion;
 
@@ -21,7 +25,12 @@ pub struct MemoryFigures {
 pub struct CgroupReader {
     root: PathBuf,
     version: CgroupVersion,
+    /// Each container's CPU time at its last read, and when: a CPU figure is a rate.
+    cpu_samples: Arc<Mutex<HashMap<String, (u64, Instant)>>>,
 }
+
+/// Containers whose last CPU read is kept (more: the oldest reads are forgotten).
+const CPU_SAMPLES: usize = 4_096;
 
 fn read_u64(path: &Path) -> Option<u64> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
@@ -40,7 +49,51 @@ impl CgroupReader {
         Self {
             root: root.to_path_buf(),
             version,
+            cpu_samples: Arc::default(),
         }
+    }
+
+    /// The CPU time the container used so far, in nanoseconds.
+    pub fn cpu_usage_ns(&self, container_id: &str) -> Option<u64> {
+        if container_id.is_empty() || !container_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        match self.version {
+            CgroupVersion::V1 => read_u64(
+                &self
+                    .root
+                    .join("cpuacct/docker")
+                    .join(container_id)
+                    .join("cpuacct.usage"),
+            ),
+            CgroupVersion::V2 => keyed(&self.dir(container_id)?.join("cpu.stat"), "usage_usec ")
+                .map(|us| us.saturating_mul(1000)),
+        }
+    }
+
+    /// The CPU the container used since the previous call for it, in millicores (1,000 a
+    /// core); `None` at the first call, or when its cgroup is not there.
+    pub fn cpu_millicores(&self, container_id: &str) -> Option<u32> {
+        self.cpu_millicores_at(container_id, Instant::now())
+    }
+
+    fn cpu_millicores_at(&self, container_id: &str, now: Instant) -> Option<u32> {
+        let used = self.cpu_usage_ns(container_id)?;
+        let mut samples = self.cpu_samples.lock().unwrap_or_else(|p| p.into_inner());
+        if samples.len() >= CPU_SAMPLES && !samples.contains_key(container_id) {
+            let oldest = samples
+                .iter()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(id, _)| id.clone());
+            if let Some(oldest) = oldest {
+                samples.remove(&oldest);
+            }
+        }
+        let (before, then) = samples.insert(container_id.to_string(), (used, now))?;
+        let wall = now.checked_duration_since(then)?.as_nanos();
+        // A restarted container starts its count again: no figure for that interval.
+        let spent = u128::from(used.checked_sub(before)?);
+        (wall > 0).then(|| u32::try_from(spent * 1000 / wall).unwrap_or(u32::MAX))
     }
 
     fn dir(&self, container_id: &str) -> Option<PathBuf> {
@@ -111,6 +164,50 @@ mod tests {
         assert_eq!(r.memory(ID).unwrap().cap_bytes, None, "unlimited");
         assert_eq!(r.memory("not-hex/../x"), None);
         assert_eq!(r.memory("fedcba"), None, "no such cgroup");
+    }
+
+    #[test]
+    fn cpu_use_is_the_rate_between_two_reads_on_v1_and_v2() {
+        let v1 = tempfile::tempdir().unwrap();
+        let v1_dir = v1.path().join("cpuacct/docker").join(ID);
+        fs::create_dir_all(&v1_dir).unwrap();
+        let v2 = tempfile::tempdir().unwrap();
+        let v2_dir = v2.path().join("docker").join(ID);
+        fs::create_dir_all(&v2_dir).unwrap();
+        let readers = [
+            (
+                CgroupReader::new(v1.path(), CgroupVersion::V1),
+                Box::new(move |ns: u64| {
+                    fs::write(v1_dir.join("cpuacct.usage"), format!("{ns}\n")).unwrap()
+                }) as Box<dyn Fn(u64)>,
+            ),
+            (
+                CgroupReader::new(v2.path(), CgroupVersion::V2),
+                Box::new(move |ns: u64| {
+                    fs::write(
+                        v2_dir.join("cpu.stat"),
+                        format!("usage_usec {}\nuser_usec 0\nsystem_usec 0\n", ns / 1000),
+                    )
+                    .unwrap()
+                }),
+            ),
+        ];
+        for (reader, set) in readers {
+            let start = Instant::now();
+            set(5_000_000_000);
+            assert_eq!(reader.cpu_usage_ns(ID), Some(5_000_000_000));
+            assert_eq!(reader.cpu_millicores_at(ID, start), None, "a first read");
+            // 3 s of CPU in 2 s: a core and a half.
+            set(8_000_000_000);
+            let later = start + std::time::Duration::from_secs(2);
+            assert_eq!(reader.cpu_millicores_at(ID, later), Some(1_500));
+            // Restarted: its count starts again, no figure for that interval.
+            set(1_000_000);
+            let after = later + std::time::Duration::from_secs(1);
+            assert_eq!(reader.cpu_millicores_at(ID, after), None);
+            assert_eq!(reader.cpu_usage_ns("not-hex/.."), None);
+            assert_eq!(reader.cpu_usage_ns("abcdef"), None, "no such cgroup");
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@ fn statuses() -> Vec<proto::TenantStatus> {
             state: proto::TenantState::Running as i32,
             memory_used_bytes: 200 << 20,
             memory_cap_bytes: 256 << 20,
+            cpu_used_millicores: 1_250,
             oom_kills: 2,
             restarts: 1,
             egress_denied_packets: 17,
@@ -58,6 +59,7 @@ fn the_page_parses_and_carries_each_figure() {
         (256u64 << 20) as f64
     );
     assert_eq!(value("berth_agent_tenant_oom_kills_total", &acme), 2.0);
+    assert_eq!(value("berth_agent_tenant_cpu_used_cores", &acme), 1.25);
     assert_eq!(value("berth_agent_tenant_restarts_total", &acme), 1.0);
     assert_eq!(
         value("berth_agent_tenant_egress_denied_packets_total", &acme),
