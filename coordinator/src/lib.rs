@@ -6,6 +6,7 @@
 //! volume keys are stored only wrapped and go only to the host their tenant is placed on.
 
 pub mod api;
+pub mod capacity;
 pub mod config;
 pub mod coordinator;
 pub mod dashboard;

@@ -147,6 +147,8 @@ pub struct HostLoad {
     /// The sum of its tenants' volume sizes.
     pub disk_committed: u64,
     pub memory_used: u64,
+    /// The CPU its tenants used lately, as reported.
+    pub cpu_used_millicores: u64,
     pub oom_kills: u64,
 }
 
@@ -1138,6 +1140,7 @@ impl Placements {
             load.disk_committed += record.spec.resources.volume_bytes;
             if let Some(status) = state.observed.get(&record.spec.tenant_id) {
                 load.memory_used += status.memory_used_bytes;
+                load.cpu_used_millicores += u64::from(status.cpu_used_millicores);
                 load.oom_kills += status.oom_kills;
             }
             if state.tenant_state(record).0 == proto::TenantState::Running {

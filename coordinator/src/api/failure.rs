@@ -35,8 +35,6 @@ pub enum Kind {
     Unavailable,
     /// No answer in time; what was asked may still happen.
     Timeout,
-    /// Not built yet (the message says what is missing).
-    NotBuilt,
     /// A fault of the coordinator (its store, its state).
     Internal,
 }
@@ -54,7 +52,6 @@ impl Kind {
             Kind::Precondition => Code::FailedPrecondition,
             Kind::Unavailable => Code::Unavailable,
             Kind::Timeout => Code::DeadlineExceeded,
-            Kind::NotBuilt => Code::Unimplemented,
             Kind::Internal => Code::Internal,
         }
     }
@@ -70,7 +67,6 @@ impl Kind {
             Kind::Exhausted | Kind::Precondition => StatusCode::UNPROCESSABLE_ENTITY,
             Kind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Kind::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            Kind::NotBuilt => StatusCode::NOT_IMPLEMENTED,
             Kind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -271,7 +267,6 @@ mod tests {
             Kind::Precondition,
             Kind::Unavailable,
             Kind::Timeout,
-            Kind::NotBuilt,
             Kind::Internal,
         ];
         let pairs: Vec<(Code, u16)> = all.iter().map(|k| (k.code(), k.http().as_u16())).collect();
@@ -287,7 +282,6 @@ mod tests {
                 (Code::FailedPrecondition, 422),
                 (Code::Unavailable, 503),
                 (Code::DeadlineExceeded, 504),
-                (Code::Unimplemented, 501),
                 (Code::Internal, 500),
             ]
         );

@@ -47,14 +47,6 @@ fn host_id(field: &str, value: &str) -> Result<HostId, Status> {
     HostId::new(value).map_err(|e| status(bad_id(field)(e)))
 }
 
-/// Not yet built: said plainly, with what is missing.
-fn not_built(rpc: &str, what: &str) -> Status {
-    status(Failure::new(
-        Kind::NotBuilt,
-        format!("{rpc} is not built yet: {what}"),
-    ))
-}
-
 #[derive(Debug, Clone)]
 pub struct EnrollmentApi {
     pub coordinator: Arc<Coordinator>,
@@ -430,6 +422,8 @@ impl OperatorService for OperatorApi {
         &self,
         _: Request<proto::CapacityRequest>,
     ) -> Result<Response<proto::CapacityReport>, Status> {
-        Err(not_built("GetCapacity", "the capacity report"))
+        crate::capacity::report(&self.coordinator)
+            .map(Response::new)
+            .map_err(status)
     }
 }

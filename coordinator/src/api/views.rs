@@ -567,3 +567,56 @@ impl From<&proto::Tenant> for TenantView {
         }
     }
 }
+
+/// The fleet's capacity, as berthctl and the REST API print it.
+#[derive(Debug, Clone, Serialize)]
+pub struct CapacityView {
+    pub hosts: u32,
+    pub tenants: u32,
+    pub memory_capacity_bytes: u64,
+    pub memory_committed_bytes: u64,
+    pub memory_used_bytes: u64,
+    pub cpu_capacity_millicores: u64,
+    pub cpu_requested_millicores: u64,
+    pub cpu_used_millicores: u64,
+    pub tiers: Vec<TierCpuView>,
+}
+
+/// A tier's CPU request against what its running tenants use.
+#[derive(Debug, Clone, Serialize)]
+pub struct TierCpuView {
+    pub tier: String,
+    pub cpu_request_millicores: u32,
+    pub cpu_limit_millicores: u32,
+    pub tenants_measured: u32,
+    pub cpu_used_p95_millicores: u32,
+    /// What to change; absent when the request is near that use, or too few are measured.
+    pub advice: Option<String>,
+}
+
+impl From<&proto::CapacityReport> for CapacityView {
+    fn from(r: &proto::CapacityReport) -> Self {
+        Self {
+            hosts: r.hosts,
+            tenants: r.tenants,
+            memory_capacity_bytes: r.memory_capacity_bytes,
+            memory_committed_bytes: r.memory_committed_bytes,
+            memory_used_bytes: r.memory_used_bytes,
+            cpu_capacity_millicores: r.cpu_capacity_millicores,
+            cpu_requested_millicores: r.cpu_requested_millicores,
+            cpu_used_millicores: r.cpu_used_millicores,
+            tiers: r
+                .tiers
+                .iter()
+                .map(|t| TierCpuView {
+                    tier: t.tier.clone(),
+                    cpu_request_millicores: t.cpu_request_millicores,
+                    cpu_limit_millicores: t.cpu_limit_millicores,
+                    tenants_measured: t.tenants_measured,
+                    cpu_used_p95_millicores: t.cpu_used_p95_millicores,
+                    advice: (!t.advice.is_empty()).then(|| t.advice.clone()),
+                })
+                .collect(),
+        }
+    }
+}

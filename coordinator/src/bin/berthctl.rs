@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use berth_coordinator::api::client::{ClientOptions, OperatorClient, connect};
 use berth_coordinator::api::views::{
-    BackupView, DrainView, HostView, PlacementView, RemovalView, RestartView, RestoreView,
-    SnapshotView, TenantView,
+    BackupView, CapacityView, DrainView, HostView, PlacementView, RemovalView, RestartView,
+    RestoreView, SnapshotView, TenantView,
 };
 use berth_shared::proto::{self, HostRef};
 use berth_shared::spec::{EgressFile, TenantSpecFile};
@@ -48,6 +48,13 @@ struct Cli {
 enum Command {
     /// List the fleet's hosts.
     Hosts,
+    /// The fleet's memory and CPU: offered, placed, used; per tier, its CPU request against
+    /// the 95th percentile of what its running tenants use.
+    Capacity {
+        /// Only say which tiers' CPU requests to change, and which way.
+        #[arg(long)]
+        advice: bool,
+    },
     /// Stop placing new tenants on a host.
     Cordon { host: String },
     /// Allow placements on a host again.
@@ -225,6 +232,53 @@ fn gib(bytes: u64) -> String {
     format!("{:.1}", bytes as f64 / f64::from(1u32 << 30))
 }
 
+fn print_capacity(c: &CapacityView) {
+    berth_shared::outln!("{} hosts, {} tenants", c.hosts, c.tenants);
+    berth_shared::outln!(
+        "memory: {} GiB offered, {} GiB placed, {} GiB used",
+        gib(c.memory_capacity_bytes),
+        gib(c.memory_committed_bytes),
+        gib(c.memory_used_bytes)
+    );
+    berth_shared::outln!(
+        "cpu:    {} mCPU offered, {} mCPU requested, {} mCPU used",
+        c.cpu_capacity_millicores,
+        c.cpu_requested_millicores,
+        c.cpu_used_millicores
+    );
+    berth_shared::outln!(
+        "{:<16} {:>8} {:>8} {:>9} {:>8}",
+        "TIER",
+        "REQUEST",
+        "LIMIT",
+        "MEASURED",
+        "USE P95"
+    );
+    for t in &c.tiers {
+        berth_shared::outln!(
+            "{:<16} {:>8} {:>8} {:>9} {:>8}",
+            t.tier,
+            t.cpu_request_millicores,
+            t.cpu_limit_millicores,
+            t.tenants_measured,
+            t.cpu_used_p95_millicores
+        );
+    }
+}
+
+fn print_advice(c: &CapacityView) {
+    let advice: Vec<&str> = c.tiers.iter().filter_map(|t| t.advice.as_deref()).collect();
+    if advice.is_empty() {
+        berth_shared::outln!(
+            "no advice: every tier's CPU request is within half and one and a half times its tenants' p95 (or fewer than {} of its tenants run)",
+            berth_coordinator::capacity::MIN_MEASURED
+        );
+    }
+    for line in advice {
+        berth_shared::outln!("{line}");
+    }
+}
+
 fn print_hosts(hosts: &[HostView]) {
     berth_shared::outln!(
         "{:<24} {:<8} {:<14} {:<9} {:>14} {:>7} {:>11}",
@@ -290,6 +344,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 berth_shared::outln!("{}", serde_json::to_string_pretty(&views)?);
             } else {
                 print_hosts(&views);
+            }
+        }
+        Command::Capacity { advice } => {
+            let report = client
+                .get_capacity(proto::CapacityRequest {})
+                .await?
+                .into_inner();
+            let view = CapacityView::from(&report);
+            if cli.json {
+                berth_shared::outln!("{}", serde_json::to_string_pretty(&view)?);
+            } else if advice {
+                print_advice(&view);
+            } else {
+                print_capacity(&view);
             }
         }
         Command::Cordon { host } | Command::Uncordon { host } if host.is_empty() => {
