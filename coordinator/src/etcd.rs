@@ -188,7 +188,14 @@ pub const RETRY_FOR: Duration = Duration::from_secs(10);
 /// as opposed to a refusal.
 fn unavailable(e: &etcd_client::Error) -> bool {
     match e {
-        etcd_client::Error::GRpcStatus(status) => status.code() == tonic::Code::Unavailable,
+        etcd_client::Error::GRpcStatus(status) => match status.code() {
+            tonic::Code::Unavailable => true,
+            // A call cut by its connection (a member killed mid-call: reset, closed) comes
+            // back as Unknown with the transport's error as its source; etcd's answers have
+            // none.
+            tonic::Code::Unknown => std::error::Error::source(status).is_some(),
+            _ => false,
+        },
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
         _ => false,
     }
