@@ -30,7 +30,8 @@ use tokio::sync::watch;
 
 use crate::coordinator::Coordinator;
 use crate::drain::copy::{Progress, Transfers};
-use crate::placement::PlaceError;
+use crate::placement::compaction::{CompactOptions, DEFAULT_HEADROOM_PERCENT, DEFAULT_MAX_MOVES};
+use crate::placement::{PlaceError, PlannedMove};
 use crate::sessions::{AgentLink, LinkError};
 
 const DRAIN_PREFIX: &str = "drain/";
@@ -288,6 +289,66 @@ impl DrainOptions {
     }
 }
 
+/// A compaction the operator asked for.
+#[derive(Debug, Clone)]
+pub struct CompactRequest {
+    pub plan: CompactOptions,
+    pub dry_run: bool,
+    /// Per emptied host's drain.
+    pub deadline: Duration,
+    pub max_parallel: u32,
+}
+
+/// The most moves one compaction may be allowed.
+const MAX_MOVES_LIMIT: u32 = 10_000;
+/// The most headroom a compaction may keep on its targets, in percent.
+const MAX_HEADROOM_PERCENT: u32 = 90;
+
+impl CompactRequest {
+    /// From the API request, with defaults for zeros (and an unset headroom).
+    pub fn from_request(r: &proto::CompactRequest) -> Result<Self, DrainRequestError> {
+        if r.max_moves > MAX_MOVES_LIMIT {
+            return Err(DrainRequestError::MaxMoves(r.max_moves));
+        }
+        let headroom_percent = r.headroom_percent.unwrap_or(DEFAULT_HEADROOM_PERCENT);
+        if headroom_percent > MAX_HEADROOM_PERCENT {
+            return Err(DrainRequestError::Headroom(headroom_percent));
+        }
+        if r.providers.len() > 8 {
+            return Err(DrainRequestError::Providers(r.providers.len()));
+        }
+        let providers = r
+            .providers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                berth_shared::host::Provider::parse(&format!("providers[{i}]"), p)
+                    .map_err(DrainRequestError::Provider)
+            })
+            .collect::<Result<_, _>>()?;
+        // The per-host options are a drain's.
+        let drain = DrainOptions::from_request(&proto::DrainRequest {
+            host_id: "compaction".into(),
+            deadline_ms: r.deadline_ms,
+            max_parallel: r.max_parallel,
+            ..Default::default()
+        })?;
+        Ok(Self {
+            plan: CompactOptions {
+                max_moves: match r.max_moves {
+                    0 => DEFAULT_MAX_MOVES,
+                    n => n,
+                },
+                providers,
+                headroom_percent,
+            },
+            dry_run: r.dry_run,
+            deadline: drain.deadline,
+            max_parallel: drain.max_parallel,
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DrainError {
     #[error("unknown host {0:?}")]
@@ -323,6 +384,14 @@ pub enum DrainRequestError {
     Deadline(u64),
     #[error("empty: only with force_lost (a reachable host's tenants move with their volumes)")]
     EmptyWithoutForceLost,
+    #[error("max_moves: {0} is more than 10000")]
+    MaxMoves(u32),
+    #[error("headroom_percent: {0} is more than 90")]
+    Headroom(u32),
+    #[error("providers: {0} given, at most 8")]
+    Providers(usize),
+    #[error("{0}")]
+    Provider(berth_shared::field::FieldError),
 }
 
 /// Drives the drains of a coordinator (see the module doc): starts, aborts, resumes them and
@@ -638,9 +707,19 @@ impl Drainer {
                 host: host.to_string(),
                 refusals,
             })?;
+        if options.dry_run {
+            let mut status = self.drains.status(&self.record(&options, plan));
+            status.phase = "planned".into();
+            return Ok(status);
+        }
+        self.start(&options, plan)
+    }
+
+    /// A new drain's record: `plan`'s moves, none started.
+    fn record(&self, options: &DrainOptions, plan: Vec<PlannedMove>) -> DrainRecord {
         let now = self.coordinator.registry.now();
-        let drain = DrainRecord {
-            host: host.clone(),
+        DrainRecord {
+            host: options.host.clone(),
             phase: DrainPhase::Running,
             started_unix_ms: now,
             deadline_unix_ms: now + options.deadline.as_millis() as i64,
@@ -650,7 +729,7 @@ impl Drainer {
             no_precopy: options.no_precopy,
             stale_copies: self
                 .drains
-                .get(&host)
+                .get(&options.host)
                 .map(|r| r.stale_copies)
                 .unwrap_or_default(),
             moves: plan
@@ -667,19 +746,123 @@ impl Drainer {
                     restored: None,
                 })
                 .collect(),
-        };
-        if options.dry_run {
-            let mut status = self.drains.status(&drain);
-            status.phase = "planned".into();
-            return Ok(status);
         }
+    }
+
+    /// Starts the drain of a host whose moves' targets are reserved (and which is out of
+    /// scheduling): marked draining, recorded, driven on its own task.
+    fn start(
+        self: &Arc<Self>,
+        options: &DrainOptions,
+        plan: Vec<PlannedMove>,
+    ) -> Result<proto::DrainStatus, DrainError> {
+        let host = &options.host;
+        let drain = self.record(options, plan);
         self.coordinator
             .registry
-            .set_draining(&host, true, |h| self.coordinator.sync_host(h))?;
+            .set_draining(host, true, |h| self.coordinator.sync_host(h))?;
         self.drains.insert(drain.clone())?;
         tracing::info!(%host, moves = drain.moves.len(), max_parallel = drain.max_parallel, "drain started");
-        self.spawn_driver(&host, false);
+        self.spawn_driver(host, false);
         Ok(self.drains.status(&drain))
+    }
+
+    /// Empties the hosts a compaction plan names (or, with `dry_run`, only plans it): each
+    /// one drained to its plan's targets, reserved before anything starts, and left cordoned.
+    pub async fn compact(
+        self: &Arc<Self>,
+        request: CompactRequest,
+    ) -> Result<proto::CompactResponse, DrainError> {
+        let plan = self
+            .coordinator
+            .placements
+            .plan_compaction(&request.plan, !request.dry_run);
+        let mut started = Vec::new();
+        let mut failed = None;
+        for emptied in &plan.emptied {
+            let options = DrainOptions {
+                host: emptied.host.clone(),
+                dry_run: request.dry_run,
+                deadline: request.deadline,
+                max_parallel: request.max_parallel,
+                force_lost: false,
+                empty: false,
+                no_precopy: false,
+            };
+            let status = if request.dry_run || failed.is_some() {
+                None
+            } else {
+                match self.start(&options, emptied.moves.clone()) {
+                    Ok(status) => Some(status),
+                    Err(e) => {
+                        failed = Some(e);
+                        None
+                    }
+                }
+            };
+            if status.is_none() && !request.dry_run {
+                // Not started: what the plan reserved for it goes back.
+                for m in &emptied.moves {
+                    self.give_back(&m.tenant).await;
+                }
+                self.coordinator
+                    .placements
+                    .set_schedulable(&emptied.host, true);
+            }
+            started.push(status.unwrap_or_else(|| {
+                let mut status = self
+                    .drains
+                    .status(&self.record(&options, emptied.moves.clone()));
+                status.phase = "planned".into();
+                status
+            }));
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let loads = self.coordinator.placements.host_loads();
+        let returnable = self
+            .coordinator
+            .registry
+            .hosts()?
+            .into_iter()
+            .filter(|h| h.admin == crate::registry::AdminState::Cordoned)
+            .filter(|h| loads.get(&h.host_id).is_none_or(|l| l.tenants == 0))
+            .map(|h| proto::ReturnableHost {
+                host_id: h.host_id.to_string(),
+                monthly_cost_cents: h.facts.as_ref().map_or(0, |f| f.monthly_cost_cents),
+            })
+            .collect();
+        Ok(proto::CompactResponse {
+            phase: if request.dry_run {
+                "planned"
+            } else {
+                "started"
+            }
+            .into(),
+            saving_cents: plan.saving_cents(),
+            moves: plan.moves() as u32,
+            emptied: plan
+                .emptied
+                .iter()
+                .zip(started)
+                .map(|(e, status)| proto::EmptiedHost {
+                    host_id: e.host.to_string(),
+                    provider: e.provider.as_str().into(),
+                    monthly_cost_cents: e.monthly_cost_cents,
+                    moves: status.moves,
+                })
+                .collect(),
+            kept: plan
+                .kept
+                .into_iter()
+                .map(|k| proto::KeptHost {
+                    host_id: k.host.to_string(),
+                    reason: k.reason,
+                })
+                .collect(),
+            returnable,
+        })
     }
 
     /// The status of the last drain of `host`.

@@ -7,9 +7,10 @@
 //! generations only grow, also across a SIGKILL (they are allocated below a durable ceiling), so
 //! an agent can refuse anything older than what it applied.
 
+pub mod compaction;
 pub mod scheduler;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use berth_shared::field::FieldError;
@@ -788,6 +789,51 @@ impl Placements {
             }
         }
         Ok(moves)
+    }
+
+    /// Plans a compaction (see [`compaction`]) of the fleet as it is now; with `reserve`,
+    /// atomically reserves every move's target and takes the hosts to empty out of scheduling,
+    /// so the drains that carry the plan out find the room it counted on.
+    pub fn plan_compaction(
+        &self,
+        options: &compaction::CompactOptions,
+        reserve: bool,
+    ) -> compaction::CompactionPlan {
+        let mut state = self.lock();
+        let mut tenants: BTreeMap<HostId, Vec<compaction::Movable>> = BTreeMap::new();
+        let mut busy: BTreeSet<HostId> = state
+            .reserved
+            .values()
+            .chain(state.prestaged.values())
+            .cloned()
+            .collect();
+        for record in state.tenants.values() {
+            if record.held || state.reserved.contains_key(&record.spec.tenant_id) {
+                busy.insert(record.host_id.clone());
+            }
+            let spec = &record.spec;
+            tenants
+                .entry(record.host_id.clone())
+                .or_default()
+                .push(compaction::Movable {
+                    tenant: spec.tenant_id.clone(),
+                    need: need(spec),
+                    encrypted: spec.volume.encrypted,
+                    constraints: spec.constraints.clone(),
+                    strategy: self.strategy_for(spec),
+                    volume_bytes: spec.resources.volume_bytes,
+                });
+        }
+        let plan = compaction::plan(&state.scheduler, &tenants, &busy, options);
+        if reserve {
+            for host in &plan.emptied {
+                state.scheduler.set_schedulable(&host.host, false);
+                for m in &host.moves {
+                    state.reserve(&m.tenant, &m.target);
+                }
+            }
+        }
+        plan
     }
 
     /// Reserves a planned move's target again (a coordinator restart resumes a drain).

@@ -579,3 +579,68 @@ fn a_tenant_that_never_turns_healthy_on_its_target_rolls_back_to_its_source() {
     assert!(polls > 20, "the watcher kept watching: {polls} polls");
     assert_eq!(doubles, Vec::<String>::new(), "a tenant ran twice");
 }
+
+#[test]
+fn a_compaction_empties_the_host_it_names_with_every_tenant_running_once_and_its_data_intact() {
+    let Some((_net, coordinator, hosts)) = fleet(3, true) else {
+        return;
+    };
+    let by_id: BTreeMap<String, &Host> =
+        hosts.iter().map(|h| (h.agent.host_id.clone(), h)).collect();
+    let names: Vec<&str> = hosts.iter().map(|h| h.agent.host_id.as_str()).collect();
+    // Three tenants on each of two hosts, two on the third: with at most three moves, only
+    // the third can be emptied.
+    let mut data = BTreeMap::new();
+    for (i, count) in [(0, 3), (1, 3), (2, 2)] {
+        let others: Vec<&str> = names.iter().copied().filter(|h| *h != names[i]).collect();
+        data.extend(tenants_on(&coordinator, &hosts[i], &others, count, 2));
+    }
+    let light = names[2];
+
+    // The dry run names the host and what it saves (every agent here says 4.51 EUR/month),
+    // and changes nothing.
+    let (ok, out, err) = coordinator.berthctl(&["compact", "--dry-run", "--max-moves", "3"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(&format!(
+            "1 host can be returned: {light} — saves 4.51 EUR/month — 2 moves"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("emptying it takes 3 moves, more than the 1 left of max_moves"),
+        "{out}"
+    );
+    let plan = json(&coordinator, &["compact", "--dry-run", "--max-moves", "3"]);
+    assert_eq!(plan["phase"], "planned");
+    assert_eq!(plan["saving"], 4.51);
+    let moves = plan["emptied"][0]["moves"].as_array().unwrap();
+    assert_eq!(moves.len(), 2);
+    assert!(moves.iter().all(|m| m["target_host_id"] != light));
+    assert_eq!(coordinator.host_state(light).as_deref(), Some("ready"));
+
+    // Carried out: both tenants move with their volumes, never running twice, and the host
+    // is left cordoned and empty, listed as ready to return.
+    let watcher = Watcher::start(data.keys().cloned().collect());
+    let (ok, out, err) = coordinator.berthctl(&["compact", "--max-moves", "3", "--wait"]);
+    assert!(ok, "{out}\n{err}");
+    assert!(
+        out.contains(&format!("emptied and cordoned, ready to return: {light}")),
+        "{out}"
+    );
+    assert_consistent(&coordinator, &by_id, &data);
+    let placements = placed(&coordinator);
+    assert!(
+        placements.values().all(|(h, _)| h != light),
+        "{placements:?}"
+    );
+    assert_eq!(coordinator.host_state(light).as_deref(), Some("cordoned"));
+    assert!(running().iter().all(|(_, h)| h != light));
+    let after = json(&coordinator, &["compact", "--dry-run", "--max-moves", "3"]);
+    assert_eq!(after["returnable"][0]["host_id"], light, "{after:#}");
+    let (polls, doubles) = watcher.finish();
+    // The two moves take a few seconds; each poll lists every container.
+    assert!(polls > 5, "the watcher kept watching: {polls} polls");
+    assert_eq!(doubles, Vec::<String>::new(), "a tenant ran twice");
+    drop(hosts);
+}

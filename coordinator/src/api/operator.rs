@@ -15,7 +15,7 @@ use axum::middleware::Next;
 
 use crate::api::failure::{Failure, Kind, bad_id, status};
 use crate::coordinator::{Access, Coordinator};
-use crate::drain::{DrainOptions, Drainer};
+use crate::drain::{CompactRequest, DrainOptions, Drainer};
 use crate::placement::PlaceError;
 use crate::registry::{CertRecord, RegistryError};
 
@@ -413,6 +413,18 @@ impl OperatorService for OperatorApi {
         let host = host_id("host_id", &request.get_ref().host_id)?;
         self.drainer
             .abort_drain(&host)
+            .await
+            .map(Response::new)
+            .map_err(status)
+    }
+
+    async fn compact(
+        &self,
+        request: Request<proto::CompactRequest>,
+    ) -> Result<Response<proto::CompactResponse>, Status> {
+        let request = CompactRequest::from_request(request.get_ref()).map_err(status)?;
+        self.drainer
+            .compact(request)
             .await
             .map(Response::new)
             .map_err(status)

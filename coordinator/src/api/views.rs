@@ -620,3 +620,144 @@ impl From<&proto::CapacityReport> for CapacityView {
         }
     }
 }
+
+/// A compaction's plan (or start), as `berthctl compact --json` shows it.
+#[derive(Debug, Serialize)]
+pub struct CompactionView {
+    /// `planned` (dry run) or `started`.
+    pub phase: String,
+    pub emptied: Vec<EmptiedView>,
+    /// Per month, in the catalog's currency.
+    pub saving: f64,
+    pub currency: &'static str,
+    pub moves: u32,
+    pub kept: Vec<KeptView>,
+    /// Cordoned hosts with no tenant: ready to be returned.
+    pub returnable: Vec<ReturnableView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EmptiedView {
+    pub host_id: String,
+    pub provider: String,
+    pub monthly_cost: f64,
+    pub moves: Vec<MoveView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct KeptView {
+    pub host_id: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ReturnableView {
+    pub host_id: String,
+    pub monthly_cost: f64,
+}
+
+fn money(cents: u64) -> f64 {
+    cents as f64 / 100.0
+}
+
+impl From<&proto::CompactResponse> for CompactionView {
+    fn from(c: &proto::CompactResponse) -> Self {
+        Self {
+            phase: c.phase.clone(),
+            saving: money(c.saving_cents),
+            currency: "EUR",
+            moves: c.moves,
+            emptied: c
+                .emptied
+                .iter()
+                .map(|e| EmptiedView {
+                    host_id: e.host_id.clone(),
+                    provider: e.provider.clone(),
+                    monthly_cost: money(e.monthly_cost_cents),
+                    moves: DrainView::from(&proto::DrainStatus {
+                        moves: e.moves.clone(),
+                        ..Default::default()
+                    })
+                    .moves,
+                })
+                .collect(),
+            kept: c
+                .kept
+                .iter()
+                .map(|k| KeptView {
+                    host_id: k.host_id.clone(),
+                    reason: k.reason.clone(),
+                })
+                .collect(),
+            returnable: c
+                .returnable
+                .iter()
+                .map(|r| ReturnableView {
+                    host_id: r.host_id.clone(),
+                    monthly_cost: money(r.monthly_cost_cents),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl CompactionView {
+    /// The summary line ("2 hosts can be returned: a, b — saves 96.98 EUR/month — 7 moves"),
+    /// each move, the hosts kept and why, and the hosts ready to return.
+    pub fn table(&self) -> String {
+        let mut out = match self.emptied.len() {
+            0 => "no host can be emptied now\n".to_string(),
+            n => format!(
+                "{n} host{} can be returned: {} — saves {:.2} {}/month — {} move{}{}\n",
+                if n == 1 { "" } else { "s" },
+                self.emptied
+                    .iter()
+                    .map(|e| e.host_id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                self.saving,
+                self.currency,
+                self.moves,
+                if self.moves == 1 { "" } else { "s" },
+                if self.phase == "started" {
+                    " (started: `berthctl drain-status HOST` follows each)"
+                } else {
+                    ""
+                },
+            ),
+        };
+        if self.emptied.iter().any(|e| !e.moves.is_empty()) {
+            out.push_str(&format!(
+                "\n{:<24} {:<24} {:<24} {:>8}\n",
+                "TENANT", "FROM", "TO", "MEMORY"
+            ));
+            for e in &self.emptied {
+                for m in &e.moves {
+                    out.push_str(&format!(
+                        "{:<24} {:<24} {:<24} {:>5}MiB\n",
+                        m.tenant_id,
+                        e.host_id,
+                        m.target_host_id,
+                        m.memory_bytes >> 20
+                    ));
+                }
+            }
+        }
+        if !self.kept.is_empty() {
+            out.push_str("\nkept:\n");
+            for k in &self.kept {
+                out.push_str(&format!("  {}: {}\n", k.host_id, k.reason));
+            }
+        }
+        if !self.returnable.is_empty() {
+            out.push_str("\nready to return (cordoned, no tenant):\n");
+            for r in &self.returnable {
+                out.push_str(&format!(
+                    "  {} ({:.2} {}/month)\n",
+                    r.host_id, r.monthly_cost, self.currency
+                ));
+            }
+        }
+        out
+    }
+}

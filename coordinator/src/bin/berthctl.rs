@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use berth_coordinator::api::client::{ClientOptions, OperatorClient, connect};
 use berth_coordinator::api::views::{
-    BackupView, CapacityView, DrainView, HostView, PlacementView, RemovalView, RestartView,
-    RestoreView, SnapshotView, TenantView,
+    BackupView, CapacityView, CompactionView, DrainView, HostView, PlacementView, RemovalView,
+    RestartView, RestoreView, SnapshotView, TenantView,
 };
 use berth_shared::proto::{self, HostRef};
 use berth_shared::spec::{EgressFile, TenantSpecFile};
@@ -128,6 +128,31 @@ enum Command {
         #[arg(long)]
         no_precopy: bool,
         /// Wait until the drain ends, printing its progress.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Empty the hosts whose removal saves the most money (monthly cost from the catalog),
+    /// every tenant moved as a drain moves it, under all its constraints; emptied hosts stay
+    /// cordoned, ready to return. With --dry-run, only show the plan and the saving.
+    Compact {
+        #[arg(long)]
+        dry_run: bool,
+        /// The most tenants moved.
+        #[arg(long, default_value_t = 100)]
+        max_moves: u32,
+        /// Only empty hosts of these providers (comma-separated: hetzner, aws, other).
+        #[arg(long, value_delimiter = ',')]
+        providers: Vec<String>,
+        /// Percent of each target host's memory and CPU kept free.
+        #[arg(long, default_value_t = 10)]
+        headroom: u32,
+        /// Per emptied host: stop starting moves after this long.
+        #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+        deadline: std::time::Duration,
+        /// Per emptied host: tenants moved at once.
+        #[arg(long, default_value_t = 2)]
+        max_parallel: u32,
+        /// Wait until every emptied host's drain ends.
         #[arg(long)]
         wait: bool,
     },
@@ -452,6 +477,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             drain(&mut client, request, wait, cli.json).await?;
         }
+        Command::Compact {
+            dry_run,
+            max_moves,
+            providers,
+            headroom,
+            deadline,
+            max_parallel,
+            wait,
+        } => {
+            let request = proto::CompactRequest {
+                dry_run,
+                max_moves,
+                providers,
+                headroom_percent: Some(headroom),
+                deadline_ms: deadline.as_millis() as u64,
+                max_parallel,
+            };
+            compact(&mut client, request, wait, cli.json).await?;
+        }
         Command::DrainStatus { host } => {
             let status = client
                 .get_drain_status(HostRef { host_id: host })
@@ -608,6 +652,73 @@ async fn drain(
     print_drain(json, &status)?;
     if wait && status.phase != "done" {
         anyhow::bail!("the drain of {host} ended {}", status.phase);
+    }
+    Ok(())
+}
+
+/// Plans or starts a compaction; with `wait`, follows each emptied host's drain until it
+/// ends and fails unless all are done.
+async fn compact(
+    client: &mut OperatorClient,
+    request: proto::CompactRequest,
+    wait: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let dry_run = request.dry_run;
+    let response = client.compact(request).await?.into_inner();
+    let view = CompactionView::from(&response);
+    if json && !wait {
+        berth_shared::outln!("{}", serde_json::to_string_pretty(&view)?);
+    } else if !json {
+        berth_shared::outln!("{}", view.table());
+    }
+    if !wait || dry_run {
+        return Ok(());
+    }
+    let mut finals = Vec::new();
+    for emptied in &response.emptied {
+        let host = HostRef {
+            host_id: emptied.host_id.clone(),
+        };
+        let status = loop {
+            let status = client.get_drain_status(host.clone()).await?.into_inner();
+            if status.phase != "running" {
+                break status;
+            }
+            tokio::time::sleep(DRAIN_POLL).await;
+        };
+        if !json {
+            berth_shared::outln!("{}", DrainView::from(&status).table());
+        }
+        finals.push(status);
+    }
+    if json {
+        let views: Vec<DrainView> = finals.iter().map(DrainView::from).collect();
+        berth_shared::outln!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "compaction": view,
+                "drains": views,
+            }))?
+        );
+    }
+    let unfinished: Vec<String> = finals
+        .iter()
+        .filter(|s| s.phase != "done")
+        .map(|s| format!("{} ({})", s.host_id, s.phase))
+        .collect();
+    if !unfinished.is_empty() {
+        anyhow::bail!("not emptied: {}", unfinished.join(", "));
+    }
+    if !json {
+        berth_shared::outln!(
+            "emptied and cordoned, ready to return: {}",
+            finals
+                .iter()
+                .map(|s| s.host_id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
     Ok(())
 }

@@ -54,7 +54,8 @@ impl Fleet {
             .map(|(i, (name, gib))| {
                 let h = host(name);
                 if c.registry.host(&h).unwrap().is_none() {
-                    let facts = seed::facts(&h, Provider::Hetzner, "fsn1", *gib, 8);
+                    let mut facts = seed::facts(&h, Provider::Hetzner, "fsn1", *gib, 8);
+                    facts.monthly_cost_cents = gib * 300;
                     seed::enroll(&c, &h, &format!("{i:08x}"), facts).unwrap();
                     c.registry
                         .record_report(&h, gib * GIB / 2, 400 * GIB, |r| c.sync_host(r))
@@ -284,6 +285,99 @@ async fn a_planned_moves_capacity_is_reserved_until_the_move_ends() {
     }
     let placed = f.c.place(spec("new", "business", false)).await.unwrap();
     assert_eq!(placed.host_id, "small");
+}
+
+fn compaction(dry_run: bool) -> CompactRequest {
+    CompactRequest {
+        plan: CompactOptions::default(),
+        dry_run,
+        deadline: DEFAULT_DEADLINE,
+        max_parallel: DEFAULT_MAX_PARALLEL,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_compaction_empties_the_hosts_it_planned_and_leaves_them_ready_to_return() {
+    let f = Fleet::new(&[("full", 16), ("half", 16), ("light", 16)]);
+    f.place_on(0, &["a1", "a2", "a3"], "business", true).await;
+    f.place_on(1, &["b1", "b2"], "business", true).await;
+    f.place_on(2, &["c1"], "business", false).await;
+    for t in ["b1", "b2"] {
+        f.agents.write(&f.hosts[1], &id(t));
+    }
+    let plan = f.d.compact(compaction(true)).await.unwrap();
+    assert_eq!(plan.phase, "planned");
+    let emptied: Vec<&str> = plan.emptied.iter().map(|e| e.host_id.as_str()).collect();
+    // light first (48 EUR for one move), then half (24 EUR per move); full receives both.
+    assert_eq!(emptied, ["light", "half"], "{plan:?}");
+    assert_eq!((plan.saving_cents, plan.moves), (9600, 3));
+    assert_eq!(plan.kept.len(), 1);
+    assert_eq!(plan.kept[0].host_id, "full");
+    // A dry run reserved nothing: the hosts still take new tenants.
+    assert_eq!(f.state(1), HostState::Ready);
+
+    let started = f.d.compact(compaction(false)).await.unwrap();
+    assert_eq!(started.phase, "started");
+    assert_eq!(started.emptied.len(), 2);
+    for h in [&f.hosts[1], &f.hosts[2]] {
+        f.d.drains.wait_finished(h).await;
+        let status = f.d.drain_status(h).unwrap();
+        assert_eq!(status.phase, "done", "{status:?}");
+    }
+    for t in ["a1", "a2", "a3", "b1", "b2", "c1"] {
+        assert!(f.runs_healthy(&id(t), &f.hosts[0]), "{t}");
+    }
+    for t in ["b1", "b2"] {
+        assert_eq!(f.agents.volume(&f.hosts[0], &id(t)).unwrap().content, 1);
+    }
+    assert_eq!(f.agents.overlaps(), Vec::<String>::new());
+    assert_eq!(f.state(1), HostState::Cordoned);
+    assert_eq!(f.state(2), HostState::Cordoned);
+    // Nothing more to empty; both hosts are listed as ready to return.
+    let after = f.d.compact(compaction(true)).await.unwrap();
+    assert!(after.emptied.is_empty(), "{after:?}");
+    let returnable: Vec<(&str, u64)> = after
+        .returnable
+        .iter()
+        .map(|r| (r.host_id.as_str(), r.monthly_cost_cents))
+        .collect();
+    assert_eq!(returnable, [("half", 4800), ("light", 4800)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_compaction_request_names_the_field_it_refuses() {
+    let refused =
+        |r: proto::CompactRequest| CompactRequest::from_request(&r).unwrap_err().to_string();
+    assert_eq!(
+        refused(proto::CompactRequest {
+            providers: vec!["hetzner".into(), "gcp".into()],
+            ..Default::default()
+        }),
+        "invalid providers[1]: unknown provider \"gcp\" (expected hetzner, aws or other)"
+    );
+    assert_eq!(
+        refused(proto::CompactRequest {
+            headroom_percent: Some(95),
+            ..Default::default()
+        }),
+        "headroom_percent: 95 is more than 90"
+    );
+    assert_eq!(
+        refused(proto::CompactRequest {
+            max_moves: 10_001,
+            ..Default::default()
+        }),
+        "max_moves: 10001 is more than 10000"
+    );
+    assert_eq!(
+        refused(proto::CompactRequest {
+            deadline_ms: 10,
+            ..Default::default()
+        }),
+        "deadline_ms: 10 ms is less than 1 s"
+    );
+    let defaults = CompactRequest::from_request(&proto::CompactRequest::default()).unwrap();
+    assert_eq!(defaults.plan, CompactOptions::default());
 }
 
 /// Starts a drain of `src` (one business tenant `t1`, written once) towards `dst` with

@@ -204,6 +204,23 @@ impl Scheduler {
         out
     }
 
+    /// This fleet with `percent` of every host's memory and CPU kept free: what a compaction
+    /// may fill (a host already fuller than that takes nothing more).
+    pub fn with_headroom(&self, percent: u32) -> Self {
+        let keep = |v: u64| v - v / 100 * u64::from(percent.min(100));
+        let mut out = Self::new();
+        for s in &self.slots {
+            let slot = out.slots.len();
+            let mut s = s.clone();
+            s.info.allocatable.mem = keep(s.info.allocatable.mem);
+            s.info.allocatable.cpu = keep(s.info.allocatable.cpu);
+            out.index.insert(s.info.id.clone(), slot);
+            out.slots.push(s);
+            out.reindex(slot);
+        }
+        out
+    }
+
     pub fn set_schedulable(&mut self, id: &HostId, schedulable: bool) {
         if let Some(&slot) = self.index.get(id)
             && self.slots[slot].info.schedulable != schedulable
