@@ -213,6 +213,14 @@ pub struct MoveRecord {
     /// A lost host's tenant restored from a backup: the snapshot (its recovery point).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restored: Option<RecoveryPoint>,
+    /// The move starts no earlier than this (Unix ms): in its tenant's maintenance window;
+    /// 0: at once.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub not_before_unix_ms: i64,
+}
+
+fn is_zero(v: &i64) -> bool {
+    *v == 0
 }
 
 /// The snapshot a lost host's tenant was restored from.
@@ -289,11 +297,30 @@ impl DrainOptions {
     }
 }
 
+/// How long before its tenant's nightly restart a move in the maintenance window starts (its
+/// pre-copy), so that its cut-over comes before that restart, which the target then skips (it
+/// started the tenant that night).
+const WINDOW_LEAD: Duration = Duration::from_secs(10 * 60);
+
+/// When a compaction's move of a tenant whose host reported `status` may start: inside the
+/// window of its next nightly restart, `WINDOW_LEAD` before it (not before the window opens);
+/// at once (0) when it has none (nightly restarts off) or that time has come.
+fn cut_over_from(status: &proto::TenantStatus, now: i64) -> i64 {
+    if status.next_restart_unix_ms <= 0 {
+        return 0;
+    }
+    let from = (status.next_restart_unix_ms - WINDOW_LEAD.as_millis() as i64)
+        .max(status.restart_window_opens_unix_ms);
+    if from <= now { 0 } else { from }
+}
+
 /// A compaction the operator asked for.
 #[derive(Debug, Clone)]
 pub struct CompactRequest {
     pub plan: CompactOptions,
     pub dry_run: bool,
+    /// Cut every tenant over at once, not in its maintenance window.
+    pub now: bool,
     /// Per emptied host's drain.
     pub deadline: Duration,
     pub max_parallel: u32,
@@ -343,6 +370,7 @@ impl CompactRequest {
                 headroom_percent,
             },
             dry_run: r.dry_run,
+            now: r.now,
             deadline: drain.deadline,
             max_parallel: drain.max_parallel,
         })
@@ -581,6 +609,7 @@ impl Drains {
                             short_id: r.short_id.clone(),
                             time: r.time.clone(),
                         }),
+                        not_before_unix_ms: m.not_before_unix_ms,
                     }
                 })
                 .collect(),
@@ -744,6 +773,7 @@ impl Drainer {
                     bytes_copied: 0,
                     bytes_after_stop: 0,
                     restored: None,
+                    not_before_unix_ms: m.not_before_unix_ms,
                 })
                 .collect(),
         }
@@ -773,17 +803,34 @@ impl Drainer {
         self: &Arc<Self>,
         request: CompactRequest,
     ) -> Result<proto::CompactResponse, DrainError> {
-        let plan = self
+        let mut plan = self
             .coordinator
             .placements
             .plan_compaction(&request.plan, !request.dry_run);
+        let now = self.coordinator.registry.now();
+        if !request.now {
+            for m in plan.emptied.iter_mut().flat_map(|e| e.moves.iter_mut()) {
+                let status = self
+                    .coordinator
+                    .placements
+                    .tenant(&m.tenant)
+                    .and_then(|t| t.status);
+                m.not_before_unix_ms = status.map_or(0, |s| cut_over_from(&s, now));
+            }
+        }
         let mut started = Vec::new();
         let mut failed = None;
         for emptied in &plan.emptied {
+            let last_window = emptied
+                .moves
+                .iter()
+                .map(|m| m.not_before_unix_ms.saturating_sub(now).max(0))
+                .max()
+                .unwrap_or(0);
             let options = DrainOptions {
                 host: emptied.host.clone(),
                 dry_run: request.dry_run,
-                deadline: request.deadline,
+                deadline: request.deadline + Duration::from_millis(last_window as u64),
                 max_parallel: request.max_parallel,
                 force_lost: false,
                 empty: false,
@@ -982,14 +1029,15 @@ impl Drainer {
                 }
                 continue;
             }
-            // Moves a killed coordinator left under way go first, then planned ones.
             let mut next: Vec<&MoveRecord> = record
                 .moves
                 .iter()
                 .filter(|m| !m.phase.finished() && !started.contains(&m.tenant))
                 .filter(|m| m.phase.in_flight() || !stopped)
                 .collect();
-            next.sort_by_key(|m| !m.phase.in_flight());
+            // Moves a killed coordinator left under way go first, then planned ones by the
+            // time they may start.
+            next.sort_by_key(|m| (!m.phase.in_flight(), m.not_before_unix_ms));
             let ahead = if record.no_precopy {
                 0
             } else {
@@ -1189,6 +1237,17 @@ impl Drainer {
                     .await;
             }
             let ready = unless_stopped(stop, async {
+                let not_before = self.drains.get(source).map_or(0, |d| {
+                    d.moves
+                        .iter()
+                        .find(|m| m.tenant == *tenant)
+                        .map_or(0, |m| m.not_before_unix_ms)
+                });
+                let wait = not_before.saturating_sub(self.coordinator.registry.now());
+                if wait > 0 {
+                    tracing::info!(%tenant, %source, %target, seconds = wait / 1000, "move waits for its tenant's maintenance window");
+                    tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+                }
                 let (copied, turn) = match options.precopy {
                     true => {
                         let turn = take(&slots.streams).await?;

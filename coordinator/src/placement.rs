@@ -236,6 +236,8 @@ pub struct PlannedMove {
     pub target: HostId,
     pub memory_bytes: u64,
     pub volume_bytes: u64,
+    /// Not started before this (Unix ms; 0: at once).
+    pub not_before_unix_ms: i64,
 }
 
 impl State {
@@ -770,6 +772,7 @@ impl Placements {
                         target,
                         memory_bytes: spec.resources.memory_bytes,
                         volume_bytes: spec.resources.volume_bytes,
+                        not_before_unix_ms: 0,
                     });
                 }
                 Err(_) if scratch.hosts().next().is_none() => refusals.push(format!(

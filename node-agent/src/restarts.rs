@@ -456,6 +456,7 @@ impl Restarts {
         };
         let view = lock(&self.scheduler).view(&tenant);
         status.next_restart_unix_ms = view.next.map_or(0, |t| t.as_millisecond());
+        status.restart_window_opens_unix_ms = view.window_opens.map_or(0, |t| t.as_millisecond());
         status.restart_note = view.note;
     }
 

@@ -590,10 +590,26 @@ fn a_compaction_empties_the_host_it_names_with_every_tenant_running_once_and_its
     let names: Vec<&str> = hosts.iter().map(|h| h.agent.host_id.as_str()).collect();
     // Three tenants on each of two hosts, two on the third: with at most three moves, only
     // the third can be emptied.
+    // The third host's tenants have their nightly restarts in a window that opens in 3 hours.
+    let now = jiff::Timestamp::now();
+    let opens = now + jiff::SignedDuration::from_hours(3);
+    let window = format!(
+        "[restart]\nwindow = \"{}-{}\"\ntime_zone = \"UTC\"\n",
+        opens.strftime("%H:%M"),
+        (opens + jiff::SignedDuration::from_hours(1)).strftime("%H:%M")
+    );
     let mut data = BTreeMap::new();
     for (i, count) in [(0, 3), (1, 3), (2, 2)] {
         let others: Vec<&str> = names.iter().copied().filter(|h| *h != names[i]).collect();
-        data.extend(tenants_on(&coordinator, &hosts[i], &others, count, 2));
+        let tables = if i == 2 { window.as_str() } else { "" };
+        data.extend(tenants_on_with(
+            &coordinator,
+            &hosts[i],
+            &others,
+            count,
+            2,
+            tables,
+        ));
     }
     let light = names[2];
 
@@ -617,12 +633,22 @@ fn a_compaction_empties_the_host_it_names_with_every_tenant_running_once_and_its
     let moves = plan["emptied"][0]["moves"].as_array().unwrap();
     assert_eq!(moves.len(), 2);
     assert!(moves.iter().all(|m| m["target_host_id"] != light));
+    // By default each tenant moves in its own window, before its nightly restart there (its
+    // host reports the restart; the move starts 10 minutes before it).
+    for m in moves {
+        let from: jiff::Timestamp = m["not_before"].as_str().unwrap().parse().unwrap();
+        assert!(
+            from >= opens - jiff::SignedDuration::from_mins(1)
+                && from < opens + jiff::SignedDuration::from_hours(1),
+            "{m}"
+        );
+    }
     assert_eq!(coordinator.host_state(light).as_deref(), Some("ready"));
 
     // Carried out: both tenants move with their volumes, never running twice, and the host
     // is left cordoned and empty, listed as ready to return.
     let watcher = Watcher::start(data.keys().cloned().collect());
-    let (ok, out, err) = coordinator.berthctl(&["compact", "--max-moves", "3", "--wait"]);
+    let (ok, out, err) = coordinator.berthctl(&["compact", "--max-moves", "3", "--now", "--wait"]);
     assert!(ok, "{out}\n{err}");
     assert!(
         out.contains(&format!("emptied and cordoned, ready to return: {light}")),

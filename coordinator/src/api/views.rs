@@ -400,6 +400,9 @@ pub struct MoveView {
     /// A lost host's tenant restored from a backup: the snapshot (its recovery point).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restored: Option<SnapshotView>,
+    /// Not started before this (its tenant's maintenance window).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<String>,
 }
 
 impl From<&proto::DrainStatus> for DrainView {
@@ -426,6 +429,7 @@ impl From<&proto::DrainStatus> for DrainView {
                     memory_bytes: m.memory_bytes,
                     error: m.error.clone(),
                     restored: m.restored.as_ref().map(SnapshotView::from),
+                    not_before: rfc3339(m.not_before_unix_ms),
                 })
                 .collect(),
         }
@@ -479,7 +483,11 @@ impl DrainView {
                 copied,
                 after_stop,
                 eta,
-                m.error
+                match (&m.not_before, m.phase.as_str()) {
+                    (Some(at), "planned") if m.error.is_empty() =>
+                        format!("in its window, from {at}"),
+                    _ => m.error.clone(),
+                }
             ));
         }
         if !self.stale_copies.is_empty() {
@@ -728,17 +736,22 @@ impl CompactionView {
         };
         if self.emptied.iter().any(|e| !e.moves.is_empty()) {
             out.push_str(&format!(
-                "\n{:<24} {:<24} {:<24} {:>8}\n",
-                "TENANT", "FROM", "TO", "MEMORY"
+                "\n{:<24} {:<24} {:<24} {:>8}  {}\n",
+                "TENANT", "FROM", "TO", "MEMORY", "CUT-OVER"
             ));
             for e in &self.emptied {
                 for m in &e.moves {
                     out.push_str(&format!(
-                        "{:<24} {:<24} {:<24} {:>5}MiB\n",
+                        "{:<24} {:<24} {:<24} {:>5}MiB  {}\n",
                         m.tenant_id,
                         e.host_id,
                         m.target_host_id,
-                        m.memory_bytes >> 20
+                        m.memory_bytes >> 20,
+                        m.not_before
+                            .as_deref()
+                            .map_or("at once".to_string(), |t| format!(
+                                "in its window, from {t}"
+                            )),
                     ));
                 }
             }

@@ -152,6 +152,10 @@ enum Command {
         /// Per emptied host: tenants moved at once.
         #[arg(long, default_value_t = 2)]
         max_parallel: u32,
+        /// Cut every tenant over at once; by default each moves in its own maintenance
+        /// window, just before its nightly restart (which its new host then skips).
+        #[arg(long)]
+        now: bool,
         /// Wait until every emptied host's drain ends.
         #[arg(long)]
         wait: bool,
@@ -484,9 +488,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             headroom,
             deadline,
             max_parallel,
+            now,
             wait,
         } => {
             let request = proto::CompactRequest {
+                now,
                 dry_run,
                 max_moves,
                 providers,

@@ -291,6 +291,7 @@ fn compaction(dry_run: bool) -> CompactRequest {
     CompactRequest {
         plan: CompactOptions::default(),
         dry_run,
+        now: false,
         deadline: DEFAULT_DEADLINE,
         max_parallel: DEFAULT_MAX_PARALLEL,
     }
@@ -342,6 +343,74 @@ async fn a_compaction_empties_the_hosts_it_planned_and_leaves_them_ready_to_retu
         .map(|r| (r.host_id.as_str(), r.monthly_cost_cents))
         .collect();
     assert_eq!(returnable, [("half", 4800), ("light", 4800)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_compaction_moves_each_tenant_just_before_its_nightly_restart_inside_its_window() {
+    let f = Fleet::new(&[("full", 16), ("light", 16)]);
+    f.place_on(0, &["a1", "a2", "a3"], "business", false).await;
+    f.place_on(1, &["c1", "c2"], "business", false).await;
+    let now = f.c.registry.now();
+    let hour = 3_600_000;
+    // c1's window opens in 2 h, its restart at 2.5 h; c2 has nightly restarts off.
+    f.agents
+        .plan_restart(&id("c1"), now + 2 * hour, now + 5 * hour / 2);
+    f.until(|| {
+        f.c.placements
+            .tenant(&id("c1"))
+            .and_then(|t| t.status)
+            .is_some_and(|s| s.next_restart_unix_ms > 0)
+    })
+    .await;
+    let at = now + 5 * hour / 2 - 10 * 60_000;
+    let plan = f.d.compact(compaction(true)).await.unwrap();
+    let when: BTreeMap<&str, i64> = plan.emptied[0]
+        .moves
+        .iter()
+        .map(|m| (m.tenant_id.as_str(), m.not_before_unix_ms))
+        .collect();
+    assert_eq!(when, BTreeMap::from([("c1", at), ("c2", 0)]));
+
+    let began = tokio::time::Instant::now();
+    f.d.compact(compaction(false)).await.unwrap();
+    f.until(|| f.runs_healthy(&id("c2"), &f.hosts[0])).await;
+    // Two hours on, c1 still runs where it was, its move not begun.
+    tokio::time::sleep(Duration::from_secs(2 * 3600)).await;
+    assert_eq!(
+        f.d.drains.phase_of(&f.hosts[1], &id("c1")),
+        Some(MovePhase::Planned)
+    );
+    assert!(f.runs_healthy(&id("c1"), &f.hosts[1]));
+    f.d.drains.wait_finished(&f.hosts[1]).await;
+    let status = f.d.drain_status(&f.hosts[1]).unwrap();
+    assert_eq!(status.phase, "done", "{status:?}");
+    assert!(f.runs_healthy(&id("c1"), &f.hosts[0]));
+    let waited = began.elapsed();
+    assert!(
+        waited >= Duration::from_millis((at - now) as u64),
+        "moved after {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_millis((at - now) as u64 + 600_000),
+        "{waited:?}"
+    );
+    assert_eq!(f.agents.overlaps(), Vec::<String>::new());
+}
+
+#[test]
+fn a_move_in_the_window_starts_before_the_restart_but_never_before_the_window_opens() {
+    let status = |opens: i64, at: i64| proto::TenantStatus {
+        restart_window_opens_unix_ms: opens,
+        next_restart_unix_ms: at,
+        ..Default::default()
+    };
+    let min = 60_000;
+    assert_eq!(cut_over_from(&status(100 * min, 130 * min), 0), 120 * min);
+    // A restart 3 minutes into its window: the move starts as the window opens.
+    assert_eq!(cut_over_from(&status(100 * min, 103 * min), 0), 100 * min);
+    // Nightly restarts off, or the time has come: at once.
+    assert_eq!(cut_over_from(&status(0, 0), 0), 0);
+    assert_eq!(cut_over_from(&status(100 * min, 130 * min), 125 * min), 0);
 }
 
 #[tokio::test(start_paused = true)]

@@ -181,6 +181,7 @@ pub fn plan(
                         target,
                         memory_bytes: t.need.mem,
                         volume_bytes: t.volume_bytes,
+                        not_before_unix_ms: 0,
                     });
                 }
                 Err(refusal) => {

@@ -103,6 +103,9 @@ struct Fleet {
     log: Vec<String>,
     /// The backup repository: per tenant, its snapshots (oldest first) and what each holds.
     backups: BTreeMap<TenantId, Vec<(proto::BackupSnapshot, Volume)>>,
+    /// Per tenant, the next nightly restart its host reports: when its window opens and when
+    /// the restart is (Unix ms).
+    restart_slots: BTreeMap<TenantId, (i64, i64)>,
 }
 
 /// The played agents (see the module doc).
@@ -150,6 +153,14 @@ impl FakeAgents {
 
     fn fleet(&self) -> MutexGuard<'_, Fleet> {
         self.fleet.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whichever host runs `tenant` reports its next nightly restart at `at`, in a window
+    /// that opens at `opens` (Unix ms).
+    pub fn plan_restart(&self, tenant: &TenantId, opens: i64, at: i64) {
+        self.fleet()
+            .restart_slots
+            .insert(tenant.clone(), (opens, at));
     }
 
     /// Makes `step` on `host` do `effect` from now on (until [`Self::heal`]).
@@ -245,6 +256,7 @@ impl FakeAgents {
                 .map(|(h, e)| (h.clone(), e.running.keys().cloned().collect()))
                 .collect();
             let mut overlaps = Vec::new();
+            let slots = fleet.restart_slots.clone();
             let entry = fleet.hosts.entry(host.clone()).or_default();
             if !hangs {
                 // What it no longer runs stops (its volume stays until a purge).
@@ -301,7 +313,10 @@ impl FakeAgents {
                 .iter()
                 .map(|(tenant, (generation, healthy))| {
                     let restored = entry.restored.get(tenant);
+                    let (opens, at) = slots.get(tenant).copied().unwrap_or_default();
                     proto::TenantStatus {
+                        restart_window_opens_unix_ms: opens,
+                        next_restart_unix_ms: at,
                         tenant_id: tenant.to_string(),
                         state: proto::TenantState::Running as i32,
                         generation: *generation,

@@ -25,6 +25,8 @@ const SPREAD: (u128, u128) = (4, 5);
 pub struct Slot {
     /// The local date the window opens on.
     pub night: civil::Date,
+    /// When the window opens.
+    pub opens: Timestamp,
     pub at: Timestamp,
     /// When the window closes: a restart not started by then is skipped that night.
     pub closes: Timestamp,
@@ -74,7 +76,12 @@ pub fn slot_on(
     let at = opens
         .checked_add(SignedDuration::from_millis(offset as i64))
         .ok()?;
-    Some(Slot { night, at, closes })
+    Some(Slot {
+        night,
+        opens,
+        at,
+        closes,
+    })
 }
 
 /// The first slot of `tenant` whose window is still open after `now` (it may be due already).
@@ -136,6 +143,8 @@ struct Entry {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RestartView {
     pub next: Option<Timestamp>,
+    /// When the window of the next restart opens.
+    pub window_opens: Option<Timestamp>,
     pub note: String,
     pub in_progress: bool,
 }
@@ -362,6 +371,7 @@ impl Scheduler {
             .get(tenant)
             .map(|e| RestartView {
                 next: e.next.as_ref().map(|s| s.at),
+                window_opens: e.next.as_ref().map(|s| s.opens),
                 note: e.note.clone(),
                 in_progress: e.running.is_some(),
             })

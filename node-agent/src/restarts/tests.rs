@@ -296,6 +296,12 @@ async fn a_requested_restart_runs_behind_the_gate_and_answers_once() {
         s.next_restart_unix_ms > 1_763_726_400_000,
         "the nightly one is still planned"
     );
+    let opens = s.restart_window_opens_unix_ms;
+    assert!(
+        opens > 0 && opens <= s.next_restart_unix_ms && s.next_restart_unix_ms - opens < 86_400_000,
+        "its window opens before it: {opens} {}",
+        s.next_restart_unix_ms
+    );
     assert!(restarts.take_results().is_empty(), "each result once");
 }
 
