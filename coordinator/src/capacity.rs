@@ -6,6 +6,8 @@
 //! a tier gets advice only with at least [`MIN_MEASURED`] running tenants measured, and only
 //! when the 95th percentile of their use is under half its request or over one and a half.
 
+use std::collections::HashMap;
+
 use berth_shared::proto;
 use berth_shared::spec::Tier;
 
@@ -36,22 +38,17 @@ pub fn report(c: &Coordinator) -> Result<proto::CapacityReport, RegistryError> {
         }
     }
     let tiers: Vec<Tier> = c.config.tiers.iter().map(|t| t.tier.clone()).collect();
-    report.tiers = tier_cpu(&tiers, &c.placements.tenants(None));
+    report.tiers = tier_cpu(&tiers, c.placements.cpu_use_by_tier());
     Ok(report)
 }
 
-/// Each tier's CPU request against the use of its running tenants.
-pub fn tier_cpu(tiers: &[Tier], tenants: &[proto::Tenant]) -> Vec<proto::TierCpu> {
+/// Each tier's CPU request against the use of its running tenants (`used`: per tier, what
+/// each of them used lately, as [`crate::placement::Placements::cpu_use_by_tier`] gives it).
+pub fn tier_cpu(tiers: &[Tier], mut used: HashMap<String, Vec<u32>>) -> Vec<proto::TierCpu> {
     tiers
         .iter()
         .map(|tier| {
-            let mut used: Vec<u32> = tenants
-                .iter()
-                .filter(|t| t.spec.as_ref().is_some_and(|s| s.tier == tier.name))
-                .filter_map(|t| t.status.as_ref())
-                .filter(|s| s.state == proto::TenantState::Running as i32)
-                .map(|s| s.cpu_used_millicores)
-                .collect();
+            let mut used = used.remove(&tier.name).unwrap_or_default();
             used.sort_unstable();
             let p95 = match used.len() {
                 0 => 0,
@@ -103,41 +100,23 @@ mod tests {
         }
     }
 
-    fn tenant(tier: &str, used: u32, state: proto::TenantState) -> proto::Tenant {
-        proto::Tenant {
-            spec: Some(proto::TenantSpec {
-                tier: tier.into(),
-                ..Default::default()
-            }),
-            status: Some(proto::TenantStatus {
-                state: state as i32,
-                cpu_used_millicores: used,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
-
     #[test]
     fn a_tier_is_advised_only_when_its_tenants_use_far_from_its_request() {
-        let running = proto::TenantState::Running;
         let tiers = [
             tier("idle", 500),
             tier("busy", 250),
             tier("right", 250),
             tier("few", 1000),
         ];
-        let mut tenants = Vec::new();
+        let mut used: HashMap<String, Vec<u32>> = HashMap::new();
         // 20 idle gateways: 19 at 20 mCPU, one at 300 (p95 is the 19th of 20: 20).
-        tenants.extend((0..19).map(|_| tenant("idle", 20, running)));
-        tenants.push(tenant("idle", 300, running));
+        used.insert("idle".into(), [vec![20; 19], vec![300]].concat());
         // Busy ones use 400 to 490: p95 490, past 1.5 x 250.
-        tenants.extend((0..10).map(|i| tenant("busy", 400 + i * 10, running)));
-        tenants.extend((0..10).map(|i| tenant("right", 200 + i * 10, running)));
-        // Too few to say anything; a stopped tenant is not measured.
-        tenants.extend((0..4).map(|_| tenant("few", 5, running)));
-        tenants.push(tenant("few", 5, proto::TenantState::Stopped));
-        let report = tier_cpu(&tiers, &tenants);
+        used.insert("busy".into(), (0..10).map(|i| 400 + i * 10).collect());
+        used.insert("right".into(), (0..10).map(|i| 200 + i * 10).collect());
+        // Too few to say anything.
+        used.insert("few".into(), vec![5; 4]);
+        let report = tier_cpu(&tiers, used);
         let by = |name: &str| report.iter().find(|t| t.tier == name).unwrap().clone();
         let idle = by("idle");
         assert_eq!(

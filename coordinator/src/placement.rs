@@ -167,7 +167,12 @@ pub struct Placements {
     state: Mutex<State>,
     /// Woken by every acknowledgement and report from an agent.
     reports: tokio::sync::Notify,
+    /// The last [`Placements::compaction_outlook`] and when it was planned.
+    outlook: Mutex<Option<(std::time::Instant, compaction::CompactionPlan)>>,
 }
+
+/// How long the dashboard's compaction outlook is kept before it is planned again.
+const OUTLOOK_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The scheduler's view of a host record; `None` until the host sent its facts.
 pub fn host_info(record: &HostRecord, schedulable: bool) -> Option<HostInfo> {
@@ -183,7 +188,7 @@ pub fn host_info(record: &HostRecord, schedulable: bool) -> Option<HostInfo> {
             mem: facts
                 .memory_total_bytes
                 .saturating_sub(facts.memory_reserved_bytes),
-            cpu: u64::from(facts.cpu_count) * 1000,
+            cpu: facts.cpu_allocatable_millicores(),
             disk: disk_capacity(facts.disk_total_bytes),
         },
         schedulable,
@@ -321,19 +326,19 @@ impl State {
     }
 
     /// A tenant's state and the reason, from what its host acknowledged and reported.
-    fn tenant_state(&self, record: &TenantRecord) -> (proto::TenantState, String) {
+    fn tenant_state(&self, record: &TenantRecord) -> (proto::TenantState, &str) {
         if let Some(ack) = self.acks.get(&record.host_id)
             && ack.generation >= record.generation
             && !ack.accepted
         {
-            return (proto::TenantState::Failed, ack.error.clone());
+            return (proto::TenantState::Failed, &ack.error);
         }
         match self.observed.get(&record.spec.tenant_id) {
             Some(status) if status.generation >= record.generation => (
                 proto::TenantState::try_from(status.state).unwrap_or(proto::TenantState::Pending),
-                status.message.clone(),
+                &status.message,
             ),
-            _ => (proto::TenantState::Pending, String::new()),
+            _ => (proto::TenantState::Pending, ""),
         }
     }
 }
@@ -397,6 +402,7 @@ impl Placements {
             policy,
             state: Mutex::new(state),
             reports: tokio::sync::Notify::new(),
+            outlook: Mutex::new(None),
         })
     }
 
@@ -827,16 +833,35 @@ impl Placements {
                     volume_bytes: spec.resources.volume_bytes,
                 });
         }
+        if !reserve {
+            // Only a look (the dashboard's): planned on a copy, placements go on meanwhile.
+            let scheduler = state.scheduler.clone();
+            drop(state);
+            return compaction::plan(&scheduler, &tenants, &busy, options);
+        }
         let plan = compaction::plan(&state.scheduler, &tenants, &busy, options);
-        if reserve {
-            for host in &plan.emptied {
-                state.scheduler.set_schedulable(&host.host, false);
-                for m in &host.moves {
-                    state.reserve(&m.tenant, &m.target);
-                }
+        for host in &plan.emptied {
+            state.scheduler.set_schedulable(&host.host, false);
+            for m in &host.moves {
+                state.reserve(&m.tenant, &m.target);
             }
         }
         plan
+    }
+
+    /// What a compaction with the default options would do, planned at most
+    /// `OUTLOOK_MAX_AGE` ago: the dashboard's figure, which planning at every render of a page
+    /// that refreshes itself would make slow on a large fleet.
+    pub fn compaction_outlook(&self) -> compaction::CompactionPlan {
+        let mut outlook = self.outlook.lock().unwrap_or_else(|p| p.into_inner());
+        match &*outlook {
+            Some((at, plan)) if at.elapsed() < OUTLOOK_MAX_AGE => plan.clone(),
+            _ => {
+                let plan = self.plan_compaction(&compaction::CompactOptions::default(), false);
+                *outlook = Some((std::time::Instant::now(), plan.clone()));
+                plan
+            }
+        }
     }
 
     /// Reserves a planned move's target again (a coordinator restart resumes a drain).
@@ -1141,7 +1166,7 @@ impl Placements {
             .unwrap_or_default();
         status.tenant_id = record.spec.tenant_id.to_string();
         status.state = tenant_state as i32;
-        status.message = message;
+        status.message = message.to_string();
         proto::Tenant {
             spec: Some(record.spec.to_proto()),
             placement: Some(state.placement(record)),
@@ -1162,6 +1187,31 @@ impl Placements {
             .filter(|r| host.is_none_or(|h| r.host_id == *h))
             .map(|r| Self::tenant_view(&state, r))
             .collect()
+    }
+
+    /// Per tier, the CPU each of its running tenants used lately, as their hosts reported.
+    pub fn cpu_use_by_tier(&self) -> HashMap<String, Vec<u32>> {
+        let state = self.lock();
+        let mut out: HashMap<String, Vec<u32>> = HashMap::new();
+        for record in state.tenants.values() {
+            let Some(tier) = &record.spec.tier else {
+                continue;
+            };
+            if state.tenant_state(record).0 != proto::TenantState::Running {
+                continue;
+            }
+            let used = state
+                .observed
+                .get(&record.spec.tenant_id)
+                .map_or(0, |s| s.cpu_used_millicores);
+            match out.get_mut(tier) {
+                Some(uses) => uses.push(used),
+                None => {
+                    out.insert(tier.clone(), vec![used]);
+                }
+            }
+        }
+        out
     }
 
     /// What every host holds, in one pass over the tenants.

@@ -44,6 +44,7 @@ struct RawConfig {
     #[serde(default)]
     monthly_cost: f64,
     currency: Option<String>,
+    cpu_overcommit: Option<f64>,
     memory_reserved: Option<String>,
     report_interval: Option<String>,
     cgroup_root: Option<PathBuf>,
@@ -246,6 +247,8 @@ pub struct AgentConfig {
     pub labels: BTreeMap<String, String>,
     pub monthly_cost_cents: u64,
     pub currency: String,
+    /// The CPU requests placement may put on this host, in percent of its cores.
+    pub cpu_overcommit_percent: u32,
     pub memory_reserved_bytes: u64,
     /// Overrides the interval the coordinator asks for.
     pub report_interval: Option<Duration>,
@@ -299,6 +302,15 @@ impl AgentConfig {
                 "invalid monthly_cost: must be a price between 0 and 10,000,000".into(),
             ));
         }
+        let cpu_overcommit_percent = match raw.cpu_overcommit {
+            None => 100,
+            Some(x) if x.is_finite() && (0.1..=10.0).contains(&x) => (x * 100.0).round() as u32,
+            Some(x) => {
+                return Err(value(format!(
+                    "invalid cpu_overcommit: {x}: must be from 0.1 to 10 (1: CPU requests up to the host's cores)"
+                )));
+            }
+        };
         let currency = raw.currency.unwrap_or_else(|| "EUR".into());
         if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
             return Err(value(format!(
@@ -405,6 +417,7 @@ impl AgentConfig {
             labels: raw.labels,
             monthly_cost_cents: (raw.monthly_cost * 100.0).round() as u64,
             currency,
+            cpu_overcommit_percent,
             memory_reserved_bytes,
             report_interval,
             cgroup_root: raw
@@ -442,6 +455,10 @@ mod tests {
         assert_eq!(c.monthly_cost_cents, 5490);
         assert_eq!(c.memory_reserved_bytes, 2 << 30);
         assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(c.cpu_overcommit_percent, 100);
+        let overcommitted = GOOD.replace("monthly_cost", "cpu_overcommit = 2.5\nmonthly_cost");
+        let c = AgentConfig::parse(Path::new("a.toml"), &overcommitted).unwrap();
+        assert_eq!(c.cpu_overcommit_percent, 250);
     }
 
     #[test]
@@ -578,6 +595,10 @@ mod tests {
             (
                 "provider = \"aws\"\nregion = \"x\"\ncurrency = \"usd\"",
                 "invalid currency",
+            ),
+            (
+                "provider = \"aws\"\nregion = \"x\"\ncpu_overcommit = 0.0",
+                "invalid cpu_overcommit: 0: must be from 0.1 to 10",
             ),
             (
                 "provider = \"aws\"\nregion = \"x\"\nregoin = \"y\"",

@@ -72,11 +72,29 @@ pub struct HostFacts {
     pub memory_reserved_bytes: u64,
     pub monthly_cost_cents: u64,
     pub currency: String,
+    /// The CPU placement may give out as requests, in percent of its cores.
+    #[serde(default = "full_cpu")]
+    pub cpu_overcommit_percent: u32,
     pub capabilities: Capabilities,
     pub hostname: String,
     pub kernel_version: String,
     pub os_version: String,
     pub agent_version: String,
+}
+
+fn full_cpu() -> u32 {
+    100
+}
+
+/// The range of `cpu_overcommit_percent`: from a tenth of the cores to ten times them.
+pub const CPU_OVERCOMMIT_PERCENT: std::ops::RangeInclusive<u32> = 10..=1000;
+
+impl HostFacts {
+    /// The CPU requests placement may put on the host, in millicores: its cores times its
+    /// overcommit.
+    pub fn cpu_allocatable_millicores(&self) -> u64 {
+        u64::from(self.cpu_count) * 10 * u64::from(self.cpu_overcommit_percent)
+    }
 }
 
 /// Free text shown to operators (hostname, versions): bounded and printable.
@@ -125,6 +143,16 @@ impl TryFrom<proto::HostFacts> for HostFacts {
                 "must be greater than zero",
             ));
         }
+        let cpu_overcommit_percent = match p.cpu_overcommit_percent {
+            0 => 100,
+            n if CPU_OVERCOMMIT_PERCENT.contains(&n) => n,
+            _ => {
+                return Err(FieldError::new(
+                    "facts.cpu_overcommit_percent",
+                    "must be from 10 to 1000",
+                ));
+            }
+        };
         if !(p.currency.is_empty()
             || (p.currency.len() == 3 && p.currency.bytes().all(|b| b.is_ascii_uppercase())))
         {
@@ -167,6 +195,7 @@ impl TryFrom<proto::HostFacts> for HostFacts {
             disk_available_bytes: p.disk_available_bytes.min(p.disk_total_bytes),
             memory_reserved_bytes: p.memory_reserved_bytes,
             monthly_cost_cents: p.monthly_cost_cents,
+            cpu_overcommit_percent,
             currency: if p.currency.is_empty() {
                 "EUR".into()
             } else {
@@ -201,6 +230,7 @@ impl From<&HostFacts> for proto::HostFacts {
             disk_available_bytes: f.disk_available_bytes,
             memory_reserved_bytes: f.memory_reserved_bytes,
             monthly_cost_cents: f.monthly_cost_cents,
+            cpu_overcommit_percent: f.cpu_overcommit_percent,
             currency: f.currency.clone(),
             capabilities: Some(proto::Capabilities {
                 cgroup_version: match f.capabilities.cgroup {
@@ -247,6 +277,34 @@ mod tests {
     }
 
     #[test]
+    fn a_hosts_cpu_requests_may_reach_its_cores_times_its_overcommit() {
+        // An agent that says nothing (older ones) offers its cores.
+        let facts = HostFacts::try_from(sample()).unwrap();
+        assert_eq!(facts.cpu_overcommit_percent, 100);
+        assert_eq!(
+            facts.cpu_allocatable_millicores(),
+            u64::from(facts.cpu_count) * 1000
+        );
+        let twice = HostFacts::try_from(proto::HostFacts {
+            cpu_overcommit_percent: 250,
+            ..sample()
+        })
+        .unwrap();
+        assert_eq!(
+            twice.cpu_allocatable_millicores(),
+            u64::from(twice.cpu_count) * 2500
+        );
+        // Facts stored before the field existed read as 100 %.
+        let mut stored = serde_json::to_value(&facts).unwrap();
+        stored
+            .as_object_mut()
+            .unwrap()
+            .remove("cpu_overcommit_percent");
+        let read: HostFacts = serde_json::from_value(stored).unwrap();
+        assert_eq!(read, facts);
+    }
+
+    #[test]
     fn each_bad_field_is_named() {
         type Mutation = Box<dyn Fn(&mut proto::HostFacts)>;
         let cases: Vec<(Mutation, &str)> = vec![
@@ -271,6 +329,14 @@ mod tests {
                 "invalid facts.memory_reserved_bytes",
             ),
             (Box::new(|f| f.cpu_count = 0), "invalid facts.cpu_count"),
+            (
+                Box::new(|f| f.cpu_overcommit_percent = 1001),
+                "invalid facts.cpu_overcommit_percent: must be from 10 to 1000",
+            ),
+            (
+                Box::new(|f| f.cpu_overcommit_percent = 9),
+                "invalid facts.cpu_overcommit_percent",
+            ),
             (
                 Box::new(|f| f.currency = "euro".into()),
                 "invalid facts.currency",

@@ -21,7 +21,9 @@ pub struct HostRow {
     /// The sum of what its tenants reported using.
     pub memory_used: u64,
     pub cpu_millicores: u64,
+    /// What its tenants request (what placement counts) and what they used lately.
     pub cpu_committed_millicores: u64,
+    pub cpu_used_millicores: u64,
     /// Disk its tenants' volumes may take, and what their sizes add up to.
     pub disk_capacity: u64,
     pub disk_committed: u64,
@@ -64,6 +66,19 @@ pub struct Snapshot {
     pub now_ms: i64,
     pub hosts: Vec<HostRow>,
     pub tiers: Vec<Tier>,
+    /// Per tier, its CPU request against what its running tenants use.
+    pub tier_cpu: Vec<berth_shared::proto::TierCpu>,
+    /// What a compaction with the defaults could save now.
+    pub saving: Saving,
+}
+
+/// The hosts a compaction could empty now (`berthctl compact --dry-run`), what they cost per
+/// month and the moves it takes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Saving {
+    pub hosts: Vec<String>,
+    pub monthly_cost_cents: u64,
+    pub moves: u32,
 }
 
 /// Totals over a set of hosts.

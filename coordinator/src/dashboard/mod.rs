@@ -31,7 +31,7 @@ use crate::coordinator::Coordinator;
 use crate::drain::Drainer;
 use crate::placement::HostLoad;
 use crate::registry::{HostRecord, RegistryError, Scope};
-use figures::{HostRow, Snapshot};
+use figures::{HostRow, Saving, Snapshot};
 
 /// A host as the dashboard shows it.
 fn host_row(c: &Coordinator, record: &HostRecord, load: HostLoad, now_ms: i64) -> HostRow {
@@ -47,8 +47,9 @@ fn host_row(c: &Coordinator, record: &HostRecord, load: HostLoad, now_ms: i64) -
         memory_reserved: facts.map_or(0, |f| f.memory_reserved_bytes),
         memory_committed: load.memory_committed,
         memory_used: load.memory_used,
-        cpu_millicores: facts.map_or(0, |f| u64::from(f.cpu_count) * 1000),
+        cpu_millicores: facts.map_or(0, |f| f.cpu_allocatable_millicores()),
         cpu_committed_millicores: load.cpu_committed_millicores,
+        cpu_used_millicores: load.cpu_used_millicores,
         disk_capacity: facts.map_or(0, |f| crate::placement::disk_capacity(f.disk_total_bytes)),
         disk_committed: load.disk_committed,
         tenants: load.tenants,
@@ -75,10 +76,18 @@ pub fn snapshot(c: &Coordinator) -> Result<Snapshot, RegistryError> {
         })
         .collect();
     hosts.sort_by(|a, b| a.host_id.cmp(&b.host_id));
+    let tiers: Vec<_> = c.config.tiers.iter().map(|t| t.tier.clone()).collect();
+    let plan = c.placements.compaction_outlook();
     Ok(Snapshot {
         now_ms,
         hosts,
-        tiers: c.config.tiers.iter().map(|t| t.tier.clone()).collect(),
+        tier_cpu: crate::capacity::tier_cpu(&tiers, c.placements.cpu_use_by_tier()),
+        tiers,
+        saving: Saving {
+            hosts: plan.emptied.iter().map(|h| h.host.to_string()).collect(),
+            monthly_cost_cents: plan.saving_cents(),
+            moves: plan.moves() as u32,
+        },
     })
 }
 

@@ -50,6 +50,11 @@ pub fn gib(bytes: u64) -> String {
     format!("{:.1}", bytes as f64 / f64::from(1u32 << 30))
 }
 
+/// Millicores as cores, one decimal.
+fn cores(millicores: u64) -> String {
+    format!("{:.1}", millicores as f64 / 1000.0)
+}
+
 fn money(cents: f64, currency: &str) -> String {
     format!("{:.2} {currency}", cents / 100.0)
 }
@@ -152,6 +157,9 @@ pub fn fleet(snapshot: &Snapshot) -> Markup {
                         small { (percent(o.memory_committed, o.memory_capacity)) " committed · " (percent(o.memory_used, o.memory_capacity)) " used" } }
                     div.card { small { "monthly cost" } b { (money(o.monthly_cost_cents as f64, currency)) }
                         small { (o.cost_per_tenant_cents().map_or("–".into(), |c| money(c, currency))) " per tenant" } }
+                    div.card #saving { small { "a compaction saves now" } b { (money(snapshot.saving.monthly_cost_cents as f64, currency)) }
+                        small { @if snapshot.saving.hosts.is_empty() { "no host can be emptied" }
+                            @else { (snapshot.saving.hosts.len()) " hosts, " (snapshot.saving.moves) " moves: " code { "berthctl compact" } } } }
                 }
                 h2 { "By provider and region" }
                 table #groups {
@@ -182,11 +190,21 @@ pub fn fleet(snapshot: &Snapshot) -> Markup {
                         }
                     }
                 }
+                h2 { "CPU by tier" }
+                table #tier-cpu {
+                    tr { th { "tier" } th.n { "requested mCPU" } th.n { "limit mCPU" } th.n { "measured" }
+                         th.n { "used p95 mCPU" } th { "advice" } }
+                    @for t in &snapshot.tier_cpu {
+                        tr { td { (t.tier) } td.n { (t.cpu_request_millicores) } td.n { (t.cpu_limit_millicores) }
+                             td.n { (t.tenants_measured) } td.n { (t.cpu_used_p95_millicores) } td { (t.advice) } }
+                    }
+                }
                 h2 { "Hosts" }
                 (legend())
                 table #hosts {
                     tr { th { "host" } th { "provider region type" } th { "state" } th { "tenants" }
-                         th { "RAM" } th { "used / committed / for tenants GiB" } th { "cost" } th { "report" } }
+                         th { "RAM" } th { "used / committed / for tenants GiB" } th { "CPU used / requested / cores" }
+                         th { "cost" } th { "report" } }
                     // 500 rows must stay small: no classes on cells (the style sheet aligns by
                     // column) and a row class only for hosts that are not ready.
                     @for h in &snapshot.hosts {
@@ -197,6 +215,7 @@ pub fn fleet(snapshot: &Snapshot) -> Markup {
                             td { (h.tenants) }
                             td { (ram_bar(h.memory_total, h.memory_reserved, h.memory_committed, h.memory_used)) }
                             td { (gib(h.memory_used)) "/" (gib(h.memory_committed)) "/" (gib(h.memory_capacity())) }
+                            td { (cores(h.cpu_used_millicores)) "/" (cores(h.cpu_committed_millicores)) "/" (cores(h.cpu_millicores)) }
                             td { (format!("{:.2}", h.monthly_cost_cents as f64 / 100.0)) }
                             td { (report_age(h.report_age_ms)) }
                         }

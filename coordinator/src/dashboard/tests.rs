@@ -513,3 +513,57 @@ async fn a_draining_hosts_page_shows_each_moves_target_and_phase() {
         assert!(html.contains(&row), "{row}");
     }
 }
+
+#[test]
+fn the_fleet_page_shows_what_a_compaction_saves_and_each_hosts_cpu_requested_and_used() {
+    // Few tenants on many hosts: most hosts can be emptied into the others.
+    let c = seed::seeded(40, 120).unwrap();
+    let plan = c.placements.plan_compaction(
+        &crate::placement::compaction::CompactOptions::default(),
+        false,
+    );
+    assert!(
+        !plan.emptied.is_empty() && plan.saving_cents() > 0,
+        "{plan:?}"
+    );
+    let snapshot = snapshot(&c).unwrap();
+    assert_eq!(snapshot.saving.monthly_cost_cents, plan.saving_cents());
+    let html = pages::fleet(&snapshot).into_string();
+    assert!(
+        html.contains(&format!(
+            "a compaction saves now</small><b>{:.2} EUR</b><small>{} hosts, {} moves: <code>berthctl compact</code>",
+            plan.saving_cents() as f64 / 100.0,
+            plan.emptied.len(),
+            plan.moves()
+        )),
+        "{html}"
+    );
+    let loads = c.placements.host_loads();
+    for h in c.registry.hosts().unwrap() {
+        let load = loads.get(&h.host_id).copied().unwrap_or_default();
+        let cores = |m: u64| format!("{:.1}", m as f64 / 1000.0);
+        let cell = format!(
+            "<td>{}/{}/{}</td>",
+            cores(load.cpu_used_millicores),
+            cores(load.cpu_committed_millicores),
+            cores(u64::from(h.facts.as_ref().unwrap().cpu_count) * 1000)
+        );
+        assert!(html.contains(&cell), "{}: {cell}", h.host_id);
+    }
+    let table = &html[html.find("id=\"tier-cpu\"").unwrap()..];
+    let table = &table[..table.find("</table>").unwrap()];
+    assert_eq!(
+        table.matches("<tr><td>").count(),
+        c.config.tiers.len(),
+        "a CPU row per tier"
+    );
+    for t in &c.config.tiers {
+        assert!(
+            table.contains(&format!(
+                "<tr><td>{}</td><td class=\"n\">{}</td>",
+                t.tier.name, t.tier.resources.cpu_millicores
+            )),
+            "{table}"
+        );
+    }
+}

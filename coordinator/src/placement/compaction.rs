@@ -155,23 +155,25 @@ pub fn plan(
             )));
             continue;
         }
-        let mut trial = fleet.without(&host);
+        // Tried in place: the host leaves scheduling and its tenants are committed where
+        // they go; a tenant that fits nowhere undoes both.
+        fleet.set_schedulable(&host, false);
         let mut leaving: Vec<&Movable> = tenants_of(&host).iter().collect();
         leaving.sort_by(|a, b| {
             (b.need.mem, b.need.cpu, &a.tenant).cmp(&(a.need.mem, a.need.cpu, &b.tenant))
         });
         let mut moves = Vec::with_capacity(leaving.len());
         let mut refused = None;
-        for t in leaving {
+        for t in &leaving {
             let request = Request {
                 need: t.need,
                 encrypted: t.encrypted,
                 constraints: &t.constraints,
                 strategy: t.strategy,
             };
-            match trial.choose(&request) {
+            match fleet.choose(&request) {
                 Ok(target) => {
-                    trial.commit(
+                    fleet.commit(
                         &target,
                         t.need,
                         t.constraints.anti_affinity_group.as_deref(),
@@ -191,10 +193,17 @@ pub fn plan(
             }
         }
         if let Some(reason) = refused {
+            for (m, t) in moves.iter().zip(&leaving) {
+                fleet.release(
+                    &m.target,
+                    t.need,
+                    t.constraints.anti_affinity_group.as_deref(),
+                );
+            }
+            fleet.set_schedulable(&host, true);
             out.kept.push(keep(reason));
             continue;
         }
-        fleet = trial;
         moves_left -= moves.len();
         received.extend(moves.iter().map(|m| m.target.clone()));
         out.emptied.push(EmptiedHost {

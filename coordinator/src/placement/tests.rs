@@ -621,3 +621,49 @@ fn on_the_default_tiers_a_host_fills_by_its_memory_not_its_cpus() {
     assert_eq!(placed, 31, "{refusal}");
     assert!(refusal.contains("memory"), "the memory binds: {refusal}");
 }
+
+/// A host's `cpu_overcommit` is what placement offers of its CPUs: with 1.0 (the default)
+/// CPU requests stop at its cores; at 2.0 twice that many tenants of a CPU-heavy tier fit.
+#[test]
+fn a_hosts_cpu_overcommit_bounds_the_cpu_requests_placed_on_it() {
+    let placed_on = |percent: u32| {
+        let id = HostId::new("h1").unwrap();
+        let mut facts = crate::testing::seed::facts(&id, Provider::Hetzner, "fsn1", 64, 2);
+        facts.cpu_overcommit_percent = percent;
+        let record = crate::registry::HostRecord {
+            host_id: id,
+            enrolled_unix_ms: 1,
+            admin: Default::default(),
+            facts: Some(facts),
+            last_report_unix_ms: 1,
+            memory_available_bytes: 0,
+            disk_available_bytes: 0,
+        };
+        let info = host_info(&record, true).unwrap();
+        assert_eq!(info.allocatable.cpu, u64::from(percent) * 20);
+        let store = Arc::new(MemStore::default());
+        let p = Placements::load(store, policy(), &[info]).unwrap();
+        let mut placed = 0;
+        loop {
+            // 500 mCPU requested, 256 MiB: the CPU binds on this 2-CPU, 64 GiB host.
+            let s = proto::TenantSpec {
+                resources: Some(proto::Resources {
+                    memory_bytes: 256 << 20,
+                    cpu_millicores: 500,
+                    volume_bytes: GIB,
+                    cpu_limit_millicores: 0,
+                }),
+                ..spec(&format!("t{placed}"))
+            };
+            match p.place(s, 1) {
+                Ok(_) => placed += 1,
+                Err(e) => {
+                    assert!(e.to_string().contains("cpu: 1 host short"), "{e}");
+                    break placed;
+                }
+            }
+        }
+    };
+    assert_eq!(placed_on(100), 4);
+    assert_eq!(placed_on(200), 8);
+}

@@ -141,6 +141,7 @@ pub fn facts(id: &HostId, provider: Provider, region: &str, gib: u64, cpus: u32)
         memory_reserved_bytes: 2 << 30,
         monthly_cost_cents: 0,
         currency: "EUR".into(),
+        cpu_overcommit_percent: 100,
         capabilities: Capabilities {
             cgroup: Some(CgroupVersion::V2),
             dm_crypt: true,

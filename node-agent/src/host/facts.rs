@@ -165,6 +165,7 @@ pub async fn host_facts(config: &AgentConfig, meter: &mut Meter) -> proto::HostF
             .memory_reserved_bytes
             .min(measured.memory_total_bytes.saturating_sub(1)),
         monthly_cost_cents: config.monthly_cost_cents,
+        cpu_overcommit_percent: config.cpu_overcommit_percent,
         currency: config.currency.clone(),
         capabilities: Some(proto::Capabilities {
             cgroup_version: match cgroup {
