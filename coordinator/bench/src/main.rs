@@ -104,7 +104,37 @@ enum Command {
         /// Skip the baselines (they scan every host for every VM).
         #[arg(long)]
         no_baselines: bool,
+        /// Also replay berth compacting the fleet at this period (`24h`).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        compact_every: Option<std::time::Duration>,
+        /// With --compact-every: the most moves of one VM in any 30 days.
+        #[arg(long, default_value_t = 2, requires = "compact_every")]
+        max_moves_per_tenant_per_month: usize,
+        /// With --compact-every: percent of each target's memory and CPU kept free.
+        #[arg(long, default_value_t = 10, requires = "compact_every")]
+        compact_headroom: u32,
     },
+}
+
+/// `--compact-every` in seconds, checked with `--compact-headroom`.
+fn replay_compaction(
+    every: Option<std::time::Duration>,
+    headroom: u32,
+) -> anyhow::Result<Option<u64>> {
+    anyhow::ensure!(
+        headroom <= 90,
+        "--compact-headroom {headroom}: at most 90 (percent)"
+    );
+    every
+        .map(|d| {
+            anyhow::ensure!(
+                d.as_secs() >= 60,
+                "--compact-every {}: at least 1m",
+                humantime::format_duration(d)
+            );
+            Ok(d.as_secs())
+        })
+        .transpose()
 }
 
 fn vbp_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
@@ -301,15 +331,25 @@ fn main() -> std::process::ExitCode {
             host_mem_gb,
             limit,
             no_baselines,
-        } => inputs::Trace::find(&azure_v1, trace.as_deref(), trace_end).and_then(|trace| {
-            replay::run(
-                &azure_v1,
-                &trace,
-                host_cpu * 1000,
-                host_mem_gb * 1024,
-                limit,
-                !no_baselines,
-            )
+            compact_every,
+            max_moves_per_tenant_per_month,
+            compact_headroom,
+        } => replay_compaction(compact_every, compact_headroom).and_then(|compaction| {
+            inputs::Trace::find(&azure_v1, trace.as_deref(), trace_end).and_then(|trace| {
+                replay::run(
+                    &azure_v1,
+                    &trace,
+                    host_cpu * 1000,
+                    host_mem_gb * 1024,
+                    limit,
+                    !no_baselines,
+                    compaction.map(|every_seconds| replay::Compaction {
+                        every_seconds,
+                        max_moves_per_month: max_moves_per_tenant_per_month,
+                        headroom_percent: compact_headroom,
+                    }),
+                )
+            })
         }),
     };
     berth_shared::cli::finish(result)

@@ -1,13 +1,17 @@
 //! Online replay of the Azure trace: each VM is a tenant arriving at its time and leaving after
 //! its duration; hosts are opened when nothing fits and count while they hold a VM. The figure
-//! of merit is host-seconds used divided by the lower bound summed over time.
+//! of merit is host-seconds used divided by the lower bound summed over time. With
+//! `--compact-every`, berth's compaction (`placement::compaction`, as `berthctl compact` plans
+//! it) runs at that period on the live fleet and its moves are applied at once; a VM moves at
+//! most `--max-moves-per-tenant-per-month` times in any 30 days.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use berth_coordinator::placement::compaction::{self, CompactOptions, Movable};
 use berth_coordinator::placement::scheduler::{HostInfo, Request, Scheduler, Strategy, Vec3};
 use berth_shared::host::Provider;
-use berth_shared::ids::HostId;
+use berth_shared::ids::{HostId, TenantId};
 use berth_shared::spec::Constraints;
 use serde_json::json;
 
@@ -19,6 +23,16 @@ trait Placer {
     /// The host for a VM (an index into the placer's hosts), opening one if needed.
     fn place(&mut self, vm: &Vm) -> usize;
     fn remove(&mut self, host: usize, vm: &Vm);
+    /// Moves VMs to empty hosts: `live` is every VM placed now (its index and host), `movable`
+    /// says which may move; returns each move (VM, new host). Only berth compacts.
+    fn compact(
+        &mut self,
+        _vms: &[Vm],
+        _live: &[(usize, usize)],
+        _movable: &dyn Fn(usize) -> bool,
+    ) -> Vec<(usize, usize)> {
+        Vec::new()
+    }
 }
 
 struct BaselinePlacer {
@@ -47,13 +61,23 @@ impl Placer for BaselinePlacer {
     }
 }
 
-/// berth's own scheduler, exactly as the coordinator runs it.
+/// berth's own scheduler, exactly as the coordinator runs it (and its compaction, with
+/// `compact`).
 struct BerthPlacer {
     scheduler: Scheduler,
     ids: Vec<HostId>,
     index: BTreeMap<HostId, usize>,
     cap: Vec3,
     constraints: Constraints,
+    compact: CompactOptions,
+}
+
+fn need(vm: &Vm) -> Vec3 {
+    Vec3 {
+        mem: vm.mem,
+        cpu: vm.cpu,
+        disk: 0,
+    }
 }
 
 impl Placer for BerthPlacer {
@@ -79,7 +103,8 @@ impl Placer for BerthPlacer {
                     region: "replay".into(),
                     labels: Default::default(),
                     dm_crypt: true,
-                    monthly_cost_cents: 0,
+                    // Every host costs the same: a compaction empties the most hosts per move.
+                    monthly_cost_cents: 100,
                     allocatable: self.cap,
                     schedulable: true,
                 });
@@ -92,25 +117,65 @@ impl Placer for BerthPlacer {
         self.index[&id]
     }
     fn remove(&mut self, host: usize, vm: &Vm) {
-        self.scheduler.release(
-            &self.ids[host],
-            Vec3 {
-                mem: vm.mem,
-                cpu: vm.cpu,
-                disk: 0,
-            },
-            None,
-        );
+        self.scheduler.release(&self.ids[host], need(vm), None);
+    }
+
+    fn compact(
+        &mut self,
+        vms: &[Vm],
+        live: &[(usize, usize)],
+        movable: &dyn Fn(usize) -> bool,
+    ) -> Vec<(usize, usize)> {
+        let mut tenants: BTreeMap<HostId, Vec<Movable>> = BTreeMap::new();
+        let mut busy = std::collections::BTreeSet::new();
+        for &(vm, host) in live {
+            let id = &self.ids[host];
+            if !movable(vm) {
+                busy.insert(id.clone());
+            }
+            tenants.entry(id.clone()).or_default().push(Movable {
+                tenant: TenantId::new(format!("v{vm}")).expect("valid id"),
+                need: need(&vms[vm]),
+                encrypted: false,
+                constraints: Constraints::default(),
+                strategy: Strategy::Binpack,
+                volume_bytes: 0,
+            });
+        }
+        let plan = compaction::plan(&self.scheduler, &tenants, &busy, &self.compact);
+        let mut moves = Vec::with_capacity(plan.moves());
+        for host in &plan.emptied {
+            for m in &host.moves {
+                let vm: usize = m.tenant.as_str()[1..].parse().expect("a VM's index");
+                self.scheduler.release(&host.host, need(&vms[vm]), None);
+                self.scheduler.commit(&m.target, need(&vms[vm]), None);
+                moves.push((vm, self.index[&m.target]));
+            }
+        }
+        moves
     }
 }
 
+/// When compactions run and how often a VM may move.
+#[derive(Debug, Clone, Copy)]
+pub struct Compaction {
+    pub every_seconds: u64,
+    pub max_moves_per_month: usize,
+    /// Share of each target's memory and CPU kept free.
+    pub headroom_percent: u32,
+}
+
+const MONTH_SECONDS: u64 = 30 * 24 * 3600;
+
 /// Replays `vms` through `placer`; returns (used host-seconds, lower-bound host-seconds).
+/// Also returns the moves compactions made.
 fn simulate(
     vms: &[Vm],
     placer: &mut dyn Placer,
     host_cpu: u64,
     host_mem: u64,
-) -> (f64, f64, usize) {
+    compaction: Option<Compaction>,
+) -> (f64, f64, usize, usize) {
     // Departures sort before arrivals at the same instant: capacity is freed first.
     let mut events: Vec<(u64, bool, usize)> = Vec::with_capacity(vms.len() * 2);
     for (i, vm) in vms.iter().enumerate() {
@@ -126,7 +191,42 @@ fn simulate(
     let (mut used_hosts, mut total_cpu, mut total_mem) = (0u64, 0u64, 0u64);
     let (mut used, mut bound, mut peak) = (0f64, 0f64, 0usize);
     let mut last_t = events.first().map_or(0, |e| e.0);
+    let mut next_compaction = compaction.map_or(u64::MAX, |c| last_t + c.every_seconds);
+    // Per VM, when it was moved.
+    let mut moved_at: Vec<Vec<u64>> = vec![Vec::new(); vms.len()];
+    let mut live: BTreeMap<usize, ()> = BTreeMap::new();
+    let mut moves = 0;
     for (t, arrival, i) in events {
+        if let Some(c) = compaction
+            && t >= next_compaction
+        {
+            next_compaction = t + c.every_seconds;
+            let pairs: Vec<(usize, usize)> = live.keys().map(|&v| (v, host_of[v])).collect();
+            let movable = |v: usize| {
+                moved_at[v]
+                    .iter()
+                    .filter(|&&at| at + MONTH_SECONDS > t)
+                    .count()
+                    < c.max_moves_per_month
+            };
+            for (vm, to) in placer.compact(vms, &pairs, &movable) {
+                let from = host_of[vm];
+                vms_on[from] -= 1;
+                if vms_on[from] == 0 {
+                    used_hosts -= 1;
+                }
+                if to >= vms_on.len() {
+                    vms_on.resize(to + 1, 0);
+                }
+                if vms_on[to] == 0 {
+                    used_hosts += 1;
+                }
+                vms_on[to] += 1;
+                host_of[vm] = to;
+                moved_at[vm].push(t);
+                moves += 1;
+            }
+        }
         if t > last_t {
             let dt = (t.min(window_end).saturating_sub(last_t.min(window_end))) as f64;
             used += used_hosts as f64 * dt;
@@ -148,10 +248,12 @@ fn simulate(
             }
             vms_on[h] += 1;
             host_of[i] = h;
+            live.insert(i, ());
             total_cpu += vm.cpu;
             total_mem += vm.mem;
         } else if host_of[i] != usize::MAX {
             let h = host_of[i];
+            live.remove(&i);
             placer.remove(h, vm);
             vms_on[h] -= 1;
             if vms_on[h] == 0 {
@@ -161,7 +263,7 @@ fn simulate(
             total_mem -= vm.mem;
         }
     }
-    (used, bound, peak)
+    (used, bound, peak, moves)
 }
 
 pub fn run(
@@ -171,6 +273,7 @@ pub fn run(
     host_mem: u64,
     limit: Option<usize>,
     baselines: bool,
+    compaction: Option<Compaction>,
 ) -> anyhow::Result<()> {
     let all = inputs::read_azure(dir, trace, limit)?;
     anyhow::ensure!(!all.is_empty(), "{}: the trace has no VM", trace.arrivals);
@@ -178,34 +281,40 @@ pub fn run(
         .into_iter()
         .partition(|v| v.cpu <= host_cpu && v.mem <= host_mem);
     let mut results = serde_json::Map::new();
-    let mut run_one = |name: &str, placer: &mut dyn Placer| {
+    let mut run_one = |name: &str, placer: &mut dyn Placer, compaction: Option<Compaction>| {
         let started = std::time::Instant::now();
-        let (used, bound, peak) = simulate(&vms, placer, host_cpu, host_mem);
+        let (used, bound, peak, moves) = simulate(&vms, placer, host_cpu, host_mem, compaction);
         results.insert(
             name.to_string(),
-            json!({ "host_seconds_over_lower_bound": used / bound, "peak_hosts": peak, "seconds": started.elapsed().as_secs_f64() }),
+            json!({ "host_seconds_over_lower_bound": used / bound, "peak_hosts": peak, "moves": moves, "seconds": started.elapsed().as_secs_f64() }),
         );
         eprintln!(
-            "{name}: {:.4} (peak {peak} hosts, {:.1}s)",
+            "{name}: {:.4} (peak {peak} hosts, {moves} moves, {:.1}s)",
             used / bound,
             started.elapsed().as_secs_f64()
         );
     };
-    let cap = Vec3 {
-        mem: host_mem,
-        cpu: host_cpu,
-        disk: 0,
-    };
-    run_one(
-        "berth",
-        &mut BerthPlacer {
-            scheduler: Scheduler::new(),
-            ids: Vec::new(),
-            index: BTreeMap::new(),
-            cap,
-            constraints: Constraints::default(),
+    let berth = |compact: CompactOptions| BerthPlacer {
+        scheduler: Scheduler::new(),
+        ids: Vec::new(),
+        index: BTreeMap::new(),
+        cap: Vec3 {
+            mem: host_mem,
+            cpu: host_cpu,
+            disk: 0,
         },
-    );
+        constraints: Constraints::default(),
+        compact,
+    };
+    run_one("berth", &mut berth(CompactOptions::default()), None);
+    if let Some(c) = compaction {
+        let options = CompactOptions {
+            max_moves: u32::MAX,
+            providers: Default::default(),
+            headroom_percent: c.headroom_percent,
+        };
+        run_one("berth_compacting", &mut berth(options), Some(c));
+    }
     if baselines {
         for b in Baseline::ALL {
             run_one(
@@ -215,12 +324,75 @@ pub fn run(
                     cap: vec![host_cpu, host_mem],
                     loads: Vec::new(),
                 },
+                None,
             );
         }
     }
     println!(
         "{}",
-        json!({ "summary": { "trace": trace.durations, "trace_end_seconds": trace.end, "arrivals": vms.len() + too_big.len(), "placed": vms.len(), "larger_than_a_host": too_big.len(), "host_cpu_millicores": host_cpu, "host_mem_mib": host_mem, "policies": results } })
+        json!({ "summary": { "compact_every_seconds": compaction.map(|c| c.every_seconds), "max_moves_per_tenant_per_month": compaction.map(|c| c.max_moves_per_month), "compact_headroom_percent": compaction.map(|c| c.headroom_percent), "trace": trace.durations, "trace_end_seconds": trace.end, "arrivals": vms.len() + too_big.len(), "placed": vms.len(), "larger_than_a_host": too_big.len(), "host_cpu_millicores": host_cpu, "host_mem_mib": host_mem, "policies": results } })
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn berth() -> BerthPlacer {
+        BerthPlacer {
+            scheduler: Scheduler::new(),
+            ids: Vec::new(),
+            index: BTreeMap::new(),
+            cap: Vec3 {
+                mem: 100,
+                cpu: 100,
+                disk: 0,
+            },
+            constraints: Constraints::default(),
+            compact: CompactOptions {
+                max_moves: u32::MAX,
+                providers: Default::default(),
+                headroom_percent: 0,
+            },
+        }
+    }
+
+    fn vm(arrive: u64, depart: u64, size: u64) -> Vm {
+        Vm {
+            arrive,
+            depart,
+            cpu: size,
+            mem: size,
+        }
+    }
+
+    /// Two hosts fill up; most of their VMs leave, and what stays fits on one host: a
+    /// compaction empties the other, where the plain replay keeps both until the end.
+    #[test]
+    fn a_compaction_gives_back_a_host_the_departures_left_nearly_empty() {
+        let mut vms = vec![vm(0, 10_000, 30), vm(1, 10_000, 30)];
+        // 60 + 60 fills the first host and opens a second.
+        vms.extend((0..2).map(|i| vm(2 + i, 100, 20)));
+        vms.push(vm(4, 10_000, 30));
+        vms.push(vm(5, 100, 60));
+        vms.push(vm(9_999, 10_000, 1));
+        let every = Compaction {
+            every_seconds: 1_000,
+            max_moves_per_month: 2,
+            headroom_percent: 0,
+        };
+        let (plain, bound, _, none) = simulate(&vms, &mut berth(), 100, 100, None);
+        let (compacted, bound2, _, moves) = simulate(&vms, &mut berth(), 100, 100, Some(every));
+        assert_eq!((none, bound), (0, bound2));
+        assert_eq!(moves, 1, "the lone VM on the second host moves");
+        assert!(compacted < plain, "{compacted} < {plain}");
+        // No move allowed: the same as without compaction.
+        let never = Compaction {
+            max_moves_per_month: 0,
+            ..every
+        };
+        let (same, _, _, moves) = simulate(&vms, &mut berth(), 100, 100, Some(never));
+        assert_eq!((same, moves), (plain, 0));
+    }
 }
