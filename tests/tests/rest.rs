@@ -147,6 +147,38 @@ fn rest_has_the_grpc_semantics() {
     assert_eq!((code, gone["code"].as_str()), (404, Some("NotFound")));
     let (code, _) = coordinator.rest("GET", "/v1/tenants/Bad..Id", None, true);
     assert_eq!(code, 400);
+    // A compaction's plan: the idle host is given back for no move (the agent says it costs
+    // 4.51 a month); a bad option names its field.
+    let (code, plan) = coordinator.rest("POST", "/v1/compact", Some(r#"{"dry_run": true}"#), true);
+    assert_eq!(code, 200, "{plan}");
+    assert_eq!(
+        (
+            &plan["phase"],
+            &plan["emptied"][0]["host_id"],
+            &plan["saving"],
+            &plan["moves"]
+        ),
+        (&"planned".into(), &"host-a".into(), &4.51.into(), &0.into()),
+        "{plan}"
+    );
+    let (code, bad) = coordinator.rest(
+        "POST",
+        "/v1/compact",
+        Some(r#"{"dry_run": true, "providers": ["gcp"]}"#),
+        true,
+    );
+    assert_eq!(code, 400, "{bad}");
+    assert!(
+        bad["error"].as_str().unwrap().contains("providers[0]"),
+        "{bad}"
+    );
+    let (code, bad) = coordinator.rest("POST", "/v1/compact", Some(r#"{"headroom": 95}"#), true);
+    assert_eq!(code, 400, "{bad}");
+    assert_eq!(
+        coordinator.host_state("host-a").as_deref(),
+        Some("ready"),
+        "nothing changed"
+    );
     let (code, cordoned) = coordinator.rest("POST", "/v1/hosts/host-a/cordon", None, true);
     assert_eq!((code, cordoned["state"].as_str()), (200, Some("cordoned")));
 }

@@ -20,11 +20,11 @@ use crate::api::Backend;
 use crate::api::failure::{Failure, bad_id};
 use crate::api::operator::{spelled_for, unknown_host, unknown_tenant};
 use crate::api::views::{
-    BackupView, DrainView, HostView, PlacementView, RemovalView, RestartView, RestoreView,
-    SnapshotView, TenantView,
+    BackupView, CompactionView, DrainView, HostView, PlacementView, RemovalView, RestartView,
+    RestoreView, SnapshotView, TenantView,
 };
 use crate::coordinator::{Access, Coordinator};
-use crate::drain::{DrainOptions, Drainer};
+use crate::drain::{CompactRequest, DrainOptions, Drainer};
 
 type Shared = State<Arc<Coordinator>>;
 
@@ -339,6 +339,49 @@ async fn drain_abort(
     Ok(Json(DrainView::from(&status)))
 }
 
+/// `POST /v1/compact` options (all optional), as `berthctl compact` takes them.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CompactBody {
+    #[serde(default)]
+    dry_run: bool,
+    max_moves: Option<u32>,
+    #[serde(default)]
+    providers: Vec<String>,
+    /// Percent of each target's memory and CPU kept free.
+    headroom: Option<u32>,
+    /// Per emptied host, as for a drain: "30m".
+    deadline: Option<String>,
+    max_parallel: Option<u32>,
+    #[serde(default)]
+    now: bool,
+}
+
+async fn compact(State(d): State<Arc<Drainer>>, body: Bytes) -> ApiResult<CompactionView> {
+    let body: CompactBody = if body.is_empty() {
+        CompactBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| Failure::field("compact body", e))?
+    };
+    let deadline_ms = match &body.deadline {
+        None => 0,
+        Some(text) => humantime::parse_duration(text)
+            .map_err(|e| Failure::field("deadline", format!("{text:?}: {e}")))?
+            .as_millis() as u64,
+    };
+    let request = CompactRequest::from_request(&berth_shared::proto::CompactRequest {
+        dry_run: body.dry_run,
+        max_moves: body.max_moves.unwrap_or(0),
+        providers: body.providers,
+        headroom_percent: body.headroom,
+        deadline_ms,
+        max_parallel: body.max_parallel.unwrap_or(0),
+        now: body.now,
+    })?;
+    let done = d.compact(request).await?;
+    Ok(Json(CompactionView::from(&done)))
+}
+
 /// The REST routes, behind operator authentication.
 pub fn router(backend: Backend) -> axum::Router {
     axum::Router::new()
@@ -348,6 +391,7 @@ pub fn router(backend: Backend) -> axum::Router {
         .route("/v1/hosts/{id}/uncordon", post(uncordon))
         .route("/v1/hosts/{id}/drain", get(drain_status).post(drain))
         .route("/v1/hosts/{id}/drain/abort", post(drain_abort))
+        .route("/v1/compact", post(compact))
         .route("/v1/tenants", get(list_tenants).post(place))
         .route("/v1/tenants/{id}", get(get_tenant).delete(remove))
         .route("/v1/tenants/{id}/egress", put(set_egress))
