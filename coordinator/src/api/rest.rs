@@ -237,11 +237,7 @@ async fn export(
 ) -> Result<Response, ApiError> {
     use futures::StreamExt;
     let id = tenant_id(&id)?;
-    let body: ExportBody = if body.is_empty() {
-        ExportBody::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| Failure::field("export body", e))?
-    };
+    let body: ExportBody = optional_body(&body, "export body")?;
     let out = c.export(&id, body.snapshot.as_deref())?;
     let tar = tokio_stream::wrappers::ReceiverStream::new(out)
         .map(|data| data.map(Bytes::from).map_err(std::io::Error::other));
@@ -265,16 +261,33 @@ struct RestoreBody {
 /// `POST /v1/tenants/{id}/restore`: answers once the tenant runs on its restored volume.
 async fn restore(State(c): Shared, Path(id): Path<String>, body: Bytes) -> ApiResult<RestoreView> {
     let id = tenant_id(&id)?;
-    let body: RestoreBody = if body.is_empty() {
-        RestoreBody::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| Failure::field("restore body", e))?
-    };
+    let body: RestoreBody = optional_body(&body, "restore body")?;
     let to_host = body.to_host.as_deref().map(host_id).transpose()?;
     let done = c
         .restore(&id, body.snapshot.as_deref(), to_host.as_ref())
         .await?;
     Ok(Json(RestoreView::from(&done)))
+}
+
+/// A body whose every field is optional: empty means the defaults.
+fn optional_body<T: Default + serde::de::DeserializeOwned>(
+    body: &Bytes,
+    what: &str,
+) -> Result<T, Failure> {
+    if body.is_empty() {
+        Ok(T::default())
+    } else {
+        serde_json::from_slice(body).map_err(|e| Failure::field(what, e))
+    }
+}
+
+/// A drain's `deadline` ("30m", "1h30m") in milliseconds; 0 (the default) when left out.
+fn deadline_ms(text: Option<&str>) -> Result<u64, Failure> {
+    text.map_or(Ok(0), |text| {
+        humantime::parse_duration(text)
+            .map(|d| d.as_millis() as u64)
+            .map_err(|e| Failure::field("deadline", format!("{text:?}: {e}")))
+    })
 }
 
 /// `POST /v1/hosts/{id}/drain` options (all optional).
@@ -299,17 +312,8 @@ async fn drain(
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult<DrainView> {
-    let body: DrainBody = if body.is_empty() {
-        DrainBody::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| Failure::field("drain body", e))?
-    };
-    let deadline_ms = match &body.deadline {
-        None => 0,
-        Some(text) => humantime::parse_duration(text)
-            .map_err(|e| Failure::field("deadline", format!("{text:?}: {e}")))?
-            .as_millis() as u64,
-    };
+    let body: DrainBody = optional_body(&body, "drain body")?;
+    let deadline_ms = deadline_ms(body.deadline.as_deref())?;
     let options = DrainOptions::from_request(&berth_shared::proto::DrainRequest {
         host_id: id,
         dry_run: body.dry_run,
@@ -358,17 +362,8 @@ struct CompactBody {
 }
 
 async fn compact(State(d): State<Arc<Drainer>>, body: Bytes) -> ApiResult<CompactionView> {
-    let body: CompactBody = if body.is_empty() {
-        CompactBody::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| Failure::field("compact body", e))?
-    };
-    let deadline_ms = match &body.deadline {
-        None => 0,
-        Some(text) => humantime::parse_duration(text)
-            .map_err(|e| Failure::field("deadline", format!("{text:?}: {e}")))?
-            .as_millis() as u64,
-    };
+    let body: CompactBody = optional_body(&body, "compact body")?;
+    let deadline_ms = deadline_ms(body.deadline.as_deref())?;
     let request = CompactRequest::from_request(&berth_shared::proto::CompactRequest {
         dry_run: body.dry_run,
         max_moves: body.max_moves.unwrap_or(0),
