@@ -629,6 +629,9 @@ impl From<&proto::CapacityReport> for CapacityView {
     }
 }
 
+/// The hosts kept by a compaction that its table names (a large fleet keeps hundreds).
+const KEPT_SHOWN: usize = 10;
+
 /// A compaction's plan (or start), as `berthctl compact --json` shows it.
 #[derive(Debug, Serialize)]
 pub struct CompactionView {
@@ -758,8 +761,14 @@ impl CompactionView {
         }
         if !self.kept.is_empty() {
             out.push_str("\nkept:\n");
-            for k in &self.kept {
+            for k in self.kept.iter().take(KEPT_SHOWN) {
                 out.push_str(&format!("  {}: {}\n", k.host_id, k.reason));
+            }
+            if self.kept.len() > KEPT_SHOWN {
+                out.push_str(&format!(
+                    "  … and {} more (--json lists every one)\n",
+                    self.kept.len() - KEPT_SHOWN
+                ));
             }
         }
         if !self.returnable.is_empty() {
@@ -772,5 +781,49 @@ impl CompactionView {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_compaction_table_says_what_is_saved_and_names_at_most_ten_kept_hosts() {
+        let response = proto::CompactResponse {
+            phase: "planned".into(),
+            saving_cents: 9698,
+            moves: 9,
+            emptied: ["hetzner-fsn1-07", "hetzner-fsn1-11"]
+                .iter()
+                .map(|h| proto::EmptiedHost {
+                    host_id: (*h).into(),
+                    provider: "hetzner".into(),
+                    monthly_cost_cents: 4849,
+                    moves: Vec::new(),
+                })
+                .collect(),
+            kept: (0..25)
+                .map(|i| proto::KeptHost {
+                    host_id: format!("h{i}"),
+                    reason: "it receives tenants of an emptied host".into(),
+                })
+                .collect(),
+            returnable: Vec::new(),
+        };
+        let table = CompactionView::from(&response).table();
+        assert!(
+            table.starts_with(
+                "2 hosts can be returned: hetzner-fsn1-07, hetzner-fsn1-11 — saves 96.98 EUR/month — 9 moves\n"
+            ),
+            "{table}"
+        );
+        assert_eq!(table.matches("it receives tenants").count(), 10, "{table}");
+        assert!(
+            table.contains("… and 15 more (--json lists every one)"),
+            "{table}"
+        );
+        let none = CompactionView::from(&proto::CompactResponse::default()).table();
+        assert!(none.starts_with("no host can be emptied now"), "{none}");
     }
 }
