@@ -288,6 +288,21 @@ impl EtcdStore {
         let Some(runtime) = &self.runtime else {
             return Err(StoreError::Io("etcd: the client stopped".into()));
         };
+        // This thread waits for etcd (through an outage, for up to RETRY_FOR): on a worker of
+        // a multi-threaded runtime, its other tasks move to another worker first, so a wait
+        // here never starves the coordinator's sessions (their pings, their reports).
+        on_blocking_thread(|| self.retry(runtime, call))
+    }
+
+    fn retry<T, F>(
+        &self,
+        runtime: &tokio::runtime::Runtime,
+        call: impl Fn(Client) -> F,
+    ) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+    {
         let deadline = std::time::Instant::now() + RETRY_FOR;
         let mut pause = Duration::from_millis(50);
         loop {
@@ -314,7 +329,21 @@ impl EtcdStore {
     fn key(&self, key: &str) -> String {
         format!("{}{key}", self.prefix)
     }
+}
 
+/// Runs `wait`, which blocks its thread, as a multi-threaded tokio runtime's worker must
+/// (`block_in_place`: its queued tasks go to other workers meanwhile); elsewhere (a plain
+/// thread, a blocking-pool thread, a single-threaded runtime's tests) it just runs.
+fn on_blocking_thread<R>(wait: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(wait)
+        }
+        _ => wait(),
+    }
+}
+
+impl EtcdStore {
     /// For a leader whose leadership lapsed: how long it has gone unrenewed.
     fn lapsed(&self) -> Option<Duration> {
         let leads = self

@@ -286,7 +286,22 @@ async fn a_sled_fleet_migrates_to_etcd_runs_on_it_and_survives_losing_a_member()
             log.matches("agent session closed").count(),
         )
     };
-    let before = sessions(&coordinator.log());
+    // Counted once no session has opened or closed for 6 s (longer than one etcd request may
+    // take with a member down), so a reconnection already under way is not counted as the
+    // outage's doing.
+    let mut before = sessions(&coordinator.log());
+    let mut settled = std::time::Instant::now();
+    wait_for(
+        "the agents' sessions settled",
+        Duration::from_secs(60),
+        || {
+            let now = sessions(&coordinator.log());
+            if now != before {
+                (before, settled) = (now, std::time::Instant::now());
+            }
+            (settled.elapsed() >= Duration::from_secs(6)).then_some(())
+        },
+    );
     cluster.kill(1);
     wait_for("the leader stops acting", Duration::from_secs(20), || {
         coordinator
