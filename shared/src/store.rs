@@ -209,14 +209,28 @@ impl SledStore {
     }
 
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(path)
-            .flush_every_ms(Some(500))
-            .open()
-            .map_err(|e| StoreError::Open {
-                path: path.display().to_string(),
-                message: e.to_string(),
-            })?;
+        // A database this process closed a moment ago stays locked until its flusher thread
+        // notices (up to one flush interval): wait for that, not for another process.
+        let waited_until = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let db = loop {
+            match sled::Config::new()
+                .path(path)
+                .flush_every_ms(Some(500))
+                .open()
+            {
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < waited_until =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                opened => break opened,
+            }
+        }
+        .map_err(|e| StoreError::Open {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
         Ok(Self {
             db,
             group: GroupFlush::default(),
