@@ -16,8 +16,12 @@ fail() { echo "quickstart: $*" >&2; exit 1; }
 need=()
 command -v nft >/dev/null || need+=(nftables)
 command -v docker >/dev/null || need+=(docker.io)
-# The coordinator's etcd client is generated at build time by protoc.
-[ -n "${BERTH_BIN_DIR:-}" ] || command -v protoc >/dev/null || need+=(protobuf-compiler)
+# The coordinator's etcd client is generated at build time by protoc, from protos that import
+# Google's well-known types.
+if [ -z "${BERTH_BIN_DIR:-}" ]; then
+  command -v protoc >/dev/null || need+=(protobuf-compiler)
+  [ -e /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
+fi
 if [ "${#need[@]}" -gt 0 ]; then
   echo "quickstart: installing ${need[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null \

@@ -27,7 +27,7 @@ fi
 packages=(docker.io nftables cryptsetup-bin iproute2 ca-certificates curl openssl chromium
   fonts-dejavu-core lintian debootstrap systemd qemu-system-x86 qemu-utils busybox-static
   linux-image-amd64 cpio kmod openssh-client openssh-server restic
-  etcd-server protobuf-compiler)
+  etcd-server protobuf-compiler libprotobuf-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
