@@ -11,10 +11,13 @@ use berth_shared::field::FieldError;
 use berth_shared::ids::TenantId;
 use berth_shared::proto;
 use berth_shared::spec::TenantSpec;
-use berth_shared::store::{Durability, SledStore, Store, StoreError, Write, decode, encode};
+use berth_shared::store::{Durability, Store, StoreError, Write, decode, encode};
 use serde::{Deserialize, Serialize};
 
 use crate::backup::{BackupRecord, Restored};
+
+mod record_file;
+pub use record_file::RecordFile;
 
 const KEY: &str = "desired";
 /// Per tenant, the last restore this host did of its volume.
@@ -51,7 +54,7 @@ pub struct DesiredStore {
 
 impl DesiredStore {
     pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
-        Self::with_store(Box::new(SledStore::open(&state_dir.join("db"))?))
+        Self::with_store(Box::new(RecordFile::open(state_dir)?))
     }
 
     pub fn with_store(store: Box<dyn Store>) -> Result<Self, StoreError> {
@@ -251,16 +254,7 @@ mod tests {
             })
             .unwrap();
         }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let d = loop {
-            match DesiredStore::open(dir.path()) {
-                Ok(d) => break d,
-                Err(_) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(20))
-                }
-                Err(e) => panic!("{e}"),
-            }
-        };
+        let d = DesiredStore::open(dir.path()).unwrap();
         assert_eq!(d.current().generation, 9);
         assert_eq!(d.current().tenants[0].tenant_id.as_str(), "a");
     }

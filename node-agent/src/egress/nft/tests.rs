@@ -332,3 +332,33 @@ fn the_real_nft_rebuilds_a_damaged_tenant() {
     let repaired = parse_listing(&nft.list("berth").unwrap().unwrap()).unwrap();
     assert!(repaired.tenants[&t.chain].complete());
 }
+
+#[test]
+fn a_listing_is_read_item_by_item_and_a_broken_one_refused() {
+    let listing = r#"{"nftables": [
+        {"metainfo": {"json_schema_version": 1}},
+        {"chain": {"family": "inet", "table": "berth", "name": "t_0123456789abc"}},
+        {"rule": {"chain": "t_0123456789abc", "expr": [{"counter": {"packets": 3, "bytes": 180}}, {"reject": {"type": "icmpx"}}]}},
+        {"set": {"name": "resolvers", "elem": ["10.0.0.53"]}}
+    ], "trailing": {"ignored": [1, 2]}}"#;
+    let installed = parse_listing(listing).unwrap();
+    let acme = &installed.tenants["t_0123456789abc"];
+    assert!(acme.fwd_chain);
+    assert_eq!((acme.fwd_rules, acme.denied_packets), (1, 3));
+    assert_eq!(installed.resolvers.len(), 1);
+    assert!(!installed.base_complete, "no maps, no base rules");
+
+    assert_eq!(
+        parse_listing(r#"{"other": []}"#).unwrap_err().to_string(),
+        "nft -j printed no \"nftables\" array"
+    );
+    for broken in [r#"{"nftables": [{"chain": "#, r#"{"nftables": []} x"#, "[]"] {
+        assert!(
+            parse_listing(broken)
+                .unwrap_err()
+                .to_string()
+                .starts_with("nft -j printed invalid JSON: "),
+            "{broken}"
+        );
+    }
+}
