@@ -2,7 +2,6 @@
 //! against baseline policies run in the same process. See docs/performance.md.
 
 mod api;
-mod baselines;
 mod dashboard;
 mod inputs;
 mod replay;
@@ -10,8 +9,8 @@ mod replay;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use baselines::Baseline;
-use berth_coordinator::placement::scheduler::offline::{self, Instance};
+use berth_coordinator::placement::scheduler::baselines::Baseline;
+use berth_coordinator::placement::scheduler::offline::{self, SearchBudget};
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
@@ -27,7 +26,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Offline vector packing of .vbp instances (what drain plans use).
+    /// Offline vector packing of .vbp instances, per class against the best published result.
     Pack {
         /// .vbp files, or directories searched for them.
         #[arg(long = "vbp", required = true, num_args = 1..)]
@@ -41,6 +40,12 @@ enum Command {
         /// Print one JSON line per instance too.
         #[arg(long)]
         per_instance: bool,
+        /// The local search's moves per instance.
+        #[arg(long, default_value_t = SearchBudget::default().iterations)]
+        search_iterations: u64,
+        /// The local search's time per instance, in milliseconds (whichever ends first).
+        #[arg(long, default_value_t = SearchBudget::default().time.as_millis() as u64)]
+        search_ms: u64,
     },
     /// Latency of one placement decision in a large fleet (p50, p99, max).
     Decide {
@@ -155,21 +160,24 @@ fn vbp_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Online packing of the items in file order with a baseline policy.
-fn pack_baseline(inst: &Instance, policy: Baseline) -> usize {
-    let mut loads: Vec<Vec<u64>> = Vec::new();
-    for item in &inst.items {
-        let b = policy
-            .choose(&loads, &inst.capacity, item)
-            .unwrap_or_else(|| {
-                loads.push(vec![0; inst.capacity.len()]);
-                loads.len() - 1
-            });
-        for (l, s) in loads[b].iter_mut().zip(item) {
-            *l += s;
-        }
-    }
-    loads.len()
+/// Per class of instances (`d3/class1`: dimensions and Panigrahy class from the file name):
+/// berth's bins against the best published result, and how often berth lost to a baseline.
+#[derive(Debug, Default)]
+struct ClassResult {
+    instances: usize,
+    /// Sum of berth's bins over the best published result (instances that have one).
+    over_best_published: f64,
+    with_best_published: usize,
+    better: usize,
+    equal: usize,
+    worse: usize,
+    worse_than_a_baseline: usize,
+}
+
+/// `classC_N_D_I` → `dD/classC`; other names are their own class.
+fn class_of(name: &str, dims: usize) -> String {
+    let class = name.split('_').next().unwrap_or(name);
+    format!("d{dims}/{class}")
 }
 
 fn pack(
@@ -177,12 +185,14 @@ fn pack(
     summary: Option<PathBuf>,
     dims: Option<usize>,
     per_instance: bool,
+    budget: SearchBudget,
 ) -> anyhow::Result<serde_json::Value> {
     let known = summary
         .map(|s| inputs::read_summary(&s))
         .transpose()?
         .unwrap_or_default();
     let mut sums: std::collections::BTreeMap<&str, (f64, f64, usize)> = Default::default();
+    let mut classes: std::collections::BTreeMap<String, ClassResult> = Default::default();
     let (mut instances, mut with_opt) = (0usize, 0usize);
     let started = std::time::Instant::now();
     let mut invalid = Vec::new();
@@ -205,7 +215,7 @@ fn pack(
             .and_then(|s| s.to_str())
             .unwrap_or_default()
             .to_string();
-        let packing = offline::pack(&inst);
+        let packing = offline::pack_within(&inst, budget);
         anyhow::ensure!(
             inst.is_valid(&packing),
             "{name}: berth's packing is invalid"
@@ -217,7 +227,7 @@ fn pack(
                 .unwrap_or((inst.lower_bound() as u64, None, 0));
         let mut results = vec![("berth", packing.len())];
         for b in Baseline::ALL {
-            results.push((b.name(), pack_baseline(&inst, b)));
+            results.push((b.name(), offline::in_input_order(&inst, b).len()));
         }
         instances += 1;
         if opt.is_some() {
@@ -229,6 +239,23 @@ fn pack(
             if let Some(opt) = opt {
                 entry.1 += *bins as f64 / opt as f64;
                 entry.2 += 1;
+            }
+        }
+        let class = classes
+            .entry(class_of(&name, inst.capacity.len()))
+            .or_default();
+        class.instances += 1;
+        if results[1..].iter().any(|(_, bins)| *bins < packing.len()) {
+            class.worse_than_a_baseline += 1;
+        }
+        if best_published > 0 {
+            let berth = packing.len() as u64;
+            class.with_best_published += 1;
+            class.over_best_published += berth as f64 / best_published as f64;
+            match berth.cmp(&best_published) {
+                std::cmp::Ordering::Less => class.better += 1,
+                std::cmp::Ordering::Equal => class.equal += 1,
+                std::cmp::Ordering::Greater => class.worse += 1,
             }
         }
         if per_instance {
@@ -248,8 +275,16 @@ fn pack(
             (p.to_string(), json!({ "mean_bins_over_lower_bound": lb / instances as f64, "mean_bins_over_optimum": if *n > 0 { Some(opt / *n as f64) } else { None } }))
         })
         .collect();
+    let per_class: serde_json::Map<String, serde_json::Value> = classes
+        .iter()
+        .map(|(name, c)| {
+            let over = (c.with_best_published > 0)
+                .then(|| c.over_best_published / c.with_best_published as f64);
+            (name.clone(), json!({ "instances": c.instances, "mean_bins_over_best_published": over, "better": c.better, "equal": c.equal, "worse": c.worse, "worse_than_a_baseline": c.worse_than_a_baseline }))
+        })
+        .collect();
     Ok(
-        json!({ "summary": { "instances": instances, "instances_with_known_optimum": with_opt, "invalid": invalid, "seconds": started.elapsed().as_secs_f64(), "policies": summary } }),
+        json!({ "summary": { "instances": instances, "instances_with_known_optimum": with_opt, "invalid": invalid, "seconds": started.elapsed().as_secs_f64(), "search": { "iterations": budget.iterations, "ms": budget.time.as_millis() as u64 }, "policies": summary, "classes": per_class } }),
     )
 }
 
@@ -288,8 +323,16 @@ fn main() -> std::process::ExitCode {
             summary,
             dims,
             per_instance,
+            search_iterations,
+            search_ms,
         } => vbp_files(&vbp)
-            .and_then(|files| pack(files, summary, dims, per_instance))
+            .and_then(|files| {
+                let budget = SearchBudget {
+                    iterations: search_iterations,
+                    time: std::time::Duration::from_millis(search_ms),
+                };
+                pack(files, summary, dims, per_instance, budget)
+            })
             .map(|summary| println!("{summary}")),
         Command::Decide {
             hosts,
@@ -365,8 +408,11 @@ mod tests {
         std::fs::write(dir.path().join("a_bad.vbp"), "2\n10 10\n1\n-2 3 4\n").unwrap();
         std::fs::write(dir.path().join("b_good.vbp"), "2\n10 10\n2\n6 2 3\n4 5 1\n").unwrap();
         let files = vbp_files(&[dir.path().to_path_buf()]).unwrap();
-        let summary = pack(files, None, None, false).unwrap();
+        let summary = pack(files, None, None, false, SearchBudget::default()).unwrap();
         assert_eq!(summary["summary"]["instances"], 1);
+        let class = &summary["summary"]["classes"]["d2/b"];
+        assert_eq!(class["instances"], 1);
+        assert_eq!(class["worse_than_a_baseline"], 0);
         let invalid = summary["summary"]["invalid"].as_array().unwrap();
         assert_eq!(invalid.len(), 1);
         assert!(

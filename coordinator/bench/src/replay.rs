@@ -15,8 +15,8 @@ use berth_shared::ids::{HostId, TenantId};
 use berth_shared::spec::Constraints;
 use serde_json::json;
 
-use crate::baselines::Baseline;
 use crate::inputs::{self, Vm};
+use berth_coordinator::placement::scheduler::baselines::Baseline;
 
 /// Where each VM goes; the caller keeps the loads.
 trait Placer {

@@ -9,6 +9,7 @@
 //! looks at a handful of best-fitting hosts instead of the whole fleet; when that fast path
 //! finds nothing, an exhaustive pass decides, so the index never causes a false refusal.
 
+pub mod baselines;
 pub mod explain;
 pub mod offline;
 

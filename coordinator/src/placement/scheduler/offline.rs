@@ -1,11 +1,21 @@
 //! Offline vector bin packing: place a known set of items into as few identical bins as
-//! possible. Drain plans and compaction use it; `berth-bench pack` measures it against the
-//! published optima.
+//! possible. `berth-bench pack` measures it against the published optima.
 //!
 //! A portfolio of heuristics (item-centric first/best fit decreasing under several size
-//! measures, and bin-centric dot-product and norm-based filling, after Panigrahy et al. 2011)
-//! is run; the best packing is then improved by trying to empty its least-loaded bins into the
-//! others. Every packing returned is checked to fit.
+//! measures, bin-centric dot-product and norm-based filling after Panigrahy et al. 2011, and
+//! every baseline policy in the items' own order) is run, each packing improved by trying to
+//! empty its least-loaded bins into the others. A local search then starts from the best: it
+//! takes one bin's items out into a pool and exchanges items between the pool and the other
+//! bins (one in, at most two out, never straight back) until the pool is empty, which is a
+//! packing with one bin fewer, and goes on from there within its budget.
+//!
+//! Ensures: the result is never worse than any packing of the portfolio, so never worse than
+//! any baseline; every packing returned holds every item once and fits; the same instance and
+//! iteration budget give the same packing (the time limit only ever cuts a search short).
+
+use std::time::{Duration, Instant};
+
+use super::baselines::Baseline;
 
 /// Items and capacity in any number of dimensions (integer sizes, as in the .vbp format).
 #[derive(Debug, Clone)]
@@ -260,8 +270,51 @@ fn eliminate_bins(inst: &Instance, mut bins: Packing) -> Packing {
     }
 }
 
-/// Packs `inst` with the portfolio; the result always holds every item and fits.
+/// How long the local search may run on one instance: whichever ends first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SearchBudget {
+    /// Moves (one exchange between the pool and a bin each).
+    pub iterations: u64,
+    pub time: Duration,
+}
+
+impl Default for SearchBudget {
+    fn default() -> Self {
+        Self {
+            iterations: 20_000,
+            time: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Packs `inst` with the portfolio and the local search under the default budget.
 pub fn pack(inst: &Instance) -> Packing {
+    pack_within(inst, SearchBudget::default())
+}
+
+/// Packs the items in their own order with a baseline's choice of bin.
+pub fn in_input_order(inst: &Instance, rule: Baseline) -> Packing {
+    let mut bins: Packing = Vec::new();
+    let mut loads: Vec<Vec<u64>> = Vec::new();
+    for (i, item) in inst.items.iter().enumerate() {
+        let b = rule
+            .choose(&loads, &inst.capacity, item)
+            .unwrap_or_else(|| {
+                bins.push(Vec::new());
+                loads.push(vec![0; inst.capacity.len()]);
+                bins.len() - 1
+            });
+        bins[b].push(i);
+        for (l, s) in loads[b].iter_mut().zip(item) {
+            *l += s;
+        }
+    }
+    bins
+}
+
+/// The best packing of the portfolio, then the local search from it within `budget`.
+pub fn pack_within(inst: &Instance, budget: SearchBudget) -> Packing {
+    let started = Instant::now();
     let weights = dimension_weights(inst);
     let unit = vec![1.0; inst.capacity.len()];
     let lower = inst.lower_bound();
@@ -271,7 +324,7 @@ pub fn pack(inst: &Instance) -> Packing {
             best = Some(p);
         }
     };
-    let candidates: Vec<Box<dyn Fn() -> Packing>> = vec![
+    let mut candidates: Vec<Box<dyn Fn() -> Packing>> = vec![
         Box::new(|| bin_centric(inst, &weights, BinRule::DotProduct)),
         Box::new(|| bin_centric(inst, &unit, BinRule::DotProduct)),
         Box::new(|| bin_centric(inst, &weights, BinRule::L2Residual)),
@@ -282,6 +335,9 @@ pub fn pack(inst: &Instance) -> Packing {
         Box::new(|| item_centric(inst, &weights, SizeMeasure::L2, true)),
         Box::new(|| item_centric(inst, &weights, SizeMeasure::Weighted, true)),
     ];
+    for rule in Baseline::ALL {
+        candidates.push(Box::new(move || in_input_order(inst, rule)));
+    }
     for make in candidates {
         let packing = eliminate_bins(inst, make());
         let reached_bound = packing.len() <= lower;
@@ -290,7 +346,262 @@ pub fn pack(inst: &Instance) -> Packing {
             break;
         }
     }
-    best.unwrap_or_default()
+    let best = best.unwrap_or_default();
+    if best.len() <= lower {
+        return best;
+    }
+    PoolSearch::new(inst, best).run(lower, budget, started + budget.time)
+}
+
+/// The local search's state: every bin fits; the pool holds the items of no bin.
+struct PoolSearch<'a> {
+    inst: &'a Instance,
+    /// Per item: its size, each dimension over the capacity, summed; squared in the objective
+    /// (the pool's sum of squares), so placing one big item beats placing two small ones.
+    weight: Vec<f64>,
+    bins: Vec<Vec<usize>>,
+    loads: Vec<Vec<u64>>,
+    pool: Vec<usize>,
+    /// Per (item, bin): the iteration before which the item may not go back into the bin it
+    /// was just taken out of.
+    tabu: std::collections::HashMap<(usize, usize), u64>,
+    rng: u64,
+}
+
+/// An exchange: `pool[pooled]` goes into `bin`, the items at positions `out` of that bin go
+/// to the pool.
+#[derive(Debug, Clone, Copy)]
+struct Exchange {
+    pooled: usize,
+    bin: usize,
+    out: [Option<usize>; 2],
+    gain: f64,
+}
+
+impl<'a> PoolSearch<'a> {
+    fn new(inst: &'a Instance, bins: Packing) -> Self {
+        let weight = inst
+            .items
+            .iter()
+            .map(|item| inst.norm(item).iter().sum::<f64>())
+            .collect();
+        let loads = bins
+            .iter()
+            .map(|bin| {
+                let mut load = vec![0u64; inst.capacity.len()];
+                for &i in bin {
+                    add(&mut load, &inst.items[i]);
+                }
+                load
+            })
+            .collect();
+        // Seeded by the instance's shape: the same instance searches the same way.
+        let rng = 0x9e37_79b9_7f4a_7c15 ^ (inst.items.len() as u64) << 8 ^ bins.len() as u64;
+        Self {
+            inst,
+            weight,
+            bins,
+            loads,
+            pool: Vec::new(),
+            tabu: Default::default(),
+            rng,
+        }
+    }
+
+    fn next_random(&mut self) -> u64 {
+        xorshift(&mut self.rng)
+    }
+
+    /// Moves the items of the `rank`-th lightest bin (0: the lightest) into the pool.
+    fn open_pool(&mut self, rank: usize) {
+        let total = |bin: &Vec<usize>| bin.iter().map(|&i| self.weight[i]).sum::<f64>();
+        let mut order: Vec<usize> = (0..self.bins.len()).collect();
+        order.sort_by(|&a, &b| total(&self.bins[a]).total_cmp(&total(&self.bins[b])));
+        let Some(&chosen) = order.get(rank.min(order.len().saturating_sub(1))) else {
+            return;
+        };
+        self.pool.extend(self.bins.swap_remove(chosen));
+        self.loads.swap_remove(chosen);
+        // Bin numbers changed.
+        self.tabu.clear();
+    }
+
+    /// Starts again from `bins`, with an empty pool.
+    fn reset(&mut self, bins: Packing) {
+        self.loads = bins
+            .iter()
+            .map(|bin| {
+                let mut load = vec![0u64; self.inst.capacity.len()];
+                for &i in bin {
+                    add(&mut load, &self.inst.items[i]);
+                }
+                load
+            })
+            .collect();
+        self.bins = bins;
+        self.pool.clear();
+        self.tabu.clear();
+    }
+
+    fn pool_objective(&self) -> f64 {
+        self.pool
+            .iter()
+            .map(|&i| self.weight[i] * self.weight[i])
+            .sum()
+    }
+
+    /// Whether `item` fits in `bin` once the items at positions `out` of it are taken out.
+    fn fits_without(&self, bin: usize, out: [Option<usize>; 2], item: usize) -> bool {
+        let members = &self.bins[bin];
+        let item = &self.inst.items[item];
+        (0..self.inst.capacity.len()).all(|d| {
+            let freed: u64 = out
+                .iter()
+                .flatten()
+                .map(|&p| self.inst.items[members[p]][d])
+                .sum();
+            self.loads[bin][d] - freed + item[d] <= self.inst.capacity[d]
+        })
+    }
+
+    /// The exchange that lowers the pool's sum of squared weights the most (or raises it the
+    /// least: the search goes on through worse states, the tabu keeping it from undoing its
+    /// last steps); ties broken at random.
+    fn best_exchange(&mut self, iteration: u64) -> Option<Exchange> {
+        let mut best: Option<Exchange> = None;
+        let mut ties = 0u64;
+        let mut rng = self.rng;
+        let square = |w: f64| w * w;
+        for pooled in 0..self.pool.len() {
+            let item = self.pool[pooled];
+            let gained = square(self.weight[item]);
+            for bin in 0..self.bins.len() {
+                if self
+                    .tabu
+                    .get(&(item, bin))
+                    .is_some_and(|until| *until > iteration)
+                {
+                    continue;
+                }
+                let members = &self.bins[bin];
+                let n = members.len();
+                let singles = (0..n).map(|a| [Some(a), None]);
+                let pairs = (0..n).flat_map(|a| (a + 1..n).map(move |b| [Some(a), Some(b)]));
+                for out in std::iter::once([None, None]).chain(singles).chain(pairs) {
+                    let lost: f64 = out
+                        .iter()
+                        .flatten()
+                        .map(|&p| square(self.weight[members[p]]))
+                        .sum();
+                    let gain = gained - lost;
+                    // Only an exchange at least as good as the best so far is checked for fit.
+                    if best.is_some_and(|b| gain < b.gain - 1e-12)
+                        || !self.fits_without(bin, out, item)
+                    {
+                        continue;
+                    }
+                    let candidate = Exchange {
+                        pooled,
+                        bin,
+                        out,
+                        gain,
+                    };
+                    match &best {
+                        Some(b) if gain <= b.gain + 1e-12 => {
+                            ties += 1;
+                            if xorshift(&mut rng).is_multiple_of(ties + 1) {
+                                best = Some(candidate);
+                            }
+                        }
+                        _ => {
+                            ties = 0;
+                            best = Some(candidate);
+                        }
+                    }
+                }
+            }
+        }
+        self.rng = rng;
+        best
+    }
+
+    fn apply(&mut self, exchange: Exchange, iteration: u64) {
+        let item = self.pool.swap_remove(exchange.pooled);
+        let bin = exchange.bin;
+        let mut positions: Vec<usize> = exchange.out.iter().flatten().copied().collect();
+        positions.sort_unstable_by(|a, b| b.cmp(a));
+        let tenure = 3 + self.next_random() % 8;
+        for position in positions {
+            let out = self.bins[bin].swap_remove(position);
+            for (l, s) in self.loads[bin].iter_mut().zip(&self.inst.items[out]) {
+                *l -= s;
+            }
+            self.tabu.insert((out, bin), iteration + tenure);
+            self.pool.push(out);
+        }
+        self.bins[bin].push(item);
+        add(&mut self.loads[bin], &self.inst.items[item]);
+    }
+
+    /// Searches until the bins reach `lower`, the budget ends or no exchange is possible;
+    /// returns the packing with the fewest bins it held (the one it started from at worst).
+    /// A pool that has not come closer to empty for [`PATIENCE`] moves is given up: the search
+    /// starts again from the best packing, emptying one of its lightest bins at random.
+    fn run(mut self, lower: usize, budget: SearchBudget, deadline: Instant) -> Packing {
+        let mut best = self.bins.clone();
+        self.open_pool(0);
+        let (mut closest, mut since_closer) = (f64::INFINITY, 0u64);
+        for iteration in 0..budget.iterations {
+            if self.pool.is_empty() {
+                best = self.bins.clone();
+                if best.len() <= lower {
+                    break;
+                }
+                self.open_pool(0);
+                (closest, since_closer) = (f64::INFINITY, 0);
+                continue;
+            }
+            if iteration % 64 == 0 && Instant::now() >= deadline {
+                break;
+            }
+            if since_closer >= PATIENCE {
+                self.reset(best.clone());
+                let rank = (self.next_random() % 4) as usize;
+                self.open_pool(rank);
+                (closest, since_closer) = (f64::INFINITY, 0);
+            }
+            let Some(exchange) = self.best_exchange(iteration) else {
+                break;
+            };
+            self.apply(exchange, iteration);
+            let objective = self.pool_objective();
+            if objective < closest - 1e-12 {
+                (closest, since_closer) = (objective, 0);
+            } else {
+                since_closer += 1;
+            }
+        }
+        if self.pool.is_empty() && self.bins.len() < best.len() {
+            best = self.bins;
+        }
+        best
+    }
+}
+
+/// Moves without the pool coming closer to empty before the search starts again.
+const PATIENCE: u64 = 2_000;
+
+fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+fn add(load: &mut [u64], item: &[u64]) {
+    for (l, s) in load.iter_mut().zip(item) {
+        *l += s;
+    }
 }
 
 #[cfg(test)]
@@ -333,9 +644,105 @@ mod tests {
                 .map(|_| capacity.iter().map(|c| 1 + next() % c).collect())
                 .collect();
             let inst = Instance { capacity, items };
-            let p = pack(&inst);
+            let p = pack_within(
+                &inst,
+                SearchBudget {
+                    iterations: 300,
+                    time: Duration::from_secs(60),
+                },
+            );
             assert!(inst.is_valid(&p));
             assert!(p.len() >= inst.lower_bound());
+        }
+    }
+
+    fn random_instances(count: usize) -> Vec<Instance> {
+        let mut rng = 777u64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        (0..count)
+            .map(|_| {
+                let dims = 2 + (next() % 4) as usize;
+                let capacity: Vec<u64> = (0..dims).map(|_| 1000).collect();
+                let items = (0..(20 + next() % 80))
+                    .map(|_| capacity.iter().map(|c| 50 + next() % (c / 2)).collect())
+                    .collect();
+                Instance { capacity, items }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_search_empties_bins_a_bad_start_left() {
+        // Pairs that fill a bin exactly, started one item per bin: the search must find the
+        // pairing, 4 bins (the bound), not merely some improvement.
+        let inst = Instance {
+            capacity: vec![100, 100],
+            items: vec![
+                vec![70, 30],
+                vec![30, 70],
+                vec![60, 45],
+                vec![40, 55],
+                vec![55, 50],
+                vec![45, 50],
+                vec![20, 90],
+                vec![80, 10],
+            ],
+        };
+        let start: Packing = (0..inst.items.len()).map(|i| vec![i]).collect();
+        let budget = SearchBudget {
+            iterations: 10_000,
+            time: Duration::from_secs(10),
+        };
+        let found = PoolSearch::new(&inst, start).run(
+            inst.lower_bound(),
+            budget,
+            Instant::now() + budget.time,
+        );
+        assert!(inst.is_valid(&found), "{found:?}");
+        assert_eq!((found.len(), inst.lower_bound()), (4, 4));
+    }
+
+    #[test]
+    fn the_portfolio_is_never_worse_than_a_baseline_and_the_search_only_helps() {
+        let no_search = SearchBudget {
+            iterations: 0,
+            time: Duration::ZERO,
+        };
+        let search = SearchBudget {
+            iterations: 1_000,
+            time: Duration::from_secs(60),
+        };
+        let (mut fewer, mut total) = (0, 0);
+        for inst in random_instances(20) {
+            let portfolio = pack_within(&inst, no_search);
+            let searched = pack_within(&inst, search);
+            assert!(inst.is_valid(&portfolio) && inst.is_valid(&searched));
+            for rule in Baseline::ALL {
+                let baseline = in_input_order(&inst, rule);
+                assert!(inst.is_valid(&baseline));
+                assert!(portfolio.len() <= baseline.len(), "{rule:?}");
+            }
+            assert!(searched.len() <= portfolio.len());
+            assert!(searched.len() >= inst.lower_bound());
+            fewer += portfolio.len() - searched.len();
+            total += portfolio.len();
+        }
+        assert!(fewer > 0, "the search saved no bin in {total}");
+    }
+
+    #[test]
+    fn the_same_instance_and_iterations_give_the_same_packing() {
+        let budget = SearchBudget {
+            iterations: 1_000,
+            time: Duration::from_secs(60),
+        };
+        for inst in random_instances(3) {
+            assert_eq!(pack_within(&inst, budget), pack_within(&inst, budget));
         }
     }
 

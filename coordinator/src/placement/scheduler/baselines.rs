@@ -1,6 +1,7 @@
-//! The baseline policies berth is measured against, run in the same process on the same input:
-//! first fit, best fit, Kubernetes' default spread (least allocated) and Nomad's bin-pack score.
-//! Each sees the open bins' loads and returns the bin for an item, or `None` to open a new one.
+//! The baseline policies berth is measured against (`berth-bench`, in the same process on the
+//! same input): first fit, best fit, Kubernetes' default spread (least allocated) and Nomad's
+//! bin-pack score. Each sees the open bins' loads and returns the bin for an item, or `None` to
+//! open a new one. Offline packing runs them too, so its portfolio is never worse than any.
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Baseline {
