@@ -169,13 +169,25 @@ const MONTH_SECONDS: u64 = 30 * 24 * 3600;
 
 /// Replays `vms` through `placer`; returns (used host-seconds, lower-bound host-seconds).
 /// Also returns the moves compactions made.
+/// What one replay measured: host-seconds used and the lower bound's, over the whole window
+/// and over each half of it (split at the arrival of the middle VM: a policy tuned on the
+/// first half is judged on the second).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Outcome {
+    used: f64,
+    bound: f64,
+    halves: [(f64, f64); 2],
+    peak: usize,
+    moves: usize,
+}
+
 fn simulate(
     vms: &[Vm],
     placer: &mut dyn Placer,
     host_cpu: u64,
     host_mem: u64,
     compaction: Option<Compaction>,
-) -> (f64, f64, usize, usize) {
+) -> Outcome {
     // Departures sort before arrivals at the same instant: capacity is freed first.
     let mut events: Vec<(u64, bool, usize)> = Vec::with_capacity(vms.len() * 2);
     for (i, vm) in vms.iter().enumerate() {
@@ -186,6 +198,12 @@ fn simulate(
     // Measured from the first to the last arrival: after it, no placement decision is made and
     // a truncated trace (`--limit`) would only measure its own artificial tail.
     let window_end = vms.iter().map(|v| v.arrive).max().unwrap_or(0);
+    let middle = {
+        let mut arrivals: Vec<u64> = vms.iter().map(|v| v.arrive).collect();
+        arrivals.sort_unstable();
+        arrivals.get(arrivals.len() / 2).copied().unwrap_or(0)
+    };
+    let mut halves = [(0f64, 0f64); 2];
     let mut host_of = vec![usize::MAX; vms.len()];
     let mut vms_on: Vec<u32> = Vec::new();
     let (mut used_hosts, mut total_cpu, mut total_mem) = (0u64, 0u64, 0u64);
@@ -228,12 +246,21 @@ fn simulate(
             }
         }
         if t > last_t {
-            let dt = (t.min(window_end).saturating_sub(last_t.min(window_end))) as f64;
-            used += used_hosts as f64 * dt;
-            bound += total_cpu
+            let (from, to) = (last_t.min(window_end), t.min(window_end));
+            let hosts_needed = total_cpu
                 .div_ceil(host_cpu)
-                .max(total_mem.div_ceil(host_mem)) as f64
-                * dt;
+                .max(total_mem.div_ceil(host_mem)) as f64;
+            let dt = to.saturating_sub(from) as f64;
+            used += used_hosts as f64 * dt;
+            bound += hosts_needed * dt;
+            let split = [
+                to.min(middle).saturating_sub(from.min(middle)),
+                to.max(middle).saturating_sub(from.max(middle)),
+            ];
+            for (half, seconds) in halves.iter_mut().zip(split) {
+                half.0 += used_hosts as f64 * seconds as f64;
+                half.1 += hosts_needed * seconds as f64;
+            }
             last_t = t;
         }
         let vm = &vms[i];
@@ -263,7 +290,13 @@ fn simulate(
             total_mem -= vm.mem;
         }
     }
-    (used, bound, peak, moves)
+    Outcome {
+        used,
+        bound,
+        halves,
+        peak,
+        moves,
+    }
 }
 
 pub fn run(
@@ -283,13 +316,20 @@ pub fn run(
     let mut results = serde_json::Map::new();
     let mut run_one = |name: &str, placer: &mut dyn Placer, compaction: Option<Compaction>| {
         let started = std::time::Instant::now();
-        let (used, bound, peak, moves) = simulate(&vms, placer, host_cpu, host_mem, compaction);
+        let Outcome {
+            used,
+            bound,
+            halves,
+            peak,
+            moves,
+        } = simulate(&vms, placer, host_cpu, host_mem, compaction);
+        let [first, second] = halves.map(|(used, bound)| used / bound);
         results.insert(
             name.to_string(),
-            json!({ "host_seconds_over_lower_bound": used / bound, "peak_hosts": peak, "moves": moves, "seconds": started.elapsed().as_secs_f64() }),
+            json!({ "host_seconds_over_lower_bound": used / bound, "first_half": first, "second_half": second, "peak_hosts": peak, "moves": moves, "seconds": started.elapsed().as_secs_f64() }),
         );
         eprintln!(
-            "{name}: {:.4} (peak {peak} hosts, {moves} moves, {:.1}s)",
+            "{name}: {:.4} (halves {first:.4} / {second:.4}; peak {peak} hosts, {moves} moves, {:.1}s)",
             used / bound,
             started.elapsed().as_secs_f64()
         );
@@ -382,17 +422,28 @@ mod tests {
             max_moves_per_month: 2,
             headroom_percent: 0,
         };
-        let (plain, bound, _, none) = simulate(&vms, &mut berth(), 100, 100, None);
-        let (compacted, bound2, _, moves) = simulate(&vms, &mut berth(), 100, 100, Some(every));
-        assert_eq!((none, bound), (0, bound2));
-        assert_eq!(moves, 1, "the lone VM on the second host moves");
-        assert!(compacted < plain, "{compacted} < {plain}");
+        let plain = simulate(&vms, &mut berth(), 100, 100, None);
+        let compacted = simulate(&vms, &mut berth(), 100, 100, Some(every));
+        assert_eq!((plain.moves, plain.bound), (0, compacted.bound));
+        assert_eq!(compacted.moves, 1, "the lone VM on the second host moves");
+        assert!(compacted.used < plain.used, "{compacted:?} < {plain:?}");
+        // The halves split the window at the middle VM's arrival (the fourth of seven, at 3)
+        // and add up to it.
+        let [(used_a, bound_a), (used_b, bound_b)] = plain.halves;
+        assert_eq!(
+            (used_a + used_b, bound_a + bound_b),
+            (plain.used, plain.bound)
+        );
+        assert_eq!(
+            bound_a, 3.0,
+            "one host's worth from 0 to 3 (30, 60, then 80 of 100)"
+        );
         // No move allowed: the same as without compaction.
         let never = Compaction {
             max_moves_per_month: 0,
             ..every
         };
-        let (same, _, _, moves) = simulate(&vms, &mut berth(), 100, 100, Some(never));
-        assert_eq!((same, moves), (plain, 0));
+        let same = simulate(&vms, &mut berth(), 100, 100, Some(never));
+        assert_eq!((same.used, same.moves), (plain.used, 0));
     }
 }
