@@ -46,6 +46,15 @@ impl Instance {
             .collect()
     }
 
+    /// The summed sizes of the items of `bin`.
+    fn load(&self, bin: &[usize]) -> Vec<u64> {
+        let mut load = vec![0u64; self.capacity.len()];
+        for &i in bin {
+            add(&mut load, &self.items[i]);
+        }
+        load
+    }
+
     fn fits(&self, load: &[u64], item: &[u64]) -> bool {
         load.iter()
             .zip(item)
@@ -115,12 +124,9 @@ fn item_centric(inst: &Instance, weights: &[f64], measure: SizeMeasure, best_fit
             measure,
         ))
     });
-    let mut bins: Packing = Vec::new();
-    let mut loads: Vec<Vec<u64>> = Vec::new();
-    for i in order {
-        let item = &inst.items[i];
-        let chosen = if best_fit {
-            (0..bins.len())
+    place_in_order(inst, order, |loads, item| {
+        if best_fit {
+            (0..loads.len())
                 .filter(|&b| inst.fits(&loads[b], item))
                 .min_by(|&a, &b| {
                     let free = |b: usize| -> f64 {
@@ -134,17 +140,29 @@ fn item_centric(inst: &Instance, weights: &[f64], measure: SizeMeasure, best_fit
                     free(a).total_cmp(&free(b))
                 })
         } else {
-            (0..bins.len()).find(|&b| inst.fits(&loads[b], item))
-        };
-        let b = chosen.unwrap_or_else(|| {
+            (0..loads.len()).find(|&b| inst.fits(&loads[b], item))
+        }
+    })
+}
+
+/// Places the items in `order`, each into the bin `choose` names among the open bins' loads,
+/// or into a new bin when it names none.
+fn place_in_order(
+    inst: &Instance,
+    order: impl IntoIterator<Item = usize>,
+    mut choose: impl FnMut(&[Vec<u64>], &[u64]) -> Option<usize>,
+) -> Packing {
+    let mut bins: Packing = Vec::new();
+    let mut loads: Vec<Vec<u64>> = Vec::new();
+    for i in order {
+        let item = &inst.items[i];
+        let b = choose(&loads, item).unwrap_or_else(|| {
             bins.push(Vec::new());
             loads.push(vec![0; inst.capacity.len()]);
             bins.len() - 1
         });
         bins[b].push(i);
-        for (l, s) in loads[b].iter_mut().zip(item) {
-            *l += s;
-        }
+        add(&mut loads[b], item);
     }
     bins
 }
@@ -210,15 +228,7 @@ fn bin_centric(inst: &Instance, weights: &[f64], rule: BinRule) -> Packing {
 /// Tries to empty the least-loaded bins by moving their items into the others (each item to
 /// the fullest bin it fits in). Repeats while it removes bins.
 fn eliminate_bins(inst: &Instance, mut bins: Packing) -> Packing {
-    let load_of = |bin: &[usize]| -> Vec<u64> {
-        let mut load = vec![0u64; inst.capacity.len()];
-        for &i in bin {
-            for (l, s) in load.iter_mut().zip(&inst.items[i]) {
-                *l += s;
-            }
-        }
-        load
-    };
+    let load_of = |bin: &[usize]| inst.load(bin);
     let fullness = |load: &[u64]| -> f64 {
         load.iter()
             .zip(&inst.capacity)
@@ -294,22 +304,9 @@ pub fn pack(inst: &Instance) -> Packing {
 
 /// Packs the items in their own order with a baseline's choice of bin.
 pub fn in_input_order(inst: &Instance, rule: Baseline) -> Packing {
-    let mut bins: Packing = Vec::new();
-    let mut loads: Vec<Vec<u64>> = Vec::new();
-    for (i, item) in inst.items.iter().enumerate() {
-        let b = rule
-            .choose(&loads, &inst.capacity, item)
-            .unwrap_or_else(|| {
-                bins.push(Vec::new());
-                loads.push(vec![0; inst.capacity.len()]);
-                bins.len() - 1
-            });
-        bins[b].push(i);
-        for (l, s) in loads[b].iter_mut().zip(item) {
-            *l += s;
-        }
-    }
-    bins
+    place_in_order(inst, 0..inst.items.len(), |loads, item| {
+        rule.choose(loads, &inst.capacity, item)
+    })
 }
 
 /// The best packing of the portfolio, then the local search from it within `budget`.
@@ -385,16 +382,7 @@ impl<'a> PoolSearch<'a> {
             .iter()
             .map(|item| inst.norm(item).iter().sum::<f64>())
             .collect();
-        let loads = bins
-            .iter()
-            .map(|bin| {
-                let mut load = vec![0u64; inst.capacity.len()];
-                for &i in bin {
-                    add(&mut load, &inst.items[i]);
-                }
-                load
-            })
-            .collect();
+        let loads = bins.iter().map(|bin| inst.load(bin)).collect();
         // Seeded by the instance's shape: the same instance searches the same way.
         let rng = 0x9e37_79b9_7f4a_7c15 ^ (inst.items.len() as u64) << 8 ^ bins.len() as u64;
         Self {
@@ -428,16 +416,7 @@ impl<'a> PoolSearch<'a> {
 
     /// Starts again from `bins`, with an empty pool.
     fn reset(&mut self, bins: Packing) {
-        self.loads = bins
-            .iter()
-            .map(|bin| {
-                let mut load = vec![0u64; self.inst.capacity.len()];
-                for &i in bin {
-                    add(&mut load, &self.inst.items[i]);
-                }
-                load
-            })
-            .collect();
+        self.loads = bins.iter().map(|bin| self.inst.load(bin)).collect();
         self.bins = bins;
         self.pool.clear();
         self.tabu.clear();
@@ -608,20 +587,18 @@ fn add(load: &mut [u64], item: &[u64]) {
 mod tests {
     use super::*;
 
+    /// Bins of `capacity` in both dimensions.
+    fn two_dimensions(capacity: u64, items: &[[u64; 2]]) -> Instance {
+        Instance {
+            capacity: vec![capacity; 2],
+            items: items.iter().map(|i| i.to_vec()).collect(),
+        }
+    }
+
     #[test]
     fn packs_to_the_bound_when_items_pair_up() {
         // Items that pair perfectly: 6 items, 3 bins.
-        let inst = Instance {
-            capacity: vec![10, 10],
-            items: vec![
-                vec![7, 3],
-                vec![3, 7],
-                vec![6, 4],
-                vec![4, 6],
-                vec![5, 5],
-                vec![5, 5],
-            ],
-        };
+        let inst = two_dimensions(10, &[[7, 3], [3, 7], [6, 4], [4, 6], [5, 5], [5, 5]]);
         let p = pack(&inst);
         assert!(inst.is_valid(&p));
         assert_eq!(p.len(), 3);
@@ -631,12 +608,7 @@ mod tests {
     #[test]
     fn every_packing_is_valid_on_random_instances() {
         let mut rng = 12345u64;
-        let mut next = move || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng
-        };
+        let mut next = move || xorshift(&mut rng);
         for _ in 0..50 {
             let dims = 1 + (next() % 4) as usize;
             let capacity: Vec<u64> = (0..dims).map(|_| 100 + next() % 900).collect();
@@ -658,12 +630,7 @@ mod tests {
 
     fn random_instances(count: usize) -> Vec<Instance> {
         let mut rng = 777u64;
-        let mut next = move || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng
-        };
+        let mut next = move || xorshift(&mut rng);
         (0..count)
             .map(|_| {
                 let dims = 2 + (next() % 4) as usize;
@@ -680,19 +647,19 @@ mod tests {
     fn the_search_empties_bins_a_bad_start_left() {
         // Pairs that fill a bin exactly, started one item per bin: the search must find the
         // pairing, 4 bins (the bound), not merely some improvement.
-        let inst = Instance {
-            capacity: vec![100, 100],
-            items: vec![
-                vec![70, 30],
-                vec![30, 70],
-                vec![60, 45],
-                vec![40, 55],
-                vec![55, 50],
-                vec![45, 50],
-                vec![20, 90],
-                vec![80, 10],
+        let inst = two_dimensions(
+            100,
+            &[
+                [70, 30],
+                [30, 70],
+                [60, 45],
+                [40, 55],
+                [55, 50],
+                [45, 50],
+                [20, 90],
+                [80, 10],
             ],
-        };
+        );
         let start: Packing = (0..inst.items.len()).map(|i| vec![i]).collect();
         let budget = SearchBudget {
             iterations: 10_000,
