@@ -2,7 +2,8 @@
 //! one JSON file that every write replaces whole.
 //!
 //! Ensures: a batch is in the file entirely or not at all (written beside it, synced, renamed
-//! over it, the directory synced), and on disk when `apply` returns; a file that is not what
+//! over it, the directory synced), and on disk when `apply` returns; the file is its owner's
+//! alone (mode 0600: tenant specs carry their environment); a file that is not what
 //! this module writes is refused by name, never replaced; a file larger than
 //! [`MAX_FILE_BYTES`] is refused before it is read. The records are a few kilobytes per
 //! tenant, so rewriting them whole costs less than keeping an embedded database's threads and
@@ -10,6 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -110,7 +112,13 @@ impl RecordFile {
             serde_json::to_vec(&raw).map_err(|e| io_error(&self.path, "cannot encode", e))?;
         let dir = self.path.parent().unwrap_or(Path::new("."));
         let temporary = self.path.with_extension("json.new");
-        let mut file = std::fs::File::create(&temporary)
+        // Owner only, whatever the umask: tenant specs carry their environment.
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temporary)
             .map_err(|e| io_error(&temporary, "cannot create", e))?;
         file.write_all(&bytes)
             .and_then(|()| file.sync_all())
@@ -204,6 +212,13 @@ mod tests {
         assert_eq!(backups.len(), 1);
         assert_eq!(backups[0].0, "backup/a");
         assert!(!dir.path().join("records.json.new").exists());
+        let mode = std::fs::metadata(dir.path().join(FILE_NAME))
+            .unwrap()
+            .permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
     }
 
     #[test]
