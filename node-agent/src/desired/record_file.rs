@@ -5,7 +5,9 @@
 //! over it, the directory synced), and on disk when `apply` returns; the file is its owner's
 //! alone (mode 0600: tenant specs carry their environment); a file that is not what
 //! this module writes is refused by name, never replaced; a file larger than
-//! [`MAX_FILE_BYTES`] is refused before it is read. The records are a few kilobytes per
+//! [`MAX_FILE_BYTES`] is refused before it is read; while one agent holds the records of a
+//! state directory (an exclusive lock on [`LOCK_NAME`]), a second one is refused at start
+//! instead of enforcing the same host beside it. The records are a few kilobytes per
 //! tenant, so rewriting them whole costs less than keeping an embedded database's threads and
 //! caches in every agent (it ran eight threads of its own).
 
@@ -14,6 +16,8 @@ use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+
+use nix::fcntl::{Flock, FlockArg};
 
 use berth_shared::store::{Durability, SledStore, Store, StoreError, Write};
 use serde_json::value::RawValue;
@@ -24,6 +28,8 @@ pub const MAX_FILE_BYTES: u64 = 64 << 20;
 
 /// The records file, relative to the agent's state directory.
 pub const FILE_NAME: &str = "records.json";
+/// Locked while an agent holds the records.
+pub const LOCK_NAME: &str = "records.lock";
 /// Where agents before the records file kept them (a sled database): read once, then renamed
 /// to [`MIGRATED_DIR`].
 pub const SLED_DIR: &str = "db";
@@ -33,6 +39,8 @@ pub const MIGRATED_DIR: &str = "db.migrated";
 pub struct RecordFile {
     path: PathBuf,
     records: Mutex<BTreeMap<String, Vec<u8>>>,
+    /// Released when the agent ends (or dies: the kernel drops it with the process).
+    _lock: Flock<std::fs::File>,
 }
 
 fn io_error(path: &Path, what: &str, e: impl std::fmt::Display) -> StoreError {
@@ -43,26 +51,46 @@ impl RecordFile {
     /// Opens the records in `state_dir`; an agent's older sled database there is moved into
     /// the file first (and kept, renamed, for a downgrade).
     pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
+        let lock = Self::lock(state_dir)?;
         let path = state_dir.join(FILE_NAME);
+        let mut file = Self {
+            path,
+            records: Mutex::new(BTreeMap::new()),
+            _lock: lock,
+        };
         let sled_dir = state_dir.join(SLED_DIR);
-        if !path.exists() && sled_dir.exists() {
+        if !file.path.exists() && sled_dir.exists() {
             let records = SledStore::open(&sled_dir)?.snapshot()?;
-            let file = Self {
-                path: path.clone(),
-                records: Mutex::new(BTreeMap::new()),
-            };
             file.write_whole(&records.into_iter().collect())?;
             std::fs::rename(&sled_dir, state_dir.join(MIGRATED_DIR))
                 .map_err(|e| io_error(&sled_dir, "cannot rename", e))?;
         }
-        let records = match std::fs::File::open(&path) {
-            Ok(file) => Self::read(&path, file)?,
+        let records = match std::fs::File::open(&file.path) {
+            Ok(opened) => Self::read(&file.path, opened)?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => return Err(io_error(&path, "cannot open", e)),
+            Err(e) => return Err(io_error(&file.path, "cannot open", e)),
         };
-        Ok(Self {
-            path,
-            records: Mutex::new(records),
+        file.records = Mutex::new(records);
+        Ok(file)
+    }
+
+    fn lock(state_dir: &Path) -> Result<Flock<std::fs::File>, StoreError> {
+        let path = state_dir.join(LOCK_NAME);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| io_error(&path, "cannot open", e))?;
+        Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| StoreError::Open {
+            path: path.display().to_string(),
+            message: match errno {
+                nix::errno::Errno::EWOULDBLOCK => {
+                    "another berth-agent holds this state directory".into()
+                }
+                other => format!("cannot lock: {other}"),
+            },
         })
     }
 
@@ -222,6 +250,22 @@ mod tests {
     }
 
     #[test]
+    fn a_second_agent_on_the_same_state_directory_is_refused_until_the_first_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = RecordFile::open(dir.path()).unwrap();
+        let err = RecordFile::open(dir.path()).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "cannot open the store at {}: another berth-agent holds this state directory",
+                dir.path().join(LOCK_NAME).display()
+            )
+        );
+        drop(first);
+        RecordFile::open(dir.path()).expect("free again once the first is gone");
+    }
+
+    #[test]
     fn a_write_that_cannot_land_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let file = RecordFile::open(dir.path()).unwrap();
@@ -244,6 +288,7 @@ mod tests {
             "corrupt record \"restored/a\": a record of the agent must be JSON"
         );
         assert_eq!(file.get("desired").unwrap(), Some(b"1".to_vec()));
+        drop(file);
         let reopened = RecordFile::open(dir.path()).unwrap();
         assert_eq!(reopened.get("desired").unwrap(), Some(b"1".to_vec()));
         assert_eq!(reopened.get("restored/a").unwrap(), None);
