@@ -113,8 +113,9 @@ fn size(inst: &Instance, weights: &[f64], item: &[u64], measure: SizeMeasure) ->
     }
 }
 
-/// First fit (or best fit, by the load left free) over items in decreasing `measure`.
-fn item_centric(inst: &Instance, weights: &[f64], measure: SizeMeasure, best_fit: bool) -> Packing {
+/// Items in decreasing `measure`, each into the bin a baseline's `rule` chooses (first fit,
+/// or best fit by the load left free).
+fn item_centric(inst: &Instance, weights: &[f64], measure: SizeMeasure, rule: Baseline) -> Packing {
     let mut order: Vec<usize> = (0..inst.items.len()).collect();
     order.sort_by(|a, b| {
         size(inst, weights, &inst.items[*b], measure).total_cmp(&size(
@@ -125,23 +126,7 @@ fn item_centric(inst: &Instance, weights: &[f64], measure: SizeMeasure, best_fit
         ))
     });
     place_in_order(inst, order, |loads, item| {
-        if best_fit {
-            (0..loads.len())
-                .filter(|&b| inst.fits(&loads[b], item))
-                .min_by(|&a, &b| {
-                    let free = |b: usize| -> f64 {
-                        loads[b]
-                            .iter()
-                            .zip(&inst.capacity)
-                            .zip(item)
-                            .map(|((l, c), s)| (c - l - s) as f64 / *c as f64)
-                            .sum()
-                    };
-                    free(a).total_cmp(&free(b))
-                })
-        } else {
-            (0..loads.len()).find(|&b| inst.fits(&loads[b], item))
-        }
+        rule.choose(loads, &inst.capacity, item)
     })
 }
 
@@ -326,11 +311,11 @@ pub fn pack_within(inst: &Instance, budget: SearchBudget) -> Packing {
         Box::new(|| bin_centric(inst, &unit, BinRule::DotProduct)),
         Box::new(|| bin_centric(inst, &weights, BinRule::L2Residual)),
         Box::new(|| bin_centric(inst, &unit, BinRule::L2Residual)),
-        Box::new(|| item_centric(inst, &weights, SizeMeasure::Weighted, false)),
-        Box::new(|| item_centric(inst, &weights, SizeMeasure::Sum, false)),
-        Box::new(|| item_centric(inst, &weights, SizeMeasure::Max, false)),
-        Box::new(|| item_centric(inst, &weights, SizeMeasure::L2, true)),
-        Box::new(|| item_centric(inst, &weights, SizeMeasure::Weighted, true)),
+        Box::new(|| item_centric(inst, &weights, SizeMeasure::Weighted, Baseline::FirstFit)),
+        Box::new(|| item_centric(inst, &weights, SizeMeasure::Sum, Baseline::FirstFit)),
+        Box::new(|| item_centric(inst, &weights, SizeMeasure::Max, Baseline::FirstFit)),
+        Box::new(|| item_centric(inst, &weights, SizeMeasure::L2, Baseline::BestFit)),
+        Box::new(|| item_centric(inst, &weights, SizeMeasure::Weighted, Baseline::BestFit)),
     ];
     for rule in Baseline::ALL {
         candidates.push(Box::new(move || in_input_order(inst, rule)));
