@@ -97,13 +97,14 @@ export BERTH_DEBIAN_ROOT="$debian_root"
 
 cargo build --workspace --bins --locked
 
-# The packages (release builds): .deb for both daemons, the agent again as the "previous"
-# version for the upgrade test, and .rpm.
+# The packages: .deb for both daemons (the agent built for size with the `agent` profile, the
+# coordinator for speed with `release`), the agent again as the "previous" version for the
+# upgrade test, and .rpm.
 rm -rf target/packages
 mkdir -p target/packages/previous
-cargo deb --locked -p berth-node-agent --output target/packages/
+cargo deb --locked -p berth-node-agent --profile agent --output target/packages/
 cargo deb --locked -p berth-coordinator --output target/packages/
-cargo deb --locked -p berth-node-agent --no-build --deb-version 0.0.9-1 --output target/packages/previous/
-cargo generate-rpm -p node-agent -o target/packages/
+cargo deb --locked -p berth-node-agent --profile agent --no-build --deb-version 0.0.9-1 --output target/packages/previous/
+cargo generate-rpm -p node-agent --profile agent -o target/packages/
 cargo generate-rpm -p coordinator -o target/packages/
 BERTH_REQUIRE_REAL=1 cargo test --workspace --locked -- --test-threads="${BERTH_TEST_THREADS:-4}"

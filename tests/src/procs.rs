@@ -561,6 +561,9 @@ pub struct AgentProc {
     pub host_id: String,
     pub dir: TempDir,
     pub netns: Option<String>,
+    /// The `berth-agent` executable run (the workspace's, unless a test measures another
+    /// build of it).
+    pub program: PathBuf,
     child: Option<Child>,
     uses_docker: bool,
     /// Appended to the agent config (e.g. an `[egress]` section).
@@ -588,6 +591,7 @@ impl AgentProc {
             host_id: host_id.into(),
             dir,
             netns: None,
+            program: bin("berth-agent"),
             child: None,
             uses_docker: false,
             extra_config: String::new(),
@@ -620,6 +624,7 @@ impl AgentProc {
             host_id: host_id.into(),
             dir,
             netns: host.map(|h| h.netns.clone()),
+            program: bin("berth-agent"),
             child: None,
             uses_docker: false,
             extra_config: String::new(),
@@ -649,7 +654,7 @@ impl AgentProc {
 
     /// `berth-agent enroll ...` for this agent's state directory.
     pub fn enroll_command(&self, coordinator_url: &str, token: &str, fingerprint: &str) -> Command {
-        let mut cmd = command(self.netns.as_deref(), &bin("berth-agent"));
+        let mut cmd = command(self.netns.as_deref(), &self.program);
         cmd.args([
             "enroll",
             "--coordinator",
@@ -709,7 +714,7 @@ impl AgentProc {
             extra.replace("[egress]", &format!("[egress]\ntable = \"{table}\""))
         );
         fs::write(&config, text).expect("agent config");
-        let mut cmd = command(self.netns.as_deref(), &bin("berth-agent"));
+        let mut cmd = command(self.netns.as_deref(), &self.program);
         cmd.arg("run").arg("--config").arg(&config);
         self.child = Some(spawn_logged(cmd, &self.log_path(), &self.env));
     }

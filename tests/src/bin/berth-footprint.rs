@@ -1,6 +1,9 @@
 //! Agent footprint benchmark: resident memory and CPU of `berth-agent` with N idle tenants on
-//! the real Docker engine. `berth-footprint [--tenants 50] [--seconds 60]`; prints JSON.
+//! the real Docker engine. `berth-footprint [--tenants 50] [--seconds 60] [--agent PATH]`;
+//! prints JSON. It measures the agent as the packages ship it, built with the `agent` profile
+//! (`target/agent/berth-agent`), unless `--agent` names another build.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use berth_tests::docker::test_tenant_image;
@@ -34,6 +37,16 @@ fn cpu_ticks(pid: u32) -> u64 {
             .unwrap_or(0)
 }
 
+/// `target/agent/berth-agent`, beside this benchmark's own `target/<profile>/`.
+fn shipped_agent() -> PathBuf {
+    let exe = std::env::current_exe().expect("executable path");
+    let target = exe
+        .parent()
+        .and_then(|profile| profile.parent())
+        .expect("target directory");
+    target.join("agent").join("berth-agent")
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str, default: u64| {
@@ -43,11 +56,21 @@ fn main() {
             .unwrap_or(default)
     };
     let (tenants, seconds) = (arg("--tenants", 50) as usize, arg("--seconds", 60));
+    let program = match args.iter().position(|a| a == "--agent") {
+        Some(i) => PathBuf::from(args.get(i + 1).expect("--agent needs a path")),
+        None => shipped_agent(),
+    };
+    assert!(
+        program.is_file(),
+        "{} is missing: build it with `cargo build --profile agent -p berth-node-agent --bin berth-agent`, or name another build with --agent",
+        program.display()
+    );
     berth_tests::docker::available().expect("a Docker engine");
     let image = test_tenant_image();
     let coordinator = CoordinatorProc::start(None, "");
     let host = format!("fp{}", std::process::id());
     let mut agent = AgentProc::enroll(&coordinator, &host, None);
+    agent.program = program.clone();
     agent.start_with_docker(true);
     wait_for("the agent ready", Duration::from_secs(10), || {
         (coordinator.host_state(&host).as_deref() == Some("ready")).then_some(())
@@ -78,6 +101,6 @@ fn main() {
     let cpu_percent = 100.0 * cpu_seconds / t0.elapsed().as_secs_f64();
     println!(
         "{}",
-        serde_json::json!({ "agent_footprint": { "tenants": tenants, "seconds": seconds, "max_rss_mib": max_rss as f64 / 1024.0, "cpu_percent_of_one_core": cpu_percent } })
+        serde_json::json!({ "agent_footprint": { "agent": program, "tenants": tenants, "seconds": seconds, "max_rss_mib": max_rss as f64 / 1024.0, "cpu_percent_of_one_core": cpu_percent } })
     );
 }
