@@ -395,6 +395,17 @@ pub enum DrainError {
         "cannot restore {0}'s tenants: the coordinator's config has no [backup] repository; `berthctl drain {0} --force-lost --empty` starts them on empty volumes"
     )]
     NothingToRestore(String),
+    #[error(
+        "compaction stopped at host {host}: {cause}; the drains of {started} were started and go on (`berthctl drain-status HOST` follows one, `berthctl drain-abort HOST` stops it); no other host was touched",
+        started = .started.join(", ")
+    )]
+    CompactionStopped {
+        /// The host whose drain could not start.
+        host: String,
+        /// The hosts whose drains had started before it, in the plan's order.
+        started: Vec<String>,
+        cause: Box<DrainError>,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -788,10 +799,21 @@ impl Drainer {
     ) -> Result<proto::DrainStatus, DrainError> {
         let host = &options.host;
         let drain = self.record(options, plan);
-        self.coordinator
-            .registry
-            .set_draining(host, true, |h| self.coordinator.sync_host(h))?;
-        self.drains.insert(drain.clone())?;
+        let registry = &self.coordinator.registry;
+        let before = registry
+            .host(host)?
+            .ok_or_else(|| DrainError::UnknownHost(host.to_string()))?
+            .admin;
+        registry.set_draining(host, true, |h| self.coordinator.sync_host(h))?;
+        if let Err(e) = self.drains.insert(drain.clone()) {
+            // Not recorded, so never driven: the host must not stay marked as draining.
+            if let Err(undo) =
+                registry.undo_draining(host, before, |h| self.coordinator.sync_host(h))
+            {
+                tracing::error!(%host, error = %undo, "a drain that did not start left its host marked draining: `berthctl drain-abort` clears it");
+            }
+            return Err(e.into());
+        }
         tracing::info!(%host, moves = drain.moves.len(), max_parallel = drain.max_parallel, "drain started");
         self.spawn_driver(host, false);
         Ok(self.drains.status(&drain))
@@ -819,6 +841,8 @@ impl Drainer {
             }
         }
         let mut started = Vec::new();
+        // The hosts whose drains this call started.
+        let mut draining: Vec<String> = Vec::new();
         let mut failed = None;
         for emptied in &plan.emptied {
             let last_window = emptied
@@ -840,9 +864,22 @@ impl Drainer {
                 None
             } else {
                 match self.start(&options, emptied.moves.clone()) {
-                    Ok(status) => Some(status),
-                    Err(e) => {
-                        failed = Some(e);
+                    Ok(status) => {
+                        draining.push(emptied.host.to_string());
+                        Some(status)
+                    }
+                    // The drains already started go on (each is whole and can be aborted
+                    // alone); the error names them.
+                    Err(cause) if !draining.is_empty() => {
+                        failed = Some(DrainError::CompactionStopped {
+                            host: emptied.host.to_string(),
+                            started: draining.clone(),
+                            cause: Box::new(cause),
+                        });
+                        None
+                    }
+                    Err(cause) => {
+                        failed = Some(cause);
                         None
                     }
                 }

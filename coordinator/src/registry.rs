@@ -696,6 +696,25 @@ impl Registry {
         )
     }
 
+    /// Takes back a drain's start that could not be recorded: the host gets back the
+    /// administrative state it had before (`Active` or `Cordoned`).
+    pub fn undo_draining(
+        &self,
+        host_id: &HostId,
+        before: AdminState,
+        publish: impl FnOnce(&HostRecord),
+    ) -> Result<HostRecord, RegistryError> {
+        self.update_host(
+            host_id,
+            Durability::Flushed,
+            |h| {
+                h.admin = before;
+                Ok(())
+            },
+            publish,
+        )
+    }
+
     /// Every record, for `berth-coordinator` debugging dumps and tests.
     pub fn counts(&self) -> Result<BTreeMap<&'static str, usize>, RegistryError> {
         let mut out = BTreeMap::new();

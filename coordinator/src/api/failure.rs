@@ -167,14 +167,19 @@ impl From<RegistryError> for Failure {
 
 impl From<DrainError> for Failure {
     fn from(e: DrainError) -> Self {
-        let kind = match &e {
-            DrainError::UnknownHost(_) | DrainError::NoDrain(_) => Kind::NotFound,
-            DrainError::AlreadyDraining(_) => Kind::Conflict,
-            DrainError::Refused { .. } | DrainError::NothingToRestore(_) => Kind::Precondition,
-            DrainError::Store(e) | DrainError::Registry(RegistryError::Store(e)) => store_kind(e),
-            DrainError::Registry(_) => Kind::Internal,
-        };
-        with(kind, e)
+        with(drain_kind(&e), e)
+    }
+}
+
+fn drain_kind(e: &DrainError) -> Kind {
+    match e {
+        DrainError::UnknownHost(_) | DrainError::NoDrain(_) => Kind::NotFound,
+        DrainError::AlreadyDraining(_) => Kind::Conflict,
+        DrainError::Refused { .. } | DrainError::NothingToRestore(_) => Kind::Precondition,
+        // Answered as what stopped it; the message names the drains that did start.
+        DrainError::CompactionStopped { cause, .. } => drain_kind(cause),
+        DrainError::Store(e) | DrainError::Registry(RegistryError::Store(e)) => store_kind(e),
+        DrainError::Registry(_) => Kind::Internal,
     }
 }
 

@@ -11,7 +11,7 @@ use berth_shared::clock::ManualClock;
 use berth_shared::host::Provider;
 use berth_shared::ids::{HostId, TenantId};
 use berth_shared::proto;
-use berth_shared::store::MemStore;
+use berth_shared::store::{MemStore, Store, Write};
 
 use super::*;
 use crate::keys::keyring::Keyring;
@@ -41,7 +41,7 @@ fn host(s: &str) -> HostId {
 impl Fleet {
     /// A coordinator over `store` whose hosts (`name`, GiB) are played by `agents`; the hosts
     /// are registered unless `store` holds them already.
-    fn open(store: Arc<MemStore>, agents: Arc<FakeAgents>, hosts: &[(&str, u64)]) -> Self {
+    fn open(store: Arc<dyn Store>, agents: Arc<FakeAgents>, hosts: &[(&str, u64)]) -> Self {
         let clock = Arc::new(ManualClock::at(seed::SEED_TIME_MS));
         let c = Arc::new(
             seed::open(store.clone(), clock, Keyring::in_memory(), agents.clone())
@@ -74,7 +74,7 @@ impl Fleet {
     }
 
     fn new(hosts: &[(&str, u64)]) -> Self {
-        Self::open(Arc::default(), FakeAgents::new(), hosts)
+        Self::open(Arc::new(MemStore::default()), FakeAgents::new(), hosts)
     }
 
     /// Places `tenants` of `tier` on host `on` (the others cordoned meanwhile) and waits until
@@ -343,6 +343,101 @@ async fn a_compaction_empties_the_hosts_it_planned_and_leaves_them_ready_to_retu
         .map(|r| (r.host_id.as_str(), r.monthly_cost_cents))
         .collect();
     assert_eq!(returnable, [("half", 4800), ("light", 4800)]);
+}
+
+/// A store that refuses every write to one key once told to (a full disk, a lost quorum, for
+/// that one record).
+#[derive(Debug, Default)]
+struct RefusingStore {
+    inner: MemStore,
+    refused_key: std::sync::Mutex<Option<String>>,
+}
+
+impl RefusingStore {
+    fn refuse(&self, key: &str) {
+        *self.refused_key.lock().unwrap() = Some(key.into());
+    }
+}
+
+impl Store for RefusingStore {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(key)
+    }
+    fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.inner.scan_prefix(prefix)
+    }
+    fn apply(&self, writes: Vec<Write>, durability: Durability) -> Result<(), StoreError> {
+        let refused = self.refused_key.lock().unwrap().clone();
+        let touches = |w: &Write| match w {
+            Write::Put(k, _) | Write::Delete(k) => Some(k) == refused.as_ref(),
+        };
+        if writes.iter().any(touches) {
+            return Err(StoreError::Io("no space left on device".into()));
+        }
+        self.inner.apply(writes, durability)
+    }
+    fn flush(&self) -> Result<(), StoreError> {
+        self.inner.flush()
+    }
+    fn snapshot(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.inner.snapshot()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_compaction_that_cannot_start_a_drain_names_the_ones_it_started_and_leaves_the_rest_as_it_was()
+ {
+    let store = Arc::new(RefusingStore::default());
+    let f = Fleet::open(
+        store.clone(),
+        FakeAgents::new(),
+        &[("full", 16), ("half", 16), ("light", 16)],
+    );
+    f.place_on(0, &["a1", "a2", "a3"], "business", false).await;
+    f.place_on(1, &["b1", "b2"], "business", false).await;
+    f.place_on(2, &["c1"], "business", false).await;
+    // The plan empties light, then half; half's drain record cannot be written.
+    store.refuse(&format!("{DRAIN_PREFIX}half"));
+    let e = f.d.compact(compaction(false)).await.unwrap_err();
+    match &e {
+        DrainError::CompactionStopped {
+            host,
+            started,
+            cause,
+        } => {
+            assert_eq!(
+                (host.as_str(), started.as_slice()),
+                ("half", &["light".to_string()][..])
+            );
+            assert!(
+                matches!(**cause, DrainError::Store(StoreError::Io(_))),
+                "{cause:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let message = e.to_string();
+    assert!(
+        message.starts_with("compaction stopped at host half: store I/O: no space left on device; the drains of light were started and go on"),
+        "{message}"
+    );
+    // light's drain runs to its end; half is untouched: not draining, taking tenants, its own
+    // still on it, and what the plan reserved for them on full given back.
+    f.d.drains.wait_finished(&f.hosts[2]).await;
+    assert_eq!(f.d.drain_status(&f.hosts[2]).unwrap().phase, "done");
+    assert!(f.runs_healthy(&id("c1"), &f.hosts[0]));
+    assert_eq!(f.state(1), HostState::Ready);
+    assert!(f.d.drain_status(&f.hosts[1]).is_err(), "no drain of half");
+    for t in ["b1", "b2"] {
+        assert!(f.runs_healthy(&id(t), &f.hosts[1]), "{t}");
+    }
+    assert_eq!(f.agents.overlaps(), Vec::<String>::new());
+    let loads = f.c.placements.host_loads();
+    let full = &loads[&f.hosts[0]];
+    assert_eq!(
+        full.tenants, 4,
+        "a1-a3 and c1, nothing reserved for b1, b2: {full:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -11,7 +11,7 @@ use berth_shared::host::{Capabilities, CgroupVersion, HostFacts, Provider};
 use berth_shared::ids::HostId;
 use berth_shared::pki::CertificateAuthority;
 use berth_shared::proto;
-use berth_shared::store::MemStore;
+use berth_shared::store::{MemStore, Store};
 
 use crate::api::Backend;
 use crate::config::CoordinatorConfig;
@@ -81,7 +81,7 @@ pub fn seeded(hosts: usize, tenants: usize) -> Result<Arc<Coordinator>, SeedErro
 /// A coordinator over `store` with the default configuration, its clock at `clock`, its
 /// volume keys in `keyring`, talking to its agents over `agents`.
 pub fn open(
-    store: Arc<MemStore>,
+    store: Arc<dyn Store>,
     clock: Arc<ManualClock>,
     keyring: crate::keys::keyring::Keyring,
     agents: Arc<dyn AgentLink>,
