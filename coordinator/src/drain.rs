@@ -807,9 +807,7 @@ impl Drainer {
         registry.set_draining(host, true, |h| self.coordinator.sync_host(h))?;
         if let Err(e) = self.drains.insert(drain.clone()) {
             // Not recorded, so never driven: the host must not stay marked as draining.
-            if let Err(undo) =
-                registry.undo_draining(host, before, |h| self.coordinator.sync_host(h))
-            {
+            if let Err(undo) = registry.set_admin(host, before, |h| self.coordinator.sync_host(h)) {
                 tracing::error!(%host, error = %undo, "a drain that did not start left its host marked draining: `berthctl drain-abort` clears it");
             }
             return Err(e.into());

@@ -681,34 +681,27 @@ impl Registry {
         draining: bool,
         publish: impl FnOnce(&HostRecord),
     ) -> Result<HostRecord, RegistryError> {
-        self.update_host(
-            host_id,
-            Durability::Flushed,
-            |h| {
-                h.admin = if draining {
-                    AdminState::Draining
-                } else {
-                    AdminState::Cordoned
-                };
-                Ok(())
-            },
-            publish,
-        )
+        let admin = if draining {
+            AdminState::Draining
+        } else {
+            AdminState::Cordoned
+        };
+        self.set_admin(host_id, admin, publish)
     }
 
-    /// Takes back a drain's start that could not be recorded: the host gets back the
-    /// administrative state it had before (`Active` or `Cordoned`).
-    pub fn undo_draining(
+    /// Sets a host's administrative state as given, with no check: for giving a host back the
+    /// state it had before a drain that could not be recorded.
+    pub fn set_admin(
         &self,
         host_id: &HostId,
-        before: AdminState,
+        admin: AdminState,
         publish: impl FnOnce(&HostRecord),
     ) -> Result<HostRecord, RegistryError> {
         self.update_host(
             host_id,
             Durability::Flushed,
             |h| {
-                h.admin = before;
+                h.admin = admin;
                 Ok(())
             },
             publish,
