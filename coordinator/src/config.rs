@@ -235,20 +235,46 @@ impl Default for CoordinatorConfig {
     }
 }
 
+/// A value in `[etcd]` that is refused; the message names the key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EtcdConfigError {
+    #[error("etcd.endpoints: from 1 to {MAX_ETCD_ENDPOINTS} members' client URLs")]
+    EndpointCount,
+    #[error(
+        "etcd.endpoints: {endpoint:?}: a {scheme}host:port URL, as the first one (every member is reached the same way)"
+    )]
+    MixedSchemes {
+        endpoint: String,
+        scheme: &'static str,
+    },
+    #[error("etcd.endpoints: {endpoint:?}: not {scheme}host:port")]
+    NotHostPort {
+        endpoint: String,
+        scheme: &'static str,
+    },
+    #[error(
+        "{0}: https:// endpoints need ca_file, cert_file and key_file (etcd checks this coordinator's certificate, it checks etcd's)"
+    )]
+    TlsFileMissing(&'static str),
+    #[error("etcd.ca_file, etcd.cert_file, etcd.key_file: only with https:// endpoints")]
+    TlsWithoutHttps,
+    #[error("etcd.prefix: {0:?}: up to 64 printable characters ending in /")]
+    Prefix(String),
+}
+
 /// Checks `[etcd]`, naming the key.
-fn etcd_config(raw: RawEtcd) -> Result<crate::etcd::EtcdConfig, String> {
+fn etcd_config(raw: RawEtcd) -> Result<crate::etcd::EtcdConfig, EtcdConfigError> {
     if raw.endpoints.is_empty() || raw.endpoints.len() > MAX_ETCD_ENDPOINTS {
-        return Err(format!(
-            "etcd.endpoints: from 1 to {MAX_ETCD_ENDPOINTS} members' client URLs"
-        ));
+        return Err(EtcdConfigError::EndpointCount);
     }
     let tls = raw.endpoints[0].starts_with("https://");
     let scheme = if tls { "https://" } else { "http://" };
     for endpoint in &raw.endpoints {
         let Some(rest) = endpoint.strip_prefix(scheme) else {
-            return Err(format!(
-                "etcd.endpoints: {endpoint:?}: a {scheme}host:port URL, as the first one (every member is reached the same way)"
-            ));
+            return Err(EtcdConfigError::MixedSchemes {
+                endpoint: endpoint.clone(),
+                scheme,
+            });
         };
         let valid = rest.len() <= 253
             && rest.rsplit_once(':').is_some_and(|(host, port)| {
@@ -256,9 +282,10 @@ fn etcd_config(raw: RawEtcd) -> Result<crate::etcd::EtcdConfig, String> {
             })
             && !rest.contains(['/', '@', ' ']);
         if !valid {
-            return Err(format!(
-                "etcd.endpoints: {endpoint:?}: not {scheme}host:port"
-            ));
+            return Err(EtcdConfigError::NotHostPort {
+                endpoint: endpoint.clone(),
+                scheme,
+            });
         }
     }
     let tls = match (tls, raw.ca_file, raw.cert_file, raw.key_file) {
@@ -275,16 +302,10 @@ fn etcd_config(raw: RawEtcd) -> Result<crate::etcd::EtcdConfig, String> {
             } else {
                 "etcd.key_file"
             };
-            return Err(format!(
-                "{missing}: https:// endpoints need ca_file, cert_file and key_file (etcd checks this coordinator's certificate, it checks etcd's)"
-            ));
+            return Err(EtcdConfigError::TlsFileMissing(missing));
         }
         (false, None, None, None) => None,
-        (false, ..) => {
-            return Err(
-                "etcd.ca_file, etcd.cert_file, etcd.key_file: only with https:// endpoints".into(),
-            );
-        }
+        (false, ..) => return Err(EtcdConfigError::TlsWithoutHttps),
     };
     let prefix = raw.prefix.unwrap_or_else(|| "/berth/".into());
     if prefix.is_empty()
@@ -292,9 +313,7 @@ fn etcd_config(raw: RawEtcd) -> Result<crate::etcd::EtcdConfig, String> {
         || !prefix.ends_with('/')
         || !prefix.bytes().all(|b| b.is_ascii_graphic())
     {
-        return Err(format!(
-            "etcd.prefix: {prefix:?}: up to 64 printable characters ending in /"
-        ));
+        return Err(EtcdConfigError::Prefix(prefix));
     }
     Ok(crate::etcd::EtcdConfig {
         endpoints: raw.endpoints,

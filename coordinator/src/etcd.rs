@@ -49,32 +49,54 @@ pub struct EtcdTls {
 /// The largest certificate or key file read for TLS to etcd.
 const TLS_FILE_BYTES: u64 = 64 << 10;
 
+/// A TLS file for etcd that cannot be used; the message names its key in `[etcd]`.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdTlsError {
+    #[error("etcd.{key}: {}: {source}", path.display())]
+    Read {
+        key: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("etcd.{key}: {}: larger than {TLS_FILE_BYTES} bytes", path.display())]
+    TooLarge {
+        key: &'static str,
+        path: std::path::PathBuf,
+    },
+    #[error(
+        "etcd.key_file: {}: readable by others (mode {mode:o}); chmod 600 it, or pass it as the systemd credential etcd-client-key",
+        path.display()
+    )]
+    KeyReadableByOthers { path: std::path::PathBuf, mode: u32 },
+}
+
 impl EtcdTls {
     /// The client's TLS options, from the files (the key readable by its owner only).
-    fn options(&self) -> Result<etcd_client::TlsOptions, String> {
+    fn options(&self) -> Result<etcd_client::TlsOptions, EtcdTlsError> {
         use std::os::unix::fs::PermissionsExt;
-        let read = |key: &str, path: &std::path::Path| -> Result<Vec<u8>, String> {
-            let file = std::fs::File::open(path)
-                .map_err(|e| format!("etcd.{key}: {}: {e}", path.display()))?;
-            let meta = file
-                .metadata()
-                .map_err(|e| format!("etcd.{key}: {}: {e}", path.display()))?;
+        let read = |key: &'static str, path: &std::path::Path| -> Result<Vec<u8>, EtcdTlsError> {
+            let failed = |source| EtcdTlsError::Read {
+                key,
+                path: path.to_path_buf(),
+                source,
+            };
+            let file = std::fs::File::open(path).map_err(failed)?;
+            let meta = file.metadata().map_err(failed)?;
             if meta.len() > TLS_FILE_BYTES {
-                return Err(format!(
-                    "etcd.{key}: {}: larger than {TLS_FILE_BYTES} bytes",
-                    path.display()
-                ));
+                return Err(EtcdTlsError::TooLarge {
+                    key,
+                    path: path.to_path_buf(),
+                });
             }
             if key == "key_file" && meta.permissions().mode() & 0o077 != 0 {
-                return Err(format!(
-                    "etcd.key_file: {}: readable by others (mode {:o}); chmod 600 it, or pass it as the systemd credential etcd-client-key",
-                    path.display(),
-                    meta.permissions().mode() & 0o777
-                ));
+                return Err(EtcdTlsError::KeyReadableByOthers {
+                    path: path.to_path_buf(),
+                    mode: meta.permissions().mode() & 0o777,
+                });
             }
             let mut bytes = Vec::new();
             std::io::Read::read_to_end(&mut std::io::Read::take(file, TLS_FILE_BYTES), &mut bytes)
-                .map_err(|e| format!("etcd.{key}: {}: {e}", path.display()))?;
+                .map_err(failed)?;
             Ok(bytes)
         };
         let key_path = std::env::var_os("CREDENTIALS_DIRECTORY")
@@ -245,9 +267,9 @@ impl EtcdStore {
             .with_keep_alive(CONNECTION_PING, CONNECTION_PING)
             .with_keep_alive_while_idle(true);
         let options = match &config.tls {
-            Some(tls) => options.with_tls(tls.options().map_err(|message| StoreError::Open {
+            Some(tls) => options.with_tls(tls.options().map_err(|e| StoreError::Open {
                 path: config.endpoints.join(","),
-                message,
+                message: e.to_string(),
             })?),
             None => options,
         };

@@ -59,6 +59,15 @@ pub enum BackupError {
     /// Its volume is not mounted here.
     #[error("the volume is not open on this host (its tenant does not run here)")]
     NotOpen,
+    /// The coordinator's command names a repository berth does not take.
+    #[error("backup_repository: {0}")]
+    CommandRepository(berth_shared::backup::BadRepository),
+    /// The coordinator's command carries a key that is not 32 bytes.
+    #[error("backup_key: {0} bytes, expected 32")]
+    CommandKey(usize),
+    /// Whether the volume is open could not be found out.
+    #[error("volume: {0}")]
+    Volume(std::io::Error),
     /// A file operation on the volume failed.
     #[error("{path}: {source}")]
     Io {
@@ -241,14 +250,11 @@ impl BackupRecord {
 /// forgetting, a snapshot's export), checked.
 pub fn command_access(
     command: &berth_shared::proto::VolumeCommand,
-) -> Result<BackupAccess, String> {
+) -> Result<BackupAccess, BackupError> {
     berth_shared::backup::Repository::new(&command.backup_repository)
-        .map_err(|e| format!("backup_repository: {e}"))?;
+        .map_err(BackupError::CommandRepository)?;
     if command.backup_key.len() != 32 {
-        return Err(format!(
-            "backup_key: {} bytes, expected 32",
-            command.backup_key.len()
-        ));
+        return Err(BackupError::CommandKey(command.backup_key.len()));
     }
     Ok(BackupAccess {
         repository: command.backup_repository.clone(),

@@ -10,12 +10,12 @@ use berth_shared::ids::{HostId, TenantId};
 use berth_shared::proto;
 use tokio::sync::{Notify, watch};
 
-use crate::backup::export::{ExportJob, Exporter};
+use crate::backup::export::{ExportError, ExportJob, Exporter};
 use crate::backup::restic::Restic;
 use crate::backup::restore::Restorer;
 use crate::backup::schedule::{Backups, OpenVolumes};
 use crate::backup::{BackupAccess, BackupRecord, BackupSource, RepositoryLocks, Restored};
-use crate::backup::{BackupEngine, BackupKey};
+use crate::backup::{BackupEngine, BackupError, BackupKey};
 use crate::config::AgentConfig;
 use crate::desired::{AcceptError, Desired, DesiredStore};
 use crate::egress::NftEgress;
@@ -526,14 +526,14 @@ impl Enforcement {
 
     /// The export `command` asks for, of a tenant placed on this host; run by the session as
     /// it uploads.
-    pub fn export_job(&self, command: &proto::VolumeCommand) -> Result<ExportJob, String> {
-        let tenant = TenantId::new(&command.tenant_id).map_err(|e| format!("tenant_id: {e}"))?;
+    pub fn export_job(&self, command: &proto::VolumeCommand) -> Result<ExportJob, ExportError> {
+        let tenant = TenantId::new(&command.tenant_id).map_err(ExportError::TenantId)?;
         if !self.current().tenants.iter().any(|s| s.tenant_id == tenant) {
-            return Err(format!("{tenant} is not placed on this host"));
+            return Err(ExportError::NotPlaced(tenant));
         }
         self.exporter
             .get()
-            .ok_or_else(|| "this host cannot export yet: its volumes are not set up".to_string())?
+            .ok_or(ExportError::NotReady)?
             .job(&tenant, command)
     }
 
@@ -686,21 +686,17 @@ fn backup_command(
     mut result: proto::VolumeResult,
     ledger: &dyn BackupSource,
 ) -> proto::VolumeResult {
-    let outcome = (|| -> Result<(), String> {
+    let outcome = (|| -> Result<(), BackupError> {
         let access = crate::backup::command_access(command)?;
         let (repository, key) = (access.repository.as_str(), &access.key);
         if action == proto::VolumeAction::ForgetBackups {
-            let forgotten = engine
-                .forget_all(repository, key)
-                .map_err(|e| e.to_string())?;
+            let forgotten = engine.forget_all(repository, key)?;
             tracing::info!(tenant = %at.tenant, forgotten, "backups forgotten");
             result.forgotten = u32::try_from(forgotten).unwrap_or(u32::MAX);
             return Ok(());
         }
         if action == proto::VolumeAction::ListBackups {
-            let snapshots = engine
-                .snapshots(repository, key)
-                .map_err(|e| e.to_string())?;
+            let snapshots = engine.snapshots(repository, key)?;
             result.snapshots = snapshots
                 .into_iter()
                 .map(|s| proto::BackupSnapshot {
@@ -713,8 +709,8 @@ fn backup_command(
         }
         let contents = at
             .open_contents()
-            .map_err(|e| format!("volume: {e}"))?
-            .ok_or_else(|| format!("volume: {} is not open on this host", at.tenant))?;
+            .map_err(BackupError::Volume)?
+            .ok_or(BackupError::NotOpen)?;
         let made = engine
             .ensure_repository(repository, key)
             .and_then(|_| engine.backup(repository, key, &contents));
@@ -726,7 +722,7 @@ fn backup_command(
         if let Err(e) = ledger.record_backup(&at.tenant, &record) {
             tracing::warn!(tenant = %at.tenant, error = %e, "backup record not written");
         }
-        let summary = made.map_err(|e| e.to_string())?;
+        let summary = made?;
         tracing::info!(tenant = %at.tenant, snapshot = %summary.snapshot_id, bytes_added = summary.bytes_added, duration_ms = summary.duration_ms, "volume backed up");
         result.backup = Some(proto::BackupSummary {
             snapshot_id: summary.snapshot_id,
@@ -742,7 +738,7 @@ fn backup_command(
         Ok(()) => result.ok = true,
         Err(e) => {
             tracing::warn!(tenant = %at.tenant, error = %e, "backup command failed");
-            result.error = e;
+            result.error = e.to_string();
         }
     }
     result

@@ -115,7 +115,7 @@ fn export(
         Ok(job) => job,
         Err(e) => {
             tracing::warn!(tenant = %result.tenant_id.chars().take(64).collect::<String>(), error = %e, "export refused");
-            result.error = e;
+            result.error = e.to_string();
             enforcement.push_volume_result(result);
             return;
         }
@@ -130,7 +130,7 @@ fn export(
             }
             Err(e) => {
                 tracing::warn!(tenant = %result.tenant_id, error = %e, "export failed");
-                result.error = e;
+                result.error = e.to_string();
             }
         }
         enforcement.push_volume_result(result);

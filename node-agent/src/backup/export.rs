@@ -16,14 +16,41 @@ use berth_shared::proto;
 use tokio::sync::mpsc;
 
 use super::schedule::OpenVolumes;
-use super::{BackupEngine, RESTORE_STAGING, RepositoryLocks, command_access};
+use super::{BackupEngine, BackupError, RESTORE_STAGING, RepositoryLocks, command_access};
 use crate::command::{CommandError, stream_command_in};
 
 /// The largest chunk of an upload.
 pub const CHUNK_BYTES: usize = 256 << 10;
 
 /// An export to run: writes the tar to its writer; the bytes written.
-pub type ExportJob = Box<dyn FnOnce(&mut dyn Write) -> Result<u64, String> + Send>;
+pub type ExportJob = Box<dyn FnOnce(&mut dyn Write) -> Result<u64, ExportError> + Send>;
+
+/// Why an export was refused, or failed; the message goes back to the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("tenant_id: {0}")]
+    TenantId(berth_shared::ids::IdError),
+    #[error("{0} is not placed on this host")]
+    NotPlaced(TenantId),
+    #[error("this host cannot export yet: its volumes are not set up")]
+    NotReady,
+    #[error("volume: {0}")]
+    Volume(std::io::Error),
+    #[error("volume: {0} is not open on this host")]
+    NotOpen(TenantId),
+    #[error("snapshot_id: {0}")]
+    SnapshotId(berth_shared::backup::BadSnapshotId),
+    /// The command's repository or key, or restic's dump of the snapshot.
+    #[error(transparent)]
+    Backup(#[from] BackupError),
+    /// tar of the open volume.
+    #[error(transparent)]
+    Tar(CommandError),
+    #[error("export task: {0}")]
+    Task(tokio::task::JoinError),
+    #[error("upload: {}", .0.message())]
+    Upload(tonic::Status),
+}
 
 /// Makes exports of this host's tenants.
 #[derive(Debug, Clone)]
@@ -39,26 +66,24 @@ impl Exporter {
         &self,
         tenant: &TenantId,
         command: &proto::VolumeCommand,
-    ) -> Result<ExportJob, String> {
+    ) -> Result<ExportJob, ExportError> {
         if command.snapshot_id.is_empty() {
             let contents = self
                 .volumes
                 .contents(tenant)
-                .map_err(|e| format!("volume: {e}"))?
-                .ok_or_else(|| format!("volume: {tenant} is not open on this host"))?;
+                .map_err(ExportError::Volume)?
+                .ok_or_else(|| ExportError::NotOpen(tenant.clone()))?;
             return Ok(Box::new(move |out| tar_directory(&contents, out)));
         }
         let id = berth_shared::backup::snapshot_id(&command.snapshot_id)
-            .map_err(|e| format!("snapshot_id: {e}"))?
+            .map_err(ExportError::SnapshotId)?
             .to_string();
         let access = command_access(command)?;
         let (me, tenant) = (self.clone(), tenant.clone());
         Ok(Box::new(move |out| {
             let lock = me.locks.of(&tenant);
             let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
-            me.engine
-                .dump(&access.repository, &access.key, &id, out)
-                .map_err(|e| e.to_string())
+            Ok(me.engine.dump(&access.repository, &access.key, &id, out)?)
         }))
     }
 }
@@ -84,7 +109,7 @@ impl Write for Counted<'_> {
 /// GNU tar of `dir`'s contents to `out`. Its exit status 1 (a file changed while it was read,
 /// which a running tenant may do) still leaves a whole archive: such a file is in it as tar
 /// read it.
-fn tar_directory(dir: &Path, out: &mut dyn Write) -> Result<u64, String> {
+fn tar_directory(dir: &Path, out: &mut dyn Write) -> Result<u64, ExportError> {
     let mut counted = Counted {
         inner: out,
         bytes: 0,
@@ -112,7 +137,7 @@ fn tar_directory(dir: &Path, out: &mut dyn Write) -> Result<u64, String> {
             tracing::warn!(dir = %dir.display(), %stderr, "export: files changed while they were read");
             Ok(counted.bytes)
         }
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(ExportError::Tar(e)),
     }
 }
 
@@ -141,9 +166,13 @@ impl ChunkWriter {
     }
 
     /// Sends what is left, then the last chunk: done, or why not.
-    pub fn finish(mut self, made: &Result<u64, String>) -> std::io::Result<()> {
+    pub fn finish(mut self, made: &Result<u64, ExportError>) -> std::io::Result<()> {
         let data = std::mem::take(&mut self.pending);
-        let error = made.as_ref().err().cloned().unwrap_or_default();
+        let error = made
+            .as_ref()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         self.send(proto::ExportChunk {
             export_id: self.export_id,
             data,
@@ -179,7 +208,7 @@ pub async fn upload(
     mut client: proto::agent_service_client::AgentServiceClient<tonic::transport::Channel>,
     export_id: u64,
     job: ExportJob,
-) -> Result<u64, String> {
+) -> Result<u64, ExportError> {
     let (tx, rx) = mpsc::channel(4);
     let producer = tokio::task::spawn_blocking(move || {
         let mut writer = ChunkWriter::new(export_id, tx);
@@ -191,8 +220,8 @@ pub async fn upload(
     let uploaded = client
         .upload_export(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await;
-    let made = producer.await.map_err(|e| format!("export task: {e}"))?;
-    uploaded.map_err(|s| format!("upload: {}", s.message()))?;
+    let made = producer.await.map_err(ExportError::Task)?;
+    uploaded.map_err(ExportError::Upload)?;
     made
 }
 
@@ -315,7 +344,8 @@ mod tests {
             ),
             (command("", "", 0), "volume: acme is not open on this host"),
         ] {
-            assert_eq!(exporter.job(&acme, &bad).err().as_deref(), Some(error));
+            let refused = exporter.job(&acme, &bad).err().map(|e| e.to_string());
+            assert_eq!(refused.as_deref(), Some(error));
         }
         assert_eq!(engine.calls.lock().unwrap().len(), 1);
     }
@@ -325,10 +355,13 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(4);
         let writer = ChunkWriter::new(9, tx);
         writer
-            .finish(&Err("restic dump: wrong password".into()))
+            .finish(&Err(ExportError::Backup(BackupError::NoAccess)))
             .unwrap();
         let last = rx.try_recv().unwrap();
         assert!(last.done);
-        assert_eq!(last.error, "restic dump: wrong password");
+        assert_eq!(
+            last.error,
+            "no backup access for it on this host (the coordinator delivers it with the volume keys)"
+        );
     }
 }
