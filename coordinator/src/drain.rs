@@ -808,7 +808,7 @@ impl Drainer {
         if let Err(e) = self.drains.insert(drain.clone()) {
             // Not recorded, so never driven: the host must not stay marked as draining.
             if let Err(undo) = registry.set_admin(host, before, |h| self.coordinator.sync_host(h)) {
-                tracing::error!(%host, error = %undo, "a drain that did not start left its host marked draining: `berthctl drain-abort` clears it");
+                tracing::error!(%host, error = %undo, "a drain that could not be recorded left its host marked draining: the coordinator's next start leaves it cordoned");
             }
             return Err(e.into());
         }
@@ -980,7 +980,9 @@ impl Drainer {
 
     /// Resumes the drains a stopped coordinator left running, where each move was.
     pub fn resume(self: &Arc<Self>) {
-        for drain in self.drains.running() {
+        let running = self.drains.running();
+        self.cordon_undriven(&running);
+        for drain in running {
             for m in &drain.moves {
                 if matches!(m.phase, MovePhase::Planned | MovePhase::Precopying) {
                     self.coordinator.placements.reserve(&m.tenant, &m.target);
@@ -991,6 +993,36 @@ impl Drainer {
                 .set_schedulable(&drain.host, false);
             tracing::info!(host = %drain.host, "resuming drain");
             self.spawn_driver(&drain.host, true);
+        }
+    }
+
+    /// Leaves cordoned every host marked draining whose drain is not running: the coordinator
+    /// stopped between marking it and recording its drain (or the record was refused and so
+    /// was the undo), or after its drain ended and before the mark was cleared. Nothing would
+    /// ever drive it, and a draining host cannot be uncordoned; cordoned, it takes no tenant
+    /// until the operator says so, as after a drain.
+    fn cordon_undriven(&self, running: &[DrainRecord]) {
+        let registry = &self.coordinator.registry;
+        let hosts = match registry.hosts() {
+            Ok(hosts) => hosts,
+            Err(e) => {
+                tracing::error!(error = %e, "hosts marked draining not looked at");
+                return;
+            }
+        };
+        let undriven = hosts.iter().filter(|h| {
+            h.admin == crate::registry::AdminState::Draining
+                && !running.iter().any(|d| d.host == h.host_id)
+        });
+        for h in undriven {
+            match registry.set_draining(&h.host_id, false, |r| self.coordinator.sync_host(r)) {
+                Ok(_) => {
+                    tracing::warn!(host = %h.host_id, "marked draining with no drain running: left cordoned")
+                }
+                Err(e) => {
+                    tracing::error!(host = %h.host_id, error = %e, "marked draining with no drain running, and still marked")
+                }
+            }
         }
     }
 

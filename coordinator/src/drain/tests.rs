@@ -784,6 +784,31 @@ fn resume_at(fault_on_source: bool, step: Step, phase: MovePhase) {
     });
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_host_marked_draining_with_no_drain_running_is_left_cordoned_at_the_next_start() {
+    // The coordinator stopped between marking src draining and recording its drain.
+    let store: Arc<dyn Store> = Arc::new(MemStore::default());
+    let hosts = [("src", 16), ("dst", 16)];
+    let f = Fleet::open(store.clone(), FakeAgents::new(), &hosts);
+    f.c.registry
+        .set_draining(&f.hosts[0], true, |r| f.c.sync_host(r))
+        .unwrap();
+    assert!(
+        f.d.abort_drain(&f.hosts[0]).await.is_err(),
+        "no drain to abort"
+    );
+    let restarted = Fleet::open(store, FakeAgents::new(), &hosts);
+    restarted.d.resume();
+    assert_eq!(restarted.state(0), HostState::Cordoned);
+    assert_eq!(restarted.state(1), HostState::Ready);
+    restarted
+        .c
+        .registry
+        .set_cordoned(&restarted.hosts[0], false, |r| restarted.c.sync_host(r))
+        .unwrap();
+    assert_eq!(restarted.state(0), HostState::Ready);
+}
+
 #[test]
 fn a_drain_resumes_after_a_restart_while_pre_copying() {
     resume_at(false, Step::Import { precopy: true }, MovePhase::Precopying);
