@@ -39,27 +39,19 @@ impl Baseline {
                 .map(|((l, s), c)| (c - l - s) as f64 / *c as f64)
                 .collect()
         };
+        // Free capacity left after the item, normalized and summed over dimensions.
+        let free_sum = |l: &Vec<u64>| free_after(l).iter().sum::<f64>();
         let open = |l: &&Vec<u64>| l.iter().any(|x| *x > 0);
         let candidates = loads.iter().enumerate().filter(|(_, l)| open(l) && fits(l));
         let chosen = match self {
             Self::FirstFit => candidates.map(|(i, _)| i).next(),
-            // Least free capacity left (normalized sum over dimensions).
+            // Least free capacity left.
             Self::BestFit => candidates
-                .min_by(|a, b| {
-                    free_after(a.1)
-                        .iter()
-                        .sum::<f64>()
-                        .total_cmp(&free_after(b.1).iter().sum::<f64>())
-                })
+                .min_by(|a, b| free_sum(a.1).total_cmp(&free_sum(b.1)))
                 .map(|(i, _)| i),
             // Kubernetes NodeResourcesFit LeastAllocated: the most free capacity left.
             Self::Spread => candidates
-                .max_by(|a, b| {
-                    free_after(a.1)
-                        .iter()
-                        .sum::<f64>()
-                        .total_cmp(&free_after(b.1).iter().sum::<f64>())
-                })
+                .max_by(|a, b| free_sum(a.1).total_cmp(&free_sum(b.1)))
                 .map(|(i, _)| i),
             // Nomad's ScoreFitBinPack: 20 - (10^freeCpu + 10^freeMem), higher is better.
             Self::Nomad => candidates
