@@ -55,6 +55,7 @@ struct RawEtcd {
     ca_file: Option<PathBuf>,
     cert_file: Option<PathBuf>,
     key_file: Option<PathBuf>,
+    advertise: Option<String>,
 }
 
 /// Where the fleet's state is kept.
@@ -260,6 +261,26 @@ pub enum EtcdConfigError {
     TlsWithoutHttps,
     #[error("etcd.prefix: {0:?}: up to 64 printable characters ending in /")]
     Prefix(String),
+    #[error(
+        "etcd.advertise: {0:?}: an IP address or a DNS name (no port: the ports are the listening ones)"
+    )]
+    Advertise(String),
+}
+
+/// Whether `host` is an IP address or a DNS name (labels of letters, digits and inner dashes).
+fn is_host(host: &str) -> bool {
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    host.len() <= 253
+        && host.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
 }
 
 /// Checks `[etcd]`, naming the key.
@@ -315,10 +336,14 @@ fn etcd_config(raw: RawEtcd) -> Result<crate::etcd::EtcdConfig, EtcdConfigError>
     {
         return Err(EtcdConfigError::Prefix(prefix));
     }
+    if let Some(host) = raw.advertise.as_ref().filter(|h| !is_host(h)) {
+        return Err(EtcdConfigError::Advertise(host.chars().take(300).collect()));
+    }
     Ok(crate::etcd::EtcdConfig {
         endpoints: raw.endpoints,
         prefix,
         tls,
+        advertise: raw.advertise,
     })
 }
 
@@ -604,8 +629,14 @@ mod tests {
                 endpoints: vec!["http://10.0.0.1:2379".into(), "http://etcd-2:2379".into()],
                 prefix: "/berth/".into(),
                 tls: None,
+                advertise: None,
             })
         );
+        for host in ["coord-1.example.com", "10.0.0.5", "fd00::5"] {
+            let text = format!("[etcd]\nendpoints = [\"http://e:1\"]\nadvertise = {host:?}\n");
+            let etcd = CoordinatorConfig::parse(path, &text).unwrap().etcd.unwrap();
+            assert_eq!(etcd.advertise.as_deref(), Some(host));
+        }
         let tls = "[etcd]\nendpoints = [\"https://e1:2379\", \"https://e2:2379\"]\nca_file = \"/etc/berth/etcd-ca.crt\"\ncert_file = \"/etc/berth/etcd.crt\"\nkey_file = \"/etc/berth/etcd.key\"\n";
         assert_eq!(
             CoordinatorConfig::parse(path, tls)
@@ -665,6 +696,14 @@ mod tests {
             (
                 "[etcd]\nendpoints = [\"http://e:1\"]\nprefix = \"/a b/\"",
                 "etcd.prefix",
+            ),
+            (
+                "[etcd]\nendpoints = [\"http://e:1\"]\nadvertise = \"coord-1:7443\"",
+                "etcd.advertise: \"coord-1:7443\": an IP address or a DNS name (no port",
+            ),
+            (
+                "[etcd]\nendpoints = [\"http://e:1\"]\nadvertise = \"-bad.example\"",
+                "etcd.advertise: \"-bad.example\"",
             ),
         ] {
             let err = CoordinatorConfig::parse(path, text)

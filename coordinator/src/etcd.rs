@@ -34,6 +34,10 @@ pub struct EtcdConfig {
     /// Every key of this fleet starts with it.
     pub prefix: String,
     pub tls: Option<EtcdTls>,
+    /// Where the other coordinators send clients while this one leads (an IP address or a
+    /// DNS name, with the ports this one listens on); by default its listening address, or
+    /// its host name when it listens on every address.
+    pub advertise: Option<String>,
 }
 
 /// Mutual TLS to the members: they prove themselves with a certificate of `ca_file`, this

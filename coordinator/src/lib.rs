@@ -20,5 +20,6 @@ pub mod registry;
 pub mod server;
 pub mod sessions;
 pub mod snapshot;
+pub mod standby;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;

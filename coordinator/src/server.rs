@@ -12,7 +12,7 @@ use berth_shared::proto::enrollment_service_server::EnrollmentServiceServer;
 use berth_shared::proto::operator_service_server::OperatorServiceServer;
 use berth_shared::store::{SledStore, Store, StoreError};
 use berth_shared::systemd::Notifier;
-use berth_shared::tls::{ClientAuth, server_config};
+use berth_shared::tls::{ClientAuth, SerialDenyList, server_config};
 use berth_shared::transport::{
     OPERATOR_MESSAGE_BYTES, SESSION_MESSAGE_BYTES, serve_plain, serve_tls,
 };
@@ -32,6 +32,7 @@ use crate::etcd::EtcdStore;
 use crate::keys::KeyVault;
 use crate::keys::keyring::{BACKUP_KEYS_PREFIX, Keyring, VOLUME_KEYS_PREFIX};
 use crate::sessions::SessionHub;
+use crate::standby::{Candidacy, Ports, Standby, StandbyTls};
 
 /// The bound addresses, written to `endpoints.json` for scripts and tests.
 #[derive(Debug, Serialize)]
@@ -58,23 +59,16 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 /// again, as a standby).
 pub const LOST_LEADERSHIP_EXIT: i32 = 75;
 
-/// Waits until this coordinator leads the fleet on etcd: meanwhile it is a standby (bound to
-/// no port, acting on nothing). Leading, it stops acting while etcd does not renew its
-/// leadership (see [`EtcdStore::lead`]) and goes on once etcd does. A leadership etcd says
-/// ended ends the process at once: another coordinator may lead by then, and this one must
-/// not act on what it holds in memory.
-async fn lead(etcd: &Arc<EtcdStore>) -> anyhow::Result<()> {
-    let who = format!(
-        "{} pid {}",
-        std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_default(),
-        std::process::id()
-    );
-    tracing::info!(%who, "waiting to lead the fleet");
+/// Waits until this coordinator leads the fleet on etcd, its candidacy saying `candidacy`;
+/// meanwhile it is a standby (see [`crate::standby`]). Leading, it stops acting while etcd
+/// does not renew its leadership (see [`EtcdStore::lead`]) and goes on once etcd does. A
+/// leadership etcd says ended ends the process at once: another coordinator may lead by
+/// then, and this one must not act on what it holds in memory.
+async fn lead(etcd: &Arc<EtcdStore>, candidacy: Candidacy) -> anyhow::Result<()> {
+    tracing::info!(who = %candidacy, "waiting to lead the fleet");
     let etcd = etcd.clone();
     let leadership = tokio::task::spawn_blocking(move || {
-        etcd.lead(&who, |reason| {
+        etcd.lead(&candidacy.to_value(), |reason| {
             tracing::error!(%reason, "lost the fleet's leadership: stopping at once");
             std::process::exit(LOST_LEADERSHIP_EXIT);
         })
@@ -83,6 +77,15 @@ async fn lead(etcd: &Arc<EtcdStore>) -> anyhow::Result<()> {
     .context("the election task")??;
     tracing::info!(term = leadership.term, "leading the fleet");
     Ok(())
+}
+
+/// Binds the agent, operator and HTTP ports.
+async fn bind_ports(config: &CoordinatorConfig) -> anyhow::Result<Ports> {
+    Ok(Ports {
+        agent: Arc::new(bind(config.agent_listen, "agent").await?),
+        operator: Arc::new(bind(config.operator_listen, "operator").await?),
+        http: Arc::new(bind(config.http_listen, "http").await?),
+    })
 }
 
 /// The fleet store the configuration names: the embedded database in the state directory, or
@@ -185,34 +188,61 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
         )
     })?;
     let systemd = Arc::new(Notifier::from_env());
+    let (http_access, http_tls) = http_port(&config)?;
+    let (chain, key) = ca.issue_server_cert(&config.server_names, SERVER_CERT_TTL)?;
+    let ca_cert = ca.cert_der().clone();
+    let client_auth = |denied, mandatory| ClientAuth {
+        ca: ca_cert.clone(),
+        denied,
+        mandatory,
+    };
     // A standby says it is ready (and feeds the watchdog) while it waits to lead.
     let mut standby = false;
-    let store: Arc<dyn Store> = match (config.store, &config.etcd) {
+    let (store, ports): (Arc<dyn Store>, Ports) = match (config.store, &config.etcd) {
         (StoreKind::Etcd, Some(etcd)) => {
             let etcd = Arc::new(
                 EtcdStore::connect(etcd)
                     .context("is the etcd cluster of [etcd] up, with a quorum?")?,
             );
+            let ports = bind_ports(&config).await?;
+            let nobody_denied = || Arc::new(SerialDenyList::default());
+            let serving = Standby::serve(
+                &ports,
+                StandbyTls {
+                    agent: server_config(
+                        chain.clone(),
+                        key.clone_key(),
+                        Some(client_auth(nobody_denied(), true)),
+                    )?,
+                    operator: server_config(
+                        chain.clone(),
+                        key.clone_key(),
+                        Some(client_auth(nobody_denied(), false)),
+                    )?,
+                    http: http_tls.clone(),
+                },
+                etcd.clone(),
+            );
             systemd.ready("standby: waiting to lead the fleet");
             systemd.clone().spawn_watchdog();
             standby = true;
-            lead(&etcd).await?;
-            etcd
+            lead(&etcd, Candidacy::of(&config, &ports)?).await?;
+            serving.stop().await;
+            (etcd, ports)
         }
-        _ => open_store(&config)
-            .context("is another berth-coordinator running on this state dir?")?,
+        _ => (
+            open_store(&config)
+                .context("is another berth-coordinator running on this state dir?")?,
+            bind_ports(&config).await?,
+        ),
     };
 
     let admin_listener = admin::bind_private(&config.admin_socket())
         .with_context(|| format!("cannot bind {}", config.admin_socket().display()))?;
-    let (http_access, http_tls) = http_port(&config)?;
-    let agent_listener = bind(config.agent_listen, "agent").await?;
-    let operator_listener = bind(config.operator_listen, "operator").await?;
-    let http_listener = bind(config.http_listen, "http").await?;
     let endpoints = Endpoints {
-        agent: agent_listener.local_addr()?,
-        operator: operator_listener.local_addr()?,
-        http: http_listener.local_addr()?,
+        agent: ports.agent.local_addr()?,
+        operator: ports.operator.local_addr()?,
+        http: ports.http.local_addr()?,
         ca_fingerprint: ca.fingerprint().to_string(),
     };
 
@@ -241,26 +271,13 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
     drainer.resume();
     let backend = Backend::new(drainer.clone());
 
-    let (ca, denied) = (&coordinator.ca, &coordinator.denied);
-    let (chain, key) = ca.issue_server_cert(&config.server_names, SERVER_CERT_TTL)?;
+    let denied = &coordinator.denied;
     let agent_tls = server_config(
         chain.clone(),
         key.clone_key(),
-        Some(ClientAuth {
-            ca: ca.cert_der().clone(),
-            denied: denied.clone(),
-            mandatory: true,
-        }),
+        Some(client_auth(denied.clone(), true)),
     )?;
-    let operator_tls = server_config(
-        chain,
-        key,
-        Some(ClientAuth {
-            ca: ca.cert_der().clone(),
-            denied: denied.clone(),
-            mandatory: false,
-        }),
-    )?;
+    let operator_tls = server_config(chain, key, Some(client_auth(denied.clone(), false)))?;
 
     let agent_router = Routes::new(
         AgentServiceServer::new(agent::AgentApi {
@@ -299,13 +316,13 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
     };
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(serve_tls(
-        agent_listener,
+        ports.agent.clone(),
         agent_tls,
         agent_router,
         stopped(stop_rx.clone()),
     ));
     tasks.spawn(serve_tls(
-        operator_listener,
+        ports.operator.clone(),
         operator_tls,
         operator_router,
         stopped(stop_rx.clone()),
@@ -314,10 +331,10 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<()> {
     let http_router = dashboard::router(backend, http_access);
     match http_tls {
         Some(tls) => {
-            tasks.spawn(serve_tls(http_listener, tls, http_router, http_stop));
+            tasks.spawn(serve_tls(ports.http.clone(), tls, http_router, http_stop));
         }
         None => {
-            tasks.spawn(serve_plain(http_listener, http_router, http_stop));
+            tasks.spawn(serve_plain(ports.http.clone(), http_router, http_stop));
         }
     }
     let sweeper = coordinator.clone();

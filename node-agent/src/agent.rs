@@ -13,7 +13,7 @@ use crate::enforce::Enforcement;
 use crate::host::facts::Meter;
 use crate::metrics::Telemetry;
 use crate::session::identity::{Identity, IdentityError};
-use crate::session::{Backoff, SessionEnd, run_session};
+use crate::session::{Backoff, Link, SessionEnd, run_session};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -31,7 +31,7 @@ pub enum RunError {
 
 /// Runs until SIGTERM/SIGINT.
 pub async fn run(config: AgentConfig) -> Result<(), RunError> {
-    let mut identity = Identity::load(&config.state_dir)?;
+    let identity = Identity::load(&config.state_dir)?;
     tracing::info!(host = %identity.host_id(), endpoint = %identity.enrollment.agent_endpoint, "berth-agent starting");
     let mut meter = Meter::new(&config.state_dir);
     let enforcement = Arc::new(Enforcement::new(
@@ -57,6 +57,11 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
     let systemd = Arc::new(Notifier::from_env());
     systemd.ready(&format!("enforcing as {}", identity.host_id()));
     systemd.clone().spawn_watchdog();
+    let coordinators = identity.coordinators(&config.coordinator)?;
+    let mut link = Link {
+        identity,
+        coordinators,
+    };
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|source| IdentityError::Io {
@@ -66,7 +71,7 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
     loop {
         let session = run_session(
             &config,
-            &identity,
+            &link,
             transfer_port.port,
             &mut meter,
             &enforcement,
@@ -80,9 +85,9 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
         };
         match end {
             SessionEnd::Renewed => {
-                identity = Identity::load(&config.state_dir)?;
-                identity.present_on(&transfer_port.presented)?;
-                tracing::info!(serial = %identity.cert_info.serial, "reconnecting with the renewed certificate");
+                link.identity = Identity::load(&config.state_dir)?;
+                link.identity.present_on(&transfer_port.presented)?;
+                tracing::info!(serial = %link.identity.cert_info.serial, "reconnecting with the renewed certificate");
                 continue;
             }
             SessionEnd::Lost(why) | SessionEnd::Failed(why) => {

@@ -7,6 +7,7 @@ pub mod identity;
 use std::time::Duration;
 
 use berth_shared::clock::{Clock, SystemClock};
+use berth_shared::leader::{Coordinators, FleetChannel};
 use berth_shared::proto::agent_message::Body as AgentBody;
 use berth_shared::proto::agent_service_client::AgentServiceClient;
 use berth_shared::proto::coordinator_message::Body as CoordinatorBody;
@@ -58,6 +59,13 @@ impl Backoff {
     }
 }
 
+/// What a session connects with: this host's identity, and the coordinators it may reach
+/// (kept from one session to the next: where a standby said the leader is).
+pub(crate) struct Link {
+    pub identity: Identity,
+    pub coordinators: Arc<Coordinators>,
+}
+
 /// Why a session ended.
 #[derive(Debug)]
 pub(crate) enum SessionEnd {
@@ -72,7 +80,7 @@ pub(crate) enum SessionEnd {
 /// One session, from connecting to its end; afterwards nothing of it is left in force.
 pub(crate) async fn run_session(
     config: &AgentConfig,
-    identity: &Identity,
+    link: &Link,
     transfer_port: u16,
     meter: &mut Meter,
     enforcement: &Arc<Enforcement>,
@@ -81,7 +89,7 @@ pub(crate) async fn run_session(
 ) -> SessionEnd {
     let end = session_loop(
         config,
-        identity,
+        link,
         transfer_port,
         meter,
         enforcement,
@@ -103,7 +111,7 @@ pub(crate) async fn run_session(
 /// answered with a volume result once it ended.
 fn export(
     enforcement: &Arc<Enforcement>,
-    client: AgentServiceClient<tonic::transport::Channel>,
+    client: AgentServiceClient<FleetChannel>,
     command: proto::VolumeCommand,
 ) {
     let mut result = proto::VolumeResult {
@@ -139,14 +147,15 @@ fn export(
 
 async fn session_loop(
     config: &AgentConfig,
-    identity: &Identity,
+    link: &Link,
     transfer_port: u16,
     meter: &mut Meter,
     enforcement: &Arc<Enforcement>,
     telemetry: &Telemetry,
     backoff: &mut Backoff,
 ) -> SessionEnd {
-    let channel = match identity.channel(&config.coordinator) {
+    let identity = &link.identity;
+    let channel = match identity.channel(&link.coordinators) {
         Ok(c) => c,
         Err(e) => return SessionEnd::Failed(e.to_string()),
     };

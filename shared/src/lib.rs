@@ -11,6 +11,7 @@ pub mod config;
 pub mod field;
 pub mod host;
 pub mod ids;
+pub mod leader;
 pub mod metrics;
 pub mod pki;
 pub mod reach;

@@ -5,6 +5,7 @@
 //! certificate as a [`PeerInfo`] extension. Handshake failures are logged with the peer address
 //! and never reach a service.
 
+use std::borrow::Borrow;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -43,9 +44,10 @@ pub struct PeerInfo {
 }
 
 /// Accepts TLS connections on `listener` and serves `router` (gRPC and/or REST) on each, until
-/// `shutdown` completes.
+/// `shutdown` completes; then the connections it accepted are closed (`listener` itself stays
+/// open while its owner keeps it: it may be served again).
 pub async fn serve_tls(
-    listener: TcpListener,
+    listener: impl Borrow<TcpListener>,
     tls: Arc<rustls::ServerConfig>,
     router: axum::Router,
     shutdown: impl Future<Output = ()>,
@@ -56,7 +58,7 @@ pub async fn serve_tls(
 /// Serves `router` over plain HTTP on `listener` (loopback ports: the dashboard, metrics),
 /// with the same limits as [`serve_tls`], until `shutdown` completes.
 pub async fn serve_plain(
-    listener: TcpListener,
+    listener: impl Borrow<TcpListener>,
     router: axum::Router,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -66,14 +68,18 @@ pub async fn serve_plain(
 /// The accept loop: at most [`MAX_CONNECTIONS`] at once, each given [`HANDSHAKE_TIMEOUT`] for
 /// its TLS handshake (when `tls`) and for each request's headers.
 async fn serve(
-    listener: TcpListener,
+    listener: impl Borrow<TcpListener>,
     tls: Option<TlsAcceptor>,
     router: axum::Router,
     shutdown: impl Future<Output = ()>,
 ) {
+    let listener = listener.borrow();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    // Dropped on return, which ends every connection still open.
+    let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
+        while connections.try_join_next().is_some() {}
         let (tcp, remote) = tokio::select! {
             () = &mut shutdown => return,
             accepted = listener.accept() => match accepted {
@@ -92,7 +98,7 @@ async fn serve(
         let _ = tcp.set_nodelay(true);
         let tls = tls.clone();
         let router = router.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let _slot = slot;
             let Some(acceptor) = tls else {
                 let peer = PeerInfo { remote, cert: None };
@@ -240,26 +246,15 @@ impl std::fmt::Display for CoordinatorUrl {
     }
 }
 
-/// A lazily connecting gRPC channel to the coordinator over TLS with `tls`. The server is
-/// verified as [`COORDINATOR_SERVER_NAME`] whatever address it is reached at. A call may take
-/// up to 30 s.
+/// A lazily connecting gRPC channel to the coordinator at `url` over TLS with `tls` (one
+/// address; a fleet's clients use [`crate::leader::FleetChannel`]). The server is verified as
+/// [`COORDINATOR_SERVER_NAME`] whatever address it is reached at. A call may take up to 30 s.
 pub fn channel(url: &CoordinatorUrl, tls: Arc<rustls::ClientConfig>) -> Channel {
-    channel_with_timeout(std::slice::from_ref(url), tls, Duration::from_secs(30))
-}
-
-/// A channel to whichever of `urls` accepts a connection (the coordinators of a fleet, one
-/// leading: standbys bind no port), whose calls may take up to `timeout` (an operator's
-/// `berthctl restart` waits for the tenant's health gate).
-pub fn channel_with_timeout(
-    urls: &[CoordinatorUrl],
-    tls: Arc<rustls::ClientConfig>,
-    timeout: Duration,
-) -> Channel {
-    tls_channel_to_any(
-        urls.iter().map(|u| (u.host.clone(), u.port)).collect(),
+    tls_channel(
+        (url.host.clone(), url.port),
         COORDINATOR_SERVER_NAME,
         tls,
-        Some(timeout),
+        Some(Duration::from_secs(30)),
     )
 }
 
@@ -271,66 +266,28 @@ pub fn tls_channel(
     tls: Arc<rustls::ClientConfig>,
     timeout: Option<Duration>,
 ) -> Channel {
-    tls_channel_to_any(vec![target], server_name, tls, timeout)
+    let dial = move || TcpStream::connect(target.clone());
+    lazy_tls_channel(dial, server_name, tls, timeout, Duration::from_secs(5))
 }
 
-/// How long one address of several may take to accept a connection before the next is tried.
-const CONNECT_EACH: Duration = Duration::from_secs(2);
-
-/// Connects to the first of `targets` that accepts, trying them in turn from `last_good`
-/// (and remembering which one did). One target alone has the channel's connect timeout.
-async fn connect_any(
-    targets: &[(String, u16)],
-    last_good: &std::sync::atomic::AtomicUsize,
-) -> std::io::Result<TcpStream> {
-    use std::sync::atomic::Ordering;
-    let start = last_good.load(Ordering::Relaxed);
-    let mut last_error = None;
-    for offset in 0..targets.len() {
-        let i = (start + offset) % targets.len();
-        let attempt = TcpStream::connect(targets[i].clone());
-        let result = if targets.len() == 1 {
-            attempt.await
-        } else {
-            tokio::time::timeout(CONNECT_EACH, attempt)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("{}:{} did not answer", targets[i].0, targets[i].1),
-                    ))
-                })
-        };
-        match result {
-            Ok(tcp) => {
-                last_good.store(i, Ordering::Relaxed);
-                return Ok(tcp);
-            }
-            Err(e) => last_error = Some(e),
-        }
-    }
-    Err(last_error.unwrap_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to connect to")
-    }))
-}
-
-/// [`tls_channel`] to the first of `targets` that accepts a TCP connection, trying them in
-/// turn from the one that accepted last.
-fn tls_channel_to_any(
-    targets: Vec<(String, u16)>,
+/// A lazily connecting gRPC channel over TLS with `tls` on whatever TCP connection `dial`
+/// makes, verifying the server as `server_name`; `dial` may take up to `connect_timeout`.
+pub(crate) fn lazy_tls_channel<D, F>(
+    dial: D,
     server_name: &'static str,
     tls: Arc<rustls::ClientConfig>,
     timeout: Option<Duration>,
-) -> Channel {
+    connect_timeout: Duration,
+) -> Channel
+where
+    D: Fn() -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = std::io::Result<TcpStream>> + Send + 'static,
+{
     let connector = TlsConnector::from(tls);
-    let count = u32::try_from(targets.len()).unwrap_or(u32::MAX);
-    let targets = Arc::new(targets);
-    let last_good = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let connect = tower::service_fn(move |_: Uri| {
-        let (targets, last_good) = (targets.clone(), last_good.clone());
-        let connector = connector.clone();
+        let (dial, connector) = (dial.clone(), connector.clone());
         async move {
-            let tcp = connect_any(&targets, &last_good).await?;
+            let tcp = dial().await?;
             tcp.set_nodelay(true)?;
             let name = ServerName::try_from(server_name)
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
@@ -340,7 +297,7 @@ fn tls_channel_to_any(
     });
     // The scheme is http because TLS happens in the connector above; tonic never sees it.
     let endpoint = Endpoint::from_static("http://berth.internal")
-        .connect_timeout(Duration::from_secs(5).max(CONNECT_EACH.saturating_mul(count)))
+        .connect_timeout(connect_timeout)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true);
@@ -379,26 +336,6 @@ mod tests {
             .join(",");
         let err = CoordinatorUrl::parse_list("coordinator", &nine).unwrap_err();
         assert!(err.to_string().contains("more than 8 addresses"), "{err}");
-    }
-
-    #[tokio::test]
-    async fn the_first_address_that_accepts_is_used_and_remembered() {
-        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let closed_port = closed.local_addr().unwrap().port();
-        drop(closed);
-        let open = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let open_port = open.local_addr().unwrap().port();
-        let targets = vec![
-            ("127.0.0.1".to_string(), closed_port),
-            ("127.0.0.1".to_string(), open_port),
-        ];
-        let last_good = std::sync::atomic::AtomicUsize::new(0);
-        let tcp = connect_any(&targets, &last_good).await.unwrap();
-        assert_eq!(tcp.peer_addr().unwrap().port(), open_port);
-        assert_eq!(last_good.load(std::sync::atomic::Ordering::Relaxed), 1);
-        drop(open);
-        let err = connect_any(&targets, &last_good).await.unwrap_err();
-        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
     }
 
     #[test]

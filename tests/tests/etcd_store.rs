@@ -26,6 +26,7 @@ fn store_on(cluster: &EtcdCluster, prefix: &str) -> EtcdStore {
         endpoints: cluster.endpoints(),
         prefix: prefix.into(),
         tls: cluster.client_tls(),
+        advertise: None,
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()))
 }
@@ -500,6 +501,37 @@ fn a_standby_coordinator_serves_the_fleet_once_its_leader_dies() {
         "{}",
         standby.log()
     );
+    // The standby answers every request with where the leader is, and berth's clients follow
+    // it: berthctl, enrollment and an agent given only the standby's address reach the leader.
+    assert_eq!(tenant_ids(&standby), ["first"]);
+    let mut only_standby = AgentProc::enroll_through(&leader, "host-b", &standby.operator_url());
+    only_standby.extra_config = format!("coordinator = \"{}\"\n", standby.agent_url());
+    only_standby.start();
+    wait_for(
+        "host-b ready through the standby",
+        Duration::from_secs(10),
+        || (leader.host_state("host-b").as_deref() == Some("ready")).then_some(()),
+    );
+    let (code, body) = standby.rest("GET", "/v1/tenants", None, true);
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(body["leader"], leader.operator_url(), "{body}");
+    let mut curl = std::process::Command::new("curl");
+    curl.arg(format!("http://{}/healthz", standby.endpoints.http));
+    let (code, body) = berth_tests::curl_status(curl);
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(
+        body["leader"],
+        format!("http://{}", leader.endpoints.http),
+        "{body}"
+    );
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("this coordinator is a standby; the fleet's leader is"),
+        "{body}"
+    );
 
     leader.kill9();
     let killed = std::time::Instant::now();
@@ -518,6 +550,11 @@ fn a_standby_coordinator_serves_the_fleet_once_its_leader_dies() {
         || (standby.host_state("host-a").as_deref() == Some("ready")).then_some(()),
     );
     eprintln!("the agent was back after {:?}", killed.elapsed());
+    wait_for(
+        "host-b, given only the standby's address, ready on it",
+        Duration::from_secs(40),
+        || (standby.host_state("host-b").as_deref() == Some("ready")).then_some(()),
+    );
 
     // The old leader, started again, is a standby now.
     leader.launch();
@@ -526,7 +563,7 @@ fn a_standby_coordinator_serves_the_fleet_once_its_leader_dies() {
     let (ok, _, err) = place(&standby, "third");
     assert!(ok, "{err}");
     assert_eq!(tenant_ids(&standby), ["first", "second", "third"]);
-    drop(agent);
+    drop((agent, only_standby));
 }
 
 /// 3 etcd members, 3 coordinators (a leader, two standbys), 6 agents that know every
@@ -551,8 +588,8 @@ fn the_leader_killed_during_a_burst_of_placements_loses_none_and_the_fleet_follo
     let all = || std::iter::once(&first).chain(standbys.iter());
     let agent_urls: Vec<String> = all().map(CoordinatorProc::agent_url).collect();
     let operator_urls: Vec<String> = all().map(CoordinatorProc::operator_url).collect();
-    // Enrolled through every coordinator's address, the standbys' first (they refuse: the
-    // leader enrolls); on one machine the coordinators' ports differ, so the agents are given
+    // Enrolled through every coordinator's address, the standbys' first (they name the
+    // leader, which enrolls); on one machine the coordinators' ports differ, so the agents are given
     // every agent port too.
     let standbys_first: Vec<String> = operator_urls.iter().rev().cloned().collect();
     // 2,000 of the smallest tenants (64 MiB) need 125 GiB: six hosts of this machine's size.
@@ -800,6 +837,7 @@ fn the_store_reaches_etcd_over_mutual_tls_and_strangers_get_nothing() {
             endpoints,
             prefix: "/tls/".into(),
             tls,
+            advertise: None,
         })
         .map(|_| ())
         .unwrap_err()

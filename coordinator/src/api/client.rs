@@ -3,12 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
+use berth_shared::leader::{Coordinators, FleetChannel, Resend};
 use berth_shared::pki::{self, Fingerprint, cert_der_from_pem};
 use berth_shared::proto::operator_service_client::OperatorServiceClient;
 use berth_shared::tls::{ClientIdentity, ServerTrust, client_config};
-use berth_shared::transport::{CoordinatorUrl, channel_with_timeout};
+use berth_shared::transport::CoordinatorUrl;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -64,7 +64,7 @@ impl tonic::service::Interceptor for BearerToken {
     }
 }
 
-pub type OperatorClient = OperatorServiceClient<InterceptedService<Channel, BearerToken>>;
+pub type OperatorClient = OperatorServiceClient<InterceptedService<FleetChannel, BearerToken>>;
 
 pub fn connect(options: &ClientOptions) -> Result<OperatorClient, ClientError> {
     let urls = CoordinatorUrl::parse_list("--coordinator", &options.coordinator)?;
@@ -106,11 +106,13 @@ pub fn connect(options: &ClientOptions) -> Result<OperatorClient, ClientError> {
         .transpose()?;
     let tls = client_config(trust, identity)?;
     Ok(OperatorServiceClient::with_interceptor(
-        // A restart answers only once the tenant is healthy again.
-        channel_with_timeout(
-            &urls,
+        // A restart answers only once the tenant is healthy again. A standby's answer is
+        // followed to the leader, and the call made there.
+        FleetChannel::new(
+            Coordinators::new(urls),
             tls,
             crate::coordinator::RESTART_WAIT + std::time::Duration::from_secs(30),
+            Resend::Requests,
         ),
         BearerToken(bearer),
     )

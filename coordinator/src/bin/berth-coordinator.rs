@@ -544,7 +544,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 && let Some(leader) = EtcdStore::connect(etcd)?.leader()?
             {
                 anyhow::bail!(
-                    "a coordinator leads the fleet ({leader}): stop every coordinator first"
+                    "a coordinator leads the fleet ({}): stop every coordinator first",
+                    berth_coordinator::standby::Candidacy::parse(&leader)
                 );
             }
             let old = MasterKey::load(&current)?;

@@ -14,8 +14,8 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "berthctl", version, about = "Operate a berth fleet")]
 struct Cli {
-    /// The coordinator's operator port; a fleet's coordinators comma-separated (whichever
-    /// leads answers: standbys bind no port).
+    /// The coordinator's operator port; a fleet's coordinators comma-separated (the leader
+    /// answers: a standby's answer names it, and the call is made there).
     #[arg(
         long,
         global = true,

@@ -205,7 +205,7 @@ impl Write for ChunkWriter {
 
 /// Runs `job` and uploads its tar through `client` as export `export_id`; the bytes made.
 pub async fn upload(
-    mut client: proto::agent_service_client::AgentServiceClient<tonic::transport::Channel>,
+    mut client: proto::agent_service_client::AgentServiceClient<berth_shared::leader::FleetChannel>,
     export_id: u64,
     job: ExportJob,
 ) -> Result<u64, ExportError> {

@@ -5,8 +5,10 @@
 //! renewal replaces both in one atomic rename), `ca.crt`, `enrollment.json`.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use berth_shared::ids::HostId;
+use berth_shared::leader::{Coordinators, FleetChannel, Resend};
 use berth_shared::pki::{
     self, Fingerprint, PeerCert, PkiError, Subject, cert_der_from_pem, parse_peer_cert,
 };
@@ -14,10 +16,9 @@ use berth_shared::proto::agent_service_client::AgentServiceClient;
 use berth_shared::proto::enrollment_service_client::EnrollmentServiceClient;
 use berth_shared::proto::{EnrollRequest, RenewCertificateRequest};
 use berth_shared::tls::{ClientIdentity, ServerTrust, TlsError, client_config};
-use berth_shared::transport::{CoordinatorUrl, channel_with_timeout};
+use berth_shared::transport::CoordinatorUrl;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
-use tonic::transport::Channel;
 
 const HOST_PEM: &str = "host.pem";
 const CA_CRT: &str = "ca.crt";
@@ -185,14 +186,12 @@ impl Identity {
         issued + life * 2 / 3
     }
 
-    /// An mTLS channel to the agent port: of the coordinators in `endpoint_override`
-    /// (whichever accepts), or when it is empty the one learned at enrollment.
-    pub fn channel(&self, endpoint_override: &[CoordinatorUrl]) -> Result<Channel, IdentityError> {
-        let identity = ClientIdentity {
-            chain: vec![self.cert.clone()],
-            key: self.key.clone_key(),
-        };
-        let tls = client_config(ServerTrust::Ca(self.ca.clone()), Some(identity))?;
+    /// The coordinators' agent ports: those of `endpoint_override`, or when it is empty the
+    /// ones learned at enrollment.
+    pub fn coordinators(
+        &self,
+        endpoint_override: &[CoordinatorUrl],
+    ) -> Result<Arc<Coordinators>, IdentityError> {
         let urls = if endpoint_override.is_empty() {
             CoordinatorUrl::parse_list(
                 "enrollment.json agent_endpoint",
@@ -205,10 +204,22 @@ impl Identity {
         } else {
             endpoint_override.to_vec()
         };
-        Ok(channel_with_timeout(
-            &urls,
+        Ok(Coordinators::new(urls))
+    }
+
+    /// An mTLS channel to the agent port of whichever of `coordinators` leads (a standby's
+    /// answer ends the call it answers, and the next call goes to the leader it names).
+    pub fn channel(&self, coordinators: &Arc<Coordinators>) -> Result<FleetChannel, IdentityError> {
+        let identity = ClientIdentity {
+            chain: vec![self.cert.clone()],
+            key: self.key.clone_key(),
+        };
+        let tls = client_config(ServerTrust::Ca(self.ca.clone()), Some(identity))?;
+        Ok(FleetChannel::new(
+            coordinators.clone(),
             tls,
             std::time::Duration::from_secs(30),
+            Resend::Never,
         ))
     }
 
@@ -216,7 +227,7 @@ impl Identity {
     /// `host.pem` atomically. Returns the reloaded identity.
     pub async fn renew(
         &self,
-        channel: Channel,
+        channel: FleetChannel,
         state_dir: &Path,
     ) -> Result<Identity, IdentityError> {
         let key = pki::generate_key()?;
@@ -251,10 +262,10 @@ fn write_host_pem(
 /// Enrolls this host: makes the key pair here, sends only a CSR, verifies the coordinator
 /// against the pinned CA fingerprint, and writes the identity. Nothing is written on failure.
 ///
-/// `coordinators` are the fleet's coordinators' operator ports (whichever accepts enrolls the
-/// host); the agent endpoint kept is each of them at the agent port the answer names (the
-/// coordinators of a fleet listen on the same ports; `coordinator` in the agent's
-/// configuration overrides it).
+/// `coordinators` are the fleet's coordinators' operator ports (the leader enrolls the host: a
+/// standby's answer names it and the request goes there); the agent endpoint kept is each of
+/// them at the agent port the answer names (the coordinators of a fleet listen on the same
+/// ports; `coordinator` in the agent's configuration overrides it).
 pub async fn enroll(
     state_dir: &Path,
     coordinators: &[CoordinatorUrl],
@@ -264,10 +275,11 @@ pub async fn enroll(
     let key = pki::generate_key()?;
     let csr_pem = pki::make_csr(&key)?;
     let tls = client_config(ServerTrust::Pinned(ca_fingerprint), None)?;
-    let response = EnrollmentServiceClient::new(channel_with_timeout(
-        coordinators,
+    let response = EnrollmentServiceClient::new(FleetChannel::new(
+        Coordinators::new(coordinators.to_vec()),
         tls,
         std::time::Duration::from_secs(30),
+        Resend::Requests,
     ))
     .enroll(EnrollRequest {
         token: token.to_string(),
