@@ -566,6 +566,58 @@ fn a_standby_coordinator_serves_the_fleet_once_its_leader_dies() {
     drop((agent, only_standby));
 }
 
+/// Reads every agent's accepted desired state (its records file) until stopped, recording a
+/// tenant in two hosts' desired states at once and a generation older than one the same agent
+/// accepted before. These agents run without Docker: what a host would run is what it accepted.
+struct DesiredWatcher {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(u64, usize, Vec<String>)>,
+}
+
+impl DesiredWatcher {
+    fn start(agents: Vec<(String, std::path::PathBuf)>) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut polls, mut seen, mut faults) = (0u64, 0, Vec::new());
+            let mut generations: std::collections::BTreeMap<String, u64> = Default::default();
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut hosts: std::collections::BTreeMap<String, String> = Default::default();
+                for (host, state_dir) in &agents {
+                    let Ok(bytes) = std::fs::read(state_dir.join("records.json")) else {
+                        continue;
+                    };
+                    let records: serde_json::Value =
+                        serde_json::from_slice(&bytes).expect("an agent's records file");
+                    let desired = &records["desired"];
+                    let generation = desired["generation"].as_u64().unwrap_or(0);
+                    let before = generations.insert(host.clone(), generation).unwrap_or(0);
+                    if generation < before {
+                        faults.push(format!("{host}: generation {generation} after {before}"));
+                    }
+                    for tenant in desired["tenants"].as_array().into_iter().flatten() {
+                        let id = tenant["tenant_id"].as_str().unwrap_or_default().to_string();
+                        if let Some(other) = hosts.insert(id.clone(), host.clone()) {
+                            faults.push(format!("{id} on {other} and {host}"));
+                        }
+                    }
+                }
+                polls += 1;
+                seen = hosts.len();
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            (polls, seen, faults)
+        });
+        Self { stop, thread }
+    }
+
+    /// How many times it read them, how many tenants the last reading found, and the faults.
+    fn finish(self) -> (u64, usize, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
 /// 3 etcd members, 3 coordinators (a leader, two standbys), 6 agents that know every
 /// coordinator; 5 clients place 2,000 tenants through berthctl given every coordinator's
 /// address, each placement tried again until acknowledged (placing the same spec again is a
@@ -611,6 +663,12 @@ fn the_leader_killed_during_a_burst_of_placements_loses_none_and_the_fleet_follo
         });
     }
 
+    let watcher = DesiredWatcher::start(
+        agents
+            .iter()
+            .map(|a| (a.host_id.clone(), a.state_dir()))
+            .collect(),
+    );
     let acknowledged = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let specs = first.dir.path().join("burst");
     std::fs::create_dir_all(&specs).unwrap();
@@ -702,6 +760,13 @@ fn the_leader_killed_during_a_burst_of_placements_loses_none_and_the_fleet_follo
         let tenants: Vec<serde_json::Value> = serde_json::from_str(&out).ok()?;
         tenants.iter().all(|t| t["delivered"] == true).then_some(())
     });
+    // Throughout, no tenant was in two hosts' desired states and no agent went back a
+    // generation.
+    let (polls, seen, faults) = watcher.finish();
+    eprintln!("the agents' desired states read {polls} times, {seen} tenants at last: {faults:?}");
+    assert!(polls > 50, "{polls}");
+    assert_eq!(seen, CLIENTS * EACH);
+    assert!(faults.is_empty(), "{faults:?}");
 }
 
 /// When a coordinator logged `message` first: its log line's timestamp (RFC 3339, UTC, to the
