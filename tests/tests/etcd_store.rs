@@ -512,6 +512,19 @@ fn a_standby_coordinator_serves_the_fleet_once_its_leader_dies() {
         Duration::from_secs(10),
         || (leader.host_state("host-b").as_deref() == Some("ready")).then_some(()),
     );
+    // An admin command on the standby's machine would go straight to etcd, past the leader
+    // (whose deny-list a revocation must reach): refused, naming the leader; a snapshot, which
+    // only reads, is taken.
+    let (ok, _, err) = run(standby.admin_command(&["revoke", "--host-id", "host-b"]));
+    assert!(!ok, "a revocation behind the leader's back went through");
+    assert!(
+        err.contains("a coordinator of this fleet is running (")
+            && err.contains(&format!("at {}", leader.operator_url())),
+        "{err}"
+    );
+    let snapshot = standby.dir.path().join("standby.snapshot");
+    let (ok, _, err) = run(standby.admin_command(&["backup", "--out", snapshot.to_str().unwrap()]));
+    assert!(ok, "{err}");
     let (code, body) = standby.rest("GET", "/v1/tenants", None, true);
     assert_eq!(code, 503, "{body}");
     assert_eq!(body["leader"], leader.operator_url(), "{body}");

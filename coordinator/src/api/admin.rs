@@ -3,7 +3,9 @@
 //! sled allows one process per database, so while `berth-coordinator serve` runs these
 //! requests go over its admin socket (`<state_dir>/admin.sock`, mode 0600: file permissions are
 //! the authentication); when it does not run, the command opens the store itself. Both paths
-//! execute the same [`AdminRequest`].
+//! execute the same [`AdminRequest`]. On etcd a request that writes is refused offline while
+//! any coordinator of the fleet runs (a standby here, or a leader elsewhere): it would bypass
+//! the leader, whose deny-list and sessions a revocation must reach.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -15,10 +17,12 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::config::CoordinatorConfig;
+use crate::config::{CoordinatorConfig, StoreKind};
 use crate::coordinator::{Coordinator, RevokeTarget};
+use crate::etcd::EtcdStore;
 use crate::registry::{CertRecord, OperatorTokenRecord, Registry, RegistryError, Scope};
 use crate::snapshot::{MAX_SNAPSHOT_BYTES, Snapshot, SnapshotError};
+use crate::standby::Candidacy;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
@@ -50,6 +54,13 @@ pub enum AdminRequest {
     Snapshot,
 }
 
+impl AdminRequest {
+    /// Whether it changes the fleet's state (a snapshot and a listing only read it).
+    pub fn writes(&self) -> bool {
+        !matches!(self, Self::Snapshot | Self::ListOperatorTokens)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum AdminResponse {
@@ -77,6 +88,13 @@ pub enum AdminError {
     Refused(String),
     #[error("the admin socket sent an unreadable answer: {0}")]
     Protocol(String),
+    /// Offline, a request goes straight to the store: with a coordinator of the fleet up on
+    /// etcd, that would bypass it (a revocation would not reach its deny-list or end its
+    /// sessions).
+    #[error(
+        "a coordinator of this fleet is running ({0}): run this command on the machine of the one that leads (its admin socket answers there), or stop every coordinator first"
+    )]
+    FleetRunning(String),
 }
 
 /// Executes a request against a registry. `revoke` puts revocations into force in a running
@@ -240,6 +258,16 @@ pub async fn call(
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
             ) =>
         {
+            if let (StoreKind::Etcd, Some(etcd)) = (config.store, &config.etcd)
+                && request.writes()
+                && let Some(candidacy) = EtcdStore::connect(etcd)
+                    .and_then(|etcd| etcd.leader())
+                    .map_err(RegistryError::from)?
+            {
+                return Err(AdminError::FleetRunning(
+                    Candidacy::parse(&candidacy).to_string(),
+                ));
+            }
             let store = crate::server::open_store(config).map_err(RegistryError::from)?;
             let registry = Registry::new(store.clone(), Arc::new(SystemClock));
             execute(
