@@ -5,6 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use rand::Rng;
+
 use berth_shared::systemd::Notifier;
 
 use crate::config::AgentConfig;
@@ -28,6 +30,10 @@ pub enum RunError {
         source: std::io::Error,
     },
 }
+
+/// The longest wait after a standby coordinator answered (the wait is a random quarter to
+/// all of it, so a fleet's agents do not come back at once).
+const STANDBY_RETRY: Duration = Duration::from_secs(1);
 
 /// Runs until SIGTERM/SIGINT.
 pub async fn run(config: AgentConfig) -> Result<(), RunError> {
@@ -83,22 +89,28 @@ pub async fn run(config: AgentConfig) -> Result<(), RunError> {
             _ = tokio::signal::ctrl_c() => return stop(&systemd),
             _ = terminate.recv() => return stop(&systemd),
         };
-        match end {
+        let (why, wait) = match end {
             SessionEnd::Renewed => {
                 link.identity = Identity::load(&config.state_dir)?;
                 link.identity.present_on(&transfer_port.presented)?;
                 tracing::info!(serial = %link.identity.cert_info.serial, "reconnecting with the renewed certificate");
                 continue;
             }
+            // A standby's answer cost it a handshake and one request, and the leader it names
+            // (or the one being elected) is there within seconds: soon again.
+            SessionEnd::Standby(why) => (
+                why,
+                STANDBY_RETRY.mul_f64(rand::rng().random_range(0.25..=1.0)),
+            ),
             SessionEnd::Lost(why) | SessionEnd::Failed(why) => {
-                let wait = backoff.next_wait(&mut rand::rng());
-                tracing::warn!(error = %why, retry_in_ms = wait.as_millis() as u64, "coordinator session down");
-                tokio::select! {
-                    () = tokio::time::sleep(wait) => {},
-                    _ = tokio::signal::ctrl_c() => return stop(&systemd),
-                    _ = terminate.recv() => return stop(&systemd),
-                }
+                (why, backoff.next_wait(&mut rand::rng()))
             }
+        };
+        tracing::warn!(error = %why, retry_in_ms = wait.as_millis() as u64, "coordinator session down");
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {},
+            _ = tokio::signal::ctrl_c() => return stop(&systemd),
+            _ = terminate.recv() => return stop(&systemd),
         }
     }
 }

@@ -7,7 +7,7 @@ pub mod identity;
 use std::time::Duration;
 
 use berth_shared::clock::{Clock, SystemClock};
-use berth_shared::leader::{Coordinators, FleetChannel};
+use berth_shared::leader::{Coordinators, FleetChannel, STANDBY_HEADER};
 use berth_shared::proto::agent_message::Body as AgentBody;
 use berth_shared::proto::agent_service_client::AgentServiceClient;
 use berth_shared::proto::coordinator_message::Body as CoordinatorBody;
@@ -75,6 +75,9 @@ pub(crate) enum SessionEnd {
     Lost(String),
     /// It never got accepted.
     Failed(String),
+    /// A standby coordinator answered (naming the leader, or that one is being elected): the
+    /// next session goes to the leader soon, without the backoff growing.
+    Standby(String),
 }
 
 /// One session, from connecting to its end; afterwards nothing of it is left in force.
@@ -182,6 +185,9 @@ async fn session_loop(
         .max_encoding_message_size(berth_shared::transport::SESSION_MESSAGE_BYTES);
     let mut inbound = match client.session(ReceiverStream::new(rx)).await {
         Ok(response) => response.into_inner(),
+        Err(status) if status.metadata().contains_key(STANDBY_HEADER) => {
+            return SessionEnd::Standby(status.message().to_string());
+        }
         Err(status) => return SessionEnd::Failed(crate::session::identity::status_error(&status)),
     };
     let interval = match inbound.message().await {
