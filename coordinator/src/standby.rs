@@ -2,7 +2,8 @@
 //!
 //! Ensures: a standby's agent, operator and HTTP ports are bound and answer every request at
 //! once with where the leader is ([`berth_shared::leader::standby_router`]; berth's clients
-//! follow it), as etcd's oldest candidacy says, asked every [`LEADER_POLL`]; a standby acts on
+//! follow it), as etcd's oldest candidacy says, asked every [`LEADER_POLL`], but for its
+//! `/metrics`, which says `berth_coordinator_leading 0` (and nothing more); a standby acts on
 //! nothing and reads nothing else of the fleet; once it leads, every connection it accepted as
 //! a standby is closed (they were checked against no deny-list) before the same ports serve
 //! the fleet.
@@ -157,7 +158,13 @@ impl Standby {
             standby_router(operator_leader),
             never(),
         ));
-        let http_router = standby_router(http_leader);
+        // Scrapers keep seeing every coordinator: a standby's metrics say it waits.
+        let http_router = axum::Router::new()
+            .route(
+                "/metrics",
+                axum::routing::get(crate::dashboard::prometheus::standby_page),
+            )
+            .merge(standby_router(http_leader));
         match tls.http {
             Some(tls) => tasks.spawn(serve_tls(ports.http.clone(), tls, http_router, never())),
             None => tasks.spawn(serve_plain(ports.http.clone(), http_router, never())),

@@ -545,6 +545,18 @@ fn a_standby_coordinator_serves_the_fleet_once_its_leader_dies() {
             .starts_with("this coordinator is a standby; the fleet's leader is"),
         "{body}"
     );
+    // Its metrics say it waits (scrapers keep every coordinator); the leader's, that it leads.
+    for (coordinator, leading) in [(&standby, 0), (&leader, 1)] {
+        let mut curl = std::process::Command::new("curl");
+        curl.arg(format!("http://{}/metrics", coordinator.endpoints.http));
+        let (code, text) = berth_tests::curl_status(curl);
+        assert_eq!(code, 200, "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l == format!("berth_coordinator_leading {leading}")),
+            "{text}"
+        );
+    }
 
     leader.kill9();
     let killed = std::time::Instant::now();
@@ -819,8 +831,9 @@ fn a_partitioned_leader_stops_acting_before_another_leads() {
         &leader,
         &format!("store = \"etcd\"\n{}", cluster.config("/split/")),
     );
-    // An agent on this side of the cut.
+    // An agent on this side of the cut; every desired state it accepts is watched.
     let agent = agent_of_both(&leader, &standby);
+    let watcher = DesiredWatcher::start(vec![(agent.host_id.clone(), agent.state_dir())]);
     let (ok, _, err) = place(&leader, "before");
     assert!(ok, "{err}");
     std::thread::sleep(Duration::from_secs(2));
@@ -890,6 +903,16 @@ fn a_partitioned_leader_stops_acting_before_another_leads() {
         leader.log()
     );
     assert_eq!(tenant_ids(&standby), ["after", "before"]);
+    wait_for("host-a took both tenants", Duration::from_secs(30), || {
+        let records = std::fs::read(agent.state_dir().join("records.json")).ok()?;
+        let records: serde_json::Value = serde_json::from_slice(&records).ok()?;
+        (records["desired"]["tenants"].as_array()?.len() == 2).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    // What the agent accepted went only forward, through both leaders.
+    let (polls, seen, faults) = watcher.finish();
+    assert!(faults.is_empty(), "{faults:?}");
+    assert_eq!(seen, 2, "read {polls} times");
     drop(agent);
 }
 

@@ -14,10 +14,29 @@ use crate::api::views::TenantView;
 use crate::coordinator::Coordinator;
 use crate::dashboard::snapshot;
 
+/// `berth_coordinator_leading`: 1 on the coordinator that serves the fleet, 0 on a standby
+/// (whose `/metrics` has nothing else).
+pub fn leading(out: &mut Exposition, leads: bool) {
+    out.single(
+        "berth_coordinator_leading",
+        "gauge",
+        "Whether this coordinator leads the fleet (1) or waits as a standby (0).",
+        if leads { 1.0 } else { 0.0 },
+    );
+}
+
+/// A standby's `/metrics`.
+pub async fn standby_page() -> Response {
+    let mut out = Exposition::default();
+    leading(&mut out, false);
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], out.into_string()).into_response()
+}
+
 /// The whole page.
 pub fn render(c: &Coordinator) -> Result<String, crate::registry::RegistryError> {
     let snapshot = snapshot(c)?;
     let mut out = Exposition::default();
+    leading(&mut out, true);
     out.family("berth_hosts", "gauge", "Hosts by state.");
     for state in ["ready", "cordoned", "draining", "down"] {
         let n = snapshot.hosts.iter().filter(|h| h.state == state).count();

@@ -412,6 +412,7 @@ async fn metrics_parse_as_prometheus_text_and_match_the_fleet() {
         berth_shared::metrics::CONTENT_TYPE
     );
     let value = |name: &str, labels: &[(&str, &str)]| testing::value(&text, name, labels);
+    assert_eq!(value("berth_coordinator_leading", &[]), 1.0);
     for (state, n) in &t.states {
         assert_eq!(value("berth_hosts", &[("state", state)]), *n as f64);
     }
