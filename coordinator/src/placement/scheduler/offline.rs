@@ -4,7 +4,10 @@
 //! A portfolio of heuristics (item-centric first/best fit decreasing under several size
 //! measures, bin-centric dot-product and norm-based filling after Panigrahy et al. 2011, and
 //! every baseline policy in the items' own order) is run, each packing improved by trying to
-//! empty its least-loaded bins into the others. A local search then starts from the best: it
+//! empty its least-loaded bins into the others. Above the lower bound, the items are packed
+//! again bin by bin at the bound, each bin filled to within the room the bound leaves
+//! ([`fill_within_slack`], after the minimum bin slack heuristic). A local search then
+//! starts from the best: it
 //! takes one bin's items out into a pool and exchanges items between the pool and the other
 //! bins (one in, at most two out, never straight back) until the pool is empty, which is a
 //! packing with one bin fewer, and goes on from there within its budget.
@@ -332,7 +335,135 @@ pub fn pack_within(inst: &Instance, budget: SearchBudget) -> Packing {
     if best.len() <= lower {
         return best;
     }
-    PoolSearch::new(inst, best).run(lower, budget, started + budget.time)
+    let deadline = started + budget.time;
+    let mut spent = 0;
+    let best = (lower..best.len())
+        .find_map(|target| fill_within_slack(inst, &weights, target, &mut spent, deadline))
+        .unwrap_or(best);
+    if best.len() <= lower {
+        return best;
+    }
+    PoolSearch::new(inst, best).run(lower, budget, deadline)
+}
+
+/// How many item placements one bin's search in [`fill_within_slack`] may try.
+const FILL_TRIES_PER_BIN: u64 = 200_000;
+/// How many item placements every bin of every target together may try: most of the time
+/// budget stays with the local search (an instance of 500 items that cannot be filled to its
+/// bound would otherwise spend it all failing).
+const FILL_TRIES: u64 = 1_000_000;
+
+/// Packs into `target` bins, bin by bin: each bin takes, of the items left, a set found by a
+/// depth-first search in decreasing weighted size that leaves it no emptier in any dimension
+/// than the room `target` bins leave over the items' total (what earlier bins left empty
+/// counts against that room); the last bin takes what remains if it fits. After the minimum
+/// bin slack heuristic (Gupta and Ho), with the room of a target bin count as the budget, so
+/// a tight instance is packed full bin after bin. `None` when the room is negative, a bin
+/// finds no such set within [`FILL_TRIES_PER_BIN`] placements, the rest does not fit the last
+/// bin, or `spent` (placements tried, counted here) reaches [`FILL_TRIES`] or the deadline
+/// passes.
+fn fill_within_slack(
+    inst: &Instance,
+    weights: &[f64],
+    target: usize,
+    spent: &mut u64,
+    deadline: Instant,
+) -> Option<Packing> {
+    let dims = inst.capacity.len();
+    let mut room: Vec<i128> = (0..dims)
+        .map(|d| {
+            let total: u64 = inst.items.iter().map(|i| i[d]).sum();
+            target as i128 * inst.capacity[d] as i128 - total as i128
+        })
+        .collect();
+    if target == 0 || room.iter().any(|r| *r < 0) {
+        return None;
+    }
+    let mut left: Vec<usize> = (0..inst.items.len()).collect();
+    left.sort_by(|&a, &b| {
+        let size = |i: usize| size(inst, weights, &inst.items[i], SizeMeasure::Weighted);
+        size(b).total_cmp(&size(a)).then(a.cmp(&b))
+    });
+    let mut bins = Vec::with_capacity(target);
+    for _ in 1..target {
+        if left.is_empty() {
+            break;
+        }
+        if Instant::now() >= deadline || *spent >= FILL_TRIES {
+            return None;
+        }
+        let mut search = SlackSearch {
+            inst,
+            order: &left,
+            room: &room,
+            tries: 0,
+            chosen: Vec::new(),
+        };
+        let positions = search.run(0, vec![0; dims]);
+        *spent += search.tries;
+        let positions = positions?;
+        let bin: Vec<usize> = positions.iter().map(|&p| left[p]).collect();
+        let load = inst.load(&bin);
+        for d in 0..dims {
+            room[d] -= (inst.capacity[d] - load[d]) as i128;
+        }
+        let mut taken = positions;
+        taken.sort_unstable_by(|a, b| b.cmp(a));
+        for p in taken {
+            left.remove(p);
+        }
+        bins.push(bin);
+    }
+    let last = inst.load(&left);
+    if last.iter().zip(&inst.capacity).any(|(l, c)| l > c) {
+        return None;
+    }
+    if !left.is_empty() {
+        bins.push(left);
+    }
+    Some(bins)
+}
+
+/// One bin's depth-first search of [`fill_within_slack`].
+struct SlackSearch<'a> {
+    inst: &'a Instance,
+    /// The items left, by position.
+    order: &'a [usize],
+    /// Per dimension, how much the bin may leave empty.
+    room: &'a [i128],
+    tries: u64,
+    chosen: Vec<usize>,
+}
+
+impl SlackSearch<'_> {
+    /// The positions of a set that fills the bin to within `room`, trying items from `from`
+    /// on, with `load` in the bin so far.
+    fn run(&mut self, from: usize, load: Vec<u64>) -> Option<Vec<usize>> {
+        let cap = &self.inst.capacity;
+        if !self.chosen.is_empty()
+            && (0..cap.len()).all(|d| (cap[d] - load[d]) as i128 <= self.room[d])
+        {
+            return Some(self.chosen.clone());
+        }
+        for p in from..self.order.len() {
+            self.tries += 1;
+            if self.tries > FILL_TRIES_PER_BIN {
+                return None;
+            }
+            let item = &self.inst.items[self.order[p]];
+            if !self.inst.fits(&load, item) {
+                continue;
+            }
+            let mut next = load.clone();
+            add(&mut next, item);
+            self.chosen.push(p);
+            if let Some(found) = self.run(p + 1, next) {
+                return Some(found);
+            }
+            self.chosen.pop();
+        }
+        None
+    }
 }
 
 /// The local search's state: every bin fits; the pool holds the items of no bin.
@@ -588,6 +719,53 @@ mod tests {
         assert!(inst.is_valid(&p));
         assert_eq!(p.len(), 3);
         assert_eq!(inst.lower_bound(), 3);
+    }
+
+    /// `bins` full bins of capacity 1,000 in 3 dimensions, each cut into 4 to 7 items, the
+    /// items shuffled: an instance whose only packings into `bins` bins leave no room.
+    fn cut_full_bins(bins: usize, seed: u64) -> Instance {
+        let mut rng = seed;
+        let mut next = move || xorshift(&mut rng);
+        let mut items = Vec::new();
+        for _ in 0..bins {
+            let pieces = 4 + (next() % 4) as usize;
+            let mut cut: Vec<Vec<u64>> = vec![Vec::new(); pieces];
+            for _ in 0..3 {
+                let mut marks: Vec<u64> = (1..pieces).map(|_| 1 + next() % 999).collect();
+                marks.extend([0, 1000]);
+                marks.sort_unstable();
+                for (piece, w) in marks.windows(2).enumerate() {
+                    cut[piece].push(w[1] - w[0]);
+                }
+            }
+            items.extend(cut.into_iter().filter(|i| i.iter().all(|s| *s > 0)));
+        }
+        for i in (1..items.len()).rev() {
+            items.swap(i, (next() % (i as u64 + 1)) as usize);
+        }
+        Instance {
+            capacity: vec![1000; 3],
+            items,
+        }
+    }
+
+    #[test]
+    fn a_tight_instance_is_filled_bin_by_bin_within_its_room() {
+        let weights = vec![1.0; 3];
+        let far = Instant::now() + Duration::from_secs(60);
+        for seed in [3, 5, 8, 13] {
+            let inst = cut_full_bins(5, seed);
+            let lower = inst.lower_bound();
+            let filled = fill_within_slack(&inst, &weights, lower, &mut 0, far)
+                .unwrap_or_else(|| panic!("seed {seed}: no packing into {lower} bins"));
+            assert!(inst.is_valid(&filled), "seed {seed}");
+            assert_eq!(filled.len(), lower, "seed {seed}");
+            assert_eq!(pack(&inst).len(), lower, "seed {seed}");
+        }
+        // Fewer bins than the items' total leaves no room at all: refused at once.
+        let inst = cut_full_bins(5, 3);
+        let below = inst.lower_bound() - 1;
+        assert!(fill_within_slack(&inst, &weights, below, &mut 0, far).is_none());
     }
 
     #[test]
