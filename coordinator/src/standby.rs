@@ -38,7 +38,7 @@ pub struct Candidacy {
 impl Candidacy {
     /// This coordinator's candidacy: its ports at the `[etcd] advertise` host (by default
     /// each port's listening address, or the host name where it listens on every address);
-    /// the HTTP port's own address when that is loopback.
+    /// a port bound to loopback by its own address (only this machine reaches it).
     pub fn of(config: &CoordinatorConfig, ports: &Ports) -> std::io::Result<Self> {
         let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
