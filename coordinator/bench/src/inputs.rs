@@ -96,6 +96,11 @@ pub struct Vm {
     pub depart: u64,
     pub cpu: u64,
     pub mem: u64,
+    /// Its flavour: the line of `flav_map.txt` that names it, from 0.
+    pub flavour: u16,
+    /// Its arrival batch: the VMs between two `|` of one line share one, numbered from 0
+    /// through the file.
+    pub batch: u32,
 }
 
 /// The largest trace file read (the shared one is a few MB).
@@ -175,6 +180,7 @@ pub fn read_azure(dir: &Path, trace: &Trace, limit: Option<usize>) -> anyhow::Re
     let read = |name: &str| read_text(&dir.join(name));
     let mut flavours = HashMap::new();
     for (n, line) in read("flav_map.txt")?.lines().enumerate() {
+        let flavour = u16::try_from(n).context("flav_map.txt: more than 65,536 lines")?;
         if line.trim().is_empty() {
             continue;
         }
@@ -194,7 +200,7 @@ pub fn read_azure(dir: &Path, trace: &Trace, limit: Option<usize>) -> anyhow::Re
         );
         flavours.insert(
             letter.trim().to_string(),
-            ((cpu * 1000.0) as u64, (gb * 1024.0) as u64),
+            ((cpu * 1000.0) as u64, (gb * 1024.0) as u64, flavour),
         );
     }
     // Bin b spans from its smallest lower bound to the next bin's; a VM lasts the midpoint.
@@ -230,6 +236,7 @@ pub fn read_azure(dir: &Path, trace: &Trace, limit: Option<usize>) -> anyhow::Re
     let (mut a_lines, mut d_lines) = (arrivals.lines(), durations.lines());
     let mut vms = Vec::new();
     let mut previous = 0;
+    let mut batch = 0u32;
     for n in 1.. {
         let (a, d) = match (a_lines.next(), d_lines.next()) {
             (None, None) => break,
@@ -276,11 +283,20 @@ pub fn read_azure(dir: &Path, trace: &Trace, limit: Option<usize>) -> anyhow::Re
             trace.arrivals,
             flavours_here.len()
         );
+        // A line's first batch is a new one, whether or not the last line ended with `|`.
+        let mut batch_has_vms = false;
+        if vms.last().is_some_and(|v: &Vm| v.batch == batch) {
+            batch += 1;
+        }
         for (f, d) in flavours_here.into_iter().zip(durations_here) {
             if f == "|" || f.is_empty() {
+                if batch_has_vms {
+                    batch += 1;
+                    batch_has_vms = false;
+                }
                 continue;
             }
-            let &(cpu, mem) = flavours
+            let &(cpu, mem, flavour) = flavours
                 .get(f)
                 .with_context(|| format!("{}: unknown flavour {f:?}", at(&trace.arrivals)))?;
             let (kind, bin) = d.split_at_checked(1).unwrap_or((d, ""));
@@ -319,7 +335,10 @@ pub fn read_azure(dir: &Path, trace: &Trace, limit: Option<usize>) -> anyhow::Re
                 depart,
                 cpu,
                 mem,
+                flavour,
+                batch,
             });
+            batch_has_vms = true;
             if limit.is_some_and(|l| vms.len() >= l) {
                 return Ok(vms);
             }
@@ -354,19 +373,22 @@ mod tests {
         let trace = Trace::find(dir.path(), None, None).unwrap();
         assert_eq!(trace.end, 5_000);
         assert_eq!(trace.durations, "t.c5000.txt");
-        let vm = |arrive, depart, cpu, mem| Vm {
+        let vm = |arrive, depart, cpu, mem, flavour, batch| Vm {
             arrive,
             depart,
             cpu,
             mem,
+            flavour,
+            batch,
         };
         assert_eq!(
             read(&dir).unwrap(),
             [
-                // U0: the midpoint of bin 0 (100 to 1,000 s); C: until the end.
-                vm(10, 560, 1_000, 2_048),
-                vm(10, 5_000, 4_000, 16_384),
-                vm(50, 5_000, 1_000, 2_048),
+                // U0: the midpoint of bin 0 (100 to 1,000 s); C: until the end. `|` ends a
+                // batch, and so does a line.
+                vm(10, 560, 1_000, 2_048, 0, 0),
+                vm(10, 5_000, 4_000, 16_384, 1, 1),
+                vm(50, 5_000, 1_000, 2_048, 0, 2),
             ]
         );
         // --trace-end replaces the named end.

@@ -109,6 +109,15 @@ enum Command {
         /// Skip the baselines (they scan every host for every VM).
         #[arg(long)]
         no_baselines: bool,
+        /// Also replay reference placers that no coordinator could run, reported apart: best
+        /// fit told each VM's departure, the same with each VM's lifetime guessed from its
+        /// batch's flavours over the whole trace, and (with --compact-every) best fit packing
+        /// every VM that may move again at each compaction.
+        #[arg(long)]
+        references: bool,
+        /// Split the halves this long after the first arrival (`24h`), not at the middle one.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        split_after: Option<std::time::Duration>,
         /// Also replay berth compacting the fleet at this period (`24h`).
         #[arg(long, value_parser = humantime::parse_duration)]
         compact_every: Option<std::time::Duration>,
@@ -374,6 +383,8 @@ fn main() -> std::process::ExitCode {
             host_mem_gb,
             limit,
             no_baselines,
+            references,
+            split_after,
             compact_every,
             max_moves_per_tenant_per_month,
             compact_headroom,
@@ -382,15 +393,19 @@ fn main() -> std::process::ExitCode {
                 replay::run(
                     &azure_v1,
                     &trace,
-                    host_cpu * 1000,
-                    host_mem_gb * 1024,
-                    limit,
-                    !no_baselines,
-                    compaction.map(|every_seconds| replay::Compaction {
-                        every_seconds,
-                        max_moves_per_month: max_moves_per_tenant_per_month,
-                        headroom_percent: compact_headroom,
-                    }),
+                    replay::Options {
+                        host_cpu: host_cpu * 1000,
+                        host_mem: host_mem_gb * 1024,
+                        limit,
+                        baselines: !no_baselines,
+                        references,
+                        split_after: split_after.map(|d| d.as_secs()),
+                        compaction: compaction.map(|every_seconds| replay::Compaction {
+                            every_seconds,
+                            max_moves_per_month: max_moves_per_tenant_per_month,
+                            headroom_percent: compact_headroom,
+                        }),
+                    },
                 )
             })
         }),

@@ -3,7 +3,9 @@
 //! of merit is host-seconds used divided by the lower bound summed over time. With
 //! `--compact-every`, berth's compaction (`placement::compaction`, as `berthctl compact` plans
 //! it) runs at that period on the live fleet and its moves are applied at once; a VM moves at
-//! most `--max-moves-per-tenant-per-month` times in any 30 days.
+//! most `--max-moves-per-tenant-per-month` times in any 30 days. With `--references`, the
+//! placers of [`reference`](mod@reference), which know what no online decision can, are replayed too and
+//! reported apart: they bound what a policy could reach on the trace.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -18,13 +20,17 @@ use serde_json::json;
 use crate::inputs::{self, Vm};
 use berth_coordinator::placement::scheduler::baselines::Baseline;
 
+mod reference;
+
 /// Where each VM goes; the caller keeps the loads.
 trait Placer {
-    /// The host for a VM (an index into the placer's hosts), opening one if needed.
-    fn place(&mut self, vm: &Vm) -> usize;
-    fn remove(&mut self, host: usize, vm: &Vm);
+    /// The host for VM `index` of the replay (an index into the placer's hosts), opening one
+    /// if needed.
+    fn place(&mut self, index: usize, vm: &Vm) -> usize;
+    fn remove(&mut self, host: usize, index: usize, vm: &Vm);
     /// Moves VMs to empty hosts: `live` is every VM placed now (its index and host), `movable`
-    /// says which may move; returns each move (VM, new host). Only berth compacts.
+    /// says which may move; returns each move (VM, new host). berth compacts as the product
+    /// does; the full re-pack reference moves every VM it may.
     fn compact(
         &mut self,
         _vms: &[Vm],
@@ -42,7 +48,7 @@ struct BaselinePlacer {
 }
 
 impl Placer for BaselinePlacer {
-    fn place(&mut self, vm: &Vm) -> usize {
+    fn place(&mut self, _index: usize, vm: &Vm) -> usize {
         let item = [vm.cpu, vm.mem];
         let h = self
             .policy
@@ -55,7 +61,7 @@ impl Placer for BaselinePlacer {
         self.loads[h][1] += vm.mem;
         h
     }
-    fn remove(&mut self, host: usize, vm: &Vm) {
+    fn remove(&mut self, host: usize, _index: usize, vm: &Vm) {
         self.loads[host][0] -= vm.cpu;
         self.loads[host][1] -= vm.mem;
     }
@@ -81,7 +87,7 @@ fn need(vm: &Vm) -> Vec3 {
 }
 
 impl Placer for BerthPlacer {
-    fn place(&mut self, vm: &Vm) -> usize {
+    fn place(&mut self, _index: usize, vm: &Vm) -> usize {
         let need = Vec3 {
             mem: vm.mem,
             cpu: vm.cpu,
@@ -116,7 +122,7 @@ impl Placer for BerthPlacer {
         self.scheduler.commit(&id, need, None);
         self.index[&id]
     }
-    fn remove(&mut self, host: usize, vm: &Vm) {
+    fn remove(&mut self, host: usize, _index: usize, vm: &Vm) {
         self.scheduler.release(&self.ids[host], need(vm), None);
     }
 
@@ -167,11 +173,9 @@ pub struct Compaction {
 
 const MONTH_SECONDS: u64 = 30 * 24 * 3600;
 
-/// Replays `vms` through `placer`; returns (used host-seconds, lower-bound host-seconds).
-/// Also returns the moves compactions made.
 /// What one replay measured: host-seconds used and the lower bound's, over the whole window
-/// and over each half of it (split at the arrival of the middle VM: a policy tuned on the
-/// first half is judged on the second).
+/// and over each half of it (split at the arrival of the middle VM, or `split_after` seconds
+/// after the first: a policy tuned on the first half is judged on the second).
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Outcome {
     used: f64,
@@ -187,6 +191,7 @@ fn simulate(
     host_cpu: u64,
     host_mem: u64,
     compaction: Option<Compaction>,
+    split_after: Option<u64>,
 ) -> Outcome {
     // Departures sort before arrivals at the same instant: capacity is freed first.
     let mut events: Vec<(u64, bool, usize)> = Vec::with_capacity(vms.len() * 2);
@@ -201,7 +206,10 @@ fn simulate(
     let middle = {
         let mut arrivals: Vec<u64> = vms.iter().map(|v| v.arrive).collect();
         arrivals.sort_unstable();
-        arrivals.get(arrivals.len() / 2).copied().unwrap_or(0)
+        match split_after {
+            Some(after) => arrivals.first().map_or(0, |first| first + after),
+            None => arrivals.get(arrivals.len() / 2).copied().unwrap_or(0),
+        }
     };
     let mut halves = [(0f64, 0f64); 2];
     let mut host_of = vec![usize::MAX; vms.len()];
@@ -265,7 +273,7 @@ fn simulate(
         }
         let vm = &vms[i];
         if arrival {
-            let h = placer.place(vm);
+            let h = placer.place(i, vm);
             if h >= vms_on.len() {
                 vms_on.resize(h + 1, 0);
             }
@@ -281,7 +289,7 @@ fn simulate(
         } else if host_of[i] != usize::MAX {
             let h = host_of[i];
             live.remove(&i);
-            placer.remove(h, vm);
+            placer.remove(h, i, vm);
             vms_on[h] -= 1;
             if vms_on[h] == 0 {
                 used_hosts -= 1;
@@ -299,22 +307,59 @@ fn simulate(
     }
 }
 
-pub fn run(
-    dir: &Path,
-    trace: &inputs::Trace,
-    host_cpu: u64,
-    host_mem: u64,
-    limit: Option<usize>,
-    baselines: bool,
-    compaction: Option<Compaction>,
-) -> anyhow::Result<()> {
+/// What `berth-bench replay` runs, beside berth itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    pub host_cpu: u64,
+    pub host_mem: u64,
+    /// Only the first this many arrivals.
+    pub limit: Option<usize>,
+    pub baselines: bool,
+    /// The reference placers of [`reference`](mod@reference): not online policies, reported apart.
+    pub references: bool,
+    /// Split the halves this many seconds after the first arrival, not at the middle one.
+    pub split_after: Option<u64>,
+    pub compaction: Option<Compaction>,
+}
+
+/// The lifetime quantile the in-sample guess assumes: of 0.5, 0.75 and 0.9, the best on the
+/// trace's first half (0.9 ties it there).
+const GUESS_QUANTILE: f64 = 0.75;
+
+pub fn run(dir: &Path, trace: &inputs::Trace, options: Options) -> anyhow::Result<()> {
+    let Options {
+        host_cpu,
+        host_mem,
+        limit,
+        baselines,
+        references,
+        split_after,
+        compaction,
+    } = options;
     let all = inputs::read_azure(dir, trace, limit)?;
     anyhow::ensure!(!all.is_empty(), "{}: the trace has no VM", trace.arrivals);
     let (vms, too_big): (Vec<Vm>, Vec<Vm>) = all
         .into_iter()
         .partition(|v| v.cpu <= host_cpu && v.mem <= host_mem);
+    let first = vms.iter().map(|v| v.arrive).min().unwrap_or(0);
+    let span = vms.iter().map(|v| v.arrive).max().unwrap_or(0) - first;
+    anyhow::ensure!(
+        span > 0,
+        "{}: every VM replayed arrives at {first}: no time to measure (replay more of it, --limit)",
+        trace.arrivals
+    );
+    if let Some(after) = split_after {
+        anyhow::ensure!(
+            after > 0 && after < span,
+            "--split-after {after}s: the split must fall after the first arrival and before the last ({span} s after the first), or a half is empty"
+        );
+    }
     let mut results = serde_json::Map::new();
-    let mut run_one = |name: &str, placer: &mut dyn Placer, compaction: Option<Compaction>| {
+    let mut reference_results = serde_json::Map::new();
+    let run_one = |name: &str,
+                   placer: &mut dyn Placer,
+                   compaction: Option<Compaction>,
+                   into: &mut serde_json::Map<String, serde_json::Value>| {
         let started = std::time::Instant::now();
         let Outcome {
             used,
@@ -322,9 +367,9 @@ pub fn run(
             halves,
             peak,
             moves,
-        } = simulate(&vms, placer, host_cpu, host_mem, compaction);
+        } = simulate(&vms, placer, host_cpu, host_mem, compaction, split_after);
         let [first, second] = halves.map(|(used, bound)| used / bound);
-        results.insert(
+        into.insert(
             name.to_string(),
             json!({ "host_seconds_over_lower_bound": used / bound, "first_half": first, "second_half": second, "peak_hosts": peak, "moves": moves, "seconds": started.elapsed().as_secs_f64() }),
         );
@@ -346,14 +391,24 @@ pub fn run(
         constraints: Constraints::default(),
         compact,
     };
-    run_one("berth", &mut berth(CompactOptions::default()), None);
+    run_one(
+        "berth",
+        &mut berth(CompactOptions::default()),
+        None,
+        &mut results,
+    );
     if let Some(c) = compaction {
         let options = CompactOptions {
             max_moves: u32::MAX,
             providers: Default::default(),
             headroom_percent: c.headroom_percent,
         };
-        run_one("berth_compacting", &mut berth(options), Some(c));
+        run_one(
+            "berth_compacting",
+            &mut berth(options),
+            Some(c),
+            &mut results,
+        );
     }
     if baselines {
         for b in Baseline::ALL {
@@ -365,12 +420,36 @@ pub fn run(
                     loads: Vec::new(),
                 },
                 None,
+                &mut results,
+            );
+        }
+    }
+    if references {
+        let cap = [host_cpu, host_mem];
+        run_one(
+            "clairvoyant_lifetime_best_fit",
+            &mut reference::LifetimeAware::clairvoyant(&vms, cap),
+            None,
+            &mut reference_results,
+        );
+        run_one(
+            "in_sample_lifetime_guess_best_fit",
+            &mut reference::LifetimeAware::in_sample_guess(&vms, GUESS_QUANTILE, cap),
+            None,
+            &mut reference_results,
+        );
+        if let Some(c) = compaction {
+            run_one(
+                "best_fit_full_repack",
+                &mut reference::FullRepack::new(cap),
+                Some(c),
+                &mut reference_results,
             );
         }
     }
     println!(
         "{}",
-        json!({ "summary": { "compact_every_seconds": compaction.map(|c| c.every_seconds), "max_moves_per_tenant_per_month": compaction.map(|c| c.max_moves_per_month), "compact_headroom_percent": compaction.map(|c| c.headroom_percent), "trace": trace.durations, "trace_end_seconds": trace.end, "arrivals": vms.len() + too_big.len(), "placed": vms.len(), "larger_than_a_host": too_big.len(), "host_cpu_millicores": host_cpu, "host_mem_mib": host_mem, "policies": results } })
+        json!({ "summary": { "compact_every_seconds": compaction.map(|c| c.every_seconds), "max_moves_per_tenant_per_month": compaction.map(|c| c.max_moves_per_month), "compact_headroom_percent": compaction.map(|c| c.headroom_percent), "trace": trace.durations, "trace_end_seconds": trace.end, "halves_split_after_seconds": split_after, "arrivals": vms.len() + too_big.len(), "placed": vms.len(), "larger_than_a_host": too_big.len(), "host_cpu_millicores": host_cpu, "host_mem_mib": host_mem, "policies": results, "references": references.then_some(reference_results) } })
     );
     Ok(())
 }
@@ -404,7 +483,42 @@ mod tests {
             depart,
             cpu: size,
             mem: size,
+            flavour: 0,
+            batch: 0,
         }
+    }
+
+    /// A replay whose VMs all arrive at once, or whose halves would be empty, measures
+    /// nothing: it is refused rather than reported as NaN.
+    #[test]
+    fn a_replay_with_nothing_to_measure_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        write("flav_map.txt", "1,2 a\n");
+        write("v1.interval_map.txt", "100 0\n1000 1\n");
+        write("t.txt", "10 a,a\n20 a\n");
+        write("t.c5000.txt", "10 U0,U0\n20 U0\n");
+        let trace = inputs::Trace::find(dir.path(), None, None).unwrap();
+        let options = |limit, split_after| Options {
+            host_cpu: 16_000,
+            host_mem: 65_536,
+            limit,
+            baselines: false,
+            references: true,
+            split_after,
+            compaction: None,
+        };
+        let err = |o| run(dir.path(), &trace, o).unwrap_err().to_string();
+        assert!(
+            err(options(Some(2), None)).contains("every VM replayed arrives at 10"),
+            "{}",
+            err(options(Some(2), None))
+        );
+        for split in [0, 10, 11] {
+            let e = err(options(None, Some(split)));
+            assert!(e.contains("(10 s after the first)"), "{e}");
+        }
+        run(dir.path(), &trace, options(None, Some(5))).unwrap();
     }
 
     /// Two hosts fill up; most of their VMs leave, and what stays fits on one host: a
@@ -422,8 +536,8 @@ mod tests {
             max_moves_per_month: 2,
             headroom_percent: 0,
         };
-        let plain = simulate(&vms, &mut berth(), 100, 100, None);
-        let compacted = simulate(&vms, &mut berth(), 100, 100, Some(every));
+        let plain = simulate(&vms, &mut berth(), 100, 100, None, None);
+        let compacted = simulate(&vms, &mut berth(), 100, 100, Some(every), None);
         assert_eq!((plain.moves, plain.bound), (0, compacted.bound));
         assert_eq!(compacted.moves, 1, "the lone VM on the second host moves");
         assert!(compacted.used < plain.used, "{compacted:?} < {plain:?}");
@@ -438,12 +552,16 @@ mod tests {
             bound_a, 3.0,
             "one host's worth from 0 to 3 (30, 60, then 80 of 100)"
         );
+        // Split 2 s after the first arrival instead: one host's worth from 0 to 2.
+        let split = simulate(&vms, &mut berth(), 100, 100, None, Some(2));
+        assert_eq!(split.halves[0].1, 2.0);
+        assert_eq!(split.halves[0].1 + split.halves[1].1, plain.bound);
         // No move allowed: the same as without compaction.
         let never = Compaction {
             max_moves_per_month: 0,
             ..every
         };
-        let same = simulate(&vms, &mut berth(), 100, 100, Some(never));
+        let same = simulate(&vms, &mut berth(), 100, 100, Some(never), None);
         assert_eq!((same.used, same.moves), (plain.used, 0));
     }
 }
