@@ -1,9 +1,12 @@
 //! The fleet store in an etcd v3 cluster (`store = "etcd"`), behind the same [`Store`] trait as
 //! the embedded sled store.
 //!
-//! Ensures: a batch is one etcd transaction, so it is applied whole or not at all and is
-//! committed by a quorum of members (on their disks) when `apply` returns; a batch larger than
-//! one transaction may hold is refused, never split. A snapshot reads every record at one etcd
+//! Ensures: a batch is committed whole or not at all, by a quorum of members (on their disks):
+//! a `Flushed` batch when `apply` returns, a `Lazy` one at the next `flush` (or within
+//! [`LAZY_FLUSH_EVERY`]); batches commit in the order they were applied, and concurrent
+//! flushes share transactions (group commit: one transaction carries every batch waiting, up
+//! to [`MAX_TXN_OPS`] keys, a batch never split across two). Reads see every batch applied,
+//! committed or not yet. A batch larger than one transaction may hold is refused. A snapshot reads every record at one etcd
 //! revision. Every key lives under the configured prefix, so several fleets can share a
 //! cluster. When the cluster has no quorum, calls fail within the request timeout with etcd's
 //! reason; nothing is acknowledged that etcd did not commit. A leader that cannot renew its
@@ -13,7 +16,8 @@
 //! The trait is synchronous (sled's is); the etcd client runs on a runtime of its own, and a
 //! caller waits for its answer as it would for a disk.
 
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use berth_shared::store::{Durability, Store, StoreError, Write};
@@ -25,6 +29,9 @@ pub const MAX_TXN_OPS: usize = 128;
 const PAGE: i64 = 1_000;
 /// How long one request may take before it fails (a cluster without quorum never answers).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a `Lazy` batch may wait for a flush before the store commits it itself (sled
+/// flushes as often).
+pub const LAZY_FLUSH_EVERY: Duration = Duration::from_millis(500);
 
 /// Where the fleet's etcd cluster is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,19 +183,31 @@ pub struct Leadership {
 
 /// The store in etcd.
 pub struct EtcdStore {
+    shared: Arc<Shared>,
+    /// Taken only when the store is dropped (shut down in the background: a runtime may not be
+    /// dropped inside another one).
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+/// What the store and its lazy flusher share.
+struct Shared {
     client: Client,
+    /// The client's runtime (it stops with the store).
+    handle: tokio::runtime::Handle,
     prefix: String,
     /// Once this coordinator leads: every batch commits only while its election key still
     /// exists with its term (a deposed leader's late write is refused).
     fence: Mutex<Option<Leadership>>,
     /// While it leads: whether its leadership is renewed recently enough to act.
     lapse: Arc<Lapse>,
-    /// Taken only when the store is dropped (shut down in the background: a runtime may not be
-    /// dropped inside another one).
-    runtime: Option<tokio::runtime::Runtime>,
+    /// The batches applied and not yet committed.
+    buffer: Mutex<Buffer>,
+    /// Held while batches are committed: one commit at a time, in order.
+    committing: Mutex<()>,
 }
 
 impl Drop for EtcdStore {
+    /// `Lazy` batches not committed yet are lost, as sled's are within its flush interval.
     fn drop(&mut self) {
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
@@ -196,10 +215,78 @@ impl Drop for EtcdStore {
     }
 }
 
+/// Batches applied and not yet committed, and what reads see of them.
+#[derive(Debug, Default)]
+struct Buffer {
+    /// Oldest first, each with its number.
+    batches: VecDeque<(u64, Vec<Write>)>,
+    /// Per key, its value as the batches not yet committed leave it (`None`: deleted), and the
+    /// number of the last batch that wrote it.
+    overlay: BTreeMap<String, (u64, Option<Vec<u8>>)>,
+    next: u64,
+    /// Every batch up to this one is committed.
+    committed_upto: u64,
+    /// etcd refused a transaction of this coordinator's term: it was deposed, and nothing
+    /// it applies is committed again (until it leads again).
+    fenced: bool,
+    /// When the last commit failed, and why (cleared by one that succeeds).
+    failed: Option<(Instant, StoreError)>,
+}
+
+impl Buffer {
+    /// Adds a batch; returns its number.
+    fn push(&mut self, writes: Vec<Write>) -> u64 {
+        self.next += 1;
+        for w in &writes {
+            self.overlay
+                .insert(w.key().to_string(), (self.next, w.value().cloned()));
+        }
+        self.batches.push_back((self.next, writes));
+        self.next
+    }
+
+    /// Batches up to `upto` are in etcd: reads go there for what only they wrote.
+    fn committed(&mut self, upto: u64) {
+        self.overlay.retain(|_, (batch, _)| *batch > upto);
+        self.committed_upto = upto;
+    }
+
+    /// `batches` (taken out to commit, oldest first) go back in front of any applied since.
+    fn put_back(&mut self, batches: impl DoubleEndedIterator<Item = (u64, Vec<Write>)>) {
+        for batch in batches.rev() {
+            self.batches.push_front(batch);
+        }
+    }
+
+    /// `dropped` (no longer among `batches`) will never be committed: the overlay is what
+    /// the batches left make of it.
+    fn drop_batches(&mut self, dropped: &[(u64, Vec<Write>)]) {
+        let gone: std::collections::BTreeSet<u64> = dropped.iter().map(|(n, _)| *n).collect();
+        self.overlay.retain(|_, (batch, _)| !gone.contains(batch));
+        for (n, writes) in &self.batches {
+            for w in writes {
+                if self.overlay.get(w.key()).is_none_or(|(batch, _)| batch < n) {
+                    self.overlay
+                        .insert(w.key().to_string(), (*n, w.value().cloned()));
+                }
+            }
+        }
+    }
+
+    /// The overlay's entries under `prefix`.
+    fn under(&self, prefix: &str) -> Vec<(String, Option<Vec<u8>>)> {
+        self.overlay
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, (_, v))| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
 impl std::fmt::Debug for EtcdStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EtcdStore")
-            .field("prefix", &self.prefix)
+            .field("prefix", &self.shared.prefix)
             .finish_non_exhaustive()
     }
 }
@@ -287,20 +374,47 @@ impl EtcdStore {
             path: config.endpoints.join(","),
             message: e.to_string(),
         })?;
-        let store = Self {
+        let shared = Arc::new(Shared {
             client,
+            handle: runtime.handle().clone(),
             prefix: config.prefix.clone(),
             fence: Mutex::default(),
             lapse: Arc::new(Lapse::new()),
+            buffer: Mutex::default(),
+            committing: Mutex::default(),
+        });
+        let store = Self {
+            shared,
             runtime: Some(runtime),
         };
         store.get("").map_err(|e| StoreError::Open {
             path: config.endpoints.join(","),
             message: e.to_string(),
         })?;
+        let lazy = Arc::downgrade(&store.shared);
+        std::thread::Builder::new()
+            .name("etcd-lazy-flush".into())
+            .spawn(move || flush_lazy_batches(lazy))
+            .map_err(|e| StoreError::Io(format!("etcd: the lazy flusher: {e}")))?;
         Ok(store)
     }
+}
 
+/// Commits the `Lazy` batches nobody flushed, every [`LAZY_FLUSH_EVERY`], until the store is
+/// gone.
+fn flush_lazy_batches(shared: Weak<Shared>) {
+    loop {
+        std::thread::sleep(LAZY_FLUSH_EVERY);
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if let Err(e) = shared.commit() {
+            tracing::debug!(error = %e, "etcd: lazy batches not committed; trying again");
+        }
+    }
+}
+
+impl Shared {
     /// Runs `call` on the client's runtime and waits for it (from any thread, in a runtime or
     /// not). A member that is unavailable (down, or its leader just changed) is tried again,
     /// through the other members, for up to [`RETRY_FOR`]: losing a minority of members is
@@ -311,20 +425,13 @@ impl EtcdStore {
         T: Send + 'static,
         F: std::future::Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
     {
-        let Some(runtime) = &self.runtime else {
-            return Err(StoreError::Io("etcd: the client stopped".into()));
-        };
         // This thread waits for etcd (through an outage, for up to RETRY_FOR): on a worker of
         // a multi-threaded runtime, its other tasks move to another worker first, so a wait
         // here never starves the coordinator's sessions (their pings, their reports).
-        on_blocking_thread(|| self.retry(runtime, call))
+        on_blocking_thread(|| self.retry(call))
     }
 
-    fn retry<T, F>(
-        &self,
-        runtime: &tokio::runtime::Runtime,
-        call: impl Fn(Client) -> F,
-    ) -> Result<T, StoreError>
+    fn retry<T, F>(&self, call: impl Fn(Client) -> F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: std::future::Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
@@ -334,7 +441,8 @@ impl EtcdStore {
         loop {
             let (tx, rx) = std::sync::mpsc::sync_channel(1);
             let future = call(self.client.clone());
-            runtime.spawn(async move {
+            // Once the store is dropped its runtime is gone: the task is dropped, unsent.
+            self.handle.spawn(async move {
                 let _ = tx.send(future.await);
             });
             match rx
@@ -369,7 +477,7 @@ fn on_blocking_thread<R>(wait: impl FnOnce() -> R) -> R {
     }
 }
 
-impl EtcdStore {
+impl Shared {
     /// For a leader whose leadership lapsed: how long it has gone unrenewed.
     fn lapsed(&self) -> Option<Duration> {
         let leads = self
@@ -429,43 +537,113 @@ impl EtcdStore {
     }
 }
 
-impl Store for EtcdStore {
-    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let (key, options) = (self.key(key), self.read_options());
-        let response = self.run(|mut client| {
-            let (key, options) = (key.clone(), options.clone());
-            async move { client.get(key, Some(options)).await }
-        })?;
-        Ok(response.kvs().first().map(|kv| kv.value().to_vec()))
+impl Shared {
+    /// Every record whose key starts with `prefix`, as the batches applied leave them:
+    /// etcd's, read at one revision, with the batches not yet committed over them.
+    fn records_under(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        // Taken before etcd is read: a batch committed meanwhile is in one or the other.
+        let pending = self.buffer().under(prefix);
+        let committed = self.range(prefix)?;
+        if pending.is_empty() {
+            return Ok(committed);
+        }
+        let mut records: BTreeMap<String, Vec<u8>> = committed.into_iter().collect();
+        for (key, value) in pending {
+            match value {
+                Some(value) => records.insert(key, value),
+                None => records.remove(&key),
+            };
+        }
+        Ok(records.into_iter().collect())
     }
 
-    fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        self.range(prefix)
+    fn buffer(&self) -> std::sync::MutexGuard<'_, Buffer> {
+        self.buffer.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Committed by a quorum when it returns, whatever `durability` asks.
-    fn apply(&self, writes: Vec<Write>, _durability: Durability) -> Result<(), StoreError> {
-        if writes.is_empty() {
-            return Ok(());
+    /// Commits every batch applied so far, oldest first, as few transactions as hold them.
+    /// One commit runs at a time; a caller that waited for another finds its batches taken
+    /// and committed by it, or commits them itself, or, when that commit failed meanwhile,
+    /// gets its error at once (so a write fails within one request's timeout when etcd is
+    /// out of reach, not after as many as are queued). A transaction that fails puts its batches
+    /// and every later one back, to be tried again, except when fenced: a deposed leader's
+    /// batches are dropped (they never will be), and so is every batch it applies later.
+    fn commit(&self) -> Result<(), StoreError> {
+        let asked = Instant::now();
+        let _one = self.committing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut taken: Vec<(u64, Vec<Write>)> = {
+            let mut buffer = self.buffer();
+            if let Some((at, e)) = &buffer.failed
+                && *at > asked
+            {
+                return Err(e.clone());
+            }
+            let taken: Vec<_> = buffer.batches.drain(..).collect();
+            if buffer.fenced {
+                buffer.drop_batches(&taken);
+                return Err(StoreError::Fenced);
+            }
+            taken
+        };
+        let mut start = 0;
+        while start < taken.len() {
+            // Whole batches up to MAX_TXN_OPS keys; a key written twice goes once, as the
+            // later batch left it.
+            let mut ops: BTreeMap<&str, Option<&Vec<u8>>> = BTreeMap::new();
+            let mut end = start;
+            while let Some((_, writes)) = taken.get(end) {
+                let new: std::collections::BTreeSet<&str> = writes
+                    .iter()
+                    .map(Write::key)
+                    .filter(|k| !ops.contains_key(k))
+                    .collect();
+                if end > start && ops.len() + new.len() > MAX_TXN_OPS {
+                    break;
+                }
+                for w in writes {
+                    ops.insert(w.key(), w.value());
+                }
+                end += 1;
+            }
+            let upto = taken[end - 1].0;
+            let outcome = self.commit_transaction(&ops);
+            let mut buffer = self.buffer();
+            match outcome {
+                Ok(()) => {
+                    buffer.committed(upto);
+                    buffer.failed = None;
+                    start = end;
+                }
+                Err(e) => {
+                    buffer.failed = Some((Instant::now(), e.clone()));
+                    if matches!(e, StoreError::Fenced) {
+                        buffer.fenced = true;
+                        buffer.drop_batches(&taken[start..]);
+                    } else {
+                        buffer.put_back(taken.drain(start..));
+                    }
+                    return Err(e);
+                }
+            }
         }
-        if writes.len() > MAX_TXN_OPS {
-            return Err(StoreError::Io(format!(
-                "etcd: a batch of {} writes is more than one transaction holds ({MAX_TXN_OPS})",
-                writes.len()
-            )));
-        }
-        let ops: Vec<TxnOp> = writes
-            .into_iter()
-            .map(|w| match w {
-                Write::Put(k, v) => TxnOp::put(self.key(&k), v, None),
-                Write::Delete(k) => TxnOp::delete(self.key(&k), None),
-            })
-            .collect();
+        Ok(())
+    }
+
+    /// One transaction of `ops` (`None`: delete), fenced by this coordinator's term once it
+    /// leads.
+    fn commit_transaction(&self, ops: &BTreeMap<&str, Option<&Vec<u8>>>) -> Result<(), StoreError> {
         if let Some(unrenewed) = self.lapsed() {
             return Err(StoreError::LeadershipLapsed {
                 seconds: unrenewed.as_secs(),
             });
         }
+        let ops: Vec<TxnOp> = ops
+            .iter()
+            .map(|(k, v)| match v {
+                Some(v) => TxnOp::put(self.key(k), v.to_vec(), None),
+                None => TxnOp::delete(self.key(k), None),
+            })
+            .collect();
         let fence = self.fence.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let committed = self.run(|mut client| {
             let mut txn = Txn::new();
@@ -484,24 +662,86 @@ impl Store for EtcdStore {
         }
         Ok(())
     }
+}
 
-    /// Nothing to do: every batch was committed before `apply` returned.
-    fn flush(&self) -> Result<(), StoreError> {
-        Ok(())
+impl Store for EtcdStore {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some((_, value)) = self.shared.buffer().overlay.get(key) {
+            return Ok(value.clone());
+        }
+        let (key, options) = (self.shared.key(key), self.shared.read_options());
+        let response = self.shared.run(|mut client| {
+            let (key, options) = (key.clone(), options.clone());
+            async move { client.get(key, Some(options)).await }
+        })?;
+        Ok(response.kvs().first().map(|kv| kv.value().to_vec()))
     }
 
+    fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.shared.records_under(prefix)
+    }
+
+    /// A `Flushed` batch is committed by a quorum when this returns `Ok`, and not at all when
+    /// it returns an error (unless etcd committed it and its answer was lost); a `Lazy` one is
+    /// committed by the next flush, its own or another's, or by the store within
+    /// [`LAZY_FLUSH_EVERY`]. Refused at once while the leadership lapsed.
+    fn apply(&self, writes: Vec<Write>, durability: Durability) -> Result<(), StoreError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        if writes.len() > MAX_TXN_OPS {
+            return Err(StoreError::Io(format!(
+                "etcd: a batch of {} writes is more than one transaction holds ({MAX_TXN_OPS})",
+                writes.len()
+            )));
+        }
+        if let Some(unrenewed) = self.shared.lapsed() {
+            return Err(StoreError::LeadershipLapsed {
+                seconds: unrenewed.as_secs(),
+            });
+        }
+        let batch = self.shared.buffer().push(writes);
+        if durability == Durability::Lazy {
+            return Ok(());
+        }
+        let Err(e) = self.shared.commit() else {
+            return Ok(());
+        };
+        let mut buffer = self.shared.buffer();
+        if buffer.committed_upto >= batch {
+            // Committed; a later transaction of the same commit failed.
+            return Ok(());
+        }
+        // Still waiting (put back) or dropped: either way it will not be committed.
+        if let Some(at) = buffer.batches.iter().position(|(n, _)| *n == batch)
+            && let Some(mine) = buffer.batches.remove(at)
+        {
+            buffer.drop_batches(&[mine]);
+        }
+        Err(e)
+    }
+
+    /// Commits every batch applied before it (group commit: see [`Shared::commit`]).
+    fn flush(&self) -> Result<(), StoreError> {
+        self.shared.commit()
+    }
+
+    /// Commits what was applied, then reads every record at one revision (with any batch
+    /// applied meanwhile over it).
     fn snapshot(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        self.range("")
+        self.shared.commit()?;
+        self.shared.records_under("")
     }
 
     fn acting(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
-        Some(self.lapse.acting.subscribe())
+        Some(self.shared.lapse.acting.subscribe())
     }
 
     /// Compacts the whole cluster's history up to now (physically: answered once every
     /// member has applied it), so no older value of any key can be read any more.
     fn compact_history(&self) -> Result<bool, StoreError> {
         let revision = self
+            .shared
             .run(|mut client| async move { client.get("\0", None).await })?
             .header()
             .map(|h| h.revision())
@@ -509,7 +749,7 @@ impl Store for EtcdStore {
         if revision == 0 {
             return Ok(false);
         }
-        let compacted = self.run(|mut client| async move {
+        let compacted = self.shared.run(|mut client| async move {
             client
                 .compact(
                     revision,
@@ -534,7 +774,7 @@ impl EtcdStore {
     /// The election this fleet's coordinators run: beside the prefix, not under it (snapshots
     /// and migrations read the prefix).
     fn election(&self) -> String {
-        format!("{}.leader", self.prefix.trim_end_matches('/'))
+        format!("{}.leader", self.shared.prefix.trim_end_matches('/'))
     }
 
     /// Who leads the fleet now (the oldest candidacy's value), if anyone.
@@ -557,7 +797,7 @@ impl EtcdStore {
     fn candidacies(&self, options: GetOptions) -> Result<etcd_client::GetResponse, StoreError> {
         let election = format!("{}/", self.election());
         let options = options.with_range(range_end(election.as_bytes()));
-        self.run(|mut client| {
+        self.shared.run(|mut client| {
             let (election, options) = (election.clone(), options.clone());
             async move { client.get(election, Some(options)).await }
         })
@@ -565,7 +805,7 @@ impl EtcdStore {
 
     /// The creation revision of the candidacy `key`, if it still exists.
     fn candidacy(&self, key: &str) -> Result<Option<i64>, StoreError> {
-        let found = self.run(|mut client| {
+        let found = self.shared.run(|mut client| {
             let key = key.to_string();
             async move { client.get(key, None).await }
         })?;
@@ -587,15 +827,15 @@ impl EtcdStore {
     ) -> Result<Leadership, StoreError> {
         let asked = Instant::now();
         let lease = self
+            .shared
             .run(|mut client| async move { client.lease_grant(LEADER_LEASE_SECONDS, None).await })?
             .id();
-        let (mut keeper, mut answers) =
-            self.run(|mut client| async move { client.lease_keep_alive(lease).await })?;
-        let Some(runtime) = &self.runtime else {
-            return Err(StoreError::Io("etcd: the client stopped".into()));
-        };
-        let mut client = self.client.clone();
-        let lapse = self.lapse.clone();
+        let (mut keeper, mut answers) = self
+            .shared
+            .run(|mut client| async move { client.lease_keep_alive(lease).await })?;
+        let runtime = &self.shared.handle;
+        let mut client = self.shared.client.clone();
+        let lapse = self.shared.lapse.clone();
         lapse.renewed(asked);
         runtime.spawn(async move {
             // A keep-alive that fails is tried again (a member down, no quorum, a leader
@@ -640,7 +880,7 @@ impl EtcdStore {
             };
             on_lost(reason);
         });
-        let lapse = self.lapse.clone();
+        let lapse = self.shared.lapse.clone();
         runtime.spawn(async move {
             loop {
                 let lapsed = lapse.lapsed_for();
@@ -662,7 +902,7 @@ impl EtcdStore {
         // cancelled by its timeout would resign its key on the server, perhaps after the next
         // attempt found it.
         let key = format!("{}/{lease:x}", self.election());
-        let created = self.run(|mut client| {
+        let created = self.shared.run(|mut client| {
             let (key, who) = (key.clone(), who.to_string());
             async move {
                 client
@@ -710,7 +950,8 @@ impl EtcdStore {
             term,
             lease,
         };
-        *self.fence.lock().unwrap_or_else(|p| p.into_inner()) = Some(leadership.clone());
+        *self.shared.fence.lock().unwrap_or_else(|p| p.into_inner()) = Some(leadership.clone());
+        self.shared.buffer().fenced = false;
         Ok(leadership)
     }
 
@@ -718,10 +959,10 @@ impl EtcdStore {
     /// nothing yet, a transaction per [`MAX_TXN_OPS`] records. If a transaction fails, what
     /// was copied is deleted again.
     pub fn fill(&self, records: Vec<(String, Vec<u8>)>) -> Result<usize, StoreError> {
-        if !self.range("")?.is_empty() {
+        if !self.shared.records_under("")?.is_empty() {
             return Err(StoreError::Io(format!(
                 "etcd: the prefix {:?} holds records already: only an empty one is filled",
-                self.prefix
+                self.shared.prefix
             )));
         }
         let count = records.len();
@@ -731,9 +972,12 @@ impl EtcdStore {
                 .map(|(k, v)| Write::Put(k.clone(), v.clone()))
                 .collect();
             if let Err(e) = self.apply(writes, Durability::Flushed) {
-                let (prefix, end) = (self.prefix.clone(), range_end(self.prefix.as_bytes()));
+                let (prefix, end) = (
+                    self.shared.prefix.clone(),
+                    range_end(self.shared.prefix.as_bytes()),
+                );
                 let options = etcd_client::DeleteOptions::new().with_range(end);
-                let _ = self.run(|mut client| {
+                let _ = self.shared.run(|mut client| {
                     let (prefix, options) = (prefix.clone(), options.clone());
                     async move { client.delete(prefix, Some(options)).await }
                 });
@@ -747,6 +991,76 @@ impl EtcdStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn put(key: &str, value: &str) -> Write {
+        Write::Put(key.into(), value.as_bytes().to_vec())
+    }
+
+    fn seen(buffer: &Buffer, prefix: &str) -> Vec<(String, Option<String>)> {
+        buffer
+            .under(prefix)
+            .into_iter()
+            .map(|(k, v)| (k, v.map(|v| String::from_utf8(v).unwrap())))
+            .collect()
+    }
+
+    /// Reads see the latest batch for each key until it is committed; committing older
+    /// batches leaves a newer write of the same key seen.
+    #[test]
+    fn the_buffer_shows_the_latest_write_of_each_key_until_it_is_committed() {
+        let mut buffer = Buffer::default();
+        let first = buffer.push(vec![put("host/a", "1"), put("host/b", "1")]);
+        let second = buffer.push(vec![put("host/a", "2"), Write::Delete("host/c".into())]);
+        assert_eq!((first, second), (1, 2));
+        assert_eq!(
+            seen(&buffer, "host/"),
+            [
+                ("host/a".into(), Some("2".into())),
+                ("host/b".into(), Some("1".into())),
+                ("host/c".into(), None),
+            ]
+        );
+        assert!(seen(&buffer, "hosts").is_empty());
+        buffer.batches.clear();
+        buffer.committed(first);
+        assert_eq!(buffer.committed_upto, 1);
+        assert_eq!(
+            seen(&buffer, ""),
+            [("host/a".into(), Some("2".into())), ("host/c".into(), None)]
+        );
+        buffer.committed(second);
+        assert!(buffer.overlay.is_empty());
+    }
+
+    /// A batch that will never be committed leaves what the remaining batches wrote, in
+    /// order; batches put back go before those applied since.
+    #[test]
+    fn dropping_a_batch_restores_what_the_others_wrote() {
+        let mut buffer = Buffer::default();
+        buffer.push(vec![put("k", "old"), put("x", "1")]);
+        buffer.push(vec![put("k", "mine")]);
+        let taken: Vec<_> = buffer.batches.drain(..).collect();
+        buffer.push(vec![put("y", "later")]);
+        buffer.put_back(taken.into_iter());
+        assert_eq!(
+            buffer.batches.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
+        let mine = buffer.batches.remove(1).unwrap();
+        buffer.drop_batches(&[mine]);
+        assert_eq!(
+            seen(&buffer, ""),
+            [
+                ("k".into(), Some("old".into())),
+                ("x".into(), Some("1".into())),
+                ("y".into(), Some("later".into())),
+            ]
+        );
+        // Every batch dropped: nothing is seen but etcd.
+        let all: Vec<_> = buffer.batches.drain(..).collect();
+        buffer.drop_batches(&all);
+        assert!(buffer.overlay.is_empty());
+    }
 
     #[test]
     fn a_prefix_range_ends_after_its_last_key() {

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The database could not be opened (often: another process holds it).
     #[error("cannot open the store at {path}: {message}")]
@@ -51,6 +51,23 @@ pub enum Durability {
 pub enum Write {
     Put(String, Vec<u8>),
     Delete(String),
+}
+
+impl Write {
+    /// The key it writes.
+    pub fn key(&self) -> &str {
+        match self {
+            Write::Put(key, _) | Write::Delete(key) => key,
+        }
+    }
+
+    /// The value it leaves at its key (`None`: none, deleted).
+    pub fn value(&self) -> Option<&Vec<u8>> {
+        match self {
+            Write::Put(_, value) => Some(value),
+            Write::Delete(_) => None,
+        }
+    }
 }
 
 /// A key-value store with string keys (`kind/id`) and atomic batches.

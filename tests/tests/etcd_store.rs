@@ -119,6 +119,68 @@ fn batches_are_whole_snapshots_are_at_one_revision_and_prefixes_are_apart() {
     writer.join().unwrap();
 }
 
+/// Batches applied `Lazy` are read at once by the store that applied them, and committed
+/// together: one etcd transaction (one revision) for many batches, a batch never split, and
+/// within the lazy flush interval when nobody flushes.
+#[test]
+fn lazy_batches_are_read_at_once_and_committed_together() {
+    if let Some(why) = unavailable() {
+        return missing_component("etcd", &why);
+    }
+    let cluster = EtcdCluster::start(1);
+    let store = store_on(&cluster, "/lazy/");
+    let other = store_on(&cluster, "/lazy/");
+    let revision = || {
+        range_at(&cluster, "/lazy/seq", 0)["header"]["revision"]
+            .as_str()
+            .and_then(|r| r.parse::<i64>().ok())
+            .expect("a revision")
+    };
+    let before = revision();
+    for i in 0..50 {
+        store
+            .apply(
+                vec![put(&format!("t/{i:02}"), "v"), put("seq", &i.to_string())],
+                Durability::Lazy,
+            )
+            .unwrap();
+    }
+    assert_eq!(store.scan_prefix("t/").unwrap().len(), 50);
+    assert_eq!(store.get("seq").unwrap(), Some(b"49".to_vec()));
+    store.flush().unwrap();
+    // 50 batches, 51 keys: one transaction (two if the lazy flusher took some first).
+    let after = revision();
+    assert!(
+        (1..=2).contains(&(after - before)),
+        "{} transactions for 50 batches",
+        after - before
+    );
+    assert_eq!(other.scan_prefix("t/").unwrap().len(), 50);
+    assert_eq!(other.get("seq").unwrap(), Some(b"49".to_vec()));
+    // 130 one-key batches: more than one transaction holds, so two (or three).
+    for i in 0..130 {
+        store
+            .apply(vec![put(&format!("u/{i:03}"), "v")], Durability::Lazy)
+            .unwrap();
+    }
+    store.flush().unwrap();
+    let last = revision();
+    assert!(
+        (2..=3).contains(&(last - after)),
+        "{} transactions for 130 keys",
+        last - after
+    );
+    assert_eq!(other.scan_prefix("u/").unwrap().len(), 130);
+    // Nobody flushes: committed all the same, within the lazy flush interval.
+    store
+        .apply(vec![Write::Delete("seq".into())], Durability::Lazy)
+        .unwrap();
+    assert_eq!(store.get("seq").unwrap(), None);
+    wait_for("the lazy delete in etcd", Duration::from_secs(3), || {
+        other.get("seq").unwrap().is_none().then_some(())
+    });
+}
+
 /// `POST /v3/kv/range` on a member's HTTP gateway: the JSON answer for `key` at `revision`.
 fn range_at(cluster: &EtcdCluster, key: &str, revision: i64) -> serde_json::Value {
     use base64::Engine;
