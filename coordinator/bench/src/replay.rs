@@ -41,6 +41,18 @@ trait Placer {
     }
 }
 
+/// A host's load (CPU, memory) with `vm` on it.
+fn carry(load: &mut [u64], vm: &Vm) {
+    load[0] += vm.cpu;
+    load[1] += vm.mem;
+}
+
+/// A host's load (CPU, memory) once `vm` left it.
+fn unload(load: &mut [u64], vm: &Vm) {
+    load[0] -= vm.cpu;
+    load[1] -= vm.mem;
+}
+
 struct BaselinePlacer {
     policy: Baseline,
     cap: Vec<u64>,
@@ -57,13 +69,11 @@ impl Placer for BaselinePlacer {
                 self.loads.push(vec![0, 0]);
                 self.loads.len() - 1
             });
-        self.loads[h][0] += vm.cpu;
-        self.loads[h][1] += vm.mem;
+        carry(&mut self.loads[h], vm);
         h
     }
     fn remove(&mut self, host: usize, _index: usize, vm: &Vm) {
-        self.loads[host][0] -= vm.cpu;
-        self.loads[host][1] -= vm.mem;
+        unload(&mut self.loads[host], vm);
     }
 }
 

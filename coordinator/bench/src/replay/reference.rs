@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use berth_coordinator::placement::scheduler::baselines::Baseline;
 
-use super::{BaselinePlacer, Placer};
+use super::{BaselinePlacer, Placer, carry, unload};
 use crate::inputs::Vm;
 
 fn fits(load: &[u64], item: &[u64; 2], cap: &[u64]) -> bool {
@@ -121,15 +121,13 @@ impl Placer for LifetimeAware {
                 }
             },
         };
-        self.loads[h][0] += vm.cpu;
-        self.loads[h][1] += vm.mem;
+        carry(&mut self.loads[h], vm);
         *self.ends[h].entry(end).or_default() += 1;
         h
     }
 
     fn remove(&mut self, host: usize, index: usize, vm: &Vm) {
-        self.loads[host][0] -= vm.cpu;
-        self.loads[host][1] -= vm.mem;
+        unload(&mut self.loads[host], vm);
         let end = self.assumed_end[index];
         let ends = &mut self.ends[host];
         if let Some(n) = ends.get_mut(&end) {
@@ -183,8 +181,7 @@ impl Placer for FullRepack {
             if movable(v) {
                 moving.push((v, h));
             } else {
-                loads[h][0] += vms[v].cpu;
-                loads[h][1] += vms[v].mem;
+                carry(&mut loads[h], &vms[v]);
             }
         }
         let mut open: Vec<bool> = loads.iter().map(|l| l.iter().any(|x| *x > 0)).collect();
@@ -217,8 +214,7 @@ impl Placer for FullRepack {
                 }),
             };
             open[to] = true;
-            loads[to][0] += item[0];
-            loads[to][1] += item[1];
+            carry(&mut loads[to], &vms[v]);
             if to != from {
                 moves.push((v, to));
             }
