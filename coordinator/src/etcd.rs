@@ -6,9 +6,9 @@
 //! [`LAZY_FLUSH_EVERY`]); batches commit in the order they were applied, and concurrent
 //! flushes share transactions (group commit: one transaction carries every batch waiting, up
 //! to [`MAX_TXN_OPS`] keys, a batch never split across two). Reads see every batch applied,
-//! committed or not yet. A batch larger than one transaction may hold is refused. A snapshot reads every record at one etcd
-//! revision. Every key lives under the configured prefix, so several fleets can share a
-//! cluster. When the cluster has no quorum, calls fail within the request timeout with etcd's
+//! committed or not yet. A batch larger than one transaction may hold is refused. A snapshot
+//! reads every record at one etcd revision. Every key lives under the configured prefix, so
+//! several fleets can share a cluster. When the cluster has no quorum, calls fail within the request timeout with etcd's
 //! reason; nothing is acknowledged that etcd did not commit. A leader that cannot renew its
 //! lease stops writing before any other coordinator can be elected, and reads what the
 //! member it reaches holds until it renews again.
@@ -707,6 +707,12 @@ impl Store for EtcdStore {
         let Err(e) = self.shared.commit() else {
             return Ok(());
         };
+        // No commit runs while this one looks (none can take the batch meanwhile).
+        let _one = self
+            .shared
+            .committing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let mut buffer = self.shared.buffer();
         if buffer.committed_upto >= batch {
             // Committed; a later transaction of the same commit failed.

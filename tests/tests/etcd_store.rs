@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use berth_coordinator::etcd::{EtcdConfig, EtcdStore, MAX_TXN_OPS};
+use berth_coordinator::etcd::{EtcdConfig, EtcdStore, LAZY_FLUSH_EVERY, MAX_TXN_OPS};
 use berth_coordinator::keys::keyring::{Keyring, VOLUME_KEYS_PREFIX};
 use berth_shared::store::{Durability, Store, Write};
 use berth_tests::clients::{
@@ -127,7 +127,7 @@ fn lazy_batches_are_read_at_once_and_committed_together() {
     if let Some(why) = unavailable() {
         return missing_component("etcd", &why);
     }
-    let cluster = EtcdCluster::start(1);
+    let mut cluster = EtcdCluster::start(1);
     let store = store_on(&cluster, "/lazy/");
     let other = store_on(&cluster, "/lazy/");
     let revision = || {
@@ -179,6 +179,21 @@ fn lazy_batches_are_read_at_once_and_committed_together() {
     wait_for("the lazy delete in etcd", Duration::from_secs(3), || {
         other.get("seq").unwrap().is_none().then_some(())
     });
+    // A `Flushed` batch whose commit fails is withdrawn: etcd never gets it, not even from
+    // the lazy flusher once etcd is back.
+    cluster.kill(0);
+    store
+        .apply(vec![put("refused", "x")], Durability::Flushed)
+        .unwrap_err();
+    cluster.restart(0);
+    cluster.wait_healthy();
+    std::thread::sleep(LAZY_FLUSH_EVERY * 3);
+    assert_eq!(other.get("refused").unwrap(), None);
+    assert_eq!(store.get("refused").unwrap(), None);
+    store
+        .apply(vec![put("after", "y")], Durability::Flushed)
+        .unwrap();
+    assert_eq!(other.get("after").unwrap(), Some(b"y".to_vec()));
 }
 
 /// `POST /v3/kv/range` on a member's HTTP gateway: the JSON answer for `key` at `revision`.
